@@ -1,0 +1,1 @@
+"""Data: corpus reading and pretraining examples, GLUE and SQuAD readers."""

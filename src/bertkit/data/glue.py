@@ -1,0 +1,326 @@
+"""GLUE and custom text-classification data: the nine task specs, file readers, HF loading, submission files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bertkit.errors import BertkitError, where
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextExample:
+    """One sentence or sentence pair with its label: a class index, a float (regression) or None (test)."""
+
+    guid: str
+    text_a: str
+    text_b: str | None
+    label: int | float | None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one GLUE task ships: files per split, columns, labels, metrics and leaderboard file names."""
+
+    name: str  # GLUE's spelling, also the data folder name
+    files: dict[str, str]  # split -> file name inside the task folder
+    text_a: str  # column name; for header-less CoLA the names below are positional
+    text_b: str | None
+    label: str
+    guid: str  # the id column of test.tsv, the one the submission's `index` repeats
+    labels: tuple[str, ...]  # label strings in class-index order; () for regression
+    metrics: tuple[str, ...]
+    submissions: dict[str, str]  # test split -> leaderboard file name
+    hf_config: str  # the `nyu-mll/glue` config name
+    hf_text: tuple[str, ...]  # the HF column names for text_a (and text_b)
+    skip_broken_rows: bool = False
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.labels
+
+
+_SPLITS = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
+_BINARY = ("0", "1")
+_NLI2 = ("entailment", "not_entailment")
+
+# Label orders follow the Hugging Face `glue` dataset, so class indices (and id2label of a fine-tuned
+# checkpoint) mean the same thing on both sides; MNLI's is not alphabetical there, hence not here either.
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in [
+        # CoLA train/dev have no header: source, label, original label, sentence; test.tsv has `index sentence`.
+        TaskSpec("CoLA", _SPLITS, "sentence", None, "label", "index", _BINARY, ("mcc",), {"test": "CoLA.tsv"},
+                 "cola", ("sentence",)),
+        TaskSpec("SST-2", _SPLITS, "sentence", None, "label", "index", _BINARY, ("accuracy",),
+                 {"test": "SST-2.tsv"}, "sst2", ("sentence",)),
+        TaskSpec("MRPC", _SPLITS, "#1 String", "#2 String", "Quality", "index", _BINARY, ("f1", "accuracy"),
+                 {"test": "MRPC.tsv"}, "mrpc", ("sentence1", "sentence2")),
+        TaskSpec("STS-B", _SPLITS, "sentence1", "sentence2", "score", "index", (), ("pearson", "spearman"),
+                 {"test": "STS-B.tsv"}, "stsb", ("sentence1", "sentence2")),
+        # The real QQP release has a few rows broken by embedded newlines; they carry no usable pair, and
+        # dropping a handful of 364k rows does not move the score, so QQP skips them (with a warning).
+        TaskSpec("QQP", _SPLITS, "question1", "question2", "is_duplicate", "id", _BINARY, ("f1", "accuracy"),
+                 {"test": "QQP.tsv"}, "qqp", ("question1", "question2"), skip_broken_rows=True),
+        TaskSpec("MNLI",
+                 {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",
+                  "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"},
+                 "sentence1", "sentence2", "gold_label", "index", ("entailment", "neutral", "contradiction"),
+                 ("accuracy",),
+                 # AX (GLUE's diagnostic.tsv, same columns as MNLI's test) is scored with the MNLI model.
+                 {"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv", "diagnostic": "AX.tsv"},
+                 "mnli", ("premise", "hypothesis")),
+        TaskSpec("QNLI", _SPLITS, "question", "sentence", "label", "index", _NLI2, ("accuracy",),
+                 {"test": "QNLI.tsv"}, "qnli", ("question", "sentence")),
+        TaskSpec("RTE", _SPLITS, "sentence1", "sentence2", "label", "index", _NLI2, ("accuracy",),
+                 {"test": "RTE.tsv"}, "rte", ("sentence1", "sentence2")),
+        TaskSpec("WNLI", _SPLITS, "sentence1", "sentence2", "label", "index", _BINARY, ("accuracy",),
+                 {"test": "WNLI.tsv"}, "wnli", ("sentence1", "sentence2")),
+    ]
+}
+
+_COLA_COLUMNS = 4  # source, label, original label, sentence
+_HF_SPLITS = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by any common spelling: `SST-2`, `sst2`, `sts_b`."""
+    key = name.lower().replace("-", "").replace("_", "")
+    for spec in TASKS.values():
+        if spec.name.lower().replace("-", "") == key:
+            return spec
+    raise BertkitError(f"unknown GLUE task {name!r} (expected one of {', '.join(TASKS)})")
+
+
+# Microsoft's MRPC files (and GLUE's MRPC, which copies their header) start with a UTF-8 byte-order mark that
+# was once decoded as Latin-1 and re-encoded: the three characters "ï»¿". utf-8-sig drops only a true BOM.
+_MOJIBAKE_BOM = "\u00ef\u00bb\u00bf"
+
+
+def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    """All rows with their line numbers, without the byte-order mark spreadsheets and MRPC put in front."""
+    if not path.is_file():
+        raise BertkitError(f"{path}: file not found")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        rows = [(reader.line_num, row) for row in reader if row]
+    if not rows:
+        raise BertkitError(f"{path}: file is empty, expected a header row and examples")
+    first = rows[0][1]
+    first[0] = first[0].removeprefix(_MOJIBAKE_BOM).removeprefix("\ufeff")
+    return rows
+
+
+def _label_index(value: str, labels: Sequence[str], path: Path, line: int) -> int:
+    try:
+        return labels.index(value)
+    except ValueError:
+        raise BertkitError(
+            f"{where(path, line)}: unknown label {value!r} (expected one of {', '.join(labels)})"
+        ) from None
+
+
+def _float_label(value: str, path: Path, line: int) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise BertkitError(f"{where(path, line)}: label {value!r} is not a number (expected a float score)") from None
+
+
+def _column(header: list[str], name: str, path: Path) -> int:
+    if name not in header:
+        raise BertkitError(f"{where(path, 1)}: header has no column {name!r} (found {', '.join(header)})")
+    return header.index(name)
+
+
+def read_glue_file(task: str, path: str | Path) -> list[TextExample]:
+    """Read one GLUE file (train/dev/test, or Microsoft's msr_paraphrase_*.txt for MRPC) into examples."""
+    spec, path = get_task(task), Path(path)
+    # GLUE text has unbalanced quotes (`"the witness`), so quotes are plain characters, never delimiters.
+    rows = _open_rows(path, "\t", csv.QUOTE_NONE)
+    first = rows[0][1]
+    if spec.name == "CoLA" and first != ["index", "sentence"]:
+        header = None  # train/dev: positional columns
+        positions: dict[str, int] = {"text_a": 3, "label": 1}
+        width, body = _COLA_COLUMNS, rows
+    else:
+        header, body, width = first, rows[1:], len(first)
+        has_label = spec.label in header
+        if not has_label and spec.guid not in header:
+            raise BertkitError(
+                f"{where(path, 1)}: header has neither the label column {spec.label!r} nor the test id column "
+                f"{spec.guid!r} of {spec.name} (found {', '.join(header)})"
+            )
+        positions = {"text_a": _column(header, spec.text_a, path)}
+        if spec.text_b is not None:
+            positions["text_b"] = _column(header, spec.text_b, path)
+        if has_label:
+            positions["label"] = header.index(spec.label)
+        if spec.guid in header:
+            positions["guid"] = header.index(spec.guid)
+    if not body:
+        raise BertkitError(f"{path}: no examples after the header row")
+
+    examples, skipped = [], []
+    for line, row in body:
+        if len(row) != width:
+            if spec.skip_broken_rows:
+                skipped.append(line)
+                continue
+            raise BertkitError(
+                f"{where(path, line)}: {len(row)} tab-separated columns, expected {width}"
+                + (f" ({', '.join(header)})" if header else " (source, label, original label, sentence)")
+            )
+        label: int | float | None = None
+        if "label" in positions:
+            value = row[positions["label"]]
+            label = _float_label(value, path, line) if spec.is_regression else _label_index(value, spec.labels, path, line)
+        guid = row[positions["guid"]] if "guid" in positions else f"{path.stem}-{len(examples)}"
+        text_b = row[positions["text_b"]] if "text_b" in positions else None
+        examples.append(TextExample(guid, row[positions["text_a"]], text_b, label))
+    if skipped:
+        log.warning("%s: skipped %d broken rows (wrong column count), first at lines %s",
+                    path, len(skipped), ", ".join(map(str, skipped[:5])))
+    return examples
+
+
+def read_glue(task: str, data_dir: str | Path, split: str) -> list[TextExample]:
+    """Read a split of a GLUE task from its folder in the layout `download_glue_data.py` makes."""
+    spec = get_task(task)
+    if split not in spec.files:
+        raise BertkitError(f"{spec.name} has no split {split!r} (expected one of {', '.join(spec.files)})")
+    return read_glue_file(spec.name, Path(data_dir) / spec.files[split])
+
+
+def _infer_labels(values: list[str]) -> list[str]:
+    """Sorted label strings, numerically when all are numbers so that '2' comes before '10'."""
+    unique = set(values)
+    try:
+        return sorted(unique, key=float)
+    except ValueError:
+        return sorted(unique)
+
+
+def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        if not path.is_file():
+            raise BertkitError(f"{path}: file not found")
+        records = []
+        with open(path, encoding="utf-8-sig") as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise BertkitError(f"{where(path, line)}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise BertkitError(f"{where(path, line)}: expected a JSON object per line")
+                records.append((line, record))
+        if not records:
+            raise BertkitError(f"{path}: file is empty, expected one JSON object per line")
+        return records
+    if suffix not in (".csv", ".tsv"):
+        raise BertkitError(f"{path}: unsupported file type {suffix!r} (expected .csv, .tsv or .jsonl)")
+    # CSV from spreadsheets and pandas quotes fields that hold commas; TSV is taken as GLUE ships it, unquoted.
+    delimiter, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
+    rows = _open_rows(path, delimiter, quoting)
+    header = rows[0][1]
+    records = []
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            raise BertkitError(f"{where(path, line)}: {len(row)} columns, expected {len(header)} ({', '.join(header)})")
+        records.append((line, dict(zip(header, row))))
+    if not records:
+        raise BertkitError(f"{path}: no examples after the header row")
+    return records
+
+
+def read_custom(
+    path: str | Path,
+    text_a: str,
+    label: str | None,
+    text_b: str | None = None,
+    labels: Sequence[str] | None = None,
+    is_regression: bool = False,
+) -> tuple[list[TextExample], list[str]]:
+    """Read a user's own .csv/.tsv/.jsonl classification or regression data; returns examples and label list.
+
+    Pass the train file's label list when reading dev/test so that indices agree; without it the labels are
+    inferred (sorted) from this file. `label=None` reads unlabelled data.
+    """
+    path = Path(path)
+    records = _read_records(path)
+    wanted = [c for c in (text_a, text_b, label) if c is not None]
+    for column in wanted:
+        if column not in records[0][1]:
+            line, record = records[0]
+            raise BertkitError(f"{where(path, line)}: no column {column!r} (found {', '.join(map(str, record))})")
+    label_list: list[str] = []
+    if label is not None and not is_regression:
+        label_list = list(labels) if labels is not None else _infer_labels([str(r.get(label)) for _, r in records])
+
+    examples = []
+    for line, record in records:
+        for column in wanted:
+            if record.get(column) is None:
+                raise BertkitError(f"{where(path, line)}: column {column!r} is missing or null")
+        value: int | float | None = None
+        if label is not None:
+            raw = str(record[label])
+            value = _float_label(raw, path, line) if is_regression else _label_index(raw, label_list, path, line)
+        b = str(record[text_b]) if text_b is not None else None
+        examples.append(TextExample(f"{path.stem}-{line}", str(record[text_a]), b, value))
+    return examples, label_list
+
+
+def load_hf_glue(task: str, split: str) -> list[TextExample]:
+    """Load a GLUE split through the Hugging Face `datasets` package (downloads on first use)."""
+    spec = get_task(task)
+    if split not in spec.files:
+        raise BertkitError(f"{spec.name} has no split {split!r} (expected one of {', '.join(spec.files)})")
+    try:
+        import datasets
+    except ImportError:
+        raise BertkitError("load_hf_glue needs the Hugging Face datasets package: pip install datasets") from None
+    rows = datasets.load_dataset("nyu-mll/glue", spec.hf_config, split=_HF_SPLITS.get(split, split))
+    examples = []
+    for row in rows:
+        label = row["label"]
+        # HF marks hidden test labels with -1; its class indices already match `spec.labels`.
+        value = None if label == -1 else (float(label) if spec.is_regression else int(label))
+        text_b = row[spec.hf_text[1]] if len(spec.hf_text) > 1 else None
+        examples.append(TextExample(str(row["idx"]), row[spec.hf_text[0]], text_b, value))
+    return examples
+
+
+def write_submission(
+    task: str, predictions: Sequence[int | float], out_dir: str | Path, split: str = "test"
+) -> Path:
+    """Write the leaderboard file (`index<TAB>prediction`, in test-file order) and return its path."""
+    spec = get_task(task)
+    if split not in spec.submissions:
+        raise BertkitError(
+            f"{spec.name} has no submission for split {split!r} (expected one of {', '.join(spec.submissions)})"
+        )
+    out = Path(out_dir) / spec.submissions[split]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["index\tprediction"]
+    for i, p in enumerate(predictions):
+        if spec.is_regression:
+            lines.append(f"{i}\t{float(p):.3f}")
+        elif not 0 <= int(p) < len(spec.labels):
+            raise BertkitError(f"prediction {i} is class {p}, expected 0..{len(spec.labels) - 1} for {spec.name}")
+        else:
+            # GLUE scores label strings: 0/1 for the binary tasks, entailment/... for the NLI ones.
+            lines.append(f"{i}\t{spec.labels[int(p)]}")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out

@@ -1,0 +1,264 @@
+"""GLUE readers on the official layouts (small files written here, real SST-2/RTE/MRPC), custom data, submissions."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertkit.data.glue import (
+    TASKS,
+    TextExample,
+    get_task,
+    load_hf_glue,
+    read_custom,
+    read_glue,
+    read_glue_file,
+    write_submission,
+)
+from bertkit.errors import BertkitError
+
+
+def data_path(*parts: str) -> Path:
+    root = os.environ.get("BERTKIT_DATA")
+    if not root or not Path(root, *parts).exists():
+        pytest.skip("BERTKIT_DATA is not set or lacks this file")
+    return Path(root, *parts)
+
+
+def write(path: Path, lines: list[str], bom: bool = False) -> Path:
+    path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tsv(*rows: tuple) -> list[str]:
+    return ["\t".join(map(str, row)) for row in rows]
+
+
+# --- the official layouts --------------------------------------------------------------------------
+
+
+def test_cola_has_no_header_but_its_test_file_does(tmp_path):
+    write(tmp_path / "train.tsv", tsv(
+        ("gj04", 1, "", "Our friends won't buy this analysis, let alone the next one we propose."),
+        ("gj04", 0, "*", 'One more pseudo generalization and I\'m giving up "quoted.'),
+    ))
+    write(tmp_path / "test.tsv", tsv(("index", "sentence"), (0, "Bill whistled past the house.")))
+    train = read_glue("cola", tmp_path, "train")
+    assert [e.label for e in train] == [1, 0]
+    assert train[1].text_a.endswith('giving up "quoted.')  # a stray quote is text, not a delimiter
+    assert train[0].text_b is None
+    assert read_glue("CoLA", tmp_path, "test") == [TextExample("0", "Bill whistled past the house.", None, None)]
+
+
+def test_sts_b_reads_float_scores(tmp_path):
+    header = ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2")
+    write(tmp_path / "dev.tsv", tsv(
+        (*header, "score"),
+        (0, "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man with a hard hat is dancing.",
+         "A man wearing a hard hat is dancing.", "5.000"),
+        (1, "main-captions", "MSRvid", "2012test", "0002", "none", "none", "A young child is riding a horse.",
+         "A child is riding a horse.", "4.750"),
+    ))
+    write(tmp_path / "test.tsv", tsv(header, (0, "main-captions", "MSRvid", "2012test", "0024", "none", "none",
+                                              "A girl is styling her hair.", "A girl is brushing her hair.")))
+    dev = read_glue("sts-b", tmp_path, "dev")
+    assert [e.label for e in dev] == [5.0, 4.75]
+    assert dev[1].text_b == "A child is riding a horse."
+    assert get_task("stsb").is_regression
+    test = read_glue("STS-B", tmp_path, "test")
+    assert test[0].label is None and test[0].guid == "0"
+
+
+def test_qqp_skips_broken_rows_and_says_where(tmp_path, caplog):
+    write(tmp_path / "train.tsv", tsv(
+        ("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+        (133273, 213221, 213222, "How is the life of a math student?", "Which level of preparation is enough?", 0),
+        (402555, 536040, 536041, "How do I control my horny emotions?", "How do you control your horniness?", 1),
+        (1, 2, 3, "A question broken by a newline"),
+        ("in the middle?", "Another question?", 0),
+    ))
+    with caplog.at_level(logging.WARNING):
+        train = read_glue("qqp", tmp_path, "train")
+    assert [e.label for e in train] == [0, 1]
+    assert "skipped 2 broken rows" in caplog.text and "lines 4, 5" in caplog.text
+    write(tmp_path / "test.tsv", tsv(("id", "question1", "question2"), (0, "Why?", "Why not?")))
+    assert read_glue("QQP", tmp_path, "test") == [TextExample("0", "Why?", "Why not?", None)]
+
+
+def test_mnli_matched_mismatched_and_test(tmp_path):
+    base = ("index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+            "sentence1_parse", "sentence2_parse", "sentence1", "sentence2")
+    row = (0, 31193, "31193n", "government", "( ( Conceptually ...", "( Product ...", "(ROOT ...", "(ROOT ...",
+           "Conceptually cream skimming has two basic dimensions.", "Product and geography are what work.")
+    write(tmp_path / "train.tsv", tsv((*base, "label1", "gold_label"), (*row, "neutral", "neutral")))
+    labels5 = ("label1", "label2", "label3", "label4", "label5")
+    write(tmp_path / "dev_matched.tsv", tsv((*base, *labels5, "gold_label"), (*row, *["entailment"] * 5, "entailment")))
+    write(tmp_path / "dev_mismatched.tsv", tsv((*base, *labels5, "gold_label"),
+                                               (*row, *["contradiction"] * 5, "contradiction")))
+    write(tmp_path / "test_matched.tsv", tsv(base, row))
+    assert read_glue("mnli", tmp_path, "train")[0].label == 1  # HF order: entailment, neutral, contradiction
+    assert read_glue("mnli", tmp_path, "dev_matched")[0].label == 0
+    mismatched = read_glue("mnli", tmp_path, "dev_mismatched")[0]
+    assert mismatched.label == 2 and mismatched.text_b == "Product and geography are what work."
+    assert read_glue("mnli", tmp_path, "test_matched")[0].label is None
+    with pytest.raises(BertkitError, match="no split 'dev'.*dev_matched"):
+        read_glue("mnli", tmp_path, "dev")
+
+
+@pytest.mark.parametrize("task, columns, labels", [
+    ("QNLI", ("index", "question", "sentence", "label"), ["entailment", "not_entailment"]),
+    ("WNLI", ("index", "sentence1", "sentence2", "label"), ["1", "0"]),
+])
+def test_qnli_and_wnli(tmp_path, task, columns, labels):
+    rows = [(i, f"first {i}", f"second {i}", label) for i, label in enumerate(labels)]
+    write(tmp_path / "dev.tsv", tsv(columns, *rows))
+    write(tmp_path / "test.tsv", tsv(columns[:3], (0, "a", "b")))
+    dev = read_glue(task, tmp_path, "dev")
+    assert [e.label for e in dev] == [get_task(task).labels.index(label) for label in labels]
+    assert dev[1] == TextExample("1", "first 1", "second 1", dev[1].label)
+    assert read_glue(task, tmp_path, "test")[0].label is None
+
+
+def test_mrpc_glue_layout_with_bom(tmp_path):
+    write(tmp_path / "train.tsv", tsv(("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"),
+                                      (1, 702876, 702977, "Amrozi accused his brother .", "Referring to him .")),
+          bom=True)
+    write(tmp_path / "test.tsv", tsv(("index", "#1 ID", "#2 ID", "#1 String", "#2 String"), (0, 1, 2, "a", "b")),
+          bom=True)
+    assert read_glue("mrpc", tmp_path, "train")[0].label == 1
+    (tmp_path / "train.tsv").write_text("\u00ef\u00bb\u00bfQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\ta\tb\n")
+    assert read_glue("mrpc", tmp_path, "train")[0].label == 0  # the mojibake BOM Microsoft's files carry
+    assert read_glue("mrpc", tmp_path, "test")[0].guid == "0"
+
+
+def test_every_task_has_its_leaderboard_file():
+    names = {name for spec in TASKS.values() for name in spec.submissions.values()}
+    assert names == {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv",
+                     "QNLI.tsv", "RTE.tsv", "WNLI.tsv", "AX.tsv"}
+    assert get_task("sst_2").name == "SST-2"
+    with pytest.raises(BertkitError, match="unknown GLUE task 'squad'.*CoLA"):
+        get_task("squad")
+
+
+# --- the real files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task, split, rows, positives", [
+    ("SST-2", "train", 67349, None), ("SST-2", "dev", 872, None), ("RTE", "train", 2490, None),
+    ("RTE", "dev", 277, 146),
+])
+def test_real_glue_files(task, split, rows, positives):
+    examples = read_glue(task, data_path("glue", task), split)
+    assert len(examples) == rows
+    assert all(e.text_a and e.label is not None for e in examples)
+    if positives is not None:  # RTE dev: 146 entailment = class 0
+        assert sum(e.label == 0 for e in examples) == positives
+
+
+@pytest.mark.parametrize("name, rows, paraphrases", [
+    ("msr_paraphrase_train.txt", 4076, 2753), ("msr_paraphrase_test.txt", 1725, 1147),
+])
+def test_real_microsoft_mrpc_files(name, rows, paraphrases):
+    examples = read_glue_file("MRPC", data_path("glue", "MRPC", name))
+    assert len(examples) == rows and sum(e.label for e in examples) == paraphrases
+    assert examples[0].text_a.startswith(("Amrozi", "PCCW"))  # the BOM did not eat the header
+
+
+# --- malformed input -----------------------------------------------------------------------------------
+
+
+def test_malformed_glue_files(tmp_path):
+    with pytest.raises(BertkitError, match="train.tsv: file not found"):
+        read_glue("rte", tmp_path, "train")
+    write(tmp_path / "empty.tsv", [])
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(BertkitError, match="empty.tsv: file is empty"):
+        read_glue_file("rte", tmp_path / "empty.tsv")
+    header = ("index", "sentence1", "sentence2", "label")
+    write(tmp_path / "header.tsv", tsv(header))
+    with pytest.raises(BertkitError, match="no examples after the header"):
+        read_glue_file("rte", tmp_path / "header.tsv")
+    write(tmp_path / "cols.tsv", tsv(header, (0, "a", "b", "entailment"), (1, "a", "entailment")))
+    with pytest.raises(BertkitError, match=r"cols.tsv:3: 3 tab-separated columns, expected 4 \(index, sentence1"):
+        read_glue_file("rte", tmp_path / "cols.tsv")
+    write(tmp_path / "label.tsv", tsv(header, (0, "a", "b", "neutral")))
+    with pytest.raises(BertkitError, match="label.tsv:2: unknown label 'neutral' .expected one of entailment, not_"):
+        read_glue_file("rte", tmp_path / "label.tsv")
+    write(tmp_path / "stsb.tsv", tsv(("index", "sentence1", "sentence2", "score"), (0, "a", "b", "high")))
+    with pytest.raises(BertkitError, match="stsb.tsv:2: label 'high' is not a number"):
+        read_glue_file("sts-b", tmp_path / "stsb.tsv")
+    write(tmp_path / "other.tsv", tsv(("sentence", "target"), ("a", 0)))
+    with pytest.raises(BertkitError, match="other.tsv:1: header has neither .* 'label' nor .* 'index' of RTE"):
+        read_glue_file("rte", tmp_path / "other.tsv")
+    write(tmp_path / "cola.tsv", tsv(("gj04", 1, "", "Fine."), ("gj04", 1, "Three columns.")))
+    with pytest.raises(BertkitError, match=r"cola.tsv:2: 3 .* expected 4 \(source, label, original label, sentence"):
+        read_glue_file("cola", tmp_path / "cola.tsv")
+
+
+# --- custom data -------------------------------------------------------------------------------------
+
+
+def test_custom_csv_tsv_jsonl(tmp_path):
+    (tmp_path / "train.csv").write_text('\ufefftext,label\n"Good, really good",pos\nbad,neg\nmeh,neutral\n')
+    train, labels = read_custom(tmp_path / "train.csv", text_a="text", label="label")
+    assert labels == ["neg", "neutral", "pos"]  # inferred, sorted
+    assert [(e.text_a, e.label) for e in train] == [("Good, really good", 2), ("bad", 0), ("meh", 1)]
+
+    write(tmp_path / "dev.tsv", tsv(("premise", "hypothesis", "y"), ('He said "hi', "b", 10), ("c", "d", 2)))
+    dev, numeric = read_custom(tmp_path / "dev.tsv", text_a="premise", text_b="hypothesis", label="y")
+    assert numeric == ["2", "10"] and [e.label for e in dev] == [1, 0]  # numeric labels sort as numbers
+    assert dev[0].text_a == 'He said "hi'
+
+    (tmp_path / "rate.jsonl").write_text('{"q": "a", "score": 0.5}\n\n{"q": "b", "score": 3}\n')
+    rated, none = read_custom(tmp_path / "rate.jsonl", text_a="q", label="score", is_regression=True)
+    assert none == [] and [e.label for e in rated] == [0.5, 3.0]
+    unlabelled, _ = read_custom(tmp_path / "rate.jsonl", text_a="q", label=None)
+    assert unlabelled[1].label is None
+
+
+def test_custom_errors(tmp_path):
+    (tmp_path / "dev.csv").write_text("text,label\ngood,pos\nodd,maybe\n")
+    with pytest.raises(BertkitError, match="dev.csv:3: unknown label 'maybe' .expected one of neg, pos"):
+        read_custom(tmp_path / "dev.csv", "text", "label", labels=["neg", "pos"])
+    with pytest.raises(BertkitError, match="dev.csv:2: no column 'sentence' .found text, label"):
+        read_custom(tmp_path / "dev.csv", "sentence", "label")
+    (tmp_path / "short.csv").write_text("text,label\ngood\n")
+    with pytest.raises(BertkitError, match="short.csv:2: 1 columns, expected 2"):
+        read_custom(tmp_path / "short.csv", "text", "label")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", \n')
+    with pytest.raises(BertkitError, match="bad.jsonl:2: not valid JSON"):
+        read_custom(tmp_path / "bad.jsonl", "text", "label")
+    (tmp_path / "null.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": null, "label": "x"}\n')
+    with pytest.raises(BertkitError, match="null.jsonl:2: column 'text' is missing or null"):
+        read_custom(tmp_path / "null.jsonl", "text", "label")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(BertkitError, match="empty.jsonl: file is empty"):
+        read_custom(tmp_path / "empty.jsonl", "text", "label")
+    with pytest.raises(BertkitError, match="unsupported file type '.xlsx'"):
+        read_custom(tmp_path / "data.xlsx", "text", "label")
+
+
+# --- Hugging Face and submissions ----------------------------------------------------------------------
+
+
+def test_load_hf_glue_without_datasets_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(BertkitError, match="pip install datasets"):
+        load_hf_glue("rte", "dev")
+
+
+def test_write_submission(tmp_path):
+    out = write_submission("rte", [0, 1, 1], tmp_path)
+    assert out.name == "RTE.tsv"
+    assert out.read_text() == "index\tprediction\n0\tentailment\n1\tnot_entailment\n2\tnot_entailment\n"
+    assert write_submission("cola", [1, 0], tmp_path).read_text() == "index\tprediction\n0\t1\n1\t0\n"
+    assert write_submission("sts-b", [4.25, 0.1234], tmp_path).read_text().splitlines()[1:] == ["0\t4.250", "1\t0.123"]
+    assert write_submission("mnli", [2], tmp_path, split="test_mismatched").name == "MNLI-mm.tsv"
+    assert (tmp_path / "MNLI-mm.tsv").read_text().splitlines()[1] == "0\tcontradiction"
+    assert write_submission("mnli", [0], tmp_path, split="diagnostic").name == "AX.tsv"
+    with pytest.raises(BertkitError, match="MNLI has no submission for split 'test'.*test_matched"):
+        write_submission("mnli", [0], tmp_path)
+    with pytest.raises(BertkitError, match="prediction 1 is class 3, expected 0..1"):
+        write_submission("qnli", [0, 3], tmp_path)
