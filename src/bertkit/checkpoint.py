@@ -1,0 +1,166 @@
+"""Model checkpoints in the Hugging Face layout: config.json + model.safetensors (+ tokenizer files).
+
+bertkit's parameter names are transformers' names, so the only work here is the differences between checkpoint
+flavours: with or without the `bert.` prefix, legacy buffers and TF-era names, tied decoder copies, sharded files.
+Weights are read with safetensors or `torch.load(weights_only=True)`: arbitrary pickled objects are never run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bertkit.config import BertConfig
+from bertkit.errors import BertkitError
+
+logger = logging.getLogger("bertkit")
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PT_WEIGHTS_NAME = "pytorch_model.bin"
+PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# Entries of some checkpoints that are not parameters of the model: buffers older transformers saved, and the
+# decoder copies that are tied to the token embeddings and to `cls.predictions.bias`.
+_DROPPED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight")
+
+
+def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Read the weights of a model folder: safetensors first, else a (possibly sharded) pytorch_model.bin."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BertkitError(f"{directory}: not a folder (expected a model folder with config.json and weights)")
+
+    def load_one(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            if path.suffix == ".safetensors":
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt or truncated file, or a pickle holding more than tensors
+            raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+
+    for single, index in ((WEIGHTS_NAME, WEIGHTS_INDEX_NAME), (PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME)):
+        if (directory / single).exists():
+            return load_one(directory / single)
+        if (directory / index).exists():
+            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_one(directory / shard))
+            return state
+    raise BertkitError(f"{directory}: no weights found (expected {WEIGHTS_NAME} or {PT_WEIGHTS_NAME})")
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename TF-era LayerNorm names, drop non-parameters and tied copies (keeping the bias if only the copy has it)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key.endswith(_DROPPED_SUFFIXES):
+            continue
+        if key.endswith("cls.predictions.decoder.bias"):
+            key = key.replace("decoder.bias", "bias")
+            if key in state:
+                continue
+        out[key] = value
+    return out
+
+
+def _match_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Add or strip `bert.` so that a bare-encoder checkpoint loads into a head model and the other way round."""
+    expected = model.state_dict().keys()
+    has_prefix = any(k.startswith("bert.") for k in state)
+    wants_prefix = any(k.startswith("bert.") for k in expected)
+    if wants_prefix and not has_prefix:
+        return {f"bert.{k}": v for k, v in state.items()}
+    if has_prefix and not wants_prefix:
+        return {(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in state.items()}
+    return state
+
+
+def _is_encoder(key: str) -> bool:
+    key = key[len("bert."):] if key.startswith("bert.") else key
+    return key.startswith(("embeddings.", "encoder."))
+
+
+def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy weights into `model`, naming what is missing, unexpected or mis-shaped.
+
+    Missing weights of the model's own heads are newly initialised and reported; any other missing, unexpected
+    or mis-shaped weight is an error, since a silently random encoder would waste a whole fine-tuning run.
+    """
+    state = _match_prefix(normalize_keys(state), model)
+    own = model.state_dict()
+    heads = model.head_prefixes
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    missing_encoder = [k for k in missing if not k.startswith(heads)]
+    # weights of other heads (the pretraining heads when loading a classifier, say) are not an error
+    unexpected_encoder = [k for k in unexpected if _is_encoder(k)]
+    foreign_heads = [k for k in unexpected if not _is_encoder(k)]
+    problems = []
+    if missing_encoder:
+        problems.append(f"missing weights: {', '.join(missing_encoder)}")
+    if unexpected_encoder:
+        problems.append(f"unexpected weights: {', '.join(unexpected_encoder)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
+    if problems:
+        raise BertkitError(f"{source}: does not fit {type(model).__name__}: " + " | ".join(problems))
+    new_heads = [k for k in missing if k.startswith(heads)]
+    if new_heads:
+        logger.warning("%s: newly initialised (not in the checkpoint; train them): %s", source, ", ".join(new_heads))
+    if foreign_heads:
+        logger.info("%s: not used by %s: %s", source, type(model).__name__, ", ".join(foreign_heads))
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(value.to(own[key].dtype))
+
+
+def load_pretrained(cls, directory, config: BertConfig | None = None, **config_overrides):
+    """Build `cls` from a model folder's config.json (or the given config) and load its weights."""
+    directory = Path(directory)
+    if config is None:
+        config = BertConfig.load(directory)
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise BertkitError(f"unknown config field {key!r}")
+        setattr(config, key, value)
+    config.__post_init__()
+    model = cls(config)
+    load_state_dict_into(model, read_state_dict(directory), source=str(directory))
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename, so a crash never leaves a half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model, directory, tokenizer=None) -> None:
+    """config.json (with the transformers class in `architectures`) and model.safetensors, HF names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

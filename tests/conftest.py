@@ -1,0 +1,25 @@
+"""Shared fixtures: the real data folder (from BERTKIT_DATA) and small deterministic configs."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def data_path(*parts: str) -> Path:
+    """A path inside the shared data folder; skips the test when BERTKIT_DATA is unset or lacks it."""
+    root = os.environ.get("BERTKIT_DATA")
+    if not root:
+        pytest.skip("BERTKIT_DATA is not set (it points at the shared real-data folder)")
+    path = Path(root, *parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    return path
+
+
+@pytest.fixture
+def minilm_dir() -> Path:
+    return data_path("checkpoints", "all-MiniLM-L6-v2")

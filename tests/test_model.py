@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from bertkit import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+)
+from bertkit.model import flops_per_token
+
+
+def tiny(**kw) -> BertConfig:
+    return BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, **kw)
+
+
+@pytest.mark.parametrize("preset, expected", [("base", 110e6), ("large", 335e6)])
+def test_parameter_counts(preset, expected):
+    with torch.device("meta"):  # no memory, no init: just the shapes
+        n = BertModel(BertConfig.from_preset(preset)).num_parameters()
+    assert abs(n - expected) / expected < 0.01, n
+
+
+def test_removing_padding_changes_nothing():
+    """A sequence alone and the same sequence inside a padded batch give the same states."""
+    torch.manual_seed(0)
+    model = BertModel(tiny()).eval()
+    ids = torch.randint(5, 300, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask)
+        for b, n in enumerate([16, 9, 4]):
+            alone = model(ids[b : b + 1, :n])
+            assert torch.allclose(batch.last_hidden_state[b, :n], alone.last_hidden_state[0], atol=1e-5)
+            assert torch.allclose(batch.pooler_output[b], alone.pooler_output[0], atol=1e-5)
+        assert batch.last_hidden_state[2, 4:].abs().max() == 0  # padding is not computed
+
+
+def test_masked_positions_pick_the_same_logits():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny()).eval()
+    ids = torch.randint(5, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 1], labels[1, 5] = 7, 8, 9
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, labels=labels)
+        sparse = model(ids, attention_mask=mask, labels=labels, masked_positions=labels != -100)
+    assert sparse.prediction_logits.shape == (3, 300)
+    assert torch.allclose(sparse.prediction_logits, full.prediction_logits[labels != -100], atol=1e-5)
+    assert torch.allclose(sparse.loss, full.loss, atol=1e-6)
+
+
+def test_decoder_is_tied_to_the_embeddings():
+    model = BertForPreTraining(tiny())
+    names = {n for n, _ in model.named_parameters()}
+    assert "cls.predictions.decoder.weight" not in names  # one table, used twice
+    ids = torch.randint(5, 300, (2, 8))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_regression_head_with_one_label():
+    model = BertForSequenceClassification(tiny(num_labels=1))
+    out = model(torch.randint(5, 300, (3, 8)), labels=torch.tensor([0.5, 2.0, 4.5]))
+    assert out.logits.shape == (3, 1) and out.loss.ndim == 0
+
+
+def test_init_matches_the_paper():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig.from_preset("mini", vocab_size=5000))
+    w = model.encoder.layer[0].intermediate.dense.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and model.encoder.layer[0].intermediate.dense.bias.abs().max() == 0
+    assert model.embeddings.word_embeddings.weight[0].abs().max() == 0  # the [PAD] row
+
+
+def test_flops_per_token_counts_the_dense_layers():
+    c = BertConfig.from_preset("base")
+    # 6 * non-embedding parameters is the usual rule of thumb; attention adds 12 * L * T * H
+    dense_params = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    assert flops_per_token(c, 128) == 6 * dense_params + 3 * 12 * 4 * 128 * 768
