@@ -1,0 +1,168 @@
+"""GLUE metrics against hand-checked values and sklearn/scipy; SQuAD EM/F1 against the official numbers."""
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from bertkit.data.squad import SquadAnswer, SquadExample, read_squad
+from bertkit.errors import BertkitError
+from bertkit.tasks.metrics import (
+    compute_metrics,
+    exact_match,
+    glue_metrics,
+    headline_score,
+    normalize_answer,
+    squad_metrics,
+    token_f1,
+)
+
+
+def data_path(*parts: str) -> Path:
+    root = os.environ.get("BERTKIT_DATA")
+    if not root or not Path(root, *parts).exists():
+        pytest.skip("BERTKIT_DATA is not set or lacks this file")
+    return Path(root, *parts)
+
+
+# --- GLUE ------------------------------------------------------------------------------------------------
+
+
+def test_hand_checked_classification():
+    predictions, labels = [1, 0, 1, 1], [1, 0, 0, 1]  # TP 2, TN 1, FP 1, FN 0
+    scores = compute_metrics(["accuracy", "f1", "mcc"], predictions, labels)
+    assert scores["accuracy"] == pytest.approx(75.0)
+    assert scores["f1"] == pytest.approx(80.0)  # 2*TP / (2*TP + FP + FN) = 4/5
+    assert scores["mcc"] == pytest.approx(100 * 2 / math.sqrt(3 * 2 * 1 * 2))
+
+
+def test_hand_checked_correlation():
+    scores = compute_metrics(["pearson", "spearman"], [1.0, 2.0, 3.0], [1.0, 2.0, 4.0])
+    assert scores["pearson"] == pytest.approx(100 * 9 / math.sqrt(84))
+    assert scores["spearman"] == pytest.approx(100.0)
+    # a constant prediction has no correlation: 0, not nan, so "best on dev" still compares
+    assert compute_metrics(["pearson"], [2.0, 2.0, 2.0], [1.0, 2.0, 4.0]) == {"pearson": 0.0}
+
+
+def test_agrees_with_sklearn_and_scipy():
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    scores = compute_metrics(["accuracy", "f1", "mcc"], p, y)
+    assert scores == pytest.approx({"accuracy": 100 * accuracy_score(y, p), "f1": 100 * f1_score(y, p),
+                                    "mcc": 100 * matthews_corrcoef(y, p)})
+    gold, guess = rng.uniform(0, 5, 200), rng.uniform(0, 5, 200)
+    assert glue_metrics("sts-b", guess, gold) == pytest.approx(
+        {"pearson": 100 * pearsonr(guess, gold)[0], "spearman": 100 * spearmanr(guess, gold)[0]})
+
+
+@pytest.mark.parametrize("task, keys", [
+    ("CoLA", {"mcc"}), ("SST-2", {"accuracy"}), ("MRPC", {"f1", "accuracy"}), ("STS-B", {"pearson", "spearman"}),
+    ("QQP", {"f1", "accuracy"}), ("MNLI", {"accuracy"}), ("QNLI", {"accuracy"}), ("RTE", {"accuracy"}),
+    ("WNLI", {"accuracy"}),
+])
+def test_each_glue_task(task, keys):
+    labels = [0, 1, 2, 1, 0, 2] if task == "MNLI" else [0, 1, 1, 0, 1, 1]
+    predictions = [0, 1, 1, 1, 0, 2] if task == "MNLI" else [0, 1, 0, 0, 1, 1]
+    if task == "STS-B":
+        labels, predictions = [0.5, 1.0, 2.5, 3.0, 4.2, 5.0], [0.7, 1.1, 2.0, 3.3, 4.0, 4.8]
+    scores = glue_metrics(task, predictions, labels)
+    assert set(scores) == keys
+    if task != "STS-B":
+        assert scores.get("accuracy", 100 * 5 / 6) == pytest.approx(100 * 5 / 6)
+    assert headline_score(scores) == pytest.approx(sum(scores.values()) / len(keys))
+
+
+def test_headline_averages_two_metrics():
+    assert headline_score({"f1": 90.0, "accuracy": 86.0}) == 88.0
+    assert headline_score({"mcc": 55.0}) == 55.0
+
+
+def test_bad_metric_input():
+    with pytest.raises(BertkitError, match="expected two equal, non-empty"):
+        glue_metrics("rte", [0, 1], [0])
+    with pytest.raises(BertkitError, match="unknown metric.*auc"):
+        compute_metrics(["auc"], [0], [0])
+
+
+# --- SQuAD -----------------------------------------------------------------------------------------------
+
+
+def test_normalize_answer():
+    assert normalize_answer("The  Quick, brown fox!") == "quick brown fox"
+    assert normalize_answer("an apple a day\n") == "apple day"
+    assert normalize_answer("Theatre and anthem") == "theatre and anthem"  # articles only as whole words
+    assert normalize_answer("“Quoted”") == "“quoted”"  # only ASCII punctuation goes, as in the official script
+
+
+def test_exact_match_and_f1():
+    assert exact_match("Denver Broncos", "the denver broncos.") == 1.0
+    assert exact_match("Broncos", "Denver Broncos") == 0.0
+    assert token_f1("the cat sat", "cat sat down") == pytest.approx(0.8)  # P 1, R 2/3
+    assert token_f1("x y y", "y y z") == pytest.approx(2 / 3)  # tokens are a bag: "y" matches twice
+    assert token_f1("dog", "cat") == 0.0
+    assert token_f1("", "") == 1.0 and token_f1("", "cat") == 0.0
+
+
+def example(qid: str, *answers: str) -> SquadExample:
+    context = " ".join(answers) or "nothing here"
+    spans, start = [], 0
+    for text in answers:
+        spans.append(SquadAnswer(text, start))
+        start += len(text) + 1
+    return SquadExample(qid, "t", 0, "q?", context, spans, is_impossible=not answers)
+
+
+def test_squad_v2_breakdown_and_thresholds():
+    examples = [example("q1", "Paris"), example("q2", "the Eiffel Tower"), example("q3"), example("q4")]
+    predictions = {"q1": "Paris", "q2": "Eiffel", "q3": "", "q4": "London"}
+    plain = squad_metrics(examples, predictions)
+    assert plain["exact"] == pytest.approx(50.0) and plain["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 4)
+    assert plain["HasAns_exact"] == 50.0 and plain["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert plain["NoAns_exact"] == 50.0 and plain["NoAns_total"] == 2.0
+    assert "best_f1" not in plain
+
+    odds = {"q1": -5.0, "q2": 0.5, "q3": 2.0, "q4": 3.0}
+    scored = squad_metrics(examples, predictions, odds)  # q3, q4 have odds > 1.0: counted as null, both right
+    assert scored["exact"] == pytest.approx(75.0) and scored["f1"] == pytest.approx(100 * (1 + 2 / 3 + 2) / 4)
+    # null for odds > t: t = -5 answers only q1 (3 of 4 right); t = 0.5 adds q2's partial F1 of 2/3
+    assert (scored["best_exact"], scored["best_exact_thresh"]) == (pytest.approx(75.0), -5.0)
+    assert (scored["best_f1"], scored["best_f1_thresh"]) == (pytest.approx(100 * (3 + 2 / 3) / 4), 0.5)
+
+
+def test_best_threshold_is_the_best_of_all_thresholds():
+    rng = random.Random(0)
+    examples = [example(f"q{i}", "red fox") if i % 3 else example(f"q{i}") for i in range(60)]
+    predictions = {e.id: rng.choice(["", "red fox", "fox", "blue"]) for e in examples}
+    odds = {e.id: rng.uniform(-3, 3) for e in examples}
+    scores = squad_metrics(examples, predictions, odds)
+    for name in ("exact", "f1"):
+        # brute force: score every threshold directly by re-scoring with nulled predictions
+        best = max(
+            squad_metrics(examples, {q: "" if odds[q] > t else p for q, p in predictions.items()})[name]
+            for t in [-math.inf, *odds.values()]
+        )
+        assert scores[f"best_{name}"] == pytest.approx(best)
+        nulled = {q: "" if odds[q] > scores[f"best_{name}_thresh"] else p for q, p in predictions.items()}
+        assert squad_metrics(examples, nulled)[name] == pytest.approx(best)
+
+
+def test_missing_predictions_score_zero():
+    examples = [example("q1", "Paris"), example("q2", "Rome")]
+    assert squad_metrics(examples, {"q1": "paris"})["exact"] == 50.0
+    with pytest.raises(BertkitError, match="null_odds has no entry for 1 questions, first q2"):
+        squad_metrics(examples, {"q1": "paris"}, {"q1": 0.0})
+
+
+def test_official_score_of_the_bert_ensemble():
+    examples = read_squad(data_path("squad", "dev-v1.1.json"))
+    predictions = json.loads(data_path("squad", "reference", "bert-ensemble-v1.1-dev-predictions.json").read_text())
+    scores = squad_metrics(examples, predictions)
+    assert round(scores["exact"], 3) == 86.206
+    assert round(scores["f1"], 3) == 92.196
+    assert scores["total"] == 10570
