@@ -1,0 +1,181 @@
+"""`bertkit` and its subcommands. Thin: parse arguments, call one library function, print the result.
+
+Bad input raises `BertkitError`; the CLI prints it in one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+from bertkit.errors import BertkitError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags generated from the library's dataclasses, so the CLI and the Python API take the same options
+
+
+def _field_type(field: dataclasses.Field, hints: dict):
+    t = hints[field.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
+        t = args[0]
+    return t
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), help_texts: dict | None = None):
+    """One `--flag` per dataclass field (underscores become dashes), typed and defaulted from the field."""
+    hints = typing.get_type_hints(cls)
+    help_texts = help_texts or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = _field_type(f, hints)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        doc = help_texts.get(f.name) or f.metadata.get("help", "")
+        if t is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
+        elif typing.get_origin(t) is typing.Literal:
+            choices = typing.get_args(t)
+            parser.add_argument(flag, choices=choices, default=default, help=f"{doc} (default: %(default)s)")
+        elif t in (int, float, str, Path):
+            parser.add_argument(flag, type=t, default=default, help=f"{doc} (default: %(default)s)")
+        elif typing.get_origin(t) in (list, tuple):
+            parser.add_argument(flag, nargs="+", default=default, help=f"{doc} (default: %(default)s)")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **extra):
+    """Build the dataclass from the parsed flags that belong to it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(extra)
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_info(args) -> None:
+    from bertkit.checkpoint import read_state_dict
+    from bertkit.config import BertConfig
+
+    directory = Path(args.model_dir)
+    config = BertConfig.load(directory)
+    state = read_state_dict(directory)
+    params = sum(v.numel() for k, v in state.items() if not k.endswith(("position_ids", "token_type_ids")))
+    heads = sorted({k.split(".")[0] for k in state if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
+    print(f"model folder     {directory}")
+    print(f"architecture     {', '.join(config.extra.get('architectures', ['(not stated)']))}")
+    print(f"layers L         {config.num_hidden_layers}")
+    print(f"hidden H         {config.hidden_size}")
+    print(f"heads A          {config.num_attention_heads}")
+    print(f"feed-forward     {config.intermediate_size}")
+    print(f"vocabulary       {config.vocab_size}")
+    print(f"max positions    {config.max_position_embeddings}")
+    print(f"parameters       {params:,} ({params / 1e6:.1f}M)")
+    print(f"heads in weights {', '.join(heads) if heads else 'none (bare encoder)'}")
+    if config.id2label:
+        print(f"labels           {', '.join(config.id2label[i] for i in sorted(config.id2label))}")
+    if (directory / "vocab.txt").exists() or (directory / "tokenizer.json").exists():
+        from bertkit.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained(directory)
+        print(f"tokenizer        WordPiece, {tok.vocab_size} tokens, {'uncased' if tok.lowercase else 'cased'}")
+    else:
+        print("tokenizer        none in this folder")
+
+
+def cmd_vocab_train(args) -> None:
+    from bertkit.tokenizer import train_vocab
+
+    files = expand_inputs(args.files)
+    tok = train_vocab(
+        files,
+        args.out,
+        vocab_size=args.vocab_size,
+        lowercase=not args.cased,
+        min_frequency=args.min_frequency,
+        limit_alphabet=args.limit_alphabet,
+    )
+    print(f"wrote {args.out}/vocab.txt and tokenizer.json: {tok.vocab_size} tokens, {'cased' if args.cased else 'uncased'}")
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files, folders (every file below) and globs, in a stable order; nothing matched is an error."""
+    import glob
+
+    out: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) or [pattern]
+        for m in map(Path, matches):
+            if m.is_dir():
+                out.extend(sorted(p for p in m.rglob("*") if p.is_file()))
+            elif m.exists():
+                out.append(m)
+            else:
+                raise BertkitError(f"{pattern}: no such file, folder or matching glob")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertkit",
+        description="BERT end to end: train a WordPiece vocabulary, pretrain with masked LM + next-sentence "
+        "prediction, fine-tune and score on GLUE and SQuAD. Model folders use the Hugging Face layout "
+        "(config.json, model.safetensors, vocab.txt), so transformers loads them and bertkit loads theirs.",
+        epilog="Run `bertkit COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also print informational messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="describe a model folder (size, heads, tokenizer)",
+                       description="Print a model folder's configuration, parameter count, heads and tokenizer.")
+    p.add_argument("model_dir", help="a folder in the Hugging Face layout (config.json + weights)")
+    p.set_defaults(func=cmd_info)
+
+    vocab = sub.add_parser("vocab", help="WordPiece vocabularies", description="WordPiece vocabulary tools.")
+    vocab_sub = vocab.add_subparsers(dest="vocab_command", metavar="ACTION", required=True)
+    p = vocab_sub.add_parser(
+        "train",
+        help="train a WordPiece vocabulary on raw text",
+        description="Train a WordPiece vocabulary on raw text files (plain or .gz; folders and globs are "
+        "expanded) and write vocab.txt and tokenizer.json to --out. Uncased (lower-cased, accents stripped) "
+        "unless --cased.",
+    )
+    p.add_argument("files", nargs="+", help="text files, folders or globs")
+    p.add_argument("--out", required=True, help="folder to write vocab.txt and tokenizer.json to")
+    p.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size, special tokens included (default: %(default)s)")
+    p.add_argument("--cased", action="store_true", help="keep case and accents")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a merged piece (default: %(default)s)")
+    p.add_argument("--limit-alphabet", type=int, default=1000, help="most single characters kept (default: %(default)s)")
+    p.set_defaults(func=cmd_vocab_train)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bertkit: %(message)s")
+    try:
+        args.func(args)
+    except BertkitError as e:
+        print(f"bertkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bertkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Run logs: a progress bar, CSV files, TensorBoard events and a loss-curve PNG, written by rank 0 only."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+logger = logging.getLogger("bertkit")
+
+
+class RunLogger:
+    """Appends metric rows per stream (`train`, `eval`) to `<stream>.csv` and TensorBoard; plots them on demand."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a stripped install should still train
+                logger.warning("tensorboard is not installed: logging to CSV only")
+
+    def truncate(self, step: int) -> None:
+        """Drop rows after `step`: a resumed run rewrites what the interrupted one logged past its checkpoint."""
+        if not self.enabled:
+            return
+        for path in self.run_dir.glob("*.csv"):
+            rows = read_csv(path)
+            keep = [r for r in rows if float(r["step"]) <= step]
+            if len(keep) != len(rows):
+                _write_rows(path, keep)
+
+    def log(self, stream: str, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        path = self.run_dir / f"{stream}.csv"
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        rows = read_csv(path) if path.exists() else []
+        if rows and set(rows[0]) != set(row):  # a new column: rewrite with the union of the columns
+            _write_rows(path, rows + [row])
+        else:
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+        if self._writer is not None:
+            for k, v in metrics.items():
+                self._writer.add_scalar(f"{stream}/{k}", float(v), step)
+            self._writer.flush()
+
+    def plot(self, name: str = "loss_curve.png", keys=("loss", "masked_lm_accuracy", "next_sentence_accuracy")) -> Path | None:
+        """One panel per metric key, train and eval streams overlaid."""
+        if not self.enabled:
+            return None
+        return plot_run(self.run_dir, self.run_dir / name, keys)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def plot_run(run_dir: Path, out: Path, keys) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    streams = {p.stem: read_csv(p) for p in sorted(Path(run_dir).glob("*.csv"))}
+    keys = [k for k in keys if any(rows and k in rows[0] for rows in streams.values())]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for stream, rows in streams.items():
+            pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if stream == "eval" else None, ms=3, label=stream)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
