@@ -1,0 +1,293 @@
+"""SQuAD v1.1/v2.0: read and check the JSON, cut question + context into windows, turn logits back into answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+from bertkit.errors import BertkitError, where
+
+
+@dataclass
+class SquadAnswer:
+    """A gold answer: its text and where it starts in the context (in characters)."""
+
+    text: str
+    start: int
+
+
+@dataclass
+class SquadExample:
+    """One question about one paragraph; `answers` is empty exactly when `is_impossible` (v2.0)."""
+
+    id: str
+    title: str
+    article: int  # index of the article in its file, for splitting by article
+    question: str
+    context: str
+    answers: list[SquadAnswer]
+    is_impossible: bool = False
+
+
+@dataclass
+class SquadFeature:
+    """One window: [CLS] question [SEP] part of the context [SEP], padded to max_length."""
+
+    example_index: int
+    input_ids: list[int]
+    token_type_ids: list[int]
+    attention_mask: list[int]
+    offsets: list[tuple[int, int] | None]  # character span in the context; None for question/special/pad
+    is_max_context: list[bool]  # True where this window sees the token with the most context on both sides
+    start_position: int  # training label; 0 ([CLS]) when the answer is not inside this window
+    end_position: int
+
+
+def _field(obj: Any, key: str, kind: type, place: str) -> Any:
+    """obj[key], checked to be a `kind`."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise BertkitError(f"{place}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BertkitError(f"{place}: field {key!r} is {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _load_json(path: Path) -> list[Any]:
+    """The `data` list of a SQuAD file."""
+    if not path.is_file():
+        raise BertkitError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise BertkitError(f"{path}: file is empty, expected SQuAD JSON ({{'version': ..., 'data': [...]}})")
+    try:
+        dataset = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BertkitError(f"{where(path, e.lineno)}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return _field(dataset, "data", list, str(path))
+
+
+def read_squad(path: str | Path) -> list[SquadExample]:
+    """Read a SQuAD v1.1 or v2.0 JSON file into examples, checking every answer against its context.
+
+    An answer whose text is not found at its answer_start raises rather than being skipped: the official
+    files have none, so one means offsets computed differently (bytes, other normalisation) or a hand edit,
+    and skipping would silently train on fewer or wrong spans.
+    """
+    path = Path(path)
+    examples: list[SquadExample] = []
+    seen: set[str] = set()
+    for a, article in enumerate(_load_json(path)):
+        place = f"{path}: article {a}"
+        title = str(article.get("title", "")) if isinstance(article, dict) else ""
+        place += f" ({title!r})" if title else ""
+        for p, paragraph in enumerate(_field(article, "paragraphs", list, place)):
+            context = _field(paragraph, "context", str, f"{place}, paragraph {p}")
+            for qa in _field(paragraph, "qas", list, f"{place}, paragraph {p}"):
+                qid = _field(qa, "id", str, f"{place}, paragraph {p}")
+                here = f"{place}, question {qid}"
+                if qid in seen:
+                    raise BertkitError(f"{here}: question id repeats an earlier one; expected unique ids")
+                seen.add(qid)
+                impossible = qa.get("is_impossible", False) is True
+                answers = []
+                for raw in _field(qa, "answers", list, here):
+                    text, start = _field(raw, "text", str, here), _field(raw, "answer_start", int, here)
+                    if start < 0 or not text or context[start : start + len(text)] != text:
+                        found = context[max(start, 0) : max(start, 0) + len(text)]
+                        raise BertkitError(
+                            f"{here}: answer {text!r} is not at answer_start {start} (context has {found!r} there)"
+                        )
+                    answers.append(SquadAnswer(text, start))
+                if impossible and answers:
+                    raise BertkitError(f"{here}: is_impossible is true but answers is not empty")
+                if not impossible and not answers:
+                    raise BertkitError(f"{here}: no answers, expected at least one (or is_impossible: true)")
+                question = _field(qa, "question", str, here)
+                examples.append(SquadExample(qid, title, a, question, context, answers, impossible))
+    if not examples:
+        raise BertkitError(f"{path}: no questions in the file")
+    return examples
+
+
+def split_by_article(path: str | Path, n_train: int) -> tuple[list[SquadExample], list[SquadExample]]:
+    """Split a SQuAD file into its first `n_train` articles and the rest, e.g. dev-v1.1's 38 / 10."""
+    examples = read_squad(path)
+    n_articles = examples[-1].article + 1
+    if not 0 < n_train < n_articles:
+        raise BertkitError(f"{path}: has {n_articles} articles, n_train must be 1..{n_articles - 1}, got {n_train}")
+    return [e for e in examples if e.article < n_train], [e for e in examples if e.article >= n_train]
+
+
+def _resolve_tokenizer(tokenizer: Any) -> tuple[tokenizers.Tokenizer, int, int, int]:
+    """A plain copy of the backend (no truncation, no padding) and the [CLS]/[SEP]/[PAD] ids."""
+    backend = getattr(tokenizer, "backend", tokenizer)
+    if not isinstance(backend, tokenizers.Tokenizer):
+        raise BertkitError(f"expected a tokenizers.Tokenizer or an object with .backend, got {type(tokenizer).__name__}")
+    ids = []
+    for attr, token in (("cls_id", "[CLS]"), ("sep_id", "[SEP]"), ("pad_id", "[PAD]")):
+        value = getattr(tokenizer, attr, None)
+        value = backend.token_to_id(token) if value is None else value
+        if value is None:
+            raise BertkitError(f"the tokenizer has no {token} token; expected a BERT vocabulary")
+        ids.append(value)
+    # A tokenizer.json may carry truncation/padding settings (all-MiniLM pads to 128); windows are cut here,
+    # so encode with a copy that has none, leaving the caller's tokenizer untouched.
+    plain = tokenizers.Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain, ids[0], ids[1], ids[2]
+
+
+def _windows(n_tokens: int, max_tokens: int, doc_stride: int) -> list[tuple[int, int]]:
+    """(start, length) of each window; `doc_stride` is the step between window starts, as in BERT's run_squad."""
+    spans = []
+    start = 0
+    while True:
+        length = min(n_tokens - start, max_tokens)
+        spans.append((start, length))
+        if start + length >= n_tokens:
+            return spans
+        start += min(length, doc_stride)
+
+
+def _max_context_window(spans: list[tuple[int, int]], n_tokens: int) -> list[int]:
+    """For each context token, the window where it sits most centrally (BERT's _check_is_max_context)."""
+    best, best_score = [0] * n_tokens, [-1.0] * n_tokens
+    for w, (start, length) in enumerate(spans):
+        for i in range(start, start + length):
+            # distance to the nearer window edge; ties go to the longer window
+            score = min(i - start, start + length - 1 - i) + 0.01 * length
+            if score > best_score[i]:
+                best[i], best_score[i] = w, score
+    return best
+
+
+def _answer_tokens(example: SquadExample, offsets: list[tuple[int, int]]) -> tuple[int, int]:
+    """First and last context token overlapping the first gold answer's characters."""
+    answer = example.answers[0]
+    start_char, end_char = answer.start, answer.start + len(answer.text)
+    starts = [i for i, (s, e) in enumerate(offsets) if e > start_char and s < end_char]
+    if not starts:
+        raise BertkitError(f"question {example.id}: answer {answer.text!r} covers no token of the context")
+    return starts[0], starts[-1]
+
+
+def featurize(
+    examples: Sequence[SquadExample],
+    tokenizer: Any,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    max_query_length: int = 64,
+) -> list[SquadFeature]:
+    """Cut each example into overlapping windows of question + context, with start/end labels per window.
+
+    `tokenizer` is a `tokenizers.Tokenizer` or anything with `.backend` (and optionally `.cls_id`,
+    `.sep_id`, `.pad_id`), such as `bertkit.tokenizer.Tokenizer`.
+    """
+    backend, cls_id, sep_id, pad_id = _resolve_tokenizer(tokenizer)
+    questions = backend.encode_batch([e.question for e in examples], add_special_tokens=False)
+    contexts = list(dict.fromkeys(e.context for e in examples))  # paragraphs repeat once per question
+    encoded = dict(zip(contexts, backend.encode_batch(contexts, add_special_tokens=False)))
+
+    features = []
+    for index, (example, question) in enumerate(zip(examples, questions)):
+        query = question.ids[:max_query_length]
+        doc = encoded[example.context]
+        max_doc = max_length - len(query) - 3  # [CLS], [SEP], [SEP]
+        if max_doc < 1:
+            raise BertkitError(f"max_length {max_length} leaves no room for context after a {len(query)}-token question")
+        spans = _windows(len(doc.ids), max_doc, doc_stride)
+        best_window = _max_context_window(spans, len(doc.ids))
+        answer = None if example.is_impossible or not example.answers else _answer_tokens(example, doc.offsets)
+        head = len(query) + 2  # position of the first context token
+        for w, (start, length) in enumerate(spans):
+            ids = [cls_id, *query, sep_id, *doc.ids[start : start + length], sep_id]
+            n_pad = max_length - len(ids)
+            start_position = end_position = 0
+            if answer is not None and start <= answer[0] and answer[1] < start + length:
+                start_position, end_position = head + answer[0] - start, head + answer[1] - start
+            features.append(
+                SquadFeature(
+                    example_index=index,
+                    input_ids=ids + [pad_id] * n_pad,
+                    token_type_ids=[0] * head + [1] * (length + 1) + [0] * n_pad,
+                    attention_mask=[1] * len(ids) + [0] * n_pad,
+                    offsets=[None] * head + list(doc.offsets[start : start + length]) + [None] * (n_pad + 1),
+                    is_max_context=[False] * head
+                    + [best_window[i] == w for i in range(start, start + length)]
+                    + [False] * (n_pad + 1),
+                    start_position=start_position,
+                    end_position=end_position,
+                )
+            )
+    return features
+
+
+def postprocess(
+    examples: Sequence[SquadExample],
+    features: Sequence[SquadFeature],
+    start_logits: Any,
+    end_logits: Any,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+    with_null: bool = False,
+    null_threshold: float = 0.0,
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Pick each question's answer from per-window logits (B, T); returns predictions and null odds by id.
+
+    Null odds are BERT's score_diff: null score ([CLS] start + end, lowest over windows) minus the best span
+    score. With `with_null` (v2.0) the prediction is "" when score_diff > null_threshold.
+    """
+    start_logits, end_logits = np.asarray(start_logits, dtype=np.float64), np.asarray(end_logits, dtype=np.float64)
+    if start_logits.shape != end_logits.shape or len(start_logits) != len(features):
+        raise BertkitError(
+            f"logits of shape {start_logits.shape} and {end_logits.shape}, expected ({len(features)}, max_length)"
+        )
+    by_example: dict[int, list[int]] = {}
+    for f, feature in enumerate(features):
+        by_example.setdefault(feature.example_index, []).append(f)
+
+    predictions, null_odds = {}, {}
+    for index, example in enumerate(examples):
+        if index not in by_example:
+            raise BertkitError(f"question {example.id} has no features; expected those featurize() made for it")
+        null_score = float("inf")
+        best_score, best_text = None, ""
+        for f in by_example[index]:
+            feature, starts, ends = features[f], start_logits[f], end_logits[f]
+            null_score = min(null_score, starts[0] + ends[0])
+            # candidate spans: the n_best highest starts x ends, both inside this window's context
+            top_starts = [s for s in np.argsort(starts)[::-1][:n_best] if feature.is_max_context[s]]
+            top_ends = [e for e in np.argsort(ends)[::-1][:n_best] if feature.offsets[e] is not None]
+            if not top_starts or not top_ends:
+                continue
+            s_idx, e_idx = np.array(top_starts)[:, None], np.array(top_ends)[None, :]
+            scores = starts[s_idx] + ends[e_idx]  # (n_best, n_best)
+            scores[(e_idx < s_idx) | (e_idx - s_idx >= max_answer_length)] = -np.inf
+            i, j = np.unravel_index(np.argmax(scores), scores.shape)
+            if np.isfinite(scores[i, j]) and (best_score is None or scores[i, j] > best_score):
+                best_score = float(scores[i, j])
+                s, e = top_starts[i], top_ends[j]
+                best_text = example.context[feature.offsets[s][0] : feature.offsets[e][1]]
+        # As in BERT: with no valid span, the non-null answer is "" with score 0.
+        score_diff = null_score - (best_score if best_score is not None else 0.0)
+        null_odds[example.id] = float(score_diff)
+        predictions[example.id] = "" if with_null and score_diff > null_threshold else best_text
+    return predictions, null_odds
+
+
+def write_predictions(predictions: dict[str, str], path: str | Path) -> None:
+    """Write predictions.json as the official evaluation script reads it: {question id: answer text}."""
+    Path(path).write_text(json.dumps(predictions, indent=4) + "\n", encoding="utf-8")
+
+
+def write_null_odds(null_odds: dict[str, float], path: str | Path) -> None:
+    """Write null_odds.json, the v2.0 script's --na-prob-file: {question id: score_diff}."""
+    Path(path).write_text(json.dumps(null_odds, indent=4) + "\n", encoding="utf-8")
