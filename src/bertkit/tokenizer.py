@@ -1,0 +1,302 @@
+"""WordPiece: train a vocabulary, load and save it like transformers' BertTokenizerFast, encode texts and pairs."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import tokenizers
+import torch
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+
+from bertkit.errors import BertkitError, where
+
+# In this order at the head of a trained vocabulary, so [PAD] is id 0.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Original BERT: a longer word becomes one [UNK] instead of dozens of single-character pieces.
+MAX_CHARS_PER_WORD = 100
+MODEL_MAX_LENGTH = 512
+
+
+def _bert_normalizer(lowercase: bool) -> normalizers.BertNormalizer:
+    """Clean text, split CJK characters, and lowercase + strip accents only when uncased."""
+    # strip_accents=None follows lowercase, as in the original BERT: cased vocabularies keep accents.
+    return normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+
+
+def _build_backend(vocab: dict[str, int], lowercase: bool) -> tokenizers.Tokenizer:
+    """The fast tokenizer transformers builds for BertTokenizerFast on the same vocabulary."""
+    backend = tokenizers.Tokenizer(
+        WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD)
+    )
+    backend.normalizer = _bert_normalizer(lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+    # Registered as special added tokens, as transformers does: a literal "[MASK]" in text encodes to the [MASK] id.
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return backend
+
+
+def _check_special_tokens(vocab: dict[str, int], source: Path) -> None:
+    """Raise unless every BERT special token is in the vocabulary."""
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise BertkitError(
+            f"{where(source)}: vocabulary lacks {', '.join(missing)}; expected all of {', '.join(SPECIAL_TOKENS)}"
+        )
+
+
+def _read_vocab(vocab_file: Path) -> dict[str, int]:
+    """Read vocab.txt (one token per line, id = line number - 1) as transformers does."""
+    vocab: dict[str, int] = {}
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                token = line.rstrip("\n")
+                if token in vocab:
+                    raise BertkitError(
+                        f"{where(vocab_file, index + 1)}: token {token!r} repeats line {vocab[token] + 1}; "
+                        "expected each token once"
+                    )
+                vocab[token] = index
+    except (OSError, UnicodeDecodeError) as e:
+        raise BertkitError(
+            f"{where(vocab_file)}: cannot read the vocabulary ({e}); expected a UTF-8 vocab.txt, one token per line"
+        ) from e
+    _check_special_tokens(vocab, vocab_file)
+    return vocab
+
+
+def _read_json(path: Path) -> dict:
+    """Read a JSON object, raising BertkitError on a bad file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise BertkitError(f"{where(path)}: cannot read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise BertkitError(f"{where(path, e.lineno)}: invalid JSON ({e.msg}); expected a JSON object") from e
+    if not isinstance(value, dict):
+        raise BertkitError(f"{where(path, 1)}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+class Tokenizer:
+    """BERT's WordPiece tokenizer over a `tokenizers` backend; encodes exactly like transformers' BertTokenizerFast."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, lowercase: bool) -> None:
+        self.backend = backend
+        self.lowercase = lowercase
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            backend.token_to_id(token) for token in SPECIAL_TOKENS
+        )
+        self._special_ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        # No cleanup: transformers' default glues " ." and " 's" onto the previous word, a guess about the
+        # original spacing that would make decode(encode(x)) differ from the normalised text.
+        self._decoder = decoders.WordPiece(prefix="##", cleanup=False)
+
+    @classmethod
+    def from_vocab(cls, vocab_file: str | Path, lowercase: bool = True) -> Tokenizer:
+        """Build the BERT tokenizer on a vocab.txt."""
+        return cls(_build_backend(_read_vocab(Path(vocab_file)), lowercase), lowercase)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
+        """Load a Hugging Face tokenizer folder: tokenizer.json if present, else vocab.txt + tokenizer_config.json."""
+        directory = Path(directory)
+        config_file = directory / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        tokenizer_file = directory / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            if not (directory / "vocab.txt").is_file():
+                raise BertkitError(f"{where(directory)}: expected a tokenizer folder with tokenizer.json or vocab.txt")
+            return cls.from_vocab(directory / "vocab.txt", bool(config.get("do_lower_case", True)))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust side raises a plain Exception for any malformed file
+            raise BertkitError(f"{where(tokenizer_file)}: cannot load ({e}); expected a tokenizers JSON file") from e
+        if not isinstance(backend.model, WordPiece):
+            raise BertkitError(
+                f"{where(tokenizer_file)}: model is {type(backend.model).__name__}; expected WordPiece (a BERT tokenizer)"
+            )
+        _check_special_tokens(backend.get_vocab(), tokenizer_file)
+        # A saved file may fix padding/truncation (all-MiniLM-L6-v2 pads everything to 128); encode sets them per call.
+        backend.no_padding()
+        backend.no_truncation()
+        lowercase = bool(config.get("do_lower_case", getattr(backend.normalizer, "lowercase", True)))
+        if isinstance(backend.normalizer, normalizers.BertNormalizer):
+            # transformers lets tokenizer_config.json's do_lower_case override the saved normalizer; so do we.
+            backend.normalizer.lowercase = lowercase
+        return cls(backend, lowercase)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers reads them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "vocab.txt").write_text("".join(token + "\n" for token in self.vocab()), encoding="utf-8")
+        self.backend.save(str(directory / "tokenizer.json"))
+        special_tokens = {
+            "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"
+        }
+        config = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": self.lowercase,
+            "do_basic_tokenize": True,
+            "never_split": None,
+            "tokenize_chinese_chars": True,
+            "strip_accents": None,
+            "model_max_length": MODEL_MAX_LENGTH,
+            **special_tokens,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (directory / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n", encoding="utf-8")
+
+    @contextlib.contextmanager
+    def _truncation(self, max_length: int | None, is_pair: bool) -> Iterator[None]:
+        """Truncate longest-first to max_length for the duration of one call, leaving the backend untruncated."""
+        if max_length is None:
+            yield
+            return
+        num_special = 3 if is_pair else 2
+        if max_length < num_special:
+            raise BertkitError(f"max_length={max_length} leaves no room; expected at least {num_special} for [CLS]/[SEP]")
+        self.backend.enable_truncation(max_length, strategy="longest_first")
+        try:
+            yield
+        finally:
+            self.backend.no_truncation()
+
+    def encode(self, text: str, pair: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
+        """Encode `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]` with segment ids 0/1."""
+        with self._truncation(max_length, pair is not None):
+            encoding = self.backend.encode(text, pair)
+        return {
+            "input_ids": encoding.ids,
+            "token_type_ids": encoding.type_ids,
+            "attention_mask": encoding.attention_mask,
+        }
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        max_length: int | None = None,
+        padding: bool = True,
+        return_tensors: str | None = None,
+    ) -> dict[str, list[list[int]]] | dict[str, torch.Tensor]:
+        """Encode a batch, padded to its longest row with [PAD] and mask 0; torch tensors if return_tensors="pt"."""
+        if pairs is not None and len(pairs) != len(texts):
+            raise BertkitError(f"encode_batch got {len(texts)} texts and {len(pairs)} pairs; expected as many of each")
+        if return_tensors not in (None, "pt"):
+            raise BertkitError(f"return_tensors={return_tensors!r}; expected None or 'pt'")
+        if return_tensors == "pt" and not padding:
+            raise BertkitError("return_tensors='pt' needs padding=True: rows of different lengths make no tensor")
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+        with self._truncation(max_length, pairs is not None):
+            encodings = self.backend.encode_batch(inputs)
+        batch = {
+            "input_ids": [e.ids for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+        }
+        if padding:
+            longest = max((len(ids) for ids in batch["input_ids"]), default=0)
+            for key, fill in (("input_ids", self.pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
+                batch[key] = [row + [fill] * (longest - len(row)) for row in batch[key]]
+            if return_tensors == "pt":
+                return {key: torch.tensor(rows, dtype=torch.long).reshape(len(rows), longest) for key, rows in batch.items()}
+        return batch
+
+    def tokenize(self, text: str) -> list[str]:
+        """Split text into WordPiece tokens, without [CLS]/[SEP]."""
+        return self.backend.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Join WordPiece tokens back into text: `##` pieces glue on, words are separated by single spaces."""
+        tokens = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise BertkitError(f"decode got id {i}; expected ids in 0..{self.vocab_size - 1}")
+            if skip_special_tokens and i in self._special_ids:
+                continue
+            tokens.append(self.backend.id_to_token(i))
+        return self._decoder.decode(tokens)
+
+    def vocab(self) -> list[str]:
+        """The vocabulary as a list: position = token id."""
+        return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
+
+
+def _read_lines(paths: list[Path]) -> Iterator[list[str]]:
+    """Yield the lines of plain or gzipped UTF-8 text files in batches (the trainer is fed from Python)."""
+    for path in paths:
+        line_number = 0
+        try:
+            # Bytes in, decoded per line, so an encoding error names its exact line.
+            with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+                batch = []
+                for line_number, line in enumerate(f, start=1):
+                    batch.append(line.decode("utf-8"))
+                    if len(batch) == 10_000:
+                        yield batch
+                        batch = []
+                yield batch
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            line = line_number if isinstance(e, UnicodeDecodeError) else None
+            raise BertkitError(f"{where(path, line)}: cannot read ({e}); expected UTF-8 text, plain or .gz") from e
+
+
+def train_vocab(
+    files: list[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    limit_alphabet: int = 1000,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train a WordPiece vocabulary on text files, save the tokenizer folder to out_dir and return it."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise BertkitError("train_vocab got no files; expected at least one text file")
+    for path in paths:
+        if not path.is_file():
+            raise BertkitError(f"{where(path)}: no such file; expected a text file (plain or .gz) to train on")
+    backend = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
+    backend.normalizer = _bert_normalizer(lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        limit_alphabet=limit_alphabet,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(_read_lines(paths), trainer=trainer)
+    # The trainer numbers tokens in hash-map order, so the same corpus gives a shuffled vocab.txt on every run
+    # (tokenizers issue #1794). Sorting after the special tokens makes ids depend on the token set alone; WordPiece
+    # matches by string, so order changes no tokenization. Ties between equal-count merges can still swap a few
+    # tokens near the vocab_size cut-off between runs: that comes from the trainer and is not fixed here.
+    tokens = list(SPECIAL_TOKENS) + sorted(set(backend.get_vocab()) - set(SPECIAL_TOKENS))
+    # Rebuilt from the written vocab.txt, so a trained tokenizer is the same object a later from_pretrained loads.
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file = out_dir / "vocab.txt"
+    vocab_file.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
+    tokenizer = Tokenizer.from_vocab(vocab_file, lowercase)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer

@@ -1,0 +1,321 @@
+"""WordPiece tokenizer: parity with transformers' BertTokenizerFast, hard inputs, vocab training, save/load."""
+
+import csv
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import data_path
+
+from bertkit.errors import BertkitError
+from bertkit.tokenizer import SPECIAL_TOKENS, Tokenizer, train_vocab
+
+transformers = pytest.importorskip("transformers")
+
+TRAIN_LINES = 8000  # the first lines of the Python docs train the vocab; every later line is held out
+TRAIN_VOCAB_SIZE = 4000
+
+HARD_CASES = [
+    "café naïve Ångström résumé façade Zürich",
+    "combining e\u0301 accent and precomposed é",
+    "中文字符 and 日本語 mixed with 한국어",
+    "中文字符日本語한국어",
+    "emoji 😀👍🏽 and ❤️ hearts 🇫🇷",
+    "null\x00byte",
+    "tab\tseparated\tvalues",
+    "zero\u200bwidth\u200bjoin",
+    "replacement \ufffd char",
+    "control \x07 bell \x1b escape \x7f delete",
+    "line\nbreak\r\nwindows\rmac",
+    "\u00a0non-breaking\u2009thin\u3000ideographic space",
+    "a" * 100,
+    "a" * 101,
+    "b" * 300 + " short words after",
+    "x" + "é" * 100,  # 101 characters before accent stripping
+    "",
+    " ",
+    "\t\n  \u3000",
+    "\x00",
+    "Ελληνικά Русский текст العربية עברית हिन्दी ไทย",
+    "mixedCase CamelCase ALLCAPS lower",
+    "punctuation!?.,;:()[]{}<>\"'`~@#$%^&*-_=+\\|/",
+    "numbers 3.14159 1,000,000 2nd 10%",
+    "ﬁ ligature ① ｆｕｌｌｗｉｄｔｈ ½",
+    "don't won't it's",
+    "e-mail someone@example.com http://example.com/a_b?c=d",
+    "the [MASK] token and [CLS] [SEP] literal [PAD] [UNK]",
+    "lowercase [mask] is not special, nor is [ MASK ]",
+]
+
+
+def hf_tokenizer(vocab_file: Path, lowercase: bool = True):
+    """transformers' BertTokenizerFast on a vocab.txt, checked to have really read it."""
+    major = int(transformers.__version__.split(".")[0])
+    # transformers 5 takes the file as `vocab=` and silently ignores `vocab_file=` (it builds a 5-token vocab).
+    key = "vocab" if major >= 5 else "vocab_file"
+    reference = transformers.BertTokenizerFast(**{key: str(vocab_file)}, do_lower_case=lowercase)
+    assert reference.vocab_size == len(vocab_file.read_text(encoding="utf-8").splitlines())
+    return reference
+
+
+def read_tsv(path: Path, columns: tuple[int, ...], rows: int) -> list[tuple[str, ...]]:
+    """The given columns of a GLUE-style TSV after its header; checks the row count so a misread cannot pass."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC starts with a byte-order mark
+        table = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    assert len(table) == rows, f"{path}: {len(table)} rows"
+    return [tuple(row[c] for c in columns) for row in table]
+
+
+def as_lists(encoding) -> dict[str, list]:
+    """A transformers BatchEncoding as our plain dict of the three BERT inputs."""
+    return {key: encoding[key] for key in ("input_ids", "token_type_ids", "attention_mask")}
+
+
+def assert_same_encodings(ours: list[dict], reference, inputs: list) -> None:
+    """Compare one encoding per input with a batched transformers result, naming the first input that differs."""
+    reference = [dict(zip(("input_ids", "token_type_ids", "attention_mask"), row)) for row in zip(
+        reference["input_ids"], reference["token_type_ids"], reference["attention_mask"]
+    )]
+    assert len(ours) == len(reference) == len(inputs)
+    for mine, theirs, text in zip(ours, reference, inputs):
+        assert mine == theirs, f"differs on {text!r}"
+
+
+@pytest.fixture(scope="module")
+def minilm_vocab() -> Path:
+    return data_path("checkpoints", "all-MiniLM-L6-v2", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def uncased(minilm_vocab: Path) -> tuple[Tokenizer, object]:
+    """Ours and transformers' tokenizer on the all-MiniLM-L6-v2 vocab.txt (uncased)."""
+    return Tokenizer.from_vocab(minilm_vocab), hf_tokenizer(minilm_vocab)
+
+
+@pytest.fixture(scope="module")
+def glue() -> dict[str, list]:
+    """Every sentence of the GLUE dev sets present, as single texts and as pairs."""
+    sst2 = [s for (s,) in read_tsv(data_path("glue", "SST-2", "dev.tsv"), (0,), 872)]
+    rte = read_tsv(data_path("glue", "RTE", "dev.tsv"), (1, 2), 277)
+    mrpc = read_tsv(data_path("glue", "MRPC", "msr_paraphrase_test.txt"), (3, 4), 1725)
+    pairs = rte + mrpc
+    return {"singles": sst2 + [s for pair in pairs for s in pair], "pairs": pairs}
+
+
+@pytest.fixture(scope="module")
+def corpus_lines() -> list[str]:
+    return data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_lines: list[str]) -> tuple[Tokenizer, Path]:
+    """An uncased vocab trained (from a .gz file) on the first TRAIN_LINES lines of the Python docs."""
+    out = tmp_path_factory.mktemp("uncased")
+    train_file = out / "train.txt.gz"
+    with gzip.open(train_file, "wt", encoding="utf-8") as f:
+        f.write("\n".join(corpus_lines[:TRAIN_LINES]) + "\n")
+    return train_vocab([train_file], out / "vocab", vocab_size=TRAIN_VOCAB_SIZE, show_progress=False), out / "vocab"
+
+
+@pytest.fixture(scope="module")
+def cased(tmp_path_factory, corpus_lines: list[str]) -> tuple[Tokenizer, object, Path]:
+    """A cased vocab (with the hard cases' characters in its alphabet) and transformers' tokenizer on it."""
+    out = tmp_path_factory.mktemp("cased")
+    train_file = out / "train.txt"
+    train_file.write_text("\n".join(corpus_lines[:3000] + HARD_CASES * 2) + "\n", encoding="utf-8")
+    ours = train_vocab([train_file], out / "vocab", vocab_size=2000, lowercase=False, show_progress=False)
+    return ours, hf_tokenizer(out / "vocab" / "vocab.txt", lowercase=False), out / "vocab"
+
+
+def test_glue_single_sentences_match_transformers(uncased, glue):
+    ours, reference = uncased
+    texts = glue["singles"]
+    assert_same_encodings([ours.encode(t) for t in texts], reference(texts), texts)
+
+
+@pytest.mark.parametrize("max_length", [None, 32, 128])
+def test_glue_pairs_match_transformers(uncased, glue, max_length):
+    ours, reference = uncased
+    pairs = glue["pairs"]
+    first, second = [a for a, _ in pairs], [b for _, b in pairs]
+    mine = [ours.encode(a, b, max_length=max_length) for a, b in pairs]
+    truncation = {} if max_length is None else {"truncation": "longest_first", "max_length": max_length}
+    assert_same_encodings(mine, reference(first, second, **truncation), pairs)
+    if max_length is not None:  # the cut really happened, or this case tests nothing
+        assert sum(len(m["input_ids"]) == max_length for m in mine) > 10
+
+
+def test_glue_padded_batches_match_transformers(uncased, glue):
+    ours, reference = uncased
+    pairs = glue["pairs"]
+    for start in range(0, len(pairs), 64):
+        first, second = zip(*pairs[start : start + 64])
+        mine = ours.encode_batch(list(first), list(second), max_length=128, return_tensors="pt")
+        theirs = reference(list(first), list(second), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        for key in ("input_ids", "token_type_ids", "attention_mask"):
+            assert torch.equal(mine[key], theirs[key]), (key, start)
+    assert (mine["attention_mask"] == 0).any()  # padding was exercised
+    singles = ours.encode_batch(glue["singles"][:50])
+    assert singles == as_lists(reference(glue["singles"][:50], padding=True))
+
+
+def test_hard_cases_match_transformers_uncased(uncased):
+    ours, reference = uncased
+    assert_same_encodings([ours.encode(t) for t in HARD_CASES], reference(HARD_CASES), HARD_CASES)
+    pairs = list(itertools.pairwise(HARD_CASES))
+    mine = [ours.encode(a, b, max_length=20) for a, b in pairs]
+    first, second = zip(*pairs)
+    assert_same_encodings(mine, reference(list(first), list(second), truncation=True, max_length=20), pairs)
+
+
+def test_hard_cases_match_transformers_cased(cased):
+    ours, reference, _ = cased
+    assert_same_encodings([ours.encode(t) for t in HARD_CASES], reference(HARD_CASES), HARD_CASES)
+    pairs = list(itertools.pairwise(HARD_CASES))
+    first, second = zip(*pairs)
+    assert_same_encodings([ours.encode(a, b) for a, b in pairs], reference(list(first), list(second)), pairs)
+
+
+def test_uncased_normalises_as_bert(uncased):
+    ours, _ = uncased
+    assert ours.tokenize("Café NAÏVE") == ["cafe", "naive"]
+    assert ours.tokenize("日本語") == ["日", "本", "語"]  # CJK: one character per token
+    assert ours.tokenize("zero\u200bwidth\x00") == ours.tokenize("zerowidth")  # format/control characters dropped
+    assert ours.tokenize("a" * 101) == ["[UNK]"] and ours.tokenize("a" * 100) != ["[UNK]"]
+    assert ours.tokenize("the [MASK] is") == ["the", "[MASK]", "is"]
+    for blank in ("", " ", "\t\n\u3000"):
+        assert ours.encode(blank) == {"input_ids": [ours.cls_id, ours.sep_id], "token_type_ids": [0, 0], "attention_mask": [1, 1]}
+
+
+def test_cased_keeps_case_and_accents(cased):
+    ours, _, _ = cased
+    assert not ours.lowercase
+    assert "".join(ours.tokenize("Zürich Café")).replace("##", "") == "ZürichCafé"
+
+
+def test_trained_vocab_layout(trained):
+    tokenizer, out = trained
+    assert tokenizer.vocab()[:5] == list(SPECIAL_TOKENS)
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id) == (0, 1, 2, 3, 4)
+    assert tokenizer.vocab_size == TRAIN_VOCAB_SIZE and tokenizer.lowercase
+    assert any(token.startswith("##") for token in tokenizer.vocab())
+    assert (out / "vocab.txt").read_text(encoding="utf-8").splitlines() == tokenizer.vocab()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["do_lower_case"] is True and config["tokenizer_class"] == "BertTokenizer"
+
+
+def test_train_vocab_reads_gzip_like_plain_text(tmp_path, corpus_lines):
+    """Same text, plain or gzipped, gives the same vocab.txt (small enough that the trainer's ties do not bite)."""
+    text = "\n".join(corpus_lines[:1000]) + "\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    plain = train_vocab([tmp_path / "a.txt"], tmp_path / "plain", vocab_size=300, show_progress=False)
+    gz = train_vocab([tmp_path / "a.txt.gz"], tmp_path / "gz", vocab_size=300, show_progress=False)
+    assert plain.vocab() == gz.vocab()
+
+
+def test_held_out_lines_round_trip(trained, corpus_lines):
+    """decode(encode(x)) equals normalised x: the BERT normaliser's output (clean text, CJK spaced, lowercased,
+    accents stripped), split by the BERT pre-tokenizer (whitespace, then each punctuation character alone) and
+    the pieces joined by single spaces. WordPiece keeps no record of the spacing around punctuation, so that is
+    the most decode can give back. Lines with a character outside the trained alphabet encode to [UNK] and
+    cannot round-trip; they are counted apart and must stay rare."""
+    tokenizer, out = trained
+    # transformers' own normaliser and pre-tokenizer define "normalised", independent of our backend.
+    reference = hf_tokenizer(out / "vocab.txt").backend_tokenizer
+    held_out = [line for line in corpus_lines[TRAIN_LINES:] if line.strip()]
+    encoded = tokenizer.encode_batch(held_out, padding=False)["input_ids"]
+    failures, unk_lines = [], 0
+    for line, ids in zip(held_out, encoded):
+        if tokenizer.unk_id in ids:
+            unk_lines += 1
+            continue
+        pieces = reference.pre_tokenizer.pre_tokenize_str(reference.normalizer.normalize_str(line))
+        if tokenizer.decode(ids) != " ".join(piece for piece, _ in pieces):
+            failures.append(line)
+    print(f"held-out lines: {len(held_out)}, with [UNK]: {unk_lines}, round-trip failures: {len(failures)}")
+    assert not failures, failures[:5]
+    assert unk_lines < 0.01 * len(held_out)
+
+
+def test_decode_keeps_or_skips_special_tokens(uncased):
+    ours, _ = uncased
+    ids = ours.encode("Hello, World!", "it's here")["input_ids"]
+    assert ours.decode(ids) == "hello , world ! it ' s here"
+    assert ours.decode(ids, skip_special_tokens=False) == "[CLS] hello , world ! [SEP] it ' s here [SEP]"
+    assert ours.decode(torch.tensor(ids)) == ours.decode(ids)
+
+
+def test_save_pretrained_round_trip(trained, tmp_path, corpus_lines):
+    tokenizer, _ = trained
+    tokenizer.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"
+    ]
+    sample = corpus_lines[TRAIN_LINES : TRAIN_LINES + 300] + HARD_CASES
+    expected = [tokenizer.encode(t) for t in sample]
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    assert loaded.vocab() == tokenizer.vocab() and loaded.lowercase
+    assert [loaded.encode(t) for t in sample] == expected
+    theirs = transformers.BertTokenizerFast.from_pretrained(tmp_path)
+    assert theirs.do_lower_case and theirs.model_max_length == 512
+    assert_same_encodings(expected, theirs(sample), sample)
+    (tmp_path / "tokenizer.json").unlink()  # vocab.txt path of from_pretrained
+    assert [Tokenizer.from_pretrained(tmp_path).encode(t) for t in sample] == expected
+
+
+def test_save_pretrained_cased_round_trip(cased, tmp_path):
+    tokenizer, _, _ = cased
+    tokenizer.save_pretrained(tmp_path)
+    theirs = transformers.BertTokenizerFast.from_pretrained(tmp_path)
+    assert not theirs.do_lower_case
+    assert_same_encodings([tokenizer.encode(t) for t in HARD_CASES], theirs(HARD_CASES), HARD_CASES)
+    (tmp_path / "tokenizer.json").unlink()  # do_lower_case must now come from tokenizer_config.json
+    assert not Tokenizer.from_pretrained(tmp_path).lowercase
+
+
+def test_from_pretrained_ignores_saved_padding(minilm_vocab, uncased):
+    # all-MiniLM-L6-v2's tokenizer.json pads and truncates everything to 128.
+    loaded = Tokenizer.from_pretrained(minilm_vocab.parent)
+    assert loaded.encode("hello world") == uncased[0].encode("hello world")
+    assert len(loaded.encode("word " * 200)["input_ids"]) == 202
+
+
+def test_bad_vocab_files_raise(tmp_path):
+    missing = tmp_path / "nope" / "vocab.txt"
+    with pytest.raises(BertkitError, match=str(missing)):
+        Tokenizer.from_vocab(missing)
+    no_mask = tmp_path / "no_mask.txt"
+    no_mask.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", encoding="utf-8")
+    with pytest.raises(BertkitError, match=r"no_mask\.txt.*\[MASK\]"):
+        Tokenizer.from_vocab(no_mask)
+    repeated = tmp_path / "repeated.txt"
+    repeated.write_text("\n".join([*SPECIAL_TOKENS, "a", "b", "a"]) + "\n", encoding="utf-8")
+    with pytest.raises(BertkitError, match=r"repeated\.txt:8"):
+        Tokenizer.from_vocab(repeated)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("\n".join([*SPECIAL_TOKENS, "café"]).encode("latin-1"))
+    with pytest.raises(BertkitError, match=r"latin1\.txt"):
+        Tokenizer.from_vocab(latin1)
+    with pytest.raises(BertkitError, match=str(tmp_path)):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(BertkitError, match=r"missing\.txt"):
+        train_vocab([tmp_path / "missing.txt"], tmp_path / "out", show_progress=False)
+    bad_text = tmp_path / "bad.txt"
+    bad_text.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
+    with pytest.raises(BertkitError, match=r"bad\.txt:3"):
+        train_vocab([bad_text], tmp_path / "out", show_progress=False)
+
+
+def test_bad_arguments_raise(uncased):
+    ours, _ = uncased
+    with pytest.raises(BertkitError, match="max_length"):
+        ours.encode("a", "b", max_length=2)
+    with pytest.raises(BertkitError, match="pairs"):
+        ours.encode_batch(["a", "b"], ["c"])
+    with pytest.raises(BertkitError, match="id"):
+        ours.decode([ours.vocab_size])
