@@ -128,7 +128,9 @@ def test_mrpc_glue_layout_with_bom(tmp_path):
     write(tmp_path / "test.tsv", tsv(("index", "#1 ID", "#2 ID", "#1 String", "#2 String"), (0, 1, 2, "a", "b")),
           bom=True)
     assert read_glue("mrpc", tmp_path, "train")[0].label == 1
-    (tmp_path / "train.tsv").write_text("\u00ef\u00bb\u00bfQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\ta\tb\n")
+    mojibake_bom = "\u00ef\u00bb\u00bf"
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    (tmp_path / "train.tsv").write_text(mojibake_bom + header + "0\t1\t2\ta\tb\n", encoding="utf-8")
     assert read_glue("mrpc", tmp_path, "train")[0].label == 0  # the mojibake BOM Microsoft's files carry
     assert read_glue("mrpc", tmp_path, "test")[0].guid == "0"
 
@@ -172,7 +174,6 @@ def test_real_microsoft_mrpc_files(name, rows, paraphrases):
 def test_malformed_glue_files(tmp_path):
     with pytest.raises(BertkitError, match="train.tsv: file not found"):
         read_glue("rte", tmp_path, "train")
-    write(tmp_path / "empty.tsv", [])
     (tmp_path / "empty.tsv").write_text("")
     with pytest.raises(BertkitError, match="empty.tsv: file is empty"):
         read_glue_file("rte", tmp_path / "empty.tsv")
@@ -192,6 +193,13 @@ def test_malformed_glue_files(tmp_path):
     write(tmp_path / "other.tsv", tsv(("sentence", "target"), ("a", 0)))
     with pytest.raises(BertkitError, match="other.tsv:1: header has neither .* 'label' nor .* 'index' of RTE"):
         read_glue_file("rte", tmp_path / "other.tsv")
+    latin1 = "index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n".encode("latin-1")
+    (tmp_path / "latin1.tsv").write_bytes(latin1)
+    with pytest.raises(BertkitError, match="latin1.tsv: not UTF-8 text"):
+        read_glue_file("rte", tmp_path / "latin1.tsv")
+    write(tmp_path / "qqp.tsv", tsv(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), (1, 2, "a")))
+    with pytest.raises(BertkitError, match="qqp.tsv: all 1 rows are broken .expected 6 columns"):
+        read_glue_file("qqp", tmp_path / "qqp.tsv")
     write(tmp_path / "cola.tsv", tsv(("gj04", 1, "", "Fine."), ("gj04", 1, "Three columns.")))
     with pytest.raises(BertkitError, match=r"cola.tsv:2: 3 .* expected 4 \(source, label, original label, sentence"):
         read_glue_file("cola", tmp_path / "cola.tsv")
@@ -201,7 +209,8 @@ def test_malformed_glue_files(tmp_path):
 
 
 def test_custom_csv_tsv_jsonl(tmp_path):
-    (tmp_path / "train.csv").write_text('\ufefftext,label\n"Good, really good",pos\nbad,neg\nmeh,neutral\n')
+    csv_text = '\ufefftext,label\n"Good, really good",pos\nbad,neg\nmeh,neutral\n'  # BOM as Excel writes it
+    (tmp_path / "train.csv").write_text(csv_text, encoding="utf-8")
     train, labels = read_custom(tmp_path / "train.csv", text_a="text", label="label")
     assert labels == ["neg", "neutral", "pos"]  # inferred, sorted
     assert [(e.text_a, e.label) for e in train] == [("Good, really good", 2), ("bad", 0), ("meh", 1)]
@@ -211,9 +220,11 @@ def test_custom_csv_tsv_jsonl(tmp_path):
     assert numeric == ["2", "10"] and [e.label for e in dev] == [1, 0]  # numeric labels sort as numbers
     assert dev[0].text_a == 'He said "hi'
 
-    (tmp_path / "rate.jsonl").write_text('{"q": "a", "score": 0.5}\n\n{"q": "b", "score": 3}\n')
+    jsonl = '{"q": "a\u2028z", "score": 0.5}\n\n{"q": "b", "score": 3}\n'
+    (tmp_path / "rate.jsonl").write_text(jsonl, encoding="utf-8")
     rated, none = read_custom(tmp_path / "rate.jsonl", text_a="q", label="score", is_regression=True)
     assert none == [] and [e.label for e in rated] == [0.5, 3.0]
+    assert rated[0].text_a == "a\u2028z"  # a line separator inside a JSON string does not split the line
     unlabelled, _ = read_custom(tmp_path / "rate.jsonl", text_a="q", label=None)
     assert unlabelled[1].label is None
 

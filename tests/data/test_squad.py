@@ -134,7 +134,7 @@ def test_long_paragraph_windows(tokenizer):
     n_context = len(plain.encode(context, add_special_tokens=False).ids)
     owners = [o for f in features for o, best in zip(f.offsets, f.is_max_context) if best]
     assert len(owners) == len(set(owners)) == n_context
-    assert tokenizer.truncation is not None and tokenizer.truncation["max_length"] == 128  # caller's tokenizer untouched
+    assert tokenizer.truncation["max_length"] == 128  # the caller's tokenizer keeps its settings
 
 
 def test_unicode_offsets_map_back_exactly(tokenizer):

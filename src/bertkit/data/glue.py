@@ -109,7 +109,12 @@ def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
         raise BertkitError(f"{path}: file not found")
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        rows = [(reader.line_num, row) for row in reader if row]
+        try:
+            rows = [(reader.line_num, row) for row in reader if row]
+        except csv.Error as e:
+            raise BertkitError(f"{where(path, reader.line_num)}: {e}") from None
+        except UnicodeDecodeError:
+            raise BertkitError(f"{path}: not UTF-8 text (expected UTF-8)") from None
     if not rows:
         raise BertkitError(f"{path}: file is empty, expected a header row and examples")
     first = rows[0][1]
@@ -180,10 +185,15 @@ def read_glue_file(task: str, path: str | Path) -> list[TextExample]:
         label: int | float | None = None
         if "label" in positions:
             value = row[positions["label"]]
-            label = _float_label(value, path, line) if spec.is_regression else _label_index(value, spec.labels, path, line)
+            if spec.is_regression:
+                label = _float_label(value, path, line)
+            else:
+                label = _label_index(value, spec.labels, path, line)
         guid = row[positions["guid"]] if "guid" in positions else f"{path.stem}-{len(examples)}"
         text_b = row[positions["text_b"]] if "text_b" in positions else None
         examples.append(TextExample(guid, row[positions["text_a"]], text_b, label))
+    if not examples:
+        raise BertkitError(f"{path}: all {len(skipped)} rows are broken (expected {width} columns each)")
     if skipped:
         log.warning("%s: skipped %d broken rows (wrong column count), first at lines %s",
                     path, len(skipped), ", ".join(map(str, skipped[:5])))
@@ -213,18 +223,21 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     if suffix == ".jsonl":
         if not path.is_file():
             raise BertkitError(f"{path}: file not found")
+        try:
+            lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: JSON strings may hold U+2028
+        except UnicodeDecodeError:
+            raise BertkitError(f"{path}: not UTF-8 text (expected UTF-8)") from None
         records = []
-        with open(path, encoding="utf-8-sig") as f:
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise BertkitError(f"{where(path, line)}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict):
-                    raise BertkitError(f"{where(path, line)}: expected a JSON object per line")
-                records.append((line, record))
+        for line, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BertkitError(f"{where(path, line)}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise BertkitError(f"{where(path, line)}: expected a JSON object per line")
+            records.append((line, record))
         if not records:
             raise BertkitError(f"{path}: file is empty, expected one JSON object per line")
         return records

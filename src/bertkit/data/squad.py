@@ -63,7 +63,10 @@ def _load_json(path: Path) -> list[Any]:
     """The `data` list of a SQuAD file."""
     if not path.is_file():
         raise BertkitError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BertkitError(f"{path}: byte {e.start} is not UTF-8 (expected UTF-8 JSON)") from None
     if not text.strip():
         raise BertkitError(f"{path}: file is empty, expected SQuAD JSON ({{'version': ..., 'data': [...]}})")
     try:
@@ -129,7 +132,9 @@ def _resolve_tokenizer(tokenizer: Any) -> tuple[tokenizers.Tokenizer, int, int, 
     """A plain copy of the backend (no truncation, no padding) and the [CLS]/[SEP]/[PAD] ids."""
     backend = getattr(tokenizer, "backend", tokenizer)
     if not isinstance(backend, tokenizers.Tokenizer):
-        raise BertkitError(f"expected a tokenizers.Tokenizer or an object with .backend, got {type(tokenizer).__name__}")
+        raise BertkitError(
+            f"expected a tokenizers.Tokenizer or an object with .backend, got {type(tokenizer).__name__}"
+        )
     ids = []
     for attr, token in (("cls_id", "[CLS]"), ("sep_id", "[SEP]"), ("pad_id", "[PAD]")):
         value = getattr(tokenizer, attr, None)
@@ -202,7 +207,9 @@ def featurize(
         doc = encoded[example.context]
         max_doc = max_length - len(query) - 3  # [CLS], [SEP], [SEP]
         if max_doc < 1:
-            raise BertkitError(f"max_length {max_length} leaves no room for context after a {len(query)}-token question")
+            raise BertkitError(
+                f"max_length {max_length} leaves no room for context after a {len(query)}-token question"
+            )
         spans = _windows(len(doc.ids), max_doc, doc_stride)
         best_window = _max_context_window(spans, len(doc.ids))
         answer = None if example.is_impossible or not example.answers else _answer_tokens(example, doc.offsets)
