@@ -84,3 +84,18 @@ def test_flops_per_token_counts_the_dense_layers():
     # 6 * non-embedding parameters is the usual rule of thumb; attention adds 12 * L * T * H
     dense_params = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
     assert flops_per_token(c, 128) == 6 * dense_params + 3 * 12 * 4 * 128 * 768
+
+
+def test_fused_qkv_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    model = BertModel(tiny()).eval()
+    ids = torch.randint(5, 300, (2, 8))
+    with torch.no_grad():
+        before = model(ids).last_hidden_state
+        model.encoder.layer[0].attention.self.key.weight.mul_(2.0)  # an in-place update, as an optimizer makes
+        after = model(ids).last_hidden_state
+    fresh = BertModel(tiny()).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(before, after)
+        assert torch.allclose(after, fresh(ids).last_hidden_state, atol=1e-6)

@@ -123,12 +123,25 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
+        self._fused = None  # (weights' versions, fused weight, fused bias), reused while the weights are unchanged
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, K and V weights as one (3H, H) matrix, so that one GEMM replaces three.
+
+        The three Linear modules stay, for the Hugging Face parameter names. Under autograd the concatenation is
+        redone each call (its backward splits the gradient); without autograd it is cached until an in-place
+        update (optimizer step, load) bumps a weight's version, so inference pays the copy once.
+        """
+        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        versions = tuple((p.data_ptr(), p._version) for p in params)
+        if self._fused is None or self._fused[0] != versions:
+            self._fused = (versions, torch.cat(params[:3]), torch.cat(params[3:]))
+        return self._fused[1], self._fused[2]
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
-        # Three separate Linear modules keep the Hugging Face parameter names; concatenating their weights
-        # per call gives one (H -> 3H) GEMM, which is faster than three, at the cost of a small copy.
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        weight, bias = self.fused_qkv()
         qkv = layout.pad(F.linear(x, weight, bias))  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
