@@ -150,12 +150,12 @@ def test_unicode_offsets_map_back_exactly(tokenizer):
             assert normalised.strip() == token.removeprefix("##")  # CJK characters come padded with spaces
 
 
-def test_unanswerable_and_duck_typed_tokenizer(tokenizer):
-    class Wrapper:  # the shape of bertkit.tokenizer.Tokenizer
-        backend, cls_id, sep_id, pad_id = tokenizer, 101, 102, 0
+def test_unanswerable_and_bertkit_tokenizer(tokenizer):
+    from bertkit.tokenizer import Tokenizer as BertkitTokenizer
 
+    wrapped = BertkitTokenizer.from_pretrained(data_path("checkpoints", "all-MiniLM-L6-v2"))  # has .backend, .cls_id
     examples = [qa("Nobody knows the answer to this one.", None), qa("It is blue.", "blue")]
-    features = featurize(examples, Wrapper(), max_length=32)
+    features = featurize(examples, wrapped, max_length=32)
     assert [(f.start_position, f.end_position) for f in features] == [(0, 0), (8, 8)]
     assert features[0].input_ids == featurize(examples[:1], tokenizer, max_length=32)[0].input_ids
 

@@ -194,7 +194,8 @@ def featurize(
     """Cut each example into overlapping windows of question + context, with start/end labels per window.
 
     `tokenizer` is a `tokenizers.Tokenizer` or anything with `.backend` (and optionally `.cls_id`,
-    `.sep_id`, `.pad_id`), such as `bertkit.tokenizer.Tokenizer`.
+    `.sep_id`, `.pad_id`), such as `bertkit.tokenizer.Tokenizer`. `doc_stride` is the step between window
+    starts, as in Google's run_squad.py (transformers' run_qa.py passes its doc_stride as the overlap instead).
     """
     backend, cls_id, sep_id, pad_id = _resolve_tokenizer(tokenizer)
     questions = backend.encode_batch([e.question for e in examples], add_special_tokens=False)
