@@ -1,0 +1,476 @@
+"""Tokenize a corpus once into sharded, memory-mapped token arrays with a held-out split, and read them back.
+
+A prepared folder:
+  manifest.json                       the only source of truth: settings, tokenizer fingerprint, shards, files
+  train/00000.tokens.npy              token ids, uint16 (vocab < 65536) or uint32, all sentences back to back
+  train/00000.sentences.npy           int64 offsets into tokens, one per sentence plus the end (starts at 0)
+  train/00000.documents.npy           int64 offsets into sentences, one per document plus the end (starts at 0)
+  heldout/00000.*.npy                 the same for the held-out documents
+Every file is written to a temporary name and renamed, and a shard exists only once the manifest lists it, so
+a crash never leaves a shard that looks complete; a re-run resumes from the manifest. Documents never span
+shards, so a document's tokens are one contiguous slice of one memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tqdm import tqdm
+
+from bertkit.data.corpus import FileReader, Skips, expand_inputs
+from bertkit.errors import BertkitError, where
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "heldout")
+_HEAD_BYTES = 1 << 20
+
+
+@dataclass
+class PrepareSummary:
+    """What one `prepare` run did; counts are for the files tokenized in this run."""
+
+    out_dir: str
+    files_prepared: list[str]
+    files_already_prepared: list[str]
+    documents: int
+    sentences: int
+    tokens: int
+    heldout_documents: int
+    seconds: float
+    tokens_per_second: float
+    skips: Skips = field(default_factory=Skips)
+
+
+def plain_backend(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of the backend with padding and truncation off: encode_batch then returns every token, no more."""
+    copy = tokenizers.Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
+
+
+def _fingerprint(plain: tokenizers.Tokenizer) -> str:
+    return hashlib.sha256(plain.to_str().encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's whole serialization (vocabulary, normalizer, pre-tokenizer), padding aside."""
+    return _fingerprint(plain_backend(tokenizer.backend))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds every id of a vocabulary under 65536 entries, at half the bytes of uint32."""
+    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+
+
+def _file_identity(path: Path) -> dict:
+    """Size, mtime and a hash of the first MiB: enough to notice a file that changed since it was prepared."""
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()
+    return {"size": stat.st_size, "mtime": stat.st_mtime, "head_sha256": head}
+
+
+def _is_heldout(document: list[str], seed: int, fraction: float) -> bool:
+    """Held out by a hash of the document's text: deterministic, independent of file order, and an exact
+    duplicate document always lands in the same split, so it cannot leak from train into evaluation."""
+    digest = hashlib.blake2b("\n".join(document).encode("utf-8"), digest_size=8, salt=seed.to_bytes(8, "little"))
+    return int.from_bytes(digest.digest(), "little") < fraction * 2**64
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through `write(file)` to a temporary name, flush to disk, then rename over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """The manifest of a prepared folder; raises if there is none."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise BertkitError(f"{where(path)}: no manifest; expected a folder written by `bertkit prepare`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BertkitError(f"{where(path, getattr(e, 'lineno', None))}: unreadable manifest ({e}); expected JSON") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BertkitError(f"{where(path)}: format_version {manifest.get('format_version')}; expected {FORMAT_VERSION}")
+    return manifest
+
+
+def _new_manifest(tokenizer, fingerprint: str, heldout_fraction: float, seed: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "tokenizer_fingerprint": fingerprint,
+        "special_ids": {name: getattr(tokenizer, f"{name}_id") for name in ("pad", "unk", "cls", "sep", "mask")},
+        "settings": {"heldout_fraction": heldout_fraction, "seed": seed},
+        "splits": {split: {"documents": 0, "sentences": 0, "tokens": 0, "shards": []} for split in SPLITS},
+        "files": {},
+        "skips": Skips().to_json(),
+    }
+
+
+class _ShardBuffer:
+    """Tokenized documents of one split waiting to become a shard."""
+
+    def __init__(self) -> None:
+        self.tokens: list[np.ndarray] = []
+        self.sentence_lengths: list[np.ndarray] = []
+        self.sources: list[tuple[str, int]] = []  # (file, document index in that file)
+        self.files: Counter[str] = Counter()
+        self.num_tokens = 0
+
+    def add(self, file: str, index: int, tokens: np.ndarray, sentence_lengths: np.ndarray) -> None:
+        self.tokens.append(tokens)
+        self.sentence_lengths.append(sentence_lengths)
+        self.sources.append((file, index))
+        self.files[file] += 1
+        self.num_tokens += len(tokens)
+
+
+class _Preparer:
+    """One run of `prepare`: reads new files, tokenizes in batches, writes shards and keeps the manifest current."""
+
+    def __init__(self, out_dir: Path, manifest: dict, backend: tokenizers.Tokenizer, shard_tokens: int) -> None:
+        self.out_dir = out_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.dtype = np.dtype(manifest["dtype"])
+        self.shard_tokens = shard_tokens
+        self.buffers = {split: _ShardBuffer() for split in SPLITS}
+        self.pending: list[tuple[str, int, str, list[str]]] = []  # (file, index, split, sentences) to tokenize
+        self.pending_sentences = 0
+        self.finished_reading: set[str] = set()
+        self.counts = Counter()
+
+    def add(self, file: str, index: int, split: str, document: list[str], batch_size: int) -> None:
+        self.pending.append((file, index, split, document))
+        self.pending_sentences += len(document)
+        if self.pending_sentences >= batch_size:
+            self.tokenize()
+
+    def tokenize(self) -> None:
+        """Encode all pending sentences in one encode_batch call (parallel in Rust) and file them by split."""
+        if not self.pending:
+            return
+        sentences = [s for _, _, _, document in self.pending for s in document]
+        ids = [e.ids for e in self.backend.encode_batch(sentences, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(lengths.sum()))
+        token_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        first = 0
+        for file, index, split, document in self.pending:
+            last = first + len(document)
+            doc_lengths = lengths[first:last]
+            doc_lengths = doc_lengths[doc_lengths > 0]  # a sentence of only dropped characters has no tokens
+            if len(doc_lengths):
+                self.buffers[split].add(file, index, flat[token_offsets[first] : token_offsets[last]], doc_lengths)
+                self.counts["documents"] += 1
+                self.counts["heldout_documents"] += split == "heldout"
+                self.counts["sentences"] += len(doc_lengths)
+                self.counts["tokens"] += int(doc_lengths.sum())
+                if self.buffers[split].num_tokens >= self.shard_tokens:
+                    self.flush(split)
+            first = last
+        self.pending, self.pending_sentences = [], 0
+
+    def flush(self, split: str) -> None:
+        """Write the buffered documents of one split as the next shard, then record it in the manifest."""
+        buffer = self.buffers[split]
+        if not buffer.sources:
+            return
+        entry = self.manifest["splits"][split]
+        name = f"{len(entry['shards']):05d}"
+        folder = self.out_dir / split
+        folder.mkdir(exist_ok=True)
+        tokens = np.concatenate(buffer.tokens)
+        sentence_lengths = np.concatenate(buffer.sentence_lengths)
+        sentence_offsets = np.concatenate([[0], np.cumsum(sentence_lengths)]).astype(np.int64)
+        document_offsets = np.concatenate([[0], np.cumsum([len(x) for x in buffer.sentence_lengths])]).astype(np.int64)
+        for kind, array in (("tokens", tokens), ("sentences", sentence_offsets), ("documents", document_offsets)):
+            _replace_atomically(folder / f"{name}.{kind}.npy", lambda f, a=array: np.save(f, a))
+        shard = {"name": name, "documents": len(buffer.sources), "sentences": len(sentence_lengths), "tokens": len(tokens)}
+        entry["shards"].append(shard)
+        for key in ("documents", "sentences", "tokens"):
+            entry[key] += shard[key]
+        for (file, index), lengths in zip(buffer.sources, buffer.sentence_lengths):
+            record = self.manifest["files"][file]
+            record["done"][split] = index + 1  # documents of a file arrive in order: all before this are written
+            record["documents"] += 1
+            record["sentences"] += len(lengths)
+            record["tokens"] += int(lengths.sum())
+            if f"{split}/{name}" not in record["shards"]:
+                record["shards"].append(f"{split}/{name}")
+        self.buffers[split] = _ShardBuffer()
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        """Mark files whose documents are all written as complete, then replace the manifest atomically."""
+        waiting = {file for file, _, _, _ in self.pending}.union(*(buffer.files for buffer in self.buffers.values()))
+        for file in self.finished_reading - waiting:
+            self.manifest["files"][file]["complete"] = True
+        skips = Skips()
+        for record in self.manifest["files"].values():
+            if record["complete"]:
+                skips.merge(Skips.from_json(record["skips"]))
+        self.manifest["skips"] = skips.to_json()
+        text = json.dumps(self.manifest, indent=1) + "\n"
+        _replace_atomically(self.out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+
+
+def prepare(
+    inputs: list[str],
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    shard_tokens: int = 2**25,
+    heldout_fraction: float = 0.01,
+    batch_size: int = 1000,
+    fmt: str = "auto",
+    text_field: str = "text",
+    seed: int = 0,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Tokenize the corpus files not yet in `out_dir` into shards (about `shard_tokens` tokens each, documents
+    whole); a document goes to the held-out split with probability `heldout_fraction`, decided by its text."""
+    if not 0 <= heldout_fraction < 1:
+        raise BertkitError(f"heldout_fraction={heldout_fraction}; expected a fraction in [0, 1)")
+    if shard_tokens < 1 or batch_size < 1:
+        raise BertkitError(f"shard_tokens={shard_tokens}, batch_size={batch_size}; expected both positive")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    files = expand_inputs(inputs)
+    backend = plain_backend(tokenizer.backend)
+    fingerprint = _fingerprint(backend)
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        if manifest["tokenizer_fingerprint"] != fingerprint:
+            raise BertkitError(
+                f"{where(out / MANIFEST)}: prepared with a different tokenizer (fingerprint "
+                f"{manifest['tokenizer_fingerprint'][:12]}, this one {fingerprint[:12]}); expected the same "
+                "tokenizer, or a new output folder"
+            )
+        settings = {"heldout_fraction": heldout_fraction, "seed": seed}
+        if manifest["settings"] != settings:
+            raise BertkitError(
+                f"{where(out / MANIFEST)}: prepared with {manifest['settings']}, now {settings}; expected the same "
+                "held-out settings (they decide the split), or a new output folder"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = _new_manifest(tokenizer, fingerprint, heldout_fraction, seed)
+
+    # Check every file before tokenizing any: a changed or binary file stops the run now, not hours in.
+    readers, already = [], []
+    for path in files:
+        key = str(path.resolve())
+        identity = _file_identity(path)
+        record = manifest["files"].get(key)
+        if record is not None:
+            if (record["size"], record["head_sha256"]) != (identity["size"], identity["head_sha256"]):
+                raise BertkitError(
+                    f"{where(path)}: changed since it was prepared into {out} (size or first MiB differ); expected "
+                    "an unchanged file, or a new output folder"
+                )
+            if record["complete"]:
+                already.append(key)
+                continue
+        reader = FileReader(path, fmt, text_field)
+        if record is None:
+            manifest["files"][key] = record = {
+                **identity, "format": reader.fmt, "complete": False, "done": dict.fromkeys(SPLITS, 0),
+                "documents": 0, "sentences": 0, "tokens": 0, "shards": [], "skips": Skips().to_json(),
+            }
+        readers.append((key, reader))
+
+    run = _Preparer(out, manifest, backend, shard_tokens)
+    skips = Skips()
+    total_bytes = sum(reader.size for _, reader in readers)
+    done_bytes = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+    for key, reader in readers:
+        done = manifest["files"][key]["done"]
+        for index, document in enumerate(reader):
+            split = "heldout" if _is_heldout(document, seed, heldout_fraction) else "train"
+            if index < done[split]:
+                continue  # written into a shard by an interrupted earlier run
+            before = run.counts["tokens"]
+            run.add(key, index, split, document, batch_size)
+            if run.counts["tokens"] != before:  # a batch was tokenized
+                bar.update(done_bytes + reader.bytes_read - bar.n)
+                bar.set_postfix(tokens_per_s=f"{run.counts['tokens'] / (time.perf_counter() - start):,.0f}")
+        done_bytes += reader.size
+        manifest["files"][key]["skips"] = reader.skips.to_json()
+        skips.merge(reader.skips)
+        run.finished_reading.add(key)
+    run.tokenize()
+    for split in SPLITS:
+        run.flush(split)
+    run.save_manifest()
+    bar.update(total_bytes - bar.n)
+    bar.close()
+
+    if not any(manifest["splits"][split]["documents"] for split in SPLITS):
+        raise BertkitError(
+            f"{', '.join(map(str, inputs))}: no documents in {len(files)} file(s) ({skips.summary()}); "
+            "expected text with at least one non-empty line"
+        )
+    seconds = time.perf_counter() - start
+    summary = PrepareSummary(
+        out_dir=str(out),
+        files_prepared=[key for key, _ in readers],
+        files_already_prepared=already,
+        documents=run.counts["documents"],
+        sentences=run.counts["sentences"],
+        tokens=run.counts["tokens"],
+        heldout_documents=run.counts["heldout_documents"],
+        seconds=seconds,
+        tokens_per_second=run.counts["tokens"] / seconds if seconds > 0 else 0.0,
+        skips=skips,
+    )
+    if progress:
+        print(
+            f"prepared {summary.tokens:,} tokens, {summary.sentences:,} sentences, {summary.documents:,} documents "
+            f"({summary.heldout_documents:,} held out) from {len(readers)} file(s) in {seconds:.1f}s: "
+            f"{summary.tokens_per_second:,.0f} tokens/s; {len(already)} file(s) already prepared; {skips.summary()}"
+        )
+    return summary
+
+
+class TokenView:
+    """The tokens of all shards as one read-only sequence; a slice inside one shard is a zero-copy view."""
+
+    def __init__(self, corpus: PreparedCorpus) -> None:
+        self._corpus = corpus
+        self.dtype = corpus.dtype
+
+    def __len__(self) -> int:
+        return self._corpus.num_tokens
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        corpus = self._corpus
+        if isinstance(key, (int, np.integer)):
+            position = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= position < len(self):
+                raise IndexError(f"token {key} out of range for {len(self)} tokens")
+            shard = int(np.searchsorted(corpus.shard_token_starts, position, side="right")) - 1
+            return corpus.shard_arrays(shard)[0][position - corpus.shard_token_starts[shard]]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("token slices take no step")
+        if stop <= start:
+            return np.empty(0, self.dtype)
+        first = int(np.searchsorted(corpus.shard_token_starts, start, side="right")) - 1
+        last = int(np.searchsorted(corpus.shard_token_starts, stop - 1, side="right")) - 1
+        pieces = []
+        for shard in range(first, last + 1):
+            base = int(corpus.shard_token_starts[shard])
+            pieces.append(corpus.shard_arrays(shard)[0][max(start, base) - base : stop - base])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+class PreparedCorpus:
+    """One split of a prepared folder: a memory map per shard, plus a global sentence/document index in RAM
+    (8 bytes a sentence, 16 a document); token ids stay on disk until read."""
+
+    def __init__(self, out_dir: str | Path, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise BertkitError(f"split {split!r}; expected one of {', '.join(SPLITS)}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.manifest = read_manifest(self.out_dir)
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.tokenizer_fingerprint: str = self.manifest["tokenizer_fingerprint"]
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.shards: list[dict] = self.manifest["splits"][split]["shards"]
+        self.num_documents = sum(s["documents"] for s in self.shards)
+        self.num_sentences = sum(s["sentences"] for s in self.shards)
+        self.num_tokens = sum(s["tokens"] for s in self.shards)
+        self.shard_token_starts = np.cumsum([0] + [s["tokens"] for s in self.shards], dtype=np.int64)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get a pickled copy: pickling a memmap would copy its whole content; reopen instead.
+        return {**self.__dict__, "_arrays": {}}
+
+    def shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, sentence offsets, document offsets) of one shard, memory-mapped and checked on first use."""
+        if shard not in self._arrays:
+            info = self.shards[shard]
+            base = self.out_dir / self.split / info["name"]
+            arrays = []
+            for kind, length, dtype in (
+                ("tokens", info["tokens"], self.dtype),
+                ("sentences", info["sentences"] + 1, np.int64),
+                ("documents", info["documents"] + 1, np.int64),
+            ):
+                path = Path(f"{base}.{kind}.npy")
+                try:
+                    array = np.load(path, mmap_mode="r")
+                except (OSError, ValueError) as e:
+                    raise BertkitError(f"{where(path)}: cannot read ({e}); expected the shard the manifest lists") from e
+                if array.shape != (length,) or array.dtype != dtype:
+                    raise BertkitError(
+                        f"{where(path)}: {array.dtype}{list(array.shape)}; expected {np.dtype(dtype)}[{length}] as "
+                        f"{MANIFEST} lists (was the folder modified?)"
+                    )
+                arrays.append(array)
+            self._arrays[shard] = tuple(arrays)
+        return self._arrays[shard]
+
+    @cached_property
+    def tokens(self) -> TokenView:
+        return TokenView(self)
+
+    @cached_property
+    def sentence_offsets(self) -> np.ndarray:
+        """(num_sentences + 1,) int64: sentence s is tokens[offsets[s]:offsets[s + 1]]."""
+        pieces = [self.shard_arrays(i)[1][:-1] + self.shard_token_starts[i] for i in range(len(self.shards))]
+        return np.concatenate(pieces + [np.array([self.num_tokens], np.int64)])
+
+    @property
+    def sentence_starts(self) -> np.ndarray:
+        return self.sentence_offsets[:-1]
+
+    @property
+    def sentence_ends(self) -> np.ndarray:
+        return self.sentence_offsets[1:]
+
+    @cached_property
+    def sentence_lengths(self) -> np.ndarray:
+        return np.diff(self.sentence_offsets)
+
+    @cached_property
+    def document_sentence_ranges(self) -> np.ndarray:
+        """(num_documents, 2) int64: document d is sentences [ranges[d, 0], ranges[d, 1])."""
+        sentence_starts = np.cumsum([0] + [s["sentences"] for s in self.shards], dtype=np.int64)
+        starts = [self.shard_arrays(i)[2] + sentence_starts[i] for i in range(len(self.shards))]
+        if not starts:
+            return np.empty((0, 2), np.int64)
+        return np.concatenate([np.stack([s[:-1], s[1:]], axis=1) for s in starts])
+
+    def sentence(self, s: int) -> np.ndarray:
+        """The token ids of sentence s."""
+        return self.tokens[int(self.sentence_offsets[s]) : int(self.sentence_offsets[s + 1])]
+
+    def document(self, d: int) -> list[np.ndarray]:
+        """The token ids of document d, one array a sentence."""
+        first, last = self.document_sentence_ranges[d]
+        return [self.sentence(s) for s in range(first, last)]
