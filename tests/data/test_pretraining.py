@@ -1,0 +1,240 @@
+"""Pretraining examples: masking rates, whole words and spans, sentence labels, layout, determinism, batching."""
+
+import itertools
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bertkit.data.corpus import FileReader
+from bertkit.data.prepare import PreparedCorpus, prepare
+from bertkit.data.pretraining import (
+    IGNORE_INDEX,
+    PretrainingDataset,
+    _truncate,
+    masking_statistics,
+    truncated_lengths,
+)
+from bertkit.errors import BertkitError
+from bertkit.tokenizer import Tokenizer
+from conftest import data_path
+
+SAMPLE = 2500  # examples: over 200k selectable tokens, so a 0.3% tolerance is several standard deviations
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_pretrained(data_path("checkpoints", "all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    """The first 2000 documents of the Python docs corpus (about 420k tokens), prepared once for this module."""
+    folder = tmp_path_factory.mktemp("prepared")
+    documents = itertools.islice(FileReader(data_path("corpus", "python-docs-3.11.txt")), 2000)
+    source = folder / "slice.txt"
+    source.write_text("\n\n".join("\n".join(d) for d in documents) + "\n", encoding="utf-8")
+    prepare([str(source)], tokenizer, folder / "out", progress=False)
+    return PreparedCorpus(folder / "out")
+
+
+def originals(example):
+    """The input ids before masking."""
+    selected = example["labels"] != IGNORE_INDEX
+    return np.where(selected, example["labels"], example["input_ids"]), selected
+
+
+def word_runs(dataset, n):
+    """Lengths, in whole words, of the runs of consecutive predicted positions in the first n examples."""
+    runs = []
+    for index in range(n):
+        original, selected = originals(dataset[index])
+        word_start = ~dataset.vocab.continuation[original]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], selected.astype(np.int8), [0]])))
+        for start, end in zip(edges[::2], edges[1::2]):
+            runs.append(int(word_start[start:end].sum()) + (not word_start[start]))
+    return np.bincount(runs)
+
+
+@pytest.mark.parametrize("masking, rate_tolerance", [("token", 0.003), ("span", 0.003), ("wwm", 0.005)])
+def test_masking_rates(corpus, tokenizer, masking, rate_tolerance):
+    dataset = PretrainingDataset(corpus, tokenizer, masking=masking)
+    stats = masking_statistics(dataset, SAMPLE)
+    rates = stats.rates()
+    assert stats.selectable >= 200_000
+    assert abs(rates["selected"] - 0.15) <= rate_tolerance
+    assert abs(rates["masked"] - 0.8) <= 0.01
+    assert abs(rates["replaced"] - 0.1) <= 0.01
+    assert abs(rates["kept"] - 0.1) <= 0.01
+
+
+@pytest.mark.parametrize("masking", ["token", "wwm", "span"])
+def test_never_special_never_over_cap(corpus, tokenizer, masking):
+    dataset = PretrainingDataset(corpus, tokenizer, masking=masking, max_length=64)
+    assert dataset.max_predictions == 10  # ceil(64 * 0.15)
+    for index in range(300):
+        example = dataset[index]
+        original, selected = originals(example)
+        assert not dataset.vocab.special[original[selected]].any()
+        assert 1 <= selected.sum() <= dataset.max_predictions
+        replaced = selected & (example["input_ids"] != dataset.vocab.mask_id) & (example["input_ids"] != original)
+        assert not dataset.vocab.special[example["input_ids"][replaced]].any()  # random tokens are never special
+
+
+def split_words(dataset, n):
+    """How many whole words in the first n examples were predicted only in part."""
+    split = 0
+    for index in range(n):
+        original, selected = originals(dataset[index])
+        # position p continues the word at p - 1 when it is a '##' piece after a non-special token
+        joined = dataset.vocab.continuation[original[1:]] & ~dataset.vocab.special[original[:-1]]
+        split += int((selected[1:] != selected[:-1])[joined].sum())
+    return split
+
+
+def test_whole_word_masking_never_splits_a_word(corpus, tokenizer):
+    assert split_words(PretrainingDataset(corpus, tokenizer, masking="wwm"), 600) == 0
+    assert split_words(PretrainingDataset(corpus, tokenizer, masking="span"), 600) == 0
+    assert split_words(PretrainingDataset(corpus, tokenizer, masking="token"), 600) > 30  # the check can fail
+
+
+def test_span_lengths_roughly_geometric(corpus, tokenizer):
+    counts = word_runs(PretrainingDataset(corpus, tokenizer, masking="span"), 1000)
+    shares = counts / counts.sum()
+    mean = (shares * np.arange(len(shares))).sum()
+    # Geometric(0.2) truncated at 10 has mean 3.8; the 15% budget cuts the last span of an example short.
+    assert 2.7 <= mean <= 4.0, mean
+    ratios = shares[2:7] / shares[1:6]  # P(k+1)/P(k) is 0.8 for the untruncated distribution
+    assert ((ratios > 0.55) & (ratios < 0.9)).all(), ratios
+    assert shares[11:].sum() < 0.02  # longer only where two spans happen to touch
+    token_counts = word_runs(PretrainingDataset(corpus, tokenizer, masking="token"), 300)
+    assert (token_counts / token_counts.sum() * np.arange(len(token_counts))).sum() < 1.5  # the check can fail
+
+
+def document_of(corpus, positions):
+    starts = corpus.sentence_offsets[corpus.document_sentence_ranges[:, 0]]
+    return np.searchsorted(starts, positions, side="right") - 1
+
+
+@pytest.mark.parametrize("objective", ["mlm+nsp", "mlm+sop"])
+def test_sentence_labels_half_and_half_and_meaningful(corpus, tokenizer, objective):
+    dataset = PretrainingDataset(corpus, tokenizer, objective=objective)
+    labels = []
+    for epoch in range(10):
+        dataset.set_epoch(epoch)
+        a0, a1, b0, b1, label = dataset.plan.T
+        same_document = document_of(corpus, a0) == document_of(corpus, b0)
+        assert (document_of(corpus, a1 - 1) == document_of(corpus, a0)).all()
+        assert (document_of(corpus, b1 - 1) == document_of(corpus, b0)).all()
+        assert same_document[label == 0].all() and (b0 >= a1)[label == 0].all()  # in order: B after A
+        if objective == "mlm+nsp":
+            assert not same_document[label == 1].any()  # random B comes from another document
+        else:
+            assert same_document[label == 1].all() and (a0 >= b1)[label == 1].all()  # swapped: B before A
+        labels.append(label)
+    labels = np.concatenate(labels)
+    assert len(labels) > 35_000
+    assert abs(labels.mean() - 0.5) <= 0.01
+    for index in range(20):
+        assert dataset[index]["next_sentence_label"] == dataset.plan[index, 4]
+
+
+@pytest.mark.parametrize("objective", ["mlm+nsp", "mlm+sop", "mlm"])
+def test_layout_lengths_and_segments(corpus, tokenizer, objective):
+    dataset = PretrainingDataset(corpus, tokenizer, objective=objective, max_length=64)
+    a0, a1, b0, b1, _ = dataset.plan.T
+    lengths = (a1 - a0) + (b1 - b0) + (3 if objective != "mlm" else 2)
+    assert lengths.max() == 64 and (a1 > a0).all()
+    assert (lengths < 32).mean() > 0.03  # short_seq_prob makes some examples short on purpose
+    assert (b1 > b0).all() if objective != "mlm" else (b1 == b0).all()
+    vocab = dataset.vocab
+    for index in range(200):
+        example = dataset[index]
+        original, selected = originals(example)
+        n = len(original)
+        assert n == example["length"] == len(example["token_type_ids"]) <= 64
+        separators = np.flatnonzero(original == vocab.sep_id)
+        assert original[0] == vocab.cls_id and separators[-1] == n - 1 and vocab.cls_id not in original[1:]
+        types = example["token_type_ids"]
+        if objective == "mlm":
+            assert "next_sentence_label" not in example
+            assert list(separators) == [n - 1] and not types.any()
+        else:
+            assert len(separators) == 2
+            first = separators[0]
+            assert not types[: first + 1].any() and types[first + 1 :].all()
+            assert 1 < first < n - 2  # both segments non-empty
+        assert not selected[original == vocab.cls_id].any() and not selected[separators].any()
+
+
+def same(x, y):
+    return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_deterministic_from_seed_epoch_index(corpus, tokenizer):
+    dataset = PretrainingDataset(corpus, tokenizer, masking="span", seed=3)
+    first = [dataset[i] for i in (0, 7, 1234)]
+    dataset.set_epoch(1)
+    later = [dataset[i] for i in range(50)]
+    resumed = PretrainingDataset(corpus, tokenizer, masking="span", seed=3)  # a new process, as after a restart
+    resumed.set_epoch(5)
+    resumed.set_epoch(0)
+    assert all(same(x, resumed[i]) for x, i in zip(first, (0, 7, 1234)))
+    assert all(same(x, dataset[0]) for x in [dataset[0]])  # repeated reads agree
+    assert all(same(x, pickle.loads(pickle.dumps(dataset))[i]) for i, x in enumerate(later[:5]))  # as in workers
+    resumed.set_epoch(0)
+    epoch0 = [resumed[i] for i in range(50)]
+    assert sum(not np.array_equal(x["labels"], y["labels"]) for x, y in zip(epoch0, later)) >= 48
+    other_seed = PretrainingDataset(corpus, tokenizer, masking="span", seed=4)
+    assert not same(other_seed[0], epoch0[0])
+    plan = resumed.plan.copy()
+    resumed.set_epoch(0)
+    np.testing.assert_array_equal(plan, resumed.plan)
+
+
+def test_collate_pads_to_longest(corpus, tokenizer):
+    dataset = PretrainingDataset(corpus, tokenizer, max_length=64, short_seq_prob=0.5)
+    batch = [dataset[i] for i in range(16)]
+    out = dataset.collate(batch)
+    longest = max(len(x["input_ids"]) for x in batch)
+    assert set(out) == {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label"}
+    assert out["input_ids"].shape == (16, longest) and out["input_ids"].dtype == torch.long
+    assert out["attention_mask"].sum(1).tolist() == [len(x["input_ids"]) for x in batch]
+    padding = out["attention_mask"] == 0
+    assert padding.any()
+    assert (out["input_ids"][padding] == tokenizer.pad_id).all() and (out["labels"][padding] == IGNORE_INDEX).all()
+    assert (out["token_type_ids"][padding] == 0).all()
+    assert out["next_sentence_label"].tolist() == [int(x["next_sentence_label"]) for x in batch]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=dataset.collate)
+    first = next(iter(loader))
+    assert torch.equal(first["input_ids"], dataset.collate(batch[:8])["input_ids"])
+
+
+def test_rank_indices_split_evenly(corpus, tokenizer):
+    dataset = PretrainingDataset(corpus, tokenizer, objective="mlm")
+    parts = [list(dataset.rank_indices(rank, 3)) for rank in range(3)]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == len(dataset) // 3
+    assert not set(parts[0]) & set(parts[1]) and max(max(p) for p in parts) < len(dataset)
+
+
+def test_truncation_matches_googles_loop():
+    rng = random.Random(0)
+    for _ in range(2000):
+        len_a, len_b, limit = rng.randint(1, 300), rng.randint(0, 300), rng.randint(2, 200)
+        a, b = list(range(len_a)), list(range(len_b))
+        while len(a) + len(b) > limit:  # truncate_seq_pair from create_pretraining_data.py
+            longer = a if len(a) > len(b) else b
+            longer.pop()
+        assert truncated_lengths(len_a, len_b, limit) == (len(a), len(b))
+    a0, a1, b0, b1, _ = _truncate(random.Random(1), 0, 1000, 5000, 5010, 100, 0)
+    assert (a1 - a0, b1 - b0) == (90, 10) and 0 < a0 and a1 < 1000  # cut from both ends
+
+
+def test_other_tokenizer_refused(corpus):
+    cased = Tokenizer.from_vocab(data_path("checkpoints", "all-MiniLM-L6-v2", "vocab.txt"), lowercase=False)
+    with pytest.raises(BertkitError, match="prepared with another tokenizer"):
+        PretrainingDataset(corpus, cased)
+    with pytest.raises(BertkitError, match="objective 'nsp'"):
+        PretrainingDataset(corpus, cased, objective="nsp")
