@@ -407,8 +407,10 @@ class PreparedCorpus:
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict:
-        # DataLoader workers get a pickled copy: pickling a memmap would copy its whole content; reopen instead.
-        return {**self.__dict__, "_arrays": {}}
+        # DataLoader workers get a pickled copy: a pickled memmap would copy its whole content, and the index
+        # arrays are rebuilt on demand (examples are read by token position), so neither travels.
+        lazy = ("tokens", "sentence_offsets", "sentence_lengths", "document_sentence_ranges")
+        return {**{k: v for k, v in self.__dict__.items() if k not in lazy}, "_arrays": {}}
 
     def shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, sentence offsets, document offsets) of one shard, memory-mapped and checked on first use."""

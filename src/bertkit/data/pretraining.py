@@ -7,6 +7,8 @@ Examples are drawn fresh every epoch and are a pure function of (seed, epoch, in
     in index order (no sampler shuffling: the plan is already shuffled);
   - `dataset[i]` reads those tokens from the memory maps and masks them with an rng seeded by (seed, e, i).
 Bit-for-bit reproduction assumes the same numpy version (numpy's Generator streams may change between versions).
+DataLoader workers hold a copy of the dataset: build the loader's iterator after `set_epoch` and leave
+persistent_workers off, or the workers keep the previous epoch's plan.
 Distributed: rank r of w reads `dataset.rank_indices(r, w)`, i.e. indices r, r + w, ... (the tail that would give
 ranks unequal step counts is dropped).
 """
