@@ -3,6 +3,9 @@
 bertkit's parameter names are transformers' names, so the only work here is the differences between checkpoint
 flavours: with or without the `bert.` prefix, legacy buffers and TF-era names, tied decoder copies, sharded files.
 Weights are read with safetensors or `torch.load(weights_only=True)`: arbitrary pickled objects are never run.
+
+Training checkpoints (`save_checkpoint`) are such a model folder plus `training_state.pt` (optimizer, schedule,
+loss scaler, data position, RNG states), written atomically so that resuming never picks up a half-written one.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -164,3 +171,111 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints: a model folder plus the state a run needs to continue exactly where it stopped
+
+TRAINING_STATE_NAME = "training_state.pt"
+COMPLETE_NAME = "COMPLETE"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) generator states, in types `torch.load(weights_only=True)` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: str | Path, state: dict) -> None:
+    """torch.save a dict of tensors, numbers, strings, lists and dicts (optimizer, scheduler, step, RNG...)."""
+    path = Path(path)
+    _atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_training_state(path: str | Path) -> dict:
+    """Read `save_training_state`'s file; weights_only, so a tampered file cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise BertkitError(f"{path}: no such file (expected the {TRAINING_STATE_NAME} of a training checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise BertkitError(f"{path}: cannot read training state ({type(e).__name__}: {e})") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """The step of a complete checkpoint folder (`step-N` holding COMPLETE), else None."""
+    m = _STEP_DIR.fullmatch(directory.name)
+    return int(m.group(1)) if m and (directory / COMPLETE_NAME).is_file() else None
+
+
+def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_state: dict) -> Path:
+    """Write `root/step-N`: an HF model folder (+ tokenizer) and training_state.pt, atomically.
+
+    Everything goes into a hidden temporary folder, is fsynced, gets a COMPLETE marker, and only then is renamed
+    into place: a crash at any point leaves either no `step-N` folder or a whole one.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, tokenizer=tokenizer)
+    save_training_state(tmp / TRAINING_STATE_NAME, training_state)
+    (tmp / COMPLETE_NAME).write_text(f"step {step}\n")
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    if final.exists():  # a run resumed from an earlier checkpoint is passing this step again
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        shutil.rmtree(old)
+    os.rename(tmp, final)
+    _fsync(root)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoint folders under `root`, oldest step first; temporary and partial folders are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep 0 keeps all), and leftover temporary folders."""
+    root = Path(root)
+    complete = list_checkpoints(root)
+    for path in complete[: max(0, len(complete) - keep)] if keep > 0 else []:
+        shutil.rmtree(path)
+    for path in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a crash mid-save
+        shutil.rmtree(path, ignore_errors=True)

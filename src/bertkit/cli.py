@@ -106,6 +106,29 @@ def cmd_vocab_train(args) -> None:
     print(f"wrote {args.out}/vocab.txt and tokenizer.json: {tok.vocab_size} tokens, {'cased' if args.cased else 'uncased'}")
 
 
+def cmd_prepare(args) -> None:
+    from bertkit.data.prepare import prepare
+    from bertkit.tokenizer import Tokenizer
+
+    prepare(
+        args.inputs,
+        Tokenizer.from_pretrained(args.tokenizer),
+        args.out,
+        shard_tokens=args.shard_tokens,
+        heldout_fraction=args.heldout_fraction,
+        batch_size=args.batch_size,
+        fmt=args.format,
+        text_field=args.text_field,
+        seed=args.seed,
+    )
+
+
+def cmd_pretrain(args) -> None:
+    from bertkit.train.pretrain import PretrainConfig, pretrain
+
+    pretrain(dataclass_from_args(PretrainConfig, args))
+
+
 def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files, folders (every file below) and globs, in a stable order; nothing matched is an error."""
     import glob
@@ -158,6 +181,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a merged piece (default: %(default)s)")
     p.add_argument("--limit-alphabet", type=int, default=1000, help="most single characters kept (default: %(default)s)")
     p.set_defaults(func=cmd_vocab_train)
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a raw-text corpus once into shards for pretraining",
+        description="Tokenize raw text (one sentence per line with blank lines between documents, one document "
+        "per line, or JSON lines; plain or .gz; folders and globs are expanded) into memory-mapped token shards "
+        "with a held-out split, in --out. Re-running adds only files not yet prepared. Prints the token count "
+        "and throughput (tokens/s).",
+    )
+    p.add_argument("inputs", nargs="+", help="text files, folders or globs")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.txt / tokenizer.json)")
+    p.add_argument("--out", required=True, help="folder to write the prepared corpus to")
+    p.add_argument("--heldout-fraction", type=float, default=0.01,
+                   help="share of documents held out for evaluation, chosen by a hash of their text (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="salt of the held-out hash (default: %(default)s)")
+    p.add_argument("--format", choices=("auto", "bert", "docs", "jsonl"), default="auto",
+                   help="input layout; auto guesses per file (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="the text field of JSON lines input (default: %(default)s)")
+    p.add_argument("--shard-tokens", type=int, default=2**25, help="tokens per shard, about (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="sentences tokenized per batch (default: %(default)s)")
+    p.set_defaults(func=cmd_prepare)
+
+    from bertkit.train.pretrain import PretrainConfig
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain BERT (masked LM + next sentence) from raw text or a prepared corpus",
+        description="Pretrain BertForPreTraining and write a run folder: pretrain_config.json, train.csv / "
+        "eval.csv, TensorBoard events, loss_curve.png, and checkpoints/step-N (transformers-loadable model "
+        "folders with the training state). With no arguments it runs a short offline demo: the tiny model, a "
+        "vocabulary trained on the fly and the corpus prepared into the run folder. Under `torchrun "
+        "--nproc-per-node N -m bertkit.cli pretrain ...` the same command trains with DistributedDataParallel.",
+    )
+    add_dataclass_args(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
 
     return parser
 

@@ -1,0 +1,458 @@
+"""Pretraining: from raw text (or a prepared corpus) to a trained BertForPreTraining, on one CPU or many machines.
+
+The loop at the bottom composes separate pieces: the inputs (vocabulary and prepared data, built on the fly when
+not given), the data order (`loader.py`), the step, evaluation, the optimizer and schedule (`optim.py`),
+checkpoints (`bertkit.checkpoint`), logs (`logs.py`) and processes (`distributed.py`). Under torchrun every process
+runs this same code; only rank 0 writes, and the run folder must be on a filesystem all nodes see.
+
+A run folder holds: pretrain_config.json, train.csv / eval.csv, tensorboard/, loss_curve.png, checkpoints/step-N/
+(each a transformers-loadable model folder plus training_state.pt), and tokenizer/ and data/ when built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bertkit.checkpoint import (
+    COMPLETE_NAME,
+    TRAINING_STATE_NAME,
+    list_checkpoints,
+    load_state_dict_into,
+    load_training_state,
+    prune_checkpoints,
+    read_state_dict,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from bertkit.config import PRESETS, BertConfig
+from bertkit.errors import BertkitError
+from bertkit.model import BertForPreTraining
+from bertkit.train import distributed
+from bertkit.train.distributed import Distributed
+from bertkit.train.loader import PretrainBatches, eval_loader
+from bertkit.train.logs import RunLogger
+from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
+from bertkit.train.precision import Precision, resolve
+
+logger = logging.getLogger("bertkit")
+
+CONFIG_NAME = "pretrain_config.json"
+SENTENCE_METRIC = {"mlm+nsp": "next_sentence_accuracy", "mlm+sop": "sentence_order_accuracy"}
+
+
+def default_corpus() -> list[str]:
+    """$BERTKIT_DATA/corpus, else ../shared/data/corpus from the working folder (a checkout beside the shared data)."""
+    return [str(Path(os.environ.get("BERTKIT_DATA") or Path("..", "shared", "data"), "corpus"))]
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run takes; the resolved values are saved as pretrain_config.json in the run folder."""
+
+    model: str = _opt("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
+    tokenizer: str | None = _opt(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
+                                 "trained on --corpus into RUN_DIR/tokenizer")
+    vocab_size: int = _opt(8000, "size of the vocabulary trained when no --tokenizer is given")
+    data: str | None = _opt(None, "prepared corpus folder (from `bertkit prepare`); if not given, --corpus is "
+                            "prepared into RUN_DIR/data")
+    corpus: list[str] = field(default_factory=default_corpus, metadata={
+        "help": "raw text files, folders or globs, read when --tokenizer or --data is not given "
+                "($BERTKIT_DATA/corpus, else ../shared/data/corpus)"})
+    max_length: int = _opt(128, "tokens per example, [CLS] and [SEP] included")
+    masking: Literal["token", "wwm", "span"] = _opt("token", "what is masked: random tokens (BERT), whole words, "
+                                                     "or spans of words (SpanBERT)")
+    objective: Literal["mlm+nsp", "mlm", "mlm+sop"] = _opt("mlm+nsp", "masked LM plus next-sentence prediction "
+                                                            "(BERT), alone, or plus sentence-order prediction (ALBERT)")
+    batch_size: int = _opt(32, "examples per process per micro-step; the global batch is this x processes x "
+                           "--grad-accum")
+    grad_accum: int = _opt(1, "micro-steps whose gradients are summed into one optimizer step")
+    optimizer: Literal["adamw", "lamb"] = _opt("adamw", "AdamW (the paper's Adam) or LAMB (for very large batches)")
+    lr: float = _opt(5e-4, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/LAMB beta1 beta2")
+    weight_decay: float = _opt(0.01, "decoupled weight decay (not on biases and LayerNorm)")
+    warmup: float = _opt(0.1, "warm-up: a fraction of --max-steps if below 1, else a number of steps")
+    max_steps: int = _opt(300, "optimizer steps to train for")
+    clip_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "autocast precision; bf16 and fp16 only where the "
+                                                      "hardware has them (fp16 on CUDA, with loss scaling), else fp32")
+    seed: int = _opt(0, "seed of the initial weights, the data (plan, masking, order) and dropout")
+    log_every: int = _opt(10, "steps between train.csv / TensorBoard rows")
+    eval_every: int = _opt(100, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = _opt(20, "held-out batches per evaluation (the same examples every time)")
+    save_every: int = _opt(100, "steps between checkpoints (0: only at the end)")
+    keep_last: int = _opt(2, "checkpoints kept, newest first (0: keep all)")
+    run_dir: str = _opt("runs/pretrain", "folder of this run: config, logs, plot, checkpoints")
+    resume: str | None = _opt(None, "continue from a checkpoint folder, or 'auto' for the newest complete one in "
+                              "RUN_DIR/checkpoints (a fresh start if there is none)")
+    num_workers: int = _opt(0, "DataLoader worker processes per training process (0: load in the main process)")
+
+    def __post_init__(self):
+        try:
+            self.betas = tuple(float(b) for b in self.betas)
+        except ValueError:
+            raise BertkitError(f"pretrain config: betas={self.betas} (expected two numbers in [0, 1))") from None
+        self.corpus = [str(c) for c in self.corpus]
+        problems = [
+            f"{name}={getattr(self, name)} (expected {want})"
+            for name, ok, want in (
+                ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("max_steps", self.max_steps >= 1, ">= 1"),
+                ("lr", self.lr > 0, "> 0"),
+                ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+                ("warmup", self.warmup >= 0, ">= 0"),
+                ("clip_norm", self.clip_norm >= 0, ">= 0"),
+                ("log_every", self.log_every >= 1, ">= 1"),
+                ("eval_every", self.eval_every >= 0, ">= 0"),
+                ("eval_batches", self.eval_batches >= 1, ">= 1"),
+                ("save_every", self.save_every >= 0, ">= 0"),
+                ("keep_last", self.keep_last >= 0, ">= 0"),
+                ("num_workers", self.num_workers >= 0, ">= 0"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise BertkitError("pretrain config: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: vocabulary, prepared corpus, model config
+
+
+def build_inputs(cfg: PretrainConfig, run_dir: Path) -> tuple[str, str]:
+    """The tokenizer and prepared-data folders: the given ones, or built from --corpus inside the run folder."""
+    from bertkit.data.corpus import expand_inputs
+    from bertkit.data.prepare import prepare
+    from bertkit.tokenizer import Tokenizer, train_vocab
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else run_dir / "tokenizer"
+    if not cfg.tokenizer and not tokenizer_dir.is_dir():
+        files = expand_inputs(cfg.corpus)
+        print(f"training a {cfg.vocab_size}-token WordPiece vocabulary on {len(files)} file(s) into {tokenizer_dir}")
+        tmp = run_dir / ".tmp-tokenizer"
+        train_vocab(files, tmp, vocab_size=cfg.vocab_size, show_progress=False)
+        os.replace(tmp, tokenizer_dir)  # a vocabulary half-written by a killed run is never picked up
+    data_dir = Path(cfg.data) if cfg.data else run_dir / "data"
+    if not cfg.data:  # resumable: files already in the manifest are skipped
+        prepare(cfg.corpus, Tokenizer.from_pretrained(tokenizer_dir), data_dir)
+    return str(tokenizer_dir), str(data_dir)
+
+
+def model_config(cfg: PretrainConfig, tokenizer) -> BertConfig:
+    """The preset or config.json, sized to the tokenizer's vocabulary."""
+    if cfg.model in PRESETS:
+        config = BertConfig.from_preset(cfg.model, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
+    else:
+        config = BertConfig.load(cfg.model)
+        if config.vocab_size != tokenizer.vocab_size:
+            logger.warning("%s: vocab_size %d replaced by the tokenizer's %d", cfg.model, config.vocab_size,
+                           tokenizer.vocab_size)
+            config.vocab_size = tokenizer.vocab_size
+        config.pad_token_id = tokenizer.pad_id
+    if cfg.max_length > config.max_position_embeddings:
+        raise BertkitError(f"max_length={cfg.max_length}; expected at most the model's max_position_embeddings "
+                           f"({config.max_position_embeddings})")
+    return config
+
+
+def most_frequent_token(dataset) -> int:
+    """The most frequent predictable token of the training split: the unigram baseline's answer to every mask."""
+    corpus = dataset.corpus
+    counts = np.zeros(corpus.vocab_size, np.int64)
+    for shard in range(len(corpus.shards)):
+        tokens = corpus.shard_arrays(shard)[0]
+        for start in range(0, len(tokens), 1 << 22):  # bounded memory on a big shard
+            counts += np.bincount(tokens[start : start + (1 << 22)], minlength=corpus.vocab_size)
+    counts[dataset.vocab.special] = 0  # never a masking target
+    return int(counts.argmax())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step and evaluation
+
+# Sums a step or an evaluation accumulates; metrics are ratios of them, taken after summing over processes.
+SUMS = ("loss", "masked_lm_loss", "mlm_correct", "mlm_total", "sentence_correct", "sentence_total", "tokens",
+        "batches", "unigram_correct")
+
+
+def forward(model, batch: dict[str, torch.Tensor]):
+    """The pretraining forward; the vocabulary projection runs on the masked positions only."""
+    return model(
+        batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+        labels=batch["labels"], next_sentence_label=batch.get("next_sentence_label"),
+        masked_positions=batch["labels"] != -100,
+    )
+
+
+def batch_sums(out, batch: dict[str, torch.Tensor], top_token: int) -> torch.Tensor:
+    """(len(SUMS),) counts of one batch, kept on the device so a step never waits for the host."""
+    targets = batch["labels"][batch["labels"] != -100]  # (N,), in the order of prediction_logits' rows
+    zero = out.masked_lm_loss.new_zeros(())
+    sentence = batch.get("next_sentence_label")
+    values = [
+        out.loss.detach().float(),
+        out.masked_lm_loss.detach().float(),
+        (out.prediction_logits.argmax(-1) == targets).sum(),
+        targets.new_tensor(targets.numel()),
+        (out.seq_relationship_logits.argmax(-1) == sentence).sum() if sentence is not None else zero,
+        targets.new_tensor(sentence.numel()) if sentence is not None else zero,
+        batch["attention_mask"].sum(),
+        zero + 1,
+        (targets == top_token).sum(),
+    ]
+    return torch.stack([v.float() for v in values])
+
+
+def metrics(sums: torch.Tensor, objective: str) -> dict[str, float]:
+    """Mean losses and accuracies from summed counts."""
+    s = dict(zip(SUMS, sums.tolist()))
+    out = {
+        "loss": s["loss"] / max(s["batches"], 1),
+        "masked_lm_loss": s["masked_lm_loss"] / max(s["batches"], 1),
+        "masked_lm_accuracy": s["mlm_correct"] / max(s["mlm_total"], 1),
+    }
+    if objective in SENTENCE_METRIC:
+        out[SENTENCE_METRIC[objective]] = s["sentence_correct"] / max(s["sentence_total"], 1)
+    return out
+
+
+def train_step(model, micro_batches: list, optimizer, scheduler, precision: Precision, clip_norm: float,
+               device: torch.device, top_token: int) -> torch.Tensor:
+    """One optimizer step over this process's micro-batches (gradients averaged); returns their summed counts."""
+    sums = torch.zeros(len(SUMS), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with distributed.no_sync(model, sync=i == len(micro_batches) - 1):
+            with precision.autocast():
+                out = forward(model, batch)
+            precision.scaler.scale(out.loss / len(micro_batches)).backward()
+        sums += batch_sums(out, batch, top_token)
+    precision.scaler.unscale_(optimizer)
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model, loader, precision: Precision, top_token: int, objective: str, d: Distributed) -> dict[str, float]:
+    """Held-out loss, MLM and sentence accuracy, and the unigram baseline on the same masked positions."""
+    model.eval()
+    sums = torch.zeros(len(SUMS), device=d.device)
+    for batch in loader:
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        with precision.autocast():
+            out = forward(model, batch)
+        sums += batch_sums(out, batch, top_token)
+    model.train()
+    distributed.all_reduce_sum(sums, d)
+    s = dict(zip(SUMS, sums.tolist()))
+    return {**metrics(sums, objective), "unigram_baseline_accuracy": s["unigram_correct"] / max(s["mlm_total"], 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: where to resume, what to save
+
+
+@dataclass
+class Position:
+    """How far the run is: optimizer steps done, and the epoch and steps done within it (the data position)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def find_resume(cfg: PretrainConfig, checkpoints: Path) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a run by accident."""
+    if cfg.resume is None:
+        found = list_checkpoints(checkpoints)
+        if found:
+            raise BertkitError(f"{checkpoints}: holds checkpoints of an earlier run (newest {found[-1].name}); "
+                               "expected --resume auto to continue it, or another --run-dir")
+        return None
+    if cfg.resume == "auto":
+        found = list_checkpoints(checkpoints)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / COMPLETE_NAME).is_file() or not (path / TRAINING_STATE_NAME).is_file():
+        raise BertkitError(f"{path}: not a complete training checkpoint; expected a step-N folder holding "
+                           f"{TRAINING_STATE_NAME} and {COMPLETE_NAME}")
+    return path
+
+
+def data_signature(cfg: PretrainConfig, batches: PretrainBatches) -> dict:
+    """What fixes the example stream; a resumed run must match it to read on where the first run stopped."""
+    corpus = batches.dataset.corpus
+    return {"corpus": f"{corpus.tokenizer_fingerprint[:16]}/{corpus.num_tokens}", "global_batch": batches.global_batch,
+            "max_length": cfg.max_length, "masking": cfg.masking, "objective": cfg.objective, "seed": cfg.seed}
+
+
+def training_state(pos: Position, optimizer, scheduler, precision: Precision, signature: dict, cfg: PretrainConfig,
+                   d: Distributed) -> dict:
+    """Everything besides the weights that the next step depends on (every rank's RNG, gathered to rank 0)."""
+    return {
+        **dataclasses.asdict(pos),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": precision.scaler.state_dict(),
+        "rng": distributed.all_gather_object(rng_state(), d),
+        "data": signature,
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+def restore(state: dict, source: Path, optimizer, scheduler, precision: Precision, signature: dict,
+            d: Distributed) -> Position:
+    """Load a checkpoint's training state (weights are loaded before); returns the position to continue from."""
+    if state["data"] != signature:
+        diff = {k: (state["data"].get(k), v) for k, v in signature.items() if state["data"].get(k) != v}
+        raise BertkitError(f"{source / TRAINING_STATE_NAME}: written for other data settings {diff} (checkpoint, "
+                           "now); expected the same corpus, global batch, max_length, masking, objective and seed")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    precision.scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    if len(rngs) != d.world_size:
+        logger.warning("%s: saved by %d processes, resumed by %d: data order is kept, dropout streams are not",
+                       source, len(rngs), d.world_size)
+    set_rng_state(rngs[d.rank % len(rngs)])
+    return Position(state["step"], state["epoch"], state["step_in_epoch"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Pretrain as `cfg` says (one process, or each process under torchrun); returns the final held-out metrics."""
+    d = distributed.setup()
+    try:
+        return _pretrain(cfg, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
+    from bertkit.data.prepare import PreparedCorpus
+    from bertkit.data.pretraining import PretrainingDataset
+    from bertkit.tokenizer import Tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    checkpoints = run_dir / "checkpoints"
+    resume_from = distributed.run_on_main(lambda: find_resume(cfg, checkpoints), d)
+    tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir), d)
+
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    options = dict(max_length=cfg.max_length, masking=cfg.masking, objective=cfg.objective, seed=cfg.seed)
+    train_set = PretrainingDataset(PreparedCorpus(data_dir, "train"), tokenizer, **options)
+    eval_set = PretrainingDataset(PreparedCorpus(data_dir, "heldout"), tokenizer, **options)
+    top_token = most_frequent_token(train_set)
+    batches = PretrainBatches(train_set, cfg.batch_size, cfg.grad_accum, d, cfg.num_workers)
+    signature = data_signature(cfg, batches)
+
+    torch.manual_seed(cfg.seed)
+    model = BertForPreTraining(model_config(cfg, tokenizer))
+    if cfg.objective == "mlm":  # no sentence labels: frozen, so DDP does not wait for gradients that never come
+        model.bert.pooler.requires_grad_(False)
+        model.cls.seq_relationship.requires_grad_(False)
+    state = None
+    if resume_from is not None:
+        load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
+        state = load_training_state(resume_from / TRAINING_STATE_NAME)
+    model.to(d.device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, betas=cfg.betas)
+    scheduler = warmup_linear(optimizer, warmup_steps_for(cfg.max_steps, cfg.warmup), cfg.max_steps)
+    precision = resolve(cfg.precision, d.device)
+    if state is not None:
+        pos = restore(state, resume_from, optimizer, scheduler, precision, signature, d)
+    else:
+        pos = Position()
+        torch.manual_seed(cfg.seed * 65536 + d.rank + 1)  # dropout: a stream per process
+    if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
+        (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    ddp_model = distributed.wrap(model, d)
+    log = RunLogger(run_dir, enabled=d.is_main)
+    log.truncate(pos.step)
+    plot_keys = ("loss", "masked_lm_accuracy", SENTENCE_METRIC.get(cfg.objective, "masked_lm_loss"))
+    held_out = eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d)
+
+    def run_eval() -> dict:
+        result = evaluate(model, held_out, precision, top_token, cfg.objective, d)
+        log.log("eval", pos.step, result)
+        log.plot(keys=plot_keys)
+        return result
+
+    def save() -> Path:
+        payload = training_state(pos, optimizer, scheduler, precision, signature, cfg, d)
+        path = checkpoints / f"step-{pos.step:08d}"
+        if d.is_main:
+            path = save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
+            prune_checkpoints(checkpoints, cfg.keep_last)
+        return path
+
+    if d.is_main:
+        n = model.num_parameters()
+        print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {len(train_set):,} examples an epoch, "
+              f"global batch {batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
+              f"{cfg.batch_size}), {cfg.max_steps} steps; run folder {run_dir}"
+              + (f"; resuming at step {pos.step} from {resume_from}" if resume_from else ""))
+    bar = tqdm(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
+    window = torch.zeros(len(SUMS), device=d.device)
+    started = time.perf_counter()
+    steps = batches(pos.epoch, pos.step_in_epoch)
+    last_saved = pos.step if resume_from is not None else None
+    train_row: dict = {}
+    while pos.step < cfg.max_steps:
+        epoch, step_in_epoch, micro_batches = next(steps)
+        window += train_step(ddp_model, micro_batches, optimizer, scheduler, precision, cfg.clip_norm, d.device,
+                             top_token)
+        pos = Position(pos.step + 1, epoch, step_in_epoch)
+        bar.update(1)
+        if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+            distributed.all_reduce_sum(window, d)
+            seconds = time.perf_counter() - started
+            train_row = {**metrics(window, cfg.objective), "lr": scheduler.get_last_lr()[0],
+                         "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch}
+            log.log("train", pos.step, train_row)
+            bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
+                            tok_s=f"{train_row['tokens_per_s']:,.0f}")
+            window.zero_()
+            started = time.perf_counter()
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
+            run_eval()
+            started = time.perf_counter()
+        if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
+            save()
+            last_saved = pos.step
+            started = time.perf_counter()
+    bar.close()
+
+    final = run_eval()
+    path = checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else save()
+    log.close()
+    if d.is_main:
+        shown = {k: round(v, 4) for k, v in final.items()}
+        print(f"step {pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
+    return {**final, "step": pos.step, "train_loss": train_row.get("loss"), "checkpoint": str(path),
+            "run_dir": str(run_dir)}

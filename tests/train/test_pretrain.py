@@ -1,0 +1,267 @@
+"""Pretraining: exact resume after SIGKILL, torchrun equals accumulation, transformers loads the checkpoints,
+atomic checkpoints, and a short run that learns and writes its logs."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertkit.checkpoint import COMPLETE_NAME, list_checkpoints, prune_checkpoints, save_checkpoint
+from bertkit.cli import main as cli_main
+from bertkit.config import BertConfig
+from bertkit.errors import BertkitError
+from bertkit.model import BertForPreTraining
+from bertkit.train.distributed import Distributed
+from bertkit.train.loader import PretrainBatches
+from bertkit.train.logs import read_csv
+from bertkit.train.pretrain import PretrainConfig, find_resume, pretrain
+from conftest import data_path
+
+# One thread, so that a subprocess computes the very same floats whatever the machine's load.
+RUN = "import sys, torch; torch.set_num_threads(1); from bertkit.cli import main; sys.exit(main(sys.argv[1:]))"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs on one thread too: two threads on a busy 2-core machine mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 500-token vocabulary and a prepared slice (~400 documents) of the Python docs corpus."""
+    from bertkit.data.prepare import prepare
+    from bertkit.tokenizer import train_vocab
+
+    root = tmp_path_factory.mktemp("pretrain-inputs")
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    text = root / "slice.txt"
+    text.write_text("".join(lines[:4000]), encoding="utf-8")
+    tokenizer = train_vocab([text], root / "tokenizer", vocab_size=500, show_progress=False)
+    prepare([text], tokenizer, root / "data", heldout_fraction=0.1, progress=False)
+    return root
+
+
+def small(inputs, run_dir, **overrides) -> PretrainConfig:
+    options = dict(tokenizer=str(inputs / "tokenizer"), data=str(inputs / "data"), max_length=64, batch_size=8,
+                   lr=1e-3, max_steps=60, log_every=1, eval_every=0, eval_batches=4, save_every=0,
+                   run_dir=str(run_dir))
+    return PretrainConfig(**{**options, **overrides})
+
+
+def flags(cfg: PretrainConfig) -> list[str]:
+    out = ["pretrain"]
+    for name, value in vars(cfg).items():
+        if value is None or name == "corpus":
+            continue
+        out += [f"--{name.replace('_', '-')}", *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    return out
+
+
+def launch(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
+
+
+def rows(run_dir: Path, stream: str = "train") -> list[dict]:
+    return read_csv(run_dir / f"{stream}.csv") if (run_dir / f"{stream}.csv").exists() else []
+
+
+@pytest.fixture(scope="module")
+def short_run(inputs, tmp_path_factory):
+    """An in-process run of 80 steps with evaluations, checkpoints every 10 steps and keep_last 2."""
+    run_dir = tmp_path_factory.mktemp("short-run")
+    cfg = small(inputs, run_dir, max_steps=80, eval_every=40, save_every=10, keep_last=2)
+    return run_dir, pretrain(cfg)
+
+
+def test_short_run_learns_and_writes_its_logs(short_run):
+    run_dir, result = short_run
+    train = rows(run_dir)
+    assert [int(r["step"]) for r in train] == list(range(1, 81))
+    first = sum(float(r["loss"]) for r in train[:10]) / 10
+    last = sum(float(r["loss"]) for r in train[-10:]) / 10
+    assert last < first - 0.4, (first, last)
+    assert {"loss", "masked_lm_accuracy", "next_sentence_accuracy", "lr", "tokens_per_s"} <= set(train[0])
+    assert all(float(r["tokens_per_s"]) > 0 for r in train)
+    evals = rows(run_dir, "eval")
+    assert [int(r["step"]) for r in evals] == [40, 80]
+    assert 0 < result["unigram_baseline_accuracy"] < 1 and result["step"] == 80
+    assert (run_dir / "loss_curve.png").stat().st_size > 0
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "pretrain_config.json").is_file()
+
+
+def test_keep_last_and_partial_checkpoints_are_ignored(short_run):
+    run_dir, _ = short_run
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000070", "step-00000080"]
+    # what a crash mid-save leaves: a hidden temporary folder, and (by hand) a step folder with no marker
+    (checkpoints / ".tmp-step-00000090-123").mkdir()
+    (checkpoints / ".tmp-step-00000090-123" / "config.json").write_text("{")
+    half = checkpoints / "step-00000100"
+    half.mkdir()
+    (half / "config.json").write_text("{")
+    cfg = PretrainConfig(run_dir=str(run_dir), resume="auto")
+    assert find_resume(cfg, checkpoints).name == "step-00000080"
+    prune_checkpoints(checkpoints, keep=2)
+    assert not (checkpoints / ".tmp-step-00000090-123").exists()
+
+
+def test_crash_while_saving_leaves_no_checkpoint(tmp_path, monkeypatch):
+    import bertkit.checkpoint as checkpoint
+
+    model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=50))
+    save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for the process dying halfway through the folder
+
+    monkeypatch.setattr(checkpoint, "save_training_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model, None, {"step": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert list(tmp_path.glob(".tmp-step-00000002-*"))
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(short_run, inputs):
+    run_dir, _ = short_run
+    with pytest.raises(BertkitError, match="--resume auto"):
+        pretrain(small(inputs, run_dir))
+
+
+def test_resume_refuses_other_data_settings(short_run, inputs):
+    run_dir, _ = short_run
+    with pytest.raises(BertkitError, match="global_batch"):
+        pretrain(small(inputs, run_dir, batch_size=4, max_steps=90, resume="auto"))
+
+
+def test_transformers_loads_a_checkpoint_and_predicts_the_same(short_run):
+    transformers = pytest.importorskip("transformers")
+    run_dir, result = short_run
+    folder = Path(result["checkpoint"])
+    ours = BertForPreTraining.from_pretrained(folder).eval()
+    theirs = transformers.BertForPreTraining.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["the [MASK] returns a list.", "use a dict"], ["it is sorted.", "keys [MASK] unique"],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        b = theirs(**batch)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(a.prediction_logits[mask], b.prediction_logits[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.seq_relationship_logits, b.seq_relationship_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run_bitwise(inputs, tmp_path):
+    cfg = small(inputs, tmp_path / "whole", max_steps=60, save_every=5, keep_last=3, eval_every=20, eval_batches=2)
+    whole = launch([sys.executable, "-c", RUN, *flags(cfg)])
+    killed_dir = tmp_path / "killed"
+    victim = launch([sys.executable, "-c", RUN, *flags(PretrainConfig(**{**vars(cfg), "run_dir": str(killed_dir)}))])
+    kill_at = random.randint(8, 50)
+    deadline = time.time() + 240
+    while len(rows(killed_dir)) < kill_at and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.kill()
+    victim.wait()
+    reached = len(rows(killed_dir))
+    assert victim.returncode == -9 and reached < 60, f"not killed mid-run (kill at {kill_at}, reached {reached})"
+    resumed = launch([sys.executable, "-c", RUN, *flags(cfg), "--run-dir", str(killed_dir), "--resume", "auto"])
+    output = finish(resumed)
+    finish(whole)
+    assert "resuming at step" in output, output[-2000:]
+    a, b = final_weights(tmp_path / "whole"), final_weights(killed_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs (killed after step {reached})"
+    # the resumed log rewrote what the killed run logged past its checkpoint, with the same losses
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows(killed_dir)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / "whole")]
+    assert rows(killed_dir, "eval") == rows(tmp_path / "whole", "eval")
+
+
+def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
+    # Dropout off: each process draws its own dropout masks, which one accumulating process cannot reproduce.
+    config = tmp_path / "config.json"
+    BertConfig.from_preset("tiny", vocab_size=500, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save(tmp_path)
+    cfg = small(inputs, tmp_path / "torchrun", model=str(config), max_steps=12)
+    pair = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "bertkit.cli", *flags(cfg)])
+    single = launch([sys.executable, "-c", RUN, *flags(cfg), "--run-dir", str(tmp_path / "single"), "--grad-accum", "2"])
+    finish(pair)
+    finish(single)
+    two, one = rows(tmp_path / "torchrun"), rows(tmp_path / "single")
+    assert len(two) == len(one) == 12
+    for r2, r1 in zip(two, one):
+        for key in ("loss", "masked_lm_accuracy", "next_sentence_accuracy"):
+            assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-5, abs=1e-6), (r2["step"], key)
+    a, b = final_weights(tmp_path / "torchrun"), final_weights(tmp_path / "single")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+class _Plan:
+    """Stands in for PretrainingDataset in the order test: only its length and rank_indices matter."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def rank_indices(self, rank, world):
+        return range(rank, self.n // world * world, world)
+
+
+def test_processes_and_accumulation_read_the_same_micro_batches():
+    data = _Plan(103)
+    two = [PretrainBatches(data, 4, 1, Distributed(rank=r, world_size=2))._order(0, 12) for r in (0, 1)]
+    one = PretrainBatches(data, 4, 2, Distributed())._order(0, 12)
+    assert [two[0][s] + two[1][s] for s in range(12)] == [one[2 * s] + one[2 * s + 1] for s in range(12)]
+    every = sorted(i for batch in one for i in batch)
+    assert every == sorted(set(every)) and len(every) == 96  # each index once; the short tail dropped
+    assert PretrainBatches(data, 4, 2, Distributed())._order(5, 12) == one[10:]  # resuming mid-epoch
+
+
+def test_cli_pretrain_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    for name in vars(PretrainConfig()):
+        assert f"--{name.replace('_', '-')}" in text
+
+
+def test_cli_prepare_prints_throughput(inputs, tmp_path, capsys):
+    assert cli_main(["prepare", str(inputs / "slice.txt"), "--tokenizer", str(inputs / "tokenizer"),
+                     "--out", str(tmp_path / "prepared")]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    assert cli_main(["prepare", str(tmp_path / "missing.txt"), "--tokenizer", str(inputs / "tokenizer"),
+                     "--out", str(tmp_path / "prepared")]) == 2
+
+
+def test_bad_config_is_a_user_error():
+    with pytest.raises(BertkitError, match="batch_size=0"):
+        PretrainConfig(batch_size=0)
+    with pytest.raises(BertkitError, match="betas"):
+        PretrainConfig(betas=("x", "0.9"))
