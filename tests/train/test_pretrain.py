@@ -28,15 +28,6 @@ RUN = "import sys, torch; torch.set_num_threads(1); from bertkit.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs on one thread too: two threads on a busy 2-core machine mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A 500-token vocabulary and a prepared slice (~400 documents) of the Python docs corpus."""
