@@ -1,0 +1,51 @@
+"""Fine-tuning batches: length-grouped order and dynamic padding, so a batch costs what its real tokens cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Rows that are padded to the longest of the batch; the other keys hold one number per example.
+SEQUENCE_KEYS = ("input_ids", "token_type_ids")
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, group_batches: int = 50
+) -> list[list[int]]:
+    """Every index once, in batches of similar length: shuffle, sort within chunks of `group_batches` batches,
+    cut into batches, then shuffle the batches.
+
+    Sorting only inside large random chunks keeps the order random (a batch's examples come from anywhere in
+    the data) while padding all but vanishes; the final shuffle stops the model seeing lengths in sequence.
+    The same seed gives the same order; pass seed + epoch for a new order each epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: every index once, longest first, so padding is minimal; callers restore the order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad `input_ids`/`token_type_ids` to the batch's longest row, add `attention_mask`, stack the labels."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    batch = {}
+    for key in rows[0]:
+        if key in SEQUENCE_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([row[key] + [fill] * (longest - len(row[key])) for row in rows])
+        else:
+            values = [row[key] for row in rows]
+            batch[key] = torch.tensor(values, dtype=torch.float if isinstance(values[0], float) else torch.long)
+    batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (longest - len(r["input_ids"])) for r in rows])
+    return batch

@@ -1,0 +1,63 @@
+"""Length-grouped batches and dynamic padding."""
+
+import random
+
+import torch
+
+from bertkit.data.batching import collate, length_grouped_batches, sorted_batches
+
+
+def lengths(n=1000, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(3, 128) for _ in range(n)]
+
+
+def test_every_example_once_per_epoch():
+    sizes = lengths()
+    batches = length_grouped_batches(sizes, 32, seed=1)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(sizes)))
+    assert sorted(map(len, batches)) == [1000 % 32] + [32] * (1000 // 32)  # one chunk, so one short batch
+
+
+def test_batches_have_similar_lengths_and_cost_little_padding():
+    sizes = lengths()
+
+    def padding(batches):
+        return sum(max(sizes[i] for i in b) * len(b) - sum(sizes[i] for i in b) for b in batches) / sum(sizes)
+
+    grouped = length_grouped_batches(sizes, 32, seed=1)
+    order = list(range(len(sizes)))
+    random.Random(1).shuffle(order)
+    shuffled = [order[i : i + 32] for i in range(0, len(order), 32)]
+    assert padding(grouped) < 0.05 < 0.5 < padding(shuffled)
+    spreads = [max(sizes[i] for i in b) - min(sizes[i] for i in b) for b in grouped]
+    assert max(spreads) <= 10
+
+
+def test_seeded_order_repeats_and_differs_by_seed():
+    sizes = lengths()
+    first = length_grouped_batches(sizes, 16, seed=7)
+    assert first == length_grouped_batches(sizes, 16, seed=7)
+    assert first != length_grouped_batches(sizes, 16, seed=8)
+    # batches come in a random order, not longest first
+    maxima = [max(sizes[i] for i in b) for b in first]
+    assert maxima != sorted(maxima, reverse=True)
+
+
+def test_sorted_batches_cover_everything_longest_first():
+    sizes = [5, 9, 2, 9, 7]
+    batches = sorted_batches(sizes, 2)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert [sizes[b[0]] for b in batches] == [9, 7, 2]
+
+
+def test_collate_pads_to_the_longest_row():
+    rows = [{"input_ids": [2, 7, 3], "token_type_ids": [0, 0, 0], "labels": 1},
+            {"input_ids": [2, 3], "token_type_ids": [0, 0], "labels": 0}]
+    batch = collate(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 7, 3], [2, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].dtype == torch.long
+    regression = collate([{"input_ids": [2], "token_type_ids": [0], "labels": 0.5}], pad_id=0)
+    assert regression["labels"].dtype == torch.float
