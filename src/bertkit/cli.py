@@ -218,7 +218,105 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
+    from bertkit.tasks.finetune import FinetuneConfig
+    from bertkit.tasks.glue import GlueConfig
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune on a GLUE task, SQuAD v1.1/v2.0 or your own labelled files",
+        description="Fine-tune a pretrained model folder: AdamW with linear warm-up and decay, length-grouped "
+        "batches, the official metrics on the dev data after every epoch, and the best epoch's model kept in "
+        "--out-dir in the Hugging Face layout, with finetune_config.json, metrics.json and results.md. "
+        "Examples: `--task SST-2 --data-dir glue/SST-2`; `--task squad1 --train-file dev-v1.1.json "
+        "--train-articles 38`; `--task custom --train-file train.csv --eval-file dev.csv --text-a review "
+        "--label stars`.",
+    )
+    add_dataclass_args(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a fine-tuned model folder on its task's dev data",
+        description="Re-score a fine-tuned model. The task, data and lengths default to those in the folder's "
+        "finetune_config.json; the options below replace them.",
+    )
+    p.add_argument("model_dir", help="a fine-tuned model folder (what `bertkit finetune` wrote)")
+    p.add_argument("--task", help="GLUE task, squad1, squad2 or custom (default: the run's)")
+    p.add_argument("--data-dir", help="the task's data folder (default: the run's)")
+    p.add_argument("--eval-file", help="a labelled file to score on instead")
+    p.add_argument("--max-length", type=int, help="tokens per example or window (default: the run's)")
+    p.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default: the run's)")
+    p.add_argument("--out", help="folder for eval_metrics.json (and SQuAD's predictions.json)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the run's, auto)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="label texts or answer questions with a fine-tuned model",
+        description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints a JSON line "
+        "with the label and its probability (a score for regression). A question-answering model reads JSON "
+        'lines {"question": ..., "context": ...} and prints the answer. Reads standard input when INPUT is - '
+        "or left out.",
+    )
+    p.add_argument("model_dir", help="a fine-tuned model folder")
+    p.add_argument("input", nargs="?", default="-", help="input file (default: standard input)")
+    p.add_argument("--out", help="write the JSON lines here instead of standard output")
+    p.add_argument("--max-length", type=int, help="tokens per example or window (default: the run's)")
+    p.add_argument("--eval-batch-size", type=int, help="batch size (default: the run's)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the run's, auto)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "glue",
+        help="fine-tune one model on several GLUE tasks with the paper's lr grid and print its GLUE table",
+        description="For each task, fine-tune with every --lrs value, keep the lr that scores best on dev, and "
+        "print (and write to glue_results.md) the paper's Table 1: the task columns with their metrics, and the "
+        "average.",
+    )
+    add_dataclass_args(p, GlueConfig)
+    p.set_defaults(func=cmd_glue)
+
     return parser
+
+
+def cmd_finetune(args) -> None:
+    from bertkit.tasks.finetune import FinetuneConfig, finetune
+
+    finetune(dataclass_from_args(FinetuneConfig, args))
+
+
+def cmd_evaluate(args) -> None:
+    from bertkit.tasks.finetune import evaluate
+
+    metrics = evaluate(args.model_dir, task=args.task, out_dir=args.out, data_dir=args.data_dir,
+                       eval_file=args.eval_file, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
+                       threads=args.threads, device=args.device)
+    width = max(map(len, metrics))
+    for name, value in metrics.items():
+        print(f"{name:<{width}}  {value:.4f}")
+
+
+def cmd_predict(args) -> None:
+    import json
+
+    from bertkit.tasks.finetune import predict
+
+    inputs = sys.stdin if args.input == "-" else args.input
+    results = predict(args.model_dir, inputs, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
+                      threads=args.threads, device=args.device)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if args.out:
+        Path(args.out).write_text(lines, encoding="utf-8")
+    else:
+        sys.stdout.write(lines)
+
+
+def cmd_glue(args) -> None:
+    from bertkit.tasks.glue import GlueConfig, glue
+
+    glue(**dataclasses.asdict(dataclass_from_args(GlueConfig, args)))
 
 
 def main(argv: list[str] | None = None) -> int:

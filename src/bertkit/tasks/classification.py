@@ -1,0 +1,196 @@
+"""Sentence and sentence-pair classification (or regression): the GLUE tasks and a user's own files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bertkit.data.glue import TextExample, get_task, read_custom, read_glue_file, write_submission
+from bertkit.errors import BertkitError
+from bertkit.model import BertForSequenceClassification
+from bertkit.tasks.inference import infer
+
+log = logging.getLogger("bertkit")
+
+# Microsoft's MRPC release, which GLUE's train/dev are cut from; its test file is what GLUE scores MRPC on.
+MSR_TRAIN, MSR_TEST = "msr_paraphrase_train.txt", "msr_paraphrase_test.txt"
+
+
+@dataclass
+class TextTask:
+    """Examples and scoring of one classification/regression task; the first eval split picks the best epoch."""
+
+    name: str  # GLUE's spelling, or "custom"
+    labels: list[str]  # class names in index order; empty for regression
+    metrics: tuple[str, ...]
+    train: list[TextExample] = field(default_factory=list)
+    evals: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> labelled examples
+    tests: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> examples for a submission file
+
+    model_class = BertForSequenceClassification
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.labels
+
+    @property
+    def table_metrics(self) -> list[str]:
+        """The columns of the results table: every metric of every eval split."""
+        return [_key(i, split, m) for i, split in enumerate(self.evals) for m in self.metrics]
+
+    def model_overrides(self) -> dict:
+        # regression is one output named like transformers' default, so that its pipelines read it too
+        return {"id2label": dict(enumerate(self.labels)) if self.labels else {0: "LABEL_0"}}
+
+    def headline(self, metrics: dict[str, float]) -> float:
+        from bertkit.tasks.metrics import headline_score
+
+        return headline_score({m: metrics[m] for m in self.metrics})
+
+    def train_rows(self, tokenizer, config) -> list[dict]:
+        return encode(self.train, tokenizer, config.max_length, with_labels=True)
+
+    def predict(self, model, tokenizer, examples: Sequence[TextExample], config, device) -> np.ndarray:
+        """Class indices (or scores for regression) and, for classification, softmax probabilities (N, C)."""
+        rows = encode(examples, tokenizer, config.max_length, with_labels=False)
+        logits = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("logits",))["logits"]
+        if self.is_regression:
+            return logits[:, 0].numpy(), logits[:, 0].numpy()
+        return logits.argmax(-1).numpy(), torch.softmax(logits, -1).numpy()
+
+    def evaluate(self, model, tokenizer, config, device):
+        """Metrics on every eval split (extra splits prefixed with their name) and a no-op writer of outputs."""
+        from bertkit.tasks.metrics import compute_metrics  # scipy and sklearn take seconds to import
+
+        metrics = {}
+        for i, (split, examples) in enumerate(self.evals.items()):
+            predictions, _ = self.predict(model, tokenizer, examples, config, device)
+            scores = compute_metrics(self.metrics, predictions, [e.label for e in examples])
+            metrics.update({_key(i, split, m): v for m, v in scores.items()})
+        return metrics, lambda out_dir: None
+
+    def write_test_predictions(self, model, tokenizer, config, device, out_dir: Path) -> list[Path]:
+        """GLUE's leaderboard files for the test splits that were found."""
+        written = []
+        for split, examples in self.tests.items():
+            predictions, _ = self.predict(model, tokenizer, examples, config, device)
+            written.append(write_submission(self.name, predictions, out_dir, split))
+        return written
+
+
+def _key(index: int, split: str, metric: str) -> str:
+    """`accuracy` for the first eval split, `dev_mismatched_accuracy` for MNLI's second."""
+    return metric if index == 0 else f"{split}_{metric}"
+
+
+def encode(examples: Sequence[TextExample], tokenizer, max_length: int, with_labels: bool) -> list[dict]:
+    """Token ids per example, unpadded (batches are padded when they are made)."""
+    pairs = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    encoded = tokenizer.encode_batch([e.text_a for e in examples], pairs, max_length=max_length, padding=False)
+    rows = [{"input_ids": ids, "token_type_ids": types}
+            for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+    if with_labels:
+        for row, example in zip(rows, examples):
+            row["labels"] = example.label
+    return rows
+
+
+def _checked(examples: list[TextExample], path: Path, what: str) -> list[TextExample]:
+    if any(e.label is None for e in examples):
+        raise BertkitError(f"{path}: has no labels; expected a labelled file for {what}")
+    return examples
+
+
+def _glue_files(spec, config) -> tuple[Path | None, dict[str, Path], dict[str, Path]]:
+    """The train file, eval files and test files of a GLUE task, from explicit files or the task folder."""
+    folder = Path(config.data_dir) if config.data_dir else None
+    if folder is not None and not folder.is_dir():
+        raise BertkitError(f"{folder}: no such folder; expected the {spec.name} folder of the GLUE data")
+    found = {split: folder / name for split, name in spec.files.items() if folder and (folder / name).is_file()}
+    if spec.name == "MRPC" and folder and "train" not in found and (folder / MSR_TRAIN).is_file():
+        # Microsoft's release instead of GLUE's split: train on its train file, score on its test file
+        found = {"train": folder / MSR_TRAIN, "dev": folder / MSR_TEST}
+    train = Path(config.train_file) if config.train_file else found.get("train")
+    if config.eval_file:
+        evals = {"dev": Path(config.eval_file)}
+    else:
+        evals = {s: p for s, p in found.items() if s.startswith("dev")}
+    if config.test_file:
+        tests = {next(iter(spec.submissions)): Path(config.test_file)}
+    else:
+        tests = {s: p for s, p in found.items() if s in spec.submissions}
+    return train, evals, tests
+
+
+def load_text_task(config, need_train: bool = True, labels: Sequence[str] | None = None) -> TextTask:
+    """Read the task's data as `config` names it; `labels` (a model's id2label) fixes the order of custom labels."""
+    if config.task.lower() in ("", "custom"):
+        return _load_custom(config, need_train, labels)
+    spec = get_task(config.task)
+    train_file, eval_files, test_files = _glue_files(spec, config)
+    if need_train and train_file is None:
+        raise BertkitError(
+            f"no training data for {spec.name}: expected --data-dir with {spec.files['train']} or --train-file"
+        )
+    if not eval_files:
+        dev = next(s for s in spec.files if s.startswith("dev"))
+        raise BertkitError(
+            f"no evaluation data for {spec.name}: expected --data-dir with {spec.files[dev]} or --eval-file"
+        )
+    task = TextTask(spec.name, list(spec.labels), spec.metrics)
+    if need_train:
+        task.train = _checked(read_glue_file(spec.name, train_file), train_file, "training")
+    task.evals = {s: _checked(read_glue_file(spec.name, p), p, "evaluation") for s, p in eval_files.items()}
+    if config.predict:
+        task.tests = {s: read_glue_file(spec.name, p) for s, p in test_files.items()}
+        if not test_files:
+            log.warning("no test file for %s (expected test.tsv in --data-dir, or --test-file): "
+                        "no submission file written", spec.name)
+    return task
+
+
+def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> TextTask:
+    if need_train and not config.train_file:
+        raise BertkitError("a custom task needs --train-file (a .csv, .tsv or .jsonl with named columns), or --task")
+    if not config.eval_file:
+        raise BertkitError("a custom task needs --eval-file (labelled, same columns as the training file)")
+    if config.predict:
+        raise BertkitError("--predict writes GLUE submission files; label your own test data with `bertkit predict`")
+
+    def read(path, label_list):
+        return read_custom(path, config.text_a, config.label, config.text_b, label_list, config.regression)
+
+    if need_train:
+        train, labels = read(config.train_file, labels)
+    else:
+        train = []
+    if labels is None and not config.regression:
+        raise BertkitError("the label order of a custom task comes from its training file or the model's id2label")
+    evals, _ = read(config.eval_file, None if config.regression else labels)
+    metrics = ("pearson", "spearman") if config.regression else ("accuracy",)
+    if not config.regression and len(labels) < 2:
+        raise BertkitError(f"{config.train_file}: only one label ({', '.join(labels)}); expected at least two classes")
+    return TextTask("custom", [] if config.regression else list(labels), metrics, train, {"dev": evals})
+
+
+def parse_lines(lines, source: str = "<stdin>") -> list[TextExample]:
+    """Examples from text lines: `text`, or `text<TAB>pair`; blank lines are skipped."""
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2:
+            raise BertkitError(f"{source}:{number}: {len(parts)} tab-separated fields; expected a text or text<TAB>pair")
+        examples.append(TextExample(str(number), parts[0], parts[1] if len(parts) == 2 else None, None))
+    if not examples:
+        raise BertkitError(f"{source}: no text to label; expected one text (or text<TAB>pair) per line")
+    if len({e.text_b is None for e in examples}) > 1:
+        raise BertkitError(f"{source}: mixes single texts and text<TAB>pair lines; expected one kind throughout")
+    return examples

@@ -1,0 +1,137 @@
+"""The paper's GLUE protocol: fine-tune one model on each task over a small lr grid, keep the best lr on dev,
+and print Table 1 (one column per task, the paper's metric for it, and their average)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertkit.data.glue import TASKS, get_task
+from bertkit.errors import BertkitError
+from bertkit.tasks.finetune import FinetuneConfig, finetune, option
+
+log = logging.getLogger("bertkit")
+
+# Table 1's columns: the metric the paper reports per task (F1 for QQP/MRPC, Spearman for STS-B, MCC for CoLA)
+# and the training-set sizes it prints under the names. WNLI is left out of the average, as in the paper.
+PAPER_COLUMNS = {
+    "MNLI": ("MNLI-(m/mm)", ("accuracy", "dev_mismatched_accuracy"), "392k"),
+    "QQP": ("QQP", ("f1",), "363k"),
+    "QNLI": ("QNLI", ("accuracy",), "108k"),
+    "SST-2": ("SST-2", ("accuracy",), "67k"),
+    "CoLA": ("CoLA", ("mcc",), "8.5k"),
+    "STS-B": ("STS-B", ("spearman",), "5.7k"),
+    "MRPC": ("MRPC", ("f1",), "3.5k"),
+    "RTE": ("RTE", ("accuracy",), "2.5k"),
+    "WNLI": ("WNLI", ("accuracy",), "634"),
+}
+
+
+@dataclass
+class GlueConfig:
+    """A GLUE sweep: the `glue` command's flags; kept as glue_config.json in the output folder."""
+
+    model_dir: str = option("", "pretrained model folder (HF layout) to fine-tune on every task")
+    data_dir: str = option("", "GLUE data folder with one sub-folder per task (SST-2/, MRPC/, ...)")
+    out_dir: str = option("runs/glue", "folder for one run per task and lr, and the GLUE table")
+    tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to run (default: every task folder found)"})
+    lrs: list[float] = field(default_factory=lambda: [5e-5, 4e-5, 3e-5, 2e-5],
+                             metadata={"help": "learning rates tried per task; the best on dev is reported"})
+    batch_size: int = option(32, "training batch size")
+    epochs: int = option(3, "epochs per run")
+    max_length: int = option(128, "tokens per example")
+    seed: int = option(42, "seed of every run")
+    limit_train_examples: int | None = option(None, "train on the first N examples of each task (for quick runs)")
+    threads: int | None = option(None, "CPU threads for torch")
+    device: str = option("auto", "cpu, cuda, ... (auto: cuda when available)")
+    predict: bool = option(False, "write each task's leaderboard file for its test.tsv with the best lr's model")
+
+    def __post_init__(self):
+        try:  # flags arrive as strings
+            self.lrs = [float(lr) for lr in self.lrs]
+        except ValueError:
+            raise BertkitError(f"--lrs {' '.join(map(str, self.lrs))}: expected numbers such as 5e-5 3e-5") from None
+        self.tasks = [get_task(t).name for t in self.tasks]
+
+
+def glue(model_dir, tasks, data_dir, out_dir, lrs=(5e-5, 4e-5, 3e-5, 2e-5), batch_size=32, epochs=3,
+         **options) -> dict:
+    """Fine-tune `model_dir` on each task with every lr, pick the best lr on dev; returns and writes the table."""
+    config = GlueConfig(model_dir=str(model_dir), tasks=list(tasks), data_dir=str(data_dir), out_dir=str(out_dir),
+                        lrs=list(lrs), batch_size=batch_size, epochs=epochs, **options)
+    root, out = Path(config.data_dir), Path(config.out_dir)
+    if not root.is_dir():
+        raise BertkitError(f"{root}: no such folder; expected the GLUE data folder (SST-2/, MRPC/, ...)")
+    names = config.tasks or [name for name in TASKS if (root / name).is_dir()]
+    missing = [name for name in names if not (root / name).is_dir()]
+    if not names or missing:
+        raise BertkitError(f"{root}: no folder for {', '.join(missing or ['any GLUE task'])}; expected one per task "
+                           f"named {', '.join(TASKS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "glue_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    runs: dict[str, dict[float, dict]] = {}
+    for name in names:
+        runs[name] = {}
+        for lr in config.lrs:
+            run = FinetuneConfig(
+                model_dir=config.model_dir, task=name, data_dir=str(root / name), out_dir=str(out / name / f"lr-{lr:g}"),
+                lr=lr, batch_size=config.batch_size, epochs=config.epochs, max_length=config.max_length,
+                seed=config.seed, limit_train_examples=config.limit_train_examples, threads=config.threads,
+                device=config.device, predict=config.predict,
+            )
+            runs[name][lr] = finetune(run)
+    result = {"model_dir": config.model_dir, "tasks": {}}
+    for name, by_lr in runs.items():
+        best_lr = max(by_lr, key=lambda lr: _headline(name, by_lr[lr]["best"]))
+        result["tasks"][name] = {"best_lr": best_lr, "best": by_lr[best_lr]["best"],
+                                 "run_dir": str(out / name / f"lr-{best_lr:g}"),
+                                 "by_lr": {f"{lr:g}": r["best"] for lr, r in by_lr.items()}}
+    table = glue_table(result, Path(config.model_dir).name, config)
+    (out / "glue_results.md").write_text(table, encoding="utf-8")
+    (out / "glue_results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(table)
+    return result
+
+
+def _headline(task: str, metrics: dict) -> float:
+    """The number that picks the lr: the mean of the task's GLUE metrics on its (first) dev split."""
+    names = get_task(task).metrics
+    return sum(metrics[m] for m in names) / len(names)
+
+
+def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
+    """Table 1 of the paper for the tasks run, then every lr's score per task."""
+    tasks = result["tasks"]
+    columns = [t for t in PAPER_COLUMNS if t in tasks]
+    averaged = [t for t in columns if t != "WNLI"]
+    cells, scores = [], []
+    for task in columns:
+        values = [tasks[task]["best"][m] for m in PAPER_COLUMNS[task][1] if m in tasks[task]["best"]]
+        cells.append("/".join(f"{v:.1f}" for v in values))
+        if task in averaged:
+            scores.append(values[0])
+    average = sum(scores) / len(scores) if scores else float("nan")
+    lines = [
+        f"# GLUE: {model_name}",
+        "",
+        "| System | " + " | ".join(PAPER_COLUMNS[t][0] for t in columns) + " | Average |",
+        "|---" * (len(columns) + 2) + "|",
+        "| | " + " | ".join(PAPER_COLUMNS[t][2] for t in columns) + " | - |",
+        f"| bertkit {model_name} | " + " | ".join(cells) + f" | {average:.1f} |",
+        "",
+        f"Dev-set scores of the best lr per task among {', '.join(f'{lr:g}' for lr in config.lrs)} (batch "
+        f"{config.batch_size}, {config.epochs} epochs, max length {config.max_length}, seed {config.seed}); F1 for "
+        "QQP and MRPC, Spearman for STS-B, Matthews correlation for CoLA, accuracy otherwise; the average leaves out "
+        "WNLI, as the paper does. MRPC read from Microsoft's release is scored on msr_paraphrase_test.txt.",
+        "",
+        "| task | " + " | ".join(f"lr {lr:g}" for lr in config.lrs) + " | best |",
+        "|---" * (len(config.lrs) + 2) + "|",
+    ]
+    for task in columns:
+        by_lr = tasks[task]["by_lr"]
+        row = [f"{_headline(task, by_lr[f'{lr:g}']):.2f}" for lr in config.lrs]
+        lines.append(f"| {task} | " + " | ".join(row) + f" | {tasks[task]['best_lr']:g} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,38 @@
+"""Run a model over encoded rows without gradients, in length-sorted batches, and put the outputs back in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from bertkit.data.batching import collate, sorted_batches
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def infer(
+    model, rows: Sequence[dict], batch_size: int, pad_id: int, device: torch.device, outputs: tuple[str, ...],
+    width: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The named outputs for every row, in the rows' order, on the CPU.
+
+    Per-token outputs (B, T) of different batches are padded to `width` with the lowest float, the value the QA
+    head gives padding, so they stack into one (N, width) tensor.
+    """
+    model.eval()
+    lengths = [len(r["input_ids"]) for r in rows]
+    results: dict[str, list] = {name: [None] * len(rows) for name in outputs}
+    for indices in sorted_batches(lengths, batch_size):
+        batch = collate([{k: rows[i][k] for k in ("input_ids", "token_type_ids")} for i in indices], pad_id)
+        out = model(**to_device(batch, device))
+        for name in outputs:
+            values = out[name].float().cpu()
+            if width is not None and values.ndim == 2:
+                values = torch.nn.functional.pad(values, (0, width - values.shape[1]), value=torch.finfo(values.dtype).min)
+            for i, v in zip(indices, values):
+                results[name][i] = v
+    return {name: torch.stack(values) for name, values in results.items()}

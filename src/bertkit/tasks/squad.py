@@ -1,0 +1,138 @@
+"""SQuAD v1.1 / v2.0 fine-tuning: train on windows, score by turning their logits back into answer strings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertkit.data.squad import (
+    SquadExample,
+    featurize,
+    postprocess,
+    read_squad,
+    split_by_article,
+    write_null_odds,
+    write_predictions,
+)
+from bertkit.errors import BertkitError
+from bertkit.model import BertForQuestionAnswering
+from bertkit.tasks.inference import infer
+
+# the official file names, looked for in --data-dir
+FILES = {"squad1": ("train-v1.1.json", "dev-v1.1.json"), "squad2": ("train-v2.0.json", "dev-v2.0.json")}
+
+
+@dataclass
+class SquadTask:
+    """Questions to train on and to score; v2.0 adds unanswerable questions and the null-answer threshold."""
+
+    name: str  # squad1 or squad2
+    train: list[SquadExample] = field(default_factory=list)
+    evals: list[SquadExample] = field(default_factory=list)
+
+    model_class = BertForQuestionAnswering
+    metrics = ("exact", "f1")
+
+    @property
+    def version2(self) -> bool:
+        return self.name == "squad2"
+
+    @property
+    def table_metrics(self) -> list[str]:
+        if self.version2:
+            return ["exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"]
+        return ["exact", "f1"]
+
+    def model_overrides(self) -> dict:
+        return {}
+
+    def headline(self, metrics: dict[str, float]) -> float:
+        from bertkit.tasks.metrics import headline_score
+
+        return headline_score({m: metrics[m] for m in self.metrics})
+
+    def train_rows(self, tokenizer, config) -> list[dict]:
+        """One row per window, cut back to its real tokens; windows without the answer point at [CLS]."""
+        rows = []
+        for f in featurize(self.train, tokenizer, config.max_length, config.doc_stride, config.max_query_length):
+            n = sum(f.attention_mask)
+            rows.append({"input_ids": f.input_ids[:n], "token_type_ids": f.token_type_ids[:n],
+                         "start_positions": f.start_position, "end_positions": f.end_position})
+        return rows
+
+    def answer(self, model, tokenizer, examples: Sequence[SquadExample], config, device, null_threshold: float):
+        """Predicted answers and null odds by question id."""
+        features = featurize(examples, tokenizer, config.max_length, config.doc_stride, config.max_query_length)
+        rows = [{"input_ids": f.input_ids[: sum(f.attention_mask)],
+                 "token_type_ids": f.token_type_ids[: sum(f.attention_mask)]} for f in features]
+        out = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("start_logits", "end_logits"),
+                    width=config.max_length)
+        return postprocess(examples, features, out["start_logits"].numpy(), out["end_logits"].numpy(),
+                           with_null=self.version2, null_threshold=null_threshold)
+
+    def evaluate(self, model, tokenizer, config, device):
+        """EM/F1 (v2.0: with HasAns/NoAns and the best null threshold); the writer saves predictions.json."""
+        from bertkit.tasks.metrics import squad_metrics  # its module imports scipy and sklearn, seconds
+
+        predictions, null_odds = self.answer(model, tokenizer, self.evals, config, device, config.null_threshold)
+        odds = null_odds if self.version2 else None
+        metrics = squad_metrics(self.evals, predictions, odds, null_threshold=config.null_threshold)
+
+        def write(out_dir: Path) -> None:
+            write_predictions(predictions, Path(out_dir) / "predictions.json")
+            if self.version2:
+                write_null_odds(null_odds, Path(out_dir) / "null_odds.json")
+
+        return metrics, write
+
+
+def load_squad_task(config, need_train: bool = True) -> SquadTask:
+    """Read the train and eval questions: explicit files, the official names in --data-dir, or one file split
+    by article (--train-articles N: the first N articles train, the rest are scored)."""
+    train_name, dev_name = FILES[config.task]
+    folder = Path(config.data_dir) if config.data_dir else None
+    train_file = config.train_file or (folder / train_name if folder else None)
+    eval_file = config.eval_file or (folder / dev_name if folder else None)
+    task = SquadTask(config.task)
+    if config.train_articles:
+        source = train_file or eval_file
+        if source is None:
+            raise BertkitError("--train-articles splits one SQuAD file: expected --train-file or --eval-file")
+        task.train, task.evals = split_by_article(source, config.train_articles)
+        source_files = [source]
+    else:
+        if eval_file is None or (need_train and train_file is None):
+            raise BertkitError(
+                f"{config.task} needs --train-file and --eval-file, --data-dir with {train_name} and {dev_name}, "
+                "or one file and --train-articles N to split it by article"
+            )
+        task.train = read_squad(train_file) if need_train else []
+        task.evals = read_squad(eval_file)
+        source_files = [eval_file] + ([train_file] if need_train else [])
+    if not task.version2 and any(e.is_impossible for e in task.train + task.evals):
+        raise BertkitError(
+            f"{', '.join(map(str, source_files))}: has unanswerable questions (SQuAD v2.0); expected --task squad2"
+        )
+    return task
+
+
+def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample]:
+    """Questions from JSON lines `{"question": ..., "context": ...}` (an `id` is kept when given)."""
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BertkitError(f"{source}:{number}: not valid JSON ({e.msg}); expected "
+                               '{"question": ..., "context": ...} per line') from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "context")):
+            raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
+        qid = str(record.get("id", number))
+        examples.append(SquadExample(qid, "", 0, record["question"], record["context"], []))
+    if not examples:
+        raise BertkitError(f'{source}: no questions; expected one {{"question": ..., "context": ...}} per line')
+    return examples

@@ -1,0 +1,197 @@
+"""Fine-tuning end to end on small real slices with a tiny random model: files, best epoch, evaluate, predict."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bertkit.cli import main
+from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, evaluate, finetune, predict
+from bertkit.tasks.glue import glue
+from conftest import data_path
+
+
+def tsv(path, *rows):
+    path.write_text("".join("\t".join(map(str, row)) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def quick(model_dir, out_dir, **kw) -> FinetuneConfig:
+    """A run of a few steps: high lr so that the tiny model moves, small batches."""
+    return FinetuneConfig(model_dir=model_dir, out_dir=str(out_dir), lr=kw.pop("lr", 2e-3), batch_size=16,
+                          epochs=kw.pop("epochs", 2), seed=0, threads=1, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tiny_model_dir, tmp_path_factory):
+    """SST-2: 400 training sentences, all 872 dev sentences, 3 epochs."""
+    out = tmp_path_factory.mktemp("sst2")
+    config = quick(tiny_model_dir, out, task="SST-2", data_dir=str(data_path("glue", "SST-2")), epochs=3,
+                   limit_train_examples=400)
+    return config, finetune(config)
+
+
+def test_sst2_run_writes_a_model_folder_and_its_record(sst2_run):
+    config, record = sst2_run
+    out = config.out_dir
+    for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "finetune_config.json",
+                 "metrics.json", "results.md", "train.csv", "eval.csv"):
+        assert Path(out, name).is_file(), name
+    model_config = json.loads(Path(out, "config.json").read_text())
+    assert model_config["architectures"] == ["BertForSequenceClassification"]
+    assert model_config["id2label"] == {"0": "0", "1": "1"}
+    saved = json.loads(Path(out, "finetune_config.json").read_text())
+    assert saved["task"] == "SST-2" and saved["max_length"] == 128 and saved["warmup"] == 0.1
+    assert record == json.loads(Path(out, "metrics.json").read_text())
+    assert record["train_examples"] == 400 and record["eval_examples"] == 872
+    assert len(record["epochs"]) == 3
+    for row in record["epochs"]:
+        assert row["train_seconds"] > 0 and row["train_examples_per_second"] > 0 and 0 <= row["accuracy"] <= 100
+    results = Path(out, "results.md").read_text()
+    assert "| epoch | train loss | accuracy |" in results and "(best)" in results
+
+
+def test_the_best_epoch_is_the_one_kept(sst2_run):
+    config, record = sst2_run
+    scores = [row["accuracy"] for row in record["epochs"]]
+    assert record["best_epoch"] == scores.index(max(scores)) + 1
+    # the folder holds that epoch's model: re-scoring it gives the recorded number exactly
+    assert evaluate(config.out_dir, threads=1)["accuracy"] == pytest.approx(record["best"]["accuracy"], abs=1e-9)
+
+
+def test_the_kept_model_is_the_best_epochs_not_the_last(toy_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from bertkit.tasks.classification import TextTask
+
+    scores, snapshots = iter([60.0, 70.0, 65.0]), []
+    real_evaluate = TextTask.evaluate
+
+    def scripted(self, model, *args):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        metrics, write = real_evaluate(self, model, *args)
+        return {**metrics, "accuracy": next(scores)}, write
+
+    monkeypatch.setattr(TextTask, "evaluate", scripted)
+    rows = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0)] * 4
+    tsv(tmp_path / "train.tsv", ("sentence", "label"), *rows)
+    record = finetune(quick(toy_model_dir, tmp_path / "run", task="SST-2", train_file=str(tmp_path / "train.tsv"),
+                            eval_file=str(tmp_path / "train.tsv"), epochs=3))
+    assert record["best_epoch"] == 2 and record["best"]["accuracy"] == 70.0
+    kept = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(kept[k].equal(snapshots[1][k]) for k in kept)
+    assert not all(kept[k].equal(snapshots[2][k]) for k in kept)
+
+
+def test_best_checkpoint_only_moves_on_a_strictly_better_score():
+    best = BestCheckpoint()
+    assert [best.update(s, e) for e, s in enumerate([50.0, 60.0, 60.0, math.nan, 55.0, 61.0], 1)] == [
+        True, True, False, False, False, True]
+    assert (best.epoch, best.score) == (6, 61.0)
+
+
+def test_predict_reads_stdin_like_lines(sst2_run):
+    config, _ = sst2_run
+    results = predict(config.out_dir, io.StringIO("a great movie\n\nawful , boring\n"))
+    assert [r["text"] for r in results] == ["a great movie", "awful , boring"]
+    assert all(r["label"] in ("0", "1") and 0.5 <= r["probability"] <= 1 for r in results)
+
+
+def test_cli_predict_on_stdin(sst2_run, monkeypatch, capsys):
+    config, _ = sst2_run
+    monkeypatch.setattr("sys.stdin", io.StringIO("a fine film\n"))
+    assert main(["predict", str(config.out_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "a fine film"
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ttwo\tthree\n"))
+    assert main(["predict", str(config.out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "<stdin>:1: 3 tab-separated fields" in err
+
+
+def test_regression_sts_b_style(tiny_model_dir, tmp_path):
+    header = ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+              "score")
+    pairs = [("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+             ("A woman is slicing an onion.", "A man is riding a horse.", 0.2),
+             ("A dog runs in the park.", "A dog is running on the grass.", 3.6),
+             ("Kids play football.", "Children are playing soccer.", 4.2),
+             ("The stock market fell.", "A cat sleeps on the sofa.", 0.0),
+             ("Someone is cooking.", "A person prepares food.", 3.9)]
+    rows = [(i, "main", "x", "2012", i, "none", "none", a, b, f"{s:.3f}") for i, (a, b, s) in enumerate(pairs * 4)]
+    data = tmp_path / "STS-B"
+    data.mkdir()
+    tsv(data / "train.tsv", header, *rows)
+    tsv(data / "dev.tsv", header, *rows[:6])
+    record = finetune(quick(tiny_model_dir, tmp_path / "run", task="STS-B", data_dir=str(data)))
+    assert set(record["best"]) == {"pearson", "spearman"}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["num_labels"] == 1
+    scores = predict(tmp_path / "run", ["A man is playing a guitar.\tA man plays the guitar."])
+    assert set(scores[0]) == {"text", "pair", "score"}
+
+
+def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
+    lines = ["review,stars"] + [f'"{t}, really",{s}' for t, s in
+                                [("a good film", "good"), ("bad movie", "bad"), ("great fun", "good"),
+                                 ("very boring", "bad"), ("it was ok", "meh"), ("not bad", "meh")] * 5]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(lines[:7]) + "\n")
+    config = quick(toy_model_dir, tmp_path / "run", task="custom", train_file=str(tmp_path / "train.csv"),
+                   eval_file=str(tmp_path / "dev.csv"), text_a="review", label="stars")
+    record = finetune(config)
+    assert set(record["best"]) == {"accuracy"}
+    id2label = json.loads((tmp_path / "run" / "config.json").read_text())["id2label"]
+    assert id2label == {"0": "bad", "1": "good", "2": "meh"}
+    assert evaluate(tmp_path / "run")["accuracy"] == pytest.approx(record["best"]["accuracy"])
+    assert predict(tmp_path / "run", ["great fun"])[0]["label"] in ("bad", "good", "meh")
+
+
+def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    sentences = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0)] * 4
+    tsv(data / "train.tsv", ("sentence", "label"), *sentences)
+    tsv(data / "dev.tsv", ("sentence", "label"), *sentences[:4])
+    tsv(data / "test.tsv", ("index", "sentence"), (0, "not bad"), (1, "awful"), (2, "fun"))
+    record = finetune(quick(toy_model_dir, tmp_path / "run", task="sst2", data_dir=str(data), predict=True))
+    submission = (tmp_path / "run" / "SST-2.tsv").read_text().splitlines()
+    assert record["submissions"] == [str(tmp_path / "run" / "SST-2.tsv")]
+    assert submission[0] == "index\tprediction" and [line.split("\t")[0] for line in submission[1:]] == ["0", "1", "2"]
+    assert all(line.split("\t")[1] in ("0", "1") for line in submission[1:])
+
+
+def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path, capsys):
+    result = glue(tiny_model_dir, ["SST-2", "RTE"], data_path("glue"), tmp_path, lrs=(1e-3, 1e-4), batch_size=16,
+                  epochs=1, limit_train_examples=48, threads=1, device="cpu")
+    for task, metric in (("SST-2", "accuracy"), ("RTE", "accuracy")):
+        by_lr = result["tasks"][task]["by_lr"]
+        assert result["tasks"][task]["best_lr"] == max((1e-3, 1e-4), key=lambda lr: by_lr[f"{lr:g}"][metric])
+    table = (tmp_path / "glue_results.md").read_text()
+    assert "| System | SST-2 | RTE | Average |" in table
+    average = (result["tasks"]["SST-2"]["best"]["accuracy"] + result["tasks"]["RTE"]["best"]["accuracy"]) / 2
+    assert f"| {average:.1f} |" in table
+    assert table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, argv_extra, expected", [
+    ("review,stars\n\"good\",1\n\"bad\",0,extra\n", [], "train.csv:3: 3 columns, expected 2"),
+    ("review,stars\n\"good\",1\n", ["--text-a", "text"], "no column 'text'"),
+    ("review,stars\n\"good\",1\n", ["--task", "SST-3"], "unknown GLUE task 'SST-3'"),
+    ("review,stars\n\"good\",1\n", ["--epochs", "0"], "--epochs is 0; expected a positive number"),
+])
+def test_malformed_input_is_one_line_and_status_2(toy_model_dir, tmp_path, capsys, content, argv_extra, expected):
+    (tmp_path / "train.csv").write_text(content)
+    argv = ["finetune", "--model-dir", toy_model_dir, "--task", "custom", "--train-file", str(tmp_path / "train.csv"),
+            "--eval-file", str(tmp_path / "train.csv"), "--text-a", "review", "--label", "stars",
+            "--out-dir", str(tmp_path / "run"), *argv_extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bertkit: error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_evaluate_and_predict_refuse_what_the_folder_cannot_do(toy_model_dir, capsys):
+    assert main(["evaluate", toy_model_dir, "--task", "SST-2"]) == 2
+    assert "expected --data-dir" in capsys.readouterr().err
+    assert main(["predict", toy_model_dir, "/no/such/file.txt"]) == 2
+    assert "/no/such/file.txt: cannot read" in capsys.readouterr().err
