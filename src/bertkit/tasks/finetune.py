@@ -211,15 +211,16 @@ def finetune(config: FinetuneConfig) -> dict:
         batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
         with tqdm(total=len(rows), desc=f"{task.name} epoch {epoch}/{config.epochs}", unit="ex", file=sys.stderr,
                   mininterval=1.0, dynamic_ncols=True) as bar:
-            start = time.perf_counter()
+            # CPU time too: on a shared machine it shows the work done, which wall time blurs with waiting
+            start, start_cpu = time.perf_counter(), time.process_time()
             loss, step = train_epoch(model, rows, batches, optimizer, scheduler, config, tokenizer.pad_id, device,
                                      bar, logger, step)
-            train_seconds = time.perf_counter() - start
+            train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         start = time.perf_counter()
         metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
         eval_seconds = time.perf_counter() - start
         logger.log("eval", step, metrics)
-        row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
+        row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
                "train_examples_per_second": len(rows) / train_seconds, "eval_seconds": eval_seconds, **metrics}
         record["epochs"].append(row)
         if best.update(task.headline(metrics), epoch):

@@ -37,7 +37,7 @@ class GlueConfig:
     model_dir: str = option("", "pretrained model folder (HF layout) to fine-tune on every task")
     data_dir: str = option("", "GLUE data folder with one sub-folder per task (SST-2/, MRPC/, ...)")
     out_dir: str = option("runs/glue", "folder for one run per task and lr, and the GLUE table")
-    tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to run (default: every task folder found)"})
+    tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to run; none: every task folder in --data-dir"})
     lrs: list[float] = field(default_factory=lambda: [5e-5, 4e-5, 3e-5, 2e-5],
                              metadata={"help": "learning rates tried per task; the best on dev is reported"})
     batch_size: int = option(32, "training batch size")
@@ -63,6 +63,10 @@ def glue(model_dir, tasks, data_dir, out_dir, lrs=(5e-5, 4e-5, 3e-5, 2e-5), batc
     config = GlueConfig(model_dir=str(model_dir), tasks=list(tasks), data_dir=str(data_dir), out_dir=str(out_dir),
                         lrs=list(lrs), batch_size=batch_size, epochs=epochs, **options)
     root, out = Path(config.data_dir), Path(config.out_dir)
+    if not config.model_dir:
+        raise BertkitError("no model: expected --model-dir, a pretrained model folder (config.json + weights)")
+    if not config.data_dir:
+        raise BertkitError("no data: expected --data-dir, the GLUE data folder (SST-2/, MRPC/, ...)")
     if not root.is_dir():
         raise BertkitError(f"{root}: no such folder; expected the GLUE data folder (SST-2/, MRPC/, ...)")
     names = config.tasks or [name for name in TASKS if (root / name).is_dir()]
