@@ -195,3 +195,18 @@ def test_evaluate_and_predict_refuse_what_the_folder_cannot_do(toy_model_dir, ca
     assert "expected --data-dir" in capsys.readouterr().err
     assert main(["predict", toy_model_dir, "/no/such/file.txt"]) == 2
     assert "/no/such/file.txt: cannot read" in capsys.readouterr().err
+
+
+def test_transformers_loads_the_kept_model_with_its_labels(sst2_run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bertkit import BertForSequenceClassification
+
+    config, _ = sst2_run
+    theirs = AutoModelForSequenceClassification.from_pretrained(config.out_dir).eval()
+    assert theirs.config.id2label == {0: "0", 1: "1"}
+    batch = AutoTokenizer.from_pretrained(config.out_dir)(["a gripping , funny film"], return_tensors="pt")
+    ours = BertForSequenceClassification.from_pretrained(config.out_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(**batch).logits, theirs(**batch).logits, atol=1e-5)
