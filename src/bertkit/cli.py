@@ -92,6 +92,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_vocab_train(args) -> None:
+    from bertkit.data.corpus import expand_inputs
     from bertkit.tokenizer import train_vocab
 
     files = expand_inputs(args.files)
@@ -127,23 +128,6 @@ def cmd_pretrain(args) -> None:
     from bertkit.train.pretrain import PretrainConfig, pretrain
 
     pretrain(dataclass_from_args(PretrainConfig, args))
-
-
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files, folders (every file below) and globs, in a stable order; nothing matched is an error."""
-    import glob
-
-    out: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) or [pattern]
-        for m in map(Path, matches):
-            if m.is_dir():
-                out.extend(sorted(p for p in m.rglob("*") if p.is_file()))
-            elif m.exists():
-                out.append(m)
-            else:
-                raise BertkitError(f"{pattern}: no such file, folder or matching glob")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
