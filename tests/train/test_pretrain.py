@@ -165,18 +165,18 @@ def test_transformers_loads_a_checkpoint_and_predicts_the_same(short_run):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run_bitwise(inputs, tmp_path):
-    cfg = small(inputs, tmp_path / "whole", max_steps=60, save_every=5, keep_last=3, eval_every=20, eval_batches=2)
+    cfg = small(inputs, tmp_path / "whole", max_steps=40, save_every=5, keep_last=3, eval_every=15, eval_batches=2)
     whole = launch([sys.executable, "-c", RUN, *flags(cfg)])
     killed_dir = tmp_path / "killed"
     victim = launch([sys.executable, "-c", RUN, *flags(PretrainConfig(**{**vars(cfg), "run_dir": str(killed_dir)}))])
-    kill_at = random.randint(8, 50)
+    kill_at = random.randint(7, 33)
     deadline = time.time() + 240
     while len(rows(killed_dir)) < kill_at and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     victim.kill()
     victim.wait()
     reached = len(rows(killed_dir))
-    assert victim.returncode == -9 and reached < 60, f"not killed mid-run (kill at {kill_at}, reached {reached})"
+    assert victim.returncode == -9 and reached < 40, f"not killed mid-run (kill at {kill_at}, reached {reached})"
     resumed = launch([sys.executable, "-c", RUN, *flags(cfg), "--run-dir", str(killed_dir), "--resume", "auto"])
     output = finish(resumed)
     finish(whole)
@@ -256,3 +256,27 @@ def test_bad_config_is_a_user_error():
         PretrainConfig(batch_size=0)
     with pytest.raises(BertkitError, match="betas"):
         PretrainConfig(betas=("x", "0.9"))
+
+
+@pytest.mark.parametrize("objective, masking, optimizer, metric", [
+    ("mlm", "span", "lamb", None),
+    ("mlm+sop", "wwm", "adamw", "sentence_order_accuracy"),
+])
+def test_objectives_maskings_and_optimizers_train(inputs, tmp_path, objective, masking, optimizer, metric):
+    cfg = small(inputs, tmp_path, objective=objective, masking=masking, optimizer=optimizer, max_steps=4,
+                eval_batches=1)
+    result = pretrain(cfg)
+    assert result["step"] == 4 and result["loss"] > 0
+    assert ("next_sentence_accuracy" in result) is False
+    assert (metric in result) if metric else not any(k.startswith("sentence") for k in result)
+
+
+@pytest.mark.slow
+def test_the_no_argument_demo_runs_offline_and_beats_the_unigram_baseline(tmp_path):
+    """`bertkit pretrain` with no arguments but the run folder: a minute or two on an idle 2-core CPU."""
+    data_path("corpus", "python-docs-3.11.txt")
+    process = launch([sys.executable, "-m", "bertkit.cli", "pretrain", "--run-dir", str(tmp_path / "demo")])
+    finish(process)
+    final = rows(tmp_path / "demo", "eval")[-1]
+    assert float(final["masked_lm_accuracy"]) > float(final["unigram_baseline_accuracy"])
+    assert (tmp_path / "demo" / "loss_curve.png").is_file()
