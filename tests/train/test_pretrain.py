@@ -280,3 +280,12 @@ def test_the_no_argument_demo_runs_offline_and_beats_the_unigram_baseline(tmp_pa
     final = rows(tmp_path / "demo", "eval")[-1]
     assert float(final["masked_lm_accuracy"]) > float(final["unigram_baseline_accuracy"])
     assert (tmp_path / "demo" / "loss_curve.png").is_file()
+
+
+def test_half_precision_falls_back_to_fp32_where_the_hardware_lacks_it(caplog):
+    from bertkit.train.precision import resolve
+
+    fp16 = resolve("fp16", torch.device("cpu"))
+    assert fp16.dtype is None and not fp16.scaler.is_enabled() and "fp16" in caplog.text
+    with pytest.raises(BertkitError, match="fp32, bf16, fp16"):
+        resolve("fp8", torch.device("cpu"))

@@ -442,8 +442,10 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
             train_row = {**metrics(window, cfg.objective), "lr": scheduler.get_last_lr()[0],
                          "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch}
             log.log("train", pos.step, train_row)
+            sentence = train_row.get(SENTENCE_METRIC.get(cfg.objective, ""))
             bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
-                            tok_s=f"{train_row['tokens_per_s']:,.0f}")
+                            **({cfg.objective[4:] + "_acc": f"{sentence:.3f}"} if sentence is not None else {}),
+                            lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}")
             window.zero_()
             started = time.perf_counter()
         if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
