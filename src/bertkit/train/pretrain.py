@@ -426,19 +426,20 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
               + (f"; resuming at step {pos.step} from {resume_from}" if resume_from else ""))
     bar = tqdm(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
     window = torch.zeros(len(SUMS), device=d.device)
-    started = time.perf_counter()
+    seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
     steps = batches(pos.epoch, pos.step_in_epoch)
     last_saved = pos.step if resume_from is not None else None
     train_row: dict = {}
     while pos.step < cfg.max_steps:
+        started = time.perf_counter()
         epoch, step_in_epoch, micro_batches = next(steps)
         window += train_step(ddp_model, micro_batches, optimizer, scheduler, precision, cfg.clip_norm, d.device,
                              top_token)
+        seconds += time.perf_counter() - started
         pos = Position(pos.step + 1, epoch, step_in_epoch)
         bar.update(1)
         if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
             distributed.all_reduce_sum(window, d)
-            seconds = time.perf_counter() - started
             train_row = {**metrics(window, cfg.objective), "lr": scheduler.get_last_lr()[0],
                          "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch}
             log.log("train", pos.step, train_row)
@@ -447,14 +448,12 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
                             **({cfg.objective[4:] + "_acc": f"{sentence:.3f}"} if sentence is not None else {}),
                             lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}")
             window.zero_()
-            started = time.perf_counter()
+            seconds = 0.0
         if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
             run_eval()
-            started = time.perf_counter()
         if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
             save()
             last_saved = pos.step
-            started = time.perf_counter()
     bar.close()
 
     final = run_eval()
