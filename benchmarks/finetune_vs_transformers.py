@@ -4,13 +4,14 @@ Same checkpoint, seed, data, optimizer (AdamW, eps 1e-6, weight decay 0.01 excep
 schedule (10% linear warm-up, linear decay), gradient clipping (1.0), batch size and max length. The transformers
 side is the loop of its `run_glue_no_trainer.py` example: shuffled batches padded to their longest row by
 DataCollatorWithPadding. bertkit's side is the library's own `finetune` (length-grouped batches, padding removed in
-the encoder). Scores are the last epoch's on both sides; times are the training part of each epoch (no
+the encoder). Both sides of a run take the same seed. Scores are the last epoch's on both sides; times are the training part of each epoch (no
 evaluation, no tokenization), wall and CPU. The two tasks run in opposite orders (SST-2 bertkit first, MRPC
 transformers first) so that a busier stretch of a shared machine does not always fall on the same side.
 
     python benchmarks/finetune_vs_transformers.py --threads 1 --sst2-examples 8000
 
-prints a table and writes (or replaces) the "Fine-tuning vs transformers" section of benchmarks/RESULTS.md.
+prints a table and writes (or replaces) the "Fine-tuning vs transformers" section of benchmarks/RESULTS.md. Runs
+accumulate in --out/results.json per task and seed, so a later invocation with other --seeds adds to the table.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def task_files(data: Path, task: str) -> tuple[Path, Path]:
     return data / f"glue/{task}/train.tsv", data / f"glue/{task}/dev.tsv"
 
 
-def run_bertkit(args, task: str, n_train: int | None, epochs: int) -> dict:
+def run_bertkit(args, task: str, n_train: int | None, epochs: int, seed: int) -> dict:
     train_file, eval_file = task_files(args.data, task)
     config = FinetuneConfig(
         model_dir=str(args.model_dir), task=task, train_file=str(train_file), eval_file=str(eval_file),
-        out_dir=str(args.out / f"bertkit-{task}"), lr=args.lr, batch_size=args.batch_size, epochs=epochs,
-        max_length=args.max_length, seed=args.seed, eval_batch_size=args.eval_batch_size,
+        out_dir=str(args.out / f"bertkit-{task}-seed{seed}"), lr=args.lr, batch_size=args.batch_size, epochs=epochs,
+        max_length=args.max_length, seed=seed, eval_batch_size=args.eval_batch_size,
         limit_train_examples=n_train, threads=args.threads, device="cpu",
     )
     record = finetune(config)
@@ -59,7 +60,7 @@ def run_bertkit(args, task: str, n_train: int | None, epochs: int) -> dict:
             "train_examples": record["train_examples"]}
 
 
-def run_transformers(args, task: str, n_train: int | None, epochs: int) -> dict:
+def run_transformers(args, task: str, n_train: int | None, epochs: int, seed: int) -> dict:
     """The plain transformers loop: shuffle, pad each batch to its longest row, step; score after each epoch."""
     from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
     from transformers import get_linear_schedule_with_warmup
@@ -81,7 +82,7 @@ def run_transformers(args, task: str, n_train: int | None, epochs: int) -> dict:
 
     train_rows, eval_rows = features(train, True), features(evals, False)
     collator = DataCollatorWithPadding(tokenizer)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=len(spec.labels))
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "LayerNorm" in n)]
@@ -92,7 +93,7 @@ def run_transformers(args, task: str, n_train: int | None, epochs: int) -> dict:
     result = {"epoch_seconds": [], "epoch_cpu_seconds": [], "train_examples": len(train_rows)}
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         start, start_cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(order), args.batch_size):
             batch = collator([train_rows[j] for j in order[i : i + args.batch_size]])
@@ -124,7 +125,8 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def section(args, results: dict, command: str) -> str:
+def section(args, results: dict) -> str:
+    """The RESULTS.md section: one row per task, scores and times averaged over the seeds run."""
     import transformers
 
     lines = [
@@ -132,33 +134,40 @@ def section(args, results: dict, command: str) -> str:
         "",
         f"Machine: {os.cpu_count()}-core CPU ({cpu_model()}), shared with other jobs; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {args.threads} torch thread(s) on both sides.",
-        f"Command: `{command}`",
+        "Commands:",
+        *(f"`{command}`" + ("  " if i < len(results["commands"]) - 1 else "") for i, command in enumerate(results["commands"])),
         "",
-        f"Checkpoint {args.model_dir.name}, seed {args.seed}, lr {args.lr:g}, batch {args.batch_size}, max length "
-        f"{args.max_length}, AdamW (eps 1e-6, weight decay 0.01), 10% warm-up then linear decay, clipping 1.0. "
-        "Scores: the last epoch, SST-2 on its dev set, MRPC trained on msr_paraphrase_train.txt and scored on "
-        "msr_paraphrase_test.txt. Time: training only, per epoch (mean over epochs); ratio = transformers / bertkit.",
+        f"Checkpoint {args.model_dir.name}, lr {args.lr:g}, batch {args.batch_size}, max length {args.max_length}, "
+        "AdamW (eps 1e-6, weight decay 0.01), 10% warm-up then linear decay, clipping 1.0; both sides take the same "
+        "seed per run. Scores: the last epoch, mean over the seeds (each seed in brackets); SST-2 on its dev set, MRPC "
+        "trained on msr_paraphrase_train.txt and scored on msr_paraphrase_test.txt. Time: training only, mean per "
+        "epoch over all runs, wall (CPU); speed-up = transformers / bertkit.",
         "",
-        "| task | train examples | epochs | bertkit | transformers | bertkit s/epoch (CPU s) "
-        "| transformers s/epoch (CPU s) | speed-up wall | speed-up CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | train examples | epochs | seeds | bertkit | transformers | bertkit s/epoch "
+        "| transformers s/epoch | speed-up wall | speed-up CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for task, r in results.items():
-        ours, theirs = r["bertkit"], r["transformers"]
+    for task, by_seed in results["runs"].items():
+        metrics = get_task(task).metrics
+        runs = list(by_seed.values())
 
-        def score(x):
-            return "/".join(f"{x['scores'][m]:.2f}" for m in get_task(task).metrics)
+        def score(side):
+            per_seed = [[r[side]["scores"][m] for m in metrics] for r in runs]
+            mean = "/".join(f"{sum(s[i] for s in per_seed) / len(per_seed):.2f}" for i in range(len(metrics)))
+            each = ", ".join("/".join(f"{v:.2f}" for v in s) for s in per_seed)
+            return mean + (f" [{each}]" if len(runs) > 1 else "")
 
-        def mean(x, key):
-            return sum(x[key]) / len(x[key])
+        def seconds(side, key):
+            values = [t for r in runs for t in r[side][key]]
+            return sum(values) / len(values)
 
-        names = "/".join(get_task(task).metrics)
+        ours, theirs = (seconds(side, "epoch_seconds") for side in ("bertkit", "transformers"))
+        ours_cpu, theirs_cpu = (seconds(side, "epoch_cpu_seconds") for side in ("bertkit", "transformers"))
+        first = runs[0]["bertkit"]
         lines.append(
-            f"| {task} | {ours['train_examples']:,} | {len(ours['epoch_seconds'])} | {score(ours)} ({names}) | "
-            f"{score(theirs)} | {mean(ours, 'epoch_seconds'):.0f} ({mean(ours, 'epoch_cpu_seconds'):.0f}) | "
-            f"{mean(theirs, 'epoch_seconds'):.0f} ({mean(theirs, 'epoch_cpu_seconds'):.0f}) | "
-            f"{mean(theirs, 'epoch_seconds') / mean(ours, 'epoch_seconds'):.2f}x | "
-            f"{mean(theirs, 'epoch_cpu_seconds') / mean(ours, 'epoch_cpu_seconds'):.2f}x |"
+            f"| {task} | {first['train_examples']:,} | {len(first['epoch_seconds'])} | {', '.join(by_seed)} | "
+            f"{score('bertkit')} ({'/'.join(metrics)}) | {score('transformers')} | {ours:.0f} ({ours_cpu:.0f}) | "
+            f"{theirs:.0f} ({theirs_cpu:.0f}) | {theirs / ours:.2f}x | {theirs_cpu / ours_cpu:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -185,7 +194,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed on each side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/finetune_vs_transformers"))
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
@@ -194,19 +203,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    results = {}
-    for index, task in enumerate(args.tasks):
-        task = get_task(task).name
+    # runs accumulate per (task, seed) over invocations, so more seeds can be added to a table later
+    path = args.out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
+    command = "python benchmarks/finetune_vs_transformers.py " + shlex.join(sys.argv[1:])
+    results["commands"] = [c for c in results["commands"] if c != command.strip()] + [command.strip()]
+    pairs = [(get_task(task).name, seed) for task in args.tasks for seed in args.seeds]
+    for index, (task, seed) in enumerate(pairs):
         n_train = args.sst2_examples if task == "SST-2" else args.mrpc_examples
         epochs = args.sst2_epochs if task == "SST-2" else args.mrpc_epochs
         sides = [("bertkit", run_bertkit), ("transformers", run_transformers)]
-        results[task] = {}
-        for side, run in sides if index % 2 == 0 else sides[::-1]:
-            results[task][side] = run(args, task, n_train, epochs)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        run = {side: fn(args, task, n_train, epochs, seed) for side, fn in (sides if index % 2 == 0 else sides[::-1])}
+        earlier = results["runs"].setdefault(task, {})
+        if any(r["bertkit"]["train_examples"] != run["bertkit"]["train_examples"]
+               or len(r["bertkit"]["epoch_seconds"]) != epochs for r in earlier.values()):
+            earlier.clear()  # other settings: the task's row starts afresh rather than mixing the two
+        earlier[str(seed)] = run
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
-    command = "python benchmarks/finetune_vs_transformers.py " + shlex.join(sys.argv[1:])
-    text = section(args, results, command.strip())
+    text = section(args, results)
     print(text)
     if not args.no_write:
         write_section(args.results, text)
