@@ -5,8 +5,8 @@ schedule (10% linear warm-up, linear decay), gradient clipping (1.0), batch size
 side is the loop of its `run_glue_no_trainer.py` example: shuffled batches padded to their longest row by
 DataCollatorWithPadding. bertkit's side is the library's own `finetune` (length-grouped batches, padding removed in
 the encoder). Both sides of a run take the same seed. Scores are the last epoch's on both sides; times are the training part of each epoch (no
-evaluation, no tokenization), wall and CPU. The two tasks run in opposite orders (SST-2 bertkit first, MRPC
-transformers first) so that a busier stretch of a shared machine does not always fall on the same side.
+evaluation, no tokenization), wall and CPU. Consecutive runs alternate which side goes first, so that a busier
+stretch of a shared machine does not always fall on the same side.
 
     python benchmarks/finetune_vs_transformers.py --threads 1 --sst2-examples 8000
 
