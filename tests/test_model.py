@@ -99,3 +99,24 @@ def test_fused_qkv_cache_follows_weight_updates():
     with torch.no_grad():
         assert not torch.allclose(before, after)
         assert torch.allclose(after, fresh(ids).last_hidden_state, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_on_cpu():
+    """--compile on CPU (slow: inductor compiles C++ for a minute on a small machine)."""
+    from bertkit.model import compile_blocks
+
+    torch.manual_seed(0)
+    config = BertConfig.from_preset("tiny", vocab_size=500)
+    eager = BertForPreTraining(config).eval()
+    compiled = BertForPreTraining(config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled)
+    ids = torch.randint(5, 500, (4, 32))
+    mask = torch.ones_like(ids)
+    mask[2:, 20:] = 0
+    labels = torch.where((torch.rand(ids.shape) < 0.2) & mask.bool(), ids, -100)
+    labels[:, 1] = ids[:, 1]
+    a = eager(ids, attention_mask=mask, labels=labels, masked_positions=labels != -100).loss
+    b = compiled(ids, attention_mask=mask, labels=labels, masked_positions=labels != -100).loss
+    assert abs(a.item() - b.item()) < 1e-5

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from bertkit.config import BertConfig
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
+from bertkit.model import compile_blocks
 from bertkit.tasks.classification import TextTask, load_text_task, parse_lines
 from bertkit.tasks.inference import to_device
 from bertkit.tasks.squad import SquadTask, load_squad_task, parse_questions
@@ -74,6 +75,8 @@ class FinetuneConfig:
     limit_train_examples: int | None = option(None, "train on the first N examples only (for quick runs)")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps after a first, "
+                           "compiling one (tens of seconds; on CPU a C++ compiler is needed)")
     predict: bool = option(False, "GLUE: after training, write the leaderboard file for test.tsv with the best model")
 
     def __post_init__(self):
@@ -193,6 +196,8 @@ def finetune(config: FinetuneConfig) -> dict:
     seed_everything(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
     model = task.model_class.from_pretrained(config.model_dir, **task.model_overrides()).to(device)
+    if config.compile:
+        compile_blocks(model)
     rows = task.train_rows(tokenizer, config)
     lengths = [len(r["input_ids"]) for r in rows]
 

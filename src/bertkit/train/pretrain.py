@@ -38,7 +38,7 @@ from bertkit.checkpoint import (
 )
 from bertkit.config import PRESETS, BertConfig
 from bertkit.errors import BertkitError
-from bertkit.model import BertForPreTraining
+from bertkit.model import BertForPreTraining, compile_blocks
 from bertkit.train import distributed
 from bertkit.train.distributed import Distributed
 from bertkit.train.loader import PretrainBatches, eval_loader
@@ -105,6 +105,8 @@ class PretrainConfig:
                               "RUN_DIR/checkpoints (a fresh start if there is none)")
     num_workers: int = _opt(0, "DataLoader worker processes per training process (0: load in the main process)")
     threads: int | None = _opt(None, "CPU threads for torch per process; unset, torch takes one per core")
+    compile: bool = _opt(False, "torch.compile the encoder blocks (dynamic shapes): faster steps once the first step "
+                         "has compiled them (tens of seconds; on CPU a C++ compiler is needed)")
 
     def __post_init__(self):
         try:
@@ -388,6 +390,8 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
         state = load_training_state(resume_from / TRAINING_STATE_NAME)
     model.to(d.device)
+    if cfg.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, betas=cfg.betas)
     scheduler = warmup_linear(optimizer, warmup_steps_for(cfg.max_steps, cfg.warmup), cfg.max_steps)
     precision = resolve(cfg.precision, d.device)
