@@ -1,0 +1,178 @@
+"""The CUDA paths: parity with transformers on the GPU, bf16/fp16 autocast, fused AdamW, pretraining and fine-tuning
+runs on a GPU. Skipped where there is no CUDA device (CI has none); run by hand on a GPU machine:
+
+    BERTKIT_DATA=... python -m pytest -q tests/test_cuda.py
+"""
+
+import pytest
+import torch
+
+import bertkit
+from bertkit import BertConfig
+from bertkit.train.optim import build_optimizer
+from bertkit.train.precision import resolve
+from test_parity import assert_grads_match, batch, hf_twin, mlm_labels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+transformers = pytest.importorskip("transformers")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 parity needs true fp32 GEMMs: no TF32 for these tests."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def twins(tmp_path, preset="mini"):
+    torch.manual_seed(0)
+    ours = bertkit.BertForPreTraining(BertConfig.from_preset(preset, vocab_size=1000, max_position_embeddings=64))
+    theirs = hf_twin(ours, "BertForPreTraining", tmp_path)
+    return ours.to(CUDA), theirs.to(CUDA)
+
+
+def pretraining_inputs(seed=0):
+    ids, types, mask = batch(1000, B=4, T=24, seed=seed)
+    labels = mlm_labels(ids, mask)
+    return [t.to(CUDA) for t in (ids, types, mask, labels)] + [torch.tensor([0, 1, 1, 0], device=CUDA)]
+
+
+def test_forward_loss_and_gradients_match_transformers_on_cuda(tmp_path):
+    ours, theirs = twins(tmp_path)
+    ours.eval(), theirs.eval()
+    ids, types, mask, labels, nsp = pretraining_inputs()
+    a = ours(ids, types, mask, labels=labels, next_sentence_label=nsp)
+    b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    real = mask.bool()
+    assert (a.prediction_logits[real] - b.prediction_logits[real]).abs().max() < 1e-4
+    assert (a.seq_relationship_logits - b.seq_relationship_logits).abs().max() < 1e-5
+    assert abs(a.loss.item() - b.loss.item()) < 1e-5
+    a.loss.backward()
+    b.loss.backward()
+    assert_grads_match(ours, theirs)
+
+
+def test_masked_positions_loss_equals_full_loss_on_cuda(tmp_path):
+    ours, _ = twins(tmp_path)
+    ours.eval()
+    ids, types, mask, labels, nsp = pretraining_inputs(seed=3)
+    full = ours(ids, types, mask, labels=labels, next_sentence_label=nsp).loss
+    sparse = ours(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=labels != -100).loss
+    assert abs(full.item() - sparse.item()) < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_autocast_tracks_fp32(tmp_path, precision):
+    """Under autocast the loss stays within 1% of fp32, and a few optimizer steps (GradScaler for fp16) lower it."""
+    ours, _ = twins(tmp_path)
+    ids, types, mask, labels, nsp = pretraining_inputs()
+    ours.eval()
+    reference = ours(ids, types, mask, labels=labels, next_sentence_label=nsp).loss.item()
+    p = resolve(precision, CUDA)
+    assert p.dtype is {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert p.scaler.is_enabled() == (precision == "fp16")
+    with p.autocast():
+        half = ours(ids, types, mask, labels=labels, next_sentence_label=nsp).loss.item()
+    assert abs(half - reference) < 0.01 * reference
+    ours.train()
+    optimizer = build_optimizer(ours, "adamw", 1e-3, 0.01)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad(set_to_none=True)
+        with p.autocast():
+            loss = ours(ids, types, mask, labels=labels, next_sentence_label=nsp).loss
+        p.scaler.scale(loss).backward()
+        p.scaler.step(optimizer)
+        p.scaler.update()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_adamw_is_fused_on_cuda(tmp_path):
+    ours, _ = twins(tmp_path, "tiny")
+    assert build_optimizer(ours, "adamw", 1e-4, 0.01).defaults["fused"] is True
+    assert build_optimizer(ours.cpu(), "adamw", 1e-4, 0.01).defaults["fused"] is None
+
+
+def test_pretrain_runs_on_cuda_in_bf16_and_resumes(tmp_path):
+    """The whole pretraining loop on the GPU in bf16, then a run resumed from its step-40 checkpoint ends where the
+    uninterrupted run ended (closely: GPU kernels with atomics are not bitwise repeatable)."""
+    import shutil
+
+    from conftest import data_path
+
+    from bertkit.checkpoint import list_checkpoints
+    from bertkit.data.prepare import prepare
+    from bertkit.tokenizer import train_vocab
+    from bertkit.train.logs import read_csv
+    from bertkit.train.pretrain import PretrainConfig, pretrain
+
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    text = tmp_path / "slice.txt"
+    text.write_text("".join(lines[:4000]), encoding="utf-8")
+    tokenizer = train_vocab([text], tmp_path / "tokenizer", vocab_size=500, show_progress=False)
+    prepare([text], tokenizer, tmp_path / "data", heldout_fraction=0.1, progress=False)
+    cfg = PretrainConfig(tokenizer=str(tmp_path / "tokenizer"), data=str(tmp_path / "data"), max_length=64,
+                         batch_size=32, lr=1e-3, max_steps=80, log_every=1, eval_every=40, eval_batches=4,
+                         save_every=40, keep_last=0, precision="bf16", run_dir=str(tmp_path / "whole"))
+    whole = pretrain(cfg)
+    assert whole["step"] == 80
+    losses = [float(r["loss"]) for r in read_csv(tmp_path / "whole" / "train.csv")]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.4, losses
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    shutil.rmtree(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])  # as if it died after step 40
+    resumed = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "split"), "resume": "auto"}))
+    assert resumed["step"] == 80
+    assert abs(resumed["loss"] - whole["loss"]) < 0.02 * whole["loss"], (resumed, whole)
+
+
+def test_finetune_runs_on_cuda(tmp_path):
+    """A short SST-2 fine-tuning on the GPU from a small random BERT learns the training rows."""
+    from conftest import data_path
+
+    from bertkit.tasks.finetune import FinetuneConfig, finetune
+    from bertkit.tokenizer import train_vocab
+
+    sst2 = data_path("glue", "SST-2")
+    rows = sst2.joinpath("train.tsv").read_text(encoding="utf-8").splitlines()
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    data.joinpath("train.tsv").write_text("\n".join(rows[:2001]) + "\n", encoding="utf-8")
+    data.joinpath("dev.tsv").write_text("\n".join(rows[:1] + rows[2001:2401]) + "\n", encoding="utf-8")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(r.split("\t")[0] for r in rows[1:5001]), encoding="utf-8")
+    tokenizer = train_vocab([text], tmp_path / "tokenizer", vocab_size=2000, show_progress=False)
+    torch.manual_seed(0)
+    model = bertkit.BertForSequenceClassification(BertConfig.from_preset("mini", vocab_size=tokenizer.vocab_size, num_labels=2))
+    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    record = finetune(FinetuneConfig(task="SST-2", data_dir=str(data), model_dir=str(tmp_path / "model"),
+                                     out_dir=str(tmp_path / "out"), epochs=3, lr=1e-4, batch_size=32, device="cuda"))
+    assert record["best"]["accuracy"] > 0.6, record
+
+
+def test_compiled_blocks_match_eager_on_cuda(tmp_path):
+    """--compile: the same loss and gradients as eager, for padded and unpadded batches, without renaming weights."""
+    from bertkit.model import compile_blocks
+
+    eager, _ = twins(tmp_path)
+    compiled, _ = twins(tmp_path / "again")
+    compile_blocks(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager.eval(), compiled.eval()
+    for seed in (0, 1):
+        ids, types, mask, labels, nsp = pretraining_inputs(seed)
+        if seed == 1:
+            mask = torch.ones_like(mask)  # no padding: the other path through the blocks
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=labels != -100).loss
+            loss.backward()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-4, losses
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max() + 1e-7, name
