@@ -9,6 +9,7 @@ evaluation, no tokenization), wall and CPU. Consecutive runs alternate which sid
 stretch of a shared machine does not always fall on the same side.
 
     python benchmarks/finetune_vs_transformers.py --threads 1 --sst2-examples 8000
+    python benchmarks/finetune_vs_transformers.py --device cuda --sst2-examples 67349 --seeds 1 2 3   # on a GPU, fp32
 
 prints a table and writes (or replaces) the "Fine-tuning vs transformers" section of benchmarks/RESULTS.md. Runs
 accumulate in --out/results.json per task and seed, so a later invocation with other --seeds adds to the table.
@@ -49,7 +50,7 @@ def run_bertkit(args, task: str, n_train: int | None, epochs: int, seed: int) ->
         model_dir=str(args.model_dir), task=task, train_file=str(train_file), eval_file=str(eval_file),
         out_dir=str(args.out / f"bertkit-{task}-seed{seed}"), lr=args.lr, batch_size=args.batch_size, epochs=epochs,
         max_length=args.max_length, seed=seed, eval_batch_size=args.eval_batch_size,
-        limit_train_examples=n_train, threads=args.threads, device="cpu",
+        limit_train_examples=n_train, threads=args.threads, device=args.device,
     )
     record = finetune(config)
     last = record["epochs"][-1]
@@ -83,7 +84,8 @@ def run_transformers(args, task: str, n_train: int | None, epochs: int, seed: in
     train_rows, eval_rows = features(train, True), features(evals, False)
     collator = DataCollatorWithPadding(tokenizer)
     torch.manual_seed(seed)
-    model = BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=len(spec.labels))
+    model = BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=len(spec.labels),
+                                                          dtype=torch.float32).to(args.device)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "LayerNorm" in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -96,20 +98,22 @@ def run_transformers(args, task: str, n_train: int | None, epochs: int, seed: in
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         start, start_cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(order), args.batch_size):
-            batch = collator([train_rows[j] for j in order[i : i + args.batch_size]])
+            batch = collator([train_rows[j] for j in order[i : i + args.batch_size]]).to(args.device)
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         result["epoch_seconds"].append(time.perf_counter() - start)
         result["epoch_cpu_seconds"].append(time.process_time() - start_cpu)
         model.eval()
         predictions = []
         with torch.no_grad():
             for i in range(0, len(eval_rows), args.eval_batch_size):
-                logits = model(**collator(eval_rows[i : i + args.eval_batch_size])).logits
+                logits = model(**collator(eval_rows[i : i + args.eval_batch_size]).to(args.device)).logits
                 predictions += logits.argmax(-1).tolist()
         result["scores"] = glue_metrics(task, predictions, [e.label for e in evals])
         print(f"transformers {task} epoch {epoch}: {result['scores']}, {result['epoch_seconds'][-1]:.0f}s",
@@ -125,15 +129,25 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
+def heading(args) -> str:
+    return HEADING + (" (GPU)" if args.device == "cuda" else "")
+
+
 def section(args, results: dict) -> str:
     """The RESULTS.md section: one row per task, scores and times averaged over the seeds run."""
     import transformers
 
+    if args.device == "cuda":
+        machine = (f"Machine: {torch.cuda.get_device_name()} (fp32, TF32 off, both sides), {os.cpu_count()} CPU cores; "
+                   f"torch {torch.__version__}, transformers {transformers.__version__}.")
+    else:
+        machine = (f"Machine: {os.cpu_count()}-core CPU ({cpu_model()}), shared with other jobs; torch "
+                   f"{torch.__version__}, transformers {transformers.__version__}, {args.threads} torch thread(s) on "
+                   "both sides.")
     lines = [
-        HEADING,
+        heading(args),
         "",
-        f"Machine: {os.cpu_count()}-core CPU ({cpu_model()}), shared with other jobs; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {args.threads} torch thread(s) on both sides.",
+        machine,
         "Commands:",
         *(f"`{command}`" + ("  " if i < len(results["commands"]) - 1 else "") for i, command in enumerate(results["commands"])),
         "",
@@ -172,10 +186,10 @@ def section(args, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, title: str) -> None:
     """Replace this benchmark's section of RESULTS.md, or append it; other sections are left as they are."""
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new, encoding="utf-8")
 
@@ -196,11 +210,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed on each side")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides train (fp32)")
     parser.add_argument("--out", type=Path, default=Path("runs/finetune_vs_transformers"))
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the same fp32 maths on both sides
     args.out.mkdir(parents=True, exist_ok=True)
 
     # runs accumulate per (task, seed) over invocations, so more seeds can be added to a table later
@@ -224,7 +240,7 @@ def main() -> None:
     text = section(args, results)
     print(text)
     if not args.no_write:
-        write_section(args.results, text)
+        write_section(args.results, text, heading(args))
 
 
 if __name__ == "__main__":

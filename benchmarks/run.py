@@ -1,12 +1,14 @@
 """Side-by-side speed and memory: bertkit against transformers on the same config, weights, batches and threads.
 
-    python benchmarks/run.py --suite cpu                 # every case, results into benchmarks/results/
+    python benchmarks/run.py --suite cpu                 # every CPU case, results into benchmarks/results/
     python benchmarks/run.py --cases pretrain-mini       # one case
+    python benchmarks/run.py --suite gpu                 # on a CUDA GPU: bf16 autocast and fused AdamW on both sides
 
 Each case builds both models from the same weights, feeds both the same batches of real text from
 $BERTKIT_DATA, alternates bertkit and transformers round by round (warm-up rounds excluded) and reports
-tokens/s for both, their ratio, model FLOP utilisation against the measured fp32 matmul peak of this
-machine, and peak memory (each side measured alone in a fresh subprocess, as the peak resident set).
+tokens/s for both, their ratio, model FLOP utilisation against the measured matmul peak of this
+machine (fp32 on CPU, bf16 on GPU), and peak memory (CPU: each side alone in a fresh subprocess, as the peak
+resident set; GPU: the peak of CUDA memory allocated above the weights and optimizer state while that side runs).
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ from bertkit.model import flops_per_token
 
 HERE = Path(__file__).resolve().parent
 SIDES = ("bertkit", "transformers")
+DEVICE = torch.device("cpu")  # set by main(); on CUDA both sides run under bf16 autocast
+COMPILE = False  # set by main(): bertkit's encoder blocks through torch.compile (transformers stays eager)
+
+
+def on_device(batch: dict) -> dict:
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+def autocast():
+    if DEVICE.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def data_dir() -> Path:
@@ -42,6 +58,13 @@ def data_dir() -> Path:
 
 
 def machine() -> dict:
+    if DEVICE.type == "cuda":
+        import transformers
+
+        props = torch.cuda.get_device_properties(DEVICE)
+        return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cores": os.cpu_count(),
+                "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                "python": platform.python_version(), "precision": "bf16 autocast"}
     model = platform.processor()
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -61,18 +84,26 @@ def machine() -> dict:
     }
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """The best fp32 GEMM rate this machine sustains at these threads: the denominator of MFU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(repeats: int = 10) -> float:
+    """The best GEMM rate this machine sustains (fp32 at these threads on CPU, bf16 on GPU): the denominator of MFU."""
+    n, dtype = (8192, torch.bfloat16) if DEVICE.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
     for _ in range(3):
         a @ b
     best = min(_time(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
 
 
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _time(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -139,8 +170,13 @@ def twin_models(cls_name: str, config: bertkit.BertConfig):
     ours = getattr(bertkit, cls_name)(config)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa")
-    return {"bertkit": ours, "transformers": theirs}
+        theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+    ours.to(DEVICE)
+    if COMPILE:
+        from bertkit.model import compile_blocks
+
+        compile_blocks(ours)
+    return {"bertkit": ours, "transformers": theirs.to(DEVICE)}
 
 
 def config_for(preset: str, **kw) -> bertkit.BertConfig:
@@ -163,16 +199,19 @@ class Case:
 
 def _train_step(model, optimizer, batch, call):
     optimizer.zero_grad(set_to_none=True)
-    loss = call(model, batch)
+    with autocast():
+        loss = call(model, batch)
     loss.backward()
     optimizer.step()
 
 
-def case_pretrain(preset: str, batch_size: int, n_batches: int) -> Case:
+def case_pretrain(preset: str, batch_size: int, n_batches: int, max_length: int = 128) -> Case:
     config = config_for(preset)
     models = twin_models("BertForPreTraining", config)
-    batches = pretraining_batches(batch_size, n_batches)
-    case = Case(f"pretrain-{preset}", f"MLM+NSP training step, {preset}, batch {batch_size}, length 128 (real corpus lengths)", config, 128, True)
+    batches = [on_device(b) for b in pretraining_batches(batch_size, n_batches, max_length)]
+    name = f"pretrain-{preset}" + (f"-{max_length}" if max_length != 128 else "")
+    case = Case(name, f"MLM+NSP training step, {preset}, batch {batch_size}, length {max_length} (real corpus lengths)",
+                config, max_length, True)
     from bertkit.train.optim import build_optimizer
 
     def ours(model, b):
@@ -212,6 +251,7 @@ def case_finetune_sst2(preset: str, batch_size: int, n_examples: int) -> Case:
         for group in batches:
             b = pad_batch([e for e, _ in group], tok)
             b["labels"] = torch.tensor([y for _, y in group])
+            b = on_device(b)
             units.append((lambda b=b, m=model, o=opt: _train_step(m, o, b, lambda m, b: m(**b).loss), int(b["attention_mask"].sum())))
         case.units[side] = [(lambda us=units: [u() for u, _ in us], sum(n for _, n in units))]
     return case
@@ -238,7 +278,7 @@ def case_squad(preset: str, batch_size: int, n_batches: int) -> Case:
         b = pad_batch(enc, tok)
         b["start_positions"] = torch.tensor([f.start_position for f in group])
         b["end_positions"] = torch.tensor([f.end_position for f in group])
-        batches.append(b)
+        batches.append(on_device(b))
     for side in SIDES:
         model = models[side].train()
         opt = build_optimizer(model, "adamw", 3e-5, 0.01)
@@ -251,12 +291,12 @@ def case_inference(preset: str, batch_size: int, n_batches: int) -> Case:
     config = config_for(preset, num_labels=2)
     models = twin_models("BertForSequenceClassification", config)
     sentences = random.Random(1).sample(sst2_sentences("dev"), batch_size * n_batches)
-    batches = [pad_batch([tok.encode(s, max_length=128) for s in sentences[k : k + batch_size]], tok)
+    batches = [on_device(pad_batch([tok.encode(s, max_length=128) for s in sentences[k : k + batch_size]], tok))
                for k in range(0, len(sentences), batch_size)]
     case = Case(f"inference-b{batch_size}-{preset}", f"SST-2 dev classification, inference, {preset}, batch {batch_size}", config, 64, False)
 
     def run(model, b):
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             model(**b)
 
     for side in SIDES:
@@ -265,13 +305,23 @@ def case_inference(preset: str, batch_size: int, n_batches: int) -> Case:
     return case
 
 
+def gpu() -> bool:
+    return DEVICE.type == "cuda"
+
+
+# Batch sizes: what fits this CPU's caches and time, and what keeps an 80 GB GPU busy.
 CASES = {
-    "pretrain-mini": lambda a: case_pretrain("mini", 32, a.batches),
-    "pretrain-base": lambda a: case_pretrain("base", 8, a.batches),
+    "pretrain-mini": lambda a: case_pretrain("mini", 256 if gpu() else 32, a.batches),
+    "pretrain-base": lambda a: case_pretrain("base", 128 if gpu() else 8, a.batches),
+    "pretrain-base-512": lambda a: case_pretrain("base", 32 if gpu() else 2, a.batches, max_length=512),
     "finetune-sst2": lambda a: case_finetune_sst2(a.preset, 32, 32 * a.batches),
-    "finetune-squad": lambda a: case_squad(a.preset, 4, a.batches),
+    "finetune-squad": lambda a: case_squad(a.preset, 32 if gpu() else 4, a.batches),
     "inference-b32": lambda a: case_inference(a.preset, 32, a.batches),
     "inference-b1": lambda a: case_inference(a.preset, 1, 8 * a.batches),
+}
+SUITES = {
+    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-squad", "inference-b32", "inference-b1"],
+    "gpu": list(CASES),
 }
 
 
@@ -295,10 +345,18 @@ def measure(case: Case, rounds: int, warmup: int) -> dict:
     return out
 
 
-def peak_memory_mb(case_name: str, side: str, args) -> float:
-    """Peak resident memory of one side running the case alone, in a fresh process."""
+def peak_memory_mb(case_name: str, side: str, args, case: Case) -> float:
+    """CPU: peak resident memory of one side running the case alone, in a fresh process.
+    GPU: peak CUDA memory allocated above what was already held (both models, optimizer state) while one side runs."""
+    if gpu():
+        held = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        for fn, _ in case.units[side]:
+            fn()
+        _sync()
+        return (torch.cuda.max_memory_allocated(DEVICE) - held) / 2**20
     cmd = [sys.executable, __file__, "--probe", case_name, side, "--batches", str(args.batches),
-           "--preset", args.preset, "--threads", str(args.threads)]
+           "--preset", args.preset, "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -318,21 +376,29 @@ def probe(case_name: str, side: str, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["cpu"], help="run every case")
+    parser.add_argument("--suite", choices=list(SUITES), help="run every case of a suite (gpu: on CUDA, bf16 autocast)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases")
     parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
     parser.add_argument("--batches", type=int, default=3, help="batches per side per round")
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for both")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda for --suite gpu)")
+    parser.add_argument("--compile", action="store_true", help="bertkit's encoder blocks through torch.compile "
+                        "(compiled in the warm-up round; transformers stays eager)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results and the plot")
     parser.add_argument("--probe", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE, COMPILE
+    COMPILE = args.compile
+    DEVICE = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda (or --suite gpu): no CUDA device here")
     if args.probe:
         return probe(*args.probe, args)
-    names = list(CASES) if args.suite else (args.cases or parser.error("give --suite cpu or --cases"))
+    names = SUITES[args.suite] if args.suite else (args.cases or parser.error("give --suite cpu|gpu or --cases"))
     info = machine()
     info["matmul_peak_gflops"] = peak = matmul_peak_gflops()
     print(json.dumps(info))
@@ -345,8 +411,11 @@ def main() -> None:
         for side in SIDES:
             row[side] = {**r[side], "mfu": r[side]["tokens_per_s"] * flops / (peak * 1e9)}
             if not args.no_memory:
-                row[side]["peak_mb"] = peak_memory_mb(name, side, args)
+                row[side]["peak_mb"] = peak_memory_mb(name, side, args, case)
         results.append(row)
+        del case
+        if gpu():
+            torch.cuda.empty_cache()
         b, t = row["bertkit"], row["transformers"]
         mem = f"  peak MB {b['peak_mb']:.0f} vs {t['peak_mb']:.0f}" if not args.no_memory else ""
         print(f"{name:16s} bertkit {b['tokens_per_s']:9.0f} tok/s  transformers {t['tokens_per_s']:9.0f} tok/s  "
@@ -373,7 +442,8 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     for y, x in enumerate(ratios):
         ax.text(x, y, f" {x:.2f}x", va="center")
     ax.set_xlabel("bertkit tokens/s ÷ transformers tokens/s (higher is better)")
-    ax.set_title(f"{info['cpu']}, {info['threads']} threads", fontsize=9)
+    where = info["gpu"] + ", bf16 autocast" if "gpu" in info else f"{info['cpu']}, {info['threads']} threads"
+    ax.set_title(where, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
