@@ -316,3 +316,13 @@ def test_the_model_can_fit_next_sentence_labels_of_a_fixed_batch(inputs):
     with torch.no_grad():
         logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).seq_relationship_logits
     assert torch.equal(logits.argmax(-1), batch["next_sentence_label"])
+
+
+def test_resuming_a_finished_run_logs_its_final_evaluation_once(inputs, tmp_path):
+    cfg = small(inputs, tmp_path / "run", max_steps=6, eval_every=3, save_every=0)
+    first = pretrain(cfg)
+    again = pretrain(PretrainConfig(**{**vars(cfg), "resume": "auto"}))
+    assert again["step"] == 6
+    assert [int(r["step"]) for r in rows(tmp_path / "run", "eval")] == [3, 6]
+    assert [int(r["step"]) for r in rows(tmp_path / "run")] == list(range(1, 7))
+    assert again["masked_lm_accuracy"] == first["masked_lm_accuracy"]

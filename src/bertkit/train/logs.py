@@ -12,7 +12,9 @@ logger = logging.getLogger("bertkit")
 class RunLogger:
     """Appends metric rows per stream (`train`, `eval`) to `<stream>.csv` and TensorBoard; plots them on demand."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first new step; TensorBoard drops the events an interrupted run wrote from
+        there on, as `truncate` does for the CSV files."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._writer = None
@@ -20,7 +22,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                 logger.warning("tensorboard is not installed: logging to CSV only")
 
@@ -40,7 +42,9 @@ class RunLogger:
         path = self.run_dir / f"{stream}.csv"
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         rows = read_csv(path) if path.exists() else []
-        if rows and set(rows[0]) != set(row):  # a new column: rewrite with the union of the columns
+        if rows and float(rows[-1]["step"]) == step:  # the same step again (a finished run resumed): replace it
+            _write_rows(path, rows[:-1] + [row])
+        elif rows and set(rows[0]) != set(row):  # a new column: rewrite with the union of the columns
             _write_rows(path, rows + [row])
         else:
             new = not path.exists()

@@ -403,7 +403,7 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
     if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
         (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     ddp_model = distributed.wrap(model, d)
-    log = RunLogger(run_dir, enabled=d.is_main)
+    log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if resume_from is not None else None)
     log.truncate(pos.step)
     plot_keys = ("loss", "masked_lm_accuracy", SENTENCE_METRIC.get(cfg.objective, "masked_lm_loss"))
     held_out = eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d)
