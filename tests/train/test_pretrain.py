@@ -55,6 +55,9 @@ def flags(cfg: PretrainConfig) -> list[str]:
     for name, value in vars(cfg).items():
         if value is None or name == "corpus":
             continue
+        if isinstance(value, bool):
+            out.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
+            continue
         out += [f"--{name.replace('_', '-')}", *(map(str, value) if isinstance(value, tuple) else [str(value)])]
     return out
 
