@@ -105,3 +105,27 @@ def test_squad1_refuses_a_v2_file(tiny_model_dir, tmp_path):
     file = slice_of("dev-v2.0-half.json", tmp_path / "slice.json", articles=(0, 1))
     with pytest.raises(BertkitError, match="unanswerable questions .* expected --task squad2"):
         finetune(config(tiny_model_dir, tmp_path / "run", "squad1", file))
+
+
+def test_squad2_threshold_search_sees_the_answers_the_threshold_hides(tmp_path, monkeypatch):
+    """Null odds above the threshold for every question must not hide the spans from the best-threshold search:
+    answered at odds <= 4, the answerable questions (odds 4) score 100 while the unanswerable ones (odds 5) stay null."""
+    file = slice_of("dev-v2.0-half.json", tmp_path / "slice.json", articles=(0,), paragraphs=3)
+    task = SquadTask("squad2")
+    task.evals = read_squad(file)
+    golds = {e.id: (e.answers[0].text if e.answers else "") for e in task.evals}
+    asked = []
+
+    def answer(model, tokenizer, examples, config, device, null_threshold):
+        asked.append(null_threshold)
+        return ({q: g or "some words" for q, g in golds.items()}, {q: 4.0 if g else 5.0 for q, g in golds.items()})
+
+    monkeypatch.setattr(task, "answer", answer)
+    metrics, write = task.evaluate(None, None, FinetuneConfig(task="squad2", null_threshold=0.0), "cpu")
+    assert asked == [None]
+    no_answer = 100.0 * sum(not g for g in golds.values()) / len(golds)
+    assert 0 < no_answer < 100
+    assert metrics["f1"] == pytest.approx(no_answer) and metrics["HasAns_f1"] == 0.0  # all null at threshold 0
+    assert metrics["best_f1"] == pytest.approx(100.0) and metrics["best_f1_thresh"] == 4.0
+    write(tmp_path)
+    assert set(json.loads((tmp_path / "predictions.json").read_text()).values()) == {""}

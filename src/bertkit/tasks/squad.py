@@ -62,23 +62,30 @@ class SquadTask:
                          "start_positions": f.start_position, "end_positions": f.end_position})
         return rows
 
-    def answer(self, model, tokenizer, examples: Sequence[SquadExample], config, device, null_threshold: float):
-        """Predicted answers and null odds by question id."""
+    def answer(self, model, tokenizer, examples: Sequence[SquadExample], config, device,
+               null_threshold: float | None):
+        """Predicted answers and null odds by question id. v2.0: "" where the odds exceed `null_threshold`;
+        None gives every question its best non-null span (what a threshold search needs)."""
         features = featurize(examples, tokenizer, config.max_length, config.doc_stride, config.max_query_length)
         rows = [{"input_ids": f.input_ids[: sum(f.attention_mask)],
                  "token_type_ids": f.token_type_ids[: sum(f.attention_mask)]} for f in features]
         out = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("start_logits", "end_logits"),
                     width=config.max_length)
         return postprocess(examples, features, out["start_logits"].numpy(), out["end_logits"].numpy(),
-                           with_null=self.version2, null_threshold=null_threshold)
+                           with_null=self.version2 and null_threshold is not None, null_threshold=null_threshold or 0.0)
 
     def evaluate(self, model, tokenizer, config, device):
         """EM/F1 (v2.0: with HasAns/NoAns and the best null threshold); the writer saves predictions.json."""
         from bertkit.tasks.metrics import squad_metrics  # its module imports scipy and sklearn, seconds
 
-        predictions, null_odds = self.answer(model, tokenizer, self.evals, config, device, config.null_threshold)
+        # Scored with the best non-null span of every question plus its null odds, as the v2.0 script wants them:
+        # the threshold applies in scoring, and the best-threshold search can then answer a question that the
+        # current threshold leaves null (thresholded answers would hide what it would have said).
+        spans, null_odds = self.answer(model, tokenizer, self.evals, config, device, None)
         odds = null_odds if self.version2 else None
-        metrics = squad_metrics(self.evals, predictions, odds, null_threshold=config.null_threshold)
+        metrics = squad_metrics(self.evals, spans, odds, null_threshold=config.null_threshold)
+        predictions = {q: "" if self.version2 and null_odds[q] > config.null_threshold else text
+                       for q, text in spans.items()}
 
         def write(out_dir: Path) -> None:
             write_predictions(predictions, Path(out_dir) / "predictions.json")
