@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 SIDES = ("bertkit", "transformers")
 DEVICE = torch.device("cpu")  # set by main(); on CUDA both sides run under bf16 autocast
 COMPILE = False  # set by main(): bertkit's encoder blocks through torch.compile (transformers stays eager)
+ONLY = None  # set in a memory probe: the one side to build
 
 
 def on_device(batch: dict) -> dict:
@@ -164,19 +165,32 @@ def length_grouped(items: list, length, batch_size: int, seed: int) -> list[list
 
 
 def twin_models(cls_name: str, config: bertkit.BertConfig):
+    """Both sides on the same weights; in a memory probe (ONLY set) just the probed side, so that its process holds
+    one model and its peak memory is its own."""
+    import gc
+
     import transformers
 
     torch.manual_seed(0)
     ours = getattr(bertkit, cls_name)(config)
+    models = {}
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
-        theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
-    ours.to(DEVICE)
-    if COMPILE:
-        from bertkit.model import compile_blocks
+        if ONLY != "bertkit":
+            ours.save_pretrained(d)
+        if ONLY == "transformers":
+            del ours
+            gc.collect()
+        else:
+            ours.to(DEVICE)
+            if COMPILE:
+                from bertkit.model import compile_blocks
 
-        compile_blocks(ours)
-    return {"bertkit": ours, "transformers": theirs.to(DEVICE)}
+                compile_blocks(ours)
+            models["bertkit"] = ours
+        if ONLY != "bertkit":
+            theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+            models["transformers"] = theirs.to(DEVICE)
+    return models
 
 
 def config_for(preset: str, **kw) -> bertkit.BertConfig:
@@ -222,6 +236,8 @@ def case_pretrain(preset: str, batch_size: int, n_batches: int, max_length: int 
         return model(**b).loss
 
     for side, call in (("bertkit", ours), ("transformers", theirs)):
+        if side not in models:
+            continue
         model = models[side].train()
         opt = build_optimizer(model, "adamw", 1e-4, 0.01)
         case.units[side] = [(lambda b=b, m=model, o=opt, c=call: _train_step(m, o, b, c), int(b["attention_mask"].sum())) for b in batches]
@@ -245,6 +261,8 @@ def case_finetune_sst2(preset: str, batch_size: int, n_examples: int) -> Case:
     from bertkit.train.optim import build_optimizer
 
     for side, batches in (("bertkit", grouped), ("transformers", plain)):
+        if side not in models:
+            continue
         model = models[side].train()
         opt = build_optimizer(model, "adamw", 2e-5, 0.01)
         units = []
@@ -279,7 +297,7 @@ def case_squad(preset: str, batch_size: int, n_batches: int) -> Case:
         b["start_positions"] = torch.tensor([f.start_position for f in group])
         b["end_positions"] = torch.tensor([f.end_position for f in group])
         batches.append(on_device(b))
-    for side in SIDES:
+    for side in models:
         model = models[side].train()
         opt = build_optimizer(model, "adamw", 3e-5, 0.01)
         case.units[side] = [(lambda b=b, m=model, o=opt: _train_step(m, o, b, lambda m, b: m(**b).loss), int(b["attention_mask"].sum())) for b in batches]
@@ -299,7 +317,7 @@ def case_inference(preset: str, batch_size: int, n_batches: int) -> Case:
         with torch.inference_mode(), autocast():
             model(**b)
 
-    for side in SIDES:
+    for side in models:
         model = models[side].eval()
         case.units[side] = [(lambda b=b, m=model: run(m, b), int(b["attention_mask"].sum())) for b in batches]
     return case
@@ -347,7 +365,8 @@ def measure(case: Case, rounds: int, warmup: int) -> dict:
 
 
 def peak_memory_mb(case_name: str, side: str, args, case: Case) -> float:
-    """CPU: peak resident memory of one side running the case alone, in a fresh process.
+    """CPU: peak resident memory of a fresh process that builds one side only (model, optimizer, the case's batches)
+    and runs its units.
     GPU: peak CUDA memory allocated above what was already held (both models, optimizer state) while one side runs."""
     if gpu():
         held = torch.cuda.memory_allocated(DEVICE)
@@ -363,13 +382,10 @@ def peak_memory_mb(case_name: str, side: str, args, case: Case) -> float:
 
 
 def probe(case_name: str, side: str, args) -> None:
+    """Build only `side` and run its units once; print this process's peak resident memory in MB."""
+    global ONLY
+    ONLY = side
     case = CASES[case_name](args)
-    for other in SIDES:
-        if other != side:
-            case.units[other] = []
-    import gc
-
-    gc.collect()
     for fn, _ in case.units[side]:
         fn()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -404,6 +420,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="bertkit's encoder blocks through torch.compile "
                         "(compiled in the warm-up round; transformers stays eager)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-only", action="store_true", help="CPU: only the peak-memory subprocesses, no timing")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results and the plot")
     parser.add_argument("--profile", action="store_true", help="after each case, profile both sides' units and print "
                         "the ten most expensive operators of each (torch.profiler)")
@@ -418,6 +435,14 @@ def main() -> None:
     if args.probe:
         return probe(*args.probe, args)
     names = SUITES[args.suite] if args.suite else (args.cases or parser.error("give --suite cpu|gpu or --cases"))
+    if args.memory_only:
+        if gpu():
+            parser.error("--memory-only measures CPU processes; on a GPU the suite reports CUDA memory itself")
+        for name in names:
+            mb = {side: peak_memory_mb(name, side, args, None) for side in SIDES}
+            print(f"{name:18s} peak MB bertkit {mb['bertkit']:.0f}  transformers {mb['transformers']:.0f}  "
+                  f"ratio {mb['bertkit'] / mb['transformers']:.2f}", flush=True)
+        return
     info = machine()
     info["matmul_peak_gflops"] = peak = matmul_peak_gflops()
     print(json.dumps(info))
