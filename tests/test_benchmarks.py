@@ -1,0 +1,38 @@
+"""benchmarks/run.py: a small case runs end to end, and a memory probe measures its own process only."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from conftest import data_path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_probe_peak_rss_is_its_own_not_the_parents():
+    held = np.ones(600 * 2**20 // 8)  # 600 MB resident in this process when it starts the child
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import run; print(run.peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert held.sum() > 0
+    assert float(out.strip().splitlines()[-1]) < 450  # torch + bertkit imported, but not the parent's 600 MB
+
+
+def test_suite_case_runs_both_sides_and_writes_results(tmp_path):
+    data = data_path("glue", "SST-2")
+    cmd = [sys.executable, str(BENCHMARKS / "run.py"), "--cases", "inference-b1", "--preset", "tiny", "--batches", "1",
+           "--rounds", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
+    env = {**os.environ, "BERTKIT_DATA": str(data.parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("*.json")
+    row = json.loads(result.read_text())["results"][0]
+    assert row["case"] == "inference-b1"
+    for side in ("bertkit", "transformers"):
+        assert row[side]["tokens_per_s"] > 0 and 0 < row[side]["mfu"] < 2
+        assert 50 < row[side]["peak_mb"] < 4000
+    assert row["ratio"] == row["bertkit"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+    assert (tmp_path / "ratios.png").stat().st_size > 0
