@@ -517,7 +517,8 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     for y, x in enumerate(ratios):
         ax.text(x, y, f" {x:.2f}x", va="center")
     ax.set_xlabel("bertkit tokens/s ÷ transformers tokens/s (higher is better)")
-    where = info["gpu"] + ", bf16 autocast" if "gpu" in info else f"{info['cpu']}, {info['threads']} threads"
+    threads = f"{info['threads']} torch thread" + "s" * (info["threads"] != 1)
+    where = info["gpu"] + ", bf16 autocast" if "gpu" in info else f"{info['cpu']}, {threads}"
     ax.set_title(where, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
