@@ -129,3 +129,12 @@ def test_squad2_threshold_search_sees_the_answers_the_threshold_hides(tmp_path, 
     assert metrics["best_f1"] == pytest.approx(100.0) and metrics["best_f1_thresh"] == 4.0
     write(tmp_path)
     assert set(json.loads((tmp_path / "predictions.json").read_text()).values()) == {""}
+
+
+def test_best_epoch_is_chosen_on_the_dev_tuned_scores_for_v2():
+    # an epoch whose spans only pay once the threshold is tuned must beat one that answers null everywhere
+    all_null = {"exact": 50.7, "f1": 50.7, "best_exact": 50.7, "best_f1": 50.7}
+    tuned = {"exact": 50.7, "f1": 50.7, "best_exact": 55.0, "best_f1": 58.0}
+    v2 = SquadTask("squad2")
+    assert v2.headline(tuned) == pytest.approx(56.5) and v2.headline(tuned) > v2.headline(all_null)
+    assert SquadTask("squad1").headline({"exact": 40.0, "f1": 50.0}) == pytest.approx(45.0)
