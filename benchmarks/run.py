@@ -353,11 +353,13 @@ SUITES = {
 
 
 def measure(case: Case, rounds: int, warmup: int) -> dict:
-    """Alternate sides unit by unit; the first `warmup` rounds are not counted."""
-    seconds = {s: [] for s in SIDES}
-    tokens = {s: 0 for s in SIDES}
+    """Alternate sides unit by unit; the first `warmup` rounds are not counted. The sides are the case's units' keys
+    (bertkit and transformers here; benchmarks/ablation.py compares bertkit with itself)."""
+    sides = list(case.units)
+    seconds = {s: [] for s in sides}
+    tokens = {s: 0 for s in sides}
     for r in range(warmup + rounds):
-        order = SIDES if r % 2 == 0 else SIDES[::-1]
+        order = sides if r % 2 == 0 else sides[::-1]
         for side in order:
             for fn, n in case.units[side]:
                 dt = _time(fn)
@@ -365,7 +367,7 @@ def measure(case: Case, rounds: int, warmup: int) -> dict:
                     seconds[side].append(dt)
                     tokens[side] += n
     out = {}
-    for side in SIDES:
+    for side in sides:
         total = sum(seconds[side])
         out[side] = {"tokens_per_s": tokens[side] / total, "seconds": total,
                      "median_unit_s": statistics.median(seconds[side])}

@@ -7,10 +7,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
+from bertkit import BertConfig, BertForPreTraining
 from conftest import data_path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import ablation  # noqa: E402  (benchmarks/ is not a package)
 
 
 def test_probe_peak_rss_is_its_own_not_the_parents():
@@ -36,3 +41,26 @@ def test_suite_case_runs_both_sides_and_writes_results(tmp_path):
         assert 50 < row[side]["peak_mb"] < 4000
     assert row["ratio"] == row["bertkit"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
     assert (tmp_path / "ratios.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("undo", list(ablation.UNDO))
+def test_each_ablation_computes_the_same_function(undo):
+    # an ablation must measure the same model done the slower way, or its ratio means nothing
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        max_position_embeddings=64)
+    model = BertForPreTraining(config).eval()
+    ids = torch.randint(5, 300, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, 12:] = 0
+    mask[2, 5:] = 0
+    labels = torch.full((3, 20), -100)
+    labels[:, 1:4] = ids[:, 1:4]
+    args = dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask, labels=labels,
+                next_sentence_label=torch.tensor([0, 1, 0]), masked_positions=labels != -100)
+    with torch.no_grad():
+        shipped = model(**args)
+        with ablation.UNDO[undo]():
+            slow = model(**args)
+    torch.testing.assert_close(slow.loss, shipped.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slow.seq_relationship_logits, shipped.seq_relationship_logits, atol=1e-5, rtol=1e-5)

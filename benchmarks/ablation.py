@@ -1,0 +1,164 @@
+"""What each of bertkit's optimisations pays: bertkit as shipped against bertkit with that one optimisation undone.
+
+    python benchmarks/ablation.py                                  # every optimisation on the default cases
+    python benchmarks/ablation.py --cases pretrain-mini --undo padded-encoder
+
+The cases, batches, timing and alternation are those of benchmarks/run.py (only bertkit's model is built). Each
+variant patches bertkit for the duration of its own steps only, so the shipped and the undone versions run on the
+same model, optimizer and batches, unit by unit in alternation. The ratio shipped / undone is what the optimisation
+pays; below 1 it costs. It also reports how much of a pretraining step the optimizer takes, which decides whether
+a sparse update of the embedding matrix could pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import run
+from bertkit import model as M
+
+
+@contextmanager
+def patched(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+# The optimisations, each undone by one patch -------------------------------------------------------------------
+
+_pretraining_forward = M.BertForPreTraining.forward
+
+
+def _every_position(self, *args, masked_positions=None, **kwargs):
+    return _pretraining_forward(self, *args, **kwargs)  # labels of -100 skip the unmasked positions in the loss
+
+
+def _padded_layout(self, attention_mask, batch, length):
+    self.batch, self.length, self.indices, self.attn_mask = batch, length, None, None
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        self.attn_mask = attention_mask.bool()[:, None, None, :]  # every layer works on (B, T, H), padding included
+
+
+def _three_gemms(self, x, layout):
+    B, T = layout.batch, layout.length
+    q, k, v = (layout.pad(linear(x)).view(B, T, self.num_heads, self.head_size).transpose(1, 2)
+               for linear in (self.query, self.key, self.value))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask,
+                                       dropout_p=self.dropout_p if self.training else 0.0)
+    return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
+
+
+def _attention_by_hand(q, k, v, attn_mask=None, dropout_p=0.0):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return F.dropout(scores.softmax(-1), dropout_p) @ v
+
+
+UNDO = {
+    "mlm-on-every-position": lambda: patched(M.BertForPreTraining, "forward", _every_position),
+    "padded-encoder": lambda: patched(M.Layout, "__init__", _padded_layout),
+    "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
+    "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
+    "bernoulli-dropout": lambda: patched(M.Dropout, "forward", nn.Dropout.forward),
+}
+APPLIES = {  # an optimisation that cannot matter in a case is not measured there
+    "mlm-on-every-position": lambda case: case.startswith("pretrain"),
+    "bernoulli-dropout": lambda case: not case.startswith("inference"),
+}
+DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
+
+
+def undone(units: list, undo) -> list:
+    def call(fn):
+        with ExitStack() as stack:
+            stack.enter_context(undo())
+            fn()
+
+    return [(lambda fn=fn: call(fn), n) for fn, n in units]
+
+
+def optimizer_share(preset: str, batch_size: int, repeats: int = 5) -> dict:
+    """One pretraining step split into forward + backward and the AdamW update, and the embedding matrix's share of
+    the parameters: a sparse embedding update can save at most the update's share of the step."""
+    from bertkit.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = M.BertForPreTraining(run.config_for(preset)).train()
+    (batch,) = run.pretraining_batches(batch_size, 1)
+    opt = build_optimizer(model, "adamw", 1e-4, 0.01)
+    backward, update = [], []
+    for _ in range(repeats + 1):
+        opt.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], labels=batch["labels"],
+              next_sentence_label=batch["next_sentence_label"], masked_positions=batch["labels"] != -100).loss.backward()
+        backward.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        opt.step()
+        update.append(time.perf_counter() - t)
+    fwd_bwd, step = min(backward[1:]), min(update[1:])
+    total = sum(p.numel() for p in model.parameters())
+    return {"case": f"pretrain-{preset}", "forward_backward_s": fwd_bwd, "optimizer_s": step,
+            "optimizer_share": step / (fwd_bwd + step),
+            "embedding_share_of_parameters": model.bert.embeddings.word_embeddings.weight.numel() / total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=list(run.CASES), default=DEFAULT_CASES)
+    parser.add_argument("--undo", nargs="+", choices=list(UNDO), default=list(UNDO), help="optimisations to undo")
+    parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
+    parser.add_argument("--batches", type=int, default=2, help="batches per variant per round")
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--out", default=str(run.HERE / "results"), help="folder for the JSON results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run.ONLY = "bertkit"
+    info = run.machine()
+    print(json.dumps(info))
+    rows = []
+    for name in args.cases:
+        case = run.CASES[name](args)
+        shipped = case.units["bertkit"]
+        for undo in args.undo:
+            if not APPLIES.get(undo, lambda c: True)(name):
+                continue
+            case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
+            r = run.measure(case, args.rounds, args.warmup)
+            row = {"case": name, "undone": undo, "shipped_tokens_per_s": r["shipped"]["tokens_per_s"],
+                   "undone_tokens_per_s": r[undo]["tokens_per_s"]}
+            row["pays"] = row["shipped_tokens_per_s"] / row["undone_tokens_per_s"]
+            rows.append(row)
+            print(f"{name:16s} undo {undo:22s} shipped {row['shipped_tokens_per_s']:8.0f} tok/s  undone "
+                  f"{row['undone_tokens_per_s']:8.0f} tok/s  pays {row['pays']:.2f}x", flush=True)
+        del case
+    shares = [optimizer_share(p, 32 if p == "mini" else 8) for p in ("mini", "base")
+              if f"pretrain-{p}" in args.cases]
+    for s in shares:
+        print(f"{s['case']:16s} AdamW update {s['optimizer_s'] * 1e3:.0f} ms of a {1e3 * (s['forward_backward_s'] + s['optimizer_s']):.0f} ms "
+              f"step ({s['optimizer_share']:.1%}); word embeddings hold {s['embedding_share_of_parameters']:.0%} of the parameters")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"machine": info, "args": vars(args), "results": rows, "optimizer": shares}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
