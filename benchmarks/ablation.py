@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import run
 from bertkit import model as M
@@ -73,11 +72,9 @@ UNDO = {
     "padded-encoder": lambda: patched(M.Layout, "__init__", _padded_layout),
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
-    "bernoulli-dropout": lambda: patched(M.Dropout, "forward", nn.Dropout.forward),
 }
 APPLIES = {  # an optimisation that cannot matter in a case is not measured there
     "mlm-on-every-position": lambda case: case.startswith("pretrain"),
-    "bernoulli-dropout": lambda case: not case.startswith("inference"),
 }
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
 
@@ -126,9 +123,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
     parser.add_argument("--out", default=str(run.HERE / "results"), help="folder for the JSON results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    run.DEVICE = torch.device(args.device)
     run.ONLY = "bertkit"
     info = run.machine()
     print(json.dumps(info))
@@ -149,7 +148,7 @@ def main() -> None:
                   f"{row['undone_tokens_per_s']:8.0f} tok/s  pays {row['pays']:.2f}x", flush=True)
         del case
     shares = [optimizer_share(p, 32 if p == "mini" else 8) for p in ("mini", "base")
-              if f"pretrain-{p}" in args.cases]
+              if f"pretrain-{p}" in args.cases and not run.gpu()]
     for s in shares:
         print(f"{s['case']:16s} AdamW update {s['optimizer_s'] * 1e3:.0f} ms of a {1e3 * (s['forward_backward_s'] + s['optimizer_s']):.0f} ms "
               f"step ({s['optimizer_share']:.1%}); word embeddings hold {s['embedding_share_of_parameters']:.0%} of the parameters")

@@ -87,20 +87,6 @@ class Layout:
         return x[flat]
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout, with a cheaper mask on CPU.
-
-    There `bernoulli_` costs about twice a uniform draw compared in place with p (the mask becomes 0 or 1/(1-p)
-    in the same buffer), and dropout is a sizeable share of a CPU training step. The distribution is the same;
-    on CUDA PyTorch's fused kernel is faster and is kept.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p in (0, 1) or x.device.type != "cpu":
-            return super().forward(x)
-        return x * torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Embeddings
 
@@ -114,7 +100,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, position_ids):  # any matching shapes -> (..., H)
         x = self.word_embeddings(input_ids)
@@ -172,7 +158,7 @@ class BertAddNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -439,9 +425,9 @@ class BertForMaskedLM(BertPreTrainedModel):
         return ModelOutput(loss=loss, masked_lm_loss=loss, logits=logits, prediction_logits=logits)
 
 
-def _classifier_dropout(config: BertConfig) -> Dropout:
+def _classifier_dropout(config: BertConfig) -> nn.Dropout:
     p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-    return Dropout(p)
+    return nn.Dropout(p)
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
