@@ -213,7 +213,7 @@ def config_for(preset: str, **kw) -> bertkit.BertConfig:
 class Case:
     name: str
     what: str
-    config: bertkit.BertConfig
+    config: bertkit.BertConfig | None  # None: no model (data preparation)
     seq_len: int
     training: bool
     units: dict = field(default_factory=dict)  # side -> list of (callable, real_tokens)
@@ -331,6 +331,41 @@ def case_inference(preset: str, batch_size: int, n_batches: int) -> Case:
     return case
 
 
+def case_prepare() -> Case:
+    """Data preparation, tokens/s: bertkit's `prepare` (read, split documents and sentences, tokenize in batches of
+    1,000, write memory-mapped shards and the manifest) against the step a transformers user runs before pretraining:
+    the fast tokenizer over the same file's lines in batches of 1,000, ids gathered into one int32 array (no files
+    written). Both use the Rust tokenizers library with its own threads; each side's unit is the whole corpus."""
+    import itertools
+
+    import numpy as np
+
+    from bertkit.data.prepare import prepare
+
+    corpus = data_dir() / "corpus" / "python-docs-3.11.txt"
+    case = Case("prepare", "data preparation, python-docs corpus (3.3 MB), bert-base-uncased vocabulary", None, 0, False)
+    if ONLY != "transformers":
+        tok = tokenizer()
+
+        def ours() -> int:
+            with tempfile.TemporaryDirectory() as d:
+                return prepare([str(corpus)], tok, d, progress=False).tokens
+
+        case.units["bertkit"] = [(ours, ours())]
+    if ONLY != "bertkit":
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(data_dir() / "checkpoints" / "all-MiniLM-L6-v2")
+
+        def hf() -> int:
+            lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+            ids = (theirs(lines[k : k + 1000], add_special_tokens=False)["input_ids"] for k in range(0, len(lines), 1000))
+            return np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(ids)), dtype=np.int32).size
+
+        case.units["transformers"] = [(hf, hf())]
+    return case
+
+
 def gpu() -> bool:
     return DEVICE.type == "cuda"
 
@@ -345,10 +380,12 @@ CASES = {
     "finetune-squad": lambda a: case_squad(a.preset, 32 if gpu() else 4, a.batches),
     "inference-b32": lambda a: case_inference(a.preset, 32, a.batches),
     "inference-b1": lambda a: case_inference(a.preset, 1, 8 * a.batches),
+    "prepare": lambda a: case_prepare(),
 }
 SUITES = {
-    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-squad", "inference-b32", "inference-b1"],
-    "gpu": list(CASES),
+    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-squad", "inference-b32", "inference-b1",
+            "prepare"],
+    "gpu": [c for c in CASES if c != "prepare"],
 }
 
 
@@ -473,7 +510,7 @@ def main() -> None:
         case = CASES[name](args)
         r = measure(case, args.rounds, args.warmup)
         row = {"case": name, "what": case.what, "ratio": r["bertkit"]["tokens_per_s"] / r["transformers"]["tokens_per_s"],
-               "flops_per_token": flops_per_token(case.config, case.seq_len, case.training)}
+               "flops_per_token": flops_per_token(case.config, case.seq_len, case.training) if case.config else None}
         for side in SIDES:
             row[side] = dict(r[side])
             if not args.no_memory:
@@ -491,9 +528,12 @@ def main() -> None:
               f"ratio {row['ratio']:.2f}x{mem}", flush=True)
     info["matmul_peak_gflops"] = peak = max(peaks)
     info["matmul_peak_gflops_readings"] = peaks
-    print(f"matmul peak {peak:.0f} GFLOP/s (the best of {len(peaks)} readings, {min(peaks):.0f} to {peak:.0f}); "
-          "model FLOP utilisation on real tokens:")
+    if any(row["flops_per_token"] for row in results):
+        print(f"matmul peak {peak:.0f} GFLOP/s (the best of {len(peaks)} readings, {min(peaks):.0f} to {peak:.0f}); "
+              "model FLOP utilisation on real tokens:")
     for row in results:
+        if row["flops_per_token"] is None:
+            continue  # no model FLOPs (data preparation)
         for side in SIDES:
             row[side]["mfu"] = row[side]["tokens_per_s"] * row["flops_per_token"] / (peak * 1e9)
         print(f"  {row['case']:16s} bertkit {row['bertkit']['mfu']:4.0%}  transformers {row['transformers']['mfu']:4.0%}")

@@ -64,3 +64,16 @@ def test_each_ablation_computes_the_same_function(undo):
             slow = model(**args)
     torch.testing.assert_close(slow.loss, shipped.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(slow.seq_relationship_logits, shipped.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
+    data = data_path("corpus", "python-docs-3.11.txt").parents[1]
+    data_path("checkpoints", "all-MiniLM-L6-v2")
+    cmd = [sys.executable, str(BENCHMARKS / "run.py"), "--cases", "prepare", "--rounds", "1", "--warmup", "0",
+           "--no-memory", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BERTKIT_DATA": str(data)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(next(tmp_path.glob("*.json")).read_text())["results"][0]
+    tokens = {side: row[side]["tokens_per_s"] * row[side]["seconds"] for side in ("bertkit", "transformers")}
+    assert tokens["bertkit"] == pytest.approx(tokens["transformers"]) and tokens["bertkit"] > 500_000
+    assert "mfu" not in row["bertkit"]
