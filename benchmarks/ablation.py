@@ -16,7 +16,7 @@ import argparse
 import json
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,16 +73,13 @@ UNDO = {
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
 }
-APPLIES = {  # an optimisation that cannot matter in a case is not measured there
-    "mlm-on-every-position": lambda case: case.startswith("pretrain"),
-}
+PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
 
 
 def undone(units: list, undo) -> list:
     def call(fn):
-        with ExitStack() as stack:
-            stack.enter_context(undo())
+        with undo():
             fn()
 
     return [(lambda fn=fn: call(fn), n) for fn, n in units]
@@ -116,15 +113,10 @@ def optimizer_share(preset: str, batch_size: int, repeats: int = 5) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=list(run.CASES), default=DEFAULT_CASES)
+    parser.add_argument("--cases", nargs="+", choices=[c for c in run.CASES if c != "prepare"], default=DEFAULT_CASES)
     parser.add_argument("--undo", nargs="+", choices=list(UNDO), default=list(UNDO), help="optimisations to undo")
-    parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
-    parser.add_argument("--batches", type=int, default=2, help="batches per variant per round")
-    parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    run.add_case_arguments(parser, batches=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
-    parser.add_argument("--out", default=str(run.HERE / "results"), help="folder for the JSON results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run.DEVICE = torch.device(args.device)
@@ -136,7 +128,7 @@ def main() -> None:
         case = run.CASES[name](args)
         shipped = case.units["bertkit"]
         for undo in args.undo:
-            if not APPLIES.get(undo, lambda c: True)(name):
+            if undo in PRETRAINING_ONLY and not name.startswith("pretrain"):
                 continue
             case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
             r = run.measure(case, args.rounds, args.warmup)

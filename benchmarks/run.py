@@ -466,21 +466,26 @@ def profile(case: Case) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
+def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
+    """The options that size and time the cases and say where results go (benchmarks/ablation.py takes them too)."""
+    parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
+    parser.add_argument("--batches", type=int, default=batches, help="batches per side per round")
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for every side")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results (and run.py's plot)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=list(SUITES), help="run every case of a suite (gpu: on CUDA, bf16 autocast)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases")
-    parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
-    parser.add_argument("--batches", type=int, default=3, help="batches per side per round")
-    parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for both")
+    add_case_arguments(parser, batches=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda for --suite gpu)")
     parser.add_argument("--compile", action="store_true", help="bertkit's encoder blocks through torch.compile "
                         "(compiled in the warm-up round; transformers stays eager)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-only", action="store_true", help="CPU: only the peak-memory subprocesses, no timing")
-    parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results and the plot")
     parser.add_argument("--profile", action="store_true", help="after each case, profile both sides' units and print "
                         "the ten most expensive operators of each (torch.profiler)")
     parser.add_argument("--probe", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
