@@ -176,39 +176,61 @@ class PretrainingDataset(torch.utils.data.Dataset):
                         end += 1
                     if not pair:
                         rows.append(_truncate(rng, off[start], off[end], 0, 0, max_tokens, 0))
-                    elif end - start == 1 and end == n and off[end] - off[start] < 2:
-                        pass  # one token and nothing after it: no pair can be made (rare); dropped whatever the label
-                    elif self.objective == "mlm+nsp" and rng.random() < 0.5:
-                        a_end = start + 1 if end - start == 1 else rng.randint(start + 1, end - 1)
-                        b0, b1 = self._random_segment(rng, d, target - (off[a_end] - off[start]))
+                        start = end
+                        continue
+                    if end - start == 1:  # A and B are whole sentences, so a pair needs two
+                        if end == n:
+                            break  # the document's last sentence, alone: no pair can be made of it (dropped)
+                        end += 1
+                    a_end = rng.randint(start + 1, end - 1)
+                    if self.objective == "mlm+nsp" and rng.random() < 0.5:
+                        # The random B is as long as the true B would be (to the target, or to the document's end
+                        # when that comes first), so an example's length says nothing about its label.
+                        true_b = off[end] - off[a_end]
+                        at_end = end == n and off[end] - off[start] < target
+                        b0, b1 = self._random_segment(rng, d, true_b if at_end else target - (off[a_end] - off[start]),
+                                                      closest=at_end)
                         rows.append(_truncate(rng, off[start], off[a_end], b0, b1, max_tokens, 1))
-                        end = a_end  # the sentences not used for A go back, to start the next chunk
+                        if not at_end:
+                            # B's sentences were not used: they start the next chunk. Not at the document's end,
+                            # where a leftover would make one more (short) example for this label only.
+                            end = a_end
                     else:
-                        # Labels must stay 50/50, so a one-sentence chunk is not forced to "random" as in Google's
-                        # code: it takes the next sentence, or at the document's end is split inside the sentence.
-                        if end - start == 1 and end < n:
-                            end += 1
-                        if end - start == 1:
-                            split = rng.randint(off[start] + 1, off[end] - 1)
-                        else:
-                            split = off[rng.randint(start + 1, end - 1)]
-                        a0, a1, b0, b1, label = off[start], split, split, off[end], 0
+                        a0, a1, b0, b1, label = off[start], off[a_end], off[a_end], off[end], 0
                         if self.objective == "mlm+sop" and rng.random() < 0.5:
                             a0, a1, b0, b1, label = b0, b1, a0, a1, 1
                         rows.append(_truncate(rng, a0, a1, b0, b1, max_tokens, label))
                     start = end
         return np.array(rows, np.int64).reshape(-1, 5)
 
-    def _random_segment(self, rng: random.Random, document: int, target_b: int) -> tuple[int, int]:
-        """Tokens of consecutive sentences of another random document, from a random sentence until target_b."""
-        ranges = self.corpus.document_sentence_ranges
-        other = rng.randrange(len(ranges) - 1)
-        other += other >= document  # uniform over the other documents
-        s0, s1 = ranges[other].tolist()
-        off = self.corpus.sentence_offsets[s0 : s1 + 1]
-        first = rng.randrange(s1 - s0)
-        end = int(np.searchsorted(off, off[first] + target_b, side="left"))
-        return int(off[first]), int(off[min(max(end, first + 1), s1 - s0)])
+    def _random_segment(self, rng: random.Random, document: int, target_b: int, closest: bool) -> tuple[int, int]:
+        """Whole consecutive sentences of another document, from a random sentence on, until they reach target_b
+        tokens (as a chunk grows to its target); with `closest`, as near to target_b tokens as whole sentences get.
+
+        The first sentence is uniform over the other documents' sentences, as chunks start uniformly over sentences,
+        and one whose document ends before target_b is redrawn: a B cut short by another document's end would make
+        short examples more often "random" than "is next". `closest` (a true B cut short by its own document's
+        end) keeps the best of a few draws, since one sentence drawn at random is often far longer than a short B."""
+        ranges, off = self.corpus.document_sentence_ranges, self.corpus.sentence_offsets
+        s0, s1 = ranges[document].tolist()
+        best, best_gap = None, None
+        for _ in range(8):
+            first = rng.randrange(len(off) - 1 - (s1 - s0))
+            first += (s1 - s0) * (first >= s0)  # skip this document's sentences
+            last = int(ranges[np.searchsorted(ranges[:, 1], first, side="right"), 1])
+            if off[last] - off[first] < target_b:
+                continue
+            end = max(int(np.searchsorted(off[first : last + 1], off[first] + target_b, side="left")), 1)
+            if closest and end > 1 and off[first + end] - off[first] - target_b > target_b - (off[first + end - 1] - off[first]):
+                end -= 1
+            gap = abs(int(off[first + end] - off[first]) - target_b)
+            if best is None or gap < best_gap:
+                best, best_gap = (int(off[first]), int(off[first + end])), gap
+            if not closest or gap <= target_b // 10:
+                break
+        if best is None:  # every draw fell near a document's end (short documents): take the last one as it is
+            best = int(off[first]), int(off[last])
+        return best
 
     def __len__(self) -> int:
         return len(self.plan)
