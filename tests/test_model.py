@@ -8,7 +8,7 @@ from bertkit import (
     BertForSequenceClassification,
     BertModel,
 )
-from bertkit.model import flops_per_token
+from bertkit.model import flops_per_token, set_dropout
 
 
 def tiny(**kw) -> BertConfig:
@@ -120,3 +120,14 @@ def test_compiled_blocks_match_eager_on_cpu():
     a = eager(ids, attention_mask=mask, labels=labels, masked_positions=labels != -100).loss
     b = compiled(ids, attention_mask=mask, labels=labels, masked_positions=labels != -100).loss
     assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_set_dropout_turns_every_dropout_off_and_keeps_the_config():
+    config = BertConfig.from_preset("tiny", vocab_size=100)
+    model = BertForPreTraining(config).train()
+    ids = torch.randint(5, 100, (2, 12))
+    a, b = model(ids).prediction_logits, model(ids).prediction_logits
+    assert not torch.equal(a, b)  # dropout on: two passes differ
+    set_dropout(model, 0.0)
+    torch.testing.assert_close(model(ids).prediction_logits, model(ids).prediction_logits, rtol=0, atol=0)
+    assert model.config.hidden_dropout_prob == 0.1 and model.config.attention_probs_dropout_prob == 0.1

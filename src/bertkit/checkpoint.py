@@ -133,8 +133,9 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "c
                 own[key].copy_(value.to(own[key].dtype))
 
 
-def load_pretrained(cls, directory, config: BertConfig | None = None, **config_overrides):
-    """Build `cls` from a model folder's config.json (or the given config) and load its weights."""
+def load_pretrained(cls, directory, config: BertConfig | None = None, load_weights: bool = True, **config_overrides):
+    """Build `cls` from a model folder's config.json (or the given config) and load its weights (or, without
+    `load_weights`, keep the random initialisation: the same network untrained)."""
     directory = Path(directory)
     if config is None:
         config = BertConfig.load(directory)
@@ -144,7 +145,8 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, **config_o
         setattr(config, key, value)
     config.__post_init__()
     model = cls(config)
-    load_state_dict_into(model, read_state_dict(directory), source=str(directory))
+    if load_weights:
+        load_state_dict_into(model, read_state_dict(directory), source=str(directory))
     return model
 
 

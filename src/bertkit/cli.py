@@ -262,7 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, GlueConfig)
     p.set_defaults(func=cmd_glue)
 
+    from bertkit.tasks.suite import SuiteConfig
+
+    p = sub.add_parser(
+        "suite",
+        help="fine-tune one model on every shared GLUE task and SQuAD over seeds and an lr grid; one table",
+        description="The downstream suite: fine-tune --model-dir on CoLA, SST-2, MRPC, STS-B, QNLI, RTE, WNLI and "
+        "a SQuAD v1.1 article split of the shared data, every (task, lr, seed) cell, and print the paper-style "
+        "table (mean ± std over seeds at each task's best lr, the GLUE average, the time). Cells are kept in "
+        "OUT_DIR/suite.json: a rerun or another row (another model, --from-scratch) adds only what is missing, "
+        "and the table shows every row.",
+    )
+    add_dataclass_args(p, SuiteConfig)
+    p.set_defaults(func=cmd_suite)
+
     return parser
+
+
+def cmd_suite(args) -> None:
+    from bertkit.tasks.suite import SuiteConfig, suite
+
+    result = suite(dataclass_from_args(SuiteConfig, args))
+    print(result["table"], end="")
 
 
 def cmd_finetune(args) -> None:

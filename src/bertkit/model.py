@@ -259,11 +259,12 @@ class BertPreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_pretrained(cls, directory, config: BertConfig | None = None, **config_overrides):
-        """Load a model folder in the Hugging Face layout (bertkit's or transformers')."""
+    def from_pretrained(cls, directory, config: BertConfig | None = None, load_weights: bool = True, **config_overrides):
+        """Load a model folder in the Hugging Face layout (bertkit's or transformers'); with load_weights=False,
+        the same architecture with freshly initialised weights."""
         from bertkit.checkpoint import load_pretrained
 
-        return load_pretrained(cls, directory, config=config, **config_overrides)
+        return load_pretrained(cls, directory, config=config, load_weights=load_weights, **config_overrides)
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
         """Write config.json and model.safetensors (and the tokenizer files when given) in the HF layout."""
@@ -567,6 +568,17 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Set every dropout of the encoder and heads (hidden and attention) to p, leaving model.config as it is: a
+    pretraining run without dropout still saves the preset's rates, which fine-tuning then uses."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(module, BertSelfAttention):
+            module.dropout_p = p
+    return model
+
+
 def flops_per_token(config: BertConfig, seq_len: int, training: bool = True) -> float:
     """Matmul FLOPs per real token of the encoder (2 per multiply-add; x3 for forward + backward when training)."""
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -586,5 +598,6 @@ __all__ = [
     "BertForMultipleChoice",
     "MODEL_CLASSES",
     "compile_blocks",
+    "set_dropout",
     "flops_per_token",
 ]

@@ -58,13 +58,14 @@ def word_runs(dataset, n):
     return np.bincount(runs)
 
 
-@pytest.mark.parametrize("masking, rate_tolerance", [("token", 0.003), ("span", 0.003), ("wwm", 0.005)])
-def test_masking_rates(corpus, tokenizer, masking, rate_tolerance):
-    dataset = PretrainingDataset(corpus, tokenizer, masking=masking)
+@pytest.mark.parametrize("masking, rate_tolerance, mask_prob", [("token", 0.003, 0.15), ("span", 0.003, 0.15),
+                                                              ("wwm", 0.005, 0.15), ("token", 0.003, 0.3)])
+def test_masking_rates(corpus, tokenizer, masking, rate_tolerance, mask_prob):
+    dataset = PretrainingDataset(corpus, tokenizer, masking=masking, mask_prob=mask_prob)
     stats = masking_statistics(dataset, SAMPLE)
     rates = stats.rates()
     assert stats.selectable >= 200_000
-    assert abs(rates["selected"] - 0.15) <= rate_tolerance
+    assert abs(rates["selected"] - mask_prob) <= rate_tolerance
     assert abs(rates["masked"] - 0.8) <= 0.01
     assert abs(rates["replaced"] - 0.1) <= 0.01
     assert abs(rates["kept"] - 0.1) <= 0.01
@@ -244,13 +245,6 @@ def test_collate_pads_to_longest(corpus, tokenizer):
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=dataset.collate)
     first = next(iter(loader))
     assert torch.equal(first["input_ids"], dataset.collate(batch[:8])["input_ids"])
-
-
-def test_rank_indices_split_evenly(corpus, tokenizer):
-    dataset = PretrainingDataset(corpus, tokenizer, objective="mlm")
-    parts = [list(dataset.rank_indices(rank, 3)) for rank in range(3)]
-    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == len(dataset) // 3
-    assert not set(parts[0]) & set(parts[1]) and max(max(p) for p in parts) < len(dataset)
 
 
 def test_truncation_matches_googles_loop():

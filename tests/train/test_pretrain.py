@@ -215,27 +215,38 @@ def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
-class _Plan:
-    """Stands in for PretrainingDataset in the order test: only its length and rank_indices matter."""
+class _Plan(list):
+    """Stands in for PretrainingDataset in the order tests: example i is i."""
 
-    def __init__(self, n):
-        self.n = n
+    def set_epoch(self, epoch):
+        pass
 
-    def __len__(self):
-        return self.n
-
-    def rank_indices(self, rank, world):
-        return range(rank, self.n // world * world, world)
+    @staticmethod
+    def collate(batch):
+        return batch
 
 
 def test_processes_and_accumulation_read_the_same_micro_batches():
-    data = _Plan(103)
-    two = [PretrainBatches(data, 4, 1, Distributed(rank=r, world_size=2))._order(0, 12) for r in (0, 1)]
-    one = PretrainBatches(data, 4, 2, Distributed())._order(0, 12)
-    assert [two[0][s] + two[1][s] for s in range(12)] == [one[2 * s] + one[2 * s + 1] for s in range(12)]
-    every = sorted(i for batch in one for i in batch)
+    data = _Plan(range(103))
+    two = [PretrainBatches(data, 4, 1, Distributed(rank=r, world_size=2))._order(0, 0) for r in (0, 1)]
+    one = PretrainBatches(data, 4, 2, Distributed())._order(0, 0)
+    assert len(one) == len(two[0]) == 12
+    assert [sorted(two[0][s][0] + two[1][s][0]) for s in range(12)] == [sorted(one[s][0] + one[s][1]) for s in range(12)]
+    every = sorted(i for step in one for batch in step for i in batch)
     assert every == sorted(set(every)) and len(every) == 96  # each index once; the short tail dropped
-    assert PretrainBatches(data, 4, 2, Distributed())._order(5, 12) == one[10:]  # resuming mid-epoch
+    assert PretrainBatches(data, 4, 2, Distributed())._order(5, 40) == one[5:]  # resuming mid-epoch
+
+
+def test_batch_ramp_grows_the_global_batch_linearly():
+    batches = PretrainBatches(_Plan(range(10_000)), 4, 8, Distributed(), ramp_steps=14)
+    assert [batches.accumulation(s) for s in range(16)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+    order = batches._order(0, 0)
+    assert [len(step) for step in order[:16]] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+    consumed = sum(4 * len(step) for step in order[:9])
+    assert batches._order(9, consumed) == order[9:]  # resuming after the 9th step reads on where it stopped
+    steps = batches(0, 0, 0)
+    assert next(steps) == (0, 4, [[0, 1, 2, 3]])
+    assert next(steps) == (0, 8, [[4, 5, 6, 7]])
 
 
 def test_cli_pretrain_help_documents_every_flag(capsys):

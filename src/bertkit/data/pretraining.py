@@ -9,8 +9,7 @@ Examples are drawn fresh every epoch and are a pure function of (seed, epoch, in
 Bit-for-bit reproduction assumes the same numpy version (numpy's Generator streams may change between versions).
 DataLoader workers hold a copy of the dataset: build the loader's iterator after `set_epoch` and leave
 persistent_workers off, or the workers keep the previous epoch's plan.
-Distributed: rank r of w reads `dataset.rank_indices(r, w)`, i.e. indices r, r + w, ... (the tail that would give
-ranks unequal step counts is dropped).
+Distributed: `bertkit.train.loader` shares each step's slice of indices out over ranks and micro-steps.
 """
 
 from __future__ import annotations
@@ -234,10 +233,6 @@ class PretrainingDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.plan)
-
-    def rank_indices(self, rank: int, world: int) -> range:
-        """The indices rank `rank` of `world` reads this epoch; every rank gets the same count."""
-        return range(rank, len(self) // world * world, world)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         """Example `index` of the current epoch: input_ids, token_type_ids, labels (IGNORE_INDEX where not

@@ -48,6 +48,8 @@ class FinetuneConfig:
     """A fine-tuning run; the CLI's `finetune` flags are these fields, and the run folder keeps them as JSON."""
 
     model_dir: str = option("", "pretrained model folder (HF layout) to start from")
+    from_scratch: bool = option(False, "use only the folder's architecture and tokenizer, with random weights (the "
+                                "'no pretraining' baseline)")
     task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, or custom for your own files")
     out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md")
     data_dir: str | None = option(None, "the task's data folder (GLUE: train.tsv, dev.tsv, test.tsv; MRPC may hold "
@@ -195,7 +197,8 @@ def finetune(config: FinetuneConfig) -> dict:
     config.save(out)
     seed_everything(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
-    model = task.model_class.from_pretrained(config.model_dir, **task.model_overrides()).to(device)
+    model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
+                                             **task.model_overrides()).to(device)
     if config.compile:
         compile_blocks(model)
     rows = task.train_rows(tokenizer, config)

@@ -38,7 +38,7 @@ from bertkit.checkpoint import (
 )
 from bertkit.config import PRESETS, BertConfig
 from bertkit.errors import BertkitError
-from bertkit.model import BertForPreTraining, compile_blocks
+from bertkit.model import BertForPreTraining, compile_blocks, set_dropout
 from bertkit.train import distributed
 from bertkit.train.distributed import Distributed
 from bertkit.train.loader import PretrainBatches, eval_loader
@@ -81,9 +81,15 @@ class PretrainConfig:
                                                      "or spans of words (SpanBERT)")
     objective: Literal["mlm+nsp", "mlm", "mlm+sop"] = _opt("mlm+nsp", "masked LM plus next-sentence prediction "
                                                             "(BERT), alone, or plus sentence-order prediction (ALBERT)")
+    mask_prob: float = _opt(0.15, "share of tokens chosen for prediction (0.15 in the paper; MosaicBERT used 0.3)")
+    dropout: float | None = _opt(None, "dropout (hidden and attention) while pretraining, e.g. 0 as Cramming and "
+                                 "MosaicBERT; the saved config keeps the model's own rates for fine-tuning (unset: "
+                                 "the model's, 0.1 in every preset)")
     batch_size: int = _opt(32, "examples per process per micro-step; the global batch is this x processes x "
                            "--grad-accum")
     grad_accum: int = _opt(1, "micro-steps whose gradients are summed into one optimizer step")
+    batch_ramp: float = _opt(0.0, "batch-size ramp (Cramming): the global batch grows linearly from --batch-size x "
+                             "processes to its full size (x --grad-accum) over this share of --max-steps (0: none)")
     optimizer: Literal["adamw", "lamb"] = _opt("adamw", "AdamW (the paper's Adam) or LAMB (for very large batches)")
     lr: float = _opt(5e-4, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps "
                      "(5e-4 suits the small presets, as ELECTRA's small models; the paper used 1e-4 for base)")
@@ -119,8 +125,11 @@ class PretrainConfig:
             for name, ok, want in (
                 ("batch_size", self.batch_size >= 1, ">= 1"),
                 ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("batch_ramp", 0 <= self.batch_ramp <= 1, "in [0, 1]"),
                 ("max_steps", self.max_steps >= 1, ">= 1"),
                 ("lr", self.lr > 0, "> 0"),
+                ("mask_prob", 0 < self.mask_prob < 1, "in (0, 1)"),
+                ("dropout", self.dropout is None or 0 <= self.dropout < 1, "in [0, 1)"),
                 ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                 ("warmup", self.warmup >= 0, ">= 0"),
                 ("clip_norm", self.clip_norm >= 0, ">= 0"),
@@ -283,11 +292,11 @@ def evaluate(model, loader, precision: Precision, top_token: int, objective: str
 
 @dataclass
 class Position:
-    """How far the run is: optimizer steps done, and the epoch and steps done within it (the data position)."""
+    """How far the run is: optimizer steps done, and the epoch and its examples consumed (the data position)."""
 
     step: int = 0
     epoch: int = 0
-    step_in_epoch: int = 0
+    example_in_epoch: int = 0
 
 
 def find_resume(cfg: PretrainConfig, checkpoints: Path) -> Path | None:
@@ -312,7 +321,9 @@ def data_signature(cfg: PretrainConfig, batches: PretrainBatches) -> dict:
     """What fixes the example stream; a resumed run must match it to read on where the first run stopped."""
     corpus = batches.dataset.corpus
     return {"corpus": f"{corpus.tokenizer_fingerprint[:16]}/{corpus.num_tokens}", "global_batch": batches.global_batch,
-            "max_length": cfg.max_length, "masking": cfg.masking, "objective": cfg.objective, "seed": cfg.seed}
+            "ramp_steps": batches.ramp_steps,
+            "max_length": cfg.max_length, "masking": cfg.masking, "mask_prob": cfg.mask_prob, "objective": cfg.objective,
+            "seed": cfg.seed}
 
 
 def training_state(pos: Position, optimizer, scheduler, precision: Precision, signature: dict, cfg: PretrainConfig,
@@ -335,7 +346,8 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
     if state["data"] != signature:
         diff = {k: (state["data"].get(k), v) for k, v in signature.items() if state["data"].get(k) != v}
         raise BertkitError(f"{source / TRAINING_STATE_NAME}: written for other data settings {diff} (checkpoint, "
-                           "now); expected the same corpus, global batch, max_length, masking, objective and seed")
+                           "now); expected the same corpus, global batch and ramp, max_length, masking, mask_prob, objective and "
+                           "seed")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     precision.scaler.load_state_dict(state["scaler"])
@@ -344,7 +356,7 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
         logger.warning("%s: saved by %d processes, resumed by %d: data order is kept, dropout streams are not",
                        source, len(rngs), d.world_size)
     set_rng_state(rngs[d.rank % len(rngs)])
-    return Position(state["step"], state["epoch"], state["step_in_epoch"])
+    return Position(state["step"], state["epoch"], state["example_in_epoch"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,15 +385,19 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
     tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir), d)
 
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    options = dict(max_length=cfg.max_length, masking=cfg.masking, objective=cfg.objective, seed=cfg.seed)
+    options = dict(max_length=cfg.max_length, masking=cfg.masking, objective=cfg.objective, mask_prob=cfg.mask_prob,
+                   seed=cfg.seed)
     train_set = PretrainingDataset(PreparedCorpus(data_dir, "train"), tokenizer, **options)
     eval_set = PretrainingDataset(PreparedCorpus(data_dir, "heldout"), tokenizer, **options)
     top_token = most_frequent_token(train_set)
-    batches = PretrainBatches(train_set, cfg.batch_size, cfg.grad_accum, d, cfg.num_workers)
+    batches = PretrainBatches(train_set, cfg.batch_size, cfg.grad_accum, d, cfg.num_workers,
+                              ramp_steps=round(cfg.batch_ramp * cfg.max_steps))
     signature = data_signature(cfg, batches)
 
     torch.manual_seed(cfg.seed)
     model = BertForPreTraining(model_config(cfg, tokenizer))
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
     if cfg.objective == "mlm":  # no sentence labels: frozen, so DDP does not wait for gradients that never come
         model.bert.pooler.requires_grad_(False)
         model.cls.seq_relationship.requires_grad_(False)
@@ -426,21 +442,22 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         n = model.num_parameters()
         print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {len(train_set):,} examples an epoch, "
               f"global batch {batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
-              f"{cfg.batch_size}), {cfg.max_steps} steps; run folder {run_dir}"
+              f"{cfg.batch_size})" + (f" after a ramp over {batches.ramp_steps} steps" if batches.ramp_steps else "")
+              + f", {cfg.max_steps} steps; run folder {run_dir}"
               + (f"; resuming at step {pos.step} from {resume_from}" if resume_from else ""))
     bar = tqdm(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
     window = torch.zeros(len(SUMS), device=d.device)
     seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
-    steps = batches(pos.epoch, pos.step_in_epoch)
+    steps = batches(pos.epoch, pos.step, pos.example_in_epoch)
     last_saved = pos.step if resume_from is not None else None
     train_row: dict = {}
     while pos.step < cfg.max_steps:
         started = time.perf_counter()
-        epoch, step_in_epoch, micro_batches = next(steps)
+        epoch, example_in_epoch, micro_batches = next(steps)
         window += train_step(ddp_model, micro_batches, optimizer, scheduler, precision, cfg.clip_norm, d.device,
                              top_token)
         seconds += time.perf_counter() - started
-        pos = Position(pos.step + 1, epoch, step_in_epoch)
+        pos = Position(pos.step + 1, epoch, example_in_epoch)
         bar.update(1)
         if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
             distributed.all_reduce_sum(window, d)

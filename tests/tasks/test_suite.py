@@ -1,0 +1,108 @@
+"""The downstream suite: cells kept and never rerun, rows added, shared subsets, the mean ± std table."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertkit.errors import BertkitError
+from bertkit.tasks.suite import TASKS, SuiteConfig, results_table, suite, summarize, task_files
+from conftest import data_path
+
+
+@pytest.fixture(scope="module")
+def wnli_suite(tiny_model_dir, tmp_path_factory):
+    """WNLI (635 training pairs, 71 scored), 2 seeds x 1 lr, two cells at a time."""
+    out = tmp_path_factory.mktemp("suite")
+    config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(out), tasks=["WNLI"],
+                         seeds=2, lrs=[1e-4], jobs=2)
+    return config, suite(config)
+
+
+def test_suite_runs_every_cell_once_and_keeps_them(wnli_suite, tiny_model_dir):
+    config, result = wnli_suite
+    row = result["results"][config.row]
+    assert sorted(row["cells"]) == ["WNLI/lr=0.0001/seed=1", "WNLI/lr=0.0001/seed=2"]
+    for cell in row["cells"].values():
+        assert cell["train_examples"] == 635 and cell["eval_examples"] == 71
+        assert 0 <= cell["best"]["accuracy"] <= 100
+    assert json.loads((Path(config.out_dir) / "suite.json").read_text()) == result["results"]
+    # the fine-tuned weights are dropped unless --keep-models; the cell's record stays
+    cell_dirs = list((Path(config.out_dir) / "cells").rglob("metrics.json"))
+    assert len(cell_dirs) == 2 and not any((d.parent / "model.safetensors").exists() for d in cell_dirs)
+
+
+def test_suite_rerun_adds_only_missing_cells(wnli_suite, monkeypatch):
+    config, result = wnli_suite
+    before = json.loads((Path(config.out_dir) / "suite.json").read_text())
+    ran = []
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _recording_pool(ran))
+    suite(config)  # nothing missing: no cell runs
+    assert ran == []
+    config3 = SuiteConfig(**{**config.__dict__, "seeds": 3})
+    after = suite(config3)["results"][config.row]["cells"]
+    assert ran == ["WNLI/lr=0.0001/seed=3"]
+    assert {k: after[k] for k in before[config.row]["cells"]} == before[config.row]["cells"]
+
+
+def _recording_pool(ran):
+    """A stand-in pool that records which cells it was given and answers them with a fixed score."""
+    from concurrent.futures import Future
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, finetune_config, log, keep):
+            ran.append(f"{finetune_config.task}/lr={finetune_config.lr:g}/seed={finetune_config.seed}")
+            future = Future()
+            future.set_result({"best": {"accuracy": 50.0}, "best_epoch": 1, "seconds": 1.0, "train_examples": 635,
+                               "eval_examples": 71})
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    return Pool
+
+
+def test_from_scratch_is_its_own_row_with_other_weights(wnli_suite, tiny_model_dir):
+    config, _ = wnli_suite
+    scratch = SuiteConfig(**{**config.__dict__, "from_scratch": True, "seeds": 1})
+    results = suite(scratch)["results"]
+    assert set(results) == {config.row, config.row + " (from scratch)"}
+    assert results[config.row + " (from scratch)"]["from_scratch"] is True
+    table = results_table(results)
+    assert f"\n| {config.row} | " in table and f"\n| {config.row} (from scratch) | " in table
+    with pytest.raises(BertkitError, match="another --label"):
+        suite(SuiteConfig(**{**config.__dict__, "from_scratch": True, "label": config.row}))
+
+
+def test_table_reports_the_best_lr_by_mean_over_seeds():
+    cells = {f"RTE/lr={lr}/seed={s}": {"best": {"accuracy": acc}, "seconds": 10.0, "train_examples": 1,
+                                       "eval_examples": 1}
+             for lr, accs in (("0.0001", (60.0, 50.0, 58.0)), ("0.0003", (59.0, 57.0, 58.0))) for s, acc in
+             zip((1, 2, 3), accs)}
+    summary = summarize(cells, "RTE")
+    assert summary["lr"] == "0.0003" and summary["seeds"] == 3  # 58.0 beats 56.0 on the mean, not on the best seed
+    mean, std = summary["metrics"]["accuracy"]
+    assert mean == pytest.approx(58.0) and std == pytest.approx(np.std([59.0, 57.0, 58.0], ddof=1))
+    table = results_table({"m": {"model_dir": "m", "from_scratch": False, "cells": cells, "wall_seconds": 60}})
+    assert "| m | RTE (acc) " not in table and "58.0 ± 1.0" in table and "RTE 0.0003" in table
+
+
+def test_subsets_are_fixed_and_shared(tmp_path):
+    data = data_path()
+    qnli = task_files(TASKS["QNLI"], data, tmp_path)
+    train = open(qnli["train_file"]).read().splitlines()
+    evals = open(qnli["eval_file"]).read().splitlines()
+    dev = open(data / "glue" / "QNLI" / "dev.tsv").read().splitlines()
+    assert train[0] == evals[0] == dev[0]  # the header
+    assert len(train) - 1 == 4000 and len(evals) - 1 == len(dev) - 1 - 4000
+    assert sorted(train[1:] + evals[1:]) == sorted(dev[1:])
+    sst2 = task_files(TASKS["SST-2"], data, tmp_path)
+    rows = open(sst2["train_file"]).read().splitlines()
+    assert rows[0] == "sentence\tlabel" and len(rows) == 8001
+    again = task_files(TASKS["SST-2"], data, tmp_path / "other")  # drawn with a fixed seed: the same sentences
+    assert open(again["train_file"]).read() == "\n".join(rows) + "\n"
