@@ -230,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-file", help="a labelled file to score on instead")
     p.add_argument("--max-length", type=int, help="tokens per example or window (default: the run's)")
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default: the run's)")
-    p.add_argument("--out", help="folder for eval_metrics.json (and SQuAD's predictions.json)")
+    p.add_argument("--null-threshold", type=float,
+                   help="SQuAD v2.0: answer '' when null score - best span score exceeds this (default: the run's); "
+                   "the official script's --na-prob-thresh is exp of it, as null_odds.json holds exp of the difference")
+    p.add_argument("--out", help="folder for eval_metrics.json (and SQuAD's predictions.json; v2.0 also "
+                   "null_odds.json and predictions_spans.json, the official script's input)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's, auto)")
     p.set_defaults(func=cmd_evaluate)
@@ -297,10 +301,11 @@ def cmd_evaluate(args) -> None:
 
     metrics = evaluate(args.model_dir, task=args.task, out_dir=args.out, data_dir=args.data_dir,
                        eval_file=args.eval_file, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
-                       threads=args.threads, device=args.device)
+                       null_threshold=args.null_threshold, threads=args.threads, device=args.device)
     width = max(map(len, metrics))
     for name, value in metrics.items():
-        print(f"{name:<{width}}  {value:.4f}")
+        # SQuAD v2.0's thresholds are null odds, as small as 1e-5: in significant digits, not 4 decimals
+        print(f"{name:<{width}}  {value:.6g}" if name.endswith("_thresh") else f"{name:<{width}}  {value:.4f}")
 
 
 def cmd_predict(args) -> None:

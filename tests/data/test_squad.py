@@ -1,6 +1,7 @@
 """SQuAD: reading and checking the JSON, windows and labels on a real tokenizer, logits back to answers."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from bertkit.data.squad import (
     SquadExample,
     SquadFeature,
     featurize,
+    null_answers,
+    null_odds,
     postprocess,
     read_squad,
     split_by_article,
@@ -200,7 +203,7 @@ def test_postprocess_chooses_the_best_valid_span():
     end = logits(p3=9.0, p12=4.0, p6=2.0, p14=8.0)  # p3 precedes every valid start; p14 is padding
     predictions, odds = postprocess([example], [feature], [start], [end])
     assert predictions == {"q": "lazy dog"}  # 5 + 4 beats "quick brown" 3 + 2
-    assert odds["q"] == pytest.approx(0.0 - 9.0)
+    assert odds["q"] == pytest.approx(math.exp(0.0 - 9.0))  # exp(null score - best span score)
     short, _ = postprocess([example], [feature], [start], [end], max_answer_length=1)
     assert short == {"q": "dog"}  # p12 + p12 = 8 beats p5 + p5 (3 + 0)
 
@@ -213,13 +216,19 @@ def test_postprocess_across_windows_and_null_threshold():
     second.is_max_context[3] = False
     starts = [logits(10, p0=3.0, p4=2.0), logits(10, p0=1.0, p3=9.0, p5=6.0)]  # second p3 ("three") is not owned
     ends = [logits(10, p0=2.0, p4=2.0), logits(10, p0=1.0, p6=1.0)]
-    predictions, odds = postprocess([example], [first, second], starts, ends, with_null=True)
+    predictions, odds = postprocess([example], [first, second], starts, ends)
     # null = min(3 + 2, 1 + 1) = 2 over windows; best span "five six" = 6 + 1 beats "two" = 2 + 2
-    assert odds["q"] == pytest.approx(2.0 - 7.0) and predictions["q"] == "five six"
-    nulled, _ = postprocess([example], [first, second], starts, ends, with_null=True, null_threshold=-6.0)
-    assert nulled["q"] == ""  # score_diff -5 > -6
-    never, _ = postprocess([example], [first, second], starts, ends, null_threshold=-6.0)
-    assert never["q"] == "five six"  # v1.1 never answers ""
+    assert odds["q"] == pytest.approx(math.exp(2.0 - 7.0)) and predictions["q"] == "five six"
+    assert null_answers(predictions, odds, math.exp(-6.0)) == {"q": ""}  # score_diff -5 > -6
+    assert null_answers(predictions, odds, math.exp(-4.0)) == {"q": "five six"}
+
+
+def test_null_odds_are_positive_and_keep_the_order():
+    diffs = [-1e9, -800.0, -30.0, -0.5, 0.0, 1e-7, 2.0, 40.0, 800.0]
+    odds = [null_odds(d) for d in diffs]
+    assert all(0 < o < math.inf for o in odds) and odds == sorted(odds)
+    assert len(set(odds[2:-1])) == len(odds) - 3  # distinct wherever a model's scores can be (|diff| < 700)
+    assert null_odds(0.0) == 1.0  # even odds: the official script's default threshold is bertkit's default 0
 
 
 def test_postprocess_errors_and_writers(tmp_path):
@@ -230,9 +239,9 @@ def test_postprocess_errors_and_writers(tmp_path):
     with pytest.raises(BertkitError, match="question q has no features"):
         postprocess([qa(context, "b")], [], np.zeros((0, 8)), np.zeros((0, 8)))
     write_predictions({"q1": "Zürich", "q2": ""}, tmp_path / "predictions.json")
-    write_null_odds({"q1": -2.5, "q2": 1.0}, tmp_path / "null_odds.json")
+    write_null_odds({"q1": 0.1, "q2": math.exp(1.3)}, tmp_path / "null_odds.json")
     assert json.loads((tmp_path / "predictions.json").read_text()) == {"q1": "Zürich", "q2": ""}
-    assert json.loads((tmp_path / "null_odds.json").read_text()) == {"q1": -2.5, "q2": 1.0}
+    assert json.loads((tmp_path / "null_odds.json").read_text()) == {"q1": 0.1, "q2": math.exp(1.3)}  # exactly
 
 
 def test_round_trip_on_real_paragraphs(tokenizer):
@@ -242,7 +251,11 @@ def test_round_trip_on_real_paragraphs(tokenizer):
     starts, ends = np.zeros((len(features), 128)), np.zeros((len(features), 128))
     for i, f in enumerate(features):
         starts[i, f.start_position] = ends[i, f.end_position] = 10.0
-    predictions, _ = postprocess(examples, features, starts, ends, with_null=True)
+    predictions = null_answers(*postprocess(examples, features, starts, ends), threshold=1.0)
+    assert any(e.is_impossible for e in examples)
     for example in examples:
-        gold = normalize_answer(example.answers[0].text) if example.answers else ""
+        if example.is_impossible:  # [CLS] scores 20, every span 0: null odds e^20 > 1
+            assert predictions[example.id] == ""
+            continue
+        gold = normalize_answer(example.answers[0].text)
         assert normalize_answer(predictions[example.id]) == gold or gold in normalize_answer(predictions[example.id])

@@ -107,6 +107,8 @@ def test_exact_match_and_f1():
     assert token_f1("x y y", "y y z") == pytest.approx(2 / 3)  # tokens are a bag: "y" matches twice
     assert token_f1("dog", "cat") == 0.0
     assert token_f1("", "") == 1.0 and token_f1("", "cat") == 0.0
+    # v1.1's script: no token in common is 0, even for two empty answers; exact match still holds
+    assert token_f1("", ".", "1.1") == 0.0 and token_f1("", "", "1.1") == 0.0 and exact_match("", ".") == 1.0
 
 
 def example(qid: str, *answers: str) -> SquadExample:
@@ -121,48 +123,80 @@ def example(qid: str, *answers: str) -> SquadExample:
 def test_squad_v2_breakdown_and_thresholds():
     examples = [example("q1", "Paris"), example("q2", "the Eiffel Tower"), example("q3"), example("q4")]
     predictions = {"q1": "Paris", "q2": "Eiffel", "q3": "", "q4": "London"}
-    plain = squad_metrics(examples, predictions)
+    plain = squad_metrics(examples, predictions, "2.0")
     assert plain["exact"] == pytest.approx(50.0) and plain["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 4)
     assert plain["HasAns_exact"] == 50.0 and plain["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
     assert plain["NoAns_exact"] == 50.0 and plain["NoAns_total"] == 2.0
     assert "best_f1" not in plain
 
-    odds = {"q1": -5.0, "q2": 0.5, "q3": 2.0, "q4": 3.0}
-    scored = squad_metrics(examples, predictions, odds)  # q3, q4 have odds > 1.0: counted as null, both right
+    odds = {"q1": 0.01, "q2": 0.5, "q3": 2.0, "q4": 3.0}
+    scored = squad_metrics(examples, predictions, "2.0", odds)  # q3, q4 have odds > 1.0: counted as null, both right
     assert scored["exact"] == pytest.approx(75.0) and scored["f1"] == pytest.approx(100 * (1 + 2 / 3 + 2) / 4)
-    # null for odds > t: t = -5 answers only q1 (3 of 4 right); t = 0.5 adds q2's partial F1 of 2/3
-    assert (scored["best_exact"], scored["best_exact_thresh"]) == (pytest.approx(75.0), -5.0)
+    # null for odds > t: t = 0.01 answers only q1 (3 of 4 right); t = 0.5 adds q2's partial F1 of 2/3
+    assert (scored["best_exact"], scored["best_exact_thresh"]) == (pytest.approx(75.0), 0.01)
     assert (scored["best_f1"], scored["best_f1_thresh"]) == (pytest.approx(100 * (3 + 2 / 3) / 4), 0.5)
 
 
-def test_best_threshold_is_the_best_of_all_thresholds():
+def test_all_null_best_is_reported_at_a_threshold_that_answers_nothing():
+    """When answering nothing wins, the threshold is 0.0, below all (positive) odds: there every answer is null.
+    (The score difference, which the odds are exp of, would be negative here, where 0.0 answers every question.)"""
+    examples = [example("a1", "Paris"), example("n1"), example("n2"), example("n3")]
+    predictions = {"a1": "Rome", "n1": "Lyon", "n2": "Nice", "n3": "Metz"}
+    odds = {"a1": math.exp(-3.0), "n1": math.exp(-2.0), "n2": math.exp(-1.5), "n3": math.exp(-1.0)}
+    scores = squad_metrics(examples, predictions, "2.0", odds)
+    assert scores["best_f1"] == 75.0 and scores["best_f1_thresh"] == 0.0 == scores["best_exact_thresh"]
+    assert squad_metrics(examples, predictions, "2.0", odds, null_threshold=0.0)["f1"] == 75.0
+    assert squad_metrics(examples, predictions, "2.0", odds)["f1"] == 0.0  # at the default 1.0 all are answered
+
+
+def test_reported_best_threshold_scores_the_reported_best_score():
+    """best_{exact,f1}_thresh, used as the threshold, scores exactly best_{exact,f1}, and no threshold scores more:
+    also with tied odds (the search stops only after a whole tie) and answers that normalise to nothing."""
     rng = random.Random(0)
-    examples = [example(f"q{i}", "red fox") if i % 3 else example(f"q{i}") for i in range(60)]
-    predictions = {e.id: rng.choice(["", "red fox", "fox", "blue"]) for e in examples}
-    odds = {e.id: rng.uniform(-3, 3) for e in examples}
-    scores = squad_metrics(examples, predictions, odds)
-    for name in ("exact", "f1"):
-        # brute force: score every threshold directly by re-scoring with nulled predictions
-        best = max(
-            squad_metrics(examples, {q: "" if odds[q] > t else p for q, p in predictions.items()})[name]
-            for t in [-math.inf, *odds.values()]
-        )
-        assert scores[f"best_{name}"] == pytest.approx(best)
-        nulled = {q: "" if odds[q] > scores[f"best_{name}_thresh"] else p for q, p in predictions.items()}
-        assert squad_metrics(examples, nulled)[name] == pytest.approx(best)
+    for trial in range(20):
+        examples = [example(f"q{i}", "red fox") if i % 3 else example(f"q{i}") for i in range(60)]
+        predictions = {e.id: rng.choice(["", ".", "the", "red fox", "fox", "blue"]) for e in examples}
+        levels = [math.exp(rng.uniform(-3, 3)) for _ in range(8 if trial % 2 else 60)]  # few levels: many ties
+        odds = {e.id: rng.choice(levels) for e in examples}
+        scores = squad_metrics(examples, predictions, "2.0", odds)
+        for name in ("exact", "f1"):
+            every = [squad_metrics(examples, predictions, "2.0", odds, null_threshold=t)[name]
+                     for t in [0.0, *odds.values()]]
+            reported = squad_metrics(examples, predictions, "2.0", odds, null_threshold=scores[f"best_{name}_thresh"])
+            assert scores[f"best_{name}"] == pytest.approx(max(every), rel=1e-12)
+            assert reported[name] == pytest.approx(scores[f"best_{name}"], rel=1e-12)
 
 
-def test_missing_predictions_score_zero():
+def test_missing_predictions_score_zero_and_odds_must_be_positive():
     examples = [example("q1", "Paris"), example("q2", "Rome")]
-    assert squad_metrics(examples, {"q1": "paris"})["exact"] == 50.0
+    assert squad_metrics(examples, {"q1": "paris"}, "2.0")["exact"] == 50.0
+    assert squad_metrics(examples, {"q1": "paris"}, "1.1")["exact"] == 50.0
     with pytest.raises(BertkitError, match="null_odds has no entry for 1 questions, first q2"):
-        squad_metrics(examples, {"q1": "paris"}, {"q1": 0.0})
+        squad_metrics(examples, {"q1": "paris"}, "2.0", {"q1": 1.0})
+    with pytest.raises(BertkitError, match="null odds of question q2 is -0.5; expected a number above 0"):
+        squad_metrics(examples, {"q1": "paris"}, "2.0", {"q1": 1.0, "q2": -0.5})
+    with pytest.raises(BertkitError, match="question q3 has no gold answer; SQuAD v1.1"):
+        squad_metrics([example("q3")], {"q3": ""}, "1.1")
+
+
+def test_each_version_keeps_the_golds_its_own_script_keeps():
+    """v1.1 keeps a gold "." (normalised "", matched exactly by an empty answer, F1 0); v2.0 drops it."""
+    examples = [example("q1", "fox", "."), example("q2", ".")]
+    assert squad_metrics(examples, {"q1": "", "q2": ""}, "1.1") == {"exact": 100.0, "f1": 0.0, "total": 2.0}
+    v2 = squad_metrics(examples, {"q1": "", "q2": ""}, "2.0")  # q1's gold is "fox"; q2 has none left, so ""
+    assert (v2["exact"], v2["f1"], v2["HasAns_total"]) == (50.0, 50.0, 2.0)
 
 
 def test_official_score_of_the_bert_ensemble():
     examples = read_squad(data_path("squad", "dev-v1.1.json"))
     predictions = json.loads(data_path("squad", "reference", "bert-ensemble-v1.1-dev-predictions.json").read_text())
-    scores = squad_metrics(examples, predictions)
+    scores = squad_metrics(examples, predictions, "1.1")
     assert round(scores["exact"], 3) == 86.206
     assert round(scores["f1"], 3) == 92.196
     assert scores["total"] == 10570
+    # The three questions with the gold "." (the ensemble answers them otherwise): answered "", evaluate-v1.1.py
+    # gives them exact match 1 and F1 0, and prints these numbers.
+    dotted = [e.id for e in examples if any(a.text == "." for a in e.answers)]
+    assert len(dotted) == 3
+    scores = squad_metrics(examples, predictions | dict.fromkeys(dotted, ""), "1.1")
+    assert (scores["exact"], scores["f1"]) == (86.2251655629139, 92.18044260281135)

@@ -2,6 +2,12 @@
 
 import io
 import json
+import math
+import random
+import re
+import shutil
+import string
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,7 @@ from bertkit.cli import main
 from bertkit.data.squad import read_squad
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, evaluate, finetune, predict
-from bertkit.tasks.metrics import normalize_answer
+from bertkit.tasks.metrics import normalize_answer, squad_metrics
 from bertkit.tasks.squad import SquadTask
 from conftest import data_path
 
@@ -85,20 +91,145 @@ def test_predict_answers_json_lines(squad1_run, monkeypatch, capsys):
     assert err.count("\n") == 1 and '<stdin>:1: expected a JSON object with string "question" and "context"' in err
 
 
-def test_squad2_run_has_null_odds_and_the_breakdown(tiny_model_dir, tmp_path):
-    file = slice_of("dev-v2.0-half.json", tmp_path / "slice.json", articles=(0, 1))
-    run = config(tiny_model_dir, tmp_path / "run", "squad2", file, epochs=1)
-    record = finetune(run)
-    best = record["best"]
+@pytest.fixture(scope="module")
+def squad2_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("squad2")
+    file = slice_of("dev-v2.0-half.json", tmp / "slice.json", articles=(0, 1))
+    run = config(tiny_model_dir, tmp / "run", "squad2", file, epochs=1)
+    return run, finetune(run)
+
+
+def test_squad2_run_has_null_odds_and_the_breakdown(squad2_run):
+    run, record = squad2_run
+    best, out = record["best"], Path(run.out_dir)
     for key in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_f1", "best_f1_thresh"):
         assert key in best, key
     assert best["best_f1"] >= best["f1"] - 1e-9
-    null_odds = json.loads((tmp_path / "run" / "null_odds.json").read_text())
-    predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
-    assert null_odds.keys() == predictions.keys() and len(predictions) == record["eval_examples"]
-    assert all(predictions[q] == "" for q in predictions if null_odds[q] > 0.0)  # the threshold is 0
-    (answer,) = predict(tmp_path / "run", [json.dumps({"question": "Who?", "context": "Ada wrote it."})])
-    assert "null_odds" in answer
+    null_odds = json.loads((out / "null_odds.json").read_text())
+    predictions = json.loads((out / "predictions.json").read_text())
+    spans = json.loads((out / "predictions_spans.json").read_text())
+    assert null_odds.keys() == predictions.keys() == spans.keys() and len(predictions) == record["eval_examples"]
+    assert all(v > 0 for v in null_odds.values())
+    # the answers at --null-threshold 0, i.e. null odds e^0 = 1
+    assert predictions == {q: "" if null_odds[q] > 1.0 else spans[q] for q in spans}
+    (answer,) = predict(out, [json.dumps({"question": "Who?", "context": "Ada wrote it."})])
+    assert answer["null_odds"] > 0
+
+
+def official_v2(data: list, predictions: dict, na_probs: dict, na_prob_thresh: float = 1.0) -> dict:
+    """What SQuAD's evaluate-v2.0.py prints, re-implemented from its documented algorithm: v2.0 golds (those that
+    normalise to nothing dropped, "" for none), null where na_prob > na_prob_thresh, and the best threshold
+    searched from "all null" at 0.0 question by question in order of na_prob, a non-empty answer to an
+    unanswerable question counting as wrong."""
+
+    def tokens(text):
+        text = "".join(c for c in text.lower() if c not in string.punctuation)
+        return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+    def f1(gold, guess):
+        common = sum((Counter(tokens(gold)) & Counter(tokens(guess))).values())
+        if not tokens(gold) or not tokens(guess) or common == 0:
+            return int(tokens(gold) == tokens(guess))
+        precision, recall = common / len(tokens(guess)), common / len(tokens(gold))
+        return 2 * precision * recall / (precision + recall)
+
+    has_answer, exact_raw, f1_raw = {}, {}, {}
+    for qa in (qa for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"]):
+        has_answer[qa["id"]] = bool(qa["answers"])
+        golds = [a["text"] for a in qa["answers"] if tokens(a["text"])] or [""]
+        exact_raw[qa["id"]] = max(int(tokens(g) == tokens(predictions[qa["id"]])) for g in golds)
+        f1_raw[qa["id"]] = max(f1(g, predictions[qa["id"]]) for g in golds)
+
+    def percent(scores, ids):
+        return 100.0 * sum(scores[q] for q in ids) / len(ids)
+
+    out = {}
+    nulled = {name: {q: float(not has_answer[q]) if na_probs[q] > na_prob_thresh else s for q, s in raw.items()}
+              for name, raw in (("exact", exact_raw), ("f1", f1_raw))}
+    for prefix, ids in (("", list(has_answer)), ("HasAns_", [q for q in has_answer if has_answer[q]]),
+                        ("NoAns_", [q for q in has_answer if not has_answer[q]])):
+        if ids:
+            out |= {f"{prefix}exact": percent(nulled["exact"], ids), f"{prefix}f1": percent(nulled["f1"], ids),
+                    f"{prefix}total": len(ids)}
+    for name, raw in (("exact", exact_raw), ("f1", f1_raw)):
+        score = best = sum(not v for v in has_answer.values())
+        threshold = 0.0
+        for q in sorted(na_probs, key=na_probs.get):
+            score += raw[q] if has_answer[q] else -1 if predictions[q] else 0
+            if score > best:
+                best, threshold = score, na_probs[q]
+        out |= {f"best_{name}": 100.0 * best / len(raw), f"best_{name}_thresh": threshold}
+    return out
+
+
+def scored_articles(run) -> list:
+    """The articles of the run's file that it scored (those after --train-articles), as the script reads them."""
+    return json.loads(Path(run.train_file).read_text(encoding="utf-8"))["data"][run.train_articles:]
+
+
+def test_official_v2_script_reproduces_every_number_from_the_run_folder(squad2_run):
+    run, record = squad2_run
+    out = Path(run.out_dir)
+    spans, odds = (json.loads((out / name).read_text()) for name in ("predictions_spans.json", "null_odds.json"))
+    assert official_v2(scored_articles(run), spans, odds) == record["best"]  # to the bit, every key
+    # the answers as scored, without the odds, give the thresholded part
+    answers = json.loads((out / "predictions.json").read_text())
+    plain = official_v2(scored_articles(run), answers, dict.fromkeys(answers, 0.0))
+    assert {k: v for k, v in plain.items() if not k.startswith("best")} == {
+        k: v for k, v in record["best"].items() if not k.startswith("best")}
+
+
+def test_evaluate_takes_a_null_threshold_that_the_script_reproduces(squad2_run, tmp_path, capsys):
+    run, _ = squad2_run
+    odds = sorted(json.loads(Path(run.out_dir, "null_odds.json").read_text()).values())
+    threshold = math.log(odds[len(odds) // 2])  # about half the questions answered
+    assert main(["evaluate", run.out_dir, "--null-threshold", repr(threshold), "--out", str(tmp_path)]) == 0
+    assert "best_f1_thresh" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "eval_metrics.json").read_text())
+    spans, odds = (json.loads((tmp_path / name).read_text()) for name in ("predictions_spans.json", "null_odds.json"))
+    assert official_v2(scored_articles(run), spans, odds, math.exp(threshold)) == metrics
+    assert 0 < sum(o <= math.exp(threshold) for o in odds.values()) < len(odds)
+
+
+def test_official_v2_script_reproduces_every_number_at_any_threshold(tmp_path, monkeypatch):
+    """Spans and odds spread so that the best thresholds lie inside the odds; --null-threshold T is the script's
+    --na-prob-thresh exp(T); spans that normalise to nothing are written as "" for the script's search."""
+    file = slice_of("dev-v2.0-half.json", tmp_path / "slice.json", articles=(0,), paragraphs=4)
+    task = SquadTask("squad2", evals=read_squad(file))
+    rng = random.Random(0)
+    golds = {e.id: (e.answers[0].text if e.answers else "") for e in task.evals}
+    spans = {q: rng.choice([g, g.split()[0] if g else "", "the", ".", "some words", ""]) for q, g in golds.items()}
+    odds = {q: math.exp(rng.gauss(-1.0 if g else 1.0, 1.5)) for q, g in golds.items()}
+    monkeypatch.setattr(task, "answer", lambda *args: (spans, odds))
+    data = json.loads(file.read_text(encoding="utf-8"))["data"]
+    for null_threshold in (-1.0, 0.0, 0.7):
+        metrics, write = task.evaluate(None, None, FinetuneConfig(task="squad2", null_threshold=null_threshold), "cpu")
+        write(tmp_path)
+        written = {name: json.loads((tmp_path / f"{name}.json").read_text())
+                   for name in ("predictions", "predictions_spans", "null_odds")}
+        assert written["null_odds"] == odds and set(written["predictions_spans"].values()) <= set(spans.values())
+        official = official_v2(data, written["predictions_spans"], odds, math.exp(null_threshold))
+        assert official == metrics
+        assert 0.0 < metrics["best_f1_thresh"] < max(odds.values())  # not a trivial end
+
+
+def test_predict_answers_at_the_threshold_that_scored_best_f1(squad2_run, tmp_path):
+    run, record = squad2_run
+    examples = read_squad(run.train_file)[-record["eval_examples"]:]
+    lines = [json.dumps({"id": e.id, "question": e.question, "context": e.context}) for e in examples]
+    answers = {a["id"]: a["answer"] for a in predict(run.out_dir, lines)}
+    assert squad_metrics(examples, answers, "2.0")["f1"] == pytest.approx(record["best"]["best_f1"], rel=1e-12)
+    # the tiny model's best is all null (threshold 0.0); a threshold inside the odds, as a better model gets
+    folder = Path(shutil.copytree(run.out_dir, tmp_path / "run"))
+    spans, odds = (json.loads((folder / name).read_text()) for name in ("predictions_spans.json", "null_odds.json"))
+    threshold = sorted(odds.values())[len(odds) // 2]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["best"]["best_f1_thresh"] = threshold
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    answers = {a["id"]: a["answer"] for a in predict(folder, lines)}
+    assert {q for q, a in answers.items() if a == ""} >= {q for q in odds if odds[q] > threshold}
+    assert squad_metrics(examples, answers, "2.0")["f1"] == pytest.approx(
+        squad_metrics(examples, spans, "2.0", odds, null_threshold=threshold)["f1"], rel=1e-12)
 
 
 def test_squad1_refuses_a_v2_file(tiny_model_dir, tmp_path):
@@ -129,6 +260,7 @@ def test_squad2_threshold_search_sees_the_answers_the_threshold_hides(tmp_path, 
     assert metrics["best_f1"] == pytest.approx(100.0) and metrics["best_f1_thresh"] == 4.0
     write(tmp_path)
     assert set(json.loads((tmp_path / "predictions.json").read_text()).values()) == {""}
+    assert "" not in set(json.loads((tmp_path / "predictions_spans.json").read_text()).values())
 
 
 def test_best_epoch_is_chosen_on_the_dev_tuned_scores_for_v2():

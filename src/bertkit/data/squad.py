@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,13 +246,12 @@ def postprocess(
     end_logits: Any,
     n_best: int = 20,
     max_answer_length: int = 30,
-    with_null: bool = False,
-    null_threshold: float = 0.0,
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Pick each question's answer from per-window logits (B, T); returns predictions and null odds by id.
+    """Each question's best non-null span from per-window logits (B, T), and its null odds; both by id.
 
-    Null odds are BERT's score_diff: null score ([CLS] start + end, lowest over windows) minus the best span
-    score. With `with_null` (v2.0) the prediction is "" when score_diff > null_threshold.
+    BERT's score_diff is the null score ([CLS] start + end, lowest over windows) minus the best span score; the
+    null odds are exp(score_diff) (see `null_odds`). Whether a question is answered "" is decided later, by
+    `null_answers`, so that one set of spans serves every threshold.
     """
     start_logits, end_logits = np.asarray(start_logits, dtype=np.float64), np.asarray(end_logits, dtype=np.float64)
     if start_logits.shape != end_logits.shape or len(start_logits) != len(features):
@@ -262,7 +262,7 @@ def postprocess(
     for f, feature in enumerate(features):
         by_example.setdefault(feature.example_index, []).append(f)
 
-    predictions, null_odds = {}, {}
+    spans, odds = {}, {}
     for index, example in enumerate(examples):
         if index not in by_example:
             raise BertkitError(f"question {example.id} has no features; expected those featurize() made for it")
@@ -285,10 +285,29 @@ def postprocess(
                 s, e = top_starts[i], top_ends[j]
                 best_text = example.context[feature.offsets[s][0] : feature.offsets[e][1]]
         # As in BERT: with no valid span, the non-null answer is "" with score 0.
-        score_diff = null_score - (best_score if best_score is not None else 0.0)
-        null_odds[example.id] = float(score_diff)
-        predictions[example.id] = "" if with_null and score_diff > null_threshold else best_text
-    return predictions, null_odds
+        odds[example.id] = null_odds(null_score - (best_score if best_score is not None else 0.0))
+        spans[example.id] = best_text
+    return spans, odds
+
+
+def null_odds(score_diff: float) -> float:
+    """exp(score_diff): the odds of "no answer" against the best span, under a softmax over the two scores.
+
+    These are what null_odds.json holds and the official evaluate-v2.0.py reads as its --na-prob-file. Its
+    best-threshold search starts from "every question null" at threshold 0.0, and reports 0.0 when that wins,
+    so the values must be above 0; score_diff itself is often negative, and there 0.0 answers most questions
+    (a run reported best F1 50.83 "at 0.0" where F1 was 8.11). exp keeps the order and is above 0, and the
+    script's default threshold 1.0 is even odds: score_diff 0, BERT's and bertkit's default --null-threshold.
+    A sigmoid (a probability) also keeps the order, but rounds every score_diff above ~37 to exactly 1.0, which
+    the default 1.0 then never makes null, and merges nearby ones above ~25 into ties. The clip keeps the value
+    finite and above 0 for any score_diff (beyond ±700 only from a broken model).
+    """
+    return math.exp(min(max(score_diff, -700.0), 700.0))
+
+
+def null_answers(spans: dict[str, str], odds: dict[str, float], threshold: float) -> dict[str, str]:
+    """The answers at a null-odds threshold: "" where the odds exceed it (the v2.0 script's --na-prob-thresh)."""
+    return {q: "" if odds[q] > threshold else text for q, text in spans.items()}
 
 
 def write_predictions(predictions: dict[str, str], path: str | Path) -> None:
@@ -296,6 +315,6 @@ def write_predictions(predictions: dict[str, str], path: str | Path) -> None:
     Path(path).write_text(json.dumps(predictions, indent=4) + "\n", encoding="utf-8")
 
 
-def write_null_odds(null_odds: dict[str, float], path: str | Path) -> None:
-    """Write null_odds.json, the v2.0 script's --na-prob-file: {question id: score_diff}."""
-    Path(path).write_text(json.dumps(null_odds, indent=4) + "\n", encoding="utf-8")
+def write_null_odds(odds: dict[str, float], path: str | Path) -> None:
+    """Write null_odds.json, the v2.0 script's --na-prob-file: {question id: exp(score_diff)}."""
+    Path(path).write_text(json.dumps(odds, indent=4) + "\n", encoding="utf-8")

@@ -396,10 +396,13 @@ def predict(model_dir, inputs, source: str = "<stdin>", **overrides) -> list[dic
 
 
 def _tuned_threshold(model_dir, config: FinetuneConfig) -> float:
-    """SQuAD v2.0: the null threshold that scored best on the run's eval data, else the configured one."""
+    """SQuAD v2.0: the null-odds threshold that scored best on the run's eval data (best_f1_thresh, which gives
+    best_f1 there, all null at 0.0), else exp(--null-threshold); questions whose null odds exceed it get ""."""
+    from bertkit.data.squad import null_odds
+
     path = Path(model_dir) / "metrics.json"
     if config.task == "squad2" and path.is_file():
         best = json.loads(path.read_text(encoding="utf-8")).get("best", {})
         if "best_f1_thresh" in best:
             return float(best["best_f1_thresh"])
-    return config.null_threshold
+    return null_odds(config.null_threshold)

@@ -6,7 +6,7 @@ import re
 import string
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -72,11 +72,12 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def token_f1(prediction: str, gold: str) -> float:
-    """F1 over the bags of normalised tokens; two empty answers agree (an unanswerable question left empty)."""
+def token_f1(prediction: str, gold: str, version: str = "2.0") -> float:
+    """F1 over the bags of normalised tokens. When one side is empty, v2.0 scores 1 if both are (an unanswerable
+    question left empty); v1.1's script has no such rule, so there no token in common is 0, even for "" vs "."."""
     predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not predicted or not expected:
-        return float(predicted == expected)
+        return float(version == "2.0" and predicted == expected)
     common = sum((Counter(predicted) & Counter(expected)).values())
     if common == 0:
         return 0.0
@@ -84,21 +85,31 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _best_threshold(scores: dict[str, float], null_odds: dict[str, float], has_answer: dict[str, bool],
-                    predictions: dict[str, str]) -> tuple[float, float]:
-    """The null-odds threshold that maximises a score, and that score, as the v2.0 evaluation searches it.
+def _percent(scores: Iterable[float]) -> float:
+    """100 * the mean, with sum() in question order as the v2.0 script computes it, so the two agree to the bit."""
+    scores = list(scores)
+    return 100.0 * sum(scores) / len(scores)
 
-    Answering "" for every question whose odds exceed t; start from t below all odds (every answer null,
-    right only for the unanswerable ones) and raise t past one question at a time, keeping the best.
+
+def _best_threshold(scores: dict[str, float], null_odds: dict[str, float],
+                    has_answer: dict[str, bool]) -> tuple[float, float]:
+    """The null-odds threshold that maximises a score, and that score, searched as the v2.0 script does.
+
+    Answer "" where the odds exceed t. Start at t = 0.0, below all odds: every question null, right only for the
+    unanswerable ones (the script's start, hence odds above 0). Then raise t past the questions in order of their
+    odds, each trading its null score for its answer's, and keep the best. Two deliberate differences from the
+    script make the reported t score exactly what is reported: t stops only after a whole group of equal odds
+    (the script also stops inside one, at a score that no threshold gives), and an answer that normalises to
+    nothing (".") counts by its score (the script counts any non-empty answer to an unanswerable question as
+    wrong, while its scoring, and so its thresholded numbers, count "." as right). SquadTask.evaluate writes such
+    spans as "", so on bertkit's files the two searches differ only where distinct questions tie exactly.
     """
     total = sum(not has_answer[q] for q in scores)
     best, best_t = total, 0.0
-    for qid in sorted(scores, key=lambda q: null_odds[q]):
-        if has_answer[qid]:
-            total += scores[qid]
-        elif predictions.get(qid):
-            total -= 1  # an unanswerable question now gets a non-empty answer
-        if total > best:
+    order = sorted(scores, key=lambda q: null_odds[q])
+    for i, qid in enumerate(order):
+        total += scores[qid] - (not has_answer[qid])
+        if (i + 1 == len(order) or null_odds[order[i + 1]] != null_odds[qid]) and total > best:
             best, best_t = total, null_odds[qid]
     return 100.0 * best / len(scores), best_t
 
@@ -106,32 +117,48 @@ def _best_threshold(scores: dict[str, float], null_odds: dict[str, float], has_a
 def squad_metrics(
     examples: Sequence[SquadExample],
     predictions: dict[str, str],
+    version: str,
     null_odds: dict[str, float] | None = None,
     null_threshold: float = 1.0,
 ) -> dict[str, float]:
-    """Exact match and F1 in percent, with HasAns/NoAns parts and, given null odds, the best thresholds.
+    """Exact match and F1 in percent as the official script of `version` ("1.1" or "2.0") scores them.
 
-    A question with no prediction scores 0. With `null_odds`, a question whose odds exceed `null_threshold`
-    counts as answered "" (the v2.0 script's --na-prob-thresh, default 1.0).
+    A question with no prediction scores 0. v1.1 keeps every gold answer as it is (three dev questions have
+    the gold "."; the empty answer matches it exactly, with F1 0). v2.0 drops golds that normalise to nothing
+    (a question left with none has the gold "") and adds the HasAns/NoAns parts; given null odds (above 0,
+    e.g. `null_odds` of data.squad), a question whose odds exceed `null_threshold` counts as answered ""
+    (the script's --na-prob-thresh, default 1.0), and best_exact/best_f1 are the scores at the thresholds
+    best_exact_thresh/best_f1_thresh, 0.0 meaning every question null.
     """
+    if version not in ("1.1", "2.0"):
+        raise ValueError(f"SQuAD version {version!r}, expected '1.1' or '2.0'")
     if not examples:
         raise BertkitError("no questions to score")
     exact, f1, has_answer = {}, {}, {}
     for example in examples:
-        # Gold answers that normalise to nothing cannot be matched; an unanswerable question's gold is "".
-        golds = [a.text for a in example.answers if normalize_answer(a.text)] or [""]
+        golds = [a.text for a in example.answers]
+        if version == "2.0":
+            # Gold answers that normalise to nothing cannot be matched; an unanswerable question's gold is "".
+            golds = [g for g in golds if normalize_answer(g)] or [""]
+        elif not golds:
+            raise BertkitError(f"question {example.id} has no gold answer; SQuAD v1.1 scores answerable questions")
         prediction = predictions.get(example.id)
         has_answer[example.id] = bool(example.answers)
         if prediction is None:
             exact[example.id] = f1[example.id] = 0.0
             continue
         exact[example.id] = max(exact_match(prediction, g) for g in golds)
-        f1[example.id] = max(token_f1(prediction, g) for g in golds)
+        f1[example.id] = max(token_f1(prediction, g, version) for g in golds)
+    if version == "1.1":
+        return {"exact": _percent(exact.values()), "f1": _percent(f1.values()), "total": float(len(exact))}
 
     if null_odds is not None:
         missing = [q for q in exact if q not in null_odds]
         if missing:
             raise BertkitError(f"null_odds has no entry for {len(missing)} questions, first {missing[0]}")
+        bad = next((q for q in exact if not null_odds[q] > 0), None)
+        if bad is not None:
+            raise BertkitError(f"null odds of question {bad} is {null_odds[bad]}; expected a number above 0")
         thresholded = {}
         for name, raw in (("exact", exact), ("f1", f1)):
             thresholded[name] = {
@@ -141,15 +168,14 @@ def squad_metrics(
     else:
         exact_used, f1_used = exact, f1
 
-    result = {"exact": 100.0 * np.mean(list(exact_used.values())), "f1": 100.0 * np.mean(list(f1_used.values())),
-              "total": float(len(exact))}
+    result = {"exact": _percent(exact_used.values()), "f1": _percent(f1_used.values()), "total": float(len(exact))}
     for part, wanted in (("HasAns", True), ("NoAns", False)):
         ids = [q for q in exact if has_answer[q] == wanted]
         if ids:
-            result[f"{part}_exact"] = 100.0 * np.mean([exact_used[q] for q in ids])
-            result[f"{part}_f1"] = 100.0 * np.mean([f1_used[q] for q in ids])
+            result[f"{part}_exact"] = _percent([exact_used[q] for q in ids])
+            result[f"{part}_f1"] = _percent([f1_used[q] for q in ids])
             result[f"{part}_total"] = float(len(ids))
     if null_odds is not None:
-        result["best_exact"], result["best_exact_thresh"] = _best_threshold(exact, null_odds, has_answer, predictions)
-        result["best_f1"], result["best_f1_thresh"] = _best_threshold(f1, null_odds, has_answer, predictions)
+        result["best_exact"], result["best_exact_thresh"] = _best_threshold(exact, null_odds, has_answer)
+        result["best_f1"], result["best_f1_thresh"] = _best_threshold(f1, null_odds, has_answer)
     return {k: float(v) for k, v in result.items()}

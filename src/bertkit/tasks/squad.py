@@ -10,6 +10,8 @@ from pathlib import Path
 from bertkit.data.squad import (
     SquadExample,
     featurize,
+    null_answers,
+    null_odds,
     postprocess,
     read_squad,
     split_by_article,
@@ -66,33 +68,44 @@ class SquadTask:
 
     def answer(self, model, tokenizer, examples: Sequence[SquadExample], config, device,
                null_threshold: float | None):
-        """Predicted answers and null odds by question id. v2.0: "" where the odds exceed `null_threshold`;
-        None gives every question its best non-null span (what a threshold search needs)."""
+        """Answers and null odds (exp of BERT's score_diff) by question id. v2.0: "" where the odds exceed
+        `null_threshold` (in odds, as best_f1_thresh); None gives every question its best non-null span."""
         features = featurize(examples, tokenizer, config.max_length, config.doc_stride, config.max_query_length)
         rows = [{"input_ids": f.input_ids[: sum(f.attention_mask)],
                  "token_type_ids": f.token_type_ids[: sum(f.attention_mask)]} for f in features]
         out = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("start_logits", "end_logits"),
                     width=config.max_length)
-        return postprocess(examples, features, out["start_logits"].numpy(), out["end_logits"].numpy(),
-                           with_null=self.version2 and null_threshold is not None, null_threshold=null_threshold or 0.0)
+        spans, odds = postprocess(examples, features, out["start_logits"].numpy(), out["end_logits"].numpy())
+        if self.version2 and null_threshold is not None:
+            return null_answers(spans, odds, null_threshold), odds
+        return spans, odds
 
     def evaluate(self, model, tokenizer, config, device):
-        """EM/F1 (v2.0: with HasAns/NoAns and the best null threshold); the writer saves predictions.json."""
-        from bertkit.tasks.metrics import squad_metrics  # its module imports scipy and sklearn, seconds
+        """EM/F1 as the official script of the version scores them (v2.0: with HasAns/NoAns, the answers null
+        where the odds exceed exp(--null-threshold), and the best null thresholds); and a writer of the files.
 
-        # Scored with the best non-null span of every question plus its null odds, as the v2.0 script wants them:
-        # the threshold applies in scoring, and the best-threshold search can then answer a question that the
-        # current threshold leaves null (thresholded answers would hide what it would have said).
-        spans, null_odds = self.answer(model, tokenizer, self.evals, config, device, None)
-        odds = null_odds if self.version2 else None
-        metrics = squad_metrics(self.evals, spans, odds, null_threshold=config.null_threshold)
-        predictions = {q: "" if self.version2 and null_odds[q] > config.null_threshold else text
-                       for q, text in spans.items()}
+        The writer saves predictions.json, the answers as scored. For v2.0 also null_odds.json and
+        predictions_spans.json, every question's best non-null span: given those, the official evaluate-v2.0.py
+        (`--na-prob-file null_odds.json --na-prob-thresh exp(--null-threshold)`, which is its default 1.0 for the
+        default 0) prints every number reported here. The search needs the spans, as answers nulled by one
+        threshold would hide what another would have said. A span that normalises to nothing (".", "the") is
+        written as "": scored the same, but the script's search counts any non-empty answer to an unanswerable
+        question as wrong.
+        """
+        from bertkit.tasks.metrics import normalize_answer, squad_metrics  # its module imports scipy and sklearn
+
+        spans, odds = self.answer(model, tokenizer, self.evals, config, device, None)
+        if not self.version2:
+            metrics = squad_metrics(self.evals, spans, "1.1")
+            return metrics, lambda out_dir: write_predictions(spans, Path(out_dir) / "predictions.json")
+        threshold = null_odds(config.null_threshold)
+        metrics = squad_metrics(self.evals, spans, "2.0", odds, null_threshold=threshold)
+        searched = {q: text if normalize_answer(text) else "" for q, text in spans.items()}
 
         def write(out_dir: Path) -> None:
-            write_predictions(predictions, Path(out_dir) / "predictions.json")
-            if self.version2:
-                write_null_odds(null_odds, Path(out_dir) / "null_odds.json")
+            write_predictions(null_answers(spans, odds, threshold), Path(out_dir) / "predictions.json")
+            write_predictions(searched, Path(out_dir) / "predictions_spans.json")
+            write_null_odds(odds, Path(out_dir) / "null_odds.json")
 
         return metrics, write
 
