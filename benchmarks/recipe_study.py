@@ -47,9 +47,20 @@ def flag(flags: list[str], name: str, default: str) -> str:
 
 
 def steps_for(flags: list[str], examples: int) -> int:
-    """Optimizer steps that make `examples` sequences of 128 tokens at this variant's length and batch."""
+    """Optimizer steps that make `examples` sequences of 128 tokens at this variant's length, batch and ramp."""
     length, batch = int(flag(flags, "--max-length", "128")), int(flag(flags, "--batch-size", "32"))
-    return max(1, round(examples * 128 / (length * batch)))
+    accum, ramp = int(flag(flags, "--grad-accum", "1")), float(flag(flags, "--batch-ramp", "0"))
+    target = examples * 128 / length
+
+    def seen(steps: int) -> int:  # examples read in `steps` steps: PretrainBatches.accumulation, summed
+        ramp_steps = round(ramp * steps)
+        return sum(batch * (accum if s >= ramp_steps else 1 + (accum - 1) * s // ramp_steps) for s in range(steps))
+
+    low, high = 1, max(1, round(target / batch))
+    while low < high:  # the fewest steps that read the budget
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if seen(mid) < target else (low, mid)
+    return low
 
 
 def run_variant(name: str, args) -> dict:

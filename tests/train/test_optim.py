@@ -8,7 +8,7 @@ import torch
 from bertkit.config import BertConfig
 from bertkit.errors import BertkitError
 from bertkit.model import BertForPreTraining
-from bertkit.train.optim import Lamb, build_optimizer, param_groups, warmup_linear, warmup_steps_for
+from bertkit.train.optim import Lamb, build_optimizer, param_groups, triangle, warmup_linear, warmup_steps_for
 
 
 def lamb_reference(w, grads, lr, betas, eps, weight_decay):
@@ -83,6 +83,19 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # the peak lr at the end of warm-up
     assert lrs[4:] == pytest.approx([(12 - s) / 8 for s in range(4, 13)])  # linear to 0 at the last step
     assert lrs[-1] == 0.0
+
+
+def test_triangle_rises_from_a_quarter_to_the_peak_at_three_quarters_then_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = triangle(opt, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == pytest.approx(0.25) and lrs[75] == pytest.approx(1.0) and lrs[100] == 0.0
+    assert max(lrs) == lrs[75] and lrs[50] == pytest.approx(0.75) and lrs[90] == pytest.approx(0.4)
 
 
 def test_warmup_is_a_fraction_or_a_step_count():

@@ -1,4 +1,5 @@
-"""Optimisers (AdamW, LAMB) and the paper's learning-rate schedule: linear warm-up, then linear decay to zero."""
+"""Optimisers (AdamW, LAMB) and learning-rate schedules: the paper's linear warm-up then linear decay to zero, and
+Cramming's triangle."""
 
 from __future__ import annotations
 
@@ -76,6 +77,17 @@ def warmup_linear(optimizer, warmup_steps: int, total_steps: int) -> torch.optim
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def triangle(optimizer, total_steps: int, start: float = 0.25, peak_at: float = 0.75) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cramming's budget triangle: from `start` x the peak lr, up linearly to the peak at `peak_at` of the run, then
+    linearly down to 0 at `total_steps`. No warm-up from 0: the run starts at a quarter of the peak."""
+
+    def factor(step: int) -> float:
+        x = step / max(1, total_steps)
+        return max(0.0, min(start + x * (1 - start) / peak_at, (1 - x) / (1 - peak_at)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -43,7 +43,7 @@ from bertkit.train import distributed
 from bertkit.train.distributed import Distributed
 from bertkit.train.loader import PretrainBatches, eval_loader
 from bertkit.train.logs import RunLogger
-from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
+from bertkit.train.optim import build_optimizer, triangle, warmup_linear, warmup_steps_for
 from bertkit.train.precision import Precision, resolve
 
 logger = logging.getLogger("bertkit")
@@ -96,6 +96,9 @@ class PretrainConfig:
     betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/LAMB beta1 beta2")
     weight_decay: float = _opt(0.01, "decoupled weight decay (not on biases and LayerNorm)")
     warmup: float = _opt(0.1, "warm-up: a fraction of --max-steps if below 1, else a number of steps")
+    schedule: Literal["linear", "triangle"] = _opt("linear", "learning rate: linear warm-up then linear decay to 0 "
+                                                   "(BERT), or Cramming's triangle: from a quarter of --lr up to it at "
+                                                   "75%% of --max-steps, then down to 0 (--warmup unused)")
     max_steps: int = _opt(300, "optimizer steps to train for")
     clip_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
     precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "autocast precision; bf16 and fp16 only where the "
@@ -409,7 +412,10 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
     if cfg.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, betas=cfg.betas)
-    scheduler = warmup_linear(optimizer, warmup_steps_for(cfg.max_steps, cfg.warmup), cfg.max_steps)
+    if cfg.schedule == "triangle":
+        scheduler = triangle(optimizer, cfg.max_steps)
+    else:
+        scheduler = warmup_linear(optimizer, warmup_steps_for(cfg.max_steps, cfg.warmup), cfg.max_steps)
     precision = resolve(cfg.precision, d.device)
     if state is not None:
         pos = restore(state, resume_from, optimizer, scheduler, precision, signature, d)
