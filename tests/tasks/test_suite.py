@@ -99,10 +99,42 @@ def test_subsets_are_fixed_and_shared(tmp_path):
     evals = open(qnli["eval_file"]).read().splitlines()
     dev = open(data / "glue" / "QNLI" / "dev.tsv").read().splitlines()
     assert train[0] == evals[0] == dev[0]  # the header
-    assert len(train) - 1 == 4000 and len(evals) - 1 == len(dev) - 1 - 4000
+    assert len(train) - 1 == 2000 and len(evals) - 1 == len(dev) - 1 - 2000
     assert sorted(train[1:] + evals[1:]) == sorted(dev[1:])
     sst2 = task_files(TASKS["SST-2"], data, tmp_path)
     rows = open(sst2["train_file"]).read().splitlines()
     assert rows[0] == "sentence\tlabel" and len(rows) == 8001
     again = task_files(TASKS["SST-2"], data, tmp_path / "other")  # drawn with a fixed seed: the same sentences
     assert open(again["train_file"]).read() == "\n".join(rows) + "\n"
+
+
+@pytest.mark.slow
+def test_books_pretraining_then_the_suite_end_to_end(tmp_path):
+    """The pretraining issue's result, shrunk: a vocabulary and a tiny BERT pretrained on 300 chapters of the books
+    corpus, then the suite on it and on the same network from scratch (two tasks, two seeds)."""
+    import itertools
+
+    from bertkit.cli import main
+    from bertkit.data.corpus import FileReader
+    from bertkit.train.logs import read_csv
+
+    chapters = itertools.islice(FileReader(data_path("corpus", "gutenberg-en-00.txt.gz")), 300)
+    text = tmp_path / "books.txt"
+    text.write_text("\n\n".join("\n".join(c) for c in chapters) + "\n", encoding="utf-8")
+    assert main(["vocab", "train", str(text), "--out", str(tmp_path / "vocab"), "--vocab-size", "4000"]) == 0
+    assert main(["prepare", str(text), "--tokenizer", str(tmp_path / "vocab"), "--out", str(tmp_path / "data"),
+                 "--heldout-fraction", "0.05"]) == 0
+    run = tmp_path / "run"
+    assert main(["pretrain", "--model", "tiny", "--tokenizer", str(tmp_path / "vocab"), "--data", str(tmp_path / "data"),
+                 "--run-dir", str(run), "--max-steps", "300", "--lr", "1e-3", "--eval-every", "150", "--threads", "2"]) == 0
+    final = read_csv(run / "eval.csv")[-1]
+    assert float(final["masked_lm_accuracy"]) > 1.5 * float(final["unigram_baseline_accuracy"])
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    common = ["suite", "--model-dir", str(checkpoint), "--out-dir", str(tmp_path / "suite"), "--tasks", "RTE", "WNLI",
+              "--seeds", "2", "--lrs", "3e-4", "--label", "pretrained"]
+    assert main(common) == 0
+    assert main(common[:-1] + ["scratch", "--from-scratch"]) == 0
+    table = (tmp_path / "suite" / "suite.md").read_text()
+    assert "\n| pretrained | " in table and "\n| scratch | " in table and "RTE (acc)" in table and "WNLI (acc)" in table
+    results = json.loads((tmp_path / "suite" / "suite.json").read_text())
+    assert len(results["pretrained"]["cells"]) == len(results["scratch"]["cells"]) == 4
