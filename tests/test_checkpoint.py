@@ -1,11 +1,17 @@
-"""Checkpoint files: written atomically, with the permissions an ordinary file write would give."""
+"""Checkpoint files: written atomically, with the permissions an ordinary file write would give; malformed model
+folders refused in one line naming the file and the field, before any large allocation."""
 
+import json
 import os
 import stat
 
+import pytest
 import torch
+from safetensors.torch import save_file
 
-from bertkit import BertConfig, BertForSequenceClassification
+from bertkit import BertConfig, BertForSequenceClassification, BertkitError, BertModel
+from bertkit.checkpoint import read_state_dict, read_weight_shapes
+from bertkit.cli import main
 
 
 def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
@@ -19,3 +25,119 @@ def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     for name in ("config.json", "model.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---- malformed model folders: one-line errors naming the file and the field, before any large allocation ----
+
+
+def tiny_folder(path, **config_changes):
+    """A saved 2-layer classifier (hidden 32), then config.json edited by `config_changes`."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, id2label={0: "neg", 1: "pos"})
+    BertForSequenceClassification(config).save_pretrained(path)
+    if config_changes:
+        values = json.loads((path / "config.json").read_text()) | config_changes
+        (path / "config.json").write_text(json.dumps(values))
+    return path
+
+
+class Counted(BertForSequenceClassification):
+    """Records the device of every model built, so a test sees whether a real (not meta) one was allocated."""
+
+    built: list[str] = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        Counted.built.append(self.classifier.weight.device.type)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"vocab_size": 120}, r"word_embeddings.weight: checkpoint \(100, 32\) vs model \(120, 32\) \(config.json's vocab_size is 120\)"),
+    ({"intermediate_size": 48}, r"intermediate.dense.weight: checkpoint \(64, 32\) vs model \(48, 32\) \(config.json's intermediate_size is 48\)"),
+    ({"num_hidden_layers": 4}, r"the weights have 2 layers \(config.json's num_hidden_layers is 4\)"),
+    ({"max_position_embeddings": 128}, r"config.json's max_position_embeddings is 128"),
+    ({"id2label": {"0": "a", "1": "b", "2": "c"}}, r"classifier.weight: checkpoint \(2, 32\) vs model \(3, 32\) \(config.json's num_labels is 3\)"),
+])
+def test_weights_whose_shapes_disagree_with_the_config_are_refused_before_the_model_is_built(tmp_path, change, expected):
+    tiny_folder(tmp_path, **change)
+    Counted.built.clear()
+    with pytest.raises(BertkitError, match=rf"model.safetensors: does not fit Counted: .*{expected}") as error:
+        Counted.from_pretrained(tmp_path)
+    assert "\n" not in str(error.value)
+    assert Counted.built == ["meta"]  # compared from the safetensors header; no real model, no tensor read
+
+
+def test_bertkit_info_refuses_weights_that_disagree_with_the_config(tmp_path, capsys):
+    tiny_folder(tmp_path, vocab_size=120)
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors: does not fit BertForSequenceClassification" in err
+    assert "config.json's vocab_size is 120" in err
+
+
+def test_bertkit_info_counts_parameters_from_the_header_alone(tmp_path, capsys):
+    model = BertForSequenceClassification.from_pretrained(tiny_folder(tmp_path))
+    assert main(["info", str(tmp_path)]) == 0
+    assert f"parameters       {model.num_parameters():,}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("is_file, expected", [(True, "a file, not a folder"), (False, "no such folder")])
+def test_a_file_or_nothing_where_a_model_folder_is_expected_is_named(tmp_path, capsys, is_file, expected):
+    target = tmp_path / "model"
+    if is_file:
+        target.write_text("{}")
+    with pytest.raises(BertkitError, match=rf"model: {expected} \(expected a model folder"):
+        BertForSequenceClassification.from_pretrained(target)
+    assert main(["info", str(target)]) == 2
+    assert f"model: {expected}" in capsys.readouterr().err
+
+
+def test_weights_file_that_is_a_folder_or_garbage_is_named(tmp_path):
+    tiny_folder(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(BertkitError, match=r"model.safetensors: cannot read weights"):
+        BertForSequenceClassification.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(BertkitError, match=r"model.safetensors: a folder, not a file"):
+        read_state_dict(tmp_path)
+
+
+def sharded(path, index_text=None, drop=None):
+    """The tiny model saved as two safetensors shards with an index (or the index text given)."""
+    state = {k: v.contiguous() for k, v in BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                                  num_attention_heads=2, intermediate_size=64)).state_dict().items()}
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save(path)
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for shard, keys in (("model-00001-of-00002.safetensors", names[:half]), ("model-00002-of-00002.safetensors", names[half:])):
+        if shard != drop:
+            save_file({k: state[k] for k in keys}, path / shard)
+        weight_map.update(dict.fromkeys(keys, shard))
+    text = json.dumps({"metadata": {}, "weight_map": weight_map}) if index_text is None else index_text
+    (path / "model.safetensors.index.json").write_text(text)
+    return state
+
+
+def test_sharded_checkpoint_loads_and_its_shapes_come_from_the_headers(tmp_path):
+    state = sharded(tmp_path)
+    assert read_weight_shapes(tmp_path) == {k: tuple(v.shape) for k, v in state.items()}
+    model = BertModel.from_pretrained(tmp_path)
+    assert all(model.state_dict()[k].equal(v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("index_text, drop, expected", [
+    ("{not json", None, r"model.safetensors.index.json:1: not valid JSON"),
+    ("[1, 2]", None, r"model.safetensors.index.json: weight_map is missing, empty or not an object"),
+    ('{"weight_map": {}}', None, r"weight_map is missing, empty or not an object"),
+    ('{"weight_map": {"a": 3}}', None, r"weight_map\['a'\] is 3; expected a shard file name"),
+    ('{"weight_map": {"a": "../../etc/passwd"}}', None, r"weight_map\['a'\] is '../../etc/passwd'"),
+    ("[" * 50_000, None, r"model.safetensors.index.json: JSON nested too deeply"),
+    (None, "model-00002-of-00002.safetensors", r"weight_map names model-00002-of-00002.safetensors, not found in"),
+])
+def test_sharded_index_that_is_not_json_or_names_missing_shards_is_refused(tmp_path, index_text, drop, expected):
+    sharded(tmp_path, index_text, drop)
+    with pytest.raises(BertkitError, match=expected):
+        BertModel.from_pretrained(tmp_path)

@@ -319,3 +319,92 @@ def test_bad_arguments_raise(uncased):
         ours.encode_batch(["a", "b"], ["c"])
     with pytest.raises(BertkitError, match="id"):
         ours.decode([ours.vocab_size])
+
+
+# ---- text that is not clean text; vocabularies that cannot be trained ----
+
+
+@pytest.fixture(scope="module")
+def letters(tmp_path_factory) -> Tokenizer:
+    """A tokenizer on a written vocabulary of the special tokens and the letters: needs no data."""
+    path = tmp_path_factory.mktemp("letters") / "vocab.txt"
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    path.write_text("\n".join([*SPECIAL_TOKENS, *letters, *("##" + c for c in letters), "hello"]) + "\n")
+    return Tokenizer.from_vocab(path)
+
+
+def test_lone_surrogates_are_replaced_by_u_fffd_and_dropped_like_bert_does(letters):
+    """No UTF-8 text holds a lone surrogate, but a Python str can (surrogateescape, JSON "\\ud800"): the backend
+    refuses such a str with a TypeError; encode replaces each by U+FFFD, which BERT's normalizer drops."""
+    clean = letters.encode("hello", "ab")
+    assert letters.encode("hel\ud800lo", "a\udc80b") == clean
+    assert letters.encode_batch(["hel\udfffl\ud800o", "a"], ["ab", "\ud83d"])["input_ids"][0] == clean["input_ids"]
+    assert letters.tokenize("hello\udc00") == ["hello"]
+    assert letters.encode("\ud83d\ude00")["input_ids"] == [letters.cls_id, letters.unk_id, letters.sep_id]  # a pair is its emoji
+
+
+def test_control_characters_are_dropped_by_the_normalizer(letters):
+    assert letters.encode("hel\x00l\x01o\x7f\x1b") == letters.encode("hello")
+    assert letters.encode("\x00\x01\x02")["input_ids"] == [letters.cls_id, letters.sep_id]
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda t: t.encode(None), "text has type NoneType; expected a str"),
+    (lambda t: t.encode(b"hello"), "text has type bytes; expected a str"),
+    (lambda t: t.encode("a", 5), "pair has type int; expected a str"),
+    (lambda t: t.encode_batch(["a", 5]), r"texts\[1\] has type int; expected a str"),
+    (lambda t: t.encode_batch(["a"], [None]), r"pairs\[0\] has type NoneType"),
+    (lambda t: t.encode_batch("hello"), "encode_batch got a str; expected a list of texts"),
+    (lambda t: t.encode("a", max_length=10**40), "max_length=.*; expected a whole number of tokens"),
+    (lambda t: t.encode("a", max_length="8"), "max_length='8'"),
+    (lambda t: t.tokenize(3.5), "text has type float"),
+])
+def test_a_text_that_is_not_a_str_is_a_bertkit_error_not_a_type_error(letters, call, expected):
+    with pytest.raises(BertkitError, match=expected):
+        call(letters)
+
+
+def test_vocab_train_on_an_empty_corpus_fails_clearly_and_writes_nothing(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\t\n")
+    with pytest.raises(BertkitError, match=r"blank.txt: no line with text; expected a corpus of text"):
+        train_vocab([blank], tmp_path / "out", show_progress=False)
+    control = tmp_path / "control.txt"
+    control.write_text("\x00\x01\n\x7f\n")
+    with pytest.raises(BertkitError, match=r"control.txt: no character left after normalisation"):
+        train_vocab([control], tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("vocab_size", [0, -5, 3, 5, 10**30, True, 2.5])
+def test_vocab_train_with_an_impossible_vocabulary_size_fails_before_training(tmp_path, vocab_size):
+    text = tmp_path / "text.txt"
+    text.write_text("hello world\n")
+    with pytest.raises(BertkitError, match=r"vocab_size is .*; expected a whole number from 6 to 1,048,576"):
+        train_vocab([text], tmp_path / "out", vocab_size=vocab_size, show_progress=False)
+
+
+def test_vocab_train_with_a_vocabulary_smaller_than_its_alphabet_fails_naming_the_size_needed(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 3)
+    with pytest.raises(BertkitError, match=r"vocab_size 10 is too small: .* already make 50; expected a vocab_size "
+                                           r"of at least that, or a smaller limit_alphabet"):
+        train_vocab([text], tmp_path / "out", vocab_size=10, show_progress=False)
+    assert not (tmp_path / "out").exists()
+    assert train_vocab([text], tmp_path / "out", vocab_size=50, show_progress=False).vocab_size == 50
+
+
+def test_vocab_train_cli_fails_in_one_line_with_exit_status_2(tmp_path, capsys):
+    from bertkit.cli import main
+
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["vocab", "train", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "v")]) == 2
+    text = tmp_path / "text.txt"
+    text.write_text("hello\n")
+    assert main(["vocab", "train", str(text), "--out", str(tmp_path / "v"), "--vocab-size", "-1"]) == 2
+    text.write_text("hello\n")
+    (tmp_path / "file").write_text("")
+    assert main(["vocab", "train", str(text), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("bertkit: error: ") for line in err)
+    assert "vocab_size is -1" in err[1] and "file: a file, not a folder" in err[2]

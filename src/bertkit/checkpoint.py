@@ -18,12 +18,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bertkit.config import BertConfig
+from bertkit.config import BertConfig, read_json
 from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
@@ -38,34 +40,95 @@ PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 _DROPPED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight")
 
 
-def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Read the weights of a model folder: safetensors first, else a (possibly sharded) pytorch_model.bin."""
+def model_folder(directory: str | Path) -> Path:
+    """`directory` as a Path, or a BertkitError saying that it is missing or a file rather than a folder."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise BertkitError(f"{directory}: not a folder (expected a model folder with config.json and weights)")
+    if directory.is_dir():
+        return directory
+    what = "a file, not a folder" if directory.exists() else "no such folder"
+    raise BertkitError(f"{directory}: {what} (expected a model folder with config.json and weights)")
 
-    def load_one(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            if path.suffix == ".safetensors":
-                return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt or truncated file, or a pickle holding more than tensors
-            raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
 
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, each checked to be a file beside the index."""
+    expected = "a sharded-weights index: a JSON object whose weight_map maps weight names to shard files"
+    data = read_json(index, expected)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BertkitError(f"{index}: weight_map is missing, empty or not an object; expected {expected}")
+    for name, shard in weight_map.items():
+        # a plain file name: an index must not make bertkit read files outside the model folder
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise BertkitError(f"{index}: weight_map[{name!r}] is {shard!r}; expected a shard file name in the same folder")
+    shards = [index.parent / shard for shard in sorted(set(weight_map.values()))]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise BertkitError(f"{index}: weight_map names {_some(missing)}, not found in {index.parent}; expected every shard")
+    return shards
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a model folder: model.safetensors, else the shards of its index, else the same for
+    pytorch_model.bin."""
+    directory = model_folder(directory)
     for single, index in ((WEIGHTS_NAME, WEIGHTS_INDEX_NAME), (PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME)):
         if (directory / single).exists():
-            return load_one(directory / single)
+            if not (directory / single).is_file():
+                raise BertkitError(f"{directory / single}: a folder, not a file (expected the model's weights)")
+            return [directory / single]
         if (directory / index).exists():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_one(directory / shard))
-            return state
+            return _shards(directory / index)
     raise BertkitError(f"{directory}: no weights found (expected {WEIGHTS_NAME} or {PT_WEIGHTS_NAME})")
 
 
-def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename TF-era LayerNorm names, drop non-parameters and tied copies (keeping the bias if only the copy has it)."""
+def weights_source(directory: Path) -> str:
+    """The file to name in an error about a folder's weights: the single file, or the index of the shards."""
+    files = weight_files(directory)
+    if len(files) == 1:
+        return str(files[0])
+    index = WEIGHTS_INDEX_NAME if files[0].suffix == ".safetensors" else PT_WEIGHTS_INDEX_NAME
+    return str(directory / index)
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or truncated file, or a pickle holding more than tensors
+        raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+
+
+def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Read the weights of a model folder: safetensors first, else a (possibly sharded) pytorch_model.bin."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        tensors = _load_file(path)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise BertkitError(f"{path}: not a state dict; expected a mapping of weight names to tensors")
+        state.update(tensors)
+    return state
+
+
+def read_weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """Weight names and shapes from the safetensors headers alone, no tensor read; None for pytorch_model.bin,
+    whose shapes are known only once it is loaded."""
+    files = weight_files(directory)
+    if any(path.suffix != ".safetensors" for path in files):
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except Exception as e:  # not safetensors, truncated, or a header that lies about the file's size
+            raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    return shapes
+
+
+def normalize_keys(state: dict) -> dict:
+    """Rename TF-era LayerNorm names, drop non-parameters and tied copies (keeping the bias if only the copy has it).
+    The values are tensors or, for a check before loading, shapes."""
     out = {}
     for key, value in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
@@ -79,7 +142,7 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _match_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _match_prefix(state: dict, model: torch.nn.Module) -> dict:
     """Add or strip `bert.` so that a bare-encoder checkpoint loads into a head model and the other way round."""
     expected = model.state_dict().keys()
     has_prefix = any(k.startswith("bert.") for k in state)
@@ -96,6 +159,88 @@ def _is_encoder(key: str) -> bool:
     return key.startswith(("embeddings.", "encoder."))
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first few names, and how many more: a checkpoint of the wrong size can differ in hundreds."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+# The config fields that set each dimension of a weight, by the end of its name (first match wins); any other
+# weight is hidden_size in every dimension.
+_SHAPE_FIELDS = (
+    ("word_embeddings.weight", ("vocab_size", "hidden_size")),
+    ("position_embeddings.weight", ("max_position_embeddings", "hidden_size")),
+    ("token_type_embeddings.weight", ("type_vocab_size", "hidden_size")),
+    ("intermediate.dense.weight", ("intermediate_size", "hidden_size")),
+    ("intermediate.dense.bias", ("intermediate_size",)),
+    ("attention.output.dense.weight", ("hidden_size", "hidden_size")),
+    ("output.dense.weight", ("hidden_size", "intermediate_size")),
+    ("predictions.bias", ("vocab_size",)),
+    ("classifier.weight", ("num_labels", "hidden_size")),
+    ("classifier.bias", ("num_labels",)),
+)
+_LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+
+
+def _config_fields(key: str, got: tuple, want: tuple, config) -> str:
+    """`config.json's vocab_size is 30000` for the fields behind the dimensions where `got` and `want` differ."""
+    fields = next((f for suffix, f in _SHAPE_FIELDS if key.endswith(suffix)), ("hidden_size",) * len(want))
+    if len(got) != len(want) or len(fields) != len(want):
+        return ""
+    names = dict.fromkeys(f for f, a, b in zip(fields, got, want) if a != b)
+    return "".join(f" (config.json's {name} is {getattr(config, name)})" for name in names)
+
+
+def _check_fit(model, shapes: dict[str, tuple], source: str) -> tuple[list[str], list[str]]:
+    """Raise naming the missing, unexpected and mis-shaped weights; return (new heads, foreign heads).
+
+    `shapes` are the checkpoint's, after normalize_keys and _match_prefix. Missing weights of the model's own heads
+    are not an error (they are newly initialised); any other missing, unexpected or mis-shaped weight is, since a
+    silently random encoder would waste a whole fine-tuning run.
+    """
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    config = model.config
+    heads = model.head_prefixes
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}{_config_fields(k, shapes[k], own[k], config)}"
+                  for k in own if k in shapes and tuple(shapes[k]) != own[k]]
+    missing_encoder = [k for k in missing if not k.startswith(heads)]
+    # weights of other heads (the pretraining heads when loading a classifier, say) are not an error
+    unexpected_encoder = [k for k in unexpected if _is_encoder(k)]
+    foreign_heads = [k for k in unexpected if not _is_encoder(k)]
+    problems = []
+    layers = {int(m.group(1)) for k in shapes if (m := _LAYER.search(k))}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        problems.append(f"the weights have {max(layers) + 1} layers (config.json's num_hidden_layers is "
+                        f"{config.num_hidden_layers})")
+    if missing_encoder:
+        problems.append(f"missing weights: {_some(missing_encoder)}")
+    if unexpected_encoder:
+        problems.append(f"unexpected weights: {_some(unexpected_encoder)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_some(mismatched, 3)}")
+    if problems:
+        raise BertkitError(f"{source}: does not fit {type(model).__name__}: " + " | ".join(problems))
+    return [k for k in missing if k.startswith(heads)], foreign_heads
+
+
+def meta_model(cls, config: BertConfig):
+    """`cls(config)` on the meta device: every parameter's shape, no memory. Built without the BERT initialisation
+    (of the model and of the encoder inside it), whose normal_ calls run through Python there at ~1 ms each."""
+    from bertkit.model import BertPreTrainedModel
+
+    with torch.device("meta"), mock.patch.object(BertPreTrainedModel, "init_weights", lambda self: None):
+        return cls(config)
+
+
+def check_weights_fit(cls, config: BertConfig, shapes: dict[str, tuple], source: str) -> None:
+    """Raise unless weights of these shapes load into `cls(config)`; the model is built on the meta device, so
+    nothing of its size is allocated."""
+    skeleton = meta_model(cls, config)
+    _check_fit(skeleton, _match_prefix(normalize_keys(shapes), skeleton), source)
+
+
 def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy weights into `model`, naming what is missing, unexpected or mis-shaped.
 
@@ -103,30 +248,12 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "c
     or mis-shaped weight is an error, since a silently random encoder would waste a whole fine-tuning run.
     """
     state = _match_prefix(normalize_keys(state), model)
-    own = model.state_dict()
-    heads = model.head_prefixes
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    missing_encoder = [k for k in missing if not k.startswith(heads)]
-    # weights of other heads (the pretraining heads when loading a classifier, say) are not an error
-    unexpected_encoder = [k for k in unexpected if _is_encoder(k)]
-    foreign_heads = [k for k in unexpected if not _is_encoder(k)]
-    problems = []
-    if missing_encoder:
-        problems.append(f"missing weights: {', '.join(missing_encoder)}")
-    if unexpected_encoder:
-        problems.append(f"unexpected weights: {', '.join(unexpected_encoder)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
-    if problems:
-        raise BertkitError(f"{source}: does not fit {type(model).__name__}: " + " | ".join(problems))
-    new_heads = [k for k in missing if k.startswith(heads)]
+    new_heads, foreign_heads = _check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     if new_heads:
         logger.warning("%s: newly initialised (not in the checkpoint; train them): %s", source, ", ".join(new_heads))
     if foreign_heads:
         logger.info("%s: not used by %s: %s", source, type(model).__name__, ", ".join(foreign_heads))
+    own = model.state_dict()
     with torch.no_grad():
         for key, value in state.items():
             if key in own:
@@ -135,8 +262,12 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "c
 
 def load_pretrained(cls, directory, config: BertConfig | None = None, load_weights: bool = True, **config_overrides):
     """Build `cls` from a model folder's config.json (or the given config) and load its weights (or, without
-    `load_weights`, keep the random initialisation: the same network untrained)."""
-    directory = Path(directory)
+    `load_weights`, keep the random initialisation: the same network untrained).
+
+    Every check comes before the large allocations: config values when the config is read, weight names and
+    shapes against the config from the safetensors headers (a pytorch_model.bin must be loaded to be checked).
+    """
+    directory = model_folder(directory)
     if config is None:
         config = BertConfig.load(directory)
     for key, value in config_overrides.items():
@@ -144,9 +275,17 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
             raise BertkitError(f"unknown config field {key!r}")
         setattr(config, key, value)
     config.__post_init__()
+    state = None
+    if load_weights:
+        source = weights_source(directory)
+        shapes = read_weight_shapes(directory)
+        if shapes is None:
+            state = read_state_dict(directory)
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+        check_weights_fit(cls, config, shapes, source)
     model = cls(config)
     if load_weights:
-        load_state_dict_into(model, read_state_dict(directory), source=str(directory))
+        load_state_dict_into(model, read_state_dict(directory) if state is None else state, source=source)
     return model
 
 

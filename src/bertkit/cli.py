@@ -62,14 +62,25 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
 
 
 def cmd_info(args) -> None:
-    from bertkit.checkpoint import read_state_dict
+    import math
+
+    from bertkit import model as models
+    from bertkit.checkpoint import check_weights_fit, model_folder, read_state_dict, read_weight_shapes, weights_source
     from bertkit.config import BertConfig
 
-    directory = Path(args.model_dir)
+    directory = model_folder(args.model_dir)
     config = BertConfig.load(directory)
-    state = read_state_dict(directory)
-    params = sum(v.numel() for k, v in state.items() if not k.endswith(("position_ids", "token_type_ids")))
-    heads = sorted({k.split(".")[0] for k in state if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
+    # shapes from the safetensors headers: a folder of any size is described without loading its weights
+    shapes = read_weight_shapes(directory)
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for k, v in read_state_dict(directory).items()}
+    architectures = config.extra.get("architectures") or []
+    cls = getattr(models, architectures[0], None) if architectures else None
+    if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:
+        cls = models.BertModel  # an unknown architecture: the encoder's weights are checked, whatever the heads
+    check_weights_fit(cls, config, shapes, weights_source(directory))
+    params = sum(math.prod(v) for k, v in shapes.items() if not k.endswith(("position_ids", "token_type_ids")))
+    heads = sorted({k.split(".")[0] for k in shapes if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
     print(f"model folder     {directory}")
     print(f"architecture     {', '.join(config.extra.get('architectures', ['(not stated)']))}")
     print(f"layers L         {config.num_hidden_layers}")
@@ -242,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="label texts or answer questions with a fine-tuned model",
-        description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints a JSON line "
-        "with the label and its probability (a score for regression). A question-answering model reads JSON "
+        description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints one JSON line "
+        "per input line, in order: the label and its probability (a score for regression); a blank line gets "
+        '{"text": "", "label": null, "probability": null, "error": "blank line: no text to label"} (regression: '
+        '"score": null). Input must be UTF-8 (a line that is not, a line of more than two tab-separated fields, '
+        "or a mix of single texts and pairs stops with an error naming the line, exit status 2); control "
+        "characters are dropped by the tokenizer, as BERT does. A question-answering model reads JSON "
         'lines {"question": ..., "context": ...} and prints the answer. Reads standard input when INPUT is - '
         "or left out.",
     )
@@ -313,12 +328,16 @@ def cmd_predict(args) -> None:
 
     from bertkit.tasks.finetune import predict
 
-    inputs = sys.stdin if args.input == "-" else args.input
+    # bytes, so that a line that is not UTF-8 is named rather than failing the whole stream
+    inputs = getattr(sys.stdin, "buffer", sys.stdin) if args.input == "-" else args.input
     results = predict(args.model_dir, inputs, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
                       threads=args.threads, device=args.device)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.out:
-        Path(args.out).write_text(lines, encoding="utf-8")
+        try:
+            Path(args.out).write_text(lines, encoding="utf-8")
+        except OSError as e:
+            raise BertkitError(f"{args.out}: cannot write ({e.strerror or e}); expected a file path for --out") from None
     else:
         sys.stdout.write(lines)
 

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertkit.errors import BertkitError
 
 CONFIG_NAME = "config.json"
+# A config.json is a few KB (a large id2label some hundred KB); a bigger file is not a model config, and reading
+# it whole would be the first large allocation.
+MAX_JSON_BYTES = 16 << 20
+# The largest published BERTs (Megatron-BERT, 3.9B parameters) fit with room to spare; more is a typo or a hostile
+# file, refused before building the model would take tens of GB (10B parameters are 40 GB in float32).
+MAX_PARAMETERS = 10_000_000_000
+# Published BERTs have at most 48 layers; a module per layer costs memory even at hidden size 1.
+MAX_LAYERS = 1024
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size", "num_labels")
+_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
 
 # (layers, hidden, heads): the BERT paper's Base and Large, and the small family of Turc et al. (2019).
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -47,17 +60,63 @@ class BertConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        """Check every field's type and range, so that a bad value is named here, not deep inside torch."""
         if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size
+            self.intermediate_size = 4 * self.hidden_size if _is_int(self.hidden_size) else None
+        if self.id2label is not None:
+            self.id2label = _id2label(self.id2label)
+            self.num_labels = len(self.id2label)
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise BertkitError(f"{name} is {_show(value)}; expected a positive integer")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise BertkitError(f"num_hidden_layers is {self.num_hidden_layers}; expected at most {MAX_LAYERS}")
         if self.hidden_size % self.num_attention_heads:
             raise BertkitError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id)
+                                              or not 0 <= self.pad_token_id < self.vocab_size):
+            raise BertkitError(
+                f"pad_token_id is {_show(self.pad_token_id)}; expected a token id in 0..{self.vocab_size - 1} or null"
+            )
+        for name in _PROBABILITIES:
+            value = getattr(self, name)
+            if value is None and name == "classifier_dropout":
+                continue
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise BertkitError(f"{name} is {_show(value)}; expected a probability in [0, 1]")
+        if not _is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
+            raise BertkitError(f"initializer_range is {_show(self.initializer_range)}; expected a finite number >= 0")
+        if not _is_number(self.layer_norm_eps) or not 0 < self.layer_norm_eps < math.inf:
+            raise BertkitError(f"layer_norm_eps is {_show(self.layer_norm_eps)}; expected a finite number > 0")
         if self.hidden_act not in ("gelu", "gelu_new", "relu"):
-            raise BertkitError(f"hidden_act {self.hidden_act!r} is not supported (expected gelu, gelu_new or relu)")
-        if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
-            self.num_labels = len(self.id2label)
+            raise BertkitError(f"hidden_act {_show(self.hidden_act)} is not supported (expected gelu, gelu_new or relu)")
+        if not isinstance(self.extra, dict):
+            raise BertkitError(f"extra is {_show(self.extra)}; expected a dict of other config.json keys")
+        architectures = self.extra.get("architectures")
+        if architectures is not None and (
+            not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+        ):
+            raise BertkitError(f"architectures is {_show(architectures)}; expected a list of class names")
+        parameters = self.parameter_bound()
+        if parameters > MAX_PARAMETERS:
+            raise BertkitError(
+                f"vocab_size {self.vocab_size}, hidden_size {self.hidden_size}, num_hidden_layers "
+                f"{self.num_hidden_layers}, intermediate_size {self.intermediate_size}, max_position_embeddings "
+                f"{self.max_position_embeddings}, type_vocab_size {self.type_vocab_size} and num_labels "
+                f"{self.num_labels} make {parameters / 1e9:,.1f}B parameters ({4 * parameters / 2**30:,.0f} GiB in "
+                f"float32); expected at most {MAX_PARAMETERS / 1e9:g}B (the largest published BERTs have 4B)"
+            )
+
+    def parameter_bound(self) -> int:
+        """An upper bound on the parameters of any bertkit model on this config (encoder, pooler, every head)."""
+        H, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
+        embeddings = (V + self.max_position_embeddings + self.type_vocab_size) * H + 2 * H
+        layer = 4 * (H * H + H) + 2 * (H * I) + I + H + 4 * H  # attention, feed-forward, two LayerNorms
+        heads = (H * H + H) + (H * H + 3 * H + V) + 2 * (H * self.num_labels + self.num_labels)  # pooler, MLM, others
+        return embeddings + self.num_hidden_layers * layer + heads
 
     @property
     def head_size(self) -> int:
@@ -88,14 +147,18 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
+        """Build from config.json's object; a missing field takes the default, a bad one raises naming it."""
+        if not isinstance(d, dict):
+            raise BertkitError(f"config is a JSON {_json_type(d)}; expected a JSON object")
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in ("model_type", "position_embedding_type"):
+            if key in d and not isinstance(d[key], str):
+                raise BertkitError(f"{key} is {_show(d[key])}; expected a string")
         if d.get("model_type", "bert") != "bert":
             raise BertkitError(f"config model_type is {d['model_type']!r}; bertkit reads BERT configs (model_type 'bert')")
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise BertkitError(f"position_embedding_type {d['position_embedding_type']!r} is not supported (expected 'absolute')")
-        if "id2label" in d and "num_labels" not in d:
-            d["num_labels"] = len(d["id2label"])
         for key in ("label2id", "model_type", "position_embedding_type"):  # checked above, written back by to_dict
             d.pop(key, None)
         known = {k: d.pop(k) for k in list(d) if k in names}
@@ -108,18 +171,80 @@ class BertConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "BertConfig":
-        """Read `config.json` from a file or a model folder."""
+        """Read `config.json` from a file or a model folder; every value is checked before anything is built."""
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
-        if not path.exists():
-            raise BertkitError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
+            if not path.exists():
+                raise BertkitError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
+        elif not path.exists():
+            raise BertkitError(f"{path}: no such folder (expected a model folder in the Hugging Face layout)")
+        elif path.suffix != ".json":  # a weights file, a vocab.txt, a data file given where a model folder belongs
+            raise BertkitError(f"{path}: a file, not a folder (expected a model folder in the Hugging Face layout)")
+        value = read_json(path, "a BERT config.json")
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise BertkitError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        except TypeError as e:
-            raise BertkitError(f"{path}: bad config field ({e})") from None
+            return cls.from_dict(value)
+        except BertkitError as e:
+            raise BertkitError(f"{path}: {e}") from None
 
     from_pretrained = load
     save_pretrained = save
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too, not True
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _show(value) -> str:
+    """A value for an error message: its JSON type and, when short, the value itself."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {_json_type(value)} ({text[:40]}...)"
+
+
+def _id2label(id2label) -> dict[int, str]:
+    """Class index -> name, keys 0..n-1 (written as strings in JSON): what transformers' pipelines expect too."""
+    if not isinstance(id2label, dict) or not id2label:
+        raise BertkitError(f"id2label is {_show(id2label)}; expected a non-empty object of class index -> name")
+    out = {}
+    for key, name in id2label.items():
+        index = key if _is_int(key) else int(key) if isinstance(key, str) and key.strip().isdecimal() else None
+        if index is None:
+            raise BertkitError(f"id2label key {_show(key)} is not an integer; expected class indices 0, 1, ...")
+        if not isinstance(name, str):
+            raise BertkitError(f"id2label[{key!r}] is {_show(name)}; expected a label name (a string)")
+        out[index] = name
+    if sorted(out) != list(range(len(out))):
+        raise BertkitError(f"id2label keys are {', '.join(map(str, sorted(out)))}; expected 0..{len(out) - 1}")
+    return out
+
+
+def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):
+    """Parse a small JSON file; any unreadable, oversized, malformed or too deeply nested file is a BertkitError."""
+    try:
+        if not path.is_file():
+            raise BertkitError(f"{path}: not a file (expected {what})")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise BertkitError(f"{path}: {size:,} bytes; expected {what} of at most {max_bytes:,} bytes")
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise BertkitError(f"{path}: cannot read ({e.strerror or e}); expected {what}") from None
+    except UnicodeDecodeError as e:
+        raise BertkitError(f"{path}: not UTF-8 text (byte {e.start}); expected {what}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BertkitError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected {what}") from None
+    except RecursionError:
+        raise BertkitError(f"{path}: JSON nested too deeply; expected {what}") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise BertkitError(f"{path}: not usable JSON ({e}); expected {what}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import numbers
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
+from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.errors import BertkitError, where
 
 # In this order at the head of a trained vocabulary, so [PAD] is id 0.
@@ -21,6 +23,8 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Original BERT: a longer word becomes one [UNK] instead of dozens of single-character pieces.
 MAX_CHARS_PER_WORD = 100
 MODEL_MAX_LENGTH = 512
+# The trainer allocates by vocab_size up front; XLM-R's 250k is the largest vocabulary in common use.
+MAX_VOCAB_SIZE = 1 << 20
 
 
 def _bert_normalizer(lowercase: bool) -> normalizers.BertNormalizer:
@@ -90,6 +94,13 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise BertkitError(f"{where(path, 1)}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _as_text(text, what: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD; a BertkitError when it is not a str at all."""
+    if not isinstance(text, str):
+        raise BertkitError(f"{what} has type {type(text).__name__}; expected a str")
+    return replace_lone_surrogates(text)
 
 
 class Tokenizer:
@@ -170,6 +181,8 @@ class Tokenizer:
             yield
             return
         num_special = 3 if is_pair else 2
+        if not isinstance(max_length, numbers.Integral) or isinstance(max_length, bool) or max_length > 2**31 - 1:
+            raise BertkitError(f"max_length={max_length!r}; expected a whole number of tokens (or None)")
         if max_length < num_special:
             raise BertkitError(f"max_length={max_length} leaves no room; expected at least {num_special} for [CLS]/[SEP]")
         self.backend.enable_truncation(max_length, strategy="longest_first")
@@ -179,9 +192,18 @@ class Tokenizer:
             self.backend.no_truncation()
 
     def encode(self, text: str, pair: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
-        """Encode `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]` with segment ids 0/1."""
+        """Encode `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]` with segment ids 0/1.
+
+        Text that is not clean is taken as BERT takes it: control characters are dropped by the normalizer, and
+        lone surrogates (no UTF-8 text holds them; they come from `surrogateescape` decoding or JSON `\\ud800`
+        escapes) are replaced by U+FFFD, which the normalizer drops too. A text that is not a str is a
+        BertkitError.
+        """
         with self._truncation(max_length, pair is not None):
-            encoding = self.backend.encode(text, pair)
+            try:
+                encoding = self.backend.encode(text, pair)
+            except TypeError:  # the backend's answer to a non-str and to a str it cannot pass to Rust
+                encoding = self.backend.encode(_as_text(text, "text"), None if pair is None else _as_text(pair, "pair"))
         return {
             "input_ids": encoding.ids,
             "token_type_ids": encoding.type_ids,
@@ -196,7 +218,13 @@ class Tokenizer:
         padding: bool = True,
         return_tensors: str | None = None,
     ) -> dict[str, list[list[int]]] | dict[str, torch.Tensor]:
-        """Encode a batch, padded to its longest row with [PAD] and mask 0; torch tensors if return_tensors="pt"."""
+        """Encode a batch, padded to its longest row with [PAD] and mask 0; torch tensors if return_tensors="pt".
+
+        Unclean text is handled as in `encode` (lone surrogates become U+FFFD); a row that is not a str is a
+        BertkitError naming its index.
+        """
+        if isinstance(texts, str) or isinstance(pairs, str):
+            raise BertkitError("encode_batch got a str; expected a list of texts (use encode for one text)")
         if pairs is not None and len(pairs) != len(texts):
             raise BertkitError(f"encode_batch got {len(texts)} texts and {len(pairs)} pairs; expected as many of each")
         if return_tensors not in (None, "pt"):
@@ -205,7 +233,15 @@ class Tokenizer:
             raise BertkitError("return_tensors='pt' needs padding=True: rows of different lengths make no tensor")
         inputs = list(texts) if pairs is None else list(zip(texts, pairs))
         with self._truncation(max_length, pairs is not None):
-            encodings = self.backend.encode_batch(inputs)
+            try:
+                encodings = self.backend.encode_batch(inputs)
+            except TypeError:  # a row that is not a str, or holds lone surrogates: cleaned (or named) and retried
+                texts = [_as_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+                if pairs is None:
+                    inputs = texts
+                else:
+                    inputs = list(zip(texts, (_as_text(t, f"pairs[{i}]") for i, t in enumerate(pairs))))
+                encodings = self.backend.encode_batch(inputs)
         batch = {
             "input_ids": [e.ids for e in encodings],
             "token_type_ids": [e.type_ids for e in encodings],
@@ -220,8 +256,11 @@ class Tokenizer:
         return batch
 
     def tokenize(self, text: str) -> list[str]:
-        """Split text into WordPiece tokens, without [CLS]/[SEP]."""
-        return self.backend.encode(text, add_special_tokens=False).tokens
+        """Split text into WordPiece tokens, without [CLS]/[SEP] (unclean text handled as in `encode`)."""
+        try:
+            return self.backend.encode(text, add_special_tokens=False).tokens
+        except TypeError:
+            return self.backend.encode(_as_text(text, "text"), add_special_tokens=False).tokens
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Join WordPiece tokens back into text: `##` pieces glue on, words are separated by single spaces."""
@@ -240,8 +279,9 @@ class Tokenizer:
         return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
 
 
-def _read_lines(paths: list[Path]) -> Iterator[list[str]]:
-    """Yield the lines of plain or gzipped UTF-8 text files in batches (the trainer is fed from Python)."""
+def _read_lines(paths: list[Path], counts: dict[str, int]) -> Iterator[list[str]]:
+    """Yield the lines of plain or gzipped UTF-8 text files in batches (the trainer is fed from Python), counting
+    in `counts["text"]` the lines that hold more than white space."""
     for path in paths:
         line_number = 0
         try:
@@ -249,7 +289,10 @@ def _read_lines(paths: list[Path]) -> Iterator[list[str]]:
             with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
                 batch = []
                 for line_number, line in enumerate(f, start=1):
-                    batch.append(line.decode("utf-8"))
+                    text = line.decode("utf-8")
+                    if text.strip():
+                        counts["text"] += 1
+                    batch.append(text)
                     if len(batch) == 10_000:
                         yield batch
                         batch = []
@@ -257,6 +300,11 @@ def _read_lines(paths: list[Path]) -> Iterator[list[str]]:
         except (OSError, EOFError, UnicodeDecodeError) as e:
             line = line_number if isinstance(e, UnicodeDecodeError) else None
             raise BertkitError(f"{where(path, line)}: cannot read ({e}); expected UTF-8 text, plain or .gz") from e
+
+
+def _check_count(name: str, value, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BertkitError(f"{name} is {value!r}; expected a whole number from {low:,} to {high:,}")
 
 
 def train_vocab(
@@ -268,13 +316,24 @@ def train_vocab(
     limit_alphabet: int = 1000,
     show_progress: bool = True,
 ) -> Tokenizer:
-    """Train a WordPiece vocabulary on text files, save the tokenizer folder to out_dir and return it."""
+    """Train a WordPiece vocabulary on text files, save the tokenizer folder to out_dir and return it.
+
+    A corpus without text, or a vocab_size too small for the special tokens and the corpus's single characters
+    (at most limit_alphabet of them), is a BertkitError and nothing is written.
+    """
     paths = [Path(f) for f in files]
     if not paths:
         raise BertkitError("train_vocab got no files; expected at least one text file")
+    # the special tokens and at least one character; more than the trainer's up-front allocation can take is refused
+    _check_count("vocab_size", vocab_size, len(SPECIAL_TOKENS) + 1, MAX_VOCAB_SIZE)
+    _check_count("min_frequency", min_frequency, 0, 2**32)
+    _check_count("limit_alphabet", limit_alphabet, 1, MAX_VOCAB_SIZE)
     for path in paths:
         if not path.is_file():
             raise BertkitError(f"{where(path)}: no such file; expected a text file (plain or .gz) to train on")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BertkitError(f"{where(out_dir)}: a file, not a folder; expected a folder to write the vocabulary to")
     backend = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
     backend.normalizer = _bert_normalizer(lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -286,15 +345,28 @@ def train_vocab(
         continuing_subword_prefix="##",
         show_progress=show_progress,
     )
-    backend.train_from_iterator(_read_lines(paths), trainer=trainer)
+    counts = {"text": 0}
+    backend.train_from_iterator(_read_lines(paths, counts), trainer=trainer)
+    learned = len(backend.get_vocab()) - len(SPECIAL_TOKENS)
+    if counts["text"] == 0 or learned <= 0:
+        what = "no line with text" if counts["text"] == 0 else "no character left after normalisation"
+        raise BertkitError(f"{', '.join(map(str, paths))}: {what}; expected a corpus of text to train a vocabulary on")
+    if learned + len(SPECIAL_TOKENS) > vocab_size:  # the trainer keeps its whole alphabet, whatever vocab_size says
+        raise BertkitError(
+            f"vocab_size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and the corpus's single "
+            f"characters (with their ## forms) already make {learned + len(SPECIAL_TOKENS)}; expected a vocab_size "
+            f"of at least that, or a smaller limit_alphabet (now {limit_alphabet})"
+        )
     # The trainer numbers tokens in hash-map order, so the same corpus gives a shuffled vocab.txt on every run
     # (tokenizers issue #1794). Sorting after the special tokens makes ids depend on the token set alone; WordPiece
     # matches by string, so order changes no tokenization. Ties between equal-count merges can still swap a few
     # tokens near the vocab_size cut-off between runs: that comes from the trainer and is not fixed here.
     tokens = list(SPECIAL_TOKENS) + sorted(set(backend.get_vocab()) - set(SPECIAL_TOKENS))
     # Rebuilt from the written vocab.txt, so a trained tokenizer is the same object a later from_pretrained loads.
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BertkitError(f"{where(out_dir)}: cannot create the folder ({e.strerror or e})") from None
     vocab_file = out_dir / "vocab.txt"
     vocab_file.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
     tokenizer = Tokenizer.from_vocab(vocab_file, lowercase)

@@ -197,3 +197,26 @@ def test_real_corpus_reads_as_manifest_says():
     documents = list(reader)
     assert reader.fmt == "bert" and reader.skips.total == 0
     assert sum(map(len, documents)) == 33975  # MANIFEST.md's sentence count
+
+
+def test_deeply_nested_or_huge_number_json_lines_are_skipped_as_bad_json(tmp_path):
+    lines = ['{"text": "One."}', "[" * 100_000, '{"text": ' + "[" * 5000 + "]" * 5000 + "}",
+             '{"n": ' + "9" * 5000 + "}", '{"text": "Two."}']
+    path = write(tmp_path / "deep.jsonl", "\n".join(lines) + "\n")
+    documents, skips = read(path)
+    assert documents == [["One."], ["Two."]]
+    assert skips.counts == {"bad JSON": 3} and skips.first["bad JSON"] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+
+
+def test_empty_text_fields_in_json_lines_are_skipped_and_counted(tmp_path):
+    path = write(tmp_path / "empty.jsonl", '{"text": ""}\n{"text": "Kept."}\n{"text": "  \\n "}\n')
+    documents, skips = read(path)
+    assert documents == [["Kept."]]
+    assert skips.counts == {"empty field 'text'": 2} and skips.first["empty field 'text'"] == [f"{path}:1", f"{path}:3"]
+
+
+def test_lone_surrogates_escaped_in_json_become_u_fffd(tmp_path):
+    path = write(tmp_path / "s.jsonl", '{"text": "Caf\\ud800 ok. Emoji \\ud83d\\ude00 kept."}\n')
+    documents, skips = read(path)
+    assert documents == [["Caf\ufffd ok.", "Emoji \U0001f600 kept."]] and skips.total == 0
+    "\n".join(documents[0]).encode("utf-8")  # now UTF-8 (and the tokenizer backend) can take it

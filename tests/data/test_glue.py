@@ -273,3 +273,38 @@ def test_write_submission(tmp_path):
         write_submission("mnli", [0], tmp_path)
     with pytest.raises(BertkitError, match="prediction 1 is class 3, expected 0..1"):
         write_submission("qnli", [0, 3], tmp_path)
+
+
+def test_custom_jsonl_nested_too_deep_or_with_a_huge_line_fails_naming_the_line(tmp_path, monkeypatch):
+    (tmp_path / "deep.jsonl").write_text('{"text": "a", "label": "x"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(BertkitError, match=r"deep.jsonl:2: JSON nested too deeply"):
+        read_custom(tmp_path / "deep.jsonl", text_a="text", label="label")
+    (tmp_path / "big.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "' + "b" * 2000 + '"}\n')
+    monkeypatch.setattr("bertkit.data.glue.MAX_JSONL_LINE_BYTES", 1000)
+    with pytest.raises(BertkitError, match=r"big.jsonl:2: line longer than 1,000 bytes; expected one JSON object"):
+        read_custom(tmp_path / "big.jsonl", text_a="text", label="label")
+
+
+@pytest.mark.parametrize("record, expected", [
+    ('{"text": ["a"], "label": "x"}', r"bad.jsonl:1: column 'text' is list; expected text"),
+    ('{"text": {"a": 1}, "label": "x"}', r"column 'text' is dict; expected text"),
+    ('{"text": "a", "label": ["x"]}', r"column 'label' is list; expected text"),
+    ('{"text": "a", "label": null}', r"column 'label' is missing or null"),
+])
+def test_custom_jsonl_field_that_is_not_text_is_refused_naming_file_line_and_column(tmp_path, record, expected):
+    (tmp_path / "bad.jsonl").write_text(record + "\n")
+    with pytest.raises(BertkitError, match=expected):
+        read_custom(tmp_path / "bad.jsonl", text_a="text", label="label")
+
+
+def test_custom_jsonl_numbers_and_booleans_are_read_as_text_and_labels(tmp_path):
+    (tmp_path / "n.jsonl").write_text('{"text": 1990, "label": true}\n{"text": "b", "label": false}\n')
+    examples, labels = read_custom(tmp_path / "n.jsonl", text_a="text", label="label")
+    assert labels == ["False", "True"] and [(e.text_a, e.label) for e in examples] == [("1990", 1), ("b", 0)]
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-Infinity"])
+def test_regression_label_that_is_not_a_finite_number_is_refused(tmp_path, score):
+    write(tmp_path / "stsb.tsv", tsv(("index", "sentence1", "sentence2", "score"), (0, "a", "b", score)))
+    with pytest.raises(BertkitError, match=rf"stsb.tsv:2: label '{score}' is not a finite number"):
+        read_glue_file("sts-b", tmp_path / "stsb.tsv")

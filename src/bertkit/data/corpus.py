@@ -5,8 +5,10 @@ A document is a list of sentence strings. Three layouts are read:
   "docs"   one document per line, split into sentences by `split_sentences`;
   "jsonl"  one JSON object per line, its text field (default "text") split into sentences the same way.
 Files are streamed line by line with a bounded read, so neither a huge file nor a huge line is held in memory.
-Bad lines (invalid UTF-8, over-long, bad JSON) are skipped and counted in a `Skips`; input that cannot be
-read at all (no files matched, binary data, an entirely empty corpus) raises BertkitError.
+Bad lines (invalid UTF-8, over-long, bad or too deeply nested JSON, a JSON record whose text field is missing,
+not a string or empty) are skipped and counted in a `Skips`; input that cannot be read at all (no files matched,
+binary data, an entirely empty corpus) raises BertkitError. Lone surrogates that JSON escapes can put in a string
+(`"\\ud800"`; no UTF-8 text holds them) are replaced by U+FFFD.
 """
 
 from __future__ import annotations
@@ -93,6 +95,17 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
             raise BertkitError(f"{text}: {what}; expected corpus text files")
         files.update(dict.fromkeys(found))
     return list(files)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD (a surrogate pair becomes its character): Python strings
+    can hold them (JSON escapes, `surrogateescape` decoding), UTF-8 and the tokenizer backend cannot."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 _SENTENCE_END = re.compile(r"([.!?]+)([\"'\u201d\u2019)\]]*)\s+")
@@ -275,13 +288,17 @@ class FileReader:
             if self.fmt == "jsonl":
                 try:
                     record = json.loads(text)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # malformed, an integer of over 4300 digits, nested too deep
                     self.skips.add("bad JSON", self.path, number)
                     continue
                 text = record.get(self.text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     self.skips.add(f"no string field {self.text_field!r}", self.path, number)
                     continue
+                if not text.strip():
+                    self.skips.add(f"empty field {self.text_field!r}", self.path, number)
+                    continue
+                text = replace_lone_surrogates(text)
             sentences = self._sentences(text, number)
             if sentences:
                 yield sentences

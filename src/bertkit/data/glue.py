@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertkit.errors import BertkitError, where
@@ -22,6 +23,7 @@ class TextExample:
     text_a: str
     text_b: str | None
     label: int | float | None
+    line: int | None = field(default=None, compare=False)  # where it is in its file, for messages about it
 
 
 @dataclass(frozen=True)
@@ -107,14 +109,17 @@ def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
     """All rows with their line numbers, without the byte-order mark spreadsheets and MRPC put in front."""
     if not path.is_file():
         raise BertkitError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        try:
-            rows = [(reader.line_num, row) for row in reader if row]
-        except csv.Error as e:
-            raise BertkitError(f"{where(path, reader.line_num)}: {e}") from None
-        except UnicodeDecodeError:
-            raise BertkitError(f"{path}: not UTF-8 text (expected UTF-8)") from None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            try:
+                rows = [(reader.line_num, row) for row in reader if row]
+            except csv.Error as e:
+                raise BertkitError(f"{where(path, reader.line_num)}: {e}") from None
+            except UnicodeDecodeError:
+                raise BertkitError(f"{path}: not UTF-8 text (expected UTF-8)") from None
+    except OSError as e:
+        raise BertkitError(f"{path}: cannot read ({e.strerror or e})") from None
     if not rows:
         raise BertkitError(f"{path}: file is empty, expected a header row and examples")
     first = rows[0][1]
@@ -133,9 +138,12 @@ def _label_index(value: str, labels: Sequence[str], path: Path, line: int) -> in
 
 def _float_label(value: str, path: Path, line: int) -> float:
     try:
-        return float(value)
+        score = float(value)
     except ValueError:
         raise BertkitError(f"{where(path, line)}: label {value!r} is not a number (expected a float score)") from None
+    if not math.isfinite(score):  # one NaN target makes the loss, and so the whole model, NaN
+        raise BertkitError(f"{where(path, line)}: label {value!r} is not a finite number (expected a float score)")
+    return score
 
 
 def _column(header: list[str], name: str, path: Path) -> int:
@@ -191,7 +199,7 @@ def read_glue_file(task: str, path: str | Path) -> list[TextExample]:
                 label = _label_index(value, spec.labels, path, line)
         guid = row[positions["guid"]] if "guid" in positions else f"{path.stem}-{len(examples)}"
         text_b = row[positions["text_b"]] if "text_b" in positions else None
-        examples.append(TextExample(guid, row[positions["text_a"]], text_b, label))
+        examples.append(TextExample(guid, row[positions["text_a"]], text_b, label, line))
     if not examples:
         raise BertkitError(f"{path}: all {len(skipped)} rows are broken (expected {width} columns each)")
     if skipped:
@@ -221,26 +229,7 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        if not path.is_file():
-            raise BertkitError(f"{path}: file not found")
-        try:
-            lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: JSON strings may hold U+2028
-        except UnicodeDecodeError:
-            raise BertkitError(f"{path}: not UTF-8 text (expected UTF-8)") from None
-        records = []
-        for line, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise BertkitError(f"{where(path, line)}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise BertkitError(f"{where(path, line)}: expected a JSON object per line")
-            records.append((line, record))
-        if not records:
-            raise BertkitError(f"{path}: file is empty, expected one JSON object per line")
-        return records
+        return _read_jsonl(path)
     if suffix not in (".csv", ".tsv"):
         raise BertkitError(f"{path}: unsupported file type {suffix!r} (expected .csv, .tsv or .jsonl)")
     # CSV from spreadsheets and pandas quotes fields that hold commas; TSV is taken as GLUE ships it, unquoted.
@@ -255,6 +244,57 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     if not records:
         raise BertkitError(f"{path}: no examples after the header row")
     return records
+
+
+# One example per line: a longer line is not a labelled text (and json.loads on it would take that much again).
+MAX_JSONL_LINE_BYTES = 10_000_000
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """(line, object) per non-blank line of a JSON lines file, read a bounded line at a time."""
+    if not path.is_file():
+        raise BertkitError(f"{path}: file not found")
+    records = []
+    try:
+        with open(path, "rb") as f:
+            # not text-mode lines: JSON strings may hold U+2028, which str.splitlines would split at
+            for line, raw in enumerate(iter(lambda: f.readline(MAX_JSONL_LINE_BYTES + 1), b""), start=1):
+                if len(raw) > MAX_JSONL_LINE_BYTES:
+                    raise BertkitError(
+                        f"{where(path, line)}: line longer than {MAX_JSONL_LINE_BYTES:,} bytes; expected one JSON "
+                        "object (an example) per line"
+                    )
+                try:
+                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise BertkitError(f"{where(path, line)}: not UTF-8 text (expected UTF-8)") from None
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise BertkitError(f"{where(path, line)}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise BertkitError(f"{where(path, line)}: JSON nested too deeply; expected a flat object") from None
+                except ValueError as e:  # an integer of more than 4300 digits
+                    raise BertkitError(f"{where(path, line)}: not usable JSON ({e})") from None
+                if not isinstance(record, dict):
+                    raise BertkitError(f"{where(path, line)}: expected a JSON object per line")
+                records.append((line, record))
+    except OSError as e:
+        raise BertkitError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not records:
+        raise BertkitError(f"{path}: file is empty, expected one JSON object per line")
+    return records
+
+
+def _text(value, path: Path, line: int, column: str) -> str:
+    """A text field as a str: JSON strings as they are, numbers written out; anything else is an error."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise BertkitError(f"{where(path, line)}: column {column!r} is {type(value).__name__}; expected text")
 
 
 def read_custom(
@@ -288,10 +328,11 @@ def read_custom(
                 raise BertkitError(f"{where(path, line)}: column {column!r} is missing or null")
         value: int | float | None = None
         if label is not None:
-            raw = str(record[label])
+            raw = record[label] if isinstance(record[label], bool) else _text(record[label], path, line, label)
+            raw = str(raw)
             value = _float_label(raw, path, line) if is_regression else _label_index(raw, label_list, path, line)
-        b = str(record[text_b]) if text_b is not None else None
-        examples.append(TextExample(f"{path.stem}-{line}", str(record[text_a]), b, value))
+        b = _text(record[text_b], path, line, text_b) if text_b is not None else None
+        examples.append(TextExample(f"{path.stem}-{line}", _text(record[text_a], path, line, text_a), b, value, line))
     return examples, label_list
 
 

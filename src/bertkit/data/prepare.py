@@ -27,6 +27,7 @@ import numpy as np
 import tokenizers
 from tqdm import tqdm
 
+from bertkit.config import read_json
 from bertkit.data.corpus import FileReader, Skips, expand_inputs
 from bertkit.errors import BertkitError, where
 
@@ -104,13 +105,60 @@ def read_manifest(out_dir: str | Path) -> dict:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise BertkitError(f"{where(path)}: no manifest; expected a folder written by `bertkit prepare`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BertkitError(f"{where(path, getattr(e, 'lineno', None))}: unreadable manifest ({e}); expected JSON") from e
+    # a manifest lists every file and shard: large for a large corpus, but never near this
+    manifest = read_json(path, "the manifest.json `bertkit prepare` writes", max_bytes=1 << 30)
+    if not isinstance(manifest, dict):
+        raise BertkitError(f"{where(path)}: a JSON {type(manifest).__name__}; expected the manifest object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BertkitError(f"{where(path)}: format_version {manifest.get('format_version')}; expected {FORMAT_VERSION}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Raise naming the first field of a manifest that is missing or of the wrong type (a hand-edited or foreign
+    file), so that reading it fails here and not with a KeyError deep in a training run."""
+
+    def fail(field: str, expected: str) -> None:
+        raise BertkitError(f"{where(path)}: field {field} is missing or wrong; expected {expected} (was the folder "
+                           "modified? prepare into a new folder)")
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not count(manifest.get("vocab_size")) or not manifest["vocab_size"]:
+        fail("vocab_size", "a positive integer")
+    if not isinstance(manifest.get("tokenizer_fingerprint"), str):
+        fail("tokenizer_fingerprint", "a string")
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        fail("dtype", "uint16 or uint32")
+    for key in ("settings", "files", "splits"):
+        if not isinstance(manifest.get(key), dict):
+            fail(key, "an object")
+    for split in SPLITS:
+        entry = manifest["splits"].get(split)
+        if not isinstance(entry, dict):
+            fail(f"splits.{split}", "an object")
+        for key in ("documents", "sentences", "tokens"):
+            if not count(entry.get(key)):
+                fail(f"splits.{split}.{key}", "a count (an integer >= 0)")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            fail(f"splits.{split}.shards", "a list of shards")
+        for i, shard in enumerate(shards):
+            name = shard.get("name") if isinstance(shard, dict) else None
+            # a plain name: the manifest must not make bertkit map files outside the folder
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                fail(f"splits.{split}.shards[{i}].name", "a shard file name")
+            for key in ("tokens", "sentences", "documents"):
+                if not count(shard.get(key)):
+                    fail(f"splits.{split}.shards[{i}].{key}", "a count (an integer >= 0)")
+    for name, record in manifest["files"].items():
+        done = record.get("done") if isinstance(record, dict) else None
+        if (not isinstance(done, dict) or not all(count(done.get(split)) for split in SPLITS)
+                or not count(record.get("size")) or not isinstance(record.get("head_sha256"), str)
+                or not isinstance(record.get("complete"), bool)):
+            fail(f"files[{name!r}]", "a record with size, head_sha256, complete and done counts")
 
 
 def _new_manifest(tokenizer, fingerprint: str, heldout_fraction: float, seed: int) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.data.glue import TextExample, get_task, read_custom, read_glue_file, write_submission
 from bertkit.errors import BertkitError
 from bertkit.model import BertForSequenceClassification
@@ -106,6 +107,22 @@ def _checked(examples: list[TextExample], path: Path, what: str) -> list[TextExa
     return examples
 
 
+def _with_text(examples: list[TextExample], path: Path) -> list[TextExample]:
+    """Training examples without an empty (or all white space) text: such a row teaches nothing and is most
+    likely a broken export, so it is skipped, counted and named in a warning. Eval files are scored whole."""
+    def has_text(e: TextExample) -> bool:
+        return bool(e.text_a.strip()) and (e.text_b is None or bool(e.text_b.strip()))
+
+    kept = [e for e in examples if has_text(e)]
+    if len(kept) < len(examples):
+        empty = [str(e.line if e.line is not None else e.guid) for e in examples if not has_text(e)]
+        if not kept:
+            raise BertkitError(f"{path}: every example has an empty text; expected text to train on")
+        log.warning("%s: skipped %d training example(s) with an empty text (first at line %s)",
+                    path, len(empty), ", ".join(empty[:5]))
+    return kept
+
+
 def _glue_files(spec, config) -> tuple[Path | None, dict[str, Path], dict[str, Path]]:
     """The train file, eval files and test files of a GLUE task, from explicit files or the task folder."""
     folder = Path(config.data_dir) if config.data_dir else None
@@ -144,7 +161,7 @@ def load_text_task(config, need_train: bool = True, labels: Sequence[str] | None
         )
     task = TextTask(spec.name, list(spec.labels), spec.metrics)
     if need_train:
-        task.train = _checked(read_glue_file(spec.name, train_file), train_file, "training")
+        task.train = _with_text(_checked(read_glue_file(spec.name, train_file), train_file, "training"), train_file)
     task.evals = {s: _checked(read_glue_file(spec.name, p), p, "evaluation") for s, p in eval_files.items()}
     if config.predict:
         task.tests = {s: read_glue_file(spec.name, p) for s, p in test_files.items()}
@@ -167,6 +184,7 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
 
     if need_train:
         train, labels = read(config.train_file, labels)
+        train = _with_text(train, Path(config.train_file))
     else:
         train = []
     if labels is None and not config.regression:
@@ -178,19 +196,53 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
     return TextTask("custom", [] if config.regression else list(labels), metrics, train, {"dev": evals})
 
 
+def read_input_lines(inputs, source: str = "<stdin>") -> list[str]:
+    """The lines of `bertkit predict`'s input: a file path, a binary stream or an iterable of lines (bytes or str).
+
+    Lines end at "\\n" only, so a text holding a form feed or U+2028 stays one line (one output line per input
+    line); bytes must be UTF-8 (a line that is not is an error naming it); a byte-order mark is dropped; lone
+    surrogates in str lines become U+FFFD.
+    """
+    if isinstance(inputs, (str, Path)):
+        source = str(inputs)
+        try:
+            with open(inputs, "rb") as f:
+                return read_input_lines(f, source)
+        except OSError as e:
+            raise BertkitError(f"{source}: cannot read ({e.strerror or e}); expected a UTF-8 text file") from None
+    lines = []
+    for number, line in enumerate(inputs, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BertkitError(f"{source}:{number}: not UTF-8 text (byte {e.start + 1} of the line); "
+                                   "expected UTF-8") from None
+        lines.append(replace_lone_surrogates(line.removeprefix("\ufeff") if number == 1 else line))
+    return lines
+
+
+def is_blank(example: TextExample) -> bool:
+    """Whether a line read by `parse_lines` holds no text to label."""
+    return not example.text_a.strip() and example.text_b is None
+
+
 def parse_lines(lines, source: str = "<stdin>") -> list[TextExample]:
-    """Examples from text lines: `text`, or `text<TAB>pair`; blank lines are skipped."""
+    """One example per line, `text` or `text<TAB>pair`, blank lines included (see `is_blank`): the output of
+    `bertkit predict` keeps one line per input line. A line of more than two fields, a mix of single texts and
+    pairs, or input without any text is an error."""
     examples = []
     for number, line in enumerate(lines, start=1):
         line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+        parts = line.split("\t") if line.strip() else [line]
         if len(parts) > 2:
             raise BertkitError(f"{source}:{number}: {len(parts)} tab-separated fields; expected a text or text<TAB>pair")
-        examples.append(TextExample(str(number), parts[0], parts[1] if len(parts) == 2 else None, None))
-    if not examples:
+        examples.append(TextExample(str(number), parts[0], parts[1] if len(parts) == 2 else None, None, number))
+    texts = [e for e in examples if not is_blank(e)]
+    if not texts:
         raise BertkitError(f"{source}: no text to label; expected one text (or text<TAB>pair) per line")
-    if len({e.text_b is None for e in examples}) > 1:
-        raise BertkitError(f"{source}: mixes single texts and text<TAB>pair lines; expected one kind throughout")
+    if len({e.text_b is None for e in texts}) > 1:
+        first = next(e for e in texts if (e.text_b is None) != (texts[0].text_b is None))
+        raise BertkitError(f"{source}:{first.line}: mixes single texts and text<TAB>pair lines; expected one kind "
+                           f"throughout (line {texts[0].line} is {'a single text' if texts[0].text_b is None else 'a pair'})")
     return examples

@@ -25,7 +25,7 @@ from bertkit.config import BertConfig
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
-from bertkit.tasks.classification import TextTask, load_text_task, parse_lines
+from bertkit.tasks.classification import TextTask, is_blank, load_text_task, parse_lines, read_input_lines
 from bertkit.tasks.inference import to_device
 from bertkit.tasks.squad import SquadTask, load_squad_task, parse_questions
 from bertkit.tokenizer import Tokenizer
@@ -355,14 +355,13 @@ def _check_head(task, model_config, model_dir) -> None:
 def predict(model_dir, inputs, source: str = "<stdin>", **overrides) -> list[dict]:
     """Label texts (`text` or `text<TAB>pair` lines) or answer questions (JSON lines with question and context).
 
-    `inputs` is a file path or an iterable of lines; what the model folder's head is decides which.
+    `inputs` is a file path, a binary stream or an iterable of lines; what the model folder's head is decides
+    which. A classifier gives one result per line, in order: a blank line's has label (or score) None and an
+    "error" saying so.
     """
     if isinstance(inputs, (str, Path)):
         source = str(inputs)
-        try:
-            inputs = Path(inputs).read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise BertkitError(f"{inputs}: cannot read ({e}); expected a UTF-8 text file") from None
+    inputs = read_input_lines(inputs, source)
     model_config = BertConfig.load(model_dir)
     architectures = model_config.extra.get("architectures") or ["BertForSequenceClassification"]
     is_qa = "BertForQuestionAnswering" in architectures
@@ -380,14 +379,20 @@ def predict(model_dir, inputs, source: str = "<stdin>", **overrides) -> list[dic
     if "BertForSequenceClassification" not in architectures:
         raise BertkitError(f"{model_dir}/config.json: architecture {', '.join(architectures)}; expected a fine-tuned "
                            "BertForSequenceClassification or BertForQuestionAnswering")
-    examples = parse_lines(inputs, source)
+    examples = parse_lines(inputs, source)  # every line, so that the results stay one per input line
     labels = _label_names(model_config) if model_config.num_labels > 1 else []
     task = TextTask("predict", labels, ())
     model = task.model_class.from_pretrained(model_dir).to(device)
-    predictions, probabilities = task.predict(model, tokenizer, examples, config, device)
+    predictions, probabilities = task.predict(model, tokenizer, [e for e in examples if not is_blank(e)], config, device)
+    labelled = zip(predictions, probabilities)
     results = []
-    for example, p, probs in zip(examples, predictions, probabilities):
+    for example in examples:
         text = {"text": example.text_a} | ({"pair": example.text_b} if example.text_b is not None else {})
+        if is_blank(example):
+            nothing = {"score": None} if task.is_regression else {"label": None, "probability": None}
+            results.append(text | nothing | {"error": "blank line: no text to label"})
+            continue
+        p, probs = next(labelled)
         if task.is_regression:
             results.append(text | {"score": float(p)})
         else:
