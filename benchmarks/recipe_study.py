@@ -34,11 +34,13 @@ VARIANTS: dict[str, list[str]] = {
     "no-dropout": ["--dropout", "0"],
     "no-dropout-lr1e-3": ["--dropout", "0", "--lr", "1e-3"],
     "no-dropout-lr2e-3": ["--dropout", "0", "--lr", "2e-3"],
-    "no-dropout-lr1e-3-b128": ["--dropout", "0", "--lr", "2e-3", "--batch-size", "128"],
-    "no-dropout-lr1e-3-triangle": ["--dropout", "0", "--lr", "1e-3", "--warmup", "0.5"],
-    "no-dropout-lr1e-3-mask30": ["--dropout", "0", "--lr", "1e-3", "--mask-prob", "0.3"],
-    "no-dropout-lr1e-3-mlm-only": ["--dropout", "0", "--lr", "1e-3", "--objective", "mlm"],
-    "no-dropout-lr1e-3-len64": ["--dropout", "0", "--lr", "1e-3", "--max-length", "64", "--batch-size", "64"],
+    # on the winner of the above (no dropout, lr 1e-3), one change each:
+    "triangle": ["--dropout", "0", "--lr", "1e-3", "--schedule", "triangle"],
+    "ramp-to-128": ["--dropout", "0", "--lr", "1e-3", "--grad-accum", "4", "--batch-ramp", "0.6"],
+    "batch-128": ["--dropout", "0", "--lr", "2e-3", "--grad-accum", "4"],
+    "mask-30": ["--dropout", "0", "--lr", "1e-3", "--mask-prob", "0.3"],
+    "mlm-only": ["--dropout", "0", "--lr", "1e-3", "--objective", "mlm"],
+    "length-64": ["--dropout", "0", "--lr", "1e-3", "--max-length", "64", "--batch-size", "64"],
 }
 
 
