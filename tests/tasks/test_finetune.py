@@ -95,8 +95,9 @@ def test_best_checkpoint_only_moves_on_a_strictly_better_score():
 def test_predict_reads_stdin_like_lines(sst2_run):
     config, _ = sst2_run
     results = predict(config.out_dir, io.StringIO("a great movie\n\nawful , boring\n"))
-    assert [r["text"] for r in results] == ["a great movie", "awful , boring"]
-    assert all(r["label"] in ("0", "1") and 0.5 <= r["probability"] <= 1 for r in results)
+    assert [r["text"] for r in results] == ["a great movie", "", "awful , boring"]
+    assert results[1]["label"] is None and results[1]["error"] == "blank line: no text to label"
+    assert all(r["label"] in ("0", "1") and 0.5 <= r["probability"] <= 1 for r in results[::2])
 
 
 def test_cli_predict_on_stdin(sst2_run, monkeypatch, capsys):
