@@ -38,15 +38,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         doc = help_texts.get(f.name) or f.metadata.get("help", "")
+        shown = doc if "(default:" in doc else f"{doc} (default: %(default)s)"  # a help text may say it in words
         if t is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
         elif typing.get_origin(t) is typing.Literal:
             choices = typing.get_args(t)
-            parser.add_argument(flag, choices=choices, default=default, help=f"{doc} (default: %(default)s)")
+            parser.add_argument(flag, choices=choices, default=default, help=shown)
         elif t in (int, float, str, Path):
-            parser.add_argument(flag, type=t, default=default, help=f"{doc} (default: %(default)s)")
+            parser.add_argument(flag, type=t, default=default, help=shown)
         elif typing.get_origin(t) in (list, tuple):
-            parser.add_argument(flag, nargs="+", default=default, help=f"{doc} (default: %(default)s)")
+            parser.add_argument(flag, nargs="+", default=default, help=shown)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):

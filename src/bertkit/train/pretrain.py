@@ -81,18 +81,19 @@ class PretrainConfig:
                                                      "or spans of words (SpanBERT)")
     objective: Literal["mlm+nsp", "mlm", "mlm+sop"] = _opt("mlm+nsp", "masked LM plus next-sentence prediction "
                                                             "(BERT), alone, or plus sentence-order prediction (ALBERT)")
-    mask_prob: float = _opt(0.15, "share of tokens chosen for prediction (0.15 in the paper; MosaicBERT used 0.3)")
-    dropout: float | None = _opt(None, "dropout (hidden and attention) while pretraining, e.g. 0 as Cramming and "
-                                 "MosaicBERT; the saved config keeps the model's own rates for fine-tuning (unset: "
-                                 "the model's, 0.1 in every preset)")
+    mask_prob: float = _opt(0.3, "share of tokens chosen for prediction (0.15 in the paper; 0.3 as MosaicBERT won the "
+                            "recipe study in docs/findings.md)")
+    dropout: float | None = _opt(0.0, "dropout (hidden and attention) while pretraining: 0 as Cramming and MosaicBERT "
+                                 "(the recipe study's choice); the saved config keeps the model's own rates for "
+                                 "fine-tuning (unset: the model's, 0.1 in every preset, as the paper)")
     batch_size: int = _opt(32, "examples per process per micro-step; the global batch is this x processes x "
                            "--grad-accum")
     grad_accum: int = _opt(1, "micro-steps whose gradients are summed into one optimizer step")
     batch_ramp: float = _opt(0.0, "batch-size ramp (Cramming): the global batch grows linearly from --batch-size x "
                              "processes to its full size (x --grad-accum) over this share of --max-steps (0: none)")
     optimizer: Literal["adamw", "lamb"] = _opt("adamw", "AdamW (the paper's Adam) or LAMB (for very large batches)")
-    lr: float = _opt(5e-4, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps "
-                     "(5e-4 suits the small presets, as ELECTRA's small models; the paper used 1e-4 for base)")
+    lr: float = _opt(1e-3, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps "
+                     "(1e-3 won the recipe study for mini with dropout off; the paper used 1e-4 for base)")
     betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/LAMB beta1 beta2")
     weight_decay: float = _opt(0.01, "decoupled weight decay (not on biases and LayerNorm)")
     warmup: float = _opt(0.1, "warm-up: a fraction of --max-steps if below 1, else a number of steps")
