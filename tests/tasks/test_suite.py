@@ -46,7 +46,30 @@ def test_suite_rerun_adds_only_missing_cells(wnli_suite, monkeypatch):
     assert {k: after[k] for k in before[config.row]["cells"]} == before[config.row]["cells"]
 
 
-def _recording_pool(ran):
+def test_two_suites_at_once_into_one_folder_keep_each_others_cells(tiny_model_dir, tmp_path, monkeypatch):
+    """Each suite writes only its own row: another suite's cells saved while this one runs are not overwritten."""
+    from bertkit.tasks.suite import _save_row
+
+    results_path = tmp_path / "suite.json"
+    other = {"model_dir": "elsewhere", "from_scratch": False, "cells": {}}
+    ran = []
+
+    def meanwhile(key):  # the other suite saves a cell each time this one starts one
+        other["cells"][key] = {"best": {"accuracy": 60.0}, "best_epoch": 1, "seconds": 1.0, "train_examples": 635,
+                               "eval_examples": 71}
+        _save_row(results_path, "other model", other)
+
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _recording_pool(ran, meanwhile))
+    config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(tmp_path), tasks=["WNLI"],
+                         seeds=2, lrs=[1e-4])
+    result = suite(config)
+    saved = json.loads(results_path.read_text())
+    assert set(saved) == {config.row, "other model"} and len(saved[config.row]["cells"]) == 2
+    assert saved["other model"]["cells"] == other["cells"] and len(other["cells"]) == 2
+    assert result["results"] == saved and "| other model |" in result["table"]
+
+
+def _recording_pool(ran, on_submit=None):
     """A stand-in pool that records which cells it was given and answers them with a fixed score."""
     from concurrent.futures import Future
 
@@ -56,6 +79,8 @@ def _recording_pool(ran):
 
         def submit(self, fn, finetune_config, log, keep):
             ran.append(f"{finetune_config.task}/lr={finetune_config.lr:g}/seed={finetune_config.seed}")
+            if on_submit:
+                on_submit(ran[-1])
             future = Future()
             future.set_result({"best": {"accuracy": 50.0}, "best_epoch": 1, "seconds": 1.0, "train_examples": 635,
                                "eval_examples": 71})

@@ -12,6 +12,7 @@ written into OUT_DIR/data, so every row and every seed trains and scores on the 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -198,10 +199,17 @@ def _load(path: Path) -> dict:
         raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected the suite's results") from None
 
 
-def _save(path: Path, results: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _save_row(path: Path, label: str, row: dict) -> dict:
+    """Write this row into suite.json and return every row. The file is read again under a lock and only this row
+    replaced, so two suites run at once into one folder (another model, `--from-scratch`) keep each other's cells."""
+    with path.with_name(path.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        results = _load(path)
+        results[label] = row
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return results
 
 
 def suite(config: SuiteConfig) -> dict:
@@ -253,10 +261,11 @@ def suite(config: SuiteConfig) -> dict:
                         raise BertkitError(f"suite cell {key} failed ({type(e).__name__}: {e}); see {log}") from None
                     row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started
                     started = time.perf_counter()
-                    _save(results_path, results)
+                    results = _save_row(results_path, config.row, row)
                     bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error, the cells not yet started are dropped
+    results = {**_load(results_path), config.row: row}  # with the rows other suites added meanwhile
     table = results_table(results)
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
     return {"results": results, "table": table}
