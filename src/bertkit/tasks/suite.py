@@ -118,7 +118,7 @@ class SuiteConfig:
 
 def _write_rows(path: Path, header: str | None, rows: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # suites started at once each write their own, same rows
     tmp.write_text("".join(([header] if header is not None else []) + rows), encoding="utf-8")
     os.replace(tmp, path)
 
