@@ -295,7 +295,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename, so a crash never leaves a half file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -314,9 +314,9 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
-    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -356,7 +356,7 @@ def set_rng_state(state: dict) -> None:
 def save_training_state(path: str | Path, state: dict) -> None:
     """torch.save a dict of tensors, numbers, strings, lists and dicts (optimizer, scheduler, step, RNG...)."""
     path = Path(path)
-    _atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_training_state(path: str | Path) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from bertkit.checkpoint import atomic_write
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, option
 
@@ -118,9 +119,8 @@ class SuiteConfig:
 
 def _write_rows(path: Path, header: str | None, rows: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # suites started at once each write their own, same rows
-    tmp.write_text("".join(([header] if header is not None else []) + rows), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(([header] if header is not None else []) + rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # suites started at once: same rows
 
 
 def _lines(path: Path, header: bool) -> tuple[str | None, list[str]]:
@@ -199,17 +199,13 @@ def _load(path: Path) -> dict:
         raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected the suite's results") from None
 
 
-def _save_row(path: Path, label: str, row: dict) -> dict:
-    """Write this row into suite.json and return every row. The file is read again under a lock and only this row
-    replaced, so two suites run at once into one folder (another model, `--from-scratch`) keep each other's cells."""
+def _save_row(path: Path, label: str, row: dict) -> None:
+    """Write this row into suite.json. The file is read again under a lock and only this row replaced, so two
+    suites run at once into one folder (another model, `--from-scratch`) keep each other's cells."""
     with path.with_name(path.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        results = _load(path)
-        results[label] = row
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    return results
+        text = json.dumps({**_load(path), label: row}, indent=1) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def suite(config: SuiteConfig) -> dict:
@@ -261,7 +257,7 @@ def suite(config: SuiteConfig) -> dict:
                         raise BertkitError(f"suite cell {key} failed ({type(e).__name__}: {e}); see {log}") from None
                     row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started
                     started = time.perf_counter()
-                    results = _save_row(results_path, config.row, row)
+                    _save_row(results_path, config.row, row)
                     bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error, the cells not yet started are dropped
