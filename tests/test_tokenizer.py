@@ -408,3 +408,13 @@ def test_vocab_train_cli_fails_in_one_line_with_exit_status_2(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("bertkit: error: ") for line in err)
     assert "vocab_size is -1" in err[1] and "file: a file, not a folder" in err[2]
+
+
+def test_two_demo_vocabularies_are_identical(tmp_path):
+    """The no-argument demo's vocabulary (8,000 tokens on the Python docs) is the same on every run: the WordPiece
+    trainer's hash-map order once changed a few dozen tokens near the cut-off from run to run."""
+    corpus = data_path("corpus", "python-docs-3.11.txt")
+    first = train_vocab([corpus], tmp_path / "a", vocab_size=8000, show_progress=False)
+    second = train_vocab([corpus], tmp_path / "b", vocab_size=8000, show_progress=False)
+    assert first.vocab_size == 8000
+    assert (tmp_path / "a" / "vocab.txt").read_bytes() == (tmp_path / "b" / "vocab.txt").read_bytes()

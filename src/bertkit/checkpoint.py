@@ -10,6 +10,7 @@ loss scaler, data position, RNG states), written atomically so that resuming nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -378,6 +379,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def checkpoint_step(directory: Path) -> int | None:
     """The step of a complete checkpoint folder (`step-N` holding COMPLETE), else None."""
     m = _STEP_DIR.fullmatch(directory.name)
@@ -387,8 +396,9 @@ def checkpoint_step(directory: Path) -> int | None:
 def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_state: dict) -> Path:
     """Write `root/step-N`: an HF model folder (+ tokenizer) and training_state.pt, atomically.
 
-    Everything goes into a hidden temporary folder, is fsynced, gets a COMPLETE marker, and only then is renamed
-    into place: a crash at any point leaves either no `step-N` folder or a whole one.
+    Everything goes into a hidden temporary folder, is fsynced, gets a COMPLETE marker holding the sha256 of every
+    file, and only then is renamed into place: a crash at any point leaves either no `step-N` folder or a whole one,
+    and a file damaged later (a full disk, a copy cut short, a flipped bit) is caught by `verify_checkpoint`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -397,7 +407,8 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_stat
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, tokenizer=tokenizer)
     save_training_state(tmp / TRAINING_STATE_NAME, training_state)
-    (tmp / COMPLETE_NAME).write_text(f"step {step}\n")
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / COMPLETE_NAME).write_text(json.dumps({"step": step, "sha256": files}, indent=1) + "\n")
     for path in tmp.iterdir():
         _fsync(path)
     _fsync(tmp)
@@ -408,6 +419,59 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_stat
     os.rename(tmp, final)
     _fsync(root)
     return final
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """What is wrong with a training checkpoint folder (no marker, a missing file, a checksum that differs from the
+    one written at save time), or None when it is whole. Markers of older versions ("step N") hold no checksums:
+    only the files' presence is checked then."""
+    directory = Path(directory)
+    marker = directory / COMPLETE_NAME
+    if not marker.is_file():
+        return f"no {COMPLETE_NAME} marker (cut short while saving)"
+    if not (directory / TRAINING_STATE_NAME).is_file():
+        return f"no {TRAINING_STATE_NAME}"
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        if marker.read_bytes().startswith(b"step "):  # an older marker, before checksums
+            return None
+        return f"{COMPLETE_NAME} is not a checkpoint marker"
+    for name, digest in (recorded.get("sha256") or {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match the checksum written when it was saved (truncated or corrupted)"
+    return None
+
+
+def usable_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under `root` that `verify_checkpoint` passes. Each newer step folder that fails is
+    moved aside to `.corrupt-step-N` (so that pruning, which counts checkpoints, never keeps it over a good one) with
+    a one-line warning naming what was wrong and where the run goes back to."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = sorted((int(m.group(1)), p) for p in root.iterdir()
+                        if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name)))
+    for _, path in reversed(candidates):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        aside = root / f".corrupt-{path.name}-{os.getpid()}"
+        os.rename(path, aside)
+        logger.warning("%s: %s; falling back to the checkpoint before it (this one moved to %s)", path, problem,
+                       aside.name)
+    return None
+
+
+def checkpoint_bytes(num_parameters: int, optimizer_tensors: int = 2) -> int:
+    """About the size of one training checkpoint in float32: the weights plus the optimizer's per-parameter
+    tensors (AdamW and LAMB keep two), with a margin for the tokenizer and the rest."""
+    return int(num_parameters * 4 * (1 + optimizer_tensors) * 1.05) + (16 << 20)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -124,6 +124,9 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self._fused = None  # (weights' versions, fused weight, fused bias), reused while the weights are unchanged
+        # one module computing (N, 3H) Q, K, V in place of the three, when set: bertkit.quantize.to_int8 puts an
+        # int8 Linear here, as an int8 GEMM has no weight to concatenate per call
+        self.qkv: nn.Module | None = None
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Q, K and V weights as one (3H, H) matrix, so that one GEMM replaces three.
@@ -141,8 +144,8 @@ class BertSelfAttention(nn.Module):
         return self._fused[1], self._fused[2]
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
-        weight, bias = self.fused_qkv()
-        qkv = layout.pad(F.linear(x, weight, bias))  # (B, T, 3H)
+        qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
+        qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
         y = F.scaled_dot_product_attention(

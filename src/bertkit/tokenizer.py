@@ -334,19 +334,26 @@ def train_vocab(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BertkitError(f"{where(out_dir)}: a file, not a folder; expected a folder to write the vocabulary to")
-    backend = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
-    backend.normalizer = _bert_normalizer(lowercase)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        limit_alphabet=limit_alphabet,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=show_progress,
-    )
+    def train(size: int, specials: list[str], alphabet: list[str]) -> tokenizers.Tokenizer:
+        backend = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
+        backend.normalizer = _bert_normalizer(lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = WordPieceTrainer(vocab_size=size, min_frequency=min_frequency, limit_alphabet=limit_alphabet,
+                                   special_tokens=specials, initial_alphabet=alphabet, continuing_subword_prefix="##",
+                                   show_progress=show_progress)
+        backend.train_from_iterator(_read_lines(paths, counts), trainer=trainer)
+        return backend
+
+    # The trainer breaks ties between equally frequent merges by token id, and numbers the "##c" forms of single
+    # characters in hash-map order, which changes from run to run (tokenizers issue #1794): so the tokens learned
+    # near the vocab_size cut-off differed between runs. A first pass learns only the alphabet; the second is given
+    # it up front, the "##c" forms as special tokens in sorted order, so every id and every tie is the same each
+    # time: the vocabulary is a function of the corpus and the options alone.
     counts = {"text": 0}
-    backend.train_from_iterator(_read_lines(paths, counts), trainer=trainer)
+    alphabet = sorted(set(train(1, list(SPECIAL_TOKENS), []).get_vocab()) - set(SPECIAL_TOKENS))
+    counts = {"text": 0}
+    backend = train(vocab_size, list(SPECIAL_TOKENS) + [t for t in alphabet if t.startswith("##")],
+                    [t for t in alphabet if not t.startswith("##")])
     learned = len(backend.get_vocab()) - len(SPECIAL_TOKENS)
     if counts["text"] == 0 or learned <= 0:
         what = "no line with text" if counts["text"] == 0 else "no character left after normalisation"
@@ -357,10 +364,8 @@ def train_vocab(
             f"characters (with their ## forms) already make {learned + len(SPECIAL_TOKENS)}; expected a vocab_size "
             f"of at least that, or a smaller limit_alphabet (now {limit_alphabet})"
         )
-    # The trainer numbers tokens in hash-map order, so the same corpus gives a shuffled vocab.txt on every run
-    # (tokenizers issue #1794). Sorting after the special tokens makes ids depend on the token set alone; WordPiece
-    # matches by string, so order changes no tokenization. Ties between equal-count merges can still swap a few
-    # tokens near the vocab_size cut-off between runs: that comes from the trainer and is not fixed here.
+    # Ids in vocab.txt: the special tokens, then every other token sorted, so that they depend on the token set alone
+    # (WordPiece matches by string, so the order changes no tokenization).
     tokens = list(SPECIAL_TOKENS) + sorted(set(backend.get_vocab()) - set(SPECIAL_TOKENS))
     # Rebuilt from the written vocab.txt, so a trained tokenizer is the same object a later from_pretrained loads.
     try:

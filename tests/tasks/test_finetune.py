@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bertkit.cli import main
+from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, evaluate, finetune, predict
 from bertkit.tasks.glue import glue
 from conftest import data_path
@@ -170,6 +171,7 @@ def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path, capsys):
         assert result["tasks"][task]["best_lr"] == max((1e-3, 1e-4), key=lambda lr: by_lr[f"{lr:g}"][metric])
     table = (tmp_path / "glue_results.md").read_text()
     assert "| System | SST-2 | RTE | Average |" in table
+    assert "| | 48 | 48 | - |" in table and "1 epoch," in table  # the sizes trained on, not the paper's 67k / 2.5k
     average = (result["tasks"]["SST-2"]["best"]["accuracy"] + result["tasks"]["RTE"]["best"]["accuracy"]) / 2
     assert f"| {average:.1f} |" in table
     assert table in capsys.readouterr().out
@@ -211,3 +213,159 @@ def test_transformers_loads_the_kept_model_with_its_labels(sst2_run):
     ours = BertForSequenceClassification.from_pretrained(config.out_dir).eval()
     with torch.no_grad():
         assert torch.allclose(ours(**batch).logits, theirs(**batch).logits, atol=1e-5)
+
+
+# ---- numbers that are not numbers, output folders, the first hour ------------------------------------------------
+
+
+def toy_run(toy_model_dir, tmp_path, out, **kw) -> FinetuneConfig:
+    """A custom two-class task of 16 rows: a run of seconds."""
+    if not (tmp_path / "train.tsv").exists():
+        rows = [("a good movie", "good"), ("a bad film", "bad"), ("great fun", "good"), ("very boring", "bad")] * 4
+        tsv(tmp_path / "train.tsv", ("sentence", "label"), *rows)
+    options = dict(task="custom", train_file=str(tmp_path / "train.tsv"), eval_file=str(tmp_path / "train.tsv"))
+    config = quick(toy_model_dir, out, **{**options, **kw})
+    config.batch_size = kw.get("batch_size", 4)  # 4 steps an epoch
+    return config
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "nan", "--lr is nan; expected a finite number"),
+    ("--lr", "inf", "--lr is inf; expected a finite number"),
+    ("--weight-decay", "nan", "--weight-decay is nan; expected a finite number"),
+    ("--warmup", "inf", "--warmup is inf; expected a finite number"),
+    ("--max-grad-norm", "nan", "--max-grad-norm is nan; expected a finite number"),
+    ("--null-threshold", "nan", "--null-threshold is nan; expected a finite number"),
+    ("--lr", "-1e-5", "--lr is -1e-05; expected zero or more"),
+    ("--threads", "-1", "--threads is -1; expected a whole number from 1 to 1024"),
+    ("--threads", "99999999999999999999", "expected a whole number from 1 to 1024"),
+    ("--max-bad-steps", "0", "--max-bad-steps is 0; expected a positive number"),
+    ("--device", "meta", "--device 'meta' is not a device to run on; expected cpu, cuda, cuda:N, mps or auto"),
+])
+def test_numbers_that_are_not_numbers_are_refused_before_training(toy_model_dir, tmp_path, capsys, flag, value,
+                                                                  expected):
+    config = toy_run(toy_model_dir, tmp_path, tmp_path / "run")
+    argv = ["finetune", "--model-dir", toy_model_dir, "--task", "custom", "--train-file", config.train_file,
+            "--eval-file", config.eval_file, "--out-dir", str(tmp_path / "run"), f"{flag}={value}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_glue_lrs_that_are_not_numbers_are_refused(capsys):
+    assert main(["glue", "--model-dir", "m", "--data-dir", "d", "--lrs", "1e-4", "nan"]) == 2
+    assert "--lrs 0.0001 nan: expected finite numbers above 0" in capsys.readouterr().err
+
+
+def _nan_loss_at(monkeypatch, steps: set[int]):
+    from bertkit import BertForSequenceClassification
+
+    original, calls = BertForSequenceClassification.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if kwargs.get("labels") is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] in steps:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", forward)
+
+
+def test_a_nan_loss_skips_the_step_and_nan_losses_in_a_row_stop_the_run(toy_model_dir, tmp_path, monkeypatch, caplog):
+    with monkeypatch.context() as patch:
+        _nan_loss_at(patch, {2, 3})
+        record = finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "skip"))
+    assert "step 3: the loss is not finite (nan or inf): step skipped, no update (2 in a row" in caplog.text
+    assert all(math.isfinite(e["train_loss"]) for e in record["epochs"])
+    with monkeypatch.context() as patch:
+        _nan_loss_at(patch, set(range(3, 100)))
+        with pytest.raises(BertkitError, match=r"^step 6: the loss was not finite \(nan or inf\) for 4 steps in a "
+                                               r"row \(steps 3-6.*try a lower --lr \(now 0.002\)"):
+            finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "stop", max_bad_steps=4))
+    assert not (tmp_path / "stop" / "results.md").exists()  # not a finished run; what it kept is epoch 1's model
+    from safetensors.torch import load_file
+
+    assert all(bool(w.isfinite().all()) for w in load_file(tmp_path / "stop" / "model.safetensors").values())
+
+
+def test_the_output_folder_is_never_the_model_folder_or_inside_it(toy_model_dir, tmp_path):
+    before = {p.name: p.read_bytes() for p in Path(toy_model_dir).iterdir()}
+    for out in (toy_model_dir, str(Path(toy_model_dir) / "ft"), str(Path(toy_model_dir) / ".." / Path(toy_model_dir).name)):
+        with pytest.raises(BertkitError, match="the run would write into its own input"):
+            finetune(toy_run(toy_model_dir, tmp_path, out))
+    assert {p.name: p.read_bytes() for p in Path(toy_model_dir).iterdir()} == before
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(BertkitError, match="afile: a file, not a folder; expected a folder for --out-dir"):
+        finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "afile"))
+
+
+def test_a_failed_finetune_leaves_another_runs_folder_as_it_was(toy_model_dir, tmp_path, capsys):
+    finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "run", epochs=1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    other = toy_run(toy_model_dir, tmp_path, tmp_path / "run", lr=1e-3, epochs=1)
+    with pytest.raises(BertkitError, match=r"holds another fine-tuning run \(custom; lr 0.002 -> 0.001\); expected "
+                                           "--overwrite to replace it"):
+        finetune(other)
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(BertkitError):  # bad data: fails before the folder is touched
+        finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "run", epochs=1, train_file=str(tmp_path / "bad.tsv"),
+                         overwrite=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    record = finetune(FinetuneConfig(**{**vars(other), "overwrite": True}))
+    assert json.loads((tmp_path / "run" / "finetune_config.json").read_text())["lr"] == 1e-3
+    assert record["epochs"] and evaluate(tmp_path / "run")["accuracy"] == record["best"]["accuracy"]
+
+
+def test_a_model_folder_that_is_not_a_run_is_not_overwritten(toy_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(toy_model_dir, tmp_path / "someone")
+    with pytest.raises(BertkitError, match="holds config.json, model.safetensors.* but no finetune_config.json"):
+        finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "someone"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "finetune.log").write_text("a wrapper's log")  # files a run never writes are no obstacle
+    finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "mine", epochs=1))
+    assert (tmp_path / "mine" / "finetune.log").read_text() == "a wrapper's log"
+
+
+def test_the_same_run_again_starts_over_and_resume_auto_returns_a_finished_one(toy_model_dir, tmp_path, caplog):
+    config = toy_run(toy_model_dir, tmp_path, tmp_path / "run", epochs=1)
+    first = finetune(config)
+    again = finetune(config)
+    assert "starting the run over (an earlier attempt's metrics.json, results.md, eval.csv deleted)" in caplog.text
+    done = finetune(FinetuneConfig(**{**vars(config), "resume": "auto"}))
+    assert "this run has finished already" in caplog.text
+    assert done == json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert first["best"] == again["best"] == done["best"]
+
+
+def test_a_mistyped_model_dir_says_no_such_folder(tmp_path, capsys):
+    assert main(["finetune", "--model-dir", str(tmp_path / "modle"), "--task", "SST-2", "--out-dir",
+                 str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'modle'}: no such folder (expected a model folder" in capsys.readouterr().err
+    for command in (["evaluate"], ["predict"]):
+        assert main([*command, str(tmp_path / "modle")]) == 2
+        assert "modle: no such folder" in capsys.readouterr().err
+
+
+def test_predict_prints_the_label_names_of_the_data(tiny_model_dir, tmp_path):
+    config = quick(tiny_model_dir, tmp_path / "rte", task="RTE", data_dir=str(data_path("glue", "RTE")), epochs=1,
+                   limit_train_examples=32)
+    finetune(config)
+    (result,) = predict(tmp_path / "rte", ["A man is sleeping.\tSomeone sleeps."])
+    assert result["label"] in ("entailment", "not_entailment")
+
+
+def test_results_table_gives_null_thresholds_in_significant_digits():
+    from bertkit.tasks.finetune import results_table
+    from bertkit.tasks.squad import SquadTask
+
+    best = {"exact": 50.0, "f1": 51.0, "HasAns_f1": 40.0, "NoAns_f1": 60.0, "best_f1": 55.5, "best_f1_thresh": 0.000123456}
+    row = {"epoch": 1, "train_loss": 1.0, "train_seconds": 1.0, "train_examples_per_second": 1.0, "eval_seconds": 1.0,
+           **best}
+    record = {"train_examples": 10, "train_rows": 12, "eval_examples": 5, "epochs": [row], "best_epoch": 1, "best": best}
+    table = results_table(FinetuneConfig(model_dir="m", task="squad2", epochs=1), SquadTask("squad2"), record)
+    assert "| 55.50 | 0.0001235 |" in table and "best_f1_thresh 0.0001235" in table and ", 1 epoch," in table

@@ -83,8 +83,9 @@ def test_evaluate_reproduces_the_recorded_squad_scores(squad1_run, tmp_path):
 def test_predict_answers_json_lines(squad1_run, monkeypatch, capsys):
     run, _ = squad1_run
     lines = [json.dumps({"id": "q", "question": "Where is the cat?", "context": "The cat sat on the mat in Paris."}), ""]
-    (answer,) = predict(run.out_dir, lines)
+    answer, blank = predict(run.out_dir, lines)  # one output line per input line, the blank one included
     assert answer["id"] == "q" and answer["answer"] in "The cat sat on the mat in Paris."
+    assert blank == {"question": None, "answer": None, "error": "blank line: no question to answer"}
     monkeypatch.setattr("sys.stdin", io.StringIO('{"question": "Who?"}\n'))
     assert main(["predict", run.out_dir]) == 2
     err = capsys.readouterr().err
@@ -163,8 +164,12 @@ def official_v2(data: list, predictions: dict, na_probs: dict, na_prob_thresh: f
 
 
 def scored_articles(run) -> list:
-    """The articles of the run's file that it scored (those after --train-articles), as the script reads them."""
-    return json.loads(Path(run.train_file).read_text(encoding="utf-8"))["data"][run.train_articles:]
+    """The articles the run scored (those after --train-articles), from the run folder alone: its eval_data.json,
+    the official script's dev file."""
+    written = json.loads((Path(run.out_dir) / "eval_data.json").read_text(encoding="utf-8"))
+    source = json.loads(Path(run.train_file).read_text(encoding="utf-8"))["data"][run.train_articles:]
+    assert written["version"] == ("v2.0" if run.task == "squad2" else "1.1") and written["data"] == source
+    return written["data"]
 
 
 def test_official_v2_script_reproduces_every_number_from_the_run_folder(squad2_run):

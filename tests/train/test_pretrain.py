@@ -1,6 +1,7 @@
 """Pretraining: exact resume after SIGKILL, torchrun equals accumulation, transformers loads the checkpoints,
 atomic checkpoints, and a short run that learns and writes its logs."""
 
+import math
 import os
 import random
 import subprocess
@@ -46,7 +47,7 @@ def inputs(tmp_path_factory):
 def small(inputs, run_dir, **overrides) -> PretrainConfig:
     options = dict(tokenizer=str(inputs / "tokenizer"), data=str(inputs / "data"), max_length=64, batch_size=8,
                    lr=1e-3, max_steps=60, log_every=1, eval_every=0, eval_batches=4, save_every=0,
-                   run_dir=str(run_dir))
+                   run_dir=str(run_dir), threads=1)
     return PretrainConfig(**{**options, **overrides})
 
 
@@ -296,6 +297,23 @@ def test_the_no_argument_demo_runs_offline_and_beats_the_unigram_baseline(tmp_pa
     assert (tmp_path / "demo" / "loss_curve.png").is_file()
 
 
+@pytest.mark.slow
+def test_the_no_argument_demo_is_the_same_on_every_run(tmp_path):
+    """Seeded end to end: two demos write the same vocabulary, logs and weights. Both at one thread: floats depend
+    on torch's thread count, which by default follows the machine's load."""
+    data_path("corpus", "python-docs-3.11.txt")
+    demos = [launch([sys.executable, "-m", "bertkit.cli", "pretrain", "--run-dir", str(tmp_path / name), "--threads",
+                     "1"]) for name in ("a", "b")]
+    for demo in demos:
+        finish(demo)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / "tokenizer" / "vocab.txt").read_bytes() == (b / "tokenizer" / "vocab.txt").read_bytes()
+    assert rows(a, "eval") == rows(b, "eval")
+    assert [r["loss"] for r in rows(a)] == [r["loss"] for r in rows(b)]
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_half_precision_falls_back_to_fp32_where_the_hardware_lacks_it(caplog):
     from bertkit.train.precision import resolve
 
@@ -340,3 +358,124 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(inputs, tmp_path
     assert [int(r["step"]) for r in rows(tmp_path / "run", "eval")] == [3, 6]
     assert [int(r["step"]) for r in rows(tmp_path / "run")] == list(range(1, 7))
     assert again["masked_lm_accuracy"] == first["masked_lm_accuracy"]
+
+
+# ---- numbers that are not numbers, output folders ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("weight_decay", float("nan")), ("weight_decay", -0.1),
+    ("weight_decay", float("inf")), ("betas", (0.9, float("nan"))), ("betas", (float("inf"), 0.9)),
+    ("warmup", float("nan")), ("warmup", float("inf")), ("clip_norm", float("nan")), ("clip_norm", float("inf")),
+    ("mask_prob", float("nan")), ("dropout", float("nan")), ("batch_ramp", float("nan")), ("max_bad_steps", 0),
+    ("threads", 0), ("threads", 10**20),
+])
+def test_numbers_that_are_not_numbers_are_refused_before_training(field, value, capsys):
+    with pytest.raises(BertkitError, match=f"pretrain config: {field}="):
+        PretrainConfig(**{field: value})
+    flag = f"--{field.replace('_', '-')}"
+    args = [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    assert cli_main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bertkit: error: pretrain config: ") and err.count("\n") == 1
+
+
+def _nan_loss_at(monkeypatch, steps: set[int]):
+    """Make the training loss nan at these optimizer steps (1-based), as a diverging run would."""
+    import bertkit.train.pretrain as module
+
+    original, calls = module.train_step, {"n": 0}
+
+    def forward(model, batch):
+        out = real_forward(model, batch)
+        if calls["n"] in steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    real_forward = module.forward
+    monkeypatch.setattr(module, "forward", forward)
+    monkeypatch.setattr(module, "train_step", step)
+
+
+def test_a_nan_loss_skips_the_step_and_is_counted_in_the_log(inputs, tmp_path, monkeypatch, caplog):
+    _nan_loss_at(monkeypatch, {3, 4, 9})
+    result = pretrain(small(inputs, tmp_path, max_steps=12, log_every=2))
+    train = rows(tmp_path)
+    assert [float(r["skipped_steps"]) for r in train] == [0, 2, 0, 0, 1, 0]  # steps 2, 4 (3 and 4), ..., 10 (9)
+    # a row whose steps were all skipped has no loss to show; the others average their steps that were made
+    assert [math.isnan(float(r["loss"])) for r in train] == [False, True, False, False, False, False]
+    assert result["skipped_steps"] == 3
+    assert "step 9: the loss is not finite (nan or inf): step skipped, no update" in caplog.text
+    weights = load_file(str(Path(result["checkpoint"]) / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_nan_losses_in_a_row_stop_the_run_naming_the_step_and_what_to_try(inputs, tmp_path, monkeypatch, capsys):
+    _nan_loss_at(monkeypatch, set(range(5, 100)))
+    cfg = small(inputs, tmp_path, max_steps=20, save_every=4, max_bad_steps=3)
+    assert cli_main(flags(cfg)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bertkit: error: step 7: the loss was not finite (nan or inf) for 3 steps in a row "
+                          "(steps 5-7, each skipped without an update); stopped.") and "try a lower --lr (now 0.001)" in err
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004"]  # nothing after
+
+
+def test_a_folder_that_is_not_a_pretraining_run_is_refused_unless_overwrite(inputs, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BertkitError, match="not a pretraining run folder .*holds notes.txt.*--overwrite"):
+        pretrain(small(inputs, tmp_path, max_steps=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    pretrain(small(inputs, tmp_path, max_steps=2, overwrite=True))
+    assert (tmp_path / "notes.txt").read_text() == "mine" and list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_overwrite_starts_a_finished_run_over(inputs, tmp_path, caplog):
+    first = pretrain(small(inputs, tmp_path, max_steps=4))
+    with pytest.raises(BertkitError, match="--resume auto to continue it, --overwrite to start over"):
+        pretrain(small(inputs, tmp_path, max_steps=4))
+    again = pretrain(small(inputs, tmp_path, max_steps=4, overwrite=True))
+    assert "--overwrite: deleted pretrain_config.json, train.csv, eval.csv, tensorboard, loss_curve.png, checkpoints" \
+        in caplog.text
+    assert again["masked_lm_accuracy"] == first["masked_lm_accuracy"]
+    assert [int(r["step"]) for r in rows(tmp_path)] == [1, 2, 3, 4]
+    with pytest.raises(BertkitError, match="overwrite with resume=auto"):
+        small(inputs, tmp_path, overwrite=True, resume="auto")
+
+
+def test_the_run_folder_is_never_an_input_folder(inputs, tmp_path):
+    with pytest.raises(BertkitError, match="--run-dir .* is the --data folder .*would write into its own input"):
+        pretrain(small(inputs, inputs / "data"))
+    with pytest.raises(BertkitError, match="is inside the --tokenizer folder"):
+        pretrain(small(inputs, inputs / "tokenizer" / "run"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BertkitError, match="file: a file, not a folder; expected a folder for --run-dir"):
+        pretrain(small(inputs, tmp_path / "file"))
+
+
+def test_a_run_folder_in_use_is_refused_and_a_short_disk_fails_before_training(inputs, tmp_path, monkeypatch):
+    import shutil
+
+    from bertkit.train.rundir import RunLock
+
+    with RunLock(tmp_path / "busy"):
+        with pytest.raises(BertkitError, match=f"in use by process {os.getpid()}"):
+            pretrain(small(inputs, tmp_path / "busy", max_steps=2))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+    with pytest.raises(BertkitError, match=r"GiB free on its filesystem; expected at least .* GiB for a checkpoint"):
+        pretrain(small(inputs, tmp_path / "full", max_steps=2))
+    assert not (tmp_path / "full" / "train.csv").exists()
+
+
+def test_the_loss_curve_shows_the_unigram_baseline(short_run):
+    from bertkit.train.logs import loss_figure
+
+    run_dir, _ = short_run
+    fig = loss_figure({"train": rows(run_dir), "eval": rows(run_dir, "eval")},
+                      ("loss", "masked_lm_accuracy", "next_sentence_accuracy"))
+    panels = {ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes}
+    assert panels["masked_lm_accuracy"] == ["train", "eval", "unigram baseline"]
+    assert "unigram baseline" not in panels["loss"]

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tqdm import tqdm
 
 from bertkit.config import read_json
 from bertkit.data.corpus import FileReader, Skips, expand_inputs
 from bertkit.errors import BertkitError, where
+from bertkit.train.logs import progress_bar
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -304,6 +304,8 @@ def prepare(
         raise BertkitError(f"shard_tokens={shard_tokens}, batch_size={batch_size}; expected both positive")
     start = time.perf_counter()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BertkitError(f"{where(out)}: a file, not a folder; expected a folder to write the prepared corpus to")
     files = expand_inputs(inputs)
     backend = plain_backend(tokenizer.backend)
     fingerprint = _fingerprint(backend)
@@ -322,7 +324,11 @@ def prepare(
                 "held-out settings (they decide the split), or a new output folder"
             )
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BertkitError(f"{where(out)}: cannot create the folder ({e.strerror or e}); expected a folder this "
+                               "user can write") from None
         manifest = _new_manifest(tokenizer, fingerprint, heldout_fraction, seed)
 
     # Check every file before tokenizing any: a changed or binary file stops the run now, not hours in.
@@ -352,7 +358,7 @@ def prepare(
     skips = Skips()
     total_bytes = sum(reader.size for _, reader in readers)
     done_bytes = 0
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
     for key, reader in readers:
         done = manifest["files"][key]["done"]
         for index, document in enumerate(reader):

@@ -74,6 +74,10 @@ def _load_json(path: Path) -> list[Any]:
         dataset = json.loads(text)
     except json.JSONDecodeError as e:
         raise BertkitError(f"{where(path, e.lineno)}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BertkitError(f"{path}: JSON nested too deeply; expected SQuAD JSON ({{'version': ..., 'data': [...]}})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise BertkitError(f"{path}: not usable JSON ({e}); expected SQuAD JSON") from None
     return _field(dataset, "data", list, str(path))
 
 

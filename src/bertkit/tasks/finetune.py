@@ -3,6 +3,8 @@ scored on dev after every epoch, the best epoch's model kept. Also `evaluate` an
 
 A run folder is a model folder (HF layout: config.json, model.safetensors, tokenizer files, id2label) plus the
 run's record: finetune_config.json, metrics.json, results.md, train.csv/eval.csv, and SQuAD's predictions.json.
+While the run lasts it also holds checkpoints/step-N (model, optimizer, schedule, data position, RNG states), at the
+end of every epoch and every --save-every steps, for `--resume auto`; they are deleted when the run finishes.
 """
 
 from __future__ import annotations
@@ -11,16 +13,31 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
-import sys
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from bertkit.checkpoint import (
+    TRAINING_STATE_NAME,
+    checkpoint_bytes,
+    list_checkpoints,
+    load_state_dict_into,
+    load_training_state,
+    model_folder,
+    prune_checkpoints,
+    read_state_dict,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    usable_checkpoint,
+    verify_checkpoint,
+)
 from bertkit.config import BertConfig
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
@@ -29,13 +46,27 @@ from bertkit.tasks.classification import TextTask, is_blank, load_text_task, par
 from bertkit.tasks.inference import to_device
 from bertkit.tasks.squad import SquadTask, load_squad_task, parse_questions
 from bertkit.tokenizer import Tokenizer
-from bertkit.train.logs import RunLogger
-from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
+from bertkit.train.distributed import MAX_THREADS, torch_threads
+from bertkit.train.faults import Interrupt, NonFiniteSteps
+from bertkit.train.logs import RunLogger, progress_bar
+from bertkit.train.optim import build_optimizer, optimizer_step, warmup_linear, warmup_steps_for
+from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
 
 log = logging.getLogger("bertkit")
 
 CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
+EVAL_DATA_FILE = "eval_data.json"
+# What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
+WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", CONFIG_FILE, "metrics.json", "results.md", "train.csv", "eval.csv",
+           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, "checkpoints")
+RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
+KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
+# Fields that change how a run goes, not what it computes: a run resumed or redone may change them
+RUNTIME_FIELDS = ("threads", "device", "compile", "eval_batch_size", "predict", "save_every", "max_bad_steps",
+                  "resume", "overwrite")
+PATH_FIELDS = ("model_dir", "data_dir", "train_file", "eval_file", "test_file")
 
 
 def option(default, help: str):
@@ -51,7 +82,8 @@ class FinetuneConfig:
     from_scratch: bool = option(False, "use only the folder's architecture and tokenizer, with random weights (the "
                                 "'no pretraining' baseline)")
     task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, or custom for your own files")
-    out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md")
+    out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md (a new or "
+                          "empty folder, or this same run's; never --model-dir or a folder inside it)")
     data_dir: str | None = option(None, "the task's data folder (GLUE: train.tsv, dev.tsv, test.tsv; MRPC may hold "
                                       "Microsoft's msr_paraphrase_*.txt; SQuAD: train-v*.json, dev-v*.json)")
     train_file: str | None = option(None, "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl)")
@@ -61,7 +93,8 @@ class FinetuneConfig:
     text_b: str | None = option(None, "custom files: the column of the second text of a pair")
     label: str = option("label", "custom files: the label column")
     regression: bool = option(False, "custom files: the label is a number to regress (one output, MSE)")
-    train_articles: int | None = option(None, "SQuAD: split one file by article, the first N to train, the rest to score")
+    train_articles: int | None = option(None, "SQuAD: split one file by article, the first N to train, the rest to "
+                                        f"score (written to OUT_DIR/{EVAL_DATA_FILE}, the official scripts' dev file)")
     lr: float = option(3e-5, "peak learning rate (the paper searches 5e-5, 4e-5, 3e-5, 2e-5)")
     batch_size: int = option(32, "training batch size")
     epochs: int = option(3, "passes over the training data")
@@ -71,15 +104,29 @@ class FinetuneConfig:
     max_length: int | None = option(None, "tokens per example or window (default: 128, SQuAD 384)")
     doc_stride: int = option(128, "SQuAD: step between the starts of a long context's windows")
     max_query_length: int = option(64, "SQuAD: question tokens kept")
-    null_threshold: float = option(0.0, "SQuAD v2.0: answer '' when null score - best span score exceeds this")
+    null_threshold: float = option(0.0, "SQuAD v2.0: answer '' when null score - best span score exceeds this. "
+                                   "null_odds.json holds exp of that difference, the scale of the official "
+                                   "evaluate-v2.0.py, whose --na-prob-thresh is exp(this); run it on the run folder "
+                                   f"as: evaluate-v2.0.py DEV predictions_spans.json --na-prob-file null_odds.json "
+                                   f"(DEV: {EVAL_DATA_FILE} under --train-articles)")
     seed: int = option(42, "seed for the head's initialisation, dropout and the batch order")
     eval_batch_size: int = option(128, "evaluation batch size")
     limit_train_examples: int | None = option(None, "train on the first N examples only (for quick runs)")
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
-    device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    threads: int | None = option(None, "CPU threads for torch (default: the cores that the last minute's load "
+                                 "average leaves idle, 1 to 16)")
+    device: str = option("auto", "cpu, cuda, cuda:1, mps (auto: cuda when available)")
     compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps after a first, "
                            "compiling one (tens of seconds; on CPU a C++ compiler is needed)")
     predict: bool = option(False, "GLUE: after training, write the leaderboard file for test.tsv with the best model")
+    save_every: int = option(500, "steps between checkpoints for --resume, besides the one at the end of every "
+                             "epoch (0: only those)")
+    max_bad_steps: int = option(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
+                                "skipped_steps); this many in a row stop the run with an error")
+    resume: str | None = option(None, "'auto': continue the run in --out-dir from its newest whole checkpoint "
+                                "(mid-epoch: the same batches, RNG states and schedule), return a finished one's "
+                                "record, or start if there is nothing to continue; or a checkpoint folder")
+    overwrite: bool = option(False, "replace what --out-dir holds of another run or model (the files a run writes "
+                             "are deleted first; others are left)")
 
     def __post_init__(self):
         self.task = self.task.strip()
@@ -91,15 +138,26 @@ class FinetuneConfig:
         if training and not self.model_dir:
             raise BertkitError("no model: expected --model-dir, a pretrained model folder (config.json + weights)")
         positive = ["batch_size", "eval_batch_size", "max_length", "doc_stride", "max_query_length"]
-        positive += ["epochs"] if training else []
+        positive += ["epochs", "max_bad_steps"] if training else []
         for name in positive:
             if getattr(self, name) < 1:
                 raise BertkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive number")
-        for name in ("lr", "warmup", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise BertkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected zero or more")
+        for name in ("lr", "warmup", "weight_decay", "max_grad_norm", "null_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):  # nan passes `< 0` unnoticed
+                raise BertkitError(f"--{name.replace('_', '-')} is {value}; expected a finite number")
+            if value < 0 and name != "null_threshold":
+                raise BertkitError(f"--{name.replace('_', '-')} is {value}; expected zero or more")
         if self.limit_train_examples is not None and self.limit_train_examples < 1:
             raise BertkitError(f"--limit-train-examples is {self.limit_train_examples}; expected at least 1")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise BertkitError(f"--threads is {self.threads}; expected a whole number from 1 to {MAX_THREADS} "
+                               "(unset: chosen from the idle cores)")
+        if self.save_every < 0:
+            raise BertkitError(f"--save-every is {self.save_every}; expected zero or more")
+        if self.overwrite and self.resume:
+            raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
+                               "over, --resume continues)")
 
     def save(self, directory: Path) -> None:
         (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -113,7 +171,7 @@ class FinetuneConfig:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
             return cls(**values)
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise BertkitError(f"{path}: not a fine-tuning config ({e}); expected the JSON `finetune` writes") from None
 
 
@@ -125,15 +183,27 @@ def load_task(config: FinetuneConfig, need_train: bool = True, labels=None) -> T
     return load_text_task(config, need_train, labels)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(name: str) -> torch.device:
+    """A device this machine has: cpu, cuda[:N] or mps (auto: cuda when available)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise BertkitError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BertkitError(f"--device {name}: no CUDA device here; expected cpu or auto")
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise BertkitError(f"--device {name!r} is not a device to run on; expected cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BertkitError(f"--device {name}: no CUDA device here; expected cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BertkitError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                               f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BertkitError(f"--device {name}: no MPS device here; expected cpu or auto")
     return device
 
 
@@ -158,85 +228,280 @@ class BestCheckpoint:
         return True
 
 
-def train_epoch(model, rows, batches, optimizer, scheduler, config, pad_id, device, bar, logger, step) -> tuple[float, int]:
-    """One pass over `batches` of row indices; returns the mean training loss and the global step."""
-    model.train()
-    total, running = 0.0, []
-    for indices in batches:
-        batch = to_device(collate([rows[i] for i in indices], pad_id), device)
-        loss = model(**batch).loss
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        value = loss.item()
-        total += value
-        running.append(value)
-        bar.update(len(indices))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(running):.4f}")
-            logger.log("train", step, {"loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0]})
-            running = []
-    return total / max(1, len(batches)), step
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder: whose it is, and where a run starts from
+
+
+def _run_values(config: FinetuneConfig) -> dict:
+    """The fields that decide what a run computes, paths resolved: equal for the same run."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+    for name in PATH_FIELDS:
+        if values.get(name):
+            values[name] = str(Path(values[name]).resolve())
+    return values
+
+
+def _differences(saved: dict, config: FinetuneConfig) -> str:
+    """`lr 0.001 -> 0.002, task SST-2 -> MRPC` for the run fields that differ ('' when none)."""
+    old, new = _run_values(FinetuneConfig(**saved)), _run_values(config)
+    return ", ".join(f"{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k])
+
+
+def _finished(out: Path, config: FinetuneConfig) -> dict | None:
+    """The record of a finished run of this config in `out` (metrics.json with every epoch), else None."""
+    path = out / "metrics.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or len(record.get("epochs") or []) != config.epochs:
+        return None
+    return record
+
+
+def check_out_dir(config: FinetuneConfig, out: Path) -> None:
+    """Refuse, before anything is read or written, an --out-dir that is a file, --model-dir or inside it, or a
+    folder holding another run or model (unless --overwrite), or an interrupted run's checkpoints without
+    --resume."""
+    check_output_path(out, "--out-dir", {"--model-dir": config.model_dir})
+    if config.overwrite:
+        return
+    found = entries(out)
+    saved = FinetuneConfig.load(out) if CONFIG_FILE in found else None
+    if saved is not None:
+        diff = _differences(dataclasses.asdict(saved), config)
+        if diff:
+            raise BertkitError(f"{out}: holds another fine-tuning run ({saved.task}; {diff}); expected --overwrite "
+                               "to replace it, or another --out-dir")
+    elif any(name in WRITTEN for name in found):
+        clash = [name for name in found if name in WRITTEN]
+        raise BertkitError(f"{out}: holds {', '.join(clash[:4])} but no {CONFIG_FILE}: not a fine-tuning run of "
+                           "bertkit; expected a new or empty --out-dir, or --overwrite to replace those files")
+    if not config.resume and list_checkpoints(out / "checkpoints"):
+        raise BertkitError(f"{out}: holds the checkpoints of an interrupted run of this config; expected --resume "
+                           "auto to continue it, --overwrite to start over, or another --out-dir")
+
+
+def open_out_dir(config: FinetuneConfig, out: Path) -> Path | dict | None:
+    """Under the folder's lock: the checkpoint to continue from, a finished run's record (--resume auto), or None
+    for a start from scratch, with the folder cleared of what an earlier attempt wrote."""
+    check_out_dir(config, out)
+    shutil.rmtree(out / ".checkpoints-done", ignore_errors=True)  # a finished run killed while deleting them
+    if config.overwrite:
+        removed = remove(out, WRITTEN)
+        if removed:
+            log.warning("%s: --overwrite: deleted %s", out, ", ".join(removed))
+        return None
+    if config.resume and config.resume != "auto":
+        path = Path(config.resume)
+        problem = verify_checkpoint(path) if path.is_dir() else "no such folder"
+        if problem:
+            raise BertkitError(f"{path}: {problem}; expected a whole fine-tuning checkpoint (a step-N folder "
+                               f"holding {TRAINING_STATE_NAME} and its completion marker)")
+        return path
+    if config.resume == "auto":
+        path = usable_checkpoint(out / "checkpoints")
+        if path is not None:
+            return path
+        record = _finished(out, config) if (out / CONFIG_FILE).is_file() else None
+        if record is not None:
+            log.warning("%s: this run has finished already (metrics.json holds all %d epochs); nothing to do",
+                        out, config.epochs)
+            return record
+    stale = remove(out, RECORDS)
+    if stale:
+        log.warning("%s: starting the run over (an earlier attempt's %s deleted)", out, ", ".join(stale))
+    return None
 
 
 def finetune(config: FinetuneConfig) -> dict:
-    """Fine-tune `config.model_dir` on the task, keep the best epoch's model in `config.out_dir`; returns metrics."""
+    """Fine-tune `config.model_dir` on the task, keep the best epoch's model in `config.out_dir`; returns metrics.
+
+    Every check comes before the folder is touched: the values, --model-dir, --out-dir (see `check_out_dir`), the
+    data, the tokenizer and the model; a run that fails there leaves an earlier run's folder as it was.
+    """
     config.check()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    model_folder(config.model_dir)  # a mistyped --model-dir says so, before any data is read
     out = Path(config.out_dir)
-    task = load_task(config)  # bad data fails before the model is loaded
-    if config.limit_train_examples:
-        task.train = task.train[: config.limit_train_examples]
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out)
-    seed_everything(config.seed)
-    tokenizer = Tokenizer.from_pretrained(config.model_dir)
-    model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
-                                             **task.model_overrides()).to(device)
+    check_out_dir(config, out)
+    with torch_threads(config.threads):
+        task = load_task(config)  # bad data fails before the model is loaded
+        if config.limit_train_examples:
+            task.train = task.train[: config.limit_train_examples]
+        seed_everything(config.seed)
+        tokenizer = Tokenizer.from_pretrained(config.model_dir)
+        model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
+                                                 **task.model_overrides())
+        n = model.num_parameters()
+        check_free_space(out, checkpoint_bytes(n) + 4 * n, f"a checkpoint and the best model of this "
+                         f"{n / 1e6:.1f}M-parameter model")
+        with RunLock(out):
+            start = open_out_dir(config, out)
+            if isinstance(start, dict):
+                table = (out / "results.md").read_text(encoding="utf-8") if (out / "results.md").is_file() else ""
+                print(table, end="")
+                return start
+            if start is None:
+                config.save(out)
+                if isinstance(task, SquadTask) and config.train_articles:
+                    _write_eval_data(config, out)
+            return _fit(config, task, tokenizer, model.to(device), out, device, start)
+
+
+def _write_eval_data(config: FinetuneConfig, out: Path) -> None:
+    """The articles a --train-articles run scores, as a SQuAD file: the official evaluate script's DEV input."""
+    from bertkit.data.squad import _load_json
+    from bertkit.tasks.squad import FILES
+
+    folder = Path(config.data_dir) if config.data_dir else None
+    train_name, dev_name = FILES[config.task]
+    source = (config.train_file or (folder / train_name if folder else None) or config.eval_file
+              or (folder / dev_name if folder else None))
+    articles = _load_json(Path(source))[config.train_articles:]
+    version = "v2.0" if config.task == "squad2" else "1.1"
+    _write_json(out / EVAL_DATA_FILE, {"version": version, "data": articles})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Position:
+    """How far a fine-tuning run is: optimizer steps done, the epoch under way (1-based) and its batches done, and
+    what that epoch has summed so far (so that a run resumed mid-epoch reports the same epoch loss)."""
+
+    step: int = 0
+    epoch: int = 1
+    batch: int = 0
+    loss_sum: float = 0.0
+    good_batches: int = 0
+    running: list = field(default_factory=list)  # losses since the last train.csv row
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+def train_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, max_grad_norm: float) -> tuple[float, bool]:
+    """One optimizer step on one batch: its loss, and whether the update was made (see `optimizer_step`)."""
+    loss = model(**batch).loss
+    loss.backward()
+    ok = optimizer_step(model, optimizer, scheduler, loss, max_grad_norm)
+    return loss.item(), ok
+
+
+def _finite_weights(model, what: str, hint: str) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise BertkitError(f"{what}: the weights hold nan or inf; not saved. Expected finite weights: {hint}")
+
+
+def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resume_from: Path | None) -> dict:
     if config.compile:
         compile_blocks(model)
     rows = task.train_rows(tokenizer, config)
     lengths = [len(r["input_ids"]) for r in rows]
-
     steps = config.epochs * math.ceil(len(rows) / config.batch_size)
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay)
     scheduler = warmup_linear(optimizer, warmup_steps_for(steps, config.warmup), steps)
-    logger = RunLogger(out, tensorboard=False)
-    for stale in ("train.csv", "eval.csv"):  # a rerun into the same folder starts a fresh record
-        (out / stale).unlink(missing_ok=True)
     best = BestCheckpoint()
     record = {"task": task.name, "model_dir": str(config.model_dir), "train_examples": len(task.train),
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
               "epochs": []}
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
-        with tqdm(total=len(rows), desc=f"{task.name} epoch {epoch}/{config.epochs}", unit="ex", file=sys.stderr,
-                  mininterval=1.0, dynamic_ncols=True) as bar:
-            # CPU time too: on a shared machine it shows the work done, which wall time blurs with waiting
-            start, start_cpu = time.perf_counter(), time.process_time()
-            loss, step = train_epoch(model, rows, batches, optimizer, scheduler, config, tokenizer.pad_id, device,
-                                     bar, logger, step)
-            train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-        start = time.perf_counter()
-        metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
-        eval_seconds = time.perf_counter() - start
-        logger.log("eval", step, metrics)
-        row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
-               "train_examples_per_second": len(rows) / train_seconds, "eval_seconds": eval_seconds, **metrics}
-        record["epochs"].append(row)
-        if best.update(task.headline(metrics), epoch):
-            model.save_pretrained(out, tokenizer=tokenizer)
-            write_outputs(out)
-            record["best_epoch"], record["best"] = epoch, metrics
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        _write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
+    pos = Position()
+    hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.max_grad_norm else ", --max-grad-norm 1")
+    bad_steps = NonFiniteSteps(config.max_bad_steps, hint + "; --resume auto continues from the last checkpoint")
+    checkpoints = out / "checkpoints"
+    state = None
+    if resume_from is not None:
+        state = load_training_state(resume_from / TRAINING_STATE_NAME)
+        diff = _differences(state["config"], config)
+        if diff:
+            raise BertkitError(f"{resume_from / TRAINING_STATE_NAME}: written for another run ({diff}); expected "
+                               "the same task, data, model and hyper-parameters")
+        load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        pos = Position(**state["position"])
+        record, (best.score, best.epoch) = state["record"], state["best"]
+        bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row = state["bad_steps"]
+        print(f"resuming {task.name} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}) from {resume_from}")
+    logger = RunLogger(out, tensorboard=False)
+    reached = logger.truncate(pos.step)
+    if reached is not None:
+        log.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged again",
+                    out, reached, pos.step)
+    if state is not None:
+        set_rng_state(state["rng"])  # last: nothing after this may draw from the generators before training
+
+    def save() -> Path:
+        _finite_weights(model, f"step {pos.step}", hint)
+        payload = {"position": dataclasses.asdict(pos), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                   "record": json.loads(json.dumps(record)),  # plain types: torch.load(weights_only) reads them
+                   "best": [best.score, best.epoch],
+                   "bad_steps": [bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row],
+                   "config": dataclasses.asdict(config)}
+        path = save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
+        prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+        return path
+
+    with Interrupt() as interrupt:
+        for epoch in range(pos.epoch, config.epochs + 1):
+            batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
+            model.train()
+            with progress_bar(total=len(rows), initial=sum(len(b) for b in batches[: pos.batch]),
+                              desc=f"{task.name} epoch {epoch}/{config.epochs}", unit="ex", mininterval=1.0,
+                              dynamic_ncols=True) as bar:
+                # CPU time too: on a shared machine it shows the work done, which wall time blurs with waiting
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for i in range(pos.batch, len(batches)):
+                    batch = to_device(collate([rows[j] for j in batches[i]], tokenizer.pad_id), device)
+                    loss, ok = train_step(model, batch, optimizer, scheduler, config.max_grad_norm)
+                    pos.step, pos.batch = pos.step + 1, i + 1
+                    if ok:
+                        pos.loss_sum, pos.good_batches = pos.loss_sum + loss, pos.good_batches + 1
+                        pos.running.append(loss)
+                    bar.update(len(batches[i]))
+                    bad_steps.record(ok, pos.step)
+                    if pos.step % 50 == 0:
+                        mean = float(np.mean(pos.running)) if pos.running else float("nan")
+                        bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": bad_steps.total} if bad_steps.total else {}))
+                        logger.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
+                                                       "skipped_steps": bad_steps.window})
+                        pos.running, bad_steps.window = [], 0
+                    stop = interrupt.requested()
+                    if stop or (config.save_every and pos.step % config.save_every == 0 and i + 1 < len(batches)):
+                        now, now_cpu = time.perf_counter(), time.process_time()
+                        pos.seconds, pos.cpu_seconds = pos.seconds + now - start, pos.cpu_seconds + now_cpu - start_cpu
+                        start, start_cpu = now, now_cpu
+                        path = save()
+                        if stop:
+                            logger.close()
+                            raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step} (epoch {epoch}, "
+                                                    f"batch {pos.batch}); --resume auto continues")
+                train_seconds = pos.seconds + time.perf_counter() - start
+                train_cpu_seconds = pos.cpu_seconds + time.process_time() - start_cpu
+            loss = pos.loss_sum / pos.good_batches if pos.good_batches else float("nan")
+            start = time.perf_counter()
+            metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
+            eval_seconds = time.perf_counter() - start
+            logger.log("eval", pos.step, metrics)
+            row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
+                   "train_cpu_seconds": train_cpu_seconds, "train_examples_per_second": len(rows) / train_seconds,
+                   "eval_seconds": eval_seconds, **metrics}
+            record["epochs"].append(row)
+            if best.update(task.headline(metrics), epoch):
+                _finite_weights(model, f"epoch {epoch}", hint)
+                model.save_pretrained(out, tokenizer=tokenizer)
+                write_outputs(out)
+                record["best_epoch"], record["best"] = epoch, metrics
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            _write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
+            pos = Position(step=pos.step, epoch=epoch + 1)
+            save()
+            if interrupt.requested() and epoch < config.epochs:
+                logger.close()
+                raise KeyboardInterrupt(f"checkpoint saved at the end of epoch {epoch}; --resume auto continues")
     logger.close()
     if config.predict and isinstance(task, TextTask) and task.tests:
         model = task.model_class.from_pretrained(out).to(device)
@@ -244,6 +509,9 @@ def finetune(config: FinetuneConfig) -> dict:
         _write_json(out / "metrics.json", record)
     table = results_table(config, task, record)
     (out / "results.md").write_text(table, encoding="utf-8")
+    # the run is whole without them; renamed first, so a kill while deleting leaves no checkpoint to resume from
+    os.rename(checkpoints, out / ".checkpoints-done")
+    shutil.rmtree(out / ".checkpoints-done")
     print(table)
     return record
 
@@ -256,11 +524,20 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {seconds:02d}s"
+
+
+def _score(metric: str, value: float) -> str:
+    # SQuAD v2.0's thresholds are null odds, as small as 1e-5: in significant digits, not 2 decimals
+    return f"{value:.4g}" if metric.endswith("_thresh") else f"{value:.2f}"
 
 
 def results_table(config: FinetuneConfig, task, record: dict) -> str:
@@ -269,7 +546,7 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
     lines = [
         f"# Fine-tuning {task.name} from {Path(config.model_dir).name}",
         "",
-        f"lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epoch(s), warm-up {config.warmup:g}, "
+        f"lr {config.lr:g}, batch {config.batch_size}, {plural(config.epochs, 'epoch')}, warm-up {config.warmup:g}, "
         f"weight decay {config.weight_decay:g}, max length {config.max_length}, seed {config.seed}; "
         f"{record['train_examples']:,} training examples"
         + (f" ({record['train_rows']:,} windows)" if isinstance(task, SquadTask) else "")
@@ -282,12 +559,12 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         mark = " (best)" if row["epoch"] == record["best_epoch"] else ""
         lines.append(
             f"| {row['epoch']}{mark} | {row['train_loss']:.4f} | "
-            + " | ".join(f"{row[m]:.2f}" for m in columns)
+            + " | ".join(_score(m, row[m]) for m in columns)
             + f" | {_duration(row['train_seconds'])} | {row['train_examples_per_second']:.1f} | "
             f"{_duration(row['eval_seconds'])} |"
         )
     if record["best_epoch"] is not None:
-        best = ", ".join(f"{m} {record['best'][m]:.2f}" for m in columns)
+        best = ", ".join(f"{m} {_score(m, record['best'][m])}" for m in columns)
         lines += ["", f"Best: epoch {record['best_epoch']} ({best}), kept in {config.out_dir}."]
     for path in record.get("submissions", []):
         lines.append(f"Submission file: {path}")
@@ -317,25 +594,31 @@ def _label_names(model_config: BertConfig) -> list[str]:
     return [f"LABEL_{i}" for i in range(model_config.num_labels)]
 
 
-def evaluate(model_dir, task: str | None = None, out_dir=None, **overrides) -> dict:
+def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = False, **overrides) -> dict:
     """Re-score a fine-tuned model on its task's eval data (or the data given); returns the metrics.
 
     The task, data and lengths default to those of the run that made the folder (its finetune_config.json).
+    int8: run the model dynamically quantized on the CPU (`bertkit.quantize.to_int8`).
     """
-    model_config = BertConfig.load(model_dir)
+    model_config = BertConfig.load(model_folder(model_dir))
     config = _run_config(model_dir, {"task": task, **overrides})
     if not config.task and not config.eval_file:
         raise BertkitError(f"{model_dir}: no {CONFIG_FILE}; expected --task and the data to score on")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    data = load_task(config, need_train=False, labels=_label_names(model_config))
-    _check_head(data, model_config, model_dir)
-    device = resolve_device(config.device)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = data.model_class.from_pretrained(model_dir).to(device)
-    metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        check_output_path(Path(out_dir), "--out", {})
+    device = resolve_device(config.device)
+    with torch_threads(config.threads):
+        data = load_task(config, need_train=False, labels=_label_names(model_config))
+        _check_head(data, model_config, model_dir)
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        model = _loaded(data.model_class, model_dir, device, int8)
+        metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
+    if out_dir is not None:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BertkitError(f"{out_dir}: cannot create the folder ({e.strerror or e}); expected a writable "
+                               "folder for --out") from None
         write_outputs(out_dir)
         _write_json(Path(out_dir) / "eval_metrics.json", metrics)
     return metrics
@@ -352,37 +635,65 @@ def _check_head(task, model_config, model_dir) -> None:
                            f"{max(1, len(task.labels))}")
 
 
-def predict(model_dir, inputs, source: str = "<stdin>", **overrides) -> list[dict]:
+def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **overrides) -> list[dict]:
     """Label texts (`text` or `text<TAB>pair` lines) or answer questions (JSON lines with question and context).
 
     `inputs` is a file path, a binary stream or an iterable of lines; what the model folder's head is decides
-    which. A classifier gives one result per line, in order: a blank line's has label (or score) None and an
-    "error" saying so.
+    which. Either gives one result per line, in order: a blank line's has label (or score, or answer) None and an
+    "error" saying so. Labels are the names the training data had (the folder's id2label). int8: as `evaluate`'s.
     """
+    model_config = BertConfig.load(model_folder(model_dir))  # before any input is read: stdin may be a terminal
     if isinstance(inputs, (str, Path)):
         source = str(inputs)
     inputs = read_input_lines(inputs, source)
-    model_config = BertConfig.load(model_dir)
     architectures = model_config.extra.get("architectures") or ["BertForSequenceClassification"]
     is_qa = "BertForQuestionAnswering" in architectures
     config = _run_config(model_dir, overrides, default_task="squad1" if is_qa else "")
     device = resolve_device(config.device)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    if is_qa:
-        examples = parse_questions(inputs, source)
-        task = SquadTask(config.task if config.task in SQUAD_TASKS else "squad1")
-        threshold = _tuned_threshold(model_dir, config)
-        model = task.model_class.from_pretrained(model_dir).to(device)
-        answers, null_odds = task.answer(model, tokenizer, examples, config, device, threshold)
-        return [{"id": e.id, "question": e.question, "answer": answers[e.id]}
-                | ({"null_odds": null_odds[e.id]} if task.version2 else {}) for e in examples]
+    with torch_threads(config.threads):
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        if is_qa:
+            return _answer(model_dir, config, tokenizer, parse_questions(inputs, source), device, int8)
+        return _label(model_dir, model_config, architectures, config, tokenizer, inputs, source, device, int8)
+
+
+def _loaded(model_class, model_dir, device, int8: bool):
+    """The folder's model on `device`; with int8, dynamically quantized for the CPU."""
+    model = model_class.from_pretrained(model_dir).to(device)
+    if int8:
+        from bertkit.quantize import to_int8
+
+        model = to_int8(model)
+    return model
+
+
+def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device, int8: bool = False) -> list[dict]:
+    """predict's question-answering branch: one result per line, a blank line's with answer None."""
+    task = SquadTask(config.task if config.task in SQUAD_TASKS else "squad1")
+    threshold = _tuned_threshold(model_dir, config)
+    model = _loaded(task.model_class, model_dir, device, int8)
+    asked = [e for e in examples if e is not None]
+    answers, null_odds = task.answer(model, tokenizer, asked, config, device, threshold)
+    results = []
+    for e in examples:
+        if e is None:
+            results.append({"question": None, "answer": None, "error": "blank line: no question to answer"})
+        else:
+            results.append({"id": e.id, "question": e.question, "answer": answers[e.id]}
+                           | ({"null_odds": null_odds[e.id]} if task.version2 else {}))
+    return results
+
+
+def _label(model_dir, model_config, architectures, config, tokenizer, inputs, source, device,
+           int8: bool = False) -> list[dict]:
+    """predict's classification branch."""
     if "BertForSequenceClassification" not in architectures:
         raise BertkitError(f"{model_dir}/config.json: architecture {', '.join(architectures)}; expected a fine-tuned "
                            "BertForSequenceClassification or BertForQuestionAnswering")
     examples = parse_lines(inputs, source)  # every line, so that the results stay one per input line
     labels = _label_names(model_config) if model_config.num_labels > 1 else []
     task = TextTask("predict", labels, ())
-    model = task.model_class.from_pretrained(model_dir).to(device)
+    model = _loaded(task.model_class, model_dir, device, int8)
     predictions, probabilities = task.predict(model, tokenizer, [e for e in examples if not is_blank(e)], config, device)
     labelled = zip(predictions, probabilities)
     results = []

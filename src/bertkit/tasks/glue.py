@@ -6,17 +6,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
-from bertkit.tasks.finetune import FinetuneConfig, finetune, option
+from bertkit.tasks.finetune import FinetuneConfig, finetune, option, plural
 
 log = logging.getLogger("bertkit")
 
 # Table 1's columns: the metric the paper reports per task (F1 for QQP/MRPC, Spearman for STS-B, MCC for CoLA)
-# and the training-set sizes it prints under the names. WNLI is left out of the average, as in the paper.
+# and the training-set sizes it prints under the names (bertkit's table prints the sizes it trained on). WNLI is left
+# out of the average, as in the paper.
 PAPER_COLUMNS = {
     "MNLI": ("MNLI-(m/mm)", ("accuracy", "dev_mismatched_accuracy"), "392k"),
     "QQP": ("QQP", ("f1",), "363k"),
@@ -48,12 +50,20 @@ class GlueConfig:
     threads: int | None = option(None, "CPU threads for torch")
     device: str = option("auto", "cpu, cuda, ... (auto: cuda when available)")
     predict: bool = option(False, "write each task's leaderboard file for its test.tsv with the best lr's model")
+    overwrite: bool = option(False, "redo the runs already in --out-dir (without it, a rerun continues interrupted "
+                             "runs and keeps finished ones, as `finetune --resume auto` does)")
 
     def __post_init__(self):
         try:  # flags arrive as strings
             self.lrs = [float(lr) for lr in self.lrs]
-        except ValueError:
+        except (TypeError, ValueError):
             raise BertkitError(f"--lrs {' '.join(map(str, self.lrs))}: expected numbers such as 5e-5 3e-5") from None
+        if not self.lrs or not all(math.isfinite(lr) and lr > 0 for lr in self.lrs):
+            raise BertkitError(f"--lrs {' '.join(f'{lr:g}' for lr in self.lrs)}: expected finite numbers above 0, "
+                               "such as 5e-5 3e-5")
+        for name in ("batch_size", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                raise BertkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive number")
         self.tasks = [get_task(t).name for t in self.tasks]
 
 
@@ -85,12 +95,14 @@ def glue(model_dir, tasks, data_dir, out_dir, lrs=(5e-5, 4e-5, 3e-5, 2e-5), batc
                 lr=lr, batch_size=config.batch_size, epochs=config.epochs, max_length=config.max_length,
                 seed=config.seed, limit_train_examples=config.limit_train_examples, threads=config.threads,
                 device=config.device, predict=config.predict,
+                overwrite=config.overwrite, resume=None if config.overwrite else "auto",
             )
             runs[name][lr] = finetune(run)
     result = {"model_dir": config.model_dir, "tasks": {}}
     for name, by_lr in runs.items():
         best_lr = max(by_lr, key=lambda lr: _headline(name, by_lr[lr]["best"]))
         result["tasks"][name] = {"best_lr": best_lr, "best": by_lr[best_lr]["best"],
+                                 "train_examples": by_lr[best_lr]["train_examples"],
                                  "run_dir": str(out / name / f"lr-{best_lr:g}"),
                                  "by_lr": {f"{lr:g}": r["best"] for lr, r in by_lr.items()}}
     table = glue_table(result, Path(config.model_dir).name, config)
@@ -104,6 +116,13 @@ def _headline(task: str, metrics: dict) -> float:
     """The number that picks the lr: the mean of the task's GLUE metrics on its (first) dev split."""
     names = get_task(task).metrics
     return sum(metrics[m] for m in names) / len(names)
+
+
+def _size(n: int | None) -> str:
+    """Training-set sizes as the paper prints them: 634, 2.5k, 67k."""
+    if n is None:
+        return ""
+    return str(n) if n < 1000 else f"{n / 1000:.1f}k" if n < 10_000 else f"{n / 1000:.0f}k"
 
 
 def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
@@ -123,11 +142,13 @@ def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
         "",
         "| System | " + " | ".join(PAPER_COLUMNS[t][0] for t in columns) + " | Average |",
         "|---" * (len(columns) + 2) + "|",
-        "| | " + " | ".join(PAPER_COLUMNS[t][2] for t in columns) + " | - |",
+        "| | " + " | ".join(_size(tasks[t].get("train_examples")) or PAPER_COLUMNS[t][2] for t in columns)
+        + " | - |",
         f"| bertkit {model_name} | " + " | ".join(cells) + f" | {average:.1f} |",
         "",
         f"Dev-set scores of the best lr per task among {', '.join(f'{lr:g}' for lr in config.lrs)} (batch "
-        f"{config.batch_size}, {config.epochs} epochs, max length {config.max_length}, seed {config.seed}); F1 for "
+        f"{config.batch_size}, {plural(config.epochs, 'epoch')}, max length {config.max_length}, seed {config.seed}; "
+        "the second row is the training examples each task was trained on); F1 for "
         "QQP and MRPC, Spearman for STS-B, Matthews correlation for CoLA, accuracy otherwise; the average leaves out "
         "WNLI, as the paper does. MRPC read from Microsoft's release is scored on msr_paraphrase_test.txt.",
         "",

@@ -140,21 +140,26 @@ def load_squad_task(config, need_train: bool = True) -> SquadTask:
     return task
 
 
-def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample]:
-    """Questions from JSON lines `{"question": ..., "context": ...}` (an `id` is kept when given)."""
+def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample | None]:
+    """Questions from JSON lines `{"question": ..., "context": ...}` (an `id` is kept when given; else the line
+    number), one per line: a blank line gives None, so that `predict` keeps one output line per input line."""
     examples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
+            examples.append(None)
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise BertkitError(f"{source}:{number}: not valid JSON ({e.msg}); expected "
                                '{"question": ..., "context": ...} per line') from None
+        except (RecursionError, ValueError) as e:  # nested too deeply; an integer of over 4300 digits
+            what = "JSON nested too deeply" if isinstance(e, RecursionError) else f"not usable JSON ({e})"
+            raise BertkitError(f'{source}:{number}: {what}; expected {{"question": ..., "context": ...}} per line') from None
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "context")):
             raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
         qid = str(record.get("id", number))
         examples.append(SquadExample(qid, "", 0, record["question"], record["context"], []))
-    if not examples:
+    if not any(examples):
         raise BertkitError(f'{source}: no questions; expected one {{"question": ..., "context": ...}} per line')
     return examples

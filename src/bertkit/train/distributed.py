@@ -6,6 +6,7 @@ Every helper is a no-op in a single process, so the training loop reads the same
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bertkit.errors import BertkitError
+
+logger = logging.getLogger("bertkit")
+
+# More threads than this is never asked for by default: the small and base models stop gaining well before.
+MAX_DEFAULT_THREADS = 16
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -112,3 +119,43 @@ def run_on_main(fn, d: Distributed):
     if error is not None:
         raise BertkitError(error)
     return result
+
+
+def default_threads(processes: int = 1) -> int:
+    """torch's CPU threads per process when --threads is not given: the cores that the last minute's load average
+    leaves idle (cores minus the rounded load), shared out over this machine's `processes`, at least 1 and at most
+    16.
+
+    torch's own default, one thread per core, collapses on a machine where another job runs: its threads wait on
+    each other's busy cores (fine-tuning fell from 107 to 7 examples/s). Fewer threads than cores only slows a run
+    in proportion. The load average lags by a minute, so a machine that just became free is still seen as busy.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        load = 0.0
+    idle = cores - min(cores, int(load + 0.5))
+    return max(1, min(idle // max(1, processes), MAX_DEFAULT_THREADS))
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+        raise BertkitError(f"{flag} is {threads}; expected a whole number from 1 to {MAX_THREADS} (unset: chosen "
+                           "from the idle cores)")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None, processes: int = 1):
+    """Run the block with `threads` torch threads (None: `default_threads`), then give torch its setting back, so
+    that a Python caller's own setting survives the call."""
+    check_threads(threads)
+    before = torch.get_num_threads()
+    chosen = threads or default_threads(processes)
+    if not threads:
+        logger.info("torch threads: %d (idle cores per the load average; --threads sets it)", chosen)
+    torch.set_num_threads(chosen)
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(before)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 logger = logging.getLogger("bertkit")
 
@@ -26,15 +29,23 @@ class RunLogger:
             except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                 logger.warning("tensorboard is not installed: logging to CSV only")
 
-    def truncate(self, step: int) -> None:
-        """Drop rows after `step`: a resumed run rewrites what the interrupted one logged past its checkpoint."""
+    def truncate(self, step: int) -> int | None:
+        """Drop rows after `step`: a resumed run rewrites what the interrupted one logged past its checkpoint.
+        Returns the last step that was logged when rows were dropped (None when none were). A file left with no
+        row is removed, header and all, so that the next row starts it afresh."""
         if not self.enabled:
-            return
+            return None
+        reached = None
         for path in self.run_dir.glob("*.csv"):
-            rows = read_csv(path)
+            rows = [r for r in read_csv(path) if r.get("step") not in (None, "")]
             keep = [r for r in rows if float(r["step"]) <= step]
             if len(keep) != len(rows):
+                reached = max(reached or step, max(int(float(r["step"])) for r in rows))
+            if not keep:
+                path.unlink()
+            elif len(keep) != len(rows):
                 _write_rows(path, keep)
+        return reached
 
     def log(self, stream: str, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -69,6 +80,16 @@ class RunLogger:
             self._writer.close()
 
 
+def progress_bar(**kw) -> tqdm:
+    """A tqdm bar that redraws at most once a minute when it does not write to a terminal: a log file gets a
+    line now and then, not a line per update."""
+    file = kw.setdefault("file", sys.stderr)
+    if not (hasattr(file, "isatty") and file.isatty()):
+        kw["mininterval"] = max(kw.get("mininterval", 0.1), 60.0)
+        kw["maxinterval"] = max(kw.get("maxinterval", 10.0), 60.0)
+    return tqdm(**kw)
+
+
 def read_csv(path: Path) -> list[dict]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
@@ -84,28 +105,49 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+# Drawn on the panel of the metric it is a baseline for, dashed.
+BASELINES = {"masked_lm_accuracy": ("unigram_baseline_accuracy", "unigram baseline")}
+
+
 def plot_run(run_dir: Path, out: Path, keys) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure({p.stem: read_csv(p) for p in sorted(Path(run_dir).glob("*.csv"))}, keys)
+    if fig is None:
+        return None
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def loss_figure(streams: dict[str, list[dict]], keys):
+    """One panel per metric key, the streams (train, eval) overlaid, and a metric's baseline where logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    streams = {p.stem: read_csv(p) for p in sorted(Path(run_dir).glob("*.csv"))}
+    def points(rows, key):
+        return [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
     keys = [k for k in keys if any(rows and k in rows[0] for rows in streams.values())]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for stream, rows in streams.items():
-            pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            pts = points(rows, key)
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if stream == "eval" else None, ms=3, label=stream)
+        baseline, label = BASELINES.get(key, (None, None))
+        pts = [p for rows in streams.values() for p in points(rows, baseline)] if baseline else []
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, linestyle="--", color="gray", label=label)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig

@@ -70,6 +70,43 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise BertkitError(f"unknown optimizer {name!r} (expected adamw or lamb)")
 
 
+def optimizer_step(model: nn.Module, optimizer, scheduler, loss: torch.Tensor, clip_norm: float, scaler=None,
+                   d=None) -> bool:
+    """After backward: unscale (fp16), clip, then step the optimizer, unless the loss or the gradient norm is nan or
+    inf; then no update is made. The schedule advances either way, so the lr keeps following the step count (as
+    with fp16 loss scaling, whose overflow steps the scaler skips by itself and are not counted here). Returns
+    whether the update was made; every process takes the same decision.
+
+    Checking costs one device-to-host copy per step; a skipped NaN step is worth more than that on any device.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if clip_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+    bad = ~torch.isfinite(loss.detach().float())
+    if scaler is None or not scaler.is_enabled():
+        bad = bad | ~torch.isfinite(norm.float())
+    bad = bad.float().reshape(1)
+    if d is not None and d.enabled:  # gradients agree across processes after DDP, losses do not
+        import torch.distributed as dist
+
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    ok = not bool(bad.item())
+    if ok:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok
+
+
 def warmup_linear(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at `total_steps`."""
 

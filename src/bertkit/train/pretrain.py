@@ -6,7 +6,9 @@ checkpoints (`bertkit.checkpoint`), logs (`logs.py`) and processes (`distributed
 runs this same code; only rank 0 writes, and the run folder must be on a filesystem all nodes see.
 
 A run folder holds: pretrain_config.json, train.csv / eval.csv, tensorboard/, loss_curve.png, checkpoints/step-N/
-(each a transformers-loadable model folder plus training_state.pt), and tokenizer/ and data/ when built here.
+(each a transformers-loadable model folder plus training_state.pt and the checksums of its files), and tokenizer/
+and data/ when built here. pretrain_config.json marks the folder as a pretraining run's: a run writes it first
+into a new or empty folder, and refuses a folder holding anything else unless --overwrite.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,11 +25,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from bertkit.checkpoint import (
-    COMPLETE_NAME,
     TRAINING_STATE_NAME,
+    checkpoint_bytes,
     list_checkpoints,
     load_state_dict_into,
     load_training_state,
@@ -35,20 +36,27 @@ from bertkit.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    usable_checkpoint,
+    verify_checkpoint,
 )
 from bertkit.config import PRESETS, BertConfig
 from bertkit.errors import BertkitError
 from bertkit.model import BertForPreTraining, compile_blocks, set_dropout
 from bertkit.train import distributed
 from bertkit.train.distributed import Distributed
+from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.loader import PretrainBatches, eval_loader
-from bertkit.train.logs import RunLogger
-from bertkit.train.optim import build_optimizer, triangle, warmup_linear, warmup_steps_for
+from bertkit.train.logs import RunLogger, progress_bar
+from bertkit.train.optim import build_optimizer, optimizer_step, triangle, warmup_linear, warmup_steps_for
 from bertkit.train.precision import Precision, resolve
+from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
 
 logger = logging.getLogger("bertkit")
 
 CONFIG_NAME = "pretrain_config.json"
+# What a run writes into its folder besides tokenizer/ and data/ (inputs built from --corpus, kept by --overwrite)
+OUTPUTS = (CONFIG_NAME, "train.csv", "eval.csv", "tensorboard", "loss_curve.png", "checkpoints")
+LOGS = ("train.csv", "eval.csv", "tensorboard", "loss_curve.png")
 SENTENCE_METRIC = {"mlm+nsp": "next_sentence_accuracy", "mlm+sop": "sentence_order_accuracy"}
 
 
@@ -102,6 +110,8 @@ class PretrainConfig:
                                                    "75%% of --max-steps, then down to 0 (--warmup unused)")
     max_steps: int = _opt(300, "optimizer steps to train for")
     clip_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    max_bad_steps: int = _opt(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
+                              "skipped_steps); this many in a row stop the run with an error")
     precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "autocast precision; bf16 and fp16 only where the "
                                                       "hardware has them (fp16 on CUDA, with loss scaling), else fp32")
     seed: int = _opt(0, "seed of the initial weights, the data (plan, masking, order) and dropout")
@@ -111,19 +121,28 @@ class PretrainConfig:
     save_every: int = _opt(100, "steps between checkpoints (0: only at the end)")
     keep_last: int = _opt(2, "checkpoints kept, newest first (0: keep all)")
     run_dir: str = _opt("runs/pretrain", "folder of this run: config, logs, plot, checkpoints")
-    resume: str | None = _opt(None, "continue from a checkpoint folder, or 'auto' for the newest complete one in "
-                              "RUN_DIR/checkpoints (a fresh start if there is none)")
+    resume: str | None = _opt(None, "continue from a checkpoint folder, or 'auto' for the newest whole one in "
+                              "RUN_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
+                              "set aside for the one before; a fresh start if there is none)")
+    overwrite: bool = _opt(False, "start over in a RUN_DIR that holds an earlier run (its checkpoints, logs and "
+                           "config are deleted; tokenizer/ and data/ built from --corpus are kept) or files that "
+                           "bertkit did not write (left as they are)")
     num_workers: int = _opt(0, "DataLoader worker processes per training process (0: load in the main process)")
-    threads: int | None = _opt(None, "CPU threads for torch per process; unset, torch takes one per core")
+    threads: int | None = _opt(None, "CPU threads for torch per process; unset: the cores the last minute's load "
+                               "average leaves idle, shared by the processes of this machine, 1 to 16")
     compile: bool = _opt(False, "torch.compile the encoder blocks (dynamic shapes): faster steps once the first step "
                          "has compiled them (tens of seconds; on CPU a C++ compiler is needed)")
 
     def __post_init__(self):
         try:
             self.betas = tuple(float(b) for b in self.betas)
-        except ValueError:
+        except (TypeError, ValueError):
             raise BertkitError(f"pretrain config: betas={self.betas} (expected two numbers in [0, 1))") from None
         self.corpus = [str(c) for c in self.corpus]
+
+        def finite(value) -> bool:  # nan and inf pass some comparisons (inf > 0) and fail others silently
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
         problems = [
             f"{name}={getattr(self, name)} (expected {want})"
             for name, ok, want in (
@@ -131,22 +150,28 @@ class PretrainConfig:
                 ("grad_accum", self.grad_accum >= 1, ">= 1"),
                 ("batch_ramp", 0 <= self.batch_ramp <= 1, "in [0, 1]"),
                 ("max_steps", self.max_steps >= 1, ">= 1"),
-                ("lr", self.lr > 0, "> 0"),
+                ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
+                ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
                 ("mask_prob", 0 < self.mask_prob < 1, "in (0, 1)"),
                 ("dropout", self.dropout is None or 0 <= self.dropout < 1, "in [0, 1)"),
                 ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
-                ("warmup", self.warmup >= 0, ">= 0"),
-                ("clip_norm", self.clip_norm >= 0, ">= 0"),
+                ("warmup", finite(self.warmup) and self.warmup >= 0, "a finite number >= 0"),
+                ("clip_norm", finite(self.clip_norm) and self.clip_norm >= 0, "a finite number >= 0 (0: no clipping)"),
+                ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
                 ("log_every", self.log_every >= 1, ">= 1"),
                 ("eval_every", self.eval_every >= 0, ">= 0"),
                 ("eval_batches", self.eval_batches >= 1, ">= 1"),
                 ("save_every", self.save_every >= 0, ">= 0"),
                 ("keep_last", self.keep_last >= 0, ">= 0"),
                 ("num_workers", self.num_workers >= 0, ">= 0"),
-                ("threads", self.threads is None or self.threads >= 1, ">= 1"),
+                ("threads", self.threads is None or 1 <= self.threads <= distributed.MAX_THREADS,
+                 f"1 to {distributed.MAX_THREADS}, or unset"),
             )
             if not ok
         ]
+        if self.overwrite and self.resume is not None:
+            problems.append(f"overwrite with resume={self.resume} (expected one of them: --overwrite starts over, "
+                            "--resume continues)")
         if problems:
             raise BertkitError("pretrain config: " + "; ".join(problems))
 
@@ -241,37 +266,33 @@ def batch_sums(out, batch: dict[str, torch.Tensor], top_token: int) -> torch.Ten
 
 
 def metrics(sums: torch.Tensor, objective: str) -> dict[str, float]:
-    """Mean losses and accuracies from summed counts."""
+    """Mean losses and accuracies from summed counts (nan when no batch was counted: every step skipped)."""
     s = dict(zip(SUMS, sums.tolist()))
+    nan = float("nan")
     out = {
-        "loss": s["loss"] / max(s["batches"], 1),
-        "masked_lm_loss": s["masked_lm_loss"] / max(s["batches"], 1),
-        "masked_lm_accuracy": s["mlm_correct"] / max(s["mlm_total"], 1),
+        "loss": s["loss"] / s["batches"] if s["batches"] else nan,
+        "masked_lm_loss": s["masked_lm_loss"] / s["batches"] if s["batches"] else nan,
+        "masked_lm_accuracy": s["mlm_correct"] / s["mlm_total"] if s["mlm_total"] else nan,
     }
     if objective in SENTENCE_METRIC:
-        out[SENTENCE_METRIC[objective]] = s["sentence_correct"] / max(s["sentence_total"], 1)
+        out[SENTENCE_METRIC[objective]] = s["sentence_correct"] / s["sentence_total"] if s["sentence_total"] else nan
     return out
 
 
 def train_step(model, micro_batches: list, optimizer, scheduler, precision: Precision, clip_norm: float,
-               device: torch.device, top_token: int) -> torch.Tensor:
-    """One optimizer step over this process's micro-batches (gradients averaged); returns their summed counts."""
-    sums = torch.zeros(len(SUMS), device=device)
+               d: Distributed, top_token: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over this process's micro-batches (gradients averaged); returns their summed counts and
+    whether the update was made (not when the loss or the gradients are nan or inf: see `optimizer_step`)."""
+    sums = torch.zeros(len(SUMS), device=d.device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
         with distributed.no_sync(model, sync=i == len(micro_batches) - 1):
             with precision.autocast():
                 out = forward(model, batch)
             precision.scaler.scale(out.loss / len(micro_batches)).backward()
         sums += batch_sums(out, batch, top_token)
-    precision.scaler.unscale_(optimizer)
-    if clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    precision.scaler.step(optimizer)
-    precision.scaler.update()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums
+    ok = optimizer_step(model, optimizer, scheduler, sums[0], clip_norm, precision.scaler, d)
+    return sums, ok
 
 
 @torch.no_grad()
@@ -304,21 +325,55 @@ class Position:
 
 
 def find_resume(cfg: PretrainConfig, checkpoints: Path) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a run by accident."""
+    """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a run by accident.
+
+    --resume auto takes the newest checkpoint that passes its checksums (a damaged one is set aside with a notice
+    and the one before it is taken); without --resume a folder holding checkpoints is refused, naming the options.
+    """
     if cfg.resume is None:
         found = list_checkpoints(checkpoints)
         if found:
             raise BertkitError(f"{checkpoints}: holds checkpoints of an earlier run (newest {found[-1].name}); "
-                               "expected --resume auto to continue it, or another --run-dir")
+                               "expected --resume auto to continue it, --overwrite to start over, or another --run-dir")
         return None
     if cfg.resume == "auto":
-        found = list_checkpoints(checkpoints)
-        return found[-1] if found else None
+        return usable_checkpoint(checkpoints)
     path = Path(cfg.resume)
-    if not (path / COMPLETE_NAME).is_file() or not (path / TRAINING_STATE_NAME).is_file():
-        raise BertkitError(f"{path}: not a complete training checkpoint; expected a step-N folder holding "
-                           f"{TRAINING_STATE_NAME} and {COMPLETE_NAME}")
+    problem = verify_checkpoint(path) if path.is_dir() else "no such folder"
+    if problem:
+        raise BertkitError(f"{path}: {problem}; expected a whole training checkpoint (a step-N folder holding "
+                           f"{TRAINING_STATE_NAME} and its completion marker)")
     return path
+
+
+def open_run_dir(cfg: PretrainConfig, run_dir: Path) -> Path | None:
+    """Check the run folder and make it ready (run on rank 0, which holds its lock): returns the checkpoint to
+    continue from, or None to start from step 0 with the folder cleared of an earlier attempt's logs."""
+    checkpoints = run_dir / "checkpoints"
+    if cfg.overwrite:
+        removed = remove(run_dir, OUTPUTS)
+        if removed:
+            logger.warning("%s: --overwrite: deleted %s of an earlier run", run_dir, ", ".join(removed))
+        return None
+    resume_from = find_resume(cfg, checkpoints)
+    if resume_from is None:
+        logs = remove(run_dir, LOGS)
+        if logs:
+            logger.warning("%s: an earlier attempt stopped before its first checkpoint; starting over (its %s "
+                           "deleted)", run_dir, ", ".join(logs))
+    return resume_from
+
+
+def claim_run_dir(cfg: PretrainConfig, run_dir: Path) -> RunLock:
+    """Refuse a run folder that is a file, one of the run's inputs, or a folder holding files no pretraining run
+    wrote (unless --overwrite); then lock it."""
+    check_output_path(run_dir, "--run-dir", {"--tokenizer": cfg.tokenizer, "--data": cfg.data})
+    found = entries(run_dir)
+    if found and CONFIG_NAME not in found and not cfg.overwrite:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise BertkitError(f"{run_dir}: not a pretraining run folder (no {CONFIG_NAME}; holds {shown}); expected a "
+                           "new or empty --run-dir, or --overwrite to write into it")
+    return RunLock(run_dir).acquire()
 
 
 def data_signature(cfg: PretrainConfig, batches: PretrainBatches) -> dict:
@@ -369,23 +424,40 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain as `cfg` says (one process, or each process under torchrun); returns the final held-out metrics."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = distributed.setup()
-    try:
-        return _pretrain(cfg, d)
-    finally:
-        distributed.teardown(d)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    with distributed.torch_threads(cfg.threads, processes):
+        d = distributed.setup()
+        try:
+            return _pretrain(cfg, d)
+        finally:
+            distributed.teardown(d)
 
 
 def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
+    run_dir = Path(cfg.run_dir)
+    held: list[RunLock] = []
+
+    def claim() -> Path | None:
+        held.append(claim_run_dir(cfg, run_dir))
+        resume_from = open_run_dir(cfg, run_dir)
+        if not (run_dir / CONFIG_NAME).is_file():  # new or empty: it is this run's from now on, even if killed early
+            (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        return resume_from
+
+    try:
+        resume_from = distributed.run_on_main(claim, d)
+        return _train(cfg, d, run_dir, resume_from)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> dict:
     from bertkit.data.prepare import PreparedCorpus
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.tokenizer import Tokenizer
 
-    run_dir = Path(cfg.run_dir)
     checkpoints = run_dir / "checkpoints"
-    resume_from = distributed.run_on_main(lambda: find_resume(cfg, checkpoints), d)
     tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir), d)
 
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
@@ -400,6 +472,9 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = BertForPreTraining(model_config(cfg, tokenizer))
+    n = model.num_parameters()
+    distributed.run_on_main(lambda: check_free_space(run_dir, checkpoint_bytes(n), f"a checkpoint of this "
+                                                     f"{n / 1e6:.1f}M-parameter model"), d)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     if cfg.objective == "mlm":  # no sentence labels: frozen, so DDP does not wait for gradients that never come
@@ -427,9 +502,16 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     ddp_model = distributed.wrap(model, d)
     log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if resume_from is not None else None)
-    log.truncate(pos.step)
+    reached = log.truncate(pos.step)
+    if reached is not None:
+        logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged "
+                       "again by this run", run_dir, reached, pos.step)
     plot_keys = ("loss", "masked_lm_accuracy", SENTENCE_METRIC.get(cfg.objective, "masked_lm_loss"))
     held_out = eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d)
+    bad_steps = NonFiniteSteps(cfg.max_bad_steps, f"try a lower --lr (now {cfg.lr:g})"
+                               + (", clipping (--clip-norm 1)" if not cfg.clip_norm else "")
+                               + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
+                               + "; --resume auto continues from the last checkpoint")
 
     def run_eval() -> dict:
         result = evaluate(model, held_out, precision, top_token, cfg.objective, d)
@@ -438,6 +520,9 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         return result
 
     def save() -> Path:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # a last guard: never a NaN model
+            raise BertkitError(f"step {pos.step}: the weights hold nan or inf; not saved. Expected finite weights: "
+                               f"{bad_steps.hint}")
         payload = training_state(pos, optimizer, scheduler, precision, signature, cfg, d)
         path = checkpoints / f"step-{pos.step:08d}"
         if d.is_main:
@@ -446,49 +531,60 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         return path
 
     if d.is_main:
-        n = model.num_parameters()
         print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {len(train_set):,} examples an epoch, "
               f"global batch {batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
               f"{cfg.batch_size})" + (f" after a ramp over {batches.ramp_steps} steps" if batches.ramp_steps else "")
-              + f", {cfg.max_steps} steps; run folder {run_dir}"
+              + f", {cfg.max_steps} steps, {torch.get_num_threads()} torch thread(s); run folder {run_dir}"
               + (f"; resuming at step {pos.step} from {resume_from}" if resume_from else ""))
-    bar = tqdm(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
+    bar = progress_bar(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
     window = torch.zeros(len(SUMS), device=d.device)
     seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
     steps = batches(pos.epoch, pos.step, pos.example_in_epoch)
     last_saved = pos.step if resume_from is not None else None
     train_row: dict = {}
-    while pos.step < cfg.max_steps:
-        started = time.perf_counter()
-        epoch, example_in_epoch, micro_batches = next(steps)
-        window += train_step(ddp_model, micro_batches, optimizer, scheduler, precision, cfg.clip_norm, d.device,
-                             top_token)
-        seconds += time.perf_counter() - started
-        pos = Position(pos.step + 1, epoch, example_in_epoch)
-        bar.update(1)
-        if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
-            distributed.all_reduce_sum(window, d)
-            train_row = {**metrics(window, cfg.objective), "lr": scheduler.get_last_lr()[0],
-                         "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch}
-            log.log("train", pos.step, train_row)
-            sentence = train_row.get(SENTENCE_METRIC.get(cfg.objective, ""))
-            bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
-                            **({cfg.objective[4:] + "_acc": f"{sentence:.3f}"} if sentence is not None else {}),
-                            lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}")
-            window.zero_()
-            seconds = 0.0
-        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
-            run_eval()
-        if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
-            save()
-            last_saved = pos.step
-    bar.close()
-
-    final = run_eval()
-    path = checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else save()
-    log.close()
+    try:
+        with Interrupt() as interrupt:
+            while pos.step < cfg.max_steps:
+                started = time.perf_counter()
+                epoch, example_in_epoch, micro_batches = next(steps)
+                sums, ok = train_step(ddp_model, micro_batches, optimizer, scheduler, precision, cfg.clip_norm, d,
+                                      top_token)
+                if ok:  # a skipped step's nan would spoil the window's means
+                    window += sums
+                seconds += time.perf_counter() - started
+                pos = Position(pos.step + 1, epoch, example_in_epoch)
+                bar.update(1)
+                bad_steps.record(ok, pos.step)
+                if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+                    distributed.all_reduce_sum(window, d)
+                    train_row = {**metrics(window, cfg.objective), "lr": scheduler.get_last_lr()[0],
+                                 "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch,
+                                 "skipped_steps": bad_steps.window}
+                    log.log("train", pos.step, train_row)
+                    sentence = train_row.get(SENTENCE_METRIC.get(cfg.objective, ""))
+                    bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
+                                    **({cfg.objective[4:] + "_acc": f"{sentence:.3f}"} if sentence is not None else {}),
+                                    lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}",
+                                    **({"skipped": bad_steps.total} if bad_steps.total else {}))
+                    window.zero_()
+                    seconds = 0.0
+                    bad_steps.window = 0
+                if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
+                    run_eval()
+                if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
+                    save()
+                    last_saved = pos.step
+                if interrupt.requested(d) and pos.step < cfg.max_steps:
+                    path = checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else save()
+                    raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step}; --resume auto continues")
+        bar.close()
+        final = run_eval()
+        path = checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else save()
+    finally:
+        bar.close()
+        log.close()
     if d.is_main:
         shown = {k: round(v, 4) for k, v in final.items()}
         print(f"step {pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
     return {**final, "step": pos.step, "train_loss": train_row.get("loss"), "checkpoint": str(path),
-            "run_dir": str(run_dir)}
+            "run_dir": str(run_dir), "skipped_steps": bad_steps.total}

@@ -1,0 +1,382 @@
+"""Fault injection: a pretraining or fine-tuning run SIGKILLed anywhere (mid-step, before its first checkpoint,
+inside a checkpoint write, while pruning or cleaning up) and resumed with --resume auto ends with the very weights,
+logs and scores of an uninterrupted run; a damaged newest checkpoint (truncated, unmarked, one flipped byte) is
+set aside for the one before it; Ctrl-C saves a checkpoint and exits 130.
+
+Kill points are (function, call number, before or after the call): the child process wraps the function and
+SIGKILLs itself there, so that a point is hit exactly and every point is reproducible. The call numbers are drawn
+from the counts an uninterrupted run makes, with a fixed seed. The default run tries a few points per loop; the
+slow one (`pytest -m slow`) 20 per loop.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertkit import BertConfig, BertModel, Tokenizer
+from bertkit.checkpoint import COMPLETE_NAME, WEIGHTS_NAME, list_checkpoints
+from bertkit.cli import main as cli_main
+from bertkit.tasks.finetune import FinetuneConfig, finetune
+from bertkit.train.pretrain import PretrainConfig, pretrain
+from train.test_pretrain import REPO, flags, inputs, rows, small  # noqa: F401 (inputs is a fixture)
+
+# The child: one torch thread (the same floats as the reference), and the kill point (or a call count) from the
+# environment.
+CHILD = r"""
+import atexit, importlib, json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+targets = json.loads(os.environ["FAULT_TARGETS"])
+kill = json.loads(os.environ.get("FAULT_KILL", "null"))
+counts = {}
+
+def wrap(module_name, attr):
+    module = importlib.import_module(module_name)
+    original = getattr(module, attr)
+    key = f"{module_name}:{attr}"
+
+    def wrapper(*args, **kwargs):
+        counts[key] = counts.get(key, 0) + 1
+        hit = kill is not None and kill[0] == key and kill[1] == counts[key]
+        if hit and kill[2] == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
+        if hit and kill[2] == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(module, attr, wrapper)
+
+for target in targets:
+    wrap(*target.split(":"))
+if "FAULT_COUNTS" in os.environ:
+    atexit.register(lambda: open(os.environ["FAULT_COUNTS"], "w").write(json.dumps(counts)))
+from bertkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# Where a run can be killed. Checkpoint writing is taken apart: the weights, the training state, the checksums,
+# each fsync, the renames into place; and the steps, evaluations, log and metrics writes, pruning, clean-up.
+SAVING = ["bertkit.checkpoint:save_pretrained", "bertkit.checkpoint:save_training_state", "bertkit.checkpoint:_sha256",
+          "bertkit.checkpoint:_fsync", "os:rename", "os:replace"]
+PRETRAIN_TARGETS = ["bertkit.train.pretrain:train_step", "bertkit.train.pretrain:evaluate",
+                    "bertkit.train.pretrain:prune_checkpoints", *SAVING]
+FINETUNE_TARGETS = ["bertkit.tasks.finetune:train_step", "bertkit.tasks.finetune:_write_json",
+                    "bertkit.tasks.finetune:prune_checkpoints", "shutil:rmtree", *SAVING]
+
+
+def child(args: list[str], targets: list[str], kill=None, counts: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_TARGETS": json.dumps(targets)}
+    if kill is not None:
+        env["FAULT_KILL"] = json.dumps(kill)
+    if counts is not None:
+        env["FAULT_COUNTS"] = str(counts)
+    return subprocess.run([sys.executable, "-c", CHILD, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def kill_points(counts: dict[str, int], step_target: str, first_save: int, n: int, seed: int) -> list:
+    """`n` kill points: one before the first checkpoint, one inside a checkpoint write, the rest anywhere."""
+    rng = random.Random(seed)
+    points = [[step_target, rng.randint(1, first_save - 1), rng.choice(["before", "after"])],
+              ["bertkit.checkpoint:_fsync", rng.randint(1, counts["bertkit.checkpoint:_fsync"]), "before"]]
+    reachable = sorted(k for k, v in counts.items() if v)
+    while len(points) < n:
+        target = rng.choice(reachable)
+        points.append([target, rng.randint(1, counts[target]), rng.choice(["before", "after"])])
+    return points[:n]
+
+
+def kill_and_resume(args: list[str], resume: list[str], targets: list[str], point) -> str:
+    """Run until the kill point, then resume; returns the resumed run's output."""
+    killed = child(args, targets, kill=point)
+    assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-2000:])
+    resumed = child(args + resume, targets)
+    assert resumed.returncode == 0, (point, resumed.stderr[-3000:])
+    return resumed.stdout + resumed.stderr
+
+
+def assert_same_weights(a: Path, b: Path, point) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), f"{key} differs after a kill at {point}"
+
+
+# ---- pretraining -----------------------------------------------------------------------------------------------
+
+
+def pretrain_config(inputs, run_dir) -> PretrainConfig:
+    return small(inputs, run_dir, max_steps=24, save_every=5, keep_last=2, eval_every=10, eval_batches=2)
+
+
+def pretrain_outcome(run_dir: Path) -> tuple:
+    drop = ("tokens_per_s",)
+    train = [{k: v for k, v in r.items() if k not in drop} for r in rows(run_dir)]
+    return list_checkpoints(run_dir / "checkpoints")[-1] / WEIGHTS_NAME, train, rows(run_dir, "eval")
+
+
+@pytest.fixture(scope="module")
+def pretrain_reference(inputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-reference")
+    counts = root / "counts.json"
+    done = child(flags(pretrain_config(inputs, root / "run")), PRETRAIN_TARGETS, counts=counts)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pretrain_outcome(root / "run"), json.loads(counts.read_text())
+
+
+def check_pretraining_kills(inputs, tmp_path, pretrain_reference, n: int, seed: int) -> None:
+    (weights, train, evals), counts = pretrain_reference
+    points = kill_points(counts, "bertkit.train.pretrain:train_step", 5, n, seed)
+
+    def one(i: int) -> None:
+        run_dir = tmp_path / f"kill-{i}"
+        output = kill_and_resume(flags(pretrain_config(inputs, run_dir)), ["--resume", "auto"], PRETRAIN_TARGETS,
+                                 points[i])
+        assert "Traceback" not in output, output[-3000:]
+        got_weights, got_train, got_evals = pretrain_outcome(run_dir)
+        assert_same_weights(weights, got_weights, points[i])
+        assert (got_train, got_evals) == (train, evals), points[i]
+
+    with ThreadPoolExecutor(2) as pool:  # two children at a time: one torch thread each
+        list(pool.map(one, range(len(points))))
+
+
+def test_pretraining_killed_anywhere_resumes_to_the_uninterrupted_weights(inputs, tmp_path, pretrain_reference):
+    check_pretraining_kills(inputs, tmp_path, pretrain_reference, n=4, seed=0)
+
+
+@pytest.mark.slow
+def test_pretraining_killed_at_20_random_points_resumes_to_the_uninterrupted_weights(inputs, tmp_path,
+                                                                                     pretrain_reference):
+    check_pretraining_kills(inputs, tmp_path, pretrain_reference, n=20, seed=1)
+
+
+def _crash_at(monkeypatch, module, step: int) -> None:
+    """Make the loop's step function raise at optimizer step `step`, as a crash there would stop it."""
+    original, calls = module.train_step, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_step", crashing)
+
+
+def damage(checkpoint: Path, kind: str) -> None:
+    weights = checkpoint / WEIGHTS_NAME
+    if kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "no completion marker":
+        (checkpoint / COMPLETE_NAME).unlink()
+    else:  # one byte of a weight flipped: still a valid safetensors file, only the checksum tells
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0x01
+        weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["truncated weights", "no completion marker", "flipped byte"])
+def test_a_damaged_newest_pretraining_checkpoint_falls_back_to_the_one_before(inputs, tmp_path, monkeypatch, caplog,
+                                                                             kind):
+    import bertkit.train.pretrain as module
+
+    cfg = small(inputs, tmp_path / "whole", max_steps=12, save_every=4, keep_last=3)
+    pretrain(cfg)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 11)
+        with pytest.raises(RuntimeError, match="crash"):
+            pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "cut")}))
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000004", "step-00000008"]
+    damage(checkpoints / "step-00000008", kind)
+    result = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "cut"), "resume": "auto"}))
+    assert "step-00000008" in caplog.text and "falling back to the checkpoint before it" in caplog.text
+    assert "the logs reach step 10, past the checkpoint at step 4" in caplog.text
+    assert result["step"] == 12
+    assert_same_weights(list_checkpoints(tmp_path / "whole" / "checkpoints")[-1] / WEIGHTS_NAME,
+                        list_checkpoints(checkpoints)[-1] / WEIGHTS_NAME, kind)
+    assert rows(tmp_path / "cut") and [r["loss"] for r in rows(tmp_path / "cut")] == \
+        [r["loss"] for r in rows(tmp_path / "whole")]
+    assert list(checkpoints.glob(".corrupt-step-00000008-*")) or kind == "no completion marker"
+
+
+@pytest.mark.parametrize("rerun", [[], ["--resume", "auto"]], ids=["plain rerun", "resume auto"])
+def test_a_pretraining_run_killed_before_its_first_checkpoint_starts_over(inputs, tmp_path, monkeypatch, caplog,
+                                                                          rerun):
+    import bertkit.train.pretrain as module
+
+    cfg = small(inputs, tmp_path / "run", max_steps=8, save_every=5)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 4)
+        with pytest.raises(RuntimeError, match="crash"):
+            pretrain(cfg)
+    assert [int(r["step"]) for r in rows(tmp_path / "run")] == [1, 2, 3]
+    assert cli_main(flags(cfg) + rerun) == 0  # once `KeyError: 'step'` from a train.csv left without a header
+    assert "stopped before its first checkpoint; starting over" in caplog.text
+    assert [int(r["step"]) for r in rows(tmp_path / "run")] == list(range(1, 9))
+    reference = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "reference")}))
+    assert_same_weights(Path(reference["checkpoint"]) / WEIGHTS_NAME,
+                        list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / WEIGHTS_NAME, rerun)
+
+
+def test_ctrl_c_during_pretraining_saves_a_checkpoint_and_exits_130(inputs, tmp_path, monkeypatch, capsys):
+    import bertkit.train.pretrain as module
+
+    cfg = small(inputs, tmp_path / "run", max_steps=10, save_every=4)
+    original, calls = module.train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            signal.raise_signal(signal.SIGINT)  # the handler only notes it: this step still completes
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "train_step", interrupted)
+        assert cli_main(flags(cfg)) == 130
+    err = capsys.readouterr().err
+    assert "bertkit: interrupted: checkpoint" in err and "saved at step 6; --resume auto continues" in err
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000004", "step-00000006"]
+    assert cli_main(flags(cfg) + ["--resume", "auto"]) == 0
+    reference = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "reference")}))
+    assert_same_weights(Path(reference["checkpoint"]) / WEIGHTS_NAME,
+                        list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / WEIGHTS_NAME, "ctrl-c")
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------------------------
+
+WORDS = "the movie film good bad great awful boring fun is was not very and of it to".split()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A 2-layer, 32-wide random encoder with an 80-token vocabulary, and a 48-example training file."""
+    root = tmp_path_factory.mktemp("toy")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", *letters, *("##" + c for c in letters), *WORDS]
+    (root / "model").mkdir()
+    (root / "model" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = Tokenizer.from_vocab(root / "model" / "vocab.txt")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(root / "model", tokenizer=tokenizer)
+    examples = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0), ("not bad", 1),
+                ("awful , it was boring", 0)] * 8
+    (root / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in examples))
+    return root
+
+
+def finetune_config(toy: Path, out_dir: Path, **overrides) -> FinetuneConfig:
+    """36 steps (3 epochs of 12 batches), checkpoints every 5 steps and at every epoch's end."""
+    options = dict(model_dir=str(toy / "model"), task="SST-2", train_file=str(toy / "train.tsv"),
+                   eval_file=str(toy / "train.tsv"), out_dir=str(out_dir), lr=2e-3, batch_size=4, epochs=3, seed=0,
+                   threads=1, device="cpu", save_every=5)
+    return FinetuneConfig(**{**options, **overrides})
+
+
+def finetune_flags(config: FinetuneConfig) -> list[str]:
+    out = ["finetune"]
+    for name, value in vars(config).items():
+        if value is None or value is False:
+            continue
+        out += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return out
+
+
+def finetune_outcome(out_dir: Path) -> tuple:
+    timing = ("train_seconds", "train_cpu_seconds", "train_examples_per_second", "eval_seconds")
+    record = json.loads((out_dir / "metrics.json").read_text())
+    record["epochs"] = [{k: v for k, v in e.items() if k not in timing} for e in record["epochs"]]
+    assert not (out_dir / "checkpoints").exists() and not (out_dir / ".checkpoints-done").exists()
+    return out_dir / WEIGHTS_NAME, record, rows(out_dir, "eval")
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(toy, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune-reference")
+    counts = root / "counts.json"
+    done = child(finetune_flags(finetune_config(toy, root / "run")), FINETUNE_TARGETS, counts=counts)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return finetune_outcome(root / "run"), json.loads(counts.read_text())
+
+
+def check_finetuning_kills(toy, tmp_path, finetune_reference, n: int, seed: int) -> None:
+    (weights, record, evals), counts = finetune_reference
+    points = kill_points(counts, "bertkit.tasks.finetune:train_step", 5, n, seed)
+
+    def one(i: int) -> None:
+        out_dir = tmp_path / f"kill-{i}"
+        output = kill_and_resume(finetune_flags(finetune_config(toy, out_dir)), ["--resume", "auto"],
+                                 FINETUNE_TARGETS, points[i])
+        assert "Traceback" not in output, output[-3000:]
+        got_weights, got_record, got_evals = finetune_outcome(out_dir)
+        assert_same_weights(weights, got_weights, points[i])
+        got_record["model_dir"] = record["model_dir"]
+        assert (got_record, got_evals) == (record, evals), points[i]
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, range(len(points))))
+
+
+def test_finetuning_killed_anywhere_resumes_to_the_uninterrupted_weights(toy, tmp_path, finetune_reference):
+    check_finetuning_kills(toy, tmp_path, finetune_reference, n=4, seed=0)
+
+
+@pytest.mark.slow
+def test_finetuning_killed_at_20_random_points_resumes_to_the_uninterrupted_weights(toy, tmp_path,
+                                                                                    finetune_reference):
+    check_finetuning_kills(toy, tmp_path, finetune_reference, n=20, seed=1)
+
+
+@pytest.mark.parametrize("kind", ["truncated weights", "no completion marker", "flipped byte"])
+def test_a_damaged_newest_finetuning_checkpoint_falls_back_to_the_one_before(toy, tmp_path, monkeypatch, caplog, kind):
+    import bertkit.tasks.finetune as module
+
+    whole = finetune(finetune_config(toy, tmp_path / "whole"))
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 29)  # in epoch 3, after the checkpoints of steps 24 (epoch 2's end) and 25
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut"))
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000024", "step-00000025"]
+    damage(checkpoints / "step-00000025", kind)
+    resumed = finetune(finetune_config(toy, tmp_path / "cut", resume="auto"))
+    assert "step-00000025" in caplog.text and "falling back to the checkpoint before it" in caplog.text
+    assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, kind)
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
+
+
+def test_ctrl_c_during_finetuning_saves_a_checkpoint_and_exits_130(toy, tmp_path, monkeypatch, capsys):
+    import bertkit.tasks.finetune as module
+
+    config = finetune_config(toy, tmp_path / "run")
+    original, calls = module.train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 17:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "train_step", interrupted)
+        assert cli_main(finetune_flags(config)) == 130
+    err = capsys.readouterr().err
+    assert "saved at step 17 (epoch 2, batch 5); --resume auto continues" in err
+    assert cli_main(finetune_flags(config) + ["--resume", "auto"]) == 0
+    finetune(finetune_config(toy, tmp_path / "reference"))
+    assert_same_weights(tmp_path / "reference" / WEIGHTS_NAME, tmp_path / "run" / WEIGHTS_NAME, "ctrl-c")
+    shutil.rmtree(tmp_path / "reference")

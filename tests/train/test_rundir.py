@@ -1,0 +1,105 @@
+"""The run folder and the process: one writer per folder (a live holder named, a dead one's lock taken over),
+output paths checked before training, and a thread count that degrades gracefully on a busy machine."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bertkit.errors import BertkitError
+from bertkit.train import distributed
+from bertkit.train.rundir import LOCK_NAME, RunLock, check_free_space, check_output_path
+
+
+def test_a_run_folder_held_by_a_live_process_is_refused_naming_it(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(BertkitError, match=rf"in use by process {os.getpid()} on .*; expected one process per run"):
+            RunLock(tmp_path / "run").acquire()
+    with RunLock(tmp_path / "run"):  # released: free again, and without a notice
+        pass
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_notice(tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bertkit.train.rundir import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BertkitError, match=f"in use by process {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path):
+        assert f"took over the lock of process {holder.pid}" in caplog.text
+        assert str(os.getpid()) in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
+    try:  # /sys refuses new folders even to root, which chmod would not stop
+        os.mkdir("/sys/bertkit-probe")
+    except OSError:
+        pass
+    else:
+        os.rmdir("/sys/bertkit-probe")
+        pytest.skip("/sys is writable here")
+    with pytest.raises(BertkitError, match="cannot write there"):
+        RunLock("/sys/bertkit-run").acquire()
+
+
+def test_an_output_path_that_is_a_file_or_inside_an_input_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BertkitError, match="notes.txt: a file, not a folder; expected a folder for --out-dir"):
+        check_output_path(tmp_path / "notes.txt", "--out-dir", {})
+    model = tmp_path / "model"
+    model.mkdir()
+    for out in (model, model / "ft", tmp_path / "x" / ".." / "model"):  # paths are resolved
+        with pytest.raises(BertkitError, match="the run would write into its own input"):
+            check_output_path(out, "--out-dir", {"--model-dir": str(model)})
+    check_output_path(tmp_path / "elsewhere", "--out-dir", {"--model-dir": str(model)})
+
+
+def test_a_filesystem_short_of_space_for_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 29))
+    with pytest.raises(BertkitError, match=r"0.50 GiB free on its filesystem; expected at least 1.00 GiB for a ckpt"):
+        check_free_space(tmp_path / "not" / "yet", 1 << 30, "a ckpt")
+    check_free_space(tmp_path, 1 << 28, "a ckpt")
+
+
+def test_the_default_thread_count_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for load, processes, threads in ((0.2, 1, 8), (3.4, 1, 5), (7.6, 1, 1), (40.0, 1, 1), (0.0, 2, 4), (5.0, 2, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        assert distributed.default_threads(processes) == threads, (load, processes)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert distributed.default_threads() == 16
+
+
+def test_a_run_gives_torch_its_thread_setting_back():
+    before = torch.get_num_threads()
+    with distributed.torch_threads(1) as chosen:
+        assert chosen == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    for bad in (0, -1, 10**20):
+        with pytest.raises(BertkitError, match="expected a whole number from 1 to 1024"):
+            with distributed.torch_threads(bad):
+                pass
+
+
+def test_progress_bars_do_not_flood_a_log_file(tmp_path):
+    from bertkit.train.logs import progress_bar
+
+    with open(tmp_path / "log.txt", "w") as log:
+        with progress_bar(total=1000, file=log, mininterval=0.0) as bar:
+            for _ in range(1000):
+                bar.update(1)
+                time.sleep(0.0005)
+    written = (tmp_path / "log.txt").read_text()
+    assert written.count("\r") <= 3, written  # the start, the end: not one line per update
+    assert "1000/1000" in written
