@@ -1,0 +1,140 @@
+"""ONNX export (bertkit.export): the graph computes what bertkit computes, at any batch and length; int8 is close."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from bertkit import BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification, BertkitError, BertModel
+from bertkit.export import INPUTS, ExportConfig, export, session
+from tiny_folders import save_tiny
+
+onnxruntime = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each exportable architecture as a tiny folder, exported: name -> (model folder, onnx folder, report)."""
+    root = tmp_path_factory.mktemp("export")
+    made = {}
+    for name, cls, labels in [("classifier", BertForSequenceClassification, 2), ("regressor", BertForSequenceClassification, 1),
+                              ("qa", BertForQuestionAnswering, 2), ("encoder", BertModel, 2)]:
+        model_dir = save_tiny(root / name, cls, num_labels=labels)
+        report = export(ExportConfig(model_dir=model_dir, out=str(root / f"{name}-onnx")))
+        made[name] = (model_dir, root / f"{name}-onnx", report)
+    return made
+
+
+def random_batch(batch, length, vocab, seed, pad=True):
+    """Token ids unseen by the export's check, rows of different lengths, segment ids 0 then 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    lengths = torch.randint(2, length + 1, (batch,), generator=g) if pad else torch.full((batch,), length)
+    lengths[0] = length
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    types = (torch.arange(length)[None, :] >= lengths[:, None] // 2).long() * mask
+    return {"input_ids": ids * mask, "token_type_ids": types, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", ["classifier", "regressor", "qa", "encoder"])
+def test_exported_onnx_equals_bertkit_at_any_batch_and_length(exported, name):
+    model_dir, out, report = exported[name]
+    cls = {"classifier": BertForSequenceClassification, "regressor": BertForSequenceClassification,
+           "qa": BertForQuestionAnswering, "encoder": BertModel}[name]
+    model = cls.from_pretrained(model_dir).eval()
+    sess = session(out / "model.onnx")
+    assert [o.name for o in sess.get_outputs()] == report["outputs"]
+    for seed, (batch, length, pad) in enumerate([(1, 3, False), (5, 17, True), (2, 64, True), (8, 9, False)]):
+        inputs = random_batch(batch, length, model.config.vocab_size, seed, pad)
+        with torch.no_grad():
+            out_bertkit = model(**inputs)
+        out_onnx = sess.run(None, {k: inputs[k].numpy() for k in INPUTS})
+        keep = inputs["attention_mask"].bool().numpy()
+        for output_name, got in zip(report["outputs"], out_onnx):
+            want = out_bertkit[output_name].numpy()
+            assert got.shape == want.shape
+            if output_name in ("start_logits", "end_logits", "last_hidden_state"):
+                got, want = got[keep], want[keep]  # padding: nothing to read (QA: the dtype's minimum in both)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_writes_tokenizer_config_and_report(exported):
+    from bertkit import Tokenizer
+
+    model_dir, out, report = exported["classifier"]
+    for name in ("model.onnx", "model.int8.onnx", "export.json", "config.json", "vocab.txt", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    text = "the movie was not very good"
+    assert Tokenizer.from_pretrained(out).encode(text) == Tokenizer.from_pretrained(model_dir).encode(text)
+    assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    written = json.loads((out / "export.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["inputs"] == {name: ["batch", "length"] for name in INPUTS}
+    assert written["check"]["float32"]["worst"] <= 1e-4
+    assert 0 < written["check"]["int8"]["max_abs_diff"]
+
+
+def test_int8_onnx_is_quantized_and_within_tolerance(exported):
+    model_dir, out, _ = exported["classifier"]
+    ops = Counter(node.op_type for node in onnx.load(str(out / "model.int8.onnx")).graph.node)
+    assert ops["DynamicQuantizeLinear"] > 0 and ops["MatMulInteger"] > 0
+    fp32, int8 = session(out / "model.onnx"), session(out / "model.int8.onnx")
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    inputs = {k: v.numpy() for k, v in random_batch(16, 20, vocab, seed=7).items()}
+    want, got = fp32.run(None, inputs)[0], int8.run(None, inputs)[0]
+    assert np.abs(got - want).max() <= 0.1 * (1 + np.abs(want).max())
+    assert not np.array_equal(got, want)
+
+
+def test_export_without_int8(tmp_path):
+    model_dir = save_tiny(tmp_path / "m")
+    report = export(ExportConfig(model_dir=model_dir, out=str(tmp_path / "o"), int8=False))
+    assert report["files"] == {"float32": "model.onnx"} and not (tmp_path / "o" / "model.int8.onnx").exists()
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path):
+    model_dir = save_tiny(tmp_path / "pretraining", BertForPreTraining)
+    with pytest.raises(BertkitError, match="architecture BertForPreTraining; expected one of"):
+        export(ExportConfig(model_dir=model_dir, out=str(tmp_path / "o")))
+    with pytest.raises(BertkitError, match="no such folder"):
+        export(ExportConfig(model_dir=str(tmp_path / "missing"), out=str(tmp_path / "o")))
+    (tmp_path / "file").write_text("x")
+    classifier = save_tiny(tmp_path / "classifier")
+    with pytest.raises(BertkitError, match="a file, not a folder; expected a folder for --out"):
+        export(ExportConfig(model_dir=classifier, out=str(tmp_path / "file")))
+    with pytest.raises(BertkitError, match="--opset is 9; expected 14 or more"):
+        export(ExportConfig(model_dir=classifier, out=str(tmp_path / "o"), opset=9))
+
+
+def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):
+    """The check is real: a graph traced from other weights than the folder's is refused."""
+    import bertkit.export as export_module
+
+    model_dir = save_tiny(tmp_path / "m")
+    real_trace = export_module.trace
+
+    def trace_other_weights(model, outputs, example, path, opset):
+        with torch.no_grad():
+            model.classifier.bias.add_(1.0)
+        real_trace(model, outputs, example, path, opset)
+        with torch.no_grad():
+            model.classifier.bias.sub_(1.0)
+
+    monkeypatch.setattr(export_module, "trace", trace_other_weights)
+    with pytest.raises(BertkitError, match="model.onnx: ONNX Runtime's logits differs from bertkit's by 1"):
+        export(ExportConfig(model_dir=model_dir, out=str(tmp_path / "o")))
+
+
+def test_export_command_line(tmp_path, capsys):
+    from bertkit.cli import main
+
+    model_dir = save_tiny(tmp_path / "m")
+    assert main(["export", model_dir, "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "model.onnx" in printed and "model.int8.onnx" in printed
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("bertkit: error: ") and error.count("\n") == 1 and "missing: no such folder" in error
