@@ -35,6 +35,12 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
+def option(default, help: str, **kwargs):
+    """A dataclass field whose help text becomes its CLI flag's (`bertkit.cli.add_dataclass_args`): the configs of
+    pretraining, fine-tuning, the suite, export and serve are all written with it."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class BertConfig:
     """The paper's knobs, with the field names of the Hugging Face `BertConfig` so that config.json is shared."""

@@ -16,14 +16,14 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bertkit.checkpoint import model_folder
-from bertkit.config import BertConfig
+from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 from bertkit.model import BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel
 
@@ -49,9 +49,6 @@ CHECK_PAIRS = [
     ("He left early.", "The meeting ran until midnight, and everyone stayed to the very end of it."),
 ]
 
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

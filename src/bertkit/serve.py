@@ -28,13 +28,12 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from bertkit.checkpoint import model_folder
-from bertkit.config import BertConfig
+from bertkit.config import BertConfig, option
 from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.data.glue import TextExample
 from bertkit.data.squad import SquadExample
@@ -44,9 +43,6 @@ log = logging.getLogger("bertkit")
 
 QA, CLASSIFIER = "BertForQuestionAnswering", "BertForSequenceClassification"
 
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertkit.checkpoint import COMPLETE_NAME, list_checkpoints, prune_checkpoints, save_checkpoint
+from bertkit.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from bertkit.cli import main as cli_main
 from bertkit.config import BertConfig
 from bertkit.errors import BertkitError

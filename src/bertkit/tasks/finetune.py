@@ -38,7 +38,7 @@ from bertkit.checkpoint import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from bertkit.config import BertConfig
+from bertkit.config import BertConfig, option
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
@@ -68,10 +68,6 @@ RUNTIME_FIELDS = ("threads", "device", "compile", "eval_batch_size", "predict", 
                   "resume", "overwrite")
 PATH_FIELDS = ("model_dir", "data_dir", "train_file", "eval_file", "test_file")
 
-
-def option(default, help: str):
-    """A dataclass field whose help text becomes its CLI flag's."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

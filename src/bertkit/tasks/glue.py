@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bertkit.config import option
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
-from bertkit.tasks.finetune import FinetuneConfig, finetune, option, plural
+from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
 
 log = logging.getLogger("bertkit")
 

@@ -26,8 +26,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bertkit.checkpoint import atomic_write
+from bertkit.config import option
 from bertkit.errors import BertkitError
-from bertkit.tasks.finetune import FinetuneConfig, option
+from bertkit.tasks.finetune import FinetuneConfig
 
 RESULTS_FILE = "suite.json"
 TABLE_FILE = "suite.md"

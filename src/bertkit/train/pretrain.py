@@ -39,7 +39,7 @@ from bertkit.checkpoint import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from bertkit.config import PRESETS, BertConfig
+from bertkit.config import PRESETS, BertConfig, option
 from bertkit.errors import BertkitError
 from bertkit.model import BertForPreTraining, compile_blocks, set_dropout
 from bertkit.train import distributed
@@ -67,71 +67,69 @@ def default_corpus() -> list[str]:
     return [str(root / "corpus" / "python-docs-3.11.txt")]
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
-
-
 @dataclass
 class PretrainConfig:
     """Everything a pretraining run takes; the resolved values are saved as pretrain_config.json in the run folder."""
 
-    model: str = _opt("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
-    tokenizer: str | None = _opt(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
-                                 "trained on --corpus into RUN_DIR/tokenizer")
-    vocab_size: int = _opt(8000, "size of the vocabulary trained when no --tokenizer is given")
-    data: str | None = _opt(None, "prepared corpus folder (from `bertkit prepare`); if not given, --corpus is "
-                            "prepared into RUN_DIR/data")
+    model: str = option("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
+    tokenizer: str | None = option(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
+                                   "trained on --corpus into RUN_DIR/tokenizer")
+    vocab_size: int = option(8000, "size of the vocabulary trained when no --tokenizer is given")
+    data: str | None = option(None, "prepared corpus folder (from `bertkit prepare`); if not given, --corpus is "
+                              "prepared into RUN_DIR/data")
     corpus: list[str] = field(default_factory=default_corpus, metadata={
         "help": "raw text files, folders or globs, read when --tokenizer or --data is not given "
                 "($BERTKIT_DATA/corpus/python-docs-3.11.txt, else ../shared/data/corpus/python-docs-3.11.txt)"})
-    max_length: int = _opt(128, "tokens per example, [CLS] and [SEP] included")
-    masking: Literal["token", "wwm", "span"] = _opt("token", "what is masked: random tokens (BERT), whole words, "
-                                                     "or spans of words (SpanBERT)")
-    objective: Literal["mlm+nsp", "mlm", "mlm+sop"] = _opt("mlm+nsp", "masked LM plus next-sentence prediction "
-                                                            "(BERT), alone, or plus sentence-order prediction (ALBERT)")
-    mask_prob: float = _opt(0.3, "share of tokens chosen for prediction (0.15 in the paper; 0.3 as MosaicBERT won the "
-                            "recipe study in docs/findings.md)")
-    dropout: float | None = _opt(0.0, "dropout (hidden and attention) while pretraining: 0 as Cramming and MosaicBERT "
-                                 "(the recipe study's choice); the saved config keeps the model's own rates for "
-                                 "fine-tuning (unset: the model's, 0.1 in every preset, as the paper)")
-    batch_size: int = _opt(32, "examples per process per micro-step; the global batch is this x processes x "
-                           "--grad-accum")
-    grad_accum: int = _opt(1, "micro-steps whose gradients are summed into one optimizer step")
-    batch_ramp: float = _opt(0.0, "batch-size ramp (Cramming): the global batch grows linearly from --batch-size x "
-                             "processes to its full size (x --grad-accum) over this share of --max-steps (0: none)")
-    optimizer: Literal["adamw", "lamb"] = _opt("adamw", "AdamW (the paper's Adam) or LAMB (for very large batches)")
-    lr: float = _opt(1e-3, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps "
-                     "(1e-3 won the recipe study for mini with dropout off; the paper used 1e-4 for base)")
-    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/LAMB beta1 beta2")
-    weight_decay: float = _opt(0.01, "decoupled weight decay (not on biases and LayerNorm)")
-    warmup: float = _opt(0.1, "warm-up: a fraction of --max-steps if below 1, else a number of steps")
-    schedule: Literal["linear", "triangle"] = _opt("linear", "learning rate: linear warm-up then linear decay to 0 "
-                                                   "(BERT), or Cramming's triangle: from a quarter of --lr up to it at "
-                                                   "75%% of --max-steps, then down to 0 (--warmup unused)")
-    max_steps: int = _opt(300, "optimizer steps to train for")
-    clip_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    max_bad_steps: int = _opt(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
-                              "skipped_steps); this many in a row stop the run with an error")
-    precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "autocast precision; bf16 and fp16 only where the "
-                                                      "hardware has them (fp16 on CUDA, with loss scaling), else fp32")
-    seed: int = _opt(0, "seed of the initial weights, the data (plan, masking, order) and dropout")
-    log_every: int = _opt(10, "steps between train.csv / TensorBoard rows")
-    eval_every: int = _opt(100, "steps between held-out evaluations (0: only at the end)")
-    eval_batches: int = _opt(20, "held-out batches per evaluation (the same examples every time)")
-    save_every: int = _opt(100, "steps between checkpoints (0: only at the end)")
-    keep_last: int = _opt(2, "checkpoints kept, newest first (0: keep all)")
-    run_dir: str = _opt("runs/pretrain", "folder of this run: config, logs, plot, checkpoints")
-    resume: str | None = _opt(None, "continue from a checkpoint folder, or 'auto' for the newest whole one in "
-                              "RUN_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
-                              "set aside for the one before; a fresh start if there is none)")
-    overwrite: bool = _opt(False, "start over in a RUN_DIR that holds an earlier run (its checkpoints, logs and "
-                           "config are deleted; tokenizer/ and data/ built from --corpus are kept) or files that "
-                           "bertkit did not write (left as they are)")
-    num_workers: int = _opt(0, "DataLoader worker processes per training process (0: load in the main process)")
-    threads: int | None = _opt(None, "CPU threads for torch per process; unset: the cores the last minute's load "
-                               "average leaves idle, shared by the processes of this machine, 1 to 16")
-    compile: bool = _opt(False, "torch.compile the encoder blocks (dynamic shapes): faster steps once the first step "
-                         "has compiled them (tens of seconds; on CPU a C++ compiler is needed)")
+    max_length: int = option(128, "tokens per example, [CLS] and [SEP] included")
+    masking: Literal["token", "wwm", "span"] = option("token", "what is masked: random tokens (BERT), whole words, "
+                                                      "or spans of words (SpanBERT)")
+    objective: Literal["mlm+nsp", "mlm", "mlm+sop"] = option("mlm+nsp", "masked LM plus next-sentence "
+                                                             "prediction (BERT), alone, or plus sentence-order prediction "
+                                                             "(ALBERT)")
+    mask_prob: float = option(0.3, "share of tokens chosen for prediction (0.15 in the paper; 0.3 as MosaicBERT won "
+                              "the recipe study in docs/findings.md)")
+    dropout: float | None = option(0.0, "dropout (hidden and attention) while pretraining: 0 as Cramming and "
+                                   "MosaicBERT (the recipe study's choice); the saved config keeps the model's own "
+                                   "rates for fine-tuning (unset: the model's, 0.1 in every preset, as the paper)")
+    batch_size: int = option(32, "examples per process per micro-step; the global batch is this x processes x "
+                             "--grad-accum")
+    grad_accum: int = option(1, "micro-steps whose gradients are summed into one optimizer step")
+    batch_ramp: float = option(0.0, "batch-size ramp (Cramming): the global batch grows linearly from --batch-size x "
+                               "processes to its full size (x --grad-accum) over this share of --max-steps (0: none)")
+    optimizer: Literal["adamw", "lamb"] = option("adamw", "AdamW (the paper's Adam) or LAMB (for very large batches)")
+    lr: float = option(1e-3, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps "
+                       "(1e-3 won the recipe study for mini with dropout off; the paper used 1e-4 for base)")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam/LAMB beta1 beta2")
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm)")
+    warmup: float = option(0.1, "warm-up: a fraction of --max-steps if below 1, else a number of steps")
+    schedule: Literal["linear", "triangle"] = option("linear", "learning rate: linear warm-up then linear decay to "
+                                                     "0 (BERT), or Cramming's triangle: from a quarter of --lr up to it "
+                                                     "at 75%% of --max-steps, then down to 0 (--warmup unused)")
+    max_steps: int = option(300, "optimizer steps to train for")
+    clip_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    max_bad_steps: int = option(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
+                                "skipped_steps); this many in a row stop the run with an error")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision; bf16 and fp16 only where "
+                                                        "the hardware has them (fp16 on CUDA, with loss scaling), else "
+                                                        "fp32")
+    seed: int = option(0, "seed of the initial weights, the data (plan, masking, order) and dropout")
+    log_every: int = option(10, "steps between train.csv / TensorBoard rows")
+    eval_every: int = option(100, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = option(20, "held-out batches per evaluation (the same examples every time)")
+    save_every: int = option(100, "steps between checkpoints (0: only at the end)")
+    keep_last: int = option(2, "checkpoints kept, newest first (0: keep all)")
+    run_dir: str = option("runs/pretrain", "folder of this run: config, logs, plot, checkpoints")
+    resume: str | None = option(None, "continue from a checkpoint folder, or 'auto' for the newest whole one in "
+                                "RUN_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
+                                "set aside for the one before; a fresh start if there is none)")
+    overwrite: bool = option(False, "start over in a RUN_DIR that holds an earlier run (its checkpoints, logs and "
+                             "config are deleted; tokenizer/ and data/ built from --corpus are kept) or files that "
+                             "bertkit did not write (left as they are)")
+    num_workers: int = option(0, "DataLoader worker processes per training process (0: load in the main process)")
+    threads: int | None = option(None, "CPU threads for torch per process; unset: the cores the last minute's load "
+                                 "average leaves idle, shared by the processes of this machine, 1 to 16")
+    compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps once the first step "
+                           "has compiled them (tens of seconds; on CPU a C++ compiler is needed)")
 
     def __post_init__(self):
         try:
