@@ -242,6 +242,49 @@ def check_weights_fit(cls, config: BertConfig, shapes: dict[str, tuple], source:
     _check_fit(skeleton, _match_prefix(normalize_keys(shapes), skeleton), source)
 
 
+def describe_model(directory: str | Path) -> dict[str, str]:
+    """What `bertkit info` prints about a model folder, checked against its weights' shapes (read from the
+    safetensors headers, so a folder of any size is described without loading its weights)."""
+    import math
+
+    from bertkit import model as models
+
+    directory = model_folder(directory)
+    config = BertConfig.load(directory)
+    shapes = read_weight_shapes(directory)
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for k, v in read_state_dict(directory).items()}
+    architectures = config.extra.get("architectures") or []
+    cls = getattr(models, architectures[0], None) if architectures else None
+    if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:
+        cls = models.BertModel  # an unknown architecture: the encoder's weights are checked, whatever the heads
+    check_weights_fit(cls, config, shapes, weights_source(directory))
+    params = sum(math.prod(v) for k, v in shapes.items() if not k.endswith(("position_ids", "token_type_ids")))
+    heads = sorted({k.split(".")[0] for k in shapes if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
+    info = {
+        "model folder": str(directory),
+        "architecture": ", ".join(architectures or ["(not stated)"]),
+        "layers L": str(config.num_hidden_layers),
+        "hidden H": str(config.hidden_size),
+        "heads A": str(config.num_attention_heads),
+        "feed-forward": str(config.intermediate_size),
+        "vocabulary": str(config.vocab_size),
+        "max positions": str(config.max_position_embeddings),
+        "parameters": f"{params:,} ({params / 1e6:.1f}M)",
+        "heads in weights": ", ".join(heads) if heads else "none (bare encoder)",
+    }
+    if config.id2label:
+        info["labels"] = ", ".join(config.id2label[i] for i in sorted(config.id2label))
+    if (directory / "vocab.txt").exists() or (directory / "tokenizer.json").exists():
+        from bertkit.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained(directory)
+        info["tokenizer"] = f"WordPiece, {tok.vocab_size} tokens, {'uncased' if tok.lowercase else 'cased'}"
+    else:
+        info["tokenizer"] = "none in this folder"
+    return info
+
+
 def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy weights into `model`, naming what is missing, unexpected or mis-shaped.
 

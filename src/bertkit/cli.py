@@ -28,7 +28,8 @@ def _field_type(field: dataclasses.Field, hints: dict):
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), help_texts: dict | None = None):
-    """One `--flag` per dataclass field (underscores become dashes), typed and defaulted from the field."""
+    """One argument per dataclass field: `--flag` (underscores become dashes; `option(flag=...)` names it
+    otherwise), or a positional one (`option(positional=True)`), typed, defaulted and documented from the field."""
     hints = typing.get_type_hints(cls)
     help_texts = help_texts or {}
     for f in dataclasses.fields(cls):
@@ -36,18 +37,25 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             continue
         t = _field_type(f, hints)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
         doc = help_texts.get(f.name) or f.metadata.get("help", "")
-        shown = doc if "(default:" in doc else f"{doc} (default: %(default)s)"  # a help text may say it in words
+        many = typing.get_origin(t) in (list, tuple)
+        if f.metadata.get("positional"):
+            nargs = "+" if many else ("?" if default is not None and default != "" else None)
+            parser.add_argument(f.name, nargs=nargs, default=default if nargs == "?" else None, help=doc)
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        names = {"dest": f.name} if flag.lstrip("-").replace("-", "_") != f.name else {}
+        if f.metadata.get("required"):
+            names["required"] = True
+        shown = doc if "(default:" in doc or names.get("required") else f"{doc} (default: %(default)s)"
         if t is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc, **names)
         elif typing.get_origin(t) is typing.Literal:
-            choices = typing.get_args(t)
-            parser.add_argument(flag, choices=choices, default=default, help=shown)
+            parser.add_argument(flag, choices=typing.get_args(t), default=default, help=shown, **names)
         elif t in (int, float, str, Path):
-            parser.add_argument(flag, type=t, default=default, help=shown)
-        elif typing.get_origin(t) in (list, tuple):
-            parser.add_argument(flag, nargs="+", default=default, help=shown)
+            parser.add_argument(flag, type=t, default=default, help=shown, **names)
+        elif many:
+            parser.add_argument(flag, nargs="+", default=default, help=shown, **names)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):
@@ -61,84 +69,26 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
 # ---------------------------------------------------------------------------------------------------------------
 # Subcommands
 
-INT8_HELP = ("run the model in int8 on the CPU: every linear layer dynamically quantized, about 2-3x faster at "
-             "batch 32 for a fraction of a point of accuracy (benchmarks/RESULTS.md)")
-THREADS_HELP = ("CPU threads for torch (default: the cores that the last minute's load average leaves idle, 1 to 16, "
-                "so that a busy machine slows a run down instead of stalling it)")
-
-
 def cmd_info(args) -> None:
-    import math
+    from bertkit.checkpoint import describe_model
 
-    from bertkit import model as models
-    from bertkit.checkpoint import check_weights_fit, model_folder, read_state_dict, read_weight_shapes, weights_source
-    from bertkit.config import BertConfig
-
-    directory = model_folder(args.model_dir)
-    config = BertConfig.load(directory)
-    # shapes from the safetensors headers: a folder of any size is described without loading its weights
-    shapes = read_weight_shapes(directory)
-    if shapes is None:
-        shapes = {k: tuple(v.shape) for k, v in read_state_dict(directory).items()}
-    architectures = config.extra.get("architectures") or []
-    cls = getattr(models, architectures[0], None) if architectures else None
-    if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:
-        cls = models.BertModel  # an unknown architecture: the encoder's weights are checked, whatever the heads
-    check_weights_fit(cls, config, shapes, weights_source(directory))
-    params = sum(math.prod(v) for k, v in shapes.items() if not k.endswith(("position_ids", "token_type_ids")))
-    heads = sorted({k.split(".")[0] for k in shapes if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
-    print(f"model folder     {directory}")
-    print(f"architecture     {', '.join(config.extra.get('architectures', ['(not stated)']))}")
-    print(f"layers L         {config.num_hidden_layers}")
-    print(f"hidden H         {config.hidden_size}")
-    print(f"heads A          {config.num_attention_heads}")
-    print(f"feed-forward     {config.intermediate_size}")
-    print(f"vocabulary       {config.vocab_size}")
-    print(f"max positions    {config.max_position_embeddings}")
-    print(f"parameters       {params:,} ({params / 1e6:.1f}M)")
-    print(f"heads in weights {', '.join(heads) if heads else 'none (bare encoder)'}")
-    if config.id2label:
-        print(f"labels           {', '.join(config.id2label[i] for i in sorted(config.id2label))}")
-    if (directory / "vocab.txt").exists() or (directory / "tokenizer.json").exists():
-        from bertkit.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_pretrained(directory)
-        print(f"tokenizer        WordPiece, {tok.vocab_size} tokens, {'uncased' if tok.lowercase else 'cased'}")
-    else:
-        print("tokenizer        none in this folder")
+    for name, value in describe_model(args.model_dir).items():
+        print(f"{name:<16} {value}")
 
 
 def cmd_vocab_train(args) -> None:
-    from bertkit.data.corpus import expand_inputs
-    from bertkit.tokenizer import train_vocab
+    from bertkit.tokenizer import VocabConfig, vocab_train
 
-    files = expand_inputs(args.files)
-    tok = train_vocab(
-        files,
-        args.out,
-        vocab_size=args.vocab_size,
-        lowercase=not args.cased,
-        min_frequency=args.min_frequency,
-        limit_alphabet=args.limit_alphabet,
-    )
-    print(f"wrote {args.out}/vocab.txt and tokenizer.json: {tok.vocab_size} tokens, {'cased' if args.cased else 'uncased'}")
+    config = dataclass_from_args(VocabConfig, args)
+    tok = vocab_train(config)
+    print(f"wrote {config.out}/vocab.txt and tokenizer.json: {tok.vocab_size} tokens, "
+          f"{'cased' if config.cased else 'uncased'}")
 
 
 def cmd_prepare(args) -> None:
-    from bertkit.data.prepare import prepare
-    from bertkit.tokenizer import Tokenizer
+    from bertkit.data.prepare import PrepareConfig, prepare_corpus
 
-    prepare(
-        args.inputs,
-        Tokenizer.from_pretrained(args.tokenizer),
-        args.out,
-        shard_tokens=args.shard_tokens,
-        heldout_fraction=args.heldout_fraction,
-        batch_size=args.batch_size,
-        fmt=args.format,
-        text_field=args.text_field,
-        seed=args.seed,
-    )
+    print(prepare_corpus(dataclass_from_args(PrepareConfig, args)))
 
 
 def cmd_pretrain(args) -> None:
@@ -175,12 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "expanded) and write vocab.txt and tokenizer.json to --out. Uncased (lower-cased, accents stripped) "
         "unless --cased.",
     )
-    p.add_argument("files", nargs="+", help="text files, folders or globs")
-    p.add_argument("--out", required=True, help="folder to write vocab.txt and tokenizer.json to")
-    p.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size, special tokens included (default: %(default)s)")
-    p.add_argument("--cased", action="store_true", help="keep case and accents")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a merged piece (default: %(default)s)")
-    p.add_argument("--limit-alphabet", type=int, default=1000, help="most single characters kept (default: %(default)s)")
+    from bertkit.tokenizer import VocabConfig
+
+    add_dataclass_args(p, VocabConfig)
     p.set_defaults(func=cmd_vocab_train)
 
     p = sub.add_parser(
@@ -191,18 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "with a held-out split, in --out. Re-running adds only files not yet prepared. Prints the token count "
         "and throughput (tokens/s).",
     )
-    p.add_argument("inputs", nargs="+", help="text files, folders or globs")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.txt / tokenizer.json)")
-    p.add_argument("--out", required=True, help="folder to write the prepared corpus to")
-    p.add_argument("--heldout-fraction", type=float, default=0.01,
-                   help="share of documents held out for evaluation, chosen by a hash of their text (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="salt of the held-out hash (default: %(default)s)")
-    p.add_argument("--format", choices=("auto", "bert", "docs", "jsonl"), default="auto",
-                   help="input layout; auto guesses per file (default: %(default)s)")
-    p.add_argument("--text-field", default="text", help="the text field of JSON lines input (default: %(default)s)")
-    p.add_argument("--shard-tokens", type=int, default=2**25, help="tokens per shard, about (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1000,
-                   help="sentences tokenized per batch (default: %(default)s)")
+    from bertkit.data.prepare import PrepareConfig
+
+    add_dataclass_args(p, PrepareConfig)
     p.set_defaults(func=cmd_prepare)
 
     from bertkit.train.pretrain import PretrainConfig
@@ -241,20 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-score a fine-tuned model. The task, data and lengths default to those in the folder's "
         "finetune_config.json; the options below replace them.",
     )
-    p.add_argument("model_dir", help="a fine-tuned model folder (what `bertkit finetune` wrote)")
-    p.add_argument("--task", help="GLUE task, squad1, squad2 or custom (default: the run's)")
-    p.add_argument("--data-dir", help="the task's data folder (default: the run's)")
-    p.add_argument("--eval-file", help="a labelled file to score on instead")
-    p.add_argument("--max-length", type=int, help="tokens per example or window (default: the run's)")
-    p.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default: the run's)")
-    p.add_argument("--null-threshold", type=float,
-                   help="SQuAD v2.0: answer '' when null score - best span score exceeds this (default: the run's); "
-                   "the official script's --na-prob-thresh is exp of it, as null_odds.json holds exp of the difference")
-    p.add_argument("--out", help="folder for eval_metrics.json (and SQuAD's predictions.json; v2.0 also "
-                   "null_odds.json and predictions_spans.json, the official script's input)")
-    p.add_argument("--threads", type=int, help=THREADS_HELP)
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the run's, auto)")
-    p.add_argument("--int8", action="store_true", help=INT8_HELP)
+    from bertkit.tasks.finetune import EvaluateConfig, PredictConfig
+
+    add_dataclass_args(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -269,14 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         'lines {"question": ..., "context": ...} and prints the answer. Reads standard input when INPUT is - '
         "or left out.",
     )
-    p.add_argument("model_dir", help="a fine-tuned model folder")
-    p.add_argument("input", nargs="?", default="-", help="input file (default: standard input)")
-    p.add_argument("--out", help="write the JSON lines here instead of standard output")
-    p.add_argument("--max-length", type=int, help="tokens per example or window (default: the run's)")
-    p.add_argument("--eval-batch-size", type=int, help="batch size (default: the run's)")
-    p.add_argument("--threads", type=int, help=THREADS_HELP)
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the run's, auto)")
-    p.add_argument("--int8", action="store_true", help=INT8_HELP)
+    add_dataclass_args(p, PredictConfig)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -351,11 +271,9 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from bertkit.tasks.finetune import evaluate
+    from bertkit.tasks.finetune import EvaluateConfig, evaluate
 
-    metrics = evaluate(args.model_dir, task=args.task, out_dir=args.out, data_dir=args.data_dir,
-                       eval_file=args.eval_file, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
-                       null_threshold=args.null_threshold, threads=args.threads, device=args.device, int8=args.int8)
+    metrics = evaluate(**dataclasses.asdict(dataclass_from_args(EvaluateConfig, args)))
     width = max(map(len, metrics))
     for name, value in metrics.items():
         # SQuAD v2.0's thresholds are null odds, as small as 1e-5: in significant digits, not 4 decimals
@@ -365,18 +283,18 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     import json
 
-    from bertkit.tasks.finetune import predict
+    from bertkit.tasks.finetune import PredictConfig, predict
 
+    options = dataclasses.asdict(dataclass_from_args(PredictConfig, args))
+    source, out = options.pop("input"), options.pop("out")
     # bytes, so that a line that is not UTF-8 is named rather than failing the whole stream
-    inputs = getattr(sys.stdin, "buffer", sys.stdin) if args.input == "-" else args.input
-    results = predict(args.model_dir, inputs, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
-                      threads=args.threads, device=args.device, int8=args.int8)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-    if args.out:
+    inputs = getattr(sys.stdin, "buffer", sys.stdin) if source == "-" else source
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict(inputs=inputs, **options))
+    if out:
         try:
-            Path(args.out).write_text(lines, encoding="utf-8")
+            Path(out).write_text(lines, encoding="utf-8")
         except OSError as e:
-            raise BertkitError(f"{args.out}: cannot write ({e.strerror or e}); expected a file path for --out") from None
+            raise BertkitError(f"{out}: cannot write ({e.strerror or e}); expected a file path for --out") from None
     else:
         sys.stdout.write(lines)
 
@@ -417,7 +335,7 @@ def cmd_serve(args) -> None:
 def cmd_glue(args) -> None:
     from bertkit.tasks.glue import GlueConfig, glue
 
-    glue(**dataclasses.asdict(dataclass_from_args(GlueConfig, args)))
+    print(glue(dataclass_from_args(GlueConfig, args))["table"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import gzip
 import json
 import numbers
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -15,7 +16,8 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from bertkit.data.corpus import replace_lone_surrogates
+from bertkit.config import option
+from bertkit.data.corpus import expand_inputs, replace_lone_surrogates
 from bertkit.errors import BertkitError, where
 
 # In this order at the head of a trained vocabulary, so [PAD] is id 0.
@@ -305,6 +307,25 @@ def _read_lines(paths: list[Path], counts: dict[str, int]) -> Iterator[list[str]
 def _check_count(name: str, value, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise BertkitError(f"{name} is {value!r}; expected a whole number from {low:,} to {high:,}")
+
+
+@dataclass
+class VocabConfig:
+    """`bertkit vocab train`: the command's arguments are these fields."""
+
+    files: list[str] = option([], "text files, folders or globs", positional=True)
+    out: str = option("", "folder to write vocab.txt and tokenizer.json to", required=True)
+    vocab_size: int = option(30522, "vocabulary size, special tokens included")
+    cased: bool = option(False, "keep case and accents (default: lower-cased, accents stripped, as bert-base-uncased)")
+    min_frequency: int = option(2, "minimum count of a merged piece")
+    limit_alphabet: int = option(1000, "most single characters kept")
+
+
+def vocab_train(config: VocabConfig, show_progress: bool = True) -> Tokenizer:
+    """`train_vocab` on the files, folders and globs of `config.files`: the `vocab train` command."""
+    return train_vocab(expand_inputs(config.files), config.out, vocab_size=config.vocab_size,
+                       lowercase=not config.cased, min_frequency=config.min_frequency,
+                       limit_alphabet=config.limit_alphabet, show_progress=show_progress)
 
 
 def train_vocab(

@@ -21,12 +21,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 
-from bertkit.config import read_json
+from bertkit.config import option, read_json
 from bertkit.data.corpus import FileReader, Skips, expand_inputs
 from bertkit.errors import BertkitError, where
 from bertkit.train.logs import progress_bar
@@ -51,6 +52,39 @@ class PrepareSummary:
     seconds: float
     tokens_per_second: float
     skips: Skips = field(default_factory=Skips)
+
+    def __str__(self) -> str:
+        seconds = max(self.seconds, 0.0)
+        return (f"prepared {self.tokens:,} tokens, {self.sentences:,} sentences, {self.documents:,} documents "
+                f"({self.heldout_documents:,} held out) from {len(self.files_prepared)} file(s) in {seconds:.1f}s: "
+                f"{self.tokens_per_second:,.0f} tokens/s; {len(self.files_already_prepared)} file(s) already prepared; "
+                f"{self.skips.summary()}")
+
+
+@dataclass
+class PrepareConfig:
+    """`bertkit prepare`: the command's arguments are these fields."""
+
+    inputs: list[str] = option([], "text files, folders or globs", positional=True)
+    tokenizer: str = option("", "tokenizer folder (vocab.txt / tokenizer.json)", required=True)
+    out: str = option("", "folder to write the prepared corpus to", required=True)
+    heldout_fraction: float = option(0.01, "share of documents held out for evaluation, chosen by a hash of their "
+                                     "text")
+    seed: int = option(0, "salt of the held-out hash")
+    format: Literal["auto", "bert", "docs", "jsonl"] = option("auto", "input layout; auto guesses per file")
+    text_field: str = option("text", "the text field of JSON lines input")
+    shard_tokens: int = option(2**25, "tokens per shard, about")
+    batch_size: int = option(1000, "sentences tokenized per batch")
+
+
+def prepare_corpus(config: PrepareConfig, progress: bool = True) -> PrepareSummary:
+    """`prepare` with the tokenizer folder of `config.tokenizer`: the `prepare` command."""
+    from bertkit.tokenizer import Tokenizer
+
+    return prepare(config.inputs, Tokenizer.from_pretrained(config.tokenizer), config.out,
+                   shard_tokens=config.shard_tokens, heldout_fraction=config.heldout_fraction,
+                   batch_size=config.batch_size, fmt=config.format, text_field=config.text_field, seed=config.seed,
+                   progress=progress)
 
 
 def plain_backend(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -399,12 +433,6 @@ def prepare(
         tokens_per_second=run.counts["tokens"] / seconds if seconds > 0 else 0.0,
         skips=skips,
     )
-    if progress:
-        print(
-            f"prepared {summary.tokens:,} tokens, {summary.sentences:,} sentences, {summary.documents:,} documents "
-            f"({summary.heldout_documents:,} held out) from {len(readers)} file(s) in {seconds:.1f}s: "
-            f"{summary.tokens_per_second:,.0f} tokens/s; {len(already)} file(s) already prepared; {skips.summary()}"
-        )
     return summary
 
 

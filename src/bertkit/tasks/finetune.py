@@ -590,6 +590,49 @@ def _label_names(model_config: BertConfig) -> list[str]:
     return [f"LABEL_{i}" for i in range(model_config.num_labels)]
 
 
+INT8_HELP = ("run the model in int8 on the CPU: every linear layer dynamically quantized; at batch 32 about 2x "
+             "faster for MiniLM, 2.9x for a BERT-Base shape, for a fraction of a point of accuracy "
+             "(benchmarks/RESULTS.md)")
+THREADS_HELP = ("CPU threads for torch (default: the cores that the last minute's load average leaves idle, 1 to 16, "
+                "so that a busy machine slows a run down instead of stalling it)")
+DEVICE_HELP = "cpu, cuda, cuda:N, mps (default: the run's, auto)"
+
+
+@dataclass
+class EvaluateConfig:
+    """`bertkit evaluate`: the command's arguments are these fields, `evaluate`'s keywords. None: the run's."""
+
+    model_dir: str = option("", "a fine-tuned model folder (what `bertkit finetune` wrote)", positional=True)
+    task: str | None = option(None, "GLUE task, squad1, squad2 or custom (default: the run's)")
+    data_dir: str | None = option(None, "the task's data folder (default: the run's)")
+    eval_file: str | None = option(None, "a labelled file to score on instead (default: the run's)")
+    max_length: int | None = option(None, "tokens per example or window (default: the run's)")
+    eval_batch_size: int | None = option(None, "evaluation batch size (default: the run's)")
+    null_threshold: float | None = option(None, "SQuAD v2.0: answer '' when null score - best span score exceeds "
+                                          "this (default: the run's); the official script's --na-prob-thresh is exp "
+                                          "of it, as null_odds.json holds exp of the difference")
+    out_dir: str | None = option(None, "folder for eval_metrics.json (and SQuAD's predictions.json; v2.0 also "
+                                 "null_odds.json and predictions_spans.json, the official script's input) "
+                                 "(default: none written)", flag="--out")
+    threads: int | None = option(None, THREADS_HELP)
+    device: str | None = option(None, DEVICE_HELP)
+    int8: bool = option(False, INT8_HELP)
+
+
+@dataclass
+class PredictConfig:
+    """`bertkit predict`: the command's arguments; all but input and out are `predict`'s keywords."""
+
+    model_dir: str = option("", "a fine-tuned model folder", positional=True)
+    input: str = option("-", "input file (default: standard input)", positional=True)
+    out: str | None = option(None, "write the JSON lines here instead of standard output (default: standard output)")
+    max_length: int | None = option(None, "tokens per example or window (default: the run's)")
+    eval_batch_size: int | None = option(None, "batch size (default: the run's)")
+    threads: int | None = option(None, THREADS_HELP)
+    device: str | None = option(None, DEVICE_HELP)
+    int8: bool = option(False, INT8_HELP)
+
+
 def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = False, **overrides) -> dict:
     """Re-score a fine-tuned model on its task's eval data (or the data given); returns the metrics.
 

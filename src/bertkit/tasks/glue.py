@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bertkit.config import option
@@ -40,9 +40,8 @@ class GlueConfig:
     model_dir: str = option("", "pretrained model folder (HF layout) to fine-tune on every task")
     data_dir: str = option("", "GLUE data folder with one sub-folder per task (SST-2/, MRPC/, ...)")
     out_dir: str = option("runs/glue", "folder for one run per task and lr, and the GLUE table")
-    tasks: list[str] = field(default_factory=list, metadata={"help": "tasks to run; none: every task folder in --data-dir"})
-    lrs: list[float] = field(default_factory=lambda: [5e-5, 4e-5, 3e-5, 2e-5],
-                             metadata={"help": "learning rates tried per task; the best on dev is reported"})
+    tasks: list[str] = option([], "tasks to run; none: every task folder in --data-dir")
+    lrs: list[float] = option([5e-5, 4e-5, 3e-5, 2e-5], "learning rates tried per task; the best on dev is reported")
     batch_size: int = option(32, "training batch size")
     epochs: int = option(3, "epochs per run")
     max_length: int = option(128, "tokens per example")
@@ -68,11 +67,9 @@ class GlueConfig:
         self.tasks = [get_task(t).name for t in self.tasks]
 
 
-def glue(model_dir, tasks, data_dir, out_dir, lrs=(5e-5, 4e-5, 3e-5, 2e-5), batch_size=32, epochs=3,
-         **options) -> dict:
-    """Fine-tune `model_dir` on each task with every lr, pick the best lr on dev; returns and writes the table."""
-    config = GlueConfig(model_dir=str(model_dir), tasks=list(tasks), data_dir=str(data_dir), out_dir=str(out_dir),
-                        lrs=list(lrs), batch_size=batch_size, epochs=epochs, **options)
+def glue(config: GlueConfig) -> dict:
+    """Fine-tune `config.model_dir` on each task with every lr, pick the best lr on dev; writes the table and the
+    results (glue_results.md / .json) and returns the results with the table under "table"."""
     root, out = Path(config.data_dir), Path(config.out_dir)
     if not config.model_dir:
         raise BertkitError("no model: expected --model-dir, a pretrained model folder (config.json + weights)")
@@ -109,8 +106,7 @@ def glue(model_dir, tasks, data_dir, out_dir, lrs=(5e-5, 4e-5, 3e-5, 2e-5), batc
     table = glue_table(result, Path(config.model_dir).name, config)
     (out / "glue_results.md").write_text(table, encoding="utf-8")
     (out / "glue_results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(table)
-    return result
+    return {**result, "table": table}
 
 
 def _headline(task: str, metrics: dict) -> float:

@@ -194,7 +194,7 @@ def build_inputs(cfg: PretrainConfig, run_dir: Path) -> tuple[str, str]:
         os.replace(tmp, tokenizer_dir)  # a vocabulary half-written by a killed run is never picked up
     data_dir = Path(cfg.data) if cfg.data else run_dir / "data"
     if not cfg.data:  # resumable: files already in the manifest are skipped
-        prepare(cfg.corpus, Tokenizer.from_pretrained(tokenizer_dir), data_dir)
+        print(prepare(cfg.corpus, Tokenizer.from_pretrained(tokenizer_dir), data_dir))
     return str(tokenizer_dir), str(data_dir)
 
 
