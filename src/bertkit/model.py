@@ -8,6 +8,9 @@ Two things differ from a plain transcription of the paper, both for speed and bo
   matrix for every linear layer and re-padded only inside attention, so cost follows real tokens.
 - The masked-LM head can run on the masked positions only (`masked_positions=`), so the 30k-wide vocabulary
   projection is paid for ~15% of the tokens instead of all of them.
+
+Shapes in the comments: B examples in a batch, T positions (the batch's padded length), N real tokens of the batch
+packed (N <= B*T), M masked positions, H hidden size, nh heads, hs head size (H = nh * hs), V vocabulary size.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None  # (B, T, H)
     pooler_output: torch.Tensor | None = None  # (B, H)
-    prediction_logits: torch.Tensor | None = None  # (B, T, V), or (N, V) for N masked positions
+    prediction_logits: torch.Tensor | None = None  # (B, T, V), or (M, V) for the M masked positions
     seq_relationship_logits: torch.Tensor | None = None  # (B, 2)
     masked_lm_loss: torch.Tensor | None = None
     next_sentence_loss: torch.Tensor | None = None
@@ -358,7 +361,7 @@ def _masked_lm(model, input_ids, token_type_ids, attention_mask, position_ids, l
         logits = model.cls.predictions(layout.pad(hidden), decoder)  # (B, T, V)
         targets = labels
     else:
-        logits = model.cls.predictions(layout.select(hidden, masked_positions), decoder)  # (N, V)
+        logits = model.cls.predictions(layout.select(hidden, masked_positions), decoder)  # (M, V)
         targets = labels[masked_positions] if labels is not None else None
     loss = None
     if targets is not None:
@@ -389,7 +392,7 @@ class BertForPreTraining(BertPreTrainedModel):
     ) -> ModelOutput:
         """`labels` (B, T) hold the original ids at predicted positions and -100 elsewhere. With
         `masked_positions` (a (B, T) bool mask, usually `labels != -100`) the vocabulary projection runs only there
-        and `prediction_logits` is (N, V); the loss is the same as over the full sequence. The loss is the sum of
+        and `prediction_logits` is (M, V), M the masked positions; the loss is the same as over the full sequence. The loss is the sum of
         the MLM and NSP losses that have labels."""
         hidden, layout, logits, mlm_loss = _masked_lm(
             self, input_ids, token_type_ids, attention_mask, position_ids, labels, masked_positions
