@@ -178,7 +178,7 @@ class BertConfig:
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "BertConfig":
@@ -236,6 +236,11 @@ def _id2label(id2label) -> dict[int, str]:
     if sorted(out) != list(range(len(out))):
         raise BertkitError(f"id2label keys are {', '.join(map(str, sorted(out)))}; expected 0..{len(out) - 1}")
     return out
+
+
+def write_json(path: str | Path, value, indent: int = 2, sort_keys: bool = False) -> None:
+    """Write `value` as JSON with a final newline: every JSON file bertkit writes goes through here."""
+    Path(path).write_text(json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):

@@ -11,7 +11,6 @@ skips the packing, and with it no attention mask.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from bertkit.checkpoint import model_folder
-from bertkit.config import BertConfig, option
+from bertkit.config import BertConfig, option, write_json
 from bertkit.errors import BertkitError
 from bertkit.model import BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel
 
@@ -128,7 +127,7 @@ def export(config: ExportConfig) -> dict:
     config_json = (source / "config.json").read_bytes()
     if (out / "config.json").resolve() != (source / "config.json").resolve():
         (out / "config.json").write_bytes(config_json)  # id2label, for whoever reads the outputs
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(out / REPORT_FILE, report)
     return report
 
 

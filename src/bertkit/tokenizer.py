@@ -16,7 +16,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from bertkit.config import option
+from bertkit.config import option, write_json
 from bertkit.data.corpus import expand_inputs, replace_lone_surrogates
 from bertkit.errors import BertkitError, where
 
@@ -173,8 +173,8 @@ class Tokenizer:
             "model_max_length": MODEL_MAX_LENGTH,
             **special_tokens,
         }
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (directory / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n", encoding="utf-8")
+        write_json(directory / "tokenizer_config.json", config)
+        write_json(directory / "special_tokens_map.json", special_tokens)
 
     @contextlib.contextmanager
     def _truncation(self, max_length: int | None, is_pair: bool) -> Iterator[None]:

@@ -71,7 +71,7 @@ SAVING = ["bertkit.checkpoint:save_pretrained", "bertkit.checkpoint:save_trainin
           "bertkit.checkpoint:_fsync", "os:rename", "os:replace"]
 PRETRAIN_TARGETS = ["bertkit.train.pretrain:train_step", "bertkit.train.pretrain:evaluate",
                     "bertkit.train.pretrain:prune_checkpoints", *SAVING]
-FINETUNE_TARGETS = ["bertkit.tasks.finetune:train_step", "bertkit.tasks.finetune:_write_json",
+FINETUNE_TARGETS = ["bertkit.tasks.finetune:train_step", "bertkit.tasks.finetune:write_json",
                     "bertkit.tasks.finetune:prune_checkpoints", "shutil:rmtree", *SAVING]
 
 

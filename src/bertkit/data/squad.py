@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from bertkit.config import write_json
 from bertkit.errors import BertkitError, where
 
 
@@ -316,9 +317,9 @@ def null_answers(spans: dict[str, str], odds: dict[str, float], threshold: float
 
 def write_predictions(predictions: dict[str, str], path: str | Path) -> None:
     """Write predictions.json as the official evaluation script reads it: {question id: answer text}."""
-    Path(path).write_text(json.dumps(predictions, indent=4) + "\n", encoding="utf-8")
+    write_json(path, predictions, indent=4)
 
 
 def write_null_odds(odds: dict[str, float], path: str | Path) -> None:
     """Write null_odds.json, the v2.0 script's --na-prob-file: {question id: exp(score_diff)}."""
-    Path(path).write_text(json.dumps(odds, indent=4) + "\n", encoding="utf-8")
+    write_json(path, odds, indent=4)

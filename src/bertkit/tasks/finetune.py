@@ -38,7 +38,7 @@ from bertkit.checkpoint import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from bertkit.config import BertConfig, option
+from bertkit.config import BertConfig, option, write_json
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
@@ -156,7 +156,7 @@ class FinetuneConfig:
                                "over, --resume continues)")
 
     def save(self, directory: Path) -> None:
-        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+        write_json(directory / CONFIG_FILE, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, directory: str | Path) -> FinetuneConfig | None:
@@ -356,7 +356,7 @@ def _write_eval_data(config: FinetuneConfig, out: Path) -> None:
               or (folder / dev_name if folder else None))
     articles = _load_json(Path(source))[config.train_articles:]
     version = "v2.0" if config.task == "squad2" else "1.1"
-    _write_json(out / EVAL_DATA_FILE, {"version": version, "data": articles})
+    write_json(out / EVAL_DATA_FILE, {"version": version, "data": articles})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,7 +492,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 write_outputs(out)
                 record["best_epoch"], record["best"] = epoch, metrics
             log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-            _write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
+            write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
             pos = Position(step=pos.step, epoch=epoch + 1)
             save()
             if interrupt.requested() and epoch < config.epochs:
@@ -502,7 +502,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     if config.predict and isinstance(task, TextTask) and task.tests:
         model = task.model_class.from_pretrained(out).to(device)
         record["submissions"] = [str(p) for p in task.write_test_predictions(model, tokenizer, config, device, out)]
-        _write_json(out / "metrics.json", record)
+        write_json(out / "metrics.json", record)
     table = results_table(config, task, record)
     (out / "results.md").write_text(table, encoding="utf-8")
     # the run is whole without them; renamed first, so a kill while deleting leaves no checkpoint to resume from
@@ -514,10 +514,6 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
 
 def _eval_size(task) -> int:
     return len(task.evals) if isinstance(task, SquadTask) else len(next(iter(task.evals.values())))
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def plural(n: int, word: str) -> str:
@@ -659,7 +655,7 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
             raise BertkitError(f"{out_dir}: cannot create the folder ({e.strerror or e}); expected a writable "
                                "folder for --out") from None
         write_outputs(out_dir)
-        _write_json(Path(out_dir) / "eval_metrics.json", metrics)
+        write_json(Path(out_dir) / "eval_metrics.json", metrics)
     return metrics
 
 

@@ -4,13 +4,12 @@ and print Table 1 (one column per task, the paper's metric for it, and their ave
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.config import option
+from bertkit.config import option, write_json
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
@@ -83,7 +82,7 @@ def glue(config: GlueConfig) -> dict:
         raise BertkitError(f"{root}: no folder for {', '.join(missing or ['any GLUE task'])}; expected one per task "
                            f"named {', '.join(TASKS)}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "glue_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_json(out / "glue_config.json", dataclasses.asdict(config))
     runs: dict[str, dict[float, dict]] = {}
     for name in names:
         runs[name] = {}
@@ -105,7 +104,7 @@ def glue(config: GlueConfig) -> dict:
                                  "by_lr": {f"{lr:g}": r["best"] for lr, r in by_lr.items()}}
     table = glue_table(result, Path(config.model_dir).name, config)
     (out / "glue_results.md").write_text(table, encoding="utf-8")
-    (out / "glue_results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "glue_results.json", result)
     return {**result, "table": table}
 
 

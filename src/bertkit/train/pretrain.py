@@ -14,7 +14,6 @@ into a new or empty folder, and refuses a folder holding anything else unless --
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from bertkit.checkpoint import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from bertkit.config import PRESETS, BertConfig, option
+from bertkit.config import PRESETS, BertConfig, option, write_json
 from bertkit.errors import BertkitError
 from bertkit.model import BertForPreTraining, compile_blocks, set_dropout
 from bertkit.train import distributed
@@ -439,7 +438,7 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         held.append(claim_run_dir(cfg, run_dir))
         resume_from = open_run_dir(cfg, run_dir)
         if not (run_dir / CONFIG_NAME).is_file():  # new or empty: it is this run's from now on, even if killed early
-            (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            write_json(run_dir / CONFIG_NAME, dataclasses.asdict(cfg))
         return resume_from
 
     try:
@@ -497,7 +496,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         pos = Position()
         torch.manual_seed(cfg.seed * 65536 + d.rank + 1)  # dropout: a stream per process
     if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
-        (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_json(run_dir / CONFIG_NAME, dataclasses.asdict(cfg))
     ddp_model = distributed.wrap(model, d)
     log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if resume_from is not None else None)
     reached = log.truncate(pos.step)
