@@ -130,8 +130,10 @@ def test_pretrain_runs_on_cuda_in_bf16_and_resumes(tmp_path):
     assert abs(resumed["loss"] - whole["loss"]) < 0.02 * whole["loss"], (resumed, whole)
 
 
-def test_finetune_runs_on_cuda(tmp_path):
-    """A short SST-2 fine-tuning on the GPU from a small random BERT learns the training rows."""
+@pytest.mark.parametrize("precision, grad_accum", [("fp32", 1), ("bf16", 1), ("fp16", 2)])
+def test_finetune_runs_on_cuda(tmp_path, precision, grad_accum):
+    """A short SST-2 fine-tuning on the GPU from a small random BERT learns the training rows, in each precision
+    (fp16 with loss scaling, and gradient accumulation)."""
     from conftest import data_path
 
     from bertkit.tasks.finetune import FinetuneConfig, finetune
@@ -150,8 +152,9 @@ def test_finetune_runs_on_cuda(tmp_path):
     model = bertkit.BertForSequenceClassification(BertConfig.from_preset("mini", vocab_size=tokenizer.vocab_size, num_labels=2))
     model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     record = finetune(FinetuneConfig(task="SST-2", data_dir=str(data), model_dir=str(tmp_path / "model"),
-                                     out_dir=str(tmp_path / "out"), epochs=3, lr=1e-4, batch_size=32, device="cuda"))
-    assert record["best"]["accuracy"] > 0.6, record
+                                     out_dir=str(tmp_path / "out"), epochs=3, lr=1e-4, batch_size=32 // grad_accum,
+                                     grad_accum=grad_accum, precision=precision, device="cuda"))
+    assert record["best"]["accuracy"] > 55, record  # percent; the majority class of these dev rows is about 50
 
 
 def test_compiled_blocks_match_eager_on_cuda(tmp_path):

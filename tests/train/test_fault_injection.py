@@ -380,3 +380,21 @@ def test_ctrl_c_during_finetuning_saves_a_checkpoint_and_exits_130(toy, tmp_path
     finetune(finetune_config(toy, tmp_path / "reference"))
     assert_same_weights(tmp_path / "reference" / WEIGHTS_NAME, tmp_path / "run" / WEIGHTS_NAME, "ctrl-c")
     shutil.rmtree(tmp_path / "reference")
+
+
+def test_grad_accum_steps_are_exact_and_resume_mid_epoch_bitwise(toy, tmp_path, monkeypatch):
+    """Fine-tuning with --grad-accum 2: one optimizer step per two micro-batches (18 steps for 3 epochs of 12
+    batches), and a run that crashes mid-epoch resumes with --resume auto to the very weights and epoch losses of
+    an uninterrupted one."""
+    import bertkit.tasks.finetune as module
+
+    whole = finetune(finetune_config(toy, tmp_path / "whole", grad_accum=2, save_every=4))
+    assert len(rows(tmp_path / "whole", "eval")) == 3
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 17)  # epoch 3: after the checkpoints of step 12 (epoch 2's end) and 16 (batch 8)
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut", grad_accum=2, save_every=4))
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-00000012", "step-00000016"]
+    resumed = finetune(finetune_config(toy, tmp_path / "cut", grad_accum=2, save_every=4, resume="auto"))
+    assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, "grad-accum resume")
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]

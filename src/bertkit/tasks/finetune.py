@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,14 +44,15 @@ from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
 from bertkit.tasks.classification import TextTask, is_blank, load_text_task, parse_lines, read_input_lines
-from bertkit.tasks.inference import to_device
 from bertkit.tasks.squad import SquadTask, load_squad_task, parse_questions
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import MAX_THREADS, torch_threads
 from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.logs import RunLogger, progress_bar
-from bertkit.train.optim import build_optimizer, optimizer_step, warmup_linear, warmup_steps_for
+from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
+from bertkit.train.precision import resolve as resolve_precision
 from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
+from bertkit.train.step import train_step as shared_step
 
 log = logging.getLogger("bertkit")
 
@@ -97,6 +99,11 @@ class FinetuneConfig:
     warmup: float = option(0.1, "linear warm-up: a fraction of all steps (<1) or a step count")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    grad_accum: int = option(1, "micro-batches of --batch-size whose gradients are summed into one optimizer step: "
+                             "an effective batch of batch-size x grad-accum in the memory of one micro-batch")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision of training; bf16 and fp16 only "
+                                                        "where the hardware has them (fp16 on CUDA, with loss "
+                                                        "scaling), else fp32 with a warning")
     max_length: int | None = option(None, "tokens per example or window (default: 128, SQuAD 384)")
     doc_stride: int = option(128, "SQuAD: step between the starts of a long context's windows")
     max_query_length: int = option(64, "SQuAD: question tokens kept")
@@ -134,7 +141,7 @@ class FinetuneConfig:
         if training and not self.model_dir:
             raise BertkitError("no model: expected --model-dir, a pretrained model folder (config.json + weights)")
         positive = ["batch_size", "eval_batch_size", "max_length", "doc_stride", "max_query_length"]
-        positive += ["epochs", "max_bad_steps"] if training else []
+        positive += ["epochs", "max_bad_steps", "grad_accum"] if training else []
         for name in positive:
             if getattr(self, name) < 1:
                 raise BertkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive number")
@@ -365,24 +372,25 @@ def _write_eval_data(config: FinetuneConfig, out: Path) -> None:
 
 @dataclass
 class Position:
-    """How far a fine-tuning run is: optimizer steps done, the epoch under way (1-based) and its batches done, and
-    what that epoch has summed so far (so that a run resumed mid-epoch reports the same epoch loss)."""
+    """How far a fine-tuning run is: optimizer steps done, the epoch under way (1-based) and its batches done (a
+    step takes --grad-accum of them), and what that epoch has summed so far: the losses of its updating steps (so
+    that a run resumed mid-epoch reports the same epoch loss)."""
 
     step: int = 0
     epoch: int = 1
     batch: int = 0
     loss_sum: float = 0.0
-    good_batches: int = 0
+    good_steps: int = 0
     running: list = field(default_factory=list)  # losses since the last train.csv row
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 
 
-def train_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, max_grad_norm: float) -> tuple[float, bool]:
-    """One optimizer step on one batch: its loss, and whether the update was made (see `optimizer_step`)."""
-    loss = model(**batch).loss
-    loss.backward()
-    ok = optimizer_step(model, optimizer, scheduler, loss, max_grad_norm)
+def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision, max_grad_norm: float,
+               device) -> tuple[float, bool]:
+    """One optimizer step over --grad-accum micro-batches (the shared `bertkit.train.step.train_step`): their mean
+    loss, and whether the update was made (not when the loss or the gradients are nan or inf)."""
+    loss, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, max_grad_norm, device)
     return loss.item(), ok
 
 
@@ -396,7 +404,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         compile_blocks(model)
     rows = task.train_rows(tokenizer, config)
     lengths = [len(r["input_ids"]) for r in rows]
-    steps = config.epochs * math.ceil(len(rows) / config.batch_size)
+    steps = config.epochs * math.ceil(math.ceil(len(rows) / config.batch_size) / config.grad_accum)
+    precision = resolve_precision(config.precision, device)
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay)
     scheduler = warmup_linear(optimizer, warmup_steps_for(steps, config.warmup), steps)
     best = BestCheckpoint()
@@ -417,6 +426,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        precision.scaler.load_state_dict(state["scaler"])
         pos = Position(**state["position"])
         record, (best.score, best.epoch) = state["record"], state["best"]
         bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row = state["bad_steps"]
@@ -432,7 +442,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     def save() -> Path:
         _finite_weights(model, f"step {pos.step}", hint)
         payload = {"position": dataclasses.asdict(pos), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                   "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(), "rng": rng_state(),
                    "record": json.loads(json.dumps(record)),  # plain types: torch.load(weights_only) reads them
                    "best": [best.score, best.epoch],
                    "bad_steps": [bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row],
@@ -450,14 +460,16 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                               dynamic_ncols=True) as bar:
                 # CPU time too: on a shared machine it shows the work done, which wall time blurs with waiting
                 start, start_cpu = time.perf_counter(), time.process_time()
-                for i in range(pos.batch, len(batches)):
-                    batch = to_device(collate([rows[j] for j in batches[i]], tokenizer.pad_id), device)
-                    loss, ok = train_step(model, batch, optimizer, scheduler, config.max_grad_norm)
-                    pos.step, pos.batch = pos.step + 1, i + 1
+                for i in range(pos.batch, len(batches), config.grad_accum):
+                    group = batches[i:i + config.grad_accum]
+                    micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id) for b in group]
+                    loss, ok = train_step(model, micro_batches, optimizer, scheduler, precision, config.max_grad_norm,
+                                          device)
+                    pos.step, pos.batch = pos.step + 1, i + len(group)
                     if ok:
-                        pos.loss_sum, pos.good_batches = pos.loss_sum + loss, pos.good_batches + 1
+                        pos.loss_sum, pos.good_steps = pos.loss_sum + loss, pos.good_steps + 1
                         pos.running.append(loss)
-                    bar.update(len(batches[i]))
+                    bar.update(sum(len(b) for b in group))
                     bad_steps.record(ok, pos.step)
                     if pos.step % 50 == 0:
                         mean = float(np.mean(pos.running)) if pos.running else float("nan")
@@ -466,7 +478,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                                                        "skipped_steps": bad_steps.window})
                         pos.running, bad_steps.window = [], 0
                     stop = interrupt.requested()
-                    if stop or (config.save_every and pos.step % config.save_every == 0 and i + 1 < len(batches)):
+                    if stop or (config.save_every and pos.step % config.save_every == 0 and pos.batch < len(batches)):
                         now, now_cpu = time.perf_counter(), time.process_time()
                         pos.seconds, pos.cpu_seconds = pos.seconds + now - start, pos.cpu_seconds + now_cpu - start_cpu
                         start, start_cpu = now, now_cpu
@@ -477,7 +489,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                                                     f"batch {pos.batch}); --resume auto continues")
                 train_seconds = pos.seconds + time.perf_counter() - start
                 train_cpu_seconds = pos.cpu_seconds + time.process_time() - start_cpu
-            loss = pos.loss_sum / pos.good_batches if pos.good_batches else float("nan")
+            loss = pos.loss_sum / pos.good_steps if pos.good_steps else float("nan")
             start = time.perf_counter()
             metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
             eval_seconds = time.perf_counter() - start
@@ -538,7 +550,10 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
     lines = [
         f"# Fine-tuning {task.name} from {Path(config.model_dir).name}",
         "",
-        f"lr {config.lr:g}, batch {config.batch_size}, {plural(config.epochs, 'epoch')}, warm-up {config.warmup:g}, "
+        f"lr {config.lr:g}, batch {config.batch_size}"
+        + (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "")
+        + (f", {config.precision}" if config.precision != "fp32" else "")
+        + f", {plural(config.epochs, 'epoch')}, warm-up {config.warmup:g}, "
         f"weight decay {config.weight_decay:g}, max length {config.max_length}, seed {config.seed}; "
         f"{record['train_examples']:,} training examples"
         + (f" ({record['train_rows']:,} windows)" if isinstance(task, SquadTask) else "")

@@ -46,9 +46,10 @@ from bertkit.train.distributed import Distributed
 from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.loader import PretrainBatches, eval_loader
 from bertkit.train.logs import RunLogger, progress_bar
-from bertkit.train.optim import build_optimizer, optimizer_step, triangle, warmup_linear, warmup_steps_for
+from bertkit.train.optim import build_optimizer, triangle, warmup_linear, warmup_steps_for
 from bertkit.train.precision import Precision, resolve
 from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
+from bertkit.train.step import train_step as shared_step
 
 logger = logging.getLogger("bertkit")
 
@@ -278,17 +279,11 @@ def metrics(sums: torch.Tensor, objective: str) -> dict[str, float]:
 
 def train_step(model, micro_batches: list, optimizer, scheduler, precision: Precision, clip_norm: float,
                d: Distributed, top_token: int) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over this process's micro-batches (gradients averaged); returns their summed counts and
-    whether the update was made (not when the loss or the gradients are nan or inf: see `optimizer_step`)."""
+    """One optimizer step over this process's micro-batches (the shared `bertkit.train.step.train_step`); returns
+    their summed counts and whether the update was made (not when the loss or the gradients are nan or inf)."""
     sums = torch.zeros(len(SUMS), device=d.device)
-    for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-        with distributed.no_sync(model, sync=i == len(micro_batches) - 1):
-            with precision.autocast():
-                out = forward(model, batch)
-            precision.scaler.scale(out.loss / len(micro_batches)).backward()
-        sums += batch_sums(out, batch, top_token)
-    ok = optimizer_step(model, optimizer, scheduler, sums[0], clip_norm, precision.scaler, d)
+    _, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, clip_norm, d.device, d,
+                        forward=forward, on_output=lambda out, batch: sums.add_(batch_sums(out, batch, top_token)))
     return sums, ok
 
 

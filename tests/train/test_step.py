@@ -1,0 +1,60 @@
+"""The training step pretraining and fine-tuning share: accumulating micro-batches is one step on their union."""
+
+import pytest
+import torch
+
+from bertkit import BertConfig, BertForSequenceClassification
+from bertkit.train.optim import build_optimizer, warmup_linear
+from bertkit.train.precision import resolve
+from bertkit.train.step import train_step
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2,
+                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.01)
+    return model, optimizer, warmup_linear(optimizer, 0, 10)
+
+
+def _batch(rows: list[list[int]], labels: list[int], length: int) -> dict:
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": (ids != 0).long(),
+            "labels": torch.tensor(labels)}
+
+
+def test_two_micro_batches_make_the_step_of_their_union():
+    rows = [[2, 7, 9, 3], [2, 11, 3], [2, 5, 6, 8, 13, 3], [2, 40, 3]]
+    labels = [0, 1, 1, 0]
+    fp32 = resolve("fp32", torch.device("cpu"))
+    one, opt1, sched1 = _setup()
+    loss1, ok1 = train_step(one, [_batch(rows, labels, 6)], opt1, sched1, fp32, 1.0, torch.device("cpu"))
+    two, opt2, sched2 = _setup()
+    seen = []
+    loss2, ok2 = train_step(two, [_batch(rows[:2], labels[:2], 4), _batch(rows[2:], labels[2:], 6)], opt2, sched2,
+                            fp32, 1.0, torch.device("cpu"), on_output=lambda out, batch: seen.append(len(batch["labels"])))
+    assert ok1 and ok2 and seen == [2, 2]
+    torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(one.parameters(), _setup()[0].parameters()))  # it did train
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_a_nan_loss_makes_no_update_but_the_schedule_moves_on():
+    model, optimizer, scheduler = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = _batch([[2, 7, 3]], [0], 3)
+
+    def nan_forward(model, batch):
+        out = model(**batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    _, ok = train_step(model, [batch], optimizer, scheduler, resolve("fp32", torch.device("cpu")), 1.0,
+                       torch.device("cpu"), forward=nan_forward)
+    assert not ok and scheduler.last_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
