@@ -25,7 +25,29 @@ import torch
 from bertkit.data.prepare import PreparedCorpus, tokenizer_fingerprint
 from bertkit.errors import BertkitError
 
-OBJECTIVES = ("mlm+nsp", "mlm", "mlm+sop")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A pretraining objective, described once: the code asks it questions instead of comparing names."""
+
+    name: str
+    pairs: bool  # examples are [CLS] A [SEP] B [SEP] with a sentence label; else one segment, [CLS] A [SEP]
+    random_b: bool = False  # half the time B comes from another document (the next-sentence task)
+    swapped: bool = False  # half the time A and B trade places (the sentence-order task)
+    metric: str | None = None  # the held-out accuracy of the sentence task
+    short: str = ""  # the progress bar's name for that accuracy
+
+    @property
+    def documents_needed(self) -> int:
+        return 2 if self.random_b else 1  # a random B must come from another document
+
+
+OBJECTIVES = {o.name: o for o in (
+    Objective("mlm+nsp", pairs=True, random_b=True, metric="next_sentence_accuracy", short="nsp_acc"),  # BERT
+    Objective("mlm", pairs=False),  # RoBERTa's finding: no sentence task
+    Objective("mlm+sop", pairs=True, swapped=True, metric="sentence_order_accuracy", short="sop_acc"),  # ALBERT
+)}
 MASKINGS = ("token", "wwm", "span")
 IGNORE_INDEX = -100  # the label of an unpredicted position: cross-entropy's (and transformers') ignore_index
 _BRACKETED = re.compile(r"\[[^\]]*\]")  # [PAD], [unused0]: BERT vocabularies mark reserved pieces this way
@@ -105,6 +127,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
     ) -> None:
         if objective not in OBJECTIVES:
             raise BertkitError(f"objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        self.task = OBJECTIVES[objective]
         if masking not in MASKINGS:
             raise BertkitError(f"masking {masking!r}; expected one of {', '.join(MASKINGS)}")
         if max_length < 8 or not 0 < mask_prob < 1 or not 0 <= short_seq_prob <= 1 or seed < 0:
@@ -121,7 +144,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
                 f"{corpus.out_dir}: prepared with another tokenizer (vocab {corpus.vocab_size}, fingerprint "
                 f"{corpus.tokenizer_fingerprint[:12]}); expected the tokenizer it was prepared with"
             )
-        needed = 2 if objective == "mlm+nsp" else 1  # a random B must come from another document
+        needed = self.task.documents_needed
         if corpus.num_documents < needed:
             raise BertkitError(
                 f"{corpus.out_dir} ({corpus.split}): {corpus.num_documents} document(s); expected at least {needed} "
@@ -158,7 +181,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
 
     def _plan(self, rng: random.Random) -> np.ndarray:
         """Google's create_instances_from_document over every document, in token positions."""
-        pair = self.objective != "mlm"
+        pair = self.task.pairs
         max_tokens = self.max_length - (3 if pair else 2)
         offsets = self.corpus.sentence_offsets
         ranges = self.corpus.document_sentence_ranges
@@ -182,7 +205,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
                             break  # the document's last sentence, alone: no pair can be made of it (dropped)
                         end += 1
                     a_end = rng.randint(start + 1, end - 1)
-                    if self.objective == "mlm+nsp" and rng.random() < 0.5:
+                    if self.task.random_b and rng.random() < 0.5:
                         # The random B is as long as the true B would be (to the target, or to the document's end
                         # when that comes first), so an example's length says nothing about its label.
                         true_b = off[end] - off[a_end]
@@ -196,7 +219,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
                             end = a_end
                     else:
                         a0, a1, b0, b1, label = off[start], off[a_end], off[a_end], off[end], 0
-                        if self.objective == "mlm+sop" and rng.random() < 0.5:
+                        if self.task.swapped and rng.random() < 0.5:
                             a0, a1, b0, b1, label = b0, b1, a0, a1, 1
                         rows.append(_truncate(rng, a0, a1, b0, b1, max_tokens, label))
                     start = end
@@ -243,7 +266,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         a0, a1, b0, b1, label = self.plan[index].tolist()
         tokens = self.corpus.tokens
         len_a, len_b = a1 - a0, b1 - b0
-        pair = self.objective != "mlm"
+        pair = self.task.pairs
         length = len_a + 2 + (len_b + 1 if pair else 0)
         input_ids = np.empty(length, np.int64)
         token_type_ids = np.zeros(length, np.int64)

@@ -39,6 +39,7 @@ from bertkit.checkpoint import (
     verify_checkpoint,
 )
 from bertkit.config import PRESETS, BertConfig, option, write_json
+from bertkit.data.pretraining import OBJECTIVES
 from bertkit.errors import BertkitError
 from bertkit.model import BertForPreTraining, compile_blocks, set_dropout
 from bertkit.train import distributed
@@ -57,7 +58,6 @@ CONFIG_NAME = "pretrain_config.json"
 # What a run writes into its folder besides tokenizer/ and data/ (inputs built from --corpus, kept by --overwrite)
 OUTPUTS = (CONFIG_NAME, "train.csv", "eval.csv", "tensorboard", "loss_curve.png", "checkpoints")
 LOGS = ("train.csv", "eval.csv", "tensorboard", "loss_curve.png")
-SENTENCE_METRIC = {"mlm+nsp": "next_sentence_accuracy", "mlm+sop": "sentence_order_accuracy"}
 
 
 def default_corpus() -> list[str]:
@@ -272,8 +272,8 @@ def metrics(sums: torch.Tensor, objective: str) -> dict[str, float]:
         "masked_lm_loss": s["masked_lm_loss"] / s["batches"] if s["batches"] else nan,
         "masked_lm_accuracy": s["mlm_correct"] / s["mlm_total"] if s["mlm_total"] else nan,
     }
-    if objective in SENTENCE_METRIC:
-        out[SENTENCE_METRIC[objective]] = s["sentence_correct"] / s["sentence_total"] if s["sentence_total"] else nan
+    if OBJECTIVES[objective].metric:
+        out[OBJECTIVES[objective].metric] = s["sentence_correct"] / s["sentence_total"] if s["sentence_total"] else nan
     return out
 
 
@@ -469,7 +469,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
                                                      f"{n / 1e6:.1f}M-parameter model"), d)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    if cfg.objective == "mlm":  # no sentence labels: frozen, so DDP does not wait for gradients that never come
+    if not OBJECTIVES[cfg.objective].pairs:  # no sentence labels: frozen, so that DDP waits for no gradient there
         model.bert.pooler.requires_grad_(False)
         model.cls.seq_relationship.requires_grad_(False)
     state = None
@@ -498,7 +498,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     if reached is not None:
         logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged "
                        "again by this run", run_dir, reached, pos.step)
-    plot_keys = ("loss", "masked_lm_accuracy", SENTENCE_METRIC.get(cfg.objective, "masked_lm_loss"))
+    plot_keys = ("loss", "masked_lm_accuracy", OBJECTIVES[cfg.objective].metric or "masked_lm_loss")
     held_out = eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d)
     bad_steps = NonFiniteSteps(cfg.max_bad_steps, f"try a lower --lr (now {cfg.lr:g})"
                                + (", clipping (--clip-norm 1)" if not cfg.clip_norm else "")
@@ -553,9 +553,10 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
                                  "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch,
                                  "skipped_steps": bad_steps.window}
                     log.log("train", pos.step, train_row)
-                    sentence = train_row.get(SENTENCE_METRIC.get(cfg.objective, ""))
+                    task = OBJECTIVES[cfg.objective]
+                    sentence = train_row.get(task.metric) if task.metric else None
                     bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
-                                    **({cfg.objective[4:] + "_acc": f"{sentence:.3f}"} if sentence is not None else {}),
+                                    **({task.short: f"{sentence:.3f}"} if sentence is not None else {}),
                                     lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}",
                                     **({"skipped": bad_steps.total} if bad_steps.total else {}))
                     window.zero_()
