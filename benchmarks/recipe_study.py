@@ -94,7 +94,7 @@ def common_eval(name: str, args) -> dict:
     import torch
 
     from bertkit.checkpoint import list_checkpoints
-    from bertkit.data.prepare import PreparedCorpus
+    from bertkit.data.shards import PreparedCorpus
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.model import BertForPreTraining
     from bertkit.tokenizer import Tokenizer

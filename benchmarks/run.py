@@ -127,7 +127,8 @@ def tokenizer():
 def pretraining_batches(batch_size: int, n_batches: int, max_length: int = 128, seed: int = 0) -> list[dict]:
     """MLM+NSP batches built by bertkit's own data pipeline from the python-docs corpus: the corpus's natural
     length distribution (most examples fill max_length, short ones where documents end or by short_seq_prob)."""
-    from bertkit.data.prepare import PreparedCorpus, prepare
+    from bertkit.data.prepare import prepare
+    from bertkit.data.shards import PreparedCorpus
     from bertkit.data.pretraining import PretrainingDataset
 
     tok = tokenizer()

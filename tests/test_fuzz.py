@@ -32,7 +32,8 @@ from bertkit.checkpoint import meta_model
 from bertkit.config import MAX_PARAMETERS
 from bertkit.data.corpus import FileReader
 from bertkit.data.glue import TASKS, read_custom, read_glue_file
-from bertkit.data.prepare import PreparedCorpus, prepare
+from bertkit.data.prepare import prepare
+from bertkit.data.shards import PreparedCorpus
 from bertkit.data.squad import read_squad
 from bertkit.tasks.finetune import FinetuneConfig, predict
 from bertkit.tokenizer import SPECIAL_TOKENS

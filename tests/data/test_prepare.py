@@ -10,7 +10,8 @@ import pytest
 
 from bertkit.data import prepare as prepare_module
 from bertkit.data.corpus import FileReader
-from bertkit.data.prepare import MANIFEST, PreparedCorpus, prepare, token_dtype, tokenizer_fingerprint
+from bertkit.data.prepare import prepare
+from bertkit.data.shards import MANIFEST, PreparedCorpus, token_dtype, tokenizer_fingerprint
 from bertkit.errors import BertkitError
 from bertkit.tokenizer import Tokenizer
 from conftest import data_path

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bertkit.data.corpus import FileReader
-from bertkit.data.prepare import PreparedCorpus, prepare
+from bertkit.data.prepare import prepare
+from bertkit.data.shards import PreparedCorpus
 from bertkit.data.pretraining import (
     IGNORE_INDEX,
     PretrainingDataset,

@@ -326,7 +326,7 @@ def test_half_precision_falls_back_to_fp32_where_the_hardware_lacks_it(caplog):
 def test_the_model_can_fit_next_sentence_labels_of_a_fixed_batch(inputs):
     """The NSP path learns: on one fixed batch of real examples a tiny model reaches 100% NSP accuracy. (Held-out
     NSP on the shared corpus stays near 60% for `mini`: a corpus limit, see docs/findings.md, not a wiring one.)"""
-    from bertkit.data.prepare import PreparedCorpus
+    from bertkit.data.shards import PreparedCorpus
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.tokenizer import Tokenizer
     from bertkit.train.optim import build_optimizer

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bertkit.data.prepare import PreparedCorpus, tokenizer_fingerprint
+from bertkit.data.shards import PreparedCorpus, tokenizer_fingerprint
 from bertkit.errors import BertkitError
 
 

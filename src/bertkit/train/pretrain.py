@@ -445,7 +445,7 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
 
 
 def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> dict:
-    from bertkit.data.prepare import PreparedCorpus
+    from bertkit.data.shards import PreparedCorpus
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.tokenizer import Tokenizer
 
