@@ -35,7 +35,8 @@ from bertkit.data.glue import TASKS, read_custom, read_glue_file
 from bertkit.data.prepare import prepare
 from bertkit.data.shards import PreparedCorpus
 from bertkit.data.squad import read_squad
-from bertkit.tasks.finetune import FinetuneConfig, predict
+from bertkit.tasks.evaluation import predict
+from bertkit.tasks.finetune import FinetuneConfig
 from bertkit.tokenizer import SPECIAL_TOKENS
 
 GENERATED: Counter[str] = Counter()  # examples run per test, for the total checked at the end
@@ -562,7 +563,7 @@ def test_the_suite_generated_at_least_ten_thousand_inputs():
 
 
 def test_evaluate_with_negative_threads_is_a_bertkit_error(cli_template):
-    from bertkit.tasks.finetune import evaluate
+    from bertkit.tasks.evaluation import evaluate
 
     threads = torch.get_num_threads()
     try:

@@ -113,7 +113,7 @@ def test_int8_minilm_sentence_embeddings_stay_close():
 
 def test_predict_and_evaluate_take_int8(tmp_path):
     """The Python API's int8=True gives the same labels as float32 on a model whose margins are wide."""
-    from bertkit.tasks.finetune import evaluate, predict
+    from bertkit.tasks.evaluation import evaluate, predict
 
     directory = save_tiny(tmp_path / "model")
     texts = ["the movie was good", "an awful boring film", "it is not very fun", "great"]

@@ -44,7 +44,7 @@ def served(model_dir, test, **settings):
 
 
 def test_server_labels_texts_and_pairs_as_predict_does(folders):
-    from bertkit.tasks.finetune import predict
+    from bertkit.tasks.evaluation import predict
 
     texts = ["the movie was good", "an awful boring film", "it is not very fun"]
 

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-score a fine-tuned model. The task, data and lengths default to those in the folder's "
         "finetune_config.json; the options below replace them.",
     )
-    from bertkit.tasks.finetune import EvaluateConfig, PredictConfig
+    from bertkit.tasks.evaluation import EvaluateConfig, PredictConfig
 
     add_dataclass_args(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
@@ -271,7 +271,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from bertkit.tasks.finetune import EvaluateConfig, evaluate
+    from bertkit.tasks.evaluation import EvaluateConfig, evaluate
 
     metrics = evaluate(**dataclasses.asdict(dataclass_from_args(EvaluateConfig, args)))
     width = max(map(len, metrics))
@@ -283,7 +283,7 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     import json
 
-    from bertkit.tasks.finetune import PredictConfig, predict
+    from bertkit.tasks.evaluation import PredictConfig, predict
 
     options = dataclasses.asdict(dataclass_from_args(PredictConfig, args))
     source, out = options.pop("input"), options.pop("out")

@@ -109,7 +109,8 @@ class Predictor:
     def __init__(self, model_dir, int8: bool = False, max_length: int | None = None, batch_size: int = 32,
                  device: str = "cpu", max_text_chars: int = 20_000):
         from bertkit.tasks.classification import TextTask
-        from bertkit.tasks.finetune import FinetuneConfig, _tuned_threshold
+        from bertkit.tasks.evaluation import _tuned_threshold
+        from bertkit.tasks.finetune import FinetuneConfig
         from bertkit.tasks.squad import SquadTask
         from bertkit.tokenizer import Tokenizer
 

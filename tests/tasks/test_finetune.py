@@ -9,7 +9,8 @@ import pytest
 
 from bertkit.cli import main
 from bertkit.errors import BertkitError
-from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, evaluate, finetune, predict
+from bertkit.tasks.evaluation import evaluate, predict
+from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, finetune
 from bertkit.tasks.glue import GlueConfig, glue
 from conftest import data_path
 

@@ -16,7 +16,8 @@ from bertkit import Tokenizer
 from bertkit.cli import main
 from bertkit.data.squad import read_squad
 from bertkit.errors import BertkitError
-from bertkit.tasks.finetune import FinetuneConfig, evaluate, finetune, predict
+from bertkit.tasks.evaluation import evaluate, predict
+from bertkit.tasks.finetune import FinetuneConfig, finetune
 from bertkit.tasks.metrics import normalize_answer, squad_metrics
 from bertkit.tasks.squad import SquadTask
 from conftest import data_path

@@ -11,7 +11,8 @@ import torch
 from bertkit import BertConfig, BertForSequenceClassification, BertkitError, Tokenizer
 from bertkit.cli import main
 from bertkit.tasks.classification import load_text_task
-from bertkit.tasks.finetune import FinetuneConfig, predict
+from bertkit.tasks.evaluation import predict
+from bertkit.tasks.finetune import FinetuneConfig
 
 BLANK = {"label": None, "probability": None, "error": "blank line: no text to label"}
 
