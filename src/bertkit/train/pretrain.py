@@ -444,20 +444,66 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
             lock.release()
 
 
-def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> dict:
-    from bertkit.data.shards import PreparedCorpus
+@dataclass
+class Run:
+    """Everything the loop needs, built by `set_up`: the model (and its DDP wrapper), optimizer, schedule,
+    precision, batches, held-out loader, logger, the position reached, and how to evaluate and save."""
+
+    cfg: PretrainConfig
+    d: Distributed
+    run_dir: Path
+    resumed_from: Path | None
+    tokenizer: object
+    model: BertForPreTraining
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    precision: Precision
+    batches: PretrainBatches
+    held_out: object
+    top_token: int
+    signature: dict
+    log: RunLogger
+    bad_steps: NonFiniteSteps
+    pos: Position
+    examples_per_epoch: int
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def evaluate(self) -> dict:
+        result = evaluate(self.model, self.held_out, self.precision, self.top_token, self.cfg.objective, self.d)
+        self.log.log("eval", self.pos.step, result)
+        self.log.plot(keys=("loss", "masked_lm_accuracy", OBJECTIVES[self.cfg.objective].metric or "masked_lm_loss"))
+        return result
+
+    def save(self) -> Path:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):  # a last guard: no NaN model
+            raise BertkitError(f"step {self.pos.step}: the weights hold nan or inf; not saved. Expected finite "
+                               f"weights: {self.bad_steps.hint}")
+        payload = training_state(self.pos, self.optimizer, self.scheduler, self.precision, self.signature, self.cfg,
+                                 self.d)
+        path = self.checkpoints / f"step-{self.pos.step:08d}"
+        if self.d.is_main:
+            path = save_checkpoint(self.checkpoints, self.pos.step, self.model, self.tokenizer, payload)
+            prune_checkpoints(self.checkpoints, self.cfg.keep_last)
+        return path
+
+
+def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> Run:
+    """The vocabulary and data (built when not given), the model, optimizer, schedule and precision, restored from
+    `resume_from` when given; the logs cut back to the checkpoint's step."""
     from bertkit.data.pretraining import PretrainingDataset
+    from bertkit.data.shards import PreparedCorpus
     from bertkit.tokenizer import Tokenizer
 
-    checkpoints = run_dir / "checkpoints"
     tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir), d)
-
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     options = dict(max_length=cfg.max_length, masking=cfg.masking, objective=cfg.objective, mask_prob=cfg.mask_prob,
                    seed=cfg.seed)
     train_set = PretrainingDataset(PreparedCorpus(data_dir, "train"), tokenizer, **options)
     eval_set = PretrainingDataset(PreparedCorpus(data_dir, "heldout"), tokenizer, **options)
-    top_token = most_frequent_token(train_set)
     batches = PretrainBatches(train_set, cfg.batch_size, cfg.grad_accum, d, cfg.num_workers,
                               ramp_steps=round(cfg.batch_ramp * cfg.max_steps))
     signature = data_signature(cfg, batches)
@@ -492,92 +538,86 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         torch.manual_seed(cfg.seed * 65536 + d.rank + 1)  # dropout: a stream per process
     if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
         write_json(run_dir / CONFIG_NAME, dataclasses.asdict(cfg))
-    ddp_model = distributed.wrap(model, d)
     log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if resume_from is not None else None)
     reached = log.truncate(pos.step)
     if reached is not None:
         logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged "
                        "again by this run", run_dir, reached, pos.step)
-    plot_keys = ("loss", "masked_lm_accuracy", OBJECTIVES[cfg.objective].metric or "masked_lm_loss")
-    held_out = eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d)
     bad_steps = NonFiniteSteps(cfg.max_bad_steps, f"try a lower --lr (now {cfg.lr:g})"
                                + (", clipping (--clip-norm 1)" if not cfg.clip_norm else "")
                                + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
                                + "; --resume auto continues from the last checkpoint")
+    return Run(cfg, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer, scheduler,
+               precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
+               most_frequent_token(train_set), signature, log, bad_steps, pos, len(train_set))
 
-    def run_eval() -> dict:
-        result = evaluate(model, held_out, precision, top_token, cfg.objective, d)
-        log.log("eval", pos.step, result)
-        log.plot(keys=plot_keys)
-        return result
 
-    def save() -> Path:
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # a last guard: never a NaN model
-            raise BertkitError(f"step {pos.step}: the weights hold nan or inf; not saved. Expected finite weights: "
-                               f"{bad_steps.hint}")
-        payload = training_state(pos, optimizer, scheduler, precision, signature, cfg, d)
-        path = checkpoints / f"step-{pos.step:08d}"
-        if d.is_main:
-            path = save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
-            prune_checkpoints(checkpoints, cfg.keep_last)
-        return path
-
+def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> dict:
+    run = set_up(cfg, d, run_dir, resume_from)
     if d.is_main:
-        print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {len(train_set):,} examples an epoch, "
-              f"global batch {batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
-              f"{cfg.batch_size})" + (f" after a ramp over {batches.ramp_steps} steps" if batches.ramp_steps else "")
+        n = run.model.num_parameters()
+        print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
+              f"global batch {run.batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
+              f"{cfg.batch_size})" + (f" after a ramp over {run.batches.ramp_steps} steps" if run.batches.ramp_steps
+                                      else "")
               + f", {cfg.max_steps} steps, {torch.get_num_threads()} torch thread(s); run folder {run_dir}"
-              + (f"; resuming at step {pos.step} from {resume_from}" if resume_from else ""))
-    bar = progress_bar(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
-    window = torch.zeros(len(SUMS), device=d.device)
-    seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
-    steps = batches(pos.epoch, pos.step, pos.example_in_epoch)
-    last_saved = pos.step if resume_from is not None else None
-    train_row: dict = {}
+              + (f"; resuming at step {run.pos.step} from {resume_from}" if resume_from else ""))
     try:
-        with Interrupt() as interrupt:
-            while pos.step < cfg.max_steps:
-                started = time.perf_counter()
-                epoch, example_in_epoch, micro_batches = next(steps)
-                sums, ok = train_step(ddp_model, micro_batches, optimizer, scheduler, precision, cfg.clip_norm, d,
-                                      top_token)
-                if ok:  # a skipped step's nan would spoil the window's means
-                    window += sums
-                seconds += time.perf_counter() - started
-                pos = Position(pos.step + 1, epoch, example_in_epoch)
-                bar.update(1)
-                bad_steps.record(ok, pos.step)
-                if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
-                    distributed.all_reduce_sum(window, d)
-                    train_row = {**metrics(window, cfg.objective), "lr": scheduler.get_last_lr()[0],
-                                 "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch,
-                                 "skipped_steps": bad_steps.window}
-                    log.log("train", pos.step, train_row)
-                    task = OBJECTIVES[cfg.objective]
-                    sentence = train_row.get(task.metric) if task.metric else None
-                    bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
-                                    **({task.short: f"{sentence:.3f}"} if sentence is not None else {}),
-                                    lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}",
-                                    **({"skipped": bad_steps.total} if bad_steps.total else {}))
-                    window.zero_()
-                    seconds = 0.0
-                    bad_steps.window = 0
-                if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
-                    run_eval()
-                if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
-                    save()
-                    last_saved = pos.step
-                if interrupt.requested(d) and pos.step < cfg.max_steps:
-                    path = checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else save()
-                    raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step}; --resume auto continues")
-        bar.close()
-        final = run_eval()
-        path = checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else save()
+        final, path, train_row = loop(run)
     finally:
-        bar.close()
-        log.close()
+        run.log.close()
     if d.is_main:
         shown = {k: round(v, 4) for k, v in final.items()}
-        print(f"step {pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
-    return {**final, "step": pos.step, "train_loss": train_row.get("loss"), "checkpoint": str(path),
-            "run_dir": str(run_dir), "skipped_steps": bad_steps.total}
+        print(f"step {run.pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
+    return {**final, "step": run.pos.step, "train_loss": train_row.get("loss"), "checkpoint": str(path),
+            "run_dir": str(run_dir), "skipped_steps": run.bad_steps.total}
+
+
+def loop(run: Run) -> tuple[dict, Path, dict]:
+    """Train from `run.pos` to --max-steps: log every --log-every steps, evaluate every --eval-every, save every
+    --save-every and at the end (or on Ctrl-C). Returns the final held-out metrics, the last checkpoint and the
+    last training row."""
+    cfg, d, pos = run.cfg, run.d, run.pos
+    window = torch.zeros(len(SUMS), device=d.device)
+    seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
+    steps = run.batches(pos.epoch, pos.step, pos.example_in_epoch)
+    last_saved = pos.step if run.resumed_from is not None else None
+    train_row: dict = {}
+    task = OBJECTIVES[cfg.objective]
+    bar = progress_bar(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
+    with bar, Interrupt() as interrupt:
+        while pos.step < cfg.max_steps:
+            started = time.perf_counter()
+            epoch, example_in_epoch, micro_batches = next(steps)
+            sums, ok = train_step(run.ddp_model, micro_batches, run.optimizer, run.scheduler, run.precision,
+                                  cfg.clip_norm, d, run.top_token)
+            if ok:  # a skipped step's nan would spoil the window's means
+                window += sums
+            seconds += time.perf_counter() - started
+            pos = run.pos = Position(pos.step + 1, epoch, example_in_epoch)
+            bar.update(1)
+            run.bad_steps.record(ok, pos.step)
+            if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+                distributed.all_reduce_sum(window, d)
+                train_row = {**metrics(window, cfg.objective), "lr": run.scheduler.get_last_lr()[0],
+                             "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch,
+                             "skipped_steps": run.bad_steps.window}
+                run.log.log("train", pos.step, train_row)
+                sentence = train_row.get(task.metric) if task.metric else None
+                bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
+                                **({task.short: f"{sentence:.3f}"} if sentence is not None else {}),
+                                lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}",
+                                **({"skipped": run.bad_steps.total} if run.bad_steps.total else {}))
+                window.zero_()
+                seconds, run.bad_steps.window = 0.0, 0
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
+                run.evaluate()
+            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
+                run.save()
+                last_saved = pos.step
+            if interrupt.requested(d) and pos.step < cfg.max_steps:
+                path = run.checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else run.save()
+                raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step}; --resume auto continues")
+    final = run.evaluate()
+    path = run.checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else run.save()
+    return final, path, train_row
