@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from bertkit import BertConfig, BertForSequenceClassification, BertkitError, BertModel
 from bertkit.checkpoint import read_state_dict, read_weight_shapes
 from bertkit.cli import main
+from tiny_folders import tiny_config
 
 
 def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
@@ -33,8 +34,7 @@ def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
 def tiny_folder(path, **config_changes):
     """A saved 2-layer classifier (hidden 32), then config.json edited by `config_changes`."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, id2label={0: "neg", 1: "pos"})
+    config = tiny_config(id2label={0: "neg", 1: "pos"})
     BertForSequenceClassification(config).save_pretrained(path)
     if config_changes:
         values = json.loads((path / "config.json").read_text()) | config_changes
@@ -106,9 +106,8 @@ def test_weights_file_that_is_a_folder_or_garbage_is_named(tmp_path):
 
 def sharded(path, index_text=None, drop=None):
     """The tiny model saved as two safetensors shards with an index (or the index text given)."""
-    state = {k: v.contiguous() for k, v in BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                                  num_attention_heads=2, intermediate_size=64)).state_dict().items()}
-    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save(path)
+    state = {k: v.contiguous() for k, v in BertModel(tiny_config()).state_dict().items()}
+    tiny_config().save(path)
     names = sorted(state)
     half = len(names) // 2
     weight_map = {}

@@ -6,17 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from bertkit import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertkitError, BertModel
+from bertkit import BertForQuestionAnswering, BertForSequenceClassification, BertkitError, BertModel
 from bertkit.model import BertSelfAttention
 from bertkit.quantize import Int8Linear, has_vnni, to_int8
 from conftest import data_path
-from tiny_folders import save_tiny
+from tiny_folders import save_tiny, tiny_config
 
 
 def tiny(cls=BertForSequenceClassification, **overrides):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, **overrides)
+    config = tiny_config(99, **overrides)
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

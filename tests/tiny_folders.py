@@ -1,4 +1,5 @@
-"""Tiny fine-tuned model folders (random weights, seeded, a written vocabulary) for the int8, export and serve tests.
+"""The tests' tiny model: `tiny_config` (2 layers, 32 wide, 2 heads) and tiny fine-tuned model folders (random
+weights, seeded, a written vocabulary) for the int8, export and serve tests.
 
 The weights are scaled up from BERT's initialisation so that the outputs vary with the input: at std 0.02 a
 2-layer, 32-wide model gives nearly the same logits for every text, and a test comparing two computations of
@@ -15,6 +16,12 @@ WORDS = ("the movie film good bad great awful boring fun is was not very and of 
          "an in on at by signed treaty company profit rose".split())
 
 
+def tiny_config(vocab_size: int = 100, **overrides) -> BertConfig:
+    """The tests' tiny BERT: 2 layers, hidden 32, 2 heads, feed-forward 64 (overrides: any BertConfig field)."""
+    return BertConfig(**{"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "intermediate_size": 64, **overrides})
+
+
 def tokenizer_in(directory) -> Tokenizer:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", "?", "%", *letters, *("##" + c for c in letters),
@@ -29,10 +36,9 @@ def save_tiny(directory, cls=BertForSequenceClassification, num_labels: int = 2,
     tokenizer = tokenizer_in(directory)
     torch.manual_seed(seed)
     labels = {0: "neg", 1: "pos"} if num_labels == 2 else {i: f"class{i}" for i in range(num_labels)}
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128,
-                        **({"id2label": labels} if cls is BertForSequenceClassification and num_labels > 1 else {}),
-                        **({"num_labels": 1} if num_labels == 1 else {}))
+    config = tiny_config(tokenizer.vocab_size, max_position_embeddings=128,
+                         **({"id2label": labels} if cls is BertForSequenceClassification and num_labels > 1 else {}),
+                         **({"num_labels": 1} if num_labels == 1 else {}))
     model = cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():

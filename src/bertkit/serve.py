@@ -39,7 +39,7 @@ from bertkit.data.glue import TextExample
 from bertkit.data.squad import SquadExample
 from bertkit.errors import BertkitError
 
-log = logging.getLogger("bertkit")
+logger = logging.getLogger("bertkit")
 
 QA, CLASSIFIER = "BertForQuestionAnswering", "BertForSequenceClassification"
 
@@ -338,7 +338,7 @@ class Batcher:
             try:
                 results = await loop.run_in_executor(self._executor, self.run, examples)
             except Exception as e:  # a bug, not bad input (inputs are checked on arrival): answer 500, keep serving
-                log.exception("a batch of %d inputs failed", len(examples))
+                logger.exception("a batch of %d inputs failed", len(examples))
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(RequestError(500, f"the model failed on this batch ({type(e).__name__})"))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from bertkit import BertConfig, BertModel, Tokenizer
+from bertkit import BertModel, Tokenizer
+from tiny_folders import tiny_config
 from conftest import data_path
 
 WORDS = "the movie film good bad great awful boring fun is was not very and of it to".split()
@@ -12,8 +13,7 @@ WORDS = "the movie film good bad great awful boring fun is was not very and of i
 def save_tiny_model(directory, tokenizer) -> str:
     """A 2-layer, 32-wide encoder (random weights, seeded) with the tokenizer, as a pretrained folder."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64)
+    config = tiny_config(tokenizer.vocab_size)
     BertModel(config).save_pretrained(directory, tokenizer=tokenizer)
     return str(directory)
 

@@ -23,11 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertkit import BertConfig, BertModel, Tokenizer
+from bertkit import BertModel, Tokenizer
 from bertkit.checkpoint import COMPLETE_NAME, WEIGHTS_NAME, list_checkpoints
 from bertkit.cli import main as cli_main
 from bertkit.tasks.finetune import FinetuneConfig, finetune
 from bertkit.train.pretrain import PretrainConfig, pretrain
+from tiny_folders import tiny_config
 from train.test_pretrain import REPO, flags, inputs, rows, small  # noqa: F401 (inputs is a fixture)
 
 # The child: one torch thread (the same floats as the reference), and the kill point (or a call count) from the
@@ -270,8 +271,7 @@ def toy(tmp_path_factory):
     (root / "model" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = Tokenizer.from_vocab(root / "model" / "vocab.txt")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64)
+    config = tiny_config(tokenizer.vocab_size)
     BertModel(config).save_pretrained(root / "model", tokenizer=tokenizer)
     examples = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0), ("not bad", 1),
                 ("awful , it was boring", 0)] * 8

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from bertkit import BertConfig, BertForSequenceClassification
+from bertkit import BertForSequenceClassification
 from bertkit.train.optim import build_optimizer, warmup_linear
 from bertkit.train.precision import resolve
 from bertkit.train.step import train_step
+from tiny_folders import tiny_config
 
 
 def _setup():
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2,
-                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = BertForSequenceClassification(tiny_config(50, num_labels=2, hidden_dropout_prob=0.0,
+                                                      attention_probs_dropout_prob=0.0))
     optimizer = build_optimizer(model, "adamw", 1e-3, 0.01)
     return model, optimizer, warmup_linear(optimizer, 0, 10)
 

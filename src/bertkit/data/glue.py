@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bertkit.errors import BertkitError, where
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger("bertkit")
 
 
 @dataclass
@@ -203,7 +203,7 @@ def read_glue_file(task: str, path: str | Path) -> list[TextExample]:
     if not examples:
         raise BertkitError(f"{path}: all {len(skipped)} rows are broken (expected {width} columns each)")
     if skipped:
-        log.warning("%s: skipped %d broken rows (wrong column count), first at lines %s",
+        logger.warning("%s: skipped %d broken rows (wrong column count), first at lines %s",
                     path, len(skipped), ", ".join(map(str, skipped[:5])))
     return examples
 

@@ -16,7 +16,7 @@ from bertkit.errors import BertkitError
 from bertkit.model import BertForSequenceClassification
 from bertkit.tasks.inference import infer
 
-log = logging.getLogger("bertkit")
+logger = logging.getLogger("bertkit")
 
 # Microsoft's MRPC release, which GLUE's train/dev are cut from; its test file is what GLUE scores MRPC on.
 MSR_TRAIN, MSR_TEST = "msr_paraphrase_train.txt", "msr_paraphrase_test.txt"
@@ -118,7 +118,7 @@ def _with_text(examples: list[TextExample], path: Path) -> list[TextExample]:
         empty = [str(e.line if e.line is not None else e.guid) for e in examples if not has_text(e)]
         if not kept:
             raise BertkitError(f"{path}: every example has an empty text; expected text to train on")
-        log.warning("%s: skipped %d training example(s) with an empty text (first at line %s)",
+        logger.warning("%s: skipped %d training example(s) with an empty text (first at line %s)",
                     path, len(empty), ", ".join(empty[:5]))
     return kept
 
@@ -166,7 +166,7 @@ def load_text_task(config, need_train: bool = True, labels: Sequence[str] | None
     if config.predict:
         task.tests = {s: read_glue_file(spec.name, p) for s, p in test_files.items()}
         if not test_files:
-            log.warning("no test file for %s (expected test.tsv in --data-dir, or --test-file): "
+            logger.warning("no test file for %s (expected test.tsv in --data-dir, or --test-file): "
                         "no submission file written", spec.name)
     return task
 

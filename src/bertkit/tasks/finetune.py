@@ -54,7 +54,7 @@ from bertkit.train.precision import resolve as resolve_precision
 from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
 from bertkit.train.step import train_step as shared_step
 
-log = logging.getLogger("bertkit")
+logger = logging.getLogger("bertkit")
 
 CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
@@ -293,7 +293,7 @@ def open_out_dir(config: FinetuneConfig, out: Path) -> Path | dict | None:
     if config.overwrite:
         removed = remove(out, WRITTEN)
         if removed:
-            log.warning("%s: --overwrite: deleted %s", out, ", ".join(removed))
+            logger.warning("%s: --overwrite: deleted %s", out, ", ".join(removed))
         return None
     if config.resume and config.resume != "auto":
         path = Path(config.resume)
@@ -308,12 +308,12 @@ def open_out_dir(config: FinetuneConfig, out: Path) -> Path | dict | None:
             return path
         record = _finished(out, config) if (out / CONFIG_FILE).is_file() else None
         if record is not None:
-            log.warning("%s: this run has finished already (metrics.json holds all %d epochs); nothing to do",
+            logger.warning("%s: this run has finished already (metrics.json holds all %d epochs); nothing to do",
                         out, config.epochs)
             return record
     stale = remove(out, RECORDS)
     if stale:
-        log.warning("%s: starting the run over (an earlier attempt's %s deleted)", out, ", ".join(stale))
+        logger.warning("%s: starting the run over (an earlier attempt's %s deleted)", out, ", ".join(stale))
     return None
 
 
@@ -431,10 +431,10 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         record, (best.score, best.epoch) = state["record"], state["best"]
         bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row = state["bad_steps"]
         print(f"resuming {task.name} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}) from {resume_from}")
-    logger = RunLogger(out, tensorboard=False)
-    reached = logger.truncate(pos.step)
+    run_log = RunLogger(out, tensorboard=False)
+    reached = run_log.truncate(pos.step)
     if reached is not None:
-        log.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged again",
+        logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged again",
                     out, reached, pos.step)
     if state is not None:
         set_rng_state(state["rng"])  # last: nothing after this may draw from the generators before training
@@ -474,7 +474,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                     if pos.step % 50 == 0:
                         mean = float(np.mean(pos.running)) if pos.running else float("nan")
                         bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": bad_steps.total} if bad_steps.total else {}))
-                        logger.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
+                        run_log.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
                                                        "skipped_steps": bad_steps.window})
                         pos.running, bad_steps.window = [], 0
                     stop = interrupt.requested()
@@ -484,7 +484,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                         start, start_cpu = now, now_cpu
                         path = save()
                         if stop:
-                            logger.close()
+                            run_log.close()
                             raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step} (epoch {epoch}, "
                                                     f"batch {pos.batch}); --resume auto continues")
                 train_seconds = pos.seconds + time.perf_counter() - start
@@ -493,7 +493,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
             start = time.perf_counter()
             metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
             eval_seconds = time.perf_counter() - start
-            logger.log("eval", pos.step, metrics)
+            run_log.log("eval", pos.step, metrics)
             row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
                    "train_cpu_seconds": train_cpu_seconds, "train_examples_per_second": len(rows) / train_seconds,
                    "eval_seconds": eval_seconds, **metrics}
@@ -503,14 +503,14 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 model.save_pretrained(out, tokenizer=tokenizer)
                 write_outputs(out)
                 record["best_epoch"], record["best"] = epoch, metrics
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
             pos = Position(step=pos.step, epoch=epoch + 1)
             save()
             if interrupt.requested() and epoch < config.epochs:
-                logger.close()
+                run_log.close()
                 raise KeyboardInterrupt(f"checkpoint saved at the end of epoch {epoch}; --resume auto continues")
-    logger.close()
+    run_log.close()
     if config.predict and isinstance(task, TextTask) and task.tests:
         model = task.model_class.from_pretrained(out).to(device)
         record["submissions"] = [str(p) for p in task.write_test_predictions(model, tokenizer, config, device, out)]

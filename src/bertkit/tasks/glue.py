@@ -14,7 +14,7 @@ from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
 
-log = logging.getLogger("bertkit")
+logger = logging.getLogger("bertkit")
 
 # Table 1's columns: the metric the paper reports per task (F1 for QQP/MRPC, Spearman for STS-B, MCC for CoLA)
 # and the training-set sizes it prints under the names (bertkit's table prints the sizes it trained on). WNLI is left
