@@ -43,7 +43,7 @@ def test_two_micro_batches_make_the_step_of_their_union():
     assert any(not torch.equal(a, b) for a, b in zip(one.parameters(), _setup()[0].parameters()))  # it did train
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 def test_a_nan_loss_makes_no_update_but_the_schedule_moves_on():
     model, optimizer, scheduler = _setup()
     before = [p.detach().clone() for p in model.parameters()]
