@@ -119,19 +119,18 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    run.DEVICE = torch.device(args.device)
-    run.ONLY = "bertkit"
-    info = run.machine()
+    bench = run.Bench(torch.device(args.device), only="bertkit")
+    info = run.machine(bench)
     print(json.dumps(info))
     rows = []
     for name in args.cases:
-        case = run.CASES[name](args)
+        case = run.CASES[name](bench, args)
         shipped = case.units["bertkit"]
         for undo in args.undo:
             if undo in PRETRAINING_ONLY and not name.startswith("pretrain"):
                 continue
             case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
-            r = run.measure(case, args.rounds, args.warmup)
+            r = run.measure(bench, case, args.rounds, args.warmup)
             row = {"case": name, "undone": undo, "shipped_tokens_per_s": r["shipped"]["tokens_per_s"],
                    "undone_tokens_per_s": r[undo]["tokens_per_s"]}
             row["pays"] = row["shipped_tokens_per_s"] / row["undone_tokens_per_s"]
@@ -140,7 +139,7 @@ def main() -> None:
                   f"{row['undone_tokens_per_s']:8.0f} tok/s  pays {row['pays']:.2f}x", flush=True)
         del case
     shares = [optimizer_share(p, 32 if p == "mini" else 8) for p in ("mini", "base")
-              if f"pretrain-{p}" in args.cases and not run.gpu()]
+              if f"pretrain-{p}" in args.cases and not bench.gpu]
     for s in shares:
         print(f"{s['case']:16s} AdamW update {s['optimizer_s'] * 1e3:.0f} ms of a {1e3 * (s['forward_backward_s'] + s['optimizer_s']):.0f} ms "
               f"step ({s['optimizer_share']:.1%}); word embeddings hold {s['embedding_share_of_parameters']:.0%} of the parameters")

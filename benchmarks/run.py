@@ -14,6 +14,7 @@ resident set; GPU: the peak of CUDA memory allocated above the weights and optim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,21 +35,42 @@ from bertkit.model import flops_per_token
 
 HERE = Path(__file__).resolve().parent
 SIDES = ("bertkit", "transformers")
-DEVICE = torch.device("cpu")  # set by main(); on CUDA both sides run under bf16 autocast
-COMPILE = False  # set by main(): bertkit's encoder blocks through torch.compile (transformers stays eager)
-ONLY = None  # set in a memory probe: the one side to build
 
 
-def on_device(batch: dict) -> dict:
-    return {k: v.to(DEVICE) for k, v in batch.items()}
+@dataclass
+class Bench:
+    """Where and how the cases run, passed to every case (no module state): the device (on CUDA both sides under
+    bf16 autocast), bertkit's encoder blocks through torch.compile or not (transformers stays eager), and in a
+    memory probe the one side to build."""
 
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    compile: bool = False
+    only: str | None = None
 
-def autocast():
-    if DEVICE.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
 
-    return contextlib.nullcontext()
+    def on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def autocast(self):
+        if self.gpu:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn) -> float:
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t
 
 
 def data_dir() -> Path:
@@ -58,11 +80,11 @@ def data_dir() -> Path:
     return Path(root)
 
 
-def machine() -> dict:
-    if DEVICE.type == "cuda":
+def machine(bench: Bench | None = None) -> dict:
+    if bench is not None and bench.gpu:
         import transformers
 
-        props = torch.cuda.get_device_properties(DEVICE)
+        props = torch.cuda.get_device_properties(bench.device)
         return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cores": os.cpu_count(),
                 "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
                 "python": platform.python_version(), "precision": "bf16 autocast"}
@@ -85,35 +107,22 @@ def machine() -> dict:
     }
 
 
-def matmul_peak_gflops(repeats: int = 8) -> float:
+def matmul_peak_gflops(bench: Bench, repeats: int = 8) -> float:
     """The best GEMM rate this machine sustains (fp32 at these threads on CPU, bf16 on GPU): the denominator of MFU.
     The best of a square product and of base's FFN shapes at 4,096 tokens; main() measures it again after every case
     and keeps the highest, because a shared CPU's clock moves by ±15% from minute to minute."""
-    if DEVICE.type == "cuda":
+    if bench.gpu:
         shapes, dtype = [(8192, 8192, 8192)], torch.bfloat16
     else:
         shapes, dtype = [(2048, 2048, 2048), (4096, 768, 3072), (4096, 3072, 768)], torch.float32
     best_rate = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, device=DEVICE, dtype=dtype), torch.randn(k, n, device=DEVICE, dtype=dtype)
+        a, b = torch.randn(m, k, device=bench.device, dtype=dtype), torch.randn(k, n, device=bench.device, dtype=dtype)
         for _ in range(2):
             a @ b
-        best = min(_time(lambda: a @ b) for _ in range(repeats))
+        best = min(bench.time(lambda: a @ b) for _ in range(repeats))
         best_rate = max(best_rate, 2 * m * k * n / best / 1e9)
     return best_rate
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
-def _time(fn) -> float:
-    _sync()
-    t = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,25 +165,13 @@ def pad_batch(encoded: list[dict], tok) -> dict:
     return out
 
 
-def length_grouped(items: list, length, batch_size: int, seed: int) -> list[list]:
-    """Shuffle, then sort by length inside chunks of 50 batches, so each batch holds similar lengths."""
-    items = items[:]
-    random.Random(seed).shuffle(items)
-    chunk = 50 * batch_size
-    batches = []
-    for c in range(0, len(items), chunk):
-        part = sorted(items[c : c + chunk], key=length)
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    random.Random(seed + 1).shuffle(batches)
-    return batches
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models: the same weights on both sides
 
 
-def twin_models(cls_name: str, config: bertkit.BertConfig):
-    """Both sides on the same weights; in a memory probe (ONLY set) just the probed side, so that its process holds
+def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
+    """Both sides on the same weights; in a memory probe (bench.only set) just the probed side, so that its process holds
     one model and its peak memory is its own."""
     import gc
 
@@ -184,21 +181,21 @@ def twin_models(cls_name: str, config: bertkit.BertConfig):
     ours = getattr(bertkit, cls_name)(config)
     models = {}
     with tempfile.TemporaryDirectory() as d:
-        if ONLY != "bertkit":
+        if bench.only != "bertkit":
             ours.save_pretrained(d)
-        if ONLY == "transformers":
+        if bench.only == "transformers":
             del ours
             gc.collect()
         else:
-            ours.to(DEVICE)
-            if COMPILE:
+            ours.to(bench.device)
+            if bench.compile:
                 from bertkit.model import compile_blocks
 
                 compile_blocks(ours)
             models["bertkit"] = ours
-        if ONLY != "bertkit":
+        if bench.only != "bertkit":
             theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
-            models["transformers"] = theirs.to(DEVICE)
+            models["transformers"] = theirs.to(bench.device)
     return models
 
 
@@ -220,18 +217,18 @@ class Case:
     units: dict = field(default_factory=dict)  # side -> list of (callable, real_tokens)
 
 
-def _train_step(model, optimizer, batch, call):
+def _train_step(bench: Bench, model, optimizer, batch, call):
     optimizer.zero_grad(set_to_none=True)
-    with autocast():
+    with bench.autocast():
         loss = call(model, batch)
     loss.backward()
     optimizer.step()
 
 
-def case_pretrain(preset: str, batch_size: int, n_batches: int, max_length: int = 128) -> Case:
+def case_pretrain(bench: Bench, preset: str, batch_size: int, n_batches: int, max_length: int = 128) -> Case:
     config = config_for(preset)
-    models = twin_models("BertForPreTraining", config)
-    batches = [on_device(b) for b in pretraining_batches(batch_size, n_batches, max_length)]
+    models = twin_models(bench, "BertForPreTraining", config)
+    batches = [bench.on_device(b) for b in pretraining_batches(batch_size, n_batches, max_length)]
     name = f"pretrain-{preset}" + (f"-{max_length}" if max_length != 128 else "")
     case = Case(name, f"MLM+NSP training step, {preset}, batch {batch_size}, length {max_length} (real corpus lengths)",
                 config, max_length, True)
@@ -249,27 +246,35 @@ def case_pretrain(preset: str, batch_size: int, n_batches: int, max_length: int 
             continue
         model = models[side].train()
         opt = build_optimizer(model, "adamw", 1e-4, 0.01)
-        case.units[side] = [(lambda b=b, m=model, o=opt, c=call: _train_step(m, o, b, c), int(b["attention_mask"].sum())) for b in batches]
+        case.units[side] = [(lambda b=b, m=model, o=opt, c=call: _train_step(bench, m, o, b, c), int(b["attention_mask"].sum())) for b in batches]
     return case
 
 
-def case_finetune_sst2(preset: str, batch_size: int, n_examples: int) -> Case:
-    """An epoch over the same SST-2 examples: bertkit with length-grouped batches, transformers with its own
-    dynamic padding (random batches padded to their longest); both unpadded work compared per real token."""
+def case_finetune_sst2(bench: Bench, preset: str, batch_size: int, n_examples: int, like_for_like: bool = False) -> Case:
+    """An epoch over the same SST-2 examples: bertkit with length-grouped batches (`finetune`'s own,
+    `bertkit.data.batching.length_grouped_batches`), transformers with its own dynamic padding (random batches padded
+    to their longest); both compared per real token. like_for_like: transformers gets the very same grouped batches
+    (as its Trainer's group_by_length would give it), so that the model's share of the ratio shows apart from the
+    batching's."""
     tok = tokenizer()
     config = config_for(preset, num_labels=2)
-    models = twin_models("BertForSequenceClassification", config)
+    models = twin_models(bench, "BertForSequenceClassification", config)
     sentences = random.Random(0).sample(sst2_sentences(), n_examples)
     encoded = [tok.encode(s, max_length=128) for s in sentences]
     labels = [i % 2 for i in range(n_examples)]
     items = list(zip(encoded, labels))
     random.Random(0).shuffle(items)
     plain = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    grouped = length_grouped(items, lambda x: len(x[0]["input_ids"]), batch_size, seed=0)
-    case = Case(f"finetune-sst2-{preset}", f"SST-2 fine-tuning epoch over {n_examples} sentences, {preset}, batch {batch_size}", config, 64, True)
+    from bertkit.data.batching import length_grouped_batches
+
+    grouped = [[items[i] for i in batch] for batch in
+               length_grouped_batches([len(e["input_ids"]) for e, _ in items], batch_size, seed=0)]
+    how = ", both sides on the same length-grouped batches" if like_for_like else ""
+    case = Case(f"finetune-sst2-{preset}" + ("-grouped" if like_for_like else ""),
+                f"SST-2 fine-tuning epoch over {n_examples} sentences, {preset}, batch {batch_size}{how}", config, 64, True)
     from bertkit.train.optim import build_optimizer
 
-    for side, batches in (("bertkit", grouped), ("transformers", plain)):
+    for side, batches in (("bertkit", grouped), ("transformers", grouped if like_for_like else plain)):
         if side not in models:
             continue
         model = models[side].train()
@@ -278,19 +283,19 @@ def case_finetune_sst2(preset: str, batch_size: int, n_examples: int) -> Case:
         for group in batches:
             b = pad_batch([e for e, _ in group], tok)
             b["labels"] = torch.tensor([y for _, y in group])
-            b = on_device(b)
-            units.append((lambda b=b, m=model, o=opt: _train_step(m, o, b, lambda m, b: m(**b).loss), int(b["attention_mask"].sum())))
+            b = bench.on_device(b)
+            units.append((lambda b=b, m=model, o=opt: _train_step(bench, m, o, b, lambda m, b: m(**b).loss), int(b["attention_mask"].sum())))
         case.units[side] = [(lambda us=units: [u() for u, _ in us], sum(n for _, n in units))]
     return case
 
 
-def case_squad(preset: str, batch_size: int, n_batches: int) -> Case:
+def case_squad(bench: Bench, preset: str, batch_size: int, n_batches: int) -> Case:
     """SQuAD windows of up to 384 tokens (doc stride 128); both sides padded to the longest window in the batch."""
     from bertkit.data.squad import featurize, read_squad
 
     tok = tokenizer()
     config = config_for(preset)
-    models = twin_models("BertForQuestionAnswering", config)
+    models = twin_models(bench, "BertForQuestionAnswering", config)
     examples = read_squad(data_dir() / "squad" / "dev-v1.1.json")
     examples = random.Random(0).sample(examples, batch_size * n_batches)
     features = featurize(examples, tok, max_length=384, doc_stride=128)[: batch_size * n_batches]
@@ -305,25 +310,25 @@ def case_squad(preset: str, batch_size: int, n_batches: int) -> Case:
         b = pad_batch(enc, tok)
         b["start_positions"] = torch.tensor([f.start_position for f in group])
         b["end_positions"] = torch.tensor([f.end_position for f in group])
-        batches.append(on_device(b))
+        batches.append(bench.on_device(b))
     for side in models:
         model = models[side].train()
         opt = build_optimizer(model, "adamw", 3e-5, 0.01)
-        case.units[side] = [(lambda b=b, m=model, o=opt: _train_step(m, o, b, lambda m, b: m(**b).loss), int(b["attention_mask"].sum())) for b in batches]
+        case.units[side] = [(lambda b=b, m=model, o=opt: _train_step(bench, m, o, b, lambda m, b: m(**b).loss), int(b["attention_mask"].sum())) for b in batches]
     return case
 
 
-def case_inference(preset: str, batch_size: int, n_batches: int) -> Case:
+def case_inference(bench: Bench, preset: str, batch_size: int, n_batches: int) -> Case:
     tok = tokenizer()
     config = config_for(preset, num_labels=2)
-    models = twin_models("BertForSequenceClassification", config)
+    models = twin_models(bench, "BertForSequenceClassification", config)
     sentences = random.Random(1).sample(sst2_sentences("dev"), batch_size * n_batches)
-    batches = [on_device(pad_batch([tok.encode(s, max_length=128) for s in sentences[k : k + batch_size]], tok))
+    batches = [bench.on_device(pad_batch([tok.encode(s, max_length=128) for s in sentences[k : k + batch_size]], tok))
                for k in range(0, len(sentences), batch_size)]
     case = Case(f"inference-b{batch_size}-{preset}", f"SST-2 dev classification, inference, {preset}, batch {batch_size}", config, 64, False)
 
     def run(model, b):
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), bench.autocast():
             model(**b)
 
     for side in models:
@@ -332,7 +337,7 @@ def case_inference(preset: str, batch_size: int, n_batches: int) -> Case:
     return case
 
 
-def case_prepare() -> Case:
+def case_prepare(bench: Bench) -> Case:
     """Data preparation, tokens/s: bertkit's `prepare` (read, split documents and sentences, tokenize in batches of
     1,000, write memory-mapped shards and the manifest) against the step a transformers user runs before pretraining:
     the fast tokenizer over the same file's lines in batches of 1,000, ids gathered into one int32 array (no files
@@ -345,7 +350,7 @@ def case_prepare() -> Case:
 
     corpus = data_dir() / "corpus" / "python-docs-3.11.txt"
     case = Case("prepare", "data preparation, python-docs corpus (3.3 MB), bert-base-uncased vocabulary", None, 0, False)
-    if ONLY != "transformers":
+    if bench.only != "transformers":
         tok = tokenizer()
 
         def ours() -> int:
@@ -353,7 +358,7 @@ def case_prepare() -> Case:
                 return prepare([str(corpus)], tok, d, progress=False).tokens
 
         case.units["bertkit"] = [(ours, ours())]
-    if ONLY != "bertkit":
+    if bench.only != "bertkit":
         from transformers import AutoTokenizer
 
         theirs = AutoTokenizer.from_pretrained(data_dir() / "checkpoints" / "all-MiniLM-L6-v2")
@@ -367,30 +372,27 @@ def case_prepare() -> Case:
     return case
 
 
-def gpu() -> bool:
-    return DEVICE.type == "cuda"
-
-
 # Batch sizes: what fits this CPU's caches and time, and what keeps an 80 GB GPU busy (at batch 128 a base step is
 # still bound by the host's kernel launches: 267 ms of CPU against 144 ms of GPU time over 4 steps, --profile).
-CASES = {
-    "pretrain-mini": lambda a: case_pretrain("mini", 256 if gpu() else 32, a.batches),
-    "pretrain-base": lambda a: case_pretrain("base", 256 if gpu() else 8, a.batches),
-    "pretrain-base-512": lambda a: case_pretrain("base", 64 if gpu() else 2, a.batches, max_length=512),
-    "finetune-sst2": lambda a: case_finetune_sst2(a.preset, 32, 32 * a.batches),
-    "finetune-squad": lambda a: case_squad(a.preset, 32 if gpu() else 4, a.batches),
-    "inference-b32": lambda a: case_inference(a.preset, 32, a.batches),
-    "inference-b1": lambda a: case_inference(a.preset, 1, 8 * a.batches),
-    "prepare": lambda a: case_prepare(),
+CASES = {  # name -> (bench, args) -> Case
+    "pretrain-mini": lambda b, a: case_pretrain(b, "mini", 256 if b.gpu else 32, a.batches),
+    "pretrain-base": lambda b, a: case_pretrain(b, "base", 256 if b.gpu else 8, a.batches),
+    "pretrain-base-512": lambda b, a: case_pretrain(b, "base", 64 if b.gpu else 2, a.batches, max_length=512),
+    "finetune-sst2": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches),
+    "finetune-sst2-grouped": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, like_for_like=True),
+    "finetune-squad": lambda b, a: case_squad(b, a.preset, 32 if b.gpu else 4, a.batches),
+    "inference-b32": lambda b, a: case_inference(b, a.preset, 32, a.batches),
+    "inference-b1": lambda b, a: case_inference(b, a.preset, 1, 8 * a.batches),
+    "prepare": lambda b, a: case_prepare(b),
 }
 SUITES = {
-    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-squad", "inference-b32", "inference-b1",
-            "prepare"],
+    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-squad",
+            "inference-b32", "inference-b1", "prepare"],
     "gpu": [c for c in CASES if c != "prepare"],
 }
 
 
-def measure(case: Case, rounds: int, warmup: int) -> dict:
+def measure(bench: Bench, case: Case, rounds: int, warmup: int) -> dict:
     """Alternate sides unit by unit; the first `warmup` rounds are not counted. The sides are the case's units' keys
     (bertkit and transformers here; benchmarks/ablation.py compares bertkit with itself)."""
     sides = list(case.units)
@@ -400,7 +402,7 @@ def measure(case: Case, rounds: int, warmup: int) -> dict:
         order = sides if r % 2 == 0 else sides[::-1]
         for side in order:
             for fn, n in case.units[side]:
-                dt = _time(fn)
+                dt = bench.time(fn)
                 if r >= warmup:
                     seconds[side].append(dt)
                     tokens[side] += n
@@ -412,28 +414,26 @@ def measure(case: Case, rounds: int, warmup: int) -> dict:
     return out
 
 
-def peak_memory_mb(case_name: str, side: str, args, case: Case) -> float:
+def peak_memory_mb(bench: Bench, case_name: str, side: str, args, case: Case) -> float:
     """CPU: peak resident memory of a fresh process that builds one side only (model, optimizer, the case's batches)
     and runs its units.
     GPU: peak CUDA memory allocated above what was already held (both models, optimizer state) while one side runs."""
-    if gpu():
-        held = torch.cuda.memory_allocated(DEVICE)
-        torch.cuda.reset_peak_memory_stats(DEVICE)
+    if bench.gpu:
+        held = torch.cuda.memory_allocated(bench.device)
+        torch.cuda.reset_peak_memory_stats(bench.device)
         for fn, _ in case.units[side]:
             fn()
-        _sync()
-        return (torch.cuda.max_memory_allocated(DEVICE) - held) / 2**20
+        bench.sync()
+        return (torch.cuda.max_memory_allocated(bench.device) - held) / 2**20
     cmd = [sys.executable, __file__, "--probe", case_name, side, "--batches", str(args.batches),
            "--preset", args.preset, "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def probe(case_name: str, side: str, args) -> None:
+def probe(bench: Bench, case_name: str, side: str, args) -> None:
     """Build only `side` and run its units once; print this process's peak resident memory in MB."""
-    global ONLY
-    ONLY = side
-    case = CASES[case_name](args)
+    case = CASES[case_name](dataclasses.replace(bench, only=side), args)
     for fn, _ in case.units[side]:
         fn()
     print(peak_rss_mb())
@@ -451,18 +451,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def profile(case: Case) -> None:
+def profile(bench: Bench, case: Case) -> None:
     """Where each side's time goes: torch.profiler over one pass of its units, the top operators by self time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu() else [])
-    key = "self_cuda_time_total" if gpu() else "self_cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.gpu else [])
+    key = "self_cuda_time_total" if bench.gpu else "self_cpu_time_total"
     for side in SIDES:
         with profiler(activities=activities) as prof:
             for fn, _ in case.units[side]:
                 fn()
-            _sync()
+            bench.sync()
         print(f"--- {case.name}, {side}")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
@@ -492,42 +492,40 @@ def main() -> None:
     parser.add_argument("--probe", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE, COMPILE
-    COMPILE = args.compile
-    DEVICE = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    bench = Bench(torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu")), compile=args.compile)
+    if bench.gpu and not torch.cuda.is_available():
         parser.error("--device cuda (or --suite gpu): no CUDA device here")
     if args.probe:
-        return probe(*args.probe, args)
+        return probe(bench, *args.probe, args)
     names = SUITES[args.suite] if args.suite else (args.cases or parser.error("give --suite cpu|gpu or --cases"))
     if args.memory_only:
-        if gpu():
+        if bench.gpu:
             parser.error("--memory-only measures CPU processes; on a GPU the suite reports CUDA memory itself")
         for name in names:
-            mb = {side: peak_memory_mb(name, side, args, None) for side in SIDES}
+            mb = {side: peak_memory_mb(bench, name, side, args, None) for side in SIDES}
             print(f"{name:18s} peak MB bertkit {mb['bertkit']:.0f}  transformers {mb['transformers']:.0f}  "
                   f"ratio {mb['bertkit'] / mb['transformers']:.2f}", flush=True)
         return
-    info = machine()
-    peaks = [matmul_peak_gflops()]
+    info = machine(bench)
+    peaks = [matmul_peak_gflops(bench)]
     print(json.dumps(info))
     results = []
     for name in names:
-        case = CASES[name](args)
-        r = measure(case, args.rounds, args.warmup)
+        case = CASES[name](bench, args)
+        r = measure(bench, case, args.rounds, args.warmup)
         row = {"case": name, "what": case.what, "ratio": r["bertkit"]["tokens_per_s"] / r["transformers"]["tokens_per_s"],
                "flops_per_token": flops_per_token(case.config, case.seq_len, case.training) if case.config else None}
         for side in SIDES:
             row[side] = dict(r[side])
             if not args.no_memory:
-                row[side]["peak_mb"] = peak_memory_mb(name, side, args, case)
+                row[side]["peak_mb"] = peak_memory_mb(bench, name, side, args, case)
         results.append(row)
         if args.profile:
-            profile(case)
+            profile(bench, case)
         del case
-        if gpu():
+        if bench.gpu:
             torch.cuda.empty_cache()
-        peaks.append(matmul_peak_gflops())
+        peaks.append(matmul_peak_gflops(bench))
         b, t = row["bertkit"], row["transformers"]
         mem = f"  peak MB {b['peak_mb']:.0f} vs {t['peak_mb']:.0f}" if not args.no_memory else ""
         print(f"{name:16s} bertkit {b['tokens_per_s']:9.0f} tok/s  transformers {t['tokens_per_s']:9.0f} tok/s  "
