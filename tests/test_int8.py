@@ -88,8 +88,10 @@ def test_int8_refuses_a_model_off_the_cpu():
 
 def test_int8_minilm_sentence_embeddings_stay_close():
     """The real checkpoint on real sentences: mean-pooled embeddings (what all-MiniLM-L6-v2 is trained for) keep a
-    cosine similarity with float32's above 0.98 for every sentence and above 0.99 on average (measured: 0.986 and
-    0.992; one scale per matrix, PyTorch's default, gives 0.893 and 0.935, see bertkit.quantize)."""
+    cosine similarity with float32's above 0.98 for every sentence and above 0.99 on average where the CPU has VNNI
+    (measured: 0.986 and 0.992). Without VNNI the inputs keep 7 bits (see bertkit.quantize) and the bounds are 0.93
+    and 0.965 (measured on an AVX2-only EPYC: 0.943 and 0.972); one scale per matrix, PyTorch's default, gives 0.893
+    and 0.935, below both."""
     from bertkit import Tokenizer
 
     directory = data_path("checkpoints", "all-MiniLM-L6-v2")
@@ -107,7 +109,8 @@ def test_int8_minilm_sentence_embeddings_stay_close():
     want = embed(model)
     got = embed(to_int8(model))
     cosine = torch.nn.functional.cosine_similarity(got, want)
-    assert cosine.min() > 0.98 and cosine.mean() > 0.99, (cosine.min(), cosine.mean())
+    worst, mean = (0.98, 0.99) if has_vnni() else (0.93, 0.965)
+    assert cosine.min() > worst and cosine.mean() > mean, (cosine.min(), cosine.mean())
 
 
 def test_predict_and_evaluate_take_int8(tmp_path):
