@@ -72,7 +72,7 @@ def run_variant(name: str, args) -> dict:
     steps = steps_for(flags, args.examples)
     run_dir = Path(args.runs) / name
     command = [sys.executable, "-m", "bertkit.cli", "pretrain", *flags, "--tokenizer", args.tokenizer, "--data",
-               args.data, "--run-dir", str(run_dir), "--max-steps", str(steps), "--eval-every", str(max(steps // 8, 1)),
+               args.data, "--out-dir", str(run_dir), "--max-steps", str(steps), "--eval-every", str(max(steps // 8, 1)),
                "--save-every", "0", "--threads", str(args.threads), "--seed", str(args.seed), "--resume", "auto"]
     started = time.time()
     with open(Path(args.runs) / f"{name}.log", "w") as log:

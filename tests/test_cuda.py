@@ -118,14 +118,14 @@ def test_pretrain_runs_on_cuda_in_bf16_and_resumes(tmp_path):
     prepare([text], tokenizer, tmp_path / "data", heldout_fraction=0.1, progress=False)
     cfg = PretrainConfig(tokenizer=str(tmp_path / "tokenizer"), data=str(tmp_path / "data"), max_length=64,
                          batch_size=32, lr=1e-3, max_steps=80, log_every=1, eval_every=40, eval_batches=4,
-                         save_every=40, keep_last=0, precision="bf16", run_dir=str(tmp_path / "whole"))
+                         save_every=40, keep_last=0, precision="bf16", out_dir=str(tmp_path / "whole"))
     whole = pretrain(cfg)
     assert whole["step"] == 80
     losses = [float(r["loss"]) for r in read_csv(tmp_path / "whole" / "train.csv")]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.4, losses
     shutil.copytree(tmp_path / "whole", tmp_path / "split")
     shutil.rmtree(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])  # as if it died after step 40
-    resumed = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "split"), "resume": "auto"}))
+    resumed = pretrain(PretrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "split"), "resume": "auto"}))
     assert resumed["step"] == 80
     assert abs(resumed["loss"] - whole["loss"]) < 0.02 * whole["loss"], (resumed, whole)
 

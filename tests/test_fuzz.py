@@ -437,7 +437,7 @@ VALUES = {
     "model_dir": ["model"] * 6 + PATHS, "model": PATHS + ["tiny", "mini", "huge"], "tokenizer": ["model"] * 4 + PATHS, "input": ["-"] * 6 + ["lines.txt"] * 3 + PATHS,
     "files": ["corpus.txt"] * 4 + PATHS, "inputs": ["corpus.txt"] * 4 + PATHS, "corpus": PATHS, "data_dir": PATHS, "train_file": PATHS, "eval_file": PATHS,
     "test_file": PATHS, "resume": PATHS + ["auto"], "out": PATHS + ["v", "o"], "out_dir": PATHS + ["o"],
-    "run_dir": PATHS + ["o"], "prepared": PATHS, "task": ["SST-2", "sst2", "MRPC", "STS-B", "custom", "squad1",
+    "prepared": PATHS, "task": ["SST-2", "sst2", "MRPC", "STS-B", "custom", "squad1",
                                                          "squad2", "bogus", ""],
     "tasks": ["SST-2", "RTE", "bogus"], "device": ["cpu", "auto", "cuda", "cuda:7", "meta", "tpu", ""],
     "threads": ["1", "2", "0", "-1", "99999999999999999999", "x", ""], "text_a": ["sentence", "text", "nope"], "text_b": ["sentence", "nope"],

@@ -44,18 +44,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             parser.add_argument(f.name, nargs=nargs, default=default if nargs == "?" else None, help=doc)
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        names = {"dest": f.name} if flag.lstrip("-").replace("-", "_") != f.name else {}
+        flags = (flag, *f.metadata.get("aliases", ()))
+        names = {"dest": f.name} if flag.lstrip("-").replace("-", "_") != f.name or len(flags) > 1 else {}
         if f.metadata.get("required"):
             names["required"] = True
         shown = doc if "(default:" in doc or names.get("required") else f"{doc} (default: %(default)s)"
         if t is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc, **names)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=doc, **names)
         elif typing.get_origin(t) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(t), default=default, help=shown, **names)
+            parser.add_argument(*flags, choices=typing.get_args(t), default=default, help=shown, **names)
         elif t in (int, float, str, Path):
-            parser.add_argument(flag, type=t, default=default, help=shown, **names)
+            parser.add_argument(*flags, type=t, default=default, help=shown, **names)
         elif many:
-            parser.add_argument(flag, nargs="+", default=default, help=shown, **names)
+            parser.add_argument(*flags, nargs="+", default=default, help=shown, **names)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):

@@ -36,11 +36,12 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 
 def option(default, help: str, *, positional: bool = False, required: bool = False, flag: str | None = None,
-           **kwargs):
+           aliases: tuple[str, ...] = (), **kwargs):
     """A dataclass field that is also a command-line argument (`bertkit.cli.add_dataclass_args`): its help text,
-    and whether it is a positional argument, a required flag, or a flag named other than the field. Every
-    subcommand's configuration is written with it. A list default is copied for each instance."""
-    metadata = {"help": help, "positional": positional, "required": required, "flag": flag}
+    and whether it is a positional argument, a required flag, or a flag named other than the field; `aliases` are
+    older flag names still accepted. Every subcommand's configuration is written with it. A list default is
+    copied for each instance."""
+    metadata = {"help": help, "positional": positional, "required": required, "flag": flag, "aliases": aliases}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)

@@ -151,7 +151,7 @@ def test_books_pretraining_then_the_suite_end_to_end(tmp_path):
                  "--heldout-fraction", "0.05"]) == 0
     run = tmp_path / "run"
     assert main(["pretrain", "--model", "tiny", "--tokenizer", str(tmp_path / "vocab"), "--data", str(tmp_path / "data"),
-                 "--run-dir", str(run), "--max-steps", "300", "--lr", "1e-3", "--eval-every", "150", "--threads", "2"]) == 0
+                 "--out-dir", str(run), "--max-steps", "300", "--lr", "1e-3", "--eval-every", "150", "--threads", "2"]) == 0
     final = read_csv(run / "eval.csv")[-1]
     assert float(final["masked_lm_accuracy"]) > 1.5 * float(final["unigram_baseline_accuracy"])
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]

@@ -198,11 +198,11 @@ def test_a_damaged_newest_pretraining_checkpoint_falls_back_to_the_one_before(in
     with monkeypatch.context() as patch:
         _crash_at(patch, module, 11)
         with pytest.raises(RuntimeError, match="crash"):
-            pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "cut")}))
+            pretrain(PretrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "cut")}))
     checkpoints = tmp_path / "cut" / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000004", "step-00000008"]
     damage(checkpoints / "step-00000008", kind)
-    result = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "cut"), "resume": "auto"}))
+    result = pretrain(PretrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "cut"), "resume": "auto"}))
     assert "step-00000008" in caplog.text and "falling back to the checkpoint before it" in caplog.text
     assert "the logs reach step 10, past the checkpoint at step 4" in caplog.text
     assert result["step"] == 12
@@ -227,7 +227,7 @@ def test_a_pretraining_run_killed_before_its_first_checkpoint_starts_over(inputs
     assert cli_main(flags(cfg) + rerun) == 0  # once `KeyError: 'step'` from a train.csv left without a header
     assert "stopped before its first checkpoint; starting over" in caplog.text
     assert [int(r["step"]) for r in rows(tmp_path / "run")] == list(range(1, 9))
-    reference = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "reference")}))
+    reference = pretrain(PretrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "reference")}))
     assert_same_weights(Path(reference["checkpoint"]) / WEIGHTS_NAME,
                         list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / WEIGHTS_NAME, rerun)
 
@@ -251,7 +251,7 @@ def test_ctrl_c_during_pretraining_saves_a_checkpoint_and_exits_130(inputs, tmp_
     assert "bertkit: interrupted: checkpoint" in err and "saved at step 6; --resume auto continues" in err
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000004", "step-00000006"]
     assert cli_main(flags(cfg) + ["--resume", "auto"]) == 0
-    reference = pretrain(PretrainConfig(**{**vars(cfg), "run_dir": str(tmp_path / "reference")}))
+    reference = pretrain(PretrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "reference")}))
     assert_same_weights(Path(reference["checkpoint"]) / WEIGHTS_NAME,
                         list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / WEIGHTS_NAME, "ctrl-c")
 

@@ -47,7 +47,7 @@ def inputs(tmp_path_factory):
 def small(inputs, run_dir, **overrides) -> PretrainConfig:
     options = dict(tokenizer=str(inputs / "tokenizer"), data=str(inputs / "data"), max_length=64, batch_size=8,
                    lr=1e-3, max_steps=60, log_every=1, eval_every=0, eval_batches=4, save_every=0,
-                   run_dir=str(run_dir), threads=1)
+                   out_dir=str(run_dir), threads=1)
     return PretrainConfig(**{**options, **overrides})
 
 
@@ -117,7 +117,7 @@ def test_keep_last_and_partial_checkpoints_are_ignored(short_run):
     half = checkpoints / "step-00000100"
     half.mkdir()
     (half / "config.json").write_text("{")
-    cfg = PretrainConfig(run_dir=str(run_dir), resume="auto")
+    cfg = PretrainConfig(out_dir=str(run_dir), resume="auto")
     assert find_resume(cfg, checkpoints).name == "step-00000080"
     prune_checkpoints(checkpoints, keep=2)
     assert not (checkpoints / ".tmp-step-00000090-123").exists()
@@ -172,7 +172,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bitwise(inputs, tmp_pat
     cfg = small(inputs, tmp_path / "whole", max_steps=40, save_every=5, keep_last=3, eval_every=15, eval_batches=2)
     whole = launch([sys.executable, "-c", RUN, *flags(cfg)])
     killed_dir = tmp_path / "killed"
-    victim = launch([sys.executable, "-c", RUN, *flags(PretrainConfig(**{**vars(cfg), "run_dir": str(killed_dir)}))])
+    victim = launch([sys.executable, "-c", RUN, *flags(PretrainConfig(**{**vars(cfg), "out_dir": str(killed_dir)}))])
     kill_at = random.randint(7, 33)
     deadline = time.time() + 240
     while len(rows(killed_dir)) < kill_at and victim.poll() is None and time.time() < deadline:
@@ -181,7 +181,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bitwise(inputs, tmp_pat
     victim.wait()
     reached = len(rows(killed_dir))
     assert victim.returncode == -9 and reached < 40, f"not killed mid-run (kill at {kill_at}, reached {reached})"
-    resumed = launch([sys.executable, "-c", RUN, *flags(cfg), "--run-dir", str(killed_dir), "--resume", "auto"])
+    resumed = launch([sys.executable, "-c", RUN, *flags(cfg), "--out-dir", str(killed_dir), "--resume", "auto"])
     output = finish(resumed)
     finish(whole)
     assert "resuming at step" in output, output[-2000:]
@@ -203,7 +203,7 @@ def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
     cfg = small(inputs, tmp_path / "torchrun", model=str(config), max_steps=12)
     pair = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "bertkit.cli", *flags(cfg)])
-    single = launch([sys.executable, "-c", RUN, *flags(cfg), "--run-dir", str(tmp_path / "single"), "--grad-accum", "2"])
+    single = launch([sys.executable, "-c", RUN, *flags(cfg), "--out-dir", str(tmp_path / "single"), "--grad-accum", "2"])
     finish(pair)
     finish(single)
     two, one = rows(tmp_path / "torchrun"), rows(tmp_path / "single")
@@ -258,6 +258,17 @@ def test_cli_pretrain_help_documents_every_flag(capsys):
         assert f"--{name.replace('_', '-')}" in text
 
 
+def test_fine_tuning_names_are_pretraining_names_and_the_old_flags_still_work():
+    from bertkit.cli import build_parser
+    from bertkit.tasks.finetune import FinetuneConfig
+
+    shared = {"out_dir", "max_grad_norm", "grad_accum", "precision", "lr", "warmup", "weight_decay", "seed",
+              "threads", "batch_size", "max_length", "compile", "save_every", "max_bad_steps", "resume", "overwrite"}
+    assert shared <= vars(PretrainConfig()).keys() & vars(FinetuneConfig()).keys()
+    args = build_parser().parse_args(["pretrain", "--run-dir", "r", "--clip-norm", "0.5"])
+    assert (args.out_dir, args.max_grad_norm) == ("r", 0.5)
+
+
 def test_cli_prepare_prints_throughput(inputs, tmp_path, capsys):
     assert cli_main(["prepare", str(inputs / "slice.txt"), "--tokenizer", str(inputs / "tokenizer"),
                      "--out", str(tmp_path / "prepared")]) == 0
@@ -290,7 +301,7 @@ def test_objectives_maskings_and_optimizers_train(inputs, tmp_path, objective, m
 def test_the_no_argument_demo_runs_offline_and_beats_the_unigram_baseline(tmp_path):
     """`bertkit pretrain` with no arguments but the run folder: a minute or two on an idle 2-core CPU."""
     data_path("corpus", "python-docs-3.11.txt")
-    process = launch([sys.executable, "-m", "bertkit.cli", "pretrain", "--run-dir", str(tmp_path / "demo")])
+    process = launch([sys.executable, "-m", "bertkit.cli", "pretrain", "--out-dir", str(tmp_path / "demo")])
     finish(process)
     final = rows(tmp_path / "demo", "eval")[-1]
     assert float(final["masked_lm_accuracy"]) > float(final["unigram_baseline_accuracy"])
@@ -302,7 +313,7 @@ def test_the_no_argument_demo_is_the_same_on_every_run(tmp_path):
     """Seeded end to end: two demos write the same vocabulary, logs and weights. Both at one thread: floats depend
     on torch's thread count, which by default follows the machine's load."""
     data_path("corpus", "python-docs-3.11.txt")
-    demos = [launch([sys.executable, "-m", "bertkit.cli", "pretrain", "--run-dir", str(tmp_path / name), "--threads",
+    demos = [launch([sys.executable, "-m", "bertkit.cli", "pretrain", "--out-dir", str(tmp_path / name), "--threads",
                      "1"]) for name in ("a", "b")]
     for demo in demos:
         finish(demo)
@@ -366,7 +377,7 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(inputs, tmp_path
 @pytest.mark.parametrize("field, value", [
     ("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("weight_decay", float("nan")), ("weight_decay", -0.1),
     ("weight_decay", float("inf")), ("betas", (0.9, float("nan"))), ("betas", (float("inf"), 0.9)),
-    ("warmup", float("nan")), ("warmup", float("inf")), ("clip_norm", float("nan")), ("clip_norm", float("inf")),
+    ("warmup", float("nan")), ("warmup", float("inf")), ("max_grad_norm", float("nan")), ("max_grad_norm", float("inf")),
     ("mask_prob", float("nan")), ("dropout", float("nan")), ("batch_ramp", float("nan")), ("max_bad_steps", 0),
     ("threads", 0), ("threads", 10**20),
 ])
@@ -447,12 +458,12 @@ def test_overwrite_starts_a_finished_run_over(inputs, tmp_path, caplog):
 
 
 def test_the_run_folder_is_never_an_input_folder(inputs, tmp_path):
-    with pytest.raises(BertkitError, match="--run-dir .* is the --data folder .*would write into its own input"):
+    with pytest.raises(BertkitError, match="--out-dir .* is the --data folder .*would write into its own input"):
         pretrain(small(inputs, inputs / "data"))
     with pytest.raises(BertkitError, match="is inside the --tokenizer folder"):
         pretrain(small(inputs, inputs / "tokenizer" / "run"))
     (tmp_path / "file").write_text("")
-    with pytest.raises(BertkitError, match="file: a file, not a folder; expected a folder for --run-dir"):
+    with pytest.raises(BertkitError, match="file: a file, not a folder; expected a folder for --out-dir"):
         pretrain(small(inputs, tmp_path / "file"))
 
 

@@ -5,6 +5,10 @@ A run folder is a model folder (HF layout: config.json, model.safetensors, token
 run's record: finetune_config.json, metrics.json, results.md, train.csv/eval.csv, and SQuAD's predictions.json.
 While the run lasts it also holds checkpoints/step-N (model, optimizer, schedule, data position, RNG states), at the
 end of every epoch and every --save-every steps, for `--resume auto`; they are deleted when the run finishes.
+
+Each optimizer step is the step pretraining takes (`bertkit.train.step`: --grad-accum, --precision, clipping, the
+skipped non-finite step); under torchrun the processes share each step's micro-batches and rank 0 alone scores
+and writes.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from bertkit.model import compile_blocks
 from bertkit.tasks.classification import TextTask, load_text_task
 from bertkit.tasks.squad import SquadTask, load_squad_task
 from bertkit.tokenizer import Tokenizer
-from bertkit.train.distributed import MAX_THREADS, torch_threads
+from bertkit.train import distributed
+from bertkit.train.distributed import MAX_THREADS, Distributed
 from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
@@ -322,34 +327,60 @@ def finetune(config: FinetuneConfig) -> dict:
 
     Every check comes before the folder is touched: the values, --model-dir, --out-dir (see `check_out_dir`), the
     data, the tokenizer and the model; a run that fails there leaves an earlier run's folder as it was.
+
+    Under torchrun each process trains on its share of every step's batches (DDP: two processes step as one
+    process accumulating two micro-batches); rank 0 alone evaluates and writes the run folder.
     """
     config.check()
-    device = resolve_device(config.device)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    with distributed.torch_threads(config.threads, processes):
+        d = distributed.setup()
+        try:
+            return _finetune(config, d)
+        finally:
+            distributed.teardown(d)
+
+
+def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
+    if d.enabled and config.device not in ("auto", d.device.type):
+        raise BertkitError(f"--device {config.device} with {d.world_size} processes: each process trains on its "
+                           f"own device ({d.device.type}, by torchrun's LOCAL_RANK); expected --device auto")
+    device = d.device if d.enabled else resolve_device(config.device)
     model_folder(config.model_dir)  # a mistyped --model-dir says so, before any data is read
     out = Path(config.out_dir)
     check_out_dir(config, out)
-    with torch_threads(config.threads):
-        task = load_task(config)  # bad data fails before the model is loaded
-        if config.limit_train_examples:
-            task.train = task.train[: config.limit_train_examples]
-        seed_everything(config.seed)
-        tokenizer = Tokenizer.from_pretrained(config.model_dir)
-        model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
-                                                 **task.model_overrides())
-        n = model.num_parameters()
-        check_free_space(out, checkpoint_bytes(n) + 4 * n, f"a checkpoint and the best model of this "
-                         f"{n / 1e6:.1f}M-parameter model")
-        with RunLock(out):
-            start = open_out_dir(config, out)
-            if isinstance(start, dict):
-                table = (out / "results.md").read_text(encoding="utf-8") if (out / "results.md").is_file() else ""
-                print(table, end="")
-                return start
-            if start is None:
-                config.save(out)
-                if isinstance(task, SquadTask) and config.train_articles:
-                    _write_eval_data(config, out)
-            return _fit(config, task, tokenizer, model.to(device), out, device, start)
+    task = load_task(config)  # bad data fails before the model is loaded
+    if config.limit_train_examples:
+        task.train = task.train[: config.limit_train_examples]
+    seed_everything(config.seed)
+    tokenizer = Tokenizer.from_pretrained(config.model_dir)
+    model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
+                                             **task.model_overrides())
+    n = model.num_parameters()
+    check_free_space(out, checkpoint_bytes(n) + 4 * n, f"a checkpoint and the best model of this "
+                     f"{n / 1e6:.1f}M-parameter model")
+    held: list[RunLock] = []
+
+    def claim() -> Path | dict | None:
+        """On rank 0: the folder's lock, what `open_out_dir` finds, and a new run's config written."""
+        held.append(RunLock(out).acquire())
+        start = open_out_dir(config, out)
+        if start is None:
+            config.save(out)
+            if isinstance(task, SquadTask) and config.train_articles:
+                _write_eval_data(config, out)
+        return start
+
+    try:
+        start = distributed.run_on_main(claim, d)
+        if isinstance(start, dict):
+            if d.is_main and (out / "results.md").is_file():
+                print((out / "results.md").read_text(encoding="utf-8"), end="")
+            return start
+        return _fit(config, task, tokenizer, model.to(device), out, device, start, d)
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def _write_eval_data(config: FinetuneConfig, out: Path) -> None:
@@ -386,12 +417,25 @@ class Position:
     cpu_seconds: float = 0.0
 
 
-def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision, max_grad_norm: float,
-               device) -> tuple[float, bool]:
-    """One optimizer step over --grad-accum micro-batches (the shared `bertkit.train.step.train_step`): their mean
-    loss, and whether the update was made (not when the loss or the gradients are nan or inf)."""
-    loss, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, max_grad_norm, device)
-    return loss.item(), ok
+def train_step(model, group: list[dict], optimizer, scheduler, precision, max_grad_norm: float, device,
+               d: Distributed = Distributed()) -> tuple[float, bool]:
+    """One optimizer step over a group of --grad-accum x processes micro-batches (the shared
+    `bertkit.train.step.train_step`), this process taking every world_size-th: their mean loss over all processes,
+    and whether the update was made (not when the loss or the gradients are nan or inf).
+
+    The gradient is the mean over the whole group, as one process accumulating it would take: a process's share
+    is weighted by processes / group size (DDP then averages over processes), and a process left without a
+    micro-batch at an epoch's end runs the group's first with weight 0, so that every process joins the
+    all-reduce."""
+    if not d.enabled:
+        loss, ok = shared_step(model, group, optimizer, scheduler, precision, max_grad_norm, device)
+        return loss.item(), ok
+    mine = group[d.rank::d.world_size]
+    scale = d.world_size / len(group) if mine else 0.0
+    loss, ok = shared_step(model, mine or group[:1], optimizer, scheduler, precision, max_grad_norm, device, d,
+                           scale=scale)
+    total = distributed.all_reduce_sum((loss * len(mine)).reshape(1), d)
+    return total.item() / len(group), ok
 
 
 def _finite_weights(model, what: str, hint: str) -> None:
@@ -399,12 +443,14 @@ def _finite_weights(model, what: str, hint: str) -> None:
         raise BertkitError(f"{what}: the weights hold nan or inf; not saved. Expected finite weights: {hint}")
 
 
-def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resume_from: Path | None) -> dict:
+def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resume_from: Path | None,
+         d: Distributed = Distributed()) -> dict:
     if config.compile:
         compile_blocks(model)
     rows = task.train_rows(tokenizer, config)
     lengths = [len(r["input_ids"]) for r in rows]
-    steps = config.epochs * math.ceil(math.ceil(len(rows) / config.batch_size) / config.grad_accum)
+    per_step = config.grad_accum * d.world_size  # batches of --batch-size in one optimizer step
+    steps = config.epochs * math.ceil(math.ceil(len(rows) / config.batch_size) / per_step)
     precision = resolve_precision(config.precision, device)
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay)
     scheduler = warmup_linear(optimizer, warmup_steps_for(steps, config.warmup), steps)
@@ -430,24 +476,38 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         pos = Position(**state["position"])
         record, (best.score, best.epoch) = state["record"], state["best"]
         bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row = state["bad_steps"]
-        print(f"resuming {task.name} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}) from {resume_from}")
-    run_log = RunLogger(out, tensorboard=False)
+        if d.is_main:
+            print(f"resuming {task.name} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}) from "
+                  f"{resume_from}")
+    ddp_model = distributed.wrap(model, d)
+    if d.enabled and state is None:
+        torch.manual_seed(config.seed * 65536 + d.rank + 1)  # dropout: a stream per process
+    run_log = RunLogger(out, tensorboard=False, enabled=d.is_main)
     reached = run_log.truncate(pos.step)
     if reached is not None:
         logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged again",
                     out, reached, pos.step)
-    if state is not None:
-        set_rng_state(state["rng"])  # last: nothing after this may draw from the generators before training
+    if state is not None:  # last: nothing after this may draw from the generators before training
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) != d.world_size:
+            logger.warning("%s: saved by %d process(es), resumed by %d: the data order is kept, dropout streams are "
+                           "not", resume_from, len(rngs), d.world_size)
+        set_rng_state(rngs[d.rank % len(rngs)])
 
     def save() -> Path:
         _finite_weights(model, f"step {pos.step}", hint)
+        rngs = distributed.all_gather_object(rng_state(), d)
+        path = checkpoints / f"step-{pos.step:08d}"
+        if not d.is_main:
+            return path
         payload = {"position": dataclasses.asdict(pos), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(), "rng": rng_state(),
+                   "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                   "rng": rngs if d.enabled else rngs[0],
                    "record": json.loads(json.dumps(record)),  # plain types: torch.load(weights_only) reads them
                    "best": [best.score, best.epoch],
                    "bad_steps": [bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row],
                    "config": dataclasses.asdict(config)}
-        path = save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
+        save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
         prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         return path
 
@@ -457,14 +517,14 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
             model.train()
             with progress_bar(total=len(rows), initial=sum(len(b) for b in batches[: pos.batch]),
                               desc=f"{task.name} epoch {epoch}/{config.epochs}", unit="ex", mininterval=1.0,
-                              dynamic_ncols=True) as bar:
+                              dynamic_ncols=True, disable=not d.is_main) as bar:
                 # CPU time too: on a shared machine it shows the work done, which wall time blurs with waiting
                 start, start_cpu = time.perf_counter(), time.process_time()
-                for i in range(pos.batch, len(batches), config.grad_accum):
-                    group = batches[i:i + config.grad_accum]
+                for i in range(pos.batch, len(batches), per_step):
+                    group = batches[i:i + per_step]
                     micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id) for b in group]
-                    loss, ok = train_step(model, micro_batches, optimizer, scheduler, precision, config.max_grad_norm,
-                                          device)
+                    loss, ok = train_step(ddp_model, micro_batches, optimizer, scheduler, precision,
+                                          config.max_grad_norm, device, d)
                     pos.step, pos.batch = pos.step + 1, i + len(group)
                     if ok:
                         pos.loss_sum, pos.good_steps = pos.loss_sum + loss, pos.good_steps + 1
@@ -477,7 +537,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                         run_log.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
                                                        "skipped_steps": bad_steps.window})
                         pos.running, bad_steps.window = [], 0
-                    stop = interrupt.requested()
+                    stop = interrupt.requested(d)
                     if stop or (config.save_every and pos.step % config.save_every == 0 and pos.batch < len(batches)):
                         now, now_cpu = time.perf_counter(), time.process_time()
                         pos.seconds, pos.cpu_seconds = pos.seconds + now - start, pos.cpu_seconds + now_cpu - start_cpu
@@ -490,27 +550,30 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 train_seconds = pos.seconds + time.perf_counter() - start
                 train_cpu_seconds = pos.cpu_seconds + time.process_time() - start_cpu
             loss = pos.loss_sum / pos.good_steps if pos.good_steps else float("nan")
-            start = time.perf_counter()
-            metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
-            eval_seconds = time.perf_counter() - start
-            run_log.log("eval", pos.step, metrics)
-            row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
-                   "train_cpu_seconds": train_cpu_seconds, "train_examples_per_second": len(rows) / train_seconds,
-                   "eval_seconds": eval_seconds, **metrics}
-            record["epochs"].append(row)
-            if best.update(task.headline(metrics), epoch):
-                _finite_weights(model, f"epoch {epoch}", hint)
-                model.save_pretrained(out, tokenizer=tokenizer)
-                write_outputs(out)
-                record["best_epoch"], record["best"] = epoch, metrics
-            logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-            write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
+            if d.is_main:  # scored on rank 0 alone; the others wait for it at the next all-reduce
+                start = time.perf_counter()
+                metrics, write_outputs = task.evaluate(model, tokenizer, config, device)
+                eval_seconds = time.perf_counter() - start
+                run_log.log("eval", pos.step, metrics)
+                row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
+                       "train_cpu_seconds": train_cpu_seconds, "train_examples_per_second": len(rows) / train_seconds,
+                       "eval_seconds": eval_seconds, **metrics}
+                record["epochs"].append(row)
+                if best.update(task.headline(metrics), epoch):
+                    _finite_weights(model, f"epoch {epoch}", hint)
+                    model.save_pretrained(out, tokenizer=tokenizer)
+                    write_outputs(out)
+                    record["best_epoch"], record["best"] = epoch, metrics
+                logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+                write_json(out / "metrics.json", record)  # after every epoch, so a long run shows its progress
             pos = Position(step=pos.step, epoch=epoch + 1)
             save()
-            if interrupt.requested() and epoch < config.epochs:
+            if interrupt.requested(d) and epoch < config.epochs:
                 run_log.close()
                 raise KeyboardInterrupt(f"checkpoint saved at the end of epoch {epoch}; --resume auto continues")
     run_log.close()
+    if not d.is_main:
+        return record
     if config.predict and isinstance(task, TextTask) and task.tests:
         model = task.model_class.from_pretrained(out).to(device)
         record["submissions"] = [str(p) for p in task.write_test_predictions(model, tokenizer, config, device, out)]

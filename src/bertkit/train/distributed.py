@@ -71,10 +71,6 @@ def wrap(model: torch.nn.Module, d: Distributed) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def no_sync(model: torch.nn.Module, sync: bool):
     """Skip DDP's gradient all-reduce on accumulation micro-steps; only the last one of a step synchronises."""
     if sync or not isinstance(model, DistributedDataParallel):

@@ -70,7 +70,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise BertkitError(f"unknown optimizer {name!r} (expected adamw or lamb)")
 
 
-def optimizer_step(model: nn.Module, optimizer, scheduler, loss: torch.Tensor, clip_norm: float, scaler=None,
+def optimizer_step(model: nn.Module, optimizer, scheduler, loss: torch.Tensor, max_grad_norm: float, scaler=None,
                    d=None) -> bool:
     """After backward: unscale (fp16), clip, then step the optimizer, unless the loss or the gradient norm is nan or
     inf; then no update is made. The schedule advances either way, so the lr keeps following the step count (as
@@ -82,8 +82,8 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, loss: torch.Tensor, c
     if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if clip_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
     bad = ~torch.isfinite(loss.detach().float())

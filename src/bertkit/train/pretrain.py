@@ -73,10 +73,10 @@ class PretrainConfig:
 
     model: str = option("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
     tokenizer: str | None = option(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
-                                   "trained on --corpus into RUN_DIR/tokenizer")
+                                   "trained on --corpus into OUT_DIR/tokenizer")
     vocab_size: int = option(8000, "size of the vocabulary trained when no --tokenizer is given")
     data: str | None = option(None, "prepared corpus folder (from `bertkit prepare`); if not given, --corpus is "
-                              "prepared into RUN_DIR/data")
+                              "prepared into OUT_DIR/data")
     corpus: list[str] = field(default_factory=default_corpus, metadata={
         "help": "raw text files, folders or globs, read when --tokenizer or --data is not given "
                 "($BERTKIT_DATA/corpus/python-docs-3.11.txt, else ../shared/data/corpus/python-docs-3.11.txt)"})
@@ -106,7 +106,8 @@ class PretrainConfig:
                                                      "0 (BERT), or Cramming's triangle: from a quarter of --lr up to it "
                                                      "at 75%% of --max-steps, then down to 0 (--warmup unused)")
     max_steps: int = option(300, "optimizer steps to train for")
-    clip_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)",
+                                  aliases=("--clip-norm",))
     max_bad_steps: int = option(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
                                 "skipped_steps); this many in a row stop the run with an error")
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision; bf16 and fp16 only where "
@@ -118,11 +119,12 @@ class PretrainConfig:
     eval_batches: int = option(20, "held-out batches per evaluation (the same examples every time)")
     save_every: int = option(100, "steps between checkpoints (0: only at the end)")
     keep_last: int = option(2, "checkpoints kept, newest first (0: keep all)")
-    run_dir: str = option("runs/pretrain", "folder of this run: config, logs, plot, checkpoints")
+    out_dir: str = option("runs/pretrain", "folder of this run: config, logs, plot, checkpoints",
+                          aliases=("--run-dir",))
     resume: str | None = option(None, "continue from a checkpoint folder, or 'auto' for the newest whole one in "
-                                "RUN_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
+                                "OUT_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
                                 "set aside for the one before; a fresh start if there is none)")
-    overwrite: bool = option(False, "start over in a RUN_DIR that holds an earlier run (its checkpoints, logs and "
+    overwrite: bool = option(False, "start over in a OUT_DIR that holds an earlier run (its checkpoints, logs and "
                              "config are deleted; tokenizer/ and data/ built from --corpus are kept) or files that "
                              "bertkit did not write (left as they are)")
     num_workers: int = option(0, "DataLoader worker processes per training process (0: load in the main process)")
@@ -154,7 +156,7 @@ class PretrainConfig:
                 ("dropout", self.dropout is None or 0 <= self.dropout < 1, "in [0, 1)"),
                 ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                 ("warmup", finite(self.warmup) and self.warmup >= 0, "a finite number >= 0"),
-                ("clip_norm", finite(self.clip_norm) and self.clip_norm >= 0, "a finite number >= 0 (0: no clipping)"),
+                ("max_grad_norm", finite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0 (0: no clipping)"),
                 ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
                 ("log_every", self.log_every >= 1, ">= 1"),
                 ("eval_every", self.eval_every >= 0, ">= 0"),
@@ -277,12 +279,12 @@ def metrics(sums: torch.Tensor, objective: str) -> dict[str, float]:
     return out
 
 
-def train_step(model, micro_batches: list, optimizer, scheduler, precision: Precision, clip_norm: float,
+def train_step(model, micro_batches: list, optimizer, scheduler, precision: Precision, max_grad_norm: float,
                d: Distributed, top_token: int) -> tuple[torch.Tensor, bool]:
     """One optimizer step over this process's micro-batches (the shared `bertkit.train.step.train_step`); returns
     their summed counts and whether the update was made (not when the loss or the gradients are nan or inf)."""
     sums = torch.zeros(len(SUMS), device=d.device)
-    _, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, clip_norm, d.device, d,
+    _, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, max_grad_norm, d.device, d,
                         forward=forward, on_output=lambda out, batch: sums.add_(batch_sums(out, batch, top_token)))
     return sums, ok
 
@@ -326,7 +328,7 @@ def find_resume(cfg: PretrainConfig, checkpoints: Path) -> Path | None:
         found = list_checkpoints(checkpoints)
         if found:
             raise BertkitError(f"{checkpoints}: holds checkpoints of an earlier run (newest {found[-1].name}); "
-                               "expected --resume auto to continue it, --overwrite to start over, or another --run-dir")
+                               "expected --resume auto to continue it, --overwrite to start over, or another --out-dir")
         return None
     if cfg.resume == "auto":
         return usable_checkpoint(checkpoints)
@@ -359,12 +361,12 @@ def open_run_dir(cfg: PretrainConfig, run_dir: Path) -> Path | None:
 def claim_run_dir(cfg: PretrainConfig, run_dir: Path) -> RunLock:
     """Refuse a run folder that is a file, one of the run's inputs, or a folder holding files no pretraining run
     wrote (unless --overwrite); then lock it."""
-    check_output_path(run_dir, "--run-dir", {"--tokenizer": cfg.tokenizer, "--data": cfg.data})
+    check_output_path(run_dir, "--out-dir", {"--tokenizer": cfg.tokenizer, "--data": cfg.data})
     found = entries(run_dir)
     if found and CONFIG_NAME not in found and not cfg.overwrite:
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         raise BertkitError(f"{run_dir}: not a pretraining run folder (no {CONFIG_NAME}; holds {shown}); expected a "
-                           "new or empty --run-dir, or --overwrite to write into it")
+                           "new or empty --out-dir, or --overwrite to write into it")
     return RunLock(run_dir).acquire()
 
 
@@ -426,7 +428,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.out_dir)
     held: list[RunLock] = []
 
     def claim() -> Path | None:
@@ -544,7 +546,7 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged "
                        "again by this run", run_dir, reached, pos.step)
     bad_steps = NonFiniteSteps(cfg.max_bad_steps, f"try a lower --lr (now {cfg.lr:g})"
-                               + (", clipping (--clip-norm 1)" if not cfg.clip_norm else "")
+                               + (", clipping (--max-grad-norm 1)" if not cfg.max_grad_norm else "")
                                + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
                                + "; --resume auto continues from the last checkpoint")
     return Run(cfg, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer, scheduler,
@@ -570,7 +572,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         shown = {k: round(v, 4) for k, v in final.items()}
         print(f"step {run.pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
     return {**final, "step": run.pos.step, "train_loss": train_row.get("loss"), "checkpoint": str(path),
-            "run_dir": str(run_dir), "skipped_steps": run.bad_steps.total}
+            "out_dir": str(run_dir), "skipped_steps": run.bad_steps.total}
 
 
 def loop(run: Run) -> tuple[dict, Path, dict]:
@@ -590,7 +592,7 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
             started = time.perf_counter()
             epoch, example_in_epoch, micro_batches = next(steps)
             sums, ok = train_step(run.ddp_model, micro_batches, run.optimizer, run.scheduler, run.precision,
-                                  cfg.clip_norm, d, run.top_token)
+                                  cfg.max_grad_norm, d, run.top_token)
             if ok:  # a skipped step's nan would spoil the window's means
                 window += sums
             seconds += time.perf_counter() - started

@@ -13,15 +13,17 @@ from bertkit.train.optim import optimizer_step
 from bertkit.train.precision import Precision
 
 
-def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision: Precision, clip_norm: float,
+def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision: Precision, max_grad_norm: float,
                device: torch.device, d=None, forward: Callable | None = None,
-               on_output: Callable | None = None) -> tuple[torch.Tensor, bool]:
+               on_output: Callable | None = None, scale: float | None = None) -> tuple[torch.Tensor, bool]:
     """One optimizer step over `micro_batches` (each a dict of CPU or device tensors), their gradients averaged.
 
     `forward(model, batch)` gives a model output with `.loss` (default: `model(**batch)`); `on_output(output,
     batch)` sees each micro-batch's output before the next one runs (to sum statistics without keeping logits).
-    Returns the mean of the micro-batches' losses (a 0-dim tensor on the device, not synchronised with the host)
-    and whether the update was made.
+    Each loss is multiplied by `scale` before backward (default: 1 / the number of micro-batches; a process whose
+    share of a step differs from the others' sets its own, 0 for a share of none). Returns the mean of the
+    micro-batches' losses (a 0-dim tensor on the device, not synchronised with the host) and whether the update
+    was made.
     """
     losses = []
     for i, batch in enumerate(micro_batches):
@@ -29,10 +31,11 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision
         with distributed.no_sync(model, sync=i == len(micro_batches) - 1):
             with precision.autocast():
                 out = forward(model, batch) if forward is not None else model(**batch)
-            precision.scaler.scale(out.loss / len(micro_batches)).backward()
+            share = out.loss / len(micro_batches) if scale is None else out.loss * scale
+            precision.scaler.scale(share).backward()
         losses.append(out.loss.detach().float())
         if on_output is not None:
             on_output(out, batch)
     loss = torch.stack(losses).mean()
-    ok = optimizer_step(model, optimizer, scheduler, loss, clip_norm, precision.scaler, d)
+    ok = optimizer_step(model, optimizer, scheduler, loss, max_grad_norm, precision.scaler, d)
     return loss, ok
