@@ -250,3 +250,59 @@ def test_pickled_code_is_never_run(tmp_path):
     torch.save({"embeddings.word_embeddings.weight": Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(BertkitError, match="cannot read weights"):
         bertkit.BertModel.from_pretrained(tmp_path)
+
+
+def test_a_left_to_right_model_is_transformers_decoder_and_hides_the_future(tmp_path):
+    """is_decoder (the paper's LTR row): transformers' causal BertModel on the same weights gives the same hidden
+    states of the real tokens, and changing a later token leaves every earlier position's output unchanged."""
+    torch.manual_seed(0)
+    config = config_for("mini")
+    config.is_decoder = True
+    ours = bertkit.BertModel(config).eval()
+    theirs = hf_twin(ours, "BertModel", tmp_path)
+    assert theirs.config.is_decoder
+    ids, types, mask = batch(1000)
+    for m in (mask, torch.ones_like(mask)):  # the causal mask with padding, and SDPA's is_causal without
+        with torch.no_grad():
+            a = ours(ids, types, m).last_hidden_state
+            b = theirs(input_ids=ids, token_type_ids=types, attention_mask=m).last_hidden_state
+        real = m.bool()
+        assert (a[real] - b[real]).abs().max() < HIDDEN_ATOL
+        changed = ids.clone()
+        changed[:, 5] = (changed[:, 5] + 1) % 1000
+        with torch.no_grad():
+            c = ours(changed, types, m).last_hidden_state
+        assert torch.equal(a[:, :5], c[:, :5])
+        assert (a[:, 5:][real[:, 5:]] - c[:, 5:][real[:, 5:]]).abs().max() > 1e-3
+    config.is_decoder = False  # and the bidirectional model does see the change
+    with torch.no_grad():
+        bidirectional = bertkit.BertModel(config).eval()
+        assert not torch.equal(bidirectional(ids, types, mask).last_hidden_state[:, :5],
+                               bidirectional(changed, types, mask).last_hidden_state[:, :5])
+
+
+@pytest.mark.parametrize("cls_name", ["BertForSequenceClassification", "BertForQuestionAnswering"])
+def test_a_bilstm_head_trains_saves_and_loads_back(cls_name, tmp_path):
+    """The paper's "+ BiLSTM": a BiLSTM between encoder and head, randomly initialised over a pretrained encoder,
+    kept in config.json and the weights, so the saved model gives the same outputs; padding changes nothing."""
+    torch.manual_seed(0)
+    encoder = bertkit.BertModel(config_for("mini"))
+    encoder.save_pretrained(tmp_path / "encoder")
+    cls = getattr(bertkit, cls_name)
+    model = cls.from_pretrained(tmp_path / "encoder", bilstm=True).eval()
+    assert model.bilstm is not None and model.config.bilstm
+    ids, types, mask = batch(1000)
+    out = model(ids, types, mask)
+    logits = out.logits if out.logits is not None else out.start_logits
+    logits.sum().backward()
+    assert model.bilstm.weight_ih_l0.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "tuned")
+    again = cls.from_pretrained(tmp_path / "tuned").eval()
+    assert again.config.bilstm
+    with torch.no_grad():
+        a, b = model(ids, types, mask), again(ids, types, mask)
+        short = model(ids[3:, :6], types[3:, :6], mask[3:, :6])  # row 3 is 6 real tokens: the same without padding
+    key = "logits" if a.logits is not None else "start_logits"
+    assert torch.equal(a[key], b[key])
+    torch.testing.assert_close(a[key][3:, :6] if key == "start_logits" else a[key][3:], short[key], atol=1e-5,
+                               rtol=1e-5)

@@ -224,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, SuiteConfig)
     p.set_defaults(func=cmd_suite)
 
+    from bertkit.tasks.ablate import GRIDS, AblateConfig
+
+    p = sub.add_parser(
+        "ablate",
+        help="the paper's ablations: pretrain named variants at equal compute, score each with the suite; one table",
+        description="Pretrain every variant of --grid (" + "; ".join(f"{g}: {', '.join(v)}" for g, v in GRIDS.items())
+        + ") for --seeds seeds at the same budget on the shared books corpus, fine-tune each pretrained model "
+        "through the downstream suite, and print the table (mean ± std over pretraining seeds) and write "
+        "OUT_DIR/ablate.md and ablate.png. Every finished cell is kept in OUT_DIR/ablate.json and every step "
+        "inside a cell resumes, so a rerun, more seeds or more --variants add only what is missing.",
+    )
+    add_dataclass_args(p, AblateConfig)
+    p.set_defaults(func=cmd_ablate)
+
     from bertkit.export import ExportConfig
 
     p = sub.add_parser(
@@ -263,6 +277,12 @@ def cmd_suite(args) -> None:
 
     result = suite(dataclass_from_args(SuiteConfig, args))
     print(result["table"], end="")
+
+
+def cmd_ablate(args) -> None:
+    from bertkit.tasks.ablate import AblateConfig, ablate
+
+    print(ablate(dataclass_from_args(AblateConfig, args))["table"], end="")
 
 
 def cmd_finetune(args) -> None:

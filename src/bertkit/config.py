@@ -68,6 +68,10 @@ class BertConfig:
     num_labels: int = 2
     id2label: dict[int, str] | None = None
     classifier_dropout: float | None = None
+    # variants of the paper's ablations (Table 5): a left-to-right model (causal attention; transformers' name),
+    # and a randomly initialised BiLSTM between the encoder and a fine-tuning head (bertkit's own key)
+    is_decoder: bool = False
+    bilstm: bool = False
     # keys of a foreign config.json that bertkit does not use, kept so that a round trip loses nothing
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -105,6 +109,12 @@ class BertConfig:
             raise BertkitError(f"layer_norm_eps is {_show(self.layer_norm_eps)}; expected a finite number > 0")
         if self.hidden_act not in ("gelu", "gelu_new", "relu"):
             raise BertkitError(f"hidden_act {_show(self.hidden_act)} is not supported (expected gelu, gelu_new or relu)")
+        for name in ("is_decoder", "bilstm"):
+            if not isinstance(getattr(self, name), bool):
+                raise BertkitError(f"{name} is {_show(getattr(self, name))}; expected true or false")
+        if self.bilstm and self.hidden_size % 2:
+            raise BertkitError(f"bilstm with hidden_size {self.hidden_size}; expected an even hidden size (two "
+                               "directions of hidden_size / 2)")
         if not isinstance(self.extra, dict):
             raise BertkitError(f"extra is {_show(self.extra)}; expected a dict of other config.json keys")
         architectures = self.extra.get("architectures")
@@ -128,6 +138,7 @@ class BertConfig:
         embeddings = (V + self.max_position_embeddings + self.type_vocab_size) * H + 2 * H
         layer = 4 * (H * H + H) + 2 * (H * I) + I + H + 4 * H  # attention, feed-forward, two LayerNorms
         heads = (H * H + H) + (H * H + 3 * H + V) + 2 * (H * self.num_labels + self.num_labels)  # pooler, MLM, others
+        heads += 2 * 4 * (H * H // 2 + (H // 2) ** 2 + H) if self.bilstm else 0  # two directions, four gates
         return embeddings + self.num_hidden_layers * layer + heads
 
     @property
@@ -153,6 +164,9 @@ class BertConfig:
             d["label2id"] = {v: k for k, v in self.id2label.items()}
         if d["classifier_dropout"] is None:
             d.pop("classifier_dropout")
+        for name in ("is_decoder", "bilstm"):  # written when set, so an ordinary BERT's config.json is as before
+            if not d[name]:
+                d.pop(name)
         d["model_type"] = "bert"
         d.setdefault("position_embedding_type", "absolute")
         return d

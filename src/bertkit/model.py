@@ -58,15 +58,20 @@ class Layout:
     With no padding, tensors stay (B, T, ...) and every method is the identity.
     """
 
-    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int):
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool = False):
         self.batch, self.length = batch, length
         self.indices = None  # flat indices into B*T of the real tokens, in row-major order
-        self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to
+        self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
+        self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
         if attention_mask is not None:
             keep = attention_mask.bool()
             if not bool(keep.all()):
                 self.indices = keep.flatten().nonzero().squeeze(1)
                 self.attn_mask = keep[:, None, None, :]
+                if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
+                    past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
+                    self.attn_mask = self.attn_mask & past
+                    self.is_causal = False
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): keep the real tokens."""
@@ -152,7 +157,8 @@ class BertSelfAttention(nn.Module):
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=layout.attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+            q, k, v, attn_mask=layout.attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=layout.is_causal,
         )
         return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
@@ -301,15 +307,24 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        layout = Layout(attention_mask, B, T)
+        layout = Layout(attention_mask, B, T, causal=self.config.is_decoder)
         x = self.embeddings(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.unpad(position_ids))
         return self.encoder(x, layout), layout
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None) -> ModelOutput:
         hidden, layout = self.encode(input_ids, token_type_ids, attention_mask, position_ids)
         sequence = layout.pad(hidden)  # (B, T, H); zeros at padding
-        pooled = self.pooler(sequence[:, 0]) if self.pooler is not None else None
+        pooled = self.pooler(self.summary(sequence, attention_mask)) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=sequence, pooler_output=pooled)
+
+    def summary(self, sequence: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, H) -> (B, H): the token that encodes the whole input, [CLS]; in a left-to-right model [CLS] sees
+        only itself, so there it is the last real token (as GPT classifies)."""
+        if not self.config.is_decoder:
+            return sequence[:, 0]
+        B, T, _ = sequence.shape
+        last = attention_mask.sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1)
+        return sequence[torch.arange(B, device=sequence.device), last.to(sequence.device)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,7 +412,7 @@ class BertForPreTraining(BertPreTrainedModel):
         hidden, layout, logits, mlm_loss = _masked_lm(
             self, input_ids, token_type_ids, attention_mask, position_ids, labels, masked_positions
         )
-        nsp_logits = self.cls.seq_relationship(self.bert.pooler(layout.pad(hidden)[:, 0]))
+        nsp_logits = self.cls.seq_relationship(self.bert.pooler(self.bert.summary(layout.pad(hidden), attention_mask)))
         nsp_loss = None
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label.reshape(-1))
@@ -437,21 +452,46 @@ def _classifier_dropout(config: BertConfig) -> nn.Dropout:
     return nn.Dropout(p)
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
-    """A linear layer on the pooled [CLS]: softmax over num_labels classes, or regression when num_labels == 1."""
+def _bilstm(config: BertConfig) -> nn.LSTM | None:
+    """The paper's "+ BiLSTM" (Table 5), when `config.bilstm`: a randomly initialised (PyTorch's init) bidirectional
+    LSTM over the encoder's outputs, under the head; each direction H/2 wide, so the head still sees H."""
+    if not config.bilstm:
+        return None
+    return nn.LSTM(config.hidden_size, config.hidden_size // 2, batch_first=True, bidirectional=True)
 
-    head_prefixes = ("classifier.", "bert.pooler.")
+
+def _run_bilstm(lstm: nn.LSTM, sequence: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, H) -> the LSTM's (B, T, H) outputs over the real tokens (zeros at padding) and its (B, H) summary:
+    the forward direction's state after the last real token and the backward one's after the first."""
+    B, T, _ = sequence.shape
+    lengths = attention_mask.sum(1).cpu() if attention_mask is not None else torch.full((B,), T)
+    packed = nn.utils.rnn.pack_padded_sequence(sequence, lengths, batch_first=True, enforce_sorted=False)
+    out, (h, _) = lstm(packed)
+    out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+    return out, torch.cat([h[0], h[1]], dim=-1)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """A linear layer on the pooled [CLS]: softmax over num_labels classes, or regression when num_labels == 1.
+    With `config.bilstm` the layer reads the BiLSTM's summary of the sequence instead (no pooler)."""
+
+    head_prefixes = ("classifier.", "bert.pooler.", "bilstm.")
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, add_pooling_layer=not config.bilstm)
+        self.bilstm = _bilstm(config)
         self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, labels=None):
-        pooled = self.bert(input_ids, token_type_ids, attention_mask, position_ids).pooler_output
+        out = self.bert(input_ids, token_type_ids, attention_mask, position_ids)
+        if self.bilstm is not None:
+            pooled = _run_bilstm(self.bilstm, out.last_hidden_state, attention_mask)[1]
+        else:
+            pooled = out.pooler_output
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -465,11 +505,12 @@ class BertForSequenceClassification(BertPreTrainedModel):
 class BertForQuestionAnswering(BertPreTrainedModel):
     """Span extraction: a start vector and an end vector dotted with every token's final hidden state."""
 
-    head_prefixes = ("qa_outputs.",)
+    head_prefixes = ("qa_outputs.", "bilstm.")
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
+        self.bilstm = _bilstm(config)  # with config.bilstm, the vectors are dotted with its outputs instead
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.init_weights()
 
@@ -483,6 +524,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         end_positions=None,
     ) -> ModelOutput:
         sequence = self.bert(input_ids, token_type_ids, attention_mask, position_ids).last_hidden_state
+        if self.bilstm is not None:
+            sequence = _run_bilstm(self.bilstm, sequence, attention_mask)[0]
         logits = self.qa_outputs(sequence)  # (B, T, 2)
         if attention_mask is not None:
             # padding can never be an answer; transformers leaves pad logits in the softmax, which makes its loss

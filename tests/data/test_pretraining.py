@@ -72,6 +72,34 @@ def test_masking_rates(corpus, tokenizer, masking, rate_tolerance, mask_prob):
     assert abs(rates["kept"] - 0.1) <= 0.01
 
 
+@pytest.mark.parametrize("mix", [(100, 0, 0), (80, 0, 20), (80, 20, 0), (0, 20, 80), (0, 0, 100)])
+def test_each_masking_mix_produces_its_proportions(corpus, tokenizer, mix):
+    """The paper's appendix C.2 mixes: [MASK] / unchanged / random among the chosen tokens. A random token is
+    drawn from the whole vocabulary, so about 1 in 30k of them is the original: counted as unchanged."""
+    dataset = PretrainingDataset(corpus, tokenizer, mask_mix=mix)
+    rates = masking_statistics(dataset, 1000).rates()
+    assert abs(rates["selected"] - 0.15) <= 0.005
+    for name, want in zip(("masked", "kept", "replaced"), mix):
+        assert abs(rates[name] - want / 100) <= 0.012, (name, rates[name], want)
+    assert (rates["masked"] == 0) == (mix[0] == 0) and (rates["replaced"] == 0) == (mix[2] == 0)
+
+
+@pytest.mark.parametrize("mix", [(80, 10), (80, 10, 5), (90, 20, -10), (80.5, 9.5, 10)])
+def test_a_masking_mix_that_is_not_three_percentages_is_refused(corpus, tokenizer, mix):
+    with pytest.raises(BertkitError, match="expected three whole percentages"):
+        PretrainingDataset(corpus, tokenizer, mask_mix=mix)
+
+
+def test_left_to_right_examples_label_every_next_token_and_mask_nothing(corpus, tokenizer):
+    dataset = PretrainingDataset(corpus, tokenizer, objective="ltr")
+    for index in range(50):
+        example = dataset[index]
+        ids, labels = example["input_ids"], example["labels"]
+        assert ids[0] == dataset.vocab.cls_id and ids[-1] == dataset.vocab.sep_id
+        assert dataset.vocab.mask_id not in ids and "next_sentence_label" not in example
+        assert (labels[:-1] == ids[1:]).all() and labels[-1] == IGNORE_INDEX
+
+
 @pytest.mark.parametrize("masking", ["token", "wwm", "span"])
 def test_never_special_never_over_cap(corpus, tokenizer, masking):
     dataset = PretrainingDataset(corpus, tokenizer, masking=masking, max_length=64)

@@ -287,6 +287,7 @@ def test_bad_config_is_a_user_error():
 @pytest.mark.parametrize("objective, masking, optimizer, metric", [
     ("mlm", "span", "lamb", None),
     ("mlm+sop", "wwm", "adamw", "sentence_order_accuracy"),
+    ("ltr", "token", "adamw", None),
 ])
 def test_objectives_maskings_and_optimizers_train(inputs, tmp_path, objective, masking, optimizer, metric):
     cfg = small(inputs, tmp_path, objective=objective, masking=masking, optimizer=optimizer, max_steps=4,
@@ -295,6 +296,8 @@ def test_objectives_maskings_and_optimizers_train(inputs, tmp_path, objective, m
     assert result["step"] == 4 and result["loss"] > 0
     assert ("next_sentence_accuracy" in result) is False
     assert (metric in result) if metric else not any(k.startswith("sentence") for k in result)
+    saved = BertConfig.load(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert saved.is_decoder == (objective == "ltr")  # a left-to-right model stays causal when it is fine-tuned
 
 
 @pytest.mark.slow

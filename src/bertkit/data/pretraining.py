@@ -37,6 +37,7 @@ class Objective:
     swapped: bool = False  # half the time A and B trade places (the sentence-order task)
     metric: str | None = None  # the held-out accuracy of the sentence task
     short: str = ""  # the progress bar's name for that accuracy
+    causal: bool = False  # a left-to-right LM: causal attention, every position predicts the next token, no masking
 
     @property
     def documents_needed(self) -> int:
@@ -47,7 +48,11 @@ OBJECTIVES = {o.name: o for o in (
     Objective("mlm+nsp", pairs=True, random_b=True, metric="next_sentence_accuracy", short="nsp_acc"),  # BERT
     Objective("mlm", pairs=False),  # RoBERTa's finding: no sentence task
     Objective("mlm+sop", pairs=True, swapped=True, metric="sentence_order_accuracy", short="sop_acc"),  # ALBERT
+    Objective("ltr", pairs=False, causal=True),  # the paper's "LTR & No NSP" row (Table 5), as GPT
 )}
+# What a position chosen for prediction becomes, in percent: [MASK], itself (SAME), a random token (RND); BERT's
+# 80/10/10, and the mixes of the paper's appendix C.2 for the ablation
+MASK_MIXES = ((80, 10, 10), (100, 0, 0), (80, 0, 20), (80, 20, 0), (0, 20, 80), (0, 0, 100))
 MASKINGS = ("token", "wwm", "span")
 IGNORE_INDEX = -100  # the label of an unpredicted position: cross-entropy's (and transformers') ignore_index
 _BRACKETED = re.compile(r"\[[^\]]*\]")  # [PAD], [unused0]: BERT vocabularies mark reserved pieces this way
@@ -106,8 +111,10 @@ class PretrainingDataset(torch.utils.data.Dataset):
     objective: "mlm+nsp" B is A's true continuation (next_sentence_label 0) or, half the time, a span of a random
                other document (label 1), as BERT; "mlm+sop" A and B are consecutive and swapped half the time
                (label 1 when swapped), as ALBERT; "mlm" one segment of consecutive sentences, no sentence label.
+               "ltr" one segment, unmasked, every position labelled with the next token (a left-to-right LM).
     masking:   "token" BERT's random tokens; "wwm" whole words (a piece and the '##' pieces after it);
                "span" SpanBERT's spans of whole words, lengths ~ Geometric(span_geometric_p) truncated at span_max.
+    mask_mix:  what the chosen positions become, in percent: [MASK], unchanged, a random token (80, 10, 10).
     """
 
     def __init__(
@@ -123,6 +130,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         max_predictions: int | None = None,
         span_geometric_p: float = 0.2,
         span_max: int = 10,
+        mask_mix: tuple[int, int, int] = (80, 10, 10),
         seed: int = 0,
     ) -> None:
         if objective not in OBJECTIVES:
@@ -139,6 +147,10 @@ class PretrainingDataset(torch.utils.data.Dataset):
             raise BertkitError(
                 f"span_geometric_p={span_geometric_p}, span_max={span_max}; expected 0 < p <= 1 and span_max >= 1"
             )
+        mask_mix = tuple(mask_mix)
+        if len(mask_mix) != 3 or any(not isinstance(p, int) or p < 0 for p in mask_mix) or sum(mask_mix) != 100:
+            raise BertkitError(f"mask_mix={mask_mix}; expected three whole percentages ([MASK], unchanged, random) "
+                               "that sum to 100, such as 80 10 10")
         if tokenizer.vocab_size != corpus.vocab_size or tokenizer_fingerprint(tokenizer) != corpus.tokenizer_fingerprint:
             raise BertkitError(
                 f"{corpus.out_dir}: prepared with another tokenizer (vocab {corpus.vocab_size}, fingerprint "
@@ -157,6 +169,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
         self.masking = masking
         self.objective = objective
         self.mask_prob = mask_prob
+        # a chosen position with decision d in [0, 1) becomes [MASK] below the first bound, random below the second
+        self.mix_bounds = (mask_mix[0] / 100, (mask_mix[0] + mask_mix[2]) / 100)
         # The paper's cap (20 predictions at length 128) keeps the prediction count bounded; ceil(max_length *
         # mask_prob) equals it at 128 and never binds for token masking, so the 15% rate stays exact.
         self.max_predictions = max_predictions or math.ceil(max_length * mask_prob)
@@ -277,7 +291,10 @@ class PretrainingDataset(torch.utils.data.Dataset):
             input_ids[2 + len_a : -1] = tokens[b0:b1]
             input_ids[-1] = self.vocab.sep_id
             token_type_ids[2 + len_a :] = 1
-        labels = self._mask(input_ids, np.random.default_rng((self.seed, self.epoch, index)))
+        if self.task.causal:
+            labels = np.append(input_ids[1:], IGNORE_INDEX)  # position t predicts token t + 1
+        else:
+            labels = self._mask(input_ids, np.random.default_rng((self.seed, self.epoch, index)))
         example = {"input_ids": input_ids, "token_type_ids": token_type_ids, "labels": labels, "length": np.array(length)}
         if pair:
             example["next_sentence_label"] = np.array(label)
@@ -300,7 +317,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
         return candidates[first], np.diff(np.append(first, len(candidates)))
 
     def _mask(self, input_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Choose positions to predict, replace them in place (80% [MASK], 10% random, 10% kept), return labels.
+        """Choose positions to predict, replace them in place (80% [MASK], 10% random, 10% kept, or mask_mix),
+        return labels.
 
         Why 80/10/10 (BERT section 3.1): [MASK] never occurs when fine-tuning, so some chosen tokens stay
         or become random, and the model must keep a good representation of every input token."""
@@ -326,8 +344,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
                 positions = np.concatenate([np.arange(s, e) for s, e in spans])
                 decision = np.repeat(rng.random(len(spans)), sizes)  # per span, as SpanBERT
         labels[positions] = input_ids[positions]
-        input_ids[positions[decision < 0.8]] = self.vocab.mask_id
-        replaced = positions[(decision >= 0.8) & (decision < 0.9)]
+        masked_below, random_below = self.mix_bounds
+        input_ids[positions[decision < masked_below]] = self.vocab.mask_id
+        replaced = positions[(decision >= masked_below) & (decision < random_below)]
         input_ids[replaced] = self.vocab.replacements[rng.integers(len(self.vocab.replacements), size=len(replaced))]
         return labels
 

@@ -84,6 +84,8 @@ class FinetuneConfig:
     model_dir: str = option("", "pretrained model folder (HF layout) to start from")
     from_scratch: bool = option(False, "use only the folder's architecture and tokenizer, with random weights (the "
                                 "'no pretraining' baseline)")
+    bilstm: bool = option(False, "a randomly initialised BiLSTM between the encoder and the task head (the paper's "
+                          "'+ BiLSTM' row of Table 5; saved in config.json, so evaluate and predict use it too)")
     task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, or custom for your own files")
     out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md (a new or "
                           "empty folder, or this same run's; never --model-dir or a folder inside it)")
@@ -355,7 +357,7 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     seed_everything(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
     model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
-                                             **task.model_overrides())
+                                             **task.model_overrides(), **({"bilstm": True} if config.bilstm else {}))
     n = model.num_parameters()
     check_free_space(out, checkpoint_bytes(n) + 4 * n, f"a checkpoint and the best model of this "
                      f"{n / 1e6:.1f}M-parameter model")

@@ -78,6 +78,8 @@ class SuiteConfig:
     model_dir: str = option("", "model folder (HF layout, with its tokenizer) to fine-tune on every task")
     from_scratch: bool = option(False, "the same architecture and tokenizer with random weights: the "
                                 "'no pretraining' row")
+    bilstm: bool = option(False, "every cell with a randomly initialised BiLSTM under its head (the paper's "
+                          "'+ BiLSTM' row)")
     label: str | None = option(None, "the row's name in the table (default: the folder's name, plus "
                                "'(from scratch)')")
     data_dir: str = field(default_factory=_default_data_dir, metadata={
@@ -111,7 +113,8 @@ class SuiteConfig:
     @property
     def row(self) -> str:
         name = self.label or Path(self.model_dir).resolve().name
-        return name + (" (from scratch)" if self.from_scratch and not self.label else "")
+        suffix = (" (from scratch)" if self.from_scratch else "") + (" + BiLSTM" if self.bilstm else "")
+        return name + ("" if self.label else suffix)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,10 +224,12 @@ def suite(config: SuiteConfig) -> dict:
     results_path = out / RESULTS_FILE
     results = _load(results_path)
     row = results.setdefault(config.row, {"model_dir": str(config.model_dir), "from_scratch": config.from_scratch,
-                                          "cells": {}})
-    if row["from_scratch"] != config.from_scratch or Path(row["model_dir"]).resolve() != Path(config.model_dir).resolve():
+                                          **({"bilstm": True} if config.bilstm else {}), "cells": {}})
+    if (row["from_scratch"] != config.from_scratch or row.get("bilstm", False) != config.bilstm
+            or Path(row["model_dir"]).resolve() != Path(config.model_dir).resolve()):
         raise BertkitError(f"{results_path}: row {config.row!r} holds {row['model_dir']} (from scratch: "
-                           f"{row['from_scratch']}); expected another --label for this model")
+                           f"{row['from_scratch']}, BiLSTM: {row.get('bilstm', False)}); expected another --label "
+                           "for this model")
     todo = []
     for name in config.tasks:
         task = TASKS[name]
@@ -239,7 +244,8 @@ def suite(config: SuiteConfig) -> dict:
                 fc = FinetuneConfig(
                     model_dir=config.model_dir, from_scratch=config.from_scratch, task=name, out_dir=str(cell_dir),
                     lr=lr, batch_size=config.batch_size, epochs=task.epochs, max_length=task.max_length, seed=seed,
-                    threads=config.threads, device="cpu" if config.jobs > 1 else "auto", **files,
+                    threads=config.threads, device="cpu" if config.jobs > 1 else "auto", bilstm=config.bilstm,
+                    **files,
                 )
                 todo.append((key, fc, str(cell_dir / "finetune.log")))
     if todo:

@@ -83,11 +83,16 @@ class PretrainConfig:
     max_length: int = option(128, "tokens per example, [CLS] and [SEP] included")
     masking: Literal["token", "wwm", "span"] = option("token", "what is masked: random tokens (BERT), whole words, "
                                                       "or spans of words (SpanBERT)")
-    objective: Literal["mlm+nsp", "mlm", "mlm+sop"] = option("mlm+nsp", "masked LM plus next-sentence "
-                                                             "prediction (BERT), alone, or plus sentence-order prediction "
-                                                             "(ALBERT)")
+    objective: Literal["mlm+nsp", "mlm", "mlm+sop", "ltr"] = option("mlm+nsp", "masked LM plus next-sentence "
+                                                                    "prediction (BERT), alone, or plus sentence-order "
+                                                                    "prediction (ALBERT); or ltr, a left-to-right LM "
+                                                                    "(causal attention, next-token loss, no masking: "
+                                                                    "the paper's 'LTR & No NSP')")
     mask_prob: float = option(0.3, "share of tokens chosen for prediction (0.15 in the paper; 0.3 as MosaicBERT won "
                               "the recipe study in docs/findings.md)")
+    mask_mix: tuple[int, int, int] = option((80, 10, 10), "what a token chosen for prediction becomes, in percent: "
+                                            "[MASK], itself, a random token (the paper's appendix compares 100 0 0, "
+                                            "80 0 20, 80 20 0, 0 20 80, 0 0 100)")
     dropout: float | None = option(0.0, "dropout (hidden and attention) while pretraining: 0 as Cramming and "
                                    "MosaicBERT (the recipe study's choice); the saved config keeps the model's own "
                                    "rates for fine-tuning (unset: the model's, 0.1 in every preset, as the paper)")
@@ -138,6 +143,11 @@ class PretrainConfig:
             self.betas = tuple(float(b) for b in self.betas)
         except (TypeError, ValueError):
             raise BertkitError(f"pretrain config: betas={self.betas} (expected two numbers in [0, 1))") from None
+        try:
+            self.mask_mix = tuple(int(p) for p in self.mask_mix)
+        except (TypeError, ValueError):
+            raise BertkitError(f"pretrain config: mask_mix={self.mask_mix} (expected three whole percentages that "
+                               "sum to 100, such as 80 10 10)") from None
         self.corpus = [str(c) for c in self.corpus]
 
         def finite(value) -> bool:  # nan and inf pass some comparisons (inf > 0) and fail others silently
@@ -154,6 +164,8 @@ class PretrainConfig:
                 ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
                 ("mask_prob", 0 < self.mask_prob < 1, "in (0, 1)"),
                 ("dropout", self.dropout is None or 0 <= self.dropout < 1, "in [0, 1)"),
+                ("mask_mix", len(self.mask_mix) == 3 and min(self.mask_mix) >= 0 and sum(self.mask_mix) == 100,
+                 "three whole percentages that sum to 100"),
                 ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                 ("warmup", finite(self.warmup) and self.warmup >= 0, "a finite number >= 0"),
                 ("max_grad_norm", finite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0 (0: no clipping)"),
@@ -211,6 +223,7 @@ def model_config(cfg: PretrainConfig, tokenizer) -> BertConfig:
                            tokenizer.vocab_size)
             config.vocab_size = tokenizer.vocab_size
         config.pad_token_id = tokenizer.pad_id
+    config.is_decoder = OBJECTIVES[cfg.objective].causal  # a left-to-right model keeps its causal mask when fine-tuned
     if cfg.max_length > config.max_position_embeddings:
         raise BertkitError(f"max_length={cfg.max_length}; expected at most the model's max_position_embeddings "
                            f"({config.max_position_embeddings})")
@@ -376,7 +389,7 @@ def data_signature(cfg: PretrainConfig, batches: PretrainBatches) -> dict:
     return {"corpus": f"{corpus.tokenizer_fingerprint[:16]}/{corpus.num_tokens}", "global_batch": batches.global_batch,
             "ramp_steps": batches.ramp_steps,
             "max_length": cfg.max_length, "masking": cfg.masking, "mask_prob": cfg.mask_prob, "objective": cfg.objective,
-            "seed": cfg.seed}
+            "seed": cfg.seed, **({"mask_mix": list(cfg.mask_mix)} if cfg.mask_mix != (80, 10, 10) else {})}
 
 
 def training_state(pos: Position, optimizer, scheduler, precision: Precision, signature: dict, cfg: PretrainConfig,
@@ -503,7 +516,7 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir), d)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     options = dict(max_length=cfg.max_length, masking=cfg.masking, objective=cfg.objective, mask_prob=cfg.mask_prob,
-                   seed=cfg.seed)
+                   mask_mix=cfg.mask_mix, seed=cfg.seed)
     train_set = PretrainingDataset(PreparedCorpus(data_dir, "train"), tokenizer, **options)
     eval_set = PretrainingDataset(PreparedCorpus(data_dir, "heldout"), tokenizer, **options)
     batches = PretrainBatches(train_set, cfg.batch_size, cfg.grad_accum, d, cfg.num_workers,

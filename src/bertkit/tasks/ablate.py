@@ -1,0 +1,357 @@
+"""The paper's ablations, rerun by one command: a grid of named variants, each pretrained at equal compute on one
+corpus (same model size, steps, batch and recipe unless the variant changes it), over several pretraining seeds,
+each pretrained model fine-tuned through the downstream suite (`bertkit.tasks.suite`), then one table and one plot.
+
+A variant is a set of `bertkit pretrain` flags (and `--bilstm`, a fine-tuning flag), written as a command line
+would write them; the grids below hold the paper's rows (Table 5: objectives and masking; appendix C.2: the masking
+mix; Table 6: model size). Variants with the same pretraining flags share their pretrained models (LTR and
+LTR + BiLSTM differ only in fine-tuning).
+
+A cell is (variant, pretraining seed). Everything a cell produced is kept in OUT_DIR/ablate.json as it finishes, and
+each step inside a cell resumes on its own (pretraining with --resume auto, the suite cell by cell), so a grid
+stopped anywhere, extended with variants or seeds, or given to another session reruns nothing already done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from bertkit.checkpoint import atomic_write, list_checkpoints
+from bertkit.config import option
+from bertkit.errors import BertkitError
+
+RESULTS_FILE = "ablate.json"
+TABLE_FILE = "ablate.md"
+PLOT_FILE = "ablate.png"
+
+VARIANTS: dict[str, str] = {
+    # Table 5: objectives, and the masking strategies bertkit has
+    "mlm+nsp": "",  # BERT: the recipe's defaults (masked LM + next-sentence prediction, token masking)
+    "mlm": "--objective mlm",  # "No NSP" (RoBERTa's finding)
+    "mlm+sop": "--objective mlm+sop",  # ALBERT's sentence-order prediction in place of NSP
+    "ltr": "--objective ltr",  # "LTR & No NSP": a left-to-right LM, causal also when fine-tuned
+    "ltr+bilstm": "--objective ltr --bilstm",  # "+ BiLSTM": the same LTR models, a BiLSTM under every head
+    "wwm": "--masking wwm",  # whole-word masking
+    "span": "--masking span",  # SpanBERT's span masking
+    # appendix C.2: what the chosen tokens become ([MASK] / unchanged / random, percent); and the masking rate
+    "mix-80-10-10": "--mask-mix 80 10 10",
+    "mix-100-0-0": "--mask-mix 100 0 0",
+    "mix-80-0-20": "--mask-mix 80 0 20",
+    "mix-80-20-0": "--mask-mix 80 20 0",
+    "mix-0-20-80": "--mask-mix 0 20 80",
+    "mix-0-0-100": "--mask-mix 0 0 100",
+    "rate-15": "--mask-prob 0.15",
+    # Table 6: model size at equal steps
+    "tiny": "--model tiny",
+    "mini": "--model mini",
+    "small": "--model small",
+    "medium": "--model medium",
+}
+GRIDS: dict[str, tuple[str, ...]] = {
+    "table5": ("mlm+nsp", "mlm", "mlm+sop", "ltr", "ltr+bilstm", "wwm", "span"),
+    "masking-mix": ("mix-80-10-10", "mix-100-0-0", "mix-80-0-20", "mix-80-20-0", "mix-0-20-80", "mix-0-0-100", "rate-15"),
+    "size": ("tiny", "mini", "small", "medium"),
+}
+FINETUNE_FLAGS = ("--bilstm",)  # a variant's flags that belong to fine-tuning, not pretraining
+
+
+def _default_corpus() -> list[str]:
+    import os
+
+    root = Path(os.environ.get("BERTKIT_DATA") or Path("..", "shared", "data"))
+    return [str(root / "corpus" / f"gutenberg-en-{i:02d}.txt.gz") for i in range(7)]
+
+
+@dataclass
+class AblateConfig:
+    """The `ablate` command's flags: which variants, at what budget, scored how."""
+
+    out_dir: str = option("runs/ablate", "folder of ablate.json, ablate.md, ablate.png, the shared vocabulary and "
+                          "prepared corpus, every cell's pretraining run and the suite's runs")
+    grid: Literal["table5", "masking-mix", "size", "custom"] = option(
+        "table5", "the variants to run (see the command's description), or 'custom' for --variants alone")
+    variants: list[str] = option([], "more variants: names of the built-in ones, or NAME=FLAGS with pretrain flags "
+                                 "(and --bilstm), e.g. 'mask40=--mask-prob 0.4'")
+    seeds: int = option(2, "pretraining seeds per variant (seeds 0..N-1)")
+    model: str = option("mini", "model size of every cell unless a variant sets --model")
+    steps: int = option(800, "pretraining steps per cell (the budget: steps x batch x length tokens)")
+    batch_size: int = option(32, "pretraining batch")
+    max_length: int = option(128, "pretraining tokens per example")
+    pretrain_flags: str = option("", "more `bertkit pretrain` flags for every cell, e.g. '--lr 5e-4 --warmup 0.05'")
+    corpus: list[str] = option([], "raw text for the shared vocabulary and prepared corpus (default: the books "
+                               "corpus, $BERTKIT_DATA/corpus/gutenberg-en-*.txt.gz)")
+    vocab_size: int = option(16000, "vocabulary trained on --corpus")
+    tasks: list[str] = option(["CoLA", "SST-2", "MRPC", "STS-B", "QNLI", "RTE", "squad1"],
+                              "suite columns for every cell (see `bertkit suite --help`)")
+    finetune_seeds: int = option(2, "fine-tuning seeds per task for every cell")
+    lrs: list[float] = option([3e-4], "fine-tuning learning rates per task; the best mean on dev is reported")
+    data_dir: str | None = option(None, "the shared data folder holding glue/ and squad/ (default: $BERTKIT_DATA)")
+    threads: int = option(2, "torch threads of pretraining; the suite runs --jobs cells of one thread each")
+    jobs: int = option(2, "suite cells at once")
+    only_pretrain: bool = option(False, "pretrain the cells and stop (fine-tune another time)")
+
+    def __post_init__(self):
+        self.lrs = [float(lr) for lr in self.lrs]
+        if self.grid not in GRIDS and self.grid != "custom":
+            raise BertkitError(f"--grid {self.grid}: unknown; expected one of {', '.join(GRIDS)} or custom")
+        bad = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in ("seeds", "steps", "batch_size", "max_length",
+                                                                        "finetune_seeds", "threads", "jobs")
+               if getattr(self, n) < 1]
+        if bad:
+            raise BertkitError(f"ablate: {', '.join(bad)}; expected positive counts")
+        self.variant_flags()  # a bad variant fails here, before any work
+
+    def variant_flags(self) -> dict[str, str]:
+        """Every variant of the run, name -> flags, in table order."""
+        names = list(GRIDS.get(self.grid, ()))
+        flags = {name: VARIANTS[name] for name in names}
+        for spec in self.variants:
+            name, sep, value = spec.partition("=")
+            name = name.strip()
+            if sep:
+                flags[name] = value.strip()
+            elif name in VARIANTS:
+                flags[name] = VARIANTS[name]
+            else:
+                raise BertkitError(f"--variants {spec!r}: not a built-in variant ({', '.join(VARIANTS)}); expected "
+                                   "one of them or NAME=FLAGS, e.g. 'mask40=--mask-prob 0.4'")
+        if not flags:
+            raise BertkitError("ablate: no variants; expected --grid or --variants")
+        for name, value in flags.items():
+            pretrain_args(self, value, name)
+        return flags
+
+
+def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[dict, dict]:
+    """A variant's flags on top of the grid's common ones -> (the PretrainConfig fields that differ from
+    `bertkit pretrain`'s defaults, the fine-tuning options); a flag pretrain does not know fails naming the variant."""
+    from bertkit.cli import add_dataclass_args, dataclass_from_args
+    from bertkit.train.pretrain import PretrainConfig
+
+    tokens = shlex.split(variant)
+    finetune = {flag.lstrip("-"): True for flag in FINETUNE_FLAGS if flag in tokens}
+    tokens = [t for t in tokens if t not in FINETUNE_FLAGS]
+    common = ["--model", config.model, "--max-steps", str(config.steps), "--batch-size", str(config.batch_size),
+              "--max-length", str(config.max_length), *shlex.split(config.pretrain_flags)]
+    parser = argparse.ArgumentParser(prog="a variant's flags", add_help=False, exit_on_error=False)
+    add_dataclass_args(parser, PretrainConfig)
+    try:
+        given, rest = parser.parse_known_args(common + tokens)
+        if rest:
+            raise argparse.ArgumentError(None, f"unrecognized {' '.join(rest)}")
+        chosen = dataclass_from_args(PretrainConfig, given)
+    except (argparse.ArgumentError, BertkitError) as e:
+        raise BertkitError(f"variant {name or variant!r} ({variant or 'no flags'}, with the common flags "
+                           f"{' '.join(common)}): {e}; expected `bertkit pretrain` flags (and --bilstm)") from None
+    base = PretrainConfig()
+    fields = {k: v for k, v in vars(chosen).items() if k != "corpus" and v != getattr(base, k)}
+    return fields, finetune
+
+
+def pretrain_key(fields: dict) -> str:
+    """The folder name of a pretraining setting: its fields in order, so that two variants with the same
+    pretraining share it (ltr and ltr+bilstm)."""
+    parts = [f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in sorted(fields.items())]
+    return "".join(c if c.isalnum() or c in "-_.=," else "-" for c in ",".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected the ablation's results") from None
+
+
+def save_cell(path: Path, key: str, cell: dict) -> None:
+    """Write one cell into ablate.json, read again under a lock so two grids into one folder keep each other's."""
+    with path.with_name(path.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = json.dumps({**_load(path), key: cell}, indent=1) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def cell_key(variant: str, seed: int) -> str:
+    return f"{variant}/seed={seed}"
+
+
+def shared_inputs(config: AblateConfig, out: Path) -> tuple[str, str]:
+    """The vocabulary and prepared corpus every cell shares, built once into OUT_DIR/inputs."""
+    from bertkit.train.pretrain import PretrainConfig, build_inputs
+
+    corpus = config.corpus or _default_corpus()
+    return build_inputs(PretrainConfig(corpus=corpus, vocab_size=config.vocab_size), out / "inputs")
+
+
+def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple[str, str], out: Path) -> dict:
+    """Pretrain one setting and seed (continuing a stopped run); its held-out scores, time and final checkpoint."""
+    from bertkit.train.pretrain import PretrainConfig, pretrain
+
+    run_dir = out / "pretrain" / (pretrain_key(fields) or "defaults") / f"seed-{seed}"
+    cfg = PretrainConfig(**{**fields, "tokenizer": inputs[0], "data": inputs[1], "out_dir": str(run_dir),
+                            "seed": seed, "threads": config.threads, "eval_every": 0, "eval_batches": 25,
+                            "save_every": 200, "keep_last": 1, "resume": "auto"})
+    started = time.perf_counter()
+    result = pretrain(cfg)
+    checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
+    tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.max_length
+    return {"pretrain": {k: v for k, v in result.items() if isinstance(v, (int, float))}, "checkpoint": str(checkpoint),
+            "pretrain_seconds": time.perf_counter() - started, "token_positions": tokens,
+            "pretrain_fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+
+def ablate(config: AblateConfig) -> dict:
+    """Run what the grid still lacks; returns {"cells": every cell, "table": the markdown table}."""
+    from bertkit.tasks.suite import SuiteConfig, suite
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    variants = config.variant_flags()
+    inputs = None
+    for name, flags in variants.items():
+        fields, finetune = pretrain_args(config, flags, name)
+        for seed in range(config.seeds):
+            key = cell_key(name, seed)
+            cell = _load(results_path).get(key, {})
+            if cell and cell.get("flags") != flags:
+                raise BertkitError(f"{results_path}: cell {key} was run with flags {cell.get('flags')!r}; now "
+                                   f"{flags!r}; expected the same flags (or another variant name, or another --out-dir)")
+            if "pretrain" not in cell:
+                inputs = inputs or shared_inputs(config, out)
+                print(f"ablate: pretraining {key} ({flags or 'the defaults'})", flush=True)
+                cell = {"variant": name, "seed": seed, "flags": flags, **run_pretraining(config, fields, seed, inputs,
+                                                                                         out)}
+                save_cell(results_path, key, cell)
+            if config.only_pretrain:
+                continue
+            done = cell.get("suite", {}).get("cells", {})
+            wanted = len(config.tasks) * len(config.lrs) * config.finetune_seeds
+            if len([k for k in done if k.split("/")[0] in config.tasks]) < wanted:
+                print(f"ablate: fine-tuning {key} on {', '.join(config.tasks)}", flush=True)
+                suite_config = SuiteConfig(model_dir=cell["checkpoint"], label=key, out_dir=str(out / "suite"),
+                                           tasks=list(config.tasks), seeds=config.finetune_seeds, lrs=config.lrs,
+                                           jobs=config.jobs, threads=1, bilstm=bool(finetune.get("bilstm")),
+                                           **({"data_dir": config.data_dir} if config.data_dir else {}))
+                row = suite(suite_config)["results"][key]
+                cell = {**cell, "suite": {"cells": row["cells"], "wall_seconds": row.get("wall_seconds", 0.0)}}
+                save_cell(results_path, key, cell)
+    cells = _load(results_path)
+    table = results_table(cells, list(variants))
+    (out / TABLE_FILE).write_text(table, encoding="utf-8")
+    plot(cells, list(variants), out / PLOT_FILE)
+    return {"cells": cells, "table": table}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table and the plot
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def variant_scores(cells: dict, variant: str) -> dict:
+    """Per column, the values over the variant's pretraining seeds: each seed's suite score (mean over fine-tuning
+    seeds at the task's best lr), the GLUE average of a seed that has every GLUE column, and the held-out MLM."""
+    from bertkit.tasks.suite import TASKS, summarize
+
+    scores: dict[str, list[float]] = {}
+    for cell in cells.values():
+        if cell.get("variant") != variant:
+            continue
+        held_out = cell["pretrain"]
+        if "masked_lm_loss" in held_out:
+            scores.setdefault("mlm_loss", []).append(held_out["masked_lm_loss"])
+            scores.setdefault("mlm_acc", []).append(100 * held_out["masked_lm_accuracy"])
+        glue = []
+        for name, task in TASKS.items():
+            s = summarize(cell.get("suite", {}).get("cells", {}), name)
+            if s is not None:
+                scores.setdefault(name, []).append(s["metrics"][task.metric][0])
+                if task.glue:
+                    glue.append(s["metrics"][task.metric][0])
+        if glue and len(glue) == len([n for n, t in TASKS.items() if t.glue and n in scores]):
+            scores.setdefault("glue", []).append(float(np.mean(glue)))
+    return scores
+
+
+def results_table(cells: dict, variants: list[str]) -> str:
+    """Rows = variants; columns = held-out MLM (loss, accuracy), each task, the GLUE average: mean ± std over
+    pretraining seeds (each seed's task score is itself a mean over fine-tuning seeds)."""
+    from bertkit.tasks.suite import TASKS
+
+    per_variant = {v: variant_scores(cells, v) for v in variants}
+    tasks = [t for t in TASKS.values() if any(t.name in s for s in per_variant.values())]
+    head = ["variant", "flags", "seeds", "held-out MLM loss", "MLM acc"] + [t.column for t in tasks] + ["GLUE avg"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for v in variants:
+        s = per_variant[v]
+        seeds = [c for c in cells.values() if c.get("variant") == v]
+        if not seeds:
+            continue
+        flags = seeds[0]["flags"] or "(recipe defaults)"
+        row = [v, f"`{flags}`", str(len(seeds))]
+        for column in ["mlm_loss", "mlm_acc"] + [t.name for t in tasks] + ["glue"]:
+            if column not in s:
+                row.append("-")
+                continue
+            mean, std = _mean_std(s[column])
+            digits = 3 if column == "mlm_loss" else 1
+            row.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+        lines.append("| " + " | ".join(row) + " |")
+    any_cell = next(iter(cells.values()), None)
+    notes = [""]
+    if any_cell:
+        minutes = np.mean([c["pretrain_seconds"] for c in cells.values()]) / 60
+        notes.append(f"Each cell: {any_cell['token_positions'] / 1e6:.1f}M token positions of pretraining "
+                     f"({any_cell['pretrain']['step']} steps; {minutes:.0f} minutes a cell on average), then the "
+                     "suite's columns. Mean ± sample std over pretraining seeds; each seed's task score is the mean "
+                     "over its fine-tuning seeds at the task's best lr on dev. Held-out MLM is each run's own "
+                     "evaluation (its masking rate and mix; a left-to-right model's is next-token prediction, not "
+                     "comparable).")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(cells: dict, variants: list[str], path: Path) -> None:
+    """One bar per variant: the GLUE average (or the first task's score where there is none yet), ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = {v: variant_scores(cells, v) for v in variants}
+    column = "glue" if any("glue" in s for s in scores.values()) else next(
+        (k for s in scores.values() for k in s if k not in ("mlm_loss", "mlm_acc")), "mlm_acc")
+    shown = [v for v in variants if column in scores[v]]
+    if not shown:
+        return
+    means = [_mean_std(scores[v][column])[0] for v in shown]
+    stds = [_mean_std(scores[v][column])[1] for v in shown]
+    fig, ax = plt.subplots(figsize=(1.2 * len(shown) + 2, 3.5))
+    ax.bar(range(len(shown)), means, yerr=stds, capsize=4, color="#4878a8")
+    ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right")
+    label = {"glue": "GLUE average", "mlm_acc": "held-out MLM accuracy (%)"}.get(column, column)
+    ax.set_ylabel(label)
+    finite = [m for m in means if math.isfinite(m)]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 2 * max(stds + [1.0])), max(finite) + 2 * max(stds + [1.0]))
+    ax.set_title(f"{label} by variant (mean ± std over pretraining seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""`bertkit ablate`: variants as flags, cells kept and read back, the table, and a tiny grid end to end (slow)."""
+
+import json
+
+import pytest
+
+from bertkit.cli import main
+from bertkit.errors import BertkitError
+from bertkit.tasks import ablate as ablate_module
+from bertkit.tasks.ablate import AblateConfig, ablate, cell_key, pretrain_args, pretrain_key, results_table, save_cell
+from conftest import data_path
+
+
+def test_variants_that_pretrain_alike_share_their_pretrained_models():
+    config = AblateConfig(grid="table5", variants=["mix-80-10-10"])
+    flags = config.variant_flags()
+    keys = {name: pretrain_key(pretrain_args(config, value)[0]) for name, value in flags.items()}
+    assert keys["ltr"] == keys["ltr+bilstm"]  # LTR + BiLSTM differs only in fine-tuning
+    assert keys["mix-80-10-10"] == keys["mlm+nsp"]  # BERT's mix is the default, written out
+    assert len(set(keys.values())) == len(flags) - 2
+    assert pretrain_args(config, flags["ltr+bilstm"])[1] == {"bilstm": True}
+    fields = pretrain_args(config, "--mask-mix 0 20 80")[0]
+    assert fields["mask_mix"] == (0, 20, 80) and fields["model"] == "mini" and fields["max_steps"] == 800
+
+
+@pytest.mark.parametrize("variants, expected", [
+    (["nonsense"], "not a built-in variant"),
+    (["x=--objective mlm+xyz"], "variant 'x'.*expected `bertkit pretrain` flags"),
+    (["x=--no-such-flag 3"], "variant 'x'.*unrecognized --no-such-flag"),
+    (["x=--mask-mix 50 50"], "variant 'x'.*mask_mix"),
+])
+def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
+    with pytest.raises(BertkitError, match=expected):
+        AblateConfig(grid="custom", variants=variants, out_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+def _fake_cell(variant: str, seed: int, mlm_loss: float, sst2: float) -> dict:
+    return {"variant": variant, "seed": seed, "flags": "", "pretrain": {"masked_lm_loss": mlm_loss,
+                                                                      "masked_lm_accuracy": 0.1, "step": 10},
+            "checkpoint": "x", "pretrain_seconds": 60.0, "token_positions": 40960,
+            "suite": {"cells": {f"SST-2/lr=0.0003/seed={s}": {"best": {"accuracy": sst2 + s}, "seconds": 1.0,
+                                                               "train_examples": 8, "eval_examples": 8}
+                                for s in (1, 2)}}}
+
+
+def test_a_cell_read_back_equals_the_one_written_and_the_table_is_over_seeds(tmp_path):
+    path = tmp_path / "ablate.json"
+    cells = {cell_key("mlm", s): _fake_cell("mlm", s, 6.0 + s, 80.0 + 2 * s) for s in (0, 1)}
+    for key, cell in cells.items():
+        save_cell(path, key, cell)
+    assert json.loads(path.read_text()) == cells
+    table = results_table(cells, ["mlm"])
+    # SST-2: seed 0 has fine-tuning runs 81, 82 (mean 81.5), seed 1 83, 84 (83.5): 82.5 ± 1.4 over the two seeds
+    assert "| mlm | `(recipe defaults)` | 2 | 6.500 ± 0.707 | 10.0 ± 0.0 | 82.5 ± 1.4 |" in table
+
+
+def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
+    """Pretraining and the suite are stood in for: a second run of the same grid calls neither; one more seed
+    calls each once."""
+    import bertkit.tasks.suite as suite_module
+
+    calls = []
+
+    def fake_pretraining(config, fields, seed, inputs, out):
+        calls.append(("pretrain", fields.get("objective"), seed))
+        return {"pretrain": {"masked_lm_loss": 6.0, "masked_lm_accuracy": 0.1, "step": 5},
+                "checkpoint": str(out / "ckpt"), "pretrain_seconds": 1.0, "token_positions": 100, "pretrain_fields": {}}
+
+    def fake_suite(sc):
+        calls.append(("suite", sc.label, sc.bilstm))
+        cells = {f"RTE/lr=0.0003/seed={s}": {"best": {"accuracy": 50.0 + s}, "seconds": 1.0, "train_examples": 1,
+                                             "eval_examples": 1} for s in range(1, sc.seeds + 1)}
+        return {"results": {sc.label: {"cells": cells, "wall_seconds": 2.0}}}
+
+    monkeypatch.setattr(ablate_module, "run_pretraining", fake_pretraining)
+    monkeypatch.setattr(ablate_module, "shared_inputs", lambda config, out: ("tok", "data"))
+    monkeypatch.setattr(suite_module, "suite", fake_suite)
+    config = AblateConfig(grid="custom", variants=["ltr", "ltr+bilstm"], seeds=1, tasks=["RTE"], out_dir=str(tmp_path))
+    first = ablate(config)
+    assert calls == [("pretrain", "ltr", 0), ("suite", "ltr/seed=0", False),
+                     ("pretrain", "ltr", 0), ("suite", "ltr+bilstm/seed=0", True)]
+    assert "| ltr+bilstm |" in first["table"] and (tmp_path / "ablate.png").is_file()
+    calls.clear()
+    assert ablate(config)["cells"] == first["cells"]
+    assert calls == []
+    config.seeds = 2
+    ablate(config)
+    assert [c[0] for c in calls] == ["pretrain", "suite", "pretrain", "suite"]
+    config.variants = ["ltr=--objective mlm"]  # the same name with other flags: refused, not mixed
+    with pytest.raises(BertkitError, match="cell ltr/seed=0 was run with flags '--objective ltr'"):
+        ablate(config)
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_runs_end_to_end(tmp_path, capsys):
+    """Two variants (BERT and LTR + BiLSTM), two pretraining seeds of 30 steps of `tiny` on a slice of the Python
+    docs, each fine-tuned on RTE once: the table has both rows with every column."""
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    corpus = tmp_path / "slice.txt"
+    corpus.write_text("".join(lines[:3000]), encoding="utf-8")
+    argv = ["ablate", "--grid", "custom", "--variants", "mlm+nsp", "ltr+bilstm", "--model", "tiny", "--steps", "30",
+            "--batch-size", "8", "--max-length", "64", "--corpus", str(corpus), "--vocab-size", "1000", "--tasks",
+            "RTE", "--finetune-seeds", "1", "--seeds", "2", "--out-dir", str(tmp_path / "grid"),
+            "--data-dir", str(data_path()), "--threads", "1"]
+    assert main(argv) == 0
+    table = (tmp_path / "grid" / "ablate.md").read_text()
+    for row in ("| mlm+nsp |", "| ltr+bilstm |"):
+        line = next(x for x in table.splitlines() if x.startswith(row))
+        assert "-" not in line.split("|")[4:], line  # every column filled
+    cells = json.loads((tmp_path / "grid" / "ablate.json").read_text())
+    assert set(cells) == {"mlm+nsp/seed=0", "mlm+nsp/seed=1", "ltr+bilstm/seed=0", "ltr+bilstm/seed=1"}
+    assert cells["ltr+bilstm/seed=0"]["pretrain_fields"]["objective"] == "ltr"
+    capsys.readouterr()
+    assert main(argv) == 0  # read back: nothing runs again
+    assert "ablate: pretraining" not in capsys.readouterr().out
