@@ -87,6 +87,12 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
     config.seeds = 2
     ablate(config)
     assert [c[0] for c in calls] == ["pretrain", "suite", "pretrain", "suite"]
+    calls.clear()  # a record copied without its models, one cell not yet fine-tuned: pretrained again, then scored
+    record = json.loads((tmp_path / "ablate.json").read_text())
+    del record["ltr/seed=1"]["suite"]
+    (tmp_path / "ablate.json").write_text(json.dumps(record))
+    ablate(config)
+    assert calls == [("pretrain", "ltr", 1), ("suite", "ltr/seed=1", False)]
     config.variants = ["ltr=--objective mlm"]  # the same name with other flags: refused, not mixed
     with pytest.raises(BertkitError, match="cell ltr/seed=0 was run with flags '--objective ltr'"):
         ablate(config)

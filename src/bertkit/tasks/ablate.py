@@ -224,25 +224,26 @@ def ablate(config: AblateConfig) -> dict:
     results_path = out / RESULTS_FILE
     variants = config.variant_flags()
     inputs = None
-    for name, flags in variants.items():
-        fields, finetune = pretrain_args(config, flags, name)
-        for seed in range(config.seeds):
+    for seed in range(config.seeds):  # every variant's first seed first: a grid stopped early is still a table
+        for name, flags in variants.items():
+            fields, finetune = pretrain_args(config, flags, name)
             key = cell_key(name, seed)
             cell = _load(results_path).get(key, {})
             if cell and cell.get("flags") != flags:
                 raise BertkitError(f"{results_path}: cell {key} was run with flags {cell.get('flags')!r}; now "
                                    f"{flags!r}; expected the same flags (or another variant name, or another --out-dir)")
-            if "pretrain" not in cell:
-                inputs = inputs or shared_inputs(config, out)
-                print(f"ablate: pretraining {key} ({flags or 'the defaults'})", flush=True)
-                cell = {"variant": name, "seed": seed, "flags": flags, **run_pretraining(config, fields, seed, inputs,
-                                                                                         out)}
-                save_cell(results_path, key, cell)
-            if config.only_pretrain:
-                continue
             done = cell.get("suite", {}).get("cells", {})
             wanted = len(config.tasks) * len(config.lrs) * config.finetune_seeds
-            if len([k for k in done if k.split("/")[0] in config.tasks]) < wanted:
+            needs_model = not config.only_pretrain and len([k for k in done if k.split("/")[0] in config.tasks]) < wanted
+            # the model is gone (a grid's record copied to another machine): pretraining again gives it back, as a
+            # run is a function of its flags and seed
+            if "pretrain" not in cell or (needs_model and not Path(cell["checkpoint"]).is_dir()):
+                inputs = inputs or shared_inputs(config, out)
+                print(f"ablate: pretraining {key} ({flags or 'the defaults'})", flush=True)
+                cell = {**cell, "variant": name, "seed": seed, "flags": flags,
+                        **run_pretraining(config, fields, seed, inputs, out)}
+                save_cell(results_path, key, cell)
+            if needs_model:
                 print(f"ablate: fine-tuning {key} on {', '.join(config.tasks)}", flush=True)
                 suite_config = SuiteConfig(model_dir=cell["checkpoint"], label=key, out_dir=str(out / "suite"),
                                            tasks=list(config.tasks), seeds=config.finetune_seeds, lrs=config.lrs,
