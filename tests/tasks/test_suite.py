@@ -48,7 +48,7 @@ def test_suite_rerun_adds_only_missing_cells(wnli_suite, monkeypatch):
 
 def test_two_suites_at_once_into_one_folder_keep_each_others_cells(tiny_model_dir, tmp_path, monkeypatch):
     """Each suite writes only its own row: another suite's cells saved while this one runs are not overwritten."""
-    from bertkit.tasks.suite import _save_row
+    from bertkit.tasks.suite import save_entry
 
     results_path = tmp_path / "suite.json"
     other = {"model_dir": "elsewhere", "from_scratch": False, "cells": {}}
@@ -57,7 +57,7 @@ def test_two_suites_at_once_into_one_folder_keep_each_others_cells(tiny_model_di
     def meanwhile(key):  # the other suite saves a cell each time this one starts one
         other["cells"][key] = {"best": {"accuracy": 60.0}, "best_epoch": 1, "seconds": 1.0, "train_examples": 635,
                                "eval_examples": 71}
-        _save_row(results_path, "other model", other)
+        save_entry(results_path, "other model", other)
 
     monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _recording_pool(ran, meanwhile))
     config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(tmp_path), tasks=["WNLI"],

@@ -15,8 +15,6 @@ stopped anywhere, extended with variants or seeds, or given to another session r
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import math
 import shlex
 import time
@@ -26,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from bertkit.checkpoint import atomic_write, list_checkpoints
+from bertkit.checkpoint import list_checkpoints
 from bertkit.config import option
 from bertkit.errors import BertkitError
 
@@ -170,20 +168,16 @@ def pretrain_key(fields: dict) -> str:
 
 
 def _load(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected the ablation's results") from None
+    from bertkit.tasks.suite import read_results
+
+    return read_results(path, "the ablation's results")
 
 
 def save_cell(path: Path, key: str, cell: dict) -> None:
-    """Write one cell into ablate.json, read again under a lock so two grids into one folder keep each other's."""
-    with path.with_name(path.name + ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        text = json.dumps({**_load(path), key: cell}, indent=1) + "\n"
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    """Write one cell into ablate.json; two grids into one folder keep each other's cells."""
+    from bertkit.tasks.suite import save_entry
+
+    save_entry(path, key, cell)
 
 
 def cell_key(variant: str, seed: int) -> str:

@@ -194,21 +194,22 @@ def _run_cell(finetune_config: FinetuneConfig, log_path: str, keep_model: bool) 
             "train_examples": record["train_examples"], "eval_examples": record["eval_examples"]}
 
 
-def _load(path: Path) -> dict:
+def read_results(path: Path, what: str = "the suite's results") -> dict:
+    """A results file of keyed entries (suite.json, ablate.json); {} when there is none yet."""
     if not path.is_file():
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected the suite's results") from None
+        raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected {what}") from None
 
 
-def _save_row(path: Path, label: str, row: dict) -> None:
-    """Write this row into suite.json. The file is read again under a lock and only this row replaced, so two
-    suites run at once into one folder (another model, `--from-scratch`) keep each other's cells."""
+def save_entry(path: Path, key: str, value: dict) -> None:
+    """Write one entry (a suite's row, an ablation's cell) into a results file. The file is read again under a lock
+    and only this entry replaced, so two runs at once into one folder keep each other's entries."""
     with path.with_name(path.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        text = json.dumps({**_load(path), label: row}, indent=1) + "\n"
+        text = json.dumps({**read_results(path), key: value}, indent=1) + "\n"
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
@@ -222,7 +223,7 @@ def suite(config: SuiteConfig) -> dict:
     data_dir, out = Path(config.data_dir), Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
-    results = _load(results_path)
+    results = read_results(results_path)
     row = results.setdefault(config.row, {"model_dir": str(config.model_dir), "from_scratch": config.from_scratch,
                                           **({"bilstm": True} if config.bilstm else {}), "cells": {}})
     if (row["from_scratch"] != config.from_scratch or row.get("bilstm", False) != config.bilstm
@@ -264,11 +265,11 @@ def suite(config: SuiteConfig) -> dict:
                         raise BertkitError(f"suite cell {key} failed ({type(e).__name__}: {e}); see {log}") from None
                     row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started
                     started = time.perf_counter()
-                    _save_row(results_path, config.row, row)
+                    save_entry(results_path, config.row, row)
                     bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error, the cells not yet started are dropped
-    results = {**_load(results_path), config.row: row}  # with the rows other suites added meanwhile
+    results = {**read_results(results_path), config.row: row}  # with the rows other suites added meanwhile
     table = results_table(results)
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
     return {"results": results, "table": table}
