@@ -308,7 +308,7 @@ def results_table(cells: dict, variants: list[str]) -> str:
                 continue
             mean, std = _mean_std(s[column])
             digits = 3 if column == "mlm_loss" else 1
-            row.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+            row.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(s[column]) > 1 else ""))  # one seed: no std
         lines.append("| " + " | ".join(row) + " |")
     any_cell = next(iter(cells.values()), None)
     notes = [""]
