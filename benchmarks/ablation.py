@@ -45,10 +45,13 @@ def _every_position(self, *args, masked_positions=None, **kwargs):
     return _pretraining_forward(self, *args, **kwargs)  # labels of -100 skip the unmasked positions in the loss
 
 
-def _padded_layout(self, attention_mask, batch, length):
-    self.batch, self.length, self.indices, self.attn_mask = batch, length, None, None
+def _padded_layout(self, attention_mask, batch, length, causal=False):
+    self.batch, self.length, self.indices, self.attn_mask, self.is_causal = batch, length, None, None, causal
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         self.attn_mask = attention_mask.bool()[:, None, None, :]  # every layer works on (B, T, H), padding included
+        if causal:
+            self.attn_mask = self.attn_mask & torch.ones(length, length, dtype=torch.bool).tril()
+            self.is_causal = False
 
 
 def _three_gemms(self, x, layout):
@@ -56,12 +59,15 @@ def _three_gemms(self, x, layout):
     q, k, v = (layout.pad(linear(x)).view(B, T, self.num_heads, self.head_size).transpose(1, 2)
                for linear in (self.query, self.key, self.value))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask,
-                                       dropout_p=self.dropout_p if self.training else 0.0)
+                                       dropout_p=self.dropout_p if self.training else 0.0, is_causal=layout.is_causal)
     return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
 
-def _attention_by_hand(q, k, v, attn_mask=None, dropout_p=0.0):
+def _attention_by_hand(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if is_causal:
+        T = q.shape[-2]
+        attn_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     return F.dropout(scores.softmax(-1), dropout_p) @ v
