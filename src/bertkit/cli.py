@@ -253,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, ExportConfig, skip=("model_dir",))
     p.set_defaults(func=cmd_export)
 
+    from bertkit.extend import ExtendConfig
+
+    p = sub.add_parser(
+        "extend",
+        help="give a model folder more positions (inputs longer than 512) and windowed attention",
+        description="Write a copy of MODEL_DIR with --max-length learned positions, filled from the trained ones "
+        "(--method copy: position p takes trained position p mod 512, so inputs of up to 512 tokens keep their "
+        "outputs; interpolate: the trained table stretched), and with --attention-window: each token attends to "
+        "half the window on each side plus the global tokens ([CLS]; for QA the question), so time and memory "
+        "grow linearly with the length. config.json records what was done; transformers still loads the folder "
+        "(as an ordinary BERT, with full attention). Continue pretraining it at the new length with "
+        "`bertkit pretrain --model-dir OUT --max-length 4096 --objective mlm`.",
+    )
+    add_dataclass_args(p, ExtendConfig)
+    p.set_defaults(func=cmd_extend)
+
     from bertkit.serve import ServeConfig
 
     p = sub.add_parser(
@@ -330,6 +346,15 @@ def cmd_export(args) -> None:
         print(f"wrote {out / name} ({kind}): largest difference from bertkit {check['max_abs_diff']:.2g} "
               f"(tolerance {check['tolerance']})")
     print(f"wrote {out / 'export.json'}, config.json and the tokenizer files")
+
+
+def cmd_extend(args) -> None:
+    from bertkit.extend import ExtendConfig, extend
+
+    done = extend(dataclass_from_args(ExtendConfig, args))
+    window = f"attention window {done['attention_window']}" if done["attention_window"] else "full attention"
+    print(f"wrote {done['out']}: {done['architecture']}, {done['from']} -> {done['to']} positions by "
+          f"{done['method']}, {window}")
 
 
 def cmd_serve(args) -> None:

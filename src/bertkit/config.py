@@ -72,6 +72,11 @@ class BertConfig:
     # and a randomly initialised BiLSTM between the encoder and a fine-tuning head (bertkit's own key)
     is_decoder: bool = False
     bilstm: bool = False
+    # inputs longer than 512 (`bertkit extend`): with attention_window w > 0 each token attends to the w / 2 tokens on
+    # each side of it and to the global tokens ([CLS]; for QA the question), which attend to everything (Longformer's
+    # pattern and name); 0 is full attention. position_extension records how the learned positions were extended.
+    attention_window: int = 0
+    position_extension: dict | None = None
     # keys of a foreign config.json that bertkit does not use, kept so that a round trip loses nothing
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -112,6 +117,14 @@ class BertConfig:
         for name in ("is_decoder", "bilstm"):
             if not isinstance(getattr(self, name), bool):
                 raise BertkitError(f"{name} is {_show(getattr(self, name))}; expected true or false")
+        if not _is_int(self.attention_window) or self.attention_window < 0 or self.attention_window % 2:
+            raise BertkitError(f"attention_window is {_show(self.attention_window)}; expected 0 (full attention) or an "
+                               "even number of tokens (half of it on each side)")
+        if self.attention_window and self.is_decoder:
+            raise BertkitError("attention_window with is_decoder: a windowed left-to-right model is not supported; "
+                               "expected one of the two")
+        if self.position_extension is not None and not isinstance(self.position_extension, dict):
+            raise BertkitError(f"position_extension is {_show(self.position_extension)}; expected an object or null")
         if self.bilstm and self.hidden_size % 2:
             raise BertkitError(f"bilstm with hidden_size {self.hidden_size}; expected an even hidden size (two "
                                "directions of hidden_size / 2)")
@@ -164,8 +177,8 @@ class BertConfig:
             d["label2id"] = {v: k for k, v in self.id2label.items()}
         if d["classifier_dropout"] is None:
             d.pop("classifier_dropout")
-        for name in ("is_decoder", "bilstm"):  # written when set, so an ordinary BERT's config.json is as before
-            if not d[name]:
+        for name in ("is_decoder", "bilstm", "attention_window", "position_extension"):
+            if not d[name]:  # written when set, so an ordinary BERT's config.json is as before
                 d.pop(name)
         d["model_type"] = "bert"
         d.setdefault("position_embedding_type", "absolute")

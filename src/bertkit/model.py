@@ -53,25 +53,31 @@ def activation(name: str):
 
 
 class Layout:
-    """Where the real tokens of a padded (B, T) batch sit once packed into (N, ...) rows.
+    """Where the real tokens of a padded (B, T) batch sit once packed into (N, ...) rows, and which keys each query
+    may see (padding, a causal mask, or local windows with global tokens).
 
-    With no padding, tensors stay (B, T, ...) and every method is the identity.
+    With no padding, tensors stay (B, T, ...) and `unpad`, `pad` and `select` are the identity.
     """
 
-    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool = False):
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool = False,
+                 window: int = 0, global_mask: torch.Tensor | None = None):
         self.batch, self.length = batch, length
         self.indices = None  # flat indices into B*T of the real tokens, in row-major order
         self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
-        if attention_mask is not None:
-            keep = attention_mask.bool()
-            if not bool(keep.all()):
-                self.indices = keep.flatten().nonzero().squeeze(1)
-                self.attn_mask = keep[:, None, None, :]
-                if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
-                    past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
-                    self.attn_mask = self.attn_mask & past
-                    self.is_causal = False
+        keep = attention_mask.bool() if attention_mask is not None else None
+        if keep is not None and not bool(keep.all()):
+            self.indices = keep.flatten().nonzero().squeeze(1)
+            self.attn_mask = keep[:, None, None, :]
+            if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
+                past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
+                self.attn_mask = self.attn_mask & past
+                self.is_causal = False
+        self.windows = None  # LocalWindows when attention is windowed and the window does not cover the input
+        if window and length > window // 2 + 1:
+            if keep is None:
+                keep = torch.ones(batch, length, dtype=torch.bool)
+            self.windows = LocalWindows(keep, global_mask, window // 2)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): keep the real tokens."""
@@ -93,6 +99,78 @@ class Layout:
             return x[positions]
         flat = positions.flatten().index_select(0, self.indices)
         return x[flat]
+
+
+class LocalWindows:
+    """Sliding-window attention with global tokens (Longformer's pattern), in blocks, so that time and memory grow
+    linearly with the length T: every query attends to the keys at most r positions away and to the G global
+    tokens; a global token's query attends to every key.
+
+    The T queries are cut into nb = ceil(T / r) blocks of r; block b's queries lie within r of the 3r keys from
+    b*r - r to b*r + 2r, a strided view of the keys padded by r at both ends, so one SDPA call over (B*nb) blocks of
+    (r queries x 3r + G keys) computes every local row. A global key inside a window is masked there, as it is
+    already among the G global keys. The masks depend only on the batch, so they are built once for all layers.
+    """
+
+    def __init__(self, keep: torch.Tensor, global_mask: torch.Tensor | None, radius: int):
+        B, T = keep.shape
+        r = radius
+        device = keep.device
+        self.radius, self.blocks = r, -(-T // r)
+        self.padded = self.blocks * r  # Tp: queries padded to whole blocks
+        if global_mask is None:  # [CLS] is the token that encodes the input: it sees, and is seen by, everything
+            global_mask = torch.zeros_like(keep)
+            global_mask[:, 0] = True
+        global_mask = global_mask.bool() & keep
+        G = max(int(global_mask.sum(1).max()), 1)
+        # each example's global positions first, in order; the slots left over point at position T and are masked
+        order = torch.sort((~global_mask).to(torch.int8), dim=1, stable=True).indices[:, :G]  # (B, G)
+        self.global_valid = global_mask.gather(1, order)  # (B, G)
+        self.global_index = torch.where(self.global_valid, order, torch.full_like(order, T))
+        self.global_mask = global_mask
+
+        pad = lambda m: F.pad(m, (r, self.padded - T + r), value=False)  # (B, Tp + 2r): key coordinates shifted by r
+        key_ok = (pad(keep) & ~pad(global_mask)).unfold(1, 3 * r, r)  # (B, nb, 3r)
+        query = torch.arange(self.padded, device=device).view(self.blocks, r, 1)
+        key = (torch.arange(self.blocks, device=device) * r).view(-1, 1, 1) + torch.arange(3 * r, device=device) - r
+        near = (query - key).abs() <= r  # (nb, r, 3r)
+        local = near & key_ok[:, :, None, :]  # (B, nb, r, 3r)
+        # a padding query (or one past T) sees its window unmasked, so that no row of the softmax is empty; its
+        # output is dropped
+        real_query = F.pad(keep, (0, self.padded - T), value=False).view(B, self.blocks, r, 1)
+        local = local | (near & ~real_query)
+        glob = self.global_valid[:, None, None, :].expand(B, self.blocks, r, G)
+        self.block_mask = torch.cat([local, glob], dim=-1).reshape(B * self.blocks, 1, r, 3 * r + G)
+        self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T): the global queries' mask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """(B, nh, T, hs) each -> (B, nh, T, hs)."""
+        B, nh, T, hs = q.shape
+        r, nb, Tp = self.radius, self.blocks, self.padded
+        G = self.global_index.shape[1]
+
+        def blocks_of(x):  # (B, nh, T, hs) -> (B*nb, nh, 3r + G, hs): each block's window of keys, then the globals
+            window = F.pad(x, (0, 0, r, Tp - T + r)).unfold(2, 3 * r, r).transpose(-1, -2)  # (B, nh, nb, 3r, hs)
+            glob = gather_rows(x, self.global_index)[:, :, None].expand(B, nh, nb, G, hs)
+            return torch.cat([window, glob], dim=3).transpose(1, 2).reshape(B * nb, nh, 3 * r + G, hs)
+
+        queries = F.pad(q, (0, 0, 0, Tp - T)).view(B, nh, nb, r, hs).transpose(1, 2).reshape(B * nb, nh, r, hs)
+        y = F.scaled_dot_product_attention(queries, blocks_of(k), blocks_of(v), attn_mask=self.block_mask,
+                                           dropout_p=dropout_p)
+        y = y.view(B, nb, nh, r, hs).transpose(1, 2).reshape(B, nh, Tp, hs)[:, :, :T]
+        # the global queries attend to every real key; their rows replace the local ones
+        global_y = F.scaled_dot_product_attention(gather_rows(q, self.global_index), k, v, attn_mask=self.key_mask,
+                                                  dropout_p=dropout_p)  # (B, nh, G, hs)
+        y = F.pad(y, (0, 0, 0, 1))  # row T takes the writes of the unused global slots
+        index = self.global_index[:, None, :, None].expand(B, nh, G, hs)
+        return y.scatter(2, index, global_y)[:, :, :T]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, nh, T, hs) and (B, G) positions (T meaning none: a row of zeros) -> (B, nh, G, hs)."""
+    B, nh, T, hs = x.shape
+    x = F.pad(x, (0, 0, 0, 1))
+    return x.gather(2, index[:, None, :, None].expand(B, nh, index.shape[1], hs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,10 +234,12 @@ class BertSelfAttention(nn.Module):
         qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=layout.attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=layout.is_causal,
-        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        if layout.windows is not None:
+            y = layout.windows.attend(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask, dropout_p=dropout_p,
+                                               is_causal=layout.is_causal)
         return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
 
@@ -298,8 +378,10 @@ class BertModel(BertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.init_weights()
 
-    def encode(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None):
-        """Run the encoder; returns the hidden states of the real tokens, packed (N, H) when there was padding."""
+    def encode(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, global_attention_mask=None):
+        """Run the encoder; returns the hidden states of the real tokens, packed (N, H) when there was padding.
+        With `config.attention_window`, `global_attention_mask` (B, T) marks the tokens that attend to and are
+        attended by every token (default: [CLS])."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
@@ -307,12 +389,14 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        layout = Layout(attention_mask, B, T, causal=self.config.is_decoder)
+        layout = Layout(attention_mask, B, T, causal=self.config.is_decoder, window=self.config.attention_window,
+                        global_mask=global_attention_mask)
         x = self.embeddings(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.unpad(position_ids))
         return self.encoder(x, layout), layout
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None) -> ModelOutput:
-        hidden, layout = self.encode(input_ids, token_type_ids, attention_mask, position_ids)
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
+                global_attention_mask=None) -> ModelOutput:
+        hidden, layout = self.encode(input_ids, token_type_ids, attention_mask, position_ids, global_attention_mask)
         sequence = layout.pad(hidden)  # (B, T, H); zeros at padding
         pooled = self.pooler(self.summary(sequence, attention_mask)) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=sequence, pooler_output=pooled)
@@ -523,7 +607,10 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         start_positions=None,
         end_positions=None,
     ) -> ModelOutput:
-        sequence = self.bert(input_ids, token_type_ids, attention_mask, position_ids).last_hidden_state
+        global_mask = None
+        if self.config.attention_window and token_type_ids is not None:
+            global_mask = token_type_ids == 0  # [CLS], the question and its [SEP] (Longformer's global tokens for QA)
+        sequence = self.bert(input_ids, token_type_ids, attention_mask, position_ids, global_mask).last_hidden_state
         if self.bilstm is not None:
             sequence = _run_bilstm(self.bilstm, sequence, attention_mask)[0]
         logits = self.qa_outputs(sequence)  # (B, T, 2)

@@ -1,0 +1,127 @@
+"""Inputs longer than a checkpoint was trained on: `bertkit extend` gives an existing BERT folder (any head, bertkit's
+or transformers') more learned positions and, optionally, windowed attention, and writes a new model folder.
+
+Two ways to fill the new position embeddings from the P trained ones:
+- copy: position p takes trained position p mod P (Longformer's initialisation). The first P positions are the
+  trained ones, so an input of up to P tokens gets exactly the outputs it got before (with full attention, or with
+  a window that covers it); beyond P the model sees the same local position pattern again, which attention within
+  a window (the window at most P wide) can use as it is, and continued pretraining repairs the rest.
+- interpolate: position p takes the trained table linearly interpolated at p * (P - 1) / (L - 1) (position
+  interpolation, as LongEmbed applies it to learned absolute positions). Every input changes, short ones included:
+  neighbouring tokens now sit a fraction of a trained step apart.
+
+The weights of everything else are unchanged; config.json records `max_position_embeddings`, the
+`attention_window` and what was done (`position_extension`). transformers loads the folder as an ordinary BERT
+(with full attention: the window is bertkit's).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from bertkit.checkpoint import model_folder, read_state_dict, save_pretrained
+from bertkit.config import BertConfig, option
+from bertkit.errors import BertkitError
+from bertkit.train.rundir import check_output_path
+
+POSITIONS = "embeddings.position_embeddings.weight"
+
+
+@dataclass
+class ExtendConfig:
+    """`bertkit extend`: the CLI's flags are these fields."""
+
+    model_dir: str = option("", "the model folder to extend (config.json, weights, tokenizer files)", positional=True)
+    out: str = option("", "the new model folder", required=True)
+    max_length: int = option(4096, "positions of the extended model")
+    method: Literal["copy", "interpolate"] = option(
+        "copy", "copy: position p takes trained position p mod P (short inputs unchanged); interpolate: the trained "
+        "table stretched over the new length (every input changes)")
+    attention_window: int = option(512, "each token attends to attention_window / 2 tokens on each side and to the "
+                                   "global tokens ([CLS]; for QA the question); 0 keeps full attention (quadratic)")
+    overwrite: bool = option(False, "write into --out even when it holds files")
+
+
+def extend_positions(table: torch.Tensor, length: int, method: str) -> torch.Tensor:
+    """(P, H) trained position embeddings -> (length, H)."""
+    P = table.shape[0]
+    if method == "copy":
+        return table[torch.arange(length) % P].clone()
+    if method == "interpolate":
+        if P == 1:
+            return table.expand(length, -1).clone()
+        stretched = F.interpolate(table.T[None].float(), size=length, mode="linear", align_corners=True)
+        return stretched[0].T.to(table.dtype).contiguous()  # position p at p * (P - 1) / (length - 1)
+    raise BertkitError(f"--method {method}: unknown; expected copy or interpolate")
+
+
+def extend(config: ExtendConfig) -> dict:
+    """Write the extended model folder; returns what was done (as config.json's position_extension records it)."""
+    source = model_folder(config.model_dir)
+    if not config.out:
+        raise BertkitError("no output folder; expected --out DIR for the extended model")
+    out = Path(config.out)
+    check_output_path(out, "--out", {"model": config.model_dir})
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise BertkitError(f"--out {out} holds files; expected an empty or new folder (or --overwrite)")
+    model_config = BertConfig.load(source)
+    trained = model_config.max_position_embeddings
+    if not isinstance(config.max_length, int) or config.max_length <= trained:
+        raise BertkitError(f"--max-length {config.max_length}; expected more than the model's "
+                           f"{trained} positions")
+    if config.attention_window < 0 or config.attention_window % 2:
+        raise BertkitError(f"--attention-window {config.attention_window}; expected 0 (full attention) or an even "
+                           "number of tokens")
+    if config.attention_window and model_config.is_decoder:
+        raise BertkitError(f"{source}: a left-to-right model (is_decoder); expected --attention-window 0 for it")
+
+    state = read_state_dict(source)
+    keys = [k for k in state if k.endswith(POSITIONS)]
+    if len(keys) != 1 or state[keys[0]].shape[0] != trained:
+        raise BertkitError(f"{source}: expected one {POSITIONS} of {trained} rows (config.json's "
+                           f"max_position_embeddings); found {[(k, tuple(state[k].shape)) for k in keys]}")
+    table = state[keys[0]]
+    state[keys[0]] = extend_positions(table, config.max_length, config.method)
+    record = {"method": config.method, "from": trained, "to": config.max_length}
+    model_config.max_position_embeddings = config.max_length
+    model_config.attention_window = config.attention_window
+    model_config.position_extension = record
+
+    model = _model_for(model_config)
+    from bertkit.checkpoint import load_state_dict_into
+
+    load_state_dict_into(model, state, source=str(source))
+    from bertkit.tokenizer import Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, out, tokenizer=Tokenizer.from_pretrained(source))
+    _set_model_max_length(out, config.max_length)
+    return {**record, "attention_window": config.attention_window, "out": str(out),
+            "architecture": type(model).__name__}
+
+
+def _model_for(config: BertConfig):
+    """A model of the folder's architecture (transformers' class name in config.json; a bare encoder if none)."""
+    from bertkit.model import MODEL_CLASSES
+
+    names = config.extra.get("architectures") or ["BertModel"]
+    cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
+    if cls is None:
+        raise BertkitError(f"architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
+    return cls(config)
+
+
+def _set_model_max_length(directory: Path, length: int) -> None:
+    """tokenizer_config.json's model_max_length, which transformers truncates to by default."""
+    path = directory / "tokenizer_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["model_max_length"] = length
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
