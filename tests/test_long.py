@@ -39,7 +39,7 @@ def batch_with_padding(B=3, T=37):
     return keep, glob
 
 
-@pytest.mark.parametrize("radius", [1, 2, 4, 7, 16, 36, 40])
+@pytest.mark.parametrize("radius", [1, 2, 4, 7, 12, 13, 16, 36, 40])  # blocks up to 12, one mask from 13
 def test_windows_equal_the_dense_pattern(radius):
     torch.manual_seed(0)
     keep, glob = batch_with_padding()
@@ -259,3 +259,37 @@ def test_extend_command(tmp_path, capsys):
     assert "128 -> 1024 positions by copy, attention window 128" in capsys.readouterr().out
     config = json.loads((tmp_path / "long" / "config.json").read_text())
     assert config["max_position_embeddings"] == 1024 and config["attention_window"] == 128
+
+
+def test_windowed_attention_equals_transformers_longformer():
+    """Longformer with its global projections set to the local ones computes bertkit's windowed pattern: the same
+    hidden states on the same weights, [CLS] or several tokens global, padding included."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tiny_config(attention_window=16, max_position_embeddings=128)
+    ours = BertModel(config).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.ndim == 2 and "LayerNorm" not in name:
+                p.mul_(10)
+    theirs = transformers.LongformerModel(transformers.LongformerConfig(
+        vocab_size=config.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        attention_window=16, max_position_embeddings=128, type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12,
+        hidden_act="gelu")).eval()
+    state = dict(ours.state_dict())
+    for key in list(state):
+        for name in ("query", "key", "value"):
+            if f"self.{name}." in key:
+                state[key.replace(f"self.{name}.", f"self.{name}_global.")] = state[key]
+    theirs.load_state_dict(state, strict=False)
+    ids, types, mask = _inputs(B=3, T=70)
+    positions = torch.arange(70).expand(3, 70)  # Longformer counts positions from 2 unless given them
+    for globals_ in ([0], [0, 3, 4, 40]):
+        glob = torch.zeros_like(ids)
+        glob[:, globals_] = 1
+        with torch.no_grad():
+            want = theirs(input_ids=ids, attention_mask=mask, global_attention_mask=glob, token_type_ids=types,
+                          position_ids=positions).last_hidden_state
+            got = ours(ids, types, mask, positions, global_attention_mask=glob.bool()).last_hidden_state
+        real = mask[..., None].bool()
+        torch.testing.assert_close(got * real, want * real, rtol=1e-5, atol=1e-5)

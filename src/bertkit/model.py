@@ -109,7 +109,8 @@ class LocalWindows:
     The T queries are cut into nb = ceil(T / r) blocks of r; block b's queries lie within r of the 3r keys from
     b*r - r to b*r + 2r, a strided view of the keys padded by r at both ends, so one SDPA call over (B*nb) blocks of
     (r queries x 3r + G keys) computes every local row. A global key inside a window is masked there, as it is
-    already among the G global keys. The masks depend only on the batch, so they are built once for all layers.
+    already among the G global keys. Up to T = 3r, where T x T scores are fewer than T x 3r, the pattern is one
+    (B, 1, T, T) mask instead. The masks depend only on the batch, so they are built once for all layers.
     """
 
     def __init__(self, keep: torch.Tensor, global_mask: torch.Tensor | None, radius: int):
@@ -129,6 +130,13 @@ class LocalWindows:
         self.global_index = torch.where(self.global_valid, order, torch.full_like(order, T))
         self.global_mask = global_mask
 
+        self.dense_mask = None
+        if T <= 3 * r:  # up to three blocks, T x T scores are fewer than T x 3r: the pattern as one mask
+            i = torch.arange(T, device=device)
+            near = (i[:, None] - i[None]).abs() <= r
+            self.dense_mask = ((near | global_mask[:, None, :] | global_mask[:, :, None]) & keep[:, None, :])[:, None]
+            self.dense_mask = self.dense_mask | ~keep[:, None, :, None]  # padding queries: no empty softmax row
+            return
         pad = lambda m: F.pad(m, (r, self.padded - T + r), value=False)  # (B, Tp + 2r): key coordinates shifted by r
         key_ok = (pad(keep) & ~pad(global_mask)).unfold(1, 3 * r, r)  # (B, nb, 3r)
         query = torch.arange(self.padded, device=device).view(self.blocks, r, 1)
@@ -145,6 +153,8 @@ class LocalWindows:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """(B, nh, T, hs) each -> (B, nh, T, hs)."""
+        if self.dense_mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask, dropout_p=dropout_p)
         B, nh, T, hs = q.shape
         r, nb, Tp = self.radius, self.blocks, self.padded
         G = self.global_index.shape[1]
