@@ -493,3 +493,26 @@ def test_the_loss_curve_shows_the_unigram_baseline(short_run):
     panels = {ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes}
     assert panels["masked_lm_accuracy"] == ["train", "eval", "unigram baseline"]
     assert "unigram baseline" not in panels["loss"]
+
+
+def test_pretraining_continues_an_extended_model_at_a_longer_length(short_run, inputs, tmp_path):
+    """`bertkit extend` then `pretrain --model-dir`: the run starts from the extended weights (its own tokenizer,
+    windowed attention, 1,024 positions) and keeps them in its checkpoints."""
+    from bertkit.extend import ExtendConfig, extend
+
+    run_dir, _ = short_run
+    source = list_checkpoints(run_dir / "checkpoints")[-1]
+    extend(ExtendConfig(model_dir=str(source), out=str(tmp_path / "long"), max_length=1024, attention_window=32))
+    cfg = small(inputs, tmp_path / "run", tokenizer=None, model_dir=str(tmp_path / "long"), max_length=600,
+                objective="mlm", max_steps=3, lr=1e-9, warmup=0)
+    result = pretrain(cfg)
+    assert math.isfinite(result["masked_lm_loss"])
+    start = load_file(str(tmp_path / "long" / "model.safetensors"))
+    end = final_weights(tmp_path / "run")
+    assert end["bert.embeddings.position_embeddings.weight"].shape[0] == 1024
+    for key in ("bert.embeddings.position_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
+        torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-6)  # lr 1e-9: the extended weights, kept
+    config = BertConfig.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert config.attention_window == 32 and config.position_extension["to"] == 1024
+    with pytest.raises(BertkitError, match="max_position_embeddings"):
+        pretrain(small(inputs, tmp_path / "too-long", tokenizer=None, model_dir=str(tmp_path / "long"), max_length=2048))

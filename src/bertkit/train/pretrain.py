@@ -72,8 +72,11 @@ class PretrainConfig:
     """Everything a pretraining run takes; the resolved values are saved as pretrain_config.json in the run folder."""
 
     model: str = option("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
+    model_dir: str | None = option(None, "continue pretraining this model folder (its config.json and weights; its "
+                                   "tokenizer unless --tokenizer is given), e.g. one from `bertkit extend` at a "
+                                   "--max-length up to its positions; --model is then unused")
     tokenizer: str | None = option(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
-                                   "trained on --corpus into OUT_DIR/tokenizer")
+                                   "trained on --corpus into OUT_DIR/tokenizer (or, with --model-dir, its own)")
     vocab_size: int = option(8000, "size of the vocabulary trained when no --tokenizer is given")
     data: str | None = option(None, "prepared corpus folder (from `bertkit prepare`); if not given, --corpus is "
                               "prepared into OUT_DIR/data")
@@ -149,6 +152,8 @@ class PretrainConfig:
             raise BertkitError(f"pretrain config: mask_mix={self.mask_mix} (expected three whole percentages that "
                                "sum to 100, such as 80 10 10)") from None
         self.corpus = [str(c) for c in self.corpus]
+        if self.model_dir is not None and self.tokenizer is None:
+            self.tokenizer = self.model_dir  # a model's weights belong with its own vocabulary
 
         def finite(value) -> bool:  # nan and inf pass some comparisons (inf > 0) and fail others silently
             return isinstance(value, (int, float)) and math.isfinite(value)
@@ -213,8 +218,13 @@ def build_inputs(cfg: PretrainConfig, run_dir: Path) -> tuple[str, str]:
 
 
 def model_config(cfg: PretrainConfig, tokenizer) -> BertConfig:
-    """The preset or config.json, sized to the tokenizer's vocabulary."""
-    if cfg.model in PRESETS:
+    """The preset or config.json, sized to the tokenizer's vocabulary; with --model-dir, that model's config."""
+    if cfg.model_dir is not None:
+        config = BertConfig.load(cfg.model_dir)
+        if config.vocab_size != tokenizer.vocab_size:
+            raise BertkitError(f"--model-dir {cfg.model_dir} has vocab_size {config.vocab_size}, the tokenizer "
+                               f"{cfg.tokenizer} {tokenizer.vocab_size} tokens; expected the model's own tokenizer")
+    elif cfg.model in PRESETS:
         config = BertConfig.from_preset(cfg.model, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
     else:
         config = BertConfig.load(cfg.model)
@@ -374,7 +384,8 @@ def open_run_dir(cfg: PretrainConfig, run_dir: Path) -> Path | None:
 def claim_run_dir(cfg: PretrainConfig, run_dir: Path) -> RunLock:
     """Refuse a run folder that is a file, one of the run's inputs, or a folder holding files no pretraining run
     wrote (unless --overwrite); then lock it."""
-    check_output_path(run_dir, "--out-dir", {"--tokenizer": cfg.tokenizer, "--data": cfg.data})
+    check_output_path(run_dir, "--out-dir", {"--tokenizer": cfg.tokenizer, "--data": cfg.data,
+                                             "--model-dir": cfg.model_dir})
     found = entries(run_dir)
     if found and CONFIG_NAME not in found and not cfg.overwrite:
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
@@ -534,6 +545,8 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         model.bert.pooler.requires_grad_(False)
         model.cls.seq_relationship.requires_grad_(False)
     state = None
+    if cfg.model_dir is not None and resume_from is None:  # the starting weights; heads it lacks are new
+        load_state_dict_into(model, read_state_dict(cfg.model_dir), source=cfg.model_dir)
     if resume_from is not None:
         load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
         state = load_training_state(resume_from / TRAINING_STATE_NAME)
@@ -571,7 +584,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     run = set_up(cfg, d, run_dir, resume_from)
     if d.is_main:
         n = run.model.num_parameters()
-        print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
+        print(f"pretraining {cfg.model_dir or cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
               f"global batch {run.batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
               f"{cfg.batch_size})" + (f" after a ramp over {run.batches.ramp_steps} steps" if run.batches.ramp_steps
                                       else "")
