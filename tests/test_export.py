@@ -107,6 +107,11 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
         export(ExportConfig(model_dir=classifier, out=str(tmp_path / "file")))
     with pytest.raises(BertkitError, match="--opset is 9; expected 14 or more"):
         export(ExportConfig(model_dir=classifier, out=str(tmp_path / "o"), opset=9))
+    from bertkit.extend import ExtendConfig, extend
+
+    extend(ExtendConfig(model_dir=classifier, out=str(tmp_path / "windowed"), max_length=256, attention_window=32))
+    with pytest.raises(BertkitError, match="attention_window 32; expected a model with full attention"):
+        export(ExportConfig(model_dir=str(tmp_path / "windowed"), out=str(tmp_path / "o")))
 
 
 def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):

@@ -362,7 +362,7 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        tokenizer.save_pretrained(directory, model_max_length=model.config.max_position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

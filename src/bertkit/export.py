@@ -144,6 +144,9 @@ def _require_onnx():
 def load_exportable(directory: Path):
     """The folder's model in eval mode and the names of the outputs its graph will have."""
     config = BertConfig.load(directory)
+    if config.attention_window:  # its masks depend on the batch's global tokens in ways a trace would freeze
+        raise BertkitError(f"{directory}/config.json: attention_window {config.attention_window}; expected a model "
+                           "with full attention to export (windowed attention runs in bertkit only)")
     names = config.extra.get("architectures") or ["BertModel"]
     classes = {cls.__name__: cls for cls in OUTPUTS}
     cls = next((classes[n] for n in names if n in classes), None)

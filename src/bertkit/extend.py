@@ -17,7 +17,6 @@ The weights of everything else are unchanged; config.json records `max_position_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -101,7 +100,6 @@ def extend(config: ExtendConfig) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     save_pretrained(model, out, tokenizer=Tokenizer.from_pretrained(source))
-    _set_model_max_length(out, config.max_length)
     return {**record, "attention_window": config.attention_window, "out": str(out),
             "architecture": type(model).__name__}
 
@@ -115,13 +113,4 @@ def _model_for(config: BertConfig):
     if cls is None:
         raise BertkitError(f"architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
     return cls(config)
-
-
-def _set_model_max_length(directory: Path, length: int) -> None:
-    """tokenizer_config.json's model_max_length, which transformers truncates to by default."""
-    path = directory / "tokenizer_config.json"
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["model_max_length"] = length
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

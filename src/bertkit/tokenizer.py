@@ -154,8 +154,9 @@ class Tokenizer:
             backend.normalizer.lowercase = lowercase
         return cls(backend, lowercase)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers reads them."""
+    def save_pretrained(self, directory: str | Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
+        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers reads them
+        (`model_max_length`: the length transformers truncates to by default, the model's positions)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "vocab.txt").write_text("".join(token + "\n" for token in self.vocab()), encoding="utf-8")
@@ -170,7 +171,7 @@ class Tokenizer:
             "never_split": None,
             "tokenize_chinese_chars": True,
             "strip_accents": None,
-            "model_max_length": MODEL_MAX_LENGTH,
+            "model_max_length": model_max_length,
             **special_tokens,
         }
         write_json(directory / "tokenizer_config.json", config)
