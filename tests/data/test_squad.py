@@ -19,6 +19,7 @@ from bertkit.data.squad import (
     postprocess,
     read_squad,
     split_by_article,
+    whole_articles,
     write_null_odds,
     write_predictions,
 )
@@ -51,6 +52,25 @@ def qa(context: str, answer: str | None, question: str = "What is it?", qid: str
 
 
 # --- reading ---------------------------------------------------------------------------------------------
+
+
+def test_whole_articles_make_the_long_document_task():
+    """Every question of dev-v1.1 gets its article as context, with every answer where its new start says; the
+    articles run to thousands of tokens (the paragraphs, 100-300)."""
+    examples = read_squad(data_path("squad", "dev-v1.1.json"))
+    long = whole_articles(examples)
+    assert [e.id for e in long] == [e.id for e in examples]
+    for e, w in zip(examples, long):
+        assert e.context in w.context
+        for a, b in zip(e.answers, w.answers):
+            assert b.text == a.text and w.context[b.start : b.start + len(b.text)] == a.text
+            assert w.context[b.start - a.start :][: len(e.context)] == e.context  # the same paragraph, moved
+    contexts = {e.article: e.context for e in long}
+    assert len(contexts) == 48 and len({(e.article, e.context) for e in long}) == 48
+    tokenizer = Tokenizer.from_file(str(data_path("checkpoints", "all-MiniLM-L6-v2", "tokenizer.json")))
+    tokenizer.no_truncation()
+    lengths = sorted(len(tokenizer.encode(c).ids) for c in contexts.values())
+    assert lengths[len(lengths) // 2] > 2000 and lengths[0] > 1000, lengths
 
 
 def test_real_files():

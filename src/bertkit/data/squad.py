@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from collections.abc import Sequence
@@ -132,6 +134,30 @@ def split_by_article(path: str | Path, n_train: int) -> tuple[list[SquadExample]
     if not 0 < n_train < n_articles:
         raise BertkitError(f"{path}: has {n_articles} articles, n_train must be 1..{n_articles - 1}, got {n_train}")
     return [e for e in examples if e.article < n_train], [e for e in examples if e.article >= n_train]
+
+
+def whole_articles(examples: list[SquadExample], separator: str = "\n\n") -> list[SquadExample]:
+    """The long-document task: each question's context becomes its whole article (the article's paragraphs in
+    file order, joined by `separator`), its answers moved to where they now start. The official metric scores
+    answer texts, so the scores stay comparable with the paragraph task's."""
+    paragraphs: dict[int, list[str]] = {}
+    for e in examples:
+        seen = paragraphs.setdefault(e.article, [])
+        if e.context not in seen:
+            seen.append(e.context)
+    offsets, texts = {}, {}
+    for article, contexts in paragraphs.items():
+        at = 0
+        for context in contexts:
+            offsets[(article, context)] = at
+            at += len(context) + len(separator)
+        texts[article] = separator.join(contexts)
+    out = []
+    for e in examples:
+        shift = offsets[(e.article, e.context)]
+        answers = [SquadAnswer(a.text, a.start + shift) for a in e.answers]
+        out.append(dataclasses.replace(e, context=texts[e.article], answers=answers))
+    return out
 
 
 def _resolve_tokenizer(tokenizer: Any) -> tuple[tokenizers.Tokenizer, int, int, int]:

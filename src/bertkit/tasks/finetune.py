@@ -114,6 +114,9 @@ class FinetuneConfig:
     max_length: int | None = option(None, "tokens per example or window (default: 128, SQuAD 384)")
     doc_stride: int = option(128, "SQuAD: step between the starts of a long context's windows")
     max_query_length: int = option(64, "SQuAD: question tokens kept")
+    whole_articles: bool = option(False, "SQuAD: each question's context is its whole article, all its paragraphs "
+                                  "(dev-v1.1: 2,900 to 17,500 WordPiece tokens, median 6,700): the long-document task, read in windows of --max-length "
+                                  "every --doc-stride (the paper's method) or whole by a model from `bertkit extend`")
     null_threshold: float = option(0.0, "SQuAD v2.0: answer '' when null score - best span score exceeds this. "
                                    "null_odds.json holds exp of that difference, the scale of the official "
                                    "evaluate-v2.0.py, whose --na-prob-thresh is exp(this); run it on the run folder "

@@ -15,6 +15,7 @@ from bertkit.data.squad import (
     postprocess,
     read_squad,
     split_by_article,
+    whole_articles,
     write_null_odds,
     write_predictions,
 )
@@ -133,6 +134,8 @@ def load_squad_task(config, need_train: bool = True) -> SquadTask:
         task.train = read_squad(train_file) if need_train else []
         task.evals = read_squad(eval_file)
         source_files = [eval_file] + ([train_file] if need_train else [])
+    if config.whole_articles:
+        task.train, task.evals = whole_articles(task.train), whole_articles(task.evals)
     if not task.version2 and any(e.is_impossible for e in task.train + task.evals):
         raise BertkitError(
             f"{', '.join(map(str, source_files))}: has unanswerable questions (SQuAD v2.0); expected --task squad2"
