@@ -253,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, ExportConfig, skip=("model_dir",))
     p.set_defaults(func=cmd_export)
 
+    from bertkit.data.longdoc import LongDocConfig
+
+    p = sub.add_parser(
+        "longdoc",
+        help="build a long-document classification task from the books corpus: which book a passage comes from",
+        description="Write OUT/train.jsonl and dev.jsonl: passages of --words words (about 4,000 tokens at 3,000) "
+        "from --books books of different authors, chapters dealt to train and dev (every --dev-every-th to dev, so "
+        "no text is shared), balanced, labelled with the book's title; and OUT/books.json, what was chosen. Then: "
+        "bertkit finetune --task custom --train-file OUT/train.jsonl --eval-file OUT/dev.jsonl --max-length 4096 "
+        "--model-dir an extended model (or --max-length 512: the first 512 tokens).",
+    )
+    add_dataclass_args(p, LongDocConfig)
+    p.set_defaults(func=cmd_longdoc)
+
     from bertkit.extend import ExtendConfig
 
     p = sub.add_parser(
@@ -346,6 +360,16 @@ def cmd_export(args) -> None:
         print(f"wrote {out / name} ({kind}): largest difference from bertkit {check['max_abs_diff']:.2g} "
               f"(tolerance {check['tolerance']})")
     print(f"wrote {out / 'export.json'}, config.json and the tokenizer files")
+
+
+def cmd_longdoc(args) -> None:
+    from bertkit.data.longdoc import LongDocConfig, build_longdoc
+
+    done = build_longdoc(dataclass_from_args(LongDocConfig, args))
+    n = done["passages_per_book"]
+    print(f"wrote {done['out']}/train.jsonl ({n['train']} passages a book) and dev.jsonl ({n['dev']} a book) of "
+          f"{done['words_per_passage']} words from {len(done['books'])} books: "
+          + "; ".join(f"{b['title']} ({b['author']})" for b in done["books"]))
 
 
 def cmd_extend(args) -> None:

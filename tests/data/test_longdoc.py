@@ -1,0 +1,71 @@
+"""The long-document task from the books corpus: balanced, labelled by book, train and dev from different chapters."""
+
+import gzip
+import json
+
+import pytest
+
+from bertkit.cli import main
+from bertkit.data.longdoc import LongDocConfig, build_longdoc, passages
+from bertkit.errors import BertkitError
+from conftest import data_path
+
+
+def corpus(tmp_path, books):
+    """A books corpus in the shared layout: books = [(author, title, chapters, words a sentence)]."""
+    (tmp_path / "corpus").mkdir()
+    rows, text = ["piece\tebook\tauthor\ttitle\tdocuments\tsentences\twords"], []
+    for number, (author, title, chapters, width) in enumerate(books):
+        for c in range(chapters):
+            text.append("\n".join(" ".join([f"{title[:3]}{c}s{s}"] * width) for s in range(10)) + "\n")
+        rows.append(f"00\t{number}\t{author}\t{title}\t{chapters}\t{10 * chapters}\t{10 * chapters * width}")
+    with gzip.open(tmp_path / "corpus" / "gutenberg-en-00.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(text))
+    (tmp_path / "books.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return LongDocConfig(out=str(tmp_path / "task"), corpus=str(tmp_path / "corpus"),
+                         books_tsv=str(tmp_path / "books.tsv"), books=2, words=30, dev_every=4)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_passages_are_balanced_by_book_and_splits_share_no_chapter(tmp_path):
+    config = corpus(tmp_path, [("A", "Alpha", 8, 5), ("A", "Another", 40, 5), ("B", "Beta", 12, 5),
+                               ("C", "Gamma", 4, 5)])
+    report = build_longdoc(config)
+    assert [b["title"] for b in report["books"]] == ["Another", "Beta"]  # the longest, one book an author
+    train, dev = read(tmp_path / "task" / "train.jsonl"), read(tmp_path / "task" / "dev.jsonl")
+    for rows, n in ((train, report["passages_per_book"]["train"]), (dev, report["passages_per_book"]["dev"])):
+        assert [r["label"] for r in rows] == ["Another", "Beta"] * n
+    chapters = lambda rows: {w.split("s")[0] for r in rows for w in r["sentence"].split()}  # noqa: E731
+    assert chapters(train) & chapters(dev) == set()
+    assert {"Ano3", "Ano7", "Bet3"} <= chapters(dev) and "Ano0" in chapters(train)
+    assert all(len(r["sentence"].split()) >= 30 for r in train + dev)
+
+
+def test_passages_cut_at_sentence_ends():
+    chapters = [["one two three", "four five"], ["six seven eight nine"]]
+    assert passages(chapters, 4) == ["one two three four five", "six seven eight nine"]
+
+
+def test_bad_requests_are_named(tmp_path):
+    config = corpus(tmp_path, [("A", "Alpha", 8, 5), ("B", "Beta", 8, 5)])
+    config.books = 3
+    with pytest.raises(BertkitError, match="2 books by different authors"):
+        build_longdoc(config)
+    config.books, config.words = 2, 10_000
+    with pytest.raises(BertkitError, match="expected fewer --words"):
+        build_longdoc(config)
+    (tmp_path / "books.tsv").write_text((tmp_path / "books.tsv").read_text().replace("\t8\t", "\t9\t", 1))
+    with pytest.raises(BertkitError, match="expected the corpus the list describes"):
+        build_longdoc(config)
+
+
+def test_the_real_corpus_gives_eight_books_of_long_passages(tmp_path, capsys):
+    data_path("corpus", "gutenberg-en-00.txt.gz")
+    assert main(["longdoc", "--out", str(tmp_path / "task")]) in (0, None)
+    assert "45 passages a book" in capsys.readouterr().out
+    dev = read(tmp_path / "task" / "dev.jsonl")
+    assert len(dev) == 8 * 11 and len({r["label"] for r in dev}) == 8
+    assert min(len(r["sentence"].split()) for r in dev) >= 3000
