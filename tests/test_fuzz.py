@@ -579,6 +579,14 @@ def test_predict_on_the_meta_device_is_a_bertkit_error(cli_template):
         predict(cli_template / "model", ["good"], device="meta")
 
 
+def test_serve_takes_device_auto_and_names_a_bad_device(cli_template):
+    from bertkit.serve import Predictor
+
+    assert Predictor(cli_template / "model", device="auto").device.type in ("cpu", "cuda")
+    with pytest.raises(BertkitError, match="not a device to run on"):
+        Predictor(cli_template / "model", device="nonsense")
+
+
 def test_prepare_into_a_file_is_a_bertkit_error(cli_template, tokenizer, tmp_path):
     (tmp_path / "out").write_text("")
     with pytest.raises(BertkitError):

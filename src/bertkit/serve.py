@@ -62,7 +62,7 @@ class ServeConfig:
     body_timeout: float = option(10.0, "seconds a client may take to send its body (408 past that)")
     max_length: int | None = option(None, "tokens per input or window (default: the run's; longer texts are cut)")
     threads: int | None = option(None, "CPU threads for torch (default: torch's own choice)")
-    device: str = option("cpu", "cpu, cuda, cuda:N (int8 runs on the CPU only)")
+    device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto (int8 runs on the CPU only)")
     shutdown_timeout: float = option(30.0, "on SIGTERM or Ctrl-C, seconds to finish the requests in flight")
 
     def check(self) -> None:
@@ -110,7 +110,7 @@ class Predictor:
                  device: str = "cpu", max_text_chars: int = 20_000):
         from bertkit.tasks.classification import TextTask
         from bertkit.tasks.evaluation import _tuned_threshold
-        from bertkit.tasks.finetune import FinetuneConfig
+        from bertkit.tasks.finetune import FinetuneConfig, resolve_device
         from bertkit.tasks.squad import SquadTask
         from bertkit.tokenizer import Tokenizer
 
@@ -136,7 +136,7 @@ class Predictor:
             self.labels = [id2label[i] for i in sorted(id2label)]
         else:
             self.labels = []
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # auto, or a clear error for a device this machine lacks
         self.tokenizer = Tokenizer.from_pretrained(directory)
         if self.kind == "question-answering":
             self.task = SquadTask(task if task in ("squad1", "squad2") else "squad1")
