@@ -253,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, ExportConfig, skip=("model_dir",))
     p.set_defaults(func=cmd_export)
 
+    from bertkit.tasks.perplexity import PerplexityConfig
+
+    p = sub.add_parser(
+        "perplexity",
+        help="held-out masked-LM loss and perplexity of a model folder at a length, and of the same text in pieces",
+        description="Score MODEL_DIR's masked-LM head on the held-out split of a prepared corpus at --max-length "
+        "(the paper's masking, 15%%, drawn from --seed, so models and lengths are scored on the same tokens), and "
+        "with --pieces P on the same examples cut into P-token pieces with the same masked tokens: what the longer "
+        "context buys a model extended with `bertkit extend`.",
+    )
+    add_dataclass_args(p, PerplexityConfig)
+    p.set_defaults(func=cmd_perplexity)
+
     from bertkit.data.longdoc import LongDocConfig
 
     p = sub.add_parser(
@@ -360,6 +373,15 @@ def cmd_export(args) -> None:
         print(f"wrote {out / name} ({kind}): largest difference from bertkit {check['max_abs_diff']:.2g} "
               f"(tolerance {check['tolerance']})")
     print(f"wrote {out / 'export.json'}, config.json and the tokenizer files")
+
+
+def cmd_perplexity(args) -> None:
+    from bertkit.tasks.perplexity import PerplexityConfig, perplexity
+
+    for name, r in perplexity(dataclass_from_args(PerplexityConfig, args)).items():
+        print(f"{name}: masked-LM loss {r['masked_lm_loss']:.4f}, perplexity {r['perplexity']:.2f}, accuracy "
+              f"{100 * r['accuracy']:.2f}% over {r['masked_tokens']:,} masked tokens in {r['sequences']} sequences of "
+              f"{r['tokens_per_sequence']:.0f} tokens on average")
 
 
 def cmd_longdoc(args) -> None:

@@ -516,3 +516,29 @@ def test_pretraining_continues_an_extended_model_at_a_longer_length(short_run, i
     assert config.attention_window == 32 and config.position_extension["to"] == 1024
     with pytest.raises(BertkitError, match="max_position_embeddings"):
         pretrain(small(inputs, tmp_path / "too-long", tokenizer=None, model_dir=str(tmp_path / "long"), max_length=2048))
+
+
+def test_perplexity_whole_and_in_pieces(short_run, inputs, tmp_path, capsys):
+    """Pieces as long as the examples are the examples (the same loss); shorter pieces score the same masked
+    tokens; an extension by copy scores what the model scored."""
+    from bertkit.extend import ExtendConfig, extend
+    from bertkit.tasks.perplexity import PerplexityConfig, perplexity
+
+    run_dir, _ = short_run
+    source = str(list_checkpoints(run_dir / "checkpoints")[-1])
+    config = PerplexityConfig(model_dir=source, data=str(inputs / "data"), max_length=64, batches=3, threads=1)
+    same = perplexity(PerplexityConfig(**{**vars(config), "pieces": 64}))
+    assert same["pieces"]["masked_lm_loss"] == pytest.approx(same["whole"]["masked_lm_loss"], rel=1e-5)
+    cut = perplexity(PerplexityConfig(**{**vars(config), "pieces": 16}))
+    assert cut["pieces"]["masked_tokens"] == cut["whole"]["masked_tokens"] > 0
+    assert cut["pieces"]["sequences"] > 3 * cut["whole"]["sequences"]
+    assert cut["whole"]["masked_lm_loss"] == same["whole"]["masked_lm_loss"]  # the same examples and masks
+    extend(ExtendConfig(model_dir=source, out=str(tmp_path / "long"), max_length=1024, attention_window=0))
+    longer = perplexity(PerplexityConfig(**{**vars(config), "model_dir": str(tmp_path / "long")}))
+    assert longer["whole"]["masked_lm_loss"] == pytest.approx(same["whole"]["masked_lm_loss"], rel=1e-5)
+    assert cli_main(["perplexity", source, "--data", str(inputs / "data"), "--max-length", "64", "--batches", "2",
+                     "--pieces", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("whole: masked-LM loss ") and "\npieces: masked-LM loss " in out
+    with pytest.raises(BertkitError, match="expected at most the model's 512 positions"):
+        perplexity(PerplexityConfig(**{**vars(config), "max_length": 1000}))

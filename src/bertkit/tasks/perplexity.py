@@ -1,0 +1,130 @@
+"""Held-out masked-LM loss and perplexity of a model folder at a chosen length (`bertkit perplexity`), and of the
+same text read in shorter pieces: the measure of what a longer context buys a model extended by `bertkit extend`.
+
+The examples are the prepared corpus's held-out split, built at --max-length with the MLM objective and the
+paper's masking (15%, 80/10/10, drawn from --seed), so two models or two lengths are scored on the same tokens
+whenever they share the vocabulary and the seed. With --pieces P each example is also cut into pieces of P tokens
+([CLS] and [SEP] around P - 2 of its tokens, as a 512-token model reads a long text) with the same masked tokens
+in the same places, so the two losses differ only in how much of the text each prediction could see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bertkit.checkpoint import model_folder, read_weight_shapes
+from bertkit.config import option
+from bertkit.errors import BertkitError
+
+IGNORE = -100
+
+
+@dataclass
+class PerplexityConfig:
+    """`bertkit perplexity`: the CLI's flags are these fields."""
+
+    model_dir: str = option("", "a model folder with a masked-LM head (a pretraining checkpoint, or its extension)",
+                            positional=True)
+    data: str = option("", "a prepared corpus (`bertkit prepare`) made with the model's vocabulary; its held-out "
+                       "split is scored", required=True)
+    max_length: int = option(512, "tokens per example")
+    pieces: int | None = option(None, "also score the same examples read in pieces of this many tokens (e.g. 512)")
+    batch_size: int = option(4, "examples per forward pass")
+    batches: int = option(20, "held-out batches scored (the same ones for every model, length and seed)")
+    seed: int = option(0, "seed of the masking")
+    threads: int | None = option(None, "CPU threads for torch (default: the cores the load average leaves idle)")
+
+
+def cut_into_pieces(batch: dict[str, torch.Tensor], size: int, cls_id: int, sep_id: int, pad_id: int) -> dict:
+    """(B, T) examples `[CLS] tokens [SEP]` -> pieces `[CLS] size-2 of the tokens [SEP]`, their labels moved with
+    them, padded to the longest piece."""
+    if size < 3:
+        raise BertkitError(f"--pieces {size}; expected at least 3 tokens ([CLS], one token, [SEP])")
+    pieces = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        inner, inner_labels = ids[1:n - 1], labels[1:n - 1]
+        for start in range(0, len(inner), size - 2):
+            piece = inner[start:start + size - 2]
+            piece_labels = inner_labels[start:start + size - 2]
+            pieces.append((torch.cat([ids.new_tensor([cls_id]), piece, ids.new_tensor([sep_id])]),
+                           torch.cat([labels.new_tensor([IGNORE]), piece_labels, labels.new_tensor([IGNORE])])))
+    longest = max(len(p) for p, _ in pieces)
+    out = {"input_ids": torch.full((len(pieces), longest), pad_id), "labels": torch.full((len(pieces), longest), IGNORE),
+           "attention_mask": torch.zeros(len(pieces), longest, dtype=torch.long)}
+    for row, (piece, piece_labels) in enumerate(pieces):
+        out["input_ids"][row, :len(piece)] = piece
+        out["labels"][row, :len(piece)] = piece_labels
+        out["attention_mask"][row, :len(piece)] = 1
+    out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+    return out
+
+
+@torch.no_grad()
+def _score(model, batch: dict, batch_size: int) -> tuple[float, int, int]:
+    """Summed loss, correct predictions and count over the masked positions, batch_size rows at a time."""
+    loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(batch["input_ids"]), batch_size):
+        rows = {k: v[start:start + batch_size] for k, v in batch.items()}
+        masked = rows["labels"] != IGNORE
+        if not bool(masked.any()):
+            continue
+        logits = model(rows["input_ids"], rows["token_type_ids"], rows["attention_mask"],
+                       masked_positions=masked).logits  # (M, V)
+        targets = rows["labels"][masked]
+        loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += int(targets.numel())
+    return loss, correct, count
+
+
+def perplexity(config: PerplexityConfig) -> dict:
+    """{"whole": ..., and with --pieces "pieces": ...}, each with masked_lm_loss, perplexity, accuracy and the
+    number of masked tokens scored."""
+    from bertkit.train.distributed import torch_threads
+
+    with torch_threads(config.threads):
+        return _perplexity(config)
+
+
+def _perplexity(config: PerplexityConfig) -> dict:
+    from bertkit.data.pretraining import PretrainingDataset
+    from bertkit.data.shards import PreparedCorpus
+    from bertkit.model import BertForMaskedLM
+    from bertkit.tokenizer import Tokenizer
+
+    directory = model_folder(config.model_dir)
+    shapes = read_weight_shapes(directory)
+    if shapes is not None and not any(k.endswith("cls.predictions.transform.dense.weight") for k in shapes):
+        raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
+                           "a model saved with its MLM head")
+    for name in ("max_length", "batch_size", "batches"):
+        if getattr(config, name) < 1:
+            raise BertkitError(f"--{name.replace('_', '-')} {getattr(config, name)}; expected a positive number")
+    tokenizer = Tokenizer.from_pretrained(directory)
+    model = BertForMaskedLM.from_pretrained(directory).eval()
+    if config.max_length > model.config.max_position_embeddings:
+        raise BertkitError(f"--max-length {config.max_length}; expected at most the model's "
+                           f"{model.config.max_position_embeddings} positions (`bertkit extend` gives it more)")
+    dataset = PretrainingDataset(PreparedCorpus(config.data, "heldout"), tokenizer, max_length=config.max_length,
+                                 objective="mlm", masking="token", mask_prob=0.15, seed=config.seed)
+    dataset.set_epoch(0)
+    count = min(config.batches * config.batch_size, len(dataset))
+    examples = dataset.collate([dataset[i] for i in range(count)])
+    results = {}
+    ways = [("whole", examples)]
+    if config.pieces:
+        ways.append(("pieces", cut_into_pieces(examples, config.pieces, tokenizer.cls_id, tokenizer.sep_id,
+                                               tokenizer.pad_id)))
+    for name, batch in ways:
+        loss, correct, n = _score(model, batch, config.batch_size)
+        if n == 0:
+            raise BertkitError(f"{config.data}: no masked tokens in {count} held-out examples; expected more --batches")
+        results[name] = {"masked_lm_loss": loss / n, "perplexity": math.exp(loss / n), "accuracy": correct / n,
+                         "masked_tokens": n, "sequences": len(batch["input_ids"]),
+                         "tokens_per_sequence": float(batch["attention_mask"].sum(1).float().mean())}
+    return results
