@@ -143,6 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds a case may take (default: 900)")
     parser.add_argument("--out", default=str(HERE / "results" / "long_inputs.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the cases of --out that succeeded (same model and "
+                        "window) and run the others again, e.g. one that ran out of memory beside another job")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -156,11 +158,20 @@ def main(argv=None) -> None:
     out = Path(args.out)
     results = {"model": args.model, "window": args.window, "threads": args.threads, "repeats": args.repeats,
                "machine": machine(), "cases": {}}
+    if args.resume and out.exists():
+        before = json.loads(out.read_text())
+        if (before["model"], before["window"]) != (args.model, args.window):
+            raise SystemExit(f"{out}: model {before['model']}, window {before['window']}; expected --model "
+                             f"{args.model} --window {args.window} to resume it")
+        results["cases"] = {side: {n: r for n, r in rows.items() if r["status"] == "ok"}
+                            for side, rows in before["cases"].items()}
     for length in args.lengths:  # short lengths first: a side that fails at one length is not tried longer
         for side in args.sides:
             earlier = results["cases"].get(side, {})
-            if any(r["status"] != "ok" for r in earlier.values()):
-                results["cases"][side][str(length)] = {"status": "not run (failed at a shorter length)"}
+            if str(length) in earlier:
+                continue
+            if any(r["status"] != "ok" for n, r in earlier.items() if int(n) < length):
+                earlier[str(length)] = {"status": "not run (failed at a shorter length)"}
                 continue
             args.length = length
             row = run_case(side, args)
