@@ -179,3 +179,23 @@ def test_compiled_blocks_match_eager_on_cuda(tmp_path):
         assert abs(losses[0] - losses[1]) < 1e-4, losses
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max() + 1e-7, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windowed_attention_on_cuda_matches_the_cpu(dtype):
+    """The blocked windows run through CUDA's SDPA kernels (masked: the memory-efficient one); the same outputs as
+    on the CPU, within the dtype's tolerance."""
+    from bertkit.model import LocalWindows
+
+    torch.manual_seed(0)
+    keep = torch.ones(2, 300, dtype=torch.bool)
+    keep[1, 250:] = False
+    glob = torch.zeros_like(keep)
+    glob[:, [0, 7]] = True
+    q, k, v = (torch.randn(2, 4, 300, 32) for _ in range(3))
+    want = LocalWindows(keep, glob, 32).attend(q, k, v, 0.0)
+    got = LocalWindows(keep.cuda(), glob.cuda(), 32).attend(q.cuda().to(dtype), k.cuda().to(dtype),
+                                                            v.cuda().to(dtype), 0.0)
+    real = keep[:, None, :, None]
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float().cpu() * real, want * real, rtol=tolerance, atol=tolerance)
