@@ -132,6 +132,34 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def table(results: dict) -> str:
+    """Markdown: per length, each side's seconds and MiB, and the two ratios that matter."""
+    cases = results["cases"]
+    sides = [s for s in SIDES if s in cases]
+    lengths = sorted({int(n) for rows in cases.values() for n in rows})
+
+    def cell(side, n):
+        r = cases.get(side, {}).get(str(n))
+        if r is None:
+            return "-"
+        return f"{r['seconds']:.2f} s, {r['peak_mib']:,.0f} MiB" if r["status"] == "ok" else r["status"]
+
+    def ratio(a, b, n, key):
+        ra, rb = cases.get(a, {}).get(str(n)), cases.get(b, {}).get(str(n))
+        if not ra or not rb or ra["status"] != "ok" or rb["status"] != "ok":
+            return "-"
+        return f"{rb[key] / ra[key]:.2f}x"
+
+    head = ["tokens", *sides, "window vs full: time", "memory", "bertkit vs Longformer: time", "memory"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for n in lengths:
+        row = [f"{n:,}", *(cell(s, n) for s in sides),
+               ratio("bertkit-window", "bertkit-full", n, "seconds"), ratio("bertkit-window", "bertkit-full", n, "peak_mib"),
+               ratio("bertkit-window", "hf-longformer", n, "seconds"), ratio("bertkit-window", "hf-longformer", n, "peak_mib")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,7 +209,9 @@ def main(argv=None) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    out.with_suffix(".md").write_text(table(results), encoding="utf-8")
+    print(table(results))
+    print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
