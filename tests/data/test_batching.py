@@ -52,6 +52,15 @@ def test_sorted_batches_cover_everything_longest_first():
     assert [sizes[b[0]] for b in batches] == [9, 7, 2]
 
 
+def test_sorted_batches_hold_a_token_budget():
+    """Long inputs come in fewer rows a batch: at most max_tokens padded tokens, and never an empty batch."""
+    sizes = [4096, 4096, 4096, 300, 300, 300, 10, 9000]
+    batches = sorted_batches(sizes, 128, max_tokens=8192)
+    assert batches == [[7], [0, 1], [2, 3], [4, 5, 6]]
+    assert all(len(b) * max(sizes[i] for i in b) <= 8192 or len(b) == 1 for b in batches)
+    assert sorted_batches([512] * 300, 128) == [list(range(i, min(i + 128, 300))) for i in range(0, 300, 128)]
+
+
 def test_collate_pads_to_the_longest_row():
     rows = [{"input_ids": [2, 7, 3], "token_type_ids": [0, 0, 0], "labels": 1},
             {"input_ids": [2, 3], "token_type_ids": [0, 0], "labels": 0}]

@@ -30,10 +30,21 @@ def length_grouped_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Evaluation batches: every index once, longest first, so padding is minimal; callers restore the order."""
+# Evaluation batches hold at most this many padded tokens (128 rows of 512), so that inputs of thousands of tokens
+# come in fewer rows a batch instead of in one batch the size of 128 x their length.
+EVAL_TOKENS = 128 * 512
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = EVAL_TOKENS) -> list[list[int]]:
+    """Evaluation batches: every index once, longest first, so padding is minimal; callers restore the order. A
+    batch has at most `batch_size` rows and at most `max_tokens` tokens once padded (one row at the least)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, i = [], 0
+    while i < len(order):
+        rows = max(1, min(batch_size, max_tokens // max(lengths[order[i]], 1)))  # the first row is the longest
+        batches.append(order[i : i + rows])
+        i += rows
+    return batches
 
 
 def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
