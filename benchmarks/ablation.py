@@ -45,21 +45,24 @@ def _every_position(self, *args, masked_positions=None, **kwargs):
     return _pretraining_forward(self, *args, **kwargs)  # labels of -100 skip the unmasked positions in the loss
 
 
-def _padded_layout(self, attention_mask, batch, length, causal=False):
-    self.batch, self.length, self.indices, self.attn_mask, self.is_causal = batch, length, None, None, causal
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        self.attn_mask = attention_mask.bool()[:, None, None, :]  # every layer works on (B, T, H), padding included
-        if causal:
-            self.attn_mask = self.attn_mask & torch.ones(length, length, dtype=torch.bool).tril()
-            self.is_causal = False
+_layout_init = M.Layout.__init__
+
+
+def _padded_layout(self, *args, **kwargs):
+    _layout_init(self, *args, **kwargs)  # the same masks (padding, causal, windows) whatever the layout takes
+    self.indices = None  # but no packing: every layer works on (B, T, H), padding included
 
 
 def _three_gemms(self, x, layout):
     B, T = layout.batch, layout.length
     q, k, v = (layout.pad(linear(x)).view(B, T, self.num_heads, self.head_size).transpose(1, 2)
                for linear in (self.query, self.key, self.value))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask,
-                                       dropout_p=self.dropout_p if self.training else 0.0, is_causal=layout.is_causal)
+    dropout_p = self.dropout_p if self.training else 0.0
+    if layout.windows is not None:
+        y = layout.windows.attend(q, k, v, dropout_p)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask, dropout_p=dropout_p,
+                                           is_causal=layout.is_causal)
     return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
 
