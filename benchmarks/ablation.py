@@ -57,12 +57,7 @@ def _three_gemms(self, x, layout):
     B, T = layout.batch, layout.length
     q, k, v = (layout.pad(linear(x)).view(B, T, self.num_heads, self.head_size).transpose(1, 2)
                for linear in (self.query, self.key, self.value))
-    dropout_p = self.dropout_p if self.training else 0.0
-    if layout.windows is not None:
-        y = layout.windows.attend(q, k, v, dropout_p)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask, dropout_p=dropout_p,
-                                           is_causal=layout.is_causal)
+    y = layout.attend(q, k, v, self.dropout_p if self.training else 0.0)
     return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
 

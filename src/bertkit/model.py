@@ -79,6 +79,13 @@ class Layout:
                 keep = torch.ones(batch, length, dtype=torch.bool)
             self.windows = LocalWindows(keep, global_mask, window // 2)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """(B, nh, T, hs) each -> (B, nh, T, hs): attention under this batch's masks (windowed, or one SDPA call)."""
+        if self.windows is not None:
+            return self.windows.attend(q, k, v, dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask, dropout_p=dropout_p,
+                                              is_causal=self.is_causal)
+
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): keep the real tokens."""
         if self.indices is None:
@@ -244,12 +251,7 @@ class BertSelfAttention(nn.Module):
         qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
-        dropout_p = self.dropout_p if self.training else 0.0
-        if layout.windows is not None:
-            y = layout.windows.attend(q, k, v, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask, dropout_p=dropout_p,
-                                               is_causal=layout.is_causal)
+        y = layout.attend(q, k, v, self.dropout_p if self.training else 0.0)
         return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
 
