@@ -77,3 +77,47 @@ def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
     tokens = {side: row[side]["tokens_per_s"] * row[side]["seconds"] for side in ("bertkit", "transformers")}
     assert tokens["bertkit"] == pytest.approx(tokens["transformers"]) and tokens["bertkit"] > 500_000
     assert "mfu" not in row["bertkit"]
+
+
+def test_long_squad_task_keeps_every_answer_where_it_now_starts(tmp_path):
+    """benchmarks/long_squad.py's task: each article cut to its first paragraphs within the token budget, every kept
+    question's answers at their new offsets in the joined context, train and scored articles disjoint."""
+    import long_squad
+
+    squad = data_path("squad", "dev-v1.1.json")
+    tokenizer = data_path("checkpoints", "all-MiniLM-L6-v2")
+    sizes = long_squad.build(squad, tokenizer, tmp_path, context_tokens=600, train_articles=3, train_per_article=4,
+                             dev_per_article=6, seed=0)
+    assert sizes["train_questions"] == 12 and sizes["train_articles"] == 3 and sizes["dev_articles"] == 45
+    assert sizes["context_tokens"]["max"] <= 600
+    train, dev = (json.loads((tmp_path / f"{s}.json").read_text())["data"] for s in ("train", "dev"))
+    assert not {a["title"] for a in train} & {a["title"] for a in dev}
+    original = {qa["id"]: qa for article in json.loads(squad.read_text())["data"] for p in article["paragraphs"]
+                for qa in p["qas"]}
+    first = json.loads(squad.read_text())["data"][0]["paragraphs"]
+    assert train[0]["paragraphs"][0]["context"].startswith(first[0]["context"] + "\n\n" + first[1]["context"])
+    for article in train + dev:
+        (paragraph,) = article["paragraphs"]
+        for qa in paragraph["qas"]:
+            assert [a["text"] for a in qa["answers"]] == [a["text"] for a in original[qa["id"]]["answers"]]
+            for a in qa["answers"]:
+                assert paragraph["context"][a["answer_start"]:].startswith(a["text"])
+
+
+def test_long_squad_report_reads_each_arms_run_folder(tmp_path):
+    import long_squad
+
+    def arm(model, length, rows, f1):
+        epoch = {"epoch": 1, "train_seconds": 10.0, "eval_seconds": 2.0, "exact": 1.0, "f1": f1}
+        return {"model": model, "flags": ["--max-length", length], "wall_s": 13.0,
+                "metrics": {"best_epoch": 1, "best": {"exact": 1.0, "f1": f1}, "epochs": [epoch], "train_rows": rows}}
+
+    result = {"args": {"context_tokens": 2000}, "arms": {"strided": arm("runs/a/checkpoints/step-9", "512", 1395, 0.5),
+                                                         "long": arm("runs/b", "2112", 200, 3.25)},
+              "data": {"context_tokens": {"min": 1, "max": 2}, "train_questions": 3, "train_articles": 4,
+                       "dev_questions": 5, "dev_articles": 6}}
+    long_squad.write_report(tmp_path, result)
+    table = (tmp_path / "long_squad.md").read_text()
+    assert "| strided | a/step-9 | 512 | 1,395 | 1.00 | 0.50 | 10 s | 2 s |" in table
+    assert "| long | b | 2112 | 200 | 1.00 | 3.25 |" in table
+    assert json.loads((tmp_path / "long_squad.json").read_text())["arms"]["long"]["metrics"]["best"]["f1"] == 3.25
