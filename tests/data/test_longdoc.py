@@ -60,6 +60,11 @@ def test_bad_requests_are_named(tmp_path):
     (tmp_path / "books.tsv").write_text((tmp_path / "books.tsv").read_text().replace("\t8\t", "\t9\t", 1))
     with pytest.raises(BertkitError, match="expected the corpus the list describes"):
         build_longdoc(config)
+    (tmp_path / "afile").write_text("keep me")  # found by the fuzz suite: a FileExistsError traceback before
+    config.out = str(tmp_path / "afile")
+    with pytest.raises(BertkitError, match="afile: a file, not a folder; expected a folder for --out"):
+        build_longdoc(config)
+    assert (tmp_path / "afile").read_text() == "keep me"
 
 
 def test_the_real_corpus_gives_eight_books_of_long_passages(tmp_path, capsys):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bertkit.cli import main
 from bertkit.errors import BertkitError
 from bertkit.tasks.suite import TASKS, SuiteConfig, results_table, suite, summarize, task_files
 from conftest import data_path
@@ -163,3 +164,16 @@ def test_books_pretraining_then_the_suite_end_to_end(tmp_path):
     assert "\n| pretrained | " in table and "\n| scratch | " in table and "RTE (acc)" in table and "WNLI (acc)" in table
     results = json.loads((tmp_path / "suite" / "suite.json").read_text())
     assert len(results["pretrained"]["cells"]) == len(results["scratch"]["cells"]) == 4
+
+
+@pytest.mark.parametrize("command", [["ablate", "--grid", "table5"], ["suite", "--model-dir", "MODEL"],
+                                     ["glue", "--model-dir", "MODEL", "--data-dir", "GLUE"]])
+def test_an_out_dir_that_is_a_file_is_named_not_a_traceback(command, tmp_path, capsys):
+    """Found by the fuzz suite (`bertkit longdoc --out afile` raised FileExistsError); suite, ablate and glue did too."""
+    (tmp_path / "afile").write_text("keep me")
+    model = str(data_path("checkpoints", "all-MiniLM-L6-v2"))
+    names = {"MODEL": model, "GLUE": str(data_path("glue"))}
+    argv = [names.get(word, word) for word in command] + ["--out-dir", str(tmp_path / "afile")]
+    assert main(argv) == 2
+    assert "afile: a file, not a folder; expected a folder for --out-dir" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bertkit.config import option
 from bertkit.errors import BertkitError
+from bertkit.train.rundir import check_output_path
 
 
 def _data_root() -> Path:
@@ -87,6 +88,7 @@ def passages(chapters: list[list[str]], words: int) -> list[str]:
 def build_longdoc(config: LongDocConfig) -> dict:
     """Write the task's files; returns what was written (books, passages per split, words per passage)."""
     root = _data_root()
+    check_output_path(Path(config.out), "--out", {})  # a file there is named before the corpus is read
     corpus = Path(config.corpus) if config.corpus else root / "corpus"
     books_tsv = Path(config.books_tsv) if config.books_tsv else root / "meta" / "gutenberg-en-books.tsv"
     if config.books < 2 or config.words < 1 or config.dev_every < 2:

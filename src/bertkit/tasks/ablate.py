@@ -27,6 +27,7 @@ import numpy as np
 from bertkit.checkpoint import list_checkpoints
 from bertkit.config import option
 from bertkit.errors import BertkitError
+from bertkit.train.rundir import check_output_path
 
 RESULTS_FILE = "ablate.json"
 TABLE_FILE = "ablate.md"
@@ -214,6 +215,7 @@ def ablate(config: AblateConfig) -> dict:
     from bertkit.tasks.suite import SuiteConfig, suite
 
     out = Path(config.out_dir)
+    check_output_path(out, "--out-dir", {})
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     variants = config.variant_flags()

@@ -13,6 +13,7 @@ from bertkit.config import option, write_json
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
+from bertkit.train.rundir import check_output_path
 
 logger = logging.getLogger("bertkit")
 
@@ -81,6 +82,7 @@ def glue(config: GlueConfig) -> dict:
     if not names or missing:
         raise BertkitError(f"{root}: no folder for {', '.join(missing or ['any GLUE task'])}; expected one per task "
                            f"named {', '.join(TASKS)}")
+    check_output_path(out, "--out-dir", {})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "glue_config.json", dataclasses.asdict(config))
     runs: dict[str, dict[float, dict]] = {}

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from bertkit.checkpoint import atomic_write
 from bertkit.config import option
 from bertkit.errors import BertkitError
+from bertkit.train.rundir import check_output_path
 from bertkit.tasks.finetune import FinetuneConfig
 
 RESULTS_FILE = "suite.json"
@@ -221,6 +222,7 @@ def suite(config: SuiteConfig) -> dict:
         raise BertkitError("no model: expected --model-dir, a model folder (config.json + weights + tokenizer)")
     BertConfig.load(config.model_dir)  # a wrong folder fails here, not in every cell
     data_dir, out = Path(config.data_dir), Path(config.out_dir)
+    check_output_path(out, "--out-dir", {})
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     results = read_results(results_path)
