@@ -35,35 +35,33 @@ from pathlib import Path
 def build(squad_file: Path, tokenizer_dir: Path, out_dir: Path, context_tokens: int, train_articles: int,
           train_per_article: int, dev_per_article: int, seed: int) -> dict:
     """Write train.json and dev.json (the long-context task) into out_dir; returns their sizes."""
+    from bertkit.data.squad import read_squad, whole_articles
     from bertkit.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    articles = json.loads(Path(squad_file).read_text())["data"]
+    by_article: dict[int, list] = {}
+    for example in read_squad(squad_file):
+        by_article.setdefault(example.article, []).append(example)
     rng = random.Random(seed)
     splits: dict[str, list] = {"train": [], "dev": []}
     context_lengths = []
-    for index, article in enumerate(articles):
-        paragraphs, used = [], 0
-        for paragraph in article["paragraphs"]:
-            n = len(tokenizer.tokenize(paragraph["context"]))
-            if paragraphs and used + n > context_tokens:
+    for index, examples in by_article.items():
+        kept, used = set(), 0
+        for paragraph in dict.fromkeys(e.context for e in examples):  # the article's paragraphs, in file order
+            n = len(tokenizer.tokenize(paragraph))
+            if kept and used + n > context_tokens:
                 break
-            paragraphs.append(paragraph)
+            kept.add(paragraph)
             used += n
-        context, questions = "", []
-        for paragraph in paragraphs:
-            shift = len(context) + (2 if context else 0)
-            context = f"{context}\n\n{paragraph['context']}" if context else paragraph["context"]
-            for qa in paragraph["qas"]:
-                answers = [{"text": a["text"], "answer_start": a["answer_start"] + shift} for a in qa["answers"]]
-                for a in answers:
-                    assert context[a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
-                questions.append({"id": qa["id"], "question": qa["question"], "answers": answers})
-        split = "train" if index < train_articles else "dev"
-        keep = train_per_article if split == "train" else dev_per_article
-        questions = sorted(rng.sample(questions, min(keep, len(questions))), key=lambda q: q["id"])
+        joined = whole_articles([e for e in examples if e.context in kept])  # one context, the answers moved
+        keep = train_per_article if index < train_articles else dev_per_article
+        questions = sorted(rng.sample(joined, min(keep, len(joined))), key=lambda e: e.id)
+        context = joined[0].context
         context_lengths.append(len(tokenizer.tokenize(context)))
-        splits[split].append({"title": article["title"], "paragraphs": [{"context": context, "qas": questions}]})
+        qas = [{"id": e.id, "question": e.question, "answers": [{"text": a.text, "answer_start": a.start}
+                                                                for a in e.answers]} for e in questions]
+        splits["train" if index < train_articles else "dev"].append(
+            {"title": examples[0].title, "paragraphs": [{"context": context, "qas": qas}]})
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, data in splits.items():

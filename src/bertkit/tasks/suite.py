@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from bertkit.checkpoint import atomic_write
 from bertkit.config import option
 from bertkit.errors import BertkitError
-from bertkit.train.rundir import check_output_path
 from bertkit.tasks.finetune import FinetuneConfig
+from bertkit.train.rundir import check_output_path
 
 RESULTS_FILE = "suite.json"
 TABLE_FILE = "suite.md"
