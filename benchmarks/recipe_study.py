@@ -93,25 +93,10 @@ def common_eval(name: str, args) -> dict:
     NSP pairs): its own held-out numbers are not comparable across masking rates, lengths and objectives."""
     import torch
 
-    from bertkit.checkpoint import list_checkpoints
-    from bertkit.data.shards import PreparedCorpus
-    from bertkit.data.pretraining import PretrainingDataset
-    from bertkit.model import BertForPreTraining
-    from bertkit.tokenizer import Tokenizer
-    from bertkit.train.distributed import Distributed
-    from bertkit.train.loader import eval_loader
-    from bertkit.train.precision import resolve
-    from bertkit.train.pretrain import evaluate, most_frequent_token
+    from bertkit.train.pretrain import score_held_out
 
     torch.set_num_threads(args.threads)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    options = dict(max_length=128, objective="mlm+nsp", mask_prob=0.15, seed=0)
-    held_out = PretrainingDataset(PreparedCorpus(args.data, "heldout"), tokenizer, **options)
-    top_token = most_frequent_token(PretrainingDataset(PreparedCorpus(args.data, "train"), tokenizer, **options))
-    model = BertForPreTraining.from_pretrained(list_checkpoints(Path(args.runs) / name / "checkpoints")[-1])
-    d = Distributed()
-    loader = eval_loader(held_out, 32, len(held_out), d)
-    return evaluate(model, loader, resolve("fp32", d.device), top_token, "mlm+nsp", d)
+    return score_held_out(Path(args.runs) / name, args.tokenizer, args.data, objective="mlm+nsp")
 
 
 def report(results: dict) -> str:

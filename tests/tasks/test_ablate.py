@@ -35,9 +35,11 @@ def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def _fake_cell(variant: str, seed: int, mlm_loss: float, sst2: float) -> dict:
-    return {"variant": variant, "seed": seed, "flags": "", "pretrain": {"masked_lm_loss": mlm_loss,
-                                                                      "masked_lm_accuracy": 0.1, "step": 10},
+def _fake_cell(variant: str, seed: int, ppl: float, sst2: float, parameters: int = 2_600_000) -> dict:
+    return {"variant": variant, "seed": seed, "flags": "", "pretrain": {"masked_lm_loss": 9.0,
+                                                                      "masked_lm_accuracy": 0.3, "step": 10},
+            "held_out": {"masked_lm_perplexity": ppl, "masked_lm_accuracy": 0.1, "parameters": parameters,
+                         "examples": 800, "mask_prob": 0.15, "unigram_baseline_accuracy": 0.059},
             "checkpoint": "x", "pretrain_seconds": 60.0, "token_positions": 40960,
             "suite": {"cells": {f"SST-2/lr=0.0003/seed={s}": {"best": {"accuracy": sst2 + s}, "seconds": 1.0,
                                                                "train_examples": 8, "eval_examples": 8}
@@ -46,13 +48,52 @@ def _fake_cell(variant: str, seed: int, mlm_loss: float, sst2: float) -> dict:
 
 def test_a_cell_read_back_equals_the_one_written_and_the_table_is_over_seeds(tmp_path):
     path = tmp_path / "ablate.json"
-    cells = {cell_key("mlm", s): _fake_cell("mlm", s, 6.0 + s, 80.0 + 2 * s) for s in (0, 1)}
+    cells = {cell_key("mlm", s): _fake_cell("mlm", s, 100.0 + 10 * s, 80.0 + 2 * s) for s in (0, 1)}
     for key, cell in cells.items():
         save_cell(path, key, cell)
     assert json.loads(path.read_text()) == cells
     table = results_table(cells, ["mlm"])
+    # the held-out scores every cell shares, not the run's own (loss 9.0, accuracy 30%);
     # SST-2: seed 0 has fine-tuning runs 81, 82 (mean 81.5), seed 1 83, 84 (83.5): 82.5 ± 1.4 over the two seeds
-    assert "| mlm | `(recipe defaults)` | 2 | 6.500 ± 0.707 | 10.0 ± 0.0 | 82.5 ± 1.4 |" in table
+    assert "| mlm | `(recipe defaults)` | 2 | 105.0 ± 7.1 | 10.0 ± 0.0 | 82.5 ± 1.4 |" in table
+    assert "all 800 held-out examples with the same masks" in table and "params" not in table
+
+
+def test_the_table_gives_sizes_where_they_differ_and_marks_a_left_to_right_models_own_reading():
+    cells = {"tiny/seed=0": _fake_cell("tiny", 0, 300.0, 70.0), "mini/seed=0": _fake_cell("mini", 0, 200.0, 75.0, 11_200_000),
+             "ltr/seed=0": {**_fake_cell("ltr", 0, 0.0, 60.0), "held_out": {}}}
+    cells["ltr/seed=0"]["pretrain"]["masked_lm_loss"] = 0.0  # its own next-token loss: perplexity 1
+    table = results_table(cells, ["tiny", "mini", "ltr"]).splitlines()
+    assert table[0].startswith("| variant | flags | seeds | MLM ppl | MLM acc | params (M) | SST-2 (acc) |")
+    assert table[2].startswith("| tiny | `(recipe defaults)` | 1 | 300.0 | 10.0 | 2.6 | 71.5 |")
+    assert table[3].startswith("| mini | `(recipe defaults)` | 1 | 200.0 | 10.0 | 11.2 | 76.5 |")
+    assert table[4].startswith("| ltr | `(recipe defaults)` | 1 | 1.0† | 30.0† | - | 61.5 |")
+
+
+def test_a_cell_is_scored_on_the_shared_masks_once(tmp_path, monkeypatch):
+    """A cell whose model is on disk and has no shared held-out score gets one, kept; a rerun does not score again."""
+    import bertkit.tasks.suite as suite_module
+
+    scored = []
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    cell = {**_fake_cell("mlm", 0, 1.0, 70.0), "flags": "--objective mlm", "checkpoint": str(checkpoint)}
+    del cell["held_out"]
+    save_cell(tmp_path / "ablate.json", "mlm/seed=0", cell)
+
+    def fake_score(config, fields, path, inputs):
+        scored.append((fields.get("objective"), path))
+        return {"masked_lm_perplexity": 321.0, "masked_lm_accuracy": 0.2, "parameters": 1, "examples": 3,
+                "mask_prob": 0.15, "unigram_baseline_accuracy": 0.05}
+
+    monkeypatch.setattr(ablate_module, "score_cell", fake_score)
+    monkeypatch.setattr(ablate_module, "shared_inputs", lambda config, out: ("tok", "data"))
+    monkeypatch.setattr(suite_module, "suite", lambda sc: pytest.fail("the suite has nothing to do"))
+    config = AblateConfig(grid="custom", variants=["mlm"], seeds=1, tasks=["SST-2"], out_dir=str(tmp_path))
+    assert "| mlm | `--objective mlm` | 1 | 321.0 | 20.0 |" in ablate(config)["table"]
+    assert scored == [("mlm", str(checkpoint))]
+    ablate(config)
+    assert len(scored) == 1
 
 
 def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):

@@ -542,3 +542,26 @@ def test_perplexity_whole_and_in_pieces(short_run, inputs, tmp_path, capsys):
     assert out.startswith("whole: masked-LM loss ") and "\npieces: masked-LM loss " in out
     with pytest.raises(BertkitError, match="expected at most the model's 512 positions"):
         perplexity(PerplexityConfig(**{**vars(config), "max_length": 1000}))
+
+
+def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tmp_path):
+    """`score_held_out`: two models predict the very same positions (the same count, the same unigram baseline) and
+    differ in their loss; the perplexity is exp(loss); a run folder means its newest checkpoint; a left-to-right model
+    has no masked-LM reading and is refused."""
+    from bertkit.train.pretrain import score_held_out
+
+    run_dir, _ = short_run
+    tokenizer, data = inputs / "tokenizer", inputs / "data"
+    newest = score_held_out(run_dir, tokenizer, data, max_length=64)
+    older_checkpoint = list_checkpoints(run_dir / "checkpoints")[0]
+    older = score_held_out(older_checkpoint, tokenizer, data, max_length=64)
+    assert newest["examples"] == older["examples"] > 0
+    assert newest["unigram_baseline_accuracy"] == older["unigram_baseline_accuracy"]
+    assert newest["masked_lm_loss"] != older["masked_lm_loss"]
+    assert newest == score_held_out(list_checkpoints(run_dir / "checkpoints")[-1], tokenizer, data, max_length=64)
+    assert math.isclose(newest["masked_lm_perplexity"], math.exp(newest["masked_lm_loss"]))
+    assert 0 <= newest["next_sentence_accuracy"] <= 1 and "loss" not in newest
+    assert newest["parameters"] == sum(p.numel() for p in BertForPreTraining.from_pretrained(older_checkpoint).parameters())
+    pretrain(small(inputs, tmp_path, objective="ltr", max_steps=1, eval_batches=1))
+    with pytest.raises(BertkitError, match="left-to-right"):
+        score_held_out(tmp_path, tokenizer, data, max_length=64)

@@ -5,7 +5,8 @@ each pretrained model fine-tuned through the downstream suite (`bertkit.tasks.su
 A variant is a set of `bertkit pretrain` flags (and `--bilstm`, a fine-tuning flag), written as a command line
 would write them; the grids below hold the paper's rows (Table 5: objectives and masking; appendix C.2: the masking
 mix; Table 6: model size). Variants with the same pretraining flags share their pretrained models (LTR and
-LTR + BiLSTM differ only in fine-tuning).
+LTR + BiLSTM differ only in fine-tuning). Each pretrained model is also scored on the held-out chapters with the
+same masks for every cell (`score_held_out`), so that rows trained with other maskings, rates or mixes compare.
 
 A cell is (variant, pretraining seed). Everything a cell produced is kept in OUT_DIR/ablate.json as it finishes, and
 each step inside a cell resumes on its own (pretraining with --resume auto, the suite cell by cell), so a grid
@@ -210,6 +211,22 @@ def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple
             "pretrain_fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
+def score_cell(config: AblateConfig, fields: dict, checkpoint: str, inputs: tuple[str, str]) -> dict:
+    """The cell's model on the held-out chapters with the masking every cell shares (`score_held_out`: 15% token
+    masking, 80/10/10, the grid's length, the cell's own input form); {} for a left-to-right model, which has no
+    masked-LM reading."""
+    import torch
+
+    from bertkit.data.pretraining import OBJECTIVES
+    from bertkit.train.pretrain import PretrainConfig, score_held_out
+
+    objective = fields.get("objective", PretrainConfig().objective)
+    if OBJECTIVES[objective].causal:
+        return {}
+    torch.set_num_threads(config.threads)
+    return score_held_out(checkpoint, *inputs, objective=objective, max_length=config.max_length)
+
+
 def ablate(config: AblateConfig) -> dict:
     """Run what the grid still lacks; returns {"cells": every cell, "table": the markdown table}."""
     from bertkit.tasks.suite import SuiteConfig, suite
@@ -239,6 +256,10 @@ def ablate(config: AblateConfig) -> dict:
                 cell = {**cell, "variant": name, "seed": seed, "flags": flags,
                         **run_pretraining(config, fields, seed, inputs, out)}
                 save_cell(results_path, key, cell)
+            if "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
+                inputs = inputs or shared_inputs(config, out)
+                cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"], inputs)}
+                save_cell(results_path, key, cell)
             if needs_model:
                 print(f"ablate: fine-tuning {key} on {', '.join(config.tasks)}", flush=True)
                 suite_config = SuiteConfig(model_dir=cell["checkpoint"], label=key, out_dir=str(out / "suite"),
@@ -265,17 +286,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def variant_scores(cells: dict, variant: str) -> dict:
     """Per column, the values over the variant's pretraining seeds: each seed's suite score (mean over fine-tuning
-    seeds at the task's best lr), the GLUE average of a seed that has every GLUE column, and the held-out MLM."""
+    seeds at the task's best lr), the GLUE average of a seed that has every GLUE column, the held-out masked-LM
+    perplexity and accuracy at the masking all cells share, and the parameter count. A left-to-right model's
+    perplexity and accuracy are its own next-token ones, and its scores hold "own_reading"."""
     from bertkit.tasks.suite import TASKS, summarize
 
     scores: dict[str, list[float]] = {}
     for cell in cells.values():
         if cell.get("variant") != variant:
             continue
-        held_out = cell["pretrain"]
-        if "masked_lm_loss" in held_out:
-            scores.setdefault("mlm_loss", []).append(held_out["masked_lm_loss"])
+        held_out = cell.get("held_out")
+        if held_out:
+            scores.setdefault("mlm_ppl", []).append(held_out["masked_lm_perplexity"])
             scores.setdefault("mlm_acc", []).append(100 * held_out["masked_lm_accuracy"])
+            scores.setdefault("params", []).append(held_out["parameters"] / 1e6)
+        elif held_out == {} and "masked_lm_loss" in cell["pretrain"]:  # scored and found left-to-right
+            scores.setdefault("mlm_ppl", []).append(math.exp(cell["pretrain"]["masked_lm_loss"]))
+            scores.setdefault("mlm_acc", []).append(100 * cell["pretrain"]["masked_lm_accuracy"])
+            scores["own_reading"] = [1.0]
         glue = []
         for name, task in TASKS.items():
             s = summarize(cell.get("suite", {}).get("cells", {}), name)
@@ -295,7 +323,11 @@ def results_table(cells: dict, variants: list[str]) -> str:
 
     per_variant = {v: variant_scores(cells, v) for v in variants}
     tasks = [t for t in TASKS.values() if any(t.name in s for s in per_variant.values())]
-    head = ["variant", "flags", "seeds", "held-out MLM loss", "MLM acc"] + [t.column for t in tasks] + ["GLUE avg"]
+    sizes = {round(x, 1) for s in per_variant.values() for x in s.get("params", [])}
+    extra = ["params"] if len(sizes) > 1 else []  # a column only where the model size differs (Table 6)
+    columns = ["mlm_ppl", "mlm_acc"] + extra + [t.name for t in tasks] + ["glue"]
+    head = (["variant", "flags", "seeds", "MLM ppl", "MLM acc"] + ["params (M)"] * len(extra) + [t.column for t in tasks]
+            + ["GLUE avg"])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for v in variants:
         s = per_variant[v]
@@ -304,24 +336,28 @@ def results_table(cells: dict, variants: list[str]) -> str:
             continue
         flags = seeds[0]["flags"] or "(recipe defaults)"
         row = [v, f"`{flags}`", str(len(seeds))]
-        for column in ["mlm_loss", "mlm_acc"] + [t.name for t in tasks] + ["glue"]:
+        for column in columns:
             if column not in s:
                 row.append("-")
                 continue
             mean, std = _mean_std(s[column])
-            digits = 3 if column == "mlm_loss" else 1
-            row.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(s[column]) > 1 else ""))  # one seed: no std
+            mark = "†" if column in ("mlm_ppl", "mlm_acc") and "own_reading" in s else ""
+            row.append(f"{mean:.1f}" + (f" ± {std:.1f}" if len(s[column]) > 1 else "") + mark)  # one seed: no std
         lines.append("| " + " | ".join(row) + " |")
-    any_cell = next(iter(cells.values()), None)
+    shown = [c for c in cells.values() if c.get("variant") in variants]
     notes = [""]
-    if any_cell:
-        minutes = np.mean([c["pretrain_seconds"] for c in cells.values()]) / 60
-        notes.append(f"Each cell: {any_cell['token_positions'] / 1e6:.1f}M token positions of pretraining "
-                     f"({any_cell['pretrain']['step']} steps; {minutes:.0f} minutes a cell on average), then the "
+    if shown:
+        minutes = np.mean([c["pretrain_seconds"] for c in shown]) / 60
+        scored = next((c["held_out"] for c in shown if c.get("held_out")), None)
+        notes.append(f"Each cell: {shown[0]['token_positions'] / 1e6:.1f}M token positions of pretraining "
+                     f"({shown[0]['pretrain']['step']} steps; {minutes:.0f} minutes a cell on average), then the "
                      "suite's columns. Mean ± sample std over pretraining seeds; each seed's task score is the mean "
-                     "over its fine-tuning seeds at the task's best lr on dev. Held-out MLM is each run's own "
-                     "evaluation (its masking rate and mix; a left-to-right model's is next-token prediction, not "
-                     "comparable).")
+                     "over its fine-tuning seeds at the task's best lr on dev. MLM ppl and acc: "
+                     + (f"all {scored['examples']} held-out examples with the same masks for every cell "
+                        f"({100 * scored['mask_prob']:.0f}% token masking, 80/10/10, each cell's own input form; "
+                        f"always guessing the most frequent token: {100 * scored['unigram_baseline_accuracy']:.1f}%)"
+                        if scored else "the held-out examples with the same masks for every cell")
+                     + "; † a left-to-right model's own next-token perplexity and accuracy, not comparable.")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -334,7 +370,7 @@ def plot(cells: dict, variants: list[str], path: Path) -> None:
 
     scores = {v: variant_scores(cells, v) for v in variants}
     column = "glue" if any("glue" in s for s in scores.values()) else next(
-        (k for s in scores.values() for k in s if k not in ("mlm_loss", "mlm_acc")), "mlm_acc")
+        (k for s in scores.values() for k in s if k not in ("mlm_ppl", "mlm_acc", "params", "own_reading")), "mlm_acc")
     shown = [v for v in variants if column in scores[v]]
     if not shown:
         return

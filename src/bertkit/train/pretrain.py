@@ -328,6 +328,40 @@ def evaluate(model, loader, precision: Precision, top_token: int, objective: str
     return {**metrics(sums, objective), "unigram_baseline_accuracy": s["unigram_correct"] / max(s["mlm_total"], 1)}
 
 
+def score_held_out(model_dir: str | Path, tokenizer_dir: str | Path, data_dir: str | Path, *,
+                   objective: str = "mlm+nsp", max_length: int = 128, mask_prob: float = 0.15,
+                   batch_size: int = 32) -> dict[str, float]:
+    """A pretrained model's masked LM on every held-out example of a prepared corpus, with masking shared by all
+    models (token masking at `mask_prob` with the 80/10/10 mix, drawn with seed 0, examples of `max_length` tokens
+    in `objective`'s input form: pairs for NSP and SOP, one stretch of text for MLM only). A run's own evaluation
+    masks as it was trained (whole words, spans, another rate or mix), so its numbers do not compare across runs
+    that differ in masking; these do. Returns the masked-LM loss, its perplexity and accuracy, the unigram baseline
+    on the same positions, the sentence task's accuracy where `objective` has one, and the parameter count."""
+    from bertkit.checkpoint import list_checkpoints
+    from bertkit.data.pretraining import PretrainingDataset
+    from bertkit.data.shards import PreparedCorpus
+    from bertkit.tokenizer import Tokenizer
+
+    model_dir = Path(model_dir)
+    if (model_dir / "checkpoints").is_dir():  # a run folder: its newest checkpoint
+        model_dir = list_checkpoints(model_dir / "checkpoints")[-1]
+    model = BertForPreTraining.from_pretrained(model_dir)
+    if model.config.is_decoder:
+        raise BertkitError(f"{model_dir}: a left-to-right model (is_decoder); a masked LM score needs a "
+                           "bidirectional one (its own next-token evaluation is in its run's eval.csv)")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    options = dict(max_length=max_length, objective=objective, mask_prob=mask_prob, seed=0)
+    held_out = PretrainingDataset(PreparedCorpus(data_dir, "heldout"), tokenizer, **options)
+    top_token = most_frequent_token(PretrainingDataset(PreparedCorpus(data_dir, "train"), tokenizer, **options))
+    d = Distributed()
+    result = evaluate(model, eval_loader(held_out, batch_size, len(held_out), d), resolve("fp32", d.device),
+                      top_token, objective, d)
+    result.pop("loss")  # the sum with the sentence task's loss: not comparable across objectives
+    return {**result, "masked_lm_perplexity": math.exp(result["masked_lm_loss"]), "examples": len(held_out),
+            "parameters": sum(p.numel() for p in model.parameters()), "objective": objective,
+            "max_length": max_length, "mask_prob": mask_prob}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: where to resume, what to save
 
