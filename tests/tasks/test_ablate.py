@@ -57,6 +57,9 @@ def test_a_cell_read_back_equals_the_one_written_and_the_table_is_over_seeds(tmp
     # SST-2: seed 0 has fine-tuning runs 81, 82 (mean 81.5), seed 1 83, 84 (83.5): 82.5 ± 1.4 over the two seeds
     assert "| mlm | `(recipe defaults)` | 2 | 105.0 ± 7.1 | 10.0 ± 0.0 | 82.5 ± 1.4 |" in table
     assert "all 800 held-out examples with the same masks" in table and "params" not in table
+    cells["mlm/seed=1"]["held_out"].update(examples=1500, unigram_baseline_accuracy=0.061)  # another input form
+    assert "all 800-1,500 held-out examples" in results_table(cells, ["mlm"])
+    assert "token: 5.9-6.1%" in results_table(cells, ["mlm"])
 
 
 def test_the_table_gives_sizes_where_they_differ_and_marks_a_left_to_right_models_own_reading():

@@ -348,14 +348,18 @@ def results_table(cells: dict, variants: list[str]) -> str:
     notes = [""]
     if shown:
         minutes = np.mean([c["pretrain_seconds"] for c in shown]) / 60
-        scored = next((c["held_out"] for c in shown if c.get("held_out")), None)
+        scored = [c["held_out"] for c in shown if c.get("held_out")]
+        counts = sorted({h["examples"] for h in scored})
+        baselines = sorted({round(100 * h["unigram_baseline_accuracy"], 1) for h in scored})
         notes.append(f"Each cell: {shown[0]['token_positions'] / 1e6:.1f}M token positions of pretraining "
                      f"({shown[0]['pretrain']['step']} steps; {minutes:.0f} minutes a cell on average), then the "
                      "suite's columns. Mean ± sample std over pretraining seeds; each seed's task score is the mean "
                      "over its fine-tuning seeds at the task's best lr on dev. MLM ppl and acc: "
-                     + (f"all {scored['examples']} held-out examples with the same masks for every cell "
-                        f"({100 * scored['mask_prob']:.0f}% token masking, 80/10/10, each cell's own input form; "
-                        f"always guessing the most frequent token: {100 * scored['unigram_baseline_accuracy']:.1f}%)"
+                     + (f"all {'-'.join(f'{n:,}' for n in counts[::len(counts) - 1 or 1])} held-out examples "
+                        f"with the same masks for every cell ({100 * scored[0]['mask_prob']:.0f}% token masking, "
+                        "80/10/10, in each cell's input form: pairs for a sentence task, else one stretch of text; "
+                        "always guessing the most frequent token: "
+                        f"{'-'.join(f'{b:.1f}' for b in baselines[::len(baselines) - 1 or 1])}%)"
                         if scored else "the held-out examples with the same masks for every cell")
                      + "; † a left-to-right model's own next-token perplexity and accuracy, not comparable.")
     return "\n".join(lines + notes) + "\n"
