@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from bertkit.data.batching import collate, length_grouped_batches, sorted_batches
+from bertkit.data.batching import bucketed, collate, length_grouped_batches, sorted_batches
 
 
 def lengths(n=1000, seed=0):
@@ -70,3 +70,14 @@ def test_collate_pads_to_the_longest_row():
     assert batch["labels"].dtype == torch.long
     regression = collate([{"input_ids": [2], "token_type_ids": [0], "labels": 0.5}], pad_id=0)
     assert regression["labels"].dtype == torch.float
+
+
+def test_length_bucketing_rounds_up_to_the_multiple_within_the_limit():
+    assert [bucketed(n, 16) for n in (1, 16, 17, 33)] == [16, 16, 32, 48]
+    assert bucketed(120, 64, limit=128) == 128 and bucketed(100, 64, limit=110) == 110  # never past the limit
+    assert bucketed(130, 64, limit=128) == 130  # nor below the length itself
+    assert bucketed(7, 1) == 7
+    rows = [{"input_ids": [2, 7, 3], "token_type_ids": [0, 0, 0], "labels": 1}]
+    batch = collate(rows, pad_id=0, pad_to_multiple_of=8)
+    assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]] and batch["labels"].tolist() == [1]

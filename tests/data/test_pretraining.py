@@ -276,6 +276,16 @@ def test_collate_pads_to_longest(corpus, tokenizer):
     assert torch.equal(first["input_ids"], dataset.collate(batch[:8])["input_ids"])
 
 
+def test_collate_buckets_lengths_up_to_max_length(corpus, tokenizer):
+    dataset = PretrainingDataset(corpus, tokenizer, max_length=64, short_seq_prob=1.0)
+    batch = [dataset[i] for i in range(8)]
+    dataset.pad_to_multiple_of = 24
+    out = dataset.collate(batch)
+    longest = max(len(x["input_ids"]) for x in batch)
+    assert out["input_ids"].shape[1] == min(-(-longest // 24) * 24, 64) >= longest
+    assert out["attention_mask"].sum(1).tolist() == [len(x["input_ids"]) for x in batch]  # the extra is padding
+
+
 def test_truncation_matches_googles_loop():
     rng = random.Random(0)
     for _ in range(2000):

@@ -242,6 +242,7 @@ def toy_run(toy_model_dir, tmp_path, out, **kw) -> FinetuneConfig:
     ("--threads", "-1", "--threads is -1; expected a whole number from 1 to 1024"),
     ("--threads", "99999999999999999999", "expected a whole number from 1 to 1024"),
     ("--max-bad-steps", "0", "--max-bad-steps is 0; expected a positive number"),
+    ("--pad-to-multiple-of", "0", "--pad-to-multiple-of is 0; expected a positive number"),
     ("--device", "meta", "--device 'meta' is not a device to run on; expected cpu, cuda, cuda:N, mps or auto"),
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_training(toy_model_dir, tmp_path, capsys, flag, value,
@@ -331,6 +332,24 @@ def test_a_model_folder_that_is_not_a_run_is_not_overwritten(toy_model_dir, tmp_
     (tmp_path / "mine" / "finetune.log").write_text("a wrapper's log")  # files a run never writes are no obstacle
     finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "mine", epochs=1))
     assert (tmp_path / "mine" / "finetune.log").read_text() == "a wrapper's log"
+
+
+def test_bucketed_lengths_reach_the_training_batches(toy_model_dir, tmp_path, monkeypatch):
+    """--pad-to-multiple-of pads every training batch to a multiple of it (the padding is masked: the model-level
+    equality is tests/test_model.py's; with dropout the draws differ, so the runs are not compared bitwise)."""
+    import bertkit.tasks.finetune as finetune_module
+
+    lengths = []
+    collate = finetune_module.collate
+
+    def spy(rows, pad_id, multiple=1):
+        batch = collate(rows, pad_id, multiple)
+        lengths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(finetune_module, "collate", spy)
+    finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "bucketed", epochs=1, pad_to_multiple_of=16))
+    assert lengths and all(n % 16 == 0 for n in lengths)
 
 
 def test_the_same_run_again_starts_over_and_resume_auto_returns_a_finished_one(toy_model_dir, tmp_path, caplog):

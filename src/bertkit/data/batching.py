@@ -47,9 +47,17 @@ def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = EV
     return batches
 
 
-def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad `input_ids`/`token_type_ids` to the batch's longest row, add `attention_mask`, stack the labels."""
-    longest = max(len(row["input_ids"]) for row in rows)
+def bucketed(length: int, multiple: int, limit: int | None = None) -> int:
+    """Length bucketing: `length` rounded up to a multiple of `multiple` (not past `limit`, and never below `length`),
+    so that batches come in a few shapes, which compiled graphs and CUDA graphs reuse; the padding is masked."""
+    rounded = -(-length // multiple) * multiple if multiple > 1 else length
+    return max(length, min(rounded, limit)) if limit else rounded
+
+
+def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Pad `input_ids`/`token_type_ids` to the batch's longest row (rounded up to `pad_to_multiple_of`), add
+    `attention_mask`, stack the labels."""
+    longest = bucketed(max(len(row["input_ids"]) for row in rows), pad_to_multiple_of)
     batch = {}
     for key in rows[0]:
         if key in SEQUENCE_KEYS:

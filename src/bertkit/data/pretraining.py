@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bertkit.data.batching import bucketed
 from bertkit.data.shards import PreparedCorpus, tokenizer_fingerprint
 from bertkit.errors import BertkitError
 
@@ -116,6 +117,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
                "span" SpanBERT's spans of whole words, lengths ~ Geometric(span_geometric_p) truncated at span_max.
     mask_mix:  what the chosen positions become, in percent: [MASK], unchanged, a random token (80, 10, 10).
     """
+
+    pad_to_multiple_of = 1  # length bucketing of `collate` (`bertkit.data.batching.bucketed`)
 
     def __init__(
         self,
@@ -386,7 +389,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
     def collate(self, batch: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         """Pad to the longest example: input_ids with [PAD], token_type_ids 0, attention_mask 1/0, labels -100;
         the keys are those transformers' BertForPreTraining / BertForMaskedLM take."""
-        longest = max(len(example["input_ids"]) for example in batch)
+        longest = bucketed(max(len(example["input_ids"]) for example in batch), self.pad_to_multiple_of,
+                           self.max_length)
         input_ids = np.full((len(batch), longest), self.vocab.pad_id, np.int64)  # (B, T)
         token_type_ids = np.zeros((len(batch), longest), np.int64)
         attention_mask = np.zeros((len(batch), longest), np.int64)

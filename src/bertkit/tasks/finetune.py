@@ -71,7 +71,7 @@ WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "t
 RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
 KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
 # Fields that change how a run goes, not what it computes: a run resumed or redone may change them
-RUNTIME_FIELDS = ("threads", "device", "compile", "eval_batch_size", "predict", "save_every", "max_bad_steps",
+RUNTIME_FIELDS = ("threads", "device", "compile", "pad_to_multiple_of", "eval_batch_size", "predict", "save_every", "max_bad_steps",
                   "resume", "overwrite")
 PATH_FIELDS = ("model_dir", "data_dir", "train_file", "eval_file", "test_file")
 
@@ -130,6 +130,9 @@ class FinetuneConfig:
     device: str = option("auto", "cpu, cuda, cuda:1, mps (auto: cuda when available)")
     compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps after a first, "
                            "compiling one (tens of seconds; on CPU a C++ compiler is needed)")
+    pad_to_multiple_of: int = option(1, "length bucketing: pad each training batch to a multiple of this many "
+                                     "positions, so that batches come in a few shapes (for compiled graphs on a GPU); "
+                                     "the padding is masked, the results are the same")
     predict: bool = option(False, "GLUE: after training, write the leaderboard file for test.tsv with the best model")
     save_every: int = option(500, "steps between checkpoints for --resume, besides the one at the end of every "
                              "epoch (0: only those)")
@@ -150,7 +153,7 @@ class FinetuneConfig:
         """Raise on values no run can use, before any data or model is read."""
         if training and not self.model_dir:
             raise BertkitError("no model: expected --model-dir, a pretrained model folder (config.json + weights)")
-        positive = ["batch_size", "eval_batch_size", "max_length", "doc_stride", "max_query_length"]
+        positive = ["batch_size", "eval_batch_size", "max_length", "doc_stride", "max_query_length", "pad_to_multiple_of"]
         positive += ["epochs", "max_bad_steps", "grad_accum"] if training else []
         for name in positive:
             if getattr(self, name) < 1:
@@ -527,7 +530,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 start, start_cpu = time.perf_counter(), time.process_time()
                 for i in range(pos.batch, len(batches), per_step):
                     group = batches[i:i + per_step]
-                    micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id) for b in group]
+                    micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id, config.pad_to_multiple_of)
+                                     for b in group]
                     loss, ok = train_step(ddp_model, micro_batches, optimizer, scheduler, precision,
                                           config.max_grad_norm, device, d)
                     pos.step, pos.batch = pos.step + 1, i + len(group)

@@ -140,6 +140,9 @@ class PretrainConfig:
                                  "average leaves idle, shared by the processes of this machine, 1 to 16")
     compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps once the first step "
                            "has compiled them (tens of seconds; on CPU a C++ compiler is needed)")
+    pad_to_multiple_of: int = option(1, "length bucketing: pad each batch to a multiple of this many positions (at "
+                                     "most --max-length), so that batches come in a few shapes (for compiled graphs "
+                                     "on a GPU); the padding is masked, the results are the same")
 
     def __post_init__(self):
         try:
@@ -163,6 +166,7 @@ class PretrainConfig:
             for name, ok, want in (
                 ("batch_size", self.batch_size >= 1, ">= 1"),
                 ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("pad_to_multiple_of", self.pad_to_multiple_of >= 1, ">= 1"),
                 ("batch_ramp", 0 <= self.batch_ramp <= 1, "in [0, 1]"),
                 ("max_steps", self.max_steps >= 1, ">= 1"),
                 ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
@@ -564,6 +568,7 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
                    mask_mix=cfg.mask_mix, seed=cfg.seed)
     train_set = PretrainingDataset(PreparedCorpus(data_dir, "train"), tokenizer, **options)
     eval_set = PretrainingDataset(PreparedCorpus(data_dir, "heldout"), tokenizer, **options)
+    train_set.pad_to_multiple_of = eval_set.pad_to_multiple_of = cfg.pad_to_multiple_of
     batches = PretrainBatches(train_set, cfg.batch_size, cfg.grad_accum, d, cfg.num_workers,
                               ramp_steps=round(cfg.batch_ramp * cfg.max_steps))
     signature = data_signature(cfg, batches)
