@@ -48,9 +48,9 @@ def _every_position(self, *args, masked_positions=None, **kwargs):
 _layout_init = M.Layout.__init__
 
 
-def _padded_layout(self, *args, **kwargs):
-    _layout_init(self, *args, **kwargs)  # the same masks (padding, causal, windows) whatever the layout takes
-    self.indices = None  # but no packing: every layer works on (B, T, H), padding included
+def _fused_layout(self, *args, **kwargs):
+    _layout_init(self, *args, **kwargs)
+    self.fused = True  # Kernels(fused=True) for every model, whatever it was set to
 
 
 def _three_gemms(self, x, layout):
@@ -73,9 +73,19 @@ def _attention_by_hand(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
 
 UNDO = {
     "mlm-on-every-position": lambda: patched(M.BertForPreTraining, "forward", _every_position),
-    "padded-encoder": lambda: patched(M.Layout, "__init__", _padded_layout),
+    # every layer on the padded (B, T, H) batch; the same masks (padding, causal, windows)
+    "padded-encoder": lambda: patched(M, "packs", lambda *args: False),
+    # the GPU's rule (small batches stay padded) undone: always packed (the same as shipped on the CPU)
+    "packing-rule": lambda: patched(M, "packs", lambda *args: True),
+    # packed attention over jagged nested tensors undone: Q, K, V re-padded for one masked call (the same as shipped
+    # where "auto" does not take varlen: on the CPU, and in fp32)
+    "varlen-attention": lambda: patched(M.Layout, "packed_attention", lambda self, qkv: False),
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
+}
+# Choices that ship off: measured by turning them on ("pays" is then on / off)
+DO = {
+    "fused-elementwise": lambda: patched(M.Layout, "__init__", _fused_layout),
 }
 PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
@@ -118,12 +128,15 @@ def optimizer_share(preset: str, batch_size: int, repeats: int = 5) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=[c for c in run.CASES if c != "prepare"], default=DEFAULT_CASES)
-    parser.add_argument("--undo", nargs="+", choices=list(UNDO), default=list(UNDO), help="optimisations to undo")
+    parser.add_argument("--undo", nargs="+", choices=list(UNDO) + list(DO), default=list(UNDO),
+                        help=f"optimisations to undo (or, for {', '.join(DO)}, which ship off, to turn on)")
     run.add_case_arguments(parser, batches=2)
+    run.add_kernel_arguments(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = run.Bench(torch.device(args.device), only="bertkit")
+    bench = run.Bench(torch.device(args.device), only="bertkit", kernels=run.kernel_choices(parser, args.kernels),
+                      bucket=args.bucket)
     info = run.machine(bench)
     print(json.dumps(info))
     rows = []
@@ -133,11 +146,13 @@ def main() -> None:
         for undo in args.undo:
             if undo in PRETRAINING_ONLY and not name.startswith("pretrain"):
                 continue
-            case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
+            case.units = {"shipped": shipped, undo: undone(shipped, UNDO.get(undo) or DO[undo])}
             r = run.measure(bench, case, args.rounds, args.warmup)
             row = {"case": name, "undone": undo, "shipped_tokens_per_s": r["shipped"]["tokens_per_s"],
                    "undone_tokens_per_s": r[undo]["tokens_per_s"]}
             row["pays"] = row["shipped_tokens_per_s"] / row["undone_tokens_per_s"]
+            if undo in DO:  # "undone" is the variant with it turned on
+                row["pays"] = 1 / row["pays"]
             rows.append(row)
             print(f"{name:16s} undo {undo:22s} shipped {row['shipped_tokens_per_s']:8.0f} tok/s  undone "
                   f"{row['undone_tokens_per_s']:8.0f} tok/s  pays {row['pays']:.2f}x", flush=True)

@@ -44,15 +44,23 @@ class Bench:
     memory probe the one side to build."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    compile: bool = False
+    compile: str | None = None  # a mode of bertkit.model.compile_blocks, or None: eager
     only: str | None = None
+    kernels: dict = field(default_factory=dict)  # bertkit's Kernels choices (bertkit.model.set_kernels)
+    bucket: int = 1  # pad every batch to a multiple of this many positions (shapes repeat; the padding is masked)
 
     @property
     def gpu(self) -> bool:
         return self.device.type == "cuda"
 
     def on_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        from bertkit.data.batching import bucketed
+
+        T = batch["input_ids"].shape[1]
+        extra = bucketed(T, self.bucket) - T
+        fills = {"input_ids": 0, "token_type_ids": 0, "attention_mask": 0, "labels": -100}
+        return {k: (torch.nn.functional.pad(v, (0, extra), value=fills[k]) if extra and k in fills and v.dim() == 2
+                    else v).to(self.device) for k, v in batch.items()}
 
     def autocast(self):
         if self.gpu:
@@ -188,10 +196,11 @@ def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
             gc.collect()
         else:
             ours.to(bench.device)
-            if bench.compile:
-                from bertkit.model import compile_blocks
+            from bertkit.model import compile_blocks, set_kernels
 
-                compile_blocks(ours)
+            set_kernels(ours, **bench.kernels)
+            if bench.compile:
+                compile_blocks(ours, bench.compile)
             models["bertkit"] = ours
         if bench.only != "bertkit":
             theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
@@ -215,6 +224,7 @@ class Case:
     seq_len: int
     training: bool
     units: dict = field(default_factory=dict)  # side -> list of (callable, real_tokens)
+    batch_size: int = 0  # sequences per unit, where every unit is one batch of them (sequences/s is reported)
 
 
 def _train_step(bench: Bench, model, optimizer, batch, call):
@@ -231,7 +241,7 @@ def case_pretrain(bench: Bench, preset: str, batch_size: int, n_batches: int, ma
     batches = [bench.on_device(b) for b in pretraining_batches(batch_size, n_batches, max_length)]
     name = f"pretrain-{preset}" + (f"-{max_length}" if max_length != 128 else "")
     case = Case(name, f"MLM+NSP training step, {preset}, batch {batch_size}, length {max_length} (real corpus lengths)",
-                config, max_length, True)
+                config, max_length, True, batch_size=batch_size)
     from bertkit.train.optim import build_optimizer
 
     def ours(model, b):
@@ -378,6 +388,9 @@ CASES = {  # name -> (bench, args) -> Case
     "pretrain-mini": lambda b, a: case_pretrain(b, "mini", 256 if b.gpu else 32, a.batches),
     "pretrain-base": lambda b, a: case_pretrain(b, "base", 256 if b.gpu else 8, a.batches),
     "pretrain-base-512": lambda b, a: case_pretrain(b, "base", 64 if b.gpu else 2, a.batches, max_length=512),
+    # BERT-Large phases 1 and 2 (NVIDIA's recipe: 128 then 512 tokens)
+    "pretrain-large": lambda b, a: case_pretrain(b, "large", 256 if b.gpu else 4, a.batches),
+    "pretrain-large-512": lambda b, a: case_pretrain(b, "large", 32 if b.gpu else 1, a.batches, max_length=512),
     "finetune-sst2": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches),
     "finetune-sst2-grouped": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, like_for_like=True),
     "finetune-squad": lambda b, a: case_squad(b, a.preset, 32 if b.gpu else 4, a.batches),
@@ -389,6 +402,9 @@ SUITES = {
     "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-squad",
             "inference-b32", "inference-b1", "prepare"],
     "gpu": [c for c in CASES if c != "prepare"],
+    # issue 14's GPU targets: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at 384, inference at 1 and 32
+    "gpu-targets": ["pretrain-base", "pretrain-base-512", "pretrain-large", "finetune-squad", "inference-b32",
+                    "inference-b1"],
 }
 
 
@@ -411,6 +427,8 @@ def measure(bench: Bench, case: Case, rounds: int, warmup: int) -> dict:
         total = sum(seconds[side])
         out[side] = {"tokens_per_s": tokens[side] / total, "seconds": total,
                      "median_unit_s": statistics.median(seconds[side])}
+        if case.batch_size:
+            out[side]["sequences_per_s"] = len(seconds[side]) * case.batch_size / total
     return out
 
 
@@ -426,7 +444,8 @@ def peak_memory_mb(bench: Bench, case_name: str, side: str, args, case: Case) ->
         bench.sync()
         return (torch.cuda.max_memory_allocated(bench.device) - held) / 2**20
     cmd = [sys.executable, __file__, "--probe", case_name, side, "--batches", str(args.batches),
-           "--preset", args.preset, "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+           "--preset", args.preset, "--threads", str(args.threads), "--bucket", str(args.bucket),
+           "--kernels", *args.kernels] + (["--compile", args.compile] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -477,14 +496,39 @@ def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results (and run.py's plot)")
 
 
+def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", nargs="*", default=[], metavar="CHOICE=VALUE",
+                        help="bertkit's kernel choices (bertkit.model.Kernels), e.g. packing=never attention=varlen "
+                        "fused=true")
+    parser.add_argument("--bucket", type=int, default=1, help="pad every batch to a multiple of this many positions")
+
+
+def kernel_choices(parser: argparse.ArgumentParser, given: list[str]) -> dict:
+    from bertkit.model import Kernels
+
+    choices = {}
+    for item in given:
+        name, _, value = item.partition("=")
+        if name not in vars(Kernels()):
+            parser.error(f"--kernels {item}: expected one of {', '.join(vars(Kernels()))}=VALUE")
+        choices[name] = value.lower() in ("1", "true", "yes") if name == "fused" else value
+    try:
+        Kernels(**choices)
+    except ValueError as e:
+        parser.error(f"--kernels: {e}")
+    return choices
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=list(SUITES), help="run every case of a suite (gpu: on CUDA, bf16 autocast)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases")
     add_case_arguments(parser, batches=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda for --suite gpu)")
-    parser.add_argument("--compile", action="store_true", help="bertkit's encoder blocks through torch.compile "
-                        "(compiled in the warm-up round; transformers stays eager)")
+    parser.add_argument("--compile", nargs="?", const="dynamic", choices=["dynamic", "static", "cudagraphs"],
+                        help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; compiled "
+                        "in the warm-up round; transformers stays eager)")
+    add_kernel_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-only", action="store_true", help="CPU: only the peak-memory subprocesses, no timing")
     parser.add_argument("--profile", action="store_true", help="after each case, profile both sides' units and print "
@@ -492,7 +536,8 @@ def main() -> None:
     parser.add_argument("--probe", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = Bench(torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu")), compile=args.compile)
+    bench = Bench(torch.device(args.device or ("cuda" if (args.suite or "").startswith("gpu") else "cpu")),
+                  compile=args.compile, kernels=kernel_choices(parser, args.kernels), bucket=args.bucket)
     if bench.gpu and not torch.cuda.is_available():
         parser.error("--device cuda (or --suite gpu): no CUDA device here")
     if args.probe:

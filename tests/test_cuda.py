@@ -199,3 +199,111 @@ def test_windowed_attention_on_cuda_matches_the_cpu(dtype):
     real = keep[:, None, :, None]
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float().cpu() * real, want * real, rtol=tolerance, atol=tolerance)
+
+
+def _loss_and_grads(model, inputs, **kernels):
+    from bertkit.model import Kernels, set_kernels
+
+    ids, types, mask, labels, nsp = inputs
+    set_kernels(model, **{**vars(Kernels()), **kernels})
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=labels != -100).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernels", [dict(packing="always", attention="varlen"), dict(packing="never"),
+                                     dict(packing="always", attention="padded"), dict(fused=True)])
+def test_every_kernel_choice_matches_on_cuda_in_bf16(tmp_path, kernels):
+    """Varlen attention on packed tokens (FlashAttention's varlen kernel through jagged nested tensors), the padded
+    batch, packing with re-padded attention, and the fused element-wise kernels: the same loss and gradients as the
+    default choices, within bf16's tolerance (dropout off: the fused kernel draws its own random numbers)."""
+    from bertkit.model import set_dropout
+
+    model, _ = twins(tmp_path)
+    set_dropout(model, 0.0)
+    inputs = pretraining_inputs()
+    loss, grads = _loss_and_grads(model, inputs)
+    other_loss, other_grads = _loss_and_grads(model, inputs, **kernels)
+    assert abs(loss - other_loss) < 2e-2 * abs(loss), (loss, other_loss)
+    for name, g in grads.items():
+        assert (g - other_grads[name]).abs().max() <= 5e-2 * g.abs().max() + 1e-6, name
+
+
+def test_auto_kernels_on_cuda_take_varlen_in_half_precision_only(tmp_path):
+    from bertkit.model import Layout, set_kernels
+
+    model, _ = twins(tmp_path)
+    ids, types, mask, _, _ = pretraining_inputs()
+    set_kernels(model, packing="always")  # a batch this small stays padded under "auto" on a GPU
+    calls = []
+    attend_packed = Layout.attend_packed
+    Layout.attend_packed = lambda self, *a: calls.append(a[0].dtype) or attend_packed(self, *a)
+    try:
+        with torch.no_grad():
+            model(ids, types, mask)
+            assert calls == []  # fp32: the padded call
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(ids, types, mask)
+    finally:
+        Layout.attend_packed = attend_packed
+    assert calls == [torch.bfloat16] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("mode", ["static", "cudagraphs"])
+def test_static_compiled_blocks_on_bucketed_padded_batches_match_eager(tmp_path, mode):
+    """compile_blocks(mode=static|cudagraphs) with the batch kept padded and its length bucketed (shapes repeat):
+    the same outputs as eager."""
+    from bertkit.model import compile_blocks, set_kernels
+
+    eager, _ = twins(tmp_path)
+    compiled, _ = twins(tmp_path / "again")
+    for model in (eager, compiled):
+        set_kernels(model.eval(), packing="never")
+    compile_blocks(compiled, mode)
+    ids, types, mask, _, _ = pretraining_inputs()
+    pad = torch.nn.functional.pad
+    ids, types, mask = pad(ids, (0, 8)), pad(types, (0, 8)), pad(mask, (0, 8))  # 24 -> 32 positions
+    with torch.no_grad():
+        want = eager.bert(ids, types, mask).last_hidden_state
+        for _ in range(3):  # the graph is recorded, then replayed
+            got = compiled.bert(ids, types, mask).last_hidden_state.clone()
+    real = mask.bool()
+    assert (want - got)[real].abs().max() < 1e-3
+
+
+def test_two_processes_over_nccl_equal_one_accumulating_two(tmp_path):
+    """torchrun with NCCL: two processes (on two GPUs, or both on the one GPU there is) train as one process that
+    accumulates their two micro-batches."""
+    import subprocess
+    import sys
+
+    from conftest import data_path
+
+    from bertkit.data.prepare import prepare
+    from bertkit.tokenizer import train_vocab
+    from bertkit.train.logs import read_csv
+
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    text = tmp_path / "slice.txt"
+    text.write_text("".join(lines[:3000]), encoding="utf-8")
+    tokenizer = train_vocab([text], tmp_path / "tokenizer", vocab_size=500, show_progress=False)
+    prepare([text], tokenizer, tmp_path / "data", heldout_fraction=0.1, progress=False)
+    BertConfig.from_preset("tiny", vocab_size=500, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save(tmp_path)
+    common = ["pretrain", "--model", str(tmp_path / "config.json"), "--tokenizer", str(tmp_path / "tokenizer"),
+              "--data", str(tmp_path / "data"), "--max-length", "64", "--batch-size", "8", "--max-steps", "10",
+              "--log-every", "1", "--eval-every", "0", "--save-every", "0"]
+    pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "bertkit.cli", *common, "--out-dir", str(tmp_path / "pair")],
+                          capture_output=True, text=True)
+    if pair.returncode and "Duplicate GPU" in pair.stdout + pair.stderr:
+        pytest.skip("NCCL refuses two processes on one GPU (Duplicate GPU detected): needs two GPUs")
+    assert pair.returncode == 0, (pair.stdout + pair.stderr)[-3000:]
+    single = subprocess.run([sys.executable, "-m", "bertkit.cli", *common, "--out-dir", str(tmp_path / "single"),
+                             "--grad-accum", "2"], capture_output=True, text=True)
+    assert single.returncode == 0, (single.stdout + single.stderr)[-3000:]
+    two, one = read_csv(tmp_path / "pair" / "train.csv"), read_csv(tmp_path / "single" / "train.csv")
+    assert len(two) == len(one) == 10
+    for r2, r1 in zip(two, one):
+        assert float(r2["loss"]) == pytest.approx(float(r1["loss"]), rel=1e-3), r2["step"]

@@ -8,7 +8,7 @@ from bertkit import (
     BertForSequenceClassification,
     BertModel,
 )
-from bertkit.model import flops_per_token, set_dropout
+from bertkit.model import Kernels, Layout, flops_per_token, packs, set_dropout, set_kernels
 
 
 def tiny(**kw) -> BertConfig:
@@ -131,3 +131,91 @@ def test_set_dropout_turns_every_dropout_off_and_keeps_the_config():
     set_dropout(model, 0.0)
     torch.testing.assert_close(model(ids).prediction_logits, model(ids).prediction_logits, rtol=0, atol=0)
     assert model.config.hidden_dropout_prob == 0.1 and model.config.attention_probs_dropout_prob == 0.1
+
+
+def _pretraining_batch(seed: int = 0):
+    """Four rows of lengths 20, 7, 20, 15 with masked-LM labels and NSP labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 300, (4, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[3, 15:] = 0
+    labels = torch.where((torch.rand(ids.shape, generator=g) < 0.3) & mask.bool(), ids, -100)
+    labels[:, 1] = ids[:, 1]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1, 0]),
+                masked_positions=labels != -100)
+
+
+def _loss_and_grads(model, batch, **kernels):
+    set_kernels(model, **{**vars(Kernels()), **kernels})
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernels", [dict(attention="varlen"), dict(packing="never"), dict(packing="always"),
+                                     dict(packing="always", attention="varlen")])
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_every_kernel_choice_gives_the_same_loss_and_gradients(kernels, is_decoder):
+    """Packed rows with varlen attention (jagged nested tensors), packed with re-padded attention, and the padded
+    batch: the same loss and gradients in fp32 (a causal model's varlen has no CPU kernel and falls back)."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny(is_decoder=is_decoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    batch = _pretraining_batch()
+    loss, grads = _loss_and_grads(model, batch)
+    other_loss, other_grads = _loss_and_grads(model, batch, **kernels)
+    assert torch.allclose(loss, other_loss, atol=1e-6)
+    assert grads.keys() == other_grads.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], other_grads[name], atol=1e-6), name
+
+
+def test_varlen_attention_equals_padded_under_bf16_and_is_what_runs():
+    torch.manual_seed(0)
+    model = BertModel(tiny()).eval()
+    batch = _pretraining_batch()
+    calls = []
+    attend_packed = Layout.attend_packed
+    Layout.attend_packed = lambda self, *a: calls.append(1) or attend_packed(self, *a)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            padded = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            assert not calls  # "auto" on the CPU: the padded call
+            set_kernels(model, attention="varlen")
+            varlen = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    finally:
+        Layout.attend_packed = attend_packed
+    assert len(calls) == 2  # one per block
+    real = batch["attention_mask"].bool()
+    assert (padded.float() - varlen.float())[real].abs().max() < 0.05  # bf16 rounding on unit-scale states
+
+
+def test_kernel_choices_are_checked_and_the_packing_rule_follows_the_device():
+    with pytest.raises(ValueError, match="packing='sometimes'; expected one of auto, always, never"):
+        Kernels(packing="sometimes")
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    assert Layout(mask, 2, 8, width=64).indices is not None  # the CPU packs
+    empty = mask.clone()
+    empty[1] = 0
+    assert Layout(empty, 2, 8, width=64, kernels=Kernels(attention="varlen")).offsets is None  # an empty row
+    assert Layout(mask, 2, 8, width=64, kernels=Kernels(packing="never")).indices is None
+    assert packs(Kernels(), on_gpu=False, elements=1)
+    assert not packs(Kernels(), on_gpu=True, elements=(1 << 24) - 1)  # a GPU keeps small batches padded
+    assert packs(Kernels(), on_gpu=True, elements=1 << 24)
+    assert packs(Kernels(packing="always"), on_gpu=True, elements=1)
+    assert not packs(Kernels(packing="never"), on_gpu=False, elements=1 << 30)
+
+
+@pytest.mark.slow
+def test_fused_element_wise_kernels_give_the_same_loss_and_gradients():
+    """Kernels(fused=True): bias + GELU and dropout + residual + LayerNorm compiled (slow: inductor compiles)."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    batch = _pretraining_batch()
+    loss, grads = _loss_and_grads(model, batch)
+    fused_loss, fused_grads = _loss_and_grads(model, batch, fused=True)
+    assert torch.allclose(loss, fused_loss, atol=1e-5)
+    for name in grads:
+        assert torch.allclose(grads[name], fused_grads[name], atol=1e-5), name

@@ -52,22 +52,71 @@ def activation(name: str):
     return F.relu
 
 
+@dataclass
+class Kernels:
+    """How the encoder computes, never what: every choice gives the same outputs and gradients up to float rounding
+    (tests/test_model.py), and `benchmarks/ablation.py` measures each by undoing it. Set per model with `set_kernels`.
+
+    packing: the linear layers run on the real tokens only, packed into (N, H) ("always"), or on the padded
+        (B, T, H) batch ("never"); "auto" packs on the CPU, and on a GPU only batches of at least 2^24 B*T*H
+        elements: below that a GPU waits on kernel launches, padding is nearly free there and the gathers cost
+        more than they save (measured on an H100, benchmarks/RESULTS.md).
+    attention: over packed tokens, "padded" re-pads Q, K and V for one masked SDPA call; "varlen" runs SDPA on
+        jagged nested tensors, each sequence over its own tokens with no padding (FlashAttention's varlen kernel on a
+        GPU in half precision); "auto" takes varlen there and padded elsewhere (on the CPU PyTorch's nested-tensor
+        attention is ~5x slower than one padded call).
+    fused: bias + activation, and dropout + residual + LayerNorm, each one compiled kernel (torch.compile: a C++
+        compiler on the CPU, Triton on a GPU) instead of two to four eager ones.
+    """
+
+    packing: str = "auto"
+    attention: str = "auto"
+    fused: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (("packing", ("auto", "always", "never")), ("attention", ("auto", "padded", "varlen"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+
+
+PACKING_MIN_ELEMENTS = 1 << 24  # B*T*H from which "auto" packing pays on a GPU
+
+
+def packs(kernels: Kernels, on_gpu: bool, elements: int) -> bool:
+    """Whether a padded batch of `elements` = B*T*H runs packed (the rule of `Kernels.packing`)."""
+    return kernels.packing == "always" or (kernels.packing == "auto" and (not on_gpu or elements >= PACKING_MIN_ELEMENTS))
+
+
 class Layout:
     """Where the real tokens of a padded (B, T) batch sit once packed into (N, ...) rows, and which keys each query
     may see (padding, a causal mask, or local windows with global tokens).
 
-    With no padding, tensors stay (B, T, ...) and `unpad`, `pad` and `select` are the identity.
+    With no padding, or when `kernels` keeps the batch padded, tensors stay (B, T, ...) and `unpad`, `pad` and
+    `select` are the identity.
     """
 
     def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool = False,
-                 window: int = 0, global_mask: torch.Tensor | None = None):
+                 window: int = 0, global_mask: torch.Tensor | None = None, kernels: Kernels | None = None,
+                 width: int = 0):
+        kernels = kernels or Kernels()
         self.batch, self.length = batch, length
         self.indices = None  # flat indices into B*T of the real tokens, in row-major order
         self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
+        self.causal = causal
+        self.offsets = None  # (B + 1,) where each sequence starts in the packed rows, when attention may be varlen
+        self.varlen = kernels.attention
+        self.fused = kernels.fused
         keep = attention_mask.bool() if attention_mask is not None else None
         if keep is not None and not bool(keep.all()):
-            self.indices = keep.flatten().nonzero().squeeze(1)
+            on_gpu = keep.device.type != "cpu"
+            if packs(kernels, on_gpu, batch * length * width):
+                self.indices = keep.flatten().nonzero().squeeze(1)
+                lengths = keep.sum(1)
+                # nested-tensor SDPA has no causal CPU kernel, and an empty row would be an empty sequence
+                if not window and (on_gpu or not causal) and kernels.attention != "padded" and bool(lengths.all()):
+                    self.offsets = F.pad(lengths.cumsum(0), (1, 0))
+                    self.max_length = int(lengths.max())
             self.attn_mask = keep[:, None, None, :]
             if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
                 past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
@@ -78,6 +127,22 @@ class Layout:
             if keep is None:
                 keep = torch.ones(batch, length, dtype=torch.bool)
             self.windows = LocalWindows(keep, global_mask, window // 2)
+
+    def packed_attention(self, qkv: torch.Tensor) -> bool:
+        """Whether attention runs on the packed (N, 3H) rows themselves (varlen), not on a re-padded batch."""
+        if self.offsets is None:
+            return False
+        return self.varlen == "varlen" or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16))
+
+    def attend_packed(self, qkv: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
+        """(N, 3H) packed Q, K, V -> (N, H): each sequence attends over its own tokens, as jagged nested tensors."""
+        N, width = qkv.shape
+        qkv = qkv.view(N, 3, heads, width // (3 * heads))
+        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets,
+                                                          max_seqlen=self.max_length).transpose(1, 2)
+                   for i in range(3))  # (B, nh, j, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
+        return y.transpose(1, 2).values().reshape(N, width // 3)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """(B, nh, T, hs) each -> (B, nh, T, hs): attention under this batch's masks (windowed, or one SDPA call)."""
@@ -157,6 +222,22 @@ class LocalWindows:
         glob = self.global_valid[:, None, None, :].expand(B, self.blocks, r, G)
         self.block_mask = torch.cat([local, glob], dim=-1).reshape(B * self.blocks, 1, r, 3 * r + G)
         self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T): the global queries' mask
+
+    def packed_attention(self, qkv: torch.Tensor) -> bool:
+        """Whether attention runs on the packed (N, 3H) rows themselves (varlen), not on a re-padded batch."""
+        if self.offsets is None:
+            return False
+        return self.varlen == "varlen" or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16))
+
+    def attend_packed(self, qkv: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
+        """(N, 3H) packed Q, K, V -> (N, H): each sequence attends over its own tokens, as jagged nested tensors."""
+        N, width = qkv.shape
+        qkv = qkv.view(N, 3, heads, width // (3 * heads))
+        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets,
+                                                          max_seqlen=self.max_length).transpose(1, 2)
+                   for i in range(3))  # (B, nh, j, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
+        return y.transpose(1, 2).values().reshape(N, width // 3)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """(B, nh, T, hs) each -> (B, nh, T, hs)."""
@@ -248,10 +329,13 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
         qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
+        dropout_p = self.dropout_p if self.training else 0.0
+        if layout.packed_attention(qkv):
+            return layout.attend_packed(qkv, self.num_heads, dropout_p)
         qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
-        y = layout.attend(q, k, v, self.dropout_p if self.training else 0.0)
+        y = layout.attend(q, k, v, dropout_p)
         return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
 
 
@@ -264,7 +348,12 @@ class BertAddNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, residual):
+    def forward(self, x, residual, fused: bool = False):
+        if fused:
+            p = self.dropout.p if self.training else 0.0
+            ln = self.LayerNorm
+            return _dropout_add_norm(F.linear(x, self.dense.weight), self.dense.bias, residual, p, ln.weight, ln.bias,
+                                     ln.eps)
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
@@ -275,7 +364,7 @@ class BertAttention(nn.Module):
         self.output = BertAddNorm(config.hidden_size, config)
 
     def forward(self, x, layout):
-        return self.output(self.self(x, layout), x)
+        return self.output(self.self(x, layout), x, layout.fused)
 
 
 class BertIntermediate(nn.Module):
@@ -283,9 +372,39 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
+        self.act_name = config.hidden_act
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
+        if fused:
+            return _bias_act(F.linear(x, self.dense.weight), self.dense.bias, self.act_name)
         return self.act(self.dense(x))
+
+
+# The fused element-wise tails (Kernels.fused), each compiled on first use for any number of rows. Under dropout the
+# compiled kernel draws its own random numbers, so a fused training step is not bitwise the eager one.
+_compiled: dict = {}
+
+
+def _fuse(fn):
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def _bias_act_eager(x, bias, name: str):
+    return activation(name)(x + bias)
+
+
+def _dropout_add_norm_eager(x, bias, residual, p: float, weight, ln_bias, eps: float):
+    return F.layer_norm(F.dropout(x + bias, p) + residual, x.shape[-1:], weight, ln_bias, eps)
+
+
+def _bias_act(*args):
+    return _fuse(_bias_act_eager)(*args)
+
+
+def _dropout_add_norm(*args):
+    return _fuse(_dropout_add_norm_eager)(*args)
 
 
 class BertLayer(nn.Module):
@@ -299,7 +418,7 @@ class BertLayer(nn.Module):
 
     def forward(self, x, layout):
         x = self.attention(x, layout)
-        return self.output(self.intermediate(x), x)
+        return self.output(self.intermediate(x, layout.fused), x, layout.fused)
 
 
 class BertEncoder(nn.Module):
@@ -388,6 +507,7 @@ class BertModel(BertPreTrainedModel):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.kernels = Kernels()  # how it computes (not saved: a choice of the machine, not of the model)
         self.init_weights()
 
     def encode(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, global_attention_mask=None):
@@ -402,7 +522,7 @@ class BertModel(BertPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         layout = Layout(attention_mask, B, T, causal=self.config.is_decoder, window=self.config.attention_window,
-                        global_mask=global_attention_mask)
+                        global_mask=global_attention_mask, kernels=self.kernels, width=self.config.hidden_size)
         x = self.embeddings(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.unpad(position_ids))
         return self.encoder(x, layout), layout
 
@@ -703,16 +823,34 @@ MODEL_CLASSES = {
 }
 
 
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """torch.compile every encoder block in place, with dynamic shapes (the unpadded token count changes every batch).
+COMPILE_MODES = {  # mode -> torch.compile options
+    "dynamic": dict(dynamic=True),  # one graph for every token count (the packed count changes every batch)
+    "static": dict(dynamic=False),  # a graph per shape: for padded batches of bucketed lengths
+    "cudagraphs": dict(dynamic=False, mode="reduce-overhead"),  # static, replayed as CUDA graphs (no launch cost)
+}
+
+
+def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
+    """torch.compile every encoder block in place ("dynamic" shapes by default: the unpadded token count changes
+    every batch; "static" and "cudagraphs" want repeating shapes: Kernels(packing="never") and bucketed lengths).
 
     Compiling the blocks rather than the whole model keeps the data-dependent parts (which tokens are real, which
     are masked) in eager mode, so one compiled graph serves every batch; parameter names, and so checkpoints, are
     unchanged. The first step pays the compilation (tens of seconds; on CPU it needs a C++ compiler).
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
     for module in model.modules():
         if isinstance(module, BertLayer):
-            module.compile(dynamic=True)
+            module.compile(**COMPILE_MODES[mode])
+    return model
+
+
+def set_kernels(model: nn.Module, **choices) -> nn.Module:
+    """Choose how every encoder in `model` computes (the fields of `Kernels`: packing, attention, fused)."""
+    for module in model.modules():
+        if isinstance(module, BertModel):
+            module.kernels = Kernels(**{**vars(module.kernels), **choices})
     return model
 
 
