@@ -22,6 +22,11 @@ quantized with one scale per call).
 2 labels) on the same batches of 32: speed only, to see how the int8 gain depends on the size (the attention, which
 stays in float32, is a larger share of a small model's time).
 
+--gemm: only the ceiling: int8 against float32 GEMMs alone (torch's dynamic int8 Linear and nn.Linear, alternated,
+one thread) at the linear layers' shapes of MiniLM and BERT-Base for 32 rows of 30 tokens. The end-to-end int8 gain
+cannot exceed it, since the rest (attention, GELU, LayerNorm) stays float32; on a CPU without AVX-512 VNNI it is far
+lower than with it. No model folders needed.
+
 Writes benchmarks/results/inference_int8.json and prints the markdown tables.
 """
 
@@ -188,11 +193,36 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gemm_ceiling(rounds: int = 5) -> str:
+    """int8 / float32 speed of the GEMMs alone, at the encoder's linear shapes; a markdown table."""
+    import torch
+
+    from bertkit.quantize import to_int8
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lines = ["| network | shape (in -> out) | float32 GFLOP/s | int8 GOP/s | int8 / float32 |", "|---|---|---|---|---|"]
+    for network, hidden in (("MiniLM", 384), ("BERT-Base", 768)):
+        for n_in, n_out in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
+            x = torch.randn(32 * 30, n_in)
+            fp32 = torch.nn.Sequential(torch.nn.Linear(n_in, n_out)).eval()
+            int8 = to_int8(copy.deepcopy(fp32))
+            units = {name: [(model, x, 1)] * 4 for name, model in (("fp32", fp32), ("int8", int8))}
+            with torch.no_grad():
+                r = measure(units, rounds)
+            ops = 2 * x.shape[0] * n_in * n_out
+            speed = {name: r[name]["examples_per_cpu_s"] * ops / 1e9 for name in units}
+            lines.append(f"| {network} | {n_in} -> {n_out} | {speed['fp32']:.0f} | {speed['int8']:.0f} | "
+                         f"{speed['int8'] / speed['fp32']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sst2", type=Path, required=True, help="a run folder of `bertkit finetune --task SST-2`")
-    parser.add_argument("--mrpc", type=Path, required=True, help="a run folder of `bertkit finetune --task MRPC`")
+    parser.add_argument("--sst2", type=Path, help="a run folder of `bertkit finetune --task SST-2`")
+    parser.add_argument("--mrpc", type=Path, help="a run folder of `bertkit finetune --task MRPC`")
+    parser.add_argument("--gemm", action="store_true", help="only time int8 against float32 GEMMs (no folders)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch / ONNX Runtime threads")
     parser.add_argument("--batches", type=int, default=8, help="batches of 32 per side and round (default: 8)")
     parser.add_argument("--singles", type=int, default=64, help="batches of 1 per side and round (default: 64)")
@@ -202,6 +232,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 batches, 8 singles, 1 round, 64 examples scored")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "inference_int8.json")
     args = parser.parse_args(argv)
+    if args.gemm:
+        import torch
+
+        torch.set_num_threads(1)
+        print(f"{machine()}\n" + gemm_ceiling(args.rounds), end="")
+        return 0
+    if not (args.sst2 and args.mrpc):
+        parser.error("--sst2 and --mrpc are required (or --gemm alone)")
     limit = None
     if args.quick:
         args.batches, args.singles, args.rounds, limit = 2, 8, 1, 64

@@ -122,3 +122,14 @@ def test_long_squad_report_reads_each_arms_run_folder(tmp_path):
     assert "| strided | a/step-9 | 512 | 1,395 | 1.00 | 0.50 | 10 s | 2 s |" in table
     assert "| long | b | 2112 | 200 | 1.00 | 3.25 |" in table
     assert json.loads((tmp_path / "long_squad.json").read_text())["arms"]["long"]["metrics"]["best"]["f1"] == 3.25
+
+
+def test_int8_gemm_ceiling_times_both_kinds_at_every_shape():
+    """`inference_int8.py --gemm`: one row per linear shape of MiniLM and BERT-Base, both speeds positive."""
+    import inference_int8
+
+    table = inference_int8.gemm_ceiling(rounds=1).splitlines()
+    rows = [line.split(" | ") for line in table[2:]]
+    assert len(rows) == 6 and {r[0] for r in rows} == {"| MiniLM", "| BERT-Base"}
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("× |")
