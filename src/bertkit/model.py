@@ -223,22 +223,6 @@ class LocalWindows:
         self.block_mask = torch.cat([local, glob], dim=-1).reshape(B * self.blocks, 1, r, 3 * r + G)
         self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T): the global queries' mask
 
-    def packed_attention(self, qkv: torch.Tensor) -> bool:
-        """Whether attention runs on the packed (N, 3H) rows themselves (varlen), not on a re-padded batch."""
-        if self.offsets is None:
-            return False
-        return self.varlen == "varlen" or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16))
-
-    def attend_packed(self, qkv: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
-        """(N, 3H) packed Q, K, V -> (N, H): each sequence attends over its own tokens, as jagged nested tensors."""
-        N, width = qkv.shape
-        qkv = qkv.view(N, 3, heads, width // (3 * heads))
-        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets,
-                                                          max_seqlen=self.max_length).transpose(1, 2)
-                   for i in range(3))  # (B, nh, j, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
-        return y.transpose(1, 2).values().reshape(N, width // 3)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """(B, nh, T, hs) each -> (B, nh, T, hs)."""
         if self.dense_mask is not None:
