@@ -84,13 +84,12 @@ def test_a_cell_is_scored_on_the_shared_masks_once(tmp_path, monkeypatch):
     del cell["held_out"]
     save_cell(tmp_path / "ablate.json", "mlm/seed=0", cell)
 
-    def fake_score(config, fields, path, inputs):
+    def fake_score(config, fields, path):
         scored.append((fields.get("objective"), path))
         return {"masked_lm_perplexity": 321.0, "masked_lm_accuracy": 0.2, "parameters": 1, "examples": 3,
                 "mask_prob": 0.15, "unigram_baseline_accuracy": 0.05}
 
     monkeypatch.setattr(ablate_module, "score_cell", fake_score)
-    monkeypatch.setattr(ablate_module, "shared_inputs", lambda config, out: ("tok", "data"))
     monkeypatch.setattr(suite_module, "suite", lambda sc: pytest.fail("the suite has nothing to do"))
     config = AblateConfig(grid="custom", variants=["mlm"], seeds=1, tasks=["SST-2"], out_dir=str(tmp_path))
     assert "| mlm | `--objective mlm` | 1 | 321.0 | 20.0 |" in ablate(config)["table"]
@@ -164,3 +163,28 @@ def test_a_tiny_grid_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # read back: nothing runs again
     assert "ablate: pretraining" not in capsys.readouterr().out
+
+
+def test_grids_run_apart_merge_into_one_table_without_running_anything(tmp_path, monkeypatch):
+    """Two streams' OUT_DIRs merged into a third with --table-only: the union of their cells and suite runs (a cell
+    in both merged field by field), the table over all of them, and no pretraining or fine-tuning."""
+    a, b, docs = tmp_path / "a", tmp_path / "b", tmp_path / "docs"
+    a.mkdir(), b.mkdir()
+    save_cell(a / "ablate.json", "mlm/seed=0", _fake_cell("mlm", 0, 100.0, 70.0))
+    save_cell(b / "ablate.json", "mlm/seed=1", _fake_cell("mlm", 1, 120.0, 72.0))
+    first = {k: v for k, v in _fake_cell("wwm", 0, 90.0, 71.0).items() if k != "suite"}  # pretrained, not scored yet
+    save_cell(a / "ablate.json", "wwm/seed=0", first)
+    save_cell(b / "ablate.json", "wwm/seed=0", {"suite": _fake_cell("wwm", 0, 90.0, 71.0)["suite"]})  # scored later
+    (b / "suite").mkdir()
+    (b / "suite" / "suite.json").write_text(json.dumps({"wwm/seed=0": {"cells": {}}}))
+    monkeypatch.setattr(ablate_module, "run_pretraining", lambda *a: pytest.fail("nothing is pretrained"))
+    config = AblateConfig(grid="custom", variants=["mlm=", "wwm="], seeds=2, tasks=["SST-2"],
+                          out_dir=str(docs), merge_from=[str(a), str(b)], table_only=True)
+    table = ablate(config)["table"]
+    cells = json.loads((docs / "ablate.json").read_text())
+    assert set(cells) == {"mlm/seed=0", "mlm/seed=1", "wwm/seed=0"}
+    assert cells["wwm/seed=0"]["held_out"]["masked_lm_perplexity"] == 90.0 and "suite" in cells["wwm/seed=0"]
+    assert json.loads((docs / "suite" / "suite.json").read_text()) == {"wwm/seed=0": {"cells": {}}}
+    assert "| mlm | `(recipe defaults)` | 2 | 110.0 ± 14.1 |" in table and "| wwm |" in table
+    with pytest.raises(BertkitError, match="no ablate.json there"):
+        ablate(AblateConfig(grid="custom", variants=["mlm"], out_dir=str(docs), merge_from=[str(tmp_path / "x")]))

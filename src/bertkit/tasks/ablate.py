@@ -99,6 +99,11 @@ class AblateConfig:
     threads: int = option(2, "torch threads of pretraining; the suite runs --jobs cells of one thread each")
     jobs: int = option(2, "suite cells at once")
     only_pretrain: bool = option(False, "pretrain the cells and stop (fine-tune another time)")
+    merge_from: list[str] = option([], "other grids' OUT_DIRs whose cells and suite runs are first copied into this "
+                                   "one (a second stream on the other core, another machine); a cell in both is "
+                                   "merged field by field")
+    table_only: bool = option(False, "run nothing: merge --merge-from, score the models on disk, write the table and "
+                              "plot of the cells there are")
 
     def __post_init__(self):
         self.lrs = [float(lr) for lr in self.lrs]
@@ -211,20 +216,44 @@ def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple
             "pretrain_fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
-def score_cell(config: AblateConfig, fields: dict, checkpoint: str, inputs: tuple[str, str]) -> dict:
-    """The cell's model on the held-out chapters with the masking every cell shares (`score_held_out`: 15% token
-    masking, 80/10/10, the grid's length, the cell's own input form); {} for a left-to-right model, which has no
-    masked-LM reading."""
+def score_cell(config: AblateConfig, fields: dict, checkpoint: str) -> dict:
+    """The cell's model on the held-out chapters of its run's prepared corpus, with the masking every cell shares
+    (`score_held_out`: 15% token masking, 80/10/10, the grid's length, the cell's own input form); {} for a
+    left-to-right model, which has no masked-LM reading."""
+    import json
+
     import torch
 
     from bertkit.data.pretraining import OBJECTIVES
-    from bertkit.train.pretrain import PretrainConfig, score_held_out
+    from bertkit.train.pretrain import CONFIG_NAME, PretrainConfig, score_held_out
 
     objective = fields.get("objective", PretrainConfig().objective)
     if OBJECTIVES[objective].causal:
         return {}
+    run = json.loads((Path(checkpoint).parents[1] / CONFIG_NAME).read_text(encoding="utf-8"))
     torch.set_num_threads(config.threads)
-    return score_held_out(checkpoint, *inputs, objective=objective, max_length=config.max_length)
+    return score_held_out(checkpoint, run["tokenizer"], run["data"], objective=objective, max_length=config.max_length)
+
+
+def merge_grid(source: Path, out: Path) -> int:
+    """Copy another grid's cells (ablate.json) and suite runs (suite/suite.json) into OUT_DIR's, a key in both
+    merged field by field (the newer record's fields win); returns how many entries changed."""
+    from bertkit.tasks.suite import RESULTS_FILE as SUITE_FILE, read_results, save_entry
+
+    if not (source / RESULTS_FILE).is_file():
+        raise BertkitError(f"--merge-from {source}: no {RESULTS_FILE} there; expected the --out-dir of another grid")
+    changed = 0
+    for name in (RESULTS_FILE, f"suite/{SUITE_FILE}"):
+        if not (source / name).is_file():
+            continue
+        theirs, ours = read_results(source / name), read_results(out / name)
+        for key, value in theirs.items():
+            merged = {**ours.get(key, {}), **value}
+            if merged != ours.get(key):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                save_entry(out / name, key, merged)
+                changed += 1
+    return changed
 
 
 def ablate(config: AblateConfig) -> dict:
@@ -236,6 +265,8 @@ def ablate(config: AblateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     variants = config.variant_flags()
+    for source in config.merge_from:
+        print(f"ablate: {merge_grid(Path(source), out)} record(s) merged from {source}", flush=True)
     inputs = None
     for seed in range(config.seeds):  # every variant's first seed first: a grid stopped early is still a table
         for name, flags in variants.items():
@@ -248,6 +279,10 @@ def ablate(config: AblateConfig) -> dict:
             done = cell.get("suite", {}).get("cells", {})
             wanted = len(config.tasks) * len(config.lrs) * config.finetune_seeds
             needs_model = not config.only_pretrain and len([k for k in done if k.split("/")[0] in config.tasks]) < wanted
+            if config.table_only:
+                if "checkpoint" in cell and "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
+                    save_cell(results_path, key, {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])})
+                continue
             # the model is gone (a grid's record copied to another machine): pretraining again gives it back, as a
             # run is a function of its flags and seed
             if "pretrain" not in cell or (needs_model and not Path(cell["checkpoint"]).is_dir()):
@@ -257,8 +292,7 @@ def ablate(config: AblateConfig) -> dict:
                         **run_pretraining(config, fields, seed, inputs, out)}
                 save_cell(results_path, key, cell)
             if "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
-                inputs = inputs or shared_inputs(config, out)
-                cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"], inputs)}
+                cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])}
                 save_cell(results_path, key, cell)
             if needs_model:
                 print(f"ablate: fine-tuning {key} on {', '.join(config.tasks)}", flush=True)
