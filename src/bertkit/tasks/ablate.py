@@ -400,7 +400,9 @@ def results_table(cells: dict, variants: list[str]) -> str:
 
 
 def plot(cells: dict, variants: list[str], path: Path) -> None:
-    """One bar per variant: the GLUE average (or the first task's score where there is none yet), ± std over seeds."""
+    """One column per variant: each pretraining seed's GLUE average (or the first task's score where there is none
+    yet) as a dot, the mean as a bar with ± std where there are several seeds. Dots, not bars from zero: the axis is
+    cut to the data, and every seed stays visible, so a row of one seed does not pass for a row without spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -412,17 +414,18 @@ def plot(cells: dict, variants: list[str], path: Path) -> None:
     shown = [v for v in variants if column in scores[v]]
     if not shown:
         return
-    means = [_mean_std(scores[v][column])[0] for v in shown]
-    stds = [_mean_std(scores[v][column])[1] for v in shown]
-    fig, ax = plt.subplots(figsize=(1.2 * len(shown) + 2, 3.5))
-    ax.bar(range(len(shown)), means, yerr=stds, capsize=4, color="#4878a8")
-    ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right")
+    fig, ax = plt.subplots(figsize=(1.1 * len(shown) + 2.5, 3.5))
+    for x, v in enumerate(shown):
+        values = scores[v][column]
+        ax.scatter([x] * len(values), values, color="#4878a8", s=18, zorder=3)
+        mean, std = _mean_std(values)
+        ax.errorbar(x + 0.18, mean, yerr=std if len(values) > 1 else None, fmt="_", color="black", markersize=14,
+                    capsize=4, zorder=2)
+    ax.set_xticks(range(len(shown)), [f"{v}\n(n={len(scores[v][column])})" for v in shown], rotation=30, ha="right")
     label = {"glue": "GLUE average", "mlm_acc": "held-out MLM accuracy (%)"}.get(column, column)
     ax.set_ylabel(label)
-    finite = [m for m in means if math.isfinite(m)]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 2 * max(stds + [1.0])), max(finite) + 2 * max(stds + [1.0]))
-    ax.set_title(f"{label} by variant (mean ± std over pretraining seeds)")
+    ax.set_title(f"{label} by variant: each pretraining seed (dot), mean ± std (bar)")
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
