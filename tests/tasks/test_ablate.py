@@ -188,3 +188,10 @@ def test_grids_run_apart_merge_into_one_table_without_running_anything(tmp_path,
     assert "| mlm | `(recipe defaults)` | 2 | 110.0 ± 14.1 |" in table and "| wwm |" in table
     with pytest.raises(BertkitError, match="no ablate.json there"):
         ablate(AblateConfig(grid="custom", variants=["mlm"], out_dir=str(docs), merge_from=[str(tmp_path / "x")]))
+
+
+def test_a_model_outside_a_pretraining_run_is_named_not_a_traceback(tmp_path):
+    checkpoint = tmp_path / "elsewhere" / "checkpoints" / "step-00000010"
+    checkpoint.mkdir(parents=True)
+    with pytest.raises(BertkitError, match="no pretrain_config.json in its run folder"):
+        ablate_module.score_cell(AblateConfig(grid="custom", variants=["mlm"]), {}, str(checkpoint))

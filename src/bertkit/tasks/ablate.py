@@ -230,7 +230,11 @@ def score_cell(config: AblateConfig, fields: dict, checkpoint: str) -> dict:
     objective = fields.get("objective", PretrainConfig().objective)
     if OBJECTIVES[objective].causal:
         return {}
-    run = json.loads((Path(checkpoint).parents[1] / CONFIG_NAME).read_text(encoding="utf-8"))
+    run_config = Path(checkpoint).parents[1] / CONFIG_NAME
+    if not run_config.is_file():
+        raise BertkitError(f"{checkpoint}: no {CONFIG_NAME} in its run folder {run_config.parent}; expected the "
+                           "checkpoint of a `bertkit pretrain` run (its vocabulary and corpus are read from there)")
+    run = json.loads(run_config.read_text(encoding="utf-8"))
     torch.set_num_threads(config.threads)
     return score_held_out(checkpoint, run["tokenizer"], run["data"], objective=objective, max_length=config.max_length)
 
