@@ -565,3 +565,14 @@ def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tm
     pretrain(small(inputs, tmp_path, objective="ltr", max_steps=1, eval_batches=1))
     with pytest.raises(BertkitError, match="left-to-right"):
         score_held_out(tmp_path, tokenizer, data, max_length=64)
+
+
+def test_training_time_adds_up_over_resumes(inputs, tmp_path):
+    """The result's train_seconds counts every stretch of a run: kept in the checkpoint, continued on resume."""
+    from bertkit.checkpoint import TRAINING_STATE_NAME, load_training_state
+
+    first = pretrain(small(inputs, tmp_path, max_steps=4))
+    saved = load_training_state(list_checkpoints(tmp_path / "checkpoints")[-1] / TRAINING_STATE_NAME)
+    assert saved["train_seconds"] == first["train_seconds"] > 0
+    more = pretrain(small(inputs, tmp_path, max_steps=8, resume="auto"))
+    assert more["step"] == 8 and more["train_seconds"] > first["train_seconds"]

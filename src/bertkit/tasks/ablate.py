@@ -211,8 +211,9 @@ def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple
     result = pretrain(cfg)
     checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
     tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.max_length
+    seconds = result.get("train_seconds") or time.perf_counter() - started  # over every resume of the run
     return {"pretrain": {k: v for k, v in result.items() if isinstance(v, (int, float))}, "checkpoint": str(checkpoint),
-            "pretrain_seconds": time.perf_counter() - started, "token_positions": tokens,
+            "pretrain_seconds": seconds, "token_positions": tokens,
             "pretrain_fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 

@@ -377,6 +377,7 @@ class Position:
     step: int = 0
     epoch: int = 0
     example_in_epoch: int = 0
+    train_seconds: float = 0.0  # loading and stepping, summed over every resume (evaluation and saving left out)
 
 
 def find_resume(cfg: PretrainConfig, checkpoints: Path) -> Path | None:
@@ -471,7 +472,7 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
         logger.warning("%s: saved by %d processes, resumed by %d: data order is kept, dropout streams are not",
                        source, len(rngs), d.world_size)
     set_rng_state(rngs[d.rank % len(rngs)])
-    return Position(state["step"], state["epoch"], state["example_in_epoch"])
+    return Position(state["step"], state["epoch"], state["example_in_epoch"], state.get("train_seconds", 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -637,7 +638,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         shown = {k: round(v, 4) for k, v in final.items()}
         print(f"step {run.pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
     return {**final, "step": run.pos.step, "train_loss": train_row.get("loss"), "checkpoint": str(path),
-            "out_dir": str(run_dir), "skipped_steps": run.bad_steps.total}
+            "out_dir": str(run_dir), "skipped_steps": run.bad_steps.total, "train_seconds": run.pos.train_seconds}
 
 
 def loop(run: Run) -> tuple[dict, Path, dict]:
@@ -660,8 +661,9 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
                                   cfg.max_grad_norm, d, run.top_token)
             if ok:  # a skipped step's nan would spoil the window's means
                 window += sums
-            seconds += time.perf_counter() - started
-            pos = run.pos = Position(pos.step + 1, epoch, example_in_epoch)
+            elapsed = time.perf_counter() - started
+            seconds += elapsed
+            pos = run.pos = Position(pos.step + 1, epoch, example_in_epoch, pos.train_seconds + elapsed)
             bar.update(1)
             run.bad_steps.record(ok, pos.step)
             if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
