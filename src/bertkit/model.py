@@ -333,7 +333,7 @@ class BertAddNorm(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual, fused: bool = False):
-        if fused:
+        if fused and isinstance(self.dense, nn.Linear):  # an int8 layer (bertkit.quantize) runs as it is
             p = self.dropout.p if self.training else 0.0
             ln = self.LayerNorm
             return _dropout_add_norm(F.linear(x, self.dense.weight), self.dense.bias, residual, p, ln.weight, ln.bias,
@@ -359,7 +359,7 @@ class BertIntermediate(nn.Module):
         self.act_name = config.hidden_act
 
     def forward(self, x, fused: bool = False):
-        if fused:
+        if fused and isinstance(self.dense, nn.Linear):
             return _bias_act(F.linear(x, self.dense.weight), self.dense.bias, self.act_name)
         return self.act(self.dense(x))
 
