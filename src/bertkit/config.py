@@ -292,3 +292,16 @@ def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):
         raise BertkitError(f"{path}: JSON nested too deeply; expected {what}") from None
     except ValueError as e:  # an integer of more than 4300 digits
         raise BertkitError(f"{path}: not usable JSON ({e}); expected {what}") from None
+
+
+def learning_rates(values, example: str = "1e-4 3e-4") -> list[float]:
+    """A --lrs flag's values (strings from the command line, or numbers) as floats, each finite and above 0; a
+    BertkitError naming the flag otherwise."""
+    try:
+        lrs = [float(lr) for lr in values]
+    except (TypeError, ValueError):
+        raise BertkitError(f"--lrs {' '.join(map(str, values))}: expected numbers such as {example}") from None
+    if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        raise BertkitError(f"--lrs {' '.join(f'{lr:g}' for lr in lrs)}: expected finite numbers above 0, such as "
+                           f"{example}")
+    return lrs

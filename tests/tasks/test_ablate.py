@@ -195,3 +195,10 @@ def test_a_model_outside_a_pretraining_run_is_named_not_a_traceback(tmp_path):
     checkpoint.mkdir(parents=True)
     with pytest.raises(BertkitError, match="no pretrain_config.json in its run folder"):
         ablate_module.score_cell(AblateConfig(grid="custom", variants=["mlm"]), {}, str(checkpoint))
+
+
+@pytest.mark.parametrize("command", ["ablate", "suite"])
+def test_learning_rates_that_are_not_numbers_are_named(command, capsys):
+    """Found by the fuzz suite: `ablate --only-pretrain --lrs x` raised a ValueError traceback."""
+    assert main([command, "--lrs", "x"] + (["--model-dir", "m"] if command == "suite" else [])) == 2
+    assert "--lrs x: expected numbers such as 1e-4 3e-4" in capsys.readouterr().err

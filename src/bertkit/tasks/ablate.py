@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from bertkit.checkpoint import list_checkpoints
-from bertkit.config import option
+from bertkit.config import learning_rates, option
 from bertkit.errors import BertkitError
 from bertkit.train.rundir import check_output_path
 
@@ -106,7 +106,7 @@ class AblateConfig:
                               "plot of the cells there are")
 
     def __post_init__(self):
-        self.lrs = [float(lr) for lr in self.lrs]
+        self.lrs = learning_rates(self.lrs)  # flags arrive as strings
         if self.grid not in GRIDS and self.grid != "custom":
             raise BertkitError(f"--grid {self.grid}: unknown; expected one of {', '.join(GRIDS)} or custom")
         bad = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in ("seeds", "steps", "batch_size", "max_length",

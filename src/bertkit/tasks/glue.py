@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.config import option, write_json
+from bertkit.config import learning_rates, option, write_json
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
@@ -54,13 +53,7 @@ class GlueConfig:
                              "runs and keeps finished ones, as `finetune --resume auto` does)")
 
     def __post_init__(self):
-        try:  # flags arrive as strings
-            self.lrs = [float(lr) for lr in self.lrs]
-        except (TypeError, ValueError):
-            raise BertkitError(f"--lrs {' '.join(map(str, self.lrs))}: expected numbers such as 5e-5 3e-5") from None
-        if not self.lrs or not all(math.isfinite(lr) and lr > 0 for lr in self.lrs):
-            raise BertkitError(f"--lrs {' '.join(f'{lr:g}' for lr in self.lrs)}: expected finite numbers above 0, "
-                               "such as 5e-5 3e-5")
+        self.lrs = learning_rates(self.lrs, "5e-5 3e-5")  # flags arrive as strings
         for name in ("batch_size", "epochs", "max_length"):
             if getattr(self, name) < 1:
                 raise BertkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive number")

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bertkit.checkpoint import atomic_write
-from bertkit.config import option
+from bertkit.config import learning_rates, option
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig
 from bertkit.train.rundir import check_output_path
@@ -98,10 +98,7 @@ class SuiteConfig:
                                "either way)")
 
     def __post_init__(self):
-        try:  # flags arrive as strings
-            self.lrs = [float(lr) for lr in self.lrs]
-        except ValueError:
-            raise BertkitError(f"--lrs {' '.join(map(str, self.lrs))}: expected numbers such as 1e-4 3e-4") from None
+        self.lrs = learning_rates(self.lrs)  # flags arrive as strings
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise BertkitError(f"--tasks {' '.join(unknown)}: unknown; expected some of {', '.join(TASKS)}")
