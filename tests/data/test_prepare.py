@@ -181,6 +181,9 @@ def test_bad_input_refused_before_anything_is_written(tmp_path, tokenizer, docum
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(BertkitError, match="no documents in 1 file"):
         prepare([str(tmp_path / "empty.txt")], tokenizer, tmp_path / "out2", progress=False)
+    with pytest.raises(BertkitError, match="seed=-1; expected a whole number from 0"):  # found by the fuzz suite
+        prepare([str(good)], tokenizer, tmp_path / "out3", seed=-1, progress=False)
+    assert not (tmp_path / "out3").exists()
 
 
 def test_mixed_formats_skips_and_the_report(tmp_path, tokenizer, documents):

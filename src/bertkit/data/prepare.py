@@ -252,6 +252,8 @@ def prepare(
         raise BertkitError(f"heldout_fraction={heldout_fraction}; expected a fraction in [0, 1)")
     if shard_tokens < 1 or batch_size < 1:
         raise BertkitError(f"shard_tokens={shard_tokens}, batch_size={batch_size}; expected both positive")
+    if not 0 <= seed < 2**64:  # the held-out hash's salt is 8 bytes
+        raise BertkitError(f"seed={seed}; expected a whole number from 0 to 2**64 - 1")
     start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
