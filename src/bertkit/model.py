@@ -112,11 +112,14 @@ class Layout:
             on_gpu = keep.device.type != "cpu"
             if packs(kernels, on_gpu, batch * length * width):
                 self.indices = keep.flatten().nonzero().squeeze(1)
-                lengths = keep.sum(1)
-                # nested-tensor SDPA has no causal CPU kernel, and an empty row would be an empty sequence
-                if not window and (on_gpu or not causal) and kernels.attention != "padded" and bool(lengths.all()):
-                    self.offsets = F.pad(lengths.cumsum(0), (1, 0))
-                    self.max_length = int(lengths.max())
+                # varlen only where it may run: asked for, or "auto" on a GPU; never windowed, nor causal on the CPU
+                # (nested-tensor SDPA has no causal CPU kernel); an empty row would be an empty sequence
+                wanted = kernels.attention == "varlen" or (kernels.attention == "auto" and on_gpu)
+                if wanted and not window and (on_gpu or not causal):
+                    lengths = keep.sum(1)
+                    if bool(lengths.all()):
+                        self.offsets = F.pad(lengths.cumsum(0), (1, 0))
+                        self.max_length = int(lengths.max())
             self.attn_mask = keep[:, None, None, :]
             if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
                 past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
