@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Issue 14's checks on a lent GPU, as one run of about 8 minutes (H100/H200 class), with a log and the results'
-# JSON files packed into ${OUT:-benchmarks/results}:
+# JSON files and plots packed into ${OUT:-benchmarks/results}:
 #
-#   bash benchmarks/gpu_check.sh pack    # here, once: the slices of $BERTKIT_DATA the checks read -> gpu-data/ (13 MB)
-#   bash benchmarks/gpu_check.sh         # there, with gpu-data/ carried along
+#   bash benchmarks/gpu_check.sh pack             # here, once: the slices of $BERTKIT_DATA the checks read -> gpu-data/
+#   bash benchmarks/gpu_check.sh                  # there, with gpu-data/ carried along: every stage
+#   bash benchmarks/gpu_check.sh suite choices    # there: only these stages (a rerun of what failed)
 #
-# In order, each step bounded by its own timeout so that a hang costs only its share:
-#   1. tests/test_cuda.py: parity with transformers, autocast, every kernel choice (varlen attention, packing,
-#      fused element-wise kernels, static and CUDA-graph compilation on bucketed lengths), NCCL with two processes;
-#   2. the speed suite's targets, bertkit against transformers (SDPA) in the same run: base pretraining at 128 and
-#      512, BERT-Large phase 1 (sequences/s), SQuAD fine-tuning at 384, inference at batch 32 and 1; MFU against the
-#      bf16 GEMM peak measured in the same run;
-#   3. the same pretraining cases with the kernels that the shipped "auto" does not take on small batches (always
-#      packed, varlen attention), with fused element-wise kernels, and padded + bucketed + static compilation;
-#   4. benchmarks/ablation.py: each choice undone (or turned on) against bertkit as shipped.
+# The stages, in order, each bounded by its own timeout so that a hang costs only its share:
+#   tests    tests/test_cuda.py (parity with transformers, autocast, every kernel choice: varlen attention, packing,
+#            fused element-wise kernels, static and CUDA-graph compilation on bucketed lengths; NCCL with two
+#            processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: a short base
+#            pretraining run of bertkit as shipped, then with every fast kernel forced on, each on top of
+#            transformers' curve from the same weights and batches;
+#   suite    the speed suite's targets, bertkit against transformers (SDPA) in the same run: base pretraining at 128
+#            and 512, BERT-Large phase 1 (sequences/s), SQuAD fine-tuning at 384, inference at batch 32 and 1; MFU
+#            against the bf16 GEMM peak measured in the same run;
+#   choices  base pretraining kept padded, lengths bucketed, blocks compiled with CUDA graphs (the launch-bound
+#            profile's remedy), and as shipped at batch 512;
+#   ablation benchmarks/ablation.py: each choice undone (or turned on) against bertkit as shipped.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,38 +34,56 @@ if [ "${1:-}" = pack ]; then
     exit 0
 fi
 
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}" BERTKIT_DATA="$PWD/gpu-data"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD/benchmarks:${PYTHONPATH:-}" BERTKIT_DATA="$PWD/gpu-data"
 OUT=${OUT:-benchmarks/results}
-RESULTS=$(mktemp -d)
-mkdir -p "$OUT"
+RESULTS=$OUT/json
+mkdir -p "$RESULTS"
 LOG="$OUT/gpu_check.log"
+STAGES=${*:-tests suite choices ablation}
 step() { echo "=== $(date -u +%T) $*" | tee -a "$LOG"; }
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
+quiet() { grep --line-buffered -v "Loading weights"; }
 
 step machine
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-step "1. tests/test_cuda.py"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs 2>&1 | tail -30 | tee -a "$LOG"
+if wants tests; then
+    step "tests: tests/test_cuda.py, with benchmarks/loss_curve.py beside it"
+    ( for kernels in "" "--kernels packing=always attention=varlen fused=true"; do
+          # shellcheck disable=SC2086
+          timeout 80 python3 benchmarks/loss_curve.py --device cuda --preset base --steps 200 --batch-size 64 \
+              $kernels --out "$RESULTS/loss" 2>&1 | quiet
+      done > "$OUT/loss_curve.log" ) &
+    curves=$!
+    timeout 160 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" --timeout 100 -rs tests/test_cuda.py \
+        2>&1 | tail -40 | tee -a "$LOG"
+    wait $curves
+    tee -a "$LOG" < "$OUT/loss_curve.log"
+fi
 
-step "2. speed suite, issue 14's targets"
-timeout 200 python3 benchmarks/run.py --suite gpu-targets --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/suite" \
-    2>&1 | grep -v "Loading weights" | tee -a "$LOG"
+if wants suite; then
+    step "suite: issue 14's targets"
+    timeout 150 python3 benchmarks/run.py --suite gpu-targets --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/suite" \
+        2>&1 | quiet | tee -a "$LOG"
+fi
 
-step "3. pretraining with the other kernel choices"
-for choice in "--kernels packing=always attention=varlen" "--kernels packing=always attention=varlen fused=true" \
-              "--kernels packing=never --bucket 64 --compile static"; do
-    step "   $choice"
-    # shellcheck disable=SC2086
-    timeout 100 python3 benchmarks/run.py --cases pretrain-base pretrain-base-512 --no-memory --batches 4 --rounds 2 \
-        --warmup 1 $choice --out "$RESULTS/choices" 2>&1 | grep -v "Loading weights" | tee -a "$LOG"
-done
+if wants choices; then
+    step "choices: padded, bucketed to 64, blocks compiled with CUDA graphs"
+    timeout 110 python3 benchmarks/run.py --cases pretrain-base pretrain-base-512 --no-memory --batches 4 --rounds 2 \
+        --warmup 1 --kernels packing=never --bucket 64 --compile cudagraphs --out "$RESULTS/cudagraphs" 2>&1 | quiet | tee -a "$LOG"
+    step "choices: as shipped at batch 512"
+    timeout 50 python3 benchmarks/run.py --cases pretrain-base --no-memory --batches 4 --rounds 2 --warmup 1 \
+        --pretrain-batch 512 --out "$RESULTS/batch512" 2>&1 | quiet | tee -a "$LOG"
+fi
 
-step "4. ablation: each choice undone or turned on"
-timeout 120 python3 benchmarks/ablation.py --device cuda --cases pretrain-base inference-b32 --batches 4 --rounds 2 \
-    --undo padded-encoder packing-rule varlen-attention fused-elementwise --out "$RESULTS/ablation" \
-    2>&1 | grep -v "Loading weights" | tee -a "$LOG"
+if wants ablation; then
+    step "ablation: each choice undone or turned on"
+    timeout 100 python3 benchmarks/ablation.py --device cuda --cases pretrain-base --batches 4 --rounds 2 \
+        --undo padded-encoder packing-rule varlen-attention fused-elementwise --out "$RESULTS/ablation" 2>&1 | quiet | tee -a "$LOG"
+fi
 
 step done
-tar czf "$OUT/gpu_check_results.tgz" -C "$RESULTS" .
+cp "$RESULTS"/loss/*.png "$OUT"/ 2>/dev/null
+tar czf "$OUT/gpu_check_results.tgz" -C "$RESULTS" . && rm -rf "$RESULTS"

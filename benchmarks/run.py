@@ -141,9 +141,10 @@ def tokenizer():
     return bertkit.Tokenizer.from_pretrained(data_dir() / "checkpoints" / "all-MiniLM-L6-v2")
 
 
-def pretraining_batches(batch_size: int, n_batches: int, max_length: int = 128, seed: int = 0) -> list[dict]:
-    """MLM+NSP batches built by bertkit's own data pipeline from the python-docs corpus: the corpus's natural
-    length distribution (most examples fill max_length, short ones where documents end or by short_seq_prob)."""
+def pretraining_dataset(max_length: int = 128, seed: int = 0):
+    """MLM+NSP examples built by bertkit's own data pipeline from the python-docs corpus (prepared once, in the temp
+    folder): the corpus's natural length distribution (most fill max_length, short ones where documents end or by
+    short_seq_prob)."""
     from bertkit.data.prepare import prepare
     from bertkit.data.shards import PreparedCorpus
     from bertkit.data.pretraining import PretrainingDataset
@@ -151,7 +152,12 @@ def pretraining_batches(batch_size: int, n_batches: int, max_length: int = 128, 
     tok = tokenizer()
     out = Path(tempfile.gettempdir()) / "bertkit-bench-prepared"
     prepare([str(data_dir() / "corpus" / "python-docs-3.11.txt")], tok, out, progress=False)
-    ds = PretrainingDataset(PreparedCorpus(out), tok, max_length=max_length, seed=seed)
+    return PretrainingDataset(PreparedCorpus(out), tok, max_length=max_length, seed=seed)
+
+
+def pretraining_batches(batch_size: int, n_batches: int, max_length: int = 128, seed: int = 0) -> list[dict]:
+    """`n_batches` collated batches of distinct examples drawn at random from pretraining_dataset()."""
+    ds = pretraining_dataset(max_length, seed)
     order = random.Random(seed).sample(range(len(ds)), batch_size * n_batches)
     return [ds.collate([ds[i] for i in order[k * batch_size : (k + 1) * batch_size]]) for k in range(n_batches)]
 
@@ -385,12 +391,14 @@ def case_prepare(bench: Bench) -> Case:
 # Batch sizes: what fits this CPU's caches and time, and what keeps an 80 GB GPU busy (at batch 128 a base step is
 # still bound by the host's kernel launches: 267 ms of CPU against 144 ms of GPU time over 4 steps, --profile).
 CASES = {  # name -> (bench, args) -> Case
-    "pretrain-mini": lambda b, a: case_pretrain(b, "mini", 256 if b.gpu else 32, a.batches),
-    "pretrain-base": lambda b, a: case_pretrain(b, "base", 256 if b.gpu else 8, a.batches),
-    "pretrain-base-512": lambda b, a: case_pretrain(b, "base", 64 if b.gpu else 2, a.batches, max_length=512),
+    "pretrain-mini": lambda b, a: case_pretrain(b, "mini", a.pretrain_batch or (256 if b.gpu else 32), a.batches),
+    "pretrain-base": lambda b, a: case_pretrain(b, "base", a.pretrain_batch or (256 if b.gpu else 8), a.batches),
+    "pretrain-base-512": lambda b, a: case_pretrain(b, "base", a.pretrain_batch or (64 if b.gpu else 2), a.batches,
+                                                          max_length=512),
     # BERT-Large phases 1 and 2 (NVIDIA's recipe: 128 then 512 tokens)
-    "pretrain-large": lambda b, a: case_pretrain(b, "large", 256 if b.gpu else 4, a.batches),
-    "pretrain-large-512": lambda b, a: case_pretrain(b, "large", 32 if b.gpu else 1, a.batches, max_length=512),
+    "pretrain-large": lambda b, a: case_pretrain(b, "large", a.pretrain_batch or (256 if b.gpu else 4), a.batches),
+    "pretrain-large-512": lambda b, a: case_pretrain(b, "large", a.pretrain_batch or (32 if b.gpu else 1), a.batches,
+                                                            max_length=512),
     "finetune-sst2": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches),
     "finetune-sst2-grouped": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, like_for_like=True),
     "finetune-squad": lambda b, a: case_squad(b, a.preset, 32 if b.gpu else 4, a.batches),
@@ -445,7 +453,8 @@ def peak_memory_mb(bench: Bench, case_name: str, side: str, args, case: Case) ->
         return (torch.cuda.max_memory_allocated(bench.device) - held) / 2**20
     cmd = [sys.executable, __file__, "--probe", case_name, side, "--batches", str(args.batches),
            "--preset", args.preset, "--threads", str(args.threads), "--bucket", str(args.bucket),
-           "--kernels", *args.kernels] + (["--compile", args.compile] if args.compile else [])
+           "--kernels", *args.kernels] + (["--compile", args.compile] if args.compile else []) + \
+          (["--pretrain-batch", str(args.pretrain_batch)] if args.pretrain_batch else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -490,6 +499,8 @@ def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
     """The options that size and time the cases and say where results go (benchmarks/ablation.py takes them too)."""
     parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
     parser.add_argument("--batches", type=int, default=batches, help="batches per side per round")
+    parser.add_argument("--pretrain-batch", type=int, help="sequences per step in the pretraining cases (default: "
+                        "256 at length 128 and 64 at 512 for base, 32 for large at 512, on a GPU; 32/8/2/4/1 on a CPU)")
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for every side")

@@ -43,6 +43,20 @@ def test_suite_case_runs_both_sides_and_writes_results(tmp_path):
     assert (tmp_path / "ratios.png").stat().st_size > 0
 
 
+def test_loss_curve_trains_both_sides_to_the_same_losses_in_fp32(tmp_path):
+    data = data_path("corpus", "python-docs-3.11.txt")
+    cmd = [sys.executable, str(BENCHMARKS / "loss_curve.py"), "--preset", "tiny", "--steps", "4", "--batch-size", "4",
+           "--lr", "1e-3", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BERTKIT_DATA": str(data.parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("loss-curve-*.json")
+    result = json.loads(result.read_text())
+    ours, theirs = result["curves"]["bertkit"], result["curves"]["transformers"]
+    assert len(ours) == len(theirs) == 4 and ours[-1] < ours[0]  # it trains
+    assert result["summary"]["max_abs_difference"] < 1e-4  # the same weights, batches and optimizer: the same losses
+    assert len(list(tmp_path.glob("loss-curve-*.png"))) == 1
+
+
 @pytest.mark.parametrize("undo", list(ablation.UNDO) + [pytest.param(name, marks=pytest.mark.slow)  # compiles
                                                          for name in ablation.DO])
 def test_each_ablation_computes_the_same_function(undo):
