@@ -13,6 +13,7 @@ a sparse update of the embedding matrix could pay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -48,9 +49,13 @@ def _every_position(self, *args, masked_positions=None, **kwargs):
 _layout_init = M.Layout.__init__
 
 
-def _fused_layout(self, *args, **kwargs):
-    _layout_init(self, *args, **kwargs)
-    self.fused = True  # Kernels(fused=True) for every model, whatever it was set to
+def _layout_with(**choices):
+    """Layout.__init__ with these Kernels choices for every model, whatever each was set to."""
+
+    def init(self, *args, kernels=None, **kwargs):
+        _layout_init(self, *args, kernels=dataclasses.replace(kernels or M.Kernels(), **choices), **kwargs)
+
+    return init
 
 
 def _three_gemms(self, x, layout):
@@ -77,15 +82,15 @@ UNDO = {
     "padded-encoder": lambda: patched(M, "packs", lambda *args: False),
     # the GPU's rule (small batches stay padded) undone: always packed (the same as shipped on the CPU)
     "packing-rule": lambda: patched(M, "packs", lambda *args: True),
-    # packed attention over jagged nested tensors undone: Q, K, V re-padded for one masked call (the same as shipped
-    # where "auto" does not take varlen: on the CPU, and in fp32)
-    "varlen-attention": lambda: patched(M.Layout, "packed_attention", lambda self, qkv: False),
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
 }
 # Choices that ship off: measured by turning them on ("pays" is then on / off)
 DO = {
-    "fused-elementwise": lambda: patched(M.Layout, "__init__", _fused_layout),
+    "fused-elementwise": lambda: patched(M.Layout, "__init__", _layout_with(fused=True)),
+    # attention over the packed tokens as jagged nested tensors (FlashAttention's varlen kernel on a GPU in half
+    # precision) instead of Q, K, V re-padded for one masked call; only where the batch is packed
+    "varlen-attention": lambda: patched(M.Layout, "__init__", _layout_with(attention="varlen")),
 }
 PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]

@@ -9,14 +9,15 @@
 # The stages, in order, each bounded by its own timeout so that a hang costs only its share:
 #   tests    tests/test_cuda.py (parity with transformers, autocast, every kernel choice: varlen attention, packing,
 #            fused element-wise kernels, static and CUDA-graph compilation on bucketed lengths; NCCL with two
-#            processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: a short base
-#            pretraining run of bertkit as shipped, then with every fast kernel forced on, each on top of
+#            processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: short base
+#            pretraining runs of bertkit as shipped, at batch 64 (kept padded) and 256 (packed), each on top of
 #            transformers' curve from the same weights and batches;
 #   suite    the speed suite's targets, bertkit against transformers (SDPA) in the same run: base pretraining at 128
 #            and 512, BERT-Large phase 1 (sequences/s), SQuAD fine-tuning at 384, inference at batch 32 and 1; MFU
 #            against the bf16 GEMM peak measured in the same run;
+#   pretrain the suite's pretraining cases alone, with BERT-Large phase 2 (a rerun after a change to the kernels);
 #   choices  base pretraining kept padded, lengths bucketed, blocks compiled with CUDA graphs (the launch-bound
-#            profile's remedy), and as shipped at batch 512;
+#            profile's remedy);
 #   ablation benchmarks/ablation.py: each choice undone (or turned on) against bertkit as shipped.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -51,16 +52,21 @@ step machine
 
 if wants tests; then
     step "tests: tests/test_cuda.py, with benchmarks/loss_curve.py beside it"
-    ( for kernels in "" "--kernels packing=always attention=varlen fused=true"; do
+    ( for size in "--batch-size 64 --steps 200" "--batch-size 256 --steps 100"; do  # kept padded; packed (2^24 rule)
           # shellcheck disable=SC2086
-          timeout 80 python3 benchmarks/loss_curve.py --device cuda --preset base --steps 200 --batch-size 64 \
-              $kernels --out "$RESULTS/loss" 2>&1 | quiet
+          timeout 70 python3 benchmarks/loss_curve.py --device cuda --preset base $size --out "$RESULTS/loss" 2>&1 | quiet
       done > "$OUT/loss_curve.log" ) &
     curves=$!
-    timeout 160 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" --timeout 100 -rs tests/test_cuda.py \
-        2>&1 | tail -40 | tee -a "$LOG"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging -m "slow or not slow" -n 4 --timeout 100 \
+        --tb=short -rfs tests/test_cuda.py 2>&1 | grep -v DEBUG | tail -60 | tee -a "$LOG"
     wait $curves
     tee -a "$LOG" < "$OUT/loss_curve.log"
+fi
+
+if wants pretrain; then
+    step "pretrain: the targets' pretraining cases and BERT-Large phase 2, bertkit as shipped"
+    timeout 100 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
+        pretrain-large-512 --no-memory --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/pretrain" 2>&1 | quiet | tee -a "$LOG"
 fi
 
 if wants suite; then
@@ -71,11 +77,9 @@ fi
 
 if wants choices; then
     step "choices: padded, bucketed to 64, blocks compiled with CUDA graphs"
-    timeout 110 python3 benchmarks/run.py --cases pretrain-base pretrain-base-512 --no-memory --batches 4 --rounds 2 \
-        --warmup 1 --kernels packing=never --bucket 64 --compile cudagraphs --out "$RESULTS/cudagraphs" 2>&1 | quiet | tee -a "$LOG"
-    step "choices: as shipped at batch 512"
-    timeout 50 python3 benchmarks/run.py --cases pretrain-base --no-memory --batches 4 --rounds 2 --warmup 1 \
-        --pretrain-batch 512 --out "$RESULTS/batch512" 2>&1 | quiet | tee -a "$LOG"
+    timeout 100 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 --no-memory --batches 4 \
+        --rounds 2 --warmup 1 --kernels packing=never --bucket 64 --compile cudagraphs --out "$RESULTS/cudagraphs" \
+        2>&1 | quiet | tee -a "$LOG"
 fi
 
 if wants ablation; then

@@ -619,8 +619,10 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     for y, x in enumerate(ratios):
         ax.text(x, y, f" {x:.2f}x", va="center")
     ax.set_xlabel("bertkit tokens/s ÷ transformers tokens/s (higher is better)")
-    threads = f"{info['threads']} torch thread" + "s" * (info["threads"] != 1)
-    where = info["gpu"] + ", bf16 autocast" if "gpu" in info else f"{info['cpu']}, {threads}"
+    if "gpu" in info:
+        where = info["gpu"] + ", bf16 autocast"
+    else:
+        where = f"{info['cpu']}, {info['threads']} torch thread" + "s" * (info["threads"] != 1)
     ax.set_title(where, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -58,7 +58,7 @@ def test_loss_curve_trains_both_sides_to_the_same_losses_in_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("undo", list(ablation.UNDO) + [pytest.param(name, marks=pytest.mark.slow)  # compiles
-                                                         for name in ablation.DO])
+                                                         if name == "fused-elementwise" else name for name in ablation.DO])
 def test_each_ablation_computes_the_same_function(undo):
     # an ablation must measure the same model done the slower way, or its ratio means nothing
     torch.manual_seed(0)

@@ -62,9 +62,9 @@ class Kernels:
         elements: below that a GPU waits on kernel launches, padding is nearly free there and the gathers cost
         more than they save (measured on an H100, benchmarks/RESULTS.md).
     attention: over packed tokens, "padded" re-pads Q, K and V for one masked SDPA call; "varlen" runs SDPA on
-        jagged nested tensors, each sequence over its own tokens with no padding (FlashAttention's varlen kernel on a
-        GPU in half precision); "auto" takes varlen there and padded elsewhere (on the CPU PyTorch's nested-tensor
-        attention is ~5x slower than one padded call).
+        jagged nested tensors, each sequence over its own tokens with no padding; "auto" is padded: PyTorch's
+        nested-tensor attention was 2.6x slower for a whole base training step on an H200 in bf16 (148k against
+        388k tokens/s at batch 256) and ~5x slower for the attention call on the CPU (benchmarks/RESULTS.md).
     fused: bias + activation, and dropout + residual + LayerNorm, each one compiled kernel (torch.compile: a C++
         compiler on the CPU, Triton on a GPU) instead of two to four eager ones.
     """
@@ -104,18 +104,16 @@ class Layout:
         self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
         self.causal = causal
-        self.offsets = None  # (B + 1,) where each sequence starts in the packed rows, when attention may be varlen
-        self.varlen = kernels.attention
+        self.offsets = None  # (B + 1,) where each sequence starts in the packed rows, when attention is varlen
         self.fused = kernels.fused
         keep = attention_mask.bool() if attention_mask is not None else None
         if keep is not None and not bool(keep.all()):
             on_gpu = keep.device.type != "cpu"
             if packs(kernels, on_gpu, batch * length * width):
                 self.indices = keep.flatten().nonzero().squeeze(1)
-                # varlen only where it may run: asked for, or "auto" on a GPU; never windowed, nor causal on the CPU
+                # varlen only where asked for and where it may run: never windowed, nor causal on the CPU
                 # (nested-tensor SDPA has no causal CPU kernel); an empty row would be an empty sequence
-                wanted = kernels.attention == "varlen" or (kernels.attention == "auto" and on_gpu)
-                if wanted and not window and (on_gpu or not causal):
+                if kernels.attention == "varlen" and not window and (on_gpu or not causal):
                     lengths = keep.sum(1)
                     if bool(lengths.all()):
                         self.offsets = F.pad(lengths.cumsum(0), (1, 0))
@@ -131,11 +129,9 @@ class Layout:
                 keep = torch.ones(batch, length, dtype=torch.bool)
             self.windows = LocalWindows(keep, global_mask, window // 2)
 
-    def packed_attention(self, qkv: torch.Tensor) -> bool:
+    def packed_attention(self) -> bool:
         """Whether attention runs on the packed (N, 3H) rows themselves (varlen), not on a re-padded batch."""
-        if self.offsets is None:
-            return False
-        return self.varlen == "varlen" or (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16))
+        return self.offsets is not None
 
     def attend_packed(self, qkv: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
         """(N, 3H) packed Q, K, V -> (N, H): each sequence attends over its own tokens, as jagged nested tensors."""
@@ -317,7 +313,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
         qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
         dropout_p = self.dropout_p if self.training else 0.0
-        if layout.packed_attention(qkv):
+        if layout.packed_attention():
             return layout.attend_packed(qkv, self.num_heads, dropout_p)
         qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
