@@ -13,7 +13,6 @@ a sparse update of the embedding matrix could pay.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -46,18 +45,6 @@ def _every_position(self, *args, masked_positions=None, **kwargs):
     return _pretraining_forward(self, *args, **kwargs)  # labels of -100 skip the unmasked positions in the loss
 
 
-_layout_init = M.Layout.__init__
-
-
-def _layout_with(**choices):
-    """Layout.__init__ with these Kernels choices for every model, whatever each was set to."""
-
-    def init(self, *args, kernels=None, **kwargs):
-        _layout_init(self, *args, kernels=dataclasses.replace(kernels or M.Kernels(), **choices), **kwargs)
-
-    return init
-
-
 def _three_gemms(self, x, layout):
     B, T = layout.batch, layout.length
     q, k, v = (layout.pad(linear(x)).view(B, T, self.num_heads, self.head_size).transpose(1, 2)
@@ -84,13 +71,6 @@ UNDO = {
     "packing-rule": lambda: patched(M, "packs", lambda *args: True),
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
-}
-# Choices that ship off: measured by turning them on ("pays" is then on / off)
-DO = {
-    "fused-elementwise": lambda: patched(M.Layout, "__init__", _layout_with(fused=True)),
-    # attention over the packed tokens as jagged nested tensors (FlashAttention's varlen kernel on a GPU in half
-    # precision) instead of Q, K, V re-padded for one masked call; only where the batch is packed
-    "varlen-attention": lambda: patched(M.Layout, "__init__", _layout_with(attention="varlen")),
 }
 PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
@@ -133,8 +113,7 @@ def optimizer_share(preset: str, batch_size: int, repeats: int = 5) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=[c for c in run.CASES if c != "prepare"], default=DEFAULT_CASES)
-    parser.add_argument("--undo", nargs="+", choices=list(UNDO) + list(DO), default=list(UNDO),
-                        help=f"optimisations to undo (or, for {', '.join(DO)}, which ship off, to turn on)")
+    parser.add_argument("--undo", nargs="+", choices=list(UNDO), default=list(UNDO), help="optimisations to undo")
     run.add_case_arguments(parser, batches=2)
     run.add_kernel_arguments(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
@@ -151,13 +130,11 @@ def main() -> None:
         for undo in args.undo:
             if undo in PRETRAINING_ONLY and not name.startswith("pretrain"):
                 continue
-            case.units = {"shipped": shipped, undo: undone(shipped, UNDO.get(undo) or DO[undo])}
+            case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
             r = run.measure(bench, case, args.rounds, args.warmup)
             row = {"case": name, "undone": undo, "shipped_tokens_per_s": r["shipped"]["tokens_per_s"],
                    "undone_tokens_per_s": r[undo]["tokens_per_s"]}
             row["pays"] = row["shipped_tokens_per_s"] / row["undone_tokens_per_s"]
-            if undo in DO:  # "undone" is the variant with it turned on
-                row["pays"] = 1 / row["pays"]
             rows.append(row)
             print(f"{name:16s} undo {undo:22s} shipped {row['shipped_tokens_per_s']:8.0f} tok/s  undone "
                   f"{row['undone_tokens_per_s']:8.0f} tok/s  pays {row['pays']:.2f}x", flush=True)

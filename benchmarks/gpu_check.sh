@@ -7,18 +7,17 @@
 #   bash benchmarks/gpu_check.sh suite choices    # there: only these stages (a rerun of what failed)
 #
 # The stages, in order, each bounded by its own timeout so that a hang costs only its share:
-#   tests    tests/test_cuda.py (parity with transformers, autocast, every kernel choice: varlen attention, packing,
-#            fused element-wise kernels, static and CUDA-graph compilation on bucketed lengths; NCCL with two
-#            processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: short base
+#   tests    tests/test_cuda.py (parity with transformers, autocast, packed and padded batches, static compilation
+#            on bucketed lengths, fine-tuning in each precision; NCCL with two processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: short base
 #            pretraining runs of bertkit as shipped, at batch 64 (kept padded) and 256 (packed), each on top of
 #            transformers' curve from the same weights and batches;
 #   suite    the speed suite's targets, bertkit against transformers (SDPA) in the same run: base pretraining at 128
 #            and 512, BERT-Large phase 1 (sequences/s), SQuAD fine-tuning at 384, inference at batch 32 and 1; MFU
 #            against the bf16 GEMM peak measured in the same run;
 #   pretrain the suite's pretraining cases alone, with BERT-Large phase 2 (a rerun after a change to the kernels);
-#   choices  base pretraining kept padded, lengths bucketed, blocks compiled with CUDA graphs (the launch-bound
-#            profile's remedy);
-#   ablation benchmarks/ablation.py: each choice undone (or turned on) against bertkit as shipped.
+#   choices  base pretraining with the blocks compiled for static shapes (batches kept padded, lengths bucketed to
+#            64), the launch-bound profile's remedy;
+#   ablation benchmarks/ablation.py: each choice undone against bertkit as shipped.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,16 +75,15 @@ if wants suite; then
 fi
 
 if wants choices; then
-    step "choices: padded, bucketed to 64, blocks compiled with CUDA graphs"
+    step "choices: blocks compiled for static shapes, padded, bucketed to 64"
     timeout 100 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 --no-memory --batches 4 \
-        --rounds 2 --warmup 1 --kernels packing=never --bucket 64 --compile cudagraphs --out "$RESULTS/cudagraphs" \
-        2>&1 | quiet | tee -a "$LOG"
+        --rounds 2 --warmup 1 --bucket 64 --compile static --out "$RESULTS/static" 2>&1 | quiet | tee -a "$LOG"
 fi
 
 if wants ablation; then
-    step "ablation: each choice undone or turned on"
-    timeout 100 python3 benchmarks/ablation.py --device cuda --cases pretrain-base --batches 4 --rounds 2 \
-        --undo padded-encoder packing-rule varlen-attention fused-elementwise --out "$RESULTS/ablation" 2>&1 | quiet | tee -a "$LOG"
+    step "ablation: each choice undone"
+    timeout 100 python3 benchmarks/ablation.py --device cuda --cases pretrain-base pretrain-base-512 --batches 4 \
+        --rounds 2 --undo padded-encoder packing-rule --out "$RESULTS/ablation" 2>&1 | quiet | tee -a "$LOG"
 fi
 
 step done

@@ -1,7 +1,7 @@
 """No lost accuracy: a short pretraining run of bertkit's fast path drawn on top of the reference path's curve.
 
     python benchmarks/loss_curve.py --device cuda --preset base --steps 300 --batch-size 64
-    python benchmarks/loss_curve.py --device cuda --kernels packing=always attention=varlen fused=true --compile static
+    python benchmarks/loss_curve.py --device cuda --compile static --bucket 64
     python benchmarks/loss_curve.py --preset tiny --steps 50 --batch-size 8          # CPU, fp32
 
 Both models start from the same weights (bertkit's initialisation, copied into transformers' BertForPreTraining
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import run
+from bertkit.model import COMPILE_MODES
 from bertkit.train.optim import build_optimizer, warmup_linear
 
 
@@ -101,7 +102,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="sequence length of the pretraining examples")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (10%% warm-up, then linear decay)")
     parser.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout of both models")
-    parser.add_argument("--compile", choices=["dynamic", "static", "cudagraphs"], help="bertkit's blocks compiled")
+    parser.add_argument("--compile", choices=list(COMPILE_MODES), help="bertkit's encoder blocks compiled in this "
+                        "mode (bertkit.model.compile_blocks)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--out", default=str(run.HERE / "results"), help="folder for the JSON and the plot")
     run.add_kernel_arguments(parser)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import bertkit
-from bertkit.model import flops_per_token
+from bertkit.model import COMPILE_MODES, flops_per_token
 
 HERE = Path(__file__).resolve().parent
 SIDES = ("bertkit", "transformers")
@@ -509,8 +509,7 @@ def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", nargs="*", default=[], metavar="CHOICE=VALUE",
-                        help="bertkit's kernel choices (bertkit.model.Kernels), e.g. packing=never attention=varlen "
-                        "fused=true")
+                        help="bertkit's kernel choices (bertkit.model.Kernels), e.g. packing=never")
     parser.add_argument("--bucket", type=int, default=1, help="pad every batch to a multiple of this many positions")
 
 
@@ -522,7 +521,7 @@ def kernel_choices(parser: argparse.ArgumentParser, given: list[str]) -> dict:
         name, _, value = item.partition("=")
         if name not in vars(Kernels()):
             parser.error(f"--kernels {item}: expected one of {', '.join(vars(Kernels()))}=VALUE")
-        choices[name] = value.lower() in ("1", "true", "yes") if name == "fused" else value
+        choices[name] = value
     try:
         Kernels(**choices)
     except ValueError as e:
@@ -536,9 +535,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases")
     add_case_arguments(parser, batches=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda for --suite gpu)")
-    parser.add_argument("--compile", nargs="?", const="dynamic", choices=["dynamic", "static", "cudagraphs"],
-                        help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; compiled "
-                        "in the warm-up round; transformers stays eager)")
+    parser.add_argument("--compile", nargs="?", const="dynamic", choices=list(COMPILE_MODES),
+                        help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; static "
+                        "keeps batches padded, give it --bucket; compiled in the warm-up round; transformers stays "
+                        "eager)")
     add_kernel_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-only", action="store_true", help="CPU: only the peak-memory subprocesses, no timing")

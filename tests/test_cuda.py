@@ -152,9 +152,12 @@ def test_finetune_runs_on_cuda(tmp_path, precision, grad_accum):
     model = bertkit.BertForSequenceClassification(BertConfig.from_preset("mini", vocab_size=tokenizer.vocab_size, num_labels=2))
     model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     record = finetune(FinetuneConfig(task="SST-2", data_dir=str(data), model_dir=str(tmp_path / "model"),
-                                     out_dir=str(tmp_path / "out"), epochs=3, lr=1e-4, batch_size=32 // grad_accum,
+                                     out_dir=str(tmp_path / "out"), epochs=3, lr=5e-4, batch_size=32 // grad_accum,
                                      grad_accum=grad_accum, precision=precision, device="cuda"))
-    assert record["best"]["accuracy"] > 55, record  # percent; the majority class of these dev rows is about 50
+    # percent; the majority class of these dev rows is 51. At lr 1e-4 a random mini stayed there for 3 epochs (fp16 on
+    # an H200, and fp32 on the CPU with the same 16 x 2 batches): the test, not the precision, was short of margin;
+    # at 5e-4 the CPU's fp32 runs reach 71-73
+    assert record["best"]["accuracy"] > 55, record
 
 
 def test_compiled_blocks_match_eager_on_cuda(tmp_path):
@@ -213,12 +216,10 @@ def _loss_and_grads(model, inputs, **kernels):
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kernels", [dict(packing="always", attention="varlen"), dict(packing="never"),
-                                     dict(packing="always", attention="padded"), dict(fused=True)])
+@pytest.mark.parametrize("kernels", [dict(packing="never"), dict(packing="always")])
 def test_every_kernel_choice_matches_on_cuda_in_bf16(tmp_path, kernels):
-    """Varlen attention on packed tokens (FlashAttention's varlen kernel through jagged nested tensors), the padded
-    batch, packing with re-padded attention, and the fused element-wise kernels: the same loss and gradients as the
-    default choices, within bf16's tolerance (dropout off: the fused kernel draws its own random numbers)."""
+    """The padded batch and the packed tokens: the same loss and gradients as the default choice, within bf16's
+    tolerance."""
     from bertkit.model import set_dropout
 
     model, _ = twins(tmp_path)
@@ -231,43 +232,21 @@ def test_every_kernel_choice_matches_on_cuda_in_bf16(tmp_path, kernels):
         assert (g - other_grads[name]).abs().max() <= 5e-2 * g.abs().max() + 1e-6, name
 
 
-def test_auto_kernels_on_cuda_keep_attention_padded_and_varlen_runs_when_asked(tmp_path):
-    from bertkit.model import Layout, set_kernels
-
-    model, _ = twins(tmp_path)
-    ids, types, mask, _, _ = pretraining_inputs()
-    calls = []
-    attend_packed = Layout.attend_packed
-    Layout.attend_packed = lambda self, *a: calls.append(a[0].dtype) or attend_packed(self, *a)
-    try:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            set_kernels(model, packing="always")  # a batch this small stays padded under "auto" on a GPU
-            model(ids, types, mask)
-            assert calls == []  # "auto": Q, K, V re-padded for one masked call (nested tensors were 2.6x slower)
-            set_kernels(model, packing="always", attention="varlen")
-            model(ids, types, mask)
-    finally:
-        Layout.attend_packed = attend_packed
-    assert calls == [torch.bfloat16] * model.config.num_hidden_layers
-
-
-@pytest.mark.parametrize("mode", ["static", "cudagraphs"])
-def test_static_compiled_blocks_on_bucketed_padded_batches_match_eager(tmp_path, mode):
-    """compile_blocks(mode=static|cudagraphs) with the batch kept padded and its length bucketed (shapes repeat):
-    the same outputs as eager."""
+def test_static_compiled_blocks_on_bucketed_padded_batches_match_eager(tmp_path):
+    """compile_blocks(mode="static") keeps the batch padded; its length bucketed, shapes repeat: the same outputs as
+    eager."""
     from bertkit.model import compile_blocks, set_kernels
 
     eager, _ = twins(tmp_path)
     compiled, _ = twins(tmp_path / "again")
-    for model in (eager, compiled):
-        set_kernels(model.eval(), packing="never")
-    compile_blocks(compiled, mode)
+    set_kernels(eager.eval(), packing="never")
+    compile_blocks(compiled.eval(), "static")
     ids, types, mask, _, _ = pretraining_inputs()
     pad = torch.nn.functional.pad
     ids, types, mask = pad(ids, (0, 8)), pad(types, (0, 8)), pad(mask, (0, 8))  # 24 -> 32 positions
     with torch.no_grad():
         want = eager.bert(ids, types, mask).last_hidden_state
-        for _ in range(3):  # the graph is recorded, then replayed
+        for _ in range(3):  # compiled once, then reused
             got = compiled.bert(ids, types, mask).last_hidden_state.clone()
     real = mask.bool()
     assert (want - got)[real].abs().max() < 1e-3

@@ -45,18 +45,6 @@ def test_int8_logits_within_tolerance_of_float32():
     assert not torch.equal(got, want)  # it did run in int8
 
 
-def test_an_int8_model_ignores_the_fused_float_kernels():
-    """Kernels(fused=True) compiles float32 element-wise tails; an int8 model's layers run as they are."""
-    from bertkit.model import set_kernels
-
-    model = to_int8(tiny())
-    batch = padded_batch([12, 7])
-    with torch.no_grad():
-        want = model(**batch).logits
-        got = set_kernels(model, fused=True)(**batch).logits
-    assert torch.equal(got, want)
-
-
 def test_int8_replaces_every_linear_and_fuses_qkv():
     model = to_int8(tiny())
     float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]

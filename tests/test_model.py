@@ -154,12 +154,10 @@ def _loss_and_grads(model, batch, **kernels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kernels", [dict(attention="varlen"), dict(packing="never"), dict(packing="always"),
-                                     dict(packing="always", attention="varlen")])
+@pytest.mark.parametrize("kernels", [dict(packing="never"), dict(packing="always")])
 @pytest.mark.parametrize("is_decoder", [False, True])
 def test_every_kernel_choice_gives_the_same_loss_and_gradients(kernels, is_decoder):
-    """Packed rows with varlen attention (jagged nested tensors), packed with re-padded attention, and the padded
-    batch: the same loss and gradients in fp32 (a causal model's varlen has no CPU kernel and falls back)."""
+    """Packed rows (attention on the re-padded batch) and the padded batch: the same loss and gradients in fp32."""
     torch.manual_seed(0)
     model = BertForPreTraining(tiny(is_decoder=is_decoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     batch = _pretraining_batch()
@@ -171,35 +169,12 @@ def test_every_kernel_choice_gives_the_same_loss_and_gradients(kernels, is_decod
         assert torch.allclose(grads[name], other_grads[name], atol=1e-6), name
 
 
-def test_varlen_attention_equals_padded_under_bf16_and_is_what_runs():
-    torch.manual_seed(0)
-    model = BertModel(tiny()).eval()
-    batch = _pretraining_batch()
-    calls = []
-    attend_packed = Layout.attend_packed
-    Layout.attend_packed = lambda self, *a: calls.append(1) or attend_packed(self, *a)
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            padded = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            assert not calls  # "auto" on the CPU: the padded call
-            set_kernels(model, attention="varlen")
-            varlen = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    finally:
-        Layout.attend_packed = attend_packed
-    assert len(calls) == 2  # one per block
-    real = batch["attention_mask"].bool()
-    assert (padded.float() - varlen.float())[real].abs().max() < 0.05  # bf16 rounding on unit-scale states
-
-
 def test_kernel_choices_are_checked_and_the_packing_rule_follows_the_device():
     with pytest.raises(ValueError, match="packing='sometimes'; expected one of auto, always, never"):
         Kernels(packing="sometimes")
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0
     assert Layout(mask, 2, 8, width=64).indices is not None  # the CPU packs
-    empty = mask.clone()
-    empty[1] = 0
-    assert Layout(empty, 2, 8, width=64, kernels=Kernels(attention="varlen")).offsets is None  # an empty row
     assert Layout(mask, 2, 8, width=64, kernels=Kernels(packing="never")).indices is None
     assert packs(Kernels(), on_gpu=False, elements=1)
     assert not packs(Kernels(), on_gpu=True, elements=(1 << 24) - 1)  # a GPU keeps small batches padded
@@ -208,14 +183,13 @@ def test_kernel_choices_are_checked_and_the_packing_rule_follows_the_device():
     assert not packs(Kernels(packing="never"), on_gpu=False, elements=1 << 30)
 
 
-@pytest.mark.slow
-def test_fused_element_wise_kernels_give_the_same_loss_and_gradients():
-    """Kernels(fused=True): bias + GELU and dropout + residual + LayerNorm compiled (slow: inductor compiles)."""
-    torch.manual_seed(0)
-    model = BertForPreTraining(tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    batch = _pretraining_batch()
-    loss, grads = _loss_and_grads(model, batch)
-    fused_loss, fused_grads = _loss_and_grads(model, batch, fused=True)
-    assert torch.allclose(loss, fused_loss, atol=1e-5)
-    for name in grads:
-        assert torch.allclose(grads[name], fused_grads[name], atol=1e-5), name
+def test_static_compilation_keeps_batches_padded_so_that_shapes_repeat():
+    from bertkit.model import compile_blocks
+
+    model = BertModel(tiny())
+    compile_blocks(model)
+    assert model.kernels.packing == "auto"  # dynamic shapes: packed batches may change their token count
+    compile_blocks(model, "static")
+    assert model.kernels.packing == "never"
+    with pytest.raises(ValueError, match="compile mode 'cudagraphs'; expected one of dynamic, static"):
+        compile_blocks(model, "cudagraphs")

@@ -61,22 +61,18 @@ class Kernels:
         (B, T, H) batch ("never"); "auto" packs on the CPU, and on a GPU only batches of at least 2^24 B*T*H
         elements: below that a GPU waits on kernel launches, padding is nearly free there and the gathers cost
         more than they save (measured on an H100, benchmarks/RESULTS.md).
-    attention: over packed tokens, "padded" re-pads Q, K and V for one masked SDPA call; "varlen" runs SDPA on
-        jagged nested tensors, each sequence over its own tokens with no padding; "auto" is padded: PyTorch's
-        nested-tensor attention was 2.6x slower for a whole base training step on an H200 in bf16 (148k against
-        388k tokens/s at batch 256) and ~5x slower for the attention call on the CPU (benchmarks/RESULTS.md).
-    fused: bias + activation, and dropout + residual + LayerNorm, each one compiled kernel (torch.compile: a C++
-        compiler on the CPU, Triton on a GPU) instead of two to four eager ones.
+
+    Two other choices were built, measured and removed (benchmarks/RESULTS.md, issue 14): attention over the packed
+    tokens as jagged nested tensors ("varlen"; 0.34x a base training step on an H200 in bf16, 0.91x on the CPU) and
+    fused element-wise tails (bias + GELU, dropout + residual + LayerNorm compiled; 0.92x on the H200).
     """
 
     packing: str = "auto"
-    attention: str = "auto"
-    fused: bool = False
 
     def __post_init__(self):
-        for name, allowed in (("packing", ("auto", "always", "never")), ("attention", ("auto", "padded", "varlen"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        allowed = ("auto", "always", "never")
+        if self.packing not in allowed:
+            raise ValueError(f"packing={self.packing!r}; expected one of {', '.join(allowed)}")
 
 
 PACKING_MIN_ELEMENTS = 1 << 24  # B*T*H from which "auto" packing pays on a GPU
@@ -104,20 +100,11 @@ class Layout:
         self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
         self.causal = causal
-        self.offsets = None  # (B + 1,) where each sequence starts in the packed rows, when attention is varlen
-        self.fused = kernels.fused
         keep = attention_mask.bool() if attention_mask is not None else None
         if keep is not None and not bool(keep.all()):
             on_gpu = keep.device.type != "cpu"
             if packs(kernels, on_gpu, batch * length * width):
                 self.indices = keep.flatten().nonzero().squeeze(1)
-                # varlen only where asked for and where it may run: never windowed, nor causal on the CPU
-                # (nested-tensor SDPA has no causal CPU kernel); an empty row would be an empty sequence
-                if kernels.attention == "varlen" and not window and (on_gpu or not causal):
-                    lengths = keep.sum(1)
-                    if bool(lengths.all()):
-                        self.offsets = F.pad(lengths.cumsum(0), (1, 0))
-                        self.max_length = int(lengths.max())
             self.attn_mask = keep[:, None, None, :]
             if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
                 past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
@@ -128,20 +115,6 @@ class Layout:
             if keep is None:
                 keep = torch.ones(batch, length, dtype=torch.bool)
             self.windows = LocalWindows(keep, global_mask, window // 2)
-
-    def packed_attention(self) -> bool:
-        """Whether attention runs on the packed (N, 3H) rows themselves (varlen), not on a re-padded batch."""
-        return self.offsets is not None
-
-    def attend_packed(self, qkv: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
-        """(N, 3H) packed Q, K, V -> (N, H): each sequence attends over its own tokens, as jagged nested tensors."""
-        N, width = qkv.shape
-        qkv = qkv.view(N, 3, heads, width // (3 * heads))
-        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets,
-                                                          max_seqlen=self.max_length).transpose(1, 2)
-                   for i in range(3))  # (B, nh, j, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
-        return y.transpose(1, 2).values().reshape(N, width // 3)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """(B, nh, T, hs) each -> (B, nh, T, hs): attention under this batch's masks (windowed, or one SDPA call)."""
@@ -313,8 +286,6 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
         qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
         dropout_p = self.dropout_p if self.training else 0.0
-        if layout.packed_attention():
-            return layout.attend_packed(qkv, self.num_heads, dropout_p)
         qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
@@ -331,12 +302,7 @@ class BertAddNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, residual, fused: bool = False):
-        if fused and isinstance(self.dense, nn.Linear):  # an int8 layer (bertkit.quantize) runs as it is
-            p = self.dropout.p if self.training else 0.0
-            ln = self.LayerNorm
-            return _dropout_add_norm(F.linear(x, self.dense.weight), self.dense.bias, residual, p, ln.weight, ln.bias,
-                                     ln.eps)
+    def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
@@ -347,7 +313,7 @@ class BertAttention(nn.Module):
         self.output = BertAddNorm(config.hidden_size, config)
 
     def forward(self, x, layout):
-        return self.output(self.self(x, layout), x, layout.fused)
+        return self.output(self.self(x, layout), x)
 
 
 class BertIntermediate(nn.Module):
@@ -355,39 +321,9 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
-        self.act_name = config.hidden_act
 
-    def forward(self, x, fused: bool = False):
-        if fused and isinstance(self.dense, nn.Linear):
-            return _bias_act(F.linear(x, self.dense.weight), self.dense.bias, self.act_name)
+    def forward(self, x):
         return self.act(self.dense(x))
-
-
-# The fused element-wise tails (Kernels.fused), each compiled on first use for any number of rows. Under dropout the
-# compiled kernel draws its own random numbers, so a fused training step is not bitwise the eager one.
-_compiled: dict = {}
-
-
-def _fuse(fn):
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)
-    return _compiled[fn]
-
-
-def _bias_act_eager(x, bias, name: str):
-    return activation(name)(x + bias)
-
-
-def _dropout_add_norm_eager(x, bias, residual, p: float, weight, ln_bias, eps: float):
-    return F.layer_norm(F.dropout(x + bias, p) + residual, x.shape[-1:], weight, ln_bias, eps)
-
-
-def _bias_act(*args):
-    return _fuse(_bias_act_eager)(*args)
-
-
-def _dropout_add_norm(*args):
-    return _fuse(_dropout_add_norm_eager)(*args)
 
 
 class BertLayer(nn.Module):
@@ -401,7 +337,7 @@ class BertLayer(nn.Module):
 
     def forward(self, x, layout):
         x = self.attention(x, layout)
-        return self.output(self.intermediate(x, layout.fused), x, layout.fused)
+        return self.output(self.intermediate(x), x)
 
 
 class BertEncoder(nn.Module):
@@ -809,13 +745,14 @@ MODEL_CLASSES = {
 COMPILE_MODES = {  # mode -> torch.compile options
     "dynamic": dict(dynamic=True),  # one graph for every token count (the packed count changes every batch)
     "static": dict(dynamic=False),  # a graph per shape: for padded batches of bucketed lengths
-    "cudagraphs": dict(dynamic=False, mode="reduce-overhead"),  # static, replayed as CUDA graphs (no launch cost)
 }
 
 
 def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
-    """torch.compile every encoder block in place ("dynamic" shapes by default: the unpadded token count changes
-    every batch; "static" and "cudagraphs" want repeating shapes: Kernels(packing="never") and bucketed lengths).
+    """torch.compile every encoder block in place: "dynamic" shapes (the packed token count changes every batch), or
+    "static", a graph per shape, which keeps batches padded (Kernels(packing="never")) so that shapes repeat: give it
+    bucketed lengths (--pad-to-multiple-of). On an H200, base pretraining at length 128 in bf16: static 1.26x eager
+    (CUDA graphs on top of it added nothing and were removed); dynamic did not pay on an H100 (benchmarks/RESULTS.md).
 
     Compiling the blocks rather than the whole model keeps the data-dependent parts (which tokens are real, which
     are masked) in eager mode, so one compiled graph serves every batch; parameter names, and so checkpoints, are
@@ -826,11 +763,13 @@ def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
     for module in model.modules():
         if isinstance(module, BertLayer):
             module.compile(**COMPILE_MODES[mode])
+    if mode == "static":
+        set_kernels(model, packing="never")  # a packed batch's token count would be a new shape every batch
     return model
 
 
 def set_kernels(model: nn.Module, **choices) -> nn.Module:
-    """Choose how every encoder in `model` computes (the fields of `Kernels`: packing, attention, fused)."""
+    """Choose how every encoder in `model` computes (the fields of `Kernels`)."""
     for module in model.modules():
         if isinstance(module, BertModel):
             module.kernels = Kernels(**{**vars(module.kernels), **choices})
