@@ -99,7 +99,6 @@ class Layout:
         self.indices = None  # flat indices into B*T of the real tokens, in row-major order
         self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
-        self.causal = causal
         keep = attention_mask.bool() if attention_mask is not None else None
         if keep is not None and not bool(keep.all()):
             on_gpu = keep.device.type != "cpu"
