@@ -15,8 +15,8 @@
 #            and 512, BERT-Large phase 1 (sequences/s), SQuAD fine-tuning at 384, inference at batch 32 and 1; MFU
 #            against the bf16 GEMM peak measured in the same run;
 #   pretrain the suite's pretraining cases alone, with BERT-Large phase 2 (a rerun after a change to the kernels);
-#   choices  base pretraining with the blocks compiled for static shapes (batches kept padded, lengths bucketed to
-#            64), the launch-bound profile's remedy;
+#   choices  base (128, 512) and Large pretraining with the blocks compiled for static shapes (batches kept padded,
+#            lengths bucketed to 64), the launch-bound profile's remedy, and a profile of the compiled base step;
 #   ablation benchmarks/ablation.py: each choice undone against bertkit as shipped.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -76,8 +76,12 @@ fi
 
 if wants choices; then
     step "choices: blocks compiled for static shapes, padded, bucketed to 64"
-    timeout 100 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 --no-memory --batches 4 \
-        --rounds 2 --warmup 1 --bucket 64 --compile static --out "$RESULTS/static" 2>&1 | quiet | tee -a "$LOG"
+    timeout 130 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
+        --no-memory --batches 4 --rounds 2 --warmup 1 --bucket 64 --compile static --out "$RESULTS/static" 2>&1 \
+        | quiet | tee -a "$LOG"
+    step "choices: where a static-compiled base step spends its time (torch.profiler)"
+    timeout 90 python3 benchmarks/run.py --device cuda --cases pretrain-base --no-memory --batches 2 --rounds 1 \
+        --warmup 1 --bucket 64 --compile static --profile --out "$RESULTS/profile" 2>&1 | quiet | tee -a "$LOG"
 fi
 
 if wants ablation; then
