@@ -108,7 +108,8 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
     def fake_pretraining(config, fields, seed, inputs, out):
         calls.append(("pretrain", fields.get("objective"), seed))
         return {"pretrain": {"masked_lm_loss": 6.0, "masked_lm_accuracy": 0.1, "step": 5},
-                "checkpoint": str(out / "ckpt"), "pretrain_seconds": 1.0, "token_positions": 100, "pretrain_fields": {}}
+                "checkpoint": str(out / f"ckpt-{fields.get('objective')}-{seed}"), "pretrain_seconds": 1.0,
+                "token_positions": 100, "pretrain_fields": {}}
 
     def fake_suite(sc):
         calls.append(("suite", sc.label, sc.bilstm))
@@ -139,6 +140,12 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
     config.variants = ["ltr=--objective mlm"]  # the same name with other flags: refused, not mixed
     with pytest.raises(BertkitError, match="cell ltr/seed=0 was run with flags '--objective ltr'"):
         ablate(config)
+    calls.clear()  # BERT's mix written out pretrains into the default's run folder: fine-tuned once, scored twice
+    config.variants, config.seeds = ["mlm+nsp", "mix-80-10-10"], 1
+    cells = ablate(config)["cells"]
+    assert calls == [("pretrain", None, 0), ("suite", "mlm+nsp/seed=0", False), ("pretrain", None, 0)]
+    assert cells["mix-80-10-10/seed=0"]["suite"] == cells["mlm+nsp/seed=0"]["suite"]
+    assert cells["mix-80-10-10/seed=0"]["suite_from"] == "mlm+nsp/seed=0"
 
 
 @pytest.mark.slow

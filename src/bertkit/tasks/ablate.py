@@ -299,7 +299,12 @@ def ablate(config: AblateConfig) -> dict:
             if "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
                 cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])}
                 save_cell(results_path, key, cell)
-            if needs_model:
+            twin = finetuned_twin(_load(results_path), key, cell, config.tasks, wanted) if needs_model else None
+            if twin:  # the same pretrained model, fine-tuned the same way: its scores are this cell's
+                print(f"ablate: {key} has {twin}'s pretrained model; its suite results are this cell's", flush=True)
+                cell = {**cell, "suite": _load(results_path)[twin]["suite"], "suite_from": twin}
+                save_cell(results_path, key, cell)
+            elif needs_model:
                 print(f"ablate: fine-tuning {key} on {', '.join(config.tasks)}", flush=True)
                 suite_config = SuiteConfig(model_dir=cell["checkpoint"], label=key, out_dir=str(out / "suite"),
                                            tasks=list(config.tasks), seeds=config.finetune_seeds, lrs=config.lrs,
@@ -313,6 +318,20 @@ def ablate(config: AblateConfig) -> dict:
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
     plot(cells, list(variants), out / PLOT_FILE)
     return {"cells": cells, "table": table}
+
+
+def finetuned_twin(cells: dict, key: str, cell: dict, tasks, wanted: int) -> str | None:
+    """Another cell of this grid with the same pretrained model (its run folder: the same pretraining flags and seed,
+    as BERT's 80/10/10 mix written out shares the default's) and the same fine-tuning (a BiLSTM or not), whose suite
+    already has every wanted run: fine-tuning it again would repeat the same runs."""
+    bilstm = "--bilstm" in cell.get("flags", "").split()
+    here = Path(cell["checkpoint"]).resolve()
+    for other_key, other in cells.items():
+        done = [k for k in other.get("suite", {}).get("cells", {}) if k.split("/")[0] in tasks]
+        if (other_key != key and "checkpoint" in other and Path(other["checkpoint"]).resolve() == here
+                and ("--bilstm" in other.get("flags", "").split()) == bilstm and len(done) >= wanted):
+            return other_key
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
