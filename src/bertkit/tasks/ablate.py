@@ -302,7 +302,9 @@ def ablate(config: AblateConfig) -> dict:
             twin = finetuned_twin(_load(results_path), key, cell, config.tasks, wanted) if needs_model else None
             if twin:  # the same pretrained model, fine-tuned the same way: its scores are this cell's
                 print(f"ablate: {key} has {twin}'s pretrained model; its suite results are this cell's", flush=True)
-                cell = {**cell, "suite": _load(results_path)[twin]["suite"], "suite_from": twin}
+                other = _load(results_path)[twin]  # the same run: its time too, if it was measured over more of it
+                cell = {**cell, "suite": other["suite"], "suite_from": twin,
+                        "pretrain_seconds": max(cell["pretrain_seconds"], other.get("pretrain_seconds", 0.0))}
                 save_cell(results_path, key, cell)
             elif needs_model:
                 print(f"ablate: fine-tuning {key} on {', '.join(config.tasks)}", flush=True)
