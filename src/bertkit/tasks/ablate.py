@@ -299,10 +299,11 @@ def ablate(config: AblateConfig) -> dict:
             if "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
                 cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])}
                 save_cell(results_path, key, cell)
-            twin = finetuned_twin(_load(results_path), key, cell, config.tasks, wanted) if needs_model else None
+            recorded = _load(results_path) if needs_model else {}
+            twin = finetuned_twin(recorded, key, cell, config.tasks, wanted)
             if twin:  # the same pretrained model, fine-tuned the same way: its scores are this cell's
                 print(f"ablate: {key} has {twin}'s pretrained model; its suite results are this cell's", flush=True)
-                other = _load(results_path)[twin]  # the same run: its time too, if it was measured over more of it
+                other = recorded[twin]  # the same run: its time too, if it was measured over more of it
                 cell = {**cell, "suite": other["suite"], "suite_from": twin,
                         "pretrain_seconds": max(cell["pretrain_seconds"], other.get("pretrain_seconds", 0.0))}
                 save_cell(results_path, key, cell)
