@@ -67,10 +67,10 @@ def test_the_table_gives_sizes_where_they_differ_and_marks_a_left_to_right_model
              "ltr/seed=0": {**_fake_cell("ltr", 0, 0.0, 60.0), "held_out": {}}}
     cells["ltr/seed=0"]["pretrain"]["masked_lm_loss"] = 0.0  # its own next-token loss: perplexity 1
     table = results_table(cells, ["tiny", "mini", "ltr"]).splitlines()
-    assert table[0].startswith("| variant | flags | seeds | MLM ppl | MLM acc | params (M) | SST-2 (acc) |")
-    assert table[2].startswith("| tiny | `(recipe defaults)` | 1 | 300.0 | 10.0 | 2.6 | 71.5 |")
-    assert table[3].startswith("| mini | `(recipe defaults)` | 1 | 200.0 | 10.0 | 11.2 | 76.5 |")
-    assert table[4].startswith("| ltr | `(recipe defaults)` | 1 | 1.0† | 30.0† | - | 61.5 |")
+    assert table[0].startswith("| variant | flags | seeds | MLM ppl | MLM acc | params (M) | pretrain min | SST-2 (acc) |")
+    assert table[2].startswith("| tiny | `(recipe defaults)` | 1 | 300.0 | 10.0 | 2.6 | 1 | 71.5 |")
+    assert table[3].startswith("| mini | `(recipe defaults)` | 1 | 200.0 | 10.0 | 11.2 | 1 | 76.5 |")
+    assert table[4].startswith("| ltr | `(recipe defaults)` | 1 | 1.0† | 30.0† | - | 1 | 61.5 |")
 
 
 def test_a_cell_is_scored_on_the_shared_masks_once(tmp_path, monkeypatch):

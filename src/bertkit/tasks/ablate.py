@@ -348,7 +348,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def variant_scores(cells: dict, variant: str) -> dict:
     """Per column, the values over the variant's pretraining seeds: each seed's suite score (mean over fine-tuning
     seeds at the task's best lr), the GLUE average of a seed that has every GLUE column, the held-out masked-LM
-    perplexity and accuracy at the masking all cells share, and the parameter count. A left-to-right model's
+    perplexity and accuracy at the masking all cells share, the parameter count and pretraining minutes. A left-to-right model's
     perplexity and accuracy are its own next-token ones, and its scores hold "own_reading"."""
     from bertkit.tasks.suite import TASKS, summarize
 
@@ -365,6 +365,8 @@ def variant_scores(cells: dict, variant: str) -> dict:
             scores.setdefault("mlm_ppl", []).append(math.exp(cell["pretrain"]["masked_lm_loss"]))
             scores.setdefault("mlm_acc", []).append(100 * cell["pretrain"]["masked_lm_accuracy"])
             scores["own_reading"] = [1.0]
+        if "pretrain_seconds" in cell:
+            scores.setdefault("minutes", []).append(cell["pretrain_seconds"] / 60)
         glue = []
         for name, task in TASKS.items():
             s = summarize(cell.get("suite", {}).get("cells", {}), name)
@@ -385,10 +387,12 @@ def results_table(cells: dict, variants: list[str]) -> str:
     per_variant = {v: variant_scores(cells, v) for v in variants}
     tasks = [t for t in TASKS.values() if any(t.name in s for s in per_variant.values())]
     sizes = {round(x, 1) for s in per_variant.values() for x in s.get("params", [])}
-    extra = ["params"] if len(sizes) > 1 else []  # a column only where the model size differs (Table 6)
+    # columns only where the model size differs (Table 6): its parameters, and its own pretraining time, which the
+    # note's average over cells would hide
+    extra = ["params", "minutes"] if len(sizes) > 1 else []
     columns = ["mlm_ppl", "mlm_acc"] + extra + [t.name for t in tasks] + ["glue"]
-    head = (["variant", "flags", "seeds", "MLM ppl", "MLM acc"] + ["params (M)"] * len(extra) + [t.column for t in tasks]
-            + ["GLUE avg"])
+    head = (["variant", "flags", "seeds", "MLM ppl", "MLM acc"] + ["params (M)", "pretrain min"][:len(extra)]
+            + [t.column for t in tasks] + ["GLUE avg"])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for v in variants:
         s = per_variant[v]
@@ -403,7 +407,8 @@ def results_table(cells: dict, variants: list[str]) -> str:
                 continue
             mean, std = _mean_std(s[column])
             mark = "†" if column in ("mlm_ppl", "mlm_acc") and "own_reading" in s else ""
-            row.append(f"{mean:.1f}" + (f" ± {std:.1f}" if len(s[column]) > 1 else "") + mark)  # one seed: no std
+            digits = 0 if column == "minutes" else 1
+            row.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(s[column]) > 1 else "") + mark)  # one seed: no std
         lines.append("| " + " | ".join(row) + " |")
     shown = [c for c in cells.values() if c.get("variant") in variants]
     notes = [""]
@@ -440,7 +445,7 @@ def plot(cells: dict, variants: list[str], path: Path) -> None:
 
     scores = {v: variant_scores(cells, v) for v in variants}
     column = "glue" if any("glue" in s for s in scores.values()) else next(
-        (k for s in scores.values() for k in s if k not in ("mlm_ppl", "mlm_acc", "params", "own_reading")), "mlm_acc")
+        (k for s in scores.values() for k in s if k not in ("mlm_ppl", "mlm_acc", "params", "minutes", "own_reading")), "mlm_acc")
     shown = [v for v in variants if column in scores[v]]
     if not shown:
         return
