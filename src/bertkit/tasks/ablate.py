@@ -348,8 +348,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def variant_scores(cells: dict, variant: str) -> dict:
     """Per column, the values over the variant's pretraining seeds: each seed's suite score (mean over fine-tuning
     seeds at the task's best lr), the GLUE average of a seed that has every GLUE column, the held-out masked-LM
-    perplexity and accuracy at the masking all cells share, the parameter count and pretraining minutes. A left-to-right model's
-    perplexity and accuracy are its own next-token ones, and its scores hold "own_reading"."""
+    perplexity and accuracy at the masking all cells share, the parameter count and the pretraining minutes. A
+    left-to-right model's perplexity and accuracy are its own next-token ones, and its scores hold "own_reading"."""
     from bertkit.tasks.suite import TASKS, summarize
 
     scores: dict[str, list[float]] = {}
