@@ -93,6 +93,37 @@ def _recording_pool(ran, on_submit=None):
     return Pool
 
 
+def test_a_failed_cell_keeps_the_cells_that_finish_while_the_pool_shuts_down(wnli_suite, tmp_path, monkeypatch):
+    """One cell fails while another is running: the suite stops naming the failure, and the running cell's result,
+    which arrives during the shutdown, is saved rather than lost."""
+    from concurrent.futures import Future
+
+    config, _ = wnli_suite
+    submitted = []
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, finetune_config, log, keep):
+            future = Future()
+            submitted.append(future)
+            if finetune_config.seed == 1:
+                future.set_exception(RuntimeError("the folder is in use"))
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            submitted[1].set_result({"best": {"accuracy": 55.0}, "best_epoch": 1, "seconds": 1.0,
+                                     "train_examples": 635, "eval_examples": 71})
+
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", Pool)
+    fresh = SuiteConfig(**{**config.__dict__, "out_dir": str(tmp_path)})
+    with pytest.raises(BertkitError, match="suite cell WNLI/lr=0.0001/seed=1 failed"):
+        suite(fresh)
+    saved = json.loads((tmp_path / "suite.json").read_text())[fresh.row]["cells"]
+    assert list(saved) == ["WNLI/lr=0.0001/seed=2"] and saved["WNLI/lr=0.0001/seed=2"]["best"]["accuracy"] == 55.0
+
+
 def test_from_scratch_is_its_own_row_with_other_weights(wnli_suite, tiny_model_dir):
     config, _ = wnli_suite
     scratch = SuiteConfig(**{**config.__dict__, "from_scratch": True, "seeds": 1})

@@ -268,6 +268,12 @@ def suite(config: SuiteConfig) -> dict:
                     bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error, the cells not yet started are dropped
+            # ... but those already running finish during the shutdown: their runs are kept, not thrown away
+            late = {futures[f][0]: f.result() for f in futures
+                    if f.done() and not f.cancelled() and f.exception() is None and futures[f][0] not in row["cells"]}
+            if late:
+                row["cells"].update(late)
+                save_entry(results_path, config.row, row)
     results = {**read_results(results_path), config.row: row}  # with the rows other suites added meanwhile
     table = results_table(results)
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
