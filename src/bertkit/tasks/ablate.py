@@ -408,7 +408,8 @@ def results_table(cells: dict, variants: list[str]) -> str:
             mean, std = _mean_std(s[column])
             mark = "†" if column in ("mlm_ppl", "mlm_acc") and "own_reading" in s else ""
             digits = 0 if column == "minutes" else 1
-            row.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(s[column]) > 1 else "") + mark)  # one seed: no std
+            spread = f" ± {std:.{digits}f}" if len(s[column]) > 1 else ""  # one seed: no std
+            row.append(f"{mean:.{digits}f}{spread}{mark}")
         lines.append("| " + " | ".join(row) + " |")
     shown = [c for c in cells.values() if c.get("variant") in variants]
     notes = [""]
@@ -443,9 +444,11 @@ def plot(cells: dict, variants: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bertkit.tasks.suite import TASKS
+
     scores = {v: variant_scores(cells, v) for v in variants}
     column = "glue" if any("glue" in s for s in scores.values()) else next(
-        (k for s in scores.values() for k in s if k not in ("mlm_ppl", "mlm_acc", "params", "minutes", "own_reading")), "mlm_acc")
+        (k for s in scores.values() for k in s if k in TASKS), "mlm_acc")
     shown = [v for v in variants if column in scores[v]]
     if not shown:
         return
