@@ -273,6 +273,7 @@ def suite(config: SuiteConfig) -> dict:
                     if f.done() and not f.cancelled() and f.exception() is None and futures[f][0] not in row["cells"]}
             if late:
                 row["cells"].update(late)
+                row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started  # the wait too
                 save_entry(results_path, config.row, row)
     results = {**read_results(results_path), config.row: row}  # with the rows other suites added meanwhile
     table = results_table(results)
