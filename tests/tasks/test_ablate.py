@@ -23,6 +23,19 @@ def test_variants_that_pretrain_alike_share_their_pretrained_models():
     assert fields["mask_mix"] == (0, 20, 80) and fields["model"] == "mini" and fields["max_steps"] == 800
 
 
+def test_the_size_grid_halves_the_rate_for_the_wider_and_again_for_the_deeper_model():
+    """The recipe's lr leaves `small` on the unigram plateau and `medium` diverged at 5e-4 (docs/findings.md): the
+    built-in grid must not hand a user those rows."""
+    from bertkit.train.pretrain import PretrainConfig
+
+    config = AblateConfig(grid="size")
+    rates = {}
+    for value in config.variant_flags().values():
+        fields = {**vars(PretrainConfig()), **pretrain_args(config, value)[0]}
+        rates.setdefault(fields["model"], set()).add(fields["lr"])
+    assert rates["small"] == {5e-4} and rates["medium"] == {2.5e-4} and max(rates["mini"]) == PretrainConfig().lr
+
+
 @pytest.mark.parametrize("variants, expected", [
     (["nonsense"], "not a built-in variant"),
     (["x=--objective mlm+xyz"], "variant 'x'.*expected `bertkit pretrain` flags"),
