@@ -24,7 +24,7 @@ def test_variants_that_pretrain_alike_share_their_pretrained_models():
 
 
 def test_the_size_grid_halves_the_rate_for_the_wider_and_again_for_the_deeper_model():
-    """The recipe's lr leaves `small` on the unigram plateau and `medium` diverged at 5e-4 (docs/findings.md): the
+    """The recipe's lr leaves `small` on the unigram plateau and `medium` stayed there at 5e-4 (docs/findings.md): the
     built-in grid must not hand a user those rows."""
     from bertkit.train.pretrain import PretrainConfig
 

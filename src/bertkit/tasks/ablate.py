@@ -52,7 +52,8 @@ VARIANTS: dict[str, str] = {
     "mix-0-0-100": "--mask-mix 0 0 100",
     "rate-15": "--mask-prob 0.15",
     # Table 6: model size at equal steps. The recipe's lr (1e-3, chosen on mini) leaves small on the unigram plateau
-    # and medium diverges at 5e-4 (docs/findings.md): the wider and the deeper model each get half the rate
+    # and medium at 5e-4 stays there through a loss spike (docs/findings.md): the wider and the deeper model each get
+    # half the rate
     "tiny": "--model tiny",
     "mini": "--model mini",
     "mini-lr5e-4": "--model mini --lr 5e-4",  # mini at small's rate: what the lower rate alone costs
