@@ -210,6 +210,25 @@ def test_grids_run_apart_merge_into_one_table_without_running_anything(tmp_path,
         ablate(AblateConfig(grid="custom", variants=["mlm"], out_dir=str(docs), merge_from=[str(tmp_path / "x")]))
 
 
+def test_a_cell_whose_suite_stopped_part_way_shows_the_runs_it_finished(tmp_path, monkeypatch):
+    """The runs of an interrupted suite sit in suite/suite.json only; the table reads them back, for the cell of the
+    same key and checkpoint, and not another model's row that happens to carry the key."""
+    cells = {"mlm/seed=0": _fake_cell("mlm", 0, 100.0, 70.0), "wwm/seed=0": _fake_cell("wwm", 0, 90.0, 71.0)}
+    runs = {"mlm/seed=0": {"model_dir": "x", "cells": cells["mlm/seed=0"].pop("suite")["cells"]},
+            "wwm/seed=0": {"model_dir": "elsewhere", "cells": cells["wwm/seed=0"].pop("suite")["cells"]}}
+    for key, cell in cells.items():
+        save_cell(tmp_path / "ablate.json", key, cell)
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "suite.json").write_text(json.dumps(runs))
+    monkeypatch.setattr(ablate_module, "run_pretraining", lambda *a: pytest.fail("nothing is pretrained"))
+    config = AblateConfig(grid="custom", variants=["mlm=", "wwm="], seeds=1, tasks=["SST-2"], out_dir=str(tmp_path),
+                          table_only=True)
+    table = ablate(config)["table"]
+    assert "| mlm | `(recipe defaults)` | 1 | 100.0 | 10.0 | 71.5 |" in table  # runs 71 and 72
+    assert "| wwm | `(recipe defaults)` | 1 | 90.0 | 10.0 | - |" in table
+    assert "suite" not in json.loads((tmp_path / "ablate.json").read_text())["mlm/seed=0"]  # shown, not recorded
+
+
 def test_a_model_outside_a_pretraining_run_is_named_not_a_traceback(tmp_path):
     checkpoint = tmp_path / "elsewhere" / "checkpoints" / "step-00000010"
     checkpoint.mkdir(parents=True)

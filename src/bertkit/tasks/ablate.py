@@ -319,11 +319,32 @@ def ablate(config: AblateConfig) -> dict:
                 row = suite(suite_config)["results"][key]
                 cell = {**cell, "suite": {"cells": row["cells"], "wall_seconds": row.get("wall_seconds", 0.0)}}
                 save_cell(results_path, key, cell)
-    cells = _load(results_path)
+    cells = with_suite_runs(_load(results_path), out / "suite")
     table = results_table(cells, list(variants))
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
     plot(cells, list(variants), out / PLOT_FILE)
     return {"cells": cells, "table": table}
+
+
+def with_suite_runs(cells: dict, suite_dir: Path) -> dict:
+    """The cells with every fine-tuning run their suite finished: a cell whose suite was stopped part way (or run
+    again at more rates) has those runs only in suite/suite.json until its suite completes, and the table shows them.
+    A suite row counts for a cell of the same key fine-tuned from the same checkpoint."""
+    from bertkit.tasks.suite import RESULTS_FILE as SUITE_FILE, read_results
+
+    if not (suite_dir / SUITE_FILE).is_file():
+        return cells
+    rows = read_results(suite_dir / SUITE_FILE)
+    merged = {}
+    for key, cell in cells.items():
+        row = rows.get(key, {})
+        model = Path(row.get("model_dir", cell.get("checkpoint", ""))).resolve()
+        same_model = model == Path(cell.get("checkpoint", "")).resolve()
+        if row.get("cells") and same_model and "suite_from" not in cell:
+            suite = cell.get("suite", {})
+            cell = {**cell, "suite": {**suite, "cells": {**row["cells"], **suite.get("cells", {})}}}
+        merged[key] = cell
+    return merged
 
 
 def finetuned_twin(cells: dict, key: str, cell: dict, tasks, wanted: int) -> str | None:
