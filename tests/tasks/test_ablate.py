@@ -36,6 +36,13 @@ def test_the_size_grid_halves_the_rate_for_the_wider_and_again_for_the_deeper_mo
     assert rates["small"] == {5e-4} and rates["medium"] == {2.5e-4} and max(rates["mini"]) == PretrainConfig().lr
 
 
+def test_the_size_grid_fine_tunes_at_two_rates_unless_told():
+    """medium stays at the majority class when fine-tuned at 3e-4: the size grid reads every row at 1e-4 and 3e-4."""
+    assert AblateConfig(grid="size").lrs == [1e-4, 3e-4]
+    assert AblateConfig(grid="table5").lrs == AblateConfig(grid="custom", variants=["mlm"]).lrs == [3e-4]
+    assert AblateConfig(grid="size", lrs=["2e-4"]).lrs == [2e-4]
+
+
 @pytest.mark.parametrize("variants, expected", [
     (["nonsense"], "not a built-in variant"),
     (["x=--objective mlm+xyz"], "variant 'x'.*expected `bertkit pretrain` flags"),
