@@ -131,11 +131,14 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
                 "checkpoint": str(out / f"ckpt-{fields.get('objective')}-{seed}"), "pretrain_seconds": 1.0,
                 "token_positions": 100, "pretrain_fields": {}}
 
-    def fake_suite(sc):
+    rows = {}
+
+    def fake_suite(sc):  # like the suite: the row's runs so far and this call's
         calls.append(("suite", sc.label, sc.bilstm))
-        cells = {f"RTE/lr=0.0003/seed={s}": {"best": {"accuracy": 50.0 + s}, "seconds": 1.0, "train_examples": 1,
-                                             "eval_examples": 1} for s in range(1, sc.seeds + 1)}
-        return {"results": {sc.label: {"cells": cells, "wall_seconds": 2.0}}}
+        cells = rows.setdefault(sc.label, {})
+        cells.update({f"RTE/lr={lr:g}/seed={s}": {"best": {"accuracy": 50.0 + s}, "seconds": 1.0, "train_examples": 1,
+                                                  "eval_examples": 1} for lr in sc.lrs for s in range(1, sc.seeds + 1)})
+        return {"results": {sc.label: {"cells": dict(cells), "wall_seconds": 2.0}}}
 
     monkeypatch.setattr(ablate_module, "run_pretraining", fake_pretraining)
     monkeypatch.setattr(ablate_module, "shared_inputs", lambda config, out: ("tok", "data"))
@@ -166,6 +169,14 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
     assert calls == [("pretrain", None, 0), ("suite", "mlm+nsp/seed=0", False), ("pretrain", None, 0)]
     assert cells["mix-80-10-10/seed=0"]["suite"] == cells["mlm+nsp/seed=0"]["suite"]
     assert cells["mix-80-10-10/seed=0"]["suite_from"] == "mlm+nsp/seed=0"
+    calls.clear()  # another rate: as many runs as the cell has, but not the ones wanted; the twin follows
+    config.lrs = [1e-4]
+    (tmp_path / "ckpt-None-0").mkdir()  # the model is on disk this time (and scored on the held-out masks)
+    monkeypatch.setattr(ablate_module, "score_cell", lambda *a: _fake_cell("mlm+nsp", 0, 1.0, 0.0)["held_out"])
+    cells = ablate(config)["cells"]
+    assert calls == [("suite", "mlm+nsp/seed=0", False)]
+    assert sorted(cells["mix-80-10-10/seed=0"]["suite"]["cells"]) == [f"RTE/lr={lr}/seed={s}" for lr in ("0.0001", "0.0003")
+                                                                    for s in (1, 2)]
 
 
 @pytest.mark.slow

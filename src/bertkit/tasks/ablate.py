@@ -290,8 +290,8 @@ def ablate(config: AblateConfig) -> dict:
                 raise BertkitError(f"{results_path}: cell {key} was run with flags {cell.get('flags')!r}; now "
                                    f"{flags!r}; expected the same flags (or another variant name, or another --out-dir)")
             done = cell.get("suite", {}).get("cells", {})
-            wanted = len(config.tasks) * len(config.lrs) * config.finetune_seeds
-            needs_model = not config.only_pretrain and len([k for k in done if k.split("/")[0] in config.tasks]) < wanted
+            wanted = wanted_runs(config)
+            needs_model = not config.only_pretrain and not wanted <= done.keys()
             if config.table_only:
                 if "checkpoint" in cell and "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
                     save_cell(results_path, key, {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])})
@@ -308,7 +308,7 @@ def ablate(config: AblateConfig) -> dict:
                 cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])}
                 save_cell(results_path, key, cell)
             recorded = _load(results_path) if needs_model else {}
-            twin = finetuned_twin(recorded, key, cell, config.tasks, wanted)
+            twin = finetuned_twin(recorded, key, cell, wanted)
             if twin:  # the same pretrained model, fine-tuned the same way: its scores are this cell's
                 print(f"ablate: {key} has {twin}'s pretrained model; its suite results are this cell's", flush=True)
                 other = recorded[twin]  # the same run: its time too, if it was measured over more of it
@@ -352,16 +352,24 @@ def with_suite_runs(cells: dict, suite_dir: Path) -> dict:
     return merged
 
 
-def finetuned_twin(cells: dict, key: str, cell: dict, tasks, wanted: int) -> str | None:
+def wanted_runs(config: AblateConfig) -> set[str]:
+    """The suite runs a cell needs: every task at every rate and fine-tuning seed (the suite's keys)."""
+    from bertkit.tasks.suite import cell_key as run_key
+
+    return {run_key(task, lr, seed) for task in config.tasks for lr in config.lrs
+            for seed in range(1, config.finetune_seeds + 1)}
+
+
+def finetuned_twin(cells: dict, key: str, cell: dict, wanted: set[str]) -> str | None:
     """Another cell of this grid with the same pretrained model (its run folder: the same pretraining flags and seed,
     as BERT's 80/10/10 mix written out shares the default's) and the same fine-tuning (a BiLSTM or not), whose suite
     already has every wanted run: fine-tuning it again would repeat the same runs."""
     bilstm = "--bilstm" in cell.get("flags", "").split()
     here = Path(cell["checkpoint"]).resolve()
     for other_key, other in cells.items():
-        done = [k for k in other.get("suite", {}).get("cells", {}) if k.split("/")[0] in tasks]
+        done = other.get("suite", {}).get("cells", {}).keys()
         if (other_key != key and "checkpoint" in other and Path(other["checkpoint"]).resolve() == here
-                and ("--bilstm" in other.get("flags", "").split()) == bilstm and len(done) >= wanted):
+                and ("--bilstm" in other.get("flags", "").split()) == bilstm and wanted <= done):
             return other_key
     return None
 
