@@ -175,8 +175,8 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate_module, "score_cell", lambda *a: _fake_cell("mlm+nsp", 0, 1.0, 0.0)["held_out"])
     cells = ablate(config)["cells"]
     assert calls == [("suite", "mlm+nsp/seed=0", False)]
-    assert sorted(cells["mix-80-10-10/seed=0"]["suite"]["cells"]) == [f"RTE/lr={lr}/seed={s}" for lr in ("0.0001", "0.0003")
-                                                                    for s in (1, 2)]
+    runs = sorted(cells["mix-80-10-10/seed=0"]["suite"]["cells"])
+    assert runs == [f"RTE/lr={lr}/seed={s}" for lr in ("0.0001", "0.0003") for s in (1, 2)]
 
 
 @pytest.mark.slow
