@@ -223,6 +223,15 @@ def test_grids_run_apart_merge_into_one_table_without_running_anything(tmp_path,
     assert set(cells) == {"mlm/seed=0", "mlm/seed=1", "wwm/seed=0"}
     assert cells["wwm/seed=0"]["held_out"]["masked_lm_perplexity"] == 90.0 and "suite" in cells["wwm/seed=0"]
     assert json.loads((docs / "suite" / "suite.json").read_text()) == {"wwm/seed=0": {"cells": {}}}
+    # a stream with fewer runs of a cell merged last adds to the runs there are, and drops none
+    more = {"SST-2/lr=0.0001/seed=1": {"best": {"accuracy": 60.0}, "seconds": 1.0}}
+    (a / "suite").mkdir()
+    (a / "suite" / "suite.json").write_text(json.dumps({"wwm/seed=0": {"cells": more}}))
+    save_cell(a / "ablate.json", "wwm/seed=0", {**first, "suite": {"cells": more}})
+    ablate(AblateConfig(**{**vars(config), "merge_from": [str(b), str(a)]}))
+    assert json.loads((docs / "suite" / "suite.json").read_text()) == {"wwm/seed=0": {"cells": more}}
+    runs = json.loads((docs / "ablate.json").read_text())["wwm/seed=0"]["suite"]["cells"]
+    assert sorted(runs) == ["SST-2/lr=0.0001/seed=1", "SST-2/lr=0.0003/seed=1", "SST-2/lr=0.0003/seed=2"]
     assert "| mlm | `(recipe defaults)` | 2 | 110.0 ± 14.1 |" in table and "| wwm |" in table
     with pytest.raises(BertkitError, match="no ablate.json there"):
         ablate(AblateConfig(grid="custom", variants=["mlm"], out_dir=str(docs), merge_from=[str(tmp_path / "x")]))

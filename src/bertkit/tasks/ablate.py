@@ -109,7 +109,7 @@ class AblateConfig:
     only_pretrain: bool = option(False, "pretrain the cells and stop (fine-tune another time)")
     merge_from: list[str] = option([], "other grids' OUT_DIRs whose cells and suite runs are first copied into this "
                                    "one (a second stream on the other core, another machine); a cell in both is "
-                                   "merged field by field")
+                                   "merged field by field, its fine-tuning runs united")
     table_only: bool = option(False, "run nothing: merge --merge-from, score the models on disk, write the table and "
                               "plot of the cells there are")
 
@@ -261,12 +261,23 @@ def merge_grid(source: Path, out: Path) -> int:
             continue
         theirs, ours = read_results(source / name), read_results(out / name)
         for key, value in theirs.items():
-            merged = {**ours.get(key, {}), **value}
+            merged = _merged(ours.get(key, {}), value)
             if merged != ours.get(key):
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 save_entry(out / name, key, merged)
                 changed += 1
     return changed
+
+
+def _merged(ours: dict, theirs: dict) -> dict:
+    """Two records of one cell or suite row, field by field (theirs win), and their fine-tuning runs (a suite row's
+    "cells", a cell's "suite" "cells") as the union, so that a record with fewer runs never drops the other's."""
+    merged = {**ours, **theirs}
+    if isinstance(ours.get("cells"), dict) and isinstance(theirs.get("cells"), dict):
+        merged["cells"] = {**ours["cells"], **theirs["cells"]}
+    if isinstance(ours.get("suite"), dict) and isinstance(theirs.get("suite"), dict):
+        merged["suite"] = _merged(ours["suite"], theirs["suite"])
+    return merged
 
 
 def ablate(config: AblateConfig) -> dict:
