@@ -102,7 +102,8 @@ class AblateConfig:
                               "suite columns for every cell (see `bertkit suite --help`)")
     finetune_seeds: int = option(2, "fine-tuning seeds per task for every cell")
     lrs: list[float] = option([], "fine-tuning learning rates per task; the best mean on dev is reported (default: "
-                              "3e-4; for --grid size 1e-4 and 3e-4: medium fails SST-2 at 3e-4, tiny does worse at 1e-4)")
+                              "3e-4; for --grid size 1e-4 and 3e-4: medium fails SST-2 at 3e-4, tiny does worse at "
+                              "1e-4)")
     data_dir: str | None = option(None, "the shared data folder holding glue/ and squad/ (default: $BERTKIT_DATA)")
     threads: int = option(2, "torch threads of pretraining; the suite runs --jobs cells of one thread each")
     jobs: int = option(2, "suite cells at once")
