@@ -292,7 +292,7 @@ def ablate(config: AblateConfig) -> dict:
     variants = config.variant_flags()
     for source in config.merge_from:
         print(f"ablate: {merge_grid(Path(source), out)} record(s) merged from {source}", flush=True)
-    inputs = None
+    inputs, wanted = None, wanted_runs(config)
     for seed in range(config.seeds):  # every variant's first seed first: a grid stopped early is still a table
         for name, flags in variants.items():
             fields, finetune = pretrain_args(config, flags, name)
@@ -302,7 +302,6 @@ def ablate(config: AblateConfig) -> dict:
                 raise BertkitError(f"{results_path}: cell {key} was run with flags {cell.get('flags')!r}; now "
                                    f"{flags!r}; expected the same flags (or another variant name, or another --out-dir)")
             done = cell.get("suite", {}).get("cells", {})
-            wanted = wanted_runs(config)
             needs_model = not config.only_pretrain and not wanted <= done.keys()
             if config.table_only:
                 if "checkpoint" in cell and "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
@@ -358,8 +357,7 @@ def with_suite_runs(cells: dict, suite_dir: Path) -> dict:
         model = Path(row.get("model_dir", cell.get("checkpoint", ""))).resolve()
         same_model = model == Path(cell.get("checkpoint", "")).resolve()
         if row.get("cells") and same_model and "suite_from" not in cell:
-            suite = cell.get("suite", {})
-            cell = {**cell, "suite": {**suite, "cells": {**row["cells"], **suite.get("cells", {})}}}
+            cell = {**cell, "suite": _merged({"cells": row["cells"]}, cell.get("suite", {}))}
         merged[key] = cell
     return merged
 
