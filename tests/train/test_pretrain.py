@@ -1,6 +1,7 @@
 """Pretraining: exact resume after SIGKILL, torchrun equals accumulation, transformers loads the checkpoints,
 atomic checkpoints, and a short run that learns and writes its logs."""
 
+import json
 import math
 import os
 import random
@@ -565,6 +566,36 @@ def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tm
     pretrain(small(inputs, tmp_path, objective="ltr", max_steps=1, eval_batches=1))
     with pytest.raises(BertkitError, match="left-to-right"):
         score_held_out(tmp_path, tokenizer, data, max_length=64)
+
+
+def test_heldout_curve_scores_each_checkpoint_beside_the_runs_own_evaluation(short_run, inputs, tmp_path):
+    """benchmarks/heldout_curve.py: a row per kept checkpoint with `score_held_out`'s numbers at the paper's 15%, the
+    run's own evaluation beside it where eval.csv has that step, a plot; checkpoints already scored are not scored
+    again; a folder that is not a run is refused with its name."""
+    from bertkit.train.pretrain import score_held_out
+
+    run_dir, _ = short_run
+    out = tmp_path / "curve" / "heldout.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "heldout_curve.py"), str(run_dir), "--threads", "1", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mask_prob"] == 0.15 and result["run"]["max_length"] == 64
+    assert [row["step"] for row in result["rows"]] == [70, 80]  # keep_last 2
+    assert [row["tokens"] for row in result["rows"]] == [70 * 8 * 64, 80 * 8 * 64]
+    newest = score_held_out(list_checkpoints(run_dir / "checkpoints")[-1], inputs / "tokenizer", inputs / "data",
+                            max_length=64)
+    for key in ("masked_lm_loss", "masked_lm_accuracy", "next_sentence_accuracy", "examples"):
+        assert result["rows"][-1][key] == pytest.approx(newest[key], rel=1e-5)
+    own = rows(run_dir, "eval")[-1]
+    assert result["rows"][0]["own"] == {} and result["rows"][-1]["own"]["next_sentence_accuracy"] == pytest.approx(
+        float(own["next_sentence_accuracy"]))
+    assert out.with_suffix(".png").stat().st_size > 0 and "| 80 | 0.0 |" in first.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0 and "step 80:" in first.stdout and "step 80:" not in again.stdout
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    refused = subprocess.run([*cmd[:2], str(tmp_path), *cmd[3:]], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode != 0 and f"{tmp_path}: no pretrain_config.json" in refused.stderr
 
 
 def test_training_time_adds_up_over_resumes(inputs, tmp_path):

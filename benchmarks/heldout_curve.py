@@ -1,0 +1,132 @@
+"""Every checkpoint of a pretraining run scored on all of its corpus's held-out examples at one setting, beside the
+run's own held-out evaluation, as a table, a JSON file and a plot.
+
+    python benchmarks/heldout_curve.py runs/books/mini-final --out docs/books-mini/heldout.json
+
+A run evaluates itself as it trains: its masking (rate, kind, mix) and its first --eval-batches held-out batches.
+Here each checkpoint is scored by `score_held_out` instead: every held-out example of the run's prepared corpus, at
+the run's length and objective, with token masking at --mask-prob (15%, the paper's rate, by default) drawn with
+seed 0, the same positions for every checkpoint and every run on that corpus. A run trained at another masking rate
+is thereby read at the paper's, and two runs compare. Checkpoints already in --out are not scored again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import machine  # noqa: E402
+
+from bertkit.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
+from bertkit.errors import BertkitError  # noqa: E402
+from bertkit.train.pretrain import CONFIG_NAME, score_held_out  # noqa: E402
+
+SCORES = ("masked_lm_loss", "masked_lm_accuracy", "next_sentence_accuracy")
+
+
+def own_curve(run_dir: Path) -> dict[int, dict[str, float]]:
+    """The run's own held-out evaluation (eval.csv), by step."""
+    path = run_dir / "eval.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {int(row["step"]): {k: float(row[k]) for k in SCORES if row.get(k)} for row in csv.DictReader(f)}
+
+
+def table(result: dict) -> str:
+    own_rate = result["run"]["mask_prob"]
+    rate = result["mask_prob"]
+    lines = [f"| step | tokens (M) | MLM loss ({own_rate:.0%}, own) | MLM acc | NSP acc | MLM loss ({rate:.0%}, all) "
+             f"| MLM acc | NSP acc |", "|---|---|---|---|---|---|---|---|"]
+    def cell(scores: dict, key: str) -> str:
+        if key not in scores:
+            return "-"
+        return f"{scores[key]:.3f}" if key == "masked_lm_loss" else f"{100 * scores[key]:.1f}"
+
+    for row in result["rows"]:
+        cells = [cell(row.get("own", {}), k) for k in SCORES] + [cell(row, k) for k in SCORES]
+        lines.append(f"| {row['step']:,} | {row['tokens'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    tokens = [r["tokens"] / 1e6 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in zip(axes, ("next_sentence_accuracy", "masked_lm_accuracy"), ("NSP", "masked LM")):
+        own = [(t, 100 * r["own"][key]) for t, r in zip(tokens, rows) if key in r.get("own", {})]
+        if own:
+            ax.plot(*zip(*own), "o-", label=f"own evaluation ({result['run']['mask_prob']:.0%} masking)")
+        ax.plot(tokens, [100 * r[key] for r in rows if key in r], "s-",
+                label=f"all held-out examples, {result['mask_prob']:.0%} masking")
+        if key == "masked_lm_accuracy":
+            ax.plot(tokens, [100 * r["unigram_baseline_accuracy"] for r in rows], ":", color="gray",
+                    label="most frequent token")
+        ax.set(title=f"held-out {title} accuracy", xlabel="token positions trained (M)", ylabel="%")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a pretraining run folder (pretrain_config.json, checkpoints/)")
+    parser.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked for the scores")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, required=True, help="JSON of the scores; the plot is written beside it")
+    args = parser.parse_args()
+
+    config_path = args.run_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise SystemExit(f"error: {args.run_dir}: no {CONFIG_NAME}; expected a folder written by `bertkit pretrain`")
+    config = json.loads(config_path.read_text())
+    checkpoints = list_checkpoints(args.run_dir / "checkpoints")
+    if not checkpoints:
+        raise SystemExit(f"error: {args.run_dir / 'checkpoints'}: no complete checkpoint to score")
+    torch.set_num_threads(args.threads)
+    done = {}
+    if args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("mask_prob") == args.mask_prob:
+            done = {row["step"]: row for row in earlier["rows"]}
+    own = own_curve(args.run_dir)
+    tokens_per_step = config["batch_size"] * config["grad_accum"] * config["max_length"]
+    rows = []
+    for checkpoint in checkpoints:
+        step = checkpoint_step(checkpoint)
+        if step not in done:
+            try:
+                scores = score_held_out(checkpoint, config["tokenizer"], config["data"], objective=config["objective"],
+                                        max_length=config["max_length"], mask_prob=args.mask_prob)
+            except BertkitError as e:
+                raise SystemExit(f"error: {checkpoint}: {e}") from None
+            done[step] = {"step": step, **{k: scores[k] for k in (*SCORES, "unigram_baseline_accuracy",
+                                                                  "examples") if k in scores}}
+            print(f"step {step:,}: " + ", ".join(f"{k} {scores[k]:.4f}" for k in SCORES if k in scores), flush=True)
+        rows.append({**done[step], "tokens": step * tokens_per_step, "own": own.get(step, {})})
+    result = {"machine": machine(), "run": {k: config[k] for k in ("out_dir", "model", "objective", "masking",
+                                                                   "mask_prob", "max_length", "max_steps", "seed")},
+              "mask_prob": args.mask_prob, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
