@@ -13,7 +13,6 @@ is thereby read at the paper's, and two runs compare. Checkpoints already in --o
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from run import machine  # noqa: E402
 
 from bertkit.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 from bertkit.errors import BertkitError  # noqa: E402
+from bertkit.train.logs import read_csv  # noqa: E402
 from bertkit.train.pretrain import CONFIG_NAME, score_held_out  # noqa: E402
 
 SCORES = ("masked_lm_loss", "masked_lm_accuracy", "next_sentence_accuracy")
@@ -36,8 +36,7 @@ def own_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     path = run_dir / "eval.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
-        return {int(row["step"]): {k: float(row[k]) for k in SCORES if row.get(k)} for row in csv.DictReader(f)}
+    return {int(row["step"]): {k: float(row[k]) for k in SCORES if row.get(k)} for row in read_csv(path)}
 
 
 def table(result: dict) -> str:
