@@ -76,6 +76,32 @@ def probe(train_x, train_y, dev_x, dev_y) -> float:
     return best
 
 
+def probe_data(data: Path | None, train_sentences: int) -> tuple[tuple[list, list], tuple[list, list]]:
+    """--train-sentences SST-2 training sentences (drawn at random, seed 0) and the whole dev set."""
+    import os
+
+    data = data or Path(os.environ.get("BERTKIT_DATA", "../shared/data")) / "glue" / "SST-2"
+    train_x, train_y = read_sst2(data / "train.tsv")
+    chosen = random.Random(0).sample(range(len(train_x)), min(train_sentences, len(train_x)))
+    dev = read_sst2(data / "dev.tsv")
+    return ([train_x[i] for i in chosen], [train_y[i] for i in chosen]), dev
+
+
+def probe_model(model_dir: Path, train: tuple[list, list], dev: tuple[list, list], load_weights: bool = True) -> dict:
+    """Every probe's dev accuracy for the folder's weights (or, load_weights=False, its network at random init,
+    seed 0), and the pooler's mean |value| and saturated share."""
+    from bertkit import BertModel, Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = BertModel.from_pretrained(model_dir, load_weights=load_weights).eval()
+    train_f, dev_f = features(model, tokenizer, train[0]), features(model, tokenizer, dev[0])
+    pooler = dev_f["pooler"]
+    row = {f"probe_{kind}": probe(train_f[kind], train[1], dev_f[kind], dev[1]) for kind in KINDS}
+    return row | {"pooler_mean_abs": pooler.abs().mean().item(),
+                  "pooler_saturated_share": (pooler.abs() > 0.99).float().mean().item()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,27 +111,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feature_probe.json")
     args = parser.parse_args(argv)
-    import os
-
-    from bertkit import BertModel, Tokenizer
-
     torch.set_num_threads(args.threads)
-    data = args.data or Path(os.environ.get("BERTKIT_DATA", "../shared/data")) / "glue" / "SST-2"
-    train_x, train_y = read_sst2(data / "train.tsv")
-    chosen = random.Random(0).sample(range(len(train_x)), min(args.train_sentences, len(train_x)))
-    train_x, train_y = [train_x[i] for i in chosen], [train_y[i] for i in chosen]
-    dev_x, dev_y = read_sst2(data / "dev.tsv")
-    tokenizer = Tokenizer.from_pretrained(args.model_dir)
-    result = {"machine": machine(), "model_dir": str(args.model_dir), "train_sentences": len(train_x),
-              "dev_sentences": len(dev_x), "rows": {}}
+    train, dev = probe_data(args.data, args.train_sentences)
+    result = {"machine": machine(), "model_dir": str(args.model_dir), "train_sentences": len(train[0]),
+              "dev_sentences": len(dev[0]), "rows": {}}
     for name, load in (("pretrained", True), ("random init", False)):
-        torch.manual_seed(0)
-        model = BertModel.from_pretrained(args.model_dir, load_weights=load).eval()
-        train_f, dev_f = features(model, tokenizer, train_x), features(model, tokenizer, dev_x)
-        pooler = dev_f["pooler"]
-        row = {f"probe_{kind}": probe(train_f[kind], train_y, dev_f[kind], dev_y) for kind in KINDS}
-        row |= {"pooler_mean_abs": pooler.abs().mean().item(),
-                "pooler_saturated_share": (pooler.abs() > 0.99).float().mean().item()}
+        row = probe_model(args.model_dir, train, dev, load_weights=load)
         result["rows"][name] = row
         print(f"{name}: {row}", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)

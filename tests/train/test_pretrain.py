@@ -607,3 +607,49 @@ def test_training_time_adds_up_over_resumes(inputs, tmp_path):
     assert saved["train_seconds"] == first["train_seconds"] > 0
     more = pretrain(small(inputs, tmp_path, max_steps=8, resume="auto"))
     assert more["step"] == 8 and more["train_seconds"] > first["train_seconds"]
+
+
+def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained_network(short_run, tmp_path,
+                                                                                         monkeypatch):
+    """benchmarks/sst2_by_step.py: a suite row of SST-2 cells and the frozen-feature probes per chosen checkpoint,
+    and the same network from random weights last; a rerun runs no cell and no probe again; a step with no
+    checkpoint is refused with the steps there are. (SST-2's budget is shrunk to 64 sentences, one epoch.)"""
+    import dataclasses
+
+    from bertkit.tasks import suite as suite_module
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sst2_by_step
+
+    shrunk = dataclasses.replace(suite_module.TASKS["SST-2"], train_examples=64, epochs=1, max_length=32)
+    monkeypatch.setitem(suite_module.TASKS, "SST-2", shrunk)
+    monkeypatch.setenv("BERTKIT_DATA", str(data_path("glue", "SST-2").parents[1]))
+    run_dir, _ = short_run
+    out, suite_dir = tmp_path / "by-step.json", tmp_path / "suite"
+    argv = [str(run_dir), "--steps", "70", "80", "--lrs", "3e-4", "--seeds", "1", "--jobs", "1",
+            "--probe-sentences", "200", "--suite-dir", str(suite_dir), "--out", str(out)]
+    assert sst2_by_step.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["label"], r["step"], r["tokens"]) for r in result["rows"]] == [
+        ("step 70", 70, 70 * 8 * 64), ("step 80", 80, 80 * 8 * 64), ("no pretraining", None, None)]
+    cells = json.loads((suite_dir / "suite.json").read_text())
+    assert cells["no pretraining"]["from_scratch"] and not cells["step 80"]["from_scratch"]
+    for row in result["rows"]:
+        (cell,) = cells[row["label"]]["cells"].values()
+        assert cell["train_examples"] == 64 and cell["eval_examples"] == 872
+        assert row["fine_tuned"] == {"accuracy": cell["best"]["accuracy"], "std": 0.0, "seeds": 1, "lr": "0.0003",
+                                     "lrs": {"0.0003": cell["best"]["accuracy"]}}
+        assert set(row["probes"]) == {"probe_cls", "probe_pooler", "probe_mean", "probe_embeddings",
+                                      "pooler_mean_abs", "pooler_saturated_share"}
+        assert all(40 < row["probes"][f"probe_{k}"] <= 100 for k in sst2_by_step.KINDS)
+    assert result["rows"][1]["probes"] != result["rows"][2]["probes"]  # trained weights, not the random init
+    assert out.with_suffix(".png").stat().st_size > 0
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a probe ran again")
+
+    monkeypatch.setattr(sst2_by_step, "probe_model", not_again)
+    monkeypatch.setattr(suite_module, "_run_cell", not_again)
+    assert sst2_by_step.main(argv) == 0 and json.loads(out.read_text())["rows"] == result["rows"]
+    with pytest.raises(SystemExit, match=r"no checkpoint at step \[75\]; it has \[70, 80\]"):
+        sst2_by_step.main([*argv[:2], "75", *argv[4:]])
