@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 from run import machine  # noqa: E402
 
 KINDS = ("cls", "pooler", "mean", "embeddings")
+KIND_NAMES = {"cls": "[CLS]", "pooler": "pooler", "mean": "mean of last layer", "embeddings": "mean of embeddings"}
 
 
 def read_sst2(path: Path) -> tuple[list[str], list[int]]:
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         print(f"{name}: {row}", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| weights | [CLS] | pooler | mean of last layer | mean of embeddings | pooler saturated |")
+    print("| weights | " + " | ".join(KIND_NAMES.values()) + " | pooler saturated |")
     print("|---|---|---|---|---|---|")
     for name, row in result["rows"].items():
         print(f"| {name} | {row['probe_cls']:.1f} | {row['probe_pooler']:.1f} | {row['probe_mean']:.1f} | "

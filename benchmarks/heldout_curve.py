@@ -31,6 +31,23 @@ from bertkit.train.pretrain import CONFIG_NAME, score_held_out  # noqa: E402
 SCORES = ("masked_lm_loss", "masked_lm_accuracy", "next_sentence_accuracy")
 
 
+def read_run(run_dir: Path) -> tuple[dict, list[Path]]:
+    """A pretraining run folder's config and its complete checkpoints, oldest first; exits with a message if the
+    folder is not a run or has no checkpoint."""
+    config_path = run_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise SystemExit(f"error: {run_dir}: no {CONFIG_NAME}; expected a folder written by `bertkit pretrain`")
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if not checkpoints:
+        raise SystemExit(f"error: {run_dir / 'checkpoints'}: no complete checkpoint to score")
+    return json.loads(config_path.read_text()), checkpoints
+
+
+def step_tokens(config: dict) -> int:
+    """Token positions one optimizer step of the run trains on."""
+    return config["batch_size"] * config["grad_accum"] * config["max_length"]
+
+
 def own_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     """The run's own held-out evaluation (eval.csv), by step."""
     path = run_dir / "eval.csv"
@@ -90,13 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON of the scores; the plot is written beside it")
     args = parser.parse_args()
 
-    config_path = args.run_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise SystemExit(f"error: {args.run_dir}: no {CONFIG_NAME}; expected a folder written by `bertkit pretrain`")
-    config = json.loads(config_path.read_text())
-    checkpoints = list_checkpoints(args.run_dir / "checkpoints")
-    if not checkpoints:
-        raise SystemExit(f"error: {args.run_dir / 'checkpoints'}: no complete checkpoint to score")
+    config, checkpoints = read_run(args.run_dir)
     torch.set_num_threads(args.threads)
     done = {}
     if args.out.is_file():
@@ -104,7 +115,7 @@ def main() -> None:
         if earlier.get("mask_prob") == args.mask_prob:
             done = {row["step"]: row for row in earlier["rows"]}
     own = own_curve(args.run_dir)
-    tokens_per_step = config["batch_size"] * config["grad_accum"] * config["max_length"]
+    tokens_per_step = step_tokens(config)
     rows = []
     for checkpoint in checkpoints:
         step = checkpoint_step(checkpoint)

@@ -23,12 +23,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from feature_probe import KINDS, probe_data, probe_model  # noqa: E402
+from feature_probe import KIND_NAMES, KINDS, probe_data, probe_model  # noqa: E402
+from heldout_curve import read_run, step_tokens  # noqa: E402
 from run import machine  # noqa: E402
 
-from bertkit.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
+from bertkit.checkpoint import checkpoint_step  # noqa: E402
 from bertkit.tasks.suite import SuiteConfig, suite, summarize  # noqa: E402
-from bertkit.train.pretrain import CONFIG_NAME  # noqa: E402
 
 SCRATCH = "no pretraining"
 
@@ -46,8 +46,8 @@ def fine_tuned(config: SuiteConfig) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| weights | tokens (M) | SST-2 fine-tuned (acc) | best lr | probe: [CLS] | pooler | mean of last layer "
-             "| mean of embeddings |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| weights | tokens (M) | SST-2 fine-tuned (acc) | best lr | probe: " + " | ".join(KIND_NAMES.values())
+             + " |", "|---" * (4 + len(KINDS)) + "|"]
     for row in result["rows"]:
         tuned, probes = row["fine_tuned"], row["probes"]
         tokens = "-" if row["step"] is None else f"{row['tokens'] / 1e6:.1f}"
@@ -75,7 +75,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set(title=f"SST-2 dev accuracy, fine-tuned ({steps[0]['fine_tuned']['seeds']} seeds, best lr)",
            xlabel="pretraining token positions (M)", ylabel="%")
     ax = axes[1]
-    for kind, name in zip(KINDS, ("[CLS]", "pooler", "mean of last layer", "mean of embeddings")):
+    for kind, name in KIND_NAMES.items():
         line, = ax.plot(tokens, [r["probes"][f"probe_{kind}"] for r in steps], "o-", label=name)
         ax.axhline(scratch["probes"][f"probe_{kind}"], color=line.get_color(), ls=":")
     ax.set(title="linear probes on frozen features (dotted: random init)", xlabel="pretraining token positions (M)",
@@ -102,15 +102,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON of the results; the plot is written beside it")
     args = parser.parse_args(argv)
 
-    if not (args.run_dir / CONFIG_NAME).is_file():
-        raise SystemExit(f"error: {args.run_dir}: no {CONFIG_NAME}; expected a folder written by `bertkit pretrain`")
-    config = json.loads((args.run_dir / CONFIG_NAME).read_text())
-    checkpoints = {checkpoint_step(c): c for c in list_checkpoints(args.run_dir / "checkpoints")}
+    config, found = read_run(args.run_dir)
+    checkpoints = {checkpoint_step(c): c for c in found}
     missing = [s for s in args.steps if s not in checkpoints]
     if missing:
         raise SystemExit(f"error: {args.run_dir / 'checkpoints'}: no checkpoint at step {missing}; it has "
                          f"{sorted(checkpoints)}")
-    tokens_per_step = config["batch_size"] * config["grad_accum"] * config["max_length"]
+    tokens_per_step = step_tokens(config)
     common = {"tasks": ["SST-2"], "lrs": args.lrs, "seeds": args.seeds, "jobs": args.jobs, "threads": args.threads,
               "out_dir": str(args.suite_dir)}
     train, dev = probe_data(None, args.probe_sentences)

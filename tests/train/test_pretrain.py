@@ -646,7 +646,7 @@ def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained
     assert out.with_suffix(".png").stat().st_size > 0
 
     def not_again(*args, **kwargs):
-        raise AssertionError("a probe ran again")
+        raise AssertionError("a probe or a fine-tuning cell ran again")
 
     monkeypatch.setattr(sst2_by_step, "probe_model", not_again)
     monkeypatch.setattr(suite_module, "_run_cell", not_again)
