@@ -10,6 +10,11 @@ random weights: its suite row (--from-scratch) and its probes. Writes a table, -
 
 It tests the reading of docs/findings.md ("Why SST-2 loses") that more pretraining tokens would close the gap
 between the pretrained and the from-scratch `mini` on SST-2: if so, the fine-tuned score should rise with the step.
+`--beside` draws other runs' results (this script's JSON, e.g. the same recipe with another --objective) on the
+fine-tuned panel, so two pretraining objectives can be read off one plot:
+
+    python benchmarks/sst2_by_step.py runs/books/mini-mlm --steps 800 1600 3200 --suite-dir runs/sst2-mlm \
+        --out docs/suite/sst2-by-step-mlm.json --beside docs/suite/sst2-by-step.json
 """
 
 from __future__ import annotations
@@ -56,7 +61,12 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def run_name(result: dict) -> str:
+    """A result's name in a legend: its pretraining objective where recorded, else its run folder."""
+    return result.get("objective") or Path(result["run_dir"]).name
+
+
+def plot(result: dict, path: Path, beside: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,8 +77,11 @@ def plot(result: dict, path: Path) -> None:
     tokens = [r["tokens"] / 1e6 for r in steps]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     ax = axes[0]
-    ax.errorbar(tokens, [r["fine_tuned"]["accuracy"] for r in steps], [r["fine_tuned"]["std"] for r in steps],
-                fmt="o-", capsize=3, label="pretrained, fine-tuned")
+    for other in [result, *beside]:
+        points = [r for r in other["rows"] if r["step"] is not None]
+        ax.errorbar([r["tokens"] / 1e6 for r in points], [r["fine_tuned"]["accuracy"] for r in points],
+                    [r["fine_tuned"]["std"] for r in points], fmt="o-", capsize=3,
+                    label=f"pretrained ({run_name(other)}), fine-tuned")
     mean, std = scratch["fine_tuned"]["accuracy"], scratch["fine_tuned"]["std"]
     ax.axhline(mean, color="gray", ls="--", label=f"{SCRATCH}, fine-tuned")
     ax.axhspan(mean - std, mean + std, color="gray", alpha=0.2)
@@ -78,7 +91,7 @@ def plot(result: dict, path: Path) -> None:
     for kind, name in KIND_NAMES.items():
         line, = ax.plot(tokens, [r["probes"][f"probe_{kind}"] for r in steps], "o-", label=name)
         ax.axhline(scratch["probes"][f"probe_{kind}"], color=line.get_color(), ls=":")
-    ax.set(title="linear probes on frozen features (dotted: random init)", xlabel="pretraining token positions (M)",
+    ax.set(title=f"linear probes on frozen features, {run_name(result)} (dotted: random init)", xlabel="pretraining token positions (M)",
            ylabel="SST-2 dev accuracy (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -100,7 +113,13 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-sentences", type=int, default=4000, help="SST-2 training sentences for the probes")
     parser.add_argument("--suite-dir", type=Path, default=Path("runs/sst2-by-step"), help="the suite's --out-dir")
     parser.add_argument("--out", type=Path, required=True, help="JSON of the results; the plot is written beside it")
+    parser.add_argument("--beside", type=Path, nargs="+", default=[],
+                        help="other results of this script to draw on the fine-tuned panel (e.g. another objective)")
     args = parser.parse_args(argv)
+    for path in args.beside:  # a wrong path fails before any work
+        if not path.is_file():
+            raise SystemExit(f"error: --beside {path}: no such file; expected a JSON this script wrote (--out)")
+    beside = [json.loads(path.read_text()) for path in args.beside]
 
     config, found = read_run(args.run_dir)
     checkpoints = {checkpoint_step(c): c for c in found}
@@ -128,11 +147,11 @@ def main(argv=None) -> int:
                      "fine_tuned": tuned, "probes": probes})
         print(f"{label}: SST-2 {tuned['accuracy']:.1f} ± {tuned['std']:.1f} (lr {tuned['lr']}), probes "
               + ", ".join(f"{k} {probes[f'probe_{k}']:.1f}" for k in KINDS), flush=True)
-    result = {"machine": machine(), "run_dir": str(args.run_dir), "lrs": args.lrs, "seeds": args.seeds,
+    result = {"machine": machine(), "run_dir": str(args.run_dir), "objective": config["objective"], "lrs": args.lrs, "seeds": args.seeds,
               "probe_train_sentences": len(train[0]), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    plot(result, args.out.with_suffix(".png"), beside)
     print(table(result))
     return 0
 

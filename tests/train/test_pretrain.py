@@ -643,7 +643,7 @@ def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained
                                       "pooler_mean_abs", "pooler_saturated_share"}
         assert all(40 < row["probes"][f"probe_{k}"] <= 100 for k in sst2_by_step.KINDS)
     assert result["rows"][1]["probes"] != result["rows"][2]["probes"]  # trained weights, not the random init
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert result["objective"] == "mlm+nsp" and out.with_suffix(".png").stat().st_size > 0
 
     def not_again(*args, **kwargs):
         raise AssertionError("a probe or a fine-tuning cell ran again")
@@ -651,5 +651,11 @@ def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained
     monkeypatch.setattr(sst2_by_step, "probe_model", not_again)
     monkeypatch.setattr(suite_module, "_run_cell", not_again)
     assert sst2_by_step.main(argv) == 0 and json.loads(out.read_text())["rows"] == result["rows"]
+    other = tmp_path / "other-objective.json"  # another run's result drawn beside this one's, read back, not rerun
+    other.write_text(json.dumps({**result, "objective": "mlm"}))
+    out.with_suffix(".png").unlink()
+    assert sst2_by_step.main([*argv, "--beside", str(other)]) == 0 and out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match=r"--beside .*missing.json: no such file"):
+        sst2_by_step.main([*argv, "--beside", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match=r"no checkpoint at step \[75\]; it has \[70, 80\]"):
         sst2_by_step.main([*argv[:2], "75", *argv[4:]])
