@@ -8,6 +8,10 @@ Here each checkpoint is scored by `score_held_out` instead: every held-out examp
 the run's length and objective, with token masking at --mask-prob (15%, the paper's rate, by default) drawn with
 seed 0, the same positions for every checkpoint and every run on that corpus. A run trained at another masking rate
 is thereby read at the paper's, and two runs compare. Checkpoints already in --out are not scored again.
+
+--objective reads a run in another objective's input form: an MLM-only run on NSP's pairs gives its masked LM on the
+very examples an MLM+NSP run is read on (its untrained sentence head is not scored). A run that continued another
+run's checkpoint (`bertkit pretrain --model-dir RUN/checkpoints/step-N`) counts that run's N steps in its tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ def step_tokens(config: dict) -> int:
     return config["batch_size"] * config["grad_accum"] * config["max_length"]
 
 
+def prior_tokens(config: dict) -> int:
+    """Token positions the run's starting weights had already trained on: the steps of the run whose checkpoint it
+    continued (--model-dir .../checkpoints/step-N of a run folder), and of the runs that one continued; else 0."""
+    start = Path(config["model_dir"]) if config.get("model_dir") else None
+    step = checkpoint_step(start) if start else None
+    if step is None or not (start.parent.parent / CONFIG_NAME).is_file():
+        return 0
+    earlier = json.loads((start.parent.parent / CONFIG_NAME).read_text())
+    return step * step_tokens(earlier) + prior_tokens(earlier)
+
+
 def own_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     """The run's own held-out evaluation (eval.csv), by step."""
     path = run_dir / "eval.csv"
@@ -85,8 +100,9 @@ def plot(result: dict, path: Path) -> None:
         own = [(t, 100 * r["own"][key]) for t, r in zip(tokens, rows) if key in r.get("own", {})]
         if own:
             ax.plot(*zip(*own), "o-", label=f"own evaluation ({result['run']['mask_prob']:.0%} masking)")
-        ax.plot(tokens, [100 * r[key] for r in rows if key in r], "s-",
-                label=f"all held-out examples, {result['mask_prob']:.0%} masking")
+        scored = [(t, 100 * r[key]) for t, r in zip(tokens, rows) if key in r]
+        if scored:  # none for a sentence task the run has not trained
+            ax.plot(*zip(*scored), "s-", label=f"all held-out examples, {result['mask_prob']:.0%} masking")
         if key == "masked_lm_accuracy":
             ax.plot(tokens, [100 * r["unigram_baseline_accuracy"] for r in rows], ":", color="gray",
                     label="most frequent token")
@@ -103,35 +119,41 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a pretraining run folder (pretrain_config.json, checkpoints/)")
     parser.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked for the scores")
+    parser.add_argument("--objective", default=None, help="input form to score in (default: the run's own), e.g. "
+                        "mlm+nsp to read an MLM-only run on the pairs an MLM+NSP run is read on")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, required=True, help="JSON of the scores; the plot is written beside it")
     args = parser.parse_args()
 
     config, checkpoints = read_run(args.run_dir)
+    objective = args.objective or config["objective"]
+    # a sentence head the run never trained (an MLM-only run read on pairs) has no score worth reading
+    keep = SCORES if objective == config["objective"] else SCORES[:2]
     torch.set_num_threads(args.threads)
     done = {}
     if args.out.is_file():
         earlier = json.loads(args.out.read_text())
-        if earlier.get("mask_prob") == args.mask_prob:
+        if earlier.get("mask_prob") == args.mask_prob and earlier.get("objective", objective) == objective:
             done = {row["step"]: row for row in earlier["rows"]}
     own = own_curve(args.run_dir)
-    tokens_per_step = step_tokens(config)
+    tokens_per_step, before = step_tokens(config), prior_tokens(config)
     rows = []
     for checkpoint in checkpoints:
         step = checkpoint_step(checkpoint)
         if step not in done:
             try:
-                scores = score_held_out(checkpoint, config["tokenizer"], config["data"], objective=config["objective"],
+                scores = score_held_out(checkpoint, config["tokenizer"], config["data"], objective=objective,
                                         max_length=config["max_length"], mask_prob=args.mask_prob)
             except BertkitError as e:
                 raise SystemExit(f"error: {checkpoint}: {e}") from None
-            done[step] = {"step": step, **{k: scores[k] for k in (*SCORES, "unigram_baseline_accuracy",
+            done[step] = {"step": step, **{k: scores[k] for k in (*keep, "unigram_baseline_accuracy",
                                                                   "examples") if k in scores}}
-            print(f"step {step:,}: " + ", ".join(f"{k} {scores[k]:.4f}" for k in SCORES if k in scores), flush=True)
-        rows.append({**done[step], "tokens": step * tokens_per_step, "own": own.get(step, {})})
-    result = {"machine": machine(), "run": {k: config[k] for k in ("out_dir", "model", "objective", "masking",
-                                                                   "mask_prob", "max_length", "max_steps", "seed")},
-              "mask_prob": args.mask_prob, "rows": rows}
+            print(f"step {step:,}: " + ", ".join(f"{k} {scores[k]:.4f}" for k in keep if k in scores), flush=True)
+        rows.append({**done[step], "tokens": before + step * tokens_per_step, "own": own.get(step, {})})
+    result = {"machine": machine(), "run": {k: config[k] for k in ("out_dir", "model", "model_dir", "objective",
+                                                                   "masking", "mask_prob", "max_length", "max_steps",
+                                                                   "seed")},
+              "objective": objective, "mask_prob": args.mask_prob, "tokens_before": before, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))

@@ -598,6 +598,33 @@ def test_heldout_curve_scores_each_checkpoint_beside_the_runs_own_evaluation(sho
     assert refused.returncode != 0 and f"{tmp_path}: no pretrain_config.json" in refused.stderr
 
 
+def test_heldout_curve_reads_a_continued_mlm_run_on_pairs_and_counts_the_steps_before_it(short_run, inputs,
+                                                                                          tmp_path):
+    """heldout_curve.py on a run that continued another run's checkpoint with another objective: its tokens count
+    the first run's steps; --objective mlm+nsp reads its masked LM on the pairs an MLM+NSP run is read on (the same
+    numbers as `score_held_out` in that form), without the sentence head it never trained."""
+    from bertkit.train.pretrain import score_held_out
+
+    run_dir, _ = short_run
+    start = list_checkpoints(run_dir / "checkpoints")[-1]  # step 80 of an MLM+NSP run
+    continued = tmp_path / "continued"
+    pretrain(small(inputs, continued, model_dir=str(start), objective="mlm", max_steps=2, save_every=2))
+    out = tmp_path / "pairs.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "heldout_curve.py"), str(continued), "--objective", "mlm+nsp",
+           "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["objective"] == "mlm+nsp" and result["run"]["objective"] == "mlm"
+    assert result["tokens_before"] == 80 * 8 * 64 and row["tokens"] == (80 + 2) * 8 * 64
+    assert "next_sentence_accuracy" not in row
+    on_pairs = score_held_out(continued, inputs / "tokenizer", inputs / "data", objective="mlm+nsp", max_length=64)
+    assert row["masked_lm_loss"] == pytest.approx(on_pairs["masked_lm_loss"], rel=1e-5)
+    own_form = score_held_out(continued, inputs / "tokenizer", inputs / "data", objective="mlm", max_length=64)
+    assert own_form["examples"] != on_pairs["examples"] or own_form["masked_lm_loss"] != on_pairs["masked_lm_loss"]
+
+
 def test_training_time_adds_up_over_resumes(inputs, tmp_path):
     """The result's train_seconds counts every stretch of a run: kept in the checkpoint, continued on resume."""
     from bertkit.checkpoint import TRAINING_STATE_NAME, load_training_state
