@@ -13,7 +13,7 @@ between the pretrained and the from-scratch `mini` on SST-2: if so, the fine-tun
 `--beside` draws other runs' results (this script's JSON, e.g. the same recipe with another --objective) on the
 fine-tuned panel, so two pretraining objectives can be read off one plot:
 
-    python benchmarks/sst2_by_step.py runs/books/mini-mlm --steps 800 1600 3200 --suite-dir runs/sst2-mlm \
+    python benchmarks/sst2_by_step.py runs/books/mini-mlm --steps 2400 3200 --suite-dir runs/sst2-mlm \
         --out docs/suite/sst2-by-step-mlm.json --beside docs/suite/sst2-by-step.json
 """
 
@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from feature_probe import KIND_NAMES, KINDS, probe_data, probe_model  # noqa: E402
-from heldout_curve import read_run, step_tokens  # noqa: E402
+from heldout_curve import prior_tokens, read_run, step_tokens  # noqa: E402
 from run import machine  # noqa: E402
 
 from bertkit.checkpoint import checkpoint_step  # noqa: E402
@@ -91,8 +91,8 @@ def plot(result: dict, path: Path, beside: list[dict] = ()) -> None:
     for kind, name in KIND_NAMES.items():
         line, = ax.plot(tokens, [r["probes"][f"probe_{kind}"] for r in steps], "o-", label=name)
         ax.axhline(scratch["probes"][f"probe_{kind}"], color=line.get_color(), ls=":")
-    ax.set(title=f"linear probes on frozen features, {run_name(result)} (dotted: random init)", xlabel="pretraining token positions (M)",
-           ylabel="SST-2 dev accuracy (%)")
+    ax.set(title=f"linear probes on frozen features, {run_name(result)} (dotted: random init)",
+           xlabel="pretraining token positions (M)", ylabel="SST-2 dev accuracy (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"error: {args.run_dir / 'checkpoints'}: no checkpoint at step {missing}; it has "
                          f"{sorted(checkpoints)}")
-    tokens_per_step = step_tokens(config)
+    tokens_per_step, before = step_tokens(config), prior_tokens(config)  # a continued run counts its start
     common = {"tasks": ["SST-2"], "lrs": args.lrs, "seeds": args.seeds, "jobs": args.jobs, "threads": args.threads,
               "out_dir": str(args.suite_dir)}
     train, dev = probe_data(None, args.probe_sentences)
@@ -143,12 +143,12 @@ def main(argv=None) -> int:
         label = SCRATCH if scratch else step_label(step)
         tuned = fine_tuned(SuiteConfig(model_dir=str(model_dir), from_scratch=scratch, label=label, **common))
         probes = done.get(label) or probe_model(model_dir, train, dev, load_weights=not scratch)
-        rows.append({"label": label, "step": step, "tokens": None if scratch else step * tokens_per_step,
+        rows.append({"label": label, "step": step, "tokens": None if scratch else before + step * tokens_per_step,
                      "fine_tuned": tuned, "probes": probes})
         print(f"{label}: SST-2 {tuned['accuracy']:.1f} ± {tuned['std']:.1f} (lr {tuned['lr']}), probes "
               + ", ".join(f"{k} {probes[f'probe_{k}']:.1f}" for k in KINDS), flush=True)
-    result = {"machine": machine(), "run_dir": str(args.run_dir), "objective": config["objective"], "lrs": args.lrs, "seeds": args.seeds,
-              "probe_train_sentences": len(train[0]), "rows": rows}
+    result = {"machine": machine(), "run_dir": str(args.run_dir), "objective": config["objective"], "lrs": args.lrs,
+              "seeds": args.seeds, "probe_train_sentences": len(train[0]), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"), beside)
