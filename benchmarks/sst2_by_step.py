@@ -13,7 +13,7 @@ between the pretrained and the from-scratch `mini` on SST-2: if so, the fine-tun
 `--beside` draws other runs' results (this script's JSON, e.g. the same recipe with another --objective) on the
 fine-tuned panel, so two pretraining objectives can be read off one plot:
 
-    python benchmarks/sst2_by_step.py runs/books/mini-mlm --steps 2400 3200 --suite-dir runs/sst2-mlm \
+    python benchmarks/sst2_by_step.py runs/books/mini-mlm --steps 2400 3200 --suite-dir runs/sst2-mlm \\
         --out docs/suite/sst2-by-step-mlm.json --beside docs/suite/sst2-by-step.json
 """
 
