@@ -383,7 +383,7 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(inputs, tmp_path
     ("weight_decay", float("inf")), ("betas", (0.9, float("nan"))), ("betas", (float("inf"), 0.9)),
     ("warmup", float("nan")), ("warmup", float("inf")), ("max_grad_norm", float("nan")), ("max_grad_norm", float("inf")),
     ("mask_prob", float("nan")), ("dropout", float("nan")), ("batch_ramp", float("nan")), ("max_bad_steps", 0),
-    ("threads", 0), ("threads", 10**20),
+    ("threads", 0), ("threads", 10**20), ("stop_at", 0), ("stop_at", 301),
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_training(field, value, capsys):
     with pytest.raises(BertkitError, match=f"pretrain config: {field}="):
@@ -634,6 +634,22 @@ def test_training_time_adds_up_over_resumes(inputs, tmp_path):
     assert saved["train_seconds"] == first["train_seconds"] > 0
     more = pretrain(small(inputs, tmp_path, max_steps=8, resume="auto"))
     assert more["step"] == 8 and more["train_seconds"] > first["train_seconds"]
+
+
+def test_stop_at_ends_on_the_full_schedule_and_resuming_finishes_the_same_run(inputs, tmp_path):
+    """--stop-at N is the first N steps of the --max-steps run (same learning rates), and --resume auto without it
+    continues to the very weights of the run that never stopped."""
+    whole = pretrain(small(inputs, tmp_path / "whole", max_steps=12))
+    stopped = pretrain(small(inputs, tmp_path / "parts", max_steps=12, stop_at=5))
+    assert stopped["step"] == 5 and [c.name for c in list_checkpoints(tmp_path / "parts" / "checkpoints")] == \
+        ["step-00000005"]
+    lrs = {int(r["step"]): float(r["lr"]) for r in rows(tmp_path / "whole")}
+    assert [float(r["lr"]) for r in rows(tmp_path / "parts")] == [lrs[step] for step in range(1, 6)]
+    assert 0 < lrs[5] < max(lrs.values())  # still on the way: the schedule did not end at step 5
+    finished = pretrain(small(inputs, tmp_path / "parts", max_steps=12, resume="auto"))
+    assert finished["step"] == whole["step"] == 12
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "parts")
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained_network(short_run, tmp_path,

@@ -114,6 +114,9 @@ class PretrainConfig:
                                                      "0 (BERT), or Cramming's triangle: from a quarter of --lr up to it "
                                                      "at 75%% of --max-steps, then down to 0 (--warmup unused)")
     max_steps: int = option(300, "optimizer steps to train for")
+    stop_at: int | None = option(None, "end the run after this step, its learning-rate schedule still the one of "
+                                 "--max-steps, so that `--resume auto` without it continues the same run; the first "
+                                 "phase of MLM first (README, Pretraining)")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)",
                                   aliases=("--clip-norm",))
     max_bad_steps: int = option(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
@@ -173,6 +176,7 @@ class PretrainConfig:
                 ("pad_to_multiple_of", self.pad_to_multiple_of >= 1, ">= 1"),
                 ("batch_ramp", 0 <= self.batch_ramp <= 1, "in [0, 1]"),
                 ("max_steps", self.max_steps >= 1, ">= 1"),
+                ("stop_at", self.stop_at is None or 1 <= self.stop_at <= self.max_steps, "1 to max_steps, or unset"),
                 ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
                 ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
                 ("mask_prob", 0 < self.mask_prob < 1, "in (0, 1)"),
@@ -632,7 +636,8 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
               f"global batch {run.batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
               f"{cfg.batch_size})" + (f" after a ramp over {run.batches.ramp_steps} steps" if run.batches.ramp_steps
                                       else "")
-              + f", {cfg.max_steps} steps, {torch.get_num_threads()} torch thread(s); run folder {run_dir}"
+              + f", {cfg.max_steps} steps" + (f" (stopping after step {cfg.stop_at})" if cfg.stop_at else "")
+              + f", {torch.get_num_threads()} torch thread(s); run folder {run_dir}"
               + (f"; resuming at step {run.pos.step} from {resume_from}" if resume_from else ""))
     try:
         final, path, train_row = loop(run)
@@ -646,19 +651,20 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
 
 
 def loop(run: Run) -> tuple[dict, Path, dict]:
-    """Train from `run.pos` to --max-steps: log every --log-every steps, evaluate every --eval-every, save every
-    --save-every and at the end (or on Ctrl-C). Returns the final held-out metrics, the last checkpoint and the
-    last training row."""
+    """Train from `run.pos` to --max-steps (or --stop-at): log every --log-every steps, evaluate every --eval-every,
+    save every --save-every and at the end (or on Ctrl-C). Returns the final held-out metrics, the last checkpoint
+    and the last training row."""
     cfg, d, pos = run.cfg, run.d, run.pos
+    end = cfg.stop_at or cfg.max_steps
     window = torch.zeros(len(SUMS), device=d.device)
     seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
     steps = run.batches(pos.epoch, pos.step, pos.example_in_epoch)
     last_saved = pos.step if run.resumed_from is not None else None
     train_row: dict = {}
     task = OBJECTIVES[cfg.objective]
-    bar = progress_bar(total=cfg.max_steps, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
+    bar = progress_bar(total=end, initial=pos.step, desc="pretrain", unit="step", disable=not d.is_main)
     with bar, Interrupt() as interrupt:
-        while pos.step < cfg.max_steps:
+        while pos.step < end:
             started = time.perf_counter()
             epoch, example_in_epoch, micro_batches = next(steps)
             sums, ok = train_step(run.ddp_model, micro_batches, run.optimizer, run.scheduler, run.precision,
@@ -670,7 +676,7 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
             pos = run.pos = Position(pos.step + 1, epoch, example_in_epoch, pos.train_seconds + elapsed)
             bar.update(1)
             run.bad_steps.record(ok, pos.step)
-            if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+            if pos.step % cfg.log_every == 0 or pos.step == end:
                 distributed.all_reduce_sum(window, d)
                 train_row = {**metrics(window, cfg.objective), "lr": run.scheduler.get_last_lr()[0],
                              "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch,
@@ -683,12 +689,12 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
                                 **({"skipped": run.bad_steps.total} if run.bad_steps.total else {}))
                 window.zero_()
                 seconds, run.bad_steps.window = 0.0, 0
-            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < cfg.max_steps:
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < end:
                 run.evaluate()
-            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < cfg.max_steps:
+            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < end:
                 run.save()
                 last_saved = pos.step
-            if interrupt.requested(d) and pos.step < cfg.max_steps:
+            if interrupt.requested(d) and pos.step < end:
                 path = run.checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else run.save()
                 raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step}; --resume auto continues")
     final = run.evaluate()
