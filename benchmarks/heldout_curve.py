@@ -150,9 +150,10 @@ def main() -> None:
                                                                   "examples") if k in scores}}
             print(f"step {step:,}: " + ", ".join(f"{k} {scores[k]:.4f}" for k in keep if k in scores), flush=True)
         rows.append({**done[step], "tokens": before + step * tokens_per_step, "own": own.get(step, {})})
-    result = {"machine": machine(), "run": {k: config[k] for k in ("out_dir", "model", "model_dir", "objective",
-                                                                   "masking", "mask_prob", "max_length", "max_steps",
-                                                                   "seed")},
+    # --model is unused (and left at its default) when the run continued a --model-dir: name only what was used
+    names = ("out_dir", "model_dir" if config["model_dir"] else "model", "objective", "masking", "mask_prob",
+             "max_length", "max_steps", "seed")
+    result = {"machine": machine(), "run": {k: config[k] for k in names},
               "objective": objective, "mask_prob": args.mask_prob, "tokens_before": before, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

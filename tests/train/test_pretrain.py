@@ -581,6 +581,7 @@ def test_heldout_curve_scores_each_checkpoint_beside_the_runs_own_evaluation(sho
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["mask_prob"] == 0.15 and result["run"]["max_length"] == 64
+    assert result["run"]["model"] == "tiny" and "model_dir" not in result["run"]
     assert [row["step"] for row in result["rows"]] == [70, 80]  # keep_last 2
     assert [row["tokens"] for row in result["rows"]] == [70 * 8 * 64, 80 * 8 * 64]
     newest = score_held_out(list_checkpoints(run_dir / "checkpoints")[-1], inputs / "tokenizer", inputs / "data",
@@ -617,6 +618,7 @@ def test_heldout_curve_reads_a_continued_mlm_run_on_pairs_and_counts_the_steps_b
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert result["objective"] == "mlm+nsp" and result["run"]["objective"] == "mlm"
+    assert result["run"]["model_dir"] == str(start) and "model" not in result["run"]  # --model went unused
     assert result["tokens_before"] == 80 * 8 * 64 and row["tokens"] == (80 + 2) * 8 * 64
     assert "next_sentence_accuracy" not in row
     on_pairs = score_held_out(continued, inputs / "tokenizer", inputs / "data", objective="mlm+nsp", max_length=64)
