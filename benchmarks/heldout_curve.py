@@ -150,7 +150,8 @@ def main() -> None:
                                                                   "examples") if k in scores}}
             print(f"step {step:,}: " + ", ".join(f"{k} {scores[k]:.4f}" for k in keep if k in scores), flush=True)
         rows.append({**done[step], "tokens": before + step * tokens_per_step, "own": own.get(step, {})})
-    # --model is unused (and left at its default) when the run continued a --model-dir: name only what was used
+    # a run that continued a --model-dir is named by that folder (runs saved before 2026-12 recorded --model's unused
+    # default there)
     names = ("out_dir", "model_dir" if config["model_dir"] else "model", "objective", "masking", "mask_prob",
              "max_length", "max_steps", "seed")
     result = {"machine": machine(), "run": {k: config[k] for k in names},

@@ -619,6 +619,7 @@ def test_heldout_curve_reads_a_continued_mlm_run_on_pairs_and_counts_the_steps_b
     (row,) = result["rows"]
     assert result["objective"] == "mlm+nsp" and result["run"]["objective"] == "mlm"
     assert result["run"]["model_dir"] == str(start) and "model" not in result["run"]  # --model went unused
+    assert json.loads((continued / "pretrain_config.json").read_text())["model"] == str(start)
     assert result["tokens_before"] == 80 * 8 * 64 and row["tokens"] == (80 + 2) * 8 * 64
     assert "next_sentence_accuracy" not in row
     on_pairs = score_held_out(continued, inputs / "tokenizer", inputs / "data", objective="mlm+nsp", max_length=64)

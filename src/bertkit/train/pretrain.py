@@ -74,7 +74,7 @@ class PretrainConfig:
     model: str = option("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
     model_dir: str | None = option(None, "continue pretraining this model folder (its config.json and weights; its "
                                    "tokenizer unless --tokenizer is given), e.g. one from `bertkit extend` at a "
-                                   "--max-length up to its positions; --model is then unused")
+                                   "--max-length up to its positions; --model is then this folder")
     tokenizer: str | None = option(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
                                    "trained on --corpus into OUT_DIR/tokenizer (or, with --model-dir, its own)")
     vocab_size: int = option(8000, "size of the vocabulary trained when no --tokenizer is given")
@@ -162,8 +162,10 @@ class PretrainConfig:
             raise BertkitError(f"pretrain config: mask_mix={self.mask_mix} (expected three whole percentages that "
                                "sum to 100, such as 80 10 10)") from None
         self.corpus = [str(c) for c in self.corpus]
-        if self.model_dir is not None and self.tokenizer is None:
-            self.tokenizer = self.model_dir  # a model's weights belong with its own vocabulary
+        if self.model_dir is not None:
+            self.model = self.model_dir  # its config.json is the architecture: the saved config says so, not a preset
+            if self.tokenizer is None:
+                self.tokenizer = self.model_dir  # a model's weights belong with its own vocabulary
 
         def finite(value) -> bool:  # nan and inf pass some comparisons (inf > 0) and fail others silently
             return isinstance(value, (int, float)) and math.isfinite(value)
@@ -632,7 +634,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     run = set_up(cfg, d, run_dir, resume_from)
     if d.is_main:
         n = run.model.num_parameters()
-        print(f"pretraining {cfg.model_dir or cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
+        print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
               f"global batch {run.batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
               f"{cfg.batch_size})" + (f" after a ramp over {run.batches.ramp_steps} steps" if run.batches.ramp_steps
                                       else "")
