@@ -71,8 +71,19 @@ UNDO = {
     "packing-rule": lambda: patched(M, "packs", lambda *args: True),
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
+    # with --kernels attention=varlen: Q, K, V re-padded for one masked SDPA call instead
+    "varlen-attention": lambda: patched(M, "sequence_offsets", lambda *args: None),
+    # with --kernels pack_multiple=...: the real tokens only, their count changing every batch
+    "filler-rows": lambda: patched(M, "with_filler_rows", lambda keep, indices, multiple: indices),
 }
 PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
+# choices that are off by default: undone only where --kernels turns them on (the example value, in messages)
+OPT_IN = {"varlen-attention": ("attention", "varlen"), "filler-rows": ("pack_multiple", 1024)}
+
+
+def turned_on(undo: str, kernels: M.Kernels) -> bool:
+    name, value = OPT_IN[undo]
+    return getattr(kernels, name) != getattr(M.Kernels(), name)
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
 
 
@@ -113,14 +124,19 @@ def optimizer_share(preset: str, batch_size: int, repeats: int = 5) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=[c for c in run.CASES if c != "prepare"], default=DEFAULT_CASES)
-    parser.add_argument("--undo", nargs="+", choices=list(UNDO), default=list(UNDO), help="optimisations to undo")
+    parser.add_argument("--undo", nargs="+", choices=list(UNDO), help="optimisations to undo (default: every one "
+                        "that is on: " + ", ".join(OPT_IN) + " only with their --kernels choice)")
     run.add_case_arguments(parser, batches=2)
     run.add_kernel_arguments(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = run.Bench(torch.device(args.device), only="bertkit", kernels=run.kernel_choices(parser, args.kernels),
-                      bucket=args.bucket)
+    bench = run.bench_from(parser, args, args.device, only="bertkit")
+    kernels = M.Kernels(**bench.kernels)
+    for undo in set(args.undo or []) & set(OPT_IN):
+        if not turned_on(undo, kernels):
+            parser.error(f"--undo {undo}: it is off unless turned on, e.g. --kernels {'='.join(map(str, OPT_IN[undo]))}")
+    args.undo = args.undo or [u for u in UNDO if u not in OPT_IN or turned_on(u, kernels)]
     info = run.machine(bench)
     print(json.dumps(info))
     rows = []

@@ -3,21 +3,24 @@
 # JSON files and plots packed into ${OUT:-benchmarks/results}:
 #
 #   bash benchmarks/gpu_check.sh pack             # here, once: the slices of $BERTKIT_DATA the checks read -> gpu-data/
-#   bash benchmarks/gpu_check.sh                  # there, with gpu-data/ carried along: every stage
-#   bash benchmarks/gpu_check.sh suite choices    # there: only these stages (a rerun of what failed)
+#   bash benchmarks/gpu_check.sh                  # there, with gpu-data/ carried along: the default stages
+#   bash benchmarks/gpu_check.sh varlen profile   # there: only these stages (a rerun of what failed)
 #
-# The stages, in order, each bounded by its own timeout so that a hang costs only its share:
-#   tests    tests/test_cuda.py (parity with transformers, autocast, packed and padded batches, static compilation
-#            on bucketed lengths, fine-tuning in each precision; NCCL with two processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: short base
-#            pretraining runs of bertkit as shipped, at batch 64 (kept padded) and 256 (packed), each on top of
+# The stages, in order, each bounded by its own timeout so that a hang costs only its share; the default ones
+# (tests varlen ablation) measure what the last lease left open, FlashAttention's varlen kernel on packed rows:
+#   tests    tests/test_cuda.py (parity with transformers, autocast, packed and padded batches, varlen attention with
+#            and without filler rows, static compilation of padded and of packed rows, fine-tuning in each precision;
+#            NCCL with two processes), and at the same time (both only check numbers) benchmarks/loss_curve.py: base
+#            pretraining at batch 256, packed, with attention re-padded (as shipped) and varlen, each on top of
 #            transformers' curve from the same weights and batches;
-#   suite    the speed suite's targets, bertkit against transformers (SDPA) in the same run: base pretraining at 128
-#            and 512, BERT-Large phase 1 (sequences/s), SQuAD fine-tuning at 384, inference at batch 32 and 1; MFU
-#            against the bf16 GEMM peak measured in the same run;
-#   pretrain the suite's pretraining cases alone, with BERT-Large phase 2 (a rerun after a change to the kernels);
-#   choices  base (128, 512) and Large pretraining with the blocks compiled for static shapes (batches kept padded,
-#            lengths bucketed to 64), the launch-bound profile's remedy, and a profile of the compiled base step;
-#   ablation benchmarks/ablation.py: each choice undone against bertkit as shipped.
+#   varlen   base (128, 512) and Large (128) pretraining against transformers in the same run: varlen attention
+#            eager; then static compilation of packed rows rounded up to 2,048 (one to two shapes per case), and of
+#            padded batches bucketed to 64 (the last lease's 1.26x) as the baseline in the same lease;
+#   ablation benchmarks/ablation.py with varlen attention on: it and the packed encoder each undone;
+#   profile  where a static-compiled varlen base step spends its time (torch.profiler);
+#   suite    the speed suite's targets as shipped: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at
+#            384, inference at batch 32 and 1; MFU against the bf16 GEMM peak measured in the same run;
+#   pretrain the suite's pretraining cases alone, with BERT-Large phase 2.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +42,7 @@ OUT=${OUT:-benchmarks/results}
 RESULTS=$OUT/json
 mkdir -p "$RESULTS"
 LOG="$OUT/gpu_check.log"
-STAGES=${*:-tests suite choices ablation}
+STAGES=${*:-tests varlen ablation}
 step() { echo "=== $(date -u +%T) $*" | tee -a "$LOG"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 quiet() { grep --line-buffered -v "Loading weights"; }
@@ -51,15 +54,45 @@ step machine
 
 if wants tests; then
     step "tests: tests/test_cuda.py, with benchmarks/loss_curve.py beside it"
-    ( for size in "--batch-size 64 --steps 200" "--batch-size 256 --steps 100"; do  # kept padded; packed (2^24 rule)
+    ( for kernels in "packing=always" "packing=always attention=varlen"; do  # re-padded attention; varlen
           # shellcheck disable=SC2086
-          timeout 70 python3 benchmarks/loss_curve.py --device cuda --preset base $size --out "$RESULTS/loss" 2>&1 | quiet
+          timeout 70 python3 benchmarks/loss_curve.py --device cuda --preset base --batch-size 256 --steps 100 \
+              --kernels $kernels --out "$RESULTS/loss" 2>&1 | quiet
       done > "$OUT/loss_curve.log" ) &
     curves=$!
     timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging -m "slow or not slow" -n 4 --timeout 100 \
         --tb=short -rfs tests/test_cuda.py 2>&1 | grep -v DEBUG | tail -60 | tee -a "$LOG"
     wait $curves
     tee -a "$LOG" < "$OUT/loss_curve.log"
+fi
+
+if wants varlen; then
+    step "varlen: attention on the packed rows, eager"
+    timeout 80 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
+        --no-memory --batches 4 --rounds 2 --warmup 1 --kernels attention=varlen --out "$RESULTS/varlen" 2>&1 \
+        | quiet | tee -a "$LOG"
+    step "varlen: blocks compiled for static shapes, packed rows rounded up to 2048, varlen attention"
+    timeout 140 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
+        --no-memory --batches 4 --rounds 2 --warmup 1 --compile static --kernels attention=varlen pack_multiple=2048 \
+        --out "$RESULTS/static-varlen" 2>&1 | quiet | tee -a "$LOG"
+    step "varlen: the baseline, blocks compiled for static shapes, padded, bucketed to 64"
+    timeout 90 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 --no-memory \
+        --batches 4 --rounds 2 --warmup 1 --bucket 64 --compile static --out "$RESULTS/static-padded" 2>&1 \
+        | quiet | tee -a "$LOG"
+fi
+
+if wants ablation; then
+    step "ablation: with varlen attention on, it and the packed encoder each undone"
+    timeout 90 python3 benchmarks/ablation.py --device cuda --cases pretrain-base pretrain-base-512 --batches 4 \
+        --rounds 2 --kernels attention=varlen --undo varlen-attention padded-encoder --out "$RESULTS/ablation" 2>&1 \
+        | quiet | tee -a "$LOG"
+fi
+
+if wants profile; then
+    step "profile: where a static-compiled varlen base step spends its time (torch.profiler)"
+    timeout 90 python3 benchmarks/run.py --device cuda --cases pretrain-base --no-memory --batches 2 --rounds 1 \
+        --warmup 1 --compile static --kernels attention=varlen pack_multiple=2048 --profile --out "$RESULTS/profile" \
+        2>&1 | quiet | tee -a "$LOG"
 fi
 
 if wants pretrain; then
@@ -72,22 +105,6 @@ if wants suite; then
     step "suite: issue 14's targets"
     timeout 150 python3 benchmarks/run.py --suite gpu-targets --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/suite" \
         2>&1 | quiet | tee -a "$LOG"
-fi
-
-if wants choices; then
-    step "choices: blocks compiled for static shapes, padded, bucketed to 64"
-    timeout 130 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
-        --no-memory --batches 4 --rounds 2 --warmup 1 --bucket 64 --compile static --out "$RESULTS/static" 2>&1 \
-        | quiet | tee -a "$LOG"
-    step "choices: where a static-compiled base step spends its time (torch.profiler)"
-    timeout 90 python3 benchmarks/run.py --device cuda --cases pretrain-base --no-memory --batches 2 --rounds 1 \
-        --warmup 1 --bucket 64 --compile static --profile --out "$RESULTS/profile" 2>&1 | quiet | tee -a "$LOG"
-fi
-
-if wants ablation; then
-    step "ablation: each choice undone"
-    timeout 100 python3 benchmarks/ablation.py --device cuda --cases pretrain-base pretrain-base-512 --batches 4 \
-        --rounds 2 --undo padded-encoder packing-rule --out "$RESULTS/ablation" 2>&1 | quiet | tee -a "$LOG"
 fi
 
 step done

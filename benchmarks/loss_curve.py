@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 import run
-from bertkit.model import COMPILE_MODES
 from bertkit.train.optim import build_optimizer, warmup_linear
 
 
@@ -102,16 +101,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="sequence length of the pretraining examples")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (10%% warm-up, then linear decay)")
     parser.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout of both models")
-    parser.add_argument("--compile", choices=list(COMPILE_MODES), help="bertkit's encoder blocks compiled in this "
-                        "mode (bertkit.model.compile_blocks)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--out", default=str(run.HERE / "results"), help="folder for the JSON and the plot")
     run.add_kernel_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench = run.Bench(torch.device(args.device), compile=args.compile, kernels=run.kernel_choices(parser, args.kernels),
-                      bucket=args.bucket)
+    bench = run.bench_from(parser, args, args.device)
     if bench.gpu and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.steps < 1 or args.batch_size < 1:

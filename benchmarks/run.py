@@ -509,24 +509,39 @@ def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", nargs="*", default=[], metavar="CHOICE=VALUE",
-                        help="bertkit's kernel choices (bertkit.model.Kernels), e.g. packing=never")
+                        help="bertkit's kernel choices (bertkit.model.Kernels), e.g. packing=never attention=varlen "
+                        "pack_multiple=1024")
     parser.add_argument("--bucket", type=int, default=1, help="pad every batch to a multiple of this many positions")
+    parser.add_argument("--compile", nargs="?", const="dynamic", choices=list(COMPILE_MODES),
+                        help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; static "
+                        "keeps batches padded, give it --bucket, or packed with --kernels pack_multiple=...; compiled "
+                        "in the warm-up round; transformers stays eager)")
 
 
 def kernel_choices(parser: argparse.ArgumentParser, given: list[str]) -> dict:
     from bertkit.model import Kernels
 
+    defaults = vars(Kernels())
     choices = {}
     for item in given:
         name, _, value = item.partition("=")
-        if name not in vars(Kernels()):
-            parser.error(f"--kernels {item}: expected one of {', '.join(vars(Kernels()))}=VALUE")
-        choices[name] = value
+        if name not in defaults:
+            parser.error(f"--kernels {item}: expected one of {', '.join(defaults)}=VALUE")
+        try:
+            choices[name] = type(defaults[name])(value)
+        except ValueError:
+            parser.error(f"--kernels {item}: expected a {type(defaults[name]).__name__}")
     try:
         Kernels(**choices)
     except ValueError as e:
         parser.error(f"--kernels: {e}")
     return choices
+
+
+def bench_from(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, **fields) -> Bench:
+    """The Bench that the options of `add_kernel_arguments` describe, on `device`."""
+    return Bench(torch.device(device), compile=args.compile, kernels=kernel_choices(parser, args.kernels),
+                 bucket=args.bucket, **fields)
 
 
 def main() -> None:
@@ -535,10 +550,6 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases")
     add_case_arguments(parser, batches=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda for --suite gpu)")
-    parser.add_argument("--compile", nargs="?", const="dynamic", choices=list(COMPILE_MODES),
-                        help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; static "
-                        "keeps batches padded, give it --bucket; compiled in the warm-up round; transformers stays "
-                        "eager)")
     add_kernel_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-only", action="store_true", help="CPU: only the peak-memory subprocesses, no timing")
@@ -547,8 +558,7 @@ def main() -> None:
     parser.add_argument("--probe", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = Bench(torch.device(args.device or ("cuda" if (args.suite or "").startswith("gpu") else "cpu")),
-                  compile=args.compile, kernels=kernel_choices(parser, args.kernels), bucket=args.bucket)
+    bench = bench_from(parser, args, args.device or ("cuda" if (args.suite or "").startswith("gpu") else "cpu"))
     if bench.gpu and not torch.cuda.is_available():
         parser.error("--device cuda (or --suite gpu): no CUDA device here")
     if args.probe:

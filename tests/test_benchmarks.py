@@ -58,12 +58,20 @@ def test_loss_curve_trains_both_sides_to_the_same_losses_in_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("undo", list(ablation.UNDO))
-def test_each_ablation_computes_the_same_function(undo):
+def test_each_ablation_computes_the_same_function(undo, monkeypatch):
     # an ablation must measure the same model done the slower way, or its ratio means nothing
+    from bertkit import model as M
+    from bertkit.model import set_kernels
+    from test_model import varlen_reference
+
     torch.manual_seed(0)
     config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         max_position_embeddings=64)
     model = BertForPreTraining(config).eval()
+    if undo in ablation.OPT_IN:  # turned on first, varlen attention through its contract written for the CPU
+        monkeypatch.setattr(M, "varlen_attention", varlen_reference)
+        set_kernels(model, attention="varlen", pack_multiple=16 if undo == "filler-rows" else 1)
+        assert ablation.turned_on(undo, model.bert.kernels)
     ids = torch.randint(5, 300, (3, 20))
     mask = torch.ones(3, 20, dtype=torch.long)
     mask[0, 12:] = 0

@@ -216,10 +216,12 @@ def _loss_and_grads(model, inputs, **kernels):
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kernels", [dict(packing="never"), dict(packing="always")])
+@pytest.mark.parametrize("kernels", [dict(packing="never"), dict(packing="always"),
+                                     dict(packing="always", attention="varlen"),
+                                     dict(packing="always", attention="varlen", pack_multiple=64)])
 def test_every_kernel_choice_matches_on_cuda_in_bf16(tmp_path, kernels):
-    """The padded batch and the packed tokens: the same loss and gradients as the default choice, within bf16's
-    tolerance."""
+    """The padded batch, the packed tokens, and varlen (FlashAttention) attention on them, with filler rows or
+    without: the same loss and gradients as the default choice, within bf16's tolerance."""
     from bertkit.model import set_dropout
 
     model, _ = twins(tmp_path)
@@ -250,6 +252,51 @@ def test_static_compiled_blocks_on_bucketed_padded_batches_match_eager(tmp_path)
             got = compiled.bert(ids, types, mask).last_hidden_state.clone()
     real = mask.bool()
     assert (want - got)[real].abs().max() < 1e-3
+
+
+def test_varlen_attention_trains_with_attention_dropout(tmp_path):
+    """FlashAttention draws the attention dropout itself (PyTorch's public varlen_attn has none): a training step
+    with BERT's 0.1 gives finite gradients, and dropout changes the loss."""
+    from bertkit.model import set_kernels
+
+    model, _ = twins(tmp_path)
+    set_kernels(model.train(), packing="always", attention="varlen")
+    ids, types, mask, labels, nsp = pretraining_inputs()
+    losses = []
+    for _ in range(2):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=labels != -100).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses.append(loss.item())
+    assert losses[0] != losses[1]
+
+
+def test_static_compiled_blocks_on_packed_rows_with_filler_match_eager_without_recompiling(tmp_path):
+    """Packed rows rounded up to a multiple (Kernels.pack_multiple) under varlen attention keep one shape across
+    batches of different real lengths: compiled once for static shapes, never recompiled, the same outputs as
+    eager."""
+    import torch._dynamo
+
+    from bertkit.model import compile_blocks, set_kernels
+
+    eager, _ = twins(tmp_path)
+    compiled, _ = twins(tmp_path / "again")
+    choices = dict(packing="always", attention="varlen", pack_multiple=32)
+    set_kernels(eager.eval(), **choices)
+    compile_blocks(set_kernels(compiled.eval(), **choices), "static")
+    assert compiled.bert.kernels.packing == "always"
+    ids, types, _, _, _ = pretraining_inputs()  # (4, 24): 96 positions; 65 to 96 real tokens round up to 96
+    # the second call recompiles once, as the inference cache of the fused Q/K/V weights fills; none after it may
+    for n, lengths in enumerate([(24, 20, 16, 10), (24, 20, 16, 10), (24, 24, 20, 7), (12, 24, 24, 24)]):
+        mask = (torch.arange(24, device=CUDA) < torch.tensor(lengths, device=CUDA)[:, None]).long()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), \
+                torch._dynamo.config.patch(error_on_recompile=n > 1):
+            want = eager.bert(ids, types, mask).last_hidden_state.float()
+            got = compiled.bert(ids, types, mask).last_hidden_state.float()
+        real = mask.bool()
+        assert (want - got)[real].abs().max() < 5e-2, lengths
 
 
 def test_two_processes_over_nccl_equal_one_accumulating_two(tmp_path):

@@ -154,10 +154,34 @@ def _loss_and_grads(model, batch, **kernels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kernels", [dict(packing="never"), dict(packing="always")])
+def varlen_reference(q, k, v, offsets, max_length, dropout_p, causal):
+    """FlashAttention's varlen contract for the CPU, sequence by sequence, checking the offsets it is given: int32,
+    from 0 to the last row, none longer than max_length (the kernel would leave such rows unwritten)."""
+    assert offsets.dtype == torch.int32 and dropout_p == 0.0
+    bounds = offsets.tolist()
+    assert bounds[0] == 0 and bounds[-1] == q.shape[0], bounds
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):
+        assert 0 <= end - start <= max_length, (start, end, max_length)
+        if end > start:
+            qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (nh, j, hs)
+            pieces.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("kernels", [dict(packing="never"), dict(packing="always"),
+                                     dict(packing="always", pack_multiple=16),
+                                     dict(packing="always", attention="varlen"),
+                                     dict(packing="always", attention="varlen", pack_multiple=16),
+                                     dict(packing="always", attention="varlen", pack_multiple=48)])
 @pytest.mark.parametrize("is_decoder", [False, True])
-def test_every_kernel_choice_gives_the_same_loss_and_gradients(kernels, is_decoder):
-    """Packed rows (attention on the re-padded batch) and the padded batch: the same loss and gradients in fp32."""
+def test_every_kernel_choice_gives_the_same_loss_and_gradients(kernels, is_decoder, monkeypatch):
+    """Packed rows (attention on the re-padded batch, or varlen attention on the rows themselves; with or without
+    filler rows up to a multiple) and the padded batch: the same loss and gradients in fp32. Varlen attention runs
+    the kernel's contract written out for the CPU (the CUDA kernel itself: tests/test_cuda.py)."""
+    import bertkit.model as M
+
+    monkeypatch.setattr(M, "varlen_attention", varlen_reference)
     torch.manual_seed(0)
     model = BertForPreTraining(tiny(is_decoder=is_decoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     batch = _pretraining_batch()
@@ -169,9 +193,70 @@ def test_every_kernel_choice_gives_the_same_loss_and_gradients(kernels, is_decod
         assert torch.allclose(grads[name], other_grads[name], atol=1e-6), name
 
 
+def test_filler_rows_round_the_packed_count_up_and_varlen_offsets_keep_their_shape():
+    """Lengths 5, 2, 8 of 8 positions: 15 real tokens, rounded up to 16 or 20 with padding positions in order; the
+    offsets end with filler sequences of at most T rows, as many for every batch of the same multiple."""
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[1, 2:] = 0
+    real = [0, 1, 2, 3, 4, 8, 9, 16, 17, 18, 19, 20, 21, 22, 23]
+    for multiple, filler, offsets in [(8, [5], [0, 5, 7, 15, 16]), (20, [5, 6, 7, 10, 11], [0, 5, 7, 15, 20, 20, 20]),
+                                      (64, list(range(5, 8)) + list(range(10, 16)), [0, 5, 7, 15, 23] + [24] * 7)]:
+        layout = Layout(mask, 3, 8, width=4, kernels=Kernels(attention="varlen", pack_multiple=multiple))
+        assert layout.indices.tolist() == real + filler
+        assert layout.offsets.tolist() == offsets and layout.offsets.dtype == torch.int32
+    mask[2, 3:] = 0  # other lengths, the same number of offsets
+    assert len(Layout(mask, 3, 8, width=4, kernels=Kernels(attention="varlen", pack_multiple=20)).offsets) == 7
+    assert Layout(mask, 3, 8, width=4, kernels=Kernels(attention="varlen")).offsets.tolist() == [0, 5, 7, 10]
+    # varlen attention needs packed rows, and windowed attention keeps its own path
+    assert Layout(mask, 3, 8, width=4, kernels=Kernels(attention="varlen", packing="never")).offsets is None
+    assert Layout(mask, 3, 8, width=4, window=4, kernels=Kernels(attention="varlen")).offsets is None
+    # filler rows are computed but not read: the padded output is zero at padding, bar the filler positions
+    x = torch.arange(1.0, 17.0)[:, None]
+    out = Layout(mask, 3, 8, width=4, kernels=Kernels(pack_multiple=8)).pad(x)
+    assert out.shape == (3, 8, 1) and out[2, 3:].abs().sum() == 0
+
+
+def test_static_compilation_of_packed_rows_with_filler_compiles_once_for_every_real_length():
+    """Packed rows rounded up to a multiple keep one shape across batches of different real lengths: compiled for
+    static shapes (about 15 s of C++ on a cold cache), never recompiled, the same outputs as eager."""
+    import torch._dynamo
+
+    from bertkit.model import compile_blocks
+
+    torch.manual_seed(0)
+    eager = BertModel(tiny()).eval()
+    compiled = BertModel(tiny()).eval()
+    compiled.load_state_dict(eager.state_dict())
+    set_kernels(eager, packing="always", pack_multiple=32)
+    compile_blocks(set_kernels(compiled, packing="always", pack_multiple=32), "static")
+    ids = torch.randint(5, 300, (4, 24))
+    # 70, 75 and 84 real tokens of 96 positions all round up to 96 rows; the second call recompiles once, as the
+    # inference cache of the fused Q/K/V weights fills, and no call after it may
+    for n, lengths in enumerate([(24, 20, 16, 10), (24, 20, 16, 10), (24, 24, 20, 7), (12, 24, 24, 24)]):
+        mask = (torch.arange(24) < torch.tensor(lengths)[:, None]).long()
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=n > 1):
+            want, got = (model(ids, attention_mask=mask).last_hidden_state for model in (eager, compiled))
+        assert torch.allclose(want, got, atol=1e-5), lengths
+
+
+def test_varlen_attention_says_what_it_needs_on_the_cpu():
+    from bertkit.model import varlen_attention
+
+    q = torch.zeros(5, 2, 8)
+    offsets = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="FlashAttention's CUDA kernel, which takes CUDA tensors in float16 or "
+                                         "bfloat16 .autocast.; got torch.float32 on cpu"):
+        varlen_attention(q, q, q, offsets, 5, 0.0, False)
+
+
 def test_kernel_choices_are_checked_and_the_packing_rule_follows_the_device():
     with pytest.raises(ValueError, match="packing='sometimes'; expected one of auto, always, never"):
         Kernels(packing="sometimes")
+    with pytest.raises(ValueError, match="attention='flash'; expected one of padded, varlen"):
+        Kernels(attention="flash")
+    with pytest.raises(ValueError, match="pack_multiple=0; expected a whole number >= 1"):
+        Kernels(pack_multiple=0)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0
     assert Layout(mask, 2, 8, width=64).indices is not None  # the CPU packs
@@ -191,5 +276,8 @@ def test_static_compilation_keeps_batches_padded_so_that_shapes_repeat():
     assert model.kernels.packing == "auto"  # dynamic shapes: packed batches may change their token count
     compile_blocks(model, "static")
     assert model.kernels.packing == "never"
+    set_kernels(model, packing="auto", pack_multiple=64)  # packed token counts rounded up repeat too
+    compile_blocks(model, "static")
+    assert model.kernels.packing == "auto"
     with pytest.raises(ValueError, match="compile mode 'cudagraphs'; expected one of dynamic, static"):
         compile_blocks(model, "cudagraphs")

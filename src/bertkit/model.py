@@ -62,17 +62,31 @@ class Kernels:
         elements: below that a GPU waits on kernel launches, padding is nearly free there and the gathers cost
         more than they save (measured on an H100, benchmarks/RESULTS.md).
 
+    attention: over packed tokens, "padded" re-pads Q, K and V for one masked SDPA call; "varlen" runs
+        FlashAttention's variable-length kernel on the packed rows themselves, each sequence over its own tokens, with
+        no padding anywhere (`varlen_attention`: CUDA, in float16 or bfloat16). Not the default until a GPU has
+        measured it. An earlier "varlen" through jagged nested tensors cost 0.34x a base training step on an H200
+        and was removed: every operation on those tensors passes through a Python subclass; this one calls the
+        kernel directly.
+    pack_multiple: the packed token count is rounded up to a multiple of this by taking some of the batch's padding
+        positions along as filler rows (computed, never attended to by real tokens, not read), so that packed
+        batches repeat their shapes and `compile_blocks(mode="static")` can keep them packed.
+
     Two other choices were built, measured and removed (benchmarks/RESULTS.md, issue 14): attention over the packed
-    tokens as jagged nested tensors ("varlen"; 0.34x a base training step on an H200 in bf16, 0.91x on the CPU) and
-    fused element-wise tails (bias + GELU, dropout + residual + LayerNorm compiled; 0.92x on the H200).
+    tokens as jagged nested tensors (above) and fused element-wise tails (bias + GELU, dropout + residual + LayerNorm
+    compiled; 0.92x on the H200).
     """
 
     packing: str = "auto"
+    attention: str = "padded"
+    pack_multiple: int = 1
 
     def __post_init__(self):
-        allowed = ("auto", "always", "never")
-        if self.packing not in allowed:
-            raise ValueError(f"packing={self.packing!r}; expected one of {', '.join(allowed)}")
+        for name, allowed in (("packing", ("auto", "always", "never")), ("attention", ("padded", "varlen"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        if not isinstance(self.pack_multiple, int) or self.pack_multiple < 1:
+            raise ValueError(f"pack_multiple={self.pack_multiple!r}; expected a whole number >= 1")
 
 
 PACKING_MIN_ELEMENTS = 1 << 24  # B*T*H from which "auto" packing pays on a GPU
@@ -96,14 +110,18 @@ class Layout:
                  width: int = 0):
         kernels = kernels or Kernels()
         self.batch, self.length = batch, length
-        self.indices = None  # flat indices into B*T of the real tokens, in row-major order
+        self.indices = None  # flat indices into B*T of the real tokens in row-major order, then any filler rows
         self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
+        self.causal = causal
+        self.offsets = None  # (B + 1 + F,) int32: where each sequence starts in the packed rows, for varlen attention
         keep = attention_mask.bool() if attention_mask is not None else None
         if keep is not None and not bool(keep.all()):
             on_gpu = keep.device.type != "cpu"
             if packs(kernels, on_gpu, batch * length * width):
                 self.indices = keep.flatten().nonzero().squeeze(1)
+                if kernels.pack_multiple > 1:
+                    self.indices = with_filler_rows(keep, self.indices, kernels.pack_multiple)
             self.attn_mask = keep[:, None, None, :]
             if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
                 past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
@@ -114,6 +132,8 @@ class Layout:
             if keep is None:
                 keep = torch.ones(batch, length, dtype=torch.bool)
             self.windows = LocalWindows(keep, global_mask, window // 2)
+        if self.indices is not None and kernels.attention == "varlen" and self.windows is None:
+            self.offsets = sequence_offsets(keep, len(self.indices), length, kernels.pack_multiple)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """(B, nh, T, hs) each -> (B, nh, T, hs): attention under this batch's masks (windowed, or one SDPA call)."""
@@ -129,7 +149,7 @@ class Layout:
         return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.indices)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) -> (B, T, ...): zeros where the padding was."""
+        """(N, ...) -> (B, T, ...): zeros where the padding was (filler rows keep their values)."""
         if self.indices is None:
             return x
         out = x.new_zeros(self.batch * self.length, *x.shape[1:])
@@ -142,6 +162,37 @@ class Layout:
             return x[positions]
         flat = positions.flatten().index_select(0, self.indices)
         return x[flat]
+
+
+def with_filler_rows(keep: torch.Tensor, indices: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The N real tokens' flat indices, then the first padding positions of the (B, T) batch as filler rows up to a
+    multiple of `multiple` (at most B*T rows)."""
+    total = min(-(-len(indices) // multiple) * multiple, keep.numel())
+    filler = (~keep).flatten().nonzero().squeeze(1)[: total - len(indices)]
+    return torch.cat([indices, filler])
+
+
+def sequence_offsets(keep: torch.Tensor, rows: int, length: int, multiple: int) -> torch.Tensor:
+    """(B, T) real-token mask -> int32 offsets of the sequences in the packed rows: the B examples, then the filler
+    rows (`with_filler_rows`, fewer than `multiple`) as sequences of at most T rows, some of them empty: varlen
+    attention writes only rows inside a sequence and takes T as the longest, and the offsets' shape must repeat."""
+    lengths = keep.sum(1, dtype=torch.int32)
+    real = int(keep.sum())
+    fillers = -(-(multiple - 1) // length)
+    tail = torch.tensor([min(real + length * j, rows) for j in range(1, fillers + 1)], dtype=torch.int32)
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32), tail.to(keep.device)])
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_length: int,
+                     dropout_p: float, causal: bool) -> torch.Tensor:
+    """(N, nh, hs) each -> (N, nh, hs): the rows of each sequence (offsets[i] to offsets[i + 1]) attend to their own
+    rows only, through FlashAttention's variable-length kernel as PyTorch ships it. PyTorch's public
+    `torch.nn.attention.varlen.varlen_attn` calls the same kernel but without dropout, which BERT's attention has."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"varlen attention runs FlashAttention's CUDA kernel, which takes CUDA tensors in float16 or "
+                         f"bfloat16 (autocast); got {q.dtype} on {q.device.type}")
+    return torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, max_length, max_length, dropout_p,
+                                                   causal, False)[0]
 
 
 class LocalWindows:
@@ -285,6 +336,11 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
         qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
         dropout_p = self.dropout_p if self.training else 0.0
+        if layout.offsets is not None:  # packed rows straight into varlen attention: (N, 3H) -> (N, H)
+            N = qkv.shape[0]
+            q, k, v = qkv.view(N, 3, self.num_heads, self.head_size).unbind(1)  # (N, nh, hs) each
+            y = varlen_attention(q, k, v, layout.offsets, layout.length, dropout_p, layout.causal)
+            return y.reshape(N, self.num_heads * self.head_size)
         qkv = layout.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
@@ -750,7 +806,9 @@ COMPILE_MODES = {  # mode -> torch.compile options
 def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
     """torch.compile every encoder block in place: "dynamic" shapes (the packed token count changes every batch), or
     "static", a graph per shape, which keeps batches padded (Kernels(packing="never")) so that shapes repeat: give it
-    bucketed lengths (--pad-to-multiple-of). On an H200, base pretraining at length 128 in bf16: static 1.26x eager
+    bucketed lengths (--pad-to-multiple-of); or, with Kernels(pack_multiple=...), keeps them packed with the token
+    count rounded up (torch.compile recompiles at most 8 times by default: choose a multiple that leaves fewer
+    counts). On an H200, base pretraining at length 128 in bf16: static 1.26x eager
     (CUDA graphs on top of it added nothing and were removed); dynamic did not pay on an H100 (benchmarks/RESULTS.md).
 
     Compiling the blocks rather than the whole model keeps the data-dependent parts (which tokens are real, which
@@ -762,8 +820,9 @@ def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
     for module in model.modules():
         if isinstance(module, BertLayer):
             module.compile(**COMPILE_MODES[mode])
-    if mode == "static":
-        set_kernels(model, packing="never")  # a packed batch's token count would be a new shape every batch
+        # a packed batch's token count is a new shape every batch, unless it is rounded up (Kernels.pack_multiple)
+        if mode == "static" and isinstance(module, BertModel) and module.kernels.pack_multiple == 1:
+            module.kernels = Kernels(**{**vars(module.kernels), "packing": "never"})
     return model
 
 
