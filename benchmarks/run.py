@@ -530,7 +530,7 @@ def kernel_choices(parser: argparse.ArgumentParser, given: list[str]) -> dict:
         try:
             choices[name] = type(defaults[name])(value)
         except ValueError:
-            parser.error(f"--kernels {item}: expected a {type(defaults[name]).__name__}")
+            parser.error(f"--kernels {item}: expected a whole number")  # the only field that is not a name
     try:
         Kernels(**choices)
     except ValueError as e:

@@ -5,7 +5,8 @@ Module and parameter names follow Hugging Face's `modeling_bert.py` exactly (`en
 
 Two things differ from a plain transcription of the paper, both for speed and both exact:
 - Padding is removed from the encoder's work: when a batch has padding, the tokens are packed into one (N, H)
-  matrix for every linear layer and re-padded only inside attention, so cost follows real tokens.
+  matrix for every linear layer and re-padded only inside attention (or not at all, where FlashAttention's varlen
+  kernel runs: `Kernels`), so cost follows real tokens.
 - The masked-LM head can run on the masked positions only (`masked_positions=`), so the 30k-wide vocabulary
   projection is paid for ~15% of the tokens instead of all of them.
 
