@@ -46,11 +46,11 @@ def _every_position(self, *args, masked_positions=None, **kwargs):
 
 
 def _three_gemms(self, x, layout):
-    B, T = layout.batch, layout.length
-    q, k, v = (layout.pad(linear(x)).view(B, T, self.num_heads, self.head_size).transpose(1, 2)
+    B, S = layout.batch, layout.span
+    q, k, v = (layout.to_attention(linear(x)).view(B, S, self.num_heads, self.head_size).transpose(1, 2)
                for linear in (self.query, self.key, self.value))
     y = layout.attend(q, k, v, self.dropout_p if self.training else 0.0)
-    return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
+    return layout.from_attention(y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_size))
 
 
 def _attention_by_hand(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
@@ -71,6 +71,8 @@ UNDO = {
     "packing-rule": lambda: patched(M, "packs", lambda *args: True),
     "three-qkv-gemms": lambda: patched(M.BertSelfAttention, "forward", _three_gemms),
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
+    # the CPU's re-padded length inside attention kept at T instead of rounded up to whole blocks of 16
+    "attention-blocks-of-16": lambda: patched(M, "ATTENTION_MULTIPLE", 1),
     # with --kernels attention=varlen: Q, K, V re-padded for one masked SDPA call instead
     "varlen-attention": lambda: patched(M, "sequence_offsets", lambda *args: None),
     # with --kernels pack_multiple=...: the real tokens only, their count changing every batch

@@ -25,7 +25,8 @@ stays in float32, is a larger share of a small model's time).
 --gemm: only the ceiling: int8 against float32 GEMMs alone (torch's dynamic int8 Linear and nn.Linear, alternated,
 one thread) at the linear layers' shapes of MiniLM and BERT-Base for 32 rows of 30 tokens. The end-to-end int8 gain
 cannot exceed it, since the rest (attention, GELU, LayerNorm) stays float32; on a CPU without AVX-512 VNNI it is far
-lower than with it. No model folders needed.
+lower than with it, and on one with AMX oneDNN's kernels are far faster than fbgemm's (both engines are timed, with
+inputs in 8 bits). No model folders needed.
 
 Writes benchmarks/results/inference_int8.json and prints the markdown tables.
 """
@@ -194,26 +195,30 @@ def table(result: dict) -> str:
 
 
 def gemm_ceiling(rounds: int = 5) -> str:
-    """int8 / float32 speed of the GEMMs alone, at the encoder's linear shapes; a markdown table."""
+    """int8 / float32 speed of the GEMMs alone, at the encoder's linear shapes, through each int8 engine this torch
+    has among x86 (fbgemm) and onednn (AMX where the CPU has it); a markdown table."""
     import torch
 
-    from bertkit.quantize import to_int8
+    from bertkit.quantize import Int8Linear
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    lines = ["| network | shape (in -> out) | float32 GFLOP/s | int8 GOP/s | int8 / float32 |", "|---|---|---|---|---|"]
+    engines = [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines]
+    lines = ["| network | shape (in -> out) | float32 GFLOP/s | " + " | ".join(f"int8 {e} GOP/s (× float32)" for e in engines)
+             + " |", "|---|---|---|" + "---|" * len(engines)]
     for network, hidden in (("MiniLM", 384), ("BERT-Base", 768)):
         for n_in, n_out in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
             x = torch.randn(32 * 30, n_in)
-            fp32 = torch.nn.Sequential(torch.nn.Linear(n_in, n_out)).eval()
-            int8 = to_int8(copy.deepcopy(fp32))
-            units = {name: [(model, x, 1)] * 4 for name, model in (("fp32", fp32), ("int8", int8))}
+            fp32 = torch.nn.Linear(n_in, n_out).eval()
+            units = {"fp32": [(fp32, x, 1)] * 4}
+            for e in engines:
+                units[e] = [(Int8Linear(fp32, reduce_range=False, engine=e), x, 1)] * 4
             with torch.no_grad():
                 r = measure(units, rounds)
             ops = 2 * x.shape[0] * n_in * n_out
             speed = {name: r[name]["examples_per_cpu_s"] * ops / 1e9 for name in units}
-            lines.append(f"| {network} | {n_in} -> {n_out} | {speed['fp32']:.0f} | {speed['int8']:.0f} | "
-                         f"{speed['int8'] / speed['fp32']:.2f}× |")
+            lines.append(f"| {network} | {n_in} -> {n_out} | {speed['fp32']:.0f} | " + " | ".join(
+                f"{speed[e]:.0f} ({speed[e] / speed['fp32']:.2f}×)" for e in engines) + " |")
     return "\n".join(lines) + "\n"
 
 

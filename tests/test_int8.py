@@ -8,7 +8,7 @@ from torch import nn
 
 from bertkit import BertForQuestionAnswering, BertForSequenceClassification, BertkitError, BertModel
 from bertkit.model import BertSelfAttention
-from bertkit.quantize import Int8Linear, has_vnni, to_int8
+from bertkit.quantize import Int8Linear, has_vnni, int8_engine, to_int8
 from conftest import data_path
 from tiny_folders import save_tiny, tiny_config
 
@@ -56,6 +56,24 @@ def test_int8_replaces_every_linear_and_fuses_qkv():
         assert not hasattr(attention, "query")
     assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
     assert all(m.reduce_range == (not has_vnni()) for m in model.modules() if isinstance(m, Int8Linear))
+    assert all(m.engine == int8_engine() for m in model.modules() if isinstance(m, Int8Linear))
+
+
+def test_int8_engine_follows_the_cpu_and_both_engines_compute_the_same_sums(monkeypatch):
+    """oneDNN (AMX's int8 tiles) where the CPU has AMX, the x86 default elsewhere; the same weights packed for each
+    give the same outputs, whichever engine is global when they run."""
+    import bertkit.quantize as Q
+
+    monkeypatch.setattr(Q, "cpu_flags", lambda: "flags : fpu avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n")
+    assert Q.int8_engine() == "onednn" and Q.has_vnni()
+    monkeypatch.setattr(Q, "cpu_flags", lambda: "flags : fpu avx2\n")
+    assert Q.int8_engine() == "x86" and not Q.has_vnni()
+    torch.manual_seed(0)
+    linear, x = nn.Linear(64, 96), torch.randn(40, 64)
+    with torch.no_grad():
+        onednn, x86 = (Int8Linear(linear, reduce_range=False, engine=e)(x) for e in ("onednn", "x86"))
+        torch.testing.assert_close(onednn, x86, atol=1e-4, rtol=1e-4)
+        assert (onednn - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
 
 
 def test_int8_rows_are_the_same_alone_or_padded_in_a_batch():

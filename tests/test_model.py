@@ -240,6 +240,25 @@ def test_static_compilation_of_packed_rows_with_filler_compiles_once_for_every_r
         assert torch.allclose(want, got, atol=1e-5), lengths
 
 
+def test_cpu_attention_rounds_a_packed_batch_up_to_whole_blocks_of_16():
+    """On the CPU, packed rows are re-padded for attention to T rounded up to 16 positions, the extra keys masked;
+    a padded batch, windowed attention and a GPU keep T."""
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 7:] = 0
+    layout = Layout(mask, 3, 20, width=8)
+    assert layout.span == 32 and layout.attn_mask.shape == (3, 1, 1, 32)
+    assert layout.attn_mask[:, 0, 0, 20:].sum() == 0 and layout.attn_mask[:, 0, 0, :20].sum() == 47
+    assert layout.span_indices.tolist() == list(range(20)) + list(range(32, 39)) + list(range(64, 84))
+    x = torch.arange(47.0)[:, None]
+    assert torch.equal(layout.from_attention(layout.to_attention(x)), x)
+    assert layout.to_attention(x).shape == (3, 32, 1) and layout.pad(x).shape == (3, 20, 1)
+    causal = Layout(mask, 3, 20, width=8, causal=True)
+    assert causal.attn_mask.shape == (3, 1, 32, 32) and not causal.attn_mask[0, 0, 3, 4]
+    assert Layout(mask, 3, 20, width=8, kernels=Kernels(packing="never")).span == 20
+    assert Layout(mask, 3, 20, width=8, window=8).span == 20
+    assert Layout(mask, 3, 32, width=8).span == 32  # already whole blocks
+
+
 def test_varlen_attention_says_what_it_needs_on_the_cpu():
     from bertkit.model import varlen_attention
 

@@ -98,12 +98,20 @@ def packs(kernels: Kernels, on_gpu: bool, elements: int) -> bool:
     return kernels.packing == "always" or (kernels.packing == "auto" and (not on_gpu or elements >= PACKING_MIN_ELEMENTS))
 
 
+ATTENTION_MULTIPLE = 16  # on the CPU, a re-padded batch's length inside attention is rounded up to this
+
+
 class Layout:
     """Where the real tokens of a padded (B, T) batch sit once packed into (N, ...) rows, and which keys each query
     may see (padding, a causal mask, or local windows with global tokens).
 
-    With no padding, or when `kernels` keeps the batch padded, tensors stay (B, T, ...) and `unpad`, `pad` and
-    `select` are the identity.
+    With no padding, or when `kernels` keeps the batch padded, tensors stay (B, T, ...) and `unpad`, `pad`,
+    `to_attention`, `from_attention` and `select` are the identity.
+
+    Packed rows are re-padded for attention to S positions an example: T, or on the CPU T rounded up to a multiple of
+    16 (masked), since PyTorch's CPU attention kernel runs whole blocks of 16 about twice as fast as a ragged tail (B
+    32, 12 heads of 32: 4.3 ms at T = 47, 2.2 ms at 48; benchmarks/RESULTS.md). It costs no copy: the re-padding
+    allocates the batch anyway.
     """
 
     def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool = False,
@@ -112,32 +120,41 @@ class Layout:
         kernels = kernels or Kernels()
         self.batch, self.length = batch, length
         self.indices = None  # flat indices into B*T of the real tokens in row-major order, then any filler rows
-        self.attn_mask = None  # (B, 1, 1, T) bool, True where a key may be attended to; (B, 1, T, T) when causal
+        self.span = length  # S: positions an example inside attention
+        self.span_indices = None  # flat indices into B*S of the same rows
+        self.attn_mask = None  # (B, 1, 1, S) bool, True where a key may be attended to; (B, 1, S, S) when causal
         self.is_causal = causal  # a left-to-right model: position t attends to positions <= t only
         self.causal = causal
         self.offsets = None  # (B + 1 + F,) int32: where each sequence starts in the packed rows, for varlen attention
         keep = attention_mask.bool() if attention_mask is not None else None
-        if keep is not None and not bool(keep.all()):
-            on_gpu = keep.device.type != "cpu"
-            if packs(kernels, on_gpu, batch * length * width):
-                self.indices = keep.flatten().nonzero().squeeze(1)
-                if kernels.pack_multiple > 1:
-                    self.indices = with_filler_rows(keep, self.indices, kernels.pack_multiple)
-            self.attn_mask = keep[:, None, None, :]
-            if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
-                past = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
-                self.attn_mask = self.attn_mask & past
-                self.is_causal = False
+        padded = keep is not None and not bool(keep.all())
+        on_gpu = keep is not None and keep.device.type != "cpu"
+        if padded and packs(kernels, on_gpu, batch * length * width):
+            self.indices = keep.flatten().nonzero().squeeze(1)
+            if kernels.pack_multiple > 1:
+                self.indices = with_filler_rows(keep, self.indices, kernels.pack_multiple)
         self.windows = None  # LocalWindows when attention is windowed and the window does not cover the input
         if window and length > window // 2 + 1:
             if keep is None:
                 keep = torch.ones(batch, length, dtype=torch.bool)
             self.windows = LocalWindows(keep, global_mask, window // 2)
-        if self.indices is not None and kernels.attention == "varlen" and self.windows is None:
-            self.offsets = sequence_offsets(keep, len(self.indices), length, kernels.pack_multiple)
+        if self.indices is not None and self.windows is None:
+            if kernels.attention == "varlen":
+                self.offsets = sequence_offsets(keep, len(self.indices), length, kernels.pack_multiple)
+            elif not on_gpu and not torch.jit.is_tracing():  # a trace (ONNX export) would freeze S as a constant
+                self.span = -(-length // ATTENTION_MULTIPLE) * ATTENTION_MULTIPLE
+        self.span_indices = self.indices
+        if self.span != length:
+            self.span_indices = self.indices // length * self.span + self.indices % length
+        if padded:
+            self.attn_mask = F.pad(keep, (0, self.span - length), value=False)[:, None, None, :]
+            if causal:  # SDPA takes a mask or is_causal, not both: the two become one mask
+                past = torch.ones(self.span, self.span, dtype=torch.bool, device=keep.device).tril()
+                self.attn_mask = self.attn_mask & past
+                self.is_causal = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """(B, nh, T, hs) each -> (B, nh, T, hs): attention under this batch's masks (windowed, or one SDPA call)."""
+        """(B, nh, S, hs) each -> (B, nh, S, hs): attention under this batch's masks (windowed, or one SDPA call)."""
         if self.windows is not None:
             return self.windows.attend(q, k, v, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask, dropout_p=dropout_p,
@@ -145,17 +162,31 @@ class Layout:
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): keep the real tokens."""
-        if self.indices is None:
-            return x
-        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.indices)
+        return self._gather(x, self.indices)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...): zeros where the padding was (filler rows keep their values)."""
-        if self.indices is None:
+        return self._scatter(x, self.indices, self.length)
+
+    def to_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, S, ...): packed rows re-padded for attention, zeros elsewhere."""
+        return self._scatter(x, self.span_indices, self.span)
+
+    def from_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (N, ...): attention's rows of the real tokens (and filler rows)."""
+        return self._gather(x, self.span_indices)
+
+    def _gather(self, x: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
             return x
-        out = x.new_zeros(self.batch * self.length, *x.shape[1:])
-        out = out.index_copy(0, self.indices, x)
-        return out.view(self.batch, self.length, *x.shape[1:])
+        return x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+
+    def _scatter(self, x: torch.Tensor, indices: torch.Tensor | None, length: int) -> torch.Tensor:
+        if indices is None:
+            return x
+        out = x.new_zeros(self.batch * length, *x.shape[1:])
+        out.index_copy_(0, indices, x)  # in place: the out-of-place form copies the zeros first
+        return out.view(self.batch, length, *x.shape[1:])
 
     def select(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rows of x (packed or not) at the True entries of a (B, T) bool mask, in row-major order."""
@@ -342,11 +373,11 @@ class BertSelfAttention(nn.Module):
             q, k, v = qkv.view(N, 3, self.num_heads, self.head_size).unbind(1)  # (N, nh, hs) each
             y = varlen_attention(q, k, v, layout.offsets, layout.length, dropout_p, layout.causal)
             return y.reshape(N, self.num_heads * self.head_size)
-        qkv = layout.pad(qkv)  # (B, T, 3H)
-        B, T, _ = qkv.shape
-        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
+        qkv = layout.to_attention(qkv)  # (B, S, 3H)
+        B, S, _ = qkv.shape
+        q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs) each
         y = layout.attend(q, k, v, dropout_p)
-        return layout.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size))
+        return layout.from_attention(y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_size))
 
 
 class BertAddNorm(nn.Module):

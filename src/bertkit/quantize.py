@@ -1,8 +1,10 @@
 """int8 inference on the CPU: dynamic quantization of every linear layer of the encoder and the heads.
 
 Each weight matrix is stored in int8 with one scale per output row; each call quantizes its input to 8 bits from
-the range it observes (asymmetric, one scale per call), runs the integer GEMM through PyTorch's x86 kernels (fbgemm:
-AVX-512 VNNI where the CPU has it) and rescales the int32 sums to float. Embeddings, LayerNorm, GELU, softmax and
+the range it observes (asymmetric, one scale per call), runs the integer GEMM through PyTorch's int8 kernels and
+rescales the int32 sums to float. The kernels are oneDNN's where the CPU has AMX (Intel's tile instructions for int8
+matrices: 6-9x float32 GEMMs on a 2-core Xeon, where PyTorch's default x86 kernels, fbgemm with AVX-512 VNNI, gave
+2.5-2.9x) and the default x86 ones elsewhere; both compute the same sums (benchmarks/RESULTS.md). Embeddings, LayerNorm, GELU, softmax and
 attention stay in float32, as does the MLM decoder (the tied embedding matrix). The unpadded encoder is kept: the
 int8 layers run on the packed (N, H) real tokens, and Q, K and V are one int8 GEMM, as they are one float GEMM in
 `BertSelfAttention`.
@@ -32,10 +34,11 @@ from bertkit.model import BertSelfAttention
 class Int8Linear(nn.Module):
     """y = x W^T + b, W in int8 with one scale per output row, x quantized to int8 per call from its own range."""
 
-    def __init__(self, linear: nn.Linear, reduce_range: bool):
+    def __init__(self, linear: nn.Linear, reduce_range: bool, engine: str = "x86"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.reduce_range = reduce_range  # inputs in 7 bits instead of 8 (see the module docstring)
+        self.engine = engine
         weight = linear.weight.detach().float()
         scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
@@ -45,23 +48,40 @@ class Int8Linear(nn.Module):
             warnings.simplefilter("ignore")
             qweight = torch.quantize_per_channel(weight, scales, zero_points, axis=0, dtype=torch.qint8)
         bias = linear.bias.detach().float() if linear.bias is not None else None
-        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        # the engine that packs the weight is the one whose GEMM runs it, whatever the global engine is later
+        before, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
+        try:
+            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        finally:
+            torch.backends.quantized.engine = before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self._packed, reduce_range=self.reduce_range)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, reduce_range={self.reduce_range}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, reduce_range={self.reduce_range}, "
+                f"engine={self.engine}")
 
 
 @functools.cache
-def has_vnni() -> bool:
-    """Whether the CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit dot products summed in 32 bits (Linux flags)."""
+def cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo ("" elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
+        return ""
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit dot products summed in 32 bits."""
+    return " avx512_vnni" in cpu_flags() or " avx_vnni" in cpu_flags()
+
+
+def int8_engine() -> str:
+    """The quantized engine whose int8 GEMM is fastest here: oneDNN where the CPU has AMX for int8, else x86."""
+    if " amx_int8" in cpu_flags() and "onednn" in torch.backends.quantized.supported_engines:
+        return "onednn"
+    return "x86"
 
 
 def to_int8(model: nn.Module) -> nn.Module:
@@ -74,10 +94,10 @@ def to_int8(model: nn.Module) -> nn.Module:
     if devices != {"cpu"}:
         raise BertkitError(f"int8 inference runs on the CPU; the model is on {', '.join(sorted(devices))} "
                            "(expected --device cpu)")
-    engine = torch.backends.quantized.engine
-    if engine == "none" or engine not in torch.backends.quantized.supported_engines:
-        raise BertkitError(f"this torch build has no int8 CPU kernels (quantized engine {engine!r}); expected one of "
-                           "x86, fbgemm, onednn, qnnpack")
+    engine = int8_engine()
+    if engine not in torch.backends.quantized.supported_engines:
+        raise BertkitError(f"this torch build has no int8 CPU kernels (quantized engines: "
+                           f"{', '.join(torch.backends.quantized.supported_engines)}); expected {engine}")
     reduce_range = not has_vnni()
     model.eval()
     with torch.no_grad():
@@ -93,5 +113,5 @@ def to_int8(model: nn.Module) -> nn.Module:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, Int8Linear(child, reduce_range))
+                    setattr(parent, name, Int8Linear(child, reduce_range, engine))
     return model
