@@ -63,9 +63,13 @@ def test_server_labels_texts_and_pairs_as_predict_does(folders):
     assert all(r["label"] in ("neg", "pos") for r in got)
     for g, e in zip(got, expected):
         assert abs(g["probability"] - e["probability"]) < 1e-5
-    assert one.json()["predictions"] == got[:1]
+    # a text alone runs unpadded, in a batch its attention is re-padded to whole blocks of 16 (the CPU kernel's
+    # fast path): the same answer up to float rounding
+    same = lambda a, b: a["label"] == b["label"] and abs(a["probability"] - b["probability"]) < 1e-6
+    (alone,) = one.json()["predictions"]
+    assert same(alone, got[0])
     mixed = pairs.json()["predictions"]
-    assert len(mixed) == 3 and mixed[1] == got[1]
+    assert len(mixed) == 3 and same(mixed[1], got[1])
     assert abs(mixed[0]["probability"] - predict(folders["classifier"], ["good\tbad"])[0]["probability"]) < 1e-5
 
 

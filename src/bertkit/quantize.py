@@ -3,8 +3,8 @@
 Each weight matrix is stored in int8 with one scale per output row; each call quantizes its input to 8 bits from
 the range it observes (asymmetric, one scale per call), runs the integer GEMM through PyTorch's int8 kernels and
 rescales the int32 sums to float. The kernels are oneDNN's where the CPU has AMX (Intel's tile instructions for int8
-matrices: 6-9x float32 GEMMs on a 2-core Xeon, where PyTorch's default x86 kernels, fbgemm with AVX-512 VNNI, gave
-2.5-2.9x) and the default x86 ones elsewhere; both compute the same sums (benchmarks/RESULTS.md). Embeddings, LayerNorm, GELU, softmax and
+matrices: 5.9-8.4x float32 GEMMs on a 2-core Xeon, where PyTorch's default x86 kernels, fbgemm with AVX-512 VNNI,
+gave 2.4-2.8x) and the default x86 ones elsewhere; both compute the same sums (benchmarks/RESULTS.md). Embeddings, LayerNorm, GELU, softmax and
 attention stay in float32, as does the MLM decoder (the tied embedding matrix). The unpadded encoder is kept: the
 int8 layers run on the packed (N, H) real tokens, and Q, K and V are one int8 GEMM, as they are one float GEMM in
 `BertSelfAttention`.
