@@ -16,7 +16,7 @@ packed (N <= B*T), M masked positions, H hidden size, nh heads, hs head size (H 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +142,7 @@ class Layout:
             if kernels.attention == "varlen":
                 self.offsets = sequence_offsets(keep, len(self.indices), length, kernels.pack_multiple)
             elif not on_gpu and not torch.jit.is_tracing():  # a trace (ONNX export) would freeze S as a constant
-                self.span = -(-length // ATTENTION_MULTIPLE) * ATTENTION_MULTIPLE
+                self.span = round_up(length, ATTENTION_MULTIPLE)
         self.span_indices = self.indices
         if self.span != length:
             self.span_indices = self.indices // length * self.span + self.indices % length
@@ -196,10 +196,14 @@ class Layout:
         return x[flat]
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def with_filler_rows(keep: torch.Tensor, indices: torch.Tensor, multiple: int) -> torch.Tensor:
     """The N real tokens' flat indices, then the first padding positions of the (B, T) batch as filler rows up to a
     multiple of `multiple` (at most B*T rows)."""
-    total = min(-(-len(indices) // multiple) * multiple, keep.numel())
+    total = min(round_up(len(indices), multiple), keep.numel())
     filler = (~keep).flatten().nonzero().squeeze(1)[: total - len(indices)]
     return torch.cat([indices, filler])
 
@@ -840,8 +844,8 @@ def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
     "static", a graph per shape, which keeps batches padded (Kernels(packing="never")) so that shapes repeat: give it
     bucketed lengths (--pad-to-multiple-of); or, with Kernels(pack_multiple=...), keeps them packed with the token
     count rounded up (torch.compile recompiles at most 8 times by default: choose a multiple that leaves fewer
-    counts). On an H200, base pretraining at length 128 in bf16: static 1.26x eager
-    (CUDA graphs on top of it added nothing and were removed); dynamic did not pay on an H100 (benchmarks/RESULTS.md).
+    counts). On an H200, base pretraining at length 128 in bf16: static 1.26x eager (CUDA graphs on top of it added
+    nothing and were removed); dynamic did not pay on an H100 (benchmarks/RESULTS.md).
 
     Compiling the blocks rather than the whole model keeps the data-dependent parts (which tokens are real, which
     are masked) in eager mode, so one compiled graph serves every batch; parameter names, and so checkpoints, are
@@ -854,7 +858,7 @@ def compile_blocks(model: nn.Module, mode: str = "dynamic") -> nn.Module:
             module.compile(**COMPILE_MODES[mode])
         # a packed batch's token count is a new shape every batch, unless it is rounded up (Kernels.pack_multiple)
         if mode == "static" and isinstance(module, BertModel) and module.kernels.pack_multiple == 1:
-            module.kernels = Kernels(**{**vars(module.kernels), "packing": "never"})
+            module.kernels = replace(module.kernels, packing="never")
     return model
 
 
@@ -862,7 +866,7 @@ def set_kernels(model: nn.Module, **choices) -> nn.Module:
     """Choose how every encoder in `model` computes (the fields of `Kernels`)."""
     for module in model.modules():
         if isinstance(module, BertModel):
-            module.kernels = Kernels(**{**vars(module.kernels), **choices})
+            module.kernels = replace(module.kernels, **choices)
     return model
 
 
