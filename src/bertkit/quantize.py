@@ -25,14 +25,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bertkit.errors import BertkitError
 from bertkit.model import BertSelfAttention
-
-
-ROW_MULTIPLE = 32  # oneDNN's int8 GEMM sees row counts rounded up to this (see Int8Linear.forward)
 
 
 class Int8Linear(nn.Module):
@@ -60,16 +56,7 @@ class Int8Linear(nn.Module):
             torch.backends.quantized.engine = before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
-        if self.engine != "onednn":
-            return torch.ops.quantized.linear_dynamic(x.contiguous(), self._packed, reduce_range=self.reduce_range)
-        # oneDNN builds a kernel for every new number of rows (~1 ms each, as long as the GEMM itself), and packed
-        # batches change it every call: rows of zeros up to a multiple of 32 make shapes repeat. Zero rows change
-        # nothing: the dynamic range always includes 0.
-        rows = x.reshape(-1, self.in_features)
-        extra = -rows.shape[0] % ROW_MULTIPLE
-        y = torch.ops.quantized.linear_dynamic(F.pad(rows, (0, 0, 0, extra)), self._packed,
-                                               reduce_range=self.reduce_range)
-        return y[: rows.shape[0]].view(*x.shape[:-1], self.out_features)
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), self._packed, reduce_range=self.reduce_range)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, reduce_range={self.reduce_range}, "
