@@ -79,13 +79,15 @@ UNDO = {
     "filler-rows": lambda: patched(M, "with_filler_rows", lambda keep, indices, multiple: indices),
 }
 PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
-# choices that are off by default: undone only where --kernels turns them on (the example value, in messages)
-OPT_IN = {"varlen-attention": ("attention", "varlen"), "filler-rows": ("pack_multiple", 1024)}
+# choices that are off by default, each with the --kernels choice that turns it on: undone only where it is on
+OPT_IN = {"varlen-attention": "attention=varlen", "filler-rows": "pack_multiple=1024"}
 
 
 def turned_on(undo: str, kernels: M.Kernels) -> bool:
-    name, value = OPT_IN[undo]
+    name = OPT_IN[undo].partition("=")[0]
     return getattr(kernels, name) != getattr(M.Kernels(), name)
+
+
 DEFAULT_CASES = ["pretrain-mini", "pretrain-base", "finetune-squad", "inference-b32"]
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     kernels = M.Kernels(**bench.kernels)
     for undo in set(args.undo or []) & set(OPT_IN):
         if not turned_on(undo, kernels):
-            parser.error(f"--undo {undo}: it is off unless turned on, e.g. --kernels {'='.join(map(str, OPT_IN[undo]))}")
+            parser.error(f"--undo {undo}: it is off unless turned on, e.g. --kernels {OPT_IN[undo]}")
     args.undo = args.undo or [u for u in UNDO if u not in OPT_IN or turned_on(u, kernels)]
     info = run.machine(bench)
     print(json.dumps(info))

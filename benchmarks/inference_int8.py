@@ -204,8 +204,8 @@ def gemm_ceiling(rounds: int = 5) -> str:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     engines = [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines]
-    lines = ["| network | shape (in -> out) | float32 GFLOP/s | " + " | ".join(f"int8 {e} GOP/s (× float32)" for e in engines)
-             + " |", "|---|---|---|" + "---|" * len(engines)]
+    columns = " | ".join(f"int8 {e} GOP/s (× float32)" for e in engines)
+    lines = [f"| network | shape (in -> out) | float32 GFLOP/s | {columns} |", "|---|---|---|" + "---|" * len(engines)]
     for network, hidden in (("MiniLM", 384), ("BERT-Base", 768)):
         for n_in, n_out in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
             x = torch.randn(32 * 30, n_in)

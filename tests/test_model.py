@@ -165,7 +165,8 @@ def varlen_reference(q, k, v, offsets, max_length, dropout_p, causal):
         assert 0 <= end - start <= max_length, (start, end, max_length)
         if end > start:
             qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (nh, j, hs)
-            pieces.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+            y = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+            pieces.append(y.transpose(0, 1))
     return torch.cat(pieces)
 
 

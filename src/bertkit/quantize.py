@@ -4,10 +4,10 @@ Each weight matrix is stored in int8 with one scale per output row; each call qu
 the range it observes (asymmetric, one scale per call), runs the integer GEMM through PyTorch's int8 kernels and
 rescales the int32 sums to float. The kernels are oneDNN's where the CPU has AMX (Intel's tile instructions for int8
 matrices: 5.9-8.4x float32 GEMMs on a 2-core Xeon, where PyTorch's default x86 kernels, fbgemm with AVX-512 VNNI,
-gave 2.4-2.8x) and the default x86 ones elsewhere; both compute the same sums (benchmarks/RESULTS.md). Embeddings, LayerNorm, GELU, softmax and
-attention stay in float32, as does the MLM decoder (the tied embedding matrix). The unpadded encoder is kept: the
-int8 layers run on the packed (N, H) real tokens, and Q, K and V are one int8 GEMM, as they are one float GEMM in
-`BertSelfAttention`.
+gave 2.4-2.8x) and the default x86 ones elsewhere; both compute the same sums (benchmarks/RESULTS.md).
+Embeddings, LayerNorm, GELU, softmax and attention stay in float32, as does the MLM decoder (the tied embedding
+matrix). The unpadded encoder is kept: the int8 layers run on the packed (N, H) real tokens, and Q, K and V are one
+int8 GEMM, as they are one float GEMM in `BertSelfAttention`.
 
 Two choices decide the accuracy, measured on all-MiniLM-L6-v2 (cosine of mean-pooled embeddings to float32's, 32
 SST-2 sentences, worst / mean): PyTorch's default dynamic quantization (one scale per matrix, inputs in 7 bits)
@@ -74,7 +74,8 @@ def cpu_flags() -> str:
 
 def has_vnni() -> bool:
     """Whether the CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit dot products summed in 32 bits."""
-    return " avx512_vnni" in cpu_flags() or " avx_vnni" in cpu_flags()
+    flags = cpu_flags()
+    return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
 def int8_engine() -> str:
