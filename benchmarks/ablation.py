@@ -135,12 +135,12 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 autocast, as in run.py")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = run.bench_from(parser, args, args.device, only="bertkit")
-    kernels = M.Kernels(**bench.kernels)
+    kernels = M.Kernels(**run.kernel_choices(parser, args.kernels))
     for undo in set(args.undo or []) & set(OPT_IN):
         if not turned_on(undo, kernels):
             parser.error(f"--undo {undo}: it is off unless turned on, e.g. --kernels {OPT_IN[undo]}")
     args.undo = args.undo or [u for u in UNDO if u not in OPT_IN or turned_on(u, kernels)]
+    bench = run.bench_from(parser, args, args.device, only="bertkit")
     info = run.machine(bench)
     print(json.dumps(info))
     rows = []

@@ -108,8 +108,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = run.bench_from(parser, args, args.device)
-    if bench.gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be at least 1")
     config = run.config_for(args.preset, hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)

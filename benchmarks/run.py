@@ -539,9 +539,14 @@ def kernel_choices(parser: argparse.ArgumentParser, given: list[str]) -> dict:
 
 
 def bench_from(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, **fields) -> Bench:
-    """The Bench that the options of `add_kernel_arguments` describe, on `device`."""
-    return Bench(torch.device(device), compile=args.compile, kernels=kernel_choices(parser, args.kernels),
-                 bucket=args.bucket, **fields)
+    """The Bench that the options of `add_kernel_arguments` describe, on `device` (a usage error where that is CUDA
+    and this machine has none)."""
+    bench = Bench(torch.device(device), compile=args.compile, kernels=kernel_choices(parser, args.kernels),
+                  bucket=args.bucket, **fields)
+    if bench.gpu and not torch.cuda.is_available():
+        implied = " (the default of --suite gpu*)" if args.device is None else ""
+        parser.error(f"--device cuda{implied}: no CUDA device here")
+    return bench
 
 
 def main() -> None:
@@ -559,8 +564,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench = bench_from(parser, args, args.device or ("cuda" if (args.suite or "").startswith("gpu") else "cpu"))
-    if bench.gpu and not torch.cuda.is_available():
-        parser.error("--device cuda (or --suite gpu): no CUDA device here")
     if args.probe:
         return probe(bench, *args.probe, args)
     names = SUITES[args.suite] if args.suite else (args.cases or parser.error("give --suite cpu|gpu or --cases"))

@@ -159,3 +159,28 @@ def test_int8_gemm_ceiling_times_both_kinds_at_every_shape():
         for cell in r[3:]:
             speed, ratio = cell.split()
             assert float(speed) > 0 and ratio.startswith("(") and ratio.endswith("×)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run needs a machine without CUDA")
+def test_gpu_check_script_passes_only_options_its_scripts_accept(tmp_path):
+    """benchmarks/gpu_check.sh, every stage, on a machine without CUDA: each benchmark command gets past its parser
+    and its --kernels checks to the one error that says there is no GPU. An option renamed since the script was
+    written would otherwise be found only on a lent GPU, at the cost of that lease."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python3").write_text(  # the tests stage's pytest needs plugins (xdist, timeout) only the GPU image has
+        f'#!/bin/bash\n[ "$1 $2" = "-m pytest" ] && {{ echo "pytest not run"; exit 0; }}\nexec {sys.executable} "$@"\n')
+    (shims / "nvidia-smi").write_text("#!/bin/bash\necho 'no GPU here'\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    script = BENCHMARKS / "gpu_check.sh"
+    stages = "tests varlen ablation profile pretrain suite".split()
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    subprocess.run(["bash", str(script), *stages], env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert all(f"{stage}: " in log for stage in stages), log
+    errors = [line for line in log.splitlines() if "error" in line.lower() or "Traceback" in line]
+    # every python3 benchmarks/... line runs once, loss_curve.py once per kernel choice of its loop
+    expected = script.read_text().count("python3 benchmarks/") + 1
+    assert errors == [line for line in errors if line.endswith(": no CUDA device here")], "\n".join(errors)
+    assert len(errors) == expected, log
