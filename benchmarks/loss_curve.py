@@ -7,8 +7,9 @@
 Both models start from the same weights (bertkit's initialisation, copied into transformers' BertForPreTraining
 with its SDPA attention), take the same MLM+NSP batches of real text in the same order (benchmarks/run.py's
 pipeline, each batch's masks drawn once), the same AdamW and warm-up schedule, under bf16 autocast on CUDA and in
-fp32 on the CPU. Dropout is off by default (the budget recipe pretrains without it), so the two runs compute the same
-function and the curves differ only by rounding; with dropout on they would also differ by their random masks.
+fp32 on the CPU (bf16 there too with --bf16). Dropout is off by default (the budget recipe pretrains without it),
+so the two runs compute the same function and the curves differ only by rounding; with dropout on they would also
+differ by their random masks.
 bertkit runs with the kernel choices and compile mode given (default: as shipped, "auto"), so every fast path it
 takes on that device is inside the comparison. Writes a JSON of both curves and a plot of the two losses and their
 difference.
@@ -124,7 +125,7 @@ def main() -> None:
         print(f"{side:12s} loss {curves[side][0]:.3f} -> {curves[side][-1]:.3f}  ({seconds[side] * 1e3:.0f} ms/step)",
               flush=True)
     summary = summarise(curves, tail=max(1, args.steps // 10))
-    precision = "bf16 autocast" if bench.gpu else "fp32"
+    precision = "bf16 autocast" if bench.bf16 else "fp32"
     what = (f"{args.preset}, batch {args.batch_size} x length {args.max_length}, {args.steps} steps, lr {args.lr:g}, "
             f"dropout {args.dropout:g}, {precision}, bertkit kernels {bench.kernels or 'auto'}"
             + (f", compiled {args.compile}" if args.compile else ""))

@@ -3,11 +3,12 @@
     python benchmarks/run.py --suite cpu                 # every CPU case, results into benchmarks/results/
     python benchmarks/run.py --cases pretrain-mini       # one case
     python benchmarks/run.py --suite gpu                 # on a CUDA GPU: bf16 autocast and fused AdamW on both sides
+    python benchmarks/run.py --suite cpu --bf16          # on a CPU with bf16 units (AMX, AVX512-BF16): bf16 autocast
 
 Each case builds both models from the same weights, feeds both the same batches of real text from
 $BERTKIT_DATA, alternates bertkit and transformers round by round (warm-up rounds excluded) and reports
 tokens/s for both, their ratio, model FLOP utilisation against the measured matmul peak of this
-machine (fp32 on CPU, bf16 on GPU), and peak memory (CPU: each side alone in a fresh subprocess, as the peak
+machine (in the precision the cases run in), and peak memory (CPU: each side alone in a fresh subprocess, as the peak
 resident set; GPU: the peak of CUDA memory allocated above the weights and optimizer state while that side runs).
 """
 
@@ -40,18 +41,23 @@ SIDES = ("bertkit", "transformers")
 @dataclass
 class Bench:
     """Where and how the cases run, passed to every case (no module state): the device (on CUDA both sides under
-    bf16 autocast), bertkit's encoder blocks through torch.compile or not (transformers stays eager), and in a
-    memory probe the one side to build."""
+    bf16 autocast, on the CPU with `cpu_bf16`), bertkit's encoder blocks through torch.compile or not (transformers
+    stays eager), and in a memory probe the one side to build."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compile: str | None = None  # a mode of bertkit.model.compile_blocks, or None: eager
     only: str | None = None
     kernels: dict = field(default_factory=dict)  # bertkit's Kernels choices (bertkit.model.set_kernels)
     bucket: int = 1  # pad every batch to a multiple of this many positions (shapes repeat; the padding is masked)
+    cpu_bf16: bool = False  # on the CPU too, both sides under bf16 autocast (fp32 otherwise)
 
     @property
     def gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def bf16(self) -> bool:
+        return self.gpu or self.cpu_bf16
 
     def on_device(self, batch: dict) -> dict:
         from bertkit.data.batching import bucketed
@@ -63,8 +69,8 @@ class Bench:
                     else v).to(self.device) for k, v in batch.items()}
 
     def autocast(self):
-        if self.gpu:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         import contextlib
 
         return contextlib.nullcontext()
@@ -112,17 +118,20 @@ def machine(bench: Bench | None = None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "precision": "bf16 autocast" if bench is not None and bench.bf16 else "fp32",
     }
 
 
 def matmul_peak_gflops(bench: Bench, repeats: int = 8) -> float:
-    """The best GEMM rate this machine sustains (fp32 at these threads on CPU, bf16 on GPU): the denominator of MFU.
+    """The best GEMM rate this machine sustains (bf16 on GPU; on CPU at these threads, fp32 or bf16 as the cases run):
+    the denominator of MFU.
     The best of a square product and of base's FFN shapes at 4,096 tokens; main() measures it again after every case
     and keeps the highest, because a shared CPU's clock moves by ±15% from minute to minute."""
     if bench.gpu:
         shapes, dtype = [(8192, 8192, 8192)], torch.bfloat16
     else:
-        shapes, dtype = [(2048, 2048, 2048), (4096, 768, 3072), (4096, 3072, 768)], torch.float32
+        shapes = [(2048, 2048, 2048), (4096, 768, 3072), (4096, 3072, 768)]
+        dtype = torch.bfloat16 if bench.bf16 else torch.float32
     best_rate = 0.0
     for m, k, n in shapes:
         a, b = torch.randn(m, k, device=bench.device, dtype=dtype), torch.randn(k, n, device=bench.device, dtype=dtype)
@@ -454,7 +463,8 @@ def peak_memory_mb(bench: Bench, case_name: str, side: str, args, case: Case) ->
     cmd = [sys.executable, __file__, "--probe", case_name, side, "--batches", str(args.batches),
            "--preset", args.preset, "--threads", str(args.threads), "--bucket", str(args.bucket),
            "--kernels", *args.kernels] + (["--compile", args.compile] if args.compile else []) + \
-          (["--pretrain-batch", str(args.pretrain_batch)] if args.pretrain_batch else [])
+          (["--pretrain-batch", str(args.pretrain_batch)] if args.pretrain_batch else []) + \
+          (["--bf16"] if args.bf16 else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -512,6 +522,8 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bertkit's kernel choices (bertkit.model.Kernels), e.g. packing=never attention=varlen "
                         "pack_multiple=1024")
     parser.add_argument("--bucket", type=int, default=1, help="pad every batch to a multiple of this many positions")
+    parser.add_argument("--bf16", action="store_true", help="on the CPU too, both sides under bf16 autocast (it pays "
+                        "where the CPU computes in bf16: AMX, AVX512-BF16; on CUDA it is always on)")
     parser.add_argument("--compile", nargs="?", const="dynamic", choices=list(COMPILE_MODES),
                         help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; static "
                         "keeps batches padded, give it --bucket, or packed with --kernels pack_multiple=...; compiled "
@@ -542,7 +554,7 @@ def bench_from(parser: argparse.ArgumentParser, args: argparse.Namespace, device
     """The Bench that the options of `add_kernel_arguments` describe, on `device` (a usage error where that is CUDA
     and this machine has none)."""
     bench = Bench(torch.device(device), compile=args.compile, kernels=kernel_choices(parser, args.kernels),
-                  bucket=args.bucket, **fields)
+                  bucket=args.bucket, cpu_bf16=args.bf16, **fields)
     if bench.gpu and not torch.cuda.is_available():
         implied = " (the default of --suite gpu*)" if args.device is None else ""
         parser.error(f"--device cuda{implied}: no CUDA device here")
@@ -635,7 +647,8 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     if "gpu" in info:
         where = info["gpu"] + ", bf16 autocast"
     else:
-        where = f"{info['cpu']}, {info['threads']} torch thread" + "s" * (info["threads"] != 1)
+        where = f"{info['cpu']}, {info['threads']} torch thread" + "s" * (info["threads"] != 1) + \
+            (", bf16 autocast" if info.get("precision") == "bf16 autocast" else "")
     ax.set_title(where, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -26,15 +26,18 @@ def test_probe_peak_rss_is_its_own_not_the_parents():
     assert float(out.strip().splitlines()[-1]) < 450  # torch + bertkit imported, but not the parent's 600 MB
 
 
-def test_suite_case_runs_both_sides_and_writes_results(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_suite_case_runs_both_sides_and_writes_results(tmp_path, bf16):
     data = data_path("glue", "SST-2")
     cmd = [sys.executable, str(BENCHMARKS / "run.py"), "--cases", "inference-b1", "--preset", "tiny", "--batches", "1",
-           "--rounds", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
+           "--rounds", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)] + ["--bf16"] * bf16
     env = {**os.environ, "BERTKIT_DATA": str(data.parents[1])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("*.json")
-    row = json.loads(result.read_text())["results"][0]
+    result = json.loads(result.read_text())
+    assert result["machine"]["precision"] == ("bf16 autocast" if bf16 else "fp32")
+    row = result["results"][0]
     assert row["case"] == "inference-b1"
     for side in ("bertkit", "transformers"):
         assert row[side]["tokens_per_s"] > 0 and 0 < row[side]["mfu"] < 2
