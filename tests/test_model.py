@@ -101,6 +101,25 @@ def test_fused_qkv_cache_follows_weight_updates():
         assert torch.allclose(after, fresh(ids).last_hidden_state, atol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["fused", "for-loop"])
+def test_fused_qkv_cache_follows_a_training_step_between_evaluations(optimizer):
+    """Evaluate, train a step, evaluate: the second evaluation sees the new Q/K/V weights. torch's fused AdamW (what
+    bertkit trains with) changes weights without bumping their versions, so a cache keyed on versions alone kept
+    the first evaluation's Q/K/V for every later one."""
+    torch.manual_seed(0)
+    model = BertModel(tiny())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **({"fused": True} if optimizer == "fused" else {}))
+    ids = torch.randint(5, 300, (2, 8))
+    with torch.no_grad():
+        model.eval()(ids)  # fills the cache
+    model.train()(ids).last_hidden_state.square().mean().backward()
+    opt.step()
+    fresh = BertModel(tiny()).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).last_hidden_state, fresh(ids).last_hidden_state, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_on_cpu():
     """--compile on CPU (slow: inductor compiles C++ for a minute on a small machine)."""

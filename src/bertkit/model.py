@@ -358,11 +358,14 @@ class BertSelfAttention(nn.Module):
         """Q, K and V weights as one (3H, H) matrix, so that one GEMM replaces three.
 
         The three Linear modules stay, for the Hugging Face parameter names. Under autograd the concatenation is
-        redone each call (its backward splits the gradient); without autograd it is cached until an in-place
-        update (optimizer step, load) bumps a weight's version, so inference pays the copy once.
+        redone each call (its backward splits the gradient); without autograd it is cached, so inference pays the
+        copy once. The cache goes at every forward under autograd (a training step may follow, and torch's fused
+        AdamW updates weights without bumping their versions) and when an in-place change (a load, an unfused
+        optimizer) bumps a weight's version.
         """
         params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._fused = None
             return torch.cat(params[:3]), torch.cat(params[3:])
         versions = tuple((p.data_ptr(), p._version) for p in params)
         if self._fused is None or self._fused[0] != versions:
