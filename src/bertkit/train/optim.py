@@ -60,10 +60,14 @@ class Lamb(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-6):
-    """AdamW (the paper's Adam with decoupled weight decay) or LAMB, over `param_groups`."""
+    """AdamW (the paper's Adam with decoupled weight decay) or LAMB, over `param_groups`.
+
+    AdamW is torch's fused kernel on the CPU and CUDA: one pass over each tensor instead of one per operation. On a
+    2-core Xeon it took a BERT-Base pretraining step (batch 8 x 128) from 3.08 s to 2.60 s in fp32 and from 1.88 s to
+    1.23 s under bf16 autocast; the same updates to float rounding (benchmarks/RESULTS.md, stop 34)."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
