@@ -218,6 +218,20 @@ def test_train_vocab_reads_gzip_like_plain_text(tmp_path, corpus_lines):
     assert plain.vocab() == gz.vocab()
 
 
+def test_train_vocab_breaks_ties_at_the_alphabet_limit_the_same_way_every_time(tmp_path):
+    """26 letters equally frequent, 10 allowed: the trainer alone kept 10 in hash-map order, a different 10 from run
+    to run (the Python and Linux docs gave three different vocabularies in three runs); train_vocab keeps the most
+    frequent, ties by character, so "z" (the most frequent) and then a to i."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    lines = [" ".join(letters[(i + k) % 26] * 3 for k in range(5)) for i in range(26 * 8)] + ["zzz " * 40]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    vocabs = [train_vocab([tmp_path / "a.txt"], tmp_path / str(i), vocab_size=60, limit_alphabet=10,
+                          show_progress=False).vocab() for i in range(4)]
+    assert all(v == vocabs[0] for v in vocabs)
+    single = {t for t in vocabs[0] if len(t) == 1}
+    assert single == set("zabcdefghi"), sorted(single)
+
+
 def test_held_out_lines_round_trip(trained, corpus_lines):
     """decode(encode(x)) equals normalised x: the BERT normaliser's output (clean text, CJK spaced, lowercased,
     accents stripped), split by the BERT pre-tokenizer (whitespace, then each punctuation character alone) and

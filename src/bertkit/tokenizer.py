@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import numbers
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,19 +361,31 @@ def train_vocab(
         backend = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
         backend.normalizer = _bert_normalizer(lowercase)
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = WordPieceTrainer(vocab_size=size, min_frequency=min_frequency, limit_alphabet=limit_alphabet,
+        trainer = WordPieceTrainer(vocab_size=size, min_frequency=min_frequency, limit_alphabet=max(1, len(alphabet)),
                                    special_tokens=specials, initial_alphabet=alphabet, continuing_subword_prefix="##",
                                    show_progress=show_progress)
         backend.train_from_iterator(_read_lines(paths, counts), trainer=trainer)
         return backend
 
-    # The trainer breaks ties between equally frequent merges by token id, and numbers the "##c" forms of single
-    # characters in hash-map order, which changes from run to run (tokenizers issue #1794): so the tokens learned
-    # near the vocab_size cut-off differed between runs. A first pass learns only the alphabet; the second is given
-    # it up front, the "##c" forms as special tokens in sorted order, so every id and every tie is the same each
-    # time: the vocabulary is a function of the corpus and the options alone.
+    # The trainer breaks ties in hash-map order, which changes from run to run (tokenizers issue #1794): between
+    # equally frequent characters at the limit_alphabet cut-off, and, as it numbers the "##c" forms of single
+    # characters in that order and breaks ties between equally frequent merges by token id, near the vocab_size
+    # cut-off. So the vocabulary is built in three steps that leave it no tie to break: the limit_alphabet most
+    # frequent characters counted here (ties by character), a first pass given exactly those that learns only their
+    # "##c" forms, and the real pass given the characters up front and the "##c" forms as special tokens in sorted
+    # order. The vocabulary is then a function of the corpus and the options alone.
+    counts, raw = {"text": 0}, Counter()
+    for batch in _read_lines(paths, counts):
+        raw.update("".join(batch))
+    # what the trainer counts: characters after normalisation, which maps each character on its own
+    normalizer, frequency = _bert_normalizer(lowercase), Counter()
+    for character, n in raw.items():
+        for c in normalizer.normalize_str(character):
+            frequency[c] += n
+    ranked = sorted((c for c in frequency if not c.isspace()), key=lambda c: (-frequency[c], c))
+    characters = sorted(ranked[:limit_alphabet])
     counts = {"text": 0}
-    alphabet = sorted(set(train(1, list(SPECIAL_TOKENS), []).get_vocab()) - set(SPECIAL_TOKENS))
+    alphabet = sorted(set(train(1, list(SPECIAL_TOKENS), characters).get_vocab()) - set(SPECIAL_TOKENS))
     counts = {"text": 0}
     backend = train(vocab_size, list(SPECIAL_TOKENS) + [t for t in alphabet if t.startswith("##")],
                     [t for t in alphabet if not t.startswith("##")])
