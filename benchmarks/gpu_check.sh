@@ -20,14 +20,16 @@
 #   profile  where a static-compiled varlen base step spends its time (torch.profiler);
 #   suite    the speed suite's targets as shipped: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at
 #            384, inference at batch 32 and 1; MFU against the bf16 GEMM peak measured in the same run;
-#   pretrain the suite's pretraining cases alone, with BERT-Large phase 2.
+#   pretrain the suite's pretraining cases alone, with BERT-Large phase 2;
+#   nsp      docs/findings.md's H100 NSP run again (mini on python-docs + linux-docs, 4,000 x 128, bf16, about 3
+#            minutes): its held-out curve was read with stale Q/K/V weights the first time (fixed in stop 34).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = pack ]; then
     src=${BERTKIT_DATA:?set BERTKIT_DATA to the shared data folder}
     mkdir -p gpu-data/corpus gpu-data/glue gpu-data/squad gpu-data/checkpoints/all-MiniLM-L6-v2
-    cp "$src/corpus/python-docs-3.11.txt" gpu-data/corpus/
+    cp "$src/corpus/python-docs-3.11.txt" "$src/corpus/linux-docs-6.1.txt" gpu-data/corpus/
     cp -r "$src/glue/SST-2" gpu-data/glue/
     cp "$src/squad/dev-v1.1.json" gpu-data/squad/
     cp "$src"/checkpoints/all-MiniLM-L6-v2/{config.json,vocab.txt,tokenizer.json,tokenizer_config.json,special_tokens_map.json} \
@@ -105,6 +107,21 @@ if wants suite; then
     step "suite: issue 14's targets"
     timeout 150 python3 benchmarks/run.py --suite gpu-targets --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/suite" \
         2>&1 | quiet | tee -a "$LOG"
+fi
+
+if wants nsp; then
+    step "nsp: the H100 NSP run of docs/findings.md again, its held-out curve read correctly"
+    c=gpu-data/corpus n=$OUT/nsp
+    docs=("$c/python-docs-3.11.txt" "$c/linux-docs-6.1.txt")
+    bk() { timeout 240 python3 -m bertkit.cli "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|step/s\|s/step" | tail -4; }
+    { bk vocab train "${docs[@]}" --out "$n/vocab" --vocab-size 8000
+      bk prepare "${docs[@]}" --tokenizer "$n/vocab" --out "$n/data"
+      bk pretrain --model mini --tokenizer "$n/vocab" --data "$n/data" --out-dir "$n/run" --max-length 128 \
+          --batch-size 128 --lr 5e-4 --warmup 0.06 --max-steps 4000 --eval-every 250 --eval-batches 20 \
+          --precision bf16 --num-workers 8 --save-every 4000 --keep-last 1
+    } | tee -a "$LOG"
+    mkdir -p "$RESULTS/nsp" && cp "$n"/run/{eval.csv,train.csv,loss_curve.png} "$RESULTS/nsp/" 2>/dev/null
+    rm -rf "$n"
 fi
 
 step done
