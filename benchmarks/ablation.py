@@ -73,12 +73,15 @@ UNDO = {
     "attention-by-hand": lambda: patched(M.F, "scaled_dot_product_attention", _attention_by_hand),
     # the CPU's re-padded length inside attention kept at T instead of rounded up to whole blocks of 16
     "attention-blocks-of-16": lambda: patched(M, "ATTENTION_MULTIPLE", 1),
+    # with --bf16 on the CPU: training attends in bf16 instead of fp32
+    "fp32-attention-in-bf16-training": lambda: patched(M, "attends_in_fp32", lambda q: False),
     # with --kernels attention=varlen: Q, K, V re-padded for one masked SDPA call instead
     "varlen-attention": lambda: patched(M, "sequence_offsets", lambda *args: None),
     # with --kernels pack_multiple=...: the real tokens only, their count changing every batch
     "filler-rows": lambda: patched(M, "with_filler_rows", lambda keep, indices, multiple: indices),
 }
 PRETRAINING_ONLY = {"mlm-on-every-position"}  # it cannot matter in the other cases, so it is not measured there
+CPU_BF16_ONLY = {"fp32-attention-in-bf16-training"}  # the same: only training on the CPU under --bf16
 # choices that are off by default, each with the --kernels choice that turns it on: undone only where it is on
 OPT_IN = {"varlen-attention": "attention=varlen", "filler-rows": "pack_multiple=1024"}
 
@@ -149,6 +152,8 @@ def main() -> None:
         shipped = case.units["bertkit"]
         for undo in args.undo:
             if undo in PRETRAINING_ONLY and not name.startswith("pretrain"):
+                continue
+            if undo in CPU_BF16_ONLY and (bench.gpu or not bench.bf16 or not case.training):
                 continue
             case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
             r = run.measure(bench, case, args.rounds, args.warmup)

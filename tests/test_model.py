@@ -120,6 +120,40 @@ def test_fused_qkv_cache_follows_a_training_step_between_evaluations(optimizer):
         assert torch.allclose(model.eval()(ids).last_hidden_state, fresh(ids).last_hidden_state, atol=1e-6)
 
 
+def test_bf16_training_on_the_cpu_attends_in_fp32(monkeypatch):
+    """Under bf16 autocast on the CPU, attention that will be differentiated runs in fp32 (PyTorch's CPU attention
+    backward is 2-6x slower in bf16); inference keeps bf16. Either way the loss is the fp32 model's within bf16
+    rounding, and training gets the same gradients."""
+    import bertkit.model as M
+
+    seen = []
+    sdpa = M.F.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kw: seen.append(q.dtype) or sdpa(q, *args, **kw))
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ids = torch.randint(5, 300, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[2:, 10:] = 0
+    labels = torch.where(mask.bool() & (torch.rand(ids.shape) < 0.3), ids, -100)
+    want = model(ids, attention_mask=mask, labels=labels).loss
+    want.backward()
+    want_grad = model.bert.encoder.layer[0].attention.self.query.weight.grad.clone()
+    model.zero_grad()
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids, attention_mask=mask, labels=labels).loss
+    got.backward()
+    assert seen and set(seen) == {torch.float32}
+    got_grad = model.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert abs(got.item() - want.item()) < 0.05
+    assert torch.allclose(got_grad, want_grad, atol=0.05 * want_grad.abs().max())
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, attention_mask=mask)
+    assert set(seen) == {torch.bfloat16}
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_on_cpu():
     """--compile on CPU (slow: inductor compiles C++ for a minute on a small machine)."""

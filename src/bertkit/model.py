@@ -157,6 +157,9 @@ class Layout:
         """(B, nh, S, hs) each -> (B, nh, S, hs): attention under this batch's masks (windowed, or one SDPA call)."""
         if self.windows is not None:
             return self.windows.attend(q, k, v, dropout_p)
+        if attends_in_fp32(q):
+            with torch.autocast("cpu", enabled=False):
+                return self.attend(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask, dropout_p=dropout_p,
                                               is_causal=self.is_causal)
 
@@ -194,6 +197,13 @@ class Layout:
             return x[positions]
         flat = positions.flatten().index_select(0, self.indices)
         return x[flat]
+
+
+def attends_in_fp32(q: torch.Tensor) -> bool:
+    """Whether attention over bf16 `q` runs in fp32: on the CPU when it will be differentiated, as PyTorch's CPU
+    attention backward is 2-6x slower in bf16 than in fp32 (its forward is faster). 1.14x a `mini` and 1.06-1.11x a
+    `base` pretraining step under bf16 autocast (benchmarks/RESULTS.md, stop 34)."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad
 
 
 def round_up(n: int, multiple: int) -> int:
