@@ -153,7 +153,7 @@ def main() -> None:
         for undo in args.undo:
             if undo in PRETRAINING_ONLY and not name.startswith("pretrain"):
                 continue
-            if undo in CPU_BF16_ONLY and (bench.gpu or not bench.bf16 or not case.training):
+            if undo in CPU_BF16_ONLY and (bench.gpu or not bench.cpu_bf16 or not case.training):
                 continue
             case.units = {"shipped": shipped, undo: undone(shipped, UNDO[undo])}
             r = run.measure(bench, case, args.rounds, args.warmup)
