@@ -201,8 +201,9 @@ class Layout:
 
 def attends_in_fp32(q: torch.Tensor) -> bool:
     """Whether attention over bf16 `q` runs in fp32: on the CPU when it will be differentiated, as PyTorch's CPU
-    attention backward is 2-6x slower in bf16 than in fp32 (its forward is faster). 1.14x a `mini` and 1.06-1.11x a
-    `base` pretraining step under bf16 autocast (benchmarks/RESULTS.md, stop 34)."""
+    attention backward is 2-6x slower in bf16 than in fp32 (its forward is faster). Without attention dropout, 1.14x
+    a `mini` and 1.06-1.11x a `base` pretraining step under bf16 autocast; with it (the CPU's math path) within noise
+    (benchmarks/RESULTS.md, stop 34)."""
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad
 
 
