@@ -19,11 +19,12 @@ import ablation  # noqa: E402  (benchmarks/ is not a package)
 
 
 def test_probe_peak_rss_is_its_own_not_the_parents():
-    held = np.ones(600 * 2**20 // 8)  # 600 MB resident in this process when it starts the child
+    held = np.ones(1500 * 2**20 // 8)  # 1.5 GB resident in this process when it starts the child
     code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import run; print(run.peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert held.sum() > 0
-    assert float(out.strip().splitlines()[-1]) < 450  # torch + bertkit imported, but not the parent's 600 MB
+    # torch + bertkit imported (about 400 MB with the CPU build, 490 MB with a CUDA build), not the parent's 1.5 GB
+    assert float(out.strip().splitlines()[-1]) < 1000
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
