@@ -53,7 +53,9 @@ def hf_twin(model, cls_name: str, tmp_path):
 
 
 def assert_grads_match(ours, theirs):
-    hf_grads = {n: p.grad for n, p in theirs.named_parameters()}
+    """`theirs` is the transformers model, or its parameters by bertkit's names."""
+    named = theirs if isinstance(theirs, dict) else dict(theirs.named_parameters())
+    hf_grads = {n: p.grad for n, p in named.items()}
     largest = max(g.abs().max() for g in hf_grads.values() if g is not None)
     for name, p in ours.named_parameters():
         g_hf = hf_grads[name]
@@ -210,6 +212,40 @@ def test_loads_a_transformers_checkpoint(tmp_path, safe):
     real = mask.bool()
     assert (a.prediction_logits[real] - b.prediction_logits[real]).abs().max() < HIDDEN_ATOL
     assert (a.seq_relationship_logits - b.seq_relationship_logits).abs().max() < HIDDEN_ATOL
+
+
+def test_an_untied_decoder_loads_both_ways_with_its_own_weights(tmp_path):
+    """A checkpoint whose masked-LM decoder is not the embedding table (tie_word_embeddings false) keeps its decoder:
+    same logits, loss and gradients, and the folder bertkit writes loads back into transformers untied."""
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=256, tie_word_embeddings=False)
+    theirs = transformers.BertForPreTraining(hf_config).eval()
+    with torch.no_grad():  # untied, transformers 5 adds the decoder's own bias (cls.predictions.bias is unused)
+        theirs.cls.predictions.decoder.bias.normal_()
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = bertkit.BertForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    assert ours.config.tie_word_embeddings is False
+    assert torch.equal(ours.cls.predictions.decoder.weight, theirs.cls.predictions.decoder.weight)
+    assert not torch.equal(ours.cls.predictions.decoder.weight, ours.bert.embeddings.word_embeddings.weight)
+    ids, types, mask = batch(1000)
+    labels, nsp = mlm_labels(ids, mask), torch.tensor([0, 1, 1, 0])
+    a = ours(ids, types, mask, labels=labels, next_sentence_label=nsp)
+    b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    assert abs(a.loss.item() - b.loss.item()) < LOSS_ATOL
+    a.loss.backward()
+    b.loss.backward()
+    assert_grads_match(ours, {**dict(theirs.named_parameters()),
+                              "cls.predictions.bias": theirs.cls.predictions.decoder.bias})
+    again = hf_twin(ours, "BertForPreTraining", tmp_path / "ours")
+    with torch.no_grad():
+        c = again(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    real = mask.bool()
+    assert (a.prediction_logits[real] - c.prediction_logits[real]).abs().max() < HIDDEN_ATOL
+    # the decoder counts once in `bertkit info` (safetensors writes the bias once), and the tied default is unchanged
+    from bertkit.checkpoint import describe_model
+    assert describe_model(tmp_path / "ours")["parameters"].startswith(f"{ours.num_parameters():,} ")
+    assert bertkit.BertForPreTraining(config_for("tiny")).cls.predictions.decoder is None
 
 
 def test_bare_encoder_checkpoint_into_head_model_and_back(tmp_path, minilm_dir, caplog):

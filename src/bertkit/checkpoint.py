@@ -37,8 +37,9 @@ PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
 # Entries of some checkpoints that are not parameters of the model: buffers older transformers saved, and the
-# decoder copies that are tied to the token embeddings and to `cls.predictions.bias`.
-_DROPPED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight")
+# decoder copies that are tied to the token embeddings (unless the config unties them) and to `cls.predictions.bias`.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+_TIED_DECODER = "cls.predictions.decoder.weight"
 
 
 def model_folder(directory: str | Path) -> Path:
@@ -127,17 +128,22 @@ def read_weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]] | No
     return shapes
 
 
-def normalize_keys(state: dict) -> dict:
-    """Rename TF-era LayerNorm names, drop non-parameters and tied copies (keeping the bias if only the copy has it).
-    The values are tensors or, for a check before loading, shapes."""
+def normalize_keys(state: dict, config: BertConfig) -> dict:
+    """Rename TF-era LayerNorm names, drop non-parameters and tied copies (keeping the bias if only the copy has it;
+    the decoder's weight only when `config` ties it to the embeddings). The values are tensors or, for a check
+    before loading, shapes."""
+    dropped = _BUFFERS + ((_TIED_DECODER,) if config.tied_decoder else ())
     out = {}
     for key, value in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if key.endswith(_DROPPED_SUFFIXES):
+        if key.endswith(dropped):
             continue
         if key.endswith("cls.predictions.decoder.bias"):
             key = key.replace("decoder.bias", "bias")
-            if key in state:
+            if key in state and config.tied_decoder:  # the same values; untied, transformers 5 uses the decoder's
+                continue
+        elif key.endswith("cls.predictions.bias") and not config.tied_decoder:
+            if key.replace("predictions.bias", "predictions.decoder.bias") in state:
                 continue
         out[key] = value
     return out
@@ -239,7 +245,7 @@ def check_weights_fit(cls, config: BertConfig, shapes: dict[str, tuple], source:
     """Raise unless weights of these shapes load into `cls(config)`; the model is built on the meta device, so
     nothing of its size is allocated."""
     skeleton = meta_model(cls, config)
-    _check_fit(skeleton, _match_prefix(normalize_keys(shapes), skeleton), source)
+    _check_fit(skeleton, _match_prefix(normalize_keys(shapes, config), skeleton), source)
 
 
 def describe_model(directory: str | Path) -> dict[str, str]:
@@ -259,7 +265,7 @@ def describe_model(directory: str | Path) -> dict[str, str]:
     if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:
         cls = models.BertModel  # an unknown architecture: the encoder's weights are checked, whatever the heads
     check_weights_fit(cls, config, shapes, weights_source(directory))
-    params = sum(math.prod(v) for k, v in shapes.items() if not k.endswith(("position_ids", "token_type_ids")))
+    params = sum(math.prod(v) for v in normalize_keys(shapes, config).values())  # tied copies once
     heads = sorted({k.split(".")[0] for k in shapes if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
     info = {
         "model folder": str(directory),
@@ -291,7 +297,7 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "c
     Missing weights of the model's own heads are newly initialised and reported; any other missing, unexpected
     or mis-shaped weight is an error, since a silently random encoder would waste a whole fine-tuning run.
     """
-    state = _match_prefix(normalize_keys(state), model)
+    state = _match_prefix(normalize_keys(state, model.config), model)
     new_heads, foreign_heads = _check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     if new_heads:
         logger.warning("%s: newly initialised (not in the checkpoint; train them): %s", source, ", ".join(new_heads))
@@ -360,6 +366,9 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     config["architectures"] = [type(model).__name__]
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if not model.config.tied_decoder:  # transformers 5 reads an untied decoder's bias from decoder.bias
+        for key in [k for k in state if k.endswith("cls.predictions.bias")]:
+            state[key.replace("predictions.bias", "predictions.decoder.bias")] = state[key].clone()
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory, model_max_length=model.config.max_position_embeddings)

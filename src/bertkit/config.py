@@ -72,6 +72,9 @@ class BertConfig:
     # and a randomly initialised BiLSTM between the encoder and a fine-tuning head (bertkit's own key)
     is_decoder: bool = False
     bilstm: bool = False
+    # the masked-LM decoder is the token-embedding table (tied, the paper's BERT) unless config.json says false;
+    # None (not stated) is tied, and is not written back
+    tie_word_embeddings: bool | None = None
     # inputs longer than 512 (`bertkit extend`): with attention_window w > 0 each token attends to the w / 2 tokens on
     # each side of it and to the global tokens ([CLS]; for QA the question), which attend to everything (Longformer's
     # pattern and name); 0 is full attention. position_extension records how the learned positions were extended.
@@ -114,6 +117,8 @@ class BertConfig:
             raise BertkitError(f"layer_norm_eps is {_show(self.layer_norm_eps)}; expected a finite number > 0")
         if self.hidden_act not in ("gelu", "gelu_new", "relu"):
             raise BertkitError(f"hidden_act {_show(self.hidden_act)} is not supported (expected gelu, gelu_new or relu)")
+        if self.tie_word_embeddings is not None and not isinstance(self.tie_word_embeddings, bool):
+            raise BertkitError(f"tie_word_embeddings is {_show(self.tie_word_embeddings)}; expected true, false or null")
         for name in ("is_decoder", "bilstm"):
             if not isinstance(getattr(self, name), bool):
                 raise BertkitError(f"{name} is {_show(getattr(self, name))}; expected true or false")
@@ -152,7 +157,13 @@ class BertConfig:
         layer = 4 * (H * H + H) + 2 * (H * I) + I + H + 4 * H  # attention, feed-forward, two LayerNorms
         heads = (H * H + H) + (H * H + 3 * H + V) + 2 * (H * self.num_labels + self.num_labels)  # pooler, MLM, others
         heads += 2 * 4 * (H * H // 2 + (H // 2) ** 2 + H) if self.bilstm else 0  # two directions, four gates
+        heads += 0 if self.tied_decoder else V * H
         return embeddings + self.num_hidden_layers * layer + heads
+
+    @property
+    def tied_decoder(self) -> bool:
+        """Whether the masked-LM decoder is the token-embedding table (every BERT but an untied conversion)."""
+        return self.tie_word_embeddings is not False
 
     @property
     def head_size(self) -> int:
@@ -175,8 +186,9 @@ class BertConfig:
         else:
             d["id2label"] = {str(k): v for k, v in self.id2label.items()}
             d["label2id"] = {v: k for k, v in self.id2label.items()}
-        if d["classifier_dropout"] is None:
-            d.pop("classifier_dropout")
+        for name in ("classifier_dropout", "tie_word_embeddings"):
+            if d[name] is None:
+                d.pop(name)
         for name in ("is_decoder", "bilstm", "attention_window", "position_extension"):
             if not d[name]:  # written when set, so an ordinary BERT's config.json is as before
                 d.pop(name)

@@ -584,15 +584,18 @@ class BertPredictionHeadTransform(nn.Module):
 
 class BertLMPredictionHead(nn.Module):
     """Masked-LM head. The decoder is the token-embedding matrix itself (tied, as in the paper): the input and
-    output word representations share one table, which saves V*H parameters and trains better on small data."""
+    output word representations share one table, which saves V*H parameters and trains better on small data. A
+    config with `tie_word_embeddings: false` (a checkpoint converted that way) has a decoder of its own."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
+        self.decoder = None if config.tied_decoder else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, x, decoder_weight):  # (..., H) -> (..., V)
-        return F.linear(self.transform(x), decoder_weight, self.bias)
+    def forward(self, x, word_embeddings):  # (..., H) -> (..., V)
+        decoder = word_embeddings if self.decoder is None else self.decoder.weight
+        return F.linear(self.transform(x), decoder, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -611,12 +614,12 @@ class BertPreTrainingHeads(nn.Module):
 def _masked_lm(model, input_ids, token_type_ids, attention_mask, position_ids, labels, masked_positions):
     """Shared by the pretraining and MLM models: encoder, then vocabulary logits at all or only masked positions."""
     hidden, layout = model.bert.encode(input_ids, token_type_ids, attention_mask, position_ids)
-    decoder = model.bert.embeddings.word_embeddings.weight
+    embeddings = model.bert.embeddings.word_embeddings.weight
     if masked_positions is None:
-        logits = model.cls.predictions(layout.pad(hidden), decoder)  # (B, T, V)
+        logits = model.cls.predictions(layout.pad(hidden), embeddings)  # (B, T, V)
         targets = labels
     else:
-        logits = model.cls.predictions(layout.select(hidden, masked_positions), decoder)  # (M, V)
+        logits = model.cls.predictions(layout.select(hidden, masked_positions), embeddings)  # (M, V)
         targets = labels[masked_positions] if labels is not None else None
     loss = None
     if targets is not None:
@@ -625,7 +628,8 @@ def _masked_lm(model, input_ids, token_type_ids, attention_mask, position_ids, l
 
 
 class BertForPreTraining(BertPreTrainedModel):
-    """BERT with both pretraining heads: masked LM (tied decoder) and next-sentence prediction on the pooler."""
+    """BERT with both pretraining heads: masked LM (decoder tied to the embeddings) and next-sentence prediction on
+    the pooler."""
 
     head_prefixes = ("cls.", "bert.pooler.")
 
