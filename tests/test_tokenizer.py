@@ -292,6 +292,25 @@ def test_save_pretrained_cased_round_trip(cased, tmp_path):
     assert not Tokenizer.from_pretrained(tmp_path).lowercase
 
 
+@pytest.mark.parametrize("setting", [{"strip_accents": False}, {"tokenize_chinese_chars": False},
+                                     {"do_lower_case": False, "strip_accents": True}], ids=str)
+def test_normalizer_settings_match_transformers_both_ways(minilm_vocab, tmp_path, setting):
+    """strip_accents and tokenize_chinese_chars, like do_lower_case, are read from tokenizer_config.json (which
+    transformers applies over tokenizer.json), with or without tokenizer.json, and written back."""
+    texts = ["Café naïve 北京 résumé", "Ünïcödé ÀÉÎ 中文字 日本語"]
+    theirs = transformers.BertTokenizerFast.from_pretrained(minilm_vocab.parent, **setting)
+    theirs.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_bytes(minilm_vocab.read_bytes())  # transformers 5 writes none
+    ours = Tokenizer.from_pretrained(tmp_path / "hf")
+    assert_same_encodings([ours.encode(t) for t in texts], theirs(texts), texts)
+    ours.save_pretrained(tmp_path / "ours")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert_same_encodings([ours.encode(t) for t in texts], again(texts), texts)
+    (tmp_path / "hf" / "tokenizer.json").unlink()  # vocab.txt + tokenizer_config.json alone
+    alone = Tokenizer.from_pretrained(tmp_path / "hf")
+    assert_same_encodings([alone.encode(t) for t in texts], theirs(texts), texts)
+
+
 def test_from_pretrained_ignores_saved_padding(minilm_vocab, uncased):
     # all-MiniLM-L6-v2's tokenizer.json pads and truncates everything to 128.
     loaded = Tokenizer.from_pretrained(minilm_vocab.parent)

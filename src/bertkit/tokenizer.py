@@ -30,20 +30,31 @@ MODEL_MAX_LENGTH = 512
 MAX_VOCAB_SIZE = 1 << 20
 
 
-def _bert_normalizer(lowercase: bool) -> normalizers.BertNormalizer:
-    """Clean text, split CJK characters, and lowercase + strip accents only when uncased."""
+def _bert_normalizer(lowercase: bool, strip_accents: bool | None = None,
+                     chinese_chars: bool = True) -> normalizers.BertNormalizer:
+    """Clean text, split CJK characters, and lowercase + strip accents only when uncased (by default)."""
     # strip_accents=None follows lowercase, as in the original BERT: cased vocabularies keep accents.
     return normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        clean_text=True, handle_chinese_chars=chinese_chars, strip_accents=strip_accents, lowercase=lowercase
     )
 
 
-def _build_backend(vocab: dict[str, int], lowercase: bool) -> tokenizers.Tokenizer:
+def _normalizer_settings(config: dict) -> dict:
+    """tokenizer_config.json's do_lower_case, strip_accents and tokenize_chinese_chars, with transformers' defaults
+    for those it leaves out (transformers applies them over tokenizer.json's normalizer)."""
+    strip_accents = config.get("strip_accents")
+    return {"lowercase": bool(config.get("do_lower_case", True)),
+            "strip_accents": None if strip_accents is None else bool(strip_accents),
+            "chinese_chars": bool(config.get("tokenize_chinese_chars", True))}
+
+
+def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool | None = None,
+                   chinese_chars: bool = True) -> tokenizers.Tokenizer:
     """The fast tokenizer transformers builds for BertTokenizerFast on the same vocabulary."""
     backend = tokenizers.Tokenizer(
         WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD)
     )
-    backend.normalizer = _bert_normalizer(lowercase)
+    backend.normalizer = _bert_normalizer(lowercase, strip_accents, chinese_chars)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",
@@ -122,21 +133,26 @@ class Tokenizer:
         self._decoder = decoders.WordPiece(prefix="##", cleanup=False)
 
     @classmethod
-    def from_vocab(cls, vocab_file: str | Path, lowercase: bool = True) -> Tokenizer:
-        """Build the BERT tokenizer on a vocab.txt."""
-        return cls(_build_backend(_read_vocab(Path(vocab_file)), lowercase), lowercase)
+    def from_vocab(cls, vocab_file: str | Path, lowercase: bool = True, strip_accents: bool | None = None,
+                   chinese_chars: bool = True) -> Tokenizer:
+        """Build the BERT tokenizer on a vocab.txt (`strip_accents` None: when lowercasing; `chinese_chars`: CJK
+        characters split into words of their own)."""
+        backend = _build_backend(_read_vocab(Path(vocab_file)), lowercase, strip_accents, chinese_chars)
+        return cls(backend, lowercase)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Tokenizer:
-        """Load a Hugging Face tokenizer folder: tokenizer.json if present, else vocab.txt + tokenizer_config.json."""
+        """Load a Hugging Face tokenizer folder: tokenizer.json if present, else vocab.txt + tokenizer_config.json.
+        As in transformers, tokenizer_config.json's do_lower_case, strip_accents and tokenize_chinese_chars (or
+        their defaults, when the file leaves them out) override tokenizer.json's normalizer."""
         directory = Path(directory)
         config_file = directory / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = _read_json(config_file) if config_file.is_file() else None
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             if not (directory / "vocab.txt").is_file():
                 raise BertkitError(f"{where(directory)}: expected a tokenizer folder with tokenizer.json or vocab.txt")
-            return cls.from_vocab(directory / "vocab.txt", bool(config.get("do_lower_case", True)))
+            return cls.from_vocab(directory / "vocab.txt", **_normalizer_settings(config or {}))
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the Rust side raises a plain Exception for any malformed file
@@ -149,10 +165,11 @@ class Tokenizer:
         # A saved file may fix padding/truncation (all-MiniLM-L6-v2 pads everything to 128); encode sets them per call.
         backend.no_padding()
         backend.no_truncation()
-        lowercase = bool(config.get("do_lower_case", getattr(backend.normalizer, "lowercase", True)))
-        if isinstance(backend.normalizer, normalizers.BertNormalizer):
-            # transformers lets tokenizer_config.json's do_lower_case override the saved normalizer; so do we.
-            backend.normalizer.lowercase = lowercase
+        lowercase = bool(getattr(backend.normalizer, "lowercase", True))
+        if isinstance(backend.normalizer, normalizers.BertNormalizer) and config is not None:
+            settings = _normalizer_settings(config)
+            lowercase = settings["lowercase"]
+            backend.normalizer = _bert_normalizer(**settings)
         return cls(backend, lowercase)
 
     def save_pretrained(self, directory: str | Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
@@ -165,13 +182,15 @@ class Tokenizer:
         special_tokens = {
             "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"
         }
+        normalizer = self.backend.normalizer
+        bert = isinstance(normalizer, normalizers.BertNormalizer)
         config = {
             "tokenizer_class": "BertTokenizer",
             "do_lower_case": self.lowercase,
             "do_basic_tokenize": True,
             "never_split": None,
-            "tokenize_chinese_chars": True,
-            "strip_accents": None,
+            "tokenize_chinese_chars": normalizer.handle_chinese_chars if bert else True,
+            "strip_accents": normalizer.strip_accents if bert else None,
             "model_max_length": model_max_length,
             **special_tokens,
         }
