@@ -28,6 +28,28 @@ def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_stated_dtype_is_the_one_written_and_a_new_head_replaces_stale_label_names(tmp_path):
+    """A half-precision source's `dtype` would make transformers load bertkit's float32 weights in float16; and
+    num_labels= given to from_pretrained wins over the folder's id2label (and problem_type) for another head."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    transformers.BertModel(config).half().save_pretrained(tmp_path / "fp16")
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["dtype"] == "float16"
+    BertModel.from_pretrained(tmp_path / "fp16").save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "float32"
+    assert transformers.BertModel.from_pretrained(tmp_path / "ours").dtype == torch.float32
+    clf = BertForSequenceClassification.from_pretrained(tmp_path / "fp16", num_labels=3)
+    assert clf.config.num_labels == 3 and clf.classifier.weight.shape == (3, 32) and clf.config.id2label is None
+    # a multi-label folder is refused as it stands, but starts a new single-label or regression task
+    values = json.loads((tmp_path / "ours" / "config.json").read_text()) | {"problem_type": "multi_label_classification"}
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(values))
+    with pytest.raises(BertkitError, match="problem_type 'multi_label_classification' with num_labels 2"):
+        BertForSequenceClassification.from_pretrained(tmp_path / "ours")
+    for labels in ({"id2label": {0: "a", 1: "b"}}, {"num_labels": 1}):
+        assert "problem_type" not in BertForSequenceClassification.from_pretrained(tmp_path / "ours", **labels).config.extra
+
+
 # ---- malformed model folders: one-line errors naming the file and the field, before any large allocation ----
 
 

@@ -324,7 +324,14 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
         if not hasattr(config, key):
             raise BertkitError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    if "num_labels" in config_overrides and "id2label" not in config_overrides and config.id2label is not None \
+            and len(config.id2label) != config.num_labels:
+        config.id2label = None  # the folder's label names are for another number of labels (transformers does so)
     config.__post_init__()
+    if {"num_labels", "id2label"} & config_overrides.keys():  # a new head: the folder's problem_type was another's
+        problem = "regression" if config.num_labels == 1 else "single_label_classification"
+        if config.extra.get("problem_type", problem) != problem:
+            config.extra = {k: v for k, v in config.extra.items() if k != "problem_type"}
     state = None
     if load_weights:
         source = weights_source(directory)
@@ -364,8 +371,11 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
-    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for key in ("dtype", "torch_dtype"):  # a source folder's, which transformers would load these weights in
+        if key in config:
+            config[key] = str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch.")
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     if not model.config.tied_decoder:  # transformers 5 reads an untied decoder's bias from decoder.bias
         for key in [k for k in state if k.endswith("cls.predictions.bias")]:
             state[key.replace("predictions.bias", "predictions.decoder.bias")] = state[key].clone()

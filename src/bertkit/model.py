@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertkit.config import BertConfig
+from bertkit.errors import BertkitError
 
 
 @dataclass
@@ -723,6 +724,12 @@ class BertForSequenceClassification(BertPreTrainedModel):
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
+        problem = config.extra.get("problem_type")  # transformers' name; unset, it follows num_labels as here
+        if problem not in (None, "regression" if config.num_labels == 1 else "single_label_classification"):
+            raise BertkitError(f"problem_type {problem!r} with num_labels {config.num_labels} is not supported; "
+                               "expected single-label classification (softmax; num_labels > 1) or regression "
+                               "(num_labels 1). To start a new task from this checkpoint, remove problem_type "
+                               "from its config.json")
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=not config.bilstm)
         self.bilstm = _bilstm(config)
