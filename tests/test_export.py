@@ -9,7 +9,7 @@ import torch
 
 from bertkit import BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification, BertkitError, BertModel
 from bertkit.export import INPUTS, ExportConfig, export, session
-from tiny_folders import save_tiny
+from tiny_folders import save_tiny, tiny_config, tokenizer_in
 
 onnxruntime = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -93,6 +93,18 @@ def test_export_without_int8(tmp_path):
     model_dir = save_tiny(tmp_path / "m")
     report = export(ExportConfig(model_dir=model_dir, out=str(tmp_path / "o"), int8=False))
     assert report["files"] == {"float32": "model.onnx"} and not (tmp_path / "o" / "model.int8.onnx").exists()
+    # transformers truncates to model_max_length: the model's 128 positions, not BERT's usual 512
+    assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["model_max_length"] == 128
+
+
+def test_export_of_a_model_with_one_segment_embedding(tmp_path):
+    """type_vocab_size 1 (no sentence B): the check runs single texts only, instead of indexing past the table."""
+    (tmp_path / "m").mkdir()
+    tokenizer = tokenizer_in(tmp_path / "m")
+    torch.manual_seed(0)
+    BertModel(tiny_config(tokenizer.vocab_size, type_vocab_size=1)).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    report = export(ExportConfig(model_dir=str(tmp_path / "m"), out=str(tmp_path / "o"), int8=False))
+    assert report["check"]["float32"]["worst"] <= 1e-4
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path):

@@ -123,7 +123,7 @@ def export(config: ExportConfig) -> dict:
                                f"float32 by {int8['max_abs_diff']:.3g}, more than --int8-tolerance "
                                f"{config.int8_tolerance:g} of its scale; expected a working int8 graph")
     report["seconds"] = round(time.perf_counter() - start, 1)
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out, model_max_length=model.config.max_position_embeddings)
     config_json = (source / "config.json").read_bytes()
     if (out / "config.json").resolve() != (source / "config.json").resolve():
         (out / "config.json").write_bytes(config_json)  # id2label, for whoever reads the outputs
@@ -166,9 +166,10 @@ def check_batches(tokenizer, config: BertConfig) -> list[dict[str, torch.Tensor]
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length, return_tensors="pt")
         return {name: enc[name] for name in INPUTS}
 
+    pairs = batch([a for a, _ in CHECK_PAIRS], [b for _, b in CHECK_PAIRS])
     batches = [
         batch(CHECK_TEXTS),
-        batch([a for a, _ in CHECK_PAIRS], [b for _, b in CHECK_PAIRS]),
+        *([pairs] if config.type_vocab_size > 1 else []),  # one segment embedding: the model reads single texts
         batch(CHECK_TEXTS[1:2]),
         batch([long_text, CHECK_TEXTS[2]]),
     ]
