@@ -1,5 +1,6 @@
 """SQuAD fine-tuning on a few real paragraphs with a tiny random model: windows, predictions, v2.0 extras."""
 
+import dataclasses
 import io
 import json
 import math
@@ -71,6 +72,8 @@ def test_squad1_run_end_to_end(squad1_run):
     assert len(json.loads((out / "predictions.json").read_text())) == record["eval_examples"]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForQuestionAnswering"]
     assert "| epoch | train loss | exact | f1 |" in (out / "results.md").read_text()
+    # the same run typed with another case is the same run: its record comes back, not "holds another run"
+    assert finetune(dataclasses.replace(run, task="SQuAD1", resume="auto"))["best"] == record["best"]
 
 
 def test_evaluate_reproduces_the_recorded_squad_scores(squad1_run, tmp_path):
@@ -91,6 +94,21 @@ def test_predict_answers_json_lines(squad1_run, monkeypatch, capsys):
     assert main(["predict", run.out_dir]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and '<stdin>:1: expected a JSON object with string "question" and "context"' in err
+
+
+def test_predict_answers_each_line_even_when_ids_repeat_or_escape_a_lone_surrogate(squad1_run):
+    """Several questions on one document under one id, a line number that is another line's id, and a JSON-escaped
+    lone surrogate (U+FFFD to the tokenizer): every line gets the answer it gets alone."""
+    run, _ = squad1_run
+    context = "The cat sat on the mat in Paris. The dog ran to the park in Rome at noon."
+    lines = [json.dumps({"id": "doc", "question": "Where is the cat?", "context": context}),
+             json.dumps({"id": "doc", "question": "When did the dog run?", "context": context}),
+             json.dumps({"id": "1", "question": "Where did the dog run?", "context": context}),
+             json.dumps({"question": "Who sat \ud800?", "context": "Ada sat \udfff on the mat."})]
+    together = predict(run.out_dir, lines)
+    alone = [predict(run.out_dir, [line])[0] for line in lines]
+    assert [r["answer"] for r in together] == [r["answer"] for r in alone]
+    assert [r["id"] for r in together] == ["doc", "doc", "1", "4"]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import tokenizers
 
 from bertkit.config import write_json
+from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.errors import BertkitError, where
 
 
@@ -230,9 +231,12 @@ def featurize(
     starts, as in Google's run_squad.py (transformers' run_qa.py passes its doc_stride as the overlap instead).
     """
     backend, cls_id, sep_id, pad_id = _resolve_tokenizer(tokenizer)
-    questions = backend.encode_batch([e.question for e in examples], add_special_tokens=False)
+    # a lone surrogate (a JSON escape such as "\ud800") becomes U+FFFD for the backend: one character for one,
+    # so the character offsets into the context stay valid
+    questions = backend.encode_batch([replace_lone_surrogates(e.question) for e in examples], add_special_tokens=False)
     contexts = list(dict.fromkeys(e.context for e in examples))  # paragraphs repeat once per question
-    encoded = dict(zip(contexts, backend.encode_batch(contexts, add_special_tokens=False)))
+    encoded = dict(zip(contexts, backend.encode_batch([replace_lone_surrogates(c) for c in contexts],
+                                                      add_special_tokens=False)))
 
     features = []
     for index, (example, question) in enumerate(zip(examples, questions)):

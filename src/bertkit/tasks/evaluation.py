@@ -162,15 +162,17 @@ def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device
     task = SquadTask(config.task if config.task in SQUAD_TASKS else "squad1")
     threshold = _tuned_threshold(model_dir, config)
     model = _loaded(task.model_class, model_dir, device, int8)
-    asked = [e for e in examples if e is not None]
+    # answered by line number: the lines' own ids may repeat (several questions on one document), or clash with
+    # the number a line without one gets
+    asked = [dataclasses.replace(e, id=str(i)) for i, e in enumerate(examples) if e is not None]
     answers, null_odds = task.answer(model, tokenizer, asked, config, device, threshold)
     results = []
-    for e in examples:
+    for i, e in enumerate(examples):
         if e is None:
             results.append({"question": None, "answer": None, "error": "blank line: no question to answer"})
         else:
-            results.append({"id": e.id, "question": e.question, "answer": answers[e.id]}
-                           | ({"null_odds": null_odds[e.id]} if task.version2 else {}))
+            results.append({"id": e.id, "question": e.question, "answer": answers[str(i)]}
+                           | ({"null_odds": null_odds[str(i)]} if task.version2 else {}))
     return results
 
 
