@@ -150,8 +150,10 @@ class FinetuneConfig:
 
     def __post_init__(self):
         self.task = self.task.strip()
+        if self.task.lower() in SQUAD_TASKS:  # one spelling, so that a run typed SQuAD1 resumes as saved
+            self.task = self.task.lower()
         if self.max_length is None:
-            self.max_length = 384 if self.task.lower() in SQUAD_TASKS else 128
+            self.max_length = 384 if self.task in SQUAD_TASKS else 128
 
     def check(self, training: bool = True) -> None:
         """Raise on values no run can use, before any data or model is read."""
@@ -197,8 +199,7 @@ class FinetuneConfig:
 
 def load_task(config: FinetuneConfig, need_train: bool = True, labels=None) -> TextTask | SquadTask:
     """The task's data, read as the config names it."""
-    if config.task.lower() in SQUAD_TASKS:
-        config.task = config.task.lower()
+    if config.task in SQUAD_TASKS:
         return load_squad_task(config, need_train)
     return load_text_task(config, need_train, labels)
 
