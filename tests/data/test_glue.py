@@ -275,6 +275,17 @@ def test_write_submission(tmp_path):
         write_submission("qnli", [0, 3], tmp_path)
 
 
+def test_submission_indices_are_the_test_files_ids_when_the_reader_skips_a_row(tmp_path):
+    """QQP skips a malformed row (with a warning): the predictions after it keep their own ids."""
+    test = write(tmp_path / "test.tsv", ["id\tquestion1\tquestion2", "0\ta?\tb?", "1\tbroken", "2\tc?\td?", "3\te?\tf?"])
+    examples = read_glue_file("QQP", test)
+    assert [e.guid for e in examples] == ["0", "2", "3"]
+    out = write_submission("qqp", [0, 1, 1], tmp_path, ids=[e.guid for e in examples])
+    assert out.read_text() == "index\tprediction\n0\t0\n2\t1\n3\t1\n"
+    with pytest.raises(BertkitError, match="2 predictions for 3 ids"):
+        write_submission("qqp", [0, 1], tmp_path, ids=["0", "2", "3"])
+
+
 def test_custom_jsonl_nested_too_deep_or_with_a_huge_line_fails_naming_the_line(tmp_path, monkeypatch):
     (tmp_path / "deep.jsonl").write_text('{"text": "a", "label": "x"}\n' + "[" * 100_000 + "\n")
     with pytest.raises(BertkitError, match=r"deep.jsonl:2: JSON nested too deeply"):

@@ -357,9 +357,12 @@ def load_hf_glue(task: str, split: str) -> list[TextExample]:
 
 
 def write_submission(
-    task: str, predictions: Sequence[int | float], out_dir: str | Path, split: str = "test"
+    task: str, predictions: Sequence[int | float], out_dir: str | Path, split: str = "test",
+    ids: Sequence[str] | None = None,
 ) -> Path:
-    """Write the leaderboard file (`index<TAB>prediction`, in test-file order) and return its path."""
+    """Write the leaderboard file (`index<TAB>prediction`, in test-file order) and return its path. `index` is each
+    example's id from the test file (`ids`, the examples' guid), so that a row the reader skipped shifts nothing;
+    without ids, the position."""
     spec = get_task(task)
     if split not in spec.submissions:
         raise BertkitError(
@@ -367,14 +370,17 @@ def write_submission(
         )
     out = Path(out_dir) / spec.submissions[split]
     out.parent.mkdir(parents=True, exist_ok=True)
+    if ids is not None and len(ids) != len(predictions):
+        raise BertkitError(f"{len(predictions)} predictions for {len(ids)} ids; expected one per test example")
     lines = ["index\tprediction"]
     for i, p in enumerate(predictions):
+        index = i if ids is None else ids[i]
         if spec.is_regression:
-            lines.append(f"{i}\t{float(p):.3f}")
+            lines.append(f"{index}\t{float(p):.3f}")
         elif not 0 <= int(p) < len(spec.labels):
             raise BertkitError(f"prediction {i} is class {p}, expected 0..{len(spec.labels) - 1} for {spec.name}")
         else:
             # GLUE scores label strings: 0/1 for the binary tasks, entailment/... for the NLI ones.
-            lines.append(f"{i}\t{spec.labels[int(p)]}")
+            lines.append(f"{index}\t{spec.labels[int(p)]}")
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

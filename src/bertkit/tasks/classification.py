@@ -80,7 +80,7 @@ class TextTask:
         written = []
         for split, examples in self.tests.items():
             predictions, _ = self.predict(model, tokenizer, examples, config, device)
-            written.append(write_submission(self.name, predictions, out_dir, split))
+            written.append(write_submission(self.name, predictions, out_dir, split, [e.guid for e in examples]))
         return written
 
 
