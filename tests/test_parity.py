@@ -212,6 +212,8 @@ def test_loads_a_transformers_checkpoint(tmp_path, safe):
     real = mask.bool()
     assert (a.prediction_logits[real] - b.prediction_logits[real]).abs().max() < HIDDEN_ATOL
     assert (a.seq_relationship_logits - b.seq_relationship_logits).abs().max() < HIDDEN_ATOL
+    from bertkit.checkpoint import describe_model  # `bertkit info` counts the tied decoder copies once
+    assert describe_model(tmp_path)["parameters"].startswith(f"{ours.num_parameters():,} ")
 
 
 def test_an_untied_decoder_loads_both_ways_with_its_own_weights(tmp_path):
