@@ -79,6 +79,20 @@ def test_cli_predict_bad_out_path_is_a_one_line_error(classifier, tmp_path, caps
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_pair_for_a_model_with_one_segment_embedding_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """type_vocab_size 1 (no sentence B): single texts are labelled, a pair is refused instead of an IndexError."""
+    from tiny_folders import tiny_config, tokenizer_in
+
+    tokenizer = tokenizer_in(tmp_path)
+    config = tiny_config(tokenizer.vocab_size, type_vocab_size=1, id2label={0: "neg", 1: "pos"})
+    BertForSequenceClassification(config).save_pretrained(tmp_path, tokenizer=tokenizer)
+    assert predict(tmp_path, ["good film"])[0]["label"] in ("neg", "pos")
+    monkeypatch.setattr("sys.stdin", io.StringIO("good film\tbad film\n"))
+    assert main(["predict", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one segment embedding (type_vocab_size 1)" in err
+
+
 def test_predict_help_documents_blank_lines_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])

@@ -48,6 +48,7 @@ from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
 from bertkit.tasks.classification import TextTask, load_text_task
+from bertkit.tasks.inference import check_segments
 from bertkit.tasks.squad import SquadTask, load_squad_task
 from bertkit.tokenizer import Tokenizer
 from bertkit.train import distributed
@@ -461,6 +462,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     if config.compile:
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)
+    check_segments(model.config, rows)
     lengths = [len(r["input_ids"]) for r in rows]
     per_step = config.grad_accum * d.world_size  # batches of --batch-size in one optimizer step
     steps = config.epochs * math.ceil(math.ceil(len(rows) / config.batch_size) / per_step)

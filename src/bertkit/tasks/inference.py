@@ -7,10 +7,18 @@ from collections.abc import Sequence
 import torch
 
 from bertkit.data.batching import collate, sorted_batches
+from bertkit.errors import BertkitError
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def check_segments(config, rows: Sequence[dict]) -> None:
+    """Refuse sentence B (segment id 1) for a model with one segment embedding, which would index past its table."""
+    if config.type_vocab_size < 2 and any(max(r["token_type_ids"], default=0) > 0 for r in rows):
+        raise BertkitError("the model has one segment embedding (type_vocab_size 1), so it reads single texts; the "
+                           "input has sentence pairs (or a question with its context), which need type_vocab_size 2")
 
 
 @torch.no_grad()
@@ -23,6 +31,7 @@ def infer(
     Per-token outputs (B, T) of different batches are padded to `width` with the lowest float, the value the QA
     head gives padding, so they stack into one (N, width) tensor.
     """
+    check_segments(model.config, rows)
     model.eval()
     lengths = [len(r["input_ids"]) for r in rows]
     results: dict[str, list] = {name: [None] * len(rows) for name in outputs}
