@@ -194,6 +194,28 @@ def test_qa_requests_are_checked(folders):
     assert "inputs.id is an array" in responses[2].json()["error"]
 
 
+def test_a_pair_for_a_model_with_one_segment_embedding_is_refused_with_422(tmp_path):
+    """Refused on arrival, so it cannot fail the batch it would share with other clients' single texts."""
+    from bertkit import BertForSequenceClassification, BertkitError
+    from tiny_folders import tiny_config, tokenizer_in
+
+    tokenizer = tokenizer_in(tmp_path)
+    config = tiny_config(tokenizer.vocab_size, type_vocab_size=1, id2label={0: "neg", 1: "pos"})
+    BertForSequenceClassification(config).save_pretrained(tmp_path, tokenizer=tokenizer)
+
+    async def test(client, app):
+        return [await client.post("/predict", json={"inputs": inputs}) for inputs in (
+            ["good film", {"text": "bad"}], [{"text": "good", "pair": "film"}])]
+
+    single, pair = served(str(tmp_path), test)
+    assert single.status_code == 200 and len(single.json()["predictions"]) == 2
+    assert pair.status_code == 422 and "one segment embedding" in pair.json()["error"]
+    config = tiny_config(tokenizer.vocab_size, type_vocab_size=1)
+    BertForQuestionAnswering(config).save_pretrained(tmp_path / "qa", tokenizer=tokenizer)
+    with pytest.raises(BertkitError, match="type_vocab_size 1 for question answering; expected 2"):
+        create_app(ServeConfig(model_dir=str(tmp_path / "qa")))
+
+
 def test_overload_answers_503_and_serves_what_it_accepted(folders):
     release = threading.Event()
 

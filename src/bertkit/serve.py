@@ -123,6 +123,10 @@ class Predictor:
         self.directory, self.int8, self.max_text_chars = directory, int8, max_text_chars
         self.kind = "question-answering" if QA in architectures else (
             "regression" if model_config.num_labels == 1 else "classification")
+        self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
+        if self.kind == "question-answering" and not self.pairs:
+            raise BertkitError(f"{directory}/config.json: type_vocab_size 1 for question answering; expected 2 (the "
+                               "question and its context are two segments)")
         saved = FinetuneConfig.load(directory)
         task = saved.task if saved else ("squad1" if self.kind == "question-answering" else "")
         self.config = FinetuneConfig(
@@ -178,6 +182,9 @@ class Predictor:
         _only_fields(item, ("text", "pair"), where)
         text = self._text(item, "text", where)
         pair = self._text(item, "pair", where) if "pair" in item else None
+        if pair is not None and not self.pairs:
+            raise RequestError(422, f'{where} has a "pair"; expected single texts (the model has one segment '
+                                    "embedding, type_vocab_size 1)")
         return TextExample("", text, pair, None)
 
     def _text(self, item: dict, name: str, where: str) -> str:
