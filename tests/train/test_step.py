@@ -58,3 +58,34 @@ def test_a_nan_loss_makes_no_update_but_the_schedule_moves_on():
                        torch.device("cpu"), forward=nan_forward)
     assert not ok and scheduler.last_epoch == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_pretraining_micro_batches_weight_the_masked_lm_loss_by_their_masked_tokens():
+    """Pretraining's step over four micro-batches equals the step over their union, although their masked-token
+    counts differ (4 against 32): each micro-batch's MLM mean counts by its tokens, not as a quarter."""
+    from bertkit import BertForPreTraining
+    from bertkit.train.distributed import Distributed
+    from bertkit.train.pretrain import train_step as pretrain_step
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (16, 12), generator=g)
+    labels = torch.full_like(ids, -100)
+    for row in range(16):  # rows 0-3 predict one token each, rows 12-15 eight
+        picked = torch.randperm(11, generator=g)[: 1 + 7 * (row // 4) // 3] + 1
+        labels[row, picked] = ids[row, picked]
+    union = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
+             "labels": labels, "next_sentence_label": torch.randint(0, 2, (16,), generator=g)}
+    quarters = [{k: v[i : i + 4] for k, v in union.items()} for i in range(0, 16, 4)]
+    assert [int((q["labels"] != -100).sum()) for q in quarters] == [4, 12, 20, 32]
+    stepped = []
+    for micro_batches in ([union], quarters):
+        torch.manual_seed(0)
+        model = BertForPreTraining(tiny_config(50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        sums, ok = pretrain_step(model, micro_batches, optimizer, scheduler, resolve("fp32", torch.device("cpu")),
+                                 1e9, Distributed(), top_token=5)
+        assert ok and sums[3] == 68  # mlm_total
+        stepped.append(model)
+    for (name, a), b in zip(stepped[0].named_parameters(), stepped[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

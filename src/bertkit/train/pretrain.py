@@ -288,8 +288,9 @@ def batch_sums(out, batch: dict[str, torch.Tensor], top_token: int) -> torch.Ten
     targets = batch["labels"][batch["labels"] != -100]  # (N,), in the order of prediction_logits' rows
     zero = out.masked_lm_loss.new_zeros(())
     sentence = batch.get("next_sentence_label")
+    sentence_loss = out.next_sentence_loss if out.next_sentence_loss is not None else zero
     values = [
-        out.loss.detach().float(),
+        (out.masked_lm_loss + sentence_loss).detach().float(),  # the model's loss (a step weights its own)
         out.masked_lm_loss.detach().float(),
         (out.prediction_logits.argmax(-1) == targets).sum(),
         targets.new_tensor(targets.numel()),
@@ -319,10 +320,25 @@ def metrics(sums: torch.Tensor, objective: str) -> dict[str, float]:
 def train_step(model, micro_batches: list, optimizer, scheduler, precision: Precision, max_grad_norm: float,
                d: Distributed, top_token: int) -> tuple[torch.Tensor, bool]:
     """One optimizer step over this process's micro-batches (the shared `bertkit.train.step.train_step`); returns
-    their summed counts and whether the update was made (not when the loss or the gradients are nan or inf)."""
+    their summed counts and whether the update was made (not when the loss or the gradients are nan or inf).
+
+    The step is the one the union of every process's micro-batches would take as one batch: a micro-batch's
+    masked-LM loss (a mean over its masked tokens) counts in proportion to its share of the step's masked tokens,
+    which differ from batch to batch, not equally; the sentence loss is a mean over examples, as many in each."""
     sums = torch.zeros(len(SUMS), device=d.device)
+    masked = [(batch["labels"] != -100).sum() for batch in micro_batches]
+    total = distributed.all_reduce_sum(torch.stack(masked).sum().to(d.device, torch.float32).reshape(1), d)
+    # shared_step divides each loss by the micro-batches, DDP averages the gradients over the processes
+    total = total.clamp_min(1).reshape(())
+    weights = iter([n.to(d.device) * (len(micro_batches) * d.world_size) / total for n in masked])
+
+    def weighted(model, batch):
+        out = forward(model, batch)
+        sentence = out.next_sentence_loss if out.next_sentence_loss is not None else 0
+        return dataclasses.replace(out, loss=out.masked_lm_loss * next(weights) + sentence)
+
     _, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, max_grad_norm, d.device, d,
-                        forward=forward, on_output=lambda out, batch: sums.add_(batch_sums(out, batch, top_token)))
+                        forward=weighted, on_output=lambda out, batch: sums.add_(batch_sums(out, batch, top_token)))
     return sums, ok
 
 
