@@ -439,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     except BertkitError as e:
         print(f"bertkit: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, shown with its traceback
+            raise
+        # a path no check before it caught: a folder this user cannot create, a file where a folder should be
+        print(f"bertkit: error: {one_line(str(e.filename))}: cannot use it ({e.strerror or e}); expected a path this "
+              "user can read and write", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # a training loop says where it saved its checkpoint
         print("bertkit: interrupted" + (f": {one_line(str(e))}" if str(e) else ""), file=sys.stderr)
         return 130

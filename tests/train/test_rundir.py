@@ -50,6 +50,26 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
         RunLock("/sys/bertkit-run").acquire()
 
 
+def test_any_command_names_a_path_it_cannot_use_in_one_line(tmp_path, capsys, monkeypatch):
+    """The backstop in the command line: an OSError about a path (here a folder under a file, for `extend`'s --out)
+    is a one-line error with status 2; one about no path is a bug and keeps its traceback."""
+    from bertkit.cli import main
+    from tiny_folders import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["extend", model, "--out", str(tmp_path / "notes.txt" / "longer"), "--max-length", "256"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.txt/longer: cannot use it (Not a directory)" in err
+
+    def no_path(args):
+        raise OSError("something else")
+
+    monkeypatch.setattr("bertkit.cli.cmd_info", no_path)
+    with pytest.raises(OSError, match="something else"):
+        main(["info", model])
+
+
 def test_an_output_path_that_is_a_file_or_inside_an_input_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(BertkitError, match="notes.txt: a file, not a folder; expected a folder for --out-dir"):
