@@ -202,6 +202,21 @@ def test_evaluate_and_predict_refuse_what_the_folder_cannot_do(toy_model_dir, ca
     assert "/no/such/file.txt: cannot read" in capsys.readouterr().err
 
 
+def test_a_max_length_past_the_models_positions_is_refused_before_any_work(toy_model_dir, tmp_path, capsys):
+    """finetune, evaluate and predict name the model's positions and `bertkit extend` (it failed mid-epoch)."""
+    positions = json.loads(Path(toy_model_dir, "config.json").read_text())["max_position_embeddings"]
+    config = toy_run(toy_model_dir, tmp_path, str(tmp_path / "run"), max_length=positions + 1)
+    with pytest.raises(BertkitError, match=rf"--max-length {positions + 1} is more than the {positions} positions .*"
+                                           "bertkit extend"):
+        finetune(config)
+    assert not (tmp_path / "run").exists()
+    finetune(toy_run(toy_model_dir, tmp_path, str(tmp_path / "run"), epochs=1))
+    (tmp_path / "in.txt").write_text("a good movie\n")
+    for command in (["evaluate", str(tmp_path / "run")], ["predict", str(tmp_path / "run"), str(tmp_path / "in.txt")]):
+        assert main([*command, "--max-length", str(positions * 2)]) == 2
+        assert f"more than the {positions} positions" in capsys.readouterr().err
+
+
 def test_transformers_loads_the_kept_model_with_its_labels(sst2_run):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

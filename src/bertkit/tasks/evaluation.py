@@ -15,7 +15,8 @@ from bertkit.checkpoint import model_folder
 from bertkit.config import BertConfig, option, write_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
-from bertkit.tasks.finetune import CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, load_task, resolve_device
+from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
+                                    resolve_device)
 from bertkit.tasks.squad import SquadTask, parse_questions
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
@@ -32,6 +33,10 @@ def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneC
     values["model_dir"] = str(model_dir)
     config = FinetuneConfig(**values)
     config.check(training=False)
+    positions = BertConfig.load(model_dir).max_position_embeddings
+    if overrides.get("max_length") is None:  # a default (no run config in the folder) fits the model
+        config.max_length = min(config.max_length, positions)
+    check_max_length(config, positions)
     return config
 
 

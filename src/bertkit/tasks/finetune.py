@@ -43,7 +43,7 @@ from bertkit.checkpoint import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from bertkit.config import option, write_json
+from bertkit.config import BertConfig, option, write_json
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
@@ -196,6 +196,14 @@ class FinetuneConfig:
             return cls(**values)
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise BertkitError(f"{path}: not a fine-tuning config ({e}); expected the JSON `finetune` writes") from None
+
+
+def check_max_length(config: FinetuneConfig, positions: int) -> None:
+    """Refuse a --max-length past the model's positions before any data is read (it failed mid-epoch)."""
+    if config.max_length > positions:
+        raise BertkitError(f"--max-length {config.max_length} is more than the {positions} positions of "
+                           f"{config.model_dir} (max_position_embeddings); expected at most {positions}, or a model "
+                           "given more positions by `bertkit extend`")
 
 
 def load_task(config: FinetuneConfig, need_train: bool = True, labels=None) -> TextTask | SquadTask:
@@ -361,6 +369,7 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
                            f"own device ({d.device.type}, by torchrun's LOCAL_RANK); expected --device auto")
     device = d.device if d.enabled else resolve_device(config.device)
     model_folder(config.model_dir)  # a mistyped --model-dir says so, before any data is read
+    check_max_length(config, BertConfig.load(config.model_dir).max_position_embeddings)
     out = Path(config.out_dir)
     check_out_dir(config, out)
     task = load_task(config)  # bad data fails before the model is loaded
