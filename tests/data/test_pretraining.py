@@ -305,3 +305,14 @@ def test_other_tokenizer_refused(corpus):
         PretrainingDataset(corpus, cased)
     with pytest.raises(BertkitError, match="objective 'nsp'"):
         PretrainingDataset(corpus, cased, objective="nsp")
+
+
+def test_a_held_out_split_too_small_for_pairs_says_how_to_get_more(tmp_path, tokenizer):
+    """40 documents hold out none at the default 1%: the error points at --heldout-fraction."""
+    documents = itertools.islice(FileReader(data_path("corpus", "python-docs-3.11.txt")), 40)
+    (tmp_path / "small.txt").write_text("\n\n".join("\n".join(d) for d in documents) + "\n", encoding="utf-8")
+    prepare([str(tmp_path / "small.txt")], tokenizer, tmp_path / "out", progress=False)
+    heldout = PreparedCorpus(tmp_path / "out", split="heldout")
+    assert heldout.num_documents < 2
+    with pytest.raises(BertkitError, match=r"\(heldout\): .* expected at least 2 .* --heldout-fraction"):
+        PretrainingDataset(heldout, tokenizer)

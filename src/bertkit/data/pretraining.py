@@ -161,9 +161,11 @@ class PretrainingDataset(torch.utils.data.Dataset):
             )
         needed = self.task.documents_needed
         if corpus.num_documents < needed:
+            hint = (" (the held-out split is a share of the documents: prepare the corpus with `bertkit prepare "
+                    "--heldout-fraction` larger, or give it more documents)") if corpus.split == "heldout" else ""
             raise BertkitError(
                 f"{corpus.out_dir} ({corpus.split}): {corpus.num_documents} document(s); expected at least {needed} "
-                f"for objective {objective}"
+                f"for objective {objective}{hint}"
             )
         self.corpus = corpus
         self.vocab = MaskingVocab.from_tokenizer(tokenizer)
