@@ -461,6 +461,36 @@ def test_overwrite_starts_a_finished_run_over(inputs, tmp_path, caplog):
         small(inputs, tmp_path, overwrite=True, resume="auto")
 
 
+def test_inputs_built_from_another_corpus_are_built_again_or_refused(tmp_path, caplog):
+    """--overwrite with another --corpus or --vocab-size builds tokenizer/ and data/ again (prepare had added the new
+    files to the old data, and the old vocabulary stayed); resuming with other inputs is refused, nothing touched."""
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    for name, part in (("a.txt", lines[:4000]), ("b.txt", lines[4000:8000])):
+        (tmp_path / name).write_text("".join(part), encoding="utf-8")
+    run = tmp_path / "run"
+
+    def config(corpus, **kw):
+        return PretrainConfig(**{**dict(corpus=[str(tmp_path / corpus)], vocab_size=400, max_length=64, batch_size=8,
+                                        max_steps=2, save_every=2, eval_every=0, eval_batches=2, out_dir=str(run),
+                                        threads=1), **kw})
+
+    def manifest_files():
+        return sorted(Path(f).name for f in json.loads((run / "data" / "manifest.json").read_text())["files"])
+
+    pretrain(config("a.txt"))
+    vocab = (run / "tokenizer" / "vocab.txt").read_text()
+    assert manifest_files() == ["a.txt"]
+    with pytest.raises(BertkitError, match="tokenizer/ and data/ were built from another --corpus or --vocab-size"):
+        pretrain(config("b.txt", resume="auto", max_steps=4))
+    assert manifest_files() == ["a.txt"] and (run / "tokenizer" / "vocab.txt").read_text() == vocab
+    pretrain(config("b.txt", overwrite=True))
+    assert "built from another --corpus or --vocab-size: built again" in caplog.text
+    assert manifest_files() == ["b.txt"] and (run / "tokenizer" / "vocab.txt").read_text() != vocab
+    caplog.clear()
+    pretrain(config("b.txt", overwrite=True))  # the same inputs are kept
+    assert "built again" not in caplog.text
+
+
 def test_the_run_folder_is_never_an_input_folder(inputs, tmp_path):
     with pytest.raises(BertkitError, match="--out-dir .* is the --data folder .*would write into its own input"):
         pretrain(small(inputs, inputs / "data"))

@@ -205,7 +205,8 @@ def shared_inputs(config: AblateConfig, out: Path) -> tuple[str, str]:
     from bertkit.train.pretrain import PretrainConfig, build_inputs
 
     corpus = config.corpus or _default_corpus()
-    return build_inputs(PretrainConfig(corpus=corpus, vocab_size=config.vocab_size), out / "inputs")
+    # fresh=False: the grid's cells were pretrained on these inputs, so other ones are refused, not rebuilt
+    return build_inputs(PretrainConfig(corpus=corpus, vocab_size=config.vocab_size), out / "inputs", fresh=False)
 
 
 def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple[str, str], out: Path) -> dict:

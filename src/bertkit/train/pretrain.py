@@ -14,6 +14,7 @@ into a new or empty folder, and refuses a folder holding anything else unless --
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ CONFIG_NAME = "pretrain_config.json"
 # What a run writes into its folder besides tokenizer/ and data/ (inputs built from --corpus, kept by --overwrite)
 OUTPUTS = (CONFIG_NAME, "train.csv", "eval.csv", "tensorboard", "loss_curve.png", "checkpoints")
 LOGS = ("train.csv", "eval.csv", "tensorboard", "loss_curve.png")
+INPUTS_NAME = "inputs.json"  # what tokenizer/ and data/ were built from, so that other inputs build them again
 
 
 def default_corpus() -> list[str]:
@@ -136,8 +138,8 @@ class PretrainConfig:
                                 "OUT_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
                                 "set aside for the one before; a fresh start if there is none)")
     overwrite: bool = option(False, "start over in a OUT_DIR that holds an earlier run (its checkpoints, logs and "
-                             "config are deleted; tokenizer/ and data/ built from --corpus are kept) or files that "
-                             "bertkit did not write (left as they are)")
+                             "config are deleted; tokenizer/ and data/ built from --corpus are kept if built from the "
+                             "same --corpus and --vocab-size) or files that bertkit did not write (left as they are)")
     num_workers: int = option(0, "DataLoader worker processes per training process (0: load in the main process)")
     threads: int | None = option(None, "CPU threads for torch per process; unset: the cores the last minute's load "
                                  "average leaves idle, shared by the processes of this machine, 1 to 16")
@@ -211,13 +213,45 @@ class PretrainConfig:
 # Inputs: vocabulary, prepared corpus, model config
 
 
-def build_inputs(cfg: PretrainConfig, run_dir: Path) -> tuple[str, str]:
-    """The tokenizer and prepared-data folders: the given ones, or built from --corpus inside the run folder."""
+def built_from(cfg: PretrainConfig) -> dict:
+    """The inputs of the folders a run builds: the corpus files (with their sizes), the vocabulary size when it
+    trains the vocabulary, the tokenizer when it is given."""
+    from bertkit.data.corpus import expand_inputs
+
+    record = {"corpus": [[str(f.resolve()), f.stat().st_size] for f in expand_inputs(cfg.corpus)]}
+    return record | ({"tokenizer": str(Path(cfg.tokenizer).resolve())} if cfg.tokenizer else
+                     {"vocab_size": cfg.vocab_size})
+
+
+def build_inputs(cfg: PretrainConfig, run_dir: Path, fresh: bool = True) -> tuple[str, str]:
+    """The tokenizer and prepared-data folders: the given ones, or built from --corpus inside the run folder.
+
+    Folders built from other inputs (another --corpus or --vocab-size, by the record beside them) are built again
+    for a `fresh` run and refused otherwise (a resumed run, an ablation grid's shared inputs): prepare would have
+    added the new files to the old data, and the old vocabulary would have stayed."""
     from bertkit.data.corpus import expand_inputs
     from bertkit.data.prepare import prepare
     from bertkit.tokenizer import Tokenizer, train_vocab
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    built = [name for name, given in (("tokenizer", cfg.tokenizer), ("data", cfg.data)) if not given]
+    record = built_from(cfg) if built else None
+    present = [name for name in built if (run_dir / name).exists()]
+    if record is not None and present:
+        try:
+            earlier = json.loads((run_dir / INPUTS_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            earlier = record  # built before this record existed: taken as they are
+        if earlier != record:
+            folders = " and ".join(f"{name}/" for name in present)
+            if not fresh:
+                raise BertkitError(f"{run_dir}: {folders} were built from another --corpus or --vocab-size; expected "
+                                   "the inputs they were built from, or --overwrite (or a new folder) to start over")
+            remove(run_dir, present)
+            logger.warning("%s: %s built from another --corpus or --vocab-size: built again", run_dir, folders)
+            present = []
+    if record is not None and not present:
+        write_json(run_dir / INPUTS_NAME, record)
     tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else run_dir / "tokenizer"
     if not cfg.tokenizer and not tokenizer_dir.is_dir():
         files = expand_inputs(cfg.corpus)
@@ -589,7 +623,7 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     from bertkit.data.shards import PreparedCorpus
     from bertkit.tokenizer import Tokenizer
 
-    tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir), d)
+    tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir, resume_from is None), d)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     options = dict(max_length=cfg.max_length, masking=cfg.masking, objective=cfg.objective, mask_prob=cfg.mask_prob,
                    mask_mix=cfg.mask_mix, seed=cfg.seed)
