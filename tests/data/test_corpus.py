@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from bertkit.data import corpus
 from bertkit.data.corpus import (
     MAX_LINE_CHARS,
     FileReader,
@@ -59,6 +60,40 @@ def test_explicit_format_overrides_detection(tmp_path):
     assert documents == [[s] for d in BERT_DOCS for s in d]
     with pytest.raises(BertkitError, match="format 'csv'"):
         FileReader(path, fmt="csv")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_first_document_past_the_old_64_kib_window_is_still_detected_as_bert(tmp_path, compress, caplog):
+    """The layout was guessed from the first 64 KiB alone: a BERT-layout file whose first document (a long book
+    chapter) filled them was read as "docs", every sentence its own document; the blank line after it decides."""
+    first = [f"Sentence {i} of a very long first chapter, which goes on and on." for i in range(2000)]
+    text = "\n".join(first) + "\n\nShort.\nDocument.\n"
+    path = write(tmp_path / ("a.txt.gz" if compress else "a.txt"), text, compress)
+    assert len("\n".join(first).encode()) > 1 << 16  # the old window
+    documents, skips = read(path)
+    assert documents == [first, ["Short.", "Document."]] and skips.total == 0
+    assert not caplog.records
+
+
+def test_a_json_lines_file_whose_first_record_passes_64_kib_is_detected_by_its_brace(tmp_path):
+    records = [{"text": "Long. " * 20000}, {"text": "Short one."}]
+    path = write(tmp_path / "a.data", "".join(json.dumps(r) + "\n" for r in records))
+    documents, _ = read(path)
+    assert [len(d) for d in documents] == [20000, 1]
+
+
+def test_a_file_undecided_at_the_sniff_bound_is_read_as_docs_with_a_warning_naming_the_format_flag(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(corpus, "_LAYOUT_SNIFF_BYTES", 1 << 20)
+    small = write(tmp_path / "small.txt", DOCS_TEXT)
+    assert detect_format(small) == "docs" and not caplog.records  # seen to its end: a genuine one-document-per-line
+    big = write(tmp_path / "big.txt", DOCS_TEXT * 20000)
+    assert detect_format(big) == "docs"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{big}: no blank line between text lines in the first 1 MiB: read as one document per line (pass --format "
+        "bert for one sentence per line, --format docs to silence this)"
+    ]
 
 
 def test_split_sentences_rules():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import re
 import zlib
 from collections.abc import Iterator
@@ -24,12 +25,16 @@ from pathlib import Path
 
 from bertkit.errors import BertkitError, where
 
+logger = logging.getLogger("bertkit")
+
 FORMATS = ("bert", "docs", "jsonl")
 # A sentence this long is not prose (a minified blob, a base64 dump): it would be truncated to nothing useful.
 MAX_LINE_CHARS = 100_000
 # A document line ("docs", "jsonl") holds a whole document; long articles are legitimate, blobs past this are not.
 MAX_DOCUMENT_CHARS = 10_000_000
 _SNIFF_BYTES = 1 << 16
+# How far format sniffing reads for the blank line that ends a BERT-layout file's first document: a whole book.
+_LAYOUT_SNIFF_BYTES = 1 << 22
 _GZIP_MAGIC = b"\x1f\x8b"
 _FIRST_LOCATIONS = 5
 
@@ -183,28 +188,39 @@ def _check_text(path: Path, head: bytes) -> None:
         )
 
 
-def detect_format(path: Path, head: bytes | None = None) -> str:
-    """Guess the layout: .jsonl/.json/.ndjson or a first line starting with '{' -> "jsonl"; a blank line
-    between text lines in the first 64 KiB -> "bert"; otherwise "docs" (one document per line)."""
+def detect_format(path: Path) -> str:
+    """Guess the layout: .jsonl/.json/.ndjson or a first text line starting with '{' -> "jsonl"; a text line after
+    a blank line after text -> "bert"; otherwise "docs" (one document per line). The file is streamed up to that
+    text line, at most 4 MiB (_LAYOUT_SNIFF_BYTES): still undecided there, it is "docs", with a warning."""
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    head = _read_head(path) if head is None else head
-    lines = head.decode("utf-8", errors="replace").splitlines()
-    if len(head) == _SNIFF_BYTES:
-        lines = lines[:-1]  # the last line may be cut off
-    texts = [line.strip() for line in lines]
-    first = next((t for t in texts if t), "")
-    if first.startswith("{"):
-        return "jsonl"
-    state = "start"  # -> "text" -> "blank after text" -> a text line again means "bert"
-    for t in texts:
-        if t and state == "blank after text":
-            return "bert"
-        if t:
-            state = "text"
-        elif state == "text":
-            state = "blank after text"
+    raw, stream = _open_binary(path)
+    seen, state = 0, "start"  # -> "text" -> "blank after text" -> a text line again means "bert"
+    try:
+        while seen < _LAYOUT_SNIFF_BYTES:
+            try:
+                line = stream.readline(_LAYOUT_SNIFF_BYTES - seen)
+            except (EOFError, OSError, zlib.error):
+                break  # a corrupt gzip stream: decided on what came before; the reader counts the rest as skipped
+            if not line:
+                break
+            seen += len(line)
+            text = line.decode("utf-8", errors="replace").strip()
+            if text and state == "start" and text.startswith("{"):
+                return "jsonl"
+            if text and state == "blank after text":
+                return "bert"
+            if text:
+                state = "text"
+            elif state == "text":
+                state = "blank after text"
+    finally:
+        raw.close()
+    if seen >= _LAYOUT_SNIFF_BYTES:
+        logger.warning("%s: no blank line between text lines in the first %d MiB: read as one document per line "
+                       "(pass --format bert for one sentence per line, --format docs to silence this)",
+                       path, _LAYOUT_SNIFF_BYTES >> 20)
     return "docs"
 
 
@@ -219,7 +235,7 @@ class FileReader:
             raise BertkitError(f"format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
         head = _read_head(self.path)
         _check_text(self.path, head)
-        self.fmt = detect_format(self.path, head) if fmt == "auto" else fmt
+        self.fmt = detect_format(self.path) if fmt == "auto" else fmt
         self.text_field = text_field
         self.skips = Skips() if skips is None else skips
         self.size = self.path.stat().st_size
