@@ -218,6 +218,52 @@ def test_train_vocab_reads_gzip_like_plain_text(tmp_path, corpus_lines):
     assert plain.vocab() == gz.vocab()
 
 
+def test_train_vocab_on_json_lines_learns_their_text_as_on_the_same_plain_text(tmp_path, corpus_lines):
+    """The vocabulary trainer read JSON lines raw: it learned "text", "{" and "u00" and never saw a character
+    json.dumps escaped. It now reads them as prepare does: the text field only."""
+    lines = corpus_lines[:1000] + ["Café naïve résumé, \"quoted\" 中文 \\ back\tslash."] * 20
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    documents = "\n".join(lines).split("\n\n")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+    plain, jsonl = (train_vocab([tmp_path / name], tmp_path / name.replace(".", "-"), vocab_size=400,
+                                lowercase=False, show_progress=False) for name in ("a.txt", "a.jsonl"))
+    assert jsonl.vocab() == plain.vocab() and {"é", "中"} <= set(plain.vocab())
+
+
+def test_vocab_train_cli_takes_the_format_and_text_field_of_prepare(tmp_path):
+    from bertkit.cli import main
+
+    lines = ["One sentence here.", "Another one there."]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "a.data").write_text("".join(json.dumps({"id": 1, "body": s}) + "\n" for s in lines))
+    assert main(["vocab", "train", str(tmp_path / "a.txt"), "--out", str(tmp_path / "plain")]) == 0
+    assert main(["vocab", "train", str(tmp_path / "a.data"), "--out", str(tmp_path / "jsonl"), "--format", "jsonl",
+                 "--text-field", "body"]) == 0
+    plain, jsonl = (Tokenizer.from_pretrained(tmp_path / name) for name in ("plain", "jsonl"))
+    assert jsonl.vocab() == plain.vocab()
+
+
+def test_train_vocab_skips_an_invalid_utf8_line_with_a_warning_as_prepare_does(tmp_path, corpus_lines, caplog):
+    text = "\n".join(corpus_lines[:1000]) + "\n"
+    (tmp_path / "good.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(text.encode() + "a latin-1 café\n".encode("latin-1"))
+    good = train_vocab([tmp_path / "good.txt"], tmp_path / "good", vocab_size=300, show_progress=False)
+    bad = train_vocab([tmp_path / "bad.txt"], tmp_path / "bad", vocab_size=300, show_progress=False)
+    assert bad.vocab() == good.vocab()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"vocabulary training skipped 1: invalid UTF-8 1 (first at {tmp_path / 'bad.txt'}:1001)"
+    ]
+
+
+def test_train_vocab_knows_gzip_by_its_magic_number_not_its_name(tmp_path, corpus_lines):
+    text = "\n".join(corpus_lines[:1000]) + "\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(gzip.compress(text.encode()))
+    plain = train_vocab([tmp_path / "a.txt"], tmp_path / "plain", vocab_size=300, show_progress=False)
+    gz = train_vocab([tmp_path / "b.txt"], tmp_path / "gz", vocab_size=300, show_progress=False)
+    assert plain.vocab() == gz.vocab()
+
+
 def test_train_vocab_breaks_ties_at_the_alphabet_limit_the_same_way_every_time(tmp_path):
     """26 letters equally frequent, 10 allowed: the trainer alone kept 10 in hash-map order, a different 10 from run
     to run (the Python and Linux docs gave three different vocabularies in three runs); train_vocab keeps the most
@@ -338,10 +384,10 @@ def test_bad_vocab_files_raise(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(BertkitError, match=r"missing\.txt"):
         train_vocab([tmp_path / "missing.txt"], tmp_path / "out", show_progress=False)
-    bad_text = tmp_path / "bad.txt"
-    bad_text.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
-    with pytest.raises(BertkitError, match=r"bad\.txt:3"):
-        train_vocab([bad_text], tmp_path / "out", show_progress=False)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"text\x00\x01\x02\n")
+    with pytest.raises(BertkitError, match=r"binary\.txt: binary data"):
+        train_vocab([binary], tmp_path / "out", show_progress=False)
 
 
 def test_bad_arguments_raise(uncased):
@@ -403,7 +449,7 @@ def test_vocab_train_on_an_empty_corpus_fails_clearly_and_writes_nothing(tmp_pat
     with pytest.raises(BertkitError, match=r"blank.txt: no line with text; expected a corpus of text"):
         train_vocab([blank], tmp_path / "out", show_progress=False)
     control = tmp_path / "control.txt"
-    control.write_text("\x00\x01\n\x7f\n")
+    control.write_text("\u200b\u2060\n\x7f\n")  # format and control characters (NUL would be refused as binary)
     with pytest.raises(BertkitError, match=r"control.txt: no character left after normalisation"):
         train_vocab([control], tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vocab_sub.add_parser(
         "train",
         help="train a WordPiece vocabulary on raw text",
-        description="Train a WordPiece vocabulary on raw text files (plain or .gz; folders and globs are "
-        "expanded) and write vocab.txt and tokenizer.json to --out. Uncased (lower-cased, accents stripped) "
+        description="Train a WordPiece vocabulary on raw text, read as `prepare` reads it (one sentence per line "
+        "with blank lines between documents, one document per line, or JSON lines; plain or .gz; folders and globs "
+        "are expanded), and write vocab.txt and tokenizer.json to --out. Uncased (lower-cased, accents stripped) "
         "unless --cased.",
     )
     from bertkit.tokenizer import VocabConfig

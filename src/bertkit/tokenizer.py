@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
+import logging
 import numbers
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tokenizers
 import torch
@@ -18,8 +19,10 @@ from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
 from bertkit.config import option, write_json
-from bertkit.data.corpus import expand_inputs, replace_lone_surrogates
+from bertkit.data.corpus import FileReader, Skips, expand_inputs, replace_lone_surrogates
 from bertkit.errors import BertkitError, where
+
+logger = logging.getLogger("bertkit")
 
 # In this order at the head of a trained vocabulary, so [PAD] is id 0.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -302,27 +305,16 @@ class Tokenizer:
         return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
 
 
-def _read_lines(paths: list[Path], counts: dict[str, int]) -> Iterator[list[str]]:
-    """Yield the lines of plain or gzipped UTF-8 text files in batches (the trainer is fed from Python), counting
-    in `counts["text"]` the lines that hold more than white space."""
-    for path in paths:
-        line_number = 0
-        try:
-            # Bytes in, decoded per line, so an encoding error names its exact line.
-            with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-                batch = []
-                for line_number, line in enumerate(f, start=1):
-                    text = line.decode("utf-8")
-                    if text.strip():
-                        counts["text"] += 1
-                    batch.append(text)
-                    if len(batch) == 10_000:
-                        yield batch
-                        batch = []
+def _read_sentences(readers: list[FileReader]) -> Iterator[list[str]]:
+    """The sentences of the readers' documents in batches (the trainer is fed from Python)."""
+    batch = []
+    for reader in readers:
+        for document in reader:
+            batch += document
+            if len(batch) >= 10_000:
                 yield batch
-        except (OSError, EOFError, UnicodeDecodeError) as e:
-            line = line_number if isinstance(e, UnicodeDecodeError) else None
-            raise BertkitError(f"{where(path, line)}: cannot read ({e}); expected UTF-8 text, plain or .gz") from e
+                batch = []
+    yield batch
 
 
 def _check_count(name: str, value, low: int, high: int) -> None:
@@ -340,13 +332,16 @@ class VocabConfig:
     cased: bool = option(False, "keep case and accents (default: lower-cased, accents stripped, as bert-base-uncased)")
     min_frequency: int = option(2, "minimum count of a merged piece")
     limit_alphabet: int = option(1000, "most single characters kept")
+    format: Literal["auto", "bert", "docs", "jsonl"] = option("auto", "input layout; auto guesses per file")
+    text_field: str = option("text", "the text field of JSON lines input")
 
 
 def vocab_train(config: VocabConfig, show_progress: bool = True) -> Tokenizer:
     """`train_vocab` on the files, folders and globs of `config.files`: the `vocab train` command."""
     return train_vocab(expand_inputs(config.files), config.out, vocab_size=config.vocab_size,
                        lowercase=not config.cased, min_frequency=config.min_frequency,
-                       limit_alphabet=config.limit_alphabet, show_progress=show_progress)
+                       limit_alphabet=config.limit_alphabet, fmt=config.format, text_field=config.text_field,
+                       show_progress=show_progress)
 
 
 def train_vocab(
@@ -356,12 +351,16 @@ def train_vocab(
     lowercase: bool = True,
     min_frequency: int = 2,
     limit_alphabet: int = 1000,
+    fmt: str = "auto",
+    text_field: str = "text",
     show_progress: bool = True,
 ) -> Tokenizer:
     """Train a WordPiece vocabulary on text files, save the tokenizer folder to out_dir and return it.
 
-    A corpus without text, or a vocab_size too small for the special tokens and the corpus's single characters
-    (at most limit_alphabet of them), is a BertkitError and nothing is written.
+    The files are read as `prepare` reads them (data/corpus.py: `fmt` and `text_field` as there, gzip known by its
+    magic number); the lines it skips (invalid UTF-8, over-long, bad JSON) are skipped here too, with a warning.
+    A binary file, a corpus without text, or a vocab_size too small for the special tokens and the corpus's single
+    characters (at most limit_alphabet of them), is a BertkitError and nothing is written.
     """
     paths = [Path(f) for f in files]
     if not paths:
@@ -383,7 +382,9 @@ def train_vocab(
         trainer = WordPieceTrainer(vocab_size=size, min_frequency=min_frequency, limit_alphabet=max(1, len(alphabet)),
                                    special_tokens=specials, initial_alphabet=alphabet, continuing_subword_prefix="##",
                                    show_progress=show_progress)
-        backend.train_from_iterator(_read_lines(paths, counts), trainer=trainer)
+        # in the formats the first pass found; the lines skipped were counted and reported by it
+        again = [FileReader(reader.path, reader.fmt, text_field) for reader in readers]
+        backend.train_from_iterator(_read_sentences(again), trainer=trainer)
         return backend
 
     # The trainer breaks ties in hash-map order, which changes from run to run (tokenizers issue #1794): between
@@ -393,9 +394,17 @@ def train_vocab(
     # frequent characters counted here (ties by character), a first pass given exactly those that learns only their
     # "##c" forms, and the real pass given the characters up front and the "##c" forms as special tokens in sorted
     # order. The vocabulary is then a function of the corpus and the options alone.
-    counts, raw = {"text": 0}, Counter()
-    for batch in _read_lines(paths, counts):
+    skips = Skips()
+    readers = [FileReader(path, fmt, text_field, skips) for path in paths]  # a binary file is refused before reading
+    sentences, raw = 0, Counter()
+    for batch in _read_sentences(readers):
+        sentences += len(batch)
         raw.update("".join(batch))
+    if skips.total:
+        logger.warning("vocabulary training %s", skips.summary())
+    if sentences == 0:
+        raise BertkitError(f"{', '.join(map(str, paths))}: no line with text; expected a corpus of text to train a "
+                           "vocabulary on")
     # what the trainer counts: characters after normalisation, which maps each character on its own
     normalizer, frequency = _bert_normalizer(lowercase), Counter()
     for character, n in raw.items():
@@ -403,15 +412,13 @@ def train_vocab(
             frequency[c] += n
     ranked = sorted((c for c in frequency if not c.isspace()), key=lambda c: (-frequency[c], c))
     characters = sorted(ranked[:limit_alphabet])
-    counts = {"text": 0}
     alphabet = sorted(set(train(1, list(SPECIAL_TOKENS), characters).get_vocab()) - set(SPECIAL_TOKENS))
-    counts = {"text": 0}
     backend = train(vocab_size, list(SPECIAL_TOKENS) + [t for t in alphabet if t.startswith("##")],
                     [t for t in alphabet if not t.startswith("##")])
     learned = len(backend.get_vocab()) - len(SPECIAL_TOKENS)
-    if counts["text"] == 0 or learned <= 0:
-        what = "no line with text" if counts["text"] == 0 else "no character left after normalisation"
-        raise BertkitError(f"{', '.join(map(str, paths))}: {what}; expected a corpus of text to train a vocabulary on")
+    if learned <= 0:
+        raise BertkitError(f"{', '.join(map(str, paths))}: no character left after normalisation; expected a corpus "
+                           "of text to train a vocabulary on")
     if learned + len(SPECIAL_TOKENS) > vocab_size:  # the trainer keeps its whole alphabet, whatever vocab_size says
         raise BertkitError(
             f"vocab_size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and the corpus's single "
