@@ -93,6 +93,24 @@ def test_the_table_gives_sizes_where_they_differ_and_marks_a_left_to_right_model
     assert table[4].startswith("| ltr | `(recipe defaults)` | 1 | 1.0† | 30.0† | - | 1 | 61.5 |")
 
 
+def test_the_glue_average_is_only_for_seeds_with_every_glue_column_whatever_the_order():
+    """A seed whose suite stopped after CoLA has no GLUE average while the table has an RTE column (as the suite's
+    own table shows "-" for such a row); the average was over the tasks it finished when it came first."""
+    def cell(seed, scores):
+        runs = {f"{task}/lr=0.0003/seed=1": {"best": {"mcc": value, "accuracy": value}, "seconds": 1.0,
+                                               "train_examples": 8, "eval_examples": 8}
+                for task, value in scores.items()}
+        return {"variant": "mlm", "seed": seed, "flags": "", "checkpoint": f"c{seed}", "pretrain_seconds": 60.0,
+                "token_positions": 100, "pretrain": {"step": 5}, "suite": {"cells": runs}}
+
+    stopped, complete = cell(0, {"CoLA": 10.0}), cell(1, {"CoLA": 20.0, "RTE": 60.0})
+    table = results_table({"mlm/seed=0": stopped, "mlm/seed=1": complete}, ["mlm"])
+    assert "| mlm | `(recipe defaults)` | 2 | - | - | 15.0 ± 7.1 | 60.0 | 40.0 |" in table  # seed 1's (20 + 60) / 2
+    assert results_table({"mlm/seed=1": complete, "mlm/seed=0": stopped}, ["mlm"]) == table
+    two_rows = results_table({"mlm/seed=0": stopped, "wwm/seed=0": {**complete, "variant": "wwm"}}, ["mlm", "wwm"])
+    assert "| mlm | `(recipe defaults)` | 1 | - | - | 10.0 | - | - |" in two_rows  # another row's RTE column counts
+
+
 def test_a_cell_is_scored_on_the_shared_masks_once(tmp_path, monkeypatch):
     """A cell whose model is on disk and has no shared held-out score gets one, kept; a rerun does not score again."""
     import bertkit.tasks.suite as suite_module

@@ -393,11 +393,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def variant_scores(cells: dict, variant: str) -> dict:
+def glue_columns(cells: dict, variants: list[str]) -> set[str]:
+    """The GLUE columns of a table of these variants: every GLUE task that some cell of theirs was fine-tuned on."""
+    from bertkit.tasks.suite import TASKS
+
+    runs = {key.split("/")[0] for c in cells.values() if c.get("variant") in variants
+            for key in c.get("suite", {}).get("cells", {})}
+    return {name for name, task in TASKS.items() if task.glue and name in runs}
+
+
+def variant_scores(cells: dict, variant: str, glue_tasks: set[str]) -> dict:
     """Per column, the values over the variant's pretraining seeds: each seed's suite score (mean over fine-tuning
-    seeds at the task's best lr), the GLUE average of a seed that has every GLUE column, the held-out masked-LM
-    perplexity and accuracy at the masking all cells share, the parameter count and the pretraining minutes. A
-    left-to-right model's perplexity and accuracy are its own next-token ones, and its scores hold "own_reading"."""
+    seeds at the task's best lr), the GLUE average of a seed that has every one of `glue_tasks` (the table's GLUE
+    columns: as in the suite's table, a row that lacks one has no average), the held-out masked-LM perplexity and
+    accuracy at the masking all cells share, the parameter count and the pretraining minutes. A left-to-right
+    model's perplexity and accuracy are its own next-token ones, and its scores hold "own_reading"."""
     from bertkit.tasks.suite import TASKS, summarize
 
     scores: dict[str, list[float]] = {}
@@ -415,15 +425,15 @@ def variant_scores(cells: dict, variant: str) -> dict:
             scores["own_reading"] = [1.0]
         if "pretrain_seconds" in cell:
             scores.setdefault("minutes", []).append(cell["pretrain_seconds"] / 60)
-        glue = []
+        glue = {}
         for name, task in TASKS.items():
             s = summarize(cell.get("suite", {}).get("cells", {}), name)
             if s is not None:
                 scores.setdefault(name, []).append(s["metrics"][task.metric][0])
                 if task.glue:
-                    glue.append(s["metrics"][task.metric][0])
-        if glue and len(glue) == len([n for n, t in TASKS.items() if t.glue and n in scores]):
-            scores.setdefault("glue", []).append(float(np.mean(glue)))
+                    glue[name] = s["metrics"][task.metric][0]
+        if glue and glue.keys() == glue_tasks:  # a seed whose suite stopped part way has no average
+            scores.setdefault("glue", []).append(float(np.mean(list(glue.values()))))
     return scores
 
 
@@ -432,7 +442,8 @@ def results_table(cells: dict, variants: list[str]) -> str:
     pretraining seeds (each seed's task score is itself a mean over fine-tuning seeds)."""
     from bertkit.tasks.suite import TASKS
 
-    per_variant = {v: variant_scores(cells, v) for v in variants}
+    glue_tasks = glue_columns(cells, variants)
+    per_variant = {v: variant_scores(cells, v, glue_tasks) for v in variants}
     tasks = [t for t in TASKS.values() if any(t.name in s for s in per_variant.values())]
     sizes = {round(x, 1) for s in per_variant.values() for x in s.get("params", [])}
     # columns only where the model size differs (Table 6): its parameters, and its own pretraining time, which the
@@ -494,7 +505,8 @@ def plot(cells: dict, variants: list[str], path: Path) -> None:
 
     from bertkit.tasks.suite import TASKS
 
-    scores = {v: variant_scores(cells, v) for v in variants}
+    glue_tasks = glue_columns(cells, variants)
+    scores = {v: variant_scores(cells, v, glue_tasks) for v in variants}
     column = "glue" if any("glue" in s for s in scores.values()) else next(
         (k for s in scores.values() for k in s if k in TASKS), "mlm_acc")
     shown = [v for v in variants if column in scores[v]]
