@@ -93,6 +93,57 @@ def _recording_pool(ran, on_submit=None):
     return Pool
 
 
+def _inline_pool():
+    """A stand-in pool that runs each cell in this process, so that a test's monkeypatching reaches it."""
+    from concurrent.futures import Future
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, *args):
+            future = Future()
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:
+                future.set_exception(e)
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    return Pool
+
+
+def test_a_suite_stopped_inside_a_cell_continues_that_cell_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """A cell stopped after its first checkpoint (the end of epoch 1) is continued when the suite runs again: the
+    rerun trains epoch 2 alone and records the cell. It was refused ("expected --resume auto"), and with it the
+    whole suite, so an interrupted suite could never finish."""
+    import bertkit.tasks.finetune as finetune_module
+
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _inline_pool())
+    config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(tmp_path), tasks=["WNLI"],
+                         seeds=1, lrs=[1e-4])
+    original, steps, stop = finetune_module.train_step, [], True
+
+    def counted(*args, **kwargs):  # WNLI's 635 pairs are 20 steps an epoch: the first run stops in epoch 2
+        steps.append(1)
+        if len(steps) == 25 and stop:
+            raise RuntimeError("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "train_step", counted)
+    with pytest.raises(BertkitError, match="suite cell WNLI/lr=0.0001/seed=1 failed"):
+        suite(config)
+    cell_dir = tmp_path / "cells" / config.row / "WNLI" / "lr-0.0001" / "seed-1"
+    assert [p.name for p in (cell_dir / "checkpoints").iterdir()] == ["step-00000020"]
+    steps.clear()
+    stop = False
+    cells = suite(config)["results"][config.row]["cells"]
+    assert list(cells) == ["WNLI/lr=0.0001/seed=1"] and cells["WNLI/lr=0.0001/seed=1"]["eval_examples"] == 71
+    assert len(steps) == 20 and not (cell_dir / "checkpoints").exists()  # epoch 2 alone, then the run is whole
+
+
 def test_a_failed_cell_keeps_the_cells_that_finish_while_the_pool_shuts_down(wnli_suite, tmp_path, monkeypatch):
     """One cell fails while another is running: the suite stops naming the failure, and the running cell's result,
     which arrives during the shutdown, is saved rather than lost."""

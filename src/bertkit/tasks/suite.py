@@ -241,11 +241,13 @@ def suite(config: SuiteConfig) -> dict:
                     continue
                 cell_dir = out / "cells" / _slug(config.row) / name / f"lr-{lr:g}" / f"seed-{seed}"
                 cell_dir.mkdir(parents=True, exist_ok=True)
+                # the cell's folder is the suite's: a cell stopped part way continues from its checkpoint (finetune
+                # still refuses a folder holding another config's run)
                 fc = FinetuneConfig(
                     model_dir=config.model_dir, from_scratch=config.from_scratch, task=name, out_dir=str(cell_dir),
                     lr=lr, batch_size=config.batch_size, epochs=task.epochs, max_length=task.max_length, seed=seed,
                     threads=config.threads, device="cpu" if config.jobs > 1 else "auto", bilstm=config.bilstm,
-                    **files,
+                    resume="auto", **files,
                 )
                 todo.append((key, fc, str(cell_dir / "finetune.log")))
     if todo:
