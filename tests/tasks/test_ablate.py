@@ -147,7 +147,7 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
         calls.append(("pretrain", fields.get("objective"), seed))
         return {"pretrain": {"masked_lm_loss": 6.0, "masked_lm_accuracy": 0.1, "step": 5},
                 "checkpoint": str(out / f"ckpt-{fields.get('objective')}-{seed}"), "pretrain_seconds": 1.0,
-                "token_positions": 100, "pretrain_fields": {}}
+                "token_positions": 100, "pretrain_fields": dict(fields)}
 
     rows = {}
 
@@ -181,6 +181,13 @@ def test_a_rerun_does_only_what_is_missing(tmp_path, monkeypatch):
     config.variants = ["ltr=--objective mlm"]  # the same name with other flags: refused, not mixed
     with pytest.raises(BertkitError, match="cell ltr/seed=0 was run with flags '--objective ltr'"):
         ablate(config)
+    calls.clear()
+    for budget in ({"steps": 400}, {"pretrain_flags": "--lr 5e-4"}):  # the same flags at another budget: refused too
+        other = AblateConfig(**{**vars(config), "variants": ["ltr"], **budget})
+        with pytest.raises(BertkitError, match="cell ltr/seed=0 was pretrained with (max_steps=800; now max_steps=400|"
+                                               "lr=default; now lr=0.0005); expected the same --steps"):
+            ablate(other)
+    assert calls == []
     calls.clear()  # BERT's mix written out pretrains into the default's run folder: fine-tuned once, scored twice
     config.variants, config.seeds = ["mlm+nsp", "mix-80-10-10"], 1
     cells = ablate(config)["cells"]

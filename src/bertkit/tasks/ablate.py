@@ -223,8 +223,29 @@ def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple
     tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.max_length
     seconds = result.get("train_seconds") or time.perf_counter() - started  # over every resume of the run
     return {"pretrain": {k: v for k, v in result.items() if isinstance(v, (int, float))}, "checkpoint": str(checkpoint),
-            "pretrain_seconds": seconds, "token_positions": tokens,
-            "pretrain_fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+            "pretrain_seconds": seconds, "token_positions": tokens, "pretrain_fields": _as_json(fields)}
+
+
+def _as_json(fields: dict) -> dict:
+    """Pretraining fields as ablate.json keeps them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+def check_budget(results_path: Path, key: str, cell: dict, fields: dict) -> None:
+    """Refuse a cell pretrained with other fields than the grid gives it now (the common --steps, --model,
+    --batch-size, --max-length, --pretrain-flags, or the variant's own): its scores would pass for this budget's."""
+    stored = cell.get("pretrain_fields")
+    if stored is None:  # not pretrained here yet (a record merged from a grid that only fine-tuned it)
+        return
+    now = _as_json(fields)
+    differ = sorted(k for k in {*stored, *now} if stored.get(k) != now.get(k))
+    if differ:
+        def shown(values):
+            return ", ".join(f"{k}={values.get(k, 'default')}" for k in differ)
+
+        raise BertkitError(f"{results_path}: cell {key} was pretrained with {shown(stored)}; now {shown(now)}; "
+                           "expected the same --steps, --model, --batch-size, --max-length and --pretrain-flags as "
+                           "its grid (or another --out-dir)")
 
 
 def score_cell(config: AblateConfig, fields: dict, checkpoint: str) -> dict:
@@ -302,6 +323,7 @@ def ablate(config: AblateConfig) -> dict:
             if cell and cell.get("flags") != flags:
                 raise BertkitError(f"{results_path}: cell {key} was run with flags {cell.get('flags')!r}; now "
                                    f"{flags!r}; expected the same flags (or another variant name, or another --out-dir)")
+            check_budget(results_path, key, cell, fields)
             done = cell.get("suite", {}).get("cells", {})
             needs_model = not config.only_pretrain and not wanted <= done.keys()
             if config.table_only:
