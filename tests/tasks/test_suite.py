@@ -259,3 +259,23 @@ def test_an_out_dir_that_is_a_file_is_named_not_a_traceback(command, tmp_path, c
     assert main(argv) == 2
     assert "afile: a file, not a folder; expected a folder for --out-dir" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", [["suite", "--model-dir", "MODEL"], ["ablate", "--table-only"]])
+def test_an_out_dir_that_cannot_be_created_is_named_with_its_flag(command, capsys):
+    """`--out-dir /sys/x` was a PermissionError traceback (then the command line's backstop, which names no flag);
+    it is the one-line error `pretrain` and `finetune` give."""
+    import os
+
+    try:  # /sys refuses new folders even to root, which chmod would not stop
+        os.mkdir("/sys/bertkit-probe")
+    except OSError:
+        pass
+    else:
+        os.rmdir("/sys/bertkit-probe")
+        pytest.skip("/sys is writable here")
+    model = str(data_path("checkpoints", "all-MiniLM-L6-v2"))
+    assert main([model if word == "MODEL" else word for word in command] + ["--out-dir", "/sys/bertkit-x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bertkit: error: /sys/bertkit-x: cannot create the folder (")
+    assert err.endswith("expected a folder this user can create and write for --out-dir\n")

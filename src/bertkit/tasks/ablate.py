@@ -28,7 +28,7 @@ import numpy as np
 from bertkit.checkpoint import list_checkpoints
 from bertkit.config import learning_rates, option
 from bertkit.errors import BertkitError
-from bertkit.train.rundir import check_output_path
+from bertkit.train.rundir import check_output_path, make_dir
 
 RESULTS_FILE = "ablate.json"
 TABLE_FILE = "ablate.md"
@@ -309,7 +309,7 @@ def ablate(config: AblateConfig) -> dict:
 
     out = Path(config.out_dir)
     check_output_path(out, "--out-dir", {})
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out-dir")
     results_path = out / RESULTS_FILE
     variants = config.variant_flags()
     for source in config.merge_from:

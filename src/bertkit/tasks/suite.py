@@ -29,7 +29,7 @@ from bertkit.checkpoint import atomic_write
 from bertkit.config import learning_rates, option
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig
-from bertkit.train.rundir import check_output_path
+from bertkit.train.rundir import check_output_path, make_dir
 
 RESULTS_FILE = "suite.json"
 TABLE_FILE = "suite.md"
@@ -220,7 +220,7 @@ def suite(config: SuiteConfig) -> dict:
     BertConfig.load(config.model_dir)  # a wrong folder fails here, not in every cell
     data_dir, out = Path(config.data_dir), Path(config.out_dir)
     check_output_path(out, "--out-dir", {})
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out-dir")
     results_path = out / RESULTS_FILE
     results = read_results(results_path)
     row = results.setdefault(config.row, {"model_dir": str(config.model_dir), "from_scratch": config.from_scratch,

@@ -39,6 +39,15 @@ def check_output_path(out: Path, flag: str, inputs: dict[str, str | None]) -> No
                                "outside it")
 
 
+def make_dir(path: Path, flag: str) -> None:
+    """Create the output folder `path` (and its parents) given by `flag`; one that cannot be is a BertkitError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BertkitError(f"{path}: cannot create the folder ({e.strerror or e}); expected a folder this user can "
+                           f"create and write for {flag}") from None
+
+
 def entries(folder: Path) -> list[str]:
     """The names in `folder` besides the lock file (none when it does not exist)."""
     if not folder.is_dir():
