@@ -181,7 +181,7 @@ def test_from_scratch_is_its_own_row_with_other_weights(wnli_suite, tiny_model_d
     results = suite(scratch)["results"]
     assert set(results) == {config.row, config.row + " (from scratch)"}
     assert results[config.row + " (from scratch)"]["from_scratch"] is True
-    table = results_table(results)
+    table = results_table(results, config.seeds)
     assert f"\n| {config.row} | " in table and f"\n| {config.row} (from scratch) | " in table
     with pytest.raises(BertkitError, match="another --label"):
         suite(SuiteConfig(**{**config.__dict__, "from_scratch": True, "label": config.row}))
@@ -196,8 +196,20 @@ def test_table_reports_the_best_lr_by_mean_over_seeds():
     assert summary["lr"] == "0.0003" and summary["seeds"] == 3  # 58.0 beats 56.0 on the mean, not on the best seed
     mean, std = summary["metrics"]["accuracy"]
     assert mean == pytest.approx(58.0) and std == pytest.approx(np.std([59.0, 57.0, 58.0], ddof=1))
-    table = results_table({"m": {"model_dir": "m", "from_scratch": False, "cells": cells, "wall_seconds": 60}})
+    table = results_table({"m": {"model_dir": "m", "from_scratch": False, "cells": cells, "wall_seconds": 60}}, 3)
     assert "| m | RTE (acc) " not in table and "58.0 ± 1.0" in table and "RTE 0.0003" in table
+
+
+def test_a_cell_is_marked_when_its_seeds_are_not_the_number_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """The note says "n=5 unless marked" for --seeds 5, so a row run with 3 seeds is marked: it was left unmarked
+    (only n of 1 or 2 was), and the note said n=3 whatever --seeds was."""
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _recording_pool([]))
+    config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(tmp_path), tasks=["WNLI"],
+                         seeds=3, lrs=[1e-4], label="three")
+    assert "| three | - | 50.0 ± 0.0 | 0 min |" in suite(config)["table"]
+    table = suite(SuiteConfig(**{**config.__dict__, "seeds": 5, "label": "five"}))["table"]
+    assert "| three | - | 50.0 ± 0.0 (n=3) | 0 min |" in table and "| five | - | 50.0 ± 0.0 | 0 min |" in table
+    assert "over seeds (n=5 unless marked)" in table
 
 
 def test_subsets_are_fixed_and_shared(tmp_path):

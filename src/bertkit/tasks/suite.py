@@ -278,7 +278,7 @@ def suite(config: SuiteConfig) -> dict:
                 row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started  # the wait too
                 save_entry(results_path, config.row, row)
     results = {**read_results(results_path), config.row: row}  # with the rows other suites added meanwhile
-    table = results_table(results)
+    table = results_table(results, config.seeds)
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
     return {"results": results, "table": table}
 
@@ -323,9 +323,10 @@ def _headline_metrics(task: str, best: dict) -> dict:
     return {k: best[k] for k in keys}
 
 
-def results_table(results: dict) -> str:
-    """Rows = models, columns = tasks: mean ± std over seeds at each task's best lr; the GLUE average (WNLI left
-    out, as in the paper); SQuAD; the total fine-tuning time."""
+def results_table(results: dict, seeds: int) -> str:
+    """Rows = models, columns = tasks: mean ± std over seeds at each task's best lr, marked (n=K) where a cell has
+    another number of seeds than the `seeds` asked; the GLUE average (WNLI left out, as in the paper); SQuAD; the
+    total fine-tuning time."""
     columns = [t for t in TASKS.values() if any(k.split("/")[0] == t.name for r in results.values() for k in r["cells"])]
     head = ["model"] + [t.column for t in columns if t.glue] + ["GLUE avg"] + [t.column for t in columns if not t.glue]
     lines = ["| " + " | ".join(head + ["fine-tuning time"]) + " |", "|---" * (len(head) + 1) + "|"]
@@ -343,7 +344,7 @@ def results_table(results: dict) -> str:
                 cells.append("-")
                 continue
             mean, std = s["metrics"][t.metric]
-            cells.append(f"{mean:.1f} ± {std:.1f}" + ("" if s["seeds"] > 2 else f" (n={s['seeds']})"))
+            cells.append(f"{mean:.1f} ± {std:.1f}" + ("" if s["seeds"] == seeds else f" (n={s['seeds']})"))
             if t.glue:
                 glue_means.append(mean)
         cells.append(f"{row.get('wall_seconds', 0) / 60:.0f} min")
@@ -355,9 +356,9 @@ def results_table(results: dict) -> str:
             sizes.setdefault(key.split("/")[0], (cell["train_examples"], cell["eval_examples"]))
     notes = [
         "",
-        "Each cell: mean ± sample std over seeds (n=3 unless marked), at the lr with the best mean on dev. Fine-tuning "
-        "time: wall time of the row's cells, run two at a time on one thread each unless `--jobs`/`--threads` said "
-        "otherwise. Chosen lrs:",
+        f"Each cell: mean ± sample std over seeds (n={seeds} unless marked), at the lr with the best mean on dev. "
+        "Fine-tuning time: wall time of the row's cells, run two at a time on one thread each unless "
+        "`--jobs`/`--threads` said otherwise. Chosen lrs:",
         *[f"- {c}" for c in chosen],
         "",
         "Examples (train / scored): " + "; ".join(f"{n} {a:,} / {b:,}" for n, (a, b) in sizes.items()) + ". "
