@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from bertkit.checkpoint import model_folder, read_state_dict, save_pretrained
 from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
-from bertkit.train.rundir import check_output_path
+from bertkit.train.rundir import check_output_path, make_dir
 
 POSITIONS = "embeddings.position_embeddings.weight"
 
@@ -98,7 +98,7 @@ def extend(config: ExtendConfig) -> dict:
     load_state_dict_into(model, state, source=str(source))
     from bertkit.tokenizer import Tokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     save_pretrained(model, out, tokenizer=Tokenizer.from_pretrained(source))
     return {**record, "attention_window": config.attention_window, "out": str(out),
             "architecture": type(model).__name__}

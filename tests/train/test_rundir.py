@@ -51,8 +51,9 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
 
 
 def test_any_command_names_a_path_it_cannot_use_in_one_line(tmp_path, capsys, monkeypatch):
-    """The backstop in the command line: an OSError about a path (here a folder under a file, for `extend`'s --out)
-    is a one-line error with status 2; one about no path is a bug and keeps its traceback."""
+    """An output folder that cannot be created (here one under a file, for `extend`'s --out) is a one-line error
+    with status 2; so is any other OSError about a path (the command line's backstop), while one about no path is
+    a bug and keeps its traceback."""
     from bertkit.cli import main
     from tiny_folders import save_tiny
 
@@ -60,7 +61,15 @@ def test_any_command_names_a_path_it_cannot_use_in_one_line(tmp_path, capsys, mo
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["extend", model, "--out", str(tmp_path / "notes.txt" / "longer"), "--max-length", "256"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "notes.txt/longer: cannot use it (Not a directory)" in err
+    assert err.count("\n") == 1 and "notes.txt/longer: cannot create the folder (Not a directory)" in err
+
+    def a_path(args):
+        raise PermissionError(13, "Permission denied", "/data/corpus.txt")
+
+    monkeypatch.setattr("bertkit.cli.cmd_info", a_path)
+    assert main(["info", model]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/data/corpus.txt: cannot use it (Permission denied)" in err
 
     def no_path(args):
         raise OSError("something else")

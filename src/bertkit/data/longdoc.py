@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bertkit.config import option
 from bertkit.errors import BertkitError
-from bertkit.train.rundir import check_output_path
+from bertkit.train.rundir import check_output_path, make_dir
 
 
 def _data_root() -> Path:
@@ -112,7 +112,7 @@ def build_longdoc(config: LongDocConfig) -> dict:
         splits["train"][book["title"]] = passages(train, config.words)
         splits["dev"][book["title"]] = passages(dev, config.words)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     counts = {}
     for split, by_book in splits.items():
         n = min(len(p) for p in by_book.values())

@@ -12,7 +12,7 @@ from bertkit.config import learning_rates, option, write_json
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
-from bertkit.train.rundir import check_output_path
+from bertkit.train.rundir import check_output_path, make_dir
 
 logger = logging.getLogger("bertkit")
 
@@ -76,7 +76,7 @@ def glue(config: GlueConfig) -> dict:
         raise BertkitError(f"{root}: no folder for {', '.join(missing or ['any GLUE task'])}; expected one per task "
                            f"named {', '.join(TASKS)}")
     check_output_path(out, "--out-dir", {})
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out-dir")
     write_json(out / "glue_config.json", dataclasses.asdict(config))
     runs: dict[str, dict[float, dict]] = {}
     for name in names:
