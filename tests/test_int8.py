@@ -98,6 +98,25 @@ def test_int8_question_answering_masks_padding():
     assert (out.start_logits[1, :5] > lowest).all()
 
 
+def test_int8_keeps_an_untied_decoder_in_float32_and_an_int8_model_is_not_saved(tmp_path):
+    """An untied masked-LM decoder is read for its weight, as the tied one (the embeddings) is: it stays float32.
+    An int8 model's packed weights are not in its state dict, so saving it is refused instead of half-written."""
+    from bertkit import BertForMaskedLM
+
+    model = tiny(BertForMaskedLM, tie_word_embeddings=False)
+    batch = padded_batch([8, 5])
+    with torch.no_grad():
+        want = model(**batch).logits
+        quantized = to_int8(copy.deepcopy(model))
+        got = quantized(**batch).logits
+    assert type(quantized.cls.predictions.decoder) is nn.Linear
+    real = batch["attention_mask"].bool()
+    assert (got[real] - want[real]).abs().max() <= 0.05 * (1 + want[real].abs().max())
+    with pytest.raises(BertkitError, match="an int8 model cannot be saved"):
+        quantized.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_int8_refuses_a_model_off_the_cpu():
     model = tiny().to("meta")
     with pytest.raises(BertkitError, match="int8 inference runs on the CPU; the model is on meta"):

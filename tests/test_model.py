@@ -40,6 +40,19 @@ def test_removing_padding_changes_nothing():
         assert batch.last_hidden_state[2, 4:].abs().max() == 0  # padding is not computed
 
 
+def test_position_and_segment_ids_for_the_whole_batch_broadcast_over_a_padded_batch():
+    """(1, T) position_ids and token_type_ids, as transformers takes them, with padding (the packed path)."""
+    torch.manual_seed(0)
+    model = BertModel(tiny()).eval()
+    ids = torch.randint(5, 300, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    types = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        one = model(ids, types, mask, position_ids=torch.arange(6)[None]).last_hidden_state
+        full = model(ids, types.expand(3, 6), mask, position_ids=torch.arange(6).expand(3, 6)).last_hidden_state
+    assert torch.equal(one, full)
+
+
 def test_masked_positions_pick_the_same_logits():
     torch.manual_seed(0)
     model = BertForMaskedLM(tiny()).eval()

@@ -367,6 +367,11 @@ def atomic_write(path: Path, write) -> None:
 
 def save_pretrained(model, directory, tokenizer=None) -> None:
     """config.json (with the transformers class in `architectures`) and model.safetensors, HF names."""
+    from bertkit.quantize import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):  # its packed weights are not in the state dict
+        raise BertkitError("an int8 model cannot be saved: its weights are packed for this CPU's kernels; expected "
+                           "the float32 model, which `to_int8` (or --int8) quantizes again when loaded")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()

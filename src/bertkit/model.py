@@ -545,7 +545,9 @@ class BertModel(BertPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(T, device=input_ids.device)
+        # (T,) or (1, T) given for the whole batch, as transformers takes them; the packed rows need (B, T)
+        token_type_ids, position_ids = token_type_ids.expand(B, T), position_ids.expand(B, T)
         layout = Layout(attention_mask, B, T, causal=self.config.is_decoder, window=self.config.attention_window,
                         global_mask=global_attention_mask, kernels=self.kernels, width=self.config.hidden_size)
         x = self.embeddings(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.unpad(position_ids))

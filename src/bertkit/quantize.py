@@ -6,7 +6,7 @@ rescales the int32 sums to float. The kernels are oneDNN's where the CPU has AMX
 matrices: 5.9-8.4x float32 GEMMs on a 2-core Xeon, where PyTorch's default x86 kernels, fbgemm with AVX-512 VNNI,
 gave 2.4-2.8x) and the default x86 ones elsewhere; both compute the same sums (benchmarks/RESULTS.md).
 Embeddings, LayerNorm, GELU, softmax and attention stay in float32, as does the MLM decoder (the tied embedding
-matrix). The unpadded encoder is kept: the int8 layers run on the packed (N, H) real tokens, and Q, K and V are one
+matrix, or an untied decoder's own). The unpadded encoder is kept: the int8 layers run on the packed (N, H) real tokens, and Q, K and V are one
 int8 GEMM, as they are one float GEMM in `BertSelfAttention`.
 
 Two choices decide the accuracy, measured on all-MiniLM-L6-v2 (cosine of mean-pooled embeddings to float32's, 32
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bertkit.errors import BertkitError
-from bertkit.model import BertSelfAttention
+from bertkit.model import BertLMPredictionHead, BertSelfAttention
 
 
 class Int8Linear(nn.Module):
@@ -113,6 +113,7 @@ def to_int8(model: nn.Module) -> nn.Module:
                 attention._fused = None
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
+                # an untied masked-LM decoder stays float32, as the tied one (the embeddings) does: its weight is read
+                if type(child) is nn.Linear and not (isinstance(parent, BertLMPredictionHead) and name == "decoder"):
                     setattr(parent, name, Int8Linear(child, reduce_range, engine))
     return model
