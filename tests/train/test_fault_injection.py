@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from bertkit import BertModel, Tokenizer
 from bertkit.checkpoint import COMPLETE_NAME, WEIGHTS_NAME, list_checkpoints
 from bertkit.cli import main as cli_main
+from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune
 from bertkit.train.pretrain import PretrainConfig, pretrain
 from tiny_folders import tiny_config
@@ -398,3 +399,24 @@ def test_grad_accum_steps_are_exact_and_resume_mid_epoch_bitwise(toy, tmp_path, 
     resumed = finetune(finetune_config(toy, tmp_path / "cut", grad_accum=2, save_every=4, resume="auto"))
     assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, "grad-accum resume")
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
+
+
+def test_finetuning_saved_by_two_processes_is_not_resumed_by_one(toy, tmp_path, monkeypatch):
+    """A step is --grad-accum x processes batches and the schedule counts steps, so a run saved by torchrun with two
+    processes is refused by one (it was accepted with a warning and trained another schedule); the checkpoint's
+    RNG states, one per process, say how many saved it."""
+    import bertkit.tasks.finetune as module
+
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 6)
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut", save_every=4))
+    real = module.load_training_state
+
+    def saved_by_two(path):
+        state = real(path)
+        return {**state, "rng": [state["rng"], state["rng"]]}
+
+    monkeypatch.setattr(module, "load_training_state", saved_by_two)
+    with pytest.raises(BertkitError, match=r"saved by 2 process\(es\), resumed by 1; expected 2"):
+        finetune(finetune_config(toy, tmp_path / "cut", save_every=4, resume="auto"))

@@ -493,6 +493,10 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         if diff:
             raise BertkitError(f"{resume_from / TRAINING_STATE_NAME}: written for another run ({diff}); expected "
                                "the same task, data, model and hyper-parameters")
+        saved_by = len(state["rng"]) if isinstance(state["rng"], list) else 1  # one RNG state per process
+        if saved_by != d.world_size:  # a step is --grad-accum x processes batches: schedule and batches would change
+            raise BertkitError(f"{resume_from}: saved by {saved_by} process(es), resumed by {d.world_size}; expected "
+                               f"{saved_by} (a step is --grad-accum x processes batches, and the schedule counts steps)")
         load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -513,10 +517,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                     out, reached, pos.step)
     if state is not None:  # last: nothing after this may draw from the generators before training
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(rngs) != d.world_size:
-            logger.warning("%s: saved by %d process(es), resumed by %d: the data order is kept, dropout streams are "
-                           "not", resume_from, len(rngs), d.world_size)
-        set_rng_state(rngs[d.rank % len(rngs)])
+        set_rng_state(rngs[d.rank])
 
     def save() -> Path:
         _finite_weights(model, f"step {pos.step}", hint)
