@@ -357,6 +357,20 @@ def test_normalizer_settings_match_transformers_both_ways(minilm_vocab, tmp_path
     assert_same_encodings([alone.encode(t) for t in texts], theirs(texts), texts)
 
 
+def test_do_lower_case_is_read_over_a_normalizer_that_is_not_berts(uncased, tmp_path):
+    """A tokenizer.json with another normalizer (here NFC) is left as it is, and tokenizer_config.json's
+    do_lower_case still says whether the folder is cased, and is written back."""
+    uncased[0].save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved | {"normalizer": {"type": "NFC"}}))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"do_lower_case": False}))
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    assert not tokenizer.lowercase and tokenizer.backend.normalizer.__class__.__name__ == "NFC"
+    tokenizer.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["do_lower_case"] is False
+
+
 def test_from_pretrained_ignores_saved_padding(minilm_vocab, uncased):
     # all-MiniLM-L6-v2's tokenizer.json pads and truncates everything to 128.
     loaded = Tokenizer.from_pretrained(minilm_vocab.parent)

@@ -169,10 +169,13 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         lowercase = bool(getattr(backend.normalizer, "lowercase", True))
-        if isinstance(backend.normalizer, normalizers.BertNormalizer) and config is not None:
+        if config is not None:
             settings = _normalizer_settings(config)
-            lowercase = settings["lowercase"]
-            backend.normalizer = _bert_normalizer(**settings)
+            if isinstance(backend.normalizer, normalizers.BertNormalizer):
+                lowercase = settings["lowercase"]
+                backend.normalizer = _bert_normalizer(**settings)
+            else:  # another normalizer is left as it is; do_lower_case, when given, is what the folder says it does
+                lowercase = bool(config.get("do_lower_case", lowercase))
         return cls(backend, lowercase)
 
     def save_pretrained(self, directory: str | Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:

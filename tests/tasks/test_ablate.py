@@ -293,3 +293,17 @@ def test_learning_rates_that_are_not_numbers_are_named(command, capsys):
     """Found by the fuzz suite: `ablate --only-pretrain --lrs x` raised a ValueError traceback."""
     assert main([command, "--lrs", "x"] + (["--model-dir", "m"] if command == "suite" else [])) == 2
     assert "--lrs x: expected numbers such as 1e-4 3e-4" in capsys.readouterr().err
+
+
+def test_the_grids_shared_inputs_are_refused_for_another_corpus_naming_what_to_do(tmp_path):
+    """Its cells were pretrained on OUT_DIR/inputs: another --corpus is refused (not rebuilt under them), and the
+    error names the way out that `ablate` has (it has no --overwrite)."""
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    for name, part in (("a.txt", lines[:3000]), ("b.txt", lines[3000:6000])):
+        (tmp_path / name).write_text("".join(part), encoding="utf-8")
+    out = tmp_path / "grid"
+    ablate_module.shared_inputs(AblateConfig(corpus=[str(tmp_path / "a.txt")], vocab_size=300, out_dir=str(out)), out)
+    with pytest.raises(BertkitError, match=r"were built from other inputs \(--corpus\); expected the inputs they were "
+                                           r"built from, or another --out-dir \(or .*inputs deleted"):
+        ablate_module.shared_inputs(AblateConfig(corpus=[str(tmp_path / "b.txt")], vocab_size=300, out_dir=str(out)),
+                                    out)

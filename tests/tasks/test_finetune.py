@@ -156,12 +156,17 @@ def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
     sentences = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0)] * 4
     tsv(data / "train.tsv", ("sentence", "label"), *sentences)
     tsv(data / "dev.tsv", ("sentence", "label"), *sentences[:4])
-    tsv(data / "test.tsv", ("index", "sentence"), (0, "not bad"), (1, "awful"), (2, "fun"))
+    tsv(data / "test.tsv", ("index", "sentence"), (0, "not bad"), (1, "awful"), (5, "fun"))
     record = finetune(quick(toy_model_dir, tmp_path / "run", task="sst2", data_dir=str(data), predict=True))
     submission = (tmp_path / "run" / "SST-2.tsv").read_text().splitlines()
     assert record["submissions"] == [str(tmp_path / "run" / "SST-2.tsv")]
-    assert submission[0] == "index\tprediction" and [line.split("\t")[0] for line in submission[1:]] == ["0", "1", "2"]
+    assert submission[0] == "index\tprediction" and [line.split("\t")[0] for line in submission[1:]] == ["0", "1", "5"]
     assert all(line.split("\t")[1] in ("0", "1") for line in submission[1:])
+    # a test file without GLUE's index column (a labelled one) is numbered by position
+    tsv(data / "test.tsv", ("sentence", "label"), *sentences[:3])
+    finetune(quick(toy_model_dir, tmp_path / "run2", task="sst2", data_dir=str(data), predict=True))
+    submission = (tmp_path / "run2" / "SST-2.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in submission[1:]] == ["0", "1", "2"]
 
 
 def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path):

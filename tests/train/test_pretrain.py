@@ -480,11 +480,12 @@ def test_inputs_built_from_another_corpus_are_built_again_or_refused(tmp_path, c
     pretrain(config("a.txt"))
     vocab = (run / "tokenizer" / "vocab.txt").read_text()
     assert manifest_files() == ["a.txt"]
-    with pytest.raises(BertkitError, match="tokenizer/ and data/ were built from another --corpus or --vocab-size"):
+    with pytest.raises(BertkitError, match=r"tokenizer/ and data/ were built from other inputs \(--corpus\); "
+                                           "expected the inputs they were built from, or --overwrite"):
         pretrain(config("b.txt", resume="auto", max_steps=4))
     assert manifest_files() == ["a.txt"] and (run / "tokenizer" / "vocab.txt").read_text() == vocab
     pretrain(config("b.txt", overwrite=True))
-    assert "built from another --corpus or --vocab-size: built again" in caplog.text
+    assert "built from other inputs (--corpus): built again" in caplog.text
     assert manifest_files() == ["b.txt"] and (run / "tokenizer" / "vocab.txt").read_text() != vocab
     caplog.clear()
     pretrain(config("b.txt", overwrite=True))  # the same inputs are kept

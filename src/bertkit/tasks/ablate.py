@@ -206,7 +206,8 @@ def shared_inputs(config: AblateConfig, out: Path) -> tuple[str, str]:
 
     corpus = config.corpus or _default_corpus()
     # fresh=False: the grid's cells were pretrained on these inputs, so other ones are refused, not rebuilt
-    return build_inputs(PretrainConfig(corpus=corpus, vocab_size=config.vocab_size), out / "inputs", fresh=False)
+    return build_inputs(PretrainConfig(corpus=corpus, vocab_size=config.vocab_size), out / "inputs", fresh=False,
+                        remedy=f"another --out-dir (or {out / 'inputs'} deleted, with the grid's cells)")
 
 
 def run_pretraining(config: AblateConfig, fields: dict, seed: int, inputs: tuple[str, str], out: Path) -> dict:

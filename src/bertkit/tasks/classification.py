@@ -80,7 +80,11 @@ class TextTask:
         written = []
         for split, examples in self.tests.items():
             predictions, _ = self.predict(model, tokenizer, examples, config, device)
-            written.append(write_submission(self.name, predictions, out_dir, split, [e.guid for e in examples]))
+            ids = [e.guid for e in examples]
+            # GLUE's test files number their rows; one without that column (a labelled file) gets "dev-0", ...
+            # from the reader, and its rows are numbered by position instead
+            ids = ids if all(i.isdigit() for i in ids) else None
+            written.append(write_submission(self.name, predictions, out_dir, split, ids))
         return written
 
 

@@ -223,12 +223,17 @@ def built_from(cfg: PretrainConfig) -> dict:
                      {"vocab_size": cfg.vocab_size})
 
 
-def build_inputs(cfg: PretrainConfig, run_dir: Path, fresh: bool = True) -> tuple[str, str]:
+_INPUT_FLAGS = {"corpus": "--corpus", "vocab_size": "--vocab-size", "tokenizer": "--tokenizer"}
+
+
+def build_inputs(cfg: PretrainConfig, run_dir: Path, fresh: bool = True,
+                 remedy: str = "--overwrite (or another --out-dir) to start over") -> tuple[str, str]:
     """The tokenizer and prepared-data folders: the given ones, or built from --corpus inside the run folder.
 
-    Folders built from other inputs (another --corpus or --vocab-size, by the record beside them) are built again
-    for a `fresh` run and refused otherwise (a resumed run, an ablation grid's shared inputs): prepare would have
-    added the new files to the old data, and the old vocabulary would have stayed."""
+    Folders built from other inputs (another --corpus, --vocab-size or --tokenizer, by the record beside them) are
+    built again for a `fresh` run and refused otherwise, naming the `remedy` (a resumed run, an ablation grid's
+    shared inputs): prepare would have added the new files to the old data, and the old vocabulary would have
+    stayed."""
     from bertkit.data.corpus import expand_inputs
     from bertkit.data.prepare import prepare
     from bertkit.tokenizer import Tokenizer, train_vocab
@@ -241,14 +246,17 @@ def build_inputs(cfg: PretrainConfig, run_dir: Path, fresh: bool = True) -> tupl
         try:
             earlier = json.loads((run_dir / INPUTS_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
             earlier = record  # built before this record existed: taken as they are
-        if earlier != record:
+        changed = ", ".join(flag for key, flag in _INPUT_FLAGS.items() if earlier.get(key) != record.get(key))
+        if changed:
             folders = " and ".join(f"{name}/" for name in present)
             if not fresh:
-                raise BertkitError(f"{run_dir}: {folders} were built from another --corpus or --vocab-size; expected "
-                                   "the inputs they were built from, or --overwrite (or a new folder) to start over")
+                raise BertkitError(f"{run_dir}: {folders} were built from other inputs ({changed}); expected the "
+                                   f"inputs they were built from, or {remedy}")
             remove(run_dir, present)
-            logger.warning("%s: %s built from another --corpus or --vocab-size: built again", run_dir, folders)
+            logger.warning("%s: %s built from other inputs (%s): built again", run_dir, folders, changed)
             present = []
     if record is not None and not present:
         write_json(run_dir / INPUTS_NAME, record)
