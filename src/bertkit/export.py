@@ -106,22 +106,27 @@ def export(config: ExportConfig) -> dict:
         "files": {"float32": FP32_FILE},
         "check": {},
     }
-    expected = [_run_bertkit(model, outputs, batch) for batch in batches]
-    fp32 = _compare(session(out / FP32_FILE), batches, expected)
-    report["check"]["float32"] = fp32 | {"tolerance": f"{config.tolerance:g} * (1 + |bertkit|), elementwise"}
-    if fp32["worst"] > config.tolerance:
-        raise BertkitError(f"{out / FP32_FILE}: ONNX Runtime's {fp32['worst_output']} differs from bertkit's by "
-                           f"{fp32['max_abs_diff']:.3g} (more than {config.tolerance:g} * (1 + |value|)); expected "
-                           "the same outputs")
-    if config.int8:
-        quantize_int8(out / FP32_FILE, out / INT8_FILE)
-        report["files"]["int8"] = INT8_FILE
-        int8 = _compare(session(out / INT8_FILE), batches, expected, relative_to_max=True)
-        report["check"]["int8"] = int8 | {"tolerance": f"{config.int8_tolerance:g} * (1 + max |bertkit float32|)"}
-        if int8["worst"] > config.int8_tolerance:
-            raise BertkitError(f"{out / INT8_FILE}: ONNX Runtime's int8 {int8['worst_output']} differs from bertkit's "
-                               f"float32 by {int8['max_abs_diff']:.3g}, more than --int8-tolerance "
-                               f"{config.int8_tolerance:g} of its scale; expected a working int8 graph")
+    try:
+        expected = [_run_bertkit(model, outputs, batch) for batch in batches]
+        fp32 = _compare(session(out / FP32_FILE), batches, expected)
+        report["check"]["float32"] = fp32 | {"tolerance": f"{config.tolerance:g} * (1 + |bertkit|), elementwise"}
+        if fp32["worst"] > config.tolerance:
+            raise BertkitError(f"{out / FP32_FILE}: ONNX Runtime's {fp32['worst_output']} differs from bertkit's by "
+                               f"{fp32['max_abs_diff']:.3g} (more than {config.tolerance:g} * (1 + |value|)); expected "
+                               "the same outputs")
+        if config.int8:
+            quantize_int8(out / FP32_FILE, out / INT8_FILE)
+            report["files"]["int8"] = INT8_FILE
+            int8 = _compare(session(out / INT8_FILE), batches, expected, relative_to_max=True)
+            report["check"]["int8"] = int8 | {"tolerance": f"{config.int8_tolerance:g} * (1 + max |bertkit float32|)"}
+            if int8["worst"] > config.int8_tolerance:
+                raise BertkitError(f"{out / INT8_FILE}: ONNX Runtime's int8 {int8['worst_output']} differs from "
+                                   f"bertkit's float32 by {int8['max_abs_diff']:.3g}, more than --int8-tolerance "
+                                   f"{config.int8_tolerance:g} of its scale; expected a working int8 graph")
+    except BertkitError as e:  # a graph that failed its check is not left where it would be used
+        for name in (FP32_FILE, INT8_FILE, REPORT_FILE):
+            (out / name).unlink(missing_ok=True)
+        raise BertkitError(f"{e} (the ONNX files are removed)") from None
     report["seconds"] = round(time.perf_counter() - start, 1)
     tokenizer.save_pretrained(out, model_max_length=model.config.max_position_embeddings)
     config_json = (source / "config.json").read_bytes()

@@ -150,7 +150,7 @@ def test_binary_file_refused_before_reading(tmp_path, compress):
 
 def test_control_bytes_without_nul_refused(tmp_path):
     path = write(tmp_path / "blob.txt", bytes(range(1, 32)) * 100)
-    with pytest.raises(BertkitError, match="not UTF-8 text"):
+    with pytest.raises(BertkitError, match="characters are control characters or bytes that are not UTF-8; expected UTF-8 text"):
         FileReader(path)
 
 

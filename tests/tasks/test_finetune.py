@@ -222,6 +222,14 @@ def test_a_max_length_past_the_models_positions_is_refused_before_any_work(toy_m
         assert f"more than the {positions} positions" in capsys.readouterr().err
 
 
+def test_results_name_the_precision_that_ran_not_the_one_asked(toy_model_dir, tmp_path, caplog):
+    """fp16 on the CPU trains in fp32 (with a warning); results.md and metrics.json say fp32."""
+    record = finetune(toy_run(toy_model_dir, tmp_path, str(tmp_path / "run"), epochs=1, precision="fp16"))
+    assert record["precision"] == "fp32"
+    header = (tmp_path / "run" / "results.md").read_text().splitlines()[2]
+    assert header.startswith("lr ") and "fp16" not in header
+
+
 def test_transformers_loads_the_kept_model_with_its_labels(sst2_run):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -492,6 +492,14 @@ def test_inputs_built_from_another_corpus_are_built_again_or_refused(tmp_path, c
     assert "built again" not in caplog.text
 
 
+def test_the_progress_bar_redraws_rarely_into_a_log_file(inputs, tmp_path, capsys):
+    """Not a terminal: the bar redraws at most once a minute, its loss and accuracy shown included (set_postfix
+    redrew at every log row, 30 lines here)."""
+    pretrain(small(inputs, tmp_path, max_steps=30, log_every=1))
+    err = capsys.readouterr().err
+    assert 0 < err.count("\r") <= 4, err[-2000:]
+
+
 def test_the_run_folder_is_never_an_input_folder(inputs, tmp_path):
     with pytest.raises(BertkitError, match="--out-dir .* is the --data folder .*would write into its own input"):
         pretrain(small(inputs, inputs / "data"))

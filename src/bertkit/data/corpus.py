@@ -184,7 +184,8 @@ def _check_text(path: Path, head: bytes) -> None:
     # A Latin-1 text has a few percent of bad bytes and is read with those lines skipped; a binary has many.
     if text and bad > 0.1 * len(text):
         raise BertkitError(
-            f"{where(path)}: {bad} of the first {len(text)} characters are not UTF-8 text; expected UTF-8 text"
+            f"{where(path)}: {bad} of the first {len(text)} characters are control characters or bytes that are not "
+            "UTF-8; expected UTF-8 text"
         )
 
 

@@ -321,7 +321,8 @@ def prepare(
             run.add(key, index, split, document, batch_size)
             if run.counts["tokens"] != before:  # a batch was tokenized
                 bar.update(done_bytes + reader.bytes_read - bar.n)
-                bar.set_postfix(tokens_per_s=f"{run.counts['tokens'] / (time.perf_counter() - start):,.0f}")
+                bar.set_postfix(tokens_per_s=f"{run.counts['tokens'] / (time.perf_counter() - start):,.0f}",
+                                refresh=False)  # the bar redraws on its own schedule
         done_bytes += reader.size
         manifest["files"][key]["skips"] = reader.skips.to_json()
         skips.merge(reader.skips)

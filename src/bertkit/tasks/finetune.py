@@ -137,7 +137,8 @@ class FinetuneConfig:
                                                         "length 128 on an H200)")
     pad_to_multiple_of: int = option(1, "length bucketing: pad each training batch to a multiple of this many "
                                      "positions, so that batches come in a few shapes (for compiled graphs on a GPU); "
-                                     "the padding is masked, the results are the same")
+                                     "the padding is masked: evaluation is the same, training the same but for "
+                                     "its dropout masks, drawn over the padded length")
     predict: bool = option(False, "GLUE: after training, write the leaderboard file for test.tsv with the best model")
     save_every: int = option(500, "steps between checkpoints for --resume, besides the one at the end of every "
                              "epoch (0: only those)")
@@ -481,7 +482,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     best = BestCheckpoint()
     record = {"task": task.name, "model_dir": str(config.model_dir), "train_examples": len(task.train),
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
-              "epochs": []}
+              "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32")}
     pos = Position()
     hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.max_grad_norm else ", --max-grad-norm 1")
     bad_steps = NonFiniteSteps(config.max_bad_steps, hint + "; --resume auto continues from the last checkpoint")
@@ -559,7 +560,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                     bad_steps.record(ok, pos.step)
                     if pos.step % 50 == 0:
                         mean = float(np.mean(pos.running)) if pos.running else float("nan")
-                        bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": bad_steps.total} if bad_steps.total else {}))
+                        bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": bad_steps.total} if bad_steps.total else {}),
+                                        refresh=False)  # the bar redraws on its own schedule
                         run_log.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
                                                        "skipped_steps": bad_steps.window})
                         pos.running, bad_steps.window = [], 0
@@ -641,7 +643,7 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         "",
         f"lr {config.lr:g}, batch {config.batch_size}"
         + (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "")
-        + (f", {config.precision}" if config.precision != "fp32" else "")
+        + (f", {record['precision']}" if record.get("precision", "fp32") != "fp32" else "")
         + f", {plural(config.epochs, 'epoch')}, warm-up {config.warmup:g}, "
         f"weight decay {config.weight_decay:g}, max length {config.max_length}, seed {config.seed}; "
         f"{record['train_examples']:,} training examples"

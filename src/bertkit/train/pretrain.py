@@ -151,7 +151,8 @@ class PretrainConfig:
                                                         "length 128 on an H200)")
     pad_to_multiple_of: int = option(1, "length bucketing: pad each batch to a multiple of this many positions (at "
                                      "most --max-length), so that batches come in a few shapes (for compiled graphs "
-                                     "on a GPU); the padding is masked, the results are the same")
+                                     "on a GPU); the padding is masked: the same results but for dropout's masks, "
+                                     "drawn over the padded length")
 
     def __post_init__(self):
         try:
@@ -746,7 +747,8 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
                 bar.set_postfix(loss=f"{train_row['loss']:.3f}", mlm_acc=f"{train_row['masked_lm_accuracy']:.3f}",
                                 **({task.short: f"{sentence:.3f}"} if sentence is not None else {}),
                                 lr=f"{train_row['lr']:.2e}", tok_s=f"{train_row['tokens_per_s']:,.0f}",
-                                **({"skipped": run.bad_steps.total} if run.bad_steps.total else {}))
+                                **({"skipped": run.bad_steps.total} if run.bad_steps.total else {}),
+                                refresh=False)  # the bar redraws on its own schedule (once a minute into a file)
                 window.zero_()
                 seconds, run.bad_steps.window = 0.0, 0
             if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < end:
