@@ -236,10 +236,22 @@ class Case:
     name: str
     what: str
     config: bertkit.BertConfig | None  # None: no model (data preparation)
-    seq_len: int
+    seq_len: float  # the attention term of flops_per_token: see attention_length
     training: bool
     units: dict = field(default_factory=dict)  # side -> list of (callable, real_tokens)
     batch_size: int = 0  # sequences per unit, where every unit is one batch of them (sequences/s is reported)
+    models: dict = field(default_factory=dict)  # side -> model, so that a memory reading starts from the weights
+
+
+def attention_length(lengths) -> float:
+    """The attention term's length for MFU: each real token attends over its own sequence's n tokens, so a batch's
+    attention FLOPs go with the sum of n^2 (the padded maximum counted 3-4% too many at lengths 384 and 512)."""
+    lengths = [int(n) for n in lengths]
+    return sum(n * n for n in lengths) / sum(lengths)
+
+
+def real_lengths(batches) -> list[int]:
+    return [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
 
 
 def _train_step(bench: Bench, model, optimizer, batch, call):
@@ -256,7 +268,7 @@ def case_pretrain(bench: Bench, preset: str, batch_size: int, n_batches: int, ma
     batches = [bench.on_device(b) for b in pretraining_batches(batch_size, n_batches, max_length)]
     name = f"pretrain-{preset}" + (f"-{max_length}" if max_length != 128 else "")
     case = Case(name, f"MLM+NSP training step, {preset}, batch {batch_size}, length {max_length} (real corpus lengths)",
-                config, max_length, True, batch_size=batch_size)
+                config, attention_length(real_lengths(batches)), True, batch_size=batch_size, models=models)
     from bertkit.train.optim import build_optimizer
 
     def ours(model, b):
@@ -296,7 +308,8 @@ def case_finetune_sst2(bench: Bench, preset: str, batch_size: int, n_examples: i
                length_grouped_batches([len(e["input_ids"]) for e, _ in items], batch_size, seed=0)]
     how = ", both sides on the same length-grouped batches" if like_for_like else ""
     case = Case(f"finetune-sst2-{preset}" + ("-grouped" if like_for_like else ""),
-                f"SST-2 fine-tuning epoch over {n_examples} sentences, {preset}, batch {batch_size}{how}", config, 64, True)
+                f"SST-2 fine-tuning epoch over {n_examples} sentences, {preset}, batch {batch_size}{how}", config,
+                attention_length(len(e["input_ids"]) for e, _ in items), True, models=models)
     from bertkit.train.optim import build_optimizer
 
     for side, batches in (("bertkit", grouped), ("transformers", grouped if like_for_like else plain)):
@@ -324,7 +337,8 @@ def case_squad(bench: Bench, preset: str, batch_size: int, n_batches: int) -> Ca
     examples = read_squad(data_dir() / "squad" / "dev-v1.1.json")
     examples = random.Random(0).sample(examples, batch_size * n_batches)
     features = featurize(examples, tok, max_length=384, doc_stride=128)[: batch_size * n_batches]
-    case = Case(f"finetune-squad-{preset}", f"SQuAD v1.1 fine-tuning step, {preset}, batch {batch_size}, length 384", config, 384, True)
+    case = Case(f"finetune-squad-{preset}", f"SQuAD v1.1 fine-tuning step, {preset}, batch {batch_size}, length 384", config,
+                attention_length(sum(f.attention_mask) for f in features), True, models=models)
     from bertkit.train.optim import build_optimizer
 
     batches = []
@@ -350,7 +364,8 @@ def case_inference(bench: Bench, preset: str, batch_size: int, n_batches: int) -
     sentences = random.Random(1).sample(sst2_sentences("dev"), batch_size * n_batches)
     batches = [bench.on_device(pad_batch([tok.encode(s, max_length=128) for s in sentences[k : k + batch_size]], tok))
                for k in range(0, len(sentences), batch_size)]
-    case = Case(f"inference-b{batch_size}-{preset}", f"SST-2 dev classification, inference, {preset}, batch {batch_size}", config, 64, False)
+    case = Case(f"inference-b{batch_size}-{preset}", f"SST-2 dev classification, inference, {preset}, batch {batch_size}",
+                config, attention_length(real_lengths(batches)), False, models=models)
 
     def run(model, b):
         with torch.inference_mode(), bench.autocast():
@@ -452,8 +467,14 @@ def measure(bench: Bench, case: Case, rounds: int, warmup: int) -> dict:
 def peak_memory_mb(bench: Bench, case_name: str, side: str, args, case: Case) -> float:
     """CPU: peak resident memory of a fresh process that builds one side only (model, optimizer, the case's batches)
     and runs its units.
-    GPU: peak CUDA memory allocated above what was already held (both models, optimizer state) while one side runs."""
+    GPU: peak CUDA memory allocated above what was already held (both models' weights and optimizer state; their
+    gradients and bertkit's inference cache of fused Q/K/V are dropped first) while one side runs."""
     if bench.gpu:
+        for model in case.models.values():  # what the timed runs left (gradients, a cached fused Q/K/V) is not
+            model.zero_grad(set_to_none=True)  # "already held": each side's run makes its own again
+            for module in model.modules():
+                if getattr(module, "_fused", None) is not None:
+                    module._fused = None
         held = torch.cuda.memory_allocated(bench.device)
         torch.cuda.reset_peak_memory_stats(bench.device)
         for fn, _ in case.units[side]:

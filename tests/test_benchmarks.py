@@ -92,6 +92,34 @@ def test_each_ablation_computes_the_same_function(undo, monkeypatch):
     torch.testing.assert_close(slow.seq_relationship_logits, shipped.seq_relationship_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_an_ablation_that_would_change_nothing_is_not_measured():
+    """Timing the same code twice reports noise as what an optimisation pays: the packing rule on the CPU (which
+    packs every batch), blocks of 16 on a GPU (never rounded there), the three-GEMM forward under compiled blocks or
+    varlen attention, and SDPA undone where varlen attention calls none."""
+    from types import SimpleNamespace
+
+    from bertkit import model as M
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          max_position_embeddings=64))
+    ids = torch.randint(5, 300, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 9:] = 0
+    units = [(lambda: model(ids, attention_mask=mask), 57)]
+    cpu, gpu, shipped, varlen = SimpleNamespace(gpu=False), SimpleNamespace(gpu=True), M.Kernels(), M.Kernels(
+        attention="varlen")
+    assert "packs every batch" in ablation.not_on_path("packing-rule", cpu, shipped, False, units)
+    M.set_kernels(model, packing="never")  # kept padded: "always packed" changes something
+    assert ablation.not_on_path("packing-rule", cpu, model.bert.kernels, False, units) is None
+    assert ablation.not_on_path("attention-blocks-of-16", gpu, shipped, False, units)
+    assert ablation.not_on_path("attention-blocks-of-16", cpu, shipped, False, units) is None
+    assert "compiled" in ablation.not_on_path("three-qkv-gemms", cpu, shipped, True, units)
+    assert "varlen" in ablation.not_on_path("three-qkv-gemms", cpu, varlen, False, units)
+    assert ablation.not_on_path("attention-by-hand", gpu, varlen, False, units)
+    assert ablation.not_on_path("attention-by-hand", cpu, shipped, False, units) is None
+
+
 def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
     data = data_path("corpus", "python-docs-3.11.txt").parents[1]
     data_path("checkpoints", "all-MiniLM-L6-v2")
@@ -188,3 +216,13 @@ def test_gpu_check_script_passes_only_options_its_scripts_accept(tmp_path):
     expected = script.read_text().count("python3 benchmarks/") + 1
     assert errors == [line for line in errors if line.endswith(": no CUDA device here")], "\n".join(errors)
     assert len(errors) == expected, log
+
+
+def test_mfu_counts_attention_over_each_sequences_real_length():
+    """Each token attends over its own sequence: the attention term goes with the sum of n^2, not with the padded
+    maximum (a batch of lengths 2 and 4 padded to 4 counts (4 + 16) / 6, not 4)."""
+    import run
+
+    assert run.attention_length([2, 4]) == pytest.approx(20 / 6)
+    batches = [{"attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}]
+    assert run.real_lengths(batches) == [2, 4]
