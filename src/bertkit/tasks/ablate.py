@@ -460,13 +460,18 @@ def variant_scores(cells: dict, variant: str, glue_tasks: set[str]) -> dict:
     return scores
 
 
+def table_scores(cells: dict, variants: list[str]) -> dict[str, dict]:
+    """`variant_scores` of each variant, the GLUE average over the columns of their table."""
+    glue_tasks = glue_columns(cells, variants)
+    return {v: variant_scores(cells, v, glue_tasks) for v in variants}
+
+
 def results_table(cells: dict, variants: list[str]) -> str:
     """Rows = variants; columns = held-out MLM (loss, accuracy), each task, the GLUE average: mean ± std over
     pretraining seeds (each seed's task score is itself a mean over fine-tuning seeds)."""
     from bertkit.tasks.suite import TASKS
 
-    glue_tasks = glue_columns(cells, variants)
-    per_variant = {v: variant_scores(cells, v, glue_tasks) for v in variants}
+    per_variant = table_scores(cells, variants)
     tasks = [t for t in TASKS.values() if any(t.name in s for s in per_variant.values())]
     sizes = {round(x, 1) for s in per_variant.values() for x in s.get("params", [])}
     # columns only where the model size differs (Table 6): its parameters, and its own pretraining time, which the
@@ -528,8 +533,7 @@ def plot(cells: dict, variants: list[str], path: Path) -> None:
 
     from bertkit.tasks.suite import TASKS
 
-    glue_tasks = glue_columns(cells, variants)
-    scores = {v: variant_scores(cells, v, glue_tasks) for v in variants}
+    scores = table_scores(cells, variants)
     column = "glue" if any("glue" in s for s in scores.values()) else next(
         (k for s in scores.values() for k in s if k in TASKS), "mlm_acc")
     shown = [v for v in variants if column in scores[v]]
