@@ -48,6 +48,8 @@ def test_the_size_grid_fine_tunes_at_two_rates_unless_told():
     (["x=--objective mlm+xyz"], "variant 'x'.*expected `bertkit pretrain` flags"),
     (["x=--no-such-flag 3"], "variant 'x'.*unrecognized --no-such-flag"),
     (["x=--mask-mix 50 50"], "variant 'x'.*mask_mix"),
+    (["x=--vocab-size 3000"], "variant 'x'.*--vocab-size set the inputs every cell shares"),
+    (["x=--format jsonl --text-field body"], "variant 'x'.*--format, --text-field set the inputs"),
 ])
 def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
     with pytest.raises(BertkitError, match=expected):

@@ -492,6 +492,28 @@ def test_inputs_built_from_another_corpus_are_built_again_or_refused(tmp_path, c
     assert "built again" not in caplog.text
 
 
+def test_a_json_lines_corpus_is_read_by_its_text_field_and_another_field_builds_again(tmp_path, caplog):
+    """--format and --text-field reach the vocabulary and the prepared corpus (`bertkit prepare` had them, pretrain's
+    --corpus did not); they are among the inputs the folders were built from."""
+    lines = data_path("corpus", "python-docs-3.11.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    docs = [" ".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    run = tmp_path / "run"
+
+    def config(**kw):
+        return PretrainConfig(**{**dict(corpus=[str(corpus)], format="jsonl", vocab_size=400, max_length=64,
+                                        batch_size=8, max_steps=1, save_every=1, eval_every=0, eval_batches=1,
+                                        out_dir=str(run), threads=1), **kw})
+
+    pretrain(config(text_field="body"))
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert [f["format"] for f in manifest["files"].values()] == ["jsonl"]
+    assert json.loads((run / "inputs.json").read_text())["text_field"] == "body"
+    with pytest.raises(BertkitError, match=r"built from other inputs \(--text-field\)"):
+        pretrain(config(text_field="id", resume="auto", max_steps=2))
+
+
 def test_the_progress_bar_redraws_rarely_into_a_log_file(inputs, tmp_path, capsys):
     """Not a terminal: the bar redraws at most once a minute, its loss and accuracy shown included (set_postfix
     redrew at every log row, 30 lines here)."""

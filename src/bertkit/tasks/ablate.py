@@ -168,8 +168,15 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
         raise BertkitError(f"variant {name or variant!r} ({variant or 'no flags'}, with the common flags "
                            f"{' '.join(common)}): {e}; expected `bertkit pretrain` flags (and --bilstm)") from None
     base = PretrainConfig()
-    fields = {k: v for k, v in vars(chosen).items() if k != "corpus" and v != getattr(base, k)}
+    fields = {k: v for k, v in vars(chosen).items() if v != getattr(base, k)}
+    shared = [f"--{k.replace('_', '-')}" for k in SHARED_INPUTS if k in fields]
+    if shared:  # every cell reads the grid's one vocabulary and prepared corpus: these would do nothing
+        raise BertkitError(f"variant {name or variant!r} ({variant}): {', '.join(shared)} set the inputs every cell "
+                           "shares; expected them as the grid's own --corpus and --vocab-size")
     return fields, finetune
+
+
+SHARED_INPUTS = ("corpus", "format", "text_field", "vocab_size", "tokenizer", "data")
 
 
 def pretrain_key(fields: dict) -> str:

@@ -85,6 +85,9 @@ class PretrainConfig:
     corpus: list[str] = field(default_factory=default_corpus, metadata={
         "help": "raw text files, folders or globs, read when --tokenizer or --data is not given "
                 "($BERTKIT_DATA/corpus/python-docs-3.11.txt, else ../shared/data/corpus/python-docs-3.11.txt)"})
+    format: Literal["auto", "bert", "docs", "jsonl"] = option("auto", "layout of the --corpus files, as for `bertkit "
+                                                              "prepare`; auto guesses per file")
+    text_field: str = option("text", "the text field of JSON lines --corpus files")
     max_length: int = option(128, "tokens per example, [CLS] and [SEP] included")
     masking: Literal["token", "wwm", "span"] = option("token", "what is masked: random tokens (BERT), whole words, "
                                                       "or spans of words (SpanBERT)")
@@ -220,11 +223,15 @@ def built_from(cfg: PretrainConfig) -> dict:
     from bertkit.data.corpus import expand_inputs
 
     record = {"corpus": [[str(f.resolve()), f.stat().st_size] for f in expand_inputs(cfg.corpus)]}
+    # the reading options only when not the defaults, so that folders recorded before they existed still match
+    record |= {key: getattr(cfg, key) for key in ("format", "text_field")
+               if getattr(cfg, key) != getattr(PretrainConfig, key)}
     return record | ({"tokenizer": str(Path(cfg.tokenizer).resolve())} if cfg.tokenizer else
                      {"vocab_size": cfg.vocab_size})
 
 
-_INPUT_FLAGS = {"corpus": "--corpus", "vocab_size": "--vocab-size", "tokenizer": "--tokenizer"}
+_INPUT_FLAGS = {"corpus": "--corpus", "format": "--format", "text_field": "--text-field",
+                "vocab_size": "--vocab-size", "tokenizer": "--tokenizer"}
 
 
 def build_inputs(cfg: PretrainConfig, run_dir: Path, fresh: bool = True,
@@ -266,11 +273,13 @@ def build_inputs(cfg: PretrainConfig, run_dir: Path, fresh: bool = True,
         files = expand_inputs(cfg.corpus)
         print(f"training a {cfg.vocab_size}-token WordPiece vocabulary on {len(files)} file(s) into {tokenizer_dir}")
         tmp = run_dir / ".tmp-tokenizer"
-        train_vocab(files, tmp, vocab_size=cfg.vocab_size, show_progress=False)
+        train_vocab(files, tmp, vocab_size=cfg.vocab_size, fmt=cfg.format, text_field=cfg.text_field,
+                    show_progress=False)
         os.replace(tmp, tokenizer_dir)  # a vocabulary half-written by a killed run is never picked up
     data_dir = Path(cfg.data) if cfg.data else run_dir / "data"
     if not cfg.data:  # resumable: files already in the manifest are skipped
-        print(prepare(cfg.corpus, Tokenizer.from_pretrained(tokenizer_dir), data_dir))
+        print(prepare(cfg.corpus, Tokenizer.from_pretrained(tokenizer_dir), data_dir, fmt=cfg.format,
+                      text_field=cfg.text_field))
     return str(tokenizer_dir), str(data_dir)
 
 
