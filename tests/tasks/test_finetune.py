@@ -418,3 +418,17 @@ def test_results_table_gives_null_thresholds_in_significant_digits():
     record = {"train_examples": 10, "train_rows": 12, "eval_examples": 5, "epochs": [row], "best_epoch": 1, "best": best}
     table = results_table(FinetuneConfig(model_dir="m", task="squad2", epochs=1), SquadTask("squad2"), record)
     assert "| 55.50 | 0.0001235 |" in table and "best_f1_thresh 0.0001235" in table and ", 1 epoch," in table
+
+
+def test_glue_average_counts_mnli_matched_and_mismatched_as_the_paper_does():
+    from bertkit.tasks.glue import glue_table
+
+    # BERT-Base's row of the paper's Table 1, whose Average is 79.6 (MNLI-m and -mm are two of its nine numbers)
+    best = {"MNLI": {"accuracy": 84.6, "dev_mismatched_accuracy": 83.4}, "QQP": {"f1": 71.2, "accuracy": 89.2},
+            "QNLI": {"accuracy": 90.5}, "SST-2": {"accuracy": 93.5}, "CoLA": {"mcc": 52.1},
+            "STS-B": {"pearson": 87.1, "spearman": 85.8}, "MRPC": {"f1": 88.9, "accuracy": 84.8},
+            "RTE": {"accuracy": 66.4}, "WNLI": {"accuracy": 65.1}}
+    result = {"tasks": {t: {"best": b, "best_lr": 2e-5, "by_lr": {"2e-05": b}, "train_examples": None}
+                        for t, b in best.items()}}
+    table = glue_table(result, "base", GlueConfig(lrs=[2e-5]))
+    assert "| 84.6/83.4 | 71.2 | 90.5 | 93.5 | 52.1 | 85.8 | 88.9 | 66.4 | 65.1 | 79.6 |" in table
