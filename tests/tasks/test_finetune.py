@@ -432,3 +432,17 @@ def test_glue_average_counts_mnli_matched_and_mismatched_as_the_paper_does():
                         for t, b in best.items()}}
     table = glue_table(result, "base", GlueConfig(lrs=[2e-5]))
     assert "| 84.6/83.4 | 71.2 | 90.5 | 93.5 | 52.1 | 85.8 | 88.9 | 66.4 | 65.1 | 79.6 |" in table
+
+
+def test_evaluate_data_dir_scores_that_folder_not_the_runs_eval_file(toy_model_dir, tmp_path):
+    rows = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0)] * 4
+    tsv(tmp_path / "train.tsv", ("sentence", "label"), *rows)
+    finetune(quick(toy_model_dir, tmp_path / "run", task="SST-2", train_file=str(tmp_path / "train.tsv"),
+                   eval_file=str(tmp_path / "train.tsv"), epochs=1))
+    (tmp_path / "other").mkdir()
+    tsv(tmp_path / "other" / "dev.tsv", ("sentence", "label"), *[("a good movie", label) for label in (1, 1, 0)])
+    # 1 or 2 of the 3 rows there; the run's own 16 rows can give neither
+    assert evaluate(tmp_path / "run", data_dir=str(tmp_path / "other"))["accuracy"] in (pytest.approx(100 / 3),
+                                                                                       pytest.approx(200 / 3))
+    assert evaluate(tmp_path / "run", data_dir=str(tmp_path / "other"), eval_file=str(tmp_path / "train.tsv")) \
+        == evaluate(tmp_path / "run")

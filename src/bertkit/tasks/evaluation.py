@@ -29,6 +29,8 @@ def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneC
     values = dataclasses.asdict(saved) if saved else {"task": default_task}
     if overrides.get("eval_file") or overrides.get("data_dir"):
         values["train_articles"] = None  # new eval data replaces the run's by-article split
+    if overrides.get("data_dir"):
+        values["eval_file"] = None  # and the run's --eval-file, which would be read instead of the folder's dev file
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["model_dir"] = str(model_dir)
     config = FinetuneConfig(**values)
