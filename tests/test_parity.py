@@ -177,6 +177,24 @@ def test_qa_padding_is_masked(tmp_path):
     assert abs(a.loss.item() - expected.item()) < LOSS_ATOL
 
 
+@pytest.mark.parametrize("labels", [{"id2label": {0: "entailment", 1: "neutral", 2: "contradiction"}},
+                                    {"num_labels": 1}], ids=["mnli", "regression"])
+def test_a_span_model_started_from_a_classifier_of_other_labels_loads_in_transformers(labels, tmp_path):
+    """transformers sizes qa_outputs by num_labels, so the span model's config.json says 2 (start, end) whatever
+    the classifier it was fine-tuned from said."""
+    torch.manual_seed(0)
+    bertkit.BertForSequenceClassification(BertConfig.from_preset("tiny", vocab_size=1000, **labels)).save_pretrained(
+        tmp_path / "classifier")
+    ours = bertkit.BertForQuestionAnswering.from_pretrained(tmp_path / "classifier").eval()
+    theirs = hf_twin(ours, "BertForQuestionAnswering", tmp_path / "span")
+    ids, types, mask = batch(1000)
+    with torch.no_grad():
+        a = ours(ids, types)
+        b = theirs(input_ids=ids, token_type_ids=types)
+    assert (a.start_logits - b.start_logits).abs().max() < HIDDEN_ATOL
+    assert bertkit.BertForQuestionAnswering.from_pretrained(tmp_path / "span").config.num_labels == 2
+
+
 def test_multiple_choice(tmp_path):
     torch.manual_seed(0)
     ours = bertkit.BertForMultipleChoice(config_for("tiny")).eval()

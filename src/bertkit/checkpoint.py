@@ -367,6 +367,7 @@ def atomic_write(path: Path, write) -> None:
 
 def save_pretrained(model, directory, tokenizer=None) -> None:
     """config.json (with the transformers class in `architectures`) and model.safetensors, HF names."""
+    from bertkit.model import BertForQuestionAnswering
     from bertkit.quantize import Int8Linear
 
     if any(isinstance(m, Int8Linear) for m in model.modules()):  # its packed weights are not in the state dict
@@ -376,6 +377,12 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
+    if isinstance(model, BertForQuestionAnswering):
+        # transformers sizes qa_outputs by num_labels: a start and an end logit, whatever the labels of the folder the
+        # model was started from (a 3-label MNLI classifier, a regression) said
+        for key in ("id2label", "label2id", "problem_type"):
+            config.pop(key, None)
+        config["num_labels"] = 2
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for key in ("dtype", "torch_dtype"):  # a source folder's, which transformers would load these weights in
         if key in config:
