@@ -357,6 +357,34 @@ def test_normalizer_settings_match_transformers_both_ways(minilm_vocab, tmp_path
     assert_same_encodings([alone.encode(t) for t in texts], theirs(texts), texts)
 
 
+@pytest.mark.parametrize("layout", ["added_tokens_decoder", "added_tokens.json"])
+def test_a_slow_tokenizer_folder_keeps_its_added_tokens_as_transformers_does(minilm_vocab, tmp_path, layout):
+    """A folder that transformers' slow BertTokenizer saved (no tokenizer.json) keeps the tokens added over vocab.txt
+    in tokenizer_config.json's added_tokens_decoder or, before transformers 4.34, in added_tokens.json: a special
+    [E1], a new word, and a vocab.txt entry made special, each encoded as one token at its id."""
+    (tmp_path / "vocab.txt").write_bytes(minilm_vocab.read_bytes())
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+    if layout == "added_tokens_decoder":
+        def token(content, special):
+            return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False,
+                    "single_word": False, "special": special}
+        config["added_tokens_decoder"] = {"0": token("[PAD]", True), "1": token("[unused0]", True),
+                                          "30522": token("[E1]", True), "30523": token("newword", False)}
+    else:
+        (tmp_path / "added_tokens.json").write_text(json.dumps({"[E1]": 30522, "newword": 30523}))
+        # listed in both files, as transformers 4 wrote them; [unused0] is in vocab.txt, so not in added_tokens.json
+        config["additional_special_tokens"] = ["[E1]", "[unused0]"]
+        (tmp_path / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": ["[E1]", "[unused0]"]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    text = "a NewWord [E1] [unused0] newword"
+    ours = Tokenizer.from_pretrained(tmp_path)
+    theirs = transformers.BertTokenizerFast.from_pretrained(tmp_path)
+    assert ours.vocab_size == len(theirs) == 30524
+    assert ours.encode(text) == as_lists(theirs(text))
+    assert ours.encode("[E1] newword [unused0]")["input_ids"] == [101, 30522, 30523, 1, 102]
+    assert ours.decode(ours.encode(text)["input_ids"]) == theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True)
+
+
 def test_do_lower_case_is_read_over_a_normalizer_that_is_not_berts(uncased, tmp_path):
     """A tokenizer.json with another normalizer (here NFC) is left as it is, and tokenizer_config.json's
     do_lower_case still says whether the folder is cased, and is written back."""

@@ -113,6 +113,72 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def _listed_special_tokens(directory: Path, config: dict) -> list[str]:
+    """The special tokens a slow tokenizer's folder names, in order (BERT's, and additional_special_tokens or
+    extra_special_tokens in tokenizer_config.json or special_tokens_map.json): how transformers tells which of
+    added_tokens.json's tokens are special."""
+    special = list(SPECIAL_TOKENS)
+    map_file = directory / "special_tokens_map.json"
+    for values in (config, _read_json(map_file) if map_file.is_file() else {}):
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            tokens = values.get(key)
+            for token in tokens if isinstance(tokens, list) else []:
+                token = token.get("content") if isinstance(token, dict) else token
+                if isinstance(token, str) and token not in special:
+                    special.append(token)
+    return special
+
+
+def _saved_added_tokens(directory: Path, config: dict) -> list[tuple[int, tokenizers.AddedToken]]:
+    """The tokens a folder without tokenizer.json adds over its vocab.txt, (id, token) in id order, as transformers
+    reads them: tokenizer_config.json's added_tokens_decoder, or else (older folders) added_tokens.json, whose
+    tokens are special when the folder lists them as special tokens."""
+    decoder = config.get("added_tokens_decoder")
+    if decoder is not None:
+        source = directory / "tokenizer_config.json"
+        expected = "added_tokens_decoder: an object of token id -> {content, special, ...}"
+        if not isinstance(decoder, dict):
+            raise BertkitError(f"{where(source)}: added_tokens_decoder is {type(decoder).__name__}; expected {expected}")
+        added = []
+        for index, token in decoder.items():
+            if not (isinstance(index, str) and index.isdecimal() and isinstance(token, dict)
+                    and isinstance(token.get("content"), str)):
+                raise BertkitError(f"{where(source)}: added_tokens_decoder[{index!r}] is {token!r}; expected {expected}")
+            flags = {k: bool(token[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in token}
+            added.append((int(index), tokenizers.AddedToken(token["content"], **flags)))
+        return sorted(added, key=lambda pair: pair[0])
+    source = directory / "added_tokens.json"
+    if not source.is_file():
+        return []
+    encoder = _read_json(source)
+    special = _listed_special_tokens(directory, config)
+    added = []
+    for content, index in encoder.items():
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise BertkitError(f"{where(source)}: token {content!r} has id {index!r}; expected an integer id")
+        is_special = content in special
+        added.append((index, tokenizers.AddedToken(content, normalized=not is_special, special=is_special)))
+    return sorted(added, key=lambda pair: pair[0])
+
+
+def _add_saved_tokens(backend: tokenizers.Tokenizer, directory: Path, config: dict) -> None:
+    """Add `_saved_added_tokens` to a backend built on the folder's vocab.txt, each at the id the folder gives it,
+    then the special tokens the folder lists that are not added yet (vocab.txt entries made special)."""
+    source = directory / ("tokenizer_config.json" if "added_tokens_decoder" in config else "added_tokens.json")
+    for index, token in _saved_added_tokens(directory, config):
+        if token.special:
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
+        got = backend.token_to_id(token.content)
+        if got != index:
+            raise BertkitError(f"{where(source)}: added token {token.content!r} has id {index}, but it lands at id "
+                               f"{got} over vocab.txt; expected the ids that follow vocab.txt's tokens")
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}
+    listed = [t for t in _listed_special_tokens(directory, config) if t not in added]
+    backend.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in listed])
+
+
 def _as_text(text, what: str) -> str:
     """`text` with lone surrogates replaced by U+FFFD; a BertkitError when it is not a str at all."""
     if not isinstance(text, str):
@@ -155,7 +221,10 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             if not (directory / "vocab.txt").is_file():
                 raise BertkitError(f"{where(directory)}: expected a tokenizer folder with tokenizer.json or vocab.txt")
-            return cls.from_vocab(directory / "vocab.txt", **_normalizer_settings(config or {}))
+            settings = _normalizer_settings(config or {})
+            backend = _build_backend(_read_vocab(directory / "vocab.txt"), **settings)
+            _add_saved_tokens(backend, directory, config or {})  # a slow tokenizer's added tokens, as transformers
+            return cls(backend, settings["lowercase"])
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the Rust side raises a plain Exception for any malformed file
