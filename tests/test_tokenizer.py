@@ -385,6 +385,26 @@ def test_a_slow_tokenizer_folder_keeps_its_added_tokens_as_transformers_does(min
     assert ours.decode(ours.encode(text)["input_ids"]) == theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True)
 
 
+def test_added_special_tokens_stay_special_for_transformers_after_a_round_trip(minilm_vocab, tmp_path):
+    """Special tokens added in transformers ([E1], [E2]) are still special tokens to transformers once bertkit has
+    saved the tokenizer: get_special_tokens_mask (which keeps DataCollatorForLanguageModeling from masking them)
+    flags them, from tokenizer.json and from vocab.txt + tokenizer_config.json alone."""
+    theirs = transformers.BertTokenizerFast.from_pretrained(minilm_vocab.parent)
+    theirs.add_special_tokens({"additional_special_tokens": ["[E1]", "[E2]"]})
+    theirs.save_pretrained(tmp_path / "hf")
+    Tokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "ours")
+    text = "the [E1] cat [E2] sat"
+    expected = theirs(text)["input_ids"]
+    assert theirs.get_special_tokens_mask(expected, already_has_special_tokens=True) == [1, 0, 1, 0, 1, 0, 1]
+    for alone in (False, True):
+        if alone:
+            (tmp_path / "ours" / "tokenizer.json").unlink()
+        again = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+        ids = again(text)["input_ids"]
+        assert ids == expected == Tokenizer.from_pretrained(tmp_path / "ours").encode(text)["input_ids"]
+        assert again.get_special_tokens_mask(ids, already_has_special_tokens=True) == [1, 0, 1, 0, 1, 0, 1]
+
+
 def test_do_lower_case_is_read_over_a_normalizer_that_is_not_berts(uncased, tmp_path):
     """A tokenizer.json with another normalizer (here NFC) is left as it is, and tokenizer_config.json's
     do_lower_case still says whether the folder is cased, and is written back."""

@@ -257,6 +257,12 @@ class Tokenizer:
         special_tokens = {
             "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"
         }
+        # special tokens added over BERT's five (an entity marker [E1], say): without this list transformers treats
+        # them as ordinary tokens (get_special_tokens_mask, so DataCollatorForLanguageModeling masks them)
+        extra = [token.content for _, token in sorted(self.backend.get_added_tokens_decoder().items())
+                 if token.special and token.content not in SPECIAL_TOKENS]
+        if extra:
+            special_tokens["additional_special_tokens"] = extra
         normalizer = self.backend.normalizer
         bert = isinstance(normalizer, normalizers.BertNormalizer)
         config = {
