@@ -254,6 +254,16 @@ def test_custom_errors(tmp_path):
 # --- Hugging Face and submissions ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name, content", [("train.csv", "text,label\ngood,pos\nbad,\nok,neg\n"),
+                                           ("train.tsv", "text\tlabel\ngood\tpos\nbad\t \nok\tneg\n"),
+                                           ("train.jsonl", '{"text": "good", "label": "pos"}\n{"text": "bad", "label": ""}\n')])
+def test_custom_empty_label_is_refused_not_made_a_class(tmp_path, name, content):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(BertkitError, match=f"{name}:3: column 'label' is empty; expected a label"
+                       if name != "train.jsonl" else "train.jsonl:2: column 'label' is empty"):
+        read_custom(tmp_path / name, "text", "label")
+
+
 def test_load_hf_glue_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(BertkitError, match="pip install datasets"):

@@ -330,6 +330,8 @@ def read_custom(
         if label is not None:
             raw = record[label] if isinstance(record[label], bool) else _text(record[label], path, line, label)
             raw = str(raw)
+            if not raw.strip():  # else an unlabelled row would become a class of its own, named ''
+                raise BertkitError(f"{where(path, line)}: column {label!r} is empty; expected a label")
             value = _float_label(raw, path, line) if is_regression else _label_index(raw, label_list, path, line)
         b = _text(record[text_b], path, line, text_b) if text_b is not None else None
         examples.append(TextExample(f"{path.stem}-{line}", _text(record[text_a], path, line, text_a), b, value, line))
