@@ -96,6 +96,15 @@ def test_a_file_undecided_at_the_sniff_bound_is_read_as_docs_with_a_warning_nami
     ]
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("name", ["a.jsonl", "a.txt"])
+def test_a_byte_order_mark_loses_no_json_lines_document_and_leaves_detection_alone(tmp_path, name, compress):
+    path = write(tmp_path / name, "\ufeff" + JSONL_TEXT, compress)
+    documents, skips = read(path, text_field="body")
+    assert detect_format(path) == "jsonl"
+    assert documents == BERT_DOCS and skips.total == 0
+
+
 def test_split_sentences_rules():
     text = (
         'It works. Dr. Smith, e.g. here, met J. R. Tolkien in the U.S. Army! "Quoted." Version 3.11. '

@@ -206,8 +206,9 @@ def detect_format(path: Path) -> str:
                 break  # a corrupt gzip stream: decided on what came before; the reader counts the rest as skipped
             if not line:
                 break
+            text = line.decode("utf-8", errors="replace")
+            text = (text.removeprefix("\ufeff") if seen == 0 else text).strip()
             seen += len(line)
-            text = line.decode("utf-8", errors="replace").strip()
             if text and state == "start" and text.startswith("{"):
                 return "jsonl"
             if text and state == "blank after text":
@@ -269,6 +270,8 @@ class FileReader:
                 except UnicodeDecodeError:
                     self.skips.add("invalid UTF-8", self.path, number)
                     continue
+                if number == 1:  # the byte-order mark Windows editors write: not text, and not JSON
+                    text = text.removeprefix("\ufeff")
                 if len(text) > max_chars:
                     self.skips.add("over-long line", self.path, number)
                     continue
