@@ -195,8 +195,11 @@ def test_malformed_glue_files(tmp_path):
         read_glue_file("rte", tmp_path / "other.tsv")
     latin1 = "index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n".encode("latin-1")
     (tmp_path / "latin1.tsv").write_bytes(latin1)
-    with pytest.raises(BertkitError, match="latin1.tsv: not UTF-8 text"):
+    with pytest.raises(BertkitError, match=r"latin1.tsv:2: not UTF-8 text \(byte 6 of the line\); expected UTF-8"):
         read_glue_file("rte", tmp_path / "latin1.tsv")
+    (tmp_path / "latin1.csv").write_bytes("text,label\ngood,pos\nbad,neg\n".encode() + "caf\xe9,neg\n".encode("latin-1"))
+    with pytest.raises(BertkitError, match=r"latin1.csv:4: not UTF-8 text \(byte 4 of the line\)"):
+        read_custom(tmp_path / "latin1.csv", "text", "label")
     write(tmp_path / "qqp.tsv", tsv(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), (1, 2, "a")))
     with pytest.raises(BertkitError, match="qqp.tsv: all 1 rows are broken .expected 6 columns"):
         read_glue_file("qqp", tmp_path / "qqp.tsv")

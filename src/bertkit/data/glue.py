@@ -117,7 +117,7 @@ def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
             except csv.Error as e:
                 raise BertkitError(f"{where(path, reader.line_num)}: {e}") from None
             except UnicodeDecodeError:
-                raise BertkitError(f"{path}: not UTF-8 text (expected UTF-8)") from None
+                raise BertkitError(_not_utf8(path)) from None
     except OSError as e:
         raise BertkitError(f"{path}: cannot read ({e.strerror or e})") from None
     if not rows:
@@ -125,6 +125,17 @@ def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
     first = rows[0][1]
     first[0] = first[0].removeprefix(_MOJIBAKE_BOM).removeprefix("\ufeff")
     return rows
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a file that failed to decode stops being UTF-8: the csv reader's error says neither line nor byte."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{where(path, number)}: not UTF-8 text (byte {e.start + 1} of the line); expected UTF-8"
+    return f"{path}: not UTF-8 text; expected UTF-8"
 
 
 def _label_index(value: str, labels: Sequence[str], path: Path, line: int) -> int:
