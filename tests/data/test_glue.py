@@ -174,6 +174,13 @@ def test_real_microsoft_mrpc_files(name, rows, paraphrases):
 def test_malformed_glue_files(tmp_path):
     with pytest.raises(BertkitError, match="train.tsv: file not found"):
         read_glue("rte", tmp_path, "train")
+    (tmp_path / "dev.tsv").mkdir()
+    with pytest.raises(BertkitError, match="dev.tsv: a folder, not a file; expected a tab- or comma-separated file"):
+        read_glue("rte", tmp_path, "dev")
+    for name in ("folder.csv", "folder.jsonl", "folder"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(BertkitError, match=f"{name}: a folder, not a file; expected a"):
+            read_custom(tmp_path / name, "text", "label")
     (tmp_path / "empty.tsv").write_text("")
     with pytest.raises(BertkitError, match="empty.tsv: file is empty"):
         read_glue_file("rte", tmp_path / "empty.tsv")

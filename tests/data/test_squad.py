@@ -112,6 +112,9 @@ def test_malformed_files(tmp_path):
         read_squad(tmp_path / "list.json")
     with pytest.raises(BertkitError, match="nothing.json: file not found"):
         read_squad(tmp_path / "nothing.json")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(BertkitError, match="folder.json: a folder, not a file; expected a SQuAD JSON file"):
+        read_squad(tmp_path / "folder.json")
     data = {"data": [{"title": "x", "paragraphs": [{"context": "c", "qas": [
         {"id": "q", "question": "?", "answers": [], "is_impossible": True}] * 2}]}]}
     (tmp_path / "twice.json").write_text(json.dumps(data))

@@ -108,7 +108,7 @@ _MOJIBAKE_BOM = "\u00ef\u00bb\u00bf"
 def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
     """All rows with their line numbers, without the byte-order mark spreadsheets and MRPC put in front."""
     if not path.is_file():
-        raise BertkitError(f"{path}: file not found")
+        raise BertkitError(_missing(path, "a tab- or comma-separated file with a header row"))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
@@ -136,6 +136,11 @@ def _not_utf8(path: Path) -> str:
             except UnicodeDecodeError as e:
                 return f"{where(path, number)}: not UTF-8 text (byte {e.start + 1} of the line); expected UTF-8"
     return f"{path}: not UTF-8 text; expected UTF-8"
+
+
+def _missing(path: Path, expected: str) -> str:
+    """Why `path` is not a file to read: a folder given where its file was meant, or nothing there."""
+    return f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}; expected {expected}"
 
 
 def _label_index(value: str, labels: Sequence[str], path: Path, line: int) -> int:
@@ -239,6 +244,8 @@ def _infer_labels(values: list[str]) -> list[str]:
 def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise BertkitError(_missing(path, "a .csv, .tsv or .jsonl file"))
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix not in (".csv", ".tsv"):
@@ -264,7 +271,7 @@ MAX_JSONL_LINE_BYTES = 10_000_000
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
     """(line, object) per non-blank line of a JSON lines file, read a bounded line at a time."""
     if not path.is_file():
-        raise BertkitError(f"{path}: file not found")
+        raise BertkitError(_missing(path, "a JSON lines file, one object per line"))
     records = []
     try:
         with open(path, "rb") as f:

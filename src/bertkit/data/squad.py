@@ -67,7 +67,8 @@ def _field(obj: Any, key: str, kind: type, place: str) -> Any:
 def _load_json(path: Path) -> list[Any]:
     """The `data` list of a SQuAD file."""
     if not path.is_file():
-        raise BertkitError(f"{path}: file not found")
+        what = "a folder, not a file" if path.is_dir() else "file not found"
+        raise BertkitError(f"{path}: {what}; expected a SQuAD JSON file ({{'version': ..., 'data': [...]}})")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
