@@ -150,6 +150,23 @@ def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
     assert predict(tmp_path / "run", ["great fun"])[0]["label"] in ("bad", "good", "meh")
 
 
+def test_evaluate_from_another_folder_scores_the_runs_own_relative_files(toy_model_dir, tmp_path, monkeypatch):
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    rows = [("a good film", "good"), ("bad movie", "bad"), ("great fun", "good"), ("very boring", "bad")] * 4
+    (here / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    (here / "dev.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:4]))
+    (elsewhere / "dev.csv").write_text("text,label\nthe,good\n")  # a namesake that is not the run's data
+    monkeypatch.chdir(here)
+    record = finetune(quick(toy_model_dir, tmp_path / "run", task="custom", train_file="train.csv",
+                            eval_file="dev.csv", text_a="text", epochs=1))
+    monkeypatch.chdir(elsewhere)
+    metrics = evaluate(tmp_path / "run")
+    assert record["eval_examples"] == 4 and metrics["accuracy"] == pytest.approx(record["best"]["accuracy"])
+    saved = json.loads((tmp_path / "run" / "finetune_config.json").read_text())
+    assert saved["eval_file"] == str(here / "dev.csv")
+
+
 def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
     data = tmp_path / "SST-2"
     data.mkdir()

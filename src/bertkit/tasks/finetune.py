@@ -184,7 +184,11 @@ class FinetuneConfig:
                                "over, --resume continues)")
 
     def save(self, directory: Path) -> None:
-        write_json(directory / CONFIG_FILE, dataclasses.asdict(self))
+        values = dataclasses.asdict(self)
+        for name in PATH_FIELDS:  # `evaluate RUN` from another folder reads the run's data, not a namesake there
+            if values.get(name):
+                values[name] = str(Path(values[name]).resolve())
+        write_json(directory / CONFIG_FILE, values)
 
     @classmethod
     def load(cls, directory: str | Path) -> FinetuneConfig | None:
