@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "perplexity",
         help="held-out masked-LM loss and perplexity of a model folder at a length, and of the same text in pieces",
         description="Score MODEL_DIR's masked-LM head on the held-out split of a prepared corpus at --max-length "
-        "(the paper's masking, 15%%, drawn from --seed, so models and lengths are scored on the same tokens), and "
+        "(the paper's masking, 15%, drawn from --seed, so models and lengths are scored on the same tokens), and "
         "with --pieces P on the same examples cut into P-token pieces with the same masked tokens: what the longer "
         "context buys a model extended with `bertkit extend`.",
     )

@@ -766,3 +766,13 @@ def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained
         sst2_by_step.main([*argv, "--beside", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match=r"no checkpoint at step \[75\]; it has \[70, 80\]"):
         sst2_by_step.main([*argv[:2], "75", *argv[4:]])
+
+
+def test_every_commands_help_prints_percent_signs_once(capsys):
+    # argparse %-formats a flag's help but prints a command's description as written: "%%" there shows as "%%"
+    from bertkit.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        assert "%%" not in sub.format_help(), name
