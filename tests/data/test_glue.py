@@ -274,6 +274,14 @@ def test_custom_empty_label_is_refused_not_made_a_class(tmp_path, name, content)
         read_custom(tmp_path / name, "text", "label")
 
 
+@pytest.mark.parametrize("name, sep", [("long.csv", ","), ("long.tsv", "\t")])
+def test_custom_csv_tsv_take_a_document_as_long_as_a_jsonl_line_may_be(tmp_path, name, sep):
+    document = "word " * 40_000  # 200,000 characters: past csv's default field limit of 131,072
+    (tmp_path / name).write_text(f"text{sep}label\n{document}{sep}pos\nbad{sep}neg\n", encoding="utf-8")
+    examples, labels = read_custom(tmp_path / name, "text", "label")
+    assert [len(e.text_a) for e in examples] == [len(document), 3] and labels == ["neg", "pos"]
+
+
 def test_load_hf_glue_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(BertkitError, match="pip install datasets"):

@@ -109,6 +109,8 @@ def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
     """All rows with their line numbers, without the byte-order mark spreadsheets and MRPC put in front."""
     if not path.is_file():
         raise BertkitError(_missing(path, "a tab- or comma-separated file with a header row"))
+    # csv's own limit, 131,072 characters a field, refuses a long document that a .jsonl file may hold
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_JSONL_LINE_BYTES))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
