@@ -776,3 +776,12 @@ def test_every_commands_help_prints_percent_signs_once(capsys):
     commands = parser._subparsers._group_actions[0].choices
     for name, sub in commands.items():
         assert "%%" not in sub.format_help(), name
+
+
+def test_a_mistyped_model_preset_is_named_before_a_vocabulary_is_trained(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("One sentence here.\nAnother one.\n\nA second document.\nIts end.\n")
+    assert cli_main(["pretrain", "--model", "bse", "--corpus", str(tmp_path / "corpus.txt"), "--vocab-size", "100",
+                     "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--model bse: neither a preset nor a file; expected one of tiny, mini, small, medium, base, large" in err
+    assert not (tmp_path / "run" / "tokenizer").exists()

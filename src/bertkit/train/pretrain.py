@@ -569,6 +569,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
+    if cfg.model_dir is None and cfg.model not in PRESETS:  # said now, not after a vocabulary is trained for it
+        if not Path(cfg.model).exists():
+            raise BertkitError(f"--model {cfg.model}: neither a preset nor a file; expected one of "
+                               f"{', '.join(PRESETS)} or the path of a config.json")
+        BertConfig.load(cfg.model)
     run_dir = Path(cfg.out_dir)
     held: list[RunLock] = []
 
