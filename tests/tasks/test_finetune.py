@@ -167,6 +167,22 @@ def test_evaluate_from_another_folder_scores_the_runs_own_relative_files(toy_mod
     assert saved["eval_file"] == str(here / "dev.csv")
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_out_dir_holding_the_runs_own_data_files_is_refused_before_it_deletes_them(toy_model_dir, tmp_path,
+                                                                                      overwrite):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "text,label\n" + "a good film,good\nbad movie,bad\n" * 4
+    (data / "train.csv").write_text(rows)
+    (data / "eval.csv").write_text(rows)
+    config = quick(toy_model_dir, data, task="custom", train_file=str(data / "train.csv"),
+                   eval_file=str(data / "eval.csv"), text_a="text", epochs=1, overwrite=overwrite)
+    with pytest.raises(BertkitError, match="--train-file .*train.csv is in --out-dir .* the run would delete its own "
+                                           "input; expected an --out-dir apart from the data"):
+        finetune(config)
+    assert (data / "train.csv").read_text() == rows and (data / "eval.csv").read_text() == rows
+
+
 def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
     data = tmp_path / "SST-2"
     data.mkdir()

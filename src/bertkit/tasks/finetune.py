@@ -299,6 +299,12 @@ def check_out_dir(config: FinetuneConfig, out: Path) -> None:
     folder holding another run or model (unless --overwrite), or an interrupted run's checkpoints without
     --resume."""
     check_output_path(out, "--out-dir", {"--model-dir": config.model_dir})
+    for flag, name in (("--train-file", config.train_file), ("--eval-file", config.eval_file),
+                       ("--test-file", config.test_file)):
+        # a custom train.csv or eval.csv beside the run is the name of the run's own log: deleted and rewritten
+        if name and Path(name).name in WRITTEN and Path(name).resolve().parent == out.resolve():
+            raise BertkitError(f"{flag} {name} is in --out-dir {out} under a name the run writes there: the run would "
+                               "delete its own input; expected an --out-dir apart from the data")
     if config.overwrite:
         return
     found = entries(out)
