@@ -57,7 +57,8 @@ class ExportConfig:
     model_dir: str = option("", "the model folder to export (a fine-tuned classifier, regressor or QA model, or a "
                             "bare encoder)")
     out: str = option("", "folder to write model.onnx, model.int8.onnx, export.json and the tokenizer files to")
-    int8: bool = option(True, "also write model.int8.onnx, ONNX Runtime's dynamic int8 quantization of the graph")
+    int8: bool = option(True, "also write model.int8.onnx, ONNX Runtime's dynamic int8 quantization of the graph "
+                        "(default: on; --no-int8 skips it)")
     opset: int = option(17, "ONNX opset version")
     tolerance: float = option(1e-4, "the float32 check: every ONNX Runtime output within tolerance * (1 + |bertkit's|) "
                               "of bertkit's, on the check batches")

@@ -785,3 +785,15 @@ def test_a_mistyped_model_preset_is_named_before_a_vocabulary_is_trained(tmp_pat
     err = capsys.readouterr().err
     assert "--model bse: neither a preset nor a file; expected one of tiny, mini, small, medium, base, large" in err
     assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_a_switch_that_is_on_by_default_says_so_in_its_help():
+    # argparse shows no default for --x/--no-x switches: one that is on unless --no-x reads as off without this
+    import argparse
+
+    from bertkit.cli import build_parser
+
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse.BooleanOptionalAction) and action.default:
+                assert "default: on" in action.help, (name, action.option_strings)
