@@ -126,6 +126,17 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
         export(ExportConfig(model_dir=str(tmp_path / "windowed"), out=str(tmp_path / "o")))
 
 
+def test_export_refuses_a_bilstm_model_before_writing(tmp_path):
+    """`finetune --bilstm` makes such a classifier; torch.onnx failed on its LSTM with a RuntimeError traceback."""
+    (tmp_path / "m").mkdir()
+    tokenizer = tokenizer_in(tmp_path / "m")
+    config = tiny_config(tokenizer.vocab_size, bilstm=True)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    with pytest.raises(BertkitError, match="bilstm true .*expected a model without one to export"):
+        export(ExportConfig(model_dir=str(tmp_path / "m"), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):
     """The check is real: a graph traced from other weights than the folder's is refused."""
     import bertkit.export as export_module

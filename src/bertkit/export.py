@@ -153,6 +153,9 @@ def load_exportable(directory: Path):
     if config.attention_window:  # its masks depend on the batch's global tokens in ways a trace would freeze
         raise BertkitError(f"{directory}/config.json: attention_window {config.attention_window}; expected a model "
                            "with full attention to export (windowed attention runs in bertkit only)")
+    if config.bilstm:  # the exporter cannot trace the packed sequences of an LSTM (a RuntimeError deep in torch.onnx)
+        raise BertkitError(f"{directory}/config.json: bilstm true (a BiLSTM between the encoder and the head); "
+                           "expected a model without one to export (the BiLSTM runs in bertkit only)")
     names = config.extra.get("architectures") or ["BertModel"]
     classes = {cls.__name__: cls for cls in OUTPUTS}
     cls = next((classes[n] for n in names if n in classes), None)
