@@ -97,6 +97,14 @@ def test_export_without_int8(tmp_path):
     assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["model_max_length"] == 128
 
 
+def test_export_without_int8_removes_an_earlier_int8_graph(tmp_path):
+    """Exporting another model into the same --out with --no-int8 left the first model's model.int8.onnx there."""
+    export(ExportConfig(model_dir=save_tiny(tmp_path / "classifier"), out=str(tmp_path / "o")))
+    assert (tmp_path / "o" / "model.int8.onnx").exists()
+    export(ExportConfig(model_dir=save_tiny(tmp_path / "regressor", num_labels=1), out=str(tmp_path / "o"), int8=False))
+    assert not (tmp_path / "o" / "model.int8.onnx").exists()
+
+
 def test_export_of_a_model_with_one_segment_embedding(tmp_path):
     """type_vocab_size 1 (no sentence B): the check runs single texts only, instead of indexing past the table."""
     (tmp_path / "m").mkdir()

@@ -94,6 +94,8 @@ def export(config: ExportConfig) -> dict:
         raise BertkitError(f"{out}: cannot create the folder ({e.strerror or e}); expected a writable --out") from None
 
     start = time.perf_counter()
+    # an earlier export's int8 graph must not stay beside this one's float32 graph (--no-int8 writes none)
+    (out / INT8_FILE).unlink(missing_ok=True)
     trace(model, outputs, batches[0], out / FP32_FILE, config.opset)
     report = {
         "source": str(source),
