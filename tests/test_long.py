@@ -237,7 +237,7 @@ def test_transformers_loads_an_extended_folder(tmp_path):
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_extend_refuses_bad_requests(tmp_path):
+def test_extend_refuses_bad_requests(tmp_path, monkeypatch):
     source = save_tiny(tmp_path / "model")
     with pytest.raises(BertkitError, match="expected more than the model's 128 positions"):
         extend(ExtendConfig(model_dir=source, out=str(tmp_path / "a"), max_length=128))
@@ -250,6 +250,13 @@ def test_extend_refuses_bad_requests(tmp_path):
     with pytest.raises(BertkitError, match="even number"):
         extend(ExtendConfig(model_dir=source, out=str(tmp_path / "b"), max_length=512, attention_window=7))
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    # a length whose table is past any BERT's size is refused as config.json would be, not allocated (128 GB here)
+    def allocate(*args):
+        raise AssertionError("the position table was allocated before the length was checked")
+
+    monkeypatch.setattr("bertkit.extend.extend_positions", allocate)
+    with pytest.raises(BertkitError, match="--max-length 1000000000: .* expected at most 10B"):
+        extend(ExtendConfig(model_dir=source, out=str(tmp_path / "c"), max_length=10**9))
 
 
 def test_extend_command(tmp_path, capsys):

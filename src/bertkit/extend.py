@@ -17,6 +17,7 @@ The weights of everything else are unchanged; config.json records `max_position_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,11 @@ def extend(config: ExtendConfig) -> dict:
                            "number of tokens")
     if config.attention_window and model_config.is_decoder:
         raise BertkitError(f"{source}: a left-to-right model (is_decoder); expected --attention-window 0 for it")
+
+    try:  # the extended config checked as config.json is, before the new table is allocated
+        dataclasses.replace(model_config, max_position_embeddings=config.max_length)
+    except BertkitError as e:
+        raise BertkitError(f"--max-length {config.max_length}: {e}") from None
 
     state = read_state_dict(source)
     keys = [k for k in state if k.endswith(POSITIONS)]
