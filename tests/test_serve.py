@@ -194,6 +194,20 @@ def test_qa_requests_are_checked(folders):
     assert "inputs.id is an array" in responses[2].json()["error"]
 
 
+def test_a_question_that_leaves_no_room_for_context_is_refused_alone(folders):
+    """Served at a short --max-length, a long question failed the whole batch: every client sharing it got 500."""
+    long_question = " ".join(WORDS[:30])
+
+    async def test(client, app):
+        return await asyncio.gather(
+            client.post("/predict", json={"inputs": {"question": "who", "context": "the company signed"}}),
+            client.post("/predict", json={"inputs": {"question": long_question, "context": "the company"}}))
+
+    good, bad = served(folders["qa"], test, max_length=24, max_wait_ms=2000)
+    assert good.status_code == 200 and "answer" in good.json()["predictions"][0]
+    assert bad.status_code == 422 and "leaves no room for the context" in bad.json()["error"]
+
+
 def test_a_pair_for_a_model_with_one_segment_embedding_is_refused_with_422(tmp_path):
     """Refused on arrival, so it cannot fail the batch it would share with other clients' single texts."""
     from bertkit import BertForSequenceClassification, BertkitError

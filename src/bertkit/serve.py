@@ -170,6 +170,12 @@ class Predictor:
             _only_fields(item, ("question", "context", "id"), where)
             question = self._text(item, "question", where)
             context = self._text(item, "context", where)
+            # refused here, not in the batch, where it would fail every other client's input with it (500)
+            query = min(len(self.tokenizer.tokenize(question)), self.config.max_query_length)
+            if query + 3 >= self.config.max_length:  # [CLS] question [SEP] context [SEP]
+                raise RequestError(422, f"{where}.question has {query} tokens (at most {self.config.max_query_length} "
+                                        f"are read); max_length {self.config.max_length} leaves no room for the "
+                                        "context after it; expected a shorter question")
             qid = item.get("id")
             if qid is not None and not isinstance(qid, (str, int)) or isinstance(qid, bool):
                 raise RequestError(422, f"{where}.id is {_json_type(qid)}; expected a string or an integer")
