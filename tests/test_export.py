@@ -127,6 +127,9 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
         export(ExportConfig(model_dir=classifier, out=str(tmp_path / "file")))
     with pytest.raises(BertkitError, match="--opset is 9; expected 14 or more"):
         export(ExportConfig(model_dir=classifier, out=str(tmp_path / "o"), opset=9))
+    with pytest.raises(BertkitError, match="--opset is 99; expected 14 or more .*and at most"):  # was a RuntimeError
+        export(ExportConfig(model_dir=classifier, out=str(tmp_path / "o"), opset=99))
+    assert not (tmp_path / "o").exists()
     from bertkit.extend import ExtendConfig, extend
 
     extend(ExtendConfig(model_dir=classifier, out=str(tmp_path / "windowed"), max_length=256, attention_window=32))

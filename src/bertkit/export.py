@@ -74,8 +74,11 @@ def export(config: ExportConfig) -> dict:
     source = model_folder(config.model_dir)
     if not config.out:
         raise BertkitError("no output folder; expected --out DIR for the ONNX files")
-    if config.opset < 14:
-        raise BertkitError(f"--opset is {config.opset}; expected 14 or more (LayerNormalization, Trilu)")
+    highest = _highest_opset()
+    if config.opset < 14 or (highest is not None and config.opset > highest):
+        raise BertkitError(f"--opset is {config.opset}; expected 14 or more (LayerNormalization, Trilu)"
+                           + (f" and at most {highest}, the newest this torch {torch.__version__} exports" if highest
+                              else ""))
     for name in ("tolerance", "int8_tolerance"):
         value = getattr(config, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -147,6 +150,15 @@ def _require_onnx():
         raise BertkitError(f"ONNX export needs the onnx extra ({e.name} is not installed); expected "
                            "`pip install 'bertkit[onnx]'` (onnx and onnxruntime)") from None
     return onnxruntime
+
+
+def _highest_opset() -> int | None:
+    """The newest opset torch.onnx can write (torch.onnx.export fails on a later one with a RuntimeError)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a private module: if a torch release moves it, the exporter's own error stands
+        return None
+    return ONNX_MAX_OPSET
 
 
 def load_exportable(directory: Path):
