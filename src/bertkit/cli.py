@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="give a model folder more positions (inputs longer than 512) and windowed attention",
         description="Write a copy of MODEL_DIR with --max-length learned positions, filled from the trained ones "
         "(--method copy: position p takes trained position p mod 512, so inputs of up to 512 tokens keep their "
-        "outputs; interpolate: the trained table stretched), and with --attention-window: each token attends to "
+        "outputs with --attention-window 0, and with a window those of up to half the window + 1 tokens, 257 at "
+        "the default 512; interpolate: the trained table stretched), and with --attention-window: each token attends to "
         "half the window on each side plus the global tokens ([CLS]; for QA the question), so time and memory "
         "grow linearly with the length. config.json records what was done; transformers still loads the folder "
         "(as an ordinary BERT, with full attention). Continue pretraining it at the new length with "
