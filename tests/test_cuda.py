@@ -204,6 +204,19 @@ def test_windowed_attention_on_cuda_matches_the_cpu(dtype):
     torch.testing.assert_close(got.float().cpu() * real, want * real, rtol=tolerance, atol=tolerance)
 
 
+def test_windowed_model_on_cuda_without_an_attention_mask():
+    """model(input_ids) with no mask: the window masks are made on the input's device (they were made on the CPU,
+    and SDPA refused them beside CUDA queries)."""
+    torch.manual_seed(0)
+    model = bertkit.BertModel(BertConfig.from_preset("tiny", vocab_size=1000, max_position_embeddings=512,
+                                                     attention_window=64)).eval()
+    ids = torch.randint(5, 1000, (2, 300))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        got = model.to(CUDA)(ids.to(CUDA)).last_hidden_state
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 def _loss_and_grads(model, inputs, **kernels):
     from bertkit.model import Kernels, set_kernels
 

@@ -165,6 +165,27 @@ def test_only_global_tokens_see_far_tokens_in_one_layer():
     assert ((a - b).abs().amax(-1) > 1e-6).nonzero().flatten().tolist() == [0, 5, 27, 28, 29, 30, 31, 32, 33]
 
 
+def test_window_masks_are_built_on_the_inputs_device(monkeypatch):
+    """Without an attention mask the windows were built from a mask made on the CPU: a windowed model on CUDA
+    called as model(input_ids) failed with a device mismatch. The meta device stands in for CUDA here (its
+    tensors cannot be read, so the masks are only looked at, not built)."""
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    class Spy:
+        def __init__(self, keep, global_mask, radius):
+            seen.append(keep.device)
+            raise Seen  # stop before the masks are computed
+
+    monkeypatch.setattr("bertkit.model.LocalWindows", Spy)
+    model = BertModel(tiny_config(attention_window=8, max_position_embeddings=64)).to("meta").eval()
+    with torch.no_grad(), pytest.raises(Seen):
+        model(torch.zeros(2, 40, dtype=torch.long, device="meta"))
+    assert seen == [torch.device("meta")]
+
+
 def test_windowed_training_step_runs_with_dropout():
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_config(attention_window=8, max_position_embeddings=64)).train()

@@ -117,7 +117,7 @@ class Layout:
 
     def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool = False,
                  window: int = 0, global_mask: torch.Tensor | None = None, kernels: Kernels | None = None,
-                 width: int = 0):
+                 width: int = 0, device: torch.device | None = None):
         kernels = kernels or Kernels()
         self.batch, self.length = batch, length
         self.indices = None  # flat indices into B*T of the real tokens in row-major order, then any filler rows
@@ -136,8 +136,8 @@ class Layout:
                 self.indices = with_filler_rows(keep, self.indices, kernels.pack_multiple)
         self.windows = None  # LocalWindows when attention is windowed and the window does not cover the input
         if window and length > window // 2 + 1:
-            if keep is None:
-                keep = torch.ones(batch, length, dtype=torch.bool)
+            if keep is None:  # on the input's device: the window masks are built from it
+                keep = torch.ones(batch, length, dtype=torch.bool, device=device)
             self.windows = LocalWindows(keep, global_mask, window // 2)
         if self.indices is not None and self.windows is None:
             if kernels.attention == "varlen":
@@ -549,7 +549,8 @@ class BertModel(BertPreTrainedModel):
         # (T,) or (1, T) given for the whole batch, as transformers takes them; the packed rows need (B, T)
         token_type_ids, position_ids = token_type_ids.expand(B, T), position_ids.expand(B, T)
         layout = Layout(attention_mask, B, T, causal=self.config.is_decoder, window=self.config.attention_window,
-                        global_mask=global_attention_mask, kernels=self.kernels, width=self.config.hidden_size)
+                        global_mask=global_attention_mask, kernels=self.kernels, width=self.config.hidden_size,
+                        device=input_ids.device)
         x = self.embeddings(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.unpad(position_ids))
         return self.encoder(x, layout), layout
 
