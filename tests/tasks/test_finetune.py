@@ -202,6 +202,27 @@ def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
     assert [line.split("\t")[0] for line in submission[1:]] == ["0", "1", "2"]
 
 
+def test_mnli_writes_the_diagnostic_ax_file_from_glues_diagnostic_folder(toy_model_dir, tmp_path):
+    """GLUE's leaderboard takes AX.tsv beside MNLI-m.tsv and MNLI-mm.tsv: the MNLI model's predictions on
+    glue_data/diagnostic/diagnostic.tsv (index, sentence1, sentence2), which nothing read before."""
+    data, diagnostic = tmp_path / "MNLI", tmp_path / "diagnostic"
+    data.mkdir(), diagnostic.mkdir()
+    pairs = [("a man sleeps", "a person rests", "entailment"), ("a man sleeps", "a man runs", "contradiction"),
+             ("a dog barks", "it is loud", "neutral")] * 6
+    header = ("index", "sentence1", "sentence2", "gold_label")
+    tsv(data / "train.tsv", header, *[(i, *p) for i, p in enumerate(pairs)])
+    for split in ("dev_matched", "dev_mismatched"):
+        tsv(data / f"{split}.tsv", header, *[(i, *p) for i, p in enumerate(pairs[:3])])
+    for split in ("test_matched", "test_mismatched"):
+        tsv(data / f"{split}.tsv", header[:3], (0, "a cat sits", "a cat is seated"))
+    tsv(diagnostic / "diagnostic.tsv", header[:3], *[(i, "the cat sat", "a cat sat") for i in range(5)])
+    record = finetune(quick(toy_model_dir, tmp_path / "run", task="mnli", data_dir=str(data), predict=True, epochs=1))
+    assert sorted(Path(p).name for p in record["submissions"]) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv"]
+    rows = (tmp_path / "run" / "AX.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3", "4"]
+    assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "neutral", "contradiction"}
+
+
 def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path):
     result = glue(GlueConfig(model_dir=str(tiny_model_dir), tasks=["SST-2", "RTE"], data_dir=str(data_path("glue")),
                              out_dir=str(tmp_path), lrs=[1e-3, 1e-4], batch_size=16, epochs=1,

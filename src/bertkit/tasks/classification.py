@@ -136,6 +136,12 @@ def _glue_files(spec, config) -> tuple[Path | None, dict[str, Path], dict[str, P
     if spec.name == "MRPC" and folder and "train" not in found and (folder / MSR_TRAIN).is_file():
         # Microsoft's release instead of GLUE's split: train on its train file, score on its test file
         found = {"train": folder / MSR_TRAIN, "dev": folder / MSR_TEST}
+    if "diagnostic" in spec.submissions and folder:
+        # AX, scored with the MNLI model: GLUE's download keeps it in a folder of its own beside MNLI's
+        for path in (folder / "diagnostic.tsv", folder.parent / "diagnostic" / "diagnostic.tsv"):
+            if path.is_file():
+                found["diagnostic"] = path
+                break
     train = Path(config.train_file) if config.train_file else found.get("train")
     if config.eval_file:
         evals = {"dev": Path(config.eval_file)}
