@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,33 @@ def test_mnli_writes_the_diagnostic_ax_file_from_glues_diagnostic_folder(toy_mod
     rows = (tmp_path / "run" / "AX.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3", "4"]
     assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "neutral", "contradiction"}
+
+
+def test_a_folder_naming_the_task_labels_in_another_order_is_scored_by_name(toy_model_dir, tmp_path):
+    """A transformers RTE/MNLI model may list its labels in another order (not_entailment first): scored by index,
+    every class was swapped; evaluate reads the classifier's rows by label name."""
+    from safetensors.torch import load_file, save_file
+
+    data = tmp_path / "RTE"
+    data.mkdir()
+    pairs = [("a man sleeps", "a person rests", "entailment"), ("a man sleeps", "a man runs", "not_entailment"),
+             ("a dog barks", "it is loud", "entailment"), ("a cat sits", "the cat flies", "not_entailment")] * 4
+    header = ("index", "sentence1", "sentence2", "label")
+    tsv(data / "train.tsv", header, *[(i, *p) for i, p in enumerate(pairs)])
+    tsv(data / "dev.tsv", header, *[(i, *p) for i, p in enumerate(pairs[:3])])
+    finetune(quick(toy_model_dir, tmp_path / "run", task="rte", data_dir=str(data), epochs=1))
+    expected = evaluate(tmp_path / "run")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tmp_path / "run", swapped)
+    config = json.loads((swapped / "config.json").read_text())
+    config["id2label"] = {"0": "not_entailment", "1": "entailment"}
+    config["label2id"] = {"not_entailment": 0, "entailment": 1}
+    (swapped / "config.json").write_text(json.dumps(config))
+    weights = load_file(swapped / "model.safetensors")
+    for key in ("classifier.weight", "classifier.bias"):
+        weights[key] = weights[key].flip(0).contiguous()
+    save_file(weights, swapped / "model.safetensors")
+    assert evaluate(swapped) == pytest.approx(expected)
 
 
 def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from bertkit.tasks.squad import SquadTask, parse_questions
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
 from bertkit.train.rundir import check_output_path
+
+logger = logging.getLogger("bertkit")
 
 
 def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneConfig:
@@ -108,7 +111,7 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
         data = load_task(config, need_train=False, labels=_label_names(model_config))
         _check_head(data, model_config, model_dir)
         tokenizer = Tokenizer.from_pretrained(model_dir)
-        model = _loaded(data.model_class, model_dir, device, int8)
+        model = _loaded(data.model_class, model_dir, device, int8, _label_order(data, model_config, model_dir))
         metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
     if out_dir is not None:
         try:
@@ -154,9 +157,30 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
         return _label(model_dir, model_config, architectures, config, tokenizer, inputs, source, device, int8)
 
 
-def _loaded(model_class, model_dir, device, int8: bool):
-    """The folder's model on `device`; with int8, dynamically quantized for the CPU."""
+def _label_order(task, model_config: BertConfig, model_dir) -> list[int] | None:
+    """The classifier's rows in the task's label order, when the folder names the task's labels in another order
+    (a transformers MNLI model with contradiction first): scored by index, its classes would be swapped."""
+    if not isinstance(task, TextTask) or not task.labels or not model_config.id2label:
+        return None
+    names = [str(name).lower() for name in _label_names(model_config)]
+    labels = [label.lower() for label in task.labels]
+    if names == labels or sorted(names) != sorted(labels):
+        return None
+    logger.warning("%s/config.json: id2label orders the labels %s; %s's order is %s: its classifier's rows are "
+                   "read in that order", model_dir, ", ".join(names), task.name, ", ".join(labels))
+    return [names.index(label) for label in labels]
+
+
+def _loaded(model_class, model_dir, device, int8: bool, label_order: list[int] | None = None):
+    """The folder's model on `device`, its classifier's rows taken in `label_order` if given; with int8,
+    dynamically quantized for the CPU."""
+    import torch
+
     model = model_class.from_pretrained(model_dir).to(device)
+    if label_order is not None:
+        with torch.no_grad():
+            model.classifier.weight.copy_(model.classifier.weight[label_order])
+            model.classifier.bias.copy_(model.classifier.bias[label_order])
     if int8:
         from bertkit.quantize import to_int8
 
