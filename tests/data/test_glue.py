@@ -347,3 +347,14 @@ def test_regression_label_that_is_not_a_finite_number_is_refused(tmp_path, score
     write(tmp_path / "stsb.tsv", tsv(("index", "sentence1", "sentence2", "score"), (0, "a", "b", score)))
     with pytest.raises(BertkitError, match=rf"stsb.tsv:2: label '{score}' is not a finite number"):
         read_glue_file("sts-b", tmp_path / "stsb.tsv")
+
+
+def test_a_score_column_read_without_regression_is_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "scores.csv").write_text("text,label\ngood,4.5\nbad,0.8\nok,2.6\n", encoding="utf-8")
+    examples, labels = read_custom(tmp_path / "scores.csv", "text", "label")
+    assert labels == ["0.8", "2.6", "4.5"]
+    assert "scores.csv: column 'label' holds scores such as 0.8; read as 3 classes (expected --regression" in caplog.text
+    caplog.clear()
+    (tmp_path / "classes.csv").write_text("text,label\ngood,1\nbad,0\nok,2\n", encoding="utf-8")
+    read_custom(tmp_path / "classes.csv", "text", "label")  # whole numbers are class names: nothing said
+    assert caplog.text == ""

@@ -243,6 +243,14 @@ def _infer_labels(values: list[str]) -> list[str]:
         return sorted(unique)
 
 
+def _is_fraction(value: str) -> bool:
+    """A number with a fractional part ('3.5'): a score, not a class name ('3', '3.0' or 'pos')."""
+    try:
+        return not float(value).is_integer()
+    except (ValueError, OverflowError):
+        return False
+
+
 def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns."""
     suffix = path.suffix.lower()
@@ -340,6 +348,10 @@ def read_custom(
     label_list: list[str] = []
     if label is not None and not is_regression:
         label_list = list(labels) if labels is not None else _infer_labels([str(r.get(label)) for _, r in records])
+        fractions = [v for v in label_list if _is_fraction(v)]
+        if labels is None and fractions:  # a score file read without --regression: every value became a class
+            logger.warning("%s: column %r holds scores such as %s; read as %d classes (expected --regression to "
+                           "predict a score)", path, label, fractions[0], len(label_list))
 
     examples = []
     for line, record in records:
