@@ -1,6 +1,7 @@
 """ONNX export (bertkit.export): the graph computes what bertkit computes, at any batch and length; int8 is close."""
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -146,6 +147,15 @@ def test_export_refuses_a_bilstm_model_before_writing(tmp_path):
     with pytest.raises(BertkitError, match="bilstm true .*expected a model without one to export"):
         export(ExportConfig(model_dir=str(tmp_path / "m"), out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_export_into_another_models_folder_is_refused_before_it_replaces_its_files(tmp_path):
+    """--out naming another model's folder had its config.json and tokenizer replaced by the exported model's."""
+    model_dir, other = save_tiny(tmp_path / "m"), Path(save_tiny(tmp_path / "other", seed=1))
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    with pytest.raises(BertkitError, match="holds another model \\(model.safetensors\\).*expected .* itself"):
+        export(ExportConfig(model_dir=str(model_dir), out=str(other)))
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
 def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):

@@ -67,6 +67,9 @@ class ExportConfig:
                                    "float32 output|) of it")
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a model folder's, as transformers writes them
+
+
 def export(config: ExportConfig) -> dict:
     """Write the ONNX files of `config.model_dir` to `config.out`, check them against bertkit, and return (and
     write to export.json) what was written and how closely it matched. Raises BertkitError when a check fails."""
@@ -86,6 +89,10 @@ def export(config: ExportConfig) -> dict:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise BertkitError(f"{out}: a file, not a folder; expected a folder for --out")
+    weights = [name for name in WEIGHT_FILES if (out / name).is_file()]
+    if weights and out.resolve() != source.resolve():  # its config.json and tokenizer would be this model's
+        raise BertkitError(f"--out {out} holds another model ({weights[0]}), whose config.json and tokenizer files "
+                           f"the export would replace; expected {source} itself, or a folder without a model")
     model, outputs = load_exportable(source)
     from bertkit.tokenizer import Tokenizer
 
