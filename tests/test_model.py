@@ -379,3 +379,20 @@ def test_static_compilation_keeps_batches_padded_so_that_shapes_repeat():
     assert model.kernels.packing == "auto"
     with pytest.raises(ValueError, match="compile mode 'cudagraphs'; expected one of dynamic, static"):
         compile_blocks(model, "cudagraphs")
+
+
+def test_a_left_to_right_classifier_reads_the_last_real_token_of_left_padding_and_float_masks():
+    """A causal model summarises an input by its last real token: with padding on the left that is position T - 1,
+    not the count of real tokens - 1, and a float attention mask (as transformers takes) picks the same token."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny(is_decoder=True, num_labels=3)).eval()
+    ids = torch.randint(5, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # padding on the left
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(ids[1:, 4:]).logits
+        floats = model(ids, attention_mask=mask.float(), position_ids=positions).logits
+    assert torch.allclose(batch[1], alone[0], atol=1e-5)
+    assert torch.equal(floats, batch)

@@ -567,7 +567,10 @@ class BertModel(BertPreTrainedModel):
         if not self.config.is_decoder:
             return sequence[:, 0]
         B, T, _ = sequence.shape
-        last = attention_mask.sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1)
+        if attention_mask is None:
+            last = torch.full((B,), T - 1)
+        else:  # the highest real position: padding may be on the left, and a mask may be float
+            last = (attention_mask.bool() * torch.arange(T, device=attention_mask.device)).argmax(1)
         return sequence[torch.arange(B, device=sequence.device), last.to(sequence.device)]
 
 
