@@ -145,6 +145,21 @@ def test_fused_qkv_cache_follows_a_training_step_between_evaluations(optimizer):
         assert torch.allclose(model.eval()(ids).last_hidden_state, fresh(ids).last_hidden_state, atol=1e-6)
 
 
+def test_fused_qkv_cache_of_a_frozen_layer_made_under_inference_mode_trains_after_it():
+    """A frozen layer keeps its fused Q/K/V weight cached under autograd; one cached under torch.inference_mode is
+    an inference tensor, which autograd refuses to save, so training after such an evaluation crashed."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny(num_labels=2))
+    model.bert.encoder.layer[0].requires_grad_(False)  # the lower layer frozen, the upper one fine-tuned
+    ids = torch.randint(5, 300, (2, 8))
+    with torch.inference_mode():
+        want = model.eval()(ids).logits
+    loss = model(ids, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert torch.equal(model(ids).logits.detach(), want)
+    assert model.bert.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
+
+
 def test_bf16_training_on_the_cpu_attends_in_fp32(monkeypatch):
     """Under bf16 autocast on the CPU, attention that will be differentiated runs in fp32 (PyTorch's CPU attention
     backward is 2-6x slower in bf16); inference keeps bf16. Either way the loss is the fp32 model's within bf16

@@ -380,7 +380,9 @@ class BertSelfAttention(nn.Module):
             self._fused = None
             return torch.cat(params[:3]), torch.cat(params[3:])
         versions = tuple((p.data_ptr(), p._version) for p in params)
-        if self._fused is None or self._fused[0] != versions:
+        if (self._fused is None or self._fused[0] != versions
+                # made under torch.inference_mode, it cannot enter autograd (a frozen layer under trainable ones)
+                or torch.is_grad_enabled() and self._fused[1].is_inference()):
             self._fused = (versions, torch.cat(params[:3]), torch.cat(params[3:]))
         return self._fused[1], self._fused[2]
 
