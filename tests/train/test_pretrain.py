@@ -338,6 +338,24 @@ def test_half_precision_falls_back_to_fp32_where_the_hardware_lacks_it(caplog):
         resolve("fp8", torch.device("cpu"))
 
 
+def test_bf16_falls_back_to_fp32_on_a_gpu_that_only_emulates_it(monkeypatch, caplog):
+    """A GPU older than Ampere (a T4, compute capability 7.5) makes bf16 tensors but has no bf16 arithmetic:
+    torch.cuda.is_bf16_supported() says yes by default (emulation), so bf16 ran there slower than fp32."""
+    import types
+
+    from bertkit.train.precision import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=7, minor=5))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # bf16 tensors can be made
+    monkeypatch.setattr(torch.version, "hip", None)
+    bf16 = resolve("bf16", torch.device("cuda"))
+    assert bf16.dtype is None and "bf16" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=8, minor=0))
+    assert resolve("bf16", torch.device("cuda")).dtype is torch.bfloat16  # an A100 computes in it
+
+
 def test_the_model_can_fit_next_sentence_labels_of_a_fixed_batch(inputs):
     """The NSP path learns: on one fixed batch of real examples a tiny model reaches 100% NSP accuracy. (Held-out
     NSP on the shared corpus stays near 60% for `mini`: a corpus limit, see docs/findings.md, not a wiring one.)"""

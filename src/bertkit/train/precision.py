@@ -30,8 +30,8 @@ class Precision:
 
 
 def _has_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # from Ampere on; older GPUs (T4, V100) only emulate it, slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     # CPU autocast to bf16 runs everywhere, but without native bf16 (AVX512-BF16, AMX) it is slower than fp32
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
