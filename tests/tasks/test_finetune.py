@@ -452,14 +452,35 @@ def test_bucketed_lengths_reach_the_training_batches(toy_model_dir, tmp_path, mo
     lengths = []
     collate = finetune_module.collate
 
-    def spy(rows, pad_id, multiple=1):
-        batch = collate(rows, pad_id, multiple)
+    def spy(rows, pad_id, multiple=1, **kw):
+        batch = collate(rows, pad_id, multiple, **kw)
         lengths.append(batch["input_ids"].shape[1])
         return batch
 
     monkeypatch.setattr(finetune_module, "collate", spy)
     finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "bucketed", epochs=1, pad_to_multiple_of=16))
     assert lengths and all(n % 16 == 0 for n in lengths)
+
+
+def test_bucketed_lengths_stop_at_max_length(toy_model_dir, tmp_path, monkeypatch):
+    """A batch whose longest row is cut at --max-length is padded no further (as pretraining's are): rounded up
+    past it, --max-length 512 --pad-to-multiple-of 96 gave batches of 576 positions, and a model of 512 positions
+    crashed mid-run with a traceback."""
+    import bertkit.tasks.finetune as finetune_module
+
+    lengths = []
+    collate = finetune_module.collate
+
+    def spy(*args, **kw):
+        batch = collate(*args, **kw)
+        lengths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(finetune_module, "collate", spy)
+    rows = [("a good movie " * 10, "good"), ("a bad film", "bad"), ("great fun", "good"), ("very boring", "bad")] * 4
+    tsv(tmp_path / "train.tsv", ("sentence", "label"), *rows)
+    finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "run", epochs=1, max_length=20, pad_to_multiple_of=16))
+    assert max(lengths) == 20 and all(n % 16 == 0 or n == 20 for n in lengths)
 
 
 def test_the_same_run_again_starts_over_and_resume_auto_returns_a_finished_one(toy_model_dir, tmp_path, caplog):

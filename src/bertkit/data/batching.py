@@ -54,10 +54,11 @@ def bucketed(length: int, multiple: int, limit: int | None = None) -> int:
     return max(length, min(rounded, limit)) if limit else rounded
 
 
-def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Pad `input_ids`/`token_type_ids` to the batch's longest row (rounded up to `pad_to_multiple_of`), add
-    `attention_mask`, stack the labels."""
-    longest = bucketed(max(len(row["input_ids"]) for row in rows), pad_to_multiple_of)
+def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1,
+            limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad `input_ids`/`token_type_ids` to the batch's longest row (rounded up to `pad_to_multiple_of`, not past
+    `limit`), add `attention_mask`, stack the labels."""
+    longest = bucketed(max(len(row["input_ids"]) for row in rows), pad_to_multiple_of, limit)
     batch = {}
     for key in rows[0]:
         if key in SEQUENCE_KEYS:

@@ -136,9 +136,9 @@ class FinetuneConfig:
                                                         "padded: give --pad-to-multiple-of; 1.26x eager for base at "
                                                         "length 128 on an H200)")
     pad_to_multiple_of: int = option(1, "length bucketing: pad each training batch to a multiple of this many "
-                                     "positions, so that batches come in a few shapes (for compiled graphs on a GPU); "
-                                     "the padding is masked: evaluation is the same, training the same but for "
-                                     "its dropout masks, drawn over the padded length")
+                                     "positions (at most --max-length), so that batches come in a few shapes (for "
+                                     "compiled graphs on a GPU); the padding is masked: evaluation is the same, "
+                                     "training the same but for its dropout masks, drawn over the padded length")
     predict: bool = option(False, "GLUE: after training, write the leaderboard file for test.tsv with the best model")
     save_every: int = option(500, "steps between checkpoints for --resume, besides the one at the end of every "
                              "epoch (0: only those)")
@@ -558,8 +558,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 start, start_cpu = time.perf_counter(), time.process_time()
                 for i in range(pos.batch, len(batches), per_step):
                     group = batches[i:i + per_step]
-                    micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id, config.pad_to_multiple_of)
-                                     for b in group]
+                    micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id, config.pad_to_multiple_of,
+                                             limit=config.max_length) for b in group]
                     loss, ok = train_step(ddp_model, micro_batches, optimizer, scheduler, precision,
                                           config.max_grad_norm, device, d)
                     pos.step, pos.batch = pos.step + 1, i + len(group)
