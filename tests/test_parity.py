@@ -208,6 +208,19 @@ def test_multiple_choice(tmp_path):
     assert abs(a.loss.item() - b.loss.item()) < LOSS_ATOL
 
 
+def test_multiple_choice_takes_position_ids_for_every_choice(tmp_path):
+    """(1, T) position ids shared by every example and choice, as transformers takes them (it crashed here)."""
+    torch.manual_seed(0)
+    ours = bertkit.BertForMultipleChoice(config_for("tiny")).eval()
+    theirs = hf_twin(ours, "BertForMultipleChoice", tmp_path)
+    ids, types, mask = (x.view(2, 2, -1) for x in batch(1000, B=4))
+    positions = torch.arange(ids.shape[-1])[None] + 3
+    with torch.no_grad():
+        a = ours(ids, types, mask, position_ids=positions)
+        b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask, position_ids=positions)
+    assert (a.logits - b.logits).abs().max() < HIDDEN_ATOL
+
+
 @pytest.mark.parametrize("safe", [True, False])
 def test_loads_a_transformers_checkpoint(tmp_path, safe):
     """transformers writes (safetensors, or pytorch_model.bin), bertkit reads: same MLM logits."""

@@ -843,8 +843,8 @@ class BertForMultipleChoice(BertPreTrainedModel):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, labels=None):
         B, C, T = input_ids.shape  # C choices
 
-        def flat(x):
-            return None if x is None else x.reshape(B * C, T)
+        def flat(x):  # (B, C, T) -> (B * C, T); (1, T) or (T,) position or segment ids for every choice stay whole
+            return None if x is None else x.reshape(-1, T)
 
         pooled = self.bert(flat(input_ids), flat(token_type_ids), flat(attention_mask), flat(position_ids)).pooler_output
         logits = self.classifier(self.dropout(pooled)).view(B, C)
