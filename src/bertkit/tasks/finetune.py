@@ -179,6 +179,8 @@ class FinetuneConfig:
                                "(unset: chosen from the idle cores)")
         if self.save_every < 0:
             raise BertkitError(f"--save-every is {self.save_every}; expected zero or more")
+        if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other: a traceback once the data was read
+            raise BertkitError(f"--seed is {self.seed}; expected a whole number from 0 to {2**32 - 1}")
         if self.overwrite and self.resume:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")
