@@ -187,6 +187,21 @@ def test_from_scratch_is_its_own_row_with_other_weights(wnli_suite, tiny_model_d
         suite(SuiteConfig(**{**config.__dict__, "from_scratch": True, "label": config.row}))
 
 
+def test_a_row_is_not_extended_or_reported_at_another_batch_size(tiny_model_dir, tmp_path, monkeypatch):
+    """A cell's key has no batch size: a rerun at another --batch-size reported the row's cells as its own and ran
+    its new seeds at the new size, one row mixing two budgets; it is refused, naming both."""
+    ran = []
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _recording_pool(ran))
+    config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(tmp_path), tasks=["WNLI"],
+                         seeds=1, lrs=[1e-4])
+    suite(config)
+    with pytest.raises(BertkitError, match="fine-tuned at --batch-size 32; now 8; expected the same --batch-size"):
+        suite(SuiteConfig(**{**config.__dict__, "seeds": 2, "batch_size": 8}))
+    assert ran == ["WNLI/lr=0.0001/seed=1"]
+    suite(SuiteConfig(**{**config.__dict__, "batch_size": 8, "label": "batch 8"}))  # its own row
+    assert ran == ["WNLI/lr=0.0001/seed=1"] * 2
+
+
 def test_table_reports_the_best_lr_by_mean_over_seeds():
     cells = {f"RTE/lr={lr}/seed={s}": {"best": {"accuracy": acc}, "seconds": 10.0, "train_examples": 1,
                                        "eval_examples": 1}

@@ -224,12 +224,17 @@ def suite(config: SuiteConfig) -> dict:
     results_path = out / RESULTS_FILE
     results = read_results(results_path)
     row = results.setdefault(config.row, {"model_dir": str(config.model_dir), "from_scratch": config.from_scratch,
-                                          **({"bilstm": True} if config.bilstm else {}), "cells": {}})
+                                          **({"bilstm": True} if config.bilstm else {}),
+                                          "batch_size": config.batch_size, "cells": {}})
     if (row["from_scratch"] != config.from_scratch or row.get("bilstm", False) != config.bilstm
             or Path(row["model_dir"]).resolve() != Path(config.model_dir).resolve()):
         raise BertkitError(f"{results_path}: row {config.row!r} holds {row['model_dir']} (from scratch: "
                            f"{row['from_scratch']}, BiLSTM: {row.get('bilstm', False)}); expected another --label "
                            "for this model")
+    # a cell's key holds no batch size: another one would pass the row's cells off as its own, or mix the two
+    if row.get("batch_size", config.batch_size) != config.batch_size:  # rows written before it was kept: unchecked
+        raise BertkitError(f"{results_path}: row {config.row!r} was fine-tuned at --batch-size {row['batch_size']}; "
+                           f"now {config.batch_size}; expected the same --batch-size, or another --label for this one")
     todo = []
     for name in config.tasks:
         task = TASKS[name]
