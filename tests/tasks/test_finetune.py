@@ -11,7 +11,7 @@ import pytest
 from bertkit.cli import main
 from bertkit.errors import BertkitError
 from bertkit.tasks.evaluation import evaluate, predict
-from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, finetune
+from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, finetune, open_out_dir
 from bertkit.tasks.glue import GlueConfig, glue
 from conftest import data_path
 
@@ -494,6 +494,20 @@ def test_the_same_run_again_starts_over_and_resume_auto_returns_a_finished_one(t
     assert "this run has finished already" in caplog.text
     assert done == json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert first["best"] == again["best"] == done["best"]
+
+
+def test_the_same_out_dir_spelled_another_way_is_the_same_run(toy_model_dir, tmp_path, monkeypatch):
+    """`--out-dir run`, then `--out-dir ./run/` or its absolute path with --resume auto, was refused as "another
+    fine-tuning run (out_dir run -> ./run/)"; a checkpoint of another folder is still refused for --out-dir."""
+    monkeypatch.chdir(tmp_path)
+    config = toy_run(toy_model_dir, tmp_path, "run", epochs=1)
+    first = finetune(config)
+    for spelling in ("./run/", str(tmp_path / "run")):
+        assert finetune(FinetuneConfig(**{**vars(config), "out_dir": spelling, "resume": "auto"})) == first
+    (tmp_path / "other" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    monkeypatch.setattr("bertkit.tasks.finetune.verify_checkpoint", lambda path: None)  # taken as whole
+    with pytest.raises(BertkitError, match="not a checkpoint of --out-dir run; expected one of run/checkpoints"):
+        open_out_dir(FinetuneConfig(**{**vars(config), "resume": "other/checkpoints/step-00000004"}), Path("run"))
 
 
 def test_a_mistyped_model_dir_says_no_such_folder(tmp_path, capsys):

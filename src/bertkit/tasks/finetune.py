@@ -270,8 +270,9 @@ class BestCheckpoint:
 
 
 def _run_values(config: FinetuneConfig) -> dict:
-    """The fields that decide what a run computes, paths resolved: equal for the same run."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+    """The fields that decide what a run computes, paths resolved: equal for the same run. Not --out-dir: the
+    folder the config or checkpoint is read from is the run's, however it is spelled (rel, ./rel/, /abs/rel)."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS and k != "out_dir"}
     for name in PATH_FIELDS:
         if values.get(name):
             values[name] = str(Path(values[name]).resolve())
@@ -341,6 +342,9 @@ def open_out_dir(config: FinetuneConfig, out: Path) -> Path | dict | None:
         if problem:
             raise BertkitError(f"{path}: {problem}; expected a whole fine-tuning checkpoint (a step-N folder "
                                f"holding {TRAINING_STATE_NAME} and its completion marker)")
+        if path.resolve().parent != (out / "checkpoints").resolve():  # the best epoch's model is in its own run
+            raise BertkitError(f"--resume {path}: not a checkpoint of --out-dir {out}; expected one of "
+                               f"{out / 'checkpoints'}, or --out-dir {path.resolve().parent.parent}")
         return path
     if config.resume == "auto":
         path = usable_checkpoint(out / "checkpoints")
