@@ -251,6 +251,25 @@ def test_a_folder_naming_the_task_labels_in_another_order_is_scored_by_name(toy_
     assert evaluate(swapped) == pytest.approx(expected)
 
 
+def test_predict_asked_of_a_finished_run_writes_its_submission_file(toy_model_dir, tmp_path):
+    """--predict is one of the fields a run continued may change, but `--resume auto --predict` on a finished run
+    (and so a `glue --predict` rerun) said "nothing to do" and wrote no leaderboard file."""
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    sentences = [("a good movie", 1), ("a bad film", 0), ("great fun", 1), ("very boring", 0)] * 4
+    tsv(data / "train.tsv", ("sentence", "label"), *sentences)
+    tsv(data / "dev.tsv", ("sentence", "label"), *sentences[:4])
+    tsv(data / "test.tsv", ("index", "sentence"), (0, "not bad"), (1, "awful"))
+    config = quick(toy_model_dir, tmp_path / "run", task="SST-2", data_dir=str(data), epochs=1)
+    finetune(config)
+    assert not (tmp_path / "run" / "SST-2.tsv").exists()
+    record = finetune(FinetuneConfig(**{**vars(config), "predict": True, "resume": "auto"}))
+    assert record["submissions"] == [str(tmp_path / "run" / "SST-2.tsv")]
+    assert (tmp_path / "run" / "SST-2.tsv").read_text().splitlines()[1:] != []
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == record
+    assert f"Submission file: {tmp_path / 'run' / 'SST-2.tsv'}" in (tmp_path / "run" / "results.md").read_text()
+
+
 def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path):
     result = glue(GlueConfig(model_dir=str(tiny_model_dir), tasks=["SST-2", "RTE"], data_dir=str(data_path("glue")),
                              out_dir=str(tmp_path), lrs=[1e-3, 1e-4], batch_size=16, epochs=1,

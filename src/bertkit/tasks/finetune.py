@@ -352,7 +352,7 @@ def open_out_dir(config: FinetuneConfig, out: Path) -> Path | dict | None:
             return path
         record = _finished(out, config) if (out / CONFIG_FILE).is_file() else None
         if record is not None:
-            logger.warning("%s: this run has finished already (metrics.json holds all %d epochs); nothing to do",
+            logger.warning("%s: this run has finished already (metrics.json holds all %d epochs); nothing to train",
                         out, config.epochs)
             return record
     stale = remove(out, RECORDS)
@@ -414,6 +414,9 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     try:
         start = distributed.run_on_main(claim, d)
         if isinstance(start, dict):
+            if d.is_main and config.predict:  # asked for now: the kept model writes them
+                _write_submissions(config, task, tokenizer, out, device, start)
+                (out / "results.md").write_text(results_table(config, task, start), encoding="utf-8")
             if d.is_main and (out / "results.md").is_file():
                 print((out / "results.md").read_text(encoding="utf-8"), end="")
             return start
@@ -618,10 +621,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     run_log.close()
     if not d.is_main:
         return record
-    if config.predict and isinstance(task, TextTask) and task.tests:
-        model = task.model_class.from_pretrained(out).to(device)
-        record["submissions"] = [str(p) for p in task.write_test_predictions(model, tokenizer, config, device, out)]
-        write_json(out / "metrics.json", record)
+    _write_submissions(config, task, tokenizer, out, device, record)
     table = results_table(config, task, record)
     (out / "results.md").write_text(table, encoding="utf-8")
     # the run is whole without them; renamed first, so a kill while deleting leaves no checkpoint to resume from
@@ -629,6 +629,14 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     shutil.rmtree(out / ".checkpoints-done")
     print(table)
     return record
+
+
+def _write_submissions(config: FinetuneConfig, task, tokenizer, out: Path, device, record: dict) -> None:
+    """--predict: GLUE's leaderboard files for the test splits, by the kept (best) model; named in the record."""
+    if config.predict and isinstance(task, TextTask) and task.tests:
+        model = task.model_class.from_pretrained(out).to(device)
+        record["submissions"] = [str(p) for p in task.write_test_predictions(model, tokenizer, config, device, out)]
+        write_json(out / "metrics.json", record)
 
 
 def _eval_size(task) -> int:
