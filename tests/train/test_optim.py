@@ -54,6 +54,36 @@ def test_lamb_zero_weights_take_a_plain_adam_step():
     torch.testing.assert_close(w.detach(), torch.tensor([-0.1, 0.1, -0.1]))
 
 
+def test_lamb_of_build_optimizer_leaves_biases_and_layer_norms_out_of_the_trust_ratio():
+    """Google's LAMB for BERT (exclude_from_layer_adaptation = the weight-decay exclusions) and NVIDIA's FusedLAMB
+    (use_nvlamb off) scale only the decayed matrices; a bias or LayerNorm takes Adam's step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    build_optimizer(model, "lamb", lr=0.1, weight_decay=0.01, eps=0.0).step()
+    for name, p in model.named_parameters():
+        adam = before[name] - 0.1 * grads[name].sign()  # Adam's first step: lr * g / |g|
+        if name == "0.weight":  # the one matrix: ||step|| = lr * ||w|| by its trust ratio
+            assert (p.detach() - before[name]).norm().item() == pytest.approx(0.1 * before[name].norm().item())
+        else:
+            torch.testing.assert_close(p.detach(), adam, msg=name)
+
+
+def test_lamb_resumes_a_state_saved_before_adapt_existed():
+    w = torch.nn.Parameter(torch.ones(3))
+    state = Lamb([w], lr=0.1).state_dict()
+    for group in state["param_groups"]:
+        del group["adapt"]
+    opt = Lamb([w], lr=0.1, adapt=False)
+    opt.load_state_dict(state)
+    w.grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["adapt"] is True
+
+
 def test_lamb_trains_a_small_model():
     torch.manual_seed(0)
     x = torch.randn(64, 8)

@@ -25,11 +25,18 @@ class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2019): Adam's update rescaled per tensor by ||w|| / ||update||.
 
     The trust ratio lets every layer take a step proportional to its own weight norm, which is what keeps
-    very large batches (32k and more) stable for BERT pretraining where plain Adam diverges.
+    very large batches (32k and more) stable for BERT pretraining where plain Adam diverges. A group with
+    `adapt` False takes Adam's step unscaled: `build_optimizer` so marks the biases and LayerNorm parameters, as
+    Google's LAMB (exclude_from_layer_adaptation) and NVIDIA's FusedLAMB (use_nvlamb off) leave them.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, adapt=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=adapt))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint saved before `adapt` existed: the trust ratio everywhere
+            group.setdefault("adapt", True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,9 +60,10 @@ class Lamb(torch.optim.Optimizer):
                 update = m_hat / (v_hat.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_(update * trust, alpha=-group["lr"])
+                if group["adapt"]:
+                    w_norm, u_norm = p.norm(), update.norm()
+                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)))
+                p.add_(update, alpha=-group["lr"])
         return loss
 
 
@@ -69,8 +77,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-    if name == "lamb":
-        return Lamb(groups, lr=lr, betas=betas, eps=eps)
+    if name == "lamb":  # biases and LayerNorm (the undecayed group) without the trust ratio, as in BERT's recipes
+        return Lamb([g | {"adapt": g["weight_decay"] != 0} for g in groups], lr=lr, betas=betas, eps=eps)
     raise BertkitError(f"unknown optimizer {name!r} (expected adamw or lamb)")
 
 
