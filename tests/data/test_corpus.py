@@ -136,6 +136,16 @@ def test_folders_recursive_globs_and_order(tmp_path):
     assert list(iter_documents([tmp_path])) == [["b."], ["a."], ["c."]]
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_named(tmp_path):
+    """"notes [draft].txt" was taken as a pattern (matching "notesd.txt") and refused: "pattern matched no files"."""
+    write(tmp_path / "notes [draft].txt", "a.\n")
+    (tmp_path / "data [v2]").mkdir()
+    write(tmp_path / "data [v2]" / "b.txt", "b.\n")
+    assert [p.name for p in expand_inputs([str(tmp_path / "notes [draft].txt")])] == ["notes [draft].txt"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "data [v2]")])] == ["b.txt"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "notes*.txt")])] == ["notes [draft].txt"]  # still a glob
+
+
 def test_no_files_matched_refused(tmp_path):
     with pytest.raises(BertkitError, match=r"nothing\*\.txt: pattern matched no files"):
         expand_inputs([str(tmp_path / "nothing*.txt")])

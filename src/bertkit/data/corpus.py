@@ -84,7 +84,9 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     files: dict[Path, None] = {}
     for item in inputs:
         text = str(item)
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True)) if glob.has_magic(text) else [Path(text)]
+        # a path that exists is taken as it is: "notes [draft].txt" names that file, not a pattern matching "notesd.txt"
+        pattern = glob.has_magic(text) and not Path(text).exists()
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True)) if pattern else [Path(text)]
         found = []
         for path in matches:
             if path.is_dir():
@@ -96,7 +98,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
             elif path.is_file():
                 found.append(path)
         if not found:
-            what = "pattern matched no files" if glob.has_magic(text) else "no such file or folder (or it is empty)"
+            what = "pattern matched no files" if pattern else "no such file or folder (or it is empty)"
             raise BertkitError(f"{text}: {what}; expected corpus text files")
         files.update(dict.fromkeys(found))
     return list(files)
