@@ -67,6 +67,22 @@ def test_bad_requests_are_named(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+def test_words_too_many_for_dev_leave_the_earlier_task_whole(tmp_path):
+    """Train had passages of 120 words and dev none: train.jsonl was rewritten before the error, beside the earlier
+    run's dev.jsonl and books.json of 30 words."""
+    config = corpus(tmp_path, [("A", "Alpha", 8, 5), ("B", "Beta", 8, 5)])
+    build_longdoc(config)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "task").iterdir()}
+    config.words = 120
+    with pytest.raises(BertkitError, match="'Alpha' gives no dev passage of 120 words"):
+        build_longdoc(config)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "task").iterdir()} == before
+    config.out, config.words = str(tmp_path / "new"), 10_000
+    with pytest.raises(BertkitError, match="expected fewer --words"):
+        build_longdoc(config)
+    assert not (tmp_path / "new").exists()
+
+
 def test_the_real_corpus_gives_eight_books_of_long_passages(tmp_path, capsys):
     data_path("corpus", "gutenberg-en-00.txt.gz")
     assert main(["longdoc", "--out", str(tmp_path / "task")]) in (0, None)

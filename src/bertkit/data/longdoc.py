@@ -111,17 +111,17 @@ def build_longdoc(config: LongDocConfig) -> dict:
         train = [c for i, c in enumerate(book["chapters"]) if i % config.dev_every != config.dev_every - 1]
         splits["train"][book["title"]] = passages(train, config.words)
         splits["dev"][book["title"]] = passages(dev, config.words)
-    out = Path(config.out)
-    make_dir(out, "--out")
     counts = {}
-    for split, by_book in splits.items():
-        n = min(len(p) for p in by_book.values())
-        if n == 0:
+    for split, by_book in splits.items():  # every split checked before any file is written: no half-made task
+        counts[split] = min(len(p) for p in by_book.values())
+        if counts[split] == 0:
             short = min(by_book, key=lambda t: len(by_book[t]))
             raise BertkitError(f"{short!r} gives no {split} passage of {config.words} words; expected fewer --words")
-        counts[split] = n
+    out = Path(config.out)
+    make_dir(out, "--out")
+    for split, by_book in splits.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for i in range(n):  # interleaved, book by book, so that a prefix of the file is still balanced
+            for i in range(counts[split]):  # interleaved, book by book, so that a prefix of the file is still balanced
                 for title, texts in by_book.items():
                     f.write(json.dumps({"sentence": texts[i], "label": title}, ensure_ascii=False) + "\n")
     report = {"books": [{k: b[k] for k in ("ebook", "author", "title", "words")} | {"chapters": len(b["chapters"])}
