@@ -104,7 +104,7 @@ def build_longdoc(config: LongDocConfig) -> dict:
             break
     if len(chosen) < config.books:
         raise BertkitError(f"{books_tsv}: {len(chosen)} books by different authors with {config.dev_every} "
-                           f"chapters or more; expected --books {config.books} or fewer")
+                           f"chapters or more; expected --books {len(chosen)} or fewer")
     splits = {"train": {}, "dev": {}}
     for book in chosen:
         dev = [c for i, c in enumerate(book["chapters"]) if i % config.dev_every == config.dev_every - 1]
