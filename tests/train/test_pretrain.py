@@ -624,6 +624,18 @@ def test_perplexity_whole_and_in_pieces(short_run, inputs, tmp_path, capsys):
         perplexity(PerplexityConfig(**{**vars(config), "max_length": 1000}))
 
 
+def test_perplexity_refuses_a_left_to_right_model(inputs, tmp_path, capsys):
+    """A causal (is_decoder) model was scored as a masked LM and its meaningless loss printed, exit status 0;
+    score_held_out refused it."""
+    from bertkit.tokenizer import Tokenizer
+    from tiny_folders import tiny_config
+
+    tokenizer = Tokenizer.from_pretrained(inputs / "tokenizer")
+    BertForPreTraining(tiny_config(tokenizer.vocab_size, is_decoder=True)).save_pretrained(tmp_path, tokenizer=tokenizer)
+    assert cli_main(["perplexity", str(tmp_path), "--data", str(inputs / "data"), "--max-length", "64"]) == 2
+    assert "a left-to-right model (is_decoder); a masked-LM score needs a bidirectional one" in capsys.readouterr().err
+
+
 def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tmp_path):
     """`score_held_out`: two models predict the very same positions (the same count, the same unigram baseline) and
     differ in their loss; the perplexity is exp(loss); a run folder means its newest checkpoint; a left-to-right model

@@ -107,6 +107,9 @@ def _perplexity(config: PerplexityConfig) -> dict:
             raise BertkitError(f"--{name.replace('_', '-')} {getattr(config, name)}; expected a positive number")
     tokenizer = Tokenizer.from_pretrained(directory)
     model = BertForMaskedLM.from_pretrained(directory).eval()
+    if model.config.is_decoder:  # its causal mask hides the right context a masked token is predicted from
+        raise BertkitError(f"{directory}: a left-to-right model (is_decoder); a masked-LM score needs a bidirectional "
+                           "one (its own next-token evaluation is in its run's eval.csv)")
     if config.max_length > model.config.max_position_embeddings:
         raise BertkitError(f"--max-length {config.max_length}; expected at most the model's "
                            f"{model.config.max_position_embeddings} positions (`bertkit extend` gives it more)")
