@@ -260,9 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         "perplexity",
         help="held-out masked-LM loss and perplexity of a model folder at a length, and of the same text in pieces",
         description="Score MODEL_DIR's masked-LM head on the held-out split of a prepared corpus at --max-length "
-        "(the paper's masking, 15%, drawn from --seed, so models and lengths are scored on the same tokens), and "
-        "with --pieces P on the same examples cut into P-token pieces with the same masked tokens: what the longer "
-        "context buys a model extended with `bertkit extend`.",
+        "(the paper's masking, 15%, drawn from --seed, so models scored at the same --max-length and --seed are "
+        "scored on the same tokens; another length or seed takes other examples), and with --pieces P on the same "
+        "examples cut into P-token pieces with the same masked tokens: what the longer context buys a model "
+        "extended with `bertkit extend`.",
     )
     add_dataclass_args(p, PerplexityConfig)
     p.set_defaults(func=cmd_perplexity)

@@ -624,6 +624,28 @@ def test_perplexity_whole_and_in_pieces(short_run, inputs, tmp_path, capsys):
         perplexity(PerplexityConfig(**{**vars(config), "max_length": 1000}))
 
 
+def test_perplexity_help_promises_the_same_tokens_only_at_one_length_and_seed(inputs):
+    """The help said models and lengths (and, for --batches, seeds) were scored on the same tokens; another length or
+    seed cuts and orders the held-out split into other examples, which only --pieces compares on the same tokens."""
+    from bertkit.cli import build_parser
+    from bertkit.data.pretraining import PretrainingDataset
+    from bertkit.data.shards import PreparedCorpus
+    from bertkit.tokenizer import Tokenizer
+
+    tokenizer, corpus = Tokenizer.from_pretrained(inputs / "tokenizer"), PreparedCorpus(inputs / "data", "heldout")
+
+    def spans(max_length, seed):
+        dataset = PretrainingDataset(corpus, tokenizer, max_length=max_length, objective="mlm", seed=seed)
+        return dataset.plan[:8, :2].tolist()
+
+    assert spans(64, 0) == spans(64, 0) and spans(64, 0) != spans(128, 0) and spans(64, 0) != spans(64, 1)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["perplexity"]
+    batches = next(a for a in sub._actions if a.dest == "batches")
+    assert "models and lengths are scored on the same tokens" not in sub.description
+    assert "another length or seed takes other examples" in sub.description
+    assert "the same ones for every model at one --max-length and --seed" in batches.help
+
+
 def test_perplexity_refuses_a_left_to_right_model(inputs, tmp_path, capsys):
     """A causal (is_decoder) model was scored as a masked LM and its meaningless loss printed, exit status 0;
     score_held_out refused it."""

@@ -2,8 +2,9 @@
 same text read in shorter pieces: the measure of what a longer context buys a model extended by `bertkit extend`.
 
 The examples are the prepared corpus's held-out split, built at --max-length with the MLM objective and the
-paper's masking (15%, 80/10/10, drawn from --seed), so two models or two lengths are scored on the same tokens
-whenever they share the vocabulary and the seed. With --pieces P each example is also cut into pieces of P tokens
+paper's masking (15%, 80/10/10, drawn from --seed), so two models are scored on the same tokens whenever they
+share the vocabulary, the length and the seed; another length or seed cuts and draws other examples (lengths are
+compared on the same tokens with --pieces). With --pieces P each example is also cut into pieces of P tokens
 ([CLS] and [SEP] around P - 2 of its tokens, as a 512-token model reads a long text) with the same masked tokens
 in the same places, so the two losses differ only in how much of the text each prediction could see.
 """
@@ -34,7 +35,7 @@ class PerplexityConfig:
     max_length: int = option(512, "tokens per example")
     pieces: int | None = option(None, "also score the same examples read in pieces of this many tokens (e.g. 512)")
     batch_size: int = option(4, "examples per forward pass")
-    batches: int = option(20, "held-out batches scored (the same ones for every model, length and seed)")
+    batches: int = option(20, "held-out batches scored (the same ones for every model at one --max-length and --seed)")
     seed: int = option(0, "seed of the masking")
     threads: int | None = option(None, "CPU threads for torch (default: the cores the load average leaves idle)")
 
