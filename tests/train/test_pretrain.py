@@ -658,6 +658,21 @@ def test_perplexity_refuses_a_left_to_right_model(inputs, tmp_path, capsys):
     assert "a left-to-right model (is_decoder); a masked-LM score needs a bidirectional one" in capsys.readouterr().err
 
 
+def test_perplexity_refuses_an_encoder_without_its_masked_lm_head_in_pytorch_model_bin(inputs, tmp_path, capsys):
+    """Refused in model.safetensors (read from its header), but the same weights as pytorch_model.bin were scored
+    with a randomly initialised head: a warning, then a perplexity, exit status 0."""
+    from bertkit.model import BertModel
+    from bertkit.tokenizer import Tokenizer
+    from tiny_folders import tiny_config
+
+    tokenizer = Tokenizer.from_pretrained(inputs / "tokenizer")
+    BertModel(tiny_config(tokenizer.vocab_size)).save_pretrained(tmp_path, tokenizer=tokenizer)
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    assert cli_main(["perplexity", str(tmp_path), "--data", str(inputs / "data"), "--max-length", "64"]) == 2
+    assert "no masked-LM head (cls.predictions)" in capsys.readouterr().err
+
+
 def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tmp_path):
     """`score_held_out`: two models predict the very same positions (the same count, the same unigram baseline) and
     differ in their loss; the perplexity is exp(loss); a run folder means its newest checkpoint; a left-to-right model

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bertkit.checkpoint import model_folder, read_weight_shapes
+from bertkit.checkpoint import model_folder, read_state_dict, read_weight_shapes
 from bertkit.config import option
 from bertkit.errors import BertkitError
 
@@ -99,8 +99,9 @@ def _perplexity(config: PerplexityConfig) -> dict:
     from bertkit.tokenizer import Tokenizer
 
     directory = model_folder(config.model_dir)
-    shapes = read_weight_shapes(directory)
-    if shapes is not None and not any(k.endswith("cls.predictions.transform.dense.weight") for k in shapes):
+    # a pytorch_model.bin has no header to read: loaded, so that its missing head is refused too, not initialised
+    names = set(read_weight_shapes(directory) or read_state_dict(directory))  # the names only: the tensors go
+    if not any(k.endswith("cls.predictions.transform.dense.weight") for k in names):
         raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
                            "a model saved with its MLM head")
     for name in ("max_length", "batch_size", "batches"):
