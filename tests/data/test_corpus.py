@@ -82,6 +82,20 @@ def test_a_json_lines_file_whose_first_record_passes_64_kib_is_detected_by_its_b
     assert [len(d) for d in documents] == [20000, 1]
 
 
+def test_a_bert_layout_file_whose_first_sentence_starts_with_a_brace_is_not_taken_for_json_lines(tmp_path):
+    """The footnotes of a chapter of the books corpus, "{1} Black races are ...", were detected as JSON lines by
+    their first character and every line skipped as bad JSON. A damaged first record still leaves JSON lines."""
+    notes = ["{1} Black races are evidently known to the writer as stretching all across Africa.",
+             "{2} The original use of the footstool was probably less to rest the feet."]
+    path = write(tmp_path / "notes.txt", "\n".join(notes) + "\n\nNext chapter.\n")
+    documents, skips = read(path)
+    assert documents == [notes, ["Next chapter."]] and skips.total == 0
+    assert detect_format(write(tmp_path / "one.txt", notes[0] + "\n")) == "docs"
+    damaged = write(tmp_path / "damaged.txt", '{"text": "Cut off\n' + JSONL_TEXT)
+    documents, skips = read(damaged, text_field="body")
+    assert documents == BERT_DOCS and skips.counts == {"bad JSON": 1}
+
+
 def test_a_file_undecided_at_the_sniff_bound_is_read_as_docs_with_a_warning_naming_the_format_flag(
     tmp_path, monkeypatch, caplog
 ):

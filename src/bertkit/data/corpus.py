@@ -191,15 +191,23 @@ def _check_text(path: Path, head: bytes) -> None:
         )
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def detect_format(path: Path) -> str:
-    """Guess the layout: .jsonl/.json/.ndjson or a first text line starting with '{' -> "jsonl"; a text line after
-    a blank line after text -> "bert"; otherwise "docs" (one document per line). The file is streamed up to that
-    text line, at most 4 MiB (_LAYOUT_SNIFF_BYTES): still undecided there, it is "docs", with a warning."""
+    """Guess the layout: .jsonl/.json/.ndjson, or a first (or, after a damaged one, second) text line that is a JSON
+    object -> "jsonl"; a text line after a blank line after text -> "bert"; otherwise "docs" (one document per
+    line). The file is streamed up to that text line, at most 4 MiB (_LAYOUT_SNIFF_BYTES): still undecided there, it
+    is "docs", with a warning."""
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     raw, stream = _open_binary(path)
-    seen, state = 0, "start"  # -> "text" -> "blank after text" -> a text line again means "bert"
+    seen, state = 0, "start"  # (-> "brace") -> "text" -> "blank after text" -> a text line again means "bert"
     try:
         while seen < _LAYOUT_SNIFF_BYTES:
             try:
@@ -211,13 +219,19 @@ def detect_format(path: Path) -> str:
             text = line.decode("utf-8", errors="replace")
             text = (text.removeprefix("\ufeff") if seen == 0 else text).strip()
             seen += len(line)
-            if text and state == "start" and text.startswith("{"):
-                return "jsonl"
+            if text and state in ("start", "brace") and text.startswith("{"):
+                # a sentence can start with "{" too ("{1} Black races are ...", a book's footnotes): only a JSON
+                # object, or a record too long to see whole, makes the file JSON lines
+                if _is_json_object(text) or (seen >= _LAYOUT_SNIFF_BYTES and not line.endswith(b"\n")):
+                    return "jsonl"
+                if state == "start":
+                    state = "brace"  # text, or JSON lines whose first record is damaged: the next line decides
+                    continue
             if text and state == "blank after text":
                 return "bert"
             if text:
                 state = "text"
-            elif state == "text":
+            elif state in ("text", "brace"):
                 state = "blank after text"
     finally:
         raw.close()
