@@ -40,6 +40,8 @@ def test_seeded_order_repeats_and_differs_by_seed():
     first = length_grouped_batches(sizes, 16, seed=7)
     assert first == length_grouped_batches(sizes, 16, seed=7)
     assert first != length_grouped_batches(sizes, 16, seed=8)
+    # the next epoch of one seed is not the first of the next seed (seed + epoch had made them equal)
+    assert length_grouped_batches(sizes, 16, seed=7, epoch=1) not in (first, length_grouped_batches(sizes, 16, seed=8))
     # batches come in a random order, not longest first
     maxima = [max(sizes[i] for i in b) for b in first]
     assert maxima != sorted(maxima, reverse=True)

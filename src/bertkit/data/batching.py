@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # Rows that are padded to the longest of the batch; the other keys hold one number per example.
@@ -11,16 +12,17 @@ SEQUENCE_KEYS = ("input_ids", "token_type_ids")
 
 
 def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, group_batches: int = 50
+    lengths: Sequence[int], batch_size: int, seed: int, group_batches: int = 50, epoch: int = 0
 ) -> list[list[int]]:
     """Every index once, in batches of similar length: shuffle, sort within chunks of `group_batches` batches,
     cut into batches, then shuffle the batches.
 
     Sorting only inside large random chunks keeps the order random (a batch's examples come from anywhere in
     the data) while padding all but vanishes; the final shuffle stops the model seeing lengths in sequence.
-    The same seed gives the same order; pass seed + epoch for a new order each epoch.
+    The same (seed, epoch) gives the same order, and any other pair another one: seed + epoch would have given
+    seed 1's second epoch the order of seed 2's first, so a suite's seeds would share most of their orders.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     order = torch.randperm(len(lengths), generator=generator).tolist()
     chunk = batch_size * group_batches
     batches = []

@@ -558,7 +558,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
 
     with Interrupt() as interrupt:
         for epoch in range(pos.epoch, config.epochs + 1):
-            batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
+            batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch)
             model.train()
             with progress_bar(total=len(rows), initial=sum(len(b) for b in batches[: pos.batch]),
                               desc=f"{task.name} epoch {epoch}/{config.epochs}", unit="ex", mininterval=1.0,
