@@ -13,6 +13,7 @@ from bertkit.errors import BertkitError
 from bertkit.tasks.evaluation import evaluate, predict
 from bertkit.tasks.finetune import BestCheckpoint, FinetuneConfig, finetune, open_out_dir
 from bertkit.tasks.glue import GlueConfig, glue
+from bertkit.train.logs import read_csv
 from conftest import data_path
 
 
@@ -47,6 +48,8 @@ def test_sst2_run_writes_a_model_folder_and_its_record(sst2_run):
     assert model_config["id2label"] == {"0": "0", "1": "1"}
     saved = json.loads(Path(out, "finetune_config.json").read_text())
     assert saved["task"] == "SST-2" and saved["max_length"] == 128 and saved["warmup"] == 0.1
+    # 25 steps an epoch: every 50th step and each epoch's end (its steps since the last row were dropped before)
+    assert [int(r["step"]) for r in read_csv(Path(out, "train.csv"))] == [25, 50, 75]
     assert record == json.loads(Path(out, "metrics.json").read_text())
     assert record["train_examples"] == 400 and record["eval_examples"] == 872
     assert len(record["epochs"]) == 3
@@ -508,7 +511,7 @@ def test_the_same_run_again_starts_over_and_resume_auto_returns_a_finished_one(t
     config = toy_run(toy_model_dir, tmp_path, tmp_path / "run", epochs=1)
     first = finetune(config)
     again = finetune(config)
-    assert "starting the run over (an earlier attempt's metrics.json, results.md, eval.csv deleted)" in caplog.text
+    assert "starting the run over (an earlier attempt's metrics.json, results.md, train.csv, eval.csv deleted)" in caplog.text
     done = finetune(FinetuneConfig(**{**vars(config), "resume": "auto"}))
     assert "this run has finished already" in caplog.text
     assert done == json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -596,6 +596,10 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                                                     f"batch {pos.batch}); --resume auto continues")
                 train_seconds = pos.seconds + time.perf_counter() - start
                 train_cpu_seconds = pos.cpu_seconds + time.process_time() - start_cpu
+            if pos.running:  # the epoch's steps since the last row: a row of their own, not dropped with the epoch
+                run_log.log("train", pos.step, {"loss": float(np.mean(pos.running)), "lr": scheduler.get_last_lr()[0],
+                                               "skipped_steps": bad_steps.window})
+                bad_steps.window = 0
             loss = pos.loss_sum / pos.good_steps if pos.good_steps else float("nan")
             if d.is_main:  # scored on rank 0 alone; the others wait for it at the next all-reduce
                 start = time.perf_counter()
