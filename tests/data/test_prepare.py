@@ -120,6 +120,16 @@ def test_incremental_run_tokenizes_only_new_files(tmp_path, tokenizer, documents
     assert again.tokens == 0 and len(again.files_already_prepared) == 2
 
 
+def test_a_file_named_twice_is_prepared_once(tmp_path, tokenizer, documents, monkeypatch):
+    """A relative and an absolute path, or a link, to one file: its documents once, not twice in training."""
+    a = write_bert(tmp_path / "a.txt", documents[:30])
+    (tmp_path / "link.txt").symlink_to(a)
+    monkeypatch.chdir(tmp_path)
+    summary = prepare(["a.txt", str(a), "link.txt"], tokenizer, tmp_path / "out", heldout_fraction=0, progress=False)
+    assert summary.documents == 30 and summary.files_prepared == [str(a.resolve())]
+    assert Counter(stored(PreparedCorpus(tmp_path / "out"))) == Counter(encoded(tokenizer, documents[:30]))
+
+
 class Crash(Exception):
     pass
 

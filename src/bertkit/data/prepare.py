@@ -284,9 +284,12 @@ def prepare(
         manifest = _new_manifest(tokenizer, fingerprint, heldout_fraction, seed)
 
     # Check every file before tokenizing any: a changed or binary file stops the run now, not hours in.
-    readers, already = [], []
+    readers, already, seen = [], [], set()
     for path in files:
         key = str(path.resolve())
+        if key in seen:  # one file named twice (a relative and an absolute path, a link to it): read once
+            continue
+        seen.add(key)
         identity = _file_identity(path)
         record = manifest["files"].get(key)
         if record is not None:
