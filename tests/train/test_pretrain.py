@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from bertkit.model import BertForPreTraining
 from bertkit.train.distributed import Distributed
 from bertkit.train.loader import PretrainBatches
 from bertkit.train.logs import read_csv
-from bertkit.train.pretrain import PretrainConfig, find_resume, pretrain
+from bertkit.train.pretrain import PretrainConfig, data_signature, find_resume, pretrain, restore
 from conftest import data_path
 
 # One thread, so that a subprocess computes the very same floats whatever the machine's load.
@@ -249,6 +250,25 @@ def test_batch_ramp_grows_the_global_batch_linearly():
     steps = batches(0, 0, 0)
     assert next(steps) == (0, 4, [[0, 1, 2, 3]])
     assert next(steps) == (0, 8, [[4, 5, 6, 7]])
+
+
+def test_a_ramped_run_is_not_resumed_on_another_split_of_its_batch():
+    """A ramp grows from one micro-batch per process: 1 process accumulating 2 ramps from 4 examples a step, 2
+    processes of 1 start at 8. Same global batch, other examples in each ramp step: resuming so is refused."""
+    corpus = SimpleNamespace(tokenizer_fingerprint="f" * 64, num_tokens=1000)
+
+    def signature(world, accumulation, ramp_steps):
+        batches = PretrainBatches(SimpleNamespace(corpus=corpus), 4, accumulation, Distributed(world_size=world),
+                                  ramp_steps=ramp_steps)
+        return data_signature(PretrainConfig(), batches)
+
+    assert signature(1, 2, 0) == signature(2, 1, 0)  # without a ramp any split of the global batch reads the same
+    one = PretrainBatches(_Plan(range(100)), 4, 2, Distributed(), ramp_steps=6)._order(0, 0)
+    two = PretrainBatches(_Plan(range(100)), 4, 1, Distributed(world_size=2), ramp_steps=6)._order(0, 0)
+    assert [len(step) for step in one[:3]] == [1, 1, 1] and [len(step) for step in two[:3]] == [1, 1, 1]  # 4 vs 8
+    with pytest.raises(BertkitError, match=r"'ramp_first_batch': \(4, 8\).*a ramp starts at --batch-size x processes"):
+        restore({"data": signature(1, 2, 6)}, Path("step-00000003"), None, None, None, signature(2, 1, 6),
+                Distributed(world_size=2))
 
 
 def test_cli_pretrain_help_documents_every_flag(capsys):

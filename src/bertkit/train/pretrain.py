@@ -514,8 +514,11 @@ def claim_run_dir(cfg: PretrainConfig, run_dir: Path) -> RunLock:
 def data_signature(cfg: PretrainConfig, batches: PretrainBatches) -> dict:
     """What fixes the example stream; a resumed run must match it to read on where the first run stopped."""
     corpus = batches.dataset.corpus
+    # A ramp grows from one micro-batch on every process: its first batches are --batch-size x processes, so the same
+    # global batch split otherwise (2 processes instead of 2 micro-steps) ramps otherwise and reads other examples.
+    ramp = {"ramp_first_batch": batches.batch_size * batches.d.world_size} if batches.ramp_steps else {}
     return {"corpus": f"{corpus.tokenizer_fingerprint[:16]}/{corpus.num_tokens}", "global_batch": batches.global_batch,
-            "ramp_steps": batches.ramp_steps,
+            "ramp_steps": batches.ramp_steps, **ramp,
             "max_length": cfg.max_length, "masking": cfg.masking, "mask_prob": cfg.mask_prob, "objective": cfg.objective,
             "seed": cfg.seed, **({"mask_mix": list(cfg.mask_mix)} if cfg.mask_mix != (80, 10, 10) else {})}
 
@@ -537,11 +540,14 @@ def training_state(pos: Position, optimizer, scheduler, precision: Precision, si
 def restore(state: dict, source: Path, optimizer, scheduler, precision: Precision, signature: dict,
             d: Distributed) -> Position:
     """Load a checkpoint's training state (weights are loaded before); returns the position to continue from."""
-    if state["data"] != signature:
-        diff = {k: (state["data"].get(k), v) for k, v in signature.items() if state["data"].get(k) != v}
+    saved = state["data"]
+    if "ramp_first_batch" in signature and "ramp_first_batch" not in saved:  # written before it was recorded
+        saved = {**saved, "ramp_first_batch": signature["ramp_first_batch"]}
+    if saved != signature:
+        diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
         raise BertkitError(f"{source / TRAINING_STATE_NAME}: written for other data settings {diff} (checkpoint, "
-                           "now); expected the same corpus, global batch and ramp, max_length, masking, mask_prob, objective and "
-                           "seed")
+                           "now); expected the same corpus, global batch and ramp (a ramp starts at --batch-size x "
+                           "processes), max_length, masking, mask_prob, objective and seed")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     precision.scaler.load_state_dict(state["scaler"])
