@@ -305,6 +305,16 @@ def test_bad_config_is_a_user_error():
         PretrainConfig(betas=("x", "0.9"))
 
 
+def test_a_batch_ramp_with_nothing_to_grow_is_refused(capsys):
+    """The ramp grows the micro-steps of a step up to --grad-accum: with one there is no ramp, yet the run said
+    "after a ramp over N steps"."""
+    with pytest.raises(BertkitError, match=r"batch_ramp=0.5 with grad_accum=1 \(expected --grad-accum above 1"):
+        PretrainConfig(batch_ramp=0.5)
+    assert cli_main(["pretrain", "--batch-ramp", "0.5", "--batch-size", "128"]) == 2
+    assert "expected --grad-accum above 1" in capsys.readouterr().err
+    PretrainConfig(batch_ramp=0.5, grad_accum=4)
+
+
 @pytest.mark.parametrize("objective, masking, optimizer, metric", [
     ("mlm", "span", "lamb", None),
     ("mlm+sop", "wwm", "adamw", "sentence_order_accuracy"),

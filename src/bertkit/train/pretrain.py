@@ -108,7 +108,8 @@ class PretrainConfig:
                              "--grad-accum")
     grad_accum: int = option(1, "micro-steps whose gradients are summed into one optimizer step")
     batch_ramp: float = option(0.0, "batch-size ramp (Cramming): the global batch grows linearly from --batch-size x "
-                               "processes to its full size (x --grad-accum) over this share of --max-steps (0: none)")
+                               "processes to its full size (x --grad-accum, above 1) over this share of --max-steps "
+                               "(0: none)")
     optimizer: Literal["adamw", "lamb"] = option("adamw", "AdamW (the paper's Adam) or LAMB (for very large batches)")
     lr: float = option(1e-3, "peak learning rate, reached after warm-up, then decayed linearly to 0 at --max-steps "
                        "(1e-3 won the recipe study for mini with dropout off; the paper used 1e-4 for base)")
@@ -209,6 +210,10 @@ class PretrainConfig:
         if self.overwrite and self.resume is not None:
             problems.append(f"overwrite with resume={self.resume} (expected one of them: --overwrite starts over, "
                             "--resume continues)")
+        if self.batch_ramp > 0 and self.grad_accum == 1:  # the ramp adds micro-steps: with one, nothing would grow
+            problems.append(f"batch_ramp={self.batch_ramp} with grad_accum=1 (expected --grad-accum above 1: the "
+                            "ramp grows a step from 1 micro-batch to --grad-accum, from --batch-size x processes to "
+                            "the global batch)")
         if problems:
             raise BertkitError("pretrain config: " + "; ".join(problems))
 
