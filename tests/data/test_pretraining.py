@@ -3,6 +3,7 @@
 import itertools
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -316,3 +317,18 @@ def test_a_held_out_split_too_small_for_pairs_says_how_to_get_more(tmp_path, tok
     assert heldout.num_documents < 2
     with pytest.raises(BertkitError, match=r"\(heldout\): .* expected at least 2 .* --heldout-fraction"):
         PretrainingDataset(heldout, tokenizer)
+
+
+def test_a_split_with_no_two_sentence_document_is_refused_for_pairs(tmp_path, tokenizer):
+    """A held-out split of one-sentence documents makes no NSP or SOP pair: said at once, not a run whose every
+    held-out score is nan."""
+    documents = itertools.islice(FileReader(data_path("corpus", "python-docs-3.11.txt")), 30)
+    (tmp_path / "single.txt").write_text("\n\n".join(d[0] for d in documents) + "\n", encoding="utf-8")
+    prepare([str(tmp_path / "single.txt")], tokenizer, tmp_path / "out", heldout_fraction=0, progress=False)
+    corpus = PreparedCorpus(tmp_path / "out")
+    assert corpus.num_documents == 30
+    for objective in ("mlm+nsp", "mlm+sop"):
+        with pytest.raises(BertkitError, match=rf"\(train\): no sentence pair for objective {re.escape(objective)}: "
+                                               r"none of its 30 document\(s\) has two sentences; .* --objective mlm"):
+            PretrainingDataset(corpus, tokenizer, objective=objective)
+    assert len(PretrainingDataset(corpus, tokenizer, objective="mlm")) == 30

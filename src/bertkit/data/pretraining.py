@@ -160,9 +160,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
                 f"{corpus.tokenizer_fingerprint[:12]}); expected the tokenizer it was prepared with"
             )
         needed = self.task.documents_needed
+        hint = (" (the held-out split is a share of the documents: prepare the corpus with `bertkit prepare "
+                "--heldout-fraction` larger, or give it more documents)") if corpus.split == "heldout" else ""
         if corpus.num_documents < needed:
-            hint = (" (the held-out split is a share of the documents: prepare the corpus with `bertkit prepare "
-                    "--heldout-fraction` larger, or give it more documents)") if corpus.split == "heldout" else ""
             raise BertkitError(
                 f"{corpus.out_dir} ({corpus.split}): {corpus.num_documents} document(s); expected at least {needed} "
                 f"for objective {objective}{hint}"
@@ -185,6 +185,12 @@ class PretrainingDataset(torch.utils.data.Dataset):
         self.span_cdf = np.cumsum(probs / probs.sum())
         self.seed = seed
         self.set_epoch(0)
+        if not len(self.plan):  # only pairs can come out empty: every epoch alike, as a pair needs two sentences
+            raise BertkitError(
+                f"{corpus.out_dir} ({corpus.split}): no sentence pair for objective {objective}: none of its "
+                f"{corpus.num_documents} document(s) has two sentences; expected documents of two sentences or "
+                f"more{hint}, or --objective mlm"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Build the plan of epoch `epoch` (a pure function of seed and epoch)."""
