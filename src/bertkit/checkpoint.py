@@ -479,13 +479,23 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_stat
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
-    save_training_state(tmp / TRAINING_STATE_NAME, training_state)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    (tmp / COMPLETE_NAME).write_text(json.dumps({"step": step, "sha256": files}, indent=1) + "\n")
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+    try:
+        save_pretrained(model, tmp, tokenizer=tokenizer)
+        save_training_state(tmp / TRAINING_STATE_NAME, training_state)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / COMPLETE_NAME).write_text(json.dumps({"step": step, "sha256": files}, indent=1) + "\n")
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+    except BertkitError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:  # a full disk or a failing one: safetensors, torch.save and open() each say it their way
+        shutil.rmtree(tmp, ignore_errors=True)  # the half folder would only take more of the space that ran out
+        free = shutil.disk_usage(root).free
+        raise BertkitError(f"{final}: cannot write the checkpoint ({type(e).__name__}: {e}); {free / 2**30:.2f} GiB "
+                           f"free on its filesystem; expected room for a checkpoint (the ones before it are kept: "
+                           "free some space, then --resume auto continues from the newest)") from None
     if final.exists():  # a run resumed from an earlier checkpoint is passing this step again
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)

@@ -141,6 +141,23 @@ def test_crash_while_saving_leaves_no_checkpoint(tmp_path, monkeypatch):
     assert list(tmp_path.glob(".tmp-step-00000002-*"))
 
 
+def test_a_full_disk_while_saving_is_a_clear_error_and_leaves_no_half_folder(tmp_path, monkeypatch):
+    import bertkit.checkpoint as checkpoint
+
+    model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=50))
+    save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+
+    def full(path, state):  # what torch.save raises when a write comes up short
+        Path(path).write_bytes(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3025792 vs 3025684")
+
+    monkeypatch.setattr(checkpoint, "save_training_state", full)
+    with pytest.raises(BertkitError, match=r"step-00000002: cannot write the checkpoint \(RuntimeError.*GiB free"):
+        save_checkpoint(tmp_path, 2, model, None, {"step": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert not list(tmp_path.glob(".tmp-step-*"))  # the space it took is given back
+
+
 def test_a_finished_run_is_not_overwritten_without_resume(short_run, inputs):
     run_dir, _ = short_run
     with pytest.raises(BertkitError, match="--resume auto"):
