@@ -552,6 +552,19 @@ def usable_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
+def set_aside_newer(root: str | Path, step: int) -> list[str]:
+    """Move the checkpoints under `root` newer than `step` aside to `.abandoned-step-N`, for a run resumed from an
+    older checkpoint: they continue another run that this one replaces (its logs past `step` are rewritten), so
+    `--resume auto` must not go back to them and pruning must not keep them over this run's own. Returns their names."""
+    root = Path(root)
+    moved = []
+    for path in list_checkpoints(root):
+        if checkpoint_step(path) > step:
+            os.rename(path, root / f".abandoned-{path.name}-{os.getpid()}")
+            moved.append(path.name)
+    return moved
+
+
 def checkpoint_bytes(num_parameters: int, optimizer_tensors: int = 2) -> int:
     """About the size of one training checkpoint in float32: the weights plus the optimizer's per-parameter
     tensors (AdamW and LAMB keep two), with a margin for the tokenizer and the rest."""

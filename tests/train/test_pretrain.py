@@ -158,6 +158,22 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_leaves_no_half_folder(tmp
     assert not list(tmp_path.glob(".tmp-step-*"))  # the space it took is given back
 
 
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside_so_its_own_are_kept_and_resumed(inputs, tmp_path,
+                                                                                                    caplog):
+    run_dir = tmp_path / "run"
+    pretrain(small(inputs, run_dir, max_steps=10, save_every=5, keep_last=2))
+    older = run_dir / "checkpoints" / "step-00000005"
+    # back to step 5 with another lr: step 10 continues the first run, not this one
+    result = pretrain(small(inputs, run_dir, max_steps=10, save_every=1, keep_last=1, stop_at=7, lr=5e-4,
+                            resume=str(older)))
+    assert Path(result["checkpoint"]).is_dir()  # was deleted by pruning at once, step 10 being "newer"
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-00000007"]
+    assert find_resume(PretrainConfig(out_dir=str(run_dir), resume="auto"), run_dir / "checkpoints").name == \
+        "step-00000007"  # was step 10, of the run this one replaced
+    assert "step-00000010 continue another run" in caplog.text
+    assert list((run_dir / "checkpoints").glob(".abandoned-step-00000010-*"))  # set aside, not deleted
+
+
 def test_a_finished_run_is_not_overwritten_without_resume(short_run, inputs):
     run_dir, _ = short_run
     with pytest.raises(BertkitError, match="--resume auto"):

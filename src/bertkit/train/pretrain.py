@@ -35,6 +35,7 @@ from bertkit.checkpoint import (
     read_state_dict,
     rng_state,
     save_checkpoint,
+    set_aside_newer,
     set_rng_state,
     usable_checkpoint,
     verify_checkpoint,
@@ -700,6 +701,11 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         torch.manual_seed(cfg.seed * 65536 + d.rank + 1)  # dropout: a stream per process
     if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
         write_json(run_dir / CONFIG_NAME, dataclasses.asdict(cfg))
+        newer = set_aside_newer(run_dir / "checkpoints", pos.step) if resume_from is not None else []
+        if newer:
+            logger.warning("%s: resumed from step %d: the later checkpoints %s continue another run and were moved "
+                           "aside (renamed .abandoned-...), so that --resume auto continues this one", run_dir,
+                           pos.step, ", ".join(newer))
     log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if resume_from is not None else None)
     reached = log.truncate(pos.step)
     if reached is not None:
