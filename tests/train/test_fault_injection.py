@@ -360,6 +360,19 @@ def test_a_damaged_newest_finetuning_checkpoint_falls_back_to_the_one_before(toy
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
 
 
+def test_a_second_finetuning_into_a_live_runs_folder_is_told_it_is_in_use_not_interrupted(toy, tmp_path):
+    from bertkit.train.rundir import RunLock
+
+    config = finetune_config(toy, tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step-00000005").mkdir(parents=True)
+    config.save(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step-00000005" / COMPLETE_NAME).write_text("{}")
+    with RunLock(tmp_path / "run"):  # the first run, still training
+        # was: "holds the checkpoints of an interrupted run ...; expected --resume auto", which then said "in use"
+        with pytest.raises(BertkitError, match=f"run: in use by process {os.getpid()} on "):
+            finetune(finetune_config(toy, tmp_path / "run"))
+
+
 def test_ctrl_c_during_finetuning_saves_a_checkpoint_and_exits_130(toy, tmp_path, monkeypatch, capsys):
     import bertkit.tasks.finetune as module
 

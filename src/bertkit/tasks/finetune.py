@@ -57,7 +57,7 @@ from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
 from bertkit.train.precision import resolve as resolve_precision
-from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
+from bertkit.train.rundir import RunLock, check_free_space, check_not_in_use, check_output_path, entries, remove
 from bertkit.train.step import train_step as shared_step
 
 logger = logging.getLogger("bertkit")
@@ -388,7 +388,12 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     model_folder(config.model_dir)  # a mistyped --model-dir says so, before any data is read
     check_max_length(config, BertConfig.load(config.model_dir).max_position_embeddings)
     out = Path(config.out_dir)
-    check_out_dir(config, out)
+
+    def check_out() -> None:
+        check_not_in_use(out)  # first: a live run's checkpoints are not an interrupted run's
+        check_out_dir(config, out)
+
+    distributed.run_on_main(check_out, d)  # rank 0's verdict for every rank, before rank 0 may lock the folder
     task = load_task(config)  # bad data fails before the model is loaded
     if config.limit_train_examples:
         task.train = task.train[: config.limit_train_examples]

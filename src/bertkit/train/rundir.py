@@ -81,6 +81,26 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
                            f"{needed / 2**30:.2f} GiB for {what}")
 
 
+def in_use(folder: Path, holder: str) -> BertkitError:
+    return BertkitError(f"{folder}: in use by {holder or 'another process'}; expected one process per run folder "
+                        "(wait for it to finish, stop it, or choose another folder)")
+
+
+def check_not_in_use(folder: Path) -> None:
+    """Refuse a run folder whose lock a live run holds, before other checks read its files as a stopped run's
+    (creating nothing: a folder without a lock file is held by no one)."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise in_use(folder, os.pread(fd, 200, 0).decode("utf-8", "replace").strip()) from None
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive hold on a run folder for as long as the run lasts (`with RunLock(folder):`)."""
 
@@ -99,10 +119,9 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
             os.close(fd)
-            raise BertkitError(f"{self.folder}: in use by {holder}; expected one process per run folder (wait for "
-                               "it to finish, stop it, or choose another folder)") from None
+            raise in_use(self.folder, holder) from None
         left = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
         if left:  # written by a holder that never released it: killed, or its machine went down
             logger.warning("%s: took over the lock of %s, which is no longer running", self.folder, left)
