@@ -496,12 +496,14 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_stat
         raise BertkitError(f"{final}: cannot write the checkpoint ({type(e).__name__}: {e}); {free / 2**30:.2f} GiB "
                            f"free on its filesystem; expected room for a checkpoint (the ones before it are kept: "
                            "free some space, then --resume auto continues from the newest)") from None
+    old = None
     if final.exists():  # a run resumed from an earlier checkpoint is passing this step again
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
-        shutil.rmtree(old)
     os.rename(tmp, final)
     _fsync(root)
+    if old is not None:  # deleted only once the new one is in place: it may be the run's only whole checkpoint
+        shutil.rmtree(old)
     return final
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -139,6 +140,27 @@ def test_crash_while_saving_leaves_no_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 2, model, None, {"step": 2})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
     assert list(tmp_path.glob(".tmp-step-00000002-*"))
+
+
+def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_leaves_a_whole_one(tmp_path, monkeypatch):
+    import bertkit.checkpoint as checkpoint
+
+    # a run resumed from its only checkpoint that saves the same step again (fine-tuning stopped on an epoch's
+    # last step, then resumed: the epoch's end is saved once more)
+    model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=50))
+    save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+
+    rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name.startswith(".old-"):
+            raise KeyboardInterrupt  # the process dies while the replaced folder is being deleted
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]  # was none: deleted before the rename
 
 
 def test_a_full_disk_while_saving_is_a_clear_error_and_leaves_no_half_folder(tmp_path, monkeypatch):
