@@ -273,6 +273,25 @@ def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
+def test_a_checkpoint_that_cannot_be_written_under_torchrun_stops_every_process_with_its_error(inputs, tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text("import sys, torch; torch.set_num_threads(1)\n"
+                      "import bertkit.checkpoint as checkpoint\n"
+                      "def full(path, state): raise RuntimeError('unexpected pos 3025792 vs 3025684')\n"
+                      "checkpoint.save_training_state = full\n"
+                      "from bertkit.cli import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    cfg = small(inputs, tmp_path / "run", max_steps=4, save_every=2)
+    pair = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                   *flags(cfg)])
+    output, _ = pair.communicate(timeout=300)
+    assert pair.returncode != 0
+    # was: rank 0's error, and rank 1 killed in its next all-reduce with a gloo traceback
+    assert output.count("bertkit: error: ") == 2 and output.count("cannot write the checkpoint (RuntimeError") == 2, \
+        output[-3000:]
+    assert "[rank1]: Traceback" not in output, output[-3000:]
+
+
 class _Plan(list):
     """Stands in for PretrainingDataset in the order tests: example i is i."""
 

@@ -548,17 +548,19 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         _finite_weights(model, f"step {pos.step}", hint)
         rngs = distributed.all_gather_object(rng_state(), d)
         path = checkpoints / f"step-{pos.step:08d}"
-        if not d.is_main:
-            return path
-        payload = {"position": dataclasses.asdict(pos), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-                   "rng": rngs if d.enabled else rngs[0],
-                   "record": json.loads(json.dumps(record)),  # plain types: torch.load(weights_only) reads them
-                   "best": [best.score, best.epoch],
-                   "bad_steps": [bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row],
-                   "config": dataclasses.asdict(config)}
-        save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
-        prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+
+        def write() -> None:  # on rank 0; its error (a full disk) stops every rank
+            payload = {"position": dataclasses.asdict(pos), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                       "rng": rngs if d.enabled else rngs[0],
+                       "record": json.loads(json.dumps(record)),  # plain types: torch.load(weights_only) reads them
+                       "best": [best.score, best.epoch],
+                       "bad_steps": [bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row],
+                       "config": dataclasses.asdict(config)}
+            save_checkpoint(checkpoints, pos.step, model, tokenizer, payload)
+            prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+
+        distributed.run_on_main(write, d)
         return path
 
     with Interrupt() as interrupt:

@@ -644,11 +644,13 @@ class Run:
                                f"weights: {self.bad_steps.hint}")
         payload = training_state(self.pos, self.optimizer, self.scheduler, self.precision, self.signature, self.cfg,
                                  self.d)
-        path = self.checkpoints / f"step-{self.pos.step:08d}"
-        if self.d.is_main:
+
+        def write() -> Path:
             path = save_checkpoint(self.checkpoints, self.pos.step, self.model, self.tokenizer, payload)
             prune_checkpoints(self.checkpoints, self.cfg.keep_last)
-        return path
+            return path
+
+        return distributed.run_on_main(write, self.d)  # a failed save (a full disk) stops every rank with its error
 
 
 def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> Run:
