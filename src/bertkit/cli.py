@@ -451,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
               "user can read and write", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a training loop says where it saved its checkpoint
-        print("bertkit: interrupted" + (f": {one_line(str(e))}" if str(e) else ""), file=sys.stderr)
-        return 130
+        status = getattr(e, "status", 130)  # 143 after SIGTERM
+        said = "terminated" if status == 143 else "interrupted"
+        print(f"bertkit: {said}" + (f": {one_line(str(e))}" if str(e) else ""), file=sys.stderr)
+        return status
     return 0
 
 

@@ -233,7 +233,10 @@ def test_a_pretraining_run_killed_before_its_first_checkpoint_starts_over(inputs
                         list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / WEIGHTS_NAME, rerun)
 
 
-def test_ctrl_c_during_pretraining_saves_a_checkpoint_and_exits_130(inputs, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")])  # a scheduler's preemption
+def test_ctrl_c_or_sigterm_during_pretraining_saves_a_checkpoint_and_exits_128_plus_the_signal(
+        inputs, tmp_path, monkeypatch, capsys, signum, status, said):
     import bertkit.train.pretrain as module
 
     cfg = small(inputs, tmp_path / "run", max_steps=10, save_every=4)
@@ -242,14 +245,15 @@ def test_ctrl_c_during_pretraining_saves_a_checkpoint_and_exits_130(inputs, tmp_
     def interrupted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 6:
-            signal.raise_signal(signal.SIGINT)  # the handler only notes it: this step still completes
+            signal.raise_signal(signum)  # the handler only notes it: this step still completes
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(module, "train_step", interrupted)
-        assert cli_main(flags(cfg)) == 130
+        assert cli_main(flags(cfg)) == status
     err = capsys.readouterr().err
-    assert "bertkit: interrupted: checkpoint" in err and "saved at step 6; --resume auto continues" in err
+    assert f"bertkit: {said}: checkpoint" in err and "saved at step 6; --resume auto continues" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000004", "step-00000006"]
     assert cli_main(flags(cfg) + ["--resume", "auto"]) == 0
     reference = pretrain(PretrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "reference")}))

@@ -599,8 +599,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                         path = save()
                         if stop:
                             run_log.close()
-                            raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step} (epoch {epoch}, "
-                                                    f"batch {pos.batch}); --resume auto continues")
+                            raise interrupt.stop(f"checkpoint {path} saved at step {pos.step} (epoch {epoch}, "
+                                                 f"batch {pos.batch}); --resume auto continues")
                 train_seconds = pos.seconds + time.perf_counter() - start
                 train_cpu_seconds = pos.cpu_seconds + time.process_time() - start_cpu
             if pos.running:  # the epoch's steps since the last row: a row of their own, not dropped with the epoch
@@ -628,7 +628,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
             save()
             if interrupt.requested(d) and epoch < config.epochs:
                 run_log.close()
-                raise KeyboardInterrupt(f"checkpoint saved at the end of epoch {epoch}; --resume auto continues")
+                raise interrupt.stop(f"checkpoint saved at the end of epoch {epoch}; --resume auto continues")
     run_log.close()
     if not d.is_main:
         return record

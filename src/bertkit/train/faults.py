@@ -57,28 +57,43 @@ class NonFiniteSteps:
 
 
 class Interrupt:
-    """Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, save a checkpoint and exit (the CLI
-    then exits with status 130). A second Ctrl-C interrupts at once; checkpoints are written atomically, so even
-    that leaves the previous one whole."""
+    """Ctrl-C (SIGINT), or SIGTERM (a scheduler preempting the job, `kill`), asks the loop to stop at the end of the
+    current step, save a checkpoint and exit: the loop raises `stop(...)`, and the CLI exits with status 130 after
+    Ctrl-C, 143 after SIGTERM. The same signal again stops at once; checkpoints are written atomically, so even that
+    leaves the previous one whole."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
         self._requested = False
-        self._previous = None
+        self._previous: dict = {}
+        self.signum: int | None = None
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():  # signals are only delivered there
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self._requested = True
-        signal.signal(signal.SIGINT, self._previous)
-        logger.warning("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)")
+        self._requested, self.signum = True, signum
+        self._restore()
+        what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        logger.warning("%s: saving a checkpoint at the end of this step (%s again to stop at once)", what,
+                       self.SIGNALS[signum])
+
+    def _restore(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+        self._previous = {}
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        self._restore()
+
+    def stop(self, message: str) -> KeyboardInterrupt:
+        """What the loop raises once its checkpoint is saved; `status` is the CLI's exit status (128 + signal)."""
+        e = KeyboardInterrupt(message)
+        e.status = 128 + (self.signum or signal.SIGINT)  # a process that got no signal stops with the others
+        return e
 
     def requested(self, d: Distributed | None = None) -> bool:
         """Whether any process was interrupted (all processes then stop at the same step)."""

@@ -746,7 +746,7 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
 
 def loop(run: Run) -> tuple[dict, Path, dict]:
     """Train from `run.pos` to --max-steps (or --stop-at): log every --log-every steps, evaluate every --eval-every,
-    save every --save-every and at the end (or on Ctrl-C). Returns the final held-out metrics, the last checkpoint
+    save every --save-every and at the end (or on Ctrl-C or SIGTERM). Returns the final held-out metrics, the last checkpoint
     and the last training row."""
     cfg, d, pos = run.cfg, run.d, run.pos
     end = cfg.stop_at or cfg.max_steps
@@ -791,7 +791,7 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
                 last_saved = pos.step
             if interrupt.requested(d) and pos.step < end:
                 path = run.checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else run.save()
-                raise KeyboardInterrupt(f"checkpoint {path} saved at step {pos.step}; --resume auto continues")
+                raise interrupt.stop(f"checkpoint {path} saved at step {pos.step}; --resume auto continues")
     final = run.evaluate()
     path = run.checkpoints / f"step-{pos.step:08d}" if last_saved == pos.step else run.save()
     return final, path, train_row
