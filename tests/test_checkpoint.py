@@ -4,6 +4,7 @@ folders refused in one line naming the file and the field, before any large allo
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,26 @@ def test_sharded_index_that_is_not_json_or_names_missing_shards_is_refused(tmp_p
     sharded(tmp_path, index_text, drop)
     with pytest.raises(BertkitError, match=expected):
         BertModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+              'device" })'),  # safetensors' SafetensorError
+])
+def test_a_full_disk_while_saving_a_model_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch, error):
+    """A fine-tuning run's best model (save_pretrained) on a full disk ended in safetensors' traceback."""
+    import bertkit.checkpoint as checkpoint
+
+    def full(state, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(BertkitError, match=r"model.safetensors: cannot write it \(.*No space left.*GiB free on its "
+                                           "filesystem; expected room for it"):
+        BertModel(tiny_config(50)).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # not the disk's: the traceback stays
+        BertModel(tiny_config(50)).save_pretrained(tmp_path)

@@ -10,6 +10,7 @@ loss scaler, data position, RNG states), written atomically so that resuming nev
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -352,14 +353,40 @@ def _umask() -> int:
     return mask
 
 
+class WriteFailed(BertkitError):
+    """A file that could not be written for want of space (a full disk, a quota, a file size limit)."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+def _out_of_space(e: Exception) -> bool:
+    """Whether a writer's error is the disk's: safetensors, torch.save and open() each say it their way."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left", "os error 28", "Disk quota", "File too large", "file write failed",
+                                       "unexpected pos"))  # the last two: torch.save's writer, cut short
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so a crash never leaves a half file."""
+    """Write through a temporary file in the same folder and rename, so a crash never leaves a half file; a full
+    disk is a WriteFailed naming the file and the free space."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, BertkitError) or not _out_of_space(e):
+            raise
+        cause = f"{type(e).__name__}: {e}"
+        free = shutil.disk_usage(path.parent).free
+        raise WriteFailed(f"{path}: cannot write it ({cause}); {free / 2**30:.2f} GiB free on its filesystem; "
+                          "expected room for it", cause) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -487,13 +514,13 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_stat
         for path in tmp.iterdir():
             _fsync(path)
         _fsync(tmp)
-    except BertkitError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     except Exception as e:  # a full disk or a failing one: safetensors, torch.save and open() each say it their way
         shutil.rmtree(tmp, ignore_errors=True)  # the half folder would only take more of the space that ran out
+        if isinstance(e, BertkitError) and not isinstance(e, WriteFailed):
+            raise
+        cause = e.cause if isinstance(e, WriteFailed) else f"{type(e).__name__}: {e}"
         free = shutil.disk_usage(root).free
-        raise BertkitError(f"{final}: cannot write the checkpoint ({type(e).__name__}: {e}); {free / 2**30:.2f} GiB "
+        raise BertkitError(f"{final}: cannot write the checkpoint ({cause}); {free / 2**30:.2f} GiB "
                            f"free on its filesystem; expected room for a checkpoint (the ones before it are kept: "
                            "free some space, then --resume auto continues from the newest)") from None
     old = None
