@@ -2,6 +2,8 @@
 # Issue 14's checks on a lent GPU, as one run (H100/H200 class) with a log and the results' JSON files and plots
 # packed into ${OUT:-benchmarks/results}. The default stages' timeouts add up to 570 s and the machine report took
 # 8-14 s on the H200: give the device call its whole 600 s (a hang ends in its stage's timeout, not the call's).
+# A command that fails or is killed at its timeout is named in the log ("!!! FAILED") and again after "done"; the
+# later stages still run, and the script exits 1.
 #
 #   bash benchmarks/gpu_check.sh pack             # here, once: the slices of $BERTKIT_DATA the checks read -> gpu-data/
 #   bash benchmarks/gpu_check.sh                  # there, with gpu-data/ carried along: the default stages
@@ -49,6 +51,14 @@ STAGES=${*:-tests varlen ablation}
 step() { echo "=== $(date -u +%T) $*" | tee -a "$LOG"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 quiet() { grep --line-buffered -v "Loading weights"; }
+FAILED=()
+check() {  # $1: the exit status of what ran (pipefail: its command's), $2: what it was; a failure is said in the log
+    [ "$1" = 0 ] && return
+    local how="exit $1"
+    [ "$1" = 124 ] && how="killed at its timeout"
+    FAILED+=("$2: $how")
+    echo "!!! FAILED $2: $how" | tee -a "$LOG"
+}
 
 step machine
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -57,16 +67,23 @@ step machine
 
 if wants tests; then
     step "tests: tests/test_cuda.py, with benchmarks/loss_curve.py beside it"
-    ( for kernels in "packing=always" "packing=always attention=varlen"; do  # re-padded attention; varlen
+    ( failed=0
+      for kernels in "packing=always" "packing=always attention=varlen"; do  # re-padded attention; varlen
           # shellcheck disable=SC2086
           timeout 70 python3 benchmarks/loss_curve.py --device cuda --preset base --batch-size 256 --steps 100 \
               --kernels $kernels --out "$RESULTS/loss" 2>&1 | quiet
-      done > "$OUT/loss_curve.log" ) &
+          rc=$?
+          [ $rc = 0 ] || { failed=$rc; echo "!!! FAILED loss_curve.py --kernels $kernels: exit $rc (124: its timeout)"; }
+      done > "$OUT/loss_curve.log"
+      exit $failed ) &
     curves=$!
     timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging -m "slow or not slow" -n 4 --timeout 100 \
         --tb=short -rfs tests/test_cuda.py 2>&1 | grep -v DEBUG | tail -60 | tee -a "$LOG"
+    check $? "tests: tests/test_cuda.py"
     wait $curves
+    rc=$?
     tee -a "$LOG" < "$OUT/loss_curve.log"
+    check $rc "tests: benchmarks/loss_curve.py"
 fi
 
 if wants varlen; then
@@ -74,14 +91,17 @@ if wants varlen; then
     timeout 110 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
         finetune-squad inference-b32 --no-memory --batches 4 --rounds 2 --warmup 1 \
         --kernels packing=always attention=varlen --out "$RESULTS/varlen" 2>&1 | quiet | tee -a "$LOG"
+    check $? "varlen: eager"
     step "varlen: blocks compiled for static shapes, packed rows rounded up to 2048, varlen attention"
     timeout 140 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
         --no-memory --batches 4 --rounds 2 --warmup 1 --compile static --kernels attention=varlen pack_multiple=2048 \
         --out "$RESULTS/static-varlen" 2>&1 | quiet | tee -a "$LOG"
+    check $? "varlen: static, packed"
     step "varlen: the baseline, blocks compiled for static shapes, padded, bucketed to 64"
     timeout 80 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 --no-memory \
         --batches 4 --rounds 2 --warmup 1 --bucket 64 --compile static --out "$RESULTS/static-padded" 2>&1 \
         | quiet | tee -a "$LOG"
+    check $? "varlen: static, padded"
 fi
 
 if wants ablation; then
@@ -89,6 +109,7 @@ if wants ablation; then
     timeout 90 python3 benchmarks/ablation.py --device cuda --cases pretrain-base pretrain-base-512 --batches 4 \
         --rounds 2 --kernels attention=varlen --undo varlen-attention padded-encoder --out "$RESULTS/ablation" 2>&1 \
         | quiet | tee -a "$LOG"
+    check $? "ablation"
 fi
 
 if wants profile; then
@@ -96,35 +117,43 @@ if wants profile; then
     timeout 90 python3 benchmarks/run.py --device cuda --cases pretrain-base --no-memory --batches 2 --rounds 1 \
         --warmup 1 --compile static --kernels attention=varlen pack_multiple=2048 --profile --out "$RESULTS/profile" \
         2>&1 | quiet | tee -a "$LOG"
+    check $? "profile"
 fi
 
 if wants pretrain; then
     step "pretrain: the targets' pretraining cases and BERT-Large phase 2, bertkit as shipped"
     timeout 100 python3 benchmarks/run.py --device cuda --cases pretrain-base pretrain-base-512 pretrain-large \
         pretrain-large-512 --no-memory --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/pretrain" 2>&1 | quiet | tee -a "$LOG"
+    check $? "pretrain"
 fi
 
 if wants suite; then
     step "suite: issue 14's targets"
     timeout 150 python3 benchmarks/run.py --suite gpu-targets --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/suite" \
         2>&1 | quiet | tee -a "$LOG"
+    check $? "suite"
 fi
 
 if wants nsp; then
     step "nsp: the H100 NSP run of docs/findings.md again, its held-out curve read correctly"
     c=gpu-data/corpus n=$OUT/nsp
     docs=("$c/python-docs-3.11.txt" "$c/linux-docs-6.1.txt")
-    bk() { timeout 240 python3 -m bertkit.cli "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|step/s\|s/step" | tail -4; }
-    { bk vocab train "${docs[@]}" --out "$n/vocab" --vocab-size 8000
-      bk prepare "${docs[@]}" --tokenizer "$n/vocab" --out "$n/data"
+    bk() { timeout 240 python3 -m bertkit.cli "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|step/s\|s/step" | tail -4
+           local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || echo "!!! FAILED bertkit $1: exit $rc (124: its timeout)"
+           return "$rc"; }
+    { bk vocab train "${docs[@]}" --out "$n/vocab" --vocab-size 8000 &&
+      bk prepare "${docs[@]}" --tokenizer "$n/vocab" --out "$n/data" &&
       bk pretrain --model mini --tokenizer "$n/vocab" --data "$n/data" --out-dir "$n/run" --max-length 128 \
           --batch-size 128 --lr 5e-4 --warmup 0.06 --max-steps 4000 --eval-every 250 --eval-batches 20 \
           --precision bf16 --num-workers 8 --save-every 4000 --keep-last 1
     } | tee -a "$LOG"
+    check $? "nsp"
     mkdir -p "$RESULTS/nsp" && cp "$n"/run/{eval.csv,train.csv,loss_curve.png} "$RESULTS/nsp/" 2>/dev/null
     rm -rf "$n"
 fi
 
-step done
+step "done${FAILED[*]:+, ${#FAILED[@]} failed:}"
+for failure in "${FAILED[@]}"; do echo "    $failure"; done | tee -a "$LOG"
 cp "$RESULTS"/loss/*.png "$OUT"/ 2>/dev/null
 tar czf "$OUT/gpu_check_results.tgz" -C "$RESULTS" . && rm -rf "$RESULTS"
+[ ${#FAILED[@]} = 0 ]  # the call's exit status: whether every stage passed

@@ -208,7 +208,7 @@ def test_gpu_check_script_passes_only_options_its_scripts_accept(tmp_path):
     script = BENCHMARKS / "gpu_check.sh"
     stages = "tests varlen ablation profile pretrain suite".split()
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
-    subprocess.run(["bash", str(script), *stages], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(script), *stages], env=env, capture_output=True, text=True, timeout=600)
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert all(f"{stage}: " in log for stage in stages), log
     errors = [line for line in log.splitlines() if "error" in line.lower() or "Traceback" in line]
@@ -216,6 +216,10 @@ def test_gpu_check_script_passes_only_options_its_scripts_accept(tmp_path):
     expected = script.read_text().count("python3 benchmarks/") + 1
     assert errors == [line for line in errors if line.endswith(": no CUDA device here")], "\n".join(errors)
     assert len(errors) == expected, log
+    # and the log says which failed (a stage killed at its timeout left no trace): every command but the pytest
+    # shim, loss_curve.py's two runs as one, and the script's exit status says so too
+    assert f"done, {expected - 1} failed:" in log and "!!! FAILED varlen: eager: exit 2" in log, log
+    assert done.returncode == 1
 
 
 def test_mfu_counts_attention_over_each_sequences_real_length():
