@@ -48,6 +48,13 @@ RESULTS=$OUT/json
 mkdir -p "$RESULTS"
 LOG="$OUT/gpu_check.log"
 STAGES=${*:-tests varlen ablation}
+for stage in $STAGES; do  # a misspelt stage would run nothing and end in "done", at the cost of the lease
+    case " tests varlen ablation profile pretrain suite nsp " in
+        *" $stage "*) ;;
+        *) echo "gpu_check.sh: no stage '$stage'; expected pack, or some of tests varlen ablation profile pretrain suite nsp" \
+               | tee -a "$LOG" >&2; exit 2 ;;
+    esac
+done
 step() { echo "=== $(date -u +%T) $*" | tee -a "$LOG"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 quiet() { grep --line-buffered -v "Loading weights"; }

@@ -222,6 +222,17 @@ def test_gpu_check_script_passes_only_options_its_scripts_accept(tmp_path):
     assert done.returncode == 1
 
 
+def test_gpu_check_script_refuses_a_stage_it_does_not_have(tmp_path):
+    """A misspelt stage (a rerun of what failed, typed on the lease) is refused before anything runs: it ran nothing
+    and ended in "done", exit 0, after the machine report."""
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "varlen", "profle"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no stage 'profle'; expected pack, or some of tests varlen" in done.stderr
+    assert "machine" not in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
 def test_mfu_counts_attention_over_each_sequences_real_length():
     """Each token attends over its own sequence: the attention term goes with the sum of n^2, not with the padded
     maximum (a batch of lengths 2 and 4 padded to 4 counts (4 + 16) / 6, not 4)."""
