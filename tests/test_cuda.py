@@ -269,11 +269,15 @@ def test_static_compiled_blocks_on_bucketed_padded_batches_match_eager(tmp_path)
 
 def test_varlen_attention_trains_with_attention_dropout(tmp_path):
     """FlashAttention draws the attention dropout itself (PyTorch's public varlen_attn has none): a training step
-    with BERT's 0.1 gives finite gradients, and dropout changes the loss."""
-    from bertkit.model import set_kernels
+    with BERT's 0.1 gives finite gradients, and dropout changes the loss. Attention dropout alone: with the hidden
+    dropout on as well, the loss changed even where the kernel was given no dropout."""
+    from bertkit.model import BertSelfAttention, set_dropout, set_kernels
 
     model, _ = twins(tmp_path)
-    set_kernels(model.train(), packing="always", attention="varlen")
+    set_kernels(set_dropout(model.train(), 0.0), packing="always", attention="varlen")
+    for module in model.modules():
+        if isinstance(module, BertSelfAttention):
+            module.dropout_p = 0.1
     ids, types, mask, labels, nsp = pretraining_inputs()
     losses = []
     for _ in range(2):
