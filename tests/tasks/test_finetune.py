@@ -106,6 +106,18 @@ def test_predict_reads_stdin_like_lines(sst2_run):
     assert all(r["label"] in ("0", "1") and 0.5 <= r["probability"] <= 1 for r in results[::2])
 
 
+def test_predict_warns_when_lines_are_pairs_for_a_model_of_single_texts(sst2_run, caplog):
+    """SST-2's dev.tsv given whole (sentence<TAB>label) was read as pairs, the gold label as segment B, silently."""
+    config, _ = sst2_run
+    results = predict(config.out_dir, io.StringIO("a great movie\t1\nawful , boring\t0\n"))
+    assert results[0]["pair"] == "1"
+    assert "text<TAB>pair lines, but" in caplog.text and "was fine-tuned on single texts; expected one text per line" \
+        in caplog.text
+    caplog.clear()
+    predict(config.out_dir, io.StringIO("a great movie\n"))
+    assert "fine-tuned on" not in caplog.text
+
+
 def test_cli_predict_on_stdin(sst2_run, monkeypatch, capsys):
     config, _ = sst2_run
     monkeypatch.setattr("sys.stdin", io.StringIO("a fine film\n"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bertkit.checkpoint import model_folder
 from bertkit.config import BertConfig, option, write_json
+from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
@@ -214,6 +215,11 @@ def _label(model_dir, model_config, architectures, config, tokenizer, inputs, so
         raise BertkitError(f"{model_dir}/config.json: architecture {', '.join(architectures)}; expected a fine-tuned "
                            "BertForSequenceClassification or BertForQuestionAnswering")
     examples = parse_lines(inputs, source)  # every line, so that the results stay one per input line
+    pairs, trained = next(e for e in examples if not is_blank(e)).text_b is not None, _trained_on_pairs(config)
+    if trained is not None and pairs != trained:  # a GLUE dev.tsv given whole: its label read as segment B
+        logger.warning("%s: %s, but %s was fine-tuned on %s; expected %s per line", source,
+                       "text<TAB>pair lines" if pairs else "single texts", model_dir,
+                       "pairs" if trained else "single texts", "text<TAB>pair" if trained else "one text")
     labels = _label_names(model_config) if model_config.num_labels > 1 else []
     task = TextTask("predict", labels, ())
     model = _loaded(task.model_class, model_dir, device, int8)
@@ -232,6 +238,13 @@ def _label(model_dir, model_config, architectures, config, tokenizer, inputs, so
         else:
             results.append(text | {"label": labels[int(p)], "probability": float(probs[int(p)])})
     return results
+
+
+def _trained_on_pairs(config: FinetuneConfig) -> bool | None:
+    """Whether the run fine-tuned on text pairs (None: no run config to tell)."""
+    if not config.task or config.task.lower() == "custom":
+        return config.text_b is not None if config.task else None
+    return get_task(config.task).text_b is not None
 
 
 def _tuned_threshold(model_dir, config: FinetuneConfig) -> float:
