@@ -358,3 +358,9 @@ def test_a_score_column_read_without_regression_is_named_in_a_warning(tmp_path, 
     (tmp_path / "classes.csv").write_text("text,label\ngood,1\nbad,0\nok,2\n", encoding="utf-8")
     read_custom(tmp_path / "classes.csv", "text", "label")  # whole numbers are class names: nothing said
     assert caplog.text == ""
+
+
+def test_a_custom_header_naming_a_column_twice_is_refused(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label,text\ngood,pos,bad\n", encoding="utf-8")
+    with pytest.raises(BertkitError, match="train.csv:1: column 'text' appears 2 times in the header"):
+        read_custom(tmp_path / "train.csv", "text", "label")

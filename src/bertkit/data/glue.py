@@ -264,6 +264,10 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     delimiter, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
     rows = _open_rows(path, delimiter, quoting)
     header = rows[0][1]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # else the last of them would be read, silently
+        raise BertkitError(f"{where(path, rows[0][0])}: column {twice[0]!r} appears {header.count(twice[0])} times in "
+                           "the header; expected each column named once")
     records = []
     for line, row in rows[1:]:
         if len(row) != len(header):
