@@ -111,6 +111,18 @@ def test_predict_answers_each_line_even_when_ids_repeat_or_escape_a_lone_surroga
     assert [r["id"] for r in together] == ["doc", "doc", "1", "4"]
 
 
+def test_predict_writes_a_lone_surrogate_it_echoes_as_utf8(squad1_run, tmp_path):
+    """A JSON-escaped lone surrogate in a question, context or id is echoed as U+FFFD: as itself, the output file
+    (or standard output) could not be encoded and predict ended in a UnicodeEncodeError traceback."""
+    run, _ = squad1_run
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "q\ud800", "question": "Who sat \udfff?", "context": "Ada \ud800 sat."}) + "\n")
+    assert main(["predict", run.out_dir, str(lines), "--out", str(tmp_path / "out.jsonl")]) in (0, None)
+    result = json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))
+    assert result["id"] == "q\ufffd" and result["question"] == "Who sat \ufffd?"
+    assert result["answer"] in "Ada \ufffd sat."
+
+
 @pytest.fixture(scope="module")
 def squad2_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("squad2")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.data.squad import (
     SquadExample,
     featurize,
@@ -161,8 +162,11 @@ def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample | None]
             raise BertkitError(f'{source}:{number}: {what}; expected {{"question": ..., "context": ...}} per line') from None
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "context")):
             raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
-        qid = str(record.get("id", number))
-        examples.append(SquadExample(qid, "", 0, record["question"], record["context"], []))
+        # a JSON-escaped lone surrogate ("\ud800") becomes U+FFFD, one character for one, as the tokenizer reads it:
+        # echoed back in the question, id or answer, it could not be written as UTF-8
+        qid, question, context = (replace_lone_surrogates(str(record.get("id", number))),
+                                  replace_lone_surrogates(record["question"]), replace_lone_surrogates(record["context"]))
+        examples.append(SquadExample(qid, "", 0, question, context, []))
     if not any(examples):
         raise BertkitError(f'{source}: no questions; expected one {{"question": ..., "context": ...}} per line')
     return examples
