@@ -194,6 +194,16 @@ def test_qa_requests_are_checked(folders):
     assert "inputs.id is an array" in responses[2].json()["error"]
 
 
+def test_a_qa_id_with_a_lone_surrogate_is_echoed_not_a_500(folders):
+    """A JSON-escaped lone surrogate in "id" was echoed as itself: the response could not be encoded (500)."""
+    async def test(client, app):
+        return await client.post("/predict", content=b'{"inputs": {"question": "who", "context": "the company '
+                                                      b'signed", "id": "q\\ud800"}}')
+
+    response = served(folders["qa"], test)
+    assert response.status_code == 200 and response.json()["predictions"][0]["id"] == "q\ufffd"
+
+
 def test_a_question_that_leaves_no_room_for_context_is_refused_alone(folders):
     """Served at a short --max-length, a long question failed the whole batch: every client sharing it got 500."""
     long_question = " ".join(WORDS[:30])

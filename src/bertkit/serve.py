@@ -179,7 +179,9 @@ class Predictor:
             qid = item.get("id")
             if qid is not None and not isinstance(qid, (str, int)) or isinstance(qid, bool):
                 raise RequestError(422, f"{where}.id is {_json_type(qid)}; expected a string or an integer")
-            return SquadExample("" if qid is None else str(qid), "", 0, question, context, [])
+            # echoed back: a JSON-escaped lone surrogate as itself could not be encoded into the response (500)
+            qid = "" if qid is None else replace_lone_surrogates(str(qid))
+            return SquadExample(qid, "", 0, question, context, [])
         if isinstance(item, str):
             return TextExample("", self._checked(item, where), None, None)
         if not isinstance(item, dict):
