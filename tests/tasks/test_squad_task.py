@@ -111,6 +111,13 @@ def test_predict_answers_each_line_even_when_ids_repeat_or_escape_a_lone_surroga
     assert [r["id"] for r in together] == ["doc", "doc", "1", "4"]
 
 
+def test_predict_numbers_a_line_whose_id_is_null(squad1_run):
+    """An "id" of null is no id, as `bertkit serve` reads it: the line number, not the string "None"."""
+    run, _ = squad1_run
+    line = json.dumps({"id": None, "question": "Where is the cat?", "context": "The cat sat on the mat."})
+    assert predict(run.out_dir, [line, line.replace("null", '"q"')])[0]["id"] == "1"
+
+
 def test_predict_writes_a_lone_surrogate_it_echoes_as_utf8(squad1_run, tmp_path):
     """A JSON-escaped lone surrogate in a question, context or id is echoed as U+FFFD: as itself, the output file
     (or standard output) could not be encoded and predict ended in a UnicodeEncodeError traceback."""

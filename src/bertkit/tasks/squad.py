@@ -164,7 +164,7 @@ def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample | None]
             raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
         # a JSON-escaped lone surrogate ("\ud800") becomes U+FFFD, one character for one, as the tokenizer reads it:
         # echoed back in the question, id or answer, it could not be written as UTF-8
-        qid, question, context = (replace_lone_surrogates(str(record.get("id", number))),
+        qid, question, context = (replace_lone_surrogates(str(number if record.get("id") is None else record["id"])),
                                   replace_lone_surrogates(record["question"]), replace_lone_surrogates(record["context"]))
         examples.append(SquadExample(qid, "", 0, question, context, []))
     if not any(examples):
