@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bertkit import BertConfig, BertForSequenceClassification, BertkitError, BertModel
+from bertkit import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertkitError, BertModel
 from bertkit.checkpoint import read_state_dict, read_weight_shapes
 from bertkit.cli import main
 from tiny_folders import tiny_config
@@ -89,6 +89,16 @@ def test_weights_whose_shapes_disagree_with_the_config_are_refused_before_the_mo
         Counted.from_pretrained(tmp_path)
     assert "\n" not in str(error.value)
     assert Counted.built == ["meta"]  # compared from the safetensors header; no real model, no tensor read
+
+
+def test_an_untied_decoder_of_another_vocabulary_is_blamed_on_vocab_size_not_hidden_size(tmp_path):
+    """The decoder's (V, H) rows were put down to config.json's hidden_size, which matched the weights."""
+    BertForMaskedLM(tiny_config(tie_word_embeddings=False)).save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text()) | {"vocab_size": 120}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(BertkitError, match=r"cls.predictions.decoder.weight: checkpoint \(100, 32\) vs model \(120, 32\) "
+                                           r"\(config.json's vocab_size is 120\)$"):
+        BertForMaskedLM.from_pretrained(tmp_path)
 
 
 def test_bertkit_info_refuses_weights_that_disagree_with_the_config(tmp_path, capsys):

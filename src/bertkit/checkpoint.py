@@ -177,6 +177,7 @@ def _some(names: list[str], shown: int = 5) -> str:
 # weight is hidden_size in every dimension.
 _SHAPE_FIELDS = (
     ("word_embeddings.weight", ("vocab_size", "hidden_size")),
+    ("predictions.decoder.weight", ("vocab_size", "hidden_size")),  # an untied decoder
     ("position_embeddings.weight", ("max_position_embeddings", "hidden_size")),
     ("token_type_embeddings.weight", ("type_vocab_size", "hidden_size")),
     ("intermediate.dense.weight", ("intermediate_size", "hidden_size")),
