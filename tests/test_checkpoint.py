@@ -91,6 +91,16 @@ def test_weights_whose_shapes_disagree_with_the_config_are_refused_before_the_mo
     assert Counted.built == ["meta"]  # compared from the safetensors header; no real model, no tensor read
 
 
+@pytest.mark.parametrize("labels", [{"num_labels": 2}, {"id2label": {0: "neg", 1: "pos"}}])
+def test_a_head_for_other_labels_than_asked_for_is_not_put_down_to_config_json(tmp_path, labels):
+    """Fine-tuning RTE from a 3-label MNLI folder said "config.json's num_labels is 2", where config.json says 3."""
+    BertForSequenceClassification(tiny_config(id2label={0: "a", 1: "b", 2: "c"})).save_pretrained(tmp_path)
+    with pytest.raises(BertkitError, match=r"classifier.weight: checkpoint \(3, 32\) vs model \(2, 32\) \(num_labels is 2 "
+                                           r"as asked for; config.json's is 3\)") as error:
+        BertForSequenceClassification.from_pretrained(tmp_path, **labels)
+    assert "config.json's num_labels is 2" not in str(error.value)
+
+
 def test_an_untied_decoder_of_another_vocabulary_is_blamed_on_vocab_size_not_hidden_size(tmp_path):
     """The decoder's (V, H) rows were put down to config.json's hidden_size, which matched the weights."""
     BertForMaskedLM(tiny_config(tie_word_embeddings=False)).save_pretrained(tmp_path)

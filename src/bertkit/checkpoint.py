@@ -191,28 +191,39 @@ _SHAPE_FIELDS = (
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
 
 
-def _config_fields(key: str, got: tuple, want: tuple, config) -> str:
-    """`config.json's vocab_size is 30000` for the fields behind the dimensions where `got` and `want` differ."""
+def _field(name: str, config, stated: dict | None) -> str:
+    """`config.json's vocab_size is 30000`, or, for a value the caller set over the folder's (a task's num_labels),
+    `num_labels is 2 as asked for; config.json's is 3`: the folder's config.json does not say 2."""
+    value = getattr(config, name)
+    if stated is not None and name in stated and stated[name] != value:
+        return f"{name} is {value} as asked for; config.json's is {stated[name]}"
+    return f"config.json's {name} is {value}"
+
+
+def _config_fields(key: str, got: tuple, want: tuple, config, stated: dict | None = None) -> str:
+    """`(config.json's vocab_size is 30000)` for the fields behind the dimensions where `got` and `want` differ."""
     fields = next((f for suffix, f in _SHAPE_FIELDS if key.endswith(suffix)), ("hidden_size",) * len(want))
     if len(got) != len(want) or len(fields) != len(want):
         return ""
     names = dict.fromkeys(f for f, a, b in zip(fields, got, want) if a != b)
-    return "".join(f" (config.json's {name} is {getattr(config, name)})" for name in names)
+    return "".join(f" ({_field(name, config, stated)})" for name in names)
 
 
-def _check_fit(model, shapes: dict[str, tuple], source: str) -> tuple[list[str], list[str]]:
+def _check_fit(model, shapes: dict[str, tuple], source: str, stated: dict | None = None) -> tuple[list[str], list[str]]:
     """Raise naming the missing, unexpected and mis-shaped weights; return (new heads, foreign heads).
 
     `shapes` are the checkpoint's, after normalize_keys and _match_prefix. Missing weights of the model's own heads
     are not an error (they are newly initialised); any other missing, unexpected or mis-shaped weight is, since a
-    silently random encoder would waste a whole fine-tuning run.
+    silently random encoder would waste a whole fine-tuning run. `stated` holds config.json's values where the
+    model's config overrides some of them.
     """
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     config = model.config
     heads = model.head_prefixes
     missing = [k for k in own if k not in shapes]
     unexpected = [k for k in shapes if k not in own]
-    mismatched = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}{_config_fields(k, shapes[k], own[k], config)}"
+    mismatched = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}"
+                  f"{_config_fields(k, shapes[k], own[k], config, stated)}"
                   for k in own if k in shapes and tuple(shapes[k]) != own[k]]
     missing_encoder = [k for k in missing if not k.startswith(heads)]
     # weights of other heads (the pretraining heads when loading a classifier, say) are not an error
@@ -221,8 +232,7 @@ def _check_fit(model, shapes: dict[str, tuple], source: str) -> tuple[list[str],
     problems = []
     layers = {int(m.group(1)) for k in shapes if (m := _LAYER.search(k))}
     if layers and max(layers) + 1 != config.num_hidden_layers:
-        problems.append(f"the weights have {max(layers) + 1} layers (config.json's num_hidden_layers is "
-                        f"{config.num_hidden_layers})")
+        problems.append(f"the weights have {max(layers) + 1} layers ({_field('num_hidden_layers', config, stated)})")
     if missing_encoder:
         problems.append(f"missing weights: {_some(missing_encoder)}")
     if unexpected_encoder:
@@ -243,11 +253,12 @@ def meta_model(cls, config: BertConfig):
         return cls(config)
 
 
-def check_weights_fit(cls, config: BertConfig, shapes: dict[str, tuple], source: str) -> None:
+def check_weights_fit(cls, config: BertConfig, shapes: dict[str, tuple], source: str,
+                      stated: dict | None = None) -> None:
     """Raise unless weights of these shapes load into `cls(config)`; the model is built on the meta device, so
-    nothing of its size is allocated."""
+    nothing of its size is allocated. `stated`: config.json's values, where `config` overrides some of them."""
     skeleton = meta_model(cls, config)
-    _check_fit(skeleton, _match_prefix(normalize_keys(shapes, config), skeleton), source)
+    _check_fit(skeleton, _match_prefix(normalize_keys(shapes, config), skeleton), source, stated)
 
 
 def describe_model(directory: str | Path) -> dict[str, str]:
@@ -320,8 +331,10 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
     shapes against the config from the safetensors headers (a pytorch_model.bin must be loaded to be checked).
     """
     directory = model_folder(directory)
+    stated = None
     if config is None:
         config = BertConfig.load(directory)
+        stated = dict(vars(config))  # before the overrides: an error must not put a task's num_labels on config.json
     for key, value in config_overrides.items():
         if not hasattr(config, key):
             raise BertkitError(f"unknown config field {key!r}")
@@ -341,7 +354,7 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
         if shapes is None:
             state = read_state_dict(directory)
             shapes = {k: tuple(v.shape) for k, v in state.items()}
-        check_weights_fit(cls, config, shapes, source)
+        check_weights_fit(cls, config, shapes, source, stated)
     model = cls(config)
     if load_weights:
         load_state_dict_into(model, read_state_dict(directory) if state is None else state, source=source)
