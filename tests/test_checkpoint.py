@@ -3,6 +3,7 @@ folders refused in one line naming the file and the field, before any large allo
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -109,6 +110,16 @@ def test_an_untied_decoder_of_another_vocabulary_is_blamed_on_vocab_size_not_hid
     with pytest.raises(BertkitError, match=r"cls.predictions.decoder.weight: checkpoint \(100, 32\) vs model \(120, 32\) "
                                            r"\(config.json's vocab_size is 120\)$"):
         BertForMaskedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("load_weights", [True, False])
+def test_a_problem_type_the_model_cannot_train_names_the_config_json(tmp_path, capsys, load_weights):
+    """The refusal of a multi-label folder named no file, unlike every other bad value of config.json."""
+    tiny_folder(tmp_path, problem_type="multi_label_classification")
+    with pytest.raises(BertkitError, match=rf"^{re.escape(str(tmp_path))}/config.json: problem_type 'multi_label_classification'"):
+        BertForSequenceClassification.from_pretrained(tmp_path, load_weights=load_weights)
+    assert main(["info", str(tmp_path)]) == 2
+    assert f"{tmp_path}/config.json: problem_type 'multi_label_classification'" in capsys.readouterr().err
 
 
 def test_bertkit_info_refuses_weights_that_disagree_with_the_config(tmp_path, capsys):

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bertkit.config import BertConfig, read_json
+from bertkit.config import CONFIG_NAME, BertConfig, read_json
 from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
@@ -253,12 +253,23 @@ def meta_model(cls, config: BertConfig):
         return cls(config)
 
 
+def _skeleton(cls, config: BertConfig, config_path: Path | None):
+    """`meta_model`, with the model's own refusals of a config (a problem_type it cannot train) naming the
+    config.json it was read from, as every other bad value of it is named."""
+    try:
+        return meta_model(cls, config)
+    except BertkitError as e:
+        if config_path is None:
+            raise
+        raise BertkitError(f"{config_path}: {e}") from None
+
+
 def check_weights_fit(cls, config: BertConfig, shapes: dict[str, tuple], source: str,
-                      stated: dict | None = None) -> None:
+                      config_path: Path | None = None) -> None:
     """Raise unless weights of these shapes load into `cls(config)`; the model is built on the meta device, so
-    nothing of its size is allocated. `stated`: config.json's values, where `config` overrides some of them."""
-    skeleton = meta_model(cls, config)
-    _check_fit(skeleton, _match_prefix(normalize_keys(shapes, config), skeleton), source, stated)
+    nothing of its size is allocated."""
+    skeleton = _skeleton(cls, config, config_path)
+    _check_fit(skeleton, _match_prefix(normalize_keys(shapes, config), skeleton), source)
 
 
 def describe_model(directory: str | Path) -> dict[str, str]:
@@ -277,7 +288,7 @@ def describe_model(directory: str | Path) -> dict[str, str]:
     cls = getattr(models, architectures[0], None) if architectures else None
     if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:
         cls = models.BertModel  # an unknown architecture: the encoder's weights are checked, whatever the heads
-    check_weights_fit(cls, config, shapes, weights_source(directory))
+    check_weights_fit(cls, config, shapes, weights_source(directory), directory / CONFIG_NAME)
     params = sum(math.prod(v) for v in normalize_keys(shapes, config).values())  # tied copies once
     heads = sorted({k.split(".")[0] for k in shapes if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
     info = {
@@ -347,6 +358,7 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
         problem = "regression" if config.num_labels == 1 else "single_label_classification"
         if config.extra.get("problem_type", problem) != problem:
             config.extra = {k: v for k, v in config.extra.items() if k != "problem_type"}
+    skeleton = _skeleton(cls, config, directory / CONFIG_NAME if stated is not None else None)
     state = None
     if load_weights:
         source = weights_source(directory)
@@ -354,7 +366,7 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
         if shapes is None:
             state = read_state_dict(directory)
             shapes = {k: tuple(v.shape) for k, v in state.items()}
-        check_weights_fit(cls, config, shapes, source, stated)
+        _check_fit(skeleton, _match_prefix(normalize_keys(shapes, config), skeleton), source, stated)
     model = cls(config)
     if load_weights:
         load_state_dict_into(model, read_state_dict(directory) if state is None else state, source=source)
