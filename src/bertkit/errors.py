@@ -8,3 +8,8 @@ class BertkitError(Exception):
 def where(path, line: int | None = None) -> str:
     """Format a 'file:line' location for error messages."""
     return f"{path}:{line}" if line is not None else str(path)
+
+
+def missing(path, expected: str) -> str:
+    """Why `path` is not a file to read: a folder given where its file was meant, or nothing there."""
+    return f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}; expected {expected}"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bertkit.errors import BertkitError, where
+from bertkit.errors import BertkitError, missing, where
 
 logger = logging.getLogger("bertkit")
 
@@ -108,7 +108,7 @@ _MOJIBAKE_BOM = "\u00ef\u00bb\u00bf"
 def _open_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
     """All rows with their line numbers, without the byte-order mark spreadsheets and MRPC put in front."""
     if not path.is_file():
-        raise BertkitError(_missing(path, "a tab- or comma-separated file with a header row"))
+        raise BertkitError(missing(path, "a tab- or comma-separated file with a header row"))
     # csv's own limit, 131,072 characters a field, refuses a long document that a .jsonl file may hold
     csv.field_size_limit(max(csv.field_size_limit(), MAX_JSONL_LINE_BYTES))
     try:
@@ -138,11 +138,6 @@ def _not_utf8(path: Path) -> str:
             except UnicodeDecodeError as e:
                 return f"{where(path, number)}: not UTF-8 text (byte {e.start + 1} of the line); expected UTF-8"
     return f"{path}: not UTF-8 text; expected UTF-8"
-
-
-def _missing(path: Path, expected: str) -> str:
-    """Why `path` is not a file to read: a folder given where its file was meant, or nothing there."""
-    return f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}; expected {expected}"
 
 
 def _label_index(value: str, labels: Sequence[str], path: Path, line: int) -> int:
@@ -255,7 +250,7 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns."""
     suffix = path.suffix.lower()
     if path.is_dir():
-        raise BertkitError(_missing(path, "a .csv, .tsv or .jsonl file"))
+        raise BertkitError(missing(path, "a .csv, .tsv or .jsonl file"))
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix not in (".csv", ".tsv"):
@@ -285,7 +280,7 @@ MAX_JSONL_LINE_BYTES = 10_000_000
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
     """(line, object) per non-blank line of a JSON lines file, read a bounded line at a time."""
     if not path.is_file():
-        raise BertkitError(_missing(path, "a JSON lines file, one object per line"))
+        raise BertkitError(missing(path, "a JSON lines file, one object per line"))
     records = []
     try:
         with open(path, "rb") as f:

@@ -16,7 +16,7 @@ import tokenizers
 
 from bertkit.config import write_json
 from bertkit.data.corpus import replace_lone_surrogates
-from bertkit.errors import BertkitError, where
+from bertkit.errors import BertkitError, missing, where
 
 
 @dataclass
@@ -67,8 +67,7 @@ def _field(obj: Any, key: str, kind: type, place: str) -> Any:
 def _load_json(path: Path) -> list[Any]:
     """The `data` list of a SQuAD file."""
     if not path.is_file():
-        what = "a folder, not a file" if path.is_dir() else "file not found"
-        raise BertkitError(f"{path}: {what}; expected a SQuAD JSON file ({{'version': ..., 'data': [...]}})")
+        raise BertkitError(missing(path, "a SQuAD JSON file ({'version': ..., 'data': [...]})"))
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
