@@ -185,12 +185,17 @@ class FinetuneConfig:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")
 
-    def save(self, directory: Path) -> None:
+    def resolved(self) -> dict:
+        """The fields, paths made absolute: `evaluate RUN` from another folder reads the run's data, not a namesake
+        there, and one run's paths compare equal however they were spelled."""
         values = dataclasses.asdict(self)
-        for name in PATH_FIELDS:  # `evaluate RUN` from another folder reads the run's data, not a namesake there
+        for name in PATH_FIELDS:
             if values.get(name):
                 values[name] = str(Path(values[name]).resolve())
-        write_json(directory / CONFIG_FILE, values)
+        return values
+
+    def save(self, directory: Path) -> None:
+        write_json(directory / CONFIG_FILE, self.resolved())
 
     @classmethod
     def load(cls, directory: str | Path) -> FinetuneConfig | None:
@@ -272,11 +277,7 @@ class BestCheckpoint:
 def _run_values(config: FinetuneConfig) -> dict:
     """The fields that decide what a run computes, paths resolved: equal for the same run. Not --out-dir: the
     folder the config or checkpoint is read from is the run's, however it is spelled (rel, ./rel/, /abs/rel)."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS and k != "out_dir"}
-    for name in PATH_FIELDS:
-        if values.get(name):
-            values[name] = str(Path(values[name]).resolve())
-    return values
+    return {k: v for k, v in config.resolved().items() if k not in RUNTIME_FIELDS and k != "out_dir"}
 
 
 def _differences(saved: dict, config: FinetuneConfig) -> str:
@@ -563,6 +564,14 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         distributed.run_on_main(write, d)
         return path
 
+    def log_train_row() -> float:
+        """train.csv's row for the steps since the last one; returns their mean loss."""
+        mean = float(np.mean(pos.running)) if pos.running else float("nan")
+        run_log.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
+                                        "skipped_steps": bad_steps.window})
+        pos.running, bad_steps.window = [], 0
+        return mean
+
     with Interrupt() as interrupt:
         for epoch in range(pos.epoch, config.epochs + 1):
             batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch)
@@ -585,12 +594,9 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                     bar.update(sum(len(b) for b in group))
                     bad_steps.record(ok, pos.step)
                     if pos.step % 50 == 0:
-                        mean = float(np.mean(pos.running)) if pos.running else float("nan")
+                        mean = log_train_row()
                         bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": bad_steps.total} if bad_steps.total else {}),
                                         refresh=False)  # the bar redraws on its own schedule
-                        run_log.log("train", pos.step, {"loss": mean, "lr": scheduler.get_last_lr()[0],
-                                                       "skipped_steps": bad_steps.window})
-                        pos.running, bad_steps.window = [], 0
                     stop = interrupt.requested(d)
                     if stop or (config.save_every and pos.step % config.save_every == 0 and pos.batch < len(batches)):
                         now, now_cpu = time.perf_counter(), time.process_time()
@@ -604,9 +610,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 train_seconds = pos.seconds + time.perf_counter() - start
                 train_cpu_seconds = pos.cpu_seconds + time.process_time() - start_cpu
             if pos.running:  # the epoch's steps since the last row: a row of their own, not dropped with the epoch
-                run_log.log("train", pos.step, {"loss": float(np.mean(pos.running)), "lr": scheduler.get_last_lr()[0],
-                                               "skipped_steps": bad_steps.window})
-                bad_steps.window = 0
+                log_train_row()
             loss = pos.loss_sum / pos.good_steps if pos.good_steps else float("nan")
             if d.is_main:  # scored on rank 0 alone; the others wait for it at the next all-reduce
                 start = time.perf_counter()
