@@ -167,6 +167,40 @@ def test_crash_then_rerun_gives_the_clean_result(tmp_path, tokenizer, documents,
         assert Counter(stored(PreparedCorpus(out, split))) == Counter(stored(PreparedCorpus(tmp_path / "clean", split)))
 
 
+def test_a_file_is_finished_only_in_the_layout_and_text_field_it_was_started_in(tmp_path, tokenizer, documents,
+                                                                                   monkeypatch):
+    """A run resumes a file by the index of its documents: another --format (as the 'read as one document per line'
+    warning suggests) read it otherwise and, as its documents were fewer, skipped them all and marked it complete."""
+    a = write_bert(tmp_path / "a.txt", documents[:100])
+    original, calls = prepare_module._Preparer.flush, []
+
+    def crashing(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash()
+        return original(self, *args)
+
+    monkeypatch.setattr(prepare_module._Preparer, "flush", crashing)
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        prepare([str(a)], tokenizer, out, fmt="docs", shard_tokens=2000, heldout_fraction=0, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(BertkitError, match=r"a\.txt: prepared into .* read with --format docs, now --format bert; "
+                                           r"expected the same reading of the file \(--format docs\), or a new output"):
+        prepare([str(a)], tokenizer, out, fmt="bert", shard_tokens=2000, heldout_fraction=0, progress=False)
+    prepare([str(a)], tokenizer, out, shard_tokens=2000, heldout_fraction=0, fmt="docs", progress=False)  # finishes
+    with pytest.raises(BertkitError, match="read with --format docs, now --format bert"):  # finished: not kept silently
+        prepare([str(a)], tokenizer, out, fmt="bert", progress=False, heldout_fraction=0)
+    assert prepare([str(a)], tokenizer, out, progress=False, heldout_fraction=0).files_already_prepared  # auto: as read
+
+    j = tmp_path / "b.jsonl"
+    j.write_text("".join(json.dumps({"text": " ".join(d), "body": d[0]}) + "\n" for d in documents[:5]))
+    prepare([str(j)], tokenizer, tmp_path / "j", progress=False)
+    with pytest.raises(BertkitError, match=r"read with --format jsonl --text-field text, now --format jsonl "
+                                           r"--text-field body"):
+        prepare([str(j)], tokenizer, tmp_path / "j", fmt="jsonl", text_field="body", progress=False)
+
+
 def test_changed_tokenizer_settings_or_file_refused(tmp_path, tokenizer, documents):
     a = write_bert(tmp_path / "a.txt", documents[:20])
     out = tmp_path / "out"

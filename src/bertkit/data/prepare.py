@@ -101,6 +101,21 @@ def _is_heldout(document: list[str], seed: int, fraction: float) -> bool:
     return int.from_bytes(digest.digest(), "little") < fraction * 2**64
 
 
+def _check_same_reading(path: Path, out: Path, record: dict, fmt: str, text_field: str) -> None:
+    """Refuse to read a file already (partly) prepared in another layout or by another JSON field: a resumed run
+    counts the documents written by their index in the file, so another reading would skip or repeat documents, and
+    a finished file would silently keep the old one."""
+    was_field = record.get("text_field", text_field) if fmt == "jsonl" else text_field
+    if record.get("format", fmt) == fmt and was_field == text_field:
+        return
+    was = f"--format {record.get('format')}" + (f" --text-field {was_field}" if was_field != text_field else "")
+    now = f"--format {fmt}" + (f" --text-field {text_field}" if was_field != text_field else "")
+    raise BertkitError(
+        f"{where(path)}: prepared into {out} read with {was}, now {now}; expected the same reading of the file "
+        f"({was}), or a new output folder"
+    )
+
+
 def _replace_atomically(path: Path, write) -> None:
     """Write through `write(file)` to a temporary name, flush to disk, then rename over `path`."""
     tmp = path.with_name(path.name + ".tmp")
@@ -299,6 +314,8 @@ def prepare(
                     "an unchanged file, or a new output folder"
                 )
             if record["complete"]:
+                if fmt != "auto":  # auto takes a finished file as it was read (so adding files needs no old flags)
+                    _check_same_reading(path, out, record, fmt, text_field)
                 already.append(key)
                 continue
         reader = FileReader(path, fmt, text_field)
@@ -306,7 +323,10 @@ def prepare(
             manifest["files"][key] = record = {
                 **identity, "format": reader.fmt, "complete": False, "done": dict.fromkeys(SPLITS, 0),
                 "documents": 0, "sentences": 0, "tokens": 0, "shards": [], "skips": Skips().to_json(),
+                **({"text_field": text_field} if reader.fmt == "jsonl" else {}),
             }
+        else:
+            _check_same_reading(path, out, record, reader.fmt, text_field)
         readers.append((key, reader))
 
     run = _Preparer(out, manifest, backend, shard_tokens)
