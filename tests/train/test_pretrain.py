@@ -652,6 +652,14 @@ def test_the_run_folder_is_never_an_input_folder(inputs, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(BertkitError, match="file: a file, not a folder; expected a folder for --out-dir"):
         pretrain(small(inputs, tmp_path / "file"))
+    # a --corpus folder is read whole: a run inside it would train on its own config, logs and vocabulary
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("One sentence.\nAnother one.\n")
+    with pytest.raises(BertkitError, match="--out-dir .*run is inside the --corpus folder .*corpus: the run would "
+                                           "write into its own input"):
+        pretrain(small(inputs, corpus / "run", data=None, corpus=[str(corpus)]))
+    assert not (corpus / "run").exists()
 
 
 def test_a_run_folder_in_use_is_refused_and_a_short_disk_fails_before_training(inputs, tmp_path, monkeypatch):

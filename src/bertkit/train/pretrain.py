@@ -509,6 +509,10 @@ def claim_run_dir(cfg: PretrainConfig, run_dir: Path) -> RunLock:
     wrote (unless --overwrite); then lock it."""
     check_output_path(run_dir, "--out-dir", {"--tokenizer": cfg.tokenizer, "--data": cfg.data,
                                              "--model-dir": cfg.model_dir})
+    if not (cfg.tokenizer and cfg.data):  # the corpus is read: a run folder inside one of its folders is read with
+        for entry in cfg.corpus:  # it, its config, logs and the vocabulary it trained becoming corpus text
+            if Path(entry).is_dir():
+                check_output_path(run_dir, "--out-dir", {"--corpus": entry})
     found = entries(run_dir)
     if found and CONFIG_NAME not in found and not cfg.overwrite:
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
