@@ -230,13 +230,29 @@ def test_bad_input_refused_before_anything_is_written(tmp_path, tokenizer, docum
     assert not (tmp_path / "out3").exists()
 
 
+def test_an_output_folder_inside_an_input_folder_is_refused(tmp_path, tokenizer, documents):
+    """An input folder is read whole: a re-run (to add files) read the shards written into it and stopped on them as
+    'binary data', or, for the manifest, as JSON lines."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_bert(corpus / "a.txt", documents[:20])
+    for out in (corpus / "prepared", corpus):
+        with pytest.raises(BertkitError, match=f"--out {out} is (inside )?the input folder {corpus}: the run would "
+                                               "write into its own input; expected an output folder outside it"):
+            prepare([str(corpus)], tokenizer, out, progress=False)
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"]
+    prepare([str(corpus / "a.txt")], tokenizer, corpus / "prepared", progress=False)  # a file is read alone
+
+
 def test_mixed_formats_skips_and_the_report(tmp_path, tokenizer, documents):
-    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with gzip.open(corpus / "a.jsonl.gz", "wt", encoding="utf-8") as f:
         for document in documents[:30]:
             f.write(json.dumps({"text": " ".join(document)}) + "\n")
         f.write("{broken\n")
-    (tmp_path / "b.txt").write_bytes(b"A sentence.\nA bad \xff one.\n\nAnother document.\n")
-    summary = prepare([str(tmp_path)], tokenizer, tmp_path / "out", progress=True)
+    (corpus / "b.txt").write_bytes(b"A sentence.\nA bad \xff one.\n\nAnother document.\n")
+    summary = prepare([str(corpus)], tokenizer, tmp_path / "out", progress=True)
     assert summary.skips.counts == {"bad JSON": 1, "invalid UTF-8": 1}
     assert summary.documents == 32
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())

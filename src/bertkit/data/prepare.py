@@ -33,6 +33,7 @@ from bertkit.data.shards import (
 )
 from bertkit.errors import BertkitError, where
 from bertkit.train.logs import progress_bar
+from bertkit.train.rundir import check_output_path
 
 _HEAD_BYTES = 1 << 20
 
@@ -274,6 +275,9 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise BertkitError(f"{where(out)}: a file, not a folder; expected a folder to write the prepared corpus to")
     files = expand_inputs(inputs)
+    for entry in inputs:  # an input folder is read whole: a re-run would read the shards written into it as corpus
+        if Path(entry).is_dir():
+            check_output_path(out, "--out", {"input": str(entry)})
     backend = plain_backend(tokenizer.backend)
     fingerprint = backend_fingerprint(backend)
     if (out / MANIFEST).is_file():
