@@ -1,6 +1,7 @@
 """`bertkit ablate`: variants as flags, cells kept and read back, the table, and a tiny grid end to end (slow)."""
 
 import json
+import re
 
 import pytest
 
@@ -54,6 +55,18 @@ def test_the_size_grid_fine_tunes_at_two_rates_unless_told():
 def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
     with pytest.raises(BertkitError, match=expected):
         AblateConfig(grid="custom", variants=variants, out_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--variants", 'x=--lr "5e-4'], r"--variants: variant 'x' \(--lr \"5e-4\): No closing quotation"),
+    (["--variants", "mlm", "--pretrain-flags=--lr 5e-4 --warmup '0.05"],
+     r"--pretrain-flags \(--lr 5e-4 --warmup '0.05\): No closing quotation"),
+])
+def test_flags_with_an_unclosed_quote_are_named_not_a_traceback(argv, expected, tmp_path, capsys):
+    """shlex's ValueError reached the user as a traceback (exit 1)."""
+    assert main(["ablate", "--grid", "custom", "--out-dir", str(tmp_path), *argv]) == 2
+    assert re.search(expected, capsys.readouterr().err)
     assert not any(tmp_path.iterdir())
 
 

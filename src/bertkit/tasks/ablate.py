@@ -152,11 +152,11 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
     from bertkit.cli import add_dataclass_args, dataclass_from_args
     from bertkit.train.pretrain import PretrainConfig
 
-    tokens = shlex.split(variant)
+    tokens = _split(variant, f"--variants: variant {name or variant!r}")
     finetune = {flag.lstrip("-"): True for flag in FINETUNE_FLAGS if flag in tokens}
     tokens = [t for t in tokens if t not in FINETUNE_FLAGS]
     common = ["--model", config.model, "--max-steps", str(config.steps), "--batch-size", str(config.batch_size),
-              "--max-length", str(config.max_length), *shlex.split(config.pretrain_flags)]
+              "--max-length", str(config.max_length), *_split(config.pretrain_flags, "--pretrain-flags")]
     parser = argparse.ArgumentParser(prog="a variant's flags", add_help=False, exit_on_error=False)
     add_dataclass_args(parser, PretrainConfig)
     try:
@@ -174,6 +174,15 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
         raise BertkitError(f"variant {name or variant!r} ({variant}): {', '.join(shared)} set the inputs every cell "
                            "shares; expected them as the grid's own --corpus and --vocab-size")
     return fields, finetune
+
+
+def _split(flags: str, what: str) -> list[str]:
+    """Flags written as a command line writes them, split as the shell would; an unclosed quote is named."""
+    try:
+        return shlex.split(flags)
+    except ValueError as e:  # shlex's "No closing quotation" or "No escaped character"
+        raise BertkitError(f"{what} ({flags}): {e}; expected `bertkit pretrain` flags as a command line writes "
+                           "them, e.g. '--lr 5e-4 --warmup 0.05'") from None
 
 
 SHARED_INPUTS = ("corpus", "format", "text_field", "vocab_size", "tokenizer", "data")
