@@ -51,10 +51,18 @@ def test_the_size_grid_fine_tunes_at_two_rates_unless_told():
     (["x=--mask-mix 50 50"], "variant 'x'.*mask_mix"),
     (["x=--vocab-size 3000"], "variant 'x'.*--vocab-size set the inputs every cell shares"),
     (["x=--format jsonl --text-field body"], "variant 'x'.*--format, --text-field set the inputs"),
+    (["x=--model huge"], "variant 'x'.*--model huge: neither a preset nor a file"),
 ])
 def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
     with pytest.raises(BertkitError, match=expected):
         AblateConfig(grid="custom", variants=variants, out_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_that_is_no_preset_is_refused_before_the_vocabulary_is_trained(tmp_path, capsys):
+    """Found refused only after the books corpus's vocabulary and prepared corpus were built (minutes)."""
+    assert main(["ablate", "--model", "huge", "--out-dir", str(tmp_path)]) == 2
+    assert "--model huge: neither a preset nor a file" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -150,7 +150,7 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
     """A variant's flags on top of the grid's common ones -> (the PretrainConfig fields that differ from
     `bertkit pretrain`'s defaults, the fine-tuning options); a flag pretrain does not know fails naming the variant."""
     from bertkit.cli import add_dataclass_args, dataclass_from_args
-    from bertkit.train.pretrain import PretrainConfig
+    from bertkit.train.pretrain import PretrainConfig, check_model
 
     tokens = _split(variant, f"--variants: variant {name or variant!r}")
     finetune = {flag.lstrip("-"): True for flag in FINETUNE_FLAGS if flag in tokens}
@@ -164,6 +164,7 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
         if rest:
             raise argparse.ArgumentError(None, f"unrecognized {' '.join(rest)}")
         chosen = dataclass_from_args(PretrainConfig, given)
+        check_model(chosen)  # pretrain says it only after the grid's vocabulary and corpus are built: minutes
     except (argparse.ArgumentError, BertkitError) as e:
         raise BertkitError(f"variant {name or variant!r} ({variant or 'no flags'}, with the common flags "
                            f"{' '.join(common)}): {e}; expected `bertkit pretrain` flags (and --bilstm)") from None

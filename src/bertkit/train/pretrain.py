@@ -584,12 +584,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
             distributed.teardown(d)
 
 
-def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
-    if cfg.model_dir is None and cfg.model not in PRESETS:  # said now, not after a vocabulary is trained for it
+def check_model(cfg: PretrainConfig) -> None:
+    """Raise unless --model is a preset or a readable config.json: said before a vocabulary is trained (or an
+    ablation grid's corpus prepared) for a model that cannot be built."""
+    if cfg.model_dir is None and cfg.model not in PRESETS:
         if not Path(cfg.model).exists():
             raise BertkitError(f"--model {cfg.model}: neither a preset nor a file; expected one of "
                                f"{', '.join(PRESETS)} or the path of a config.json")
         BertConfig.load(cfg.model)
+
+
+def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
+    check_model(cfg)
     run_dir = Path(cfg.out_dir)
     held: list[RunLock] = []
 
