@@ -770,6 +770,20 @@ def test_perplexity_refuses_a_left_to_right_model(inputs, tmp_path, capsys):
     assert "a left-to-right model (is_decoder); a masked-LM score needs a bidirectional one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pieces", ["0", "2", "-1"])
+def test_perplexity_refuses_pieces_too_short_to_hold_a_token_zero_included(pieces, inputs, tmp_path, capsys):
+    """--pieces 0 was taken for not given: the whole examples were scored alone, exit status 0."""
+    from bertkit.tokenizer import Tokenizer
+    from tiny_folders import tiny_config
+
+    tokenizer = Tokenizer.from_pretrained(inputs / "tokenizer")
+    BertForPreTraining(tiny_config(tokenizer.vocab_size)).save_pretrained(tmp_path, tokenizer=tokenizer)
+    assert cli_main(["perplexity", str(tmp_path), "--data", str(inputs / "data"), "--max-length", "64",
+                     "--batches", "1", "--threads", "1", "--pieces", pieces]) == 2
+    captured = capsys.readouterr()
+    assert f"--pieces {pieces}; expected at least 3 tokens" in captured.err and not captured.out
+
+
 def test_perplexity_refuses_an_encoder_without_its_masked_lm_head_in_pytorch_model_bin(inputs, tmp_path, capsys):
     """Refused in model.safetensors (read from its header), but the same weights as pytorch_model.bin were scored
     with a randomly initialised head: a warning, then a perplexity, exit status 0."""

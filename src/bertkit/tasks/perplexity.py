@@ -122,7 +122,7 @@ def _perplexity(config: PerplexityConfig) -> dict:
     examples = dataset.collate([dataset[i] for i in range(count)])
     results = {}
     ways = [("whole", examples)]
-    if config.pieces:
+    if config.pieces is not None:  # --pieces 0 is refused by cut_into_pieces, not taken for "not given"
         ways.append(("pieces", cut_into_pieces(examples, config.pieces, tokenizer.cls_id, tokenizer.sep_id,
                                                tokenizer.pad_id)))
     for name, batch in ways:
