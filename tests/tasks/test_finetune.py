@@ -390,6 +390,8 @@ def toy_run(toy_model_dir, tmp_path, out, **kw) -> FinetuneConfig:
     ("--device", "meta", "--device 'meta' is not a device to run on; expected cpu, cuda, cuda:N, mps or auto"),
     ("--seed", "-1", "--seed is -1; expected a whole number from 0 to 4294967295"),
     ("--seed", "4294967296", "--seed is 4294967296; expected a whole number from 0 to 4294967295"),
+    ("--train-articles", "0", "--train-articles is 0; expected at least 1"),
+    ("--train-articles", "-3", "--train-articles is -3; expected at least 1"),
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_training(toy_model_dir, tmp_path, capsys, flag, value,
                                                                   expected):

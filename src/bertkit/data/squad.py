@@ -133,7 +133,9 @@ def split_by_article(path: str | Path, n_train: int) -> tuple[list[SquadExample]
     examples = read_squad(path)
     n_articles = examples[-1].article + 1
     if not 0 < n_train < n_articles:
-        raise BertkitError(f"{path}: has {n_articles} articles, n_train must be 1..{n_articles - 1}, got {n_train}")
+        wanted = (f"1 to {n_articles - 1} (the rest are scored)" if n_articles > 1 else
+                  "a file of 2 or more articles to split")
+        raise BertkitError(f"{path}: --train-articles {n_train} of its {n_articles} article(s); expected {wanted}")
     return [e for e in examples if e.article < n_train], [e for e in examples if e.article >= n_train]
 
 

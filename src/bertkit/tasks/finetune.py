@@ -174,6 +174,9 @@ class FinetuneConfig:
                 raise BertkitError(f"--{name.replace('_', '-')} is {value}; expected zero or more")
         if self.limit_train_examples is not None and self.limit_train_examples < 1:
             raise BertkitError(f"--limit-train-examples is {self.limit_train_examples}; expected at least 1")
+        if self.train_articles is not None and self.train_articles < 1:  # 0 would read as not given
+            raise BertkitError(f"--train-articles is {self.train_articles}; expected at least 1 (the first N articles "
+                               "train, the rest are scored)")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise BertkitError(f"--threads is {self.threads}; expected a whole number from 1 to {MAX_THREADS} "
                                "(unset: chosen from the idle cores)")
