@@ -1,6 +1,7 @@
 """Pretraining: exact resume after SIGKILL, torchrun equals accumulation, transformers loads the checkpoints,
 atomic checkpoints, and a short run that learns and writes its logs."""
 
+import dataclasses
 import json
 import math
 import os
@@ -108,6 +109,19 @@ def test_short_run_learns_and_writes_its_logs(short_run):
     assert (run_dir / "loss_curve.png").stat().st_size > 0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "pretrain_config.json").is_file()
+
+
+def test_the_saved_config_keeps_the_inputs_paths_absolute(inputs, tmp_path, monkeypatch):
+    """pretrain_config.json kept --tokenizer and --data as typed: read from another directory (ablate's scoring,
+    benchmarks/heldout_curve.py), a relative path named the wrong folder or none."""
+    monkeypatch.chdir(inputs)
+    cfg = small(inputs, tmp_path / "run", tokenizer="tokenizer", data="./data", corpus=["slice.txt"], max_steps=1)
+    pretrain(cfg)
+    saved = json.loads((tmp_path / "run" / "pretrain_config.json").read_text())
+    assert saved["tokenizer"] == str(inputs / "tokenizer") and saved["data"] == str(inputs / "data")
+    assert saved["corpus"] == [str(inputs / "slice.txt")] and saved["model"] == "tiny"
+    assert PretrainConfig(**saved) == dataclasses.replace(cfg, tokenizer=saved["tokenizer"], data=saved["data"],
+                                                          corpus=saved["corpus"])
 
 
 def test_keep_last_and_partial_checkpoints_are_ignored(short_run):

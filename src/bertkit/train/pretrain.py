@@ -584,6 +584,20 @@ def pretrain(cfg: PretrainConfig) -> dict:
             distributed.teardown(d)
 
 
+def saved_config(cfg: PretrainConfig) -> dict:
+    """The fields as pretrain_config.json keeps them: the paths of the inputs absolute, so that whoever reads the run
+    folder from another directory (ablate scoring a cell, benchmarks/heldout_curve.py) finds its vocabulary, corpus
+    and starting model, not a namesake there. Not --out-dir: the run is wherever its folder is read from."""
+    values = dataclasses.asdict(cfg)
+    for name in ("model_dir", "tokenizer", "data"):
+        if values[name]:
+            values[name] = str(Path(values[name]).resolve())
+    if cfg.model not in PRESETS:
+        values["model"] = str(Path(cfg.model).resolve())
+    values["corpus"] = [str(Path(c).resolve()) for c in cfg.corpus]  # a glob's pattern too: it is only joined
+    return values
+
+
 def check_model(cfg: PretrainConfig) -> None:
     """Raise unless --model is a preset or a readable config.json: said before a vocabulary is trained (or an
     ablation grid's corpus prepared) for a model that cannot be built."""
@@ -603,7 +617,7 @@ def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
         held.append(claim_run_dir(cfg, run_dir))
         resume_from = open_run_dir(cfg, run_dir)
         if not (run_dir / CONFIG_NAME).is_file():  # new or empty: it is this run's from now on, even if killed early
-            write_json(run_dir / CONFIG_NAME, dataclasses.asdict(cfg))
+            write_json(run_dir / CONFIG_NAME, saved_config(cfg))
         return resume_from
 
     try:
@@ -712,7 +726,7 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         pos = Position()
         torch.manual_seed(cfg.seed * 65536 + d.rank + 1)  # dropout: a stream per process
     if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
-        write_json(run_dir / CONFIG_NAME, dataclasses.asdict(cfg))
+        write_json(run_dir / CONFIG_NAME, saved_config(cfg))
         newer = set_aside_newer(run_dir / "checkpoints", pos.step) if resume_from is not None else []
         if newer:
             logger.warning("%s: resumed from step %d: the later checkpoints %s continue another run and were moved "
