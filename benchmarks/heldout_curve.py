@@ -127,6 +127,9 @@ def main() -> None:
 
     config, checkpoints = read_run(args.run_dir)
     objective = args.objective or config["objective"]
+    # a run that built its vocabulary and prepared corpus from --corpus (`bertkit pretrain` with no arguments) keeps
+    # them in its folder, and its config says null
+    tokenizer, data = config["tokenizer"] or args.run_dir / "tokenizer", config["data"] or args.run_dir / "data"
     # a sentence head the run never trained (an MLM-only run read on pairs) has no score worth reading
     keep = SCORES if objective == config["objective"] else SCORES[:2]
     torch.set_num_threads(args.threads)
@@ -142,7 +145,7 @@ def main() -> None:
         step = checkpoint_step(checkpoint)
         if step not in done:
             try:
-                scores = score_held_out(checkpoint, config["tokenizer"], config["data"], objective=objective,
+                scores = score_held_out(checkpoint, tokenizer, data, objective=objective,
                                         max_length=config["max_length"], mask_prob=args.mask_prob)
             except BertkitError as e:
                 raise SystemExit(f"error: {checkpoint}: {e}") from None

@@ -124,6 +124,21 @@ def test_the_saved_config_keeps_the_inputs_paths_absolute(inputs, tmp_path, monk
                                                           corpus=saved["corpus"])
 
 
+def test_heldout_curve_reads_a_run_that_built_its_own_vocabulary_and_corpus(inputs, tmp_path):
+    """`bertkit pretrain` with no --tokenizer and --data saves them as null: heldout_curve.py passed None on, a
+    TypeError traceback."""
+    run_dir = tmp_path / "run"
+    pretrain(small(inputs, run_dir, tokenizer=None, data=None, corpus=[str(inputs / "slice.txt")], vocab_size=300,
+                   max_steps=1))
+    out = tmp_path / "curve.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "heldout_curve.py"), str(run_dir), "--threads", "1", "--out",
+           str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["step"] == 1 and row["examples"] > 0
+
+
 def test_keep_last_and_partial_checkpoints_are_ignored(short_run):
     run_dir, _ = short_run
     checkpoints = run_dir / "checkpoints"
