@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bertkit import BertForQuestionAnswering
+from bertkit import BertForQuestionAnswering, BertkitError
 from bertkit.serve import ServeConfig, create_app
 from tiny_folders import WORDS, save_tiny
 
@@ -386,6 +386,15 @@ def test_serve_command_line_errors(folders, capsys):
     assert main(["serve", folders["classifier"], "--max-inputs", "10", "--max-queue", "5"]) == 2
     error = capsys.readouterr().err
     assert "--max-inputs 10 is more than --max-queue 5" in error and error.count("\n") == 1
+
+
+def test_a_max_length_past_the_models_positions_is_refused_as_predict_refuses_it(folders):
+    """It was served at the model's 128 positions while --max-length 1000 was asked for (the metadata said 128)."""
+    from bertkit.serve import Predictor
+
+    with pytest.raises(BertkitError, match="--max-length 1000 is more than the 128 positions of"):
+        Predictor(folders["classifier"], max_length=1000)
+    assert Predictor(folders["classifier"], max_length=128).config.max_length == 128
 
 
 def test_served_connections_send_without_waiting_for_acks():

@@ -110,7 +110,7 @@ class Predictor:
                  device: str = "cpu", max_text_chars: int = 20_000):
         from bertkit.tasks.classification import TextTask
         from bertkit.tasks.evaluation import _tuned_threshold
-        from bertkit.tasks.finetune import FinetuneConfig, resolve_device
+        from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
         from bertkit.tasks.squad import SquadTask
         from bertkit.tokenizer import Tokenizer
 
@@ -134,7 +134,9 @@ class Predictor:
             max_length=max_length or (saved.max_length if saved else None),
             **({k: getattr(saved, k) for k in ("doc_stride", "max_query_length", "null_threshold")} if saved else {}),
         )
-        self.config.max_length = min(self.config.max_length, model_config.max_position_embeddings)
+        if max_length is not None:  # asked for: refused past the positions, as evaluate and predict refuse it
+            check_max_length(self.config, model_config.max_position_embeddings)
+        self.config.max_length = min(self.config.max_length, model_config.max_position_embeddings)  # a default
         if self.kind == "classification":
             id2label = model_config.id2label or {i: f"LABEL_{i}" for i in range(model_config.num_labels)}
             self.labels = [id2label[i] for i in sorted(id2label)]
