@@ -104,13 +104,30 @@ def not_on_path(undo: str, bench, kernels: M.Kernels, compiled: bool, shipped: l
     if undo == "three-qkv-gemms" and (compiled or kernels.attention == "varlen"):
         return ("compiled blocks keep the forward they were traced with" if compiled else
                 "the three-GEMM forward re-pads, so it would undo varlen attention as well")
-    if undo == "packing-rule":  # "always packed": the same as shipped where the rule already packs every batch
-        rule, decisions = M.packs, []
-        with patched(M, "packs", lambda *args: decisions.append(rule(*args)) or decisions[-1]):
-            shipped[0][0]()
-        if all(decisions):
-            return "the shipped rule packs every batch of this case already"
+    if undo == "packing-rule" or undo in ON_PACKED_ROWS:
+        layouts = layouts_of(shipped[0][0])
+        if undo == "packing-rule" and not any(padded and not packed for padded, packed in layouts):
+            return "the shipped rule packs every batch of this case already"  # "always packed" changes nothing
+        if undo in ON_PACKED_ROWS and not any(packed for _, packed in layouts):
+            return "no batch of this case is packed (none has padding, or the packing rule keeps it padded)"
     return None
+
+
+# undone variants that only change how packed rows are computed: where every batch stays padded they change nothing
+ON_PACKED_ROWS = {"padded-encoder", "attention-blocks-of-16", "varlen-attention", "filler-rows"}
+
+
+def layouts_of(unit) -> list[tuple[bool, bool]]:
+    """(padded, packed) for each batch layout that one run of `unit` builds."""
+    seen, init = [], M.Layout.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.attn_mask is not None, self.indices is not None))
+
+    with patched(M.Layout, "__init__", record):
+        unit()
+    return seen
 
 
 def undone(units: list, undo) -> list:

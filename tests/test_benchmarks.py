@@ -112,12 +112,37 @@ def test_an_ablation_that_would_change_nothing_is_not_measured():
     assert "packs every batch" in ablation.not_on_path("packing-rule", cpu, shipped, False, units)
     M.set_kernels(model, packing="never")  # kept padded: "always packed" changes something
     assert ablation.not_on_path("packing-rule", cpu, model.bert.kernels, False, units) is None
+    M.set_kernels(model, packing="auto")
     assert ablation.not_on_path("attention-blocks-of-16", gpu, shipped, False, units)
     assert ablation.not_on_path("attention-blocks-of-16", cpu, shipped, False, units) is None
     assert "compiled" in ablation.not_on_path("three-qkv-gemms", cpu, shipped, True, units)
     assert "varlen" in ablation.not_on_path("three-qkv-gemms", cpu, varlen, False, units)
     assert ablation.not_on_path("attention-by-hand", gpu, varlen, False, units)
     assert ablation.not_on_path("attention-by-hand", cpu, shipped, False, units) is None
+
+
+def test_an_undo_of_packed_rows_is_not_measured_where_no_batch_is_packed():
+    """The packed encoder (and what runs on packed rows only) undone where every batch stays padded, as at batch 1
+    (no padding) or on a GPU under the packing rule's size, timed the same code twice: inference-b1 read 0.97x."""
+    from types import SimpleNamespace
+
+    from bertkit import model as M
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          max_position_embeddings=64))
+    ids = torch.randint(5, 300, (3, 20))
+    full, padded = torch.ones(3, 20, dtype=torch.long), torch.ones(3, 20, dtype=torch.long)
+    padded[1, 9:] = 0
+    cpu, shipped = SimpleNamespace(gpu=False), M.Kernels()
+    no_padding = [(lambda: model(ids, attention_mask=full), 60)]
+    with_padding = [(lambda: model(ids, attention_mask=padded), 49)]
+    for undo in ("padded-encoder", "attention-blocks-of-16"):
+        assert "no batch of this case is packed" in ablation.not_on_path(undo, cpu, shipped, False, no_padding)
+        assert ablation.not_on_path(undo, cpu, shipped, False, with_padding) is None
+    M.set_kernels(model, packing="never")  # what the GPU's rule does below 2^24 elements
+    assert "no batch of this case is packed" in ablation.not_on_path("padded-encoder", cpu, model.bert.kernels, False,
+                                                                     with_padding)
 
 
 def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
