@@ -106,10 +106,12 @@ def not_on_path(undo: str, bench, kernels: M.Kernels, compiled: bool, shipped: l
                 "the three-GEMM forward re-pads, so it would undo varlen attention as well")
     if undo == "packing-rule" or undo in ON_PACKED_ROWS:
         layouts = layouts_of(shipped[0][0])
-        if undo == "packing-rule" and not any(padded and not packed for padded, packed in layouts):
+        if undo == "packing-rule" and not any(padded and not packed for padded, packed, _ in layouts):
             return "the shipped rule packs every batch of this case already"  # "always packed" changes nothing
-        if undo in ON_PACKED_ROWS and not any(packed for _, packed in layouts):
+        if undo in ON_PACKED_ROWS and not any(packed for _, packed, _ in layouts):
             return "no batch of this case is packed (none has padding, or the packing rule keeps it padded)"
+        if undo == "attention-blocks-of-16" and not any(rounded for _, _, rounded in layouts):
+            return "every packed batch's length is a whole number of blocks of 16 already"  # pretraining's 128
     return None
 
 
@@ -117,13 +119,13 @@ def not_on_path(undo: str, bench, kernels: M.Kernels, compiled: bool, shipped: l
 ON_PACKED_ROWS = {"padded-encoder", "attention-blocks-of-16", "varlen-attention", "filler-rows"}
 
 
-def layouts_of(unit) -> list[tuple[bool, bool]]:
-    """(padded, packed) for each batch layout that one run of `unit` builds."""
+def layouts_of(unit) -> list[tuple[bool, bool, bool]]:
+    """(padded, packed, rounded up for attention) for each batch layout that one run of `unit` builds."""
     seen, init = [], M.Layout.__init__
 
     def record(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        seen.append((self.attn_mask is not None, self.indices is not None))
+        seen.append((self.attn_mask is not None, self.indices is not None, self.span != self.length))
 
     with patched(M.Layout, "__init__", record):
         unit()
