@@ -52,6 +52,7 @@ def run_bertkit(args, task: str, n_train: int | None, epochs: int, seed: int) ->
         out_dir=str(args.out / f"bertkit-{task}-seed{seed}"), lr=args.lr, batch_size=args.batch_size, epochs=epochs,
         max_length=args.max_length, seed=seed, eval_batch_size=args.eval_batch_size,
         limit_train_examples=n_train, threads=args.threads, device=args.device,
+        overwrite=True,  # the folder of an earlier invocation with other settings, whose row main() starts afresh
     )
     record = finetune(config)
     last = record["epochs"][-1]

@@ -164,6 +164,26 @@ def test_blocks_of_16_undone_are_not_measured_where_every_length_is_whole_blocks
         assert ablation.not_on_path("padded-encoder", cpu, model.bert.kernels, False, units) is None
 
 
+def test_finetune_comparison_runs_again_with_other_settings(tmp_path, minilm_dir):
+    """finetune_vs_transformers.py keeps bertkit's run folder per task and seed; a later invocation with other
+    settings (more examples) replaces it, as its results.json row does, instead of stopping at finetune's refusal
+    of a folder that holds another run."""
+    from types import SimpleNamespace
+
+    import finetune_vs_transformers
+
+    rows = data_path("glue", "SST-2", "train.tsv").read_text(encoding="utf-8").splitlines()
+    sst2 = tmp_path / "data" / "glue" / "SST-2"
+    sst2.mkdir(parents=True)
+    sst2.joinpath("train.tsv").write_text("\n".join(rows[:17]) + "\n", encoding="utf-8")
+    sst2.joinpath("dev.tsv").write_text("\n".join(rows[:1] + rows[17:25]) + "\n", encoding="utf-8")
+    args = SimpleNamespace(data=tmp_path / "data", model_dir=minilm_dir, out=tmp_path / "out", lr=5e-5, batch_size=8,
+                           max_length=32, eval_batch_size=8, threads=1, device="cpu")
+    for n_train in (8, 16):
+        result = finetune_vs_transformers.run_bertkit(args, "SST-2", n_train, 1, 42)
+        assert result["train_examples"] == n_train
+
+
 def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
     data = data_path("corpus", "python-docs-3.11.txt").parents[1]
     data_path("checkpoints", "all-MiniLM-L6-v2")
