@@ -53,6 +53,7 @@ def run_bertkit(args, task: str, n_train: int | None, epochs: int, seed: int) ->
         max_length=args.max_length, seed=seed, eval_batch_size=args.eval_batch_size,
         limit_train_examples=n_train, threads=args.threads, device=args.device,
         overwrite=True,  # the folder of an earlier invocation with other settings, whose row main() starts afresh
+        save_every=0,  # mid-epoch checkpoints would be timed as training; the transformers loop writes none
     )
     record = finetune(config)
     last = record["epochs"][-1]
