@@ -526,15 +526,33 @@ def profile(bench: Bench, case: Case) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
+def whole_number(least: int):
+    """An argparse type: a whole number of at least `least`. Checked up front: --rounds 0 or --batches 0 divided by
+    zero only after every model was built and warmed up, and --pretrain-batch 0 fell back to the default."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {least}")
+        return n
+
+    return parse
+
+
 def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
     """The options that size and time the cases and say where results go (benchmarks/ablation.py takes them too)."""
     parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
-    parser.add_argument("--batches", type=int, default=batches, help="batches per side per round")
-    parser.add_argument("--pretrain-batch", type=int, help="sequences per step in the pretraining cases (default: "
-                        "256 at length 128 and 64 at 512 for base, 32 for large at 512, on a GPU; 32/8/2/4/1 on a CPU)")
-    parser.add_argument("--rounds", type=int, default=2, help="measured rounds (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for every side")
+    parser.add_argument("--batches", type=whole_number(1), default=batches, help="batches per side per round")
+    parser.add_argument("--pretrain-batch", type=whole_number(1), help="sequences per step in the pretraining cases "
+                        "(default: 256 at length 128 and 64 at 512 for base, 32 for large at 512, on a GPU; 32/8/2/4/1 "
+                        "on a CPU)")
+    parser.add_argument("--rounds", type=whole_number(1), default=2, help="measured rounds (after warm-up)")
+    parser.add_argument("--warmup", type=whole_number(0), default=1, help="warm-up rounds, not counted")
+    parser.add_argument("--threads", type=whole_number(1), default=os.cpu_count(),
+                        help="torch threads, the same for every side")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results (and run.py's plot)")
 
 

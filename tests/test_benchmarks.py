@@ -205,6 +205,23 @@ def test_finetune_comparison_times_no_checkpoint_writes_on_bertkit_side(tmp_path
     assert configs[0].save_every == 0
 
 
+@pytest.mark.parametrize("option, value", [("--rounds", "0"), ("--batches", "0"), ("--pretrain-batch", "0"),
+                                           ("--threads", "0"), ("--warmup", "-1"), ("--rounds", "two")])
+def test_case_sizes_below_their_least_are_refused_by_the_parser(option, value, capsys):
+    """--rounds 0 and --batches 0 divided by zero after every model was built and warmed up (minutes of a GPU
+    lease), and --pretrain-batch 0 ran the default batch instead."""
+    import argparse
+
+    import run
+
+    parser = argparse.ArgumentParser(prog="run.py")
+    run.add_case_arguments(parser, batches=3)
+    with pytest.raises(SystemExit):
+        parser.parse_args([option, value])
+    assert f"argument {option}: '{value}': expected a whole number >= " in capsys.readouterr().err
+    assert parser.parse_args([option, "1"]) is not None
+
+
 def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
     data = data_path("corpus", "python-docs-3.11.txt").parents[1]
     data_path("checkpoints", "all-MiniLM-L6-v2")
