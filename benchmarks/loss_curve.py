@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import run
+from bertkit.config import PRESETS
 from bertkit.train.optim import build_optimizer, warmup_linear
 
 
@@ -96,7 +97,8 @@ def plot(curves: dict[str, list[float]], title: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: both sides under bf16 autocast")
-    parser.add_argument("--preset", default="base", help="model size (bertkit.BertConfig presets)")
+    parser.add_argument("--preset", default="base", choices=list(PRESETS),
+                        help="model size (bertkit.BertConfig presets)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per side")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     parser.add_argument("--max-length", type=int, default=128, help="sequence length of the pretraining examples")

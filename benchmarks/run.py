@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import bertkit
+from bertkit.config import PRESETS
 from bertkit.model import COMPILE_MODES, flops_per_token
 
 HERE = Path(__file__).resolve().parent
@@ -544,7 +545,8 @@ def whole_number(least: int):
 
 def add_case_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
     """The options that size and time the cases and say where results go (benchmarks/ablation.py takes them too)."""
-    parser.add_argument("--preset", default="base", help="model size for the fine-tuning and inference cases")
+    parser.add_argument("--preset", default="base", choices=list(PRESETS),
+                        help="model size for the fine-tuning and inference cases")
     parser.add_argument("--batches", type=whole_number(1), default=batches, help="batches per side per round")
     parser.add_argument("--pretrain-batch", type=whole_number(1), help="sequences per step in the pretraining cases "
                         "(default: 256 at length 128 and 64 at 512 for base, 32 for large at 512, on a GPU; 32/8/2/4/1 "

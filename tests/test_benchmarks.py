@@ -222,6 +222,15 @@ def test_case_sizes_below_their_least_are_refused_by_the_parser(option, value, c
     assert parser.parse_args([option, "1"]) is not None
 
 
+@pytest.mark.parametrize("script", ["run.py", "ablation.py", "loss_curve.py"])
+def test_an_unknown_preset_is_a_usage_error(script):
+    """It was a BertkitError traceback, raised once the run had started (after the matmul peak, on a GPU too)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--preset", "huge"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "argument --preset: invalid choice: 'huge'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_prepare_case_tokenizes_the_same_corpus_on_both_sides(tmp_path):
     data = data_path("corpus", "python-docs-3.11.txt").parents[1]
     data_path("checkpoints", "all-MiniLM-L6-v2")
