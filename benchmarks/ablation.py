@@ -5,7 +5,7 @@
 
 The cases, batches, timing and alternation are those of benchmarks/run.py (only bertkit's model is built). Each
 variant patches bertkit for the duration of its own steps only, so the shipped and the undone versions run on the
-same model, optimizer and batches, unit by unit in alternation. The ratio shipped / undone is what the optimisation
+same model, optimizer and batches, alternating round by round. The ratio shipped / undone is what the optimisation
 pays; below 1 it costs. It also reports how much of a pretraining step the optimizer takes, which decides whether
 a sparse update of the embedding matrix could pay.
 """

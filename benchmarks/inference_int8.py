@@ -10,9 +10,10 @@ Runtime float32 and int8 (the two files `bertkit export` writes, exported here);
 
 Speed: SST-2 dev sentences through the SST-2 model, in batches of 1 and of 32 consecutive sentences padded to their
 longest (every side gets the same batches; what a side does with the padding is its own business), at each
---threads. The sides alternate unit by unit, in reversed order every other round; the first round is a warm-up and
-not counted. Examples/s come from wall time, and at one thread also from the CPU time of the calling thread (every
-side then computes on that one thread), which other processes on the same core do not inflate.
+--threads. The sides alternate round by round (each runs all its batches in turn), in reversed order every other
+round; the first round is a warm-up and not counted. Examples/s come from wall time, and at one thread also from the
+CPU time of the calling thread (every side then computes on that one thread), which other processes on the same core
+do not inflate.
 
 Accuracy: every side scores the whole SST-2 dev set with the SST-2 model and the whole MRPC test set with the MRPC
 model, in batches of 32 in file order (int8 results depend a little on a batch's other rows: activations are
@@ -119,8 +120,8 @@ def score(side, rows, pad_id, metrics) -> dict:
 
 
 def measure(units: dict, rounds: int) -> dict:
-    """Alternate the sides unit by unit (reversed every other round); round 0 is a warm-up. Per side: examples,
-    wall seconds, CPU seconds of this thread."""
+    """Alternate the sides round by round (each runs all its units in turn, reversed every other round); round 0 is a
+    warm-up. Per side: examples, wall seconds, CPU seconds of this thread."""
     totals = {name: {"examples": 0, "wall": 0.0, "cpu": 0.0, "unit_wall": []} for name in units}
     names = list(units)
     for r in range(rounds + 1):

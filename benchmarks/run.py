@@ -442,7 +442,8 @@ SUITES = {
 
 
 def measure(bench: Bench, case: Case, rounds: int, warmup: int) -> dict:
-    """Alternate sides unit by unit; the first `warmup` rounds are not counted. The sides are the case's units' keys
+    """Alternate the sides round by round (each runs all its units in turn, in reversed order every other round); the
+    first `warmup` rounds are not counted. The sides are the case's units' keys
     (bertkit and transformers here; benchmarks/ablation.py compares bertkit with itself)."""
     sides = list(case.units)
     seconds = {s: [] for s in sides}
