@@ -4,6 +4,7 @@ import io
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -601,3 +602,19 @@ def test_evaluate_data_dir_scores_that_folder_not_the_runs_eval_file(toy_model_d
                                                                                        pytest.approx(200 / 3))
     assert evaluate(tmp_path / "run", data_dir=str(tmp_path / "other"), eval_file=str(tmp_path / "train.tsv")) \
         == evaluate(tmp_path / "run")
+
+
+def test_training_time_leaves_the_checkpoint_writes_out(toy_model_dir, tmp_path, monkeypatch):
+    """train_seconds (and the examples/s made from it) counted the mid-epoch checkpoint writes; pretraining's never
+    did."""
+    import bertkit.tasks.finetune as finetune_module
+
+    write = finetune_module.save_checkpoint
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "save_checkpoint", slow)
+    record = finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "run", save_every=1, epochs=1))
+    assert record["epochs"][0]["train_seconds"] < 1.0  # 3 mid-epoch writes of at least 0.5 s each were counted

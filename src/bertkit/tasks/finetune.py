@@ -604,8 +604,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                     if stop or (config.save_every and pos.step % config.save_every == 0 and pos.batch < len(batches)):
                         now, now_cpu = time.perf_counter(), time.process_time()
                         pos.seconds, pos.cpu_seconds = pos.seconds + now - start, pos.cpu_seconds + now_cpu - start_cpu
-                        start, start_cpu = now, now_cpu
                         path = save()
+                        start, start_cpu = time.perf_counter(), time.process_time()  # saving is not training
                         if stop:
                             run_log.close()
                             raise interrupt.stop(f"checkpoint {path} saved at step {pos.step} (epoch {epoch}, "
