@@ -48,7 +48,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         names = {"dest": f.name} if flag.lstrip("-").replace("-", "_") != f.name or len(flags) > 1 else {}
         if f.metadata.get("required"):
             names["required"] = True
-        shown = doc if "(default:" in doc or names.get("required") else f"{doc} (default: %(default)s)"
+        # an unset default is the help text's to explain ("unset: ..."): "(default: None)" would say nothing
+        unset = default is None or default == ""
+        shown = doc if "(default:" in doc or names.get("required") or unset else f"{doc} (default: %(default)s)"
         if t is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=doc, **names)
         elif typing.get_origin(t) is typing.Literal:

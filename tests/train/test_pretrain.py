@@ -990,14 +990,16 @@ def test_sst2_by_step_fine_tunes_and_probes_each_checkpoint_beside_the_untrained
         sst2_by_step.main([*argv[:2], "75", *argv[4:]])
 
 
-def test_every_commands_help_prints_percent_signs_once(capsys):
+def test_every_commands_help_prints_percent_signs_once_and_no_empty_default(capsys):
     # argparse %-formats a flag's help but prints a command's description as written: "%%" there shows as "%%"
     from bertkit.cli import build_parser
 
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     for name, sub in commands.items():
-        assert "%%" not in sub.format_help(), name
+        shown = " ".join(sub.format_help().split())
+        assert "%%" not in shown, name
+        assert "(default: None)" not in shown and "(default: )" not in shown, name  # unset is the help's to explain
 
 
 def test_a_mistyped_model_preset_is_named_before_a_vocabulary_is_trained(tmp_path, capsys):

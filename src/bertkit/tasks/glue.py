@@ -46,7 +46,8 @@ class GlueConfig:
     max_length: int = option(128, "tokens per example")
     seed: int = option(42, "seed of every run")
     limit_train_examples: int | None = option(None, "train on the first N examples of each task (for quick runs)")
-    threads: int | None = option(None, "CPU threads for torch")
+    threads: int | None = option(None, "CPU threads for torch (default: the cores that the last minute's load average "
+                                 "leaves idle, 1 to 16)")
     device: str = option("auto", "cpu, cuda, ... (auto: cuda when available)")
     predict: bool = option(False, "write each task's leaderboard file for its test.tsv with the best lr's model")
     overwrite: bool = option(False, "redo the runs already in --out-dir (without it, a rerun continues interrupted "
