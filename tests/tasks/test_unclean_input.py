@@ -93,6 +93,25 @@ def test_a_pair_for_a_model_with_one_segment_embedding_is_a_one_line_error(tmp_p
     assert err.count("\n") == 1 and "one segment embedding (type_vocab_size 1)" in err
 
 
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A folder whose vocab.txt has more tokens than config.json's vocab_size (another model's tokenizer copied in)
+    is refused naming the folder, by predict and evaluate, instead of an IndexError on the first text holding one
+    of the ids past the embedding table."""
+    from tiny_folders import tiny_config, tokenizer_in
+
+    tokenizer = tokenizer_in(tmp_path)
+    config = tiny_config(tokenizer.vocab_size - 10, id2label={0: "neg", 1: "pos"})
+    BertForSequenceClassification(config).save_pretrained(tmp_path, tokenizer=tokenizer)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the treaty was signed\n"))  # "signed" is one of the last ids
+    assert main(["predict", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the tokenizer has {tokenizer.vocab_size} tokens, more than config.json's " \
+        f"vocab_size {config.vocab_size}" in err
+    (tmp_path / "dev.csv").write_text("sentence,label\nthe treaty was signed,pos\n")
+    assert main(["evaluate", str(tmp_path), "--task", "custom", "--eval-file", str(tmp_path / "dev.csv")]) == 2
+    assert "more than config.json's vocab_size" in capsys.readouterr().err
+
+
 def test_predict_help_documents_blank_lines_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])

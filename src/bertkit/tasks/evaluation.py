@@ -19,6 +19,7 @@ from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
                                     resolve_device)
+from bertkit.tasks.inference import check_tokenizer
 from bertkit.tasks.squad import SquadTask, parse_questions
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
@@ -112,6 +113,7 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
         data = load_task(config, need_train=False, labels=_label_names(model_config))
         _check_head(data, model_config, model_dir)
         tokenizer = Tokenizer.from_pretrained(model_dir)
+        check_tokenizer(tokenizer, model_config, model_dir)
         model = _loaded(data.model_class, model_dir, device, int8, _label_order(data, model_config, model_dir))
         metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
     if out_dir is not None:
@@ -153,6 +155,7 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         tokenizer = Tokenizer.from_pretrained(model_dir)
+        check_tokenizer(tokenizer, model_config, model_dir)
         if is_qa:
             return _answer(model_dir, config, tokenizer, parse_questions(inputs, source), device, int8)
         return _label(model_dir, model_config, architectures, config, tokenizer, inputs, source, device, int8)

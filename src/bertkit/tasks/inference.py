@@ -21,6 +21,15 @@ def check_segments(config, rows: Sequence[dict]) -> None:
                            "input has sentence pairs (or a question with its context), which need type_vocab_size 2")
 
 
+def check_tokenizer(tokenizer, config, model_dir) -> None:
+    """Refuse a folder whose tokenizer has more tokens than the model has embeddings: its extra ids index past the
+    embedding table, an IndexError deep in torch on the first text that holds one of them."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise BertkitError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size:,} tokens, more than config.json's "
+                           f"vocab_size {config.vocab_size:,}; expected the model's own tokenizer files (vocab.txt, "
+                           "tokenizer.json) in its folder")
+
+
 @torch.no_grad()
 def infer(
     model, rows: Sequence[dict], batch_size: int, pad_id: int, device: torch.device, outputs: tuple[str, ...],
