@@ -111,6 +111,7 @@ class Predictor:
         from bertkit.tasks.classification import TextTask
         from bertkit.tasks.evaluation import _tuned_threshold
         from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
+        from bertkit.tasks.inference import check_tokenizer
         from bertkit.tasks.squad import SquadTask
         from bertkit.tokenizer import Tokenizer
 
@@ -144,6 +145,7 @@ class Predictor:
             self.labels = []
         self.device = resolve_device(device)  # auto, or a clear error for a device this machine lacks
         self.tokenizer = Tokenizer.from_pretrained(directory)
+        check_tokenizer(self.tokenizer, model_config, directory)
         if self.kind == "question-answering":
             self.task = SquadTask(task if task in ("squad1", "squad2") else "squad1")
             self.threshold = _tuned_threshold(directory, self.config)

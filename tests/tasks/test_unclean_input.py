@@ -95,21 +95,30 @@ def test_a_pair_for_a_model_with_one_segment_embedding_is_a_one_line_error(tmp_p
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """A folder whose vocab.txt has more tokens than config.json's vocab_size (another model's tokenizer copied in)
-    is refused naming the folder, by predict and evaluate, instead of an IndexError on the first text holding one
+    is refused naming the folder, by predict, evaluate, finetune and serve, instead of an IndexError on the first text holding one
     of the ids past the embedding table."""
     from tiny_folders import tiny_config, tokenizer_in
 
-    tokenizer = tokenizer_in(tmp_path)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tokenizer = tokenizer_in(folder)
     config = tiny_config(tokenizer.vocab_size - 10, id2label={0: "neg", 1: "pos"})
-    BertForSequenceClassification(config).save_pretrained(tmp_path, tokenizer=tokenizer)
+    BertForSequenceClassification(config).save_pretrained(folder, tokenizer=tokenizer)
     monkeypatch.setattr("sys.stdin", io.StringIO("the treaty was signed\n"))  # "signed" is one of the last ids
-    assert main(["predict", str(tmp_path)]) == 2
+    assert main(["predict", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"the tokenizer has {tokenizer.vocab_size} tokens, more than config.json's " \
         f"vocab_size {config.vocab_size}" in err
-    (tmp_path / "dev.csv").write_text("sentence,label\nthe treaty was signed,pos\n")
-    assert main(["evaluate", str(tmp_path), "--task", "custom", "--eval-file", str(tmp_path / "dev.csv")]) == 2
+    (tmp_path / "dev.csv").write_text("sentence,label\nthe treaty was signed,pos\nthe treaty,neg\n")
+    assert main(["evaluate", str(folder), "--task", "custom", "--eval-file", str(tmp_path / "dev.csv")]) == 2
     assert "more than config.json's vocab_size" in capsys.readouterr().err
+    assert main(["finetune", "--model-dir", str(folder), "--task", "custom", "--train-file", str(tmp_path / "dev.csv"),
+                 "--eval-file", str(tmp_path / "dev.csv"), "--out-dir", str(tmp_path / "run")]) == 2
+    assert "more than config.json's vocab_size" in capsys.readouterr().err
+    from bertkit.serve import Predictor
+
+    with pytest.raises(BertkitError, match="more than config.json's vocab_size"):
+        Predictor(folder)
 
 
 def test_predict_help_documents_blank_lines_and_errors(capsys):

@@ -48,7 +48,7 @@ from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
 from bertkit.tasks.classification import TextTask, load_text_task
-from bertkit.tasks.inference import check_segments
+from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.squad import SquadTask, load_squad_task
 from bertkit.tokenizer import Tokenizer
 from bertkit.train import distributed
@@ -403,6 +403,7 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
         task.train = task.train[: config.limit_train_examples]
     seed_everything(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
+    check_tokenizer(tokenizer, BertConfig.load(config.model_dir), config.model_dir)
     model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
                                              **task.model_overrides(), **({"bilstm": True} if config.bilstm else {}))
     n = model.num_parameters()
