@@ -67,6 +67,24 @@ def test_bad_requests_are_named(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+
+def test_a_bad_book_list_is_named_with_its_line(tmp_path):
+    """A count that is not a number, a short row or a list that is not UTF-8 raised a ValueError, TypeError or
+    UnicodeDecodeError traceback (int() of the cell) instead of naming the file and line."""
+    config = corpus(tmp_path, [("A", "Alpha", 8, 5), ("B", "Beta", 8, 5)])
+    good = (tmp_path / "books.tsv").read_text()
+    lines = good.splitlines()
+    for bad, message in ((lines[2].replace("\t8\t", "\tx8\t"), r"books.tsv:3: documents is 'x8'; expected a whole"),
+                         (lines[2].replace("\t80\t400", "\t80\t4.5e2"), r"books.tsv:3: words is '4.5e2'; expected"),
+                         ("\t".join(lines[2].split("\t")[:4]), r"books.tsv:3: 4 tab-separated fields; expected 7")):
+        (tmp_path / "books.tsv").write_text("\n".join([*lines[:2], bad]) + "\n")
+        with pytest.raises(BertkitError, match=message):
+            build_longdoc(config)
+    (tmp_path / "books.tsv").write_bytes(good.replace("Beta", "B\xe9ta").encode("latin-1"))
+    with pytest.raises(BertkitError, match="books.tsv: not UTF-8 text; expected"):
+        build_longdoc(config)
+    assert not (tmp_path / "task").exists()
+
 def test_words_too_many_for_dev_leave_the_earlier_task_whole(tmp_path):
     """Train had passages of 120 words and dev none: train.jsonl was rewritten before the error, beside the earlier
     run's dev.jsonl and books.json of 30 words."""

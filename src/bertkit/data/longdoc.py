@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertkit.config import option
-from bertkit.errors import BertkitError
+from bertkit.errors import BertkitError, where
 from bertkit.train.rundir import check_output_path, make_dir
 
 
@@ -50,12 +50,28 @@ def read_books(corpus: Path, books_tsv: Path) -> list[dict]:
 
     try:
         with open(books_tsv, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+            reader = csv.DictReader(f, delimiter="\t")
+            lines, rows = [], []
+            for row in reader:
+                lines.append(reader.line_num)
+                rows.append(row)
     except OSError as e:
         raise BertkitError(f"{books_tsv}: cannot read the book list ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BertkitError(f"{books_tsv}: not UTF-8 text; expected the book list as a UTF-8 TSV") from None
+    except csv.Error as e:
+        raise BertkitError(f"{where(books_tsv, reader.line_num)}: {e}; expected a TSV book list") from None
     needed = {"piece", "ebook", "author", "title", "documents", "words"}
     if not rows or not needed <= set(rows[0]):
         raise BertkitError(f"{books_tsv}: expected a TSV with the columns {', '.join(sorted(needed))}")
+    for line, row in zip(lines, rows):  # named here: the counts are summed and compared with the corpus below
+        if None in row.values():  # DictReader fills a short row's missing fields with None
+            fields = sum(v is not None for v in row.values())
+            raise BertkitError(f"{where(books_tsv, line)}: {fields} tab-separated fields; expected "
+                               f"{len(reader.fieldnames)}, as in the header")
+        for column in ("documents", "words"):
+            if not row[column].strip().isdecimal():
+                raise BertkitError(f"{where(books_tsv, line)}: {column} is {row[column]!r}; expected a whole number")
     files = sorted(corpus.glob("gutenberg-en-*.txt.gz"))
     if not files:
         raise BertkitError(f"{corpus}: no gutenberg-en-*.txt.gz; expected the shared books corpus")
