@@ -10,7 +10,8 @@ now start. The first --train-articles articles give the training questions (--tr
 with --seed), the rest the scored ones (--dev-per-article each). Both files are written to --out-dir, in the
 official format, so evaluate-v1.1.py can score the predictions too.
 
-Arms (each a `bertkit finetune` run in its own folder; an arm whose metrics.json exists is not run again):
+Arms (each a `bertkit finetune` run in its own folder; an arm whose folder holds the scores of the same command
+on the same task files is not run again):
 - strided: --baseline-model at --max-length 512 with windows every --doc-stride tokens (Google BERT's doc_stride:
   the step between window starts), the best span over all windows;
 - long: --long-model (from `bertkit extend`, usually after `bertkit pretrain --model-dir ... --objective mlm`) reading
@@ -23,6 +24,7 @@ long_squad.md in --out-dir: EM, F1, training and scoring time, windows read.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -78,15 +80,21 @@ def build(squad_file: Path, tokenizer_dir: Path, out_dir: Path, context_tokens: 
 def run_arm(name: str, model: str, out_dir: Path, data_dir: Path, args, extra: list[str]) -> dict:
     run_dir = out_dir / name
     metrics_file = run_dir / "metrics.json"
-    if not metrics_file.exists():
-        command = [sys.executable, "-m", "bertkit.cli", "finetune", "--task", "squad1", "--model-dir", model,
-                   "--train-file", str(data_dir / "train.json"), "--eval-file", str(data_dir / "dev.json"),
-                   "--out-dir", str(run_dir), "--epochs", "1", "--lr", str(args.lr), "--warmup", "0.1",
-                   "--seed", str(args.seed), "--threads", str(args.threads), "--overwrite", *extra]
+    command = [sys.executable, "-m", "bertkit.cli", "finetune", "--task", "squad1", "--model-dir", model,
+               "--train-file", str(data_dir / "train.json"), "--eval-file", str(data_dir / "dev.json"),
+               "--out-dir", str(run_dir), "--epochs", "1", "--lr", str(args.lr), "--warmup", "0.1",
+               "--seed", str(args.seed), "--threads", str(args.threads), "--overwrite", *extra]
+    # what the arm's scores depend on: its command but --threads, and the task's files, which another
+    # --context-tokens or --train-articles rewrites under the same names; a run of other inputs is run again
+    inputs = {"command": command[:command.index("--threads")] + command[command.index("--threads") + 2:],
+              "data": {f: hashlib.sha256((data_dir / f).read_bytes()).hexdigest() for f in ("train.json", "dev.json")}}
+    inputs_file = run_dir / "long_squad_inputs.json"
+    if not (metrics_file.exists() and inputs_file.exists() and json.loads(inputs_file.read_text()) == inputs):
         print(" ".join(command), flush=True)
         started = time.perf_counter()
         subprocess.run(command, check=True)
         (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+        inputs_file.write_text(json.dumps(inputs, indent=1) + "\n")
     metrics = json.loads(metrics_file.read_text())
     wall = run_dir / "wall_s.txt"
     return {"model": model, "flags": extra, "metrics": metrics,

@@ -288,6 +288,38 @@ def test_long_squad_report_reads_each_arms_run_folder(tmp_path):
     assert json.loads((tmp_path / "long_squad.json").read_text())["arms"]["long"]["metrics"]["best"]["f1"] == 3.25
 
 
+
+def test_long_squad_reruns_an_arm_whose_settings_or_data_changed(tmp_path, monkeypatch):
+    """An arm with a metrics.json was never run again: rerun with another --lr or --context-tokens, the report gave
+    the new settings and data sizes beside the old run's scores."""
+    import argparse
+
+    import long_squad
+
+    runs = []
+
+    def finetune(command, check):
+        runs.append(command)
+        run_dir = Path(command[command.index("--out-dir") + 1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"run": len(runs)}))
+
+    monkeypatch.setattr(long_squad.subprocess, "run", finetune)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.json").write_text('{"data": []}')
+    args = argparse.Namespace(lr=1e-4, seed=0, threads=1)
+    arm = lambda: long_squad.run_arm("long", "m", tmp_path, data, args, ["--max-length", "700"])  # noqa: E731
+    assert arm()["metrics"] == {"run": 1}
+    args.threads = 2  # how fast, not what: the scores stand
+    assert arm()["metrics"] == {"run": 1} and len(runs) == 1
+    args.lr = 5e-5
+    assert arm()["metrics"] == {"run": 2}
+    (data / "dev.json").write_text('{"data": [1]}')  # another --context-tokens rewrites the task
+    assert arm()["metrics"] == {"run": 3}
+    assert arm()["metrics"] == {"run": 3} and len(runs) == 3
+
 def test_int8_gemm_ceiling_times_both_kinds_at_every_shape():
     """`inference_int8.py --gemm`: one row per linear shape of MiniLM and BERT-Base, float32 and each int8 engine
     (x86 and onednn in torch's CPU wheels) positive, with its ratio."""
