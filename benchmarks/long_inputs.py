@@ -5,7 +5,8 @@ full attention against windowed attention, bertkit against transformers in the s
     python benchmarks/long_inputs.py --model base --lengths 512 2048 --repeats 1
 
 Sides (the same config, batch 1, the same token ids):
-- bertkit-full: bertkit's encoder, full attention (SDPA: on CPU a flash kernel that never holds the T x T scores)
+- bertkit-full: bertkit's encoder, full attention (SDPA; training with dropout on takes its math path on the CPU,
+  which holds the T x T probabilities for the backward, as eager attention does)
 - bertkit-window: the same weights with attention_window (local window plus [CLS] global)
 - hf-bert-sdpa: transformers' BertModel, SDPA attention (full)
 - hf-bert-eager: transformers' BertModel, eager attention (the T x T scores held for the backward)
