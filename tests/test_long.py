@@ -330,3 +330,20 @@ def test_windowed_attention_equals_transformers_longformer():
             got = ours(ids, types, mask, positions, global_attention_mask=glob.bool()).last_hidden_state
         real = mask[..., None].bool()
         torch.testing.assert_close(got * real, want * real, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_length, window, said", [
+    (200, 400, "reaches every one of the 200 positions: attention stays full"),
+    (1024, 256, "wider than the 128 trained positions: with --method copy, tokens 128 apart in one window share"),
+    (1024, 128, None),
+    (1024, 0, None),
+])
+def test_extend_warns_of_a_window_that_saves_nothing_or_aliases_positions(tmp_path, caplog, max_length, window, said):
+    source = save_tiny(tmp_path / "model")  # 128 positions
+    with caplog.at_level("WARNING", logger="bertkit"):
+        extend(ExtendConfig(model_dir=source, out=str(tmp_path / "long"), max_length=max_length,
+                            attention_window=window))
+    if said is None:
+        assert "attention-window" not in caplog.text
+    else:
+        assert said in caplog.text

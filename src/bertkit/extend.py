@@ -18,6 +18,7 @@ The weights of everything else are unchanged; config.json records `max_position_
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,8 @@ from bertkit.checkpoint import model_folder, read_state_dict, save_pretrained
 from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 from bertkit.train.rundir import check_output_path, make_dir
+
+logger = logging.getLogger("bertkit")
 
 POSITIONS = "embeddings.position_embeddings.weight"
 
@@ -80,6 +83,15 @@ def extend(config: ExtendConfig) -> dict:
                            "number of tokens")
     if config.attention_window and model_config.is_decoder:
         raise BertkitError(f"{source}: a left-to-right model (is_decoder); expected --attention-window 0 for it")
+    window = config.attention_window
+    if window and window // 2 >= config.max_length - 1:
+        logger.warning("--attention-window %d reaches every one of the %d positions: attention stays full, its cost "
+                       "quadratic in the length (0 says full attention; a window below the length saves)", window,
+                       config.max_length)
+    elif window > trained and config.method == "copy":
+        logger.warning("--attention-window %d is wider than the %d trained positions: with --method copy, tokens %d "
+                       "apart in one window share a position embedding (continued pretraining must tell them apart)",
+                       window, trained, trained)
 
     try:  # the extended config checked as config.json is, before the new table is allocated
         dataclasses.replace(model_config, max_position_embeddings=config.max_length)
