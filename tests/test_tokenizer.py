@@ -419,6 +419,18 @@ def test_do_lower_case_is_read_over_a_normalizer_that_is_not_berts(uncased, tmp_
     assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["do_lower_case"] is False
 
 
+def test_a_tokenizer_json_without_a_post_processor_still_encodes_cls_and_sep(uncased, tmp_path):
+    """A WordPiece tokenizer trained with the tokenizers library alone saves "post_processor": null; encode still lays
+    out [CLS] A [SEP] B [SEP] with segment ids 0/1, as transformers' BertTokenizer does on the same folder."""
+    uncased[0].save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved | {"post_processor": None}))
+    ours = Tokenizer.from_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for args in (("The cat sat.",), ("The cat sat.", "It was tired.")):
+        assert ours.encode(*args) == uncased[0].encode(*args) == as_lists(theirs(*args))
+
+
 def test_from_pretrained_ignores_saved_padding(minilm_vocab, uncased):
     # all-MiniLM-L6-v2's tokenizer.json pads and truncates everything to 128.
     loaded = Tokenizer.from_pretrained(minilm_vocab.parent)

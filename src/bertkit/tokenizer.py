@@ -51,6 +51,15 @@ def _normalizer_settings(config: dict) -> dict:
             "chinese_chars": bool(config.get("tokenize_chinese_chars", True))}
 
 
+def _bert_post_processor(vocab: dict[str, int]) -> processors.TemplateProcessing:
+    """`[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]`, segment ids 0 then 1."""
+    return processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+
+
 def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool | None = None,
                    chinese_chars: bool = True) -> tokenizers.Tokenizer:
     """The fast tokenizer transformers builds for BertTokenizerFast on the same vocabulary."""
@@ -59,11 +68,7 @@ def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool |
     )
     backend.normalizer = _bert_normalizer(lowercase, strip_accents, chinese_chars)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
+    backend.post_processor = _bert_post_processor(vocab)
     backend.decoder = decoders.WordPiece(prefix="##")
     # Registered as special added tokens, as transformers does: a literal "[MASK]" in text encodes to the [MASK] id.
     backend.add_special_tokens(list(SPECIAL_TOKENS))
@@ -234,6 +239,10 @@ class Tokenizer:
                 f"{where(tokenizer_file)}: model is {type(backend.model).__name__}; expected WordPiece (a BERT tokenizer)"
             )
         _check_special_tokens(backend.get_vocab(), tokenizer_file)
+        if backend.post_processor is None:
+            # A tokenizer trained with the tokenizers library alone saves none, and encode would then add no [CLS] or
+            # [SEP] (a classifier would read the first word as [CLS]); transformers' BertTokenizer puts BERT's on too.
+            backend.post_processor = _bert_post_processor(backend.get_vocab())
         # A saved file may fix padding/truncation (all-MiniLM-L6-v2 pads everything to 128); encode sets them per call.
         backend.no_padding()
         backend.no_truncation()
