@@ -405,6 +405,26 @@ def test_added_special_tokens_stay_special_for_transformers_after_a_round_trip(m
         assert again.get_special_tokens_mask(ids, already_has_special_tokens=True) == [1, 0, 1, 0, 1, 0, 1]
 
 
+def test_a_saved_folder_keeps_its_added_tokens_without_tokenizer_json(minilm_vocab, tmp_path):
+    """A token added over the vocabulary (not special) is still an added token, matched inside words, when the folder
+    bertkit saved is read from vocab.txt + tokenizer_config.json alone: by bertkit, transformers' BertTokenizer and
+    its slow BertTokenizerLegacy (transformers 5), which all ignore or lack tokenizer.json."""
+    theirs = transformers.BertTokenizerFast.from_pretrained(minilm_vocab.parent)
+    theirs.add_tokens(["newword"])
+    theirs.add_special_tokens({"additional_special_tokens": ["[E1]"]})
+    theirs.save_pretrained(tmp_path / "hf")
+    Tokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer.json").unlink()
+    text = "xnewwordy NewWord [E1] newword"
+    expected = theirs(text)["input_ids"]
+    assert expected == [101, 1060, 30522, 1061, 30522, 30523, 30522, 102]  # x newword y newword [E1] newword
+    assert Tokenizer.from_pretrained(tmp_path / "ours").encode(text)["input_ids"] == expected
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")(text)["input_ids"] == expected
+    slow = getattr(transformers, "BertTokenizerLegacy", None)
+    if slow is not None:
+        assert slow.from_pretrained(tmp_path / "ours")(text)["input_ids"] == expected
+
+
 def test_do_lower_case_is_read_over_a_normalizer_that_is_not_berts(uncased, tmp_path):
     """A tokenizer.json with another normalizer (here NFC) is left as it is, and tokenizer_config.json's
     do_lower_case still says whether the folder is cased, and is written back."""

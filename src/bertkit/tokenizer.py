@@ -283,6 +283,14 @@ class Tokenizer:
             "strip_accents": normalizer.strip_accents if bert else None,
             "model_max_length": model_max_length,
             **special_tokens,
+            # every added token at its id, as transformers writes them: read from vocab.txt and this file alone (a slow
+            # tokenizer, or the folder without tokenizer.json), a token added over the vocabulary ("covid19") would
+            # be one more word piece, no longer matched inside a word
+            "added_tokens_decoder": {
+                str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                         "single_word": t.single_word, "special": t.special}
+                for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+            },
         }
         write_json(directory / "tokenizer_config.json", config)
         write_json(directory / "special_tokens_map.json", special_tokens)
