@@ -176,6 +176,18 @@ def test_unicode_offsets_map_back_exactly(tokenizer):
             assert normalised.strip() == token.removeprefix("##")  # CJK characters come padded with spaces
 
 
+def test_answer_keeps_the_combining_accent_of_its_last_letter(tokenizer):
+    """Decomposed accents (e + U+0301) are stripped by the uncased normaliser, so the last token ends before the
+    accent; the gold span must still come back whole, or it is no exact match."""
+    context = "The poem was written by Jose\u0301 Marti\u0301 in Cuba."
+    example = qa(context, "Jose\u0301 Marti\u0301")
+    (feature,) = featurize([example], tokenizer, max_length=64)
+    starts, ends = np.zeros((1, 64)), np.zeros((1, 64))
+    starts[0, feature.start_position] = ends[0, feature.end_position] = 10.0
+    predictions, _ = postprocess([example], [feature], starts, ends)
+    assert predictions == {"q": "Jose\u0301 Marti\u0301"}
+
+
 def test_unanswerable_and_bertkit_tokenizer(tokenizer):
     from bertkit.tokenizer import Tokenizer as BertkitTokenizer
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import json
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,11 +321,20 @@ def postprocess(
             if np.isfinite(scores[i, j]) and (best_score is None or scores[i, j] > best_score):
                 best_score = float(scores[i, j])
                 s, e = top_starts[i], top_ends[j]
-                best_text = example.context[feature.offsets[s][0] : feature.offsets[e][1]]
+                best_text = example.context[feature.offsets[s][0] : _word_end(example.context, feature.offsets[e][1])]
         # As in BERT: with no valid span, the non-null answer is "" with score 0.
         odds[example.id] = null_odds(null_score - (best_score if best_score is not None else 0.0))
         spans[example.id] = best_text
     return spans, odds
+
+
+def _word_end(context: str, end: int) -> int:
+    """`end` moved past the combining marks that follow it. An uncased vocabulary's normaliser strips accents, so
+    a decomposed "é" (e + U+0301) gives a token that ends at the "e": the answer would lose the accent of its last
+    letter, and with it the exact match (BERT's whitespace words keep it)."""
+    while end < len(context) and unicodedata.category(context[end]) == "Mn":
+        end += 1
+    return end
 
 
 def null_odds(score_diff: float) -> float:
