@@ -275,6 +275,20 @@ def test_predict_answers_at_the_threshold_that_scored_best_f1(squad2_run, tmp_pa
         squad_metrics(examples, spans, "2.0", odds, null_threshold=threshold)["f1"], rel=1e-12)
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"best": {"best_f1_thr', r"metrics.json:1: not valid JSON"),  # cut short while the run rewrote it
+    ("[1]", "metrics.json: it is not a JSON object"),
+    ('{"best": {"best_f1_thresh": "0.5"}}', "metrics.json: best_f1_thresh is '0.5'; expected"),
+    ('{"best": {"best_f1_thresh": -1}}', "metrics.json: best_f1_thresh is -1; expected"),
+])
+def test_predict_names_a_broken_metrics_json_that_holds_the_threshold(squad2_run, tmp_path, text, message):
+    run, _ = squad2_run
+    folder = Path(shutil.copytree(run.out_dir, tmp_path / "run"))
+    (folder / "metrics.json").write_text(text)
+    with pytest.raises(BertkitError, match=message):
+        predict(folder, [json.dumps({"question": "Who?", "context": "Ada wrote it."})])
+
+
 def test_squad1_refuses_a_v2_file(tiny_model_dir, tmp_path):
     file = slice_of("dev-v2.0-half.json", tmp_path / "slice.json", articles=(0, 1))
     with pytest.raises(BertkitError, match="unanswerable questions .* expected --task squad2"):

@@ -7,13 +7,13 @@ PredictConfig.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from bertkit.checkpoint import model_folder
-from bertkit.config import BertConfig, option, write_json
+from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
@@ -257,7 +257,17 @@ def _tuned_threshold(model_dir, config: FinetuneConfig) -> float:
 
     path = Path(model_dir) / "metrics.json"
     if config.task == "squad2" and path.is_file():
-        best = json.loads(path.read_text(encoding="utf-8")).get("best", {})
+        # the run rewrites it after every epoch: one cut short by a kill, or edited, is an error naming it
+        what = 'the run\'s record, {"best": {"best_f1_thresh": null odds above or at 0, ...}, ...}'
+        record = read_json(path, what)
+        best = record.get("best", {}) if isinstance(record, dict) else None
+        if not isinstance(best, dict):
+            raise BertkitError(f"{path}: {'its best' if isinstance(record, dict) else 'it'} is not a JSON object; "
+                               f"expected {what}")
         if "best_f1_thresh" in best:
-            return float(best["best_f1_thresh"])
+            threshold = best["best_f1_thresh"]
+            if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold)
+                    or threshold < 0):
+                raise BertkitError(f"{path}: best_f1_thresh is {threshold!r}; expected {what}")
+            return float(threshold)
     return null_odds(config.null_threshold)
