@@ -289,6 +289,18 @@ def test_predict_names_a_broken_metrics_json_that_holds_the_threshold(squad2_run
         predict(folder, [json.dumps({"question": "Who?", "context": "Ada wrote it."})])
 
 
+def test_a_scored_question_too_long_for_the_windows_is_refused_before_training(tiny_model_dir, tmp_path):
+    file = slice_of("dev-v1.1.json", tmp_path / "slice.json")
+    data = json.loads(file.read_text())
+    qa = data["data"][1]["paragraphs"][0]["qas"][0]  # article 1 is scored, article 0 trains
+    qa["question"] = "Which " + "very " * 40 + "long question is this?"
+    file.write_text(json.dumps(data))
+    with pytest.raises(BertkitError, match=f"question {qa['id']}: max_length 40 leaves no room for context after its "
+                                           "46 question tokens; expected max_length above 49"):
+        finetune(config(tiny_model_dir, tmp_path / "run", "squad1", file, max_length=40))
+    assert not (tmp_path / "run" / "train.csv").exists()  # not after an epoch of training, which it then lost
+
+
 def test_squad1_refuses_a_v2_file(tiny_model_dir, tmp_path):
     file = slice_of("dev-v2.0-half.json", tmp_path / "slice.json", articles=(0, 1))
     with pytest.raises(BertkitError, match="unanswerable questions .* expected --task squad2"):

@@ -220,6 +220,29 @@ def _answer_tokens(example: SquadExample, offsets: list[tuple[int, int]]) -> tup
     return starts[0], starts[-1]
 
 
+def _encode_questions(examples: Sequence[SquadExample], backend: tokenizers.Tokenizer, max_length: int,
+                      max_query_length: int) -> list[tokenizers.Encoding]:
+    """The questions' encodings; a BertkitError naming the first whose kept tokens leave no context in a window."""
+    # a lone surrogate (a JSON escape such as "\ud800") becomes U+FFFD for the backend: one character for one,
+    # so the character offsets into the context stay valid
+    questions = backend.encode_batch([replace_lone_surrogates(e.question) for e in examples], add_special_tokens=False)
+    for example, question in zip(examples, questions):
+        query = min(len(question.ids), max_query_length)
+        if max_length - query - 3 < 1:  # [CLS], [SEP], [SEP] and at least one context token
+            raise BertkitError(
+                f"question {example.id}: max_length {max_length} leaves no room for context after its {query} "
+                f"question tokens; expected max_length above {query + 3} or a smaller max_query_length"
+            )
+    return questions
+
+
+def check_questions(examples: Sequence[SquadExample], tokenizer: Any, max_length: int = 384,
+                    max_query_length: int = 64) -> None:
+    """Raise, as featurize would, for a question that leaves no room for context: fine-tuning checks the questions
+    it scores before it trains, not after the first epoch."""
+    _encode_questions(examples, _resolve_tokenizer(tokenizer)[0], max_length, max_query_length)
+
+
 def featurize(
     examples: Sequence[SquadExample],
     tokenizer: Any,
@@ -234,9 +257,7 @@ def featurize(
     starts, as in Google's run_squad.py (transformers' run_qa.py passes its doc_stride as the overlap instead).
     """
     backend, cls_id, sep_id, pad_id = _resolve_tokenizer(tokenizer)
-    # a lone surrogate (a JSON escape such as "\ud800") becomes U+FFFD for the backend: one character for one,
-    # so the character offsets into the context stay valid
-    questions = backend.encode_batch([replace_lone_surrogates(e.question) for e in examples], add_special_tokens=False)
+    questions = _encode_questions(examples, backend, max_length, max_query_length)
     contexts = list(dict.fromkeys(e.context for e in examples))  # paragraphs repeat once per question
     encoded = dict(zip(contexts, backend.encode_batch([replace_lone_surrogates(c) for c in contexts],
                                                       add_special_tokens=False)))
@@ -246,10 +267,6 @@ def featurize(
         query = question.ids[:max_query_length]
         doc = encoded[example.context]
         max_doc = max_length - len(query) - 3  # [CLS], [SEP], [SEP]
-        if max_doc < 1:
-            raise BertkitError(
-                f"max_length {max_length} leaves no room for context after a {len(query)}-token question"
-            )
         spans = _windows(len(doc.ids), max_doc, doc_stride)
         best_window = _max_context_window(spans, len(doc.ids))
         answer = None if example.is_impossible or not example.answers else _answer_tokens(example, doc.offsets)

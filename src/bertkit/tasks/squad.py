@@ -10,6 +10,7 @@ from pathlib import Path
 from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.data.squad import (
     SquadExample,
+    check_questions,
     featurize,
     null_answers,
     null_odds,
@@ -61,6 +62,7 @@ class SquadTask:
 
     def train_rows(self, tokenizer, config) -> list[dict]:
         """One row per window, cut back to its real tokens; windows without the answer point at [CLS]."""
+        check_questions(self.evals, tokenizer, config.max_length, config.max_query_length)
         rows = []
         for f in featurize(self.train, tokenizer, config.max_length, config.doc_stride, config.max_query_length):
             n = sum(f.attention_mask)
