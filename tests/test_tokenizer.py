@@ -591,3 +591,17 @@ def test_two_demo_vocabularies_are_identical(tmp_path):
     train_vocab([corpus], tmp_path / "b", vocab_size=8000, show_progress=False)
     assert first.vocab_size == 8000
     assert (tmp_path / "a" / "vocab.txt").read_bytes() == (tmp_path / "b" / "vocab.txt").read_bytes()
+
+
+def test_a_new_vocabulary_never_replaces_a_models_own(tmp_path, corpus_lines):
+    """`vocab train --out MODEL_DIR` wrote over the model's vocab.txt and tokenizer.json without a word: its
+    embedding rows then answered to another vocabulary's ids."""
+    (tmp_path / "a.txt").write_text("\n".join(corpus_lines[:200]) + "\n", encoding="utf-8")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "vocab.txt").write_text("mine\n")
+    with pytest.raises(BertkitError, match=r"model: holds a model \(config.json\), whose embeddings belong to its "
+                                           "own vocabulary; expected a folder of its own"):
+        train_vocab([tmp_path / "a.txt"], model, vocab_size=300, show_progress=False)
+    assert (model / "vocab.txt").read_text() == "mine\n" and not (model / "tokenizer.json").exists()

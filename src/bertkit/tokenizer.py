@@ -470,6 +470,10 @@ def train_vocab(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BertkitError(f"{where(out_dir)}: a file, not a folder; expected a folder to write the vocabulary to")
+    if (out_dir / "config.json").is_file():  # its weights' rows are the old vocabulary's ids: replaced, they'd be lost
+        raise BertkitError(f"{where(out_dir)}: holds a model (config.json), whose embeddings belong to its own "
+                           "vocabulary; expected a folder of its own for the new vocabulary")
+
     def train(size: int, specials: list[str], alphabet: list[str]) -> tokenizers.Tokenizer:
         backend = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
         backend.normalizer = _bert_normalizer(lowercase)
