@@ -57,7 +57,8 @@ from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
 from bertkit.train.precision import resolve as resolve_precision
-from bertkit.train.rundir import RunLock, check_free_space, check_not_in_use, check_output_path, entries, remove
+from bertkit.train.rundir import (RunLock, absolute_paths, check_free_space, check_not_in_use, check_output_path,
+                                  entries, remove)
 from bertkit.train.step import train_step as shared_step
 
 logger = logging.getLogger("bertkit")
@@ -191,11 +192,7 @@ class FinetuneConfig:
     def resolved(self) -> dict:
         """The fields, paths made absolute: `evaluate RUN` from another folder reads the run's data, not a namesake
         there, and one run's paths compare equal however they were spelled."""
-        values = dataclasses.asdict(self)
-        for name in PATH_FIELDS:
-            if values.get(name):
-                values[name] = str(Path(values[name]).resolve())
-        return values
+        return absolute_paths(dataclasses.asdict(self), PATH_FIELDS)
 
     def save(self, directory: Path) -> None:
         write_json(directory / CONFIG_FILE, self.resolved())
@@ -390,7 +387,8 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
                            f"own device ({d.device.type}, by torchrun's LOCAL_RANK); expected --device auto")
     device = d.device if d.enabled else resolve_device(config.device)
     model_folder(config.model_dir)  # a mistyped --model-dir says so, before any data is read
-    check_max_length(config, BertConfig.load(config.model_dir).max_position_embeddings)
+    model_config = BertConfig.load(config.model_dir)
+    check_max_length(config, model_config.max_position_embeddings)
     out = Path(config.out_dir)
 
     def check_out() -> None:
@@ -403,7 +401,7 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
         task.train = task.train[: config.limit_train_examples]
     seed_everything(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
-    check_tokenizer(tokenizer, BertConfig.load(config.model_dir), config.model_dir)
+    check_tokenizer(tokenizer, model_config, config.model_dir)
     model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
                                              **task.model_overrides(), **({"bilstm": True} if config.bilstm else {}))
     n = model.num_parameters()

@@ -51,7 +51,7 @@ from bertkit.train.loader import PretrainBatches, eval_loader
 from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, triangle, warmup_linear, warmup_steps_for
 from bertkit.train.precision import Precision, resolve
-from bertkit.train.rundir import RunLock, check_free_space, check_output_path, entries, remove
+from bertkit.train.rundir import RunLock, absolute_paths, check_free_space, check_output_path, entries, remove
 from bertkit.train.step import train_step as shared_step
 
 logger = logging.getLogger("bertkit")
@@ -588,14 +588,9 @@ def saved_config(cfg: PretrainConfig) -> dict:
     """The fields as pretrain_config.json keeps them: the paths of the inputs absolute, so that whoever reads the run
     folder from another directory (ablate scoring a cell, benchmarks/heldout_curve.py) finds its vocabulary, corpus
     and starting model, not a namesake there. Not --out-dir: the run is wherever its folder is read from."""
-    values = dataclasses.asdict(cfg)
-    for name in ("model_dir", "tokenizer", "data"):
-        if values[name]:
-            values[name] = str(Path(values[name]).resolve())
-    if cfg.model not in PRESETS:
-        values["model"] = str(Path(cfg.model).resolve())
-    values["corpus"] = [str(Path(c).resolve()) for c in cfg.corpus]  # a glob's pattern too: it is only joined
-    return values
+    # a glob in --corpus too: its pattern is only joined to the folder it was typed in
+    paths = ("model_dir", "tokenizer", "data", "corpus", *(() if cfg.model in PRESETS else ("model",)))
+    return absolute_paths(dataclasses.asdict(cfg), paths)
 
 
 def check_model(cfg: PretrainConfig) -> None:

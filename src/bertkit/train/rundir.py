@@ -39,6 +39,19 @@ def check_output_path(out: Path, flag: str, inputs: dict[str, str | None]) -> No
                                "outside it")
 
 
+def absolute_paths(values: dict, names) -> dict:
+    """`values` (a run's config as saved) with the named path fields made absolute, a list field item by item: whoever
+    reads the run folder from another directory finds its inputs, not namesakes there. Unset fields stay unset."""
+    out = dict(values)
+    for name in names:
+        value = out[name]
+        if isinstance(value, list):
+            out[name] = [str(Path(v).resolve()) for v in value]
+        elif value:
+            out[name] = str(Path(value).resolve())
+    return out
+
+
 def make_dir(path: Path, flag: str) -> None:
     """Create the output folder `path` (and its parents) given by `flag`; one that cannot be is a BertkitError."""
     try:
