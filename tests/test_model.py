@@ -411,3 +411,23 @@ def test_a_left_to_right_classifier_reads_the_last_real_token_of_left_padding_an
         floats = model(ids, attention_mask=mask.float(), position_ids=positions).logits
     assert torch.allclose(batch[1], alone[0], atol=1e-5)
     assert torch.equal(floats, batch)
+
+
+@pytest.mark.parametrize("packing", ["always", "never"])
+def test_a_classifier_reads_the_cls_token_of_left_padding_on_every_kernel(packing):
+    """[CLS] is the first real token: with padding on the left the pooler reads it there, not position 0 (a padding
+    position, zeros once packed), so a left-padded row classifies as it does alone, whichever way the batch runs."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny(num_labels=3)).eval()
+    set_kernels(model, packing=packing)
+    ids = torch.randint(5, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # padding on the left
+    mask[2, :7] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions).logits
+        for b, start in ((1, 4), (2, 7)):
+            alone = model(ids[b : b + 1, start:]).logits
+            assert torch.allclose(batch[b], alone[0], atol=1e-5), b
+        assert torch.equal(model(ids, attention_mask=mask.float(), position_ids=positions).logits, batch)

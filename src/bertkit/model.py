@@ -564,16 +564,24 @@ class BertModel(BertPreTrainedModel):
         return ModelOutput(last_hidden_state=sequence, pooler_output=pooled)
 
     def summary(self, sequence: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, H) -> (B, H): the token that encodes the whole input, [CLS]; in a left-to-right model [CLS] sees
-        only itself, so there it is the last real token (as GPT classifies)."""
-        if not self.config.is_decoder:
-            return sequence[:, 0]
+        """(B, T, H) -> (B, H): the token that encodes the whole input, [CLS], the first real token; in a
+        left-to-right model [CLS] sees only itself, so there it is the last real token (as GPT classifies).
+
+        With padding on the left, [CLS] is not at position 0: transformers' pooler reads position 0 all the same (a
+        padding token's state), and so did this one, which reads zeros there once the padding is packed away (every
+        left-padded row then pooled to the same tanh(b)). Reading the first real token makes a left-padded row pool
+        as it does alone, on every kernel; with padding on the right nothing changes."""
         B, T, _ = sequence.shape
-        if attention_mask is None:
-            last = torch.full((B,), T - 1)
+        if not self.config.is_decoder:
+            if attention_mask is None:
+                return sequence[:, 0]
+            # argmax gives the first of equal maxima: the lowest real position (0 for a row of padding alone)
+            token = attention_mask.bool().to(torch.uint8).argmax(1)
+        elif attention_mask is None:
+            token = torch.full((B,), T - 1)
         else:  # the highest real position: padding may be on the left, and a mask may be float
-            last = (attention_mask.bool() * torch.arange(T, device=attention_mask.device)).argmax(1)
-        return sequence[torch.arange(B, device=sequence.device), last.to(sequence.device)]
+            token = (attention_mask.bool() * torch.arange(T, device=attention_mask.device)).argmax(1)
+        return sequence[torch.arange(B, device=sequence.device), token.to(sequence.device)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
