@@ -347,3 +347,22 @@ def test_extend_warns_of_a_window_that_saves_nothing_or_aliases_positions(tmp_pa
         assert "attention-window" not in caplog.text
     else:
         assert said in caplog.text
+
+
+def test_cls_is_global_where_left_padding_puts_it():
+    """Without global_attention_mask the global token is [CLS], the first real token: with padding on the left it is
+    not position 0, and a left-padded row gives what it gives alone."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(attention_window=4, max_position_embeddings=64)).eval()
+    with torch.no_grad():  # outputs that vary with the input (see tests/tiny_folders.py)
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "LayerNorm" not in name:
+                p.mul_(10)
+    ids, _, _ = _inputs(B=2, T=30)
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0  # padding on the left
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(ids[1:, 8:]).logits
+    torch.testing.assert_close(batch[1], alone[0], rtol=1e-5, atol=1e-5)

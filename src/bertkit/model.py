@@ -263,7 +263,8 @@ class LocalWindows:
         self.padded = self.blocks * r  # Tp: queries padded to whole blocks
         if global_mask is None:  # [CLS] is the token that encodes the input: it sees, and is seen by, everything
             global_mask = torch.zeros_like(keep)
-            global_mask[:, 0] = True
+            # the first real token, not position 0, which is padding when a row is padded on the left
+            global_mask[torch.arange(B, device=device), keep.to(torch.uint8).argmax(1)] = True
         global_mask = global_mask.bool() & keep
         G = max(int(global_mask.sum(1).max()), 1)
         # each example's global positions first, in order; the slots left over point at position T and are masked
