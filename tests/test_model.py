@@ -5,6 +5,7 @@ from bertkit import (
     BertConfig,
     BertForMaskedLM,
     BertForPreTraining,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
     BertkitError,
     BertModel,
@@ -431,3 +432,21 @@ def test_a_classifier_reads_the_cls_token_of_left_padding_on_every_kernel(packin
             alone = model(ids[b : b + 1, start:]).logits
             assert torch.allclose(batch[b], alone[0], atol=1e-5), b
         assert torch.equal(model(ids, attention_mask=mask.float(), position_ids=positions).logits, batch)
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+def test_a_bilstm_reads_the_real_tokens_of_left_padding(cls):
+    """The BiLSTM runs over a row's real tokens wherever the padding is: a left-padded row gives what it gives
+    alone (it read the row's first positions, padding, and missed as many real tokens at the end)."""
+    torch.manual_seed(0)
+    model = cls(tiny(num_labels=3, bilstm=True)).eval()
+    ids = torch.randint(5, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # padding on the left
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    name = "logits" if cls is BertForSequenceClassification else "start_logits"
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions)[name]
+        alone = model(ids[1:, 4:])[name]
+    got = batch[1] if name == "logits" else batch[1, 4:]
+    assert torch.allclose(got, alone[0], atol=1e-5)

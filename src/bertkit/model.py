@@ -725,12 +725,20 @@ def _bilstm(config: BertConfig) -> nn.LSTM | None:
 def _run_bilstm(lstm: nn.LSTM, sequence: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, H) -> the LSTM's (B, T, H) outputs over the real tokens (zeros at padding) and its (B, H) summary:
     the forward direction's state after the last real token and the backward one's after the first."""
-    B, T, _ = sequence.shape
-    lengths = attention_mask.sum(1).cpu() if attention_mask is not None else torch.full((B,), T)
-    packed = nn.utils.rnn.pack_padded_sequence(sequence, lengths, batch_first=True, enforce_sorted=False)
+    B, T, H = sequence.shape
+    if attention_mask is None:
+        keep = torch.ones(B, T, dtype=torch.bool, device=sequence.device)
+    else:
+        keep = attention_mask.bool().to(sequence.device)
+    # a packed sequence is a row's first `length` positions: the real tokens are moved there in order (padding may
+    # be on the left), and the outputs moved back
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[..., None].expand(B, T, H)
+    lengths = keep.sum(1).cpu()
+    packed = nn.utils.rnn.pack_padded_sequence(sequence.gather(1, order), lengths, batch_first=True,
+                                               enforce_sorted=False)
     out, (h, _) = lstm(packed)
     out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
-    return out, torch.cat([h[0], h[1]], dim=-1)
+    return torch.zeros_like(out).scatter(1, order, out), torch.cat([h[0], h[1]], dim=-1)
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
