@@ -450,3 +450,19 @@ def test_a_bilstm_reads_the_real_tokens_of_left_padding(cls):
         alone = model(ids[1:, 4:])[name]
     got = batch[1] if name == "logits" else batch[1, 4:]
     assert torch.allclose(got, alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+def test_a_bilstm_takes_a_row_of_padding_alone(cls):
+    """A row with no real token runs as it does without the BiLSTM (pack_padded_sequence refused a length of 0 with a
+    RuntimeError), and the other rows are unchanged."""
+    torch.manual_seed(0)
+    model = cls(tiny(num_labels=3, bilstm=True)).eval()
+    ids = torch.randint(5, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    name = "logits" if cls is BertForSequenceClassification else "start_logits"
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask)[name]
+        alone = model(ids[:1])[name]
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)

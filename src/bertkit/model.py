@@ -733,7 +733,7 @@ def _run_bilstm(lstm: nn.LSTM, sequence: torch.Tensor, attention_mask) -> tuple[
     # a packed sequence is a row's first `length` positions: the real tokens are moved there in order (padding may
     # be on the left), and the outputs moved back
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[..., None].expand(B, T, H)
-    lengths = keep.sum(1).cpu()
+    lengths = keep.sum(1).clamp(min=1).cpu()  # a row of padding alone reads one padding position: no length 0
     packed = nn.utils.rnn.pack_padded_sequence(sequence.gather(1, order), lengths, batch_first=True,
                                                enforce_sorted=False)
     out, (h, _) = lstm(packed)
