@@ -52,6 +52,10 @@ def test_the_size_grid_fine_tunes_at_two_rates_unless_told():
     (["x=--vocab-size 3000"], "variant 'x'.*--vocab-size set the inputs every cell shares"),
     (["x=--format jsonl --text-field body"], "variant 'x'.*--format, --text-field set the inputs"),
     (["x=--model huge"], "variant 'x'.*--model huge: neither a preset nor a file"),
+    (["x=--seed 3"], r"variant 'x' \(--seed 3\): --seed set by ablate for every cell"),  # seed 0 was pretrained again
+    (["x=--stop-at 5"], "variant 'x'.*--stop-at set by ablate"),  # its record claimed the grid's --steps
+    (["x=--overwrite"], "variant 'x'.*--overwrite set by ablate"),  # refused only once the inputs were built
+    (["x=--eval-every 10 --threads 3"], "variant 'x'.*--threads, --eval-every set by ablate"),
 ])
 def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
     with pytest.raises(BertkitError, match=expected):

@@ -174,6 +174,16 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
     if shared:  # every cell reads the grid's one vocabulary and prepared corpus: these would do nothing
         raise BertkitError(f"variant {name or variant!r} ({variant}): {', '.join(shared)} set the inputs every cell "
                            "shares; expected them as the grid's own --corpus and --vocab-size")
+    # run_pretraining sets these for every cell, so a variant's were dropped without a word (--seed 3 pretrained
+    # seed 0 again), or they break the grid: --stop-at ends a cell short of the steps its record claims, and
+    # --overwrite with the cell's --resume auto is refused only after the shared inputs are built
+    own = [f"--{k.replace('_', '-')}" for k in CELL_FIELDS if k in fields]
+    if own:
+        given = variant + (f"; --pretrain-flags {config.pretrain_flags}" if config.pretrain_flags else "")
+        raise BertkitError(f"variant {name or variant!r} ({given or 'no flags'}): {', '.join(own)} set by ablate "
+                           "for every cell (each runs to the grid's --steps, at seeds 0 to --seeds minus 1, in a run "
+                           "folder of its own that it resumes); expected flags that change what is pretrained (and "
+                           "the grid's own --seeds, --steps, --threads, --out-dir)")
     return fields, finetune
 
 
@@ -187,6 +197,9 @@ def _split(flags: str, what: str) -> list[str]:
 
 
 SHARED_INPUTS = ("corpus", "format", "text_field", "vocab_size", "tokenizer", "data")
+# PretrainConfig fields ablate chooses per cell (run_pretraining), or that would end or restart a cell on their own
+CELL_FIELDS = ("seed", "out_dir", "threads", "eval_every", "eval_batches", "save_every", "keep_last", "resume",
+               "overwrite", "stop_at")
 
 
 def pretrain_key(fields: dict) -> str:
