@@ -109,6 +109,17 @@ def test_a_cell_read_back_equals_the_one_written_and_the_table_is_over_seeds(tmp
     assert "token: 5.9-6.1%" in results_table(cells, ["mlm"])
 
 
+def test_the_tables_note_gives_the_range_of_budgets_when_a_variant_changes_it():
+    """A variant may set --max-steps (or --batch-size, --max-length): the note said every cell had the first
+    cell's token positions and steps."""
+    cells = {"mlm/seed=0": _fake_cell("mlm", 0, 100.0, 70.0), "long/seed=0": _fake_cell("long", 0, 90.0, 72.0)}
+    assert "Each cell: 0.0M token positions of pretraining (10 steps;" in results_table(cells, ["mlm", "long"])
+    cells["mlm/seed=0"].update(token_positions=4_096_000, pretrain={**cells["mlm/seed=0"]["pretrain"], "step": 1000})
+    cells["long/seed=0"].update(token_positions=8_192_000, pretrain={**cells["long/seed=0"]["pretrain"], "step": 2000})
+    for order in (["mlm", "long"], ["long", "mlm"]):
+        assert "Each cell: 4.1-8.2M token positions of pretraining (1000-2000 steps;" in results_table(cells, order)
+
+
 def test_the_table_gives_sizes_where_they_differ_and_marks_a_left_to_right_models_own_reading():
     cells = {"tiny/seed=0": _fake_cell("tiny", 0, 300.0, 70.0), "mini/seed=0": _fake_cell("mini", 0, 200.0, 75.0, 11_200_000),
              "ltr/seed=0": {**_fake_cell("ltr", 0, 0.0, 60.0), "held_out": {}}}

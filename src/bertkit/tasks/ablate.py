@@ -538,8 +538,12 @@ def results_table(cells: dict, variants: list[str]) -> str:
         scored = [c["held_out"] for c in shown if c.get("held_out")]
         counts = sorted({h["examples"] for h in scored})
         baselines = sorted({round(100 * h["unigram_baseline_accuracy"], 1) for h in scored})
-        notes.append(f"Each cell: {shown[0]['token_positions'] / 1e6:.1f}M token positions of pretraining "
-                     f"({shown[0]['pretrain']['step']} steps; {minutes:.0f} minutes a cell on average), then the "
+        # a variant may change the budget (--max-steps, --batch-size, --max-length): the range, not the first cell's
+        positions = sorted({round(c["token_positions"] / 1e6, 1) for c in shown})
+        steps = sorted({c["pretrain"]["step"] for c in shown})
+        notes.append(f"Each cell: {'-'.join(f'{p:.1f}' for p in positions[::len(positions) - 1 or 1])}M token "
+                     f"positions of pretraining ({'-'.join(map(str, steps[::len(steps) - 1 or 1]))} steps; "
+                     f"{minutes:.0f} minutes a cell on average), then the "
                      "suite's columns. Mean ± sample std over pretraining seeds; each seed's task score is the mean "
                      "over its fine-tuning seeds at the task's best lr on dev. MLM ppl and acc: "
                      + (f"all {'-'.join(f'{n:,}' for n in counts[::len(counts) - 1 or 1])} held-out examples "
