@@ -851,6 +851,23 @@ def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tm
         score_held_out(tmp_path, tokenizer, data, max_length=64)
 
 
+def test_held_out_masked_lm_loss_is_over_tokens_the_same_as_perplexity_scores_it(short_run, inputs):
+    """`score_held_out` (ablate's MLM ppl) and `bertkit perplexity` read the same examples and masks at one length and
+    seed 0, so they give the same loss; score_held_out gave the mean of its batches' means, the last, short batch
+    weighing as much as a full one."""
+    from bertkit.tasks.perplexity import PerplexityConfig, perplexity
+    from bertkit.train.pretrain import score_held_out
+
+    run_dir, _ = short_run
+    checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
+    scored = score_held_out(checkpoint, inputs / "tokenizer", inputs / "data", objective="mlm", max_length=64)
+    whole = perplexity(PerplexityConfig(model_dir=str(checkpoint), data=str(inputs / "data"), max_length=64,
+                                        batch_size=32, batches=1000, threads=1))["whole"]
+    assert whole["sequences"] == scored["examples"] > 32 and scored["examples"] % 32  # a short last batch
+    assert scored["masked_lm_loss"] == pytest.approx(whole["masked_lm_loss"], rel=1e-5)
+    assert scored["masked_lm_accuracy"] == pytest.approx(whole["accuracy"])
+
+
 def test_heldout_curve_scores_each_checkpoint_beside_the_runs_own_evaluation(short_run, inputs, tmp_path):
     """benchmarks/heldout_curve.py: a row per kept checkpoint with `score_held_out`'s numbers at the paper's 15%, the
     run's own evaluation beside it where eval.csv has that step, a plot; checkpoints already scored are not scored

@@ -405,15 +405,23 @@ def evaluate(model, loader, precision: Precision, top_token: int, objective: str
     """Held-out loss, MLM and sentence accuracy, and the unigram baseline on the same masked positions."""
     model.eval()
     sums = torch.zeros(len(SUMS), device=d.device)
+    # The masked-LM loss over every held-out masked token, as accuracy is (and `bertkit perplexity`): metrics' mean of
+    # batch means gave the last, short batch's few tokens as much weight as a full batch's
+    token_loss = torch.zeros(1, device=d.device)
     for batch in loader:
         batch = {k: v.to(d.device) for k, v in batch.items()}
         with precision.autocast():
             out = forward(model, batch)
         sums += batch_sums(out, batch, top_token)
+        count = (batch["labels"] != -100).sum()
+        token_loss += torch.where(count > 0, out.masked_lm_loss.float() * count, 0.0)  # no token: the mean is nan
     model.train()
     distributed.all_reduce_sum(sums, d)
+    distributed.all_reduce_sum(token_loss, d)
     s = dict(zip(SUMS, sums.tolist()))
-    return {**metrics(sums, objective), "unigram_baseline_accuracy": s["unigram_correct"] / max(s["mlm_total"], 1)}
+    masked_lm_loss = token_loss.item() / s["mlm_total"] if s["mlm_total"] else float("nan")
+    return {**metrics(sums, objective), "masked_lm_loss": masked_lm_loss,
+            "unigram_baseline_accuracy": s["unigram_correct"] / max(s["mlm_total"], 1)}
 
 
 def score_held_out(model_dir: str | Path, tokenizer_dir: str | Path, data_dir: str | Path, *,
