@@ -63,6 +63,13 @@ def test_a_bad_variant_is_refused_before_any_work(variants, expected, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_variant_from_a_model_folder_is_refused_naming_model_dir(tmp_path):
+    """The refusal named --tokenizer, which the variant never gave (--model-dir sets it)."""
+    model = data_path("checkpoints/all-MiniLM-L6-v2")
+    with pytest.raises(BertkitError, match=r"variant 'x' \(--model-dir .*\): --model-dir set the inputs every cell"):
+        AblateConfig(grid="custom", variants=[f"x=--model-dir {model}"], out_dir=str(tmp_path))
+
+
 def test_a_model_that_is_no_preset_is_refused_before_the_vocabulary_is_trained(tmp_path, capsys):
     """Found refused only after the books corpus's vocabulary and prepared corpus were built (minutes)."""
     assert main(["ablate", "--model", "huge", "--out-dir", str(tmp_path)]) == 2

@@ -170,7 +170,9 @@ def pretrain_args(config: AblateConfig, variant: str, name: str = "") -> tuple[d
                            f"{' '.join(common)}): {e}; expected `bertkit pretrain` flags (and --bilstm)") from None
     base = PretrainConfig()
     fields = {k: v for k, v in vars(chosen).items() if v != getattr(base, k)}
-    shared = [f"--{k.replace('_', '-')}" for k in SHARED_INPUTS if k in fields]
+    # --model-dir sets the tokenizer to its own: that flag is the one the user gave
+    shared = [f"--{k.replace('_', '-')}" for k in SHARED_INPUTS
+              if k in fields and not (k == "tokenizer" and "model_dir" in fields)]
     if shared:  # every cell reads the grid's one vocabulary and prepared corpus: these would do nothing
         raise BertkitError(f"variant {name or variant!r} ({variant}): {', '.join(shared)} set the inputs every cell "
                            "shares; expected them as the grid's own --corpus and --vocab-size")
@@ -196,7 +198,7 @@ def _split(flags: str, what: str) -> list[str]:
                            "them, e.g. '--lr 5e-4 --warmup 0.05'") from None
 
 
-SHARED_INPUTS = ("corpus", "format", "text_field", "vocab_size", "tokenizer", "data")
+SHARED_INPUTS = ("corpus", "format", "text_field", "vocab_size", "tokenizer", "data", "model_dir")
 # PretrainConfig fields ablate chooses per cell (run_pretraining), or that would end or restart a cell on their own
 CELL_FIELDS = ("seed", "out_dir", "threads", "eval_every", "eval_batches", "save_every", "keep_last", "resume",
                "overwrite", "stop_at")
