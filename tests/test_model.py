@@ -7,6 +7,7 @@ from bertkit import (
     BertForPreTraining,
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertForTokenClassification,
     BertkitError,
     BertModel,
 )
@@ -432,6 +433,33 @@ def test_a_classifier_reads_the_cls_token_of_left_padding_on_every_kernel(packin
             alone = model(ids[b : b + 1, start:]).logits
             assert torch.allclose(batch[b], alone[0], atol=1e-5), b
         assert torch.equal(model(ids, attention_mask=mask.float(), position_ids=positions).logits, batch)
+
+
+def test_labels_at_padding_are_not_scored_on_any_kernel():
+    """`labels = input_ids` puts labels on padding: packed, the masked LM scored zeros there and packing=never the
+    padding tokens' states (two losses for one batch), and `masked_positions=labels != -100` failed on a shape
+    mismatch. Both now leave padding out, as the token classifier does."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    losses = []
+    for packing in ("always", "never"):
+        torch.manual_seed(0)
+        mlm = set_kernels(BertForPreTraining(tiny()).eval(), packing=packing)
+        tagger = set_kernels(BertForTokenClassification(tiny(num_labels=3)).eval(), packing=packing)
+        everywhere = torch.ones_like(ids, dtype=torch.bool)
+        with torch.no_grad():
+            full = mlm(ids, attention_mask=mask, labels=ids).masked_lm_loss
+            selected = mlm(ids, attention_mask=mask, labels=ids, masked_positions=everywhere)
+            tags = tagger(ids, attention_mask=mask, labels=ids % 3).loss
+            assert torch.allclose(full, mlm(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss)
+            assert torch.allclose(selected.masked_lm_loss, full) and selected.prediction_logits.shape[0] == mask.sum()
+            real_tags = (ids % 3).masked_fill(mask == 0, -100)
+            assert torch.allclose(tags, tagger(ids, attention_mask=mask, labels=real_tags).loss)
+        losses.append((full, tags))
+    assert torch.allclose(losses[0][0], losses[1][0], atol=1e-5) and torch.allclose(losses[0][1], losses[1][1], atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])

@@ -629,9 +629,21 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
+def _labels_at_tokens(labels: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-token labels with those at padding set to -100 (not scored). Packing leaves no hidden state at padding,
+    so a label there (`labels = input_ids`, say) gave each kernel another loss; transformers scores such labels."""
+    if labels is None or attention_mask is None:
+        return labels
+    return labels.masked_fill(~attention_mask.bool(), -100)
+
+
 def _masked_lm(model, input_ids, token_type_ids, attention_mask, position_ids, labels, masked_positions):
-    """Shared by the pretraining and MLM models: encoder, then vocabulary logits at all or only masked positions."""
+    """Shared by the pretraining and MLM models: encoder, then vocabulary logits at all or only masked positions
+    (those at padding are dropped, as their labels are)."""
     hidden, layout = model.bert.encode(input_ids, token_type_ids, attention_mask, position_ids)
+    labels = _labels_at_tokens(labels, attention_mask)
+    if masked_positions is not None and attention_mask is not None:
+        masked_positions = masked_positions & attention_mask.bool()
     embeddings = model.bert.embeddings.word_embeddings.weight
     if masked_positions is None:
         logits = model.cls.predictions(layout.pad(hidden), embeddings)  # (B, T, V)
@@ -667,10 +679,10 @@ class BertForPreTraining(BertPreTrainedModel):
         next_sentence_label=None,
         masked_positions=None,
     ) -> ModelOutput:
-        """`labels` (B, T) hold the original ids at predicted positions and -100 elsewhere. With
-        `masked_positions` (a (B, T) bool mask, usually `labels != -100`) the vocabulary projection runs only there
-        and `prediction_logits` is (M, V), M the masked positions; the loss is the same as over the full sequence. The loss is the sum of
-        the MLM and NSP losses that have labels."""
+        """`labels` (B, T) hold the original ids at predicted positions and -100 elsewhere (labels at padding are
+        not scored). With `masked_positions` (a (B, T) bool mask, usually `labels != -100`) the vocabulary
+        projection runs only there and `prediction_logits` is (M, V), M the masked positions; the loss is the same
+        as over the full sequence. The loss is the sum of the MLM and NSP losses that have labels."""
         hidden, layout, logits, mlm_loss = _masked_lm(
             self, input_ids, token_type_ids, attention_mask, position_ids, labels, masked_positions
         )
@@ -824,7 +836,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
 
 class BertForTokenClassification(BertPreTrainedModel):
-    """A linear layer on every token's final hidden state (NER-style tagging); labels -100 are ignored."""
+    """A linear layer on every token's final hidden state (NER-style tagging); labels -100, and labels at padding,
+    are ignored."""
 
     head_prefixes = ("classifier.",)
 
@@ -841,6 +854,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(sequence))  # (B, T, num_labels)
         loss = None
         if labels is not None:
+            labels = _labels_at_tokens(labels, attention_mask)
             loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
         return ModelOutput(loss=loss, logits=logits)
 
