@@ -50,6 +50,12 @@ def test_hand_checked_correlation():
     assert compute_metrics(["pearson"], [2.0, 2.0, 2.0], [1.0, 2.0, 4.0]) == {"pearson": 0.0}
 
 
+def test_one_scored_pair_has_no_correlation_and_is_not_an_error():
+    # pearsonr raises on fewer than 2 values: a one-row STS-B eval file failed the run after its first epoch
+    assert compute_metrics(["pearson", "spearman"], [2.0], [3.5]) == {"pearson": 0.0, "spearman": 0.0}
+    assert glue_metrics("STS-B", [2.0], [3.5]) == {"pearson": 0.0, "spearman": 0.0}
+
+
 def test_agrees_with_sklearn_and_scipy():
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)

@@ -19,6 +19,8 @@ from bertkit.errors import BertkitError
 
 def _correlation(fn: Callable, predictions: np.ndarray, labels: np.ndarray) -> float:
     # A constant prediction has no correlation; scipy says nan, and nan would poison "best on dev".
+    if len(predictions) < 2:  # nor has a single pair, where pearsonr raises (after a whole epoch of training)
+        return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         value = float(fn(predictions, labels)[0])
