@@ -316,4 +316,11 @@ def learning_rates(values, example: str = "1e-4 3e-4") -> list[float]:
     if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
         raise BertkitError(f"--lrs {' '.join(f'{lr:g}' for lr in lrs)}: expected finite numbers above 0, such as "
                            f"{example}")
+    # a run's folder and its cell key name the lr as {lr:g}: one given twice (1e-4 0.0001) is one run, which the
+    # suite started twice at once (the second failing on the first's lock) and glue twice in a row
+    names = [f"{lr:g}" for lr in lrs]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise BertkitError(f"--lrs {' '.join(map(str, values))}: {twice} is given {names.count(twice)} times; expected "
+                           "each learning rate once")
     return lrs

@@ -340,6 +340,16 @@ def test_learning_rates_that_are_not_numbers_are_named(command, capsys):
     assert "--lrs x: expected numbers such as 1e-4 3e-4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["suite", "glue"])
+def test_a_learning_rate_given_twice_is_refused(command, capsys):
+    """`suite --lrs 1e-4 0.0001` ran the one cell twice at once: the second failed on the first's lock."""
+    assert main([command, "--lrs", "1e-4", "0.0001", "--model-dir", "m", "--data-dir", "d"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lrs 1e-4 0.0001: 0.0001 is given 2 times; expected each learning rate once" in err
+    with pytest.raises(BertkitError, match="3e-05 is given 2 times"):  # ablate's cells are keyed the same way
+        AblateConfig(grid="size", lrs=["3e-5", "3e-5"])
+
+
 def test_the_grids_shared_inputs_are_refused_for_another_corpus_naming_what_to_do(tmp_path):
     """Its cells were pretrained on OUT_DIR/inputs: another --corpus is refused (not rebuilt under them), and the
     error names the way out that `ablate` has (it has no --overwrite)."""
