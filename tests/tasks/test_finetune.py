@@ -301,6 +301,17 @@ def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path):
     assert result["table"] == table
 
 
+def test_glue_checks_every_tasks_data_before_the_first_run(tiny_model_dir, tmp_path, capsys):
+    """Without --tasks, every task folder runs: the shared data's QNLI has no train.tsv, and the sweep failed on it
+    only after fine-tuning CoLA, SST-2, MRPC and STS-B at every lr."""
+    argv = ["glue", "--model-dir", str(tiny_model_dir), "--data-dir", str(data_path("glue")),
+            "--out-dir", str(tmp_path / "glue"), "--lrs", "1e-4", "--epochs", "1", "--limit-train-examples", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no training data for QNLI: expected --data-dir with train.tsv" in err, err
+    assert sorted(p.name for p in (tmp_path / "glue").iterdir()) == ["glue_config.json"]  # no task was fine-tuned
+
+
 @pytest.mark.parametrize("content, argv_extra, expected", [
     ("review,stars\n\"good\",1\n\"bad\",0,extra\n", [], "train.csv:3: 3 columns, expected 2"),
     ("review,stars\n\"good\",1\n", ["--text-a", "text"], "no column 'text'"),

@@ -11,7 +11,7 @@ from pathlib import Path
 from bertkit.config import learning_rates, option, write_json
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
-from bertkit.tasks.finetune import FinetuneConfig, finetune, plural
+from bertkit.tasks.finetune import FinetuneConfig, finetune, load_task, plural
 from bertkit.train.rundir import check_output_path, make_dir
 
 logger = logging.getLogger("bertkit")
@@ -79,18 +79,23 @@ def glue(config: GlueConfig) -> dict:
     check_output_path(out, "--out-dir", {})
     make_dir(out, "--out-dir")
     write_json(out / "glue_config.json", dataclasses.asdict(config))
+
+    def run(name: str, lr: float) -> FinetuneConfig:
+        return FinetuneConfig(
+            model_dir=config.model_dir, task=name, data_dir=str(root / name), out_dir=str(out / name / f"lr-{lr:g}"),
+            lr=lr, batch_size=config.batch_size, epochs=config.epochs, max_length=config.max_length,
+            seed=config.seed, limit_train_examples=config.limit_train_examples, threads=config.threads,
+            device=config.device, predict=config.predict,
+            overwrite=config.overwrite, resume=None if config.overwrite else "auto",
+        )
+
+    # every task's data is read once before the first run: a task folder without train.tsv (the shared data's QNLI)
+    # or a malformed row failed the sweep only when its turn came, after the tasks before it had been fine-tuned
+    for name in names:
+        load_task(run(name, config.lrs[0]))
     runs: dict[str, dict[float, dict]] = {}
     for name in names:
-        runs[name] = {}
-        for lr in config.lrs:
-            run = FinetuneConfig(
-                model_dir=config.model_dir, task=name, data_dir=str(root / name), out_dir=str(out / name / f"lr-{lr:g}"),
-                lr=lr, batch_size=config.batch_size, epochs=config.epochs, max_length=config.max_length,
-                seed=config.seed, limit_train_examples=config.limit_train_examples, threads=config.threads,
-                device=config.device, predict=config.predict,
-                overwrite=config.overwrite, resume=None if config.overwrite else "auto",
-            )
-            runs[name][lr] = finetune(run)
+        runs[name] = {lr: finetune(run(name, lr)) for lr in config.lrs}
     result = {"model_dir": config.model_dir, "tasks": {}}
     for name, by_lr in runs.items():
         best_lr = max(by_lr, key=lambda lr: _headline(name, by_lr[lr]["best"]))
