@@ -212,6 +212,10 @@ def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
     assert record["submissions"] == [str(tmp_path / "run" / "SST-2.tsv")]
     assert submission[0] == "index\tprediction" and [line.split("\t")[0] for line in submission[1:]] == ["0", "1", "5"]
     assert all(line.split("\t")[1] in ("0", "1") for line in submission[1:])
+    # evaluate and predict write no leaderboard file: they neither read test.tsv (a broken one failed them) nor warn
+    (data / "test.tsv").write_text("index\tsentence\n0\tnot bad\textra\n")
+    assert set(evaluate(tmp_path / "run")) == {"accuracy"}
+    assert predict(tmp_path / "run", ["a good movie\n"])[0]["label"] in ("0", "1")
     # a test file without GLUE's index column (a labelled one) is numbered by position
     tsv(data / "test.tsv", ("sentence", "label"), *sentences[:3])
     finetune(quick(toy_model_dir, tmp_path / "run2", task="sst2", data_dir=str(data), predict=True))

@@ -38,6 +38,7 @@ def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneC
         values["eval_file"] = None  # and the run's --eval-file, which would be read instead of the folder's dev file
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["model_dir"] = str(model_dir)
+    values["predict"] = False  # a --predict run's test files: neither command writes a leaderboard file from them
     config = FinetuneConfig(**values)
     config.check(training=False)
     positions = BertConfig.load(model_dir).max_position_embeddings
