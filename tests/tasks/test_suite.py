@@ -70,6 +70,29 @@ def test_two_suites_at_once_into_one_folder_keep_each_others_cells(tiny_model_di
     assert result["results"] == saved and "| other model |" in result["table"]
 
 
+def test_two_suites_at_once_on_one_row_keep_each_others_cells(tiny_model_dir, tmp_path, monkeypatch):
+    """`--tasks WNLI` and `--tasks RTE` on one model at once: each saved its own copy of the row, dropping the cells
+    the other had saved meanwhile."""
+    from bertkit.tasks.suite import save_entry
+
+    config = SuiteConfig(model_dir=tiny_model_dir, data_dir=str(data_path()), out_dir=str(tmp_path), tasks=["WNLI"],
+                         seeds=2, lrs=[1e-4])
+    results_path = tmp_path / "suite.json"
+    other = {"model_dir": str(tiny_model_dir), "from_scratch": False, "batch_size": config.batch_size, "cells": {}}
+
+    def meanwhile(key):  # the other suite finishes an RTE cell each time this one starts a WNLI cell
+        other["cells"][key.replace("WNLI", "RTE")] = {"best": {"accuracy": 55.0}, "best_epoch": 1, "seconds": 1.0,
+                                                      "train_examples": 2490, "eval_examples": 277}
+        save_entry(results_path, config.row, other)
+
+    monkeypatch.setattr("bertkit.tasks.suite.ProcessPoolExecutor", _recording_pool([], meanwhile))
+    result = suite(config)
+    cells = json.loads(results_path.read_text())[config.row]["cells"]
+    assert sorted(cells) == ["RTE/lr=0.0001/seed=1", "RTE/lr=0.0001/seed=2", "WNLI/lr=0.0001/seed=1",
+                             "WNLI/lr=0.0001/seed=2"]
+    assert result["results"][config.row]["cells"] == cells
+
+
 def _recording_pool(ran, on_submit=None):
     """A stand-in pool that records which cells it was given and answers them with a fixed score."""
     from concurrent.futures import Future

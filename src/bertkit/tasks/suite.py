@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,12 +203,16 @@ def read_results(path: Path, what: str = "the suite's results") -> dict:
         raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected {what}") from None
 
 
-def save_entry(path: Path, key: str, value: dict) -> None:
+def save_entry(path: Path, key: str, value: dict, merge: Callable[[dict, dict], dict] | None = None) -> None:
     """Write one entry (a suite's row, an ablation's cell) into a results file. The file is read again under a lock
-    and only this entry replaced, so two runs at once into one folder keep each other's entries."""
+    and only this entry replaced, so two runs at once into one folder keep each other's entries; with `merge`, the
+    entry is `merge(stored, value)` where the file holds one under `key` already."""
     with path.with_name(path.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        text = json.dumps({**read_results(path), key: value}, indent=1) + "\n"
+        results = read_results(path)
+        if merge is not None and key in results:
+            value = merge(results[key], value)
+        text = json.dumps({**results, key: value}, indent=1) + "\n"
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
@@ -271,7 +276,7 @@ def suite(config: SuiteConfig) -> dict:
                         raise BertkitError(f"suite cell {key} failed ({type(e).__name__}: {e}); see {log}") from None
                     row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started
                     started = time.perf_counter()
-                    save_entry(results_path, config.row, row)
+                    save_entry(results_path, config.row, row, _with_stored_cells)
                     bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error, the cells not yet started are dropped
@@ -281,11 +286,18 @@ def suite(config: SuiteConfig) -> dict:
             if late:
                 row["cells"].update(late)
                 row["wall_seconds"] = row.get("wall_seconds", 0.0) + time.perf_counter() - started  # the wait too
-                save_entry(results_path, config.row, row)
+                save_entry(results_path, config.row, row, _with_stored_cells)
     results = {**read_results(results_path), config.row: row}  # with the rows other suites added meanwhile
     table = results_table(results, config.seeds)
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
     return {"results": results, "table": table}
+
+
+def _with_stored_cells(stored: dict, row: dict) -> dict:
+    """`row` with the cells that another suite on the same row (`--tasks CoLA` beside `--tasks SST-2`) saved
+    meanwhile: saving this process's copy of the row alone dropped them from the results file."""
+    row["cells"] = {**stored.get("cells", {}), **row["cells"]}
+    return row
 
 
 def _slug(text: str) -> str:
