@@ -388,6 +388,13 @@ def test_serve_command_line_errors(folders, capsys):
     assert "--max-inputs 10 is more than --max-queue 5" in error and error.count("\n") == 1
 
 
+def test_a_body_timeout_of_zero_is_refused_before_serving(folders):
+    """--body-timeout 0 passed the check, and the server then answered every request 408 (no body arrives in 0 s)."""
+    with pytest.raises(BertkitError, match="--body-timeout is 0; expected a positive number"):
+        ServeConfig(model_dir=folders["classifier"], body_timeout=0).check()
+    ServeConfig(model_dir=folders["classifier"], body_timeout=0.5, max_wait_ms=0, shutdown_timeout=0).check()
+
+
 def test_a_max_length_past_the_models_positions_is_refused_as_predict_refuses_it(folders):
     """It was served at the model's 128 positions while --max-length 1000 was asked for (the metadata said 128)."""
     from bertkit.serve import Predictor

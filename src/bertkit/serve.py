@@ -75,6 +75,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise BertkitError(f"--{name.replace('_', '-')} is {value}; expected zero or a positive number")
+        if self.body_timeout == 0:  # no body arrives in no time: every request would be answered 408
+            raise BertkitError("--body-timeout is 0; expected a positive number of seconds for a client to send its "
+                               "body")
         if self.max_inputs > self.max_queue:
             raise BertkitError(f"--max-inputs {self.max_inputs} is more than --max-queue {self.max_queue}; expected "
                                "a request to fit in the queue")
