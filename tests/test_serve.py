@@ -337,24 +337,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(model_dir, *flags) -> tuple[subprocess.Popen, str]:
+    """The real command, `bertkit serve` on loopback, once it answers /health: the process and its address."""
+    server = subprocess.Popen([sys.executable, "-m", "bertkit.cli", "serve", model_dir, "--port", "0", "--threads", "1",
+                               *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = server.stdout.readline()  # printed once the socket is bound and the model loaded
+    assert "http://127.0.0.1:" in line, line + server.stderr.read()
+    url = line.split()[line.split().index("on") + 1]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the server did not answer /health within 60 s"
+            time.sleep(0.1)
+
+
 def test_sigterm_finishes_the_requests_in_flight(folders):
     """The real command: `bertkit serve` on loopback; a request waiting in a batch when SIGTERM arrives is still
     answered, then the process exits 0."""
-    server = subprocess.Popen([sys.executable, "-m", "bertkit.cli", "serve", folders["classifier"], "--port", "0",
-                               "--max-wait-ms", "1500", "--threads", "1"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server, url = start_server(folders["classifier"], "--max-wait-ms", "1500")
     try:
-        line = server.stdout.readline()  # printed once the socket is bound and the model loaded
-        assert "http://127.0.0.1:" in line, line + server.stderr.read()
-        url = line.split()[line.split().index("on") + 1]
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not answer /health within 60 s"
-                time.sleep(0.1)
         result = {}
         client = threading.Thread(target=lambda: result.update(
             response=httpx.post(f"{url}/predict", json={"inputs": ["good", "bad"]}, timeout=30)))
@@ -366,6 +370,28 @@ def test_sigterm_finishes_the_requests_in_flight(folders):
         assert server.wait(30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_a_request_cut_off_by_the_shutdown_timeout_is_answered_503_in_json(folders):
+    """A request still waiting when --shutdown-timeout runs out is cancelled by uvicorn: it was answered a plain-text
+    500 "Internal Server Error", with a traceback in the log; it is now a 503 in the JSON shape of every refusal."""
+    server, url = start_server(folders["classifier"], "--max-wait-ms", "5000", "--shutdown-timeout", "0.5")
+    try:
+        result = {}
+        client = threading.Thread(target=lambda: result.update(
+            response=httpx.post(f"{url}/predict", json={"inputs": ["good", "bad"]}, timeout=30)))
+        client.start()
+        time.sleep(0.5)  # the request now waits in its batch (5 s), past the shutdown timeout
+        server.send_signal(signal.SIGTERM)
+        client.join(30)
+        assert result["response"].status_code == 503
+        assert "did not finish within --shutdown-timeout 0.5 s" in result["response"].json()["error"]
+        assert server.wait(30) == 0
+        assert "Traceback" not in server.stderr.read()
     finally:
         if server.poll() is None:
             server.kill()

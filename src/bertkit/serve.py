@@ -63,7 +63,8 @@ class ServeConfig:
     max_length: int | None = option(None, "tokens per input or window (default: the run's; longer texts are cut)")
     threads: int | None = option(None, "CPU threads for torch (default: torch's own choice)")
     device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto (int8 runs on the CPU only)")
-    shutdown_timeout: float = option(30.0, "on SIGTERM or Ctrl-C, seconds to finish the requests in flight")
+    shutdown_timeout: float = option(30.0, "on SIGTERM or Ctrl-C, seconds to finish the requests in flight "
+                                     "(those still running then are answered 503)")
 
     def check(self) -> None:
         """Raise on values no server can use, and on a model folder that is not there, before anything is loaded."""
@@ -435,7 +436,15 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None):
         try:
             body = await read_body(request, config.max_body_bytes, config.body_timeout)
             examples = parse_request(body, predictor, config.max_inputs)
-            return JSONResponse({"predictions": await batcher.submit(examples)})
+            try:
+                return JSONResponse({"predictions": await batcher.submit(examples)})
+            except asyncio.CancelledError:
+                if not (app.state.server and app.state.server.should_exit):  # not the shutdown's
+                    raise
+                # uvicorn cancels what is still running --shutdown-timeout seconds after SIGTERM or Ctrl-C; uncaught,
+                # the client got a plain-text 500 and the log a traceback for a request the server chose to drop
+                raise RequestError(503, f"the server is shutting down and this request did not finish within "
+                                        f"--shutdown-timeout {config.shutdown_timeout:g} s; retry later") from None
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
 
@@ -462,6 +471,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None):
                             Route("/metadata", metadata, methods=["GET"])],
                     exception_handlers={404: not_here, 405: not_here}, lifespan=lifespan)
     app.state.predictor, app.state.batcher = predictor, batcher
+    app.state.server = None  # the uvicorn server, once `run` serves the app
     return app
 
 
@@ -498,6 +508,7 @@ def run(app, sock: socket.socket, config: ServeConfig) -> None:
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=config.shutdown_timeout,
                                            lifespan="on"))
+    app.state.server = server
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None) if main_thread else None
     try:
