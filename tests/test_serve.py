@@ -181,6 +181,23 @@ def test_oversize_and_malformed_requests_are_refused_with_4xx(folders):
         assert message in error and "\n" not in error, (body[:60], error)
 
 
+def test_a_client_that_leaves_before_its_body_is_sent_is_a_request_error():
+    """A client that closed the connection mid-body left "Exception in ASGI application" and a starlette
+    ClientDisconnect traceback in the server's log; it is now refused like any other bad request."""
+    from starlette.requests import Request
+
+    from bertkit.serve import RequestError, read_body
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-length", b"100")]},
+                      receive)
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(read_body(request, 1000, 5.0))
+    assert refused.value.status == 400 and "closed the connection after 0 bytes" in refused.value.message
+
+
 def test_qa_requests_are_checked(folders):
     async def test(client, app):
         return [await client.post("/predict", json=body) for body in (

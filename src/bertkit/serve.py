@@ -401,13 +401,20 @@ async def read_body(request, max_bytes: int, timeout: float) -> bytes:
             raise RequestError(413, f"the body has {int(declared):,} bytes; expected at most {max_bytes:,} "
                                     "(--max-body-bytes)")
 
+    from starlette.requests import ClientDisconnect
+
     async def read() -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise RequestError(413, f"the body is over {max_bytes:,} bytes; expected at most that (--max-body-bytes)")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RequestError(413, f"the body is over {max_bytes:,} bytes; expected at most that "
+                                            "(--max-body-bytes)")
+                chunks.append(chunk)
+        except ClientDisconnect:  # uncaught, a client that went away logged "Exception in ASGI application"
+            raise RequestError(400, f"the client closed the connection after {size:,} bytes of the body; expected "
+                                    "the whole body") from None
         return b"".join(chunks)
 
     try:
