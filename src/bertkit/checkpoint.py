@@ -590,21 +590,32 @@ def verify_checkpoint(directory: str | Path) -> str | None:
 def usable_checkpoint(root: str | Path) -> Path | None:
     """The newest checkpoint under `root` that `verify_checkpoint` passes. Each newer step folder that fails is
     moved aside to `.corrupt-step-N` (so that pruning, which counts checkpoints, never keeps it over a good one) with
-    a one-line warning naming what was wrong and where the run goes back to."""
+    a one-line warning naming what was wrong and where the run goes back to. None when there is no step folder;
+    step folders none of which is whole are an error, and left where they are: a fresh start would silently throw
+    the run away (and, with them set aside, the next attempt would start over without a word)."""
     root = Path(root)
     if not root.is_dir():
         return None
     candidates = sorted((int(m.group(1)), p) for p in root.iterdir()
                         if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name)))
+    damaged = []
     for _, path in reversed(candidates):
         problem = verify_checkpoint(path)
         if problem is None:
-            return path
-        aside = root / f".corrupt-{path.name}-{os.getpid()}"
-        os.rename(path, aside)
-        logger.warning("%s: %s; falling back to the checkpoint before it (this one moved to %s)", path, problem,
-                       aside.name)
-    return None
+            break
+        damaged.append((path, problem))
+    else:
+        if damaged:
+            found = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+            raise BertkitError(f"{root}: no whole checkpoint to resume from ({found}); expected a whole checkpoint "
+                               "(put back a good copy of one), or --overwrite to start over")
+        return None
+    for damaged_path, problem in damaged:
+        aside = root / f".corrupt-{damaged_path.name}-{os.getpid()}"
+        os.rename(damaged_path, aside)
+        logger.warning("%s: %s; falling back to the checkpoint before it (this one moved to %s)", damaged_path,
+                       problem, aside.name)
+    return path
 
 
 def set_aside_newer(root: str | Path, step: int) -> list[str]:

@@ -214,6 +214,22 @@ def test_a_damaged_newest_pretraining_checkpoint_falls_back_to_the_one_before(in
     assert list(checkpoints.glob(".corrupt-step-00000008-*")) or kind == "no completion marker"
 
 
+@pytest.mark.parametrize("kind", ["truncated weights", "no completion marker", "flipped byte"])
+def test_a_pretraining_run_whose_every_checkpoint_is_damaged_is_refused_not_started_over(inputs, tmp_path, kind):
+    cfg = small(inputs, tmp_path / "run", max_steps=12, save_every=4, keep_last=1, stop_at=8)
+    pretrain(cfg)
+    damage(tmp_path / "run" / "checkpoints" / "step-00000008", kind)
+    again = PretrainConfig(**{**vars(cfg), "stop_at": None, "resume": "auto"})
+    for _ in range(2):  # refused again: nothing was set aside that a second try would take for a fresh start
+        # was: the damaged checkpoint set aside "for the one before it", of which there was none, the logs deleted
+        # and the run trained again from step 0
+        with pytest.raises(BertkitError, match=r"checkpoints: no whole checkpoint to resume from \(step-00000008: "
+                                               r".*\); expected .*--overwrite to start over"):
+            pretrain(again)
+    assert [int(r["step"]) for r in rows(tmp_path / "run")] == list(range(1, 9))
+    assert (tmp_path / "run" / "checkpoints" / "step-00000008").is_dir()
+
+
 @pytest.mark.parametrize("rerun", [[], ["--resume", "auto"]], ids=["plain rerun", "resume auto"])
 def test_a_pretraining_run_killed_before_its_first_checkpoint_starts_over(inputs, tmp_path, monkeypatch, caplog,
                                                                           rerun):
@@ -362,6 +378,19 @@ def test_a_damaged_newest_finetuning_checkpoint_falls_back_to_the_one_before(toy
     assert "step-00000025" in caplog.text and "falling back to the checkpoint before it" in caplog.text
     assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, kind)
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
+
+
+def test_a_finetuning_run_whose_every_checkpoint_is_damaged_is_refused_not_started_over(toy, tmp_path, monkeypatch):
+    import bertkit.tasks.finetune as module
+
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 8)  # after the checkpoint of step 5, the only one
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut"))
+    damage(tmp_path / "cut" / "checkpoints" / "step-00000005", "flipped byte")
+    with pytest.raises(BertkitError, match=r"no whole checkpoint to resume from \(step-00000005: .*checksum"):
+        finetune(finetune_config(toy, tmp_path / "cut", resume="auto"))
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000005").is_dir()
 
 
 def test_a_second_finetuning_into_a_live_runs_folder_is_told_it_is_in_use_not_interrupted(toy, tmp_path):

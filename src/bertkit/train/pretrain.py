@@ -141,7 +141,8 @@ class PretrainConfig:
                           aliases=("--run-dir",))
     resume: str | None = option(None, "continue from a checkpoint folder, or 'auto' for the newest whole one in "
                                 "OUT_DIR/checkpoints (checked against the checksums written with it; a damaged one is "
-                                "set aside for the one before; a fresh start if there is none)")
+                                "set aside for the one before; a fresh start if there is none, an error if none is "
+                                "whole)")
     overwrite: bool = option(False, "start over in a OUT_DIR that holds an earlier run (its checkpoints, logs and "
                              "config are deleted; tokenizer/ and data/ built from --corpus are kept if built from the "
                              "same --corpus and --vocab-size) or files that bertkit did not write (left as they are)")
