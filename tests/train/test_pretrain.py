@@ -939,6 +939,25 @@ def test_training_time_adds_up_over_resumes(inputs, tmp_path):
     assert more["step"] == 8 and more["train_seconds"] > first["train_seconds"]
 
 
+def test_a_resumed_run_trains_with_the_lr_weight_decay_and_betas_it_is_given(inputs, tmp_path):
+    """A lower --lr on resume (what a run stopped by non-finite losses advises), or other weight decay or betas, is
+    what the resumed run trains with, as pretrain_config.json then says: the checkpoint's optimizer and schedule
+    states brought back the values of the run that saved them."""
+    from bertkit.checkpoint import TRAINING_STATE_NAME, load_training_state
+
+    pretrain(small(inputs, tmp_path / "run", max_steps=12, stop_at=5))
+    changed = dict(max_steps=12, lr=5e-4, weight_decay=0.1, betas=(0.8, 0.99))
+    pretrain(small(inputs, tmp_path / "run", resume="auto", **changed))
+    pretrain(small(inputs, tmp_path / "fresh", **changed))
+    lrs = {int(r["step"]): float(r["lr"]) for r in rows(tmp_path / "fresh")}
+    assert [float(r["lr"]) for r in rows(tmp_path / "run")][5:] == [lrs[step] for step in range(6, 13)]
+    saved = load_training_state(list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / TRAINING_STATE_NAME)
+    groups = saved["optimizer"]["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"], tuple(g["betas"])) for g in groups] == \
+        [(5e-4, 0.1, (0.8, 0.99)), (5e-4, 0.0, (0.8, 0.99))]
+    assert json.loads((tmp_path / "run" / "pretrain_config.json").read_text())["lr"] == 5e-4
+
+
 def test_stop_at_ends_on_the_full_schedule_and_resuming_finishes_the_same_run(inputs, tmp_path):
     """--stop-at N is the first N steps of the --max-steps run (same learning rates), and --resume auto without it
     continues to the very weights of the run that never stopped."""

@@ -567,8 +567,17 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
         raise BertkitError(f"{source / TRAINING_STATE_NAME}: written for other data settings {diff} (checkpoint, "
                            "now); expected the same corpus, global batch and ramp (a ramp starts at --batch-size x "
                            "processes), max_length, masking, mask_prob, objective and seed")
+    # The saved states carry the lr, weight decay and betas of the run that saved them; this run's flags (a lower
+    # --lr after non-finite losses, as that stop advises) replace them, the moments and the step count stay.
+    given = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    for group, values in zip(optimizer.param_groups, given):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # the next step's, as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     precision.scaler.load_state_dict(state["scaler"])
     rngs = state["rng"]
     if len(rngs) != d.world_size:
