@@ -230,6 +230,27 @@ def test_a_pretraining_run_whose_every_checkpoint_is_damaged_is_refused_not_star
     assert (tmp_path / "run" / "checkpoints" / "step-00000008").is_dir()
 
 
+def gpu_fp16(name, device):
+    """What `--precision fp16` resolves to on a GPU: an enabled loss scaler (a CPU one here, for want of a GPU)."""
+    from bertkit.train.precision import Precision
+
+    return Precision(None, "cpu", torch.amp.GradScaler("cpu", enabled=True))
+
+
+def test_a_pretraining_run_saved_without_loss_scaling_resumes_in_fp16_with_a_fresh_scale(inputs, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """--precision fp16 falls back to fp32 on a CPU, which saves no loss scale: the run resumed on a GPU, where fp16
+    scales the loss, starts the scale afresh. Was: GradScaler's RuntimeError ('The source state dict is empty'),
+    a traceback."""
+    import bertkit.train.pretrain as module
+
+    cfg = small(inputs, tmp_path / "run", max_steps=8, stop_at=4, precision="fp16")
+    pretrain(cfg)
+    monkeypatch.setattr(module, "resolve", gpu_fp16)
+    assert pretrain(PretrainConfig(**{**vars(cfg), "stop_at": None, "resume": "auto"}))["step"] == 8
+    assert "saved without fp16 loss scaling; the loss scale starts afresh at 65536" in caplog.text
+
+
 @pytest.mark.parametrize("rerun", [[], ["--resume", "auto"]], ids=["plain rerun", "resume auto"])
 def test_a_pretraining_run_killed_before_its_first_checkpoint_starts_over(inputs, tmp_path, monkeypatch, caplog,
                                                                           rerun):
@@ -391,6 +412,20 @@ def test_a_finetuning_run_whose_every_checkpoint_is_damaged_is_refused_not_start
     with pytest.raises(BertkitError, match=r"no whole checkpoint to resume from \(step-00000005: .*checksum"):
         finetune(finetune_config(toy, tmp_path / "cut", resume="auto"))
     assert (tmp_path / "cut" / "checkpoints" / "step-00000005").is_dir()
+
+
+def test_finetuning_saved_without_loss_scaling_resumes_in_fp16_with_a_fresh_scale(toy, tmp_path, monkeypatch, caplog):
+    """--device may change on resume: an fp16 run started on a CPU (fp32 there, no loss scale saved) and resumed on a
+    GPU starts the scale afresh. Was: GradScaler's RuntimeError, a traceback."""
+    import bertkit.tasks.finetune as module
+
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 8)
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut", precision="fp16"))
+    monkeypatch.setattr(module, "resolve_precision", gpu_fp16)
+    assert len(finetune(finetune_config(toy, tmp_path / "cut", precision="fp16", resume="auto"))["epochs"]) == 3
+    assert "saved without fp16 loss scaling; the loss scale starts afresh at 65536" in caplog.text
 
 
 def test_a_second_finetuning_into_a_live_runs_folder_is_told_it_is_in_use_not_interrupted(toy, tmp_path):

@@ -56,7 +56,7 @@ from bertkit.train.distributed import MAX_THREADS, Distributed
 from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
-from bertkit.train.precision import resolve as resolve_precision
+from bertkit.train.precision import load_scaler, resolve as resolve_precision
 from bertkit.train.rundir import (RunLock, absolute_paths, check_free_space, check_not_in_use, check_output_path,
                                   entries, remove)
 from bertkit.train.step import train_step as shared_step
@@ -528,7 +528,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        precision.scaler.load_state_dict(state["scaler"])
+        load_scaler(precision, state["scaler"], resume_from)
         pos = Position(**state["position"])
         record, (best.score, best.epoch) = state["record"], state["best"]
         bad_steps.in_row, bad_steps.total, bad_steps.window, bad_steps.first_in_row = state["bad_steps"]

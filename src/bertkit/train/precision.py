@@ -54,3 +54,14 @@ def resolve(precision: str, device: torch.device) -> Precision:
             logger.warning("precision fp16: only on CUDA (with loss scaling); %s trains in fp32", device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     return Precision(dtype, device.type, scaler)
+
+
+def load_scaler(precision: Precision, saved: dict, source) -> None:
+    """Restore the fp16 loss scale saved in checkpoint `source`. One saved without loss scaling (fp32, bf16, or fp16
+    where it fell back to fp32, on a CPU) holds none, which GradScaler refuses with a RuntimeError: resumed in fp16
+    on a GPU, the scale starts afresh instead, as a new run's does, and adapts within a few steps."""
+    if saved or not precision.scaler.is_enabled():
+        precision.scaler.load_state_dict(saved)
+    else:
+        logger.warning("%s: saved without fp16 loss scaling; the loss scale starts afresh at %g", source,
+                       precision.scaler.get_scale())

@@ -50,7 +50,7 @@ from bertkit.train.faults import Interrupt, NonFiniteSteps
 from bertkit.train.loader import PretrainBatches, eval_loader
 from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, triangle, warmup_linear, warmup_steps_for
-from bertkit.train.precision import Precision, resolve
+from bertkit.train.precision import Precision, load_scaler, resolve
 from bertkit.train.rundir import RunLock, absolute_paths, check_free_space, check_output_path, entries, remove
 from bertkit.train.step import train_step as shared_step
 
@@ -578,7 +578,7 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # the next step's, as LambdaLR computes it
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    precision.scaler.load_state_dict(state["scaler"])
+    load_scaler(precision, state["scaler"], source)
     rngs = state["rng"]
     if len(rngs) != d.world_size:
         logger.warning("%s: saved by %d processes, resumed by %d: data order is kept, dropout streams are not",
