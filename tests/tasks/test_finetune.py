@@ -450,8 +450,10 @@ def test_a_nan_loss_skips_the_step_and_nan_losses_in_a_row_stop_the_run(toy_mode
     with monkeypatch.context() as patch:
         _nan_loss_at(patch, set(range(3, 100)))
         with pytest.raises(BertkitError, match=r"^step 6: the loss was not finite \(nan or inf\) for 4 steps in a "
-                                               r"row \(steps 3-6.*try a lower --lr \(now 0.002\)"):
+                                               r"row \(steps 3-6.*try a lower --lr \(now 0.002\)") as stopped:
             finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "stop", max_bad_steps=4))
+    # was "; --resume auto continues from the last checkpoint": a resume with a lower --lr is refused as another run's
+    assert str(stopped.value).endswith("with --overwrite, which starts the run over")
     assert not (tmp_path / "stop" / "results.md").exists()  # not a finished run; what it kept is epoch 1's model
     from safetensors.torch import load_file
 

@@ -512,7 +512,9 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
               "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32")}
     pos = Position()
     hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.max_grad_norm else ", --max-grad-norm 1")
-    bad_steps = NonFiniteSteps(config.max_bad_steps, hint + "; --resume auto continues from the last checkpoint")
+    # not "--resume auto": a resumed run must have the same hyper-parameters (another --lr is refused as another
+    # run's), and with them it would take the same non-finite steps again
+    bad_steps = NonFiniteSteps(config.max_bad_steps, hint + " with --overwrite, which starts the run over")
     checkpoints = out / "checkpoints"
     state = None
     if resume_from is not None:
