@@ -635,3 +635,18 @@ def test_training_time_leaves_the_checkpoint_writes_out(toy_model_dir, tmp_path,
     monkeypatch.setattr(finetune_module, "save_checkpoint", slow)
     record = finetune(toy_run(toy_model_dir, tmp_path, tmp_path / "run", save_every=1, epochs=1))
     assert record["epochs"][0]["train_seconds"] < 1.0  # 3 mid-epoch writes of at least 0.5 s each were counted
+
+
+def test_csv_files_of_the_user_in_the_run_folder_are_left_as_they_are(toy_model_dir, tmp_path):
+    """Files of other kinds are left beside the run's, CSV ones included: the logs cut back to a checkpoint (on
+    every start, resumed or not) are train.csv and eval.csv alone. Was: every *.csv of --out-dir without a step
+    column deleted, the custom task's own training file among them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    data = tsv(out / "reviews.csv", ("sentence", "label"), *[("a good movie", "good"), ("a bad film", "bad")] * 8)
+    data.write_text(data.read_text().replace("\t", ","))
+    notes = out / "notes.csv"
+    notes.write_text("step,what\n1,warm-up looked fine\n50,\n")
+    kept = {p: p.read_bytes() for p in (data, notes)}
+    finetune(toy_run(toy_model_dir, tmp_path, out, train_file=str(data), eval_file=str(data), epochs=1))
+    assert {p: p.read_bytes() for p in kept if p.exists()} == kept

@@ -11,6 +11,10 @@ from tqdm import tqdm
 
 logger = logging.getLogger("bertkit")
 
+# The streams a run logs, each to `<stream>.csv`: the only CSV files of a run folder that are the run's, a folder
+# that may hold the user's own beside them (a custom task's data, notes)
+STREAMS = ("train", "eval")
+
 
 class RunLogger:
     """Appends metric rows per stream (`train`, `eval`) to `<stream>.csv` and TensorBoard; plots them on demand."""
@@ -36,7 +40,9 @@ class RunLogger:
         if not self.enabled:
             return None
         reached = None
-        for path in self.run_dir.glob("*.csv"):
+        for path in [self.run_dir / f"{stream}.csv" for stream in STREAMS]:
+            if not path.is_file():
+                continue
             rows = [r for r in read_csv(path) if r.get("step") not in (None, "")]
             keep = [r for r in rows if float(r["step"]) <= step]
             if len(keep) != len(rows):
@@ -112,7 +118,8 @@ BASELINES = {"masked_lm_accuracy": ("unigram_baseline_accuracy", "unigram baseli
 def plot_run(run_dir: Path, out: Path, keys) -> Path | None:
     import matplotlib.pyplot as plt
 
-    fig = loss_figure({p.stem: read_csv(p) for p in sorted(Path(run_dir).glob("*.csv"))}, keys)
+    files = [Path(run_dir) / f"{stream}.csv" for stream in sorted(STREAMS)]  # eval first, as ever
+    fig = loss_figure({p.stem: read_csv(p) for p in files if p.is_file()}, keys)
     if fig is None:
         return None
     fig.savefig(out, dpi=110)
