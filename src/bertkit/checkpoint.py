@@ -592,10 +592,16 @@ def usable_checkpoint(root: str | Path) -> Path | None:
     moved aside to `.corrupt-step-N` (so that pruning, which counts checkpoints, never keeps it over a good one) with
     a one-line warning naming what was wrong and where the run goes back to. None when there is no step folder;
     step folders none of which is whole are an error, and left where they are: a fresh start would silently throw
-    the run away (and, with them set aside, the next attempt would start over without a word)."""
+    the run away (and, with them set aside, the next attempt would start over without a word). A step folder that a
+    save cut short had moved aside to replace it (`.old-step-N`) is put back first."""
     root = Path(root)
     if not root.is_dir():
         return None
+    for old in root.glob(".old-step-*"):  # a crash between save_checkpoint's two renames: the step has no folder
+        m = re.fullmatch(r"\.old-(step-\d+)-\d+", old.name)
+        if m and not (root / m.group(1)).exists():
+            logger.warning("%s: put back as %s (a save that replaced it was cut short)", old, m.group(1))
+            os.rename(old, root / m.group(1))
     candidates = sorted((int(m.group(1)), p) for p in root.iterdir()
                         if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name)))
     damaged = []

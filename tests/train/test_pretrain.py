@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertkit.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
+from bertkit.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint, usable_checkpoint
 from bertkit.cli import main as cli_main
 from bertkit.config import BertConfig
 from bertkit.errors import BertkitError
@@ -190,6 +190,31 @@ def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_leaves_a_whole_on
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 1, model, None, {"step": 1})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]  # was none: deleted before the rename
+
+
+def test_a_crash_between_the_two_renames_of_a_replaced_checkpoint_puts_the_old_one_back(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """Killed after the old step folder was moved aside and before the new one took its place, the run had no
+    checkpoint: --resume auto found none and pruning then deleted both copies."""
+    import bertkit.checkpoint as checkpoint
+
+    model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=50))
+    save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+    rename = os.rename
+
+    def killed(source, target):
+        if Path(source).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # the process dies before the new folder is renamed into place
+        rename(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    assert list_checkpoints(tmp_path) == []
+    assert usable_checkpoint(tmp_path).name == "step-00000001" and "put back as step-00000001" in caplog.text
+    prune_checkpoints(tmp_path, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
 
 
 def test_a_full_disk_while_saving_is_a_clear_error_and_leaves_no_half_folder(tmp_path, monkeypatch):
