@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,22 @@ def test_config_json_that_is_huge_not_utf8_or_a_folder_is_refused(tmp_path):
     (tmp_path / "dir" / "config.json").mkdir()
     with pytest.raises(BertkitError, match=r"dir/config.json: not a file"):
         BertConfig.load(tmp_path / "dir")
+
+
+def test_a_json_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A process killed while rewriting metrics.json (after every epoch) or a run config left it cut short."""
+    from bertkit.config import write_json
+
+    path = tmp_path / "metrics.json"
+    write_json(path, {"epochs": [1]})
+    write_text = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the process dies halfway through the write
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"epochs": [1, 2, 3]})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"epochs": [1]} and [p.name for p in tmp_path.iterdir()] == [path.name]
