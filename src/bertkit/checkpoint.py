@@ -578,7 +578,10 @@ def verify_checkpoint(directory: str | Path) -> str | None:
         if marker.read_bytes().startswith(b"step "):  # an older marker, before checksums
             return None
         return f"{COMPLETE_NAME} is not a checkpoint marker"
-    for name, digest in (recorded.get("sha256") or {}).items():
+    checksums = recorded.get("sha256") or {}
+    if not isinstance(checksums, dict):  # an AttributeError, a traceback, before
+        return f"{COMPLETE_NAME}'s sha256 is not a table of file checksums"
+    for name, digest in checksums.items():
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"

@@ -217,6 +217,15 @@ def test_a_crash_between_the_two_renames_of_a_replaced_checkpoint_puts_the_old_o
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
 
 
+def test_a_marker_whose_checksums_are_no_table_is_named_not_a_traceback(tmp_path):
+    from bertkit.checkpoint import COMPLETE_NAME, verify_checkpoint
+
+    model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=50))
+    path = save_checkpoint(tmp_path, 1, model, None, {"step": 1})
+    (path / COMPLETE_NAME).write_text('{"step": 1, "sha256": ["model.safetensors"]}')
+    assert verify_checkpoint(path) == f"{COMPLETE_NAME}'s sha256 is not a table of file checksums"
+
+
 def test_a_full_disk_while_saving_is_a_clear_error_and_leaves_no_half_folder(tmp_path, monkeypatch):
     import bertkit.checkpoint as checkpoint
 
