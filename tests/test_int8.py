@@ -10,18 +10,13 @@ from bertkit import BertForQuestionAnswering, BertForSequenceClassification, Ber
 from bertkit.model import BertSelfAttention
 from bertkit.quantize import Int8Linear, has_vnni, int8_engine, to_int8
 from conftest import data_path
-from tiny_folders import save_tiny, tiny_config
+from tiny_folders import save_tiny, tiny_config, varied
 
 
 def tiny(cls=BertForSequenceClassification, **overrides):
     torch.manual_seed(0)
     config = tiny_config(99, **overrides)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "LayerNorm" not in name:
-                p.mul_(10)  # outputs that vary with the input (see tests/tiny_folders.py)
-    return model
+    return varied(cls(config).eval())
 
 
 def padded_batch(lengths, vocab=99, seed=1):

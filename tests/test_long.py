@@ -12,7 +12,7 @@ from bertkit.errors import BertkitError
 from bertkit.extend import ExtendConfig, extend, extend_positions
 from bertkit.model import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, BertModel,
                            LocalWindows)
-from tests.tiny_folders import save_tiny, tiny_config
+from tests.tiny_folders import save_tiny, tiny_config, varied
 
 
 def dense_pattern(keep, global_mask, radius):
@@ -113,11 +113,7 @@ def _inputs(B=3, T=40, vocab=100, seed=0):
 def test_windowed_models_equal_the_dense_reference(cls, monkeypatch):
     """Every head runs the windowed encoder (QA with the question as global tokens), padding included."""
     torch.manual_seed(0)
-    model = cls(tiny_config(attention_window=8, max_position_embeddings=64)).eval()
-    with torch.no_grad():  # outputs that vary with the input (see tests/tiny_folders.py)
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "LayerNorm" not in name:
-                p.mul_(10)
+    model = varied(cls(tiny_config(attention_window=8, max_position_embeddings=64)).eval())
     ids, types, mask = _inputs()
     with torch.no_grad():
         got = model(ids, types, mask)
@@ -304,11 +300,7 @@ def test_windowed_attention_equals_transformers_longformer():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = tiny_config(attention_window=16, max_position_embeddings=128)
-    ours = BertModel(config).eval()
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.ndim == 2 and "LayerNorm" not in name:
-                p.mul_(10)
+    ours = varied(BertModel(config).eval())
     theirs = transformers.LongformerModel(transformers.LongformerConfig(
         vocab_size=config.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         attention_window=16, max_position_embeddings=128, type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12,
@@ -353,11 +345,8 @@ def test_cls_is_global_where_left_padding_puts_it():
     """Without global_attention_mask the global token is [CLS], the first real token: with padding on the left it is
     not position 0, and a left-padded row gives what it gives alone."""
     torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_config(attention_window=4, max_position_embeddings=64)).eval()
-    with torch.no_grad():  # outputs that vary with the input (see tests/tiny_folders.py)
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "LayerNorm" not in name:
-                p.mul_(10)
+    config = tiny_config(attention_window=4, max_position_embeddings=64)
+    model = varied(BertForSequenceClassification(config).eval())
     ids, _, _ = _inputs(B=2, T=30)
     mask = torch.ones_like(ids)
     mask[1, :8] = 0  # padding on the left

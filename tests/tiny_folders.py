@@ -22,6 +22,16 @@ def tiny_config(vocab_size: int = 100, **overrides) -> BertConfig:
                          "intermediate_size": 64, **overrides})
 
 
+def varied(model):
+    """`model` with its matrices scaled 10x (std 0.2 instead of 0.02), so that its outputs vary with the input (see
+    the module docstring); returns it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "LayerNorm" not in name:
+                p.mul_(10)
+    return model
+
+
 def tokenizer_in(directory) -> Tokenizer:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", "?", "%", *letters, *("##" + c for c in letters),
@@ -39,11 +49,6 @@ def save_tiny(directory, cls=BertForSequenceClassification, num_labels: int = 2,
     config = tiny_config(tokenizer.vocab_size, max_position_embeddings=128,
                          **({"id2label": labels} if cls is BertForSequenceClassification and num_labels > 1 else {}),
                          **({"num_labels": 1} if num_labels == 1 else {}))
-    model = cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "LayerNorm" not in name:
-                p.mul_(10)  # std 0.2 instead of 0.02, see the module docstring
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    varied(cls(config)).save_pretrained(directory, tokenizer=tokenizer)
     return str(directory)
 
