@@ -569,6 +569,7 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(inputs, tmp_path
     ("warmup", float("nan")), ("warmup", float("inf")), ("max_grad_norm", float("nan")), ("max_grad_norm", float("inf")),
     ("mask_prob", float("nan")), ("dropout", float("nan")), ("batch_ramp", float("nan")), ("max_bad_steps", 0),
     ("threads", 0), ("threads", 10**20), ("stop_at", 0), ("stop_at", 301),
+    ("warmup", 300),  # as many steps as the run (300): the lr never reached its peak, nor decayed, and nothing said so
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_training(field, value, capsys):
     with pytest.raises(BertkitError, match=f"pretrain config: {field}="):
@@ -578,6 +579,12 @@ def test_numbers_that_are_not_numbers_are_refused_before_training(field, value, 
     assert cli_main(["pretrain", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bertkit: error: pretrain config: ") and err.count("\n") == 1
+
+
+def test_a_warmup_shorter_than_the_run_or_unused_is_accepted():
+    PretrainConfig(warmup=299)
+    PretrainConfig(warmup=0.99)
+    PretrainConfig(warmup=10_000, schedule="triangle")  # the triangle has no warm-up of its own
 
 
 def _nan_loss_at(monkeypatch, steps: set[int]):

@@ -212,6 +212,9 @@ class PretrainConfig:
         if self.overwrite and self.resume is not None:
             problems.append(f"overwrite with resume={self.resume} (expected one of them: --overwrite starts over, "
                             "--resume continues)")
+        if self.schedule != "triangle" and finite(self.warmup) and 1 <= self.max_steps <= self.warmup:
+            problems.append(f"warmup={self.warmup:g} steps with max_steps={self.max_steps} (expected a fraction below "
+                            "1 or fewer steps than max_steps: the lr would never reach its peak, nor decay)")
         if self.batch_ramp > 0 and self.grad_accum == 1:  # the ramp adds micro-steps: with one, nothing would grow
             problems.append(f"batch_ramp={self.batch_ramp} with grad_accum=1 (expected --grad-accum above 1: the "
                             "ramp grows a step from 1 micro-batch to --grad-accum, from --batch-size x processes to "
