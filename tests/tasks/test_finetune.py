@@ -605,6 +605,8 @@ def test_glue_average_counts_mnli_matched_and_mismatched_as_the_paper_does():
                         for t, b in best.items()}}
     table = glue_table(result, "base", GlueConfig(lrs=[2e-5]))
     assert "| 84.6/83.4 | 71.2 | 90.5 | 93.5 | 52.1 | 85.8 | 88.9 | 66.4 | 65.1 | 79.6 |" in table
+    wnli = {"tasks": {"WNLI": result["tasks"]["WNLI"]}}  # the average leaves WNLI out: nothing to average (was nan)
+    assert "| bertkit base | 65.1 | - |" in glue_table(wnli, "base", GlueConfig(lrs=[2e-5]))
 
 
 def test_evaluate_data_dir_scores_that_folder_not_the_runs_eval_file(toy_model_dir, tmp_path):

@@ -133,7 +133,7 @@ def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
         cells.append("/".join(f"{v:.1f}" for v in values))
         if task in averaged:
             scores.extend(values)  # the paper averages MNLI-m and MNLI-mm as two columns (BERT-Base: 79.6)
-    average = sum(scores) / len(scores) if scores else float("nan")
+    average = f"{sum(scores) / len(scores):.1f}" if scores else "-"  # WNLI alone: nothing is averaged
     lines = [
         f"# GLUE: {model_name}",
         "",
@@ -141,7 +141,7 @@ def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
         "|---" * (len(columns) + 2) + "|",
         "| | " + " | ".join(_size(tasks[t].get("train_examples")) or PAPER_COLUMNS[t][2] for t in columns)
         + " | - |",
-        f"| bertkit {model_name} | " + " | ".join(cells) + f" | {average:.1f} |",
+        f"| bertkit {model_name} | " + " | ".join(cells) + f" | {average} |",
         "",
         f"Dev-set scores of the best lr per task among {', '.join(f'{lr:g}' for lr in config.lrs)} (batch "
         f"{config.batch_size}, {plural(config.epochs, 'epoch')}, max length {config.max_length}, seed {config.seed}; "
