@@ -238,6 +238,13 @@ def test_table_reports_the_best_lr_by_mean_over_seeds():
     assert "| m | RTE (acc) " not in table and "58.0 ± 1.0" in table and "RTE 0.0003" in table
 
 
+def test_a_tie_between_lrs_goes_to_the_lowest_whatever_order_the_cells_finished_in():
+    cell = {"best": {"accuracy": 56.3}, "seconds": 1.0, "train_examples": 1, "eval_examples": 1}
+    keys = [f"WNLI/lr={lr}/seed=1" for lr in ("0.0003", "5e-05", "0.0001")]
+    for order in (keys, keys[::-1]):
+        assert summarize({key: cell for key in order}, "WNLI")["lr"] == "5e-05"
+
+
 def test_a_cell_is_marked_when_its_seeds_are_not_the_number_asked(tiny_model_dir, tmp_path, monkeypatch):
     """The note says "n=5 unless marked" for --seeds 5, so a row run with 3 seeds is marked: it was left unmarked
     (only n of 1 or 2 was), and the note said n=3 whatever --seeds was."""

@@ -325,7 +325,9 @@ def summarize(cells: dict, task: str) -> dict | None:
     def mean_headline(runs):
         return float(np.mean([headline_score(_headline_metrics(task, r)) for r in runs]))
 
-    lr = max(by_lr, key=lambda lr: mean_headline(by_lr[lr]))
+    # a tie (WNLI at the majority class at every lr) goes to the lowest lr: the cells' order is the order they
+    # finished, which differs between two runs of one grid
+    lr = max(sorted(by_lr, key=float), key=lambda lr: mean_headline(by_lr[lr]))
     runs = by_lr[lr]
     metrics = {m: (float(np.mean([r[m] for r in runs])), float(np.std([r[m] for r in runs], ddof=1)) if len(runs) > 1
                    else 0.0) for m in runs[0]}
