@@ -54,16 +54,18 @@ def test_lamb_zero_weights_take_a_plain_adam_step():
     torch.testing.assert_close(w.detach(), torch.tensor([-0.1, 0.1, -0.1]))
 
 
-def test_lamb_of_build_optimizer_leaves_biases_and_layer_norms_out_of_the_trust_ratio():
-    """Google's LAMB for BERT (exclude_from_layer_adaptation = the weight-decay exclusions) and NVIDIA's FusedLAMB
-    (use_nvlamb off) scale only the decayed matrices; a bias or LayerNorm takes Adam's step."""
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])
+def test_lamb_of_build_optimizer_leaves_biases_and_layer_norms_out_of_the_trust_ratio(weight_decay):
+    """Google's LAMB for BERT (exclude_from_layer_adaptation = the weight-decay exclusions, by name) and NVIDIA's
+    FusedLAMB (use_nvlamb off) scale only the matrices; a bias or LayerNorm takes Adam's step. Without weight decay
+    the matrices keep their trust ratio."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     grads = {name: torch.randn_like(p) for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
         p.grad = grads[name].clone()
-    build_optimizer(model, "lamb", lr=0.1, weight_decay=0.01, eps=0.0).step()
+    build_optimizer(model, "lamb", lr=0.1, weight_decay=weight_decay, eps=0.0).step()
     for name, p in model.named_parameters():
         adam = before[name] - 0.1 * grads[name].sign()  # Adam's first step: lr * g / |g|
         if name == "0.weight":  # the one matrix: ||step|| = lr * ||w|| by its trust ratio

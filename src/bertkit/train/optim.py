@@ -77,8 +77,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-    if name == "lamb":  # biases and LayerNorm (the undecayed group) without the trust ratio, as in BERT's recipes
-        return Lamb([g | {"adapt": g["weight_decay"] != 0} for g in groups], lr=lr, betas=betas, eps=eps)
+    if name == "lamb":  # biases and LayerNorm (param_groups' second group) without the trust ratio, as in BERT's
+        # recipes; chosen by group, not by its decay rate: with --weight-decay 0 the matrices keep the trust ratio
+        return Lamb([g | {"adapt": i == 0} for i, g in enumerate(groups)], lr=lr, betas=betas, eps=eps)
     raise BertkitError(f"unknown optimizer {name!r} (expected adamw or lamb)")
 
 
