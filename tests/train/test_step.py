@@ -89,3 +89,21 @@ def test_pretraining_micro_batches_weight_the_masked_lm_loss_by_their_masked_tok
         stepped.append(model)
     for (name, a), b in zip(stepped[0].named_parameters(), stepped[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fine_tuning_micro_batches_of_unequal_sizes_make_the_step_of_their_union():
+    """--grad-accum over the epoch's short last batch: a micro-batch of 1 row next to one of 3 is a quarter of the
+    step, as in one batch of 4, not half of it; the loss is the mean over the 4 rows."""
+    from bertkit.tasks.finetune import train_step as finetune_step
+
+    rows = [[2, 7, 9, 3], [2, 11, 3], [2, 5, 6, 8, 13, 3], [2, 40, 3]]
+    labels = [0, 1, 1, 0]
+    fp32, cpu = resolve("fp32", torch.device("cpu")), torch.device("cpu")
+    one, opt1, sched1 = _setup()
+    loss1, ok1 = finetune_step(one, [_batch(rows, labels, 6)], opt1, sched1, fp32, 1e9, cpu)
+    two, opt2, sched2 = _setup()
+    loss2, ok2 = finetune_step(two, [_batch(rows[:3], labels[:3], 6), _batch(rows[3:], labels[3:], 3)], opt2, sched2,
+                               fp32, 1e9, cpu)
+    assert ok1 and ok2 and loss2 == pytest.approx(loss1, rel=1e-5)
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)  # Adam: lr x sign where g ~ 0

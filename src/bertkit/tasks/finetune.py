@@ -471,22 +471,23 @@ class Position:
 def train_step(model, group: list[dict], optimizer, scheduler, precision, max_grad_norm: float, device,
                d: Distributed = Distributed()) -> tuple[float, bool]:
     """One optimizer step over a group of --grad-accum x processes micro-batches (the shared
-    `bertkit.train.step.train_step`), this process taking every world_size-th: their mean loss over all processes,
-    and whether the update was made (not when the loss or the gradients are nan or inf).
+    `bertkit.train.step.train_step`), this process taking every world_size-th: their loss over all processes (a
+    mean over the group's rows), and whether the update was made (not when the loss or the gradients are nan or inf).
 
-    The gradient is the mean over the whole group, as one process accumulating it would take: a process's share
-    is weighted by processes / group size (DDP then averages over processes), and a process left without a
-    micro-batch at an epoch's end runs the group's first with weight 0, so that every process joins the
-    all-reduce."""
-    if not d.enabled:
-        loss, ok = shared_step(model, group, optimizer, scheduler, precision, max_grad_norm, device)
-        return loss.item(), ok
-    mine = group[d.rank::d.world_size]
-    scale = d.world_size / len(group) if mine else 0.0
-    loss, ok = shared_step(model, mine or group[:1], optimizer, scheduler, precision, max_grad_norm, device, d,
-                           scale=scale)
-    total = distributed.all_reduce_sum((loss * len(mine)).reshape(1), d)
-    return total.item() / len(group), ok
+    The gradient is the one of the whole group as one batch, as one process accumulating it would take: a
+    micro-batch's loss is a mean over its rows, so it counts by its share of the group's rows (times the processes,
+    as DDP then averages over them), not equally, or the epoch's short last batch would weigh as much as a full one;
+    a process left without a micro-batch at an epoch's end runs the group's first with weight 0, so that every
+    process joins the all-reduce."""
+    rows = [len(batch["input_ids"]) for batch in group]
+    mine = range(d.rank, len(group), d.world_size)
+    weights = [rows[i] * d.world_size / sum(rows) for i in mine]
+    losses = []
+    _, ok = shared_step(model, [group[i] for i in mine] or group[:1], optimizer, scheduler, precision, max_grad_norm,
+                        device, d, on_output=lambda out, batch: losses.append(out.loss.detach().float()),
+                        weights=weights or [0.0])
+    loss = sum((l * w for l, w in zip(losses, weights)), torch.zeros(1, device=device)) / d.world_size
+    return distributed.all_reduce_sum(loss, d).item(), ok
 
 
 def _finite_weights(model, what: str, hint: str) -> None:

@@ -15,13 +15,14 @@ from bertkit.train.precision import Precision
 
 def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision: Precision, max_grad_norm: float,
                device: torch.device, d=None, forward: Callable | None = None,
-               on_output: Callable | None = None, scale: float | None = None) -> tuple[torch.Tensor, bool]:
+               on_output: Callable | None = None, weights: list[float] | None = None) -> tuple[torch.Tensor, bool]:
     """One optimizer step over `micro_batches` (each a dict of CPU or device tensors), their gradients averaged.
 
     `forward(model, batch)` gives a model output with `.loss` (default: `model(**batch)`); `on_output(output,
     batch)` sees each micro-batch's output before the next one runs (to sum statistics without keeping logits).
-    Each loss is multiplied by `scale` before backward (default: 1 / the number of micro-batches; a process whose
-    share of a step differs from the others' sets its own, 0 for a share of none). Returns the mean of the
+    Micro-batch i's loss is multiplied by `weights[i]` before backward (default: 1 / the number of micro-batches;
+    losses that are means over micro-batches of unequal sizes need their shares of the step instead, and a process
+    whose share of a step differs from the others' sets its own, 0 for a share of none). Returns the mean of the
     micro-batches' losses (a 0-dim tensor on the device, not synchronised with the host) and whether the update
     was made.
     """
@@ -31,7 +32,7 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, precision
         with distributed.no_sync(model, sync=i == len(micro_batches) - 1):
             with precision.autocast():
                 out = forward(model, batch) if forward is not None else model(**batch)
-            share = out.loss / len(micro_batches) if scale is None else out.loss * scale
+            share = out.loss / len(micro_batches) if weights is None else out.loss * weights[i]
             precision.scaler.scale(share).backward()
         losses.append(out.loss.detach().float())
         if on_output is not None:
