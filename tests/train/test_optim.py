@@ -133,6 +133,7 @@ def test_triangle_rises_from_a_quarter_to_the_peak_at_three_quarters_then_to_zer
 def test_warmup_is_a_fraction_or_a_step_count():
     assert warmup_steps_for(1000, 0.1) == 100
     assert warmup_steps_for(1001, 0.1) == 101  # rounded up
+    assert warmup_steps_for(100, 0.07) == 7 and warmup_steps_for(300, 0.07) == 21  # 0.07 x 100 is 7.000000000000001
     assert warmup_steps_for(1000, 250) == 250
     assert warmup_steps_for(1000, 0) == 0
 

@@ -144,4 +144,5 @@ def triangle(optimizer, total_steps: int, start: float = 0.25, peak_at: float = 
 
 def warmup_steps_for(total_steps: int, warmup: float) -> int:
     """`warmup` below 1 is a fraction of the run (fine-tuning's 10%), otherwise a step count (pretraining's 10k)."""
-    return int(math.ceil(warmup * total_steps)) if warmup < 1 else int(warmup)
+    # rounded before the ceiling: a decimal fraction is not exact in binary, and 0.07 x 100 is 7.000000000000001
+    return int(math.ceil(round(warmup * total_steps, 6))) if warmup < 1 else int(warmup)
