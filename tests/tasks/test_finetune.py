@@ -420,6 +420,15 @@ def test_numbers_that_are_not_numbers_are_refused_before_training(toy_model_dir,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warm_up_as_long_as_the_run_is_refused(toy_model_dir, tmp_path, capsys):
+    config = toy_run(toy_model_dir, tmp_path, tmp_path / "run")
+    argv = ["finetune", "--model-dir", toy_model_dir, "--task", "custom", "--train-file", config.train_file,
+            "--eval-file", config.eval_file, "--out-dir", str(tmp_path / "run"), "--warmup", "10000"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--warmup 10000 steps, as long as the run's" in err, err
+
+
 def test_glue_lrs_that_are_not_numbers_are_refused(capsys):
     assert main(["glue", "--model-dir", "m", "--data-dir", "d", "--lrs", "1e-4", "nan"]) == 2
     assert "--lrs 0.0001 nan: expected finite numbers above 0" in capsys.readouterr().err

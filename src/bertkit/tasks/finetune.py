@@ -504,6 +504,10 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     lengths = [len(r["input_ids"]) for r in rows]
     per_step = config.grad_accum * d.world_size  # batches of --batch-size in one optimizer step
     steps = config.epochs * math.ceil(math.ceil(len(rows) / config.batch_size) / per_step)
+    if config.warmup >= 1 and config.warmup >= steps:  # the lr would only rise, never decaying (pretrain's check)
+        raise BertkitError(f"--warmup {config.warmup:g} steps, as long as the run's {steps} steps or longer "
+                           f"({len(rows)} training rows, {plural(config.epochs, 'epoch')}); expected fewer warm-up "
+                           "steps, or a fraction of the run below 1")
     precision = resolve_precision(config.precision, device)
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay)
     scheduler = warmup_linear(optimizer, warmup_steps_for(steps, config.warmup), steps)
