@@ -16,6 +16,14 @@ def test_presets_follow_the_paper():
     assert PRESETS["base"] == (12, 768, 12) and PRESETS["large"] == (24, 1024, 16)
 
 
+def test_a_preset_takes_overrides_of_its_own_sizes_too():
+    c = BertConfig.from_preset("base", num_hidden_layers=6, hidden_size=384, num_attention_heads=6, vocab_size=8000)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.vocab_size) == (6, 384, 6, 8000)
+    assert c.intermediate_size == 4 * 384  # follows the hidden size given, as without a preset
+    with pytest.raises(BertkitError, match="not a multiple of num_attention_heads"):
+        BertConfig.from_preset("tiny", num_attention_heads=3)
+
+
 def test_hf_config_json_round_trip(tmp_path):
     c = BertConfig.from_preset("mini", vocab_size=8000, id2label={0: "neg", 1: "pos"})
     c.save(tmp_path)

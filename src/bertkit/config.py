@@ -175,7 +175,9 @@ class BertConfig:
         if name not in PRESETS:
             raise BertkitError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
         layers, hidden, heads = PRESETS[name]
-        return cls(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, **overrides)
+        # the preset's sizes are defaults like any other field's: overrides win over them too (passed alongside
+        # them, `from_preset("base", num_hidden_layers=6)` was a TypeError for a duplicate keyword)
+        return cls(**{"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads, **overrides})
 
     # ---- Hugging Face config.json ----
     def to_dict(self) -> dict:
