@@ -102,6 +102,23 @@ def test_a_head_for_other_labels_than_asked_for_is_not_put_down_to_config_json(t
     assert "config.json's num_labels is 2" not in str(error.value)
 
 
+def test_a_new_head_takes_labels_named_as_transformers_users_name_them(tmp_path):
+    """`from_pretrained(dir, num_labels=2, id2label=..., label2id=...)`, transformers' idiom, was refused as an
+    unknown config field 'label2id'."""
+    BertModel(tiny_config()).save_pretrained(tmp_path)
+    id2label, label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    model = BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2, id2label=id2label, label2id=label2id)
+    assert model.config.id2label == id2label and model.classifier.weight.shape == (2, 32)
+    alone = BertForSequenceClassification.from_pretrained(tmp_path, label2id={"a": 0, "b": 1, "c": 2})
+    assert alone.config.id2label == {0: "a", 1: "b", 2: "c"} and alone.config.num_labels == 3
+    alone.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["label2id"] == {"a": 0, "b": 1, "c": 2}
+    with pytest.raises(BertkitError, match="label2id .* is not the inverse of id2label"):
+        BertForSequenceClassification.from_pretrained(tmp_path, id2label=id2label, label2id={"pos": 0, "neg": 1})
+    with pytest.raises(BertkitError, match="label2id is .*; expected an object of label name -> class index"):
+        BertForSequenceClassification.from_pretrained(tmp_path, label2id=["neg", "pos"])
+
+
 def test_an_untied_decoder_of_another_vocabulary_is_blamed_on_vocab_size_not_hidden_size(tmp_path):
     """The decoder's (V, H) rows were put down to config.json's hidden_size, which matched the weights."""
     BertForMaskedLM(tiny_config(tie_word_embeddings=False)).save_pretrained(tmp_path)

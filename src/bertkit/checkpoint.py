@@ -334,6 +334,30 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "c
                 own[key].copy_(value.to(own[key].dtype))
 
 
+def _transformers_label_overrides(overrides: dict) -> dict:
+    """transformers' way of naming a new head's labels, `num_labels=3, id2label=..., label2id=...`, as bertkit's
+    overrides: label2id is id2label's inverse (config.json's is written from id2label), so it is checked against
+    id2label, or gives it when id2label is not passed."""
+    if "label2id" not in overrides:
+        return overrides
+    overrides = dict(overrides)
+    label2id = overrides.pop("label2id")
+    if not isinstance(label2id, dict) or not all(isinstance(k, str) for k in label2id):
+        raise BertkitError(f"label2id is {label2id!r}; expected an object of label name -> class index")
+    inverse = {index: name for name, index in label2id.items()}
+    if len(inverse) != len(label2id):
+        raise BertkitError(f"label2id is {label2id!r}; expected each class index once")
+    if "id2label" not in overrides:
+        overrides["id2label"] = inverse
+    else:
+        id2label = overrides["id2label"]
+        given = {str(k): v for k, v in id2label.items()} if isinstance(id2label, dict) else None  # 0 or "0"
+        if given != {str(index): name for index, name in inverse.items()}:
+            raise BertkitError(f"label2id {label2id!r} is not the inverse of id2label {id2label!r}; expected the "
+                               "same labels both ways (or id2label alone)")
+    return overrides
+
+
 def load_pretrained(cls, directory, config: BertConfig | None = None, load_weights: bool = True, **config_overrides):
     """Build `cls` from a model folder's config.json (or the given config) and load its weights (or, without
     `load_weights`, keep the random initialisation: the same network untrained).
@@ -346,6 +370,7 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
     if config is None:
         config = BertConfig.load(directory)
         stated = dict(vars(config))  # before the overrides: an error must not put a task's num_labels on config.json
+    config_overrides = _transformers_label_overrides(config_overrides)
     for key, value in config_overrides.items():
         if not hasattr(config, key):
             raise BertkitError(f"unknown config field {key!r}")
