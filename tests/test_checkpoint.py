@@ -119,6 +119,20 @@ def test_a_new_head_takes_labels_named_as_transformers_users_name_them(tmp_path)
         BertForSequenceClassification.from_pretrained(tmp_path, label2id=["neg", "pos"])
 
 
+def test_problem_type_is_taken_as_an_override_as_config_json_s_is(tmp_path):
+    """config.json's problem_type is read, but `from_pretrained(dir, num_labels=1, problem_type="regression")` was
+    refused as an unknown config field."""
+    BertModel(tiny_config()).save_pretrained(tmp_path)
+    model = BertForSequenceClassification.from_pretrained(tmp_path, num_labels=1, problem_type="regression")
+    assert model.config.extra["problem_type"] == "regression" and model.classifier.weight.shape == (1, 32)
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["problem_type"] == "regression"
+    with pytest.raises(BertkitError, match=r"^problem_type 'multi_label_classification' with num_labels 3 is not"):
+        BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3, problem_type="multi_label_classification")
+    with pytest.raises(BertkitError, match="problem_type is 'softmax'; expected one of single_label_classification"):
+        BertForSequenceClassification.from_pretrained(tmp_path, problem_type="softmax")
+
+
 def test_an_untied_decoder_of_another_vocabulary_is_blamed_on_vocab_size_not_hidden_size(tmp_path):
     """The decoder's (V, H) rows were put down to config.json's hidden_size, which matched the weights."""
     BertForMaskedLM(tiny_config(tie_word_embeddings=False)).save_pretrained(tmp_path)

@@ -334,6 +334,10 @@ def load_state_dict_into(model, state: dict[str, torch.Tensor], source: str = "c
                 own[key].copy_(value.to(own[key].dtype))
 
 
+# transformers' names for what a sequence classifier's head does (its config refuses any other)
+PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
+
+
 def _transformers_label_overrides(overrides: dict) -> dict:
     """transformers' way of naming a new head's labels, `num_labels=3, id2label=..., label2id=...`, as bertkit's
     overrides: label2id is id2label's inverse (config.json's is written from id2label), so it is checked against
@@ -372,6 +376,11 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
         stated = dict(vars(config))  # before the overrides: an error must not put a task's num_labels on config.json
     config_overrides = _transformers_label_overrides(config_overrides)
     for key, value in config_overrides.items():
+        if key == "problem_type":  # kept in `extra` as config.json's is; the model class checks it against num_labels
+            if value not in PROBLEM_TYPES:
+                raise BertkitError(f"problem_type is {value!r}; expected one of {', '.join(PROBLEM_TYPES)}")
+            config.extra = {**config.extra, key: value}
+            continue
         if not hasattr(config, key):
             raise BertkitError(f"unknown config field {key!r}")
         setattr(config, key, value)
@@ -379,11 +388,14 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
             and len(config.id2label) != config.num_labels:
         config.id2label = None  # the folder's label names are for another number of labels (transformers does so)
     config.__post_init__()
-    if {"num_labels", "id2label"} & config_overrides.keys():  # a new head: the folder's problem_type was another's
+    if {"num_labels", "id2label"} & config_overrides.keys() and "problem_type" not in config_overrides:
+        # a new head: the folder's problem_type was another's
         problem = "regression" if config.num_labels == 1 else "single_label_classification"
         if config.extra.get("problem_type", problem) != problem:
             config.extra = {k: v for k, v in config.extra.items() if k != "problem_type"}
-    skeleton = _skeleton(cls, config, directory / CONFIG_NAME if stated is not None else None)
+    # a problem_type asked for is not config.json's to be blamed for
+    blamed = directory / CONFIG_NAME if stated is not None and "problem_type" not in config_overrides else None
+    skeleton = _skeleton(cls, config, blamed)
     state = None
     if load_weights:
         source = weights_source(directory)
