@@ -516,6 +516,15 @@ def test_lone_surrogates_are_replaced_by_u_fffd_and_dropped_like_bert_does(lette
     assert letters.encode("\ud83d\ude00")["input_ids"] == [letters.cls_id, letters.unk_id, letters.sep_id]  # a pair is its emoji
 
 
+def test_encode_batch_reads_an_iterator_of_texts_once(letters):
+    """The rows were read again to clean a lone surrogate or name a non-str: from a generator that gave an empty batch."""
+    assert letters.encode_batch(t for t in ["hello", "a\ud800b"]) == letters.encode_batch(["hello", "ab"])
+    expected = letters.encode_batch(["hello", "ab"], ["a", "b"])
+    assert letters.encode_batch((t for t in ["hello", "a\ud800b"]), iter(["a", "b"])) == expected
+    with pytest.raises(BertkitError, match=r"texts\[1\] has type int"):
+        letters.encode_batch(t for t in ["hello", 5])
+
+
 def test_control_characters_are_dropped_by_the_normalizer(letters):
     assert letters.encode("hel\x00l\x01o\x7f\x1b") == letters.encode("hello")
     assert letters.encode("\x00\x01\x02")["input_ids"] == [letters.cls_id, letters.sep_id]

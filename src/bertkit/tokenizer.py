@@ -346,13 +346,15 @@ class Tokenizer:
         """
         if isinstance(texts, str) or isinstance(pairs, str):
             raise BertkitError("encode_batch got a str; expected a list of texts (use encode for one text)")
+        # read once: an iterator's rows were gone when they were read again below to be cleaned (an empty batch came back)
+        texts, pairs = list(texts), None if pairs is None else list(pairs)
         if pairs is not None and len(pairs) != len(texts):
             raise BertkitError(f"encode_batch got {len(texts)} texts and {len(pairs)} pairs; expected as many of each")
         if return_tensors not in (None, "pt"):
             raise BertkitError(f"return_tensors={return_tensors!r}; expected None or 'pt'")
         if return_tensors == "pt" and not padding:
             raise BertkitError("return_tensors='pt' needs padding=True: rows of different lengths make no tensor")
-        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+        inputs = texts if pairs is None else list(zip(texts, pairs))
         with self._truncation(max_length, pairs is not None):
             try:
                 encodings = self.backend.encode_batch(inputs)
