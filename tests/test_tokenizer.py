@@ -525,6 +525,21 @@ def test_encode_batch_reads_an_iterator_of_texts_once(letters):
         letters.encode_batch(t for t in ["hello", 5])
 
 
+def test_pairs_given_as_rows_of_texts_are_encoded_and_truncated_as_pairs(letters):
+    """transformers takes a batch of pairs as (text, pair) rows too, and so does the backend; with max_length=2 their
+    truncation was skipped (no room for three specials) and the rows came back whole, where pairs= is refused."""
+    texts, pairs = ["hello", "abcab"], ["ab", "a"]
+    for max_length in (None, 4):
+        expected = letters.encode_batch(texts, pairs, max_length=max_length)
+        assert letters.encode_batch(list(zip(texts, pairs)), max_length=max_length) == expected
+        assert letters.encode_batch([list(row) for row in zip(texts, pairs)], max_length=max_length) == expected
+    with pytest.raises(BertkitError, match="max_length=2 leaves no room; expected at least 3"):
+        letters.encode_batch([("hello", "ab")], max_length=2)
+    assert letters.encode_batch([("hel\ud800lo", "ab")]) == letters.encode_batch(["hello"], ["ab"])
+    with pytest.raises(BertkitError, match=r"texts\[0\]\[1\] has type int"):
+        letters.encode_batch([("hello", 5)])
+
+
 def test_control_characters_are_dropped_by_the_normalizer(letters):
     assert letters.encode("hel\x00l\x01o\x7f\x1b") == letters.encode("hello")
     assert letters.encode("\x00\x01\x02")["input_ids"] == [letters.cls_id, letters.sep_id]

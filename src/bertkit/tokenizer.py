@@ -191,6 +191,15 @@ def _as_text(text, what: str) -> str:
     return replace_lone_surrogates(text)
 
 
+def _as_row(row, index: int, zipped: bool):
+    """A row of encode_batch with `_as_text` applied: a text, or a (text, pair) from `texts` and `pairs` (`zipped`) or
+    given whole in `texts`."""
+    if isinstance(row, (tuple, list)) and len(row) == 2:
+        names = (f"texts[{index}]", f"pairs[{index}]") if zipped else (f"texts[{index}][0]", f"texts[{index}][1]")
+        return tuple(_as_text(text, name) for text, name in zip(row, names))
+    return _as_text(row, f"texts[{index}]")
+
+
 class Tokenizer:
     """BERT's WordPiece tokenizer over a `tokenizers` backend; encodes exactly like transformers' BertTokenizerFast."""
 
@@ -340,6 +349,7 @@ class Tokenizer:
         return_tensors: str | None = None,
     ) -> dict[str, list[list[int]]] | dict[str, torch.Tensor]:
         """Encode a batch, padded to its longest row with [PAD] and mask 0; torch tensors if return_tensors="pt".
+        Pairs are `texts` and `pairs` side by side or, as transformers takes them, (text, pair) rows of `texts`.
 
         Unclean text is handled as in `encode` (lone surrogates become U+FFFD); a row that is not a str is a
         BertkitError naming its index.
@@ -355,15 +365,14 @@ class Tokenizer:
         if return_tensors == "pt" and not padding:
             raise BertkitError("return_tensors='pt' needs padding=True: rows of different lengths make no tensor")
         inputs = texts if pairs is None else list(zip(texts, pairs))
-        with self._truncation(max_length, pairs is not None):
+        # rows (text, pair) in `texts`, transformers' other way of giving pairs, are encoded as pairs by the backend:
+        # their second [SEP] must count against max_length too (below 3, truncation was skipped: rows came back whole)
+        is_pair = pairs is not None or any(isinstance(row, (tuple, list)) for row in texts)
+        with self._truncation(max_length, is_pair):
             try:
                 encodings = self.backend.encode_batch(inputs)
             except TypeError:  # a row that is not a str, or holds lone surrogates: cleaned (or named) and retried
-                texts = [_as_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-                if pairs is None:
-                    inputs = texts
-                else:
-                    inputs = list(zip(texts, (_as_text(t, f"pairs[{i}]") for i, t in enumerate(pairs))))
+                inputs = [_as_row(row, i, pairs is not None) for i, row in enumerate(inputs)]
                 encodings = self.backend.encode_batch(inputs)
         batch = {
             "input_ids": [e.ids for e in encodings],
