@@ -308,6 +308,20 @@ def test_decode_keeps_or_skips_special_tokens(uncased):
     assert ours.decode(ids) == "hello , world ! it ' s here"
     assert ours.decode(ids, skip_special_tokens=False) == "[CLS] hello , world ! [SEP] it ' s here [SEP]"
     assert ours.decode(torch.tensor(ids)) == ours.decode(ids)
+    assert ours.decode(__import__("numpy").array(ids)) == ours.decode(ids)
+
+
+@pytest.mark.parametrize("ids, expected", [
+    ([2, 7.7, 3], "decode got 7.7; expected integer token ids"),
+    (torch.tensor([2.0, 7.0, 3.0]), "decode got a 1-D float32 tensor; expected one sequence of integer token ids"),
+    (torch.tensor([[2, 7, 3]]), "decode got a 2-D int64 tensor"),
+    ([[2, 7, 3]], r"decode got \[2, 7, 3\]; expected integer token ids"),
+    ([True, False], "decode got True"),
+])
+def test_decode_refuses_what_is_not_a_sequence_of_integer_ids(letters, ids, expected):
+    """A float was cut to an int (7.7 decoded as the token of id 7), a batch was a TypeError from int()."""
+    with pytest.raises(BertkitError, match=expected):
+        letters.decode(ids)
 
 
 def test_save_pretrained_round_trip(trained, tmp_path, corpus_lines):

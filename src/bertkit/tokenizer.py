@@ -396,8 +396,16 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Join WordPiece tokens back into text: `##` pieces glue on, words are separated by single spaces."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise BertkitError(f"decode got a {ids.dim()}-D {str(ids.dtype).removeprefix('torch.')} tensor; "
+                                   "expected one sequence of integer token ids")
+            ids = ids.tolist()
         tokens = []
         for i in ids:
+            # int() made 7592.7 (a float, a probability: not an id) the token 7592, and a row of a batch a TypeError
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                raise BertkitError(f"decode got {i!r}; expected integer token ids, one sequence of them")
             i = int(i)
             if not 0 <= i < self.vocab_size:
                 raise BertkitError(f"decode got id {i}; expected ids in 0..{self.vocab_size - 1}")
