@@ -531,7 +531,8 @@ def test_lone_surrogates_are_replaced_by_u_fffd_and_dropped_like_bert_does(lette
 
 
 def test_encode_batch_reads_an_iterator_of_texts_once(letters):
-    """The rows were read again to clean a lone surrogate or name a non-str: from a generator that gave an empty batch."""
+    """The rows were read again to clean a lone surrogate or name a non-str: from a generator, an empty batch came
+    back."""
     assert letters.encode_batch(t for t in ["hello", "a\ud800b"]) == letters.encode_batch(["hello", "ab"])
     expected = letters.encode_batch(["hello", "ab"], ["a", "b"])
     assert letters.encode_batch((t for t in ["hello", "a\ud800b"]), iter(["a", "b"])) == expected

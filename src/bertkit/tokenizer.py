@@ -356,7 +356,7 @@ class Tokenizer:
         """
         if isinstance(texts, str) or isinstance(pairs, str):
             raise BertkitError("encode_batch got a str; expected a list of texts (use encode for one text)")
-        # read once: an iterator's rows were gone when they were read again below to be cleaned (an empty batch came back)
+        # read once: an iterator's rows were gone when read again below to be cleaned (an empty batch came back)
         texts, pairs = list(texts), None if pairs is None else list(pairs)
         if pairs is not None and len(pairs) != len(texts):
             raise BertkitError(f"encode_batch got {len(texts)} texts and {len(pairs)} pairs; expected as many of each")

@@ -345,7 +345,8 @@ def test_a_learning_rate_given_twice_is_refused(command, capsys):
     """`suite --lrs 1e-4 0.0001` ran the one cell twice at once: the second failed on the first's lock."""
     assert main([command, "--lrs", "1e-4", "0.0001", "--model-dir", "m", "--data-dir", "d"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--lrs 1e-4 0.0001: 0.0001 is given 2 times; expected each learning rate once" in err
+    assert err.count("\n") == 1
+    assert "--lrs 1e-4 0.0001: 0.0001 is given 2 times; expected each learning rate once" in err
     with pytest.raises(BertkitError, match="3e-05 is given 2 times"):  # ablate's cells are keyed the same way
         AblateConfig(grid="size", lrs=["3e-5", "3e-5"])
 
