@@ -1,0 +1,280 @@
+"""Google's TensorFlow checkpoints without TensorFlow: the LevelDB table and tensor bundle read and written, bad
+files refused in one line, and (only where TensorFlow is installed) TensorFlow's own reader and writer as the
+reference."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from bertkit import tf_checkpoint as tfc
+from bertkit.errors import BertkitError
+
+
+def _crc_by_bytes(data: bytes) -> int:
+    return tfc._advance(0xFFFFFFFF, data) ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4095, 4096, 4097, 65536 + 3, 1 << 20, (1 << 20) + 4096 * 3 + 5])
+def test_crc32c_of_numpy_lanes_is_the_byte_by_byte_crc(n):
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    assert tfc.crc32c(data) == _crc_by_bytes(data.tobytes())
+
+
+def test_crc32c_check_value_and_leveldb_mask():
+    assert tfc.crc32c(b"123456789") == 0xE3069283  # the published CRC-32C check value
+    assert tfc.mask(0) == 0xA282EAD8
+
+
+def _entries(n: int) -> list[tuple[bytes, bytes]]:
+    """Sorted keys sharing long prefixes (as variable names do), with values of varied length."""
+    keys = sorted(f"bert/encoder/layer_{i}/attention/self/{part}/kernel".encode()
+                  for i in range(n // 4) for part in ("query", "key", "value", "output"))
+    return [(b"", b"header")] + [(k, bytes([i % 251]) * (i % 37)) for i, k in enumerate(keys)]
+
+
+def _index_block(path) -> list[tuple[bytes, bytes]]:
+    data = path.read_bytes()
+    footer = data[-48:]
+    _, pos = tfc._varint(footer, 0, 40, "")
+    _, pos = tfc._varint(footer, pos, 40, "")
+    offset, pos = tfc._varint(footer, pos, 40, "")
+    size, _ = tfc._varint(footer, pos, 40, "")
+    return tfc._block_entries(data[offset:offset + size], path, "index")
+
+
+def test_a_table_of_several_blocks_with_prefix_compressed_keys_and_restarts_reads_back(tmp_path):
+    entries = _entries(400)
+    path = tmp_path / "t.index"
+    tfc.write_table(path, entries, block_size=1024)
+    blocks = _index_block(path)
+    assert len(blocks) >= 10  # several data blocks
+    offset, pos = tfc._varint(blocks[0][1], 0, 20, "")
+    size, _ = tfc._varint(blocks[0][1], pos, 20, "")
+    first = path.read_bytes()[offset:offset + size]
+    assert int.from_bytes(first[-4:], "little") >= 2  # restart points inside a block
+    # prefix compression: the keys take about half of what they would written out whole
+    values = sum(len(v) for _, v in entries)
+    assert path.stat().st_size - values < 0.6 * sum(len(k) for k, _ in entries)
+    assert tfc.read_table(path) == entries
+
+
+def test_a_bundle_of_every_supported_dtype_reads_back_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a/float32": rng.standard_normal((3, 5)).astype(np.float32),
+        "a/float16": rng.standard_normal((4,)).astype(np.float16),
+        "b/int64": np.array(1234567890123, dtype=np.int64),
+        "b/int32": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "c/empty": np.zeros((0, 4), np.float32),
+    }
+    bf16 = torch.randn(7, 2).to(torch.bfloat16)
+    tfc.write_checkpoint(tmp_path / "m.ckpt", {**arrays, "a/bfloat16": bf16}, block_size=64)
+    got = tfc.read_arrays(tmp_path / "m.ckpt")
+    for name, value in arrays.items():
+        assert got[name].dtype == value.dtype and got[name].shape == value.shape
+        assert np.array_equal(got[name], value)
+    assert torch.equal(torch.from_numpy(got["a/bfloat16"].view(np.int16)).view(torch.bfloat16), bf16)
+    shards, entries = tfc.read_index(tmp_path / "m.ckpt.index")
+    assert shards == 1 and entries["a/bfloat16"].dtype == 14 and entries["b/int64"].shape == ()
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    arrays = {f"bert/v{i}": np.full((10, 10), i, np.float32) for i in range(40)}
+    tfc.write_checkpoint(tmp_path / "m.ckpt", arrays, block_size=256)
+    return tmp_path / "m.ckpt"
+
+
+def _index(prefix):
+    return prefix.parent / f"{prefix.name}.index"
+
+
+def _data(prefix):
+    return prefix.parent / f"{prefix.name}.data-00000-of-00001"
+
+
+@pytest.mark.parametrize("cut", [0, 10, 47, 100, -1, -49])
+def test_a_truncated_index_is_one_line_naming_it(small_ckpt, cut):
+    index = _index(small_ckpt)
+    index.write_bytes(index.read_bytes()[:cut])
+    with pytest.raises(BertkitError, match=rf"^{index}: .*expected a TensorFlow checkpoint") as e:
+        tfc.read_arrays(small_ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_an_index_with_another_magic_number_is_not_a_checkpoint(small_ckpt):
+    index = _index(small_ckpt)
+    index.write_bytes(index.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(BertkitError, match="no table magic number at its end"):
+        tfc.read_arrays(small_ckpt)
+
+
+def test_a_flipped_byte_in_an_index_block_fails_its_checksum(small_ckpt):
+    index = _index(small_ckpt)
+    data = bytearray(index.read_bytes())
+    data[30] ^= 0x40
+    index.write_bytes(bytes(data))
+    with pytest.raises(BertkitError, match=r"data block 0 at byte 0 does not match its checksum \(corrupted\)"):
+        tfc.read_arrays(small_ckpt)
+
+
+def test_a_snappy_block_is_refused_by_name(tmp_path):
+    path = tmp_path / "t.index"
+    tfc.write_table(path, _entries(8))
+    data = bytearray(path.read_bytes())
+    size = len(tfc._build_block(_entries(8), 16))
+    data[size] = 1  # the compression byte of the first data block, then its checksum made right again
+    data[size + 1:size + 5] = struct.pack("<I", tfc.mask(tfc.crc32c(bytes(data[:size + 1]))))
+    path.write_bytes(bytes(data))
+    with pytest.raises(BertkitError, match="data block 0 at byte 0 is snappy-compressed; expected uncompressed"):
+        tfc.read_table(path)
+
+
+def test_a_truncated_or_damaged_data_file_is_named(small_ckpt):
+    data = _data(small_ckpt)
+    original = data.read_bytes()
+    data.write_bytes(original[:-10])
+    with pytest.raises(BertkitError, match=rf"^{data}: 15,990 bytes, but bert/v9 is at bytes 15,600-16,000 "
+                                          r"\(truncated\?\)"):
+        tfc.read_arrays(small_ckpt)
+    damaged = bytearray(original)
+    damaged[401] ^= 1
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(BertkitError, match=rf"^{data}: bert/v1's bytes do not match the checksum in m.ckpt.index"):
+        tfc.read_arrays(small_ckpt)
+    data.unlink()
+    with pytest.raises(BertkitError, match=rf"^{data}: not found; expected the data file that m.ckpt.index names"):
+        tfc.read_arrays(small_ckpt)
+
+
+def test_blocks_damaged_behind_a_valid_checksum_are_one_line_errors(small_ckpt):
+    """Bytes changed inside a block whose checksum is then made right again (what a buggy writer, not a bad disk,
+    would leave): whatever the table or protobuf parsing meets is a BertkitError, never another exception."""
+    import random
+
+    index = _index(small_ckpt)
+    original = index.read_bytes()
+    blocks = [_handle(h) for _, h in _index_block(index)]
+    rng = random.Random(0)
+    for _ in range(300):
+        data = bytearray(original)
+        offset, size = rng.choice(blocks)
+        for _ in range(rng.randint(1, 3)):
+            data[offset + rng.randrange(size)] = rng.randrange(256)
+        checksum = tfc.mask(tfc.crc32c(bytes(data[offset:offset + size + 1])))
+        data[offset + size + 1:offset + size + 5] = struct.pack("<I", checksum)
+        index.write_bytes(bytes(data))
+        try:
+            tfc.read_arrays(small_ckpt)
+        except BertkitError as e:
+            assert "\n" not in str(e)
+
+
+def _handle(value: bytes) -> tuple[int, int]:
+    offset, pos = tfc._varint(value, 0, len(value), "")
+    return offset, tfc._varint(value, pos, len(value), "")[0]
+
+
+def _bundle(tmp_path, entry: bytes, shards: int = 1):
+    """A checkpoint whose one entry is `entry` (a BundleEntryProto's bytes), with `shards` data files of 8 bytes."""
+    header = tfc._field(1, shards) + tfc._field(3, tfc._field(1, 1))
+    tfc.write_table(tmp_path / "x.ckpt.index", [(b"", header), (b"v", entry)])
+    for shard in range(shards):
+        (tmp_path / f"x.ckpt.data-{shard:05d}-of-{shards:05d}").write_bytes(bytes(8))
+    return tmp_path / "x.ckpt"
+
+
+def _entry(dtype: int, dims: tuple, size: int, shard: int = 0, crc: int = 0) -> bytes:
+    shape = b"".join(tfc._field(2, tfc._field(1, d)) for d in dims)
+    return (tfc._field(1, dtype) + tfc._field(2, shape) + tfc._field(3, shard) + tfc._field(5, size)
+            + tfc._put_varint(6 << 3 | 5) + struct.pack("<I", crc))
+
+
+@pytest.mark.parametrize("dtype, name", [(7, "string"), (10, "bool"), (8, "complex64"), (20, "resource")])
+def test_a_dtype_bertkit_cannot_load_is_named(tmp_path, dtype, name):
+    prefix = _bundle(tmp_path, _entry(dtype, (2,), 8))
+    with pytest.raises(BertkitError, match=rf"x.ckpt.index: v has dtype {name}; expected float32, float16, bfloat16 "
+                                           "or an integer type"):
+        tfc.read_arrays(prefix)
+
+
+def test_entries_that_disagree_with_their_shape_or_shards_are_named(tmp_path):
+    with pytest.raises(BertkitError, match=r"v is 8 bytes for shape \(3,\) of float32; expected 12"):
+        tfc.read_arrays(_bundle(tmp_path, _entry(1, (3,), 8)))
+    with pytest.raises(BertkitError, match="v is in shard 2; expected one of the header's 1 shards"):
+        tfc.read_arrays(_bundle(tmp_path, _entry(1, (2,), 8, shard=2)))
+
+
+def test_a_tensor_in_the_second_of_two_shards_is_read_from_it(tmp_path):
+    value = np.array([1.5, -2.0], np.float32)
+    prefix = _bundle(tmp_path, _entry(1, (2,), 8, shard=1, crc=tfc.mask(tfc.crc32c(value.tobytes()))), shards=2)
+    (tmp_path / "x.ckpt.data-00001-of-00002").write_bytes(value.tobytes())
+    assert np.array_equal(tfc.read_arrays(prefix)["v"], value)
+    (tmp_path / "x.ckpt.data-00001-of-00002").unlink()
+    with pytest.raises(BertkitError, match=r"x.ckpt.data-00001-of-00002: not found; .*\(shard 2 of 2\)"):
+        tfc.read_arrays(prefix)
+
+
+def test_a_big_endian_bundle_is_refused(tmp_path):
+    header = tfc._field(1, 1) + tfc._field(2, 1)
+    tfc.write_table(tmp_path / "x.ckpt.index", [(b"", header)])
+    with pytest.raises(BertkitError, match="written big-endian; expected a little-endian checkpoint"):
+        tfc.read_index(tmp_path / "x.ckpt.index")
+
+
+# ---- TensorFlow itself as the reference (skipped where it is not installed: it is no dependency of bertkit) -------
+
+
+def test_tensorflow_reads_what_bertkit_writes_and_bertkit_reads_what_tensorflow_writes(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(1)
+    # enough variables, with long shared prefixes, for TensorFlow's index to need prefix compression and restarts
+    arrays = {f"bert/encoder/layer_{i}/attention/self/query/kernel": rng.standard_normal((8, 4)).astype(np.float32)
+              for i in range(40)}
+    arrays["cls/predictions/output_bias"] = rng.standard_normal(30).astype(np.float16)
+    arrays["global_step"] = np.array(77, np.int64)
+    bf16 = torch.randn(3, 3).to(torch.bfloat16)
+
+    (tmp_path / "ours").mkdir()
+    tfc.write_checkpoint(tmp_path / "ours" / "bert_model.ckpt", {**arrays, "b16": bf16}, block_size=512)
+    reader = tf.train.load_checkpoint(str(tmp_path / "ours" / "bert_model.ckpt"))
+    assert set(reader.get_variable_to_shape_map()) == set(arrays) | {"b16"}
+    for name, value in arrays.items():
+        got = reader.get_tensor(name)  # TensorFlow checks each tensor's CRC as it reads it
+        assert got.dtype == value.dtype and np.array_equal(got, value)
+    assert np.array_equal(np.asarray(reader.get_tensor("b16"), np.float32), bf16.float().numpy())
+
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [tf.compat.v1.get_variable(name, initializer=value) for name, value in arrays.items()]
+        variables.append(tf.compat.v1.get_variable("b16", initializer=tf.constant(bf16.float().numpy(), tf.bfloat16)))
+        saver = tf.compat.v1.train.Saver(variables)
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(tmp_path / "theirs" / "bert_model.ckpt"))
+    got = tfc.read_arrays(tmp_path / "theirs" / "bert_model.ckpt")
+    for name, value in arrays.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value)
+    assert torch.equal(torch.from_numpy(got["b16"].view(np.int16)).view(torch.bfloat16), bf16)
+
+
+def test_an_index_tensorflow_writes_in_several_blocks_is_read_whole(tmp_path):
+    """TensorFlow closes an index block past 256 KiB and keys the index block by shortened separators: 3,000
+    names of 100 characters make two blocks."""
+    tf = pytest.importorskip("tensorflow")
+    names = [f"bert/{i * 7919:08d}/kernel_{'of_a_long_name_' * 6}{i}" for i in range(3000)]
+    graph = tf.Graph()
+    with graph.as_default():
+        for i, name in enumerate(names):
+            tf.compat.v1.get_variable(name, initializer=np.full(2, i, np.float32))
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(tmp_path / "bert_model.ckpt"))
+    assert len(_index_block(tmp_path / "bert_model.ckpt.index")) >= 2
+    got = tfc.read_arrays(tmp_path / "bert_model.ckpt")
+    assert set(got) == set(names) and all(np.array_equal(got[n], np.full(2, i, np.float32)) for i, n in enumerate(names))
