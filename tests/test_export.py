@@ -189,3 +189,18 @@ def test_export_command_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("bertkit: error: ") and error.count("\n") == 1 and "missing: no such folder" in error
+
+
+def test_export_of_a_google_folder_writes_the_config_it_read(tmp_path):
+    """A folder of Google's layout has bert_config.json, no config.json: the export's config.json is the config
+    bertkit read, with the architecture its checkpoint's heads showed."""
+    from bertkit.tf_checkpoint import save_google
+    from bertkit.tokenizer import Tokenizer
+
+    source = Path(save_tiny(tmp_path / "hf", BertForSequenceClassification, num_labels=3))
+    model = BertForSequenceClassification.from_pretrained(source)
+    save_google(model, tmp_path / "google", Tokenizer.from_pretrained(source))
+    report = export(ExportConfig(model_dir=str(tmp_path / "google"), out=str(tmp_path / "onnx"), int8=False))
+    assert report["architecture"] == "BertForSequenceClassification"
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["num_labels"] == 3

@@ -278,3 +278,248 @@ def test_an_index_tensorflow_writes_in_several_blocks_is_read_whole(tmp_path):
     assert len(_index_block(tmp_path / "bert_model.ckpt.index")) >= 2
     got = tfc.read_arrays(tmp_path / "bert_model.ckpt")
     assert set(got) == set(names) and all(np.array_equal(got[n], np.full(2, i, np.float32)) for i, n in enumerate(names))
+
+
+# ---- Google's folders: bert_config.json, vocab.txt, bert_model.ckpt -------------------------------------------------
+
+
+def _google_names(layers: int) -> set[str]:
+    """The variables Google's modeling.py and run_pretraining.py create for BertForPreTraining, written out here
+    rather than derived from bertkit's mapping, which they check."""
+    names = {"bert/embeddings/word_embeddings", "bert/embeddings/token_type_embeddings",
+             "bert/embeddings/position_embeddings", "bert/embeddings/LayerNorm/gamma", "bert/embeddings/LayerNorm/beta",
+             "bert/pooler/dense/kernel", "bert/pooler/dense/bias",
+             "cls/predictions/transform/dense/kernel", "cls/predictions/transform/dense/bias",
+             "cls/predictions/transform/LayerNorm/gamma", "cls/predictions/transform/LayerNorm/beta",
+             "cls/predictions/output_bias", "cls/seq_relationship/output_weights", "cls/seq_relationship/output_bias"}
+    for i in range(layers):
+        layer = f"bert/encoder/layer_{i}"
+        for dense in ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense",
+                      "intermediate/dense", "output/dense"):
+            names |= {f"{layer}/{dense}/kernel", f"{layer}/{dense}/bias"}
+        for norm in ("attention/output/LayerNorm", "output/LayerNorm"):
+            names |= {f"{layer}/{norm}/gamma", f"{layer}/{norm}/beta"}
+    return names
+
+
+def _tiny(cls, **overrides):
+    from tiny_folders import tiny_config
+
+    torch.manual_seed(0)
+    model = cls(tiny_config(vocab_size=60, **overrides)).eval()
+    with torch.no_grad():  # every parameter distinct from its initial value, biases and LayerNorms included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _batch(vocab_size: int):
+    torch.manual_seed(1)
+    ids = torch.randint(5, vocab_size, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "token_type_ids": (torch.arange(9) > 4).long().expand(3, 9), "attention_mask": mask}
+
+
+def test_google_names_are_the_ones_googles_code_creates_and_the_kernels_are_transposed(tmp_path):
+    from bertkit import BertForPreTraining
+
+    model = _tiny(BertForPreTraining)
+    tfc.save_google(model, tmp_path)
+    arrays = tfc.read_arrays(tmp_path / "bert_model.ckpt")
+    assert set(arrays) == _google_names(2)
+    state = model.state_dict()
+    q = state["bert.encoder.layer.1.attention.self.query.weight"]
+    assert np.array_equal(arrays["bert/encoder/layer_1/attention/self/query/kernel"], q.T.numpy())  # [in, out]
+    nsp = state["cls.seq_relationship.weight"]
+    assert np.array_equal(arrays["cls/seq_relationship/output_weights"], nsp.numpy())  # [2, H], as it is
+    import json
+
+    config = json.loads((tmp_path / "bert_config.json").read_text())
+    assert config == {"attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+                      "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+                      "max_position_embeddings": 512, "num_attention_heads": 2, "num_hidden_layers": 2,
+                      "type_vocab_size": 2, "vocab_size": 60}
+
+
+@pytest.mark.parametrize("name, kwargs, architecture, output", [
+    ("BertForPreTraining", {}, "BertForPreTraining", "prediction_logits"),
+    ("BertForMaskedLM", {}, "BertForMaskedLM", "logits"),
+    ("BertForSequenceClassification", {"num_labels": 3}, "BertForSequenceClassification", "logits"),
+    ("BertForQuestionAnswering", {}, "BertForQuestionAnswering", "start_logits"),
+    ("BertModel", {}, "BertModel", "last_hidden_state"),
+])
+def test_a_model_written_as_google_reads_back_with_identical_weights_and_outputs(tmp_path, name, kwargs,
+                                                                                   architecture, output):
+    from bertkit import BertConfig
+    from bertkit.model import MODEL_CLASSES
+
+    cls = MODEL_CLASSES[name]
+    model = _tiny(cls, **kwargs)
+    tfc.save_google(model, tmp_path, block_size=512)  # an index of several blocks
+    assert len(_index_block(tmp_path / "bert_model.ckpt.index")) > 2
+    config = BertConfig.load(tmp_path)
+    assert config.extra["architectures"] == [architecture] and config.num_labels == kwargs.get("num_labels", 2)
+    back = cls.from_pretrained(tmp_path).eval()
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    batch = _batch(60)
+    with torch.no_grad():
+        assert torch.equal(model(**batch)[output], back(**batch)[output])
+
+
+def test_the_real_checkpoint_round_trips_exactly(minilm_dir, tmp_path):
+    from bertkit import BertModel, Tokenizer
+
+    model = BertModel.from_pretrained(minilm_dir).eval()
+    tfc.save_google(model, tmp_path, Tokenizer.from_pretrained(minilm_dir))
+    back = BertModel.from_pretrained(tmp_path).eval()
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    assert tokenizer.lowercase  # the uncased vocabulary, with no tokenizer_config.json to say so
+    batch = tokenizer.encode_batch(["The cat sat on the mat.", "A longer sentence, with more words in it."],
+                                   return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).last_hidden_state, back(**batch).last_hidden_state)
+
+
+def test_optimizer_slots_and_global_step_are_skipped_and_unknown_variables_named(tmp_path, caplog):
+    from bertkit import BertModel
+
+    model = _tiny(BertModel)
+    tfc.save_google(model, tmp_path)
+    arrays = tfc.read_arrays(tmp_path / "bert_model.ckpt")
+    arrays.update({f"{name}/adam_m": value for name, value in list(arrays.items())})
+    arrays.update({"global_step": np.array(10, np.int64), "loss/some_extra": np.zeros(2, np.float32)})
+    tfc.write_checkpoint(tmp_path / "bert_model.ckpt", arrays)
+    back = BertModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    assert "not a variable of Google's BERT, skipped: loss/some_extra" in caplog.text
+
+
+def _cased_vocab(directory, cased: bool):
+    words = ["The", "Apple", "Paris", "London", "Word"] * 4 if cased else []
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(30)), *words, "the", "apple"]
+    (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+
+
+@pytest.mark.parametrize("cased", [True, False])
+def test_a_google_folders_casing_comes_from_its_vocabulary(tmp_path, cased):
+    from bertkit import Tokenizer
+
+    (tmp_path / "bert_config.json").write_text("{}")
+    _cased_vocab(tmp_path, cased)
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    assert tokenizer.lowercase is not cased
+    assert tokenizer.encode("Apple")["input_ids"][1] == tokenizer.backend.token_to_id("Apple" if cased else "apple")
+
+
+def test_a_run_classifier_folder_names_its_labels_from_the_weights(tmp_path, capsys):
+    from bertkit import BertForSequenceClassification
+    from bertkit.cli import main
+
+    tfc.save_google(_tiny(BertForSequenceClassification, num_labels=3), tmp_path)
+    _cased_vocab(tmp_path, cased=False)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "BertForSequenceClassification" in out and "classifier" in out and "uncased" in out
+
+
+def test_a_google_folder_whose_weights_disagree_with_bert_config_is_refused_before_loading(tmp_path, capsys):
+    import json
+
+    from bertkit import BertModel
+    from bertkit.cli import main
+
+    tfc.save_google(_tiny(BertModel), tmp_path)
+    config = json.loads((tmp_path / "bert_config.json").read_text())
+    (tmp_path / "bert_config.json").write_text(json.dumps({**config, "vocab_size": 50}))
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/bert_model.ckpt.index: does not fit BertModel: shape mismatch: " \
+           "embeddings.word_embeddings.weight: checkpoint (60, 32) vs model (50, 32)" in err
+    (tmp_path / "bert_config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    assert main(["info", str(tmp_path)]) == 2
+    assert "bert_config.json: num_attention_heads is 0; expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_folder_with_a_tf2_checkpoint_or_none_is_named(tmp_path, capsys):
+    from bertkit.cli import main
+
+    (tmp_path / "bert_config.json").write_text("{}")
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no weights found (expected model.safetensors, pytorch_model.bin or Google's bert_model.ckpt.index)" \
+        in capsys.readouterr().err
+    tfc.write_checkpoint(tmp_path / "bert_model.ckpt", {"model/layer_with_weights-0/embeddings": np.zeros(2, "f4")})
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no bert/embeddings/word_embeddings (found model/layer_with_weights-0/embeddings)" \
+        in capsys.readouterr().err
+
+
+def test_finetune_starts_from_a_google_folder(tmp_path):
+    from bertkit import BertModel
+    from bertkit.tasks.finetune import FinetuneConfig, finetune
+
+    google = tmp_path / "google"
+    tfc.save_google(_tiny(BertModel), google)
+    _cased_vocab(google, cased=False)
+    rows = "".join(f"{text}\t{label}\n" for text, label in [("the apple", "a"), ("w1 w2", "b")] * 4)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    record = finetune(FinetuneConfig(model_dir=str(google), task="custom", train_file=str(tmp_path / "train.tsv"),
+                                     eval_file=str(tmp_path / "train.tsv"), out_dir=str(tmp_path / "run"), epochs=1,
+                                     batch_size=4, max_length=16, threads=1))
+    assert record and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_tensorflow_and_bertkit_agree_on_a_google_bert_checkpoint(tmp_path):
+    """TensorFlow's Saver writes Google's variables from known arrays (with Adam's slots and global_step, as
+    run_pretraining.py leaves them): bertkit loads exactly those arrays. bertkit writes a model: TensorFlow reads
+    exactly its arrays under the names Google's code creates."""
+    tf = pytest.importorskip("tensorflow")
+    from bertkit import BertForPreTraining
+
+    model = _tiny(BertForPreTraining)
+    expected = _google_names(2)
+    rng = np.random.default_rng(2)
+    shapes = {}
+    for key, value in model.state_dict().items():
+        name, transposed = tfc.google_name(key) or (None, False)
+        if name is not None:
+            shapes[name] = tuple(reversed(value.shape)) if transposed else tuple(value.shape)
+    assert set(shapes) == expected
+    arrays = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    graph = tf.Graph()
+    with graph.as_default():
+        for name, value in arrays.items():
+            tf.compat.v1.get_variable(name, initializer=value)
+            tf.compat.v1.get_variable(f"{name}/adam_m", initializer=np.zeros_like(value))
+            tf.compat.v1.get_variable(f"{name}/adam_v", initializer=np.zeros_like(value))
+        tf.compat.v1.train.get_or_create_global_step()
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(tmp_path / "theirs" / "bert_model.ckpt"))
+    tfc.save_google(model, tmp_path / "config-source")  # bert_config.json for the tiny shapes
+    config = (tmp_path / "config-source" / "bert_config.json").read_bytes()
+    (tmp_path / "theirs" / "bert_config.json").write_bytes(config)
+    loaded = BertForPreTraining.from_pretrained(tmp_path / "theirs").state_dict()
+    for key in model.state_dict():
+        mapped = tfc.google_name(key)
+        if mapped is None:  # the decoder: the word embeddings, tied
+            assert torch.equal(loaded[key], torch.from_numpy(arrays["bert/embeddings/word_embeddings"]))
+            continue
+        name, transposed = mapped
+        assert torch.equal(loaded[key], torch.from_numpy(arrays[name].T.copy() if transposed else arrays[name])), key
+
+    tfc.save_google(model, tmp_path / "ours")
+    reader = tf.train.load_checkpoint(str(tmp_path / "ours" / "bert_model.ckpt"))
+    assert set(reader.get_variable_to_shape_map()) == expected
+    state = model.state_dict()
+    for key, value in state.items():
+        mapped = tfc.google_name(key)
+        if mapped is not None:
+            name, transposed = mapped
+            want = value.T.numpy() if transposed else value.numpy()
+            got = reader.get_tensor(name)
+            assert got.dtype == np.float32 and np.array_equal(got, want), name

@@ -70,9 +70,16 @@ def _shards(index: Path) -> list[Path]:
     return shards
 
 
+def config_file(directory: Path) -> Path:
+    """The file a model folder's config is read from: config.json, or Google's bert_config.json."""
+    from bertkit.tf_checkpoint import GOOGLE_CONFIG_NAME, is_google_folder
+
+    return directory / (GOOGLE_CONFIG_NAME if is_google_folder(directory) else CONFIG_NAME)
+
+
 def weight_files(directory: str | Path) -> list[Path]:
     """The weight files of a model folder: model.safetensors, else the shards of its index, else the same for
-    pytorch_model.bin."""
+    pytorch_model.bin, else the .index of Google's TensorFlow checkpoint (which names its data files)."""
     directory = model_folder(directory)
     for single, index in ((WEIGHTS_NAME, WEIGHTS_INDEX_NAME), (PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME)):
         if (directory / single).exists():
@@ -81,7 +88,17 @@ def weight_files(directory: str | Path) -> list[Path]:
             return [directory / single]
         if (directory / index).exists():
             return _shards(directory / index)
-    raise BertkitError(f"{directory}: no weights found (expected {WEIGHTS_NAME} or {PT_WEIGHTS_NAME})")
+    from bertkit.tf_checkpoint import CHECKPOINT_PREFIX, checkpoint_prefix
+
+    prefix = checkpoint_prefix(directory)  # Google's TensorFlow checkpoint: its .index names the data files
+    if prefix is not None:
+        return [prefix.parent / f"{prefix.name}.index"]
+    raise BertkitError(f"{directory}: no weights found (expected {WEIGHTS_NAME}, {PT_WEIGHTS_NAME} or Google's "
+                       f"{CHECKPOINT_PREFIX}.index)")
+
+
+def _is_tf(files: list[Path]) -> bool:
+    return files[0].suffix == ".index"
 
 
 def weights_source(directory: Path) -> str:
@@ -103,9 +120,15 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Read the weights of a model folder: safetensors first, else a (possibly sharded) pytorch_model.bin."""
+    """Read the weights of a model folder: safetensors first, else a (possibly sharded) pytorch_model.bin, else
+    Google's TensorFlow checkpoint (under bertkit's names)."""
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
+    files = weight_files(directory)
+    if _is_tf(files):
+        from bertkit import tf_checkpoint
+
+        return tf_checkpoint.read_state_dict(Path(directory))
+    for path in files:
         tensors = _load_file(path)
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise BertkitError(f"{path}: not a state dict; expected a mapping of weight names to tensors")
@@ -114,9 +137,13 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]] | None:
-    """Weight names and shapes from the safetensors headers alone, no tensor read; None for pytorch_model.bin,
-    whose shapes are known only once it is loaded."""
+    """Weight names and shapes from the safetensors headers (or a TensorFlow checkpoint's index) alone, no tensor
+    read; None for pytorch_model.bin, whose shapes are known only once it is loaded."""
     files = weight_files(directory)
+    if _is_tf(files):
+        from bertkit import tf_checkpoint
+
+        return tf_checkpoint.read_shapes(Path(directory))
     if any(path.suffix != ".safetensors" for path in files):
         return None
     shapes: dict[str, tuple[int, ...]] = {}
@@ -288,7 +315,7 @@ def describe_model(directory: str | Path) -> dict[str, str]:
     cls = getattr(models, architectures[0], None) if architectures else None
     if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:
         cls = models.BertModel  # an unknown architecture: the encoder's weights are checked, whatever the heads
-    check_weights_fit(cls, config, shapes, weights_source(directory), directory / CONFIG_NAME)
+    check_weights_fit(cls, config, shapes, weights_source(directory), config_file(directory))
     params = sum(math.prod(v) for v in normalize_keys(shapes, config).values())  # tied copies once
     heads = sorted({k.split(".")[0] for k in shapes if not k.startswith(("bert.", "embeddings.", "encoder.", "pooler."))})
     info = {
@@ -394,7 +421,7 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
         if config.extra.get("problem_type", problem) != problem:
             config.extra = {k: v for k, v in config.extra.items() if k != "problem_type"}
     # a problem_type asked for is not config.json's to be blamed for
-    blamed = directory / CONFIG_NAME if stated is not None and "problem_type" not in config_overrides else None
+    blamed = config_file(directory) if stated is not None and "problem_type" not in config_overrides else None
     skeleton = _skeleton(cls, config, blamed)
     state = None
     if load_weights:

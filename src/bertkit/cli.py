@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model folder (size, heads, tokenizer)",
                        description="Print a model folder's configuration, parameter count, heads and tokenizer.")
-    p.add_argument("model_dir", help="a folder in the Hugging Face layout (config.json + weights)")
+    p.add_argument("model_dir", help="a folder in the Hugging Face layout (config.json + weights) or Google's "
+                   "(bert_config.json + bert_model.ckpt)")
     p.set_defaults(func=cmd_info)
 
     vocab = sub.add_parser("vocab", help="WordPiece vocabularies", description="WordPiece vocabulary tools.")

@@ -224,12 +224,18 @@ class BertConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "BertConfig":
-        """Read `config.json` from a file or a model folder; every value is checked before anything is built."""
+        """Read `config.json` from a file or a model folder (Google's `bert_config.json` in a folder without one);
+        every value is checked before anything is built."""
         path = Path(path)
         if path.is_dir():
+            from bertkit import tf_checkpoint
+
+            if tf_checkpoint.is_google_folder(path):  # Google's original layout: bert_config.json + a TF checkpoint
+                return tf_checkpoint.load_config(path)
             path = path / CONFIG_NAME
             if not path.exists():
-                raise BertkitError(f"{path}: no config.json (expected a model folder in the Hugging Face layout)")
+                raise BertkitError(f"{path}: no config.json (expected a model folder in the Hugging Face layout, or "
+                                   "Google's with bert_config.json)")
         elif not path.exists():
             raise BertkitError(f"{path}: no such folder (expected a model folder in the Hugging Face layout)")
         elif path.suffix != ".json":  # a weights file, a vocab.txt, a data file given where a model folder belongs

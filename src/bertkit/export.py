@@ -142,9 +142,12 @@ def export(config: ExportConfig) -> dict:
         raise BertkitError(f"{e} (the ONNX files are removed)") from None
     report["seconds"] = round(time.perf_counter() - start, 1)
     tokenizer.save_pretrained(out, model_max_length=model.config.max_position_embeddings)
-    config_json = (source / "config.json").read_bytes()
-    if (out / "config.json").resolve() != (source / "config.json").resolve():
-        (out / "config.json").write_bytes(config_json)  # id2label, for whoever reads the outputs
+    if not (source / "config.json").is_file():  # Google's folder (bert_config.json): the config as bertkit read it
+        write_json(out / "config.json", {**model.config.to_dict(), "architectures": [type(model).__name__]},
+                   sort_keys=True)
+    elif (out / "config.json").resolve() != (source / "config.json").resolve():
+        # id2label, for whoever reads the outputs
+        (out / "config.json").write_bytes((source / "config.json").read_bytes())
     write_json(out / REPORT_FILE, report)
     return report
 

@@ -24,7 +24,9 @@ scripts map to bertkit's: pretraining `cls/predictions/...` and `cls/seq_relatio
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,8 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertkit.config import BertConfig, read_json
 from bertkit.errors import BertkitError
 
+logger = logging.getLogger("bertkit")
+
+GOOGLE_CONFIG_NAME = "bert_config.json"
+CHECKPOINT_PREFIX = "bert_model.ckpt"
+# The fields of Google's modeling.BertConfig (its from_dict sets any key, but these are the ones its code reads).
+GOOGLE_FIELDS = ("attention_probs_dropout_prob", "hidden_act", "hidden_dropout_prob", "hidden_size",
+                 "initializer_range", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                 "num_hidden_layers", "type_vocab_size", "vocab_size")
 EXPECTED = ("a TensorFlow checkpoint of Google's BERT (bert_model.ckpt.index and its .data file, as TensorFlow "
             "writes them)")
 
@@ -375,6 +386,23 @@ def read_table(path: Path) -> list[tuple[bytes, bytes]]:
 # The tensor bundle: the index's entries, and the tensors read from the data file(s)
 
 
+def checkpoint_prefix(directory: Path) -> Path | None:
+    """The checkpoint in a Google folder: `bert_model.ckpt`, else the one the `checkpoint` file TensorFlow keeps
+    names (a run_classifier.py output folder: `model.ckpt-3668`), else the only `*.index` in the folder."""
+    if (directory / f"{CHECKPOINT_PREFIX}.index").is_file():
+        return directory / CHECKPOINT_PREFIX
+    state = directory / "checkpoint"
+    if state.is_file():
+        m = re.search(r'^model_checkpoint_path:\s*"([^"/\\]+)"', state.read_text(errors="replace"), re.M)
+        if m and (directory / f"{m.group(1)}.index").is_file():
+            return directory / m.group(1)
+    found = sorted(directory.glob("*.ckpt*.index"))
+    if len(found) > 1:
+        raise BertkitError(f"{directory}: several checkpoints ({', '.join(p.name for p in found[:5])}) and no "
+                           f"`checkpoint` file naming one; expected {CHECKPOINT_PREFIX}.index or a single checkpoint")
+    return found[0].with_suffix("") if found else None
+
+
 def read_index(index: Path) -> tuple[int, dict[str, Entry]]:
     """(number of data shards, variable name -> entry) of a checkpoint's .index file."""
     table = read_table(index)
@@ -454,6 +482,164 @@ def read_arrays(prefix: Path, names=None) -> dict[str, np.ndarray]:
         dtype = np.dtype("<u2") if e.dtype == 14 else DTYPES[e.dtype]
         arrays[name] = np.array(raw).view(dtype).reshape(e.shape)
     return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Google's variable names <-> bertkit's (transformers') parameter names
+
+_SKIPPED = re.compile(r"(^|/)(global_step|adam_[mv]|Adam(_\d+)?|lamb_[mv])$")
+_HEADS = {  # Google's name -> (bertkit's, whether the matrix is transposed)
+    "cls/predictions/output_bias": ("cls.predictions.bias", False),
+    "cls/seq_relationship/output_weights": ("cls.seq_relationship.weight", False),
+    "cls/seq_relationship/output_bias": ("cls.seq_relationship.bias", False),
+    "output_weights": ("classifier.weight", False),  # run_classifier.py: [num_labels, H]
+    "output_bias": ("classifier.bias", False),
+    "cls/squad/output_weights": ("qa_outputs.weight", False),  # run_squad.py: [2, H], start then end
+    "cls/squad/output_bias": ("qa_outputs.bias", False),
+}
+_LEAVES = {"kernel": ("weight", True), "bias": ("bias", False), "gamma": ("weight", False), "beta": ("bias", False)}
+
+
+def bertkit_name(name: str) -> tuple[str, bool] | None:
+    """bertkit's parameter name for a Google variable, and whether its matrix is transposed; None if unknown."""
+    if name in _HEADS:
+        return _HEADS[name]
+    parts = name.split("/")
+    if parts[0] == "bert" and len(parts) == 3 and parts[1] == "embeddings" and parts[2].endswith("_embeddings"):
+        return f"bert.embeddings.{parts[2]}.weight", False
+    if not name.startswith(("bert/", "cls/predictions/transform/")) or parts[-1] not in _LEAVES:
+        return None
+    leaf, transposed = _LEAVES[parts[-1]]
+    path = ".".join(re.sub(r"^layer_(\d+)$", r"layer.\1", p) for p in parts[:-1])
+    return f"{path}.{leaf}", transposed
+
+
+_HEADS_BACK = {v[0]: k for k, v in _HEADS.items()}
+
+
+def google_name(key: str) -> tuple[str, bool] | None:
+    """Google's variable name for a bertkit parameter (the `bert.`-prefixed state-dict key), and whether its matrix
+    is transposed; None for the tied decoder copy, which Google's code does not store."""
+    if key in _HEADS_BACK:
+        return _HEADS_BACK[key], False
+    if key == "cls.predictions.decoder.weight":
+        return None
+    parts = key.split(".")
+    if parts[:2] == ["bert", "embeddings"] and len(parts) == 4 and parts[2].endswith("_embeddings"):
+        return f"bert/embeddings/{parts[2]}", False
+    leaf = parts[-1]
+    body = ".".join(parts[:-1])
+    body = re.sub(r"\blayer\.(\d+)\b", r"layer_\1", body).replace(".", "/")
+    if body.endswith("LayerNorm"):
+        return f"{body}/{'gamma' if leaf == 'weight' else 'beta'}", False
+    return (f"{body}/kernel", True) if leaf == "weight" else (f"{body}/bias", False)
+
+
+def _sort_names(entries: dict[str, Entry]) -> tuple[dict[str, tuple[str, bool]], list[str]]:
+    """Google name -> (bertkit name, transposed) for the variables a model uses; and the unknown ones."""
+    used, unknown = {}, []
+    for name in entries:
+        if _SKIPPED.search(name):
+            continue
+        mapped = bertkit_name(name)
+        if mapped is None:
+            unknown.append(name)
+        else:
+            used[name] = mapped
+    return used, unknown
+
+
+def _entries(directory: Path) -> tuple[Path, dict[str, Entry]]:
+    prefix = checkpoint_prefix(directory)
+    if prefix is None:
+        raise BertkitError(f"{directory}: no {CHECKPOINT_PREFIX}.index; expected {EXPECTED}")
+    index = prefix.parent / f"{prefix.name}.index"
+    _, entries = read_index(index)
+    if "bert/embeddings/word_embeddings" not in entries:
+        found = ", ".join(list(entries)[:3]) or "nothing"
+        raise BertkitError(f"{index}: no bert/embeddings/word_embeddings (found {found}); expected {EXPECTED}, with "
+                           "the variable names of Google's modeling.py (a TF2 object-based checkpoint is not read)")
+    return prefix, entries
+
+
+def read_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """bertkit's parameter names and shapes from a Google checkpoint's index alone (no tensor read), so that the
+    weights are checked against the config before anything large is allocated."""
+    _, entries = _entries(directory)
+    used, _ = _sort_names(entries)
+    return {key: tuple(reversed(entries[name].shape)) if t else entries[name].shape for name, (key, t) in used.items()}
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """A Google checkpoint's weights under bertkit's names, kernels transposed to torch's [out, in]; optimizer
+    slots skipped, unknown variables skipped with a warning."""
+    prefix, entries = _entries(directory)
+    used, unknown = _sort_names(entries)
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        logger.warning("%s.index: not a variable of Google's BERT, skipped: %s%s", prefix, ", ".join(unknown[:5]), more)
+    arrays = read_arrays(prefix, set(used))
+    state = {}
+    for name, (key, transposed) in used.items():
+        array = arrays[name]
+        if entries[name].dtype == 14:  # bfloat16: numpy has no such type; torch reinterprets the 16 bits
+            tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(array)
+        state[key] = tensor.T.contiguous() if transposed else tensor
+    return state
+
+
+def load_config(directory: Path) -> BertConfig:
+    """A Google folder's config: bert_config.json, plus what it leaves to the scripts and the checkpoint tells: the
+    architecture (which heads the checkpoint has) and, for run_classifier.py's head, the number of labels."""
+    path = directory / GOOGLE_CONFIG_NAME
+    value = read_json(path, "Google's BERT config (bert_config.json)")
+    if not isinstance(value, dict):
+        raise BertkitError(f"{path}: a JSON {type(value).__name__}; expected a JSON object (Google's bert_config.json)")
+    value = dict(value)
+    if checkpoint_prefix(directory) is not None and "architectures" not in value:
+        _, entries = _entries(directory)
+        if "cls/squad/output_weights" in entries:
+            value["architectures"] = ["BertForQuestionAnswering"]
+        elif "output_weights" in entries:
+            value["architectures"] = ["BertForSequenceClassification"]
+            shape = entries["output_weights"].shape
+            if len(shape) == 2 and shape[0] > 0:
+                value.setdefault("num_labels", shape[0])
+        elif "cls/seq_relationship/output_weights" in entries:
+            value["architectures"] = ["BertForPreTraining"]
+        elif "cls/predictions/output_bias" in entries:
+            value["architectures"] = ["BertForMaskedLM"]
+        else:
+            value["architectures"] = ["BertModel"]
+    try:
+        return BertConfig.from_dict(value)
+    except BertkitError as e:
+        raise BertkitError(f"{path}: {e}") from None
+
+
+def is_google_folder(directory: Path) -> bool:
+    """A folder in Google's layout: bert_config.json where transformers' config.json would be."""
+    return not (directory / "config.json").exists() and (directory / GOOGLE_CONFIG_NAME).is_file()
+
+
+def vocab_is_cased(vocab_file: Path) -> bool:
+    """Whether a bare vocab.txt is for cased text. Google's folders record the casing only in their names
+    (uncased_L-12_H-768_A-12, cased_...; its tokenization.py guesses from that), so the vocabulary itself decides:
+    an uncased one was built from lower-cased text and holds no word piece that lower-casing changes (the uncased
+    BERT vocabulary, as all-MiniLM-L6-v2 ships it, has none of its 30,522), a cased one has thousands (capitalised
+    words). More than 1% of the word pieces with letters counts as cased, so a stray token does not flip it."""
+    cased = letters = 0
+    with open(vocab_file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            token = line.rstrip("\n")
+            if token.startswith("[") and token.endswith("]"):  # [CLS], [unused0]: special, not text
+                continue
+            if token.lower() != token.upper():
+                letters += 1
+                cased += token.lower() != token
+    return cased > 0.01 * letters
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,3 +724,68 @@ def write_checkpoint(prefix: Path, arrays: dict[str, np.ndarray], block_size: in
     header = _field(1, 1) + _field(3, _field(1, 1))  # num_shards 1, little-endian (the default 0), producer 1
     atomic_write(prefix.parent / f"{prefix.name}.index",
                  lambda tmp: write_table(tmp, [(b"", header)] + sorted(entries), block_size))
+
+
+def google_config(config: BertConfig, source: str) -> dict:
+    """bert_config.json for `config`; a variant Google's modeling.py would run differently is an error."""
+    problems = []
+    if config.hidden_act not in ("gelu", "relu"):
+        problems.append(f"hidden_act {config.hidden_act!r} (Google's modeling.py knows gelu and relu)")
+    if config.layer_norm_eps != 1e-12:
+        problems.append(f"layer_norm_eps {config.layer_norm_eps:g} (Google's layer norm uses 1e-12)")
+    if config.is_decoder:
+        problems.append("is_decoder (a left-to-right model; Google's BERT attends both ways)")
+    if config.attention_window:
+        problems.append(f"attention_window {config.attention_window} (Google's BERT attends to every token)")
+    if config.bilstm:
+        problems.append("bilstm (a BiLSTM before the head)")
+    if not config.tied_decoder:
+        problems.append("tie_word_embeddings false (Google's masked-LM output is the embedding table)")
+    if problems:
+        raise BertkitError(f"{source}: {'; '.join(problems)}: not expressible in Google's BERT checkpoint format; "
+                           "expected a model its code runs as bertkit does")
+    return {name: getattr(config, name) for name in GOOGLE_FIELDS}
+
+
+GOOGLE_HEADS = ("BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification",
+                "BertForQuestionAnswering")
+
+
+def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_SIZE) -> None:
+    """Write `model` (and its tokenizer's vocab.txt) as a Google folder: bert_config.json, vocab.txt,
+    bert_model.ckpt.index and .data-00000-of-00001, with the names and orientations Google's code expects."""
+    from bertkit.checkpoint import atomic_write
+
+    name = type(model).__name__
+    if name not in GOOGLE_HEADS:
+        raise BertkitError(f"{name}: Google's BERT code has no such head; expected one of {', '.join(GOOGLE_HEADS)}")
+    config = google_config(model.config, name)
+    state = model.state_dict()
+    if not any(k.startswith("bert.") for k in state):  # a bare BertModel: Google's names all start with bert/
+        state = {f"bert.{k}": v for k, v in state.items()}
+    arrays = {}
+    for key, value in state.items():
+        mapped = google_name(key)
+        if mapped is None:
+            continue
+        google, transposed = mapped
+        value = value.detach().cpu()
+        value = value.T.contiguous() if transposed else value.contiguous()
+        arrays[google] = value if value.dtype == torch.bfloat16 else value.numpy()
+    directory.mkdir(parents=True, exist_ok=True)
+    import json
+
+    atomic_write(directory / GOOGLE_CONFIG_NAME,
+                 lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    write_checkpoint(directory / CHECKPOINT_PREFIX, arrays, block_size)
+    if tokenizer is not None:
+        vocab = "".join(token + "\n" for token in tokenizer.vocab())
+        atomic_write(directory / "vocab.txt", lambda p: Path(p).write_text(vocab, encoding="utf-8"))
+        if vocab_is_cased(directory / "vocab.txt") == tokenizer.lowercase:
+            # the folder has no place for the casing: a reader (bertkit, or a user picking --do_lower_case) goes by
+            # the vocabulary, which here says the other thing
+            logger.warning("%s: the tokenizer is %s but its vocabulary looks %s; bertkit will read this folder as "
+                           "%s (Google's scripts take --do_lower_case=%s)", directory / "vocab.txt",
+                           "uncased" if tokenizer.lowercase else "cased",
+                           "cased" if tokenizer.lowercase else "uncased",
+                           "cased" if tokenizer.lowercase else "uncased", tokenizer.lowercase)

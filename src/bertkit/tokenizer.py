@@ -227,7 +227,9 @@ class Tokenizer:
     def from_pretrained(cls, directory: str | Path) -> Tokenizer:
         """Load a Hugging Face tokenizer folder: tokenizer.json if present, else vocab.txt + tokenizer_config.json.
         As in transformers, tokenizer_config.json's do_lower_case, strip_accents and tokenize_chinese_chars (or
-        their defaults, when the file leaves them out) override tokenizer.json's normalizer."""
+        their defaults, when the file leaves them out) override tokenizer.json's normalizer. A folder of Google's
+        (vocab.txt beside bert_config.json, no tokenizer_config.json) is cased when its vocabulary is
+        (`tf_checkpoint.vocab_is_cased`), accents stripped only when uncased, as Google's tokenization.py does."""
         directory = Path(directory)
         config_file = directory / "tokenizer_config.json"
         config = _read_json(config_file) if config_file.is_file() else None
@@ -236,6 +238,12 @@ class Tokenizer:
             if not (directory / "vocab.txt").is_file():
                 raise BertkitError(f"{where(directory)}: expected a tokenizer folder with tokenizer.json or vocab.txt")
             settings = _normalizer_settings(config or {})
+            if config is None and (directory / "bert_config.json").is_file():
+                # Google's folder: no tokenizer config says the casing, so the vocabulary does (transformers' default,
+                # lower-casing, would feed a cased BERT lower-cased text, which it never saw in training)
+                from bertkit.tf_checkpoint import vocab_is_cased
+
+                settings["lowercase"] = not vocab_is_cased(directory / "vocab.txt")
             backend = _build_backend(_read_vocab(directory / "vocab.txt"), **settings)
             _add_saved_tokens(backend, directory, config or {})  # a slow tokenizer's added tokens, as transformers
             return cls(backend, settings["lowercase"])

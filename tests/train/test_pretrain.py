@@ -1098,3 +1098,22 @@ def test_a_switch_that_is_on_by_default_says_so_in_its_help():
         for action in sub._actions:
             if isinstance(action, argparse.BooleanOptionalAction) and action.default:
                 assert "default: on" in action.help, (name, action.option_strings)
+
+
+def test_pretraining_continues_from_a_google_folder(inputs, tmp_path):
+    """A folder of Google's layout (bert_config.json, vocab.txt, bert_model.ckpt) as --model-dir: its config, its
+    vocabulary and its weights, the heads included, are the run's start."""
+    from bertkit import BertConfig, BertForPreTraining, Tokenizer
+    from bertkit.tf_checkpoint import save_google
+
+    tokenizer = Tokenizer.from_pretrained(inputs / "tokenizer")
+    torch.manual_seed(0)
+    start = BertForPreTraining(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, intermediate_size=64))
+    save_google(start, tmp_path / "google", tokenizer)
+    pretrain(small(inputs, tmp_path / "run", tokenizer=None, model_dir=str(tmp_path / "google"), max_steps=2,
+                   save_every=2, lr=1e-9))
+    (checkpoint,) = list_checkpoints(tmp_path / "run" / "checkpoints")
+    after = BertForPreTraining.from_pretrained(checkpoint).state_dict()
+    for key, value in start.state_dict().items():  # a learning rate of 1e-9: the start's weights, barely moved
+        assert torch.allclose(after[key], value, atol=1e-6), key
