@@ -523,3 +523,48 @@ def test_tensorflow_and_bertkit_agree_on_a_google_bert_checkpoint(tmp_path):
             want = value.T.numpy() if transposed else value.numpy()
             got = reader.get_tensor(name)
             assert got.dtype == np.float32 and np.array_equal(got, want), name
+
+
+# ---- bertkit convert ------------------------------------------------------------------------------------------------
+
+
+def test_convert_to_google_and_back_gives_a_folder_transformers_loads_with_the_same_outputs(minilm_dir, tmp_path,
+                                                                                             capsys):
+    from bertkit import BertModel, Tokenizer
+    from bertkit.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    google, hf = tmp_path / "google", tmp_path / "hf"
+    assert main(["convert", str(minilm_dir), "--out", str(google), "--to", "google"]) == 0
+    assert sorted(p.name for p in google.iterdir()) == ["bert_config.json", "bert_model.ckpt.data-00000-of-00001",
+                                                       "bert_model.ckpt.index", "vocab.txt"]
+    assert main(["convert", str(google), "--out", str(hf), "--to", "hf"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    tokenizer = Tokenizer.from_pretrained(hf)
+    assert tokenizer.lowercase
+    batch = tokenizer.encode_batch(["The cat sat.", "A longer sentence, with more words in it."], return_tensors="pt")
+    theirs = transformers.BertModel.from_pretrained(str(hf)).eval()
+    ours = BertModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():
+        want = ours(**batch).last_hidden_state
+        real = batch["attention_mask"].bool()  # padding's rows hold nothing (bertkit skips them)
+        assert torch.allclose(theirs(**batch).last_hidden_state[real], want[real], atol=1e-5)
+        assert torch.equal(BertModel.from_pretrained(hf).eval()(**batch).last_hidden_state, want)
+
+
+def test_convert_refuses_what_googles_layout_cannot_hold_and_a_folder_with_files(tmp_path, capsys):
+    from bertkit import BertForTokenClassification, BertModel
+    from bertkit.cli import main
+
+    _tiny(BertForTokenClassification).save_pretrained(tmp_path / "ner")
+    assert main(["convert", str(tmp_path / "ner"), "--out", str(tmp_path / "g"), "--to", "google"]) == 2
+    assert "a BertForTokenClassification; Google's BERT code has no such head" in capsys.readouterr().err
+    _tiny(BertModel, is_decoder=True).save_pretrained(tmp_path / "ltr")
+    assert main(["convert", str(tmp_path / "ltr"), "--out", str(tmp_path / "g"), "--to", "google"]) == 2
+    assert "is_decoder (a left-to-right model; Google's BERT attends both ways)" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "notes.txt").write_text("mine")
+    _tiny(BertModel).save_pretrained(tmp_path / "enc")
+    assert main(["convert", str(tmp_path / "enc"), "--out", str(tmp_path / "g"), "--to", "google"]) == 2
+    assert "holds files; expected an empty or new folder (or --overwrite)" in capsys.readouterr().err

@@ -303,6 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, ExtendConfig)
     p.set_defaults(func=cmd_extend)
 
+    from bertkit.tf_checkpoint import ConvertConfig
+
+    p = sub.add_parser(
+        "convert",
+        help="write a model folder in Google's original TensorFlow layout, or a Google folder in transformers'",
+        description="Convert between transformers' layout (config.json, model.safetensors, tokenizer files) and "
+        "Google's original BERT layout (bert_config.json, vocab.txt, bert_model.ckpt.index and "
+        ".data-00000-of-00001, TensorFlow 1 variable names), without TensorFlow. --to google writes what Google's "
+        "run_classifier.py, run_squad.py and run_pretraining.py take as --init_checkpoint; --to hf what transformers "
+        "loads. Every command also reads a Google folder as it is.",
+    )
+    add_dataclass_args(p, ConvertConfig)
+    p.set_defaults(func=cmd_convert)
+
     from bertkit.serve import ServeConfig
 
     p = sub.add_parser(
@@ -408,6 +422,14 @@ def cmd_extend(args) -> None:
     window = f"attention window {done['attention_window']}" if done["attention_window"] else "full attention"
     print(f"wrote {done['out']}: {done['architecture']}, {done['from']} -> {done['to']} positions by "
           f"{done['method']}, {window}")
+
+
+def cmd_convert(args) -> None:
+    from bertkit.tf_checkpoint import ConvertConfig, convert
+
+    done = convert(dataclass_from_args(ConvertConfig, args))
+    casing = "" if done["lowercase"] is None else f", {'uncased' if done['lowercase'] else 'cased'} vocabulary"
+    print(f"wrote {done['out']} ({done['to']} layout): {done['architecture']}{casing}; {', '.join(done['files'])}")
 
 
 def cmd_serve(args) -> None:

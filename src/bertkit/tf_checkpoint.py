@@ -31,11 +31,12 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from bertkit.config import BertConfig, read_json
+from bertkit.config import BertConfig, option, read_json
 from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
@@ -789,3 +790,62 @@ def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_
                            "uncased" if tokenizer.lowercase else "cased",
                            "cased" if tokenizer.lowercase else "uncased",
                            "cased" if tokenizer.lowercase else "uncased", tokenizer.lowercase)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `bertkit convert`
+
+
+@dataclass
+class ConvertConfig:
+    """`bertkit convert`: the CLI's flags are these fields."""
+
+    model_dir: str = option("", "the model folder to convert (transformers' layout or Google's)", positional=True)
+    out: str = option("", "the folder to write", required=True)
+    to: Literal["google", "hf"] = option(
+        "", "google: bert_config.json, vocab.txt and bert_model.ckpt.index/.data-00000-of-00001, which "
+        "Google's BERT code and tf.train.load_checkpoint read; hf: config.json, model.safetensors and the tokenizer "
+        "files, which transformers reads", required=True)
+    overwrite: bool = option(False, "write into --out even when it holds files")
+
+
+def convert(config: ConvertConfig) -> dict:
+    """Write `config.model_dir` in the other layout; returns what was written."""
+    from bertkit.checkpoint import model_folder, save_pretrained
+    from bertkit.model import MODEL_CLASSES
+    from bertkit.tokenizer import Tokenizer
+    from bertkit.train.rundir import check_output_path, make_dir
+
+    source = model_folder(config.model_dir)
+    if config.to not in ("google", "hf"):
+        raise BertkitError(f"--to is {config.to!r}; expected google or hf")
+    if not config.out:
+        raise BertkitError("no output folder; expected --out DIR for the converted model")
+    out = Path(config.out)
+    check_output_path(out, "--out", {"model": config.model_dir})
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise BertkitError(f"--out {out} holds files; expected an empty or new folder (or --overwrite)")
+    model_config = BertConfig.load(source)
+    names = model_config.extra.get("architectures") or ["BertModel"]
+    cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
+    if cls is None:
+        raise BertkitError(f"{source}: architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
+    if config.to == "google":
+        google_config(model_config, str(source))  # refused before the weights are read
+        if cls.__name__ not in GOOGLE_HEADS:
+            raise BertkitError(f"{source}: a {cls.__name__}; Google's BERT code has no such head (expected one of "
+                               f"{', '.join(GOOGLE_HEADS)})")
+    model = cls.from_pretrained(source)
+    tokenizer = Tokenizer.from_pretrained(source) if (source / "vocab.txt").is_file() or (
+        source / "tokenizer.json").is_file() else None
+    make_dir(out, "--out")
+    if config.to == "google":
+        save_google(model, out, tokenizer)
+        files = [GOOGLE_CONFIG_NAME, f"{CHECKPOINT_PREFIX}.index", f"{CHECKPOINT_PREFIX}.data-00000-of-00001"]
+    else:
+        save_pretrained(model, out, tokenizer=tokenizer)
+        files = ["config.json", "model.safetensors"]
+    if tokenizer is not None:
+        files += ["vocab.txt"] if config.to == "google" else ["the tokenizer files"]
+    return {"out": str(out), "to": config.to, "architecture": cls.__name__, "files": files,
+            "lowercase": None if tokenizer is None else tokenizer.lowercase}
