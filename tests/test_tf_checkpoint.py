@@ -457,6 +457,27 @@ def test_a_folder_with_a_tf2_checkpoint_or_none_is_named(tmp_path, capsys):
         in capsys.readouterr().err
 
 
+def test_a_run_classifier_output_folder_loads_the_checkpoint_its_checkpoint_file_names(tmp_path, capsys):
+    """run_classifier.py leaves model.ckpt-0, model.ckpt-N, ... and TensorFlow's `checkpoint` file naming the last."""
+    from bertkit import BertForSequenceClassification
+    from bertkit.cli import main
+
+    old, new = _tiny(BertForSequenceClassification), _tiny(BertForSequenceClassification, num_labels=3)
+    for model, prefix in ((old, "model.ckpt-0"), (new, "model.ckpt-3668")):
+        tfc.save_google(model, tmp_path / prefix)
+        for path in (tmp_path / prefix).iterdir():
+            target = path.name.replace("bert_model.ckpt", prefix)
+            path.rename(tmp_path / target)
+    assert main(["info", str(tmp_path)]) == 2
+    assert "several checkpoints (model.ckpt-0.index, model.ckpt-3668.index) and no `checkpoint` file naming one" \
+        in capsys.readouterr().err
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-3668"\n'
+                                         'all_model_checkpoint_paths: "model.ckpt-0"\n'
+                                         'all_model_checkpoint_paths: "model.ckpt-3668"\n')
+    back = BertForSequenceClassification.from_pretrained(tmp_path)
+    assert back.config.num_labels == 3 and torch.equal(back.classifier.weight, new.classifier.weight)
+
+
 def test_finetune_starts_from_a_google_folder(tmp_path):
     from bertkit import BertModel
     from bertkit.tasks.finetune import FinetuneConfig, finetune
