@@ -342,6 +342,18 @@ def test_google_names_are_the_ones_googles_code_creates_and_the_kernels_are_tran
                       "type_vocab_size": 2, "vocab_size": 60}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_written_in_float32_as_googles_variables_are(tmp_path, dtype):
+    from bertkit import BertModel
+
+    model = _tiny(BertModel).to(dtype)
+    tfc.save_google(model, tmp_path)
+    arrays = tfc.read_arrays(tmp_path / "bert_model.ckpt")
+    assert {a.dtype for a in arrays.values()} == {np.dtype(np.float32)}
+    embeddings = model.state_dict()["embeddings.word_embeddings.weight"].float().numpy()
+    assert np.array_equal(arrays["bert/embeddings/word_embeddings"], embeddings)
+
+
 @pytest.mark.parametrize("name, kwargs, architecture, output", [
     ("BertForPreTraining", {}, "BertForPreTraining", "prediction_logits"),
     ("BertForMaskedLM", {}, "BertForMaskedLM", "logits"),

@@ -770,9 +770,10 @@ def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_
         if mapped is None:
             continue
         google, transposed = mapped
-        value = value.detach().cpu()
-        value = value.T.contiguous() if transposed else value.contiguous()
-        arrays[google] = value if value.dtype == torch.bfloat16 else value.numpy()
+        # float32 whatever the model holds: Google's variables are float32, and TensorFlow refuses to restore a
+        # variable from a tensor of another dtype
+        value = value.detach().cpu().float()
+        arrays[google] = (value.T if transposed else value).contiguous().numpy()
     directory.mkdir(parents=True, exist_ok=True)
     import json
 
