@@ -248,3 +248,64 @@ def test_a_full_disk_while_saving_a_model_names_the_file_and_leaves_no_temporary
     monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):  # not the disk's: the traceback stays
         BertModel(tiny_config(50)).save_pretrained(tmp_path)
+
+
+VOCAB = 93  # tiny_folders' vocabulary
+
+
+class DataLoader:  # what NVIDIA's pretraining checkpoints keep beside the model
+    pass
+
+
+def _nvidia_folder(directory: Path, model, extra=None) -> Path:
+    """A model folder as NVIDIA's BERT recipe leaves one: bert_config.json (the true vocab_size), vocab.txt, and a
+    .pt holding {'model': state dict} beside the optimizer's state, with the vocabulary padded to a multiple of 8
+    and Linear + activation modules named dense_act."""
+    from tiny_folders import tokenizer_in
+
+    from bertkit.tf_checkpoint import GOOGLE_FIELDS
+
+    directory.mkdir()
+    tokenizer_in(directory)
+    config = model.config
+    (directory / "bert_config.json").write_text(json.dumps({k: getattr(config, k) for k in GOOGLE_FIELDS}))
+    padded = -(-config.vocab_size // 8) * 8
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("word_embeddings.weight", "predictions.bias", "decoder.weight")):
+            value = torch.cat([value, torch.randn(padded - config.vocab_size, *value.shape[1:])])
+        for module in ("intermediate.dense.", "pooler.dense.", "transform.dense."):
+            key = key.replace(module, module.replace("dense.", "dense_act."))
+        state[key] = value
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "files": [0, "shard.hdf5"],
+                "epoch": 1, **(extra or {})}, directory / "ckpt_8601.pt")
+    return directory
+
+
+def test_a_checkpoint_of_nvidias_recipe_loads_as_the_model_it_was(tmp_path):
+    from bertkit import BertForPreTraining, Tokenizer
+
+    from tiny_folders import varied
+
+    torch.manual_seed(0)
+    model = varied(BertForPreTraining(tiny_config(vocab_size=VOCAB)).eval())  # padded to 96 rows
+    folder = _nvidia_folder(tmp_path / "nvidia", model)
+    loaded = BertForPreTraining.from_pretrained(folder).eval()
+    ids = torch.randint(5, VOCAB, (2, 12))
+    with torch.no_grad():
+        for name in ("prediction_logits", "seq_relationship_logits"):
+            assert torch.equal(loaded(ids)[name], model(ids)[name]), name
+    assert loaded.config.vocab_size == Tokenizer.from_pretrained(folder).vocab_size == VOCAB
+    assert main(["info", str(folder)]) == 0
+
+
+def test_a_checkpoint_that_pickles_more_than_tensors_is_refused_with_what_to_do(tmp_path, capsys):
+    from bertkit import BertForPreTraining
+
+    model = BertForPreTraining(tiny_config(vocab_size=VOCAB))
+    folder = _nvidia_folder(tmp_path / "nvidia", model, {"data_loader": DataLoader()})
+    with pytest.raises(BertkitError, match=r"ckpt_8601.pt: it pickles test_checkpoint.DataLoader, which .* \{'model': state dict\} as NVIDIA's"):
+        BertForPreTraining.from_pretrained(folder)
+    (folder / "ckpt_9000.pt").write_bytes(b"")
+    with pytest.raises(BertkitError, match=r"several checkpoints \(ckpt_8601.pt, ckpt_9000.pt\); expected one .pt"):
+        BertForPreTraining.from_pretrained(folder)

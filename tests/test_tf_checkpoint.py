@@ -461,8 +461,8 @@ def test_a_folder_with_a_tf2_checkpoint_or_none_is_named(tmp_path, capsys):
 
     (tmp_path / "bert_config.json").write_text("{}")
     assert main(["info", str(tmp_path)]) == 2
-    assert "no weights found (expected model.safetensors, pytorch_model.bin or Google's bert_model.ckpt.index)" \
-        in capsys.readouterr().err
+    assert "no weights found (expected model.safetensors, pytorch_model.bin, Google's bert_model.ckpt.index or " \
+        "NVIDIA's one .pt file)" in capsys.readouterr().err
     tfc.write_checkpoint(tmp_path / "bert_model.ckpt", {"model/layer_with_weights-0/embeddings": np.zeros(2, "f4")})
     assert main(["info", str(tmp_path)]) == 2
     assert "no bert/embeddings/word_embeddings (found model/layer_with_weights-0/embeddings)" \

@@ -93,8 +93,14 @@ def weight_files(directory: str | Path) -> list[Path]:
     prefix = checkpoint_prefix(directory)  # Google's TensorFlow checkpoint: its .index names the data files
     if prefix is not None:
         return [prefix.parent / f"{prefix.name}.index"]
-    raise BertkitError(f"{directory}: no weights found (expected {WEIGHTS_NAME}, {PT_WEIGHTS_NAME} or Google's "
-                       f"{CHECKPOINT_PREFIX}.index)")
+    found = sorted(p for p in directory.glob("*.pt") if p.is_file())  # NVIDIA's: ckpt_8601.pt, bert_large_qa.pt
+    if len(found) == 1:
+        return found
+    if found:
+        raise BertkitError(f"{directory}: several checkpoints ({_some([p.name for p in found])}); expected one .pt "
+                           "file in a model folder (move the others away)")
+    raise BertkitError(f"{directory}: no weights found (expected {WEIGHTS_NAME}, {PT_WEIGHTS_NAME}, Google's "
+                       f"{CHECKPOINT_PREFIX}.index or NVIDIA's one .pt file)")
 
 
 def _is_tf(files: list[Path]) -> bool:
@@ -114,9 +120,19 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated file, or a pickle holding more than tensors
-        raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # torch's own message is a page long
+        if unsafe is None:
+            raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        # NVIDIA's pretraining checkpoints, for one, pickle their data loader beside the weights
+        raise BertkitError(f"{path}: it pickles {unsafe.group(1)}, which torch.load(weights_only=True) does not run; "
+                           "expected a state dict, or {'model': state dict} as NVIDIA's checkpoints hold it (where "
+                           "this file comes from a source you trust, save torch.load(path, weights_only=False)"
+                           "['model'] alone)") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):  # NVIDIA's: the optimizer state beside it
+        return loaded["model"]
+    return loaded
 
 
 def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -157,13 +173,16 @@ def read_weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]] | No
 
 
 def normalize_keys(state: dict, config: BertConfig) -> dict:
-    """Rename TF-era LayerNorm names, drop non-parameters and tied copies (keeping the bias if only the copy has it;
-    the decoder's weight only when `config` ties it to the embeddings). The values are tensors or, for a check
-    before loading, shapes."""
+    """Rename TF-era LayerNorm names and NVIDIA's `dense_act`, cut NVIDIA's vocabulary padding, drop non-parameters
+    and tied copies (keeping the bias if only the copy has it; the decoder's weight only when `config` ties it to
+    the embeddings). The values are tensors or, for a check before loading, shapes."""
     dropped = _BUFFERS + ((_TIED_DECODER,) if config.tied_decoder else ())
     out = {}
     for key, value in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        key = key.replace(".dense_act.", ".dense.")  # NVIDIA's fused Linear + activation: the same parameters
+        if key.endswith(_VOCAB_ROWS):
+            value = _unpadded_vocab(key, value, config)
         if key.endswith(dropped):
             continue
         if key.endswith("cls.predictions.decoder.bias"):
@@ -175,6 +194,20 @@ def normalize_keys(state: dict, config: BertConfig) -> dict:
                 continue
         out[key] = value
     return out
+
+
+_VOCAB_ROWS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias")
+
+
+def _unpadded_vocab(key: str, value, config: BertConfig):
+    """A vocabulary-sized weight (tensor or shape) cut to config.vocab_size when it has up to 7 rows more that make
+    it a multiple of 8: NVIDIA's recipes pad the vocabulary so (30,522 to 30,528) for the tensor cores, and their
+    bert_config.json keeps the true size, the one vocab.txt has."""
+    rows = value[0] if isinstance(value, tuple) else value.shape[0]
+    if rows % 8 or not 0 < rows - config.vocab_size < 8:
+        return value
+    logger.info("%s: %d rows, padded to a multiple of 8; the first %d (vocab_size) kept", key, rows, config.vocab_size)
+    return (config.vocab_size, *value[1:]) if isinstance(value, tuple) else value[: config.vocab_size]
 
 
 def _match_prefix(state: dict, model: torch.nn.Module) -> dict:
