@@ -309,3 +309,39 @@ def test_a_checkpoint_that_pickles_more_than_tensors_is_refused_with_what_to_do(
     (folder / "ckpt_9000.pt").write_bytes(b"")
     with pytest.raises(BertkitError, match=r"several checkpoints \(ckpt_8601.pt, ckpt_9000.pt\); expected one .pt"):
         BertForPreTraining.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls", ["BertForPreTraining", "BertForQuestionAnswering"])
+def test_convert_to_nvidia_writes_its_names_and_padding_and_reads_back_the_same_model(tmp_path, cls, capsys):
+    import bertkit
+    from tiny_folders import save_tiny
+
+    source = save_tiny(tmp_path / "hf", cls=getattr(bertkit, cls))
+    assert main(["convert", source, "--out", str(tmp_path / "nv"), "--to", "nvidia"]) == 0
+    assert sorted(p.name for p in (tmp_path / "nv").iterdir()) == ["bert_config.json", "bert_model.pt", "vocab.txt"]
+    state = torch.load(tmp_path / "nv" / "bert_model.pt", weights_only=True)["model"]
+    assert state["bert.embeddings.word_embeddings.weight"].shape[0] == 96  # 93, padded to a multiple of 8
+    # NVIDIA's scripts load with strict=False: a name of theirs that is missing is a weight silently left random.
+    # Their modeling.py's names, written out by hand:
+    names = {f"bert.embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")}
+    names |= {f"bert.embeddings.LayerNorm.{w}" for w in ("weight", "bias")}
+    for i in range(2):
+        for module in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                       "attention.output.LayerNorm", "intermediate.dense_act", "output.dense", "output.LayerNorm"):
+            names |= {f"bert.encoder.layer.{i}.{module}.{w}" for w in ("weight", "bias")}
+    if cls == "BertForPreTraining":
+        for module in ("bert.pooler.dense_act", "cls.predictions.transform.dense_act",
+                       "cls.predictions.transform.LayerNorm", "cls.seq_relationship"):
+            names |= {f"{module}.{w}" for w in ("weight", "bias")}
+        names |= {"cls.predictions.bias", "cls.predictions.decoder.weight"}
+        assert torch.equal(state["cls.predictions.decoder.weight"], state["bert.embeddings.word_embeddings.weight"])
+    else:
+        names |= {"qa_outputs.weight", "qa_outputs.bias"}
+    assert set(state) == names
+    model = getattr(bertkit, cls)
+    ids = torch.randint(5, VOCAB, (2, 9))
+    with torch.no_grad():
+        want, got = model.from_pretrained(source).eval()(ids), model.from_pretrained(tmp_path / "nv").eval()(ids)
+    for name in ("prediction_logits", "start_logits", "end_logits"):
+        if want[name] is not None:
+            assert torch.equal(got[name], want[name]), name

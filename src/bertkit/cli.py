@@ -307,12 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="write a model folder in Google's original TensorFlow layout, or a Google folder in transformers'",
-        description="Convert between transformers' layout (config.json, model.safetensors, tokenizer files) and "
+        help="write a model folder in Google's original TensorFlow layout or NVIDIA's, or either in transformers'",
+        description="Convert between transformers' layout (config.json, model.safetensors, tokenizer files), "
         "Google's original BERT layout (bert_config.json, vocab.txt, bert_model.ckpt.index and "
-        ".data-00000-of-00001, TensorFlow 1 variable names), without TensorFlow. --to google writes what Google's "
-        "run_classifier.py, run_squad.py and run_pretraining.py take as --init_checkpoint; --to hf what transformers "
-        "loads. Every command also reads a Google folder as it is.",
+        ".data-00000-of-00001, TensorFlow 1 variable names; written without TensorFlow) and NVIDIA's BERT recipe's "
+        "(bert_config.json, vocab.txt, bert_model.pt). --to google writes what Google's run_classifier.py, "
+        "run_squad.py and run_pretraining.py take as --init_checkpoint; --to nvidia what NVIDIA's scripts take as "
+        "--init_checkpoint; --to hf what transformers loads. Every command also reads a Google or NVIDIA folder as "
+        "it is.",
     )
     add_dataclass_args(p, ConvertConfig)
     p.set_defaults(func=cmd_convert)

@@ -752,18 +752,43 @@ GOOGLE_HEADS = ("BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSe
                 "BertForQuestionAnswering")
 
 
-def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_SIZE) -> None:
-    """Write `model` (and its tokenizer's vocab.txt) as a Google folder: bert_config.json, vocab.txt,
-    bert_model.ckpt.index and .data-00000-of-00001, with the names and orientations Google's code expects."""
-    from bertkit.checkpoint import atomic_write
-
+def _checked(model) -> tuple[dict, dict[str, torch.Tensor]]:
+    """bert_config.json for `model` and its state dict under `bert.`-prefixed names (Google's and NVIDIA's names of
+    the encoder all start so); a head or variant their code does not run is an error."""
     name = type(model).__name__
     if name not in GOOGLE_HEADS:
         raise BertkitError(f"{name}: Google's BERT code has no such head; expected one of {', '.join(GOOGLE_HEADS)}")
     config = google_config(model.config, name)
     state = model.state_dict()
-    if not any(k.startswith("bert.") for k in state):  # a bare BertModel: Google's names all start with bert/
+    if not any(k.startswith("bert.") for k in state):  # a bare BertModel
         state = {f"bert.{k}": v for k, v in state.items()}
+    return config, state
+
+
+def _write_config_and_vocab(directory: Path, config: dict, tokenizer) -> None:
+    from bertkit.checkpoint import atomic_write
+    from bertkit.config import write_json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / GOOGLE_CONFIG_NAME, config, sort_keys=True)
+    if tokenizer is None:
+        return
+    vocab = "".join(token + "\n" for token in tokenizer.vocab())
+    atomic_write(directory / "vocab.txt", lambda p: Path(p).write_text(vocab, encoding="utf-8"))
+    if vocab_is_cased(directory / "vocab.txt") == tokenizer.lowercase:
+        # the folder has no place for the casing: a reader (bertkit, or a user picking --do_lower_case) goes by
+        # the vocabulary, which here says the other thing
+        logger.warning("%s: the tokenizer is %s but its vocabulary looks %s; bertkit will read this folder as "
+                       "%s (Google's and NVIDIA's scripts take --do_lower_case=%s)", directory / "vocab.txt",
+                       "uncased" if tokenizer.lowercase else "cased",
+                       "cased" if tokenizer.lowercase else "uncased",
+                       "cased" if tokenizer.lowercase else "uncased", tokenizer.lowercase)
+
+
+def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_SIZE) -> None:
+    """Write `model` (and its tokenizer's vocab.txt) as a Google folder: bert_config.json, vocab.txt,
+    bert_model.ckpt.index and .data-00000-of-00001, with the names and orientations Google's code expects."""
+    config, state = _checked(model)
     arrays = {}
     for key, value in state.items():
         mapped = google_name(key)
@@ -774,23 +799,36 @@ def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_
         # variable from a tensor of another dtype
         value = value.detach().cpu().float()
         arrays[google] = (value.T if transposed else value).contiguous().numpy()
-    directory.mkdir(parents=True, exist_ok=True)
-    import json
-
-    atomic_write(directory / GOOGLE_CONFIG_NAME,
-                 lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    _write_config_and_vocab(directory, config, tokenizer)
     write_checkpoint(directory / CHECKPOINT_PREFIX, arrays, block_size)
-    if tokenizer is not None:
-        vocab = "".join(token + "\n" for token in tokenizer.vocab())
-        atomic_write(directory / "vocab.txt", lambda p: Path(p).write_text(vocab, encoding="utf-8"))
-        if vocab_is_cased(directory / "vocab.txt") == tokenizer.lowercase:
-            # the folder has no place for the casing: a reader (bertkit, or a user picking --do_lower_case) goes by
-            # the vocabulary, which here says the other thing
-            logger.warning("%s: the tokenizer is %s but its vocabulary looks %s; bertkit will read this folder as "
-                           "%s (Google's scripts take --do_lower_case=%s)", directory / "vocab.txt",
-                           "uncased" if tokenizer.lowercase else "cased",
-                           "cased" if tokenizer.lowercase else "uncased",
-                           "cased" if tokenizer.lowercase else "uncased", tokenizer.lowercase)
+
+
+NVIDIA_CHECKPOINT = "bert_model.pt"
+_NVIDIA_FUSED = ("intermediate.dense.", "pooler.dense.", "transform.dense.")  # Linear + activation: `dense_act`
+
+
+def save_nvidia(model, directory: Path, tokenizer=None) -> None:
+    """Write `model` as NVIDIA's BERT recipe (DeepLearningExamples) takes it (`--init_checkpoint`, `--config_file`,
+    `--vocab_file`): bert_config.json, vocab.txt and bert_model.pt holding {'model': state dict} under its names
+    (fused Linear + activation modules as `dense_act`, the tied decoder stored), the vocabulary rows padded with
+    zeros to a multiple of 8, as its scripts pad the model they build from bert_config.json."""
+    from bertkit.checkpoint import _VOCAB_ROWS, atomic_write
+
+    config, state = _checked(model)
+    vocab = config["vocab_size"]
+    padding = -vocab % 8
+    out = {}
+    for key, value in state.items():
+        value = value.detach().cpu().float().contiguous()
+        if key.endswith(_VOCAB_ROWS):
+            value = torch.cat([value, value.new_zeros(padding, *value.shape[1:])])
+        for module in _NVIDIA_FUSED:
+            key = key.replace(module, module[:-1] + "_act.")
+        out[key] = value
+    if "cls.predictions.bias" in out:  # NVIDIA's decoder is a Linear tied to the embeddings: its state holds both
+        out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
+    _write_config_and_vocab(directory, config, tokenizer)
+    atomic_write(directory / NVIDIA_CHECKPOINT, lambda p: torch.save({"model": out}, p))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -801,12 +839,14 @@ def save_google(model, directory: Path, tokenizer=None, block_size: int = BLOCK_
 class ConvertConfig:
     """`bertkit convert`: the CLI's flags are these fields."""
 
-    model_dir: str = option("", "the model folder to convert (transformers' layout or Google's)", positional=True)
+    model_dir: str = option("", "the model folder to convert (transformers' layout, Google's or NVIDIA's)",
+                            positional=True)
     out: str = option("", "the folder to write", required=True)
-    to: Literal["google", "hf"] = option(
+    to: Literal["google", "nvidia", "hf"] = option(
         "", "google: bert_config.json, vocab.txt and bert_model.ckpt.index/.data-00000-of-00001, which "
-        "Google's BERT code and tf.train.load_checkpoint read; hf: config.json, model.safetensors and the tokenizer "
-        "files, which transformers reads", required=True)
+        "Google's BERT code and tf.train.load_checkpoint read; nvidia: bert_config.json, vocab.txt and "
+        "bert_model.pt ({'model': state dict}), which NVIDIA's BERT recipe takes as --init_checkpoint; hf: "
+        "config.json, model.safetensors and the tokenizer files, which transformers reads", required=True)
     overwrite: bool = option(False, "write into --out even when it holds files")
 
 
@@ -818,8 +858,8 @@ def convert(config: ConvertConfig) -> dict:
     from bertkit.train.rundir import check_output_path, make_dir
 
     source = model_folder(config.model_dir)
-    if config.to not in ("google", "hf"):
-        raise BertkitError(f"--to is {config.to!r}; expected google or hf")
+    if config.to not in ("google", "nvidia", "hf"):
+        raise BertkitError(f"--to is {config.to!r}; expected google, nvidia or hf")
     if not config.out:
         raise BertkitError("no output folder; expected --out DIR for the converted model")
     out = Path(config.out)
@@ -831,7 +871,7 @@ def convert(config: ConvertConfig) -> dict:
     cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
     if cls is None:
         raise BertkitError(f"{source}: architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
-    if config.to == "google":
+    if config.to in ("google", "nvidia"):  # NVIDIA's recipe runs Google's architecture: the same limits
         google_config(model_config, str(source))  # refused before the weights are read
         if cls.__name__ not in GOOGLE_HEADS:
             raise BertkitError(f"{source}: a {cls.__name__}; Google's BERT code has no such head (expected one of "
@@ -843,10 +883,13 @@ def convert(config: ConvertConfig) -> dict:
     if config.to == "google":
         save_google(model, out, tokenizer)
         files = [GOOGLE_CONFIG_NAME, f"{CHECKPOINT_PREFIX}.index", f"{CHECKPOINT_PREFIX}.data-00000-of-00001"]
+    elif config.to == "nvidia":
+        save_nvidia(model, out, tokenizer)
+        files = [GOOGLE_CONFIG_NAME, NVIDIA_CHECKPOINT]
     else:
         save_pretrained(model, out, tokenizer=tokenizer)
         files = ["config.json", "model.safetensors"]
     if tokenizer is not None:
-        files += ["vocab.txt"] if config.to == "google" else ["the tokenizer files"]
+        files += ["the tokenizer files"] if config.to == "hf" else ["vocab.txt"]
     return {"out": str(out), "to": config.to, "architecture": cls.__name__, "files": files,
             "lowercase": None if tokenizer is None else tokenizer.lowercase}
