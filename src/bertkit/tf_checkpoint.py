@@ -20,6 +20,9 @@ Variables are named as in Google's modeling.py: `bert/encoder/layer_3/attention/
 scripts map to bertkit's: pretraining `cls/predictions/...` and `cls/seq_relationship/...`, run_classifier.py's
 `output_weights`/`output_bias` ([num_labels, H], already torch's orientation) to `classifier`, run_squad.py's
 `cls/squad/...` to `qa_outputs`. Optimizer slots (`.../adam_m`, `.../adam_v`) and `global_step` are skipped.
+
+`bertkit convert` is here too, with the writer of NVIDIA's recipe's layout (`save_nvidia`: a torch state dict under
+its names; checkpoint.py reads it back).
 """
 
 from __future__ import annotations
