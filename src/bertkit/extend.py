@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from bertkit.checkpoint import model_folder, read_state_dict, save_pretrained
 from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
-from bertkit.train.rundir import check_output_path, make_dir
+from bertkit.train.rundir import make_dir, new_model_folder
 
 logger = logging.getLogger("bertkit")
 
@@ -67,12 +66,7 @@ def extend_positions(table: torch.Tensor, length: int, method: str) -> torch.Ten
 def extend(config: ExtendConfig) -> dict:
     """Write the extended model folder; returns what was done (as config.json's position_extension records it)."""
     source = model_folder(config.model_dir)
-    if not config.out:
-        raise BertkitError("no output folder; expected --out DIR for the extended model")
-    out = Path(config.out)
-    check_output_path(out, "--out", {"model": config.model_dir})
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise BertkitError(f"--out {out} holds files; expected an empty or new folder (or --overwrite)")
+    out = new_model_folder(config.out, config.model_dir, config.overwrite, "extended model")
     model_config = BertConfig.load(source)
     trained = model_config.max_position_embeddings
     if not isinstance(config.max_length, int) or config.max_length <= trained:

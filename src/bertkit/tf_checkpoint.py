@@ -858,17 +858,12 @@ def convert(config: ConvertConfig) -> dict:
     from bertkit.checkpoint import model_folder, save_pretrained
     from bertkit.model import MODEL_CLASSES
     from bertkit.tokenizer import Tokenizer
-    from bertkit.train.rundir import check_output_path, make_dir
+    from bertkit.train.rundir import make_dir, new_model_folder
 
     source = model_folder(config.model_dir)
     if config.to not in ("google", "nvidia", "hf"):
         raise BertkitError(f"--to is {config.to!r}; expected google, nvidia or hf")
-    if not config.out:
-        raise BertkitError("no output folder; expected --out DIR for the converted model")
-    out = Path(config.out)
-    check_output_path(out, "--out", {"model": config.model_dir})
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise BertkitError(f"--out {out} holds files; expected an empty or new folder (or --overwrite)")
+    out = new_model_folder(config.out, config.model_dir, config.overwrite, "converted model")
     model_config = BertConfig.load(source)
     names = model_config.extra.get("architectures") or ["BertModel"]
     cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)

@@ -52,6 +52,18 @@ def absolute_paths(values: dict, names) -> dict:
     return out
 
 
+def new_model_folder(out: str, model_dir: str, overwrite: bool, what: str) -> Path:
+    """The --out of a command that writes a model folder from `model_dir` (the `what`): given, not a file nor
+    inside the model folder, and new or empty unless --overwrite."""
+    if not out:
+        raise BertkitError(f"no output folder; expected --out DIR for the {what}")
+    path = Path(out)
+    check_output_path(path, "--out", {"model": model_dir})
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise BertkitError(f"--out {path} holds files; expected an empty or new folder (or --overwrite)")
+    return path
+
+
 def make_dir(path: Path, flag: str) -> None:
     """Create the output folder `path` (and its parents) given by `flag`; one that cannot be is a BertkitError."""
     try:
