@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Google's original BERT layout (bert_config.json, vocab.txt, bert_model.ckpt.index and "
         ".data-00000-of-00001, TensorFlow 1 variable names; written without TensorFlow) and NVIDIA's BERT recipe's "
         "(bert_config.json, vocab.txt, bert_model.pt). --to google writes what Google's run_classifier.py, "
-        "run_squad.py and run_pretraining.py take as --init_checkpoint; --to nvidia what NVIDIA's scripts take as "
-        "--init_checkpoint; --to hf what transformers loads. Every command also reads a Google or NVIDIA folder as "
+        "run_squad.py and run_pretraining.py take as --init_checkpoint; --to nvidia what NVIDIA's run_squad.py and "
+        "run_glue.py load as --init_checkpoint; --to hf what transformers loads. Every command also reads a Google or NVIDIA folder as "
         "it is.",
     )
     add_dataclass_args(p, ConvertConfig)
