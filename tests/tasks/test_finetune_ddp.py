@@ -66,3 +66,7 @@ def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
         assert e2["accuracy"] == e1["accuracy"]
     assert m2["best_epoch"] == m1["best_epoch"]
     assert m1["epochs"][0]["train_loss"] != pytest.approx(m1["epochs"][1]["train_loss"], rel=1e-3)  # it learns
+    # the same step, so results.md says so: 4 rows x 2 processes, not "batch 4" as if one process took 4 a step
+    assert "batch 4 x 2 processes, 2 epochs" in (tmp_path / "torchrun" / "results.md").read_text()
+    assert "batch 4 x 2 accumulated, 2 epochs" in (tmp_path / "single" / "results.md").read_text()
+    assert (m2["processes"], m1["processes"]) == (2, 1)

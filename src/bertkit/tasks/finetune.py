@@ -514,7 +514,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     best = BestCheckpoint()
     record = {"task": task.name, "model_dir": str(config.model_dir), "train_examples": len(task.train),
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
-              "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32")}
+              "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32"),
+              "processes": d.world_size}
     pos = Position()
     hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.max_grad_norm else ", --max-grad-norm 1")
     # not "--resume auto": a resumed run must have the same hyper-parameters (another --lr is refused as another
@@ -690,6 +691,8 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         f"# Fine-tuning {task.name} from {Path(config.model_dir).name}",
         "",
         f"lr {config.lr:g}, batch {config.batch_size}"
+        # under torchrun a step is --batch-size x processes x --grad-accum rows: --batch-size alone understates it
+        + (f" x {record['processes']} processes" if record.get("processes", 1) > 1 else "")
         + (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "")
         + (f", {record['precision']}" if record.get("precision", "fp32") != "fp32" else "")
         + f", {plural(config.epochs, 'epoch')}, warm-up {config.warmup:g}, "
