@@ -243,6 +243,18 @@ def test_vocab_train_cli_takes_the_format_and_text_field_of_prepare(tmp_path):
     assert jsonl.vocab() == plain.vocab()
 
 
+def test_vocab_train_cli_prints_only_its_result_when_its_output_is_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "a.txt").write_text("One sentence here.\nAnother one there.\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "bertkit.cli", "vocab", "train", str(tmp_path / "a.txt"), "--out",
+                           str(tmp_path / "v"), "--vocab-size", "100"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    size = Tokenizer.from_pretrained(tmp_path / "v").vocab_size
+    assert done.stdout == f"wrote {tmp_path / 'v'}/vocab.txt and tokenizer.json: {size} tokens, uncased\n"
+
+
 def test_train_vocab_skips_an_invalid_utf8_line_with_a_warning_as_prepare_does(tmp_path, corpus_lines, caplog):
     text = "\n".join(corpus_lines[:1000]) + "\n"
     (tmp_path / "good.txt").write_text(text, encoding="utf-8")

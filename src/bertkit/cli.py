@@ -83,7 +83,10 @@ def cmd_vocab_train(args) -> None:
     from bertkit.tokenizer import VocabConfig, vocab_train
 
     config = dataclass_from_args(VocabConfig, args)
-    tok = vocab_train(config)
+    # tokenizers' trainer draws its bars on standard error but ends each with a newline on standard output, whatever
+    # it is: into a file or a pipe, six blank lines before the result; with standard error not a terminal the bars
+    # are not drawn anyway
+    tok = vocab_train(config, show_progress=sys.stderr.isatty())
     print(f"wrote {config.out}/vocab.txt and tokenizer.json: {tok.vocab_size} tokens, "
           f"{'cased' if config.cased else 'uncased'}")
 
