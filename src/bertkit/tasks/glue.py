@@ -77,8 +77,6 @@ def glue(config: GlueConfig) -> dict:
         raise BertkitError(f"{root}: no folder for {', '.join(missing or ['any GLUE task'])}; expected one per task "
                            f"named {', '.join(TASKS)}")
     check_output_path(out, "--out-dir", {})
-    make_dir(out, "--out-dir")
-    write_json(out / "glue_config.json", dataclasses.asdict(config))
 
     def run(name: str, lr: float) -> FinetuneConfig:
         return FinetuneConfig(
@@ -92,7 +90,13 @@ def glue(config: GlueConfig) -> dict:
     # every task's data is read once before the first run: a task folder without train.tsv (the shared data's QNLI)
     # or a malformed row failed the sweep only when its turn came, after the tasks before it had been fine-tuned
     for name in names:
-        load_task(run(name, config.lrs[0]))
+        try:
+            load_task(run(name, config.lrs[0]))
+        except BertkitError as e:
+            leave_out = "" if config.tasks else f" (or leave {name} out: --tasks names the tasks to run)"
+            raise BertkitError(f"{name}: {e}{leave_out}") from None
+    make_dir(out, "--out-dir")
+    write_json(out / "glue_config.json", dataclasses.asdict(config))
     runs: dict[str, dict[float, dict]] = {}
     for name in names:
         runs[name] = {lr: finetune(run(name, lr)) for lr in config.lrs}
