@@ -94,7 +94,7 @@ def glue(config: GlueConfig) -> dict:
             load_task(run(name, config.lrs[0]))
         except BertkitError as e:
             leave_out = "" if config.tasks else f" (or leave {name} out: --tasks names the tasks to run)"
-            raise BertkitError(f"{name}: {e}{leave_out}") from None
+            raise BertkitError(f"{e}{leave_out}") from None
     make_dir(out, "--out-dir")
     write_json(out / "glue_config.json", dataclasses.asdict(config))
     runs: dict[str, dict[float, dict]] = {}
