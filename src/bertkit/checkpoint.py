@@ -126,7 +126,8 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         if unsafe is None:
             raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
         # NVIDIA's pretraining checkpoints, for one, pickle their data loader beside the weights
-        raise BertkitError(f"{path}: it pickles {unsafe.group(1)}, which torch.load(weights_only=True) does not run; "
+        raise BertkitError(f"{path}: cannot read weights: it pickles {unsafe.group(1)}, which torch.load("
+                           "weights_only=True) does not run; "
                            "expected a state dict, or {'model': state dict} as NVIDIA's checkpoints hold it (where "
                            "this file comes from a source you trust, save torch.load(path, weights_only=False)"
                            "['model'] alone)") from None
