@@ -409,6 +409,7 @@ def toy_run(toy_model_dir, tmp_path, out, **kw) -> FinetuneConfig:
     ("--seed", "4294967296", "--seed is 4294967296; expected a whole number from 0 to 4294967295"),
     ("--train-articles", "0", "--train-articles is 0; expected at least 1"),
     ("--train-articles", "-3", "--train-articles is -3; expected at least 1"),
+    ("--warmup", "2.5", "--warmup is 2.5; expected a whole number of steps, or a fraction of the run below 1"),
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_training(toy_model_dir, tmp_path, capsys, flag, value,
                                                                   expected):

@@ -570,6 +570,7 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(inputs, tmp_path
     ("mask_prob", float("nan")), ("dropout", float("nan")), ("batch_ramp", float("nan")), ("max_bad_steps", 0),
     ("threads", 0), ("threads", 10**20), ("stop_at", 0), ("stop_at", 301),
     ("warmup", 300),  # as many steps as the run (300): the lr never reached its peak, nor decayed, and nothing said so
+    ("warmup", 2.5),  # warmed up for 2 steps
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_training(field, value, capsys):
     with pytest.raises(BertkitError, match=f"pretrain config: {field}="):

@@ -173,6 +173,9 @@ class FinetuneConfig:
                 raise BertkitError(f"--{name.replace('_', '-')} is {value}; expected a finite number")
             if value < 0 and name != "null_threshold":
                 raise BertkitError(f"--{name.replace('_', '-')} is {value}; expected zero or more")
+        if self.warmup >= 1 and self.warmup != int(self.warmup):  # 2.5 warmed up for 2 steps without a word
+            raise BertkitError(f"--warmup is {self.warmup:g}; expected a whole number of steps, or a fraction of the "
+                               "run below 1")
         if self.limit_train_examples is not None and self.limit_train_examples < 1:
             raise BertkitError(f"--limit-train-examples is {self.limit_train_examples}; expected at least 1")
         if self.train_articles is not None and self.train_articles < 1:  # 0 would read as not given

@@ -212,6 +212,9 @@ class PretrainConfig:
         if self.overwrite and self.resume is not None:
             problems.append(f"overwrite with resume={self.resume} (expected one of them: --overwrite starts over, "
                             "--resume continues)")
+        if finite(self.warmup) and self.warmup >= 1 and self.warmup != int(self.warmup):  # 2.5 was cut to 2 steps
+            problems.append(f"warmup={self.warmup:g} (expected a whole number of steps, or a fraction of the run "
+                            "below 1)")
         if self.schedule != "triangle" and finite(self.warmup) and 1 <= self.max_steps <= self.warmup:
             problems.append(f"warmup={self.warmup:g} steps with max_steps={self.max_steps} (expected a fraction below "
                             "1 or fewer steps than max_steps: the lr would never reach its peak, nor decay)")
