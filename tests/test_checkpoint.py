@@ -346,3 +346,12 @@ def test_convert_to_nvidia_writes_its_names_and_padding_and_reads_back_the_same_
     for name in ("prediction_logits", "start_logits", "end_logits"):
         if want[name] is not None:
             assert torch.equal(got[name], want[name]), name
+
+
+def test_overrides_given_with_a_config_leave_the_callers_config_as_it_was(tmp_path):
+    """from_pretrained(dir, config=cfg, num_labels=3) set num_labels on cfg itself: a second model built from it
+    got the first one's head."""
+    config = tiny_config()
+    BertModel(config).save_pretrained(tmp_path)
+    model = BertForSequenceClassification.from_pretrained(tmp_path, config=config, num_labels=3)
+    assert model.config.num_labels == 3 and config.num_labels == 2

@@ -10,6 +10,7 @@ loss scaler, data position, RNG states), written atomically so that resuming nev
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -435,6 +436,8 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, load_weigh
     if config is None:
         config = BertConfig.load(directory)
         stated = dict(vars(config))  # before the overrides: an error must not put a task's num_labels on config.json
+    else:
+        config = copy.deepcopy(config)  # the overrides are this model's: the caller's config stays as it was
     config_overrides = _transformers_label_overrides(config_overrides)
     for key, value in config_overrides.items():
         if key == "problem_type":  # kept in `extra` as config.json's is; the model class checks it against num_labels
