@@ -355,3 +355,16 @@ def test_overrides_given_with_a_config_leave_the_callers_config_as_it_was(tmp_pa
     BertModel(config).save_pretrained(tmp_path)
     model = BertForSequenceClassification.from_pretrained(tmp_path, config=config, num_labels=3)
     assert model.config.num_labels == 3 and config.num_labels == 2
+
+
+def test_saving_where_a_file_is_names_the_file(tmp_path):
+    """mkdir's "FileExistsError: [Errno 17] File exists" was all the model, its config and its tokenizer said."""
+    from tiny_folders import tokenizer_in
+
+    (tmp_path / "taken").write_text("mine")
+    config = tiny_config(vocab_size=93)
+    tokenizer = tokenizer_in(tmp_path)
+    for save in (BertModel(config).save_pretrained, config.save, tokenizer.save_pretrained):
+        with pytest.raises(BertkitError, match=r"taken: a file, not a folder; expected a folder to save into"):
+            save(tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bertkit.config import CONFIG_NAME, BertConfig, read_json
+from bertkit.config import CONFIG_NAME, BertConfig, read_json, save_folder
 from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
@@ -527,8 +527,7 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     if any(isinstance(m, Int8Linear) for m in model.modules()):  # its packed weights are not in the state dict
         raise BertkitError("an int8 model cannot be saved: its weights are packed for this CPU's kernels; expected "
                            "the float32 model, which `to_int8` (or --int8) quantizes again when loaded")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = save_folder(directory)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     if isinstance(model, BertForQuestionAnswering):

@@ -218,9 +218,7 @@ class BertConfig:
         return cls(**known, extra=d)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, self.to_dict(), sort_keys=True)
+        write_json(save_folder(directory) / CONFIG_NAME, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "BertConfig":
@@ -284,6 +282,18 @@ def _id2label(id2label) -> dict[int, str]:
     if sorted(out) != list(range(len(out))):
         raise BertkitError(f"id2label keys are {', '.join(map(str, sorted(out)))}; expected 0..{len(out) - 1}")
     return out
+
+
+def save_folder(directory: str | Path) -> Path:
+    """`directory`, created to save a model, a config or a tokenizer into; a file in its way is named (mkdir said only
+    "[Errno 17] File exists")."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "a file, not a folder" if directory.is_file() else f"cannot create it ({e.strerror or e})"
+        raise BertkitError(f"{directory}: {what}; expected a folder to save into") from None
+    return directory
 
 
 def write_json(path: str | Path, value, indent: int = 2, sort_keys: bool = False) -> None:

@@ -18,7 +18,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from bertkit.config import option, write_json
+from bertkit.config import option, save_folder, write_json
 from bertkit.data.corpus import FileReader, Skips, expand_inputs, replace_lone_surrogates
 from bertkit.errors import BertkitError, where
 
@@ -276,8 +276,7 @@ class Tokenizer:
     def save_pretrained(self, directory: str | Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers reads them
         (`model_max_length`: the length transformers truncates to by default, the model's positions)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = save_folder(directory)
         (directory / "vocab.txt").write_text("".join(token + "\n" for token in self.vocab()), encoding="utf-8")
         self.backend.save(str(directory / "tokenizer.json"))
         special_tokens = {
