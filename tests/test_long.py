@@ -12,7 +12,7 @@ from bertkit.errors import BertkitError
 from bertkit.extend import ExtendConfig, extend, extend_positions
 from bertkit.model import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, BertModel,
                            LocalWindows)
-from tests.tiny_folders import save_tiny, tiny_config, varied
+from tests.tiny_folders import left_padded, save_tiny, tiny_config, varied
 
 
 def dense_pattern(keep, global_mask, radius):
@@ -348,9 +348,7 @@ def test_cls_is_global_where_left_padding_puts_it():
     config = tiny_config(attention_window=4, max_position_embeddings=64)
     model = varied(BertForSequenceClassification(config).eval())
     ids, _, _ = _inputs(B=2, T=30)
-    mask = torch.ones_like(ids)
-    mask[1, :8] = 0  # padding on the left
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    mask, positions = left_padded(ids, {1: 8})
     with torch.no_grad():
         batch = model(ids, attention_mask=mask, position_ids=positions).logits
         alone = model(ids[1:, 8:]).logits

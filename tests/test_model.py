@@ -12,6 +12,7 @@ from bertkit import (
     BertModel,
 )
 from bertkit.model import Kernels, Layout, flops_per_token, packs, set_dropout, set_kernels
+from tiny_folders import left_padded
 
 
 def tiny(**kw) -> BertConfig:
@@ -404,9 +405,7 @@ def test_a_left_to_right_classifier_reads_the_last_real_token_of_left_padding_an
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny(is_decoder=True, num_labels=3)).eval()
     ids = torch.randint(5, 300, (2, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # padding on the left
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    mask, positions = left_padded(ids, {1: 4})
     with torch.no_grad():
         batch = model(ids, attention_mask=mask, position_ids=positions).logits
         alone = model(ids[1:, 4:]).logits
@@ -423,10 +422,7 @@ def test_a_classifier_reads_the_cls_token_of_left_padding_on_every_kernel(packin
     model = BertForSequenceClassification(tiny(num_labels=3)).eval()
     set_kernels(model, packing=packing)
     ids = torch.randint(5, 300, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # padding on the left
-    mask[2, :7] = 0
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    mask, positions = left_padded(ids, {1: 4, 2: 7})
     with torch.no_grad():
         batch = model(ids, attention_mask=mask, position_ids=positions).logits
         for b, start in ((1, 4), (2, 7)):
@@ -470,9 +466,7 @@ def test_a_bilstm_reads_the_real_tokens_of_left_padding(cls):
     torch.manual_seed(0)
     model = cls(tiny(num_labels=3, bilstm=True)).eval()
     ids = torch.randint(5, 300, (2, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # padding on the left
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # the real tokens at 0, 1, ... as when alone
+    mask, positions = left_padded(ids, {1: 4})
     name = "logits" if cls is BertForSequenceClassification else "start_logits"
     with torch.no_grad():
         batch = model(ids, attention_mask=mask, position_ids=positions)[name]

@@ -32,6 +32,15 @@ def varied(model):
     return model
 
 
+def left_padded(ids: torch.Tensor, pads: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask, position_ids) for `ids` with `pads[row]` padding positions on the left of those rows, the
+    real tokens at positions 0, 1, ... as when the row is alone."""
+    mask = torch.ones_like(ids)
+    for row, n in pads.items():
+        mask[row, :n] = 0
+    return mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def tokenizer_in(directory) -> Tokenizer:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", "?", "%", *letters, *("##" + c for c in letters),
