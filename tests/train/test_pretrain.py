@@ -377,6 +377,37 @@ def test_processes_and_accumulation_read_the_same_micro_batches():
     assert PretrainBatches(data, 4, 2, Distributed())._order(5, 40) == one[5:]  # resuming mid-epoch
 
 
+def test_a_micro_batch_without_masked_tokens_adds_nothing_instead_of_skipping_the_step():
+    # whole-word or span masking can leave a short example no target; a micro-batch of only such examples has a
+    # masked-LM mean over no token (nan), which made the whole step non-finite and skipped it
+    from bertkit.train import pretrain as module
+    from bertkit.train.precision import resolve
+
+    def batch(masked: bool) -> dict:
+        ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(int(masked)))
+        labels = torch.full_like(ids, -100)
+        if masked:
+            labels[:, 3] = ids[:, 3]
+        return dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids),
+                    labels=labels)
+
+    def step(micro_batches):
+        torch.manual_seed(0)
+        model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        sums, ok = module.train_step(model, micro_batches, optimizer, scheduler, resolve("fp32", torch.device("cpu")),
+                                     1.0, Distributed(), top_token=5)
+        return ok, dict(zip(module.SUMS, sums.tolist())), model
+
+    ok, sums, model = step([batch(True), batch(False)])
+    assert ok and math.isfinite(sums["loss"]) and sums["mlm_total"] == 2
+    _, _, alone = step([batch(True)])  # the same update as the masked micro-batch alone
+    for a, b in zip(model.parameters(), alone.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_batch_ramp_grows_the_global_batch_linearly():
     batches = PretrainBatches(_Plan(range(10_000)), 4, 8, Distributed(), ramp_steps=14)
     assert [batches.accumulation(s) for s in range(16)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]

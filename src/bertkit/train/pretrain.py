@@ -354,9 +354,10 @@ def batch_sums(out, batch: dict[str, torch.Tensor], top_token: int) -> torch.Ten
     zero = out.masked_lm_loss.new_zeros(())
     sentence = batch.get("next_sentence_label")
     sentence_loss = out.next_sentence_loss if out.next_sentence_loss is not None else zero
+    mlm_loss = out.masked_lm_loss if targets.numel() else zero  # a mean over no token is nan
     values = [
-        (out.masked_lm_loss + sentence_loss).detach().float(),  # the model's loss (a step weights its own)
-        out.masked_lm_loss.detach().float(),
+        (mlm_loss + sentence_loss).detach().float(),  # the model's loss (a step weights its own)
+        mlm_loss.detach().float(),
         (out.prediction_logits.argmax(-1) == targets).sum(),
         targets.new_tensor(targets.numel()),
         (out.seq_relationship_logits.argmax(-1) == sentence).sum() if sentence is not None else zero,
@@ -400,7 +401,10 @@ def train_step(model, micro_batches: list, optimizer, scheduler, precision: Prec
     def weighted(model, batch):
         out = forward(model, batch)
         sentence = out.next_sentence_loss if out.next_sentence_loss is not None else 0
-        return dataclasses.replace(out, loss=out.masked_lm_loss * next(weights) + sentence)
+        # A micro-batch with no masked token (short examples under whole-word or span masking can have none) has
+        # weight 0 and a nan mean; 0 x nan would skip the whole step
+        weight = next(weights)
+        return dataclasses.replace(out, loss=torch.where(weight > 0, out.masked_lm_loss * weight, 0.0) + sentence)
 
     _, ok = shared_step(model, micro_batches, optimizer, scheduler, precision, max_grad_norm, d.device, d,
                         forward=weighted, on_output=lambda out, batch: sums.add_(batch_sums(out, batch, top_token)))
