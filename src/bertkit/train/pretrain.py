@@ -763,7 +763,8 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     bad_steps = NonFiniteSteps(cfg.max_bad_steps, f"try a lower --lr (now {cfg.lr:g})"
                                + (", clipping (--max-grad-norm 1)" if not cfg.max_grad_norm else "")
                                + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
-                               + "; --resume auto continues from the last checkpoint")
+                               + "; --resume auto continues from the last checkpoint (or starts over if none "
+                               "was saved)")
     return Run(cfg, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer, scheduler,
                precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
                most_frequent_token(train_set), signature, log, bad_steps, pos, len(train_set))
