@@ -316,6 +316,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bitwise(inputs, tmp_pat
     assert rows(killed_dir, "eval") == rows(tmp_path / "whole", "eval")
 
 
+def test_a_run_resumed_between_two_log_rows_logs_the_rows_of_an_uninterrupted_run(inputs, tmp_path):
+    """A checkpoint between two train.csv rows (Ctrl-C, SIGTERM, a --save-every that is no multiple of --log-every):
+    the resumed run's next row is the mean of every step since the last row, the steps before the checkpoint
+    included, as the uninterrupted run logs it (it was the mean of the steps after the checkpoint alone)."""
+    cfg = small(inputs, tmp_path / "whole", max_steps=12, log_every=4, save_every=6, keep_last=0)
+    pretrain(cfg)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000012")  # as if killed after step 6's checkpoint
+    pretrain(dataclasses.replace(cfg, out_dir=str(tmp_path / "resumed"), resume="auto"))
+    drop = ("tokens_per_s",)
+    whole, resumed = ([{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / name)]
+                      for name in ("whole", "resumed"))
+    assert [r["step"] for r in resumed] == ["4", "8", "12"]
+    assert resumed == whole
+
+
 def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
     # Dropout off: each process draws its own dropout masks, which one accumulating process cannot reproduce.
     config = tmp_path / "config.json"

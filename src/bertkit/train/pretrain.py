@@ -566,6 +566,30 @@ def training_state(pos: Position, optimizer, scheduler, precision: Precision, si
     }
 
 
+def log_window(run: Run) -> dict:
+    """The part of train.csv's next row that a checkpoint keeps: the sums over every process (a collective: every rank
+    calls it), rank 0's seconds, and the skipped-step counts."""
+    sums = run.window.clone() if run.window is not None else torch.zeros(len(SUMS), device=run.d.device)
+    distributed.all_reduce_sum(sums, run.d)
+    b = run.bad_steps
+    return {"sums": sums.tolist(), "seconds": run.window_seconds,
+            "bad_steps": [b.in_row, b.total, b.window, b.first_in_row]}
+
+
+def restore_log_window(state: dict, run: Run) -> None:
+    """Put back `log_window` of a checkpoint: the sums on rank 0 alone (they are summed over processes at the next
+    row, whatever their number now), the skipped-step counts on every rank. A checkpoint written before it was kept
+    has none: the next row then covers the steps since the checkpoint."""
+    saved = state.get("log_window")
+    if not saved:
+        return
+    if run.d.is_main:
+        run.window = torch.tensor(saved["sums"], dtype=torch.float32, device=run.d.device)
+    run.window_seconds = saved["seconds"]
+    b = run.bad_steps
+    b.in_row, b.total, b.window, b.first_in_row = saved["bad_steps"]
+
+
 def restore(state: dict, source: Path, optimizer, scheduler, precision: Precision, signature: dict,
             d: Distributed) -> Position:
     """Load a checkpoint's training state (weights are loaded before); returns the position to continue from."""
@@ -674,6 +698,11 @@ class Run:
     bad_steps: NonFiniteSteps
     pos: Position
     examples_per_epoch: int
+    # train.csv's next row in the making: this process's SUMS, and the seconds, since the last row. A checkpoint keeps
+    # them (`log_window`), so that a run resumed between two rows (after Ctrl-C, SIGTERM, a kill) logs the row an
+    # uninterrupted run logs, not one of the steps since the checkpoint alone
+    window: torch.Tensor | None = None
+    window_seconds: float = 0.0
 
     @property
     def checkpoints(self) -> Path:
@@ -691,6 +720,7 @@ class Run:
                                f"weights: {self.bad_steps.hint}")
         payload = training_state(self.pos, self.optimizer, self.scheduler, self.precision, self.signature, self.cfg,
                                  self.d)
+        payload["log_window"] = log_window(self)
 
         def write() -> Path:
             path = save_checkpoint(self.checkpoints, self.pos.step, self.model, self.tokenizer, payload)
@@ -765,9 +795,13 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
                                + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
                                + "; --resume auto continues from the last checkpoint (or starts over if none "
                                "was saved)")
-    return Run(cfg, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer, scheduler,
-               precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
-               most_frequent_token(train_set), signature, log, bad_steps, pos, len(train_set))
+    run = Run(cfg, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer, scheduler,
+              precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
+              most_frequent_token(train_set), signature, log, bad_steps, pos, len(train_set),
+              torch.zeros(len(SUMS), device=d.device))
+    if state is not None:
+        restore_log_window(state, run)
+    return run
 
 
 def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> dict:
@@ -798,8 +832,7 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
     and the last training row."""
     cfg, d, pos = run.cfg, run.d, run.pos
     end = cfg.stop_at or cfg.max_steps
-    window = torch.zeros(len(SUMS), device=d.device)
-    seconds = 0.0  # spent loading and stepping since the last log row (evaluation and saving left out)
+    window = run.window  # and run.window_seconds: loading and stepping since the last row (evaluation, saving left out)
     steps = run.batches(pos.epoch, pos.step, pos.example_in_epoch)
     last_saved = pos.step if run.resumed_from is not None else None
     train_row: dict = {}
@@ -814,14 +847,14 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
             if ok:  # a skipped step's nan would spoil the window's means
                 window += sums
             elapsed = time.perf_counter() - started
-            seconds += elapsed
+            run.window_seconds += elapsed
             pos = run.pos = Position(pos.step + 1, epoch, example_in_epoch, pos.train_seconds + elapsed)
             bar.update(1)
             run.bad_steps.record(ok, pos.step)
             if pos.step % cfg.log_every == 0 or pos.step == end:
                 distributed.all_reduce_sum(window, d)
                 train_row = {**metrics(window, cfg.objective), "lr": run.scheduler.get_last_lr()[0],
-                             "tokens_per_s": window[SUMS.index("tokens")].item() / seconds, "epoch": epoch,
+                             "tokens_per_s": window[SUMS.index("tokens")].item() / run.window_seconds, "epoch": epoch,
                              "skipped_steps": run.bad_steps.window}
                 run.log.log("train", pos.step, train_row)
                 sentence = train_row.get(task.metric) if task.metric else None
@@ -831,7 +864,7 @@ def loop(run: Run) -> tuple[dict, Path, dict]:
                                 **({"skipped": run.bad_steps.total} if run.bad_steps.total else {}),
                                 refresh=False)  # the bar redraws on its own schedule (once a minute into a file)
                 window.zero_()
-                seconds, run.bad_steps.window = 0.0, 0
+                run.window_seconds, run.bad_steps.window = 0.0, 0
             if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < end:
                 run.evaluate()
             if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < end:
