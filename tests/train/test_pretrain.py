@@ -119,9 +119,15 @@ def test_the_saved_config_keeps_the_inputs_paths_absolute(inputs, tmp_path, monk
     pretrain(cfg)
     saved = json.loads((tmp_path / "run" / "pretrain_config.json").read_text())
     assert saved["tokenizer"] == str(inputs / "tokenizer") and saved["data"] == str(inputs / "data")
-    assert saved["corpus"] == [str(inputs / "slice.txt")] and saved["model"] == "tiny"
+    assert saved["model"] == "tiny"
+    # what the run did not read is null, not a default that names another corpus
+    assert saved["corpus"] is saved["vocab_size"] is saved["format"] is saved["text_field"] is None
     assert PretrainConfig(**saved) == dataclasses.replace(cfg, tokenizer=saved["tokenizer"], data=saved["data"],
-                                                          corpus=saved["corpus"])
+                                                          corpus=[], vocab_size=None, format=None, text_field=None)
+    own = small(inputs, tmp_path / "own", tokenizer="tokenizer", data=None, corpus=["slice.txt"], max_steps=1)
+    pretrain(own)  # prepares its corpus with the given vocabulary: the corpus is read, the vocabulary size not
+    saved = json.loads((tmp_path / "own" / "pretrain_config.json").read_text())
+    assert saved["corpus"] == [str(inputs / "slice.txt")] and saved["vocab_size"] is None
 
 
 def test_heldout_curve_reads_a_run_that_built_its_own_vocabulary_and_corpus(inputs, tmp_path):

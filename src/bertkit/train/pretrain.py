@@ -170,7 +170,7 @@ class PretrainConfig:
         except (TypeError, ValueError):
             raise BertkitError(f"pretrain config: mask_mix={self.mask_mix} (expected three whole percentages that "
                                "sum to 100, such as 80 10 10)") from None
-        self.corpus = [str(c) for c in self.corpus]
+        self.corpus = [str(c) for c in self.corpus or ()]  # null in a saved config whose run did not read it
         if self.model_dir is not None:
             self.model = self.model_dir  # its config.json is the architecture: the saved config says so, not a preset
             if self.tokenizer is None:
@@ -639,10 +639,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def saved_config(cfg: PretrainConfig) -> dict:
     """The fields as pretrain_config.json keeps them: the paths of the inputs absolute, so that whoever reads the run
     folder from another directory (ablate scoring a cell, benchmarks/heldout_curve.py) finds its vocabulary, corpus
-    and starting model, not a namesake there. Not --out-dir: the run is wherever its folder is read from."""
+    and starting model, not a namesake there. Not --out-dir: the run is wherever its folder is read from. Inputs the
+    run did not use are null: with --tokenizer the vocabulary size, with --tokenizer and --data the corpus and how it
+    is read (their defaults named the python-docs corpus for a run that read another)."""
     # a glob in --corpus too: its pattern is only joined to the folder it was typed in
     paths = ("model_dir", "tokenizer", "data", "corpus", *(() if cfg.model in PRESETS else ("model",)))
-    return absolute_paths(dataclasses.asdict(cfg), paths)
+    saved = absolute_paths(dataclasses.asdict(cfg), paths)
+    unused = (("vocab_size",) if cfg.tokenizer else ()) + (("corpus", "format", "text_field") if cfg.tokenizer and
+                                                           cfg.data else ())
+    return saved | dict.fromkeys(unused)
 
 
 def check_model(cfg: PretrainConfig) -> None:
