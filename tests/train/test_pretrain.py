@@ -923,6 +923,26 @@ def test_perplexity_refuses_an_encoder_without_its_masked_lm_head_in_pytorch_mod
     assert "no masked-LM head (cls.predictions)" in capsys.readouterr().err
 
 
+def test_perplexity_reads_an_nvidia_pretraining_checkpoint(inputs, tmp_path):
+    """NVIDIA's checkpoint names the head's dense layer `cls.predictions.transform.dense_act`: it was refused as having
+    no masked-LM head, though every other command reads the folder; it scores what the same weights score."""
+    from bertkit.tasks.perplexity import PerplexityConfig, perplexity
+    from bertkit.tf_checkpoint import save_nvidia
+    from bertkit.tokenizer import Tokenizer
+    from tiny_folders import tiny_config
+
+    tokenizer = Tokenizer.from_pretrained(inputs / "tokenizer")
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny_config(tokenizer.vocab_size))
+    model.save_pretrained(tmp_path / "hf", tokenizer=tokenizer)
+    save_nvidia(model, tmp_path / "nvidia", tokenizer=tokenizer)
+    config = PerplexityConfig(model_dir=str(tmp_path / "hf"), data=str(inputs / "data"), max_length=64, batches=1,
+                              threads=1)
+    ours = perplexity(config)["whole"]
+    theirs = perplexity(dataclasses.replace(config, model_dir=str(tmp_path / "nvidia")))["whole"]
+    assert theirs["masked_lm_loss"] == pytest.approx(ours["masked_lm_loss"], rel=1e-6) and theirs["masked_tokens"] > 0
+
+
 def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tmp_path):
     """`score_held_out`: two models predict the very same positions (the same count, the same unigram baseline) and
     differ in their loss; the perplexity is exp(loss); a run folder means its newest checkpoint; a left-to-right model

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bertkit.checkpoint import model_folder, read_state_dict, read_weight_shapes
-from bertkit.config import option
+from bertkit.checkpoint import model_folder, normalize_keys, read_state_dict, read_weight_shapes
+from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 
 IGNORE = -100
@@ -100,7 +100,8 @@ def _perplexity(config: PerplexityConfig) -> dict:
 
     directory = model_folder(config.model_dir)
     # a pytorch_model.bin has no header to read: loaded, so that its missing head is refused too, not initialised
-    names = set(read_weight_shapes(directory) or read_state_dict(directory))  # the names only: the tensors go
+    # the names only (the tensors go), as the model loads them: NVIDIA's call the head's dense layer `dense_act`
+    names = set(normalize_keys(read_weight_shapes(directory) or read_state_dict(directory), BertConfig.load(directory)))
     if not any(k.endswith("cls.predictions.transform.dense.weight") for k in names):
         raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
                            "a model saved with its MLM head")
