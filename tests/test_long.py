@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertkit import BertConfig
+from bertkit import BertConfig, Tokenizer
 from bertkit.cli import main
 from bertkit.errors import BertkitError
 from bertkit.extend import ExtendConfig, extend, extend_positions
-from bertkit.model import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, BertModel,
-                           LocalWindows)
+from bertkit.model import (BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
+                           BertModel, LocalWindows)
 from tests.tiny_folders import left_padded, save_tiny, tiny_config, varied
 
 
@@ -252,6 +252,27 @@ def test_transformers_loads_an_extended_folder(tmp_path):
     ids = torch.randint(5, ours.config.vocab_size, (2, 300))
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls, num_labels", [(BertForPreTraining, 2), (BertForSequenceClassification, 3),
+                                             (BertForQuestionAnswering, 2)])
+def test_extend_keeps_the_heads_of_an_nvidia_folder(tmp_path, cls, num_labels):
+    """NVIDIA's bert_config.json names no architecture: the folder was extended as a bare BertModel, its pretraining,
+    classifier or QA head dropped without a word (`perplexity` then found no masked-LM head)."""
+    from bertkit.tf_checkpoint import save_nvidia
+
+    source = save_tiny(tmp_path / "model", cls=cls, num_labels=num_labels)
+    model = cls.from_pretrained(source)
+    save_nvidia(model, tmp_path / "nvidia", tokenizer=Tokenizer.from_pretrained(source))
+    done = extend(ExtendConfig(model_dir=str(tmp_path / "nvidia"), out=str(tmp_path / "long"), max_length=256,
+                               attention_window=0))
+    assert done["architecture"] == cls.__name__
+    after = cls.from_pretrained(tmp_path / "long")  # a head missing from the folder would be newly initialised
+    assert after.config.num_labels == num_labels
+    before, extended = model.state_dict(), after.state_dict()
+    for key, value in before.items():
+        if not key.endswith("position_embeddings.weight"):
+            assert torch.equal(extended[key], value), key
 
 
 def test_extend_refuses_bad_requests(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def extend(config: ExtendConfig) -> dict:
     model_config.attention_window = config.attention_window
     model_config.position_extension = record
 
-    model = _model_for(model_config)
+    model = _model_for(model_config, state)
     from bertkit.checkpoint import load_state_dict_into
 
     load_state_dict_into(model, state, source=str(source))
@@ -116,13 +116,29 @@ def extend(config: ExtendConfig) -> dict:
             "architecture": type(model).__name__}
 
 
-def _model_for(config: BertConfig):
-    """A model of the folder's architecture (transformers' class name in config.json; a bare encoder if none)."""
+def _model_for(config: BertConfig, state: dict):
+    """A model of the folder's architecture: transformers' class name in config.json, or, where it names none (NVIDIA's
+    bert_config.json), the one its weights' heads make, as a Google folder's is read; a bare encoder would drop them."""
     from bertkit.model import MODEL_CLASSES
 
-    names = config.extra.get("architectures") or ["BertModel"]
+    names = config.extra.get("architectures") or [_architecture_of(state, config)]
     cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
     if cls is None:
         raise BertkitError(f"architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
     return cls(config)
 
+
+def _architecture_of(state: dict, config: BertConfig) -> str:
+    """The class whose heads the weights hold (the order of Google's folders: QA, classifier, pretraining, MLM);
+    a classifier's number of labels is set on `config` from its rows."""
+    if any(k.startswith("qa_outputs.") for k in state):
+        return "BertForQuestionAnswering"
+    if "classifier.weight" in state:
+        if config.id2label is None:  # named labels are checked against the rows as the weights load
+            config.num_labels = state["classifier.weight"].shape[0]
+        return "BertForSequenceClassification"
+    if any(k.startswith("cls.seq_relationship.") for k in state):
+        return "BertForPreTraining"
+    if any(k.startswith("cls.predictions.") for k in state):
+        return "BertForMaskedLM"
+    return "BertModel"
