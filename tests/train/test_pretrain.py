@@ -880,6 +880,8 @@ def test_perplexity_help_promises_the_same_tokens_only_at_one_length_and_seed(in
     assert "models and lengths are scored on the same tokens" not in sub.description
     assert "another length or seed takes other examples" in sub.description
     assert "the same ones for every model at one --max-length and --seed" in batches.help
+    # and --batch-size: the first --batches x --batch-size examples are scored (4 x 20 and 1 x 20 are not the same)
+    assert "the first --batches x --batch-size examples" in batches.help
 
 
 def test_perplexity_refuses_a_left_to_right_model(inputs, tmp_path, capsys):

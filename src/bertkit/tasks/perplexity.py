@@ -2,9 +2,9 @@
 same text read in shorter pieces: the measure of what a longer context buys a model extended by `bertkit extend`.
 
 The examples are the prepared corpus's held-out split, built at --max-length with the MLM objective and the
-paper's masking (15%, 80/10/10, drawn from --seed), so two models are scored on the same tokens whenever they
-share the vocabulary, the length and the seed; another length or seed cuts and draws other examples (lengths are
-compared on the same tokens with --pieces). With --pieces P each example is also cut into pieces of P tokens
+paper's masking (15%, 80/10/10, drawn from --seed), and the first --batches x --batch-size of them are scored, so
+two models are scored on the same tokens whenever they share the vocabulary, the length, the seed and that count;
+another length or seed cuts and draws other examples (lengths are compared on the same tokens with --pieces). With --pieces P each example is also cut into pieces of P tokens
 ([CLS] and [SEP] around P - 2 of its tokens, as a 512-token model reads a long text) with the same masked tokens
 in the same places, so the two losses differ only in how much of the text each prediction could see.
 """
@@ -34,8 +34,9 @@ class PerplexityConfig:
                        "split is scored", required=True)
     max_length: int = option(512, "tokens per example")
     pieces: int | None = option(None, "also score the same examples read in pieces of this many tokens (e.g. 512)")
-    batch_size: int = option(4, "examples per forward pass")
-    batches: int = option(20, "held-out batches scored (the same ones for every model at one --max-length and --seed)")
+    batch_size: int = option(4, "examples per forward pass; with --batches, how many are scored")
+    batches: int = option(20, "held-out batches scored: the first --batches x --batch-size examples (the same ones for "
+                          "every model at one --max-length and --seed; a smaller --batch-size scores fewer)")
     seed: int = option(0, "seed of the masking")
     threads: int | None = option(None, "CPU threads for torch (default: the cores the load average leaves idle)")
 
