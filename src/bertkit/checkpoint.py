@@ -198,6 +198,24 @@ def normalize_keys(state: dict, config: BertConfig) -> dict:
     return out
 
 
+def architecture_of(names) -> str:
+    """The model class whose heads weights of these (normalized) names hold, for a config that names none (NVIDIA's
+    bert_config.json): in the order a Google folder's is read, QA, classifier, pretraining, masked LM, else the bare
+    encoder. Taken for a bare encoder, such a folder would lose its head, or have a random one put on it."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith((prefix, "bert." + prefix)) for k in names)
+
+    if has("qa_outputs."):
+        return "BertForQuestionAnswering"
+    if has("classifier."):
+        return "BertForSequenceClassification"
+    if has("cls.seq_relationship."):
+        return "BertForPreTraining"
+    if has("cls.predictions."):
+        return "BertForMaskedLM"
+    return "BertModel"
+
+
 _VOCAB_ROWS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias")
 
 

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from bertkit.checkpoint import model_folder, read_state_dict, save_pretrained
+from bertkit.checkpoint import architecture_of, model_folder, normalize_keys, read_state_dict, save_pretrained
 from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 from bertkit.train.rundir import make_dir, new_model_folder
@@ -121,24 +121,13 @@ def _model_for(config: BertConfig, state: dict):
     bert_config.json), the one its weights' heads make, as a Google folder's is read; a bare encoder would drop them."""
     from bertkit.model import MODEL_CLASSES
 
-    names = config.extra.get("architectures") or [_architecture_of(state, config)]
+    names = config.extra.get("architectures")
+    if not names:
+        names = [architecture_of(normalize_keys(state, config))]
+        if names == ["BertForSequenceClassification"] and config.id2label is None:  # named ones are checked on load
+            config.num_labels = state["classifier.weight"].shape[0]
     cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
     if cls is None:
         raise BertkitError(f"architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
     return cls(config)
 
-
-def _architecture_of(state: dict, config: BertConfig) -> str:
-    """The class whose heads the weights hold (the order of Google's folders: QA, classifier, pretraining, MLM);
-    a classifier's number of labels is set on `config` from its rows."""
-    if any(k.startswith("qa_outputs.") for k in state):
-        return "BertForQuestionAnswering"
-    if "classifier.weight" in state:
-        if config.id2label is None:  # named labels are checked against the rows as the weights load
-            config.num_labels = state["classifier.weight"].shape[0]
-        return "BertForSequenceClassification"
-    if any(k.startswith("cls.seq_relationship.") for k in state):
-        return "BertForPreTraining"
-    if any(k.startswith("cls.predictions.") for k in state):
-        return "BertForMaskedLM"
-    return "BertModel"

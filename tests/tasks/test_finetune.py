@@ -663,3 +663,34 @@ def test_csv_files_of_the_user_in_the_run_folder_are_left_as_they_are(toy_model_
     kept = {p: p.read_bytes() for p in (data, notes)}
     finetune(toy_run(toy_model_dir, tmp_path, out, train_file=str(data), eval_file=str(data), epochs=1))
     assert {p: p.read_bytes() for p in kept if p.exists()} == kept
+
+
+def test_evaluate_and_predict_read_the_head_of_a_folder_that_names_no_architecture(tmp_path, capsys):
+    """NVIDIA's bert_config.json names no architecture: evaluate and predict took a pretraining or QA folder for a
+    classifier and scored a newly initialised, random head (a warning, then labels, exit status 0)."""
+    from bertkit import Tokenizer
+    from bertkit.model import BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification
+    from bertkit.tf_checkpoint import save_nvidia
+    from tiny_folders import save_tiny
+
+    for cls in (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification):
+        source = save_tiny(tmp_path / cls.__name__, cls=cls)
+        save_nvidia(cls.from_pretrained(source), tmp_path / f"nvidia-{cls.__name__}",
+                    tokenizer=Tokenizer.from_pretrained(source))
+    (tmp_path / "glue").mkdir()
+    tsv(tmp_path / "glue" / "dev.tsv", ("sentence", "label"), ("a good movie", 1), ("a bad film", 0))
+    (tmp_path / "in.txt").write_text("a good movie\n")
+    pretraining, qa = tmp_path / "nvidia-BertForPreTraining", tmp_path / "nvidia-BertForQuestionAnswering"
+    assert main(["evaluate", str(pretraining), "--task", "SST-2", "--data-dir", str(tmp_path / "glue")]) == 2
+    assert "bert_model.pt: the weights of BertForPreTraining; expected BertForSequenceClassification for SST-2" in \
+        capsys.readouterr().err
+    assert main(["predict", str(pretraining), str(tmp_path / "in.txt")]) == 2
+    assert "the weights of BertForPreTraining; expected a fine-tuned" in capsys.readouterr().err
+    assert main(["evaluate", str(qa), "--task", "SST-2", "--data-dir", str(tmp_path / "glue")]) == 2
+    assert "the weights of BertForQuestionAnswering" in capsys.readouterr().err
+    question = {"question": "who signed", "context": "the company signed the treaty"}
+    assert predict(qa, [json.dumps(question)])[0]["answer"] == \
+        predict(tmp_path / "BertForQuestionAnswering", [json.dumps(question)])[0]["answer"]
+    ours, theirs = (predict(tmp_path / name, ["a good movie"])[0]
+                    for name in ("BertForSequenceClassification", "nvidia-BertForSequenceClassification"))
+    assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-6)

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.checkpoint import model_folder
+from bertkit.checkpoint import (architecture_of, config_file, model_folder, normalize_keys, read_state_dict,
+                                read_weight_shapes, weights_source)
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
@@ -128,11 +129,29 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
     return metrics
 
 
+def _architectures(model_dir, model_config: BertConfig) -> list[str]:
+    """config.json's architectures or, where it names none (NVIDIA's bert_config.json), the one the weights' heads
+    make: taken for a classifier, a pretraining or QA folder was scored with a newly initialised, random head."""
+    stated = model_config.extra.get("architectures")
+    if stated:
+        return stated
+    directory = model_folder(model_dir)
+    return [architecture_of(normalize_keys(read_weight_shapes(directory) or read_state_dict(directory), model_config))]
+
+
+def _architecture_source(model_dir, model_config: BertConfig) -> str:
+    """What an error about the architecture names: the config that states it, or the weights it was read from."""
+    directory = model_folder(model_dir)
+    if model_config.extra.get("architectures"):
+        return f"{config_file(directory)}: architecture"
+    return f"{weights_source(directory)}: the weights of"
+
+
 def _check_head(task, model_config, model_dir) -> None:
     """Raise when the folder's model cannot do the task (wrong head or number of labels)."""
-    architectures = model_config.extra.get("architectures") or []
-    if architectures and task.model_class.__name__ not in architectures:
-        raise BertkitError(f"{model_dir}/config.json: architecture {', '.join(architectures)}; expected "
+    architectures = _architectures(model_dir, model_config)
+    if task.model_class.__name__ not in architectures:
+        raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected "
                            f"{task.model_class.__name__} for {task.name} (fine-tune it first)")
     if isinstance(task, TextTask) and model_config.num_labels != max(1, len(task.labels)):
         raise BertkitError(f"{model_dir}/config.json: {model_config.num_labels} labels; {task.name} has "
@@ -150,7 +169,7 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
     if isinstance(inputs, (str, Path)):
         source = str(inputs)
     inputs = read_input_lines(inputs, source)
-    architectures = model_config.extra.get("architectures") or ["BertForSequenceClassification"]
+    architectures = _architectures(model_dir, model_config)
     is_qa = "BertForQuestionAnswering" in architectures
     config = _run_config(model_dir, overrides, default_task="squad1" if is_qa else "")
     device = resolve_device(config.device)
@@ -216,8 +235,8 @@ def _label(model_dir, model_config, architectures, config, tokenizer, inputs, so
            int8: bool = False) -> list[dict]:
     """predict's classification branch."""
     if "BertForSequenceClassification" not in architectures:
-        raise BertkitError(f"{model_dir}/config.json: architecture {', '.join(architectures)}; expected a fine-tuned "
-                           "BertForSequenceClassification or BertForQuestionAnswering")
+        raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
+                           "fine-tuned BertForSequenceClassification or BertForQuestionAnswering")
     examples = parse_lines(inputs, source)  # every line, so that the results stay one per input line
     pairs, trained = next(e for e in examples if not is_blank(e)).text_b is not None, _trained_on_pairs(config)
     if trained is not None and pairs != trained:  # a GLUE dev.tsv given whole: its label read as segment B
