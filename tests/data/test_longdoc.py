@@ -44,6 +44,18 @@ def test_passages_are_balanced_by_book_and_splits_share_no_chapter(tmp_path):
     assert all(len(r["sentence"].split()) >= 30 for r in train + dev)
 
 
+def test_books_of_one_title_stay_apart(tmp_path):
+    """Two chosen books titled alike ("Poems") were one label: the second book's passages replaced the first's, so
+    the files held 2 classes where the report said 3 books."""
+    config = corpus(tmp_path, [("A", "Poems", 8, 5), ("B", "Poems", 12, 5), ("C", "Gamma", 6, 5)])
+    config.books = 3
+    report = build_longdoc(config)
+    assert [b["title"] for b in report["books"]] == ["Poems", "Poems", "Gamma"]
+    for split in ("train", "dev"):
+        rows = read(tmp_path / "task" / f"{split}.jsonl")
+        assert [r["label"] for r in rows] == ["Poems (B)", "Poems (A)", "Gamma"] * report["passages_per_book"][split]
+
+
 def test_passages_cut_at_sentence_ends():
     chapters = [["one two three", "four five"], ["six seven eight nine"]]
     assert passages(chapters, 4) == ["one two three four five", "six seven eight nine"]

@@ -121,12 +121,15 @@ def build_longdoc(config: LongDocConfig) -> dict:
     if len(chosen) < config.books:
         raise BertkitError(f"{books_tsv}: {len(chosen)} books by different authors with {config.dev_every} "
                            f"chapters or more; expected --books {len(chosen)} or fewer")
+    titles = [b["title"] for b in chosen]
     splits = {"train": {}, "dev": {}}
     for book in chosen:
         dev = [c for i, c in enumerate(book["chapters"]) if i % config.dev_every == config.dev_every - 1]
         train = [c for i, c in enumerate(book["chapters"]) if i % config.dev_every != config.dev_every - 1]
-        splits["train"][book["title"]] = passages(train, config.words)
-        splits["dev"][book["title"]] = passages(dev, config.words)
+        # the label is the title; two books of one title ("Poems") would be one class, one book's passages lost
+        label = book["title"] if titles.count(book["title"]) == 1 else f"{book['title']} ({book['author']})"
+        splits["train"][label] = passages(train, config.words)
+        splits["dev"][label] = passages(dev, config.words)
     counts = {}
     for split, by_book in splits.items():  # every split checked before any file is written: no half-made task
         counts[split] = min(len(p) for p in by_book.values())
@@ -138,8 +141,8 @@ def build_longdoc(config: LongDocConfig) -> dict:
     for split, by_book in splits.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for i in range(counts[split]):  # interleaved, book by book, so that a prefix of the file is still balanced
-                for title, texts in by_book.items():
-                    f.write(json.dumps({"sentence": texts[i], "label": title}, ensure_ascii=False) + "\n")
+                for label, texts in by_book.items():
+                    f.write(json.dumps({"sentence": texts[i], "label": label}, ensure_ascii=False) + "\n")
     report = {"books": [{k: b[k] for k in ("ebook", "author", "title", "words")} | {"chapters": len(b["chapters"])}
                         for b in chosen],
               "passages_per_book": counts, "words_per_passage": config.words, "dev_every": config.dev_every,
