@@ -945,6 +945,20 @@ def test_perplexity_reads_an_nvidia_pretraining_checkpoint(inputs, tmp_path):
     assert theirs["masked_lm_loss"] == pytest.approx(ours["masked_lm_loss"], rel=1e-6) and theirs["masked_tokens"] > 0
 
 
+def test_perplexity_refuses_a_tokenizer_larger_than_the_models_vocabulary(inputs, tmp_path, capsys):
+    """A folder whose tokenizer has more tokens than config.json's vocab_size ended in torch's IndexError traceback
+    on the first id past the embeddings; evaluate and predict already refused it in one line."""
+    from bertkit.tokenizer import Tokenizer
+    from tiny_folders import tiny_config
+
+    tokenizer = Tokenizer.from_pretrained(inputs / "tokenizer")
+    BertForPreTraining(tiny_config(tokenizer.vocab_size - 100)).save_pretrained(tmp_path, tokenizer=tokenizer)
+    assert cli_main(["perplexity", str(tmp_path), "--data", str(inputs / "data"), "--max-length", "64",
+                     "--batches", "1", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than config.json's vocab_size" in err
+
+
 def test_held_out_scores_put_every_model_on_the_same_masks(short_run, inputs, tmp_path):
     """`score_held_out`: two models predict the very same positions (the same count, the same unigram baseline) and
     differ in their loss; the perplexity is exp(loss); a run folder means its newest checkpoint; a left-to-right model

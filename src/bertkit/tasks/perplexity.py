@@ -97,12 +97,14 @@ def _perplexity(config: PerplexityConfig) -> dict:
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.data.shards import PreparedCorpus
     from bertkit.model import BertForMaskedLM
+    from bertkit.tasks.inference import check_tokenizer
     from bertkit.tokenizer import Tokenizer
 
     directory = model_folder(config.model_dir)
     # a pytorch_model.bin has no header to read: loaded, so that its missing head is refused too, not initialised
     # the names only (the tensors go), as the model loads them: NVIDIA's call the head's dense layer `dense_act`
-    names = set(normalize_keys(read_weight_shapes(directory) or read_state_dict(directory), BertConfig.load(directory)))
+    model_config = BertConfig.load(directory)
+    names = set(normalize_keys(read_weight_shapes(directory) or read_state_dict(directory), model_config))
     if not any(k.endswith("cls.predictions.transform.dense.weight") for k in names):
         raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
                            "a model saved with its MLM head")
@@ -110,6 +112,7 @@ def _perplexity(config: PerplexityConfig) -> dict:
         if getattr(config, name) < 1:
             raise BertkitError(f"--{name.replace('_', '-')} {getattr(config, name)}; expected a positive number")
     tokenizer = Tokenizer.from_pretrained(directory)
+    check_tokenizer(tokenizer, model_config, directory)  # its extra ids would index past the embeddings
     model = BertForMaskedLM.from_pretrained(directory).eval()
     if model.config.is_decoder:  # its causal mask hides the right context a masked token is predicted from
         raise BertkitError(f"{directory}: a left-to-right model (is_decoder); a masked-LM score needs a bidirectional "
