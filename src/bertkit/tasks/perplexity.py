@@ -4,9 +4,10 @@ same text read in shorter pieces: the measure of what a longer context buys a mo
 The examples are the prepared corpus's held-out split, built at --max-length with the MLM objective and the
 paper's masking (15%, 80/10/10, drawn from --seed), and the first --batches x --batch-size of them are scored, so
 two models are scored on the same tokens whenever they share the vocabulary, the length, the seed and that count;
-another length or seed cuts and draws other examples (lengths are compared on the same tokens with --pieces). With --pieces P each example is also cut into pieces of P tokens
-([CLS] and [SEP] around P - 2 of its tokens, as a 512-token model reads a long text) with the same masked tokens
-in the same places, so the two losses differ only in how much of the text each prediction could see.
+another length or seed cuts and draws other examples (lengths are compared on the same tokens with --pieces).
+With --pieces P each example is also cut into pieces of P tokens ([CLS] and [SEP] around P - 2 of its tokens, as
+a 512-token model reads a long text) with the same masked tokens in the same places, so the two losses differ only
+in how much of the text each prediction could see.
 """
 
 from __future__ import annotations
