@@ -348,6 +348,24 @@ def test_convert_to_nvidia_writes_its_names_and_padding_and_reads_back_the_same_
             assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.parametrize("cls, num_labels", [("BertForPreTraining", 2), ("BertForSequenceClassification", 3),
+                                             ("BertForQuestionAnswering", 2), ("BertModel", 2)])
+def test_an_nvidia_folder_is_read_as_the_heads_its_weights_hold(tmp_path, cls, num_labels):
+    """NVIDIA's bert_config.json names no architecture: the folder was read as a bare encoder, so `convert` back to
+    transformers' layout dropped its head, and a 3-label classifier did not load without num_labels=3."""
+    import bertkit
+    from tiny_folders import save_tiny
+
+    source = save_tiny(tmp_path / "hf", cls=getattr(bertkit, cls), num_labels=num_labels)
+    assert main(["convert", source, "--out", str(tmp_path / "nv"), "--to", "nvidia"]) == 0
+    config = BertConfig.load(tmp_path / "nv")
+    assert config.extra["architectures"] == [cls] and config.num_labels == num_labels
+    assert main(["convert", str(tmp_path / "nv"), "--out", str(tmp_path / "back"), "--to", "hf"]) == 0
+    model = getattr(bertkit, cls)
+    want, got = model.from_pretrained(source).state_dict(), model.from_pretrained(tmp_path / "back").state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_overrides_given_with_a_config_leave_the_callers_config_as_it_was(tmp_path):
     """from_pretrained(dir, config=cfg, num_labels=3) set num_labels on cfg itself: a second model built from it
     got the first one's head."""

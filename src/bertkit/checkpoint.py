@@ -117,11 +117,18 @@ def weights_source(directory: Path) -> str:
     return str(directory / index)
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file; `mmap` maps a pickle's storages instead of reading them (for names and
+    shapes; a file of the old, non-zip format is read)."""
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated file, or a pickle holding more than tensors
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # torch's own message is a page long
         if unsafe is None:

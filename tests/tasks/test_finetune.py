@@ -682,12 +682,12 @@ def test_evaluate_and_predict_read_the_head_of_a_folder_that_names_no_architectu
     (tmp_path / "in.txt").write_text("a good movie\n")
     pretraining, qa = tmp_path / "nvidia-BertForPreTraining", tmp_path / "nvidia-BertForQuestionAnswering"
     assert main(["evaluate", str(pretraining), "--task", "SST-2", "--data-dir", str(tmp_path / "glue")]) == 2
-    assert "bert_model.pt: the weights of BertForPreTraining; expected BertForSequenceClassification for SST-2" in \
+    assert "bert_config.json: architecture BertForPreTraining; expected BertForSequenceClassification for SST-2" in \
         capsys.readouterr().err
     assert main(["predict", str(pretraining), str(tmp_path / "in.txt")]) == 2
-    assert "the weights of BertForPreTraining; expected a fine-tuned" in capsys.readouterr().err
+    assert "architecture BertForPreTraining; expected a fine-tuned" in capsys.readouterr().err
     assert main(["evaluate", str(qa), "--task", "SST-2", "--data-dir", str(tmp_path / "glue")]) == 2
-    assert "the weights of BertForQuestionAnswering" in capsys.readouterr().err
+    assert "architecture BertForQuestionAnswering" in capsys.readouterr().err
     question = {"question": "who signed", "context": "the company signed the treaty"}
     assert predict(qa, [json.dumps(question)])[0]["answer"] == \
         predict(tmp_path / "BertForQuestionAnswering", [json.dumps(question)])[0]["answer"]
