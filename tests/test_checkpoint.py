@@ -167,6 +167,19 @@ def test_bertkit_info_counts_parameters_from_the_header_alone(tmp_path, capsys):
     assert f"parameters       {model.num_parameters():,}" in capsys.readouterr().out
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`bertkit info ... | head -1` (or predict into head) ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    tiny_folder(tmp_path)
+    command = [sys.executable, "-c", "import sys; from bertkit.cli import main; sys.exit(main())", "info", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # long before the command, still importing, prints
+    err = process.stderr.read()
+    assert process.wait() == 141 and err == ""
+
+
 @pytest.mark.parametrize("is_file, expected", [(True, "a file, not a folder"), (False, "no such folder")])
 def test_a_file_or_nothing_where_a_model_folder_is_expected_is_named(tmp_path, capsys, is_file, expected):
     target = tmp_path / "model"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -473,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     except BertkitError as e:
         print(f"bertkit: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `bertkit predict ... | head`: the reader has gone, which is no error of ours to show
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        return 141  # as a tool that SIGPIPE ends: 128 + 13
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: a bug, shown with its traceback
             raise
