@@ -158,6 +158,38 @@ def test_export_into_another_models_folder_is_refused_before_it_replaces_its_fil
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("layout", ["google", "sharded"])
+def test_export_into_another_model_of_any_layout_is_refused(tmp_path, layout):
+    """Only model.safetensors and pytorch_model.bin were seen as a model: a folder of Google's layout or of sharded
+    weights got the exported model's config.json (over the shards', or shadowing bert_config.json) and no longer
+    loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from bertkit.tf_checkpoint import save_google
+    from bertkit.tokenizer import Tokenizer
+
+    model_dir, source = save_tiny(tmp_path / "m"), Path(save_tiny(tmp_path / "other", num_labels=3, seed=1))
+    other = tmp_path / layout
+    if layout == "google":
+        save_google(BertForSequenceClassification.from_pretrained(source), other, Tokenizer.from_pretrained(source))
+    else:  # the weights in two shards and their index, as transformers writes a large model
+        other.mkdir()
+        for name in ("config.json", "vocab.txt"):
+            (other / name).write_bytes((source / name).read_bytes())
+        state = load_file(str(source / "model.safetensors"))
+        names = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: state[k] for k in keys}, str(other / shard))
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        (other / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    with pytest.raises(BertkitError, match="holds another model .*expected .* itself"):
+        export(ExportConfig(model_dir=str(model_dir), out=str(other), int8=False))
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+    assert BertForSequenceClassification.from_pretrained(other).config.num_labels == 3
+
+
 def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):
     """The check is real: a graph traced from other weights than the folder's is refused."""
     import bertkit.export as export_module

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertkit.checkpoint import model_folder
+from bertkit.checkpoint import model_folder, weights_source
 from bertkit.config import BertConfig, option, write_json
 from bertkit.errors import BertkitError
 from bertkit.model import BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel
@@ -67,9 +67,6 @@ class ExportConfig:
                                    "float32 output|) of it")
 
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a model folder's, as transformers writes them
-
-
 def export(config: ExportConfig) -> dict:
     """Write the ONNX files of `config.model_dir` to `config.out`, check them against bertkit, and return (and
     write to export.json) what was written and how closely it matched. Raises BertkitError when a check fails."""
@@ -89,9 +86,9 @@ def export(config: ExportConfig) -> dict:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise BertkitError(f"{out}: a file, not a folder; expected a folder for --out")
-    weights = [name for name in WEIGHT_FILES if (out / name).is_file()]
+    weights = _held_weights(out)
     if weights and out.resolve() != source.resolve():  # its config.json and tokenizer would be this model's
-        raise BertkitError(f"--out {out} holds another model ({weights[0]}), whose config.json and tokenizer files "
+        raise BertkitError(f"--out {out} holds another model ({weights}), whose config.json and tokenizer files "
                            f"the export would replace; expected {source} itself, or a folder without a model")
     model, outputs = load_exportable(source)
     from bertkit.tokenizer import Tokenizer
@@ -150,6 +147,18 @@ def export(config: ExportConfig) -> dict:
         (out / "config.json").write_bytes((source / "config.json").read_bytes())
     write_json(out / REPORT_FILE, report)
     return report
+
+
+def _held_weights(folder: Path) -> str | None:
+    """The name of the weights of a model in `folder`, in any layout bertkit loads (sharded, Google's, NVIDIA's as
+    well as a single model.safetensors or pytorch_model.bin), or None: a config.json beside shards, or beside Google's
+    bert_config.json, would be read as that model's."""
+    if not folder.is_dir():
+        return None
+    try:
+        return Path(weights_source(folder)).name
+    except BertkitError:  # no weights there
+        return None
 
 
 def _require_onnx():
