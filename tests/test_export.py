@@ -211,6 +211,22 @@ def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "model.onnx").exists()  # not left looking like a good export
 
 
+def test_an_interrupted_export_leaves_no_graph_beside_an_earlier_exports_report(tmp_path, monkeypatch):
+    """Ctrl-C (or any error that is not a failed check) in the int8 step left the new model.onnx beside the earlier
+    export's export.json, config.json and tokenizer: a folder saying it held another model than its graph."""
+    import bertkit.export as export_module
+
+    export(ExportConfig(model_dir=save_tiny(tmp_path / "classifier"), out=str(tmp_path / "o")))
+
+    def interrupted(fp32_path, int8_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "quantize_int8", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportConfig(model_dir=save_tiny(tmp_path / "regressor", num_labels=1), out=str(tmp_path / "o")))
+    assert not {"model.onnx", "model.int8.onnx", "export.json"} & {p.name for p in (tmp_path / "o").iterdir()}
+
+
 def test_export_command_line(tmp_path, capsys):
     from bertkit.cli import main
 

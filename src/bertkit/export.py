@@ -101,9 +101,10 @@ def export(config: ExportConfig) -> dict:
         raise BertkitError(f"{out}: cannot create the folder ({e.strerror or e}); expected a writable --out") from None
 
     start = time.perf_counter()
-    # an earlier export's int8 graph must not stay beside this one's float32 graph (--no-int8 writes none)
-    (out / INT8_FILE).unlink(missing_ok=True)
-    trace(model, outputs, batches[0], out / FP32_FILE, config.opset)
+    # an earlier export's int8 graph must not stay beside this one's float32 graph (--no-int8 writes none), nor its
+    # export.json, written last, beside a graph of this export that an interruption left without one
+    for name in (INT8_FILE, REPORT_FILE):
+        (out / name).unlink(missing_ok=True)
     report = {
         "source": str(source),
         "architecture": type(model).__name__,
@@ -117,6 +118,7 @@ def export(config: ExportConfig) -> dict:
         "check": {},
     }
     try:
+        trace(model, outputs, batches[0], out / FP32_FILE, config.opset)
         expected = [_run_bertkit(model, outputs, batch) for batch in batches]
         fp32 = _compare(session(out / FP32_FILE), batches, expected)
         report["check"]["float32"] = fp32 | {"tolerance": f"{config.tolerance:g} * (1 + |bertkit|), elementwise"}
@@ -133,10 +135,12 @@ def export(config: ExportConfig) -> dict:
                 raise BertkitError(f"{out / INT8_FILE}: ONNX Runtime's int8 {int8['worst_output']} differs from "
                                    f"bertkit's float32 by {int8['max_abs_diff']:.3g}, more than --int8-tolerance "
                                    f"{config.int8_tolerance:g} of its scale; expected a working int8 graph")
-    except BertkitError as e:  # a graph that failed its check is not left where it would be used
-        for name in (FP32_FILE, INT8_FILE, REPORT_FILE):
+    except BaseException as e:  # a graph that failed its check, or was not checked (Ctrl-C), is not left to be used
+        for name in (FP32_FILE, INT8_FILE):
             (out / name).unlink(missing_ok=True)
-        raise BertkitError(f"{e} (the ONNX files are removed)") from None
+        if isinstance(e, BertkitError):
+            raise BertkitError(f"{e} (the ONNX files are removed)") from None
+        raise
     report["seconds"] = round(time.perf_counter() - start, 1)
     tokenizer.save_pretrained(out, model_max_length=model.config.max_position_embeddings)
     if not (source / "config.json").is_file():  # Google's folder (bert_config.json): the config as bertkit read it
