@@ -112,6 +112,18 @@ def test_int8_keeps_an_untied_decoder_in_float32_and_an_int8_model_is_not_saved(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("layout", ["google", "nvidia"])
+def test_an_int8_model_is_not_saved_in_google_or_nvidia_layout(tmp_path, layout):
+    """save_google and save_nvidia wrote an int8 model's state dict, which has none of its linear layers: a
+    checkpoint without the encoder's attention and feed-forward weights, refused only when loaded."""
+    from bertkit.tf_checkpoint import save_google, save_nvidia
+
+    save = {"google": save_google, "nvidia": save_nvidia}[layout]
+    with pytest.raises(BertkitError, match="an int8 model cannot be saved"):
+        save(to_int8(tiny()), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_int8_refuses_a_model_off_the_cpu():
     model = tiny().to("meta")
     with pytest.raises(BertkitError, match="int8 inference runs on the CPU; the model is on meta"):

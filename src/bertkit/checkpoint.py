@@ -544,14 +544,21 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def check_not_int8(model) -> None:
+    """Refuse to save a model quantized by `to_int8`: its packed weights are not in the state dict, which would be
+    written without any of its linear layers."""
+    from bertkit.quantize import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise BertkitError("an int8 model cannot be saved: its weights are packed for this CPU's kernels; expected "
+                           "the float32 model, which `to_int8` (or --int8) quantizes again when loaded")
+
+
 def save_pretrained(model, directory, tokenizer=None) -> None:
     """config.json (with the transformers class in `architectures`) and model.safetensors, HF names."""
     from bertkit.model import BertForQuestionAnswering
-    from bertkit.quantize import Int8Linear
 
-    if any(isinstance(m, Int8Linear) for m in model.modules()):  # its packed weights are not in the state dict
-        raise BertkitError("an int8 model cannot be saved: its weights are packed for this CPU's kernels; expected "
-                           "the float32 model, which `to_int8` (or --int8) quantizes again when loaded")
+    check_not_int8(model)
     directory = save_folder(directory)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]

@@ -779,6 +779,9 @@ GOOGLE_HEADS = ("BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSe
 def _checked(model) -> tuple[dict, dict[str, torch.Tensor]]:
     """bert_config.json for `model` and its state dict under `bert.`-prefixed names (Google's and NVIDIA's names of
     the encoder all start so); a head or variant their code does not run is an error."""
+    from bertkit.checkpoint import check_not_int8
+
+    check_not_int8(model)
     name = type(model).__name__
     if name not in GOOGLE_HEADS:
         raise BertkitError(f"{name}: Google's BERT code has no such head; expected one of {', '.join(GOOGLE_HEADS)}")
