@@ -130,6 +130,13 @@ def test_int8_refuses_a_model_off_the_cpu():
         to_int8(model)
 
 
+def test_int8_refuses_a_bfloat16_model_before_its_first_forward():
+    """A bfloat16 model was quantized, then its first forward failed inside torch's int8 GEMM (a RuntimeError:
+    "data type of input should be float")."""
+    with pytest.raises(BertkitError, match="int8 quantizes a float32 model; the model holds bfloat16"):
+        to_int8(tiny().to(torch.bfloat16))
+
+
 def test_int8_minilm_sentence_embeddings_stay_close():
     """The real checkpoint on real sentences: mean-pooled embeddings (what all-MiniLM-L6-v2 is trained for) keep a
     cosine similarity with float32's above 0.98 for every sentence and above 0.99 on average where the CPU has VNNI

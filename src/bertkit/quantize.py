@@ -95,6 +95,10 @@ def to_int8(model: nn.Module) -> nn.Module:
     if devices != {"cpu"}:
         raise BertkitError(f"int8 inference runs on the CPU; the model is on {', '.join(sorted(devices))} "
                            "(expected --device cpu)")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:  # the int8 GEMM takes float32 inputs: a bfloat16 model failed in its first forward
+        raise BertkitError(f"int8 quantizes a float32 model; the model holds "
+                           f"{', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} (expected model.float())")
     engine = int8_engine()
     if engine not in torch.backends.quantized.supported_engines:
         raise BertkitError(f"this torch build has no int8 CPU kernels (quantized engines: "
