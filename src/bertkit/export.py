@@ -95,6 +95,7 @@ def export(config: ExportConfig) -> dict:
 
     tokenizer = Tokenizer.from_pretrained(source)
     batches = check_batches(tokenizer, model.config)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -138,6 +139,8 @@ def export(config: ExportConfig) -> dict:
     except BaseException as e:  # a graph that failed its check, or was not checked (Ctrl-C), is not left to be used
         for name in (FP32_FILE, INT8_FILE):
             (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # nor an empty --out that only this export made
+            out.rmdir()
         if isinstance(e, BertkitError):
             raise BertkitError(f"{e} (the ONNX files are removed)") from None
         raise
