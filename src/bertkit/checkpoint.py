@@ -181,6 +181,15 @@ def read_weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]] | No
     return shapes
 
 
+def weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Weight names and shapes of any layout, for a check that reads no tensor: the headers where there are some,
+    else a pickle's storages mapped, not read (an old, non-zip pickle is read whole)."""
+    shapes = read_weight_shapes(directory)
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for f in weight_files(directory) for k, v in _load_file(f, mmap=True).items()}
+    return shapes
+
+
 def normalize_keys(state: dict, config: BertConfig) -> dict:
     """Rename TF-era LayerNorm names and NVIDIA's `dense_act`, cut NVIDIA's vocabulary padding, drop non-parameters
     and tied copies (keeping the bias if only the copy has it; the decoder's weight only when `config` ties it to
@@ -368,9 +377,7 @@ def describe_model(directory: str | Path) -> dict[str, str]:
 
     directory = model_folder(directory)
     config = BertConfig.load(directory)
-    shapes = read_weight_shapes(directory)
-    if shapes is None:
-        shapes = {k: tuple(v.shape) for k, v in read_state_dict(directory).items()}
+    shapes = weight_shapes(directory)
     architectures = config.extra.get("architectures") or []
     cls = getattr(models, architectures[0], None) if architectures else None
     if not (isinstance(cls, type) and issubclass(cls, models.BertPreTrainedModel)) or cls is models.BertPreTrainedModel:

@@ -629,12 +629,10 @@ def _heads_of(directory: Path) -> dict:
     """The architecture (and a classifier's number of labels) that the weights beside a bert_config.json hold, which
     NVIDIA's config does not name: read as a bare encoder, a pretraining, QA or classifier folder lost its head or
     had a random one put on it. Nothing when there are no weights yet (a config alone)."""
-    from bertkit.checkpoint import _load_file, architecture_of, read_weight_shapes, weight_files
+    from bertkit.checkpoint import architecture_of, weight_shapes
 
     try:
-        shapes = read_weight_shapes(directory)
-        if shapes is None:  # a pickle: mapped, not read, for its names and shapes
-            shapes = {k: tuple(v.shape) for f in weight_files(directory) for k, v in _load_file(f, mmap=True).items()}
+        shapes = weight_shapes(directory)
     except BertkitError:
         return {}  # no weights, or unreadable ones: said when the weights are loaded
     found = {"architectures": [architecture_of(shapes)]}

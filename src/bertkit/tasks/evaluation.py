@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.checkpoint import (architecture_of, config_file, model_folder, normalize_keys, read_state_dict,
-                                read_weight_shapes, weights_source)
+from bertkit.checkpoint import (architecture_of, config_file, model_folder, normalize_keys, weight_shapes,
+                                weights_source)
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
@@ -136,7 +136,7 @@ def _architectures(model_dir, model_config: BertConfig) -> list[str]:
     if stated:
         return stated
     directory = model_folder(model_dir)
-    return [architecture_of(normalize_keys(read_weight_shapes(directory) or read_state_dict(directory), model_config))]
+    return [architecture_of(normalize_keys(weight_shapes(directory), model_config))]
 
 
 def _architecture_source(model_dir, model_config: BertConfig) -> str:

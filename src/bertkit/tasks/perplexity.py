@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bertkit.checkpoint import model_folder, normalize_keys, read_state_dict, read_weight_shapes
+from bertkit.checkpoint import model_folder, normalize_keys, weight_shapes
 from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 
@@ -102,10 +102,10 @@ def _perplexity(config: PerplexityConfig) -> dict:
     from bertkit.tokenizer import Tokenizer
 
     directory = model_folder(config.model_dir)
-    # a pytorch_model.bin has no header to read: loaded, so that its missing head is refused too, not initialised
-    # the names only (the tensors go), as the model loads them: NVIDIA's call the head's dense layer `dense_act`
+    # the names as the model loads them (NVIDIA's call the head's dense layer `dense_act`), a pytorch_model.bin's
+    # too, so that its missing head is refused, not initialised
     model_config = BertConfig.load(directory)
-    names = set(normalize_keys(read_weight_shapes(directory) or read_state_dict(directory), model_config))
+    names = set(normalize_keys(weight_shapes(directory), model_config))
     if not any(k.endswith("cls.predictions.transform.dense.weight") for k in names):
         raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
                            "a model saved with its MLM head")
