@@ -215,9 +215,8 @@ def normalize_keys(state: dict, config: BertConfig) -> dict:
 
 
 def architecture_of(names) -> str:
-    """The model class whose heads weights of these (normalized) names hold, for a config that names none (NVIDIA's
-    bert_config.json): in the order a Google folder's is read, QA, classifier, pretraining, masked LM, else the bare
-    encoder. Taken for a bare encoder, such a folder would lose its head, or have a random one put on it."""
+    """The model class whose heads weights of these names hold: in the order a Google folder's is read, QA,
+    classifier, pretraining, masked LM, else the bare encoder."""
     def has(prefix: str) -> bool:
         return any(k.startswith((prefix, "bert." + prefix)) for k in names)
 
@@ -230,6 +229,21 @@ def architecture_of(names) -> str:
     if has("cls.predictions."):
         return "BertForMaskedLM"
     return "BertModel"
+
+
+def heads_of(directory: str | Path) -> dict:
+    """The architecture (and a classifier's number of labels) that a folder's weights hold, for a config that names
+    none (NVIDIA's bert_config.json, an old config.json): read as a bare encoder, a pretraining, QA or classifier
+    folder lost its head or had a random one put on it. Nothing when there are no weights (a config alone)."""
+    try:
+        shapes = weight_shapes(directory)
+    except BertkitError:
+        return {}  # no weights, or unreadable ones: said when the weights are loaded
+    found = {"architectures": [architecture_of(shapes)]}
+    rows = next((shape for key, shape in shapes.items() if key.endswith("classifier.weight")), None)
+    if found["architectures"] == ["BertForSequenceClassification"] and rows and len(rows) == 2:
+        found["num_labels"] = rows[0]
+    return found
 
 
 _VOCAB_ROWS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias")

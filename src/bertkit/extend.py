@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from bertkit.checkpoint import architecture_of, model_folder, normalize_keys, read_state_dict, save_pretrained
+from bertkit.checkpoint import heads_of, model_folder, read_state_dict, save_pretrained
 from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 from bertkit.train.rundir import make_dir, new_model_folder
@@ -104,7 +104,7 @@ def extend(config: ExtendConfig) -> dict:
     model_config.attention_window = config.attention_window
     model_config.position_extension = record
 
-    model = _model_for(model_config, state)
+    model = _model_for(model_config, source)
     from bertkit.checkpoint import load_state_dict_into
 
     load_state_dict_into(model, state, source=str(source))
@@ -116,16 +116,17 @@ def extend(config: ExtendConfig) -> dict:
             "architecture": type(model).__name__}
 
 
-def _model_for(config: BertConfig, state: dict):
-    """A model of the folder's architecture: transformers' class name in config.json, or, where it names none (NVIDIA's
-    bert_config.json), the one its weights' heads make, as a Google folder's is read; a bare encoder would drop them."""
+def _model_for(config: BertConfig, source: Path):
+    """A model of the folder's architecture: transformers' class name in config.json, or, where it names none, the
+    one its weights' heads make; a bare encoder would drop them."""
     from bertkit.model import MODEL_CLASSES
 
     names = config.extra.get("architectures")
     if not names:
-        names = [architecture_of(normalize_keys(state, config))]
-        if names == ["BertForSequenceClassification"] and config.id2label is None:  # named ones are checked on load
-            config.num_labels = state["classifier.weight"].shape[0]
+        found = heads_of(source)
+        names = found.get("architectures", ["BertModel"])
+        if "num_labels" in found and config.id2label is None:  # named labels are checked on load
+            config.num_labels = found["num_labels"]
     cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
     if cls is None:
         raise BertkitError(f"architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")

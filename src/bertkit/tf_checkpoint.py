@@ -618,28 +618,13 @@ def load_config(directory: Path) -> BertConfig:
         else:
             value["architectures"] = ["BertModel"]
     elif "architectures" not in value:  # NVIDIA's: bert_config.json beside a .pt that holds the heads
-        value |= _heads_of(directory)
+        from bertkit.checkpoint import heads_of
+
+        value |= heads_of(directory)
     try:
         return BertConfig.from_dict(value)
     except BertkitError as e:
         raise BertkitError(f"{path}: {e}") from None
-
-
-def _heads_of(directory: Path) -> dict:
-    """The architecture (and a classifier's number of labels) that the weights beside a bert_config.json hold, which
-    NVIDIA's config does not name: read as a bare encoder, a pretraining, QA or classifier folder lost its head or
-    had a random one put on it. Nothing when there are no weights yet (a config alone)."""
-    from bertkit.checkpoint import architecture_of, weight_shapes
-
-    try:
-        shapes = weight_shapes(directory)
-    except BertkitError:
-        return {}  # no weights, or unreadable ones: said when the weights are loaded
-    found = {"architectures": [architecture_of(shapes)]}
-    rows = next((shape for key, shape in shapes.items() if key.endswith("classifier.weight")), None)
-    if found["architectures"] == ["BertForSequenceClassification"] and rows and len(rows) == 2:
-        found["num_labels"] = rows[0]
-    return found
 
 
 def is_google_folder(directory: Path) -> bool:

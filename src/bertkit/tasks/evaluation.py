@@ -12,8 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.checkpoint import (architecture_of, config_file, model_folder, normalize_keys, weight_shapes,
-                                weights_source)
+from bertkit.checkpoint import config_file, heads_of, model_folder, weights_source
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
@@ -135,8 +134,7 @@ def _architectures(model_dir, model_config: BertConfig) -> list[str]:
     stated = model_config.extra.get("architectures")
     if stated:
         return stated
-    directory = model_folder(model_dir)
-    return [architecture_of(normalize_keys(weight_shapes(directory), model_config))]
+    return heads_of(model_folder(model_dir)).get("architectures", [])
 
 
 def _architecture_source(model_dir, model_config: BertConfig) -> str:

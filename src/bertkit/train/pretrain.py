@@ -569,7 +569,7 @@ def training_state(pos: Position, optimizer, scheduler, precision: Precision, si
 def log_window(run: Run) -> dict:
     """The part of train.csv's next row that a checkpoint keeps: the sums over every process (a collective: every rank
     calls it), rank 0's seconds, and the skipped-step counts."""
-    sums = run.window.clone() if run.window is not None else torch.zeros(len(SUMS), device=run.d.device)
+    sums = run.window.clone()
     distributed.all_reduce_sum(sums, run.d)
     b = run.bad_steps
     return {"sums": sums.tolist(), "seconds": run.window_seconds,
@@ -706,7 +706,7 @@ class Run:
     # train.csv's next row in the making: this process's SUMS, and the seconds, since the last row. A checkpoint keeps
     # them (`log_window`), so that a run resumed between two rows (after Ctrl-C, SIGTERM, a kill) logs the row an
     # uninterrupted run logs, not one of the steps since the checkpoint alone
-    window: torch.Tensor | None = None
+    window: torch.Tensor = None  # set_up gives it
     window_seconds: float = 0.0
 
     @property
