@@ -206,25 +206,44 @@ def test_export_check_fails_on_a_graph_that_differs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module, "trace", trace_other_weights)
     with pytest.raises(BertkitError, match="model.onnx: ONNX Runtime's logits differs from bertkit's by 1.*"
-                                           r"\(the ONNX files are removed\)"):
+                                           r"\(nothing written: --out is as it was\)"):
         export(ExportConfig(model_dir=model_dir, out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()  # not left looking like a good export, nor an empty folder
 
 
-def test_an_interrupted_export_leaves_no_graph_beside_an_earlier_exports_report(tmp_path, monkeypatch):
-    """Ctrl-C (or any error that is not a failed check) in the int8 step left the new model.onnx beside the earlier
-    export's export.json, config.json and tokenizer: a folder saying it held another model than its graph."""
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("failure", ["interrupted", "failed check"])
+def test_a_failed_export_leaves_an_earlier_export_as_it_was(tmp_path, monkeypatch, failure):
+    """Exporting again into a folder removed the earlier export's graphs when the new export failed its check or was
+    interrupted (Ctrl-C in the int8 step): the earlier, checked graph was lost, and nothing replaced it."""
     import bertkit.export as export_module
 
     export(ExportConfig(model_dir=save_tiny(tmp_path / "classifier"), out=str(tmp_path / "o")))
+    before = files_of(tmp_path / "o")
 
-    def interrupted(fp32_path, int8_path):
-        raise KeyboardInterrupt
+    def broken(fp32_path, int8_path):
+        if failure == "interrupted":
+            raise KeyboardInterrupt
+        raise BertkitError("model.int8.onnx: differs")
 
-    monkeypatch.setattr(export_module, "quantize_int8", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(export_module, "quantize_int8", broken)
+    with pytest.raises(KeyboardInterrupt if failure == "interrupted" else BertkitError):
         export(ExportConfig(model_dir=save_tiny(tmp_path / "regressor", num_labels=1), out=str(tmp_path / "o")))
-    assert not {"model.onnx", "model.int8.onnx", "export.json"} & {p.name for p in (tmp_path / "o").iterdir()}
+    assert files_of(tmp_path / "o") == before  # no partial folder either
+
+
+def test_an_export_killed_before_its_files_moved_is_cleaned_up_by_the_next(tmp_path):
+    """A kill -9 leaves the staging folder; the next export into the same folder starts from an empty one."""
+    from bertkit.export import STAGING_DIR
+
+    (tmp_path / "o" / STAGING_DIR).mkdir(parents=True)
+    (tmp_path / "o" / STAGING_DIR / "model.onnx").write_bytes(b"half a graph")
+    export(ExportConfig(model_dir=save_tiny(tmp_path / "m"), out=str(tmp_path / "o"), int8=False))
+    assert not (tmp_path / "o" / STAGING_DIR).exists()
+    assert {"model.onnx", "export.json", "config.json", "vocab.txt"} <= set(files_of(tmp_path / "o"))
 
 
 def test_export_command_line(tmp_path, capsys):

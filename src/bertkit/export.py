@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from bertkit.errors import BertkitError
 from bertkit.model import BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel
 
 FP32_FILE, INT8_FILE, REPORT_FILE = "model.onnx", "model.int8.onnx", "export.json"
+STAGING_DIR = ".export-partial"  # inside --out, so that its files move into place with os.replace
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 # what each exportable architecture returns, by transformers' output names
 OUTPUTS = {
@@ -96,16 +99,15 @@ def export(config: ExportConfig) -> dict:
     tokenizer = Tokenizer.from_pretrained(source)
     batches = check_batches(tokenizer, model.config)
     created = not out.exists()
+    staging = out / STAGING_DIR  # this export's files, moved over an earlier export's only once all are checked
     try:
         out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a killed export's
+        staging.mkdir()
     except OSError as e:
         raise BertkitError(f"{out}: cannot create the folder ({e.strerror or e}); expected a writable --out") from None
 
     start = time.perf_counter()
-    # an earlier export's int8 graph must not stay beside this one's float32 graph (--no-int8 writes none), nor its
-    # export.json, written last, beside a graph of this export that an interruption left without one
-    for name in (INT8_FILE, REPORT_FILE):
-        (out / name).unlink(missing_ok=True)
     report = {
         "source": str(source),
         "architecture": type(model).__name__,
@@ -119,40 +121,45 @@ def export(config: ExportConfig) -> dict:
         "check": {},
     }
     try:
-        trace(model, outputs, batches[0], out / FP32_FILE, config.opset)
+        trace(model, outputs, batches[0], staging / FP32_FILE, config.opset)
         expected = [_run_bertkit(model, outputs, batch) for batch in batches]
-        fp32 = _compare(session(out / FP32_FILE), batches, expected)
+        fp32 = _compare(session(staging / FP32_FILE), batches, expected)
         report["check"]["float32"] = fp32 | {"tolerance": f"{config.tolerance:g} * (1 + |bertkit|), elementwise"}
         if fp32["worst"] > config.tolerance:
             raise BertkitError(f"{out / FP32_FILE}: ONNX Runtime's {fp32['worst_output']} differs from bertkit's by "
                                f"{fp32['max_abs_diff']:.3g} (more than {config.tolerance:g} * (1 + |value|)); expected "
                                "the same outputs")
         if config.int8:
-            quantize_int8(out / FP32_FILE, out / INT8_FILE)
+            quantize_int8(staging / FP32_FILE, staging / INT8_FILE)
             report["files"]["int8"] = INT8_FILE
-            int8 = _compare(session(out / INT8_FILE), batches, expected, relative_to_max=True)
+            int8 = _compare(session(staging / INT8_FILE), batches, expected, relative_to_max=True)
             report["check"]["int8"] = int8 | {"tolerance": f"{config.int8_tolerance:g} * (1 + max |bertkit float32|)"}
             if int8["worst"] > config.int8_tolerance:
                 raise BertkitError(f"{out / INT8_FILE}: ONNX Runtime's int8 {int8['worst_output']} differs from "
                                    f"bertkit's float32 by {int8['max_abs_diff']:.3g}, more than --int8-tolerance "
                                    f"{config.int8_tolerance:g} of its scale; expected a working int8 graph")
-    except BaseException as e:  # a graph that failed its check, or was not checked (Ctrl-C), is not left to be used
-        for name in (FP32_FILE, INT8_FILE):
-            (out / name).unlink(missing_ok=True)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        tokenizer.save_pretrained(staging, model_max_length=model.config.max_position_embeddings)
+        if (source / "config.json").is_file():  # id2label, for whoever reads the outputs
+            (staging / "config.json").write_bytes((source / "config.json").read_bytes())
+        else:  # Google's folder (bert_config.json): the config as bertkit read it
+            write_json(staging / "config.json", {**model.config.to_dict(), "architectures": [type(model).__name__]},
+                       sort_keys=True)
+        write_json(staging / REPORT_FILE, report)
+    except BaseException as e:  # a graph that failed its check, or was not checked (Ctrl-C): --out stays as it was
+        shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):  # nor an empty --out that only this export made
             out.rmdir()
         if isinstance(e, BertkitError):
-            raise BertkitError(f"{e} (the ONNX files are removed)") from None
+            raise BertkitError(f"{e} (nothing written: --out is as it was)") from None
         raise
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    tokenizer.save_pretrained(out, model_max_length=model.config.max_position_embeddings)
-    if not (source / "config.json").is_file():  # Google's folder (bert_config.json): the config as bertkit read it
-        write_json(out / "config.json", {**model.config.to_dict(), "architectures": [type(model).__name__]},
-                   sort_keys=True)
-    elif (out / "config.json").resolve() != (source / "config.json").resolve():
-        # id2label, for whoever reads the outputs
-        (out / "config.json").write_bytes((source / "config.json").read_bytes())
-    write_json(out / REPORT_FILE, report)
+    # an earlier export's report goes first, so that a kill while the files move leaves no export.json beside a
+    # mix of two exports' files; and its int8 graph, which --no-int8 would otherwise leave beside this float32 one
+    for name in (REPORT_FILE, INT8_FILE):
+        (out / name).unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == REPORT_FILE):
+        os.replace(path, out / path.name)
+    staging.rmdir()
     return report
 
 
