@@ -307,6 +307,54 @@ def test_grids_run_apart_merge_into_one_table_without_running_anything(tmp_path,
         ablate(AblateConfig(grid="custom", variants=["mlm"], out_dir=str(docs), merge_from=[str(tmp_path / "x")]))
 
 
+@pytest.mark.parametrize("same_model", [True, False])
+def test_a_cell_pretrained_again_in_another_folder_keeps_its_runs_only_if_it_is_the_same_model(tmp_path, monkeypatch,
+                                                                                             same_model, capsys):
+    """A grid merged into another --out-dir without its models and given another rate: the cell is pretrained again
+    there. Its suite row still named the old checkpoint, which the suite refuses ("row holds ..."), after the whole
+    pretraining; and a model that came back other (other code, other floats) passed its recorded runs off as its own."""
+    import bertkit.tasks.suite as suite_module
+
+    old, out = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    cell = _fake_cell("mlm", 0, 100.0, 70.0)
+    save_cell(old / "ablate.json", "mlm/seed=0", {**cell, "flags": "--objective mlm", "checkpoint": str(old / "gone")})
+    (old / "suite").mkdir()
+    (old / "suite" / "suite.json").write_text(json.dumps({"mlm/seed=0": {"model_dir": str(old / "gone"),
+                                                                         "cells": cell["suite"]["cells"]}}))
+    monkeypatch.setattr(ablate_module, "shared_inputs", lambda config, out: ("tok", "data"))
+    monkeypatch.setattr(ablate_module, "run_pretraining", lambda config, fields, seed, inputs, out: {
+        "pretrain": {"step": 5}, "checkpoint": str(out / "ckpt"), "pretrain_seconds": 1.0, "token_positions": 100,
+        "pretrain_fields": dict(fields)})
+    held_out = cell["held_out"] if same_model else {**cell["held_out"], "masked_lm_perplexity": 101.0}
+    monkeypatch.setattr(ablate_module, "score_cell", lambda *a: held_out)
+    asked = []
+
+    def fake_suite(sc):  # the suite's own check of its row, then one run per rate and seed
+        row = json.loads((out / "suite" / "suite.json").read_text())[sc.label]
+        assert row["model_dir"] == sc.model_dir, "the suite refuses a row of another model"
+        todo = {f"SST-2/lr={lr:g}/seed={s}" for lr in sc.lrs for s in (1, 2)} - row["cells"].keys()
+        asked.extend(sorted(todo))
+        cells = {**row["cells"], **{k: {"best": {"accuracy": 60.0}, "seconds": 1.0} for k in todo}}
+        return {"results": {sc.label: {"cells": cells, "wall_seconds": 1.0}}}
+
+    monkeypatch.setattr(suite_module, "suite", fake_suite)
+    config = AblateConfig(grid="custom", variants=["mlm"], seeds=1, tasks=["SST-2"], lrs=[1e-4, 3e-4],
+                          out_dir=str(out), merge_from=[str(old)])
+    cells = ablate(config)["cells"]
+    runs = cells["mlm/seed=0"]["suite"]["cells"]
+    if same_model:
+        assert asked == ["SST-2/lr=0.0001/seed=1", "SST-2/lr=0.0001/seed=2"]
+        assert runs["SST-2/lr=0.0003/seed=1"] == cell["suite"]["cells"]["SST-2/lr=0.0003/seed=1"]
+    else:
+        assert len(asked) == 4 and all(run["best"]["accuracy"] == 60.0 for run in runs.values())
+        assert "mlm/seed=0 pretrained again is not the model of its 2 recorded fine-tuning run(s)" in capsys.readouterr().out
+    # merged back into the first grid: the same model's runs add up; another model's replace the old ones
+    ablate(AblateConfig(**{**vars(config), "out_dir": str(old), "merge_from": [str(out)], "table_only": True}))
+    merged = json.loads((old / "ablate.json").read_text())["mlm/seed=0"]["suite"]["cells"]
+    assert merged == runs and len(merged) == 4
+
+
 def test_a_cell_whose_suite_stopped_part_way_shows_the_runs_it_finished(tmp_path, monkeypatch):
     """The runs of an interrupted suite sit in suite/suite.json only; the table reads them back, for the cell of the
     same key and checkpoint, and not another model's row that happens to carry the key."""

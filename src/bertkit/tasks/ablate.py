@@ -304,6 +304,28 @@ def score_cell(config: AblateConfig, fields: dict, checkpoint: str) -> dict:
     return score_held_out(checkpoint, run["tokenizer"], run["data"], objective=objective, max_length=config.max_length)
 
 
+def pretrained_again(config: AblateConfig, fields: dict, key: str, cell: dict, again: dict, suite_dir: Path) -> dict:
+    """A cell whose model was gone (a record copied without its models), pretrained again: the same model if it scores
+    the same on the held-out masks to the last digit, as it does under the same code, and its recorded fine-tuning
+    runs are this checkpoint's; if not (a change of code or machine moved the floats), they were another model's, and
+    are dropped so that the suite runs again on this one rather than mixing the two in one row."""
+    from bertkit.tasks.suite import RESULTS_FILE as SUITE_FILE, read_results, save_entry
+
+    held_out = score_cell(config, fields, again["checkpoint"])
+    same = not cell.get("held_out") or held_out == cell["held_out"]  # a left-to-right model has no reading: trusted
+    if not same:
+        runs = len(cell.get("suite", {}).get("cells", {}))
+        print(f"ablate: {key} pretrained again is not the model of its {runs} recorded fine-tuning run(s) (held-out "
+              f"masked-LM loss {held_out.get('masked_lm_loss')!r}, recorded {cell['held_out'].get('masked_lm_loss')!r});"
+              " they are run again on it", flush=True)
+        again = {k: v for k, v in again.items() if k not in ("suite", "suite_from")}
+    row = read_results(suite_dir / SUITE_FILE).get(key)
+    if row:  # the suite's row of this cell names the model it fine-tuned: now this checkpoint
+        save_entry(suite_dir / SUITE_FILE, key, {**row, "model_dir": again["checkpoint"],
+                                                  "cells": row["cells"] if same else {}})
+    return {**again, "held_out": held_out}
+
+
 def merge_grid(source: Path, out: Path) -> int:
     """Copy another grid's cells (ablate.json) and suite runs (suite/suite.json) into OUT_DIR's, a key in both
     merged field by field (the newer record's fields win); returns how many entries changed."""
@@ -327,7 +349,12 @@ def merge_grid(source: Path, out: Path) -> int:
 
 def _merged(ours: dict, theirs: dict) -> dict:
     """Two records of one cell or suite row, field by field (theirs win), and their fine-tuning runs (a suite row's
-    "cells", a cell's "suite" "cells") as the union, so that a record with fewer runs never drops the other's."""
+    "cells", a cell's "suite" "cells") as the union, so that a record with fewer runs never drops the other's. Records
+    of two different models (a cell pretrained again that scored otherwise, `pretrained_again`; a suite row of another
+    model folder) are not merged: theirs replaces ours."""
+    if (ours.get("held_out") and theirs.get("held_out") and ours["held_out"] != theirs["held_out"]
+            or ours.get("model_dir", theirs.get("model_dir")) != theirs.get("model_dir", ours.get("model_dir"))):
+        return theirs
     merged = {**ours, **theirs}
     if isinstance(ours.get("cells"), dict) and isinstance(theirs.get("cells"), dict):
         merged["cells"] = {**ours["cells"], **theirs["cells"]}
@@ -368,8 +395,9 @@ def ablate(config: AblateConfig) -> dict:
             if "pretrain" not in cell or (needs_model and not Path(cell["checkpoint"]).is_dir()):
                 inputs = inputs or shared_inputs(config, out)
                 print(f"ablate: pretraining {key} ({flags or 'the defaults'})", flush=True)
-                cell = {**cell, "variant": name, "seed": seed, "flags": flags,
-                        **run_pretraining(config, fields, seed, inputs, out)}
+                again = {**cell, "variant": name, "seed": seed, "flags": flags,
+                         **run_pretraining(config, fields, seed, inputs, out)}
+                cell = pretrained_again(config, fields, key, cell, again, out / "suite") if "checkpoint" in cell else again
                 save_cell(results_path, key, cell)
             if "held_out" not in cell and Path(cell["checkpoint"]).is_dir():
                 cell = {**cell, "held_out": score_cell(config, fields, cell["checkpoint"])}
