@@ -9,7 +9,7 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bertkit.errors import BertkitError
+from bertkit.errors import BertkitError, where
 
 CONFIG_NAME = "config.json"
 # A config.json is a few KB (a large id2label some hundred KB); a bigger file is not a model config, and reading
@@ -318,14 +318,21 @@ def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):
         raise BertkitError(f"{path}: cannot read ({e.strerror or e}); expected {what}") from None
     except UnicodeDecodeError as e:
         raise BertkitError(f"{path}: not UTF-8 text (byte {e.start}); expected {what}") from None
+    return parse_json(text, path, what)
+
+
+def parse_json(text: str, path, what: str, line: int | None = None):
+    """json.loads with its failures as BertkitErrors naming the file, the line (`line`, a JSON-lines file's; else the
+    parser's) and `what` was expected: malformed, nested too deeply, or an integer of over 4,300 digits."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise BertkitError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected {what}") from None
+        raise BertkitError(f"{where(path, line or e.lineno)}: not valid JSON ({e.msg} at column {e.colno}); "
+                           f"expected {what}") from None
     except RecursionError:
-        raise BertkitError(f"{path}: JSON nested too deeply; expected {what}") from None
+        raise BertkitError(f"{where(path, line)}: JSON nested too deeply; expected {what}") from None
     except ValueError as e:  # an integer of more than 4300 digits
-        raise BertkitError(f"{path}: not usable JSON ({e}); expected {what}") from None
+        raise BertkitError(f"{where(path, line)}: not usable JSON ({e}); expected {what}") from None
 
 
 def learning_rates(values, example: str = "1e-4 3e-4") -> list[float]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bertkit.config import parse_json
 from bertkit.errors import BertkitError, missing, where
 
 logger = logging.getLogger("bertkit")
@@ -297,14 +297,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
                     raise BertkitError(f"{where(path, line)}: not UTF-8 text (expected UTF-8)") from None
                 if not text.strip():
                     continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise BertkitError(f"{where(path, line)}: not valid JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:
-                    raise BertkitError(f"{where(path, line)}: JSON nested too deeply; expected a flat object") from None
-                except ValueError as e:  # an integer of more than 4300 digits
-                    raise BertkitError(f"{where(path, line)}: not usable JSON ({e})") from None
+                record = parse_json(text, path, "a flat JSON object per line", line)
                 if not isinstance(record, dict):
                     raise BertkitError(f"{where(path, line)}: expected a JSON object per line")
                 records.append((line, record))

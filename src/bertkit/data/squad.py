@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import json
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -15,9 +14,9 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from bertkit.config import write_json
+from bertkit.config import parse_json, write_json
 from bertkit.data.corpus import replace_lone_surrogates
-from bertkit.errors import BertkitError, missing, where
+from bertkit.errors import BertkitError, missing
 
 
 @dataclass
@@ -75,14 +74,7 @@ def _load_json(path: Path) -> list[Any]:
         raise BertkitError(f"{path}: byte {e.start} is not UTF-8 (expected UTF-8 JSON)") from None
     if not text.strip():
         raise BertkitError(f"{path}: file is empty, expected SQuAD JSON ({{'version': ..., 'data': [...]}})")
-    try:
-        dataset = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BertkitError(f"{where(path, e.lineno)}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise BertkitError(f"{path}: JSON nested too deeply; expected SQuAD JSON ({{'version': ..., 'data': [...]}})") from None
-    except ValueError as e:  # an integer of more than 4300 digits
-        raise BertkitError(f"{path}: not usable JSON ({e}); expected SQuAD JSON") from None
+    dataset = parse_json(text, path, "SQuAD JSON ({'version': ..., 'data': [...]})")
     return _field(dataset, "data", list, str(path))
 
 

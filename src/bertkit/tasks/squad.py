@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from bertkit.data.squad import (
     write_null_odds,
     write_predictions,
 )
+from bertkit.config import parse_json
 from bertkit.errors import BertkitError
 from bertkit.model import BertForQuestionAnswering
 from bertkit.tasks.inference import infer
@@ -154,14 +154,7 @@ def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample | None]
         if not line.strip():
             examples.append(None)
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BertkitError(f"{source}:{number}: not valid JSON ({e.msg}); expected "
-                               '{"question": ..., "context": ...} per line') from None
-        except (RecursionError, ValueError) as e:  # nested too deeply; an integer of over 4300 digits
-            what = "JSON nested too deeply" if isinstance(e, RecursionError) else f"not usable JSON ({e})"
-            raise BertkitError(f'{source}:{number}: {what}; expected {{"question": ..., "context": ...}} per line') from None
+        record = parse_json(line, source, '{"question": ..., "context": ...} per line', number)
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "context")):
             raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
         # a JSON-escaped lone surrogate ("\ud800") becomes U+FFFD, one character for one, as the tokenizer reads it:

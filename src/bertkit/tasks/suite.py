@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bertkit.checkpoint import atomic_write
-from bertkit.config import learning_rates, option
+from bertkit.config import learning_rates, option, parse_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig
 from bertkit.train.rundir import check_output_path, make_dir
@@ -197,10 +197,7 @@ def read_results(path: Path, what: str = "the suite's results") -> dict:
     """A results file of keyed entries (suite.json, ablate.json); {} when there is none yet."""
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BertkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected {what}") from None
+    return parse_json(path.read_text(encoding="utf-8"), path, what)
 
 
 def save_entry(path: Path, key: str, value: dict, merge: Callable[[dict, dict], dict] | None = None) -> None:
