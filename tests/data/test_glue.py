@@ -243,7 +243,7 @@ def test_custom_errors(tmp_path):
     (tmp_path / "dev.csv").write_text("text,label\ngood,pos\nodd,maybe\n")
     with pytest.raises(BertkitError, match="dev.csv:3: unknown label 'maybe' .expected one of neg, pos"):
         read_custom(tmp_path / "dev.csv", "text", "label", labels=["neg", "pos"])
-    with pytest.raises(BertkitError, match="dev.csv:2: no column 'sentence' .found text, label"):
+    with pytest.raises(BertkitError, match="dev.csv:1: no column 'sentence' .found text, label"):
         read_custom(tmp_path / "dev.csv", "sentence", "label")
     (tmp_path / "short.csv").write_text("text,label\ngood\n")
     with pytest.raises(BertkitError, match="short.csv:2: 1 columns, expected 2"):
@@ -358,6 +358,12 @@ def test_a_score_column_read_without_regression_is_named_in_a_warning(tmp_path, 
     (tmp_path / "classes.csv").write_text("text,label\ngood,1\nbad,0\nok,2\n", encoding="utf-8")
     read_custom(tmp_path / "classes.csv", "text", "label")  # whole numbers are class names: nothing said
     assert caplog.text == ""
+
+
+def test_a_column_missing_from_a_custom_header_is_named_at_the_header_line(tmp_path):
+    (tmp_path / "train.csv").write_text("\nID,Text,Label\ngood,pos,1\n", encoding="utf-8")  # a blank line first
+    with pytest.raises(BertkitError, match=r"train.csv:2: no column 'text' \(found ID, Text, Label\)"):
+        read_custom(tmp_path / "train.csv", "text", "label")
 
 
 def test_a_custom_header_naming_a_column_twice_is_refused(tmp_path):

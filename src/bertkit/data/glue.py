@@ -246,8 +246,9 @@ def _is_fraction(value: str) -> bool:
         return False
 
 
-def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
-    """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns."""
+def _read_records(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, object]]]:
+    """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns; a .csv/.tsv header must name
+    `columns` (a .jsonl file's are checked on its records by the caller)."""
     suffix = path.suffix.lower()
     if path.is_dir():
         raise BertkitError(missing(path, "a .csv, .tsv or .jsonl file"))
@@ -263,6 +264,9 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, object]]]:
     if twice:  # else the last of them would be read, silently
         raise BertkitError(f"{where(path, rows[0][0])}: column {twice[0]!r} appears {header.count(twice[0])} times in "
                            "the header; expected each column named once")
+    for column in columns:  # named at the header's line: the rows below it are not where the name is missing
+        if column not in header:
+            raise BertkitError(f"{where(path, rows[0][0])}: no column {column!r} (found {', '.join(header)})")
     records = []
     for line, row in rows[1:]:
         if len(row) != len(header):
@@ -331,8 +335,8 @@ def read_custom(
     inferred (sorted) from this file. `label=None` reads unlabelled data.
     """
     path = Path(path)
-    records = _read_records(path)
     wanted = [c for c in (text_a, text_b, label) if c is not None]
+    records = _read_records(path, wanted)
     for column in wanted:
         if column not in records[0][1]:
             line, record = records[0]
