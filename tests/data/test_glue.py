@@ -370,3 +370,10 @@ def test_a_custom_header_naming_a_column_twice_is_refused(tmp_path):
     (tmp_path / "train.csv").write_text("text,label,text\ngood,pos,bad\n", encoding="utf-8")
     with pytest.raises(BertkitError, match="train.csv:1: column 'text' appears 2 times in the header"):
         read_custom(tmp_path / "train.csv", "text", "label")
+
+
+def test_columns_named_twice_that_the_task_does_not_read_are_ignored(tmp_path):
+    # a spreadsheet's export: two unnamed columns after the data, and a notes column repeated
+    (tmp_path / "train.csv").write_text("notes,text,label,notes,,\na,good,pos,b,,\nc,bad,neg,d,,\n", encoding="utf-8")
+    examples, labels = read_custom(tmp_path / "train.csv", "text", "label")
+    assert labels == ["neg", "pos"] and [(e.text_a, e.label) for e in examples] == [("good", 1), ("bad", 0)]

@@ -260,8 +260,10 @@ def _read_records(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[st
     delimiter, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
     rows = _open_rows(path, delimiter, quoting)
     header = rows[0][1]
-    twice = sorted({name for name in header if header.count(name) > 1})
-    if twice:  # else the last of them would be read, silently
+    # Only a column the task reads must be named once (else the last of them would be read, silently); others,
+    # such as the unnamed columns a spreadsheet exports after the data (`text,label,,`), are never read.
+    twice = sorted({name for name in header if header.count(name) > 1 and name in columns})
+    if twice:
         raise BertkitError(f"{where(path, rows[0][0])}: column {twice[0]!r} appears {header.count(twice[0])} times in "
                            "the header; expected each column named once")
     for column in columns:  # named at the header's line: the rows below it are not where the name is missing
