@@ -2,6 +2,7 @@
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -377,3 +378,16 @@ def test_columns_named_twice_that_the_task_does_not_read_are_ignored(tmp_path):
     (tmp_path / "train.csv").write_text("notes,text,label,notes,,\na,good,pos,b,,\nc,bad,neg,d,,\n", encoding="utf-8")
     examples, labels = read_custom(tmp_path / "train.csv", "text", "label")
     assert labels == ["neg", "pos"] and [(e.text_a, e.label) for e in examples] == [("good", 1), ("bad", 0)]
+
+
+def test_the_label_order_of_a_custom_file_is_the_same_in_every_process(tmp_path):
+    # a pandas float column with a missing value written as text, or one class written two ways: the order once
+    # followed the set's hash order, so a run resumed in another process trained its classes permuted
+    files = []
+    for i, labels in enumerate((["1.0", "2.0", "nan"], ["1", "01", "1.0", "2"])):
+        files.append(str(tmp_path / f"train{i}.csv"))
+        Path(files[-1]).write_text("text,label\n" + "".join(f"t{j},{v}\n" for j, v in enumerate(labels)))
+    script = f"from bertkit.data.glue import read_custom\nfor f in {files!r}: print(read_custom(f, 'text', 'label')[1])"
+    orders = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    assert orders == {"['1.0', '2.0', 'nan']\n['01', '1', '1.0', '2']\n"}, orders

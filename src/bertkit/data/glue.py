@@ -230,12 +230,20 @@ def read_glue(task: str, data_dir: str | Path, split: str) -> list[TextExample]:
 
 
 def _infer_labels(values: list[str]) -> list[str]:
-    """Sorted label strings, numerically when all are numbers so that '2' comes before '10'."""
+    """Sorted label strings, numerically when all are numbers so that '2' comes before '10'.
+
+    The order must be a function of the labels alone: a set's iteration order changes from process to process,
+    and a resumed run reads its classes again. So equal numbers ('1', '1.0') are ordered by their text, and a
+    set with 'nan' (which compares neither below nor above anything) is sorted as text.
+    """
     unique = set(values)
     try:
-        return sorted(unique, key=float)
+        numbers = {value: float(value) for value in unique}
     except ValueError:
         return sorted(unique)
+    if any(math.isnan(number) for number in numbers.values()):
+        return sorted(unique)
+    return sorted(unique, key=lambda value: (numbers[value], value))
 
 
 def _is_fraction(value: str) -> bool:
