@@ -165,6 +165,15 @@ def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
     assert id2label == {"0": "bad", "1": "good", "2": "meh"}
     assert evaluate(tmp_path / "run")["accuracy"] == pytest.approx(record["best"]["accuracy"])
     assert predict(tmp_path / "run", ["great fun"])[0]["label"] in ("bad", "good", "meh")
+    # the command scores a file whose columns are named otherwise, and a copy without the run's config: it could
+    # not be told the columns (dev.csv:1: no column 'sentence')
+    (tmp_path / "test.csv").write_text("\n".join(["text,gold"] + lines[1:7]) + "\n")
+    (tmp_path / "run" / "finetune_config.json").unlink()
+    argv = ["evaluate", str(tmp_path / "run"), "--task", "custom", "--eval-file", str(tmp_path / "test.csv"),
+            "--text-a", "text", "--label", "gold", "--out", str(tmp_path / "scored")]
+    assert main(argv) == 0
+    scored = json.loads((tmp_path / "scored" / "eval_metrics.json").read_text())
+    assert scored["accuracy"] == pytest.approx(record["best"]["accuracy"])
 
 
 def test_evaluate_from_another_folder_scores_the_runs_own_relative_files(toy_model_dir, tmp_path, monkeypatch):

@@ -70,6 +70,11 @@ class EvaluateConfig:
     task: str | None = option(None, "GLUE task, squad1, squad2 or custom (default: the run's)")
     data_dir: str | None = option(None, "the task's data folder (default: the run's)")
     eval_file: str | None = option(None, "a labelled file to score on instead (default: the run's)")
+    text_a: str | None = option(None, "custom files: the column of the (first) text (default: the run's, else "
+                                "sentence)")
+    text_b: str | None = option(None, "custom files: the column of the second text of a pair (default: the run's)")
+    label: str | None = option(None, "custom files: the label column (default: the run's, else label)")
+    regression: bool | None = option(None, "custom files: the label is a number to regress (default: the run's)")
     max_length: int | None = option(None, "tokens per example or window (default: the run's)")
     eval_batch_size: int | None = option(None, "evaluation batch size (default: the run's)")
     null_threshold: float | None = option(None, "SQuAD v2.0: answer '' when null score - best span score exceeds "
