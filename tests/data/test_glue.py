@@ -361,6 +361,12 @@ def test_a_score_column_read_without_regression_is_named_in_a_warning(tmp_path, 
     assert caplog.text == ""
 
 
+def test_a_label_written_with_a_stray_space_is_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "spaced.csv").write_text('text,label\ngood,pos\nbad,neg\nfine,"pos "\n', encoding="utf-8")
+    assert read_custom(tmp_path / "spaced.csv", "text", "label")[1] == ["neg", "pos", "pos "]
+    assert "spaced.csv: column 'label' holds 'pos ' beside 'pos', read as 3 classes" in caplog.text
+
+
 def test_a_column_missing_from_a_custom_header_is_named_at_the_header_line(tmp_path):
     (tmp_path / "train.csv").write_text("\nID,Text,Label\ngood,pos,1\n", encoding="utf-8")  # a blank line first
     with pytest.raises(BertkitError, match=r"train.csv:2: no column 'text' \(found ID, Text, Label\)"):

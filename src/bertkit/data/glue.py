@@ -358,6 +358,10 @@ def read_custom(
         if labels is None and fractions:  # a score file read without --regression: every value became a class
             logger.warning("%s: column %r holds scores such as %s; read as %d classes (expected --regression to "
                            "predict a score)", path, label, fractions[0], len(label_list))
+        alike = [v for v in label_list if v != v.strip() and v.strip() in label_list]
+        if labels is None and alike:  # 'pos ' beside 'pos': a stray space in the file, trained as its own class
+            logger.warning("%s: column %r holds %r beside %r, read as %d classes (expected each label written one "
+                           "way)", path, label, alike[0], alike[0].strip(), len(label_list))
 
     examples = []
     for line, record in records:
