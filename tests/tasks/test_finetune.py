@@ -168,7 +168,17 @@ def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
     # the command scores a file whose columns are named otherwise, and a copy without the run's config: it could
     # not be told the columns (dev.csv:1: no column 'sentence')
     (tmp_path / "test.csv").write_text("\n".join(["text,gold"] + lines[1:7]) + "\n")
+    # predict reads a table as finetune does: the run's column, one result per row with its line, the header
+    # not labelled as a text (it was, with each raw line, commas and quotes included)
+    rows = predict(tmp_path / "run", tmp_path / "dev.csv")
+    assert [(r["line"], r["text"]) for r in rows] == [(n, lines[n - 1].split('"')[1]) for n in range(2, 8)]
+    assert [r["label"] for r in rows] == [r["label"] for r in predict(tmp_path / "run", [r["text"] for r in rows])]
     (tmp_path / "run" / "finetune_config.json").unlink()
+    (tmp_path / "in.jsonl").write_text('{"text": "great fun, really"}\n{"text": ""}\n')
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "in.jsonl"), "--text-a", "text", "--out",
+                 str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["label"] is None) for r in out] == [(1, False), (2, True)]
     argv = ["evaluate", str(tmp_path / "run"), "--task", "custom", "--eval-file", str(tmp_path / "test.csv"),
             "--text-a", "text", "--label", "gold", "--out", str(tmp_path / "scored")]
     assert main(argv) == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bertkit.checkpoint import config_file, heads_of, model_folder, weights_source
 from bertkit.config import BertConfig, option, read_json, write_json
-from bertkit.data.glue import get_task
+from bertkit.data.glue import get_task, read_custom
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
@@ -93,8 +93,14 @@ class PredictConfig:
     """`bertkit predict`: the command's arguments; all but input and out are `predict`'s keywords."""
 
     model_dir: str = option("", "a fine-tuned model folder", positional=True)
-    input: str = option("-", "input file (default: standard input)", positional=True)
+    input: str = option("-", "input file: text or text<TAB>pair lines (QA: JSON lines), or a classifier's .csv or "
+                        ".jsonl file with named columns, as finetune's custom files (default: standard input)",
+                        positional=True)
     out: str | None = option(None, "write the JSON lines here instead of standard output (default: standard output)")
+    text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
+                                "sentence)")
+    text_b: str | None = option(None, ".csv/.jsonl input: the column of the second text of a pair (default: the "
+                                "run's)")
     max_length: int | None = option(None, "tokens per example or window (default: the run's)")
     eval_batch_size: int | None = option(None, "batch size (default: the run's)")
     threads: int | None = option(None, THREADS_HELP)
@@ -166,22 +172,29 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
 
     `inputs` is a file path, a binary stream or an iterable of lines; what the model folder's head is decides
     which. Either gives one result per line, in order: a blank line's has label (or score, or answer) None and an
-    "error" saying so. Labels are the names the training data had (the folder's id2label). int8: as `evaluate`'s.
+    "error" saying so. Labels are the names the training data had (the folder's id2label). A classifier also reads
+    a .csv or .jsonl path as a custom file (columns `text_a`, `text_b`: the run's by default): one result per row,
+    in order, with the row's line. int8: as `evaluate`'s.
     """
     model_config = BertConfig.load(model_folder(model_dir))  # before any input is read: stdin may be a terminal
+    table = isinstance(inputs, (str, Path)) and Path(inputs).suffix.lower() in (".csv", ".jsonl")
     if isinstance(inputs, (str, Path)):
         source = str(inputs)
-    inputs = read_input_lines(inputs, source)
     architectures = _architectures(model_dir, model_config)
     is_qa = "BertForQuestionAnswering" in architectures
     config = _run_config(model_dir, overrides, default_task="squad1" if is_qa else "")
+    if is_qa or not table:
+        inputs = read_input_lines(inputs, source)
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         tokenizer = Tokenizer.from_pretrained(model_dir)
         check_tokenizer(tokenizer, model_config, model_dir)
         if is_qa:
             return _answer(model_dir, config, tokenizer, parse_questions(inputs, source), device, int8)
-        return _label(model_dir, model_config, architectures, config, tokenizer, inputs, source, device, int8)
+        # every line, so that the results stay one per input line; a table's rows, each with its line
+        examples = read_custom(inputs, config.text_a, None, config.text_b)[0] if table else parse_lines(inputs, source)
+        results = _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device, int8)
+        return [{"line": e.line} | r for e, r in zip(examples, results)] if table else results
 
 
 def _label_order(task, model_config: BertConfig, model_dir) -> list[int] | None:
@@ -234,14 +247,16 @@ def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device
     return results
 
 
-def _label(model_dir, model_config, architectures, config, tokenizer, inputs, source, device,
+def _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device,
            int8: bool = False) -> list[dict]:
-    """predict's classification branch."""
+    """predict's classification branch: one result per example."""
     if "BertForSequenceClassification" not in architectures:
         raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
                            "fine-tuned BertForSequenceClassification or BertForQuestionAnswering")
-    examples = parse_lines(inputs, source)  # every line, so that the results stay one per input line
-    pairs, trained = next(e for e in examples if not is_blank(e)).text_b is not None, _trained_on_pairs(config)
+    first = next((e for e in examples if not is_blank(e)), None)
+    if first is None:  # parse_lines says so of lines; a table's rows may all be empty too
+        raise BertkitError(f"{source}: no text to label; expected a text in some row")
+    pairs, trained = first.text_b is not None, _trained_on_pairs(config)
     if trained is not None and pairs != trained:  # a GLUE dev.tsv given whole: its label read as segment B
         logger.warning("%s: %s, but %s was fine-tuned on %s; expected %s per line", source,
                        "text<TAB>pair lines" if pairs else "single texts", model_dir,
