@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         '{"text": "", "label": null, "probability": null, "error": "blank line: no text to label"} (regression: '
         '"score": null). Input must be UTF-8 (a line that is not, a line of more than two tab-separated fields, '
         "or a mix of single texts and pairs stops with an error naming the line, exit status 2); control "
-        "characters are dropped by the tokenizer, as BERT does. A question-answering model reads JSON "
+        "characters are dropped by the tokenizer, as BERT does. A classifier's .csv or .jsonl INPUT is read as finetune's "
+        "custom files are, by column names (--text-a, --text-b: the run's by default), and each result also "
+        'gives its row\'s "line". A question-answering model reads JSON '
         'lines {"question": ..., "context": ...} and prints the answer. Reads standard input when INPUT is - '
         "or left out.",
     )
