@@ -383,6 +383,23 @@ def test_finetuning_killed_at_20_random_points_resumes_to_the_uninterrupted_weig
     check_finetuning_kills(toy, tmp_path, finetune_reference, n=20, seed=1)
 
 
+def test_a_one_epoch_finetuning_killed_after_its_metrics_before_its_checkpoint_still_gets_its_results_table(toy,
+                                                                                                           tmp_path):
+    """With one epoch and no checkpoint inside it (the usual --save-every 500 on a short task), a kill between the
+    epoch's metrics.json and its checkpoint leaves nothing to resume from and a run that is finished: --resume auto
+    said "finished already" and never wrote results.md (nor printed the table)."""
+    config = finetune_config(toy, tmp_path / "run", epochs=1, save_every=0)
+    # write_json: finetune_config.json, then metrics.json
+    killed = child(finetune_flags(config), FINETUNE_TARGETS, kill=["bertkit.tasks.finetune:write_json", 2, "after"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "run" / "results.md").exists() and not list_checkpoints(tmp_path / "run" / "checkpoints")
+    resumed = child(finetune_flags(config) + ["--resume", "auto"], FINETUNE_TARGETS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "this run has finished already" in resumed.stderr
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| 1 (best) |" in table and table in resumed.stdout
+
+
 @pytest.mark.parametrize("kind", ["truncated weights", "no completion marker", "flipped byte"])
 def test_a_damaged_newest_finetuning_checkpoint_falls_back_to_the_one_before(toy, tmp_path, monkeypatch, caplog, kind):
     import bertkit.tasks.finetune as module

@@ -427,6 +427,9 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
         if isinstance(start, dict):
             if d.is_main and config.predict:  # asked for now: the kept model writes them
                 _write_submissions(config, task, tokenizer, out, device, start)
+            # also when missing: a run killed after its last epoch's metrics.json, before its last checkpoint, has
+            # nothing to resume from and is finished, but its table was never written
+            if d.is_main and (config.predict or not (out / "results.md").is_file()):
                 (out / "results.md").write_text(results_table(config, task, start), encoding="utf-8")
             if d.is_main and (out / "results.md").is_file():
                 print((out / "results.md").read_text(encoding="utf-8"), end="")
