@@ -198,6 +198,51 @@ def test_a_failed_cell_keeps_the_cells_that_finish_while_the_pool_shuts_down(wnl
     assert list(saved) == ["WNLI/lr=0.0001/seed=2"] and saved["WNLI/lr=0.0001/seed=2"]["best"]["accuracy"] == 55.0
 
 
+SUITE_KILLED = r"""
+import os, signal, sys, time
+from bertkit.tasks.suite import _cell_pool
+
+pool = _cell_pool(2)
+pool.submit(time.sleep, 600)  # a cell still training
+idle = pool.submit(os.getpid).result()  # the other process, done, waits for a cell
+print(*pool._processes, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the suite alone is killed (the OOM killer, kill -9)
+"""
+
+
+def test_the_cells_processes_end_with_a_suite_killed_alone(tmp_path):
+    """A suite killed alone left its cells' processes training on, holding the cells' folders (the suite run again
+    was refused: "in use by process N"), then waiting forever for another cell (and holding the suite's output open:
+    `bertkit suite ... | tee log` never ended)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    with (tmp_path / "out").open("w") as out:  # a file, not a pipe, which the processes left behind would hold open
+        killed = subprocess.run([sys.executable, "-c", SUITE_KILLED], stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    output = (tmp_path / "out").read_text()
+    assert killed.returncode == -9, output[-2000:]
+    cells = [int(pid) for pid in output.split()]
+    assert len(cells) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting to be reaped has ended
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in cells) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in cells if alive(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left
+
+
 def test_from_scratch_is_its_own_row_with_other_weights(wnli_suite, tiny_model_dir):
     config, _ = wnli_suite
     scratch = SuiteConfig(**{**config.__dict__, "from_scratch": True, "seeds": 1})

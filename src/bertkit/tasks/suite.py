@@ -16,7 +16,9 @@ import fcntl
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -172,6 +174,31 @@ def cell_key(task: str, lr: float, seed: int) -> str:
     return f"{task}/lr={lr:g}/seed={seed}"
 
 
+_suite_pid: int | None = None  # in a cell's process: the suite's process, which started it
+
+
+def _cell_process(suite_pid: int) -> None:
+    """The start of each cell's process: it ends with the suite's. A suite killed alone (SIGKILL, the OOM killer, a
+    SIGTERM sent to it) left its cells' processes training on with no one to take their results, holding the cells'
+    folders (the suite run again was refused: "in use by process N"), then waiting forever for another cell."""
+    global _suite_pid
+    _suite_pid = suite_pid
+
+    def watch() -> None:
+        while os.getppid() == suite_pid:
+            time.sleep(1)
+        # a cell that is training saves a checkpoint at the end of its step and stops (`_run_cell` then exits, for
+        # the suite run again to continue it); a process between cells ends at once
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _cell_pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_cell_process,
+                               initargs=(os.getpid(),))
+
+
 def _run_cell(finetune_config: FinetuneConfig, log_path: str, keep_model: bool) -> dict:
     """One fine-tuning run in a worker process; its printing goes to the cell's log, not the terminal."""
     import torch
@@ -180,13 +207,17 @@ def _run_cell(finetune_config: FinetuneConfig, log_path: str, keep_model: bool) 
 
     torch.set_num_threads(finetune_config.threads)
     started = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = log
-        try:
-            record = finetune(finetune_config)
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            stdout, stderr = sys.stdout, sys.stderr
+            sys.stdout = sys.stderr = log
+            try:
+                record = finetune(finetune_config)
+            finally:
+                sys.stdout, sys.stderr = stdout, stderr
+    finally:
+        if _suite_pid is not None and os.getppid() != _suite_pid:  # stopped as the suite is gone: nothing to return to
+            os._exit(128 + signal.SIGTERM)
     if not keep_model:
         (Path(finetune_config.out_dir) / "model.safetensors").unlink(missing_ok=True)
     return {"best": record["best"], "best_epoch": record["best_epoch"], "seconds": time.perf_counter() - started,
@@ -259,7 +290,7 @@ def suite(config: SuiteConfig) -> dict:
                 todo.append((key, fc, str(cell_dir / "finetune.log")))
     if todo:
         started = time.perf_counter()
-        pool = ProcessPoolExecutor(config.jobs, mp_context=multiprocessing.get_context("spawn"))
+        pool = _cell_pool(config.jobs)
         futures = {pool.submit(_run_cell, fc, log, config.keep_models): (key, log) for key, fc, log in todo}
         try:
             with tqdm(total=len(todo), desc=f"suite {config.row}", unit="cell", file=sys.stderr) as bar:
