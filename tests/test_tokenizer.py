@@ -255,6 +255,27 @@ def test_vocab_train_cli_prints_only_its_result_when_its_output_is_a_file(tmp_pa
     assert done.stdout == f"wrote {tmp_path / 'v'}/vocab.txt and tokenizer.json: {size} tokens, uncased\n"
 
 
+def test_a_full_disk_while_writing_a_vocabulary_names_the_file_and_leaves_no_cut_one(tmp_path, monkeypatch):
+    """`vocab train` on a full disk ended in an OSError's traceback and left a cut vocab.txt, which `prepare` and
+    `pretrain --tokenizer` then read as a smaller vocabulary without a word."""
+    import pathlib
+
+    (tmp_path / "a.txt").write_text("One sentence here.\nAnother one there.\n" * 20, encoding="utf-8")
+    write_text = pathlib.Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        if "vocab.txt" in self.name:  # half of it fits
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(BertkitError, match=r"vocab.txt: cannot write it \(.*No space left.*GiB free on its "
+                                           "filesystem; expected room for it"):
+        train_vocab([tmp_path / "a.txt"], tmp_path / "v", vocab_size=100, show_progress=False)
+    assert list((tmp_path / "v").iterdir()) == []
+
+
 def test_train_vocab_skips_an_invalid_utf8_line_with_a_warning_as_prepare_does(tmp_path, corpus_lines, caplog):
     text = "\n".join(corpus_lines[:1000]) + "\n"
     (tmp_path / "good.txt").write_text(text, encoding="utf-8")

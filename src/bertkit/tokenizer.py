@@ -276,9 +276,13 @@ class Tokenizer:
     def save_pretrained(self, directory: str | Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers reads them
         (`model_max_length`: the length transformers truncates to by default, the model's positions)."""
+        from bertkit.checkpoint import atomic_write  # it reads tokenizer folders: imported here, not at the top
+
         directory = save_folder(directory)
-        (directory / "vocab.txt").write_text("".join(token + "\n" for token in self.vocab()), encoding="utf-8")
-        self.backend.save(str(directory / "tokenizer.json"))
+        # each file whole or not at all (a full disk was a traceback and left a cut one, a cut vocab.txt read after as
+        # a smaller vocabulary), as write_json writes the other two
+        _write_vocab(directory / "vocab.txt", self.vocab())
+        atomic_write(directory / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         special_tokens = {
             "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"
         }
@@ -465,6 +469,14 @@ def vocab_train(config: VocabConfig, show_progress: bool = True) -> Tokenizer:
                        show_progress=show_progress)
 
 
+def _write_vocab(path: Path, tokens: list[str]) -> None:
+    """vocab.txt, a token a line, replaced whole: a full disk is a BertkitError naming it, not a cut file."""
+    from bertkit.checkpoint import atomic_write
+
+    text = "".join(token + "\n" for token in tokens)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def train_vocab(
     files: list[str | Path],
     out_dir: str | Path,
@@ -559,7 +571,7 @@ def train_vocab(
     except OSError as e:
         raise BertkitError(f"{where(out_dir)}: cannot create the folder ({e.strerror or e})") from None
     vocab_file = out_dir / "vocab.txt"
-    vocab_file.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
+    _write_vocab(vocab_file, tokens)
     tokenizer = Tokenizer.from_vocab(vocab_file, lowercase)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
