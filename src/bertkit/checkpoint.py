@@ -535,12 +535,13 @@ class WriteFailed(BertkitError):
 
 
 def _out_of_space(e: Exception) -> bool:
-    """Whether a writer's error is the disk's: safetensors, torch.save and open() each say it their way."""
+    """Whether a writer's error is the disk's: safetensors, torch.save, numpy and open() each say it their way."""
     if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
     text = str(e)
-    return any(s in text for s in ("No space left", "os error 28", "Disk quota", "File too large", "file write failed",
-                                       "unexpected pos"))  # the last two: torch.save's writer, cut short
+    return (any(s in text for s in ("No space left", "os error 28", "Disk quota", "File too large", "file write failed",
+                                    "unexpected pos"))  # the last two: torch.save's writer, cut short
+            or re.fullmatch(r"\d+ requested and \d+ written", text) is not None)  # numpy's tofile, cut short
 
 
 def atomic_write(path: Path, write) -> None:

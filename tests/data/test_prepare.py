@@ -167,6 +167,31 @@ def test_crash_then_rerun_gives_the_clean_result(tmp_path, tokenizer, documents,
         assert Counter(stored(PreparedCorpus(out, split))) == Counter(stored(PreparedCorpus(tmp_path / "clean", split)))
 
 
+def test_a_full_disk_names_the_shard_and_the_rerun_resumes(tmp_path, tokenizer, documents, monkeypatch):
+    """A disk filling up while a shard was written ended in numpy's traceback ("OSError: 31177 requested and 1984
+    written"): it is a one-line error naming the shard, and prepare run again once there is room finishes the job."""
+    a = write_bert(tmp_path / "a.txt", documents[:60])
+    prepare([str(a)], tokenizer, tmp_path / "clean", shard_tokens=2000, progress=False)
+    save, calls = np.save, []
+
+    def full(file, array, *args, **kwargs):  # np.save cut short, as numpy's tofile reports it
+        calls.append(1)
+        if len(calls) == 7:  # the third shard's tokens
+            file.write(b"\x93NUMPY half a shard")
+            raise OSError(f"{array.nbytes} requested and 1984 written")
+        return save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", full)
+    out = tmp_path / "out"
+    with pytest.raises(BertkitError, match=r"train/00002.tokens.npy: cannot write it \(OSError: \d+ requested and "
+                                           r"1984 written\); [\d.]+ GiB free on its filesystem; expected room for it"):
+        prepare([str(a)], tokenizer, out, shard_tokens=2000, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "train").iterdir() if "00002" in p.name) == []  # no temporary left
+    prepare([str(a)], tokenizer, out, shard_tokens=2000, progress=False)
+    assert Counter(stored(PreparedCorpus(out))) == Counter(stored(PreparedCorpus(tmp_path / "clean")))
+
+
 def test_a_file_is_finished_only_in_the_layout_and_text_field_it_was_started_in(tmp_path, tokenizer, documents,
                                                                                    monkeypatch):
     """A run resumes a file by the index of its documents: another --format (as the 'read as one document per line'

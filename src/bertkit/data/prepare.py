@@ -118,13 +118,17 @@ def _check_same_reading(path: Path, out: Path, record: dict, fmt: str, text_fiel
 
 
 def _replace_atomically(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary name, flush to disk, then rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write through `write(file)` to a temporary name, flush to disk, then rename over `path`; a full disk is a
+    BertkitError naming the file and the free space (it was numpy's traceback), and prepare run again resumes."""
+    from bertkit.checkpoint import atomic_write
+
+    def synced(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, synced)
 
 
 def _new_manifest(tokenizer, fingerprint: str, heldout_fraction: float, seed: int) -> dict:
