@@ -165,3 +165,37 @@ def test_leaving_the_process_group_stops_its_threads():
     done = subprocess.run([sys.executable, "-c", LEAVE_GROUP], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("tensorboard", [False, True])
+def test_a_disk_that_fills_during_a_run_stops_it_at_a_log_row_with_one_line(tmp_path, monkeypatch, tensorboard):
+    """The room a checkpoint needs is checked before training, but a disk that another job fills during the run
+    was found by the next log row (train.csv, or TensorBoard's events): an OSError's traceback, where a checkpoint
+    that did not fit said what to do. Another OSError stays as it is."""
+    import errno
+    import pathlib
+
+    from bertkit.train.logs import RunLogger
+
+    log = RunLogger(tmp_path, tensorboard=tensorboard)
+    log.log("train", 1, {"loss": 2.0})
+    opened = pathlib.Path.open
+    error = OSError(errno.ENOSPC, "No space left on device")
+
+    def full(self, *args, **kwargs):
+        if self.name == "train.csv" and not tensorboard:
+            raise error
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", full)
+    if tensorboard:  # its events file, appended to by its writer's thread, which hands the error to flush
+        monkeypatch.setattr(log._writer, "flush", lambda: (_ for _ in ()).throw(error))
+    with pytest.raises(BertkitError, match=rf"^{tmp_path}: cannot write the run's logs \(OSError: \[Errno 28\] No "
+                                           r"space left on device\); [\d.]+ GiB free on its filesystem; expected room"
+                                           r" for them \(the checkpoints saved are kept: .*--resume auto"):
+        log.log("train", 2, {"loss": 1.0})
+    error = OSError(errno.EACCES, "Permission denied")
+    with pytest.raises(OSError, match="Permission denied"):
+        log.log("train", 3, {"loss": 1.0})
+    monkeypatch.undo()
+    log.close()

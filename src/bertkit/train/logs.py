@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from bertkit.checkpoint import _out_of_space
+from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
 
@@ -56,6 +60,12 @@ class RunLogger:
     def log(self, stream: str, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        try:
+            self._log(stream, step, metrics)
+        except OSError as e:
+            raise _write_failed(self.run_dir, e) from None
+
+    def _log(self, stream: str, step: int, metrics: dict[str, float]) -> None:
         path = self.run_dir / f"{stream}.csv"
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         rows = read_csv(path) if path.exists() else []
@@ -82,8 +92,24 @@ class RunLogger:
         return plot_run(self.run_dir, self.run_dir / name, keys)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()  # its last events: a full disk again (it is called while a log's error is raised)
+            except OSError as e:
+                raise _write_failed(self.run_dir, e) from None
+
+
+def _write_failed(run_dir: Path, e: OSError) -> Exception:
+    """A log row that a full disk stopped (the disk filled after the run's start, which checks for room): a
+    BertkitError naming the folder and the free space, where it was an OSError's traceback (TensorBoard's or the
+    CSV file's); any other OSError as it is."""
+    if not _out_of_space(e):
+        return e
+    free = shutil.disk_usage(run_dir).free
+    return BertkitError(f"{run_dir}: cannot write the run's logs ({type(e).__name__}: {e}); {free / 2**30:.2f} GiB "
+                        "free on its filesystem; expected room for them (the checkpoints saved are kept: free some "
+                        "space, then --resume auto continues from the newest)")
 
 
 def progress_bar(**kw) -> tqdm:
