@@ -534,7 +534,7 @@ class WriteFailed(BertkitError):
         self.cause = cause
 
 
-def _out_of_space(e: Exception) -> bool:
+def out_of_space(e: Exception) -> bool:
     """Whether a writer's error is the disk's: safetensors, torch.save, numpy and open() each say it their way."""
     if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
@@ -555,7 +555,7 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except Exception as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, BertkitError) or not _out_of_space(e):
+        if isinstance(e, BertkitError) or not out_of_space(e):
             raise
         cause = f"{type(e).__name__}: {e}"
         free = shutil.disk_usage(path.parent).free

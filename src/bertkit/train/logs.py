@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bertkit.checkpoint import _out_of_space
+from bertkit.checkpoint import out_of_space
 from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
@@ -104,7 +104,7 @@ def _write_failed(run_dir: Path, e: OSError) -> Exception:
     """A log row that a full disk stopped (the disk filled after the run's start, which checks for room): a
     BertkitError naming the folder and the free space, where it was an OSError's traceback (TensorBoard's or the
     CSV file's); any other OSError as it is."""
-    if not _out_of_space(e):
+    if not out_of_space(e):
         return e
     free = shutil.disk_usage(run_dir).free
     return BertkitError(f"{run_dir}: cannot write the run's logs ({type(e).__name__}: {e}); {free / 2**30:.2f} GiB "
