@@ -566,6 +566,11 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a UTF-8 text: the file whole or not at all."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def check_not_int8(model) -> None:
     """Refuse to save a model quantized by `to_int8`: its packed weights are not in the state dict, which would be
     written without any of its linear layers."""
@@ -594,7 +599,7 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     for key in ("dtype", "torch_dtype"):  # a source folder's, which transformers would load these weights in
         if key in config:
             config[key] = str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch.")
-    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if not model.config.tied_decoder:  # transformers 5 reads an untied decoder's bias from decoder.bias
         for key in [k for k in state if k.endswith("cls.predictions.bias")]:
             state[key.replace("predictions.bias", "predictions.decoder.bias")] = state[key].clone()

@@ -299,10 +299,10 @@ def save_folder(directory: str | Path) -> Path:
 def write_json(path: str | Path, value, indent: int = 2, sort_keys: bool = False) -> None:
     """Write `value` as JSON with a final newline: every JSON file bertkit writes goes through here. The file is
     replaced whole (a run killed while rewriting its metrics.json or its config kept a cut one, unreadable after)."""
-    from bertkit.checkpoint import atomic_write  # it reads configs: imported here, not at the top
+    from bertkit.checkpoint import atomic_write_text  # it reads configs: imported here, not at the top
 
     text = json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):

@@ -776,7 +776,7 @@ def _checked(model) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _write_config_and_vocab(directory: Path, config: dict, tokenizer) -> None:
-    from bertkit.checkpoint import atomic_write
+    from bertkit.checkpoint import atomic_write_text
     from bertkit.config import write_json
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -784,7 +784,7 @@ def _write_config_and_vocab(directory: Path, config: dict, tokenizer) -> None:
     if tokenizer is None:
         return
     vocab = "".join(token + "\n" for token in tokenizer.vocab())
-    atomic_write(directory / "vocab.txt", lambda p: Path(p).write_text(vocab, encoding="utf-8"))
+    atomic_write_text(directory / "vocab.txt", vocab)
     if vocab_is_cased(directory / "vocab.txt") == tokenizer.lowercase:
         # the folder has no place for the casing: a reader (bertkit, or a user picking --do_lower_case) goes by
         # the vocabulary, which here says the other thing

@@ -471,10 +471,10 @@ def vocab_train(config: VocabConfig, show_progress: bool = True) -> Tokenizer:
 
 def _write_vocab(path: Path, tokens: list[str]) -> None:
     """vocab.txt, a token a line, replaced whole: a full disk is a BertkitError naming it, not a cut file."""
-    from bertkit.checkpoint import atomic_write
+    from bertkit.checkpoint import atomic_write_text
 
     text = "".join(token + "\n" for token in tokens)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 def train_vocab(

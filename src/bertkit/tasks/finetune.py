@@ -30,6 +30,7 @@ import torch
 
 from bertkit.checkpoint import (
     TRAINING_STATE_NAME,
+    atomic_write_text,
     checkpoint_bytes,
     list_checkpoints,
     load_state_dict_into,
@@ -430,7 +431,7 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
             # also when missing: a run killed after its last epoch's metrics.json, before its last checkpoint, has
             # nothing to resume from and is finished, but its table was never written
             if d.is_main and (config.predict or not (out / "results.md").is_file()):
-                (out / "results.md").write_text(results_table(config, task, start), encoding="utf-8")
+                atomic_write_text(out / "results.md", results_table(config, task, start))
             if d.is_main and (out / "results.md").is_file():
                 print((out / "results.md").read_text(encoding="utf-8"), end="")
             return start
@@ -654,7 +655,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         return record
     _write_submissions(config, task, tokenizer, out, device, record)
     table = results_table(config, task, record)
-    (out / "results.md").write_text(table, encoding="utf-8")
+    atomic_write_text(out / "results.md", table)
     # the run is whole without them; renamed first, so a kill while deleting leaves no checkpoint to resume from
     os.rename(checkpoints, out / ".checkpoints-done")
     shutil.rmtree(out / ".checkpoints-done")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from bertkit.checkpoint import atomic_write
+from bertkit.checkpoint import atomic_write_text
 from bertkit.config import learning_rates, option, parse_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig
@@ -125,7 +125,7 @@ class SuiteConfig:
 def _write_rows(path: Path, header: str | None, rows: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(([header] if header is not None else []) + rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # suites started at once: same rows
+    atomic_write_text(path, text)  # suites started at once: same rows
 
 
 def _lines(path: Path, header: bool) -> tuple[str | None, list[str]]:
@@ -241,7 +241,7 @@ def save_entry(path: Path, key: str, value: dict, merge: Callable[[dict, dict], 
         if merge is not None and key in results:
             value = merge(results[key], value)
         text = json.dumps({**results, key: value}, indent=1) + "\n"
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(path, text)
 
 
 def suite(config: SuiteConfig) -> dict:
