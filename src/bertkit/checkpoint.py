@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bertkit.config import CONFIG_NAME, BertConfig, read_json, save_folder
-from bertkit.errors import BertkitError
+from bertkit.errors import BertkitError, free_space
 
 logger = logging.getLogger("bertkit")
 
@@ -558,9 +558,8 @@ def atomic_write(path: Path, write) -> None:
         if isinstance(e, BertkitError) or not out_of_space(e):
             raise
         cause = f"{type(e).__name__}: {e}"
-        free = shutil.disk_usage(path.parent).free
-        raise WriteFailed(f"{path}: cannot write it ({cause}); {free / 2**30:.2f} GiB free on its filesystem; "
-                          "expected room for it", cause) from None
+        raise WriteFailed(f"{path}: cannot write it ({cause}); {free_space(path.parent)}; expected room for it",
+                          cause) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -704,10 +703,9 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, training_stat
         if isinstance(e, BertkitError) and not isinstance(e, WriteFailed):
             raise
         cause = e.cause if isinstance(e, WriteFailed) else f"{type(e).__name__}: {e}"
-        free = shutil.disk_usage(root).free
-        raise BertkitError(f"{final}: cannot write the checkpoint ({cause}); {free / 2**30:.2f} GiB "
-                           f"free on its filesystem; expected room for a checkpoint (the ones before it are kept: "
-                           "free some space, then --resume auto continues from the newest)") from None
+        raise BertkitError(f"{final}: cannot write the checkpoint ({cause}); {free_space(root)}; expected room "
+                           "for a checkpoint (the ones before it are kept: free some space, then --resume auto "
+                           "continues from the newest)") from None
     old = None
     if final.exists():  # a run resumed from an earlier checkpoint is passing this step again
         old = root / f".old-{final.name}-{os.getpid()}"

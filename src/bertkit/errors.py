@@ -1,5 +1,7 @@
 """The one exception type bertkit raises for bad input: the CLI prints it in one line and exits non-zero."""
 
+import shutil
+
 
 class BertkitError(Exception):
     """A user-facing error: the message names the file, the line and what was expected."""
@@ -13,3 +15,8 @@ def where(path, line: int | None = None) -> str:
 def missing(path, expected: str) -> str:
     """Why `path` is not a file to read: a folder given where its file was meant, or nothing there."""
     return f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}; expected {expected}"
+
+
+def free_space(path) -> str:
+    """How much room the filesystem of `path` has left, for an error that a full disk caused."""
+    return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free on its filesystem"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from bertkit.checkpoint import out_of_space
-from bertkit.errors import BertkitError
+from bertkit.errors import BertkitError, free_space
 
 logger = logging.getLogger("bertkit")
 
@@ -106,10 +105,9 @@ def _write_failed(run_dir: Path, e: OSError) -> Exception:
     CSV file's); any other OSError as it is."""
     if not out_of_space(e):
         return e
-    free = shutil.disk_usage(run_dir).free
-    return BertkitError(f"{run_dir}: cannot write the run's logs ({type(e).__name__}: {e}); {free / 2**30:.2f} GiB "
-                        "free on its filesystem; expected room for them (the checkpoints saved are kept: free some "
-                        "space, then --resume auto continues from the newest)")
+    return BertkitError(f"{run_dir}: cannot write the run's logs ({type(e).__name__}: {e}); {free_space(run_dir)}; "
+                        "expected room for them (the checkpoints saved are kept: free some space, then --resume auto "
+                        "continues from the newest)")
 
 
 def progress_bar(**kw) -> tqdm:
