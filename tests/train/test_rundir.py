@@ -199,3 +199,33 @@ def test_a_disk_that_fills_during_a_run_stops_it_at_a_log_row_with_one_line(tmp_
         log.log("train", 3, {"loss": 1.0})
     monkeypatch.undo()
     log.close()
+
+
+def test_log_rows_are_appended_without_reading_back_the_rows_before_them(tmp_path, monkeypatch):
+    """Each row read the whole CSV file back before it was appended: a run logging tens of thousands of rows spent
+    time quadratic in its length on its logs. The file is read once per stream, and again only to replace a row
+    or to add a column."""
+    from bertkit.train import logs
+
+    (tmp_path / "train.csv").write_text("step,loss\n1,3.0\n")  # an interrupted run's rows, kept
+    reads = []
+    real = logs.read_csv
+    monkeypatch.setattr(logs, "read_csv", lambda path: reads.append(path.name) or real(path))
+    log = logs.RunLogger(tmp_path, tensorboard=False)
+    for step in range(2, 202):
+        log.log("train", step, {"loss": 1.0 / step})
+    assert reads == ["train.csv"]
+    log.log("train", 202, {"loss": 0.5, "lr": 1e-4})  # a new column: the file rewritten with both
+    log.log("train", 203, {"loss": 0.25})  # a row without it: appended, its cell left empty
+    log.log("train", 203, {"loss": 0.125, "lr": 2e-4})  # the same step again: replaced
+    log.log("eval", 203, {"accuracy": 50.0})
+    assert reads == ["train.csv"] * 3
+    rows = real(tmp_path / "train.csv")
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, 204)]
+    assert rows[0] == {"step": "1", "loss": "3.0", "lr": ""}
+    assert rows[-2:] == [{"step": "202", "loss": "0.5", "lr": "0.0001"}, {"step": "203", "loss": "0.125", "lr": "0.0002"}]
+    assert real(tmp_path / "eval.csv") == [{"step": "203", "accuracy": "50.0"}]
+    assert log.truncate(100) == 203  # a resumed run: the rows past its checkpoint dropped, then logged again
+    log.log("train", 101, {"loss": 0.75})
+    assert [r["step"] for r in real(tmp_path / "train.csv")][-2:] == ["100", "101"]
+    assert not (tmp_path / "eval.csv").exists() and not list(tmp_path.glob("*.tmp"))

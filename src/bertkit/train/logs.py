@@ -28,6 +28,9 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._writer = None
+        # per stream, the CSV file's columns and last step: read from the file once, then kept, so that a row is
+        # appended without reading back all those before it (a long run logs tens of thousands)
+        self._tails: dict[str, tuple[list[str], float | None]] = {}
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -42,6 +45,7 @@ class RunLogger:
         row is removed, header and all, so that the next row starts it afresh."""
         if not self.enabled:
             return None
+        self._tails.clear()
         reached = None
         for path in [self.run_dir / f"{stream}.csv" for stream in STREAMS]:
             if not path.is_file():
@@ -67,18 +71,19 @@ class RunLogger:
     def _log(self, stream: str, step: int, metrics: dict[str, float]) -> None:
         path = self.run_dir / f"{stream}.csv"
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        rows = read_csv(path) if path.exists() else []
-        if rows and float(rows[-1]["step"]) == step:  # the same step again (a finished run resumed): replace it
-            _write_rows(path, rows[:-1] + [row])
-        elif rows and set(rows[0]) != set(row):  # a new column: rewrite with the union of the columns
-            _write_rows(path, rows + [row])
+        if stream not in self._tails:
+            rows = read_csv(path) if path.exists() else []
+            self._tails[stream] = (list(rows[0]) if rows else [], float(rows[-1]["step"]) if rows else None)
+        fields, last = self._tails[stream]
+        if last == step or not set(row) <= set(fields):
+            # the same step again (a finished run resumed): replace it; a new column: rewrite with the union
+            rows = read_csv(path) if path.exists() else []
+            rows = rows[:-1] if last == step else rows
+            fields = _write_rows(path, rows + [row])
         else:
-            new = not path.exists()
             with path.open("a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(row))
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+                csv.DictWriter(f, fieldnames=fields).writerow(row)  # a column this row lacks stays empty
+        self._tails[stream] = (fields, float(step))
         if self._writer is not None:
             for k, v in metrics.items():
                 self._writer.add_scalar(f"{stream}/{k}", float(v), step)
@@ -125,14 +130,20 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
+def _write_rows(path: Path, rows: list[dict]) -> list[str]:
+    """Write `rows` (header: the union of their columns, in order of appearance); returns the columns."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
     tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(path)
+    except OSError:  # a full disk: the file as it was, and no half-written copy beside it
+        tmp.unlink(missing_ok=True)
+        raise
+    return fields
 
 
 # Drawn on the panel of the metric it is a baseline for, dashed.
