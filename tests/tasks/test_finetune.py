@@ -160,9 +160,16 @@ def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
     config = quick(toy_model_dir, tmp_path / "run", task="custom", train_file=str(tmp_path / "train.csv"),
                    eval_file=str(tmp_path / "dev.csv"), text_a="review", label="stars")
     record = finetune(config)
-    assert set(record["best"]) == {"accuracy"}
+    assert set(record["best"]) == {"accuracy", "macro_f1"}
     id2label = json.loads((tmp_path / "run" / "config.json").read_text())["id2label"]
     assert id2label == {"0": "bad", "1": "good", "2": "meh"}
+    # per class: the dev file's 2 / 2 / 2 rows, and a confusion matrix whose rows count them
+    report = (tmp_path / "run" / "classes.md").read_text()
+    assert report.startswith("# custom per class: dev, 6 examples\n") and "classes.md" in (tmp_path / "run" /
+                                                                                          "results.md").read_text()
+    matrix = [line.split(" | ")[1:] for line in report.splitlines()[-3:]]
+    assert [sum(int(n.strip(" |")) for n in row) for row in matrix] == [2, 2, 2]
+    assert "| macro average | 6 | 6 | " in report and f"{record['best']['macro_f1']:.2f} |" in report
     assert evaluate(tmp_path / "run")["accuracy"] == pytest.approx(record["best"]["accuracy"])
     assert predict(tmp_path / "run", ["great fun"])[0]["label"] in ("bad", "good", "meh")
     # the command scores a file whose columns are named otherwise, and a copy without the run's config: it could
@@ -184,6 +191,7 @@ def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
     assert main(argv) == 0
     scored = json.loads((tmp_path / "scored" / "eval_metrics.json").read_text())
     assert scored["accuracy"] == pytest.approx(record["best"]["accuracy"])
+    assert (tmp_path / "scored" / "classes.md").read_text() == report
 
 
 def test_evaluate_from_another_folder_scores_the_runs_own_relative_files(toy_model_dir, tmp_path, monkeypatch):

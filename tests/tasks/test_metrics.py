@@ -206,3 +206,27 @@ def test_official_score_of_the_bert_ensemble():
     assert len(dotted) == 3
     scores = squad_metrics(examples, predictions | dict.fromkeys(dotted, ""), "1.1")
     assert (scores["exact"], scores["f1"]) == (86.2251655629139, 92.18044260281135)
+
+
+def test_macro_f1_and_the_class_report_hand_checked():
+    """A user's own classes: macro F1 (each class's F1 averaged, so the rare class counts) beside accuracy, which
+    an always-the-common-class model games, and the per class table with its confusion matrix."""
+    from sklearn.metrics import f1_score as sk_f1
+
+    from bertkit.tasks.metrics import class_report
+
+    gold, always = [0] * 8 + [1] * 2, [0] * 10
+    scores = compute_metrics(["accuracy", "macro_f1"], always, gold)
+    assert scores == {"accuracy": pytest.approx(80.0), "macro_f1": pytest.approx(100 * (16 / 18) / 2)}
+    rng = np.random.default_rng(1)
+    p, y = rng.integers(0, 4, 200), rng.integers(0, 3, 200)  # a class predicted that the file lacks
+    assert compute_metrics(["macro_f1"], p, y)["macro_f1"] == pytest.approx(100 * sk_f1(y, p, average="macro"))
+    report = class_report(["neg", "pos", "n|a", "unused"], [0, 1, 1, 0, 2], [0, 1, 0, 0, 1], "t")
+    lines = report.splitlines()
+    assert lines[4:9] == ["| neg | 3 | 2 | 100.00 | 66.67 | 80.00 |", "| pos | 2 | 2 | 50.00 | 50.00 | 50.00 |",
+                          "| n\\|a | 0 | 1 | 0.00 | 0.00 | 0.00 |", "| unused | 0 | 0 | - | - | - |",
+                          "| macro average | 5 | 5 | 50.00 | 38.89 | 43.33 |"]
+    assert compute_metrics(["macro_f1"], [0, 1, 1, 0, 2], [0, 1, 0, 0, 1])["macro_f1"] == pytest.approx(130 / 3)
+    assert lines[-4:] == ["| neg | 2 | 1 | 0 | 0 |", "| pos | 0 | 1 | 1 | 0 |", "| n\\|a | 0 | 0 | 0 | 0 |",
+                          "| unused | 0 | 0 | 0 | 0 |"]
+    assert "No confusion matrix: 4 classes" in class_report(["a", "b", "c", "d"], [0], [0], "t", max_matrix=3)

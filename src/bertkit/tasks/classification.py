@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertkit.checkpoint import atomic_write_text
 from bertkit.data.corpus import replace_lone_surrogates
 from bertkit.data.glue import TextExample, get_task, read_custom, read_glue_file, write_submission
 from bertkit.errors import BertkitError
@@ -20,6 +21,7 @@ logger = logging.getLogger("bertkit")
 
 # Microsoft's MRPC release, which GLUE's train/dev are cut from; its test file is what GLUE scores MRPC on.
 MSR_TRAIN, MSR_TEST = "msr_paraphrase_train.txt", "msr_paraphrase_test.txt"
+CLASSES_FILE = "classes.md"  # a classification run's per class scores and confusion matrix, of its best epoch
 
 
 @dataclass
@@ -65,15 +67,25 @@ class TextTask:
         return logits.argmax(-1).numpy(), torch.softmax(logits, -1).numpy()
 
     def evaluate(self, model, tokenizer, config, device):
-        """Metrics on every eval split (extra splits prefixed with their name) and a no-op writer of outputs."""
-        from bertkit.tasks.metrics import compute_metrics  # scipy and sklearn take seconds to import
+        """Metrics on every eval split (extra splits prefixed with their name) and the writer of the outputs: for
+        classification, CLASSES_FILE (per class scores and the confusion matrix of the first split)."""
+        from bertkit.tasks.metrics import class_report, compute_metrics  # scipy and sklearn take seconds to import
 
-        metrics = {}
+        metrics, report = {}, None
         for i, (split, examples) in enumerate(self.evals.items()):
             predictions, _ = self.predict(model, tokenizer, examples, config, device)
-            scores = compute_metrics(self.metrics, predictions, [e.label for e in examples])
+            gold = [e.label for e in examples]
+            scores = compute_metrics(self.metrics, predictions, gold)
             metrics.update({_key(i, split, m): v for m, v in scores.items()})
-        return metrics, lambda out_dir: None
+            if i == 0 and not self.is_regression:
+                report = class_report(self.labels, predictions, gold,
+                                      f"{self.name} per class: {split}, {len(examples):,} examples")
+
+        def write_outputs(out_dir: Path) -> None:
+            if report is not None:
+                atomic_write_text(Path(out_dir) / CLASSES_FILE, report)
+
+        return metrics, write_outputs
 
     def write_test_predictions(self, model, tokenizer, config, device, out_dir: Path) -> list[Path]:
         """GLUE's leaderboard files for the test splits that were found."""
@@ -200,7 +212,9 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
     if labels is None and not config.regression:
         raise BertkitError("the label order of a custom task comes from its training file or the model's id2label")
     evals, _ = read(config.eval_file, None if config.regression else labels)
-    metrics = ("pearson", "spearman") if config.regression else ("accuracy",)
+    # the best epoch is the best mean of the two, as GLUE's MRPC averages F1 and accuracy: accuracy alone would
+    # prefer a model that always says the common class of an unbalanced file
+    metrics = ("pearson", "spearman") if config.regression else ("accuracy", "macro_f1")
     if not config.regression and len(labels) < 2:
         raise BertkitError(f"{config.train_file}: only one label ({', '.join(labels)}); expected at least two classes")
     return TextTask("custom", [] if config.regression else list(labels), metrics, train, {"dev": evals})

@@ -80,7 +80,8 @@ class EvaluateConfig:
     null_threshold: float | None = option(None, "SQuAD v2.0: answer '' when null score - best span score exceeds "
                                           "this (default: the run's); the official script's --na-prob-thresh is exp "
                                           "of it, as null_odds.json holds exp of the difference")
-    out_dir: str | None = option(None, "folder for eval_metrics.json (and SQuAD's predictions.json; v2.0 also "
+    out_dir: str | None = option(None, "folder for eval_metrics.json (a classifier's classes.md: per class scores, "
+                                 "confusion matrix; SQuAD's predictions.json, v2.0 also "
                                  "null_odds.json and predictions_spans.json, the official script's input) "
                                  "(default: none written)", flag="--out")
     threads: int | None = option(None, THREADS_HELP)

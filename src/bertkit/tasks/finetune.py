@@ -2,7 +2,8 @@
 scored on dev after every epoch, the best epoch's model kept (`evaluate` and `predict` on the result: evaluation.py).
 
 A run folder is a model folder (HF layout: config.json, model.safetensors, tokenizer files, id2label) plus the
-run's record: finetune_config.json, metrics.json, results.md, train.csv/eval.csv, and SQuAD's predictions.json.
+run's record: finetune_config.json, metrics.json, results.md, train.csv/eval.csv, a classifier's classes.md (per
+class scores and confusion matrix) and SQuAD's predictions.json.
 While the run lasts it also holds checkpoints/step-N (model, optimizer, schedule, data position, RNG states), at the
 end of every epoch and every --save-every steps, for `--resume auto`; they are deleted when the run finishes.
 
@@ -48,7 +49,7 @@ from bertkit.config import BertConfig, option, write_json
 from bertkit.data.batching import collate, length_grouped_batches
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
-from bertkit.tasks.classification import TextTask, load_text_task
+from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.squad import SquadTask, load_squad_task
 from bertkit.tokenizer import Tokenizer
@@ -70,7 +71,7 @@ EVAL_DATA_FILE = "eval_data.json"
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", CONFIG_FILE, "metrics.json", "results.md", "train.csv", "eval.csv",
-           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, "checkpoints")
+           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, "checkpoints")
 RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
 KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
 # Fields that change how a run goes, not what it computes: a run resumed or redone may change them
@@ -722,6 +723,8 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
     if record["best_epoch"] is not None:
         best = ", ".join(f"{m} {_score(m, record['best'][m])}" for m in columns)
         lines += ["", f"Best: epoch {record['best_epoch']} ({best}), kept in {config.out_dir}."]
+        if isinstance(task, TextTask) and not task.is_regression:
+            lines.append(f"Per class scores and the confusion matrix of that epoch: {CLASSES_FILE}.")
     for path in record.get("submissions", []):
         lines.append(f"Submission file: {path}")
     return "\n".join(lines) + "\n"

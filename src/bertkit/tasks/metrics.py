@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef, precision_recall_fscore_support
 
 from bertkit.data.glue import get_task
 from bertkit.data.squad import SquadExample
@@ -31,13 +31,16 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda p, y: accuracy_score(y, p),
     "f1": lambda p, y: f1_score(y, p, pos_label=1, average="binary", zero_division=0.0),
     "mcc": lambda p, y: matthews_corrcoef(y, p),
+    # each class's F1 averaged over the classes in the labels or the predictions: a rare class counts as much as a
+    # common one, where accuracy rewards always guessing the common one
+    "macro_f1": lambda p, y: f1_score(y, p, average="macro", zero_division=0.0),
     "pearson": lambda p, y: _correlation(pearsonr, p, y),
     "spearman": lambda p, y: _correlation(spearmanr, p, y),
 }
 
 
 def compute_metrics(names: Sequence[str], predictions: Sequence, labels: Sequence) -> dict[str, float]:
-    """The named metrics (accuracy, f1, mcc, pearson, spearman) as percentages."""
+    """The named metrics (accuracy, f1, mcc, macro_f1, pearson, spearman) as percentages."""
     p, y = np.asarray(predictions), np.asarray(labels)
     if p.shape != y.shape or p.ndim != 1 or len(p) == 0:
         raise BertkitError(f"predictions {p.shape} and labels {y.shape}: expected two equal, non-empty 1-D sequences")
@@ -45,6 +48,33 @@ def compute_metrics(names: Sequence[str], predictions: Sequence, labels: Sequenc
     if unknown:
         raise BertkitError(f"unknown metric(s) {', '.join(unknown)} (expected {', '.join(_METRICS)})")
     return {name: 100.0 * float(_METRICS[name](p, y)) for name in names}
+
+
+def class_report(labels: Sequence[str], predictions: Sequence[int], gold: Sequence[int], title: str,
+                 max_matrix: int = 30) -> str:
+    """Per class (indices into `labels`): examples, times predicted, precision, recall and F1 in percent, the macro
+    average (as `macro_f1`), and the confusion matrix (up to `max_matrix` classes), in markdown."""
+    p, y = np.asarray(predictions), np.asarray(gold)
+    classes = range(len(labels))
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=classes, zero_division=0.0)
+    predicted = np.bincount(p, minlength=len(labels))
+    name = [" ".join(str(label).split()).replace("|", "\\|") or "(blank)" for label in labels]
+    seen = (support > 0) | (predicted > 0)  # a class neither in the file nor predicted has no score
+    lines = [f"# {title}", "", "| class | examples | predicted | precision | recall | F1 |", "|---" * 6 + "|"]
+    for i in classes:
+        scores = f"{100 * precision[i]:.2f} | {100 * recall[i]:.2f} | {100 * f1[i]:.2f}" if seen[i] else "- | - | -"
+        lines.append(f"| {name[i]} | {support[i]} | {predicted[i]} | {scores} |")
+    macro = [f"{100 * values[seen].mean():.2f}" for values in (precision, recall, f1)]
+    lines += [f"| macro average | {len(y)} | {len(p)} | " + " | ".join(macro) + " |", "",
+              f"Accuracy {100 * float(np.mean(p == y)):.2f}; the macro average is over the {int(seen.sum())} classes "
+              "in the file or predicted (its F1 is `macro_f1`).", ""]
+    if len(labels) > max_matrix:
+        return "\n".join(lines + [f"(No confusion matrix: {len(labels)} classes, more than {max_matrix}.)"]) + "\n"
+    matrix = confusion_matrix(y, p, labels=classes)
+    lines += ["Confusion matrix (rows: the file's label; columns: predicted):", "",
+              "| label \\ predicted | " + " | ".join(name) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| {name[i]} | " + " | ".join(str(n) for n in matrix[i]) + " |" for i in classes]
+    return "\n".join(lines) + "\n"
 
 
 def glue_metrics(task: str, predictions: Sequence, labels: Sequence) -> dict[str, float]:
