@@ -468,10 +468,9 @@ def cmd_glue(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bertkit: %(message)s")
     try:
+        args = build_parser().parse_args(argv)  # its imports take torch's second or two, which Ctrl-C may cut short
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bertkit: %(message)s")
         args.func(args)
     except BertkitError as e:
         print(f"bertkit: error: {one_line(str(e))}", file=sys.stderr)

@@ -229,3 +229,20 @@ def test_log_rows_are_appended_without_reading_back_the_rows_before_them(tmp_pat
     log.log("train", 101, {"loss": 0.75})
     assert [r["step"] for r in real(tmp_path / "train.csv")][-2:] == ["100", "101"]
     assert not (tmp_path / "eval.csv").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_not_an_import_traceback(monkeypatch, capsys):
+    """`import bertkit` imported torch (1.5 s here) before `main` could catch anything, and building the parser
+    imports it too: Ctrl-C in that time printed a traceback through torch's import machinery."""
+    from bertkit import cli
+
+    done = subprocess.run([sys.executable, "-c", "import sys, bertkit.cli; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["--help"]) == 130
+    assert capsys.readouterr().err == "bertkit: interrupted\n"
