@@ -192,6 +192,26 @@ def test_a_full_disk_names_the_shard_and_the_rerun_resumes(tmp_path, tokenizer, 
     assert Counter(stored(PreparedCorpus(out))) == Counter(stored(PreparedCorpus(tmp_path / "clean")))
 
 
+def test_a_waiting_document_holds_its_own_tokens_not_its_whole_batch(tmp_path, tokenizer, documents, monkeypatch):
+    """A document waits in its split's buffer until a shard fills; the held-out split fills late (1% of the corpus),
+    so its documents wait for most of the run. Each kept a view of the whole tokenized batch it came from, so
+    prepare's memory grew with the corpus (on short documents, nearly the corpus's tokens): it keeps its own."""
+    flush, kept = prepare_module._Preparer.flush, {}
+
+    def measuring(self, split):
+        arrays = self.buffers[split].tokens
+        owners = {id(a if a.base is None else a.base): (a if a.base is None else a.base).nbytes for a in arrays}
+        kept[split] = (sum(a.nbytes for a in arrays), sum(owners.values()))
+        return flush(self, split)
+
+    monkeypatch.setattr(prepare_module._Preparer, "flush", measuring)
+    short = [document[:3] for document in documents]  # short documents: a few held out of one batch
+    prepare([str(write_bert(tmp_path / "a.txt", short))], tokenizer, tmp_path / "out", shard_tokens=10**9,
+            heldout_fraction=0.02, progress=False)
+    own, held = kept["heldout"]  # bytes
+    assert own > 0 and held == own  # it was 83 times as much: the whole batch
+
+
 def test_a_file_is_finished_only_in_the_layout_and_text_field_it_was_started_in(tmp_path, tokenizer, documents,
                                                                                    monkeypatch):
     """A run resumes a file by the index of its documents: another --format (as the 'read as one document per line'

@@ -199,7 +199,11 @@ class _Preparer:
             doc_lengths = lengths[first:last]
             doc_lengths = doc_lengths[doc_lengths > 0]  # a sentence of only dropped characters has no tokens
             if len(doc_lengths):
-                self.buffers[split].add(file, index, flat[token_offsets[first] : token_offsets[last]], doc_lengths)
+                # A copy, not a view: a view keeps the whole batch's array alive while the document waits for its
+                # shard, and held-out documents wait for most of the run (1% of a corpus fills a shard late), so
+                # memory grew with the corpus: nearly all of it when documents are short.
+                tokens = flat[token_offsets[first] : token_offsets[last]].copy()
+                self.buffers[split].add(file, index, tokens, doc_lengths)
                 self.counts["documents"] += 1
                 self.counts["heldout_documents"] += split == "heldout"
                 self.counts["sentences"] += len(doc_lengths)
