@@ -277,6 +277,21 @@ def test_the_loader_starting_in_the_epoch_built_at_construction_does_not_build_i
     np.testing.assert_array_equal(dataset.plan, first)
 
 
+def test_building_a_plan_takes_little_more_memory_than_the_plan(corpus, tokenizer):
+    """A plan is five int64 an example (40 bytes). It was built as a list of tuples of Python ints, over 200 bytes an
+    example, so building the plan of a 2 GB corpus (4.3M examples) peaked 1 GB above the plan itself."""
+    import tracemalloc  # numpy's arrays are traced too
+
+    dataset = PretrainingDataset(corpus, tokenizer, objective="mlm", max_length=8)  # short examples: many of them
+    tracemalloc.start()  # the corpus's sentence index was built by the constructor's plan
+    try:
+        plan = dataset._plan(random.Random(0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(plan) > 10_000 and peak < 2 * plan.nbytes, (len(plan), peak, plan.nbytes)
+
+
 def test_collate_pads_to_longest(corpus, tokenizer):
     dataset = PretrainingDataset(corpus, tokenizer, max_length=64, short_seq_prob=0.5)
     batch = [dataset[i] for i in range(16)]
