@@ -4,6 +4,9 @@ import csv
 import gzip
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from conftest import data_path
 
 from bertkit.errors import BertkitError
-from bertkit.tokenizer import SPECIAL_TOKENS, Tokenizer, train_vocab
+from bertkit.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_threads, train_vocab
 
 transformers = pytest.importorskip("transformers")
 
@@ -677,3 +680,28 @@ def test_a_new_vocabulary_never_replaces_a_models_own(tmp_path, corpus_lines):
                                            "own vocabulary; expected a folder of its own"):
         train_vocab([tmp_path / "a.txt"], model, vocab_size=300, show_progress=False)
     assert (model / "vocab.txt").read_text() == "mine\n" and not (model / "tokenizer.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
+def test_threads_bounds_the_tokenizers_thread_pool(tmp_path):
+    """`prepare` and `vocab train` had no --threads, and pretrain's bounded torch alone: tokenizing took one thread
+    per core of the machine, whatever the user asked for. Each process here tokenizes a batch and counts its
+    threads; a RAYON_NUM_THREADS the user set wins."""
+    probe = ("import os, sys; from bertkit.tokenizer import tokenizer_threads; import tokenizers\n"
+             "tokenizer_threads(int(sys.argv[1]))\n"
+             "tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({'a': 0, '[UNK]': 1}, unk_token='[UNK]'))\n"
+             "tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()\n"
+             "tok.encode_batch(['a a a'] * 5000)\n"
+             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('Threads')))")
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+
+    def threads(n, **extra):
+        done = subprocess.run([sys.executable, "-c", probe, str(n)], env=env | extra, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout)
+
+    assert threads(3) - threads(1) == 2
+    assert threads(1, RAYON_NUM_THREADS="3") == threads(3)
+    with pytest.raises(BertkitError, match=r"--threads 0: expected a whole number of threads, at least 1"):
+        tokenizer_threads(0)

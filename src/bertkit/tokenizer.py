@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import numbers
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -447,6 +448,21 @@ def _check_count(name: str, value, low: int, high: int) -> None:
         raise BertkitError(f"{name} is {value!r}; expected a whole number from {low:,} to {high:,}")
 
 
+TOKENIZER_THREADS_HELP = "threads for tokenizing (default: one per core, the tokenizers library's own)"
+
+
+def tokenizer_threads(threads: int | None) -> None:
+    """Bound the tokenizers library's thread pool to `threads` (None: leave it be). The pool (Rust's rayon) reads
+    RAYON_NUM_THREADS once, when its first batch starts it: so this is said before any batch, a pool already running
+    keeps its size, and a RAYON_NUM_THREADS the user set wins. Without it `--threads 1` bounded torch alone, and
+    preparing a corpus took every core of a shared machine."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise BertkitError(f"--threads {threads}: expected a whole number of threads, at least 1")
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+
+
 @dataclass
 class VocabConfig:
     """`bertkit vocab train`: the command's arguments are these fields."""
@@ -459,10 +475,12 @@ class VocabConfig:
     limit_alphabet: int = option(1000, "most single characters kept")
     format: Literal["auto", "bert", "docs", "jsonl"] = option("auto", "input layout; auto guesses per file")
     text_field: str = option("text", "the text field of JSON lines input")
+    threads: int | None = option(None, TOKENIZER_THREADS_HELP)
 
 
 def vocab_train(config: VocabConfig, show_progress: bool = True) -> Tokenizer:
     """`train_vocab` on the files, folders and globs of `config.files`: the `vocab train` command."""
+    tokenizer_threads(config.threads)
     return train_vocab(expand_inputs(config.files), config.out, vocab_size=config.vocab_size,
                        lowercase=not config.cased, min_frequency=config.min_frequency,
                        limit_alphabet=config.limit_alphabet, fmt=config.format, text_field=config.text_field,

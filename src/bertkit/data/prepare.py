@@ -32,6 +32,7 @@ from bertkit.data.shards import (
     token_dtype,
 )
 from bertkit.errors import BertkitError, where
+from bertkit.tokenizer import TOKENIZER_THREADS_HELP
 from bertkit.train.logs import progress_bar
 from bertkit.train.rundir import check_output_path
 
@@ -75,12 +76,14 @@ class PrepareConfig:
     text_field: str = option("text", "the text field of JSON lines input")
     shard_tokens: int = option(2**25, "tokens per shard, about")
     batch_size: int = option(1000, "sentences tokenized per batch")
+    threads: int | None = option(None, TOKENIZER_THREADS_HELP)
 
 
 def prepare_corpus(config: PrepareConfig, progress: bool = True) -> PrepareSummary:
     """`prepare` with the tokenizer folder of `config.tokenizer`: the `prepare` command."""
-    from bertkit.tokenizer import Tokenizer
+    from bertkit.tokenizer import Tokenizer, tokenizer_threads
 
+    tokenizer_threads(config.threads)
     return prepare(config.inputs, Tokenizer.from_pretrained(config.tokenizer), config.out,
                    shard_tokens=config.shard_tokens, heldout_fraction=config.heldout_fraction,
                    batch_size=config.batch_size, fmt=config.format, text_field=config.text_field, seed=config.seed,

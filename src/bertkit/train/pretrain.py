@@ -628,6 +628,9 @@ def restore(state: dict, source: Path, optimizer, scheduler, precision: Precisio
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain as `cfg` says (one process, or each process under torchrun); returns the final held-out metrics."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    from bertkit.tokenizer import tokenizer_threads
+
+    tokenizer_threads(cfg.threads)  # a vocabulary trained and a corpus prepared here keep to --threads too
     with distributed.torch_threads(cfg.threads, processes):
         d = distributed.setup()
         try:
