@@ -1,13 +1,21 @@
 """bertkit: BERT end to end, interchangeable with Hugging Face transformers checkpoints."""
 
+from typing import TYPE_CHECKING
+
 from bertkit.errors import BertkitError
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time each loads when first used (below)
+    from bertkit.config import BertConfig
+    from bertkit.model import (BertForMaskedLM, BertForMultipleChoice, BertForPreTraining, BertForQuestionAnswering,
+                               BertForSequenceClassification, BertForTokenClassification, BertModel, ModelOutput)
+    from bertkit.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 
-# Imported when first asked for: the model pulls in torch (over a second), the tokenizer the `tokenizers` library,
-# and a command that needs neither (`bertkit --help`, a refused flag) should not wait for them, nor show an import's
-# traceback when Ctrl-C comes during one
+# Imported when first asked for: the model pulls in torch (over a second), the tokenizer the `tokenizers` library.
+# Imported with the package, they ran before the CLI's `main` could catch anything, so Ctrl-C while a command
+# started showed a traceback from inside torch's import; a Python user who needs neither does not wait for them.
 _LAZY = {"BertConfig": "bertkit.config", "Tokenizer": "bertkit.tokenizer",
          **dict.fromkeys(["BertForMaskedLM", "BertForMultipleChoice", "BertForPreTraining", "BertForQuestionAnswering",
                           "BertForSequenceClassification", "BertForTokenClassification", "BertModel", "ModelOutput"],
