@@ -705,3 +705,16 @@ def test_threads_bounds_the_tokenizers_thread_pool(tmp_path):
     assert threads(1, RAYON_NUM_THREADS="3") == threads(3)
     with pytest.raises(BertkitError, match=r"--threads 0: expected a whole number of threads, at least 1"):
         tokenizer_threads(0)
+
+
+def test_threads_past_the_bound_of_torchs_threads_are_refused(monkeypatch):
+    """--threads 100000 on `vocab train` or `prepare` was handed to the tokenizers pool, which started every
+    thread: minutes of spinning instead of an error, where pretrain and finetune refuse more than 1024."""
+    monkeypatch.setenv("RAYON_NUM_THREADS", "")  # so that monkeypatch puts back the value of before (or none)
+    monkeypatch.delenv("RAYON_NUM_THREADS")
+    with pytest.raises(BertkitError, match=r"--threads 100000: expected a whole number of threads, at least 1 and at "
+                                           r"most 1024"):
+        tokenizer_threads(100000)
+    assert "RAYON_NUM_THREADS" not in os.environ
+    tokenizer_threads(1024)  # the bound itself is allowed
+    assert os.environ["RAYON_NUM_THREADS"] == "1024"
