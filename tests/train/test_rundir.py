@@ -231,6 +231,20 @@ def test_log_rows_are_appended_without_reading_back_the_rows_before_them(tmp_pat
     assert not (tmp_path / "eval.csv").exists() and not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_log_whose_last_row_has_no_line_end_gets_the_next_row_on_a_line_of_its_own(tmp_path):
+    """A train.csv edited so that its last row lost its line end (or a write cut short): the next row was appended
+    onto that line, so `1,5.0` and row 2 became one row `1,5.02,6.0`, the loss of step 1 changed and step 2 gone."""
+    from bertkit.train.logs import RunLogger, read_csv
+
+    (tmp_path / "train.csv").write_text("step,loss\n1,5.0")
+    log = RunLogger(tmp_path, tensorboard=False)
+    assert log.truncate(1) is None
+    log.log("train", 2, {"loss": 6.0})
+    log.log("train", 3, {"loss": 7.0})
+    assert read_csv(tmp_path / "train.csv") == [{"step": "1", "loss": "5.0"}, {"step": "2", "loss": "6.0"},
+                                               {"step": "3", "loss": "7.0"}]
+
+
 def test_ctrl_c_while_the_command_starts_is_one_line_not_an_import_traceback(monkeypatch, capsys):
     """`import bertkit` imported torch (1.5 s here) before `main` could catch anything, and building the parser
     imports it too: Ctrl-C in that time printed a traceback through torch's import machinery."""

@@ -73,7 +73,12 @@ class RunLogger:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         if stream not in self._tails:
             rows = read_csv(path) if path.exists() else []
-            self._tails[stream] = (list(rows[0]) if rows else [], float(rows[-1]["step"]) if rows else None)
+            fields = list(rows[0]) if rows else []
+            if rows and not _ends_a_line(path):
+                # its last row has no line end (the file edited, a write cut short): a row appended would continue
+                # that line, two rows in one; no columns known makes this row rewrite the file, each row a line
+                fields = []
+            self._tails[stream] = (fields, float(rows[-1]["step"]) if rows else None)
         fields, last = self._tails[stream]
         if last == step or not set(row) <= set(fields):
             # the same step again (a finished run resumed): replace it; a new column: rewrite with the union
@@ -128,6 +133,12 @@ def progress_bar(**kw) -> tqdm:
 def read_csv(path: Path) -> list[dict]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _ends_a_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) in (b"\n", b"\r")
 
 
 def _write_rows(path: Path, rows: list[dict]) -> list[str]:
