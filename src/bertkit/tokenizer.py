@@ -456,10 +456,10 @@ def tokenizer_threads(threads: int | None) -> None:
     RAYON_NUM_THREADS once, when its first batch starts it: so this is said before any batch, a pool already running
     keeps its size, and a RAYON_NUM_THREADS the user set wins. Without it `--threads 1` bounded torch alone, and
     preparing a corpus took every core of a shared machine."""
-    from bertkit.train.distributed import MAX_THREADS
-
     if threads is None:
         return
+    from bertkit.train.distributed import MAX_THREADS  # torch's import, paid only when --threads is given
+
     # the bound torch's threads have (pretrain, finetune): the pool starts every thread it is told to, and
     # `vocab train --threads 100000` spun for minutes on a 2-core machine where --threads 1 took 2 s
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:

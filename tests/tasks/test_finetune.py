@@ -721,3 +721,18 @@ def test_evaluate_and_predict_read_the_head_of_a_folder_that_names_no_architectu
     ours, theirs = (predict(tmp_path / name, ["a good movie"])[0]
                     for name in ("BertForSequenceClassification", "nvidia-BertForSequenceClassification"))
     assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-6)
+
+
+def test_the_results_table_marks_an_epoch_recorded_without_a_metric(tmp_path):
+    """A custom run killed under a version that scored accuracy alone and resumed under one that adds macro_f1: its
+    first epoch's row lacks the column, and the table raised KeyError at the run's end, after all its training."""
+    from bertkit.tasks.classification import TextTask
+    from bertkit.tasks.finetune import FinetuneConfig, results_table
+
+    task = TextTask("custom", ["a", "b"], ("accuracy", "macro_f1"), evals={"dev": []})
+    timing = {"train_loss": 0.5, "train_seconds": 1.0, "train_examples_per_second": 10.0, "eval_seconds": 1.0}
+    record = {"train_examples": 8, "eval_examples": 4, "best_epoch": 2, "best": {"accuracy": 75.0, "macro_f1": 70.0},
+              "epochs": [{"epoch": 1, "accuracy": 50.0, **timing},
+                         {"epoch": 2, "accuracy": 75.0, "macro_f1": 70.0, **timing}]}
+    table = results_table(FinetuneConfig(model_dir="m", task="custom", out_dir=str(tmp_path)), task, record)
+    assert "| 1 | 0.5000 | 50.00 | - |" in table and "| 2 (best) | 0.5000 | 75.00 | 70.00 |" in table

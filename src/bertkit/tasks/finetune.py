@@ -716,7 +716,8 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         mark = " (best)" if row["epoch"] == record["best_epoch"] else ""
         lines.append(
             f"| {row['epoch']}{mark} | {row['train_loss']:.4f} | "
-            + " | ".join(_score(m, row[m]) for m in columns)
+            # "-": an epoch recorded before its task had the metric (a custom run resumed across macro_f1's arrival)
+            + " | ".join(_score(m, row[m]) if m in row else "-" for m in columns)
             + f" | {_duration(row['train_seconds'])} | {row['train_examples_per_second']:.1f} | "
             f"{_duration(row['eval_seconds'])} |"
         )
