@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bertkit.checkpoint import out_of_space
+from bertkit.checkpoint import WriteFailed, atomic_write, out_of_space
 from bertkit.errors import BertkitError, free_space
 
 logger = logging.getLogger("bertkit")
@@ -65,7 +65,7 @@ class RunLogger:
             return
         try:
             self._log(stream, step, metrics)
-        except OSError as e:
+        except (OSError, WriteFailed) as e:
             raise _write_failed(self.run_dir, e) from None
 
     def _log(self, stream: str, step: int, metrics: dict[str, float]) -> None:
@@ -109,13 +109,17 @@ class RunLogger:
                 raise _write_failed(self.run_dir, e) from None
 
 
-def _write_failed(run_dir: Path, e: OSError) -> Exception:
+def _write_failed(run_dir: Path, e: OSError | WriteFailed) -> Exception:
     """A log row that a full disk stopped (the disk filled after the run's start, which checks for room): a
     BertkitError naming the folder and the free space, where it was an OSError's traceback (TensorBoard's or the
-    CSV file's); any other OSError as it is."""
-    if not out_of_space(e):
+    CSV file's) or, for a CSV file rewritten whole, the file's own message; any other OSError as it is."""
+    if isinstance(e, WriteFailed):
+        cause = e.cause
+    elif out_of_space(e):
+        cause = f"{type(e).__name__}: {e}"
+    else:
         return e
-    return BertkitError(f"{run_dir}: cannot write the run's logs ({type(e).__name__}: {e}); {free_space(run_dir)}; "
+    return BertkitError(f"{run_dir}: cannot write the run's logs ({cause}); {free_space(run_dir)}; "
                         "expected room for them (the checkpoints saved are kept: free some space, then --resume auto "
                         "continues from the newest)")
 
@@ -144,16 +148,14 @@ def _ends_a_line(path: Path) -> bool:
 def _write_rows(path: Path, rows: list[dict]) -> list[str]:
     """Write `rows` (header: the union of their columns, in order of appearance); returns the columns."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".csv.tmp")
-    try:
-        with tmp.open("w", newline="") as f:
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-        tmp.replace(path)
-    except OSError:  # a full disk: the file as it was, and no half-written copy beside it
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)  # a full disk leaves the file as it was, and no half-written copy beside it
     return fields
 
 
