@@ -50,7 +50,10 @@ def model_folder(directory: str | Path) -> Path:
     if directory.is_dir():
         return directory
     what = "a file, not a folder" if directory.exists() else "no such folder"
-    raise BertkitError(f"{directory}: {what} (expected a model folder with config.json and weights)")
+    hint = ""
+    if directory.is_file() and directory.suffix == ".pt":  # a Composer checkpoint, most likely: one file is the model
+        hint = f"; a Composer checkpoint (MosaicML) is made one with `bertkit convert {directory} --out DIR --to hf`"
+    raise BertkitError(f"{directory}: {what} (expected a model folder with config.json and weights){hint}")
 
 
 def _shards(index: Path) -> list[Path]:
@@ -117,18 +120,20 @@ def weights_source(directory: Path) -> str:
     return str(directory / index)
 
 
-def _load_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of one weight file; `mmap` maps a pickle's storages instead of reading them (for names and
-    shapes; a file of the old, non-zip format is read)."""
+def load_pickle(path: Path, mmap: bool = False):
+    """What a torch.save file holds, read with torch.load(weights_only=True): tensors and plain data only (besides
+    torch's own, the few plain values a Composer checkpoint pickles), never a pickled object that runs code.
+    `mmap` maps the storages instead of reading them (a file of the old, non-zip format is read)."""
+    from bertkit.composer_checkpoint import PLAIN_GLOBALS
+
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(PLAIN_GLOBALS):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated file, or a pickle holding more than tensors
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # torch's own message is a page long
         if unsafe is None:
@@ -139,6 +144,22 @@ def _load_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
                            "expected a state dict, or {'model': state dict} as NVIDIA's checkpoints hold it (where "
                            "this file comes from a source you trust, save torch.load(path, weights_only=False)"
                            "['model'] alone)") from None
+
+
+def _load_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file; `mmap` maps a pickle's storages instead of reading them (for names and
+    shapes)."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # corrupt or truncated file
+            raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    loaded = load_pickle(path, mmap)
+    from bertkit.composer_checkpoint import is_composer
+
+    if is_composer(loaded):  # one file holding the config and tokenizer too: made a folder by `bertkit convert`
+        raise BertkitError(f"{path}: a Composer checkpoint (MosaicML); expected a model folder: write one with "
+                           f"`bertkit convert {path} --out DIR --to hf` and give DIR")
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):  # NVIDIA's: the optimizer state beside it
         return loaded["model"]
     return loaded

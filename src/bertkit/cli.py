@@ -313,14 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="write a model folder in Google's original TensorFlow layout or NVIDIA's, or either in transformers'",
+        help="write a model in Google's original TensorFlow layout, NVIDIA's or Composer's (MosaicML), or any of "
+        "them in transformers'",
         description="Convert between transformers' layout (config.json, model.safetensors, tokenizer files), "
         "Google's original BERT layout (bert_config.json, vocab.txt, bert_model.ckpt.index and "
-        ".data-00000-of-00001, TensorFlow 1 variable names; written without TensorFlow) and NVIDIA's BERT recipe's "
-        "(bert_config.json, vocab.txt, bert_model.pt). --to google writes what Google's run_classifier.py, "
+        ".data-00000-of-00001, TensorFlow 1 variable names; written without TensorFlow), NVIDIA's BERT recipe's "
+        "(bert_config.json, vocab.txt, bert_model.pt) and Composer's, which MosaicML's BERT recipes save (one .pt "
+        "file holding weights, config and tokenizer). --to google writes what Google's run_classifier.py, "
         "run_squad.py and run_pretraining.py take as --init_checkpoint; --to nvidia what NVIDIA's run_squad.py and "
-        "run_glue.py load as --init_checkpoint; --to hf what transformers loads. Every command also reads a Google or NVIDIA folder as "
-        "it is.",
+        "run_glue.py load as --init_checkpoint; --to composer what Composer's Trainer loads with load_path and "
+        "load_weights_only (the hf_bert model); --to hf what transformers loads. Every command also reads a Google "
+        "or NVIDIA folder as it is; a Composer checkpoint file is converted first: "
+        "`bertkit convert ep1-ba1000-rank0.pt --out my-model --to hf`.",
     )
     add_dataclass_args(p, ConvertConfig)
     p.set_defaults(func=cmd_convert)

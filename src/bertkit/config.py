@@ -232,8 +232,12 @@ class BertConfig:
                 return tf_checkpoint.load_config(path)
             path = path / CONFIG_NAME
             if not path.exists():
+                checkpoints = sorted(p.name for p in path.parent.glob("*.pt"))
+                hint = "" if not checkpoints else (
+                    f"; {checkpoints[0]} alone may be a Composer checkpoint (MosaicML), which `bertkit convert "
+                    f"{path.parent / checkpoints[0]} --out DIR --to hf` makes a model folder of")
                 raise BertkitError(f"{path}: no config.json (expected a model folder in the Hugging Face layout, or "
-                                   "Google's with bert_config.json)")
+                                   f"Google's with bert_config.json){hint}")
         elif not path.exists():
             raise BertkitError(f"{path}: no such folder (expected a model folder in the Hugging Face layout)")
         elif path.suffix != ".json":  # a weights file, a vocab.txt, a data file given where a model folder belongs

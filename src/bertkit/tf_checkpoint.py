@@ -845,45 +845,65 @@ def save_nvidia(model, directory: Path, tokenizer=None) -> None:
 # `bertkit convert`
 
 
+LAYOUTS = ("google", "nvidia", "hf", "composer")
+
+
 @dataclass
 class ConvertConfig:
     """`bertkit convert`: the CLI's flags are these fields."""
 
-    model_dir: str = option("", "the model folder to convert (transformers' layout, Google's or NVIDIA's)",
+    model_dir: str = option("", "the model folder to convert (transformers' layout, Google's or NVIDIA's), or a "
+                            "Composer checkpoint file (MosaicML's hf_bert recipe: ep1-ba1000-rank0.pt)",
                             positional=True)
     out: str = option("", "the folder to write", required=True)
-    to: Literal["google", "nvidia", "hf"] = option(
+    to: Literal["google", "nvidia", "hf", "composer"] = option(
         "", "google: bert_config.json, vocab.txt and bert_model.ckpt.index/.data-00000-of-00001, which "
         "Google's BERT code and tf.train.load_checkpoint read; nvidia: bert_config.json, vocab.txt and "
         "bert_model.pt ({'model': state dict}), which NVIDIA's BERT recipe takes as --init_checkpoint; hf: "
-        "config.json, model.safetensors and the tokenizer files, which transformers reads", required=True)
+        "config.json, model.safetensors and the tokenizer files, which transformers reads; composer: "
+        "composer_checkpoint.pt, a weights-only Composer checkpoint holding the config and tokenizer too, which "
+        "MosaicML's recipes load (load_path, load_weights_only)", required=True)
     overwrite: bool = option(False, "write into --out even when it holds files")
+
+
+def _check_google(model_config: BertConfig, cls, source) -> None:
+    """Refuse what Google's layout (and NVIDIA's, which runs Google's architecture) cannot hold."""
+    google_config(model_config, str(source))
+    if cls.__name__ not in GOOGLE_HEADS:
+        raise BertkitError(f"{source}: a {cls.__name__}; Google's BERT code has no such head (expected one of "
+                           f"{', '.join(GOOGLE_HEADS)})")
 
 
 def convert(config: ConvertConfig) -> dict:
     """Write `config.model_dir` in the other layout; returns what was written."""
+    from bertkit import composer_checkpoint
     from bertkit.checkpoint import model_folder, save_pretrained
     from bertkit.model import MODEL_CLASSES
     from bertkit.tokenizer import Tokenizer
     from bertkit.train.rundir import make_dir, new_model_folder
 
-    source = model_folder(config.model_dir)
-    if config.to not in ("google", "nvidia", "hf"):
-        raise BertkitError(f"--to is {config.to!r}; expected google, nvidia or hf")
+    if config.to not in LAYOUTS:
+        raise BertkitError(f"--to is {config.to!r}; expected one of {', '.join(LAYOUTS)}")
     out = new_model_folder(config.out, config.model_dir, config.overwrite, "converted model")
-    model_config = BertConfig.load(source)
-    names = model_config.extra.get("architectures") or ["BertModel"]
-    cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
-    if cls is None:
-        raise BertkitError(f"{source}: architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
-    if config.to in ("google", "nvidia"):  # NVIDIA's recipe runs Google's architecture: the same limits
-        google_config(model_config, str(source))  # refused before the weights are read
-        if cls.__name__ not in GOOGLE_HEADS:
-            raise BertkitError(f"{source}: a {cls.__name__}; Google's BERT code has no such head (expected one of "
-                               f"{', '.join(GOOGLE_HEADS)})")
-    model = cls.from_pretrained(source)
-    tokenizer = Tokenizer.from_pretrained(source) if (source / "vocab.txt").is_file() or (
-        source / "tokenizer.json").is_file() else None
+    if Path(config.model_dir).is_file():  # a Composer checkpoint: config, tokenizer and weights in one file
+        source = Path(config.model_dir)
+        model, tokenizer = composer_checkpoint.load(source)
+        cls = type(model)
+        if config.to in ("google", "nvidia"):
+            _check_google(model.config, cls, source)
+    else:
+        source = model_folder(config.model_dir)
+        model_config = BertConfig.load(source)
+        names = model_config.extra.get("architectures") or ["BertModel"]
+        cls = next((MODEL_CLASSES[n] for n in names if n in MODEL_CLASSES), None)
+        if cls is None:
+            raise BertkitError(f"{source}: architecture {', '.join(names)}; expected one of "
+                               f"{', '.join(MODEL_CLASSES)}")
+        if config.to in ("google", "nvidia"):
+            _check_google(model_config, cls, source)  # refused before the weights are read
+        model = cls.from_pretrained(source)
+        tokenizer = Tokenizer.from_pretrained(source) if (source / "vocab.txt").is_file() or (
+            source / "tokenizer.json").is_file() else None
     make_dir(out, "--out")
     if config.to == "google":
         save_google(model, out, tokenizer)
@@ -891,10 +911,13 @@ def convert(config: ConvertConfig) -> dict:
     elif config.to == "nvidia":
         save_nvidia(model, out, tokenizer)
         files = [GOOGLE_CONFIG_NAME, NVIDIA_CHECKPOINT]
+    elif config.to == "composer":
+        composer_checkpoint.save_composer(model, out, tokenizer)
+        files = [composer_checkpoint.COMPOSER_CHECKPOINT + (" (with the tokenizer)" if tokenizer else "")]
     else:
         save_pretrained(model, out, tokenizer=tokenizer)
         files = ["config.json", "model.safetensors"]
-    if tokenizer is not None:
+    if tokenizer is not None and config.to != "composer":
         files += ["the tokenizer files"] if config.to == "hf" else ["vocab.txt"]
     return {"out": str(out), "to": config.to, "architecture": cls.__name__, "files": files,
             "lowercase": None if tokenizer is None else tokenizer.lowercase}
