@@ -8,7 +8,7 @@ its own, beside bertkit installed there without its dependencies:
     pip install torch==2.13.0 && pip install --no-deps mosaicml==0.32.1 mosaicml-cli==0.7.5 peft==0.14.0 \
         accelerate==1.7.0
     pip install transformers==4.53.3 torchmetrics==1.7.4 torch_optimizer coolname tabulate==0.9.0 py-cpuinfo \
-        psutil backoff gql websockets ruamel.yaml argcomplete questionary validators arrow
+        psutil backoff gql websockets ruamel.yaml argcomplete questionary validators arrow importlib-metadata rich pillow
     pip install --no-deps -e .
     python benchmarks/composer_check.py --model $BERTKIT_DATA/checkpoints/all-MiniLM-L6-v2 --stub-torchvision
 
@@ -35,6 +35,7 @@ import argparse
 import importlib.abc
 import importlib.machinery
 import json
+import os
 import sys
 import tempfile
 import types
@@ -214,12 +215,15 @@ def main() -> None:
     import transformers
 
     torch.manual_seed(0)
+    out, model_dir, start = args.out.resolve(), args.model.resolve(), Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        os.chdir(work)  # Composer leaves a tokenizer-save-dir-* folder in the working directory per tokenizer it reads
         result = {"composer": composer.__version__, "transformers": transformers.__version__,
-                  "torch": torch.__version__, "read": read_check(work, args.model),
-                  "write": [write_check(work, args.model, head) for head in ("mlm", "classifier")]}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+                  "torch": torch.__version__, "read": read_check(work, model_dir),
+                  "write": [write_check(work, model_dir, head) for head in ("mlm", "classifier")]}
+        os.chdir(start)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
