@@ -149,7 +149,7 @@ def test_what_is_not_a_bert_composer_checkpoint_is_refused_naming_the_file(tmp_p
               for name in ("attention.self.Wqkv", "mlp.gated_layers", "mlp.wo")}
     torch.save({"state": {"model": mosaic}}, tmp_path / "mosaic.pt")
     code, err = convert(tmp_path / "mosaic.pt")
-    assert code == 2 and "a MosaicBERT checkpoint" in err and "hf_bert" in err
+    assert code == 2 and "mosaic.pt: MosaicBERT's weights" in err and "hf_bert" in err
     torch.save({"state": {"model": {f"model.{k}": v for k, v in hf.state_dict().items()}}}, tmp_path / "bare.pt")
     code, err = convert(tmp_path / "bare.pt")
     assert code == 2 and "no ['integrations']" in err and "bare.pt" in err
@@ -178,3 +178,21 @@ def test_what_is_not_a_bert_composer_checkpoint_is_refused_naming_the_file(tmp_p
     assert main(["info", str(run / "ep0-ba2-rank0.pt")]) == 2
     assert "a file, not a folder (expected a model folder with config.json and weights); a Composer checkpoint " \
         "(MosaicML) is made one with `bertkit convert" in capsys.readouterr().err
+
+
+def test_a_mosaic_bert_folder_is_named_as_such_not_listed_as_missing_weights(tmp_path, capsys):
+    """MosaicBERT on the Hub (mosaic-bert-base) is a folder with model_type bert and architectures BertForMaskedLM."""
+    from safetensors.torch import save_file
+
+    from bertkit.config import BertConfig
+
+    folder = tmp_path / "mosaic-bert"
+    BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               extra={"architectures": ["BertForMaskedLM"], "alibi_starting_size": 512}).save(folder)
+    save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(60, 16),
+               "bert.encoder.layer.0.attention.self.Wqkv.weight": torch.zeros(48, 16),
+               "bert.encoder.layer.0.mlp.gated_layers.weight": torch.zeros(64, 16),
+               "bert.encoder.layer.0.mlp.wo.weight": torch.zeros(16, 32)}, str(folder / "model.safetensors"))
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: MosaicBERT's weights (fused Wqkv" in err and "missing weights" not in err

@@ -340,6 +340,18 @@ def _config_fields(key: str, got: tuple, want: tuple, config, stated: dict | Non
     return "".join(f" ({_field(name, config, stated)})" for name in names)
 
 
+_MOSAIC_BERT = (".attention.self.Wqkv.", ".mlp.gated_layers.", ".mlp.wo.")  # names only MosaicBERT's layers have
+
+
+def refuse_mosaic_bert(names, source) -> None:
+    """MosaicBERT (MosaicML's own model: ALiBi in place of position embeddings, a gated feed-forward layer, fused
+    QKV) shares BERT's config and class names but not its layers: said as such, not as a page of missing weights."""
+    if any(marker in name for name in names for marker in _MOSAIC_BERT):
+        raise BertkitError(f"{source}: MosaicBERT's weights (fused Wqkv, gated feed-forward layers, ALiBi in place of "
+                           "position embeddings), another architecture than BERT's; expected BERT's (MosaicML's "
+                           "hf_bert model is one)")
+
+
 def _check_fit(model, shapes: dict[str, tuple], source: str, stated: dict | None = None) -> tuple[list[str], list[str]]:
     """Raise naming the missing, unexpected and mis-shaped weights; return (new heads, foreign heads).
 
@@ -348,6 +360,7 @@ def _check_fit(model, shapes: dict[str, tuple], source: str, stated: dict | None
     silently random encoder would waste a whole fine-tuning run. `stated` holds config.json's values where the
     model's config overrides some of them.
     """
+    refuse_mosaic_bert(shapes, source)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     config = model.config
     heads = model.head_prefixes

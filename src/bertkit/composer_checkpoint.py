@@ -40,7 +40,6 @@ logger = logging.getLogger("bertkit")
 COMPOSER_CHECKPOINT = "composer_checkpoint.pt"
 _PREFIX = "model."  # the attribute of Composer's HuggingFaceModel that holds the transformers model
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_MOSAIC_BERT = (".attention.self.Wqkv.", ".mlp.gated_layers.", ".mlp.wo.")  # names only MosaicBERT's layers have
 # transformers' module of the BERT classes: Composer imports the class it names to rebuild the model
 _TRANSFORMERS_MODULE = "transformers.models.bert.modeling_bert"
 
@@ -83,12 +82,11 @@ def _entry(tree: dict, keys: tuple[str, ...], path: Path, expected: str):
 
 def _weights(state: dict, path: Path) -> dict[str, torch.Tensor]:
     """The model's tensors under transformers' names: the wrapper's `model.` cut off."""
+    from bertkit.checkpoint import refuse_mosaic_bert
+
     weights = state["model"]
     names = list(weights)
-    if any(marker in name for name in names for marker in _MOSAIC_BERT):
-        raise BertkitError(f"{path}: a MosaicBERT checkpoint (fused Wqkv, gated feed-forward layers, ALiBi in place "
-                           "of position embeddings): another architecture than BERT's; expected one of the recipe's "
-                           "hf_bert model, a transformers BERT")
+    refuse_mosaic_bert(names, path)
     outside = [name for name in names if not name.startswith(_PREFIX)]
     if outside or not names:
         shown = ", ".join(outside[:3]) or "none"
