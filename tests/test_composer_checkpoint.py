@@ -196,3 +196,62 @@ def test_a_mosaic_bert_folder_is_named_as_such_not_listed_as_missing_weights(tmp
     assert main(["info", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors: MosaicBERT's weights (fused Wqkv" in err and "missing weights" not in err
+
+
+def test_a_model_folders_own_file_an_empty_or_missing_file_are_refused_saying_what_to_give(tmp_path, capsys):
+    from bertkit import BertForMaskedLM
+    from tiny_folders import tiny_config
+
+    def convert(path):
+        code = main(["convert", str(path), "--out", str(tmp_path / "out"), "--to", "hf"])
+        return code, capsys.readouterr().err
+
+    folder = tmp_path / "model"
+    BertForMaskedLM(tiny_config(vocab_size=60)).save_pretrained(folder)
+    for name in ("model.safetensors", "config.json"):  # once "cannot read weights (UnpicklingError: ...a page...)"
+        code, err = convert(folder / name)
+        assert code == 2 and f"{folder / name}: a file of the model folder {folder}; expected the folder itself " \
+            f"(`bertkit convert {folder} --out DIR --to ...`)" in err
+    nvidia = tmp_path / "nvidia"
+    assert main(["convert", str(folder), "--out", str(nvidia), "--to", "nvidia"]) == 0
+    code, err = convert(nvidia / "bert_model.pt")  # a .pt, but NVIDIA's: its folder is what converts
+    assert code == 2 and "a file of the model folder" in err
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    code, err = convert(tmp_path / "tensor.pt")
+    assert code == 2 and "expected torch.save's {'state': {'model': state dict, 'integrations': ...}}, as " in err
+    (tmp_path / "empty.pt").write_bytes(b"")
+    code, err = convert(tmp_path / "empty.pt")
+    assert code == 2 and "empty.pt: an empty file; expected weights written by torch.save" in err
+    code, err = convert(tmp_path / "gone.pt")
+    assert code == 2 and "gone.pt: no such file or folder (expected a model folder, or a Composer checkpoint" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_fsdp_sharded_checkpoint_is_refused_with_the_command_that_gathers_it_and_that_command_works(tmp_path,
+                                                                                                     capsys):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from bertkit import BertForMaskedLM
+
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                              num_attention_heads=2, intermediate_size=32)).eval()
+    full = torch.load(_composer_checkpoint(tmp_path / "full.pt", hf), weights_only=False)
+    sharded = tmp_path / "ep0-ba2"  # what Composer's FSDP run saves in place of ep0-ba2-rank0.pt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed ... uninitialized": one process, as intended
+        dcp.save({"state": {k: full["state"][k] for k in ("model", "integrations", "metadata")}},
+                 checkpoint_id=str(sharded))
+    for given in (sharded, next(sharded.glob("*.distcp"))):
+        assert main(["convert", str(given), "--out", str(tmp_path / "out"), "--to", "hf"]) == 2
+        err = capsys.readouterr().err
+        assert "a sharded checkpoint (FSDP's" in err and f"dcp_to_torch_save('{sharded}', 'checkpoint.pt')" in err
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(sharded), str(tmp_path / "checkpoint.pt"))
+    assert main(["convert", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "out"), "--to", "hf"]) == 0
+    ours = BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5)

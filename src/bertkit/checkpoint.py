@@ -126,6 +126,8 @@ def load_pickle(path: Path, mmap: bool = False):
     `mmap` maps the storages instead of reading them (a file of the old, non-zip format is read)."""
     from bertkit.composer_checkpoint import PLAIN_GLOBALS
 
+    if path.is_file() and path.stat().st_size == 0:  # torch says "EOFError: " and nothing else
+        raise BertkitError(f"{path}: an empty file; expected weights written by torch.save")
     try:
         with torch.serialization.safe_globals(PLAIN_GLOBALS):
             try:

@@ -18,7 +18,7 @@ the torch version, numpy's random state as an array); those, and nothing that ru
 
 MosaicBERT (the recipe's `mosaic_bert` model: ALiBi in place of position embeddings, a gated feed-forward layer,
 fused QKV) is another architecture, not BERT's, and is refused. So are FSDP's sharded checkpoints (a folder of
-`.distcp` files): Composer's own tools gather those into one file first.
+`.distcp` files): torch.distributed.checkpoint.format_utils.dcp_to_torch_save gathers those into one file first.
 """
 
 from __future__ import annotations
@@ -60,13 +60,44 @@ def is_composer(loaded) -> bool:
         and isinstance(loaded["state"].get("model"), dict)
 
 
+def check_not_sharded(path: Path) -> None:
+    """Refuse FSDP's sharded checkpoint (torch.distributed.checkpoint: a folder of `.metadata` and `.distcp` files,
+    or one of those files), saying how to gather it into the one file Composer saves without FSDP."""
+    folder = path if path.is_dir() else path.parent
+    if path.suffix != ".distcp" and not (path.is_dir() and (path / ".metadata").is_file()
+                                         and any(path.glob("*.distcp"))):
+        return
+    raise BertkitError(f"{path}: a sharded checkpoint (FSDP's: torch.distributed.checkpoint's .metadata and .distcp "
+                       "files); expected one .pt file: gather it first with `python -c \"from torch.distributed."
+                       f"checkpoint.format_utils import dcp_to_torch_save; dcp_to_torch_save('{folder}', "
+                       "'checkpoint.pt')\"` and convert checkpoint.pt")
+
+
+def _model_folder_of(path: Path) -> Path | None:
+    """The model folder `path` is one of the files of (config.json or bert_config.json beside it, and its name not
+    a Composer checkpoint's), else None."""
+    from bertkit.tf_checkpoint import GOOGLE_CONFIG_NAME, NVIDIA_CHECKPOINT
+
+    folder = path.parent
+    if path.suffix == ".pt" and path.name != NVIDIA_CHECKPOINT:
+        return None
+    return folder if (folder / "config.json").is_file() or (folder / GOOGLE_CONFIG_NAME).is_file() else None
+
+
 def _read(path: Path) -> dict:
     from bertkit.checkpoint import load_pickle
 
+    if not path.exists():
+        raise BertkitError(f"{path}: no such file or folder (expected a model folder, or a Composer checkpoint file)")
+    check_not_sharded(path)
+    folder = _model_folder_of(path)
+    if folder is not None:  # `convert my-model/model.safetensors`: the folder is what converts
+        raise BertkitError(f"{path}: a file of the model folder {folder}; expected the folder itself (`bertkit "
+                           f"convert {folder} --out DIR --to ...`) or a Composer checkpoint file")
     loaded = load_pickle(path, mmap=True)  # the optimizer's state, twice the model's size, is not read
     if not is_composer(loaded):
         raise BertkitError(f"{path}: not a Composer checkpoint; expected torch.save's {{'state': {{'model': state "
-                           "dict, 'integrations': ...}}}}, as Composer's Trainer saves one")
+                           "dict, 'integrations': ...}}, as Composer's Trainer saves one")
     return loaded
 
 

@@ -885,13 +885,15 @@ def convert(config: ConvertConfig) -> dict:
     if config.to not in LAYOUTS:
         raise BertkitError(f"--to is {config.to!r}; expected one of {', '.join(LAYOUTS)}")
     out = new_model_folder(config.out, config.model_dir, config.overwrite, "converted model")
-    if Path(config.model_dir).is_file():  # a Composer checkpoint: config, tokenizer and weights in one file
-        source = Path(config.model_dir)
+    given = Path(config.model_dir)
+    if given.is_file() or (given.suffix == ".pt" and not given.exists()):  # a Composer checkpoint: config, tokenizer
+        source = given  # and weights in one file
         model, tokenizer = composer_checkpoint.load(source)
         cls = type(model)
         if config.to in ("google", "nvidia"):
             _check_google(model.config, cls, source)
     else:
+        composer_checkpoint.check_not_sharded(given)
         source = model_folder(config.model_dir)
         model_config = BertConfig.load(source)
         names = model_config.extra.get("architectures") or ["BertModel"]
