@@ -255,3 +255,33 @@ def test_an_fsdp_sharded_checkpoint_is_refused_with_the_command_that_gathers_it_
     ids = torch.tensor([[2, 7, 9, 3]])
     with torch.no_grad():
         assert torch.allclose(ours(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_peft_adapter_checkpoint_and_malformed_config_or_tokenizer_entries_are_one_line_errors(tmp_path, capsys):
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+
+    def convert(name, change):
+        path = _composer_checkpoint(tmp_path / name, hf)
+        checkpoint = torch.load(path, weights_only=False)
+        change(checkpoint["state"])
+        torch.save(checkpoint, path)
+        code = main(["convert", str(path), "--out", str(tmp_path / "out"), "--to", "hf"])
+        return code, capsys.readouterr().err
+
+    def peft(state):  # as Composer 0.32.1 saved a HuggingFaceModel(peft_config=LoraConfig(...)): the adapter alone
+        lora = "model.base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+        state["model"] = {lora: torch.zeros(4, 16)}
+        state["integrations"]["huggingface"]["model"]["peft_config"] = {"file_extension": ".json",
+                                                                          "content": {"peft_type": "LORA"}}
+        state["integrations"]["huggingface"]["model"]["config"]["class"] = \
+            "peft.peft_model.PeftModelForSequenceClassification"
+
+    code, err = convert("peft.pt", peft)  # once "does not fit BertModel: missing weights: ..."
+    assert code == 2 and "peft.pt: a PEFT checkpoint (an adapter such as LoRA on the model)" in err
+    code, err = convert("content.pt", lambda s: s["integrations"]["huggingface"]["model"]["config"].update(
+        content="{}"))  # once a TypeError's traceback
+    assert code == 2 and "['config']['content'] is a str; expected config.json's object" in err
+    code, err = convert("tokenizer.pt", lambda s: s["integrations"]["huggingface"].update(tokenizer=["vocab.txt"]))
+    assert code == 2 and "['huggingface']['tokenizer'] is a list; expected the tokenizer's files by name" in err
+    assert not (tmp_path / "out").exists()

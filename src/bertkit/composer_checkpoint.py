@@ -164,11 +164,18 @@ def load(path: str | Path):
 
     path = Path(path)
     state = _read(path)["state"]
-    weights = _weights(state, path)
     hf = ("integrations", "huggingface", "model", "config")
     expected = "the Hugging Face config Composer's HuggingFaceModel keeps (a checkpoint of MosaicML's hf_bert recipe)"
+    weights = _weights(state, path)
     config_entry = _entry(state, hf, path, expected)
+    if "peft_config" in state["integrations"]["huggingface"]["model"]:
+        # Composer keeps the adapter's weights alone by default (should_save_peft_only), under PEFT's names
+        raise BertkitError(f"{path}: a PEFT checkpoint (an adapter such as LoRA on the model); expected a whole "
+                           "model's: merge the adapter into it first (peft's merge_and_unload) and save that")
     content = _entry(config_entry, ("content",), path, expected)
+    if not isinstance(content, dict):
+        raise BertkitError(f"{path}: ['state']['integrations']['huggingface']['model']['config']['content'] is a "
+                           f"{type(content).__name__}; expected config.json's object")
     class_name = str(config_entry.get("class", "")).rpartition(".")[2]
     architecture = class_name if class_name in MODEL_CLASSES else architecture_of(weights)
     try:
@@ -178,6 +185,9 @@ def load(path: str | Path):
     model = MODEL_CLASSES[architecture](config)
     load_state_dict_into(model, weights, source=f"{path} ['state']['model']")
     files = state["integrations"]["huggingface"].get("tokenizer") or {}
+    if not isinstance(files, dict):
+        raise BertkitError(f"{path}: ['state']['integrations']['huggingface']['tokenizer'] is a "
+                           f"{type(files).__name__}; expected the tokenizer's files by name")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Tokenizer.from_pretrained(tmp) if _write_tokenizer_files(files, Path(tmp), path) else None
     return model, tokenizer
