@@ -4,6 +4,7 @@ reference."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -306,7 +307,7 @@ def _tiny(cls, **overrides):
     from tiny_folders import tiny_config
 
     torch.manual_seed(0)
-    model = cls(tiny_config(vocab_size=60, **overrides)).eval()
+    model = cls(tiny_config(**{"vocab_size": 60, **overrides})).eval()
     with torch.no_grad():  # every parameter distinct from its initial value, biases and LayerNorms included
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -601,3 +602,28 @@ def test_convert_refuses_what_googles_layout_cannot_hold_and_a_folder_with_files
     _tiny(BertModel).save_pretrained(tmp_path / "enc")
     assert main(["convert", str(tmp_path / "enc"), "--out", str(tmp_path / "g"), "--to", "google"]) == 2
     assert "holds files; expected an empty or new folder (or --overwrite)" in capsys.readouterr().err
+
+
+def test_a_model_through_every_layout_convert_writes_comes_back_bit_for_bit(minilm_dir, tmp_path):
+    """hf -> google -> nvidia -> composer -> hf: each layout holds every weight exactly (transposed, padded, prefixed
+    and tied copies undone on the way back) and the vocabulary with its casing."""
+    from safetensors.torch import load_file
+
+    from bertkit import BertForPreTraining, Tokenizer
+    from bertkit.cli import main
+
+    tokenizer = Tokenizer.from_pretrained(minilm_dir)
+    source = tmp_path / "hf"
+    _tiny(BertForPreTraining, vocab_size=tokenizer.vocab_size).save_pretrained(source, tokenizer=tokenizer)
+    chain = [("google", "google"), ("nvidia", "nvidia"), ("composer", "composer"), ("hf", "back")]
+    given = source
+    for layout, name in chain:
+        assert main(["convert", str(given), "--out", str(tmp_path / name), "--to", layout]) == 0
+        given = tmp_path / name / "composer_checkpoint.pt" if layout == "composer" else tmp_path / name
+    before, after = load_file(str(source / "model.safetensors")), load_file(str(given / "model.safetensors"))
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert (given / "vocab.txt").read_text() == (source / "vocab.txt").read_text()
+    assert Tokenizer.from_pretrained(given).lowercase
+    assert json.loads((given / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
