@@ -7,6 +7,9 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# a model folder that is missing but reads as a Hugging Face Hub id is looked up in the Hub cache only: no test
+# reaches the network (read when huggingface_hub is first imported, so before any test imports it)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def data_path(*parts: str) -> Path:

@@ -45,8 +45,11 @@ _TIED_DECODER = "cls.predictions.decoder.weight"
 
 
 def model_folder(directory: str | Path) -> Path:
-    """`directory` as a Path, or a BertkitError saying that it is missing or a file rather than a folder."""
-    directory = Path(directory)
+    """`directory` as a Path (a Hub model id: the local folder it is fetched into), or a BertkitError saying that it
+    is missing or a file rather than a folder."""
+    from bertkit import hub
+
+    directory = Path(hub.resolve(directory))
     if directory.is_dir():
         return directory
     what = "a file, not a folder" if directory.exists() else "no such folder"

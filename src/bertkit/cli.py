@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # its imports take torch's second or two, which Ctrl-C may cut short
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="bertkit: %(message)s")
+        resolve_hub_ids(args)
         args.func(args)
     except BertkitError as e:
         print(f"bertkit: error: {one_line(str(e))}", file=sys.stderr)
@@ -495,6 +496,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bertkit: {said}" + (f": {one_line(str(e))}" if str(e) else ""), file=sys.stderr)
         return status
     return 0
+
+
+def resolve_hub_ids(args: argparse.Namespace) -> None:
+    """A model folder (or, for a tokenizer, a folder) given as a Hugging Face Hub id, not on disk: fetched once
+    here, so the command, and the config it saves, read the local folder (the snapshot of the revision used)."""
+    from bertkit import hub
+
+    for flag, weights in (("model_dir", True), ("tokenizer", False)):
+        value = getattr(args, flag, None)
+        if isinstance(value, str):
+            setattr(args, flag, str(hub.resolve(value, weights)))
 
 
 def one_line(message: str) -> str:

@@ -224,7 +224,9 @@ class BertConfig:
     def load(cls, path: str | Path) -> "BertConfig":
         """Read `config.json` from a file or a model folder (Google's `bert_config.json` in a folder without one);
         every value is checked before anything is built."""
-        path = Path(path)
+        from bertkit import hub
+
+        path = Path(hub.resolve(path, weights=False))  # a Hub model id: its config.json fetched
         if path.is_dir():
             from bertkit import tf_checkpoint
 

@@ -231,7 +231,9 @@ class Tokenizer:
         their defaults, when the file leaves them out) override tokenizer.json's normalizer. A folder of Google's
         (vocab.txt beside bert_config.json, no tokenizer_config.json) is cased when its vocabulary is
         (`tf_checkpoint.vocab_is_cased`), accents stripped only when uncased, as Google's tokenization.py does."""
-        directory = Path(directory)
+        from bertkit import hub
+
+        directory = Path(hub.resolve(directory, weights=False))  # a Hub model id: its tokenizer files fetched
         config_file = directory / "tokenizer_config.json"
         config = _read_json(config_file) if config_file.is_file() else None
         tokenizer_file = directory / "tokenizer.json"

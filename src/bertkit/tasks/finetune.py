@@ -85,7 +85,8 @@ PATH_FIELDS = ("model_dir", "data_dir", "train_file", "eval_file", "test_file")
 class FinetuneConfig:
     """A fine-tuning run; the CLI's `finetune` flags are these fields, and the run folder keeps them as JSON."""
 
-    model_dir: str = option("", "pretrained model folder (HF layout) to start from")
+    model_dir: str = option("", "pretrained model folder (HF layout), or a Hugging Face Hub model id, to start "
+                            "from")
     from_scratch: bool = option(False, "use only the folder's architecture and tokenizer, with random weights (the "
                                 "'no pretraining' baseline)")
     bilstm: bool = option(False, "a randomly initialised BiLSTM between the encoder and the task head (the paper's "

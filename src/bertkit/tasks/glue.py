@@ -36,7 +36,7 @@ PAPER_COLUMNS = {
 class GlueConfig:
     """A GLUE sweep: the `glue` command's flags; kept as glue_config.json in the output folder."""
 
-    model_dir: str = option("", "pretrained model folder (HF layout) to fine-tune on every task")
+    model_dir: str = option("", "pretrained model folder (HF layout) or Hub model id to fine-tune on every task")
     data_dir: str = option("", "GLUE data folder with one sub-folder per task (SST-2/, MRPC/, ...)")
     out_dir: str = option("runs/glue", "folder for one run per task and lr, and the GLUE table")
     tasks: list[str] = option([], "tasks to run; none: every task folder in --data-dir")

@@ -79,7 +79,8 @@ def _default_data_dir() -> str:
 class SuiteConfig:
     """The `suite` command's flags; the table and the cells go to OUT_DIR."""
 
-    model_dir: str = option("", "model folder (HF layout, with its tokenizer) to fine-tune on every task")
+    model_dir: str = option("", "model folder (HF layout, with its tokenizer) or Hub model id to fine-tune on "
+                            "every task")
     from_scratch: bool = option(False, "the same architecture and tokenizer with random weights: the "
                                 "'no pretraining' row")
     bilstm: bool = option(False, "every cell with a randomly initialised BiLSTM under its head (the paper's "

@@ -75,11 +75,12 @@ class PretrainConfig:
     """Everything a pretraining run takes; the resolved values are saved as pretrain_config.json in the run folder."""
 
     model: str = option("tiny", f"model size: a preset ({', '.join(PRESETS)}) or the path of a config.json")
-    model_dir: str | None = option(None, "continue pretraining this model folder (its config.json and weights; its "
-                                   "tokenizer unless --tokenizer is given), e.g. one from `bertkit extend` at a "
-                                   "--max-length up to its positions; --model is then this folder")
-    tokenizer: str | None = option(None, "tokenizer folder (vocab.txt / tokenizer.json); if not given, one is "
-                                   "trained on --corpus into OUT_DIR/tokenizer (or, with --model-dir, its own)")
+    model_dir: str | None = option(None, "continue pretraining this model folder or Hub model id (its config.json "
+                                   "and weights; its tokenizer unless --tokenizer is given), e.g. one from `bertkit "
+                                   "extend` at a --max-length up to its positions; --model is then this folder")
+    tokenizer: str | None = option(None, "tokenizer folder (vocab.txt / tokenizer.json) or Hub model id; if not "
+                                   "given, one is trained on --corpus into OUT_DIR/tokenizer (or, with --model-dir, "
+                                   "its own)")
     vocab_size: int = option(8000, "size of the vocabulary trained when no --tokenizer is given")
     data: str | None = option(None, "prepared corpus folder (from `bertkit prepare`); if not given, --corpus is "
                               "prepared into OUT_DIR/data")

@@ -1,0 +1,72 @@
+"""Models and tokenizers on the Hugging Face Hub, by name: `bertkit finetune --model-dir google-bert/bert-base-uncased`.
+
+A model folder that is not on disk but reads as a Hub repository id (`name` or `owner/name`) is fetched with
+huggingface_hub's `snapshot_download` into its usual cache (the one transformers shares, `HF_HUB_CACHE`), so a model
+transformers already fetched is read from there, offline too (`HF_HUB_OFFLINE=1`). Only what bertkit reads comes
+down: config.json, the tokenizer files and the weights, safetensors where the repository has them, else
+pytorch_model.bin (old repositories hold both, beside TensorFlow's, Flax's and others' copies: gigabytes never read).
+A local folder always wins over a Hub id of the same name. Nothing here runs unless such a name is given: tests and
+the embedded defaults never reach the network.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bertkit.errors import BertkitError
+
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+_FILE_SUFFIXES = (".json", ".txt", ".pt", ".bin", ".safetensors", ".csv", ".tsv", ".jsonl", ".index")
+TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+_SAFETENSORS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
+_PICKLES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """Whether `name`, not a path on disk, reads as a Hub repository id rather than a mistyped file or folder."""
+    text = str(name)
+    return (not Path(text).exists() and _REPO_ID.fullmatch(text) is not None and ".." not in text
+            and not text.endswith((*_FILE_SUFFIXES, ".", "-")))
+
+
+def download(repo_id: str, weights: bool = True) -> Path:
+    """The local folder of Hub model `repo_id` (its files fetched into the Hub cache unless already there): config,
+    tokenizer files and, with `weights`, its safetensors or else its pytorch_model.bin."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["config.json", *TOKENIZER_FILES,
+                                                                              *patterns]))
+
+    where = f"{repo_id}: no such folder here, and the Hugging Face Hub model of that name"
+    try:
+        folder = fetch(_SAFETENSORS if weights else [])
+        if weights and not any(folder.glob("*.safetensors")):  # an older repository: its pickled weights
+            folder = fetch(_PICKLES)
+    except errors.GatedRepoError:
+        raise BertkitError(f"{where} is gated; expected its terms accepted on the Hub and a login (`hf auth login` "
+                           "or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise BertkitError(f"{where} does not exist (or is private: log in with `hf auth login` or HF_TOKEN); "
+                           "expected a model folder or a Hub model id such as google-bert/bert-base-uncased") from None
+    except errors.RevisionNotFoundError as e:
+        raise BertkitError(f"{where}: {e}") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
+        raise BertkitError(f"{where} is not in the Hub cache and the Hub cannot be reached (no network, or "
+                           "HF_HUB_OFFLINE=1); expected a model folder, or a Hub model id with a network") from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        raise BertkitError(f"{where} could not be fetched ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not (folder / "config.json").is_file() and weights:
+        raise BertkitError(f"{repo_id}: the Hub repository has no config.json (fetched into {folder}); expected a "
+                           "BERT model in transformers' layout")
+    return folder
+
+
+def resolve(name: str | Path | None, weights: bool = True):
+    """`name` as given when it is on disk (or not a Hub id: the caller's own error then names it), else the local
+    folder of the Hub model it names."""
+    if name is None or str(name) == "" or not is_hub_id(name):
+        return name
+    return download(str(name), weights)
