@@ -17,6 +17,14 @@ MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json
                 "special_tokens_map.json")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_resolutions():
+    """hub.download keeps what it fetched for the process: each test's own (fake) Hub is asked afresh."""
+    hub.download.cache_clear()
+    yield
+    hub.download.cache_clear()
+
+
 def _hub_cache(root: Path, repo_id: str, source: Path, files=MINILM_FILES) -> Path:
     """The Hub cache's layout as huggingface_hub writes it: models--owner--name/refs/main names the snapshot."""
     repo = root / f"models--{repo_id.replace('/', '--')}"

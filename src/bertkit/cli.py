@@ -499,14 +499,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def resolve_hub_ids(args: argparse.Namespace) -> None:
-    """A model folder (or, for a tokenizer, a folder) given as a Hugging Face Hub id, not on disk: fetched once
-    here, so the command, and the config it saves, read the local folder (the snapshot of the revision used)."""
+    """A model folder (or, for a tokenizer, a folder) given as a Hugging Face Hub id, not on disk: fetched here, so
+    the command, and the config it saves, read the local folder (the snapshot of the revision used). One that
+    cannot be fetched is left as given: the command's own checks of its flags come first, and its model's loading
+    then says why."""
     from bertkit import hub
 
     for flag, weights in (("model_dir", True), ("tokenizer", False)):
         value = getattr(args, flag, None)
         if isinstance(value, str):
-            setattr(args, flag, str(hub.resolve(value, weights)))
+            try:
+                setattr(args, flag, str(hub.resolve(value, weights)))
+            except BertkitError:
+                pass
 
 
 def one_line(message: str) -> str:

@@ -12,6 +12,7 @@ the embedded defaults never reach the network.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 
 from bertkit.errors import BertkitError
@@ -30,6 +31,7 @@ def is_hub_id(name: str | Path) -> bool:
             and not text.endswith((*_FILE_SUFFIXES, ".", "-")))
 
 
+@lru_cache(maxsize=None)  # once a process: every loader of a command resolves the same id (a failure is not kept)
 def download(repo_id: str, weights: bool = True) -> Path:
     """The local folder of Hub model `repo_id` (its files fetched into the Hub cache unless already there): config,
     tokenizer files and, with `weights`, its safetensors or else its pytorch_model.bin."""
