@@ -309,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, ExtendConfig)
     p.set_defaults(func=cmd_extend)
 
+    from bertkit.data.download import DownloadConfig
+
+    p = sub.add_parser(
+        "download",
+        help="fetch GLUE or SQuAD into the folders --data-dir and --train-file read (needs a network)",
+        description="Fetch the fine-tuning data: `bertkit download squad --out data/squad` (train and dev of "
+        "SQuAD v1.1 and v2.0 from its official site) or `bertkit download glue --out data/glue [--tasks SST-2 "
+        "MRPC]` (from the Hugging Face Hub's nyu-mll/glue through the datasets package, written as GLUE's own "
+        "task folders: SST-2/train.tsv, MNLI/dev_matched.tsv, diagnostic/diagnostic.tsv). Files already there "
+        "are kept, so a fetch cut short is finished by running it again.",
+    )
+    add_dataclass_args(p, DownloadConfig)
+    p.set_defaults(func=cmd_download)
+
     from bertkit.tf_checkpoint import ConvertConfig
 
     p = sub.add_parser(
@@ -434,6 +448,16 @@ def cmd_extend(args) -> None:
     window = f"attention window {done['attention_window']}" if done["attention_window"] else "full attention"
     print(f"wrote {done['out']}: {done['architecture']}, {done['from']} -> {done['to']} positions by "
           f"{done['method']}, {window}")
+
+
+def cmd_download(args) -> None:
+    from bertkit.data.download import DownloadConfig, download
+
+    config = dataclass_from_args(DownloadConfig, args)
+    written = download(config)
+    print(f"{config.out}: {len(written)} file(s) written" + (f" ({', '.join(p.name for p in written[:6])}"
+                                                             f"{', ...' if len(written) > 6 else ''})" if written else
+                                                             ", all there already"))
 
 
 def cmd_convert(args) -> None:

@@ -1,0 +1,126 @@
+"""`bertkit download`: GLUE written from the Hub's rows in the layout the GLUE reader takes (a stand-in `datasets`
+serves the real task files' rows, as nyu-mll/glue names them), SQuAD fetched whole or not at all (a stand-in
+urlopen serves the real dev file). Nothing here reaches the network."""
+
+import io
+import sys
+import types
+import urllib.error
+
+import pytest
+
+from bertkit.cli import main
+from bertkit.data.glue import TASKS, read_glue, read_glue_file
+from conftest import data_path
+
+
+def _hf_rows(task, split):
+    """The rows nyu-mll/glue has for a task's split, made from the shared real files (test: labels -1)."""
+    spec = TASKS[task]
+    source = "dev" if split != "train" else "train"
+    if task == "MRPC":  # the shared folder holds Microsoft's own files
+        path = data_path("glue", "MRPC", f"msr_paraphrase_{'train' if source == 'train' else 'test'}.txt")
+        examples = read_glue_file(task, path)[:40]
+    else:
+        examples = read_glue(task, data_path("glue", task), source)[:40]
+    rows = []
+    for i, e in enumerate(examples):
+        row = {"idx": i, spec.hf_text[0]: e.text_a, "label": -1 if split.startswith("test") else e.label}
+        if len(spec.hf_text) > 1:
+            row[spec.hf_text[1]] = e.text_b
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        task = next(spec.name for spec in TASKS.values() if spec.hf_config == config)
+        return _hf_rows(task, split)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_glue_is_written_as_glues_own_folders_and_read_back_the_same(tmp_path, fake_datasets, capsys):
+    out = tmp_path / "glue"
+    assert main(["download", "glue", "--tasks", "SST-2", "CoLA", "STS-B", "MRPC", "--out", str(out)]) == 0
+    assert "12 file(s) written" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "CoLA").iterdir()) == ["dev.tsv", "test.tsv", "train.tsv"]
+    assert ("nyu-mll/glue", "stsb", "validation") in fake_datasets
+    for task in ("SST-2", "CoLA", "STS-B", "MRPC"):
+        for split, hf_split in (("train", "train"), ("dev", "validation")):
+            got = read_glue(task, out / task, split)
+            want = _hf_rows(task, hf_split)
+            spec = TASKS[task]
+            assert [e.text_a for e in got] == [r[spec.hf_text[0]] for r in want]
+            assert [e.label for e in got] == [r["label"] for r in want]
+            if spec.text_b:
+                assert [e.text_b for e in got] == [r[spec.hf_text[1]] for r in want]
+        test = read_glue(task, out / task, "test")  # unlabelled, with the ids a leaderboard file repeats
+        assert [e.label for e in test] == [None] * 40 and [e.guid for e in test] == [str(i) for i in range(40)]
+    assert (out / "CoLA" / "train.tsv").read_text().split("\n")[0].split("\t")[:2] == ["hf", "1"]  # no header
+    fake_datasets.clear()
+    assert main(["download", "glue", "--tasks", "SST-2", "--out", str(out)]) == 0  # all there: nothing fetched
+    assert fake_datasets == [] and "all there already" in capsys.readouterr().out
+
+
+def test_a_text_with_a_tab_or_line_break_and_mnlis_diagnostic_set(tmp_path, monkeypatch):
+    def load_dataset(name, config, split):
+        if config == "ax":
+            return [{"idx": 0, "premise": "The cat\tsat.", "hypothesis": "A cat sat.", "label": -1}]
+        label = -1 if split.startswith("test") else 2
+        return [{"idx": 7, "premise": "line one\nline two", "hypothesis": "tab\there", "label": label}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert main(["download", "glue", "--tasks", "mnli", "--out", str(tmp_path)]) == 0
+    (example,) = read_glue("MNLI", tmp_path / "MNLI", "dev_mismatched")
+    assert (example.text_a, example.text_b, example.label) == ("line one line two", "tab here", 2)
+    assert TASKS["MNLI"].labels[2] in (tmp_path / "MNLI" / "train.tsv").read_text()  # GLUE spells its labels
+    (ax,) = read_glue_file("MNLI", tmp_path / "diagnostic" / "diagnostic.tsv")
+    assert (ax.guid, ax.text_a, ax.label) == ("0", "The cat sat.", None)
+
+
+def test_glue_without_the_datasets_package_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    assert main(["download", "glue", "--tasks", "RTE", "--out", str(tmp_path)]) == 2
+    assert "pip install datasets" in capsys.readouterr().err
+    assert not (tmp_path / "RTE" / "train.tsv").exists()
+
+
+class _Response(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+
+def test_squad_is_fetched_whole_checked_and_kept(tmp_path, monkeypatch, capsys):
+    real = data_path("squad", "dev-v1.1.json").read_bytes()
+    urls = []
+
+    def urlopen(url, timeout):
+        urls.append(url)
+        return _Response(real if url.endswith("dev-v1.1.json") else b"<html>moved</html>")
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    (tmp_path / "train-v1.1.json").write_text("{}")  # there already: kept, not fetched
+    assert main(["download", "squad", "--versions", "1.1", "--out", str(tmp_path)]) == 0
+    assert urls == ["https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"]
+    assert (tmp_path / "dev-v1.1.json").read_bytes() == real
+    assert "1 file(s) written (dev-v1.1.json)" in capsys.readouterr().out
+    assert main(["download", "squad", "--versions", "2.0", "--out", str(tmp_path)]) == 2  # a page, not the data
+    assert "train-v2.0.json: not JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev-v1.1.json", "train-v1.1.json"]  # nothing half
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    assert main(["download", "squad", "--versions", "2.0", "--out", str(tmp_path)]) == 2
+    assert "cannot download (<urlopen error [Errno -2] Name or service not known>); expected a network " \
+        "connection to it" in capsys.readouterr().err
+    assert main(["download", "squad", "--versions", "3", "--out", str(tmp_path)]) == 2
+    assert "--versions 3: expected 1.1 or 2.0" in capsys.readouterr().err
