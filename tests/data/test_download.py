@@ -124,3 +124,15 @@ def test_squad_is_fetched_whole_checked_and_kept(tmp_path, monkeypatch, capsys):
         "connection to it" in capsys.readouterr().err
     assert main(["download", "squad", "--versions", "3", "--out", str(tmp_path)]) == 2
     assert "--versions 3: expected 1.1 or 2.0" in capsys.readouterr().err
+
+
+def test_glue_that_datasets_cannot_load_is_one_line(tmp_path, monkeypatch, capsys):
+    def load_dataset(name, config, split):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert main(["download", "glue", "--tasks", "WNLI", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bertkit: error: nyu-mll/glue wnli train: cannot load it (ConnectionError: Couldn't reach 'nyu-mll/glue' on "
+        "the Hub (LocalEntryNotFoundError)); expected a network connection to the Hugging Face Hub, or the datasets "
+        "cache")

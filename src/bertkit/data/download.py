@@ -98,11 +98,9 @@ def download_glue(tasks: list[str], out: Path) -> list[Path]:
 
 def _load_ax():
     """GLUE's diagnostic set through `datasets` (config `ax`, its one split, unlabelled)."""
-    from bertkit.data.glue import TextExample
+    from bertkit.data.glue import TextExample, hf_glue_rows
 
-    import datasets
-
-    rows = datasets.load_dataset("nyu-mll/glue", "ax", split="test")
+    rows = hf_glue_rows("ax", "test")
     return [TextExample(str(row["idx"]), row["premise"], row["hypothesis"], None) for row in rows]
 
 
