@@ -120,3 +120,38 @@ def test_a_hub_id_that_cannot_be_fetched_says_why_in_one_line(tmp_path, monkeypa
     assert main(["info", "my-modle"]) == 2  # a mistyped local folder reads as a Hub id too: both are said
     assert "my-modle: no such folder here, and the Hugging Face Hub model of that name does not exist (or is " \
         "private" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["a--b", "owner/a--b", "modèle", "owner/x.git", "a" * 97, "a./b"],
+                         ids=["dashes", "owner-dashes", "accent", "git", "97-chars", "owner-dot"])
+def test_a_name_the_hub_refuses_is_a_mistyped_folder_said_in_one_line(name, tmp_path, monkeypatch, capsys):
+    """The Hub's own rules (ASCII, at most 96 characters, no "--", not ".git") decide what is an id: a folder name
+    they refuse is never looked up, and says "no such folder" rather than huggingface_hub's HFValidationError."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("reached for the Hub"))
+    assert not hub.is_hub_id(name)
+    assert main(["info", name]) == 2
+    assert capsys.readouterr().err == f"bertkit: error: {name}: no such folder (expected a model folder with " \
+        "config.json and weights)\n"
+
+
+def _network_errors():
+    from huggingface_hub import errors
+
+    yield errors.HTTPError("peer closed connection without sending complete message body")  # httpx's: no OSError
+    yield OSError()  # no message at all
+    if hasattr(errors, "XetDownloadError"):
+        yield errors.XetDownloadError("download from Xet storage failed")
+
+
+@pytest.mark.parametrize("error", list(_network_errors()), ids=lambda e: type(e).__name__)
+def test_a_download_that_fails_on_the_way_says_so_in_one_line(error, monkeypatch, capsys):
+    def snapshot_download(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    assert main(["info", "owner/flaky"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bertkit: error: owner/flaky: no such folder here, and the Hugging Face Hub model of that "
+                          f"name could not be fetched ({type(error).__name__}: ") and err.count("\n") == 1
+

@@ -27,8 +27,31 @@ _PICKLES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-
 def is_hub_id(name: str | Path) -> bool:
     """Whether `name`, not a path on disk, reads as a Hub repository id rather than a mistyped file or folder."""
     text = str(name)
-    return (not Path(text).exists() and _REPO_ID.fullmatch(text) is not None and ".." not in text
-            and not text.endswith((*_FILE_SUFFIXES, ".", "-")))
+    if (Path(text).exists() or _REPO_ID.fullmatch(text) is None or ".." in text
+            or text.endswith((*_FILE_SUFFIXES, ".", "-"))):
+        return False
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # the Hub's own rules besides: ASCII, at most 96 characters, no "--", not ".git"; a folder name they
+        validate_repo_id(text)  # refuse (`modèle`, `a--b`) is a mistyped folder, said as one
+    except ValueError:
+        return False
+    return True
+
+
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """What a download that fails on the way raises besides the cases said apart: the Hub's HTTP errors, OSError
+    (a full disk, a cache this user cannot write), the HTTP library's own errors, which huggingface_hub re-exports as
+    errors.HTTPError (httpx's, raised when its retries are spent, are no OSError, unlike requests'), and Xet
+    storage's, where most repositories' files are now (an error class only the versions with Xet have)."""
+    from huggingface_hub import errors
+
+    return (errors.HfHubHTTPError, errors.HTTPError, OSError,
+            *((errors.XetDownloadError,) if hasattr(errors, "XetDownloadError") else ()))
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or ["no message"])[0]
 
 
 @lru_cache(maxsize=None)  # once a process: every loader of a command resolves the same id (a failure is not kept)
@@ -43,6 +66,7 @@ def download(repo_id: str, weights: bool = True) -> Path:
                                                                               *patterns]))
 
     where = f"{repo_id}: no such folder here, and the Hugging Face Hub model of that name"
+    fetch_errors = _fetch_errors()
     try:
         folder = fetch(_SAFETENSORS if weights else [])
         if weights and not any(folder.glob("*.safetensors")):  # an older repository: its pickled weights
@@ -54,12 +78,12 @@ def download(repo_id: str, weights: bool = True) -> Path:
         raise BertkitError(f"{where} does not exist (or is private: log in with `hf auth login` or HF_TOKEN); "
                            "expected a model folder or a Hub model id such as google-bert/bert-base-uncased") from None
     except errors.RevisionNotFoundError as e:
-        raise BertkitError(f"{where}: {e}") from None
+        raise BertkitError(f"{where}: {_first_line(e)}") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         raise BertkitError(f"{where} is not in the Hub cache and the Hub cannot be reached (no network, or "
                            "HF_HUB_OFFLINE=1); expected a model folder, or a Hub model id with a network") from None
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise BertkitError(f"{where} could not be fetched ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except fetch_errors as e:
+        raise BertkitError(f"{where} could not be fetched ({type(e).__name__}: {_first_line(e)})") from None
     if not (folder / "config.json").is_file() and weights:
         raise BertkitError(f"{repo_id}: the Hub repository has no config.json (fetched into {folder}); expected a "
                            "BERT model in transformers' layout")
