@@ -155,3 +155,19 @@ def test_a_download_that_fails_on_the_way_says_so_in_one_line(error, monkeypatch
     assert err.startswith(f"bertkit: error: owner/flaky: no such folder here, and the Hugging Face Hub model of that "
                           f"name could not be fetched ({type(error).__name__}: ") and err.count("\n") == 1
 
+
+def test_a_run_names_a_hub_model_by_its_id_not_by_the_commit_of_its_snapshot(minilm_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from bertkit.tasks.finetune import FinetuneConfig, results_table
+    from bertkit.tasks.suite import SuiteConfig
+
+    snapshot = _hub_cache(tmp_path / "cache", "sentence-transformers/all-MiniLM-L6-v2", minilm_dir, files=())
+    assert hub.model_name(snapshot) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub.model_name(_hub_cache(tmp_path / "cache", "minilm", minilm_dir, files=())) == "minilm"
+    assert hub.model_name(tmp_path / "runs" / "my-model") == "my-model"  # a folder of one's own: its name
+    assert SuiteConfig(model_dir=str(snapshot)).row == "sentence-transformers/all-MiniLM-L6-v2"
+    record = {"best": {}, "epochs": [], "best_epoch": None, "train_examples": 8, "eval_examples": 8}
+    table = results_table(FinetuneConfig(model_dir=str(snapshot), task="SST-2"),
+                          SimpleNamespace(name="SST-2", table_metrics=[]), record)
+    assert table.startswith("# Fine-tuning SST-2 from sentence-transformers/all-MiniLM-L6-v2\n")

@@ -39,6 +39,21 @@ def is_hub_id(name: str | Path) -> bool:
     return True
 
 
+def repo_id_of(folder: str | Path) -> str | None:
+    """The Hub id whose snapshot `folder` is (HF_HUB_CACHE/models--owner--name/snapshots/<commit>), else None: a run
+    names its model by it, not by the commit hash that names the folder."""
+    folder = Path(folder)
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/")  # "--" is not allowed in an id: the mapping is one to one
+
+
+def model_name(folder: str | Path) -> str:
+    """A model folder's name for a table or a report: its Hub id when it is a Hub snapshot, else its own name."""
+    return repo_id_of(folder) or Path(folder).name
+
+
 def _fetch_errors() -> tuple[type[BaseException], ...]:
     """What a download that fails on the way raises besides the cases said apart: the Hub's HTTP errors, OSError
     (a full disk, a cache this user cannot write), the HTTP library's own errors, which huggingface_hub re-exports as

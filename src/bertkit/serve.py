@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bertkit import hub
 from bertkit.checkpoint import model_folder
 from bertkit.config import BertConfig, option
 from bertkit.data.corpus import replace_lone_surrogates
@@ -165,7 +166,7 @@ class Predictor:
     def metadata(self) -> dict:
         accepts = ('{"question": str, "context": str, "id"?: str}' if self.kind == "question-answering"
                    else 'str, or {"text": str, "pair"?: str}')
-        return {"model": self.directory.name, "kind": self.kind, "labels": self.labels, "task": self.config.task,
+        return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels, "task": self.config.task,
                 "max_length": self.config.max_length, "int8": self.int8, "device": str(self.device),
                 "input": accepts}
 

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from bertkit import hub
 from bertkit.checkpoint import (
     TRAINING_STATE_NAME,
     atomic_write_text,
@@ -697,7 +698,7 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
     """The run in markdown: hyper-parameters, one row per epoch (best marked), the best scores."""
     columns = [m for m in task.table_metrics if m in record["best"]]
     lines = [
-        f"# Fine-tuning {task.name} from {Path(config.model_dir).name}",
+        f"# Fine-tuning {task.name} from {hub.model_name(config.model_dir)}",
         "",
         f"lr {config.lr:g}, batch {config.batch_size}"
         # under torchrun a step is --batch-size x processes x --grad-accum rows: --batch-size alone understates it

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from bertkit import hub
 from bertkit.config import learning_rates, option, write_json
 from bertkit.data.glue import TASKS, get_task
 from bertkit.errors import BertkitError
@@ -107,7 +108,7 @@ def glue(config: GlueConfig) -> dict:
                                  "train_examples": by_lr[best_lr]["train_examples"],
                                  "run_dir": str(out / name / f"lr-{best_lr:g}"),
                                  "by_lr": {f"{lr:g}": r["best"] for lr, r in by_lr.items()}}
-    table = glue_table(result, Path(config.model_dir).name, config)
+    table = glue_table(result, hub.model_name(config.model_dir), config)
     (out / "glue_results.md").write_text(table, encoding="utf-8")
     write_json(out / "glue_results.json", result)
     return {**result, "table": table}

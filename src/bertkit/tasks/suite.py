@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from bertkit import hub
 from bertkit.checkpoint import atomic_write_text
 from bertkit.config import learning_rates, option, parse_json
 from bertkit.errors import BertkitError
@@ -114,7 +115,7 @@ class SuiteConfig:
 
     @property
     def row(self) -> str:
-        name = self.label or Path(self.model_dir).resolve().name
+        name = self.label or hub.model_name(Path(self.model_dir).resolve())
         suffix = (" (from scratch)" if self.from_scratch else "") + (" + BiLSTM" if self.bilstm else "")
         return name + ("" if self.label else suffix)
 
