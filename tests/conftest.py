@@ -1,6 +1,9 @@
 """Shared fixtures: the real data folder (from BERTKIT_DATA) and small deterministic configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,8 +11,12 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # a model folder that is missing but reads as a Hugging Face Hub id is looked up in the Hub cache only: no test
-# reaches the network (read when huggingface_hub is first imported, so before any test imports it)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# reaches the network, even from a shell that exported HF_HUB_OFFLINE=0, and none reads the user's own cache (a
+# model cached there under a test's name would change what it checks). Read when huggingface_hub is first imported,
+# so before any test imports it; the subprocesses the tests start inherit both.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="bertkit-tests-hub-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 
 
 def data_path(*parts: str) -> Path:

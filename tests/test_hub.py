@@ -171,3 +171,13 @@ def test_a_run_names_a_hub_model_by_its_id_not_by_the_commit_of_its_snapshot(min
     table = results_table(FinetuneConfig(model_dir=str(snapshot), task="SST-2"),
                           SimpleNamespace(name="SST-2", table_metrics=[]), record)
     assert table.startswith("# Fine-tuning SST-2 from sentence-transformers/all-MiniLM-L6-v2\n")
+
+
+def test_the_tests_never_reach_the_hub_nor_read_the_users_hub_cache():
+    """conftest makes huggingface_hub offline, whatever the shell exported (HF_HUB_OFFLINE=0 too), with an empty
+    cache of the test run's own: `--model-dir m` in a test is looked up there, not on huggingface.co."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE is True
+    cache = Path(constants.HF_HUB_CACHE)
+    assert cache.name.startswith("bertkit-tests-hub-cache-") and not any(cache.glob("models--*"))
