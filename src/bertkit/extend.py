@@ -39,7 +39,8 @@ POSITIONS = "embeddings.position_embeddings.weight"
 class ExtendConfig:
     """`bertkit extend`: the CLI's flags are these fields."""
 
-    model_dir: str = option("", "the model folder to extend (config.json, weights, tokenizer files)", positional=True)
+    model_dir: str = option("", "the model folder (or Hub model id) to extend (config.json, weights, tokenizer "
+                            "files)", positional=True)
     out: str = option("", "the new model folder", required=True)
     max_length: int = option(4096, "positions of the extended model")
     method: Literal["copy", "interpolate"] = option(

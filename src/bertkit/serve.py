@@ -50,7 +50,8 @@ QA, CLASSIFIER = "BertForQuestionAnswering", "BertForSequenceClassification"
 class ServeConfig:
     """`bertkit serve`: the CLI's flags are these fields."""
 
-    model_dir: str = option("", "a fine-tuned model folder: a classifier, a regressor or a QA model")
+    model_dir: str = option("", "a fine-tuned model folder (or Hub model id): a classifier, a regressor or a QA "
+                            "model")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = option(8000, "port to listen on (0: any free port, printed at start)")
     int8: bool = option(False, "run the model in int8 (dynamic quantization of its linear layers, CPU only)")
@@ -166,7 +167,8 @@ class Predictor:
     def metadata(self) -> dict:
         accepts = ('{"question": str, "context": str, "id"?: str}' if self.kind == "question-answering"
                    else 'str, or {"text": str, "pair"?: str}')
-        return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels, "task": self.config.task,
+        return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels,
+                "task": self.config.task,
                 "max_length": self.config.max_length, "int8": self.int8, "device": str(self.device),
                 "input": accepts}
 

@@ -67,7 +67,7 @@ class PrepareConfig:
     """`bertkit prepare`: the command's arguments are these fields."""
 
     inputs: list[str] = option([], "text files, folders or globs", positional=True)
-    tokenizer: str = option("", "tokenizer folder (vocab.txt / tokenizer.json)", required=True)
+    tokenizer: str = option("", "tokenizer folder (vocab.txt / tokenizer.json) or Hub model id", required=True)
     out: str = option("", "folder to write the prepared corpus to", required=True)
     heldout_fraction: float = option(0.01, "share of documents held out for evaluation, chosen by a hash of their "
                                      "text")

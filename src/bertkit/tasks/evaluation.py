@@ -66,7 +66,8 @@ DEVICE_HELP = "cpu, cuda, cuda:N, mps (default: the run's, auto)"
 class EvaluateConfig:
     """`bertkit evaluate`: the command's arguments are these fields, `evaluate`'s keywords. None: the run's."""
 
-    model_dir: str = option("", "a fine-tuned model folder (what `bertkit finetune` wrote)", positional=True)
+    model_dir: str = option("", "a fine-tuned model folder (what `bertkit finetune` wrote), or a Hub model id "
+                            "(with --task and its data)", positional=True)
     task: str | None = option(None, "GLUE task, squad1, squad2 or custom (default: the run's)")
     data_dir: str | None = option(None, "the task's data folder (default: the run's)")
     eval_file: str | None = option(None, "a labelled file to score on instead (default: the run's)")
@@ -93,7 +94,7 @@ class EvaluateConfig:
 class PredictConfig:
     """`bertkit predict`: the command's arguments; all but input and out are `predict`'s keywords."""
 
-    model_dir: str = option("", "a fine-tuned model folder", positional=True)
+    model_dir: str = option("", "a fine-tuned model folder, or a Hub model id", positional=True)
     input: str = option("-", "input file: text or text<TAB>pair lines (QA: JSON lines), or a classifier's .csv or "
                         ".jsonl file with named columns, as finetune's custom files (default: standard input)",
                         positional=True)
