@@ -94,7 +94,7 @@ def download(repo_id: str, weights: bool = True) -> Path:
         raise BertkitError(f"{where} does not exist (or is private: log in with `hf auth login` or HF_TOKEN); "
                            "expected a model folder or a Hub model id such as google-bert/bert-base-uncased") from None
     except errors.RevisionNotFoundError as e:
-        raise BertkitError(f"{where}: {_first_line(e)}") from None
+        raise BertkitError(f"{where}: {_first_line(e)}; expected a revision the repository has") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         raise BertkitError(f"{where} is not in the Hub cache and the Hub cannot be reached (no network, or "
                            "HF_HUB_OFFLINE=1); expected a model folder, or a Hub model id with a network") from None
