@@ -3,6 +3,7 @@ serves the real task files' rows, as nyu-mll/glue names them), SQuAD fetched who
 urlopen serves the real dev file). Nothing here reaches the network."""
 
 import io
+import json
 import sys
 import types
 import urllib.error
@@ -37,7 +38,7 @@ def _hf_rows(task, split):
 def fake_datasets(monkeypatch):
     calls = []
 
-    def load_dataset(name, config, split):
+    def load_dataset(name, config, split, streaming=False):
         calls.append((name, config, split))
         task = next(spec.name for spec in TASKS.values() if spec.hf_config == config)
         return _hf_rows(task, split)
@@ -71,7 +72,7 @@ def test_glue_is_written_as_glues_own_folders_and_read_back_the_same(tmp_path, f
 
 
 def test_a_text_with_a_tab_or_line_break_and_mnlis_diagnostic_set(tmp_path, monkeypatch):
-    def load_dataset(name, config, split):
+    def load_dataset(name, config, split, streaming=False):
         if config == "ax":
             return [{"idx": 0, "premise": "The cat\tsat.", "hypothesis": "A cat sat.", "label": -1}]
         label = -1 if split.startswith("test") else 2
@@ -129,7 +130,7 @@ def test_squad_is_fetched_whole_checked_and_kept(tmp_path, monkeypatch, capsys):
 
 
 def test_glue_that_datasets_cannot_load_is_one_line(tmp_path, monkeypatch, capsys):
-    def load_dataset(name, config, split):
+    def load_dataset(name, config, split, streaming=False):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
@@ -138,3 +139,35 @@ def test_glue_that_datasets_cannot_load_is_one_line(tmp_path, monkeypatch, capsy
         "bertkit: error: nyu-mll/glue wnli train: cannot load it (ConnectionError: Couldn't reach 'nyu-mll/glue' on "
         "the Hub (LocalEntryNotFoundError)); expected a network connection to the Hugging Face Hub, or the datasets "
         "cache")
+
+
+def test_a_corpus_is_streamed_into_json_lines_files_prepare_reads_and_a_cut_fetch_goes_on(tmp_path, monkeypatch,
+                                                                                        minilm_dir, capsys):
+    lines = [line for line in data_path("corpus", "python-docs-3.11.txt").read_text().splitlines() if line][:24]
+    documents = [{"id": i, "text": text} for i, text in enumerate(lines)] + [{"id": 24, "text": "  "}]
+    asked = []
+
+    def load_dataset(name, config, split, streaming=False):
+        asked.append((name, config, split, streaming))
+        return iter(documents)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out = tmp_path / "wiki"
+    flags = ["download", "corpus", "--dataset", "wikimedia/wikipedia", "--dataset-config", "20231101.en",
+             "--out", str(out), "--shard-documents", "10"]
+    assert main(flags + ["--max-documents", "15"]) == 0  # cut short: 15 of the 25
+    assert asked == [("wikimedia/wikipedia", "20231101.en", "train", True)]
+    assert main(flags) == 0  # goes on after row 15
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"wikimedia--wikipedia-20231101.en-train-{a:09d}-{b:09d}.jsonl"
+                     for a, b in ((0, 10), (10, 15), (15, 25))]
+    written = [json.loads(line)["text"] for name in names for line in (out / name).read_text().splitlines()]
+    assert written == lines  # every document once, in order; the blank one left out
+    assert main(flags) == 0 and "all there already" in capsys.readouterr().out  # the stream ran dry: nothing new
+    assert main(["prepare", str(out), "--tokenizer", str(minilm_dir), "--out", str(tmp_path / "prepared")]) == 0
+    assert "24 documents" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: iter([{"id": 0, "content": "x"}])))
+    assert main(["download", "corpus", "--dataset", "other/set", "--out", str(tmp_path / "o")]) == 2
+    assert "other/set: no text column 'text' (its columns: id, content); expected --text-field naming it" in \
+        capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`bertkit download`: GLUE and SQuAD fetched into the folders bertkit's readers take, for a machine with a network.
+"""`bertkit download`: GLUE, SQuAD and pretraining text fetched into what bertkit's readers take (needs a network).
 
 SQuAD comes from its official site, the four files the paper's runs read (train and dev of v1.1 and v2.0), each
 checked to be SQuAD's JSON before it is kept. GLUE comes from the Hugging Face Hub's `nyu-mll/glue` through the
@@ -8,12 +8,18 @@ written as a tab-separated file in the layout GLUE's own download made (`SST-2/t
 them, so `--data-dir` reads it like the original. A tab or line break inside a text, which that layout cannot hold,
 becomes a space. Files already there are kept (a run cut short fetches only what is missing); each is written whole
 or not at all.
+
+A pretraining corpus comes from any Hub dataset with a text column (`bertkit download corpus --dataset
+wikimedia/wikipedia --dataset-config 20231101.en`), streamed rather than downloaded whole, as JSON lines of one document
+each (`{"text": ...}`) in files of `--shard-documents` documents, which `prepare` and `pretrain --corpus` read as they
+are. A fetch cut short keeps its whole files and goes on after the rows they cover when run again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +40,37 @@ SQUAD_FILES = {"1.1": ("train-v1.1.json", "dev-v1.1.json"), "2.0": ("train-v2.0.
 class DownloadConfig:
     """`bertkit download`: the CLI's flags are these fields."""
 
-    what: Literal["glue", "squad"] = option("", "glue (through the datasets package, from the Hugging Face Hub) or "
-                                            "squad (from its official site)", positional=True)
-    out: str = option("", "the folder to write into: GLUE's task folders, or SQuAD's JSON files", required=True)
-    tasks: list[str] = option([], "GLUE tasks (none: all nine and the diagnostic set)")
-    versions: list[str] = option(["1.1", "2.0"], "SQuAD versions")
+    what: Literal["glue", "squad", "corpus"] = option(
+        "", "glue (through the datasets package, from the Hugging Face Hub), squad (from its official site) or "
+        "corpus (the documents of a Hub dataset, through the datasets package)", positional=True)
+    out: str = option("", "the folder to write into: GLUE's task folders, SQuAD's JSON files, or the corpus's JSON "
+                      "lines files", required=True)
+    tasks: list[str] = option([], "glue: the tasks (none: all nine and the diagnostic set)")
+    versions: list[str] = option(["1.1", "2.0"], "squad: the versions")
+    dataset: str = option("", "corpus: the Hub dataset (wikimedia/wikipedia, ...)")
+    dataset_config: str = option("", "corpus: its configuration, where it has several (20231101.en)")
+    split: str = option("train", "corpus: the split")
+    text_field: str = option("text", "corpus: the column that holds each document's text")
+    max_documents: int = option(0, "corpus: stop after this many documents (0: all of the split)")
+    shard_documents: int = option(10_000, "corpus: documents per .jsonl file (a file is written whole, so a fetch cut "
+                                  "short loses at most one)")
+
+
+def hub_dataset(name: str, config: str | None, split: str, streaming: bool = False):
+    """The rows of one split of Hub dataset `name` through the `datasets` package (downloaded on first use, then
+    read from its cache; `streaming` reads them as they arrive, nothing kept)."""
+    try:
+        import datasets
+    except ImportError:
+        raise BertkitError(f"{name} from the Hugging Face Hub needs the datasets package; expected it installed: pip "
+                           "install datasets") from None
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as e:  # no network, no such dataset or split, the Hub down: datasets raises each its own way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        what = " ".join(part for part in (name, config, split) if part)
+        raise BertkitError(f"{what}: cannot load it ({type(e).__name__}: {first}); expected a network connection to "
+                           "the Hugging Face Hub, or the datasets cache") from None
 
 
 def _clean(text: str) -> str:
@@ -98,9 +130,9 @@ def download_glue(tasks: list[str], out: Path) -> list[Path]:
 
 def _load_ax():
     """GLUE's diagnostic set through `datasets` (config `ax`, its one split, unlabelled)."""
-    from bertkit.data.glue import TextExample, hf_glue_rows
+    from bertkit.data.glue import TextExample
 
-    rows = hf_glue_rows("ax", "test")
+    rows = hub_dataset("nyu-mll/glue", "ax", "test")
     return [TextExample(str(row["idx"]), row["premise"], row["hypothesis"], None) for row in rows]
 
 
@@ -145,12 +177,58 @@ def download_squad(versions: list[str], out: Path) -> list[Path]:
     return written
 
 
+_SHARD = re.compile(r"-(\d{9})-(\d{9})\.jsonl")
+
+
+def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
+    """The documents of a Hub dataset's split as JSON lines files under `out`, `shard_documents` a file, each named
+    by the range of the split's rows it holds (`wikimedia--wikipedia-20231101.en-train-000000000-000010000.jsonl`):
+    files there from an earlier fetch are kept, and the stream goes on after the last row they cover."""
+    import itertools
+
+    if not config.dataset:
+        raise BertkitError("no dataset: expected --dataset, a Hugging Face Hub dataset with a text column")
+    if config.max_documents < 0 or config.shard_documents < 1:
+        raise BertkitError(f"--max-documents {config.max_documents} --shard-documents {config.shard_documents}: "
+                           "expected 0 or more, and 1 or more")
+    stem = "-".join(part.replace("/", "--") for part in (config.dataset, config.dataset_config, config.split) if part)
+    ends = [int(m.group(2)) for path in out.glob(f"{stem}-*.jsonl")
+            if (m := _SHARD.fullmatch(path.name[len(stem):]))]
+    done = max(ends, default=0)
+    wanted = config.max_documents or None
+    if wanted is not None and done >= wanted:
+        return []
+    rows = iter(hub_dataset(config.dataset, config.dataset_config or None, config.split, streaming=True))
+    rows = itertools.islice(rows, done, wanted)  # the rows of the files kept are read past, not written again
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=wanted, initial=done, unit="doc", desc=stem) as bar:
+        while shard := list(itertools.islice(rows, config.shard_documents)):
+            lines = []
+            for row in shard:
+                text = row.get(config.text_field) if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    columns = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                    raise BertkitError(f"{config.dataset}: no text column {config.text_field!r} (its columns: "
+                                       f"{columns}); expected --text-field naming it")
+                if text.strip():  # an empty document is no document
+                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
+            path = out / f"{stem}-{done:09d}-{done + len(shard):09d}.jsonl"
+            _write_lines(path, lines)
+            written.append(path)
+            done += len(shard)
+            bar.update(len(shard))
+    return written
+
+
 def download(config: DownloadConfig) -> list[Path]:
-    if config.what not in ("glue", "squad"):
-        raise BertkitError(f"{config.what!r}: expected glue or squad")
+    if config.what not in ("glue", "squad", "corpus"):
+        raise BertkitError(f"{config.what!r}: expected glue, squad or corpus")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise BertkitError(f"--out {out}: a file; expected a folder")
     if config.what == "squad":
         return download_squad(config.versions, out)
+    if config.what == "corpus":
+        return download_corpus(config, out)
     return download_glue(config.tasks, out)

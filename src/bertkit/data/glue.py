@@ -380,28 +380,14 @@ def read_custom(
     return examples, label_list
 
 
-def hf_glue_rows(config: str, split: str):
-    """The rows of one split of the Hub's `nyu-mll/glue` (config `sst2`, `ax`, ...), through the `datasets` package
-    (downloaded on first use, then read from its cache)."""
-    try:
-        import datasets
-    except ImportError:
-        raise BertkitError("GLUE from the Hugging Face Hub needs the datasets package; expected it installed: pip "
-                           "install datasets") from None
-    try:
-        return datasets.load_dataset("nyu-mll/glue", config, split=split)
-    except Exception as e:  # no network, no such split, the Hub down: datasets raises each its own way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BertkitError(f"nyu-mll/glue {config} {split}: cannot load it ({type(e).__name__}: {first}); expected "
-                           "a network connection to the Hugging Face Hub, or the datasets cache") from None
-
-
 def load_hf_glue(task: str, split: str) -> list[TextExample]:
     """Load a GLUE split through the Hugging Face `datasets` package (downloads on first use)."""
     spec = get_task(task)
     if split not in spec.files:
         raise BertkitError(f"{spec.name} has no split {split!r} (expected one of {', '.join(spec.files)})")
-    rows = hf_glue_rows(spec.hf_config, _HF_SPLITS.get(split, split))
+    from bertkit.data.download import hub_dataset
+
+    rows = hub_dataset("nyu-mll/glue", spec.hf_config, _HF_SPLITS.get(split, split))
     examples = []
     for row in rows:
         label = row["label"]
