@@ -167,7 +167,10 @@ def test_a_corpus_is_streamed_into_json_lines_files_prepare_reads_and_a_cut_fetc
     assert main(["prepare", str(out), "--tokenizer", str(minilm_dir), "--out", str(tmp_path / "prepared")]) == 0
     assert "24 documents" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
-        load_dataset=lambda *a, **k: iter([{"id": 0, "content": "x"}])))
-    assert main(["download", "corpus", "--dataset", "other/set", "--out", str(tmp_path / "o")]) == 2
+        load_dataset=lambda *a, **k: iter([{"id": 0, "content": "x y"}])))
+    assert main(["download", "corpus", "--dataset", "./other/set", "--out", str(tmp_path / "o"), "--text-field",
+                 "content"]) == 0  # a local dataset folder: its files named by its path, never hidden
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["other--set-train-000000000-000000001.jsonl"]
+    assert main(["download", "corpus", "--dataset", "other/set", "--out", str(tmp_path / "o2")]) == 2
     assert "other/set: no text column 'text' (its columns: id, content); expected --text-field naming it" in \
         capsys.readouterr().err

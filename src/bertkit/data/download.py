@@ -191,7 +191,10 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
     if config.max_documents < 0 or config.shard_documents < 1:
         raise BertkitError(f"--max-documents {config.max_documents} --shard-documents {config.shard_documents}: "
                            "expected 0 or more, and 1 or more")
-    stem = "-".join(part.replace("/", "--") for part in (config.dataset, config.dataset_config, config.split) if part)
+    # a Hub id's owner and name, or a local dataset folder's path, without what would hide the files (`./my-set`)
+    name = "--".join(part for part in Path(config.dataset).parts if part not in ("/", ".", "..")).lstrip(".")
+    stem = "-".join(part.replace("/", "--") for part in (name or "dataset", config.dataset_config, config.split)
+                    if part)
     ends = [int(m.group(2)) for path in out.glob(f"{stem}-*.jsonl")
             if (m := _SHARD.fullmatch(path.name[len(stem):]))]
     done = max(ends, default=0)
