@@ -39,7 +39,6 @@ logger = logging.getLogger("bertkit")
 
 COMPOSER_CHECKPOINT = "composer_checkpoint.pt"
 _PREFIX = "model."  # the attribute of Composer's HuggingFaceModel that holds the transformers model
-_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # transformers' module of the BERT classes: Composer imports the class it names to rebuild the model
 _TRANSFORMERS_MODULE = "transformers.models.bert.modeling_bert"
 
@@ -133,8 +132,10 @@ def _weights(state: dict, path: Path) -> dict[str, torch.Tensor]:
 def _write_tokenizer_files(files: dict, folder: Path, path: Path) -> bool:
     """Write the tokenizer files the checkpoint holds into `folder` as transformers' save_pretrained wrote them
     (a .txt file was kept as its lines, a .json one as its object); False when it holds none."""
+    from bertkit.hub import TOKENIZER_FILES
+
     wrote = False
-    for name in _TOKENIZER_FILES:  # known names only: a file name from the checkpoint never becomes a path as is
+    for name in TOKENIZER_FILES:  # known names only: a file name from the checkpoint never becomes a path as is
         entry = files.get(name)
         if entry is None:
             continue
