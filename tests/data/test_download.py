@@ -174,3 +174,37 @@ def test_a_corpus_is_streamed_into_json_lines_files_prepare_reads_and_a_cut_fetc
     assert main(["download", "corpus", "--dataset", "other/set", "--out", str(tmp_path / "o2")]) == 2
     assert "other/set: no text column 'text' (its columns: id, content); expected --text-field naming it" in \
         capsys.readouterr().err
+
+
+def test_a_corpus_stream_that_breaks_is_one_line_and_a_second_run_goes_on_after_the_files_kept(tmp_path, monkeypatch,
+                                                                                             capsys):
+    documents = [{"text": f"Document {i}."} for i in range(25)]
+
+    def broken(name, config, split, streaming=False):
+        yield from documents[:23]
+        raise ConnectionError("Server closed the connection")  # the network gone after 23 rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=broken))
+    flags = ["download", "corpus", "--dataset", "owner/set", "--out", str(tmp_path), "--shard-documents", "10"]
+    assert main(flags) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bertkit: error: owner/set: reading stopped after row 20 (ConnectionError: Server closed the connection); "
+        "expected its rows to the end (the files written are kept: run again to go on after them)")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: iter(documents)))
+    assert main(flags) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"owner--set-train-{a:09d}-{b:09d}.jsonl" for a, b in ((0, 10), (10, 20), (20, 25))]
+    written = [json.loads(line)["text"] for name in names for line in (tmp_path / name).read_text().splitlines()]
+    assert written == [d["text"] for d in documents]
+
+
+def test_a_null_text_is_no_document_and_a_text_that_is_no_string_is_named_by_its_row(tmp_path, monkeypatch, capsys):
+    rows = [{"text": "One."}, {"text": None}, {"text": "Three."}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: iter(rows)))
+    assert main(["download", "corpus", "--dataset", "owner/set", "--out", str(tmp_path / "a")]) == 0
+    (written,) = (tmp_path / "a").iterdir()
+    assert [json.loads(line)["text"] for line in written.read_text().splitlines()] == ["One.", "Three."]
+    rows[1] = {"text": ["a", "list"]}
+    assert main(["download", "corpus", "--dataset", "owner/set", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bertkit: error: owner/set: row 1: 'text' holds a list; expected a string, the document's text")

@@ -67,10 +67,15 @@ def hub_dataset(name: str, config: str | None, split: str, streaming: bool = Fal
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # no network, no such dataset or split, the Hub down: datasets raises each its own way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
         what = " ".join(part for part in (name, config, split) if part)
-        raise BertkitError(f"{what}: cannot load it ({type(e).__name__}: {first}); expected a network connection to "
+        raise BertkitError(f"{what}: cannot load it ({_cause(e)}); expected a network connection to "
                            "the Hugging Face Hub, or the datasets cache") from None
+
+
+def _cause(e: Exception) -> str:
+    """An exception in one line: its type and its message's first line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+    return f"{type(e).__name__}: {first}"
 
 
 def _clean(text: str) -> str:
@@ -206,15 +211,18 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
     written = []
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=wanted, initial=done, unit="doc", desc=stem) as bar:
-        while shard := list(itertools.islice(rows, config.shard_documents)):
+        while shard := _next_rows(rows, config, done):
             lines = []
-            for row in shard:
-                text = row.get(config.text_field) if isinstance(row, dict) else None
-                if not isinstance(text, str):
+            for i, row in enumerate(shard):
+                if not isinstance(row, dict) or config.text_field not in row:
                     columns = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
                     raise BertkitError(f"{config.dataset}: no text column {config.text_field!r} (its columns: "
                                        f"{columns}); expected --text-field naming it")
-                if text.strip():  # an empty document is no document
+                text = row[config.text_field]
+                if text is not None and not isinstance(text, str):
+                    raise BertkitError(f"{config.dataset}: row {done + i}: {config.text_field!r} holds a "
+                                       f"{type(text).__name__}; expected a string, the document's text")
+                if text and text.strip():  # an empty document is no document, nor is a null (a nullable column's)
                     lines.append(json.dumps({"text": text}, ensure_ascii=False))
             path = out / f"{stem}-{done:09d}-{done + len(shard):09d}.jsonl"
             _write_lines(path, lines)
@@ -222,6 +230,18 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
             done += len(shard)
             bar.update(len(shard))
     return written
+
+
+def _next_rows(rows, config: DownloadConfig, done: int) -> list:
+    """The next `shard_documents` rows of the stream; a failure while streaming (the network gone, a file of the
+    dataset that does not parse) is one line that says what is kept."""
+    import itertools
+
+    try:
+        return list(itertools.islice(rows, config.shard_documents))
+    except Exception as e:  # datasets, fsspec and pyarrow raise each their own
+        raise BertkitError(f"{config.dataset}: reading stopped after row {done} ({_cause(e)}); expected its rows to "
+                           "the end (the files written are kept: run again to go on after them)") from None
 
 
 def download(config: DownloadConfig) -> list[Path]:
