@@ -208,3 +208,30 @@ def test_a_null_text_is_no_document_and_a_text_that_is_no_string_is_named_by_its
     assert main(["download", "corpus", "--dataset", "owner/set", "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "bertkit: error: owner/set: row 1: 'text' holds a list; expected a string, the document's text")
+
+
+def test_squad_cut_short_says_so_and_keeps_nothing(tmp_path, monkeypatch, capsys):
+    import http.client
+
+    real = data_path("squad", "dev-v1.1.json").read_bytes()
+
+    def closed_early(url, timeout):  # the connection closed half way: read() ends as at the file's end
+        response = _Response(real[: len(real) // 2])
+        response.headers = {"Content-Length": str(len(real))}
+        return response
+
+    monkeypatch.setattr("urllib.request.urlopen", closed_early)
+    assert main(["download", "squad", "--versions", "1.1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"bertkit: error: https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json: cut short at "
+        f"{len(real) // 2:,} of its {len(real):,} bytes; expected the whole file (nothing kept: run again)")
+
+    class Chunked(_Response):  # a chunked reply cut short
+        def read(self, size=-1):
+            raise http.client.IncompleteRead(b"{", 1000)
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: Chunked(b""))
+    assert main(["download", "squad", "--versions", "1.1", "--out", str(tmp_path)]) == 2
+    assert "train-v1.1.json: cannot download (IncompleteRead(1 bytes read, 1000 more expected)); expected a " \
+        "network connection to it" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

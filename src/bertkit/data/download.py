@@ -17,6 +17,7 @@ are. A fetch cut short keeps its whole files and goes on after the rows they cov
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
@@ -146,12 +147,18 @@ def _fetch(url: str, path: Path) -> None:
     from bertkit.checkpoint import atomic_write
 
     def write(tmp: str) -> None:
+        received = 0
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=path.name) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+        # a connection closed early ends the read as the file's end would: only the length told says it was not
+        if size is not None and received < size:
+            raise BertkitError(f"{url}: cut short at {received:,} of its {size:,} bytes; expected the whole file "
+                               "(nothing kept: run again)")
         try:
             data = json.loads(Path(tmp).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -162,7 +169,9 @@ def _fetch(url: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(path, write)
-    except OSError as e:  # URLError and HTTPError are OSErrors; a full disk is atomic_write's own error
+    # URLError and HTTPError are OSErrors, a chunked reply cut short is an HTTPException (IncompleteRead); a full disk
+    # is atomic_write's own error
+    except (OSError, http.client.HTTPException) as e:
         raise BertkitError(f"{url}: cannot download ({e}); expected a network connection to it") from None
 
 
