@@ -459,8 +459,9 @@ def cmd_download(args) -> None:
 
     config = dataclass_from_args(DownloadConfig, args)
     written = download(config)
-    print(f"{config.out}: {len(written)} file(s) written" + (f" ({', '.join(p.name for p in written[:6])}"
-                                                             f"{', ...' if len(written) > 6 else ''})" if written else
+    names = [p.relative_to(config.out).as_posix() for p in written[:6]]  # GLUE's are train.tsv in every task folder
+    more = ", ..." if len(written) > 6 else ""
+    print(f"{config.out}: {len(written)} file(s) written" + (f" ({', '.join(names)}{more})" if written else
                                                              ", all there already"))
 
 

@@ -51,7 +51,9 @@ def test_glue_is_written_as_glues_own_folders_and_read_back_the_same(tmp_path, f
     out = tmp_path / "glue"
     tasks = ["SST-2", "CoLA", "STS-B", "MRPC", "QNLI", "RTE", "WNLI"]  # every task the shared data holds
     assert main(["download", "glue", "--tasks", *tasks, "--out", str(out)]) == 0
-    assert "21 file(s) written" in capsys.readouterr().out
+    # named by their task folders: seven train.tsv alone would not say which is which
+    assert "21 file(s) written (SST-2/train.tsv, SST-2/dev.tsv, SST-2/test.tsv, CoLA/train.tsv" in \
+        capsys.readouterr().out
     assert sorted(p.name for p in (out / "CoLA").iterdir()) == ["dev.tsv", "test.tsv", "train.tsv"]
     assert ("nyu-mll/glue", "stsb", "validation") in fake_datasets
     for task in tasks:
