@@ -139,8 +139,8 @@ def test_glue_that_datasets_cannot_load_is_one_line(tmp_path, monkeypatch, capsy
     assert main(["download", "glue", "--tasks", "WNLI", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "bertkit: error: nyu-mll/glue wnli train: cannot load it (ConnectionError: Couldn't reach 'nyu-mll/glue' on "
-        "the Hub (LocalEntryNotFoundError)); expected a network connection to the Hugging Face Hub, or the datasets "
-        "cache")
+        "the Hub (LocalEntryNotFoundError)); expected that dataset, configuration and split on the Hugging Face Hub "
+        "with a network connection to it, or in the datasets cache")
 
 
 def test_a_corpus_is_streamed_into_json_lines_files_prepare_reads_and_a_cut_fetch_goes_on(tmp_path, monkeypatch,

@@ -48,7 +48,7 @@ class DownloadConfig:
                       "lines files", required=True)
     tasks: list[str] = option([], "glue: the tasks (none: all nine and the diagnostic set)")
     versions: list[str] = option(["1.1", "2.0"], "squad: the versions")
-    dataset: str = option("", "corpus: the Hub dataset (wikimedia/wikipedia, ...)")
+    dataset: str = option("", "corpus: the Hub dataset (wikimedia/wikipedia, ...), or a local dataset folder")
     dataset_config: str = option("", "corpus: its configuration, where it has several (20231101.en)")
     split: str = option("train", "corpus: the split")
     text_field: str = option("text", "corpus: the column that holds each document's text")
@@ -69,8 +69,8 @@ def hub_dataset(name: str, config: str | None, split: str, streaming: bool = Fal
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # no network, no such dataset or split, the Hub down: datasets raises each its own way
         what = " ".join(part for part in (name, config, split) if part)
-        raise BertkitError(f"{what}: cannot load it ({_cause(e)}); expected a network connection to "
-                           "the Hugging Face Hub, or the datasets cache") from None
+        raise BertkitError(f"{what}: cannot load it ({_cause(e)}); expected that dataset, configuration and split "
+                           "on the Hugging Face Hub with a network connection to it, or in the datasets cache") from None
 
 
 def _cause(e: Exception) -> str:
@@ -216,7 +216,9 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
     if wanted is not None and done >= wanted:
         return []
     rows = iter(hub_dataset(config.dataset, config.dataset_config or None, config.split, streaming=True))
-    rows = itertools.islice(rows, done, wanted)  # the rows of the files kept are read past, not written again
+    # the rows of the files kept are streamed past again (fetched, not written): going on near the end of a large
+    # split costs a stream of it, which is still less than starting over
+    rows = itertools.islice(rows, done, wanted)
     written = []
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=wanted, initial=done, unit="doc", desc=stem) as bar:
