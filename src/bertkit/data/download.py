@@ -70,7 +70,8 @@ def hub_dataset(name: str, config: str | None, split: str, streaming: bool = Fal
     except Exception as e:  # no network, no such dataset or split, the Hub down: datasets raises each its own way
         what = " ".join(part for part in (name, config, split) if part)
         raise BertkitError(f"{what}: cannot load it ({_cause(e)}); expected that dataset, configuration and split "
-                           "on the Hugging Face Hub with a network connection to it, or in the datasets cache") from None
+                           "on the Hugging Face Hub with a network connection to it, or in the datasets "
+                           "cache") from None
 
 
 def _cause(e: Exception) -> str:
