@@ -237,3 +237,12 @@ def test_squad_cut_short_says_so_and_keeps_nothing(tmp_path, monkeypatch, capsys
     assert "train-v1.1.json: cannot download (IncompleteRead(1 bytes read, 1000 more expected)); expected a " \
         "network connection to it" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_flag_of_another_kind_of_download_is_refused(tmp_path, capsys):
+    assert main(["download", "glue", "--dataset", "wikimedia/wikipedia", "--out", str(tmp_path)]) == 2
+    assert "--dataset is for `bertkit download corpus`; expected the flags of `bertkit download glue`" in \
+        capsys.readouterr().err
+    assert main(["download", "squad", "--tasks", "SST-2", "--out", str(tmp_path)]) == 2
+    assert "--tasks is for `bertkit download glue`" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -17,6 +17,7 @@ are. A fetch cut short keeps its whole files and goes on after the rows they cov
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -259,6 +260,14 @@ def _next_rows(rows, config: DownloadConfig, done: int) -> list:
 def download(config: DownloadConfig) -> list[Path]:
     if config.what not in ("glue", "squad", "corpus"):
         raise BertkitError(f"{config.what!r}: expected glue, squad or corpus")
+    # a flag of another kind of download is a mix-up (`download glue --dataset x`), not something to ignore
+    defaults = DownloadConfig(what=config.what)
+    for f in dataclasses.fields(DownloadConfig):
+        kind = f.metadata["help"].split(":")[0]
+        if kind in ("glue", "squad", "corpus") and kind != config.what and \
+                getattr(config, f.name) != getattr(defaults, f.name):
+            raise BertkitError(f"--{f.name.replace('_', '-')} is for `bertkit download {kind}`; expected the flags of "
+                               f"`bertkit download {config.what}` (see its --help)")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise BertkitError(f"--out {out}: a file; expected a folder")
