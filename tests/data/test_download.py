@@ -246,3 +246,46 @@ def test_a_flag_of_another_kind_of_download_is_refused(tmp_path, capsys):
     assert main(["download", "squad", "--tasks", "SST-2", "--out", str(tmp_path)]) == 2
     assert "--tasks is for `bertkit download glue`" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+class _StatefulStream:
+    """A streamed dataset as datasets' IterableDataset keeps its place: state_dict() after the rows yielded,
+    load_state_dict() before iterating. `produced` counts the rows it had to produce (fetch)."""
+
+    def __init__(self, rows):
+        self.rows, self.position, self.produced = rows, 0, 0
+
+    def __iter__(self):
+        while self.position < len(self.rows):
+            row = self.rows[self.position]
+            self.position += 1
+            self.produced += 1
+            yield row
+
+    def state_dict(self):
+        return {"shard_example_idx": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["shard_example_idx"]
+
+
+def test_a_corpus_fetch_goes_on_from_the_streams_own_state_without_fetching_the_rows_kept_again(tmp_path,
+                                                                                              monkeypatch):
+    documents = [{"text": f"document {i}."} for i in range(30)]
+    streams = []
+
+    def load_dataset(name, config, split, streaming=False):
+        streams.append(_StatefulStream(documents))
+        return streams[-1]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    flags = ["download", "corpus", "--dataset", "owner/set", "--out", str(tmp_path), "--shard-documents", "10"]
+    assert main(flags + ["--max-documents", "20"]) == 0
+    assert main(flags) == 0
+    assert streams[1].produced == 10  # rows 20-29 alone: the first 20 were not fetched again
+    written = [json.loads(line)["text"] for path in sorted(tmp_path.glob("*.jsonl"))
+               for line in path.read_text().splitlines()]
+    assert written == [d["text"] for d in documents]
+    (tmp_path / ".owner--set-train-stream.json").write_text('{"done": 30, "state": {"bad": 1}}')
+    assert main(flags + ["--max-documents", "40"]) == 0  # a state it cannot take: streams past the rows, still once
+    assert streams[2].produced == 30 and len(list(tmp_path.glob("*.jsonl"))) == 3

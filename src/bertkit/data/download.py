@@ -12,7 +12,8 @@ or not at all.
 A pretraining corpus comes from any Hub dataset with a text column (`bertkit download corpus --dataset
 wikimedia/wikipedia --dataset-config 20231101.en`), streamed rather than downloaded whole, as JSON lines of one document
 each (`{"text": ...}`) in files of `--shard-documents` documents, which `prepare` and `pretrain --corpus` read as they
-are. A fetch cut short keeps its whole files and goes on after the rows they cover when run again.
+are. A fetch cut short keeps its whole files and, run again, goes on from where the stream stood (its state is kept
+beside them, hidden), without fetching the rows they hold again.
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ _SHARD = re.compile(r"-(\d{9})-(\d{9})\.jsonl")
 def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
     """The documents of a Hub dataset's split as JSON lines files under `out`, `shard_documents` a file, each named
     by the range of the split's rows it holds (`wikimedia--wikipedia-20231101.en-train-000000000-000010000.jsonl`):
-    files there from an earlier fetch are kept, and the stream goes on after the last row they cover."""
+    files there from an earlier fetch are kept, and the stream goes on after the last row they cover: from where it
+    stood (the stream's own state, kept beside them after each file, as `datasets` gives it: whole files of the
+    dataset are not fetched again), else by streaming past the rows kept."""
     import itertools
 
     if not config.dataset:
@@ -217,10 +220,11 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
     wanted = config.max_documents or None
     if wanted is not None and done >= wanted:
         return []
-    rows = iter(hub_dataset(config.dataset, config.dataset_config or None, config.split, streaming=True))
-    # the rows of the files kept are streamed past again (fetched, not written): going on near the end of a large
-    # split costs a stream of it, which is still less than starting over
-    rows = itertools.islice(rows, done, wanted)
+    dataset = hub_dataset(config.dataset, config.dataset_config or None, config.split, streaming=True)
+    state_file = out / f".{stem}-stream.json"  # hidden: prepare reads the folder's other files as the corpus
+    skip = done if done == 0 or not _resume(dataset, state_file, done) else 0
+    # without a state to go on from, the rows of the files kept are streamed past again (fetched, not written)
+    rows = itertools.islice(iter(dataset), skip, None if wanted is None else skip + wanted - done)
     written = []
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=wanted, initial=done, unit="doc", desc=stem) as bar:
@@ -242,7 +246,36 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
             written.append(path)
             done += len(shard)
             bar.update(len(shard))
+            _keep_state(dataset, state_file, done)
     return written
+
+
+def _resume(dataset, state_file: Path, done: int) -> bool:
+    """Put a streamed dataset where an earlier fetch's files end, from the state kept beside them; False (stream
+    past the rows instead) when there is none for exactly those rows, or the dataset cannot take it."""
+    if not hasattr(dataset, "load_state_dict") or not state_file.is_file():
+        return False
+    try:
+        kept = json.loads(state_file.read_text(encoding="utf-8"))
+        if not isinstance(kept, dict) or kept.get("done") != done:
+            return False
+        dataset.load_state_dict(kept["state"])
+    except Exception as e:  # a state of another datasets version, or a file cut short: the slow way still works
+        logger.warning("%s: cannot go on from it (%s); streaming past the %d rows kept", state_file, _cause(e), done)
+        return False
+    return True
+
+
+def _keep_state(dataset, state_file: Path, done: int) -> None:
+    """The stream's state after `done` rows, for a later fetch to go on from (where the dataset gives one)."""
+    from bertkit.checkpoint import atomic_write_text
+
+    if hasattr(dataset, "state_dict"):
+        try:
+            text = json.dumps({"done": done, "state": dataset.state_dict()})
+        except (TypeError, ValueError):  # a state that is not plain data: resuming streams past the rows instead
+            return
+        atomic_write_text(state_file, text)
 
 
 def _next_rows(rows, config: DownloadConfig, done: int) -> list:
