@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from bertkit.composer_checkpoint import PLAIN_GLOBALS, is_composer
 from bertkit.config import CONFIG_NAME, BertConfig, read_json, save_folder
 from bertkit.errors import BertkitError, free_space
 
@@ -127,8 +128,6 @@ def load_pickle(path: Path, mmap: bool = False):
     """What a torch.save file holds, read with torch.load(weights_only=True): tensors and plain data only (besides
     torch's own, the few plain values a Composer checkpoint pickles), never a pickled object that runs code.
     `mmap` maps the storages instead of reading them (a file of the old, non-zip format is read)."""
-    from bertkit.composer_checkpoint import PLAIN_GLOBALS
-
     if path.is_file() and path.stat().st_size == 0:  # torch says "EOFError: " and nothing else
         raise BertkitError(f"{path}: an empty file; expected weights written by torch.save")
     try:
@@ -160,8 +159,6 @@ def _load_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
         except Exception as e:  # corrupt or truncated file
             raise BertkitError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
     loaded = load_pickle(path, mmap)
-    from bertkit.composer_checkpoint import is_composer
-
     if is_composer(loaded):  # one file holding the config and tokenizer too: made a folder by `bertkit convert`
         raise BertkitError(f"{path}: a Composer checkpoint (MosaicML); expected a model folder: write one with "
                            f"`bertkit convert {path} --out DIR --to hf` and give DIR")

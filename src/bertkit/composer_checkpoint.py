@@ -169,7 +169,8 @@ def load(path: str | Path):
     expected = "the Hugging Face config Composer's HuggingFaceModel keeps (a checkpoint of MosaicML's hf_bert recipe)"
     weights = _weights(state, path)
     config_entry = _entry(state, hf, path, expected)
-    if "peft_config" in state["integrations"]["huggingface"]["model"]:
+    hf_state = state["integrations"]["huggingface"]  # there: the config under it was found
+    if "peft_config" in hf_state["model"]:
         # Composer keeps the adapter's weights alone by default (should_save_peft_only), under PEFT's names
         raise BertkitError(f"{path}: a PEFT checkpoint (an adapter such as LoRA on the model); expected a whole "
                            "model's: merge the adapter into it first (peft's merge_and_unload) and save that")
@@ -185,7 +186,7 @@ def load(path: str | Path):
         raise BertkitError(f"{path}: ['state']['integrations']['huggingface']['model']['config']: {e}") from None
     model = MODEL_CLASSES[architecture](config)
     load_state_dict_into(model, weights, source=f"{path} ['state']['model']")
-    files = state["integrations"]["huggingface"].get("tokenizer") or {}
+    files = hf_state.get("tokenizer") or {}
     if not isinstance(files, dict):
         raise BertkitError(f"{path}: ['state']['integrations']['huggingface']['tokenizer'] is a "
                            f"{type(files).__name__}; expected the tokenizer's files by name")

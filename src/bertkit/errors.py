@@ -17,6 +17,12 @@ def missing(path, expected: str) -> str:
     return f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}; expected {expected}"
 
 
+def cause(error: BaseException) -> str:
+    """A third party's exception in one line: its type and its message's first line (a network library's can run to
+    pages)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or ['no message'])[0]}"
+
+
 def free_space(path) -> str:
     """How much room the filesystem of `path` has left, for an error that a full disk caused."""
     return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free on its filesystem"

@@ -15,7 +15,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from bertkit.errors import BertkitError
+from bertkit.errors import BertkitError, cause
 
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 _FILE_SUFFIXES = (".json", ".txt", ".pt", ".bin", ".safetensors", ".csv", ".tsv", ".jsonl", ".index")
@@ -66,10 +66,6 @@ def _fetch_errors() -> tuple[type[BaseException], ...]:
             *((errors.XetDownloadError,) if hasattr(errors, "XetDownloadError") else ()))
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or ["no message"])[0]
-
-
 @lru_cache(maxsize=None)  # once a process: every loader of a command resolves the same id (a failure is not kept)
 def download(repo_id: str, weights: bool = True) -> Path:
     """The local folder of Hub model `repo_id` (its files fetched into the Hub cache unless already there): config,
@@ -94,12 +90,12 @@ def download(repo_id: str, weights: bool = True) -> Path:
         raise BertkitError(f"{where} does not exist (or is private: log in with `hf auth login` or HF_TOKEN); "
                            "expected a model folder or a Hub model id such as google-bert/bert-base-uncased") from None
     except errors.RevisionNotFoundError as e:
-        raise BertkitError(f"{where}: {_first_line(e)}; expected a revision the repository has") from None
+        raise BertkitError(f"{where}: {cause(e)}; expected a revision the repository has") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         raise BertkitError(f"{where} is not in the Hub cache and the Hub cannot be reached (no network, or "
                            "HF_HUB_OFFLINE=1); expected a model folder, or a Hub model id with a network") from None
     except fetch_errors as e:
-        raise BertkitError(f"{where} could not be fetched ({type(e).__name__}: {_first_line(e)})") from None
+        raise BertkitError(f"{where} could not be fetched ({cause(e)})") from None
     if not (folder / "config.json").is_file() and weights:
         raise BertkitError(f"{repo_id}: the Hub repository has no config.json (fetched into {folder}); expected a "
                            "BERT model in transformers' layout")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import itertools
 import json
 import logging
 import re
@@ -31,7 +32,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from bertkit.config import option
-from bertkit.errors import BertkitError
+from bertkit.errors import BertkitError, cause
 
 logger = logging.getLogger("bertkit")
 
@@ -71,15 +72,9 @@ def hub_dataset(name: str, config: str | None, split: str, streaming: bool = Fal
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # no network, no such dataset or split, the Hub down: datasets raises each its own way
         what = " ".join(part for part in (name, config, split) if part)
-        raise BertkitError(f"{what}: cannot load it ({_cause(e)}); expected that dataset, configuration and split "
+        raise BertkitError(f"{what}: cannot load it ({cause(e)}); expected that dataset, configuration and split "
                            "on the Hugging Face Hub with a network connection to it, or in the datasets "
                            "cache") from None
-
-
-def _cause(e: Exception) -> str:
-    """An exception in one line: its type and its message's first line."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-    return f"{type(e).__name__}: {first}"
 
 
 def _clean(text: str) -> str:
@@ -203,8 +198,6 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
     files there from an earlier fetch are kept, and the stream goes on after the last row they cover: from where it
     stood (the stream's own state, kept beside them after each file, as `datasets` gives it: whole files of the
     dataset are not fetched again), else by streaming past the rows kept."""
-    import itertools
-
     if not config.dataset:
         raise BertkitError("no dataset: expected --dataset, a Hugging Face Hub dataset with a text column")
     if config.max_documents < 0 or config.shard_documents < 1:
@@ -222,7 +215,7 @@ def download_corpus(config: DownloadConfig, out: Path) -> list[Path]:
         return []
     dataset = hub_dataset(config.dataset, config.dataset_config or None, config.split, streaming=True)
     state_file = out / f".{stem}-stream.json"  # hidden: prepare reads the folder's other files as the corpus
-    skip = done if done == 0 or not _resume(dataset, state_file, done) else 0
+    skip = 0 if done and _resume(dataset, state_file, done) else done
     # without a state to go on from, the rows of the files kept are streamed past again (fetched, not written)
     rows = itertools.islice(iter(dataset), skip, None if wanted is None else skip + wanted - done)
     written = []
@@ -261,7 +254,7 @@ def _resume(dataset, state_file: Path, done: int) -> bool:
             return False
         dataset.load_state_dict(kept["state"])
     except Exception as e:  # a state of another datasets version, or a file cut short: the slow way still works
-        logger.warning("%s: cannot go on from it (%s); streaming past the %d rows kept", state_file, _cause(e), done)
+        logger.warning("%s: cannot go on from it (%s); streaming past the %d rows kept", state_file, cause(e), done)
         return False
     return True
 
@@ -281,12 +274,10 @@ def _keep_state(dataset, state_file: Path, done: int) -> None:
 def _next_rows(rows, config: DownloadConfig, done: int) -> list:
     """The next `shard_documents` rows of the stream; a failure while streaming (the network gone, a file of the
     dataset that does not parse) is one line that says what is kept."""
-    import itertools
-
     try:
         return list(itertools.islice(rows, config.shard_documents))
     except Exception as e:  # datasets, fsspec and pyarrow raise each their own
-        raise BertkitError(f"{config.dataset}: reading stopped after row {done} ({_cause(e)}); expected its rows to "
+        raise BertkitError(f"{config.dataset}: reading stopped after row {done} ({cause(e)}); expected its rows to "
                            "the end (the files written are kept: run again to go on after them)") from None
 
 
