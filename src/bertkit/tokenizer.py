@@ -408,6 +408,35 @@ class Tokenizer:
         except TypeError:
             return self.backend.encode(_as_text(text, "text"), add_special_tokens=False).tokens
 
+    def word_pieces(self, texts: Sequence[str] | Sequence[Sequence[str]]) -> list[list[tuple[list[int], tuple[int, int]]]]:
+        """Each text's words as (WordPiece ids, character span), without [CLS]/[SEP]: the words BERT's pre-tokenizer
+        finds in a str (split at white space and punctuation; spans index the text), or the given words of a text
+        already split into a list of words (as a CoNLL file gives them), one entry per word in order: a word the
+        pre-tokenizer splits further ("U.N.") stays one word, a word left without a piece (control characters
+        alone) is [UNK], and spans index the word."""
+        texts = list(texts)
+        split = bool(texts) and not isinstance(texts[0], str)
+        try:
+            encodings = self.backend.encode_batch(texts, is_pretokenized=split, add_special_tokens=False)
+        except TypeError:  # lone surrogates (or a non-str), cleaned or named as encode does
+            texts = [[_as_text(w, "word") for w in t] if split else _as_text(t, "text") for t in texts]
+            encodings = self.backend.encode_batch(texts, is_pretokenized=split, add_special_tokens=False)
+        result = []
+        for text, encoding in zip(texts, encodings):
+            words: dict[int, tuple[list[int], list[int]]] = {}
+            for token, word, (start, end) in zip(encoding.ids, encoding.word_ids, encoding.offsets):
+                if word is None:
+                    continue
+                ids, span = words.setdefault(word, ([], [start, end]))
+                ids.append(token)
+                span[1] = end
+            if split:
+                result.append([(words[i][0], tuple(words[i][1])) if i in words else ([self.unk_id], (0, len(w)))
+                               for i, w in enumerate(text)])
+            else:
+                result.append([(ids, tuple(span)) for _, (ids, span) in sorted(words.items())])
+        return result
+
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Join WordPiece tokens back into text: `##` pieces glue on, words are separated by single spaces."""
         if isinstance(ids, torch.Tensor):

@@ -58,13 +58,13 @@ def bucketed(length: int, multiple: int, limit: int | None = None) -> int:
 
 def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1,
             limit: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad `input_ids`/`token_type_ids` to the batch's longest row (rounded up to `pad_to_multiple_of`, not past
-    `limit`), add `attention_mask`, stack the labels."""
+    """Pad `input_ids`/`token_type_ids` (and per-token labels, with -100) to the batch's longest row (rounded up to
+    `pad_to_multiple_of`, not past `limit`), add `attention_mask`, stack the other labels."""
     longest = bucketed(max(len(row["input_ids"]) for row in rows), pad_to_multiple_of, limit)
     batch = {}
     for key in rows[0]:
-        if key in SEQUENCE_KEYS:
-            fill = pad_id if key == "input_ids" else 0
+        if key in SEQUENCE_KEYS or isinstance(rows[0][key], list):  # a tagger's labels: one per token, -100 ignored
+            fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
             batch[key] = torch.tensor([row[key] + [fill] * (longest - len(row[key])) for row in rows])
         else:
             values = [row[key] for row in rows]

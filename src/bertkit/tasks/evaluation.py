@@ -21,6 +21,7 @@ from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, ch
                                     resolve_device)
 from bertkit.tasks.inference import check_tokenizer
 from bertkit.tasks.squad import SquadTask, parse_questions
+from bertkit.tasks.tagging import TaggingTask, is_chunk_tag, predict_tags
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
 from bertkit.train.rundir import check_output_path
@@ -68,7 +69,7 @@ class EvaluateConfig:
 
     model_dir: str = option("", "a fine-tuned model folder (what `bertkit finetune` wrote), or a Hub model id "
                             "(with --task and its data)", positional=True)
-    task: str | None = option(None, "GLUE task, squad1, squad2 or custom (default: the run's)")
+    task: str | None = option(None, "GLUE task, squad1, squad2, ner or custom (default: the run's)")
     data_dir: str | None = option(None, "the task's data folder (default: the run's)")
     eval_file: str | None = option(None, "a labelled file to score on instead (default: the run's)")
     text_a: str | None = option(None, "custom files: the column of the (first) text (default: the run's, else "
@@ -83,7 +84,8 @@ class EvaluateConfig:
                                           "of it, as null_odds.json holds exp of the difference")
     out_dir: str | None = option(None, "folder for eval_metrics.json (a classifier's classes.md: per class scores, "
                                  "confusion matrix; SQuAD's predictions.json, v2.0 also "
-                                 "null_odds.json and predictions_spans.json, the official script's input) "
+                                 "null_odds.json and predictions_spans.json, the official script's input; a "
+                                 "tagger's tags.md and predictions.conll, conlleval's input) "
                                  "(default: none written)", flag="--out")
     threads: int | None = option(None, THREADS_HELP)
     device: str | None = option(None, DEVICE_HELP)
@@ -95,9 +97,9 @@ class PredictConfig:
     """`bertkit predict`: the command's arguments; all but input and out are `predict`'s keywords."""
 
     model_dir: str = option("", "a fine-tuned model folder, or a Hub model id", positional=True)
-    input: str = option("-", "input file: text or text<TAB>pair lines (QA: JSON lines), or a classifier's .csv or "
-                        ".jsonl file with named columns, as finetune's custom files (default: standard input)",
-                        positional=True)
+    input: str = option("-", "input file: text or text<TAB>pair lines (QA: JSON lines; a tagger: a text per line, "
+                        "split into words as BERT splits it), or a classifier's .csv or .jsonl file with named "
+                        "columns, as finetune's custom files (default: standard input)", positional=True)
     out: str | None = option(None, "write the JSON lines here instead of standard output (default: standard output)")
     text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
                                 "sentence)")
@@ -184,6 +186,9 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
         source = str(inputs)
     architectures = _architectures(model_dir, model_config)
     is_qa = "BertForQuestionAnswering" in architectures
+    is_tagger = "BertForTokenClassification" in architectures
+    if is_tagger and table:
+        raise BertkitError(f"{source}: a table; {model_dir} tags words: expected text, one per line")
     config = _run_config(model_dir, overrides, default_task="squad1" if is_qa else "")
     if is_qa or not table:
         inputs = read_input_lines(inputs, source)
@@ -193,6 +198,8 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
         check_tokenizer(tokenizer, model_config, model_dir)
         if is_qa:
             return _answer(model_dir, config, tokenizer, parse_questions(inputs, source), device, int8)
+        if is_tagger:
+            return _tag(model_dir, model_config, config, tokenizer, inputs, source, device, int8)
         # every line, so that the results stay one per input line; a table's rows, each with its line
         examples = read_custom(inputs, config.text_a, None, config.text_b)[0] if table else parse_lines(inputs, source)
         results = _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device, int8)
@@ -249,12 +256,42 @@ def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device
     return results
 
 
+def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, device, int8: bool = False) -> list[dict]:
+    """predict's tagging branch: per line, its words (as BERT's pre-tokenizer splits the text: at white space and
+    punctuation), their tags and, for chunk tags (B-PER, I-PER), the entities they make, with character offsets
+    into the line; a line without a word has them None and an "error" saying so."""
+    from bertkit.tasks.metrics import chunks
+
+    texts = [line.rstrip("\r\n") for line in lines]
+    words = tokenizer.word_pieces(texts)
+    if not any(words):
+        raise BertkitError(f"{source}: no text to tag; expected a text per line")
+    labels = _label_names(model_config)
+    model = _loaded(TaggingTask.model_class, model_dir, device, int8)
+    tags = predict_tags(model, tokenizer, [[ids for ids, _ in w] for w in words], labels, config, device)
+    entities = all(tag == "O" or is_chunk_tag(tag) for tag in labels)
+    results = []
+    for text, found, tagged in zip(texts, words, tags):
+        if not found:
+            results.append({"text": text, "words": None, "tags": None} | ({"entities": None} if entities else {})
+                           | {"error": "blank line: no word to tag"})
+            continue
+        spans = [span for _, span in found]
+        result = {"text": text, "words": [text[a:b] for a, b in spans], "tags": tagged}
+        if entities:
+            result["entities"] = [{"type": kind, "text": text[spans[i][0]:spans[j - 1][1]], "start": spans[i][0],
+                                   "end": spans[j - 1][1]} for kind, i, j in chunks(tagged)]
+        results.append(result)
+    return results
+
+
 def _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device,
            int8: bool = False) -> list[dict]:
     """predict's classification branch: one result per example."""
     if "BertForSequenceClassification" not in architectures:
         raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
-                           "fine-tuned BertForSequenceClassification or BertForQuestionAnswering")
+                           "fine-tuned BertForSequenceClassification, BertForQuestionAnswering or "
+                           "BertForTokenClassification")
     first = next((e for e in examples if not is_blank(e)), None)
     if first is None:  # parse_lines says so of lines; a table's rows may all be empty too
         raise BertkitError(f"{source}: no text to label; expected a text in some row")

@@ -53,6 +53,7 @@ from bertkit.model import compile_blocks
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.squad import SquadTask, load_squad_task
+from bertkit.tasks.tagging import PREDICTIONS_FILE, TAGS_FILE, TaggingTask, load_tagging_task
 from bertkit.tokenizer import Tokenizer
 from bertkit.train import distributed
 from bertkit.train.distributed import MAX_THREADS, Distributed
@@ -68,11 +69,13 @@ logger = logging.getLogger("bertkit")
 
 CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
+TAGGING_TASK = "ner"
 EVAL_DATA_FILE = "eval_data.json"
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", CONFIG_FILE, "metrics.json", "results.md", "train.csv", "eval.csv",
-           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, "checkpoints")
+           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, TAGS_FILE, PREDICTIONS_FILE,
+           "checkpoints")
 RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
 KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
 # Fields that change how a run goes, not what it computes: a run resumed or redone may change them
@@ -92,12 +95,17 @@ class FinetuneConfig:
                                 "'no pretraining' baseline)")
     bilstm: bool = option(False, "a randomly initialised BiLSTM between the encoder and the task head (the paper's "
                           "'+ BiLSTM' row of Table 5; saved in config.json, so evaluate and predict use it too)")
-    task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, or custom for your own files")
+    task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, ner (tagging every word: "
+                       "named entities, chunks or parts of speech, from CoNLL files), or custom for your own files")
     out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md (a new or "
                           "empty folder, or this same run's; never --model-dir or a folder inside it)")
     data_dir: str | None = option(None, "the task's data folder (GLUE: train.tsv, dev.tsv, test.tsv; MRPC may hold "
-                                      "Microsoft's msr_paraphrase_*.txt; SQuAD: train-v*.json, dev-v*.json)")
-    train_file: str | None = option(None, "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl)")
+                                      "Microsoft's msr_paraphrase_*.txt; SQuAD: train-v*.json, dev-v*.json; ner: "
+                                      "train.txt, dev.txt or valid.txt, test.txt, or CoNLL-2003's eng.train, "
+                                      "eng.testa, eng.testb)")
+    train_file: str | None = option(None, "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl; "
+                                    "ner: a word and its tag per line, the tag in the last column, a blank line "
+                                    "between sentences)")
     eval_file: str | None = option(None, "labelled evaluation file, instead of the dev file in --data-dir")
     test_file: str | None = option(None, "GLUE test file for --predict, instead of the one in --data-dir")
     text_a: str = option("sentence", "custom files: the column of the (first) text")
@@ -157,7 +165,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         self.task = self.task.strip()
-        if self.task.lower() in SQUAD_TASKS:  # one spelling, so that a run typed SQuAD1 resumes as saved
+        if self.task.lower() in (*SQUAD_TASKS, TAGGING_TASK):  # one spelling: a run typed SQuAD1 resumes as saved
             self.task = self.task.lower()
         if self.max_length is None:
             self.max_length = 384 if self.task in SQUAD_TASKS else 128
@@ -225,10 +233,12 @@ def check_max_length(config: FinetuneConfig, positions: int) -> None:
                            "given more positions by `bertkit extend`")
 
 
-def load_task(config: FinetuneConfig, need_train: bool = True, labels=None) -> TextTask | SquadTask:
+def load_task(config: FinetuneConfig, need_train: bool = True, labels=None) -> TextTask | SquadTask | TaggingTask:
     """The task's data, read as the config names it."""
     if config.task in SQUAD_TASKS:
         return load_squad_task(config, need_train)
+    if config.task == TAGGING_TASK:
+        return load_tagging_task(config, need_train, labels)
     return load_text_task(config, need_train, labels)
 
 
@@ -697,6 +707,7 @@ def _score(metric: str, value: float) -> str:
 def results_table(config: FinetuneConfig, task, record: dict) -> str:
     """The run in markdown: hyper-parameters, one row per epoch (best marked), the best scores."""
     columns = [m for m in task.table_metrics if m in record["best"]]
+    unit = "sentences" if isinstance(task, TaggingTask) else "examples"
     lines = [
         f"# Fine-tuning {task.name} from {hub.model_name(config.model_dir)}",
         "",
@@ -707,8 +718,9 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         + (f", {record['precision']}" if record.get("precision", "fp32") != "fp32" else "")
         + f", {plural(config.epochs, 'epoch')}, warm-up {config.warmup:g}, "
         f"weight decay {config.weight_decay:g}, max length {config.max_length}, seed {config.seed}; "
-        f"{record['train_examples']:,} training examples"
-        + (f" ({record['train_rows']:,} windows)" if isinstance(task, SquadTask) else "")
+        f"{record['train_examples']:,} training {unit}"
+        # a tagger's sentence over --max-length is read in windows too
+        + (f" ({record['train_rows']:,} windows)" if record["train_rows"] != record["train_examples"] else "")
         + f", {record['eval_examples']:,} scored.",
         "",
         "| epoch | train loss | " + " | ".join(columns) + " | train time | train ex/s | eval time |",
@@ -728,6 +740,9 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         lines += ["", f"Best: epoch {record['best_epoch']} ({best}), kept in {config.out_dir}."]
         if isinstance(task, TextTask) and not task.is_regression:
             lines.append(f"Per class scores and the confusion matrix of that epoch: {CLASSES_FILE}.")
+        if isinstance(task, TaggingTask):
+            lines.append(f"Scores per {'type' if task.scheme == 'chunks' else 'tag'} of that epoch: {TAGS_FILE}; its "
+                         f"tags, conlleval's input: {PREDICTIONS_FILE}.")
     for path in record.get("submissions", []):
         lines.append(f"Submission file: {path}")
     return "\n".join(lines) + "\n"

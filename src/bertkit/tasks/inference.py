@@ -37,8 +37,8 @@ def infer(
 ) -> dict[str, torch.Tensor]:
     """The named outputs for every row, in the rows' order, on the CPU.
 
-    Per-token outputs (B, T) of different batches are padded to `width` with the lowest float, the value the QA
-    head gives padding, so they stack into one (N, width) tensor.
+    Per-token outputs, (B, T) or (B, T, C), of different batches are padded to `width` positions with the lowest
+    float, the value the QA head gives padding, so they stack into one (N, width) or (N, width, C) tensor.
     """
     check_segments(model.config, rows)
     model.eval()
@@ -49,8 +49,9 @@ def infer(
         out = model(**to_device(batch, device))
         for name in outputs:
             values = out[name].float().cpu()
-            if width is not None and values.ndim == 2:
-                values = torch.nn.functional.pad(values, (0, width - values.shape[1]), value=torch.finfo(values.dtype).min)
+            if width is not None and values.ndim >= 2:  # (B, T) or a tagger's (B, T, labels): T padded
+                padding = (0, 0) * (values.ndim - 2) + (0, width - values.shape[1])
+                values = torch.nn.functional.pad(values, padding, value=torch.finfo(values.dtype).min)
             for i, v in zip(indices, values):
                 results[name][i] = v
     return {name: torch.stack(values) for name, values in results.items()}

@@ -1,4 +1,5 @@
-"""GLUE and SQuAD metrics as their leaderboards report them: percentages, same definitions, same averaging."""
+"""GLUE, SQuAD and CoNLL tagging metrics as their leaderboards and scripts report them: percentages, same definitions,
+same averaging."""
 
 from __future__ import annotations
 
@@ -211,3 +212,91 @@ def squad_metrics(
         result["best_exact"], result["best_exact_thresh"] = _best_threshold(exact, null_odds, has_answer)
         result["best_f1"], result["best_f1_thresh"] = _best_threshold(f1, null_odds, has_answer)
     return {k: float(v) for k, v in result.items()}
+
+
+# Tagging (CoNLL) ---------------------------------------------------------------------------------------------------
+
+CHUNK_PREFIXES = ("B", "I", "E", "S")  # begin, inside, end, single: IOB1, IOB2 (BIO), IOE and IOBES tags are read
+
+
+def split_tag(tag: str) -> tuple[str, str]:
+    """("B", "PER") for B-PER, ("O", "") for O."""
+    if tag == "O":
+        return "O", ""
+    prefix, _, kind = tag.partition("-")
+    return prefix, kind
+
+
+def _chunk_ends(prev: str, prev_kind: str, prefix: str, kind: str) -> bool:
+    """Whether a chunk ends before this word (conlleval's rule, with seqeval's S for IOBES)."""
+    return (prev in ("E", "S") or (prev in ("B", "I") and prefix in ("B", "S", "O"))
+            or (prev != "O" and prev_kind != kind))
+
+
+def _chunk_starts(prev: str, prev_kind: str, prefix: str, kind: str) -> bool:
+    """Whether a chunk starts at this word: at B or S, at I or E after no open chunk, or where the type changes."""
+    return (prefix in ("B", "S") or (prefix in ("I", "E") and prev in ("E", "S", "O"))
+            or (prefix != "O" and prev_kind != kind))
+
+
+def chunks(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The chunks (entities) of one sentence's tags as (type, first word, last word + 1): IOB1 and IOB2 tags as
+    conlleval.pl finds them (an I- after O or after another type opens a chunk, so the two read the same way), E-
+    and S- tags as seqeval does (conlleval.pl has no S- tag, and reads E-PER B-PER as one chunk)."""
+    found, start, prev, prev_kind = [], 0, "O", ""
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, kind = split_tag(tag)
+        if _chunk_ends(prev, prev_kind, prefix, kind):
+            found.append((prev_kind, start, i))
+        if _chunk_starts(prev, prev_kind, prefix, kind):
+            start = i
+        prev, prev_kind = prefix, kind
+    return found
+
+
+def _prf(correct: int, predicted: int, gold: int) -> tuple[float, float, float]:
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return 100 * precision, 100 * recall, 100 * f1
+
+
+def chunk_scores(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> tuple[dict, dict]:
+    """Entity-level precision, recall and F1 (a predicted chunk is right when its type, first and last word equal a
+    gold chunk's; micro-averaged over all chunks) and the accuracy over words, in percent, as conlleval reports
+    them; and per type: {type: {"gold", "predicted", "correct", "precision", "recall", "f1"}}."""
+    if len(gold) != len(predicted) or any(len(g) != len(p) for g, p in zip(gold, predicted)):
+        raise BertkitError("predicted and gold tags: expected as many sentences, and as many tags per sentence")
+    words = sum(len(g) for g in gold)
+    if not words:
+        raise BertkitError("no tagged words to score")
+    counts: dict[str, Counter] = {}
+    for g, p in zip(gold, predicted):
+        gold_chunks, predicted_chunks = set(chunks(g)), set(chunks(p))
+        for name, found in (("gold", gold_chunks), ("predicted", predicted_chunks),
+                            ("correct", gold_chunks & predicted_chunks)):
+            for kind, _, _ in found:
+                counts.setdefault(kind, Counter())[name] += 1
+    per_type = {}
+    for kind in sorted(counts):
+        c = counts[kind]
+        per_type[kind] = {"gold": c["gold"], "predicted": c["predicted"], "correct": c["correct"],
+                          **dict(zip(("precision", "recall", "f1"), _prf(c["correct"], c["predicted"], c["gold"])))}
+    total = sum(counts.values(), Counter())
+    precision, recall, f1 = _prf(total["correct"], total["predicted"], total["gold"])
+    right = sum(a == b for g, p in zip(gold, predicted) for a, b in zip(g, p))
+    return {"f1": f1, "precision": precision, "recall": recall, "accuracy": 100 * right / words}, per_type
+
+
+def chunk_report(scores: dict, per_type: dict, title: str) -> str:
+    """`chunk_scores`'s result in markdown: one row per type, then all types together."""
+    lines = [f"# {title}", "", "| type | gold | predicted | correct | precision | recall | F1 |", "|---" * 7 + "|"]
+    for kind, s in per_type.items():
+        lines.append(f"| {kind} | {s['gold']} | {s['predicted']} | {s['correct']} | {s['precision']:.2f} | "
+                     f"{s['recall']:.2f} | {s['f1']:.2f} |")
+    total = {k: sum(s[k] for s in per_type.values()) for k in ("gold", "predicted", "correct")}
+    lines += [f"| all | {total['gold']} | {total['predicted']} | {total['correct']} | {scores['precision']:.2f} | "
+              f"{scores['recall']:.2f} | {scores['f1']:.2f} |", "",
+              f"Accuracy over words {scores['accuracy']:.2f}. A chunk is right when its type, first and last word all "
+              "match (conlleval's scoring).", ""]
+    return "\n".join(lines)
