@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bertkit import BertForQuestionAnswering, BertkitError
+from bertkit import BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertkitError
 from bertkit.serve import ServeConfig, create_app
 from tiny_folders import WORDS, save_tiny
 
@@ -93,6 +93,28 @@ def test_server_scores_regression_and_answers_questions(folders):
     answers = response.json()["predictions"]
     assert answers[0]["id"] == "q1" and "id" not in answers[1]
     assert all(r["answer"] and r["answer"] in context for r in answers)
+
+
+def test_server_tags_words_as_predict_does(tmp_path):
+    from bertkit.tasks.evaluation import predict
+
+    folder = save_tiny(tmp_path / "tagger", BertForTokenClassification)
+    config = BertConfig.load(folder)
+    config.id2label = {0: "O", 1: "B-PER"}
+    config.save(folder)
+    texts = ["the movie, was good", "an awful boring film"]
+
+    async def test(client, app):
+        tagged = await client.post("/predict", json={"inputs": [texts[0], {"text": texts[1]}]})
+        pair = await client.post("/predict", json={"inputs": [{"text": "good", "pair": "bad"}]})
+        return tagged, pair, (await client.get("/metadata")).json()
+
+    tagged, pair, metadata = served(folder, test)
+    assert tagged.status_code == 200 and metadata["kind"] == "tagging" and metadata["labels"] == ["O", "B-PER"]
+    expected = [{k: v for k, v in r.items() if k != "text"} for r in predict(folder, texts)]
+    assert tagged.json()["predictions"] == expected
+    assert expected[0]["words"] == ["the", "movie", ",", "was", "good"] and len(expected[0]["tags"]) == 5
+    assert pair.status_code == 422 and '"pair"' in pair.json()["error"]
 
 
 def test_health_and_metadata(folders):

@@ -42,7 +42,7 @@ from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
 
-QA, CLASSIFIER = "BertForQuestionAnswering", "BertForSequenceClassification"
+QA, CLASSIFIER, TAGGER = "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification"
 
 
 
@@ -107,9 +107,10 @@ class RequestError(Exception):
 class Predictor:
     """A fine-tuned model folder loaded once: turns request inputs into examples and runs batches of them.
 
-    Classifiers take a text or {"text": ..., "pair": ...}; regressors the same; QA models take
-    {"question": ..., "context": ...} (and an optional "id", echoed back). Results are the ones `bertkit predict`
-    prints: {"label", "probability"}, {"score"}, {"answer"} (v2.0: with "null_odds").
+    Classifiers take a text or {"text": ..., "pair": ...}; regressors the same; taggers a text or {"text": ...};
+    QA models take {"question": ..., "context": ...} (and an optional "id", echoed back). Results are the ones
+    `bertkit predict` prints: {"label", "probability"}, {"score"}, {"words", "tags", "entities"}, {"answer"} (v2.0:
+    with "null_odds").
     """
 
     def __init__(self, model_dir, int8: bool = False, max_length: int | None = None, batch_size: int = 32,
@@ -119,16 +120,17 @@ class Predictor:
         from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
         from bertkit.tasks.inference import check_tokenizer
         from bertkit.tasks.squad import SquadTask
+        from bertkit.tasks.tagging import TaggingTask
         from bertkit.tokenizer import Tokenizer
 
         directory = model_folder(model_dir)
         model_config = BertConfig.load(directory)
         architectures = model_config.extra.get("architectures") or [CLASSIFIER]
-        if QA not in architectures and CLASSIFIER not in architectures:
+        if not {QA, CLASSIFIER, TAGGER} & set(architectures):
             raise BertkitError(f"{directory}/config.json: architecture {', '.join(architectures)}; expected a "
-                               f"fine-tuned {CLASSIFIER} or {QA}")
+                               f"fine-tuned {CLASSIFIER}, {TAGGER} or {QA}")
         self.directory, self.int8, self.max_text_chars = directory, int8, max_text_chars
-        self.kind = "question-answering" if QA in architectures else (
+        self.kind = "question-answering" if QA in architectures else "tagging" if TAGGER in architectures else (
             "regression" if model_config.num_labels == 1 else "classification")
         self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
         if self.kind == "question-answering" and not self.pairs:
@@ -144,7 +146,7 @@ class Predictor:
         if max_length is not None:  # asked for: refused past the positions, as evaluate and predict refuse it
             check_max_length(self.config, model_config.max_position_embeddings)
         self.config.max_length = min(self.config.max_length, model_config.max_position_embeddings)  # a default
-        if self.kind == "classification":
+        if self.kind in ("classification", "tagging"):
             id2label = model_config.id2label or {i: f"LABEL_{i}" for i in range(model_config.num_labels)}
             self.labels = [id2label[i] for i in sorted(id2label)]
         else:
@@ -155,6 +157,8 @@ class Predictor:
         if self.kind == "question-answering":
             self.task = SquadTask(task if task in ("squad1", "squad2") else "squad1")
             self.threshold = _tuned_threshold(directory, self.config)
+        elif self.kind == "tagging":
+            self.task = TaggingTask(self.labels, "")
         else:
             self.task = TextTask("serve", self.labels, ())
         model = self.task.model_class.from_pretrained(directory).to(self.device).eval()
@@ -165,8 +169,8 @@ class Predictor:
         self.model = model
 
     def metadata(self) -> dict:
-        accepts = ('{"question": str, "context": str, "id"?: str}' if self.kind == "question-answering"
-                   else 'str, or {"text": str, "pair"?: str}')
+        accepts = {"question-answering": '{"question": str, "context": str, "id"?: str}',
+                   "tagging": 'str, or {"text": str}'}.get(self.kind, 'str, or {"text": str, "pair"?: str}')
         return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels,
                 "task": self.config.task,
                 "max_length": self.config.max_length, "int8": self.int8, "device": str(self.device),
@@ -195,10 +199,11 @@ class Predictor:
             return SquadExample(qid, "", 0, question, context, [])
         if isinstance(item, str):
             return TextExample("", self._checked(item, where), None, None)
+        fields = ("text",) if self.kind == "tagging" else ("text", "pair")
         if not isinstance(item, dict):
             raise RequestError(422, f"{where} is {_json_type(item)}; expected a string or an object "
-                                    '{"text": ..., "pair": ...}')
-        _only_fields(item, ("text", "pair"), where)
+                                    + ('{"text": ...}' if self.kind == "tagging" else '{"text": ..., "pair": ...}'))
+        _only_fields(item, fields, where)
         text = self._text(item, "text", where)
         pair = self._text(item, "pair", where) if "pair" in item else None
         if pair is not None and not self.pairs:
@@ -225,6 +230,12 @@ class Predictor:
         """Results for a batch of examples (any mix of single texts and pairs), in order."""
         if self.kind == "question-answering":
             return self._answer(examples)
+        if self.kind == "tagging":
+            from bertkit.tasks.tagging import tag_texts
+
+            texts = [e.text_a for e in examples]  # each result's offsets index its own text, so it is not echoed
+            return [{k: v for k, v in r.items() if k != "text"}
+                    for r in tag_texts(self.model, self.tokenizer, texts, self.labels, self.config, self.device)]
         results: list[dict | None] = [None] * len(examples)
         for pairs in (False, True):  # the tokenizer encodes a list of singles or a list of pairs
             indices = [i for i, e in enumerate(examples) if (e.text_b is not None) == pairs]

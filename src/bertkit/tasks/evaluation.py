@@ -21,7 +21,7 @@ from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, ch
                                     resolve_device)
 from bertkit.tasks.inference import check_tokenizer
 from bertkit.tasks.squad import SquadTask, parse_questions
-from bertkit.tasks.tagging import TaggingTask, is_chunk_tag, predict_tags
+from bertkit.tasks.tagging import TaggingTask, tag_texts
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
 from bertkit.train.rundir import check_output_path
@@ -257,32 +257,16 @@ def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device
 
 
 def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, device, int8: bool = False) -> list[dict]:
-    """predict's tagging branch: per line, its words (as BERT's pre-tokenizer splits the text: at white space and
-    punctuation), their tags and, for chunk tags (B-PER, I-PER), the entities they make, with character offsets
-    into the line; a line without a word has them None and an "error" saying so."""
-    from bertkit.tasks.metrics import chunks
-
+    """predict's tagging branch (`tag_texts`): one result per line, a line without a word with words, tags (and
+    entities) None and an "error" saying so."""
     texts = [line.rstrip("\r\n") for line in lines]
-    words = tokenizer.word_pieces(texts)
-    if not any(words):
+    if not any(text.strip() for text in texts):
         raise BertkitError(f"{source}: no text to tag; expected a text per line")
     labels = _label_names(model_config)
     model = _loaded(TaggingTask.model_class, model_dir, device, int8)
-    tags = predict_tags(model, tokenizer, [[ids for ids, _ in w] for w in words], labels, config, device)
-    entities = all(tag == "O" or is_chunk_tag(tag) for tag in labels)
-    results = []
-    for text, found, tagged in zip(texts, words, tags):
-        if not found:
-            results.append({"text": text, "words": None, "tags": None} | ({"entities": None} if entities else {})
-                           | {"error": "blank line: no word to tag"})
-            continue
-        spans = [span for _, span in found]
-        result = {"text": text, "words": [text[a:b] for a, b in spans], "tags": tagged}
-        if entities:
-            result["entities"] = [{"type": kind, "text": text[spans[i][0]:spans[j - 1][1]], "start": spans[i][0],
-                                   "end": spans[j - 1][1]} for kind, i, j in chunks(tagged)]
-        results.append(result)
-    return results
+    results = tag_texts(model, tokenizer, texts, labels, config, device)
+    return [r if r["words"] else {k: None if k != "text" else v for k, v in r.items()}
+            | {"error": "blank line: no word to tag"} for r in results]
 
 
 def _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device,

@@ -151,6 +151,26 @@ def predict_tags(model, tokenizer, words: Sequence[Sequence[list[int]]], labels:
     return tags
 
 
+def tag_texts(model, tokenizer, texts: Sequence[str], labels: Sequence[str], config, device) -> list[dict]:
+    """Per text: its words (as BERT's pre-tokenizer splits it: at white space and punctuation), their tags and, for
+    chunk tags (B-PER, I-PER), the entities they make, with character offsets into the text (a text without a word
+    has empty lists). What `bertkit predict` and `bertkit serve` give for a tagging model."""
+    from bertkit.tasks.metrics import chunks
+
+    words = tokenizer.word_pieces(texts)
+    tags = predict_tags(model, tokenizer, [[ids for ids, _ in w] for w in words], labels, config, device)
+    entities = all(tag == "O" or is_chunk_tag(tag) for tag in labels)
+    results = []
+    for text, found, tagged in zip(texts, words, tags):
+        spans = [span for _, span in found]
+        result = {"text": text, "words": [text[a:b] for a, b in spans], "tags": tagged}
+        if entities:
+            result["entities"] = [{"type": kind, "text": text[spans[i][0]:spans[j - 1][1]], "start": spans[i][0],
+                                   "end": spans[j - 1][1]} for kind, i, j in chunks(tagged)]
+        results.append(result)
+    return results
+
+
 def _pieces(tokenizer, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
     return [[ids for ids, _ in words] for words in tokenizer.word_pieces([s.words for s in sentences])]
 
