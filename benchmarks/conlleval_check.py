@@ -94,8 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     gold, predicted = random_sentences(random.Random(args.seed), args.sentences)
     text = "".join("".join(f"w {a} {b}\n" for a, b in zip(g, p)) + "\n" for g, p in zip(gold, predicted))
-    checks = {"random": {"sentences": len(gold), **compare(bertkit_scores(gold, predicted), conlleval(args.conlleval, text)),
-                         "f1": round(bertkit_scores(gold, predicted)["f1"], 4)}}
+    ours = bertkit_scores(gold, predicted)
+    checks = {"random": {"sentences": len(gold), **compare(ours, conlleval(args.conlleval, text)),
+                         "f1": round(ours["f1"], 4)}}
     for path in args.predictions:
         gold, predicted = read_predictions(path)
         ours, theirs = bertkit_scores(gold, predicted), conlleval(args.conlleval, path.read_text(encoding="utf-8"))

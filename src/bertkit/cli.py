@@ -313,16 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "download",
-        help="fetch GLUE, SQuAD or a pretraining corpus into what --data-dir, --train-file and --corpus read "
-        "(needs a network)",
+        help="fetch GLUE, SQuAD, tagged words or a pretraining corpus into what --data-dir, --train-file and "
+        "--corpus read (needs a network)",
         description="Fetch the fine-tuning data: `bertkit download squad --out data/squad` (train and dev of "
         "SQuAD v1.1 and v2.0 from its official site) or `bertkit download glue --out data/glue [--tasks SST-2 "
         "MRPC]` (from the Hugging Face Hub's nyu-mll/glue through the datasets package, written as GLUE's own "
         "task folders: SST-2/train.tsv, MNLI/dev_matched.tsv, diagnostic/diagnostic.tsv); or text to pretrain on: "
         "`bertkit download corpus --dataset wikimedia/wikipedia --dataset-config 20231101.en --out data/wiki "
         "--max-documents 100000` (any Hub dataset with a text column, streamed, written as JSON lines files that "
-        "prepare and pretrain --corpus read). Files already there are kept, so a fetch cut short is finished by "
-        "running it again.",
+        "prepare and pretrain --corpus read); or words and their tags: `bertkit download ner --dataset DATASET "
+        "--out data/ner` (a Hub dataset with a column of words and one of tags, tokens and ner_tags by default, "
+        "written as CoNLL files, train.txt, dev.txt and test.txt, that finetune --task ner --data-dir reads). Files "
+        "already there are kept, so a fetch cut short is finished by running it again.",
     )
     add_dataclass_args(p, DownloadConfig)
     p.set_defaults(func=cmd_download)

@@ -408,7 +408,8 @@ class Tokenizer:
         except TypeError:
             return self.backend.encode(_as_text(text, "text"), add_special_tokens=False).tokens
 
-    def word_pieces(self, texts: Sequence[str] | Sequence[Sequence[str]]) -> list[list[tuple[list[int], tuple[int, int]]]]:
+    def word_pieces(self, texts: Sequence[str] | Sequence[Sequence[str]]
+                    ) -> list[list[tuple[list[int], tuple[int, int]]]]:
         """Each text's words as (WordPiece ids, character span), without [CLS]/[SEP]: the words BERT's pre-tokenizer
         finds in a str (split at white space and punctuation; spans index the text), or the given words of a text
         already split into a list of words (as a CoNLL file gives them), one entry per word in order: a word the

@@ -241,7 +241,8 @@ def test_squad_cut_short_says_so_and_keeps_nothing(tmp_path, monkeypatch, capsys
 
 def test_a_flag_of_another_kind_of_download_is_refused(tmp_path, capsys):
     assert main(["download", "glue", "--dataset", "wikimedia/wikipedia", "--out", str(tmp_path)]) == 2
-    assert "--dataset is for `bertkit download corpus`; expected the flags of `bertkit download glue`" in \
+    assert "--dataset is for `bertkit download corpus` and `bertkit download ner`; expected the flags of `bertkit " \
+        "download glue`" in \
         capsys.readouterr().err
     assert main(["download", "squad", "--tasks", "SST-2", "--out", str(tmp_path)]) == 2
     assert "--tasks is for `bertkit download glue`" in capsys.readouterr().err
@@ -289,3 +290,60 @@ def test_a_corpus_fetch_goes_on_from_the_streams_own_state_without_fetching_the_
     (tmp_path / ".owner--set-train-stream.json").write_text('{"done": 30, "state": {"bad": 1}}')
     assert main(flags + ["--max-documents", "40"]) == 0  # a state it cannot take: streams past the rows, still once
     assert streams[2].produced == 30 and len(list(tmp_path.glob("*.jsonl"))) == 3
+
+
+class _Split(list):
+    """A split of a datasets DatasetDict: its rows, and features naming the tags' classes."""
+
+    def __init__(self, rows, names=None):
+        super().__init__(rows)
+        tags = types.SimpleNamespace(feature=types.SimpleNamespace(names=names)) if names else object()
+        self.features = {"tokens": object(), "ner_tags": tags} if rows else {}
+
+
+def test_tagged_words_are_written_as_conll_files_finetune_reads(tmp_path, monkeypatch, capsys):
+    from bertkit.tasks.tagging import read_conll
+
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    train = [{"tokens": ["Ada", "Lovelace", "met", "Babbage", "."], "ner_tags": [1, 2, 0, 1, 0]},
+             {"tokens": ["in", "New York", "", "today"], "ner_tags": [0, 3, 0, 0]}]
+    dev = [{"tokens": ["London", "rains"], "ner_tags": [3, 0]}]
+    calls = []
+
+    def load_dataset(name, config, split, streaming=False):
+        calls.append((name, config, split))
+        return {"train": _Split(train, names), "validation": _Split(dev, names)}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out = tmp_path / "ner"
+    assert main(["download", "ner", "--dataset", "some/conll", "--out", str(out)]) == 0
+    assert "2 file(s) written (train.txt, dev.txt)" in capsys.readouterr().out
+    assert calls == [("some/conll", None, None)] and not (out / "test.txt").exists()  # the dataset has no test split
+    sentences = read_conll(out / "train.txt")
+    assert [s.words for s in sentences] == [["Ada", "Lovelace", "met", "Babbage", "."], ["in", "New\u00a0York", "today"]]
+    assert [s.tags for s in sentences] == [["B-PER", "I-PER", "O", "B-PER", "O"], ["O", "B-LOC", "O"]]
+    assert [(s.words, s.tags) for s in read_conll(out / "dev.txt")] == [(["London", "rains"], ["B-LOC", "O"])]
+    assert main(["download", "ner", "--dataset", "some/conll", "--out", str(out)]) == 0  # kept: only test is missing
+    assert calls[-1] == ("some/conll", None, None)
+    calls.clear()
+    (out / "test.txt").write_text("x O\n")
+    assert main(["download", "ner", "--dataset", "some/conll", "--out", str(out)]) == 0
+    assert calls == [] and "all there already" in capsys.readouterr().out
+
+
+def test_tagged_words_without_the_columns_named_is_one_line(tmp_path, monkeypatch, capsys):
+    rows = [{"words": ["Ada"], "labels": ["B-PER"]}]
+    split = _Split(rows)
+    split.features = {"words": object(), "labels": object()}
+    monkeypatch.setitem(sys.modules, "datasets",
+                        types.SimpleNamespace(load_dataset=lambda *a, **k: {"train": split}))
+    assert main(["download", "ner", "--dataset", "some/tags", "--out", str(tmp_path / "a")]) == 2
+    assert "some/tags (train): no column tokens, ner_tags; its columns are words, labels: expected --tokens-field" \
+        in capsys.readouterr().err
+    assert main(["download", "ner", "--dataset", "some/tags", "--tokens-field", "words", "--tags-field", "labels",
+                 "--out", str(tmp_path / "b")]) == 0  # tags that are strings are written as they are
+    assert (tmp_path / "b" / "train.txt").read_text() == "Ada B-PER\n\n"
+    assert main(["download", "ner", "--out", str(tmp_path / "c")]) == 2
+    assert "download ner needs --dataset" in capsys.readouterr().err
+    assert main(["download", "glue", "--tags-field", "x", "--out", str(tmp_path / "d")]) == 2
+    assert "--tags-field is for `bertkit download ner`" in capsys.readouterr().err

@@ -9,6 +9,10 @@ them, so `--data-dir` reads it like the original. A tab or line break inside a t
 becomes a space. Files already there are kept (a run cut short fetches only what is missing); each is written whole
 or not at all.
 
+Tagging data (`bertkit download ner --dataset ...`) comes from a Hub dataset of token lists and tag lists (the
+layout of the Hub's CoNLL-2003 copies), written as CoNLL files, `train.txt`, `dev.txt` and `test.txt`, a word and its
+tag per line, which `finetune --task ner --data-dir` reads.
+
 A pretraining corpus comes from any Hub dataset with a text column (`bertkit download corpus --dataset
 wikimedia/wikipedia --dataset-config 20231101.en`), streamed rather than downloaded whole, as JSON lines of one document
 each (`{"text": ...}`) in files of `--shard-documents` documents, which `prepare` and `pretrain --corpus` read as they
@@ -44,15 +48,20 @@ SQUAD_FILES = {"1.1": ("train-v1.1.json", "dev-v1.1.json"), "2.0": ("train-v2.0.
 class DownloadConfig:
     """`bertkit download`: the CLI's flags are these fields."""
 
-    what: Literal["glue", "squad", "corpus"] = option(
-        "", "glue (through the datasets package, from the Hugging Face Hub), squad (from its official site) or "
-        "corpus (the documents of a Hub dataset, through the datasets package)", positional=True)
-    out: str = option("", "the folder to write into: GLUE's task folders, SQuAD's JSON files, or the corpus's JSON "
-                      "lines files", required=True)
+    what: Literal["glue", "squad", "ner", "corpus"] = option(
+        "", "glue (through the datasets package, from the Hugging Face Hub), squad (from its official site), ner "
+        "(a Hub dataset of tagged words, through the datasets package) or corpus (the documents of a Hub dataset, "
+        "through the datasets package)", positional=True)
+    out: str = option("", "the folder to write into: GLUE's task folders, SQuAD's JSON files, the CoNLL files of a "
+                      "tagging dataset, or the corpus's JSON lines files", required=True)
     tasks: list[str] = option([], "glue: the tasks (none: all nine and the diagnostic set)")
     versions: list[str] = option(["1.1", "2.0"], "squad: the versions")
-    dataset: str = option("", "corpus: the Hub dataset (wikimedia/wikipedia, ...), or a local dataset folder")
-    dataset_config: str = option("", "corpus: its configuration, where it has several (20231101.en)")
+    dataset: str = option("", "corpus, ner: the Hub dataset (wikimedia/wikipedia, a CoNLL-2003 copy, ...), or a "
+                          "local dataset folder")
+    dataset_config: str = option("", "corpus, ner: its configuration, where it has several (20231101.en)")
+    tokens_field: str = option("tokens", "ner: the column of each sentence's words")
+    tags_field: str = option("ner_tags", "ner: the column of each sentence's tags (class indices named by the "
+                             "dataset's features, or the tags themselves)")
     split: str = option("train", "corpus: the split")
     text_field: str = option("text", "corpus: the column that holds each document's text")
     max_documents: int = option(0, "corpus: stop after this many documents (0: all of the split)")
@@ -60,9 +69,9 @@ class DownloadConfig:
                                   "short loses at most one)")
 
 
-def hub_dataset(name: str, config: str | None, split: str, streaming: bool = False):
-    """The rows of one split of Hub dataset `name` through the `datasets` package (downloaded on first use, then
-    read from its cache; `streaming` reads them as they arrive, nothing kept)."""
+def hub_dataset(name: str, config: str | None, split: str | None, streaming: bool = False):
+    """The rows of one split of Hub dataset `name` (every split, by name, when None) through the `datasets` package
+    (downloaded on first use, then read from its cache; `streaming` reads them as they arrive, nothing kept)."""
     try:
         import datasets
     except ImportError:
@@ -281,17 +290,70 @@ def _next_rows(rows, config: DownloadConfig, done: int) -> list:
                            "the end (the files written are kept: run again to go on after them)") from None
 
 
+NER_SPLITS = {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"}  # the Hub's split -> the file
+
+
+def _word(word: str) -> str:
+    """A word as one column of a CoNLL line: a space or tab inside it, which would split it, becomes U+00A0."""
+    return word.replace(" ", "\u00a0").replace("\t", "\u00a0")
+
+
+def download_ner(config: DownloadConfig, out: Path) -> list[Path]:
+    """The train, validation and test splits of a Hub dataset of tagged words (those it has) as CoNLL files under
+    `out` (see NER_SPLITS), sentences in the dataset's order; a word without characters is left out with its tag
+    (a CoNLL line cannot hold it), counted in a warning."""
+    if not config.dataset:
+        raise BertkitError("download ner needs --dataset, the Hub dataset of tagged words (with --tokens-field and "
+                           "--tags-field its columns)")
+    jobs = [(split, out / name) for split, name in NER_SPLITS.items() if not (out / name).is_file()]
+    if not jobs:
+        return []
+    splits = hub_dataset(config.dataset, config.dataset_config or None, None)
+    if "train" not in splits:
+        raise BertkitError(f"{config.dataset}: splits {', '.join(splits)}; expected a train split")
+    written = []
+    for split, path in jobs:
+        if split not in splits:
+            logger.warning("%s: no %s split; %s not written", config.dataset, split, path.name)
+            continue
+        rows = splits[split]
+        missing = [f for f in (config.tokens_field, config.tags_field) if f not in rows.features]
+        if missing:
+            raise BertkitError(f"{config.dataset} ({split}): no column {', '.join(missing)}; its columns are "
+                               f"{', '.join(rows.features)}: expected --tokens-field and --tags-field among them")
+        names = getattr(getattr(rows.features[config.tags_field], "feature", None), "names", None)
+        lines, dropped = [], 0
+        for row in tqdm(rows, desc=path.name, unit="sentence"):
+            words, tags = row[config.tokens_field], row[config.tags_field]
+            if len(words) != len(tags):
+                raise BertkitError(f"{config.dataset} ({split}): a row of {len(words)} words and {len(tags)} tags; "
+                                   f"expected a tag for every word ({' '.join(map(str, words[:8]))} ...)")
+            kept = [(w, names[t] if names else str(t)) for w, t in zip(words, tags) if str(w).strip()]
+            dropped += len(words) - len(kept)
+            if kept:
+                lines += [f"{_word(str(w))} {t}" for w, t in kept] + [""]
+        if dropped:
+            logger.warning("%s: %d word(s) of white space alone left out with their tags", path, dropped)
+        _write_lines(path, lines)
+        written.append(path)
+    return written
+
+
+KINDS = ("glue", "squad", "ner", "corpus")
+
+
 def download(config: DownloadConfig) -> list[Path]:
-    if config.what not in ("glue", "squad", "corpus"):
-        raise BertkitError(f"{config.what!r}: expected glue, squad or corpus")
+    if config.what not in KINDS:
+        raise BertkitError(f"{config.what!r}: expected glue, squad, ner or corpus")
     # a flag of another kind of download is a mix-up (`download glue --dataset x`), not something to ignore
     defaults = DownloadConfig(what=config.what)
     for f in dataclasses.fields(DownloadConfig):
-        kind = f.metadata["help"].split(":")[0]
-        if kind in ("glue", "squad", "corpus") and kind != config.what and \
+        kinds = f.metadata["help"].split(":")[0].split(", ")
+        if set(kinds) <= set(KINDS) and config.what not in kinds and \
                 getattr(config, f.name) != getattr(defaults, f.name):
-            raise BertkitError(f"--{f.name.replace('_', '-')} is for `bertkit download {kind}`; expected the flags of "
-                               f"`bertkit download {config.what}` (see its --help)")
+            commands = " and ".join(f"`bertkit download {kind}`" for kind in kinds)
+            raise BertkitError(f"--{f.name.replace('_', '-')} is for {commands}; expected the flags of `bertkit "
+                               f"download {config.what}` (see its --help)")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise BertkitError(f"--out {out}: a file; expected a folder")
@@ -299,4 +361,6 @@ def download(config: DownloadConfig) -> list[Path]:
         return download_squad(config.versions, out)
     if config.what == "corpus":
         return download_corpus(config, out)
+    if config.what == "ner":
+        return download_ner(config, out)
     return download_glue(config.tasks, out)

@@ -256,7 +256,8 @@ def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device
     return results
 
 
-def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, device, int8: bool = False) -> list[dict]:
+def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, device,
+         int8: bool = False) -> list[dict]:
     """predict's tagging branch (`tag_texts`): one result per line, a line without a word with words, tags (and
     entities) None and an "error" saying so."""
     texts = [line.rstrip("\r\n") for line in lines]

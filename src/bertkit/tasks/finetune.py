@@ -74,8 +74,8 @@ EVAL_DATA_FILE = "eval_data.json"
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", CONFIG_FILE, "metrics.json", "results.md", "train.csv", "eval.csv",
-           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, TAGS_FILE, PREDICTIONS_FILE,
-           "checkpoints")
+           "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, TAGS_FILE,
+           PREDICTIONS_FILE, "checkpoints")
 RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
 KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
 # Fields that change how a run goes, not what it computes: a run resumed or redone may change them

@@ -222,7 +222,8 @@ class TaggingTask:
         for i, (split, sentences) in enumerate(self.evals.items()):
             predicted = self.predict(model, tokenizer, sentences, config, device)
             gold = [s.tags for s in sentences]
-            title = f"{self.name} per {'type' if self.scheme == 'chunks' else 'tag'}: {split}, {len(sentences):,} sentences"
+            per = "type" if self.scheme == "chunks" else "tag"
+            title = f"{self.name} per {per}: {split}, {len(sentences):,} sentences"
             if self.scheme == "chunks":
                 scores, per_type = chunk_scores(gold, predicted)
                 report = chunk_report(scores, per_type, title)
