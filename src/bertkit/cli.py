@@ -171,13 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune on a GLUE task, SQuAD v1.1/v2.0 or your own labelled files",
+        help="fine-tune on a GLUE task, SQuAD v1.1/v2.0, tagged words (NER) or your own labelled files",
         description="Fine-tune a pretrained model folder: AdamW with linear warm-up and decay, length-grouped "
         "batches, the official metrics on the dev data after every epoch, and the best epoch's model kept in "
         "--out-dir in the Hugging Face layout, with finetune_config.json, metrics.json and results.md. "
         "Examples: `--task SST-2 --data-dir glue/SST-2`; `--task squad1 --train-file dev-v1.1.json "
-        "--train-articles 38`; `--task custom --train-file train.csv --eval-file dev.csv --text-a review "
-        "--label stars`.",
+        "--train-articles 38`; `--task ner --data-dir conll2003` (CoNLL files: train.txt, dev.txt); `--task custom "
+        "--train-file train.csv --eval-file dev.csv --text-a review --label stars`.",
     )
     add_dataclass_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict",
-        help="label texts or answer questions with a fine-tuned model",
+        help="label texts, tag their words or answer questions with a fine-tuned model",
         description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints one JSON line "
         "per input line, in order: the label and its probability (a score for regression); a blank line gets "
         '{"text": "", "label": null, "probability": null, "error": "blank line: no text to label"} (regression: '
@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         "characters are dropped by the tokenizer, as BERT does. A classifier's .csv or .jsonl INPUT is read as finetune's "
         "custom files are, by column names (--text-a, --text-b: the run's by default), and each result also "
         'gives its row\'s "line". A question-answering model reads JSON '
-        'lines {"question": ..., "context": ...} and prints the answer. Reads standard input when INPUT is - '
-        "or left out.",
+        'lines {"question": ..., "context": ...} and prints the answer. A tagger (finetune --task ner) reads one '
+        'text per line, splits it into words as BERT does, and prints {"text", "words", "tags", "entities"}, '
+        "each entity with its type, text and character offsets into the line. Reads standard input when INPUT "
+        "is - or left out.",
     )
     add_dataclass_args(p, PredictConfig)
     p.set_defaults(func=cmd_predict)
@@ -354,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="serve a fine-tuned model over HTTP (JSON), with dynamic batching",
-        description="Serve a fine-tuned classifier, regressor or QA model: POST /predict with "
+        description="Serve a fine-tuned classifier, regressor, tagger or QA model: POST /predict with "
         '{"inputs": "a text"} or {"inputs": ["a text", {"text": "a", "pair": "b"}, ...]} (QA: '
-        '{"question": ..., "context": ...}) answers {"predictions": [...]}, as `bertkit predict` prints them; GET '
+        '{"question": ..., "context": ...}; a tagger: no pairs) answers {"predictions": [...]}, as `bertkit predict` prints them; GET '
         "/health and GET /metadata. Requests wait at most --max-wait-ms to share a forward pass of up to "
         "--max-batch-size inputs; a full queue answers 503, oversize requests 413, malformed ones 400/422. SIGTERM "
         "or Ctrl-C finishes the requests in flight, then exits. Needs the serve extra: pip install 'bertkit[serve]' (starlette, uvicorn).",
