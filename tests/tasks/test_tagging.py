@@ -236,3 +236,40 @@ def test_tagging_data_errors_name_what_is_missing(tiny_model_dir, tmp_path):
     with pytest.raises(BertkitError, match=re.escape(f"{tmp_path / 'one.txt'}: only one tag (O)")):
         finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), train_file=str(tmp_path / "one.txt"),
                                 eval_file=str(tmp_path / "train.txt"), **base))
+
+
+def test_a_transformers_tagger_tags_the_same_words_in_bertkit(tmp_path):
+    """A BertForTokenClassification saved by transformers, evaluated by bertkit on a CoNLL file of real sentences:
+    every word's tag is the one transformers' own model gives at the word's first sub-token."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    folder = data_path("checkpoints", "all-MiniLM-L6-v2")
+    labels = ["O", "B-POS", "I-POS", "B-NEG", "I-NEG"]
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=5, id2label=dict(enumerate(labels)),
+                                     label2id={t: i for i, t in enumerate(labels)})
+    torch.manual_seed(0)
+    theirs = transformers.BertForTokenClassification(config).eval()
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(folder))
+    theirs.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lines = [l.split("\t")[0] for l in data_path("glue", "SST-2", "dev.tsv").read_text().splitlines()[1:121]]
+    write_lexicon_task(tmp_path / "dev.txt", lines)
+    out = tmp_path / "scored"
+    metrics = evaluate(tmp_path / "model", task="ner", eval_file=str(tmp_path / "dev.txt"), out_dir=out, threads=1)
+    ours = [[line.split()[2] for line in s.splitlines()] for s in (out / PREDICTIONS_FILE).read_text().split("\n\n")
+            if s.strip()]
+    expected = []
+    for sentence in read_conll(tmp_path / "dev.txt"):
+        enc = tokenizer(sentence.words, is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            best = theirs(**enc).logits[0].argmax(-1).tolist()
+        words, firsts = enc.word_ids(0), {}
+        for position, w in enumerate(words):
+            if w is not None:
+                firsts.setdefault(w, position)
+        expected.append([labels[best[firsts[w]]] for w in range(len(sentence.words))])
+    assert ours == expected
+    assert metrics["accuracy"] == pytest.approx(chunk_scores([s.tags for s in read_conll(tmp_path / "dev.txt")],
+                                                             expected)[0]["accuracy"])
