@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bertkit
+from bertkit.model import set_kernels
 from bertkit import BertConfig, BertkitError
 
 transformers = pytest.importorskip("transformers")
@@ -90,6 +91,23 @@ def test_encoder_forward(pretrained_pair):
     real = mask.bool()
     assert (a.last_hidden_state[real] - b.last_hidden_state[real]).abs().max() < HIDDEN_ATOL
     assert (a.pooler_output - b.pooler_output).abs().max() < HIDDEN_ATOL
+
+
+def test_every_layers_hidden_states_match(pretrained_pair):
+    """output_hidden_states: the embeddings' output and every block's, as transformers gives them (the features of
+    the paper's feature-based approach), on the packed and the padded kernel alike."""
+    ours, theirs = pretrained_pair
+    ids, types, mask = batch(ours.config.vocab_size)
+    real = mask.bool()
+    with torch.no_grad():
+        b = theirs.bert(input_ids=ids, token_type_ids=types, attention_mask=mask, output_hidden_states=True)
+        for packing in ("always", "never"):
+            a = set_kernels(ours, packing=packing).bert(ids, types, mask, output_hidden_states=True)
+            assert len(a.hidden_states) == len(b.hidden_states) == ours.config.num_hidden_layers + 1
+            for x, y in zip(a.hidden_states, b.hidden_states):
+                assert (x[real] - y[real]).abs().max() < HIDDEN_ATOL
+            assert torch.equal(a.hidden_states[-1], a.last_hidden_state)
+    assert ours.bert(ids, types, mask).hidden_states is None
 
 
 def test_pretraining_loss_and_gradients(pretrained_pair):

@@ -40,6 +40,7 @@ class ModelOutput:
     next_sentence_loss: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None  # (B, T)
     end_logits: torch.Tensor | None = None  # (B, T)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # (B, T, H) of the embeddings and of each block's output
 
     def __getitem__(self, name: str):
         return getattr(self, name)
@@ -454,9 +455,14 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, layout):
+    def forward(self, x, layout, states: list | None = None):
+        """The last block's output; `states`, when given, gets the input and every block's output appended."""
+        if states is not None:
+            states.append(x)
         for block in self.layer:
             x = block(x, layout)
+            if states is not None:
+                states.append(x)
         return x
 
 
@@ -538,10 +544,12 @@ class BertModel(BertPreTrainedModel):
         self.kernels = Kernels()  # how it computes (not saved: a choice of the machine, not of the model)
         self.init_weights()
 
-    def encode(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, global_attention_mask=None):
+    def encode(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, global_attention_mask=None,
+               states: list | None = None):
         """Run the encoder; returns the hidden states of the real tokens, packed (N, H) when there was padding.
         With `config.attention_window`, `global_attention_mask` (B, T) marks the tokens that attend to and are
-        attended by every token (default: [CLS])."""
+        attended by every token (default: [CLS]). `states`, when given, gets the embeddings' output and every
+        block's appended, packed alike."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
@@ -555,14 +563,20 @@ class BertModel(BertPreTrainedModel):
                         global_mask=global_attention_mask, kernels=self.kernels, width=self.config.hidden_size,
                         device=input_ids.device)
         x = self.embeddings(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.unpad(position_ids))
-        return self.encoder(x, layout), layout
+        return self.encoder(x, layout, states), layout
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
-                global_attention_mask=None) -> ModelOutput:
-        hidden, layout = self.encode(input_ids, token_type_ids, attention_mask, position_ids, global_attention_mask)
+                global_attention_mask=None, output_hidden_states: bool = False) -> ModelOutput:
+        """The last layer's states and the pooled [CLS]; with `output_hidden_states`, as in transformers, also the
+        embeddings' output and every block's, L + 1 tensors (B, T, H) padded as last_hidden_state is: the features
+        of the paper's feature-based approach (section 5.3)."""
+        states = [] if output_hidden_states else None
+        hidden, layout = self.encode(input_ids, token_type_ids, attention_mask, position_ids, global_attention_mask,
+                                     states)
         sequence = layout.pad(hidden)  # (B, T, H); zeros at padding
         pooled = self.pooler(self.summary(sequence, attention_mask)) if self.pooler is not None else None
-        return ModelOutput(last_hidden_state=sequence, pooler_output=pooled)
+        all_states = tuple(layout.pad(h) for h in states) if states is not None else None
+        return ModelOutput(last_hidden_state=sequence, pooler_output=pooled, hidden_states=all_states)
 
     def summary(self, sequence: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H) -> (B, H): the token that encodes the whole input, [CLS], the first real token; in a
