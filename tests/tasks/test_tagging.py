@@ -273,3 +273,18 @@ def test_a_transformers_tagger_tags_the_same_words_in_bertkit(tmp_path):
     assert ours == expected
     assert metrics["accuracy"] == pytest.approx(chunk_scores([s.tags for s in read_conll(tmp_path / "dev.txt")],
                                                              expected)[0]["accuracy"])
+
+
+def test_conll2003s_own_file_names_and_its_test_set_scored_beside_dev(tiny_model_dir, tmp_path):
+    """eng.train, eng.testa (dev) and eng.testb (test): test is scored after every epoch too, prefixed, while dev
+    alone picks the best epoch."""
+    lines = [l.split("\t")[0] for l in data_path("glue", "SST-2", "dev.tsv").read_text().splitlines()[1:301]]
+    for name, part in (("eng.train", lines[:200]), ("eng.testa", lines[200:250]), ("eng.testb", lines[250:])):
+        write_lexicon_task(tmp_path / name, part)
+    config = FinetuneConfig(model_dir=tiny_model_dir, out_dir=str(tmp_path / "run"), task="ner",
+                            data_dir=str(tmp_path), lr=3e-3, batch_size=16, epochs=1, seed=0, threads=1, device="cpu")
+    record = finetune(config)
+    assert set(record["best"]) == {"f1", "precision", "recall", "accuracy", "test_f1", "test_precision",
+                                   "test_recall", "test_accuracy"}
+    assert record["eval_examples"] == 50 and "| test_f1 |" in (tmp_path / "run" / "results.md").read_text()
+    assert "NER per type: dev, 50 sentences" in (tmp_path / "run" / TAGS_FILE).read_text()

@@ -44,7 +44,7 @@ class TextTask:
     @property
     def table_metrics(self) -> list[str]:
         """The columns of the results table: every metric of every eval split."""
-        return [_key(i, split, m) for i, split in enumerate(self.evals) for m in self.metrics]
+        return [metric_key(i, split, m) for i, split in enumerate(self.evals) for m in self.metrics]
 
     def model_overrides(self) -> dict:
         # regression is one output named like transformers' default, so that its pipelines read it too
@@ -76,7 +76,7 @@ class TextTask:
             predictions, _ = self.predict(model, tokenizer, examples, config, device)
             gold = [e.label for e in examples]
             scores = compute_metrics(self.metrics, predictions, gold)
-            metrics.update({_key(i, split, m): v for m, v in scores.items()})
+            metrics.update({metric_key(i, split, m): v for m, v in scores.items()})
             if i == 0 and not self.is_regression:
                 report = class_report(self.labels, predictions, gold,
                                       f"{self.name} per class: {split}, {len(examples):,} examples")
@@ -100,7 +100,7 @@ class TextTask:
         return written
 
 
-def _key(index: int, split: str, metric: str) -> str:
+def metric_key(index: int, split: str, metric: str) -> str:
     """`accuracy` for the first eval split, `dev_mismatched_accuracy` for MNLI's second."""
     return metric if index == 0 else f"{split}_{metric}"
 

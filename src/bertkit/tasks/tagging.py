@@ -21,7 +21,7 @@ import torch
 from bertkit.checkpoint import atomic_write_text
 from bertkit.errors import BertkitError
 from bertkit.model import BertForTokenClassification
-from bertkit.tasks.classification import _key, read_input_lines
+from bertkit.tasks.classification import metric_key, read_input_lines
 from bertkit.tasks.inference import infer
 
 logger = logging.getLogger("bertkit")
@@ -196,7 +196,7 @@ class TaggingTask:
 
     @property
     def table_metrics(self) -> list[str]:
-        return [_key(i, split, m) for i, split in enumerate(self.evals) for m in self.metrics]
+        return [metric_key(i, split, m) for i, split in enumerate(self.evals) for m in self.metrics]
 
     def model_overrides(self) -> dict:
         return {"id2label": dict(enumerate(self.labels))}
@@ -234,7 +234,7 @@ class TaggingTask:
                 flat_g = [index[t] for tags in gold for t in tags]
                 scores = compute_metrics(("accuracy",), flat_p, flat_g)
                 report = class_report(names, flat_p, flat_g, title)
-            metrics.update({_key(i, split, m): scores[m] for m in self.metrics})
+            metrics.update({metric_key(i, split, m): scores[m] for m in self.metrics})
             if i == 0:
                 outputs = {TAGS_FILE: report, PREDICTIONS_FILE: conll_text(sentences, predicted)}
 
