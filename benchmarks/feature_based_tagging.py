@@ -117,9 +117,9 @@ def train_variant(name, layers, mix, train, dev, labels, hidden, epochs) -> dict
                 for row, i in enumerate(chosen):
                     predicted[i] = [labels[c] for c in best[row, :lengths[row]].tolist()]
         scores, _ = chunk_scores(dev_tags, predicted)
-        result["f1_by_epoch"].append(round(scores["f1"], 2))
-        if scores["f1"] >= max(result["f1_by_epoch"]):
+        if scores["f1"] > result.get("best", {"f1": -1.0})["f1"]:
             result["best"], result["best_epoch"] = scores, epoch
+        result["f1_by_epoch"].append(round(scores["f1"], 2))
         print(f"{name} epoch {epoch}: f1 {scores['f1']:.2f}", flush=True)
     return result
 
