@@ -851,20 +851,23 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
 class BertForTokenClassification(BertPreTrainedModel):
     """A linear layer on every token's final hidden state (NER-style tagging); labels -100, and labels at padding,
-    are ignored."""
+    are ignored. With `config.bilstm` the layer reads the BiLSTM's output at each token instead."""
 
-    head_prefixes = ("classifier.",)
+    head_prefixes = ("classifier.", "bilstm.")
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
+        self.bilstm = _bilstm(config)
         self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, labels=None):
         sequence = self.bert(input_ids, token_type_ids, attention_mask, position_ids).last_hidden_state
+        if self.bilstm is not None:
+            sequence = _run_bilstm(self.bilstm, sequence, attention_mask)[0]
         logits = self.classifier(self.dropout(sequence))  # (B, T, num_labels)
         loss = None
         if labels is not None:
