@@ -103,7 +103,9 @@ def main() -> None:
         checks[str(path)] = {"sentences": len(gold), **compare(ours, theirs), "f1": round(ours["f1"], 4)}
     for name, check in checks.items():
         print(f"{name}: {check}")
-    args.out.write_text(json.dumps(checks, indent=2) + "\n", encoding="utf-8")
+    version = re.search(r"# version: +(\S+)", args.conlleval.read_text(encoding="utf-8", errors="replace"))
+    record = {"conlleval_version": version[1] if version else None, "checks": checks}
+    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if not all(c["agree"] for c in checks.values()):
         raise SystemExit("bertkit and conlleval.pl disagree")
 
