@@ -74,6 +74,8 @@ def test_read_conll_takes_first_and_last_columns_and_skips_docstart(tmp_path):
     ("Rome B-LOC\nis\n", r"train.txt:2: one column \('is'\); expected a word and its tag"),
     ("\n\n-DOCSTART- O\n", r"train.txt: no sentences; expected CoNLL lines"),
     ("Rome B-LOC\n\xff O\n".encode("latin-1"), r"train.txt:2: not UTF-8 text"),
+    ("# sent_id = 1\n1\tRome\trome\tPROPN\tNNP\t_\t2\tnsubj\t_\t_\n",
+     r"train.txt:2: ten columns, the first a number: a CoNLL-U file"),
 ])
 def test_read_conll_names_the_line_of_a_problem(tmp_path, text, problem):
     path = tmp_path / "train.txt"

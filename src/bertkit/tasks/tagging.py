@@ -57,6 +57,11 @@ def read_conll(path: str | Path) -> list[Sentence]:
         if len(fields) < 2:
             raise BertkitError(f"{path}:{number}: one column ({fields[0][:40]!r}); expected a word and its tag (the "
                                "last column), separated by spaces or a tab, and a blank line between sentences")
+        if len(fields) == 10 and fields[0].replace("-", "").replace(".", "").isdigit():
+            # read as CoNLL, the token's number would be the word and its MISC column the tag
+            raise BertkitError(f"{path}:{number}: ten columns, the first a number: a CoNLL-U file (ID FORM LEMMA UPOS "
+                               "...); expected the word first and its tag last (for parts of speech: FORM and UPOS, "
+                               "`grep -v '^#' FILE | cut -f2,4`)")
         words.append(fields[0])
         tags.append(fields[-1])
     if words:
