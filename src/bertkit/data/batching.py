@@ -56,11 +56,32 @@ def bucketed(length: int, multiple: int, limit: int | None = None) -> int:
     return max(length, min(rounded, limit)) if limit else rounded
 
 
+def row_length(row: dict) -> int:
+    """A row's tokens: its length, or a multiple-choice row's longest choice (its ids are one list per choice)."""
+    ids = row["input_ids"]
+    return max(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids)
+
+
+def _collate_choices(rows: Sequence[dict], pad_id: int, longest: int) -> dict[str, torch.Tensor]:
+    """Multiple-choice rows, (choices, tokens) each, padded to (B, choices, longest); the labels stacked."""
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("token_type_ids", 0)):
+        batch[key] = torch.tensor([[ids + [fill] * (longest - len(ids)) for ids in row[key]] for row in rows])
+    batch["attention_mask"] = torch.tensor([[[1] * len(ids) + [0] * (longest - len(ids)) for ids in row["input_ids"]]
+                                            for row in rows])
+    if "labels" in rows[0]:
+        batch["labels"] = torch.tensor([row["labels"] for row in rows])
+    return batch
+
+
 def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1,
             limit: int | None = None) -> dict[str, torch.Tensor]:
     """Pad `input_ids`/`token_type_ids` (and per-token labels, with -100) to the batch's longest row (rounded up to
-    `pad_to_multiple_of`, not past `limit`), add `attention_mask`, stack the other labels."""
-    longest = bucketed(max(len(row["input_ids"]) for row in rows), pad_to_multiple_of, limit)
+    `pad_to_multiple_of`, not past `limit`), add `attention_mask`, stack the other labels. Multiple-choice rows
+    (a list of ids per choice) become (B, choices, T)."""
+    longest = bucketed(max(row_length(row) for row in rows), pad_to_multiple_of, limit)
+    if isinstance(rows[0]["input_ids"][0], list):
+        return _collate_choices(rows, pad_id, longest)
     batch = {}
     for key in rows[0]:
         if key in SEQUENCE_KEYS or isinstance(rows[0][key], list):  # a tagger's labels: one per token, -100 ignored

@@ -254,7 +254,7 @@ def _is_fraction(value: str) -> bool:
         return False
 
 
-def _read_records(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, object]]]:
+def read_records(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, object]]]:
     """(line, record) pairs from a .csv, .tsv or .jsonl file with named columns; a .csv/.tsv header must name
     `columns` (a .jsonl file's are checked on its records by the caller)."""
     suffix = path.suffix.lower()
@@ -346,7 +346,7 @@ def read_custom(
     """
     path = Path(path)
     wanted = [c for c in (text_a, text_b, label) if c is not None]
-    records = _read_records(path, wanted)
+    records = read_records(path, wanted)
     for column in wanted:
         if column not in records[0][1]:
             line, record = records[0]

@@ -16,6 +16,7 @@ from bertkit.checkpoint import config_file, heads_of, model_folder, weights_sour
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task, read_custom
 from bertkit.errors import BertkitError
+from bertkit.tasks.choice import ChoiceTask, parse_choices
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
                                     resolve_device)
@@ -69,7 +70,7 @@ class EvaluateConfig:
 
     model_dir: str = option("", "a fine-tuned model folder (what `bertkit finetune` wrote), or a Hub model id "
                             "(with --task and its data)", positional=True)
-    task: str | None = option(None, "GLUE task, squad1, squad2, ner or custom (default: the run's)")
+    task: str | None = option(None, "GLUE task, squad1, squad2, ner, swag or custom (default: the run's)")
     data_dir: str | None = option(None, "the task's data folder (default: the run's)")
     eval_file: str | None = option(None, "a labelled file to score on instead (default: the run's)")
     text_a: str | None = option(None, "custom files: the column of the (first) text (default: the run's, else "
@@ -98,8 +99,9 @@ class PredictConfig:
 
     model_dir: str = option("", "a fine-tuned model folder, or a Hub model id", positional=True)
     input: str = option("-", "input file: text or text<TAB>pair lines (QA: JSON lines; a tagger: a text per line, "
-                        "split into words as BERT splits it), or a classifier's .csv or .jsonl file with named "
-                        "columns, as finetune's custom files (default: standard input)", positional=True)
+                        "split into words as BERT splits it; multiple choice: JSON lines with context and endings), "
+                        "or a classifier's .csv or .jsonl file with named columns, as finetune's custom files "
+                        "(default: standard input)", positional=True)
     out: str | None = option(None, "write the JSON lines here instead of standard output (default: standard output)")
     text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
                                 "sentence)")
@@ -187,8 +189,10 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
     architectures = _architectures(model_dir, model_config)
     is_qa = "BertForQuestionAnswering" in architectures
     is_tagger = "BertForTokenClassification" in architectures
-    if is_tagger and table:
-        raise BertkitError(f"{source}: a table; {model_dir} tags words: expected text, one per line")
+    is_choice = "BertForMultipleChoice" in architectures
+    if (is_tagger or is_choice) and table:
+        raise BertkitError(f"{source}: a table; {model_dir} {'tags words' if is_tagger else 'chooses endings'}: "
+                           f"expected {'text, one per line' if is_tagger else 'JSON lines'}")
     config = _run_config(model_dir, overrides, default_task="squad1" if is_qa else "")
     if is_qa or not table:
         inputs = read_input_lines(inputs, source)
@@ -200,6 +204,8 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
             return _answer(model_dir, config, tokenizer, parse_questions(inputs, source), device, int8)
         if is_tagger:
             return _tag(model_dir, model_config, config, tokenizer, inputs, source, device, int8)
+        if is_choice:
+            return _choose(model_dir, config, tokenizer, parse_choices(inputs, source), device, int8)
         # every line, so that the results stay one per input line; a table's rows, each with its line
         examples = read_custom(inputs, config.text_a, None, config.text_b)[0] if table else parse_lines(inputs, source)
         results = _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device, int8)
@@ -270,13 +276,30 @@ def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, d
             | {"error": "blank line: no word to tag"} for r in results]
 
 
+def _choose(model_dir, config, tokenizer, examples: list, device, int8: bool = False) -> list[dict]:
+    """predict's multiple-choice branch: per line, the chosen ending, its number and every ending's probability
+    (examples with as many endings are run together); a blank line's are None."""
+    task = ChoiceTask()
+    model = _loaded(task.model_class, model_dir, device, int8)
+    results: list[dict | None] = [None] * len(examples)
+    for count in sorted({len(e.endings) for e in examples if e is not None}):
+        indices = [i for i, e in enumerate(examples) if e is not None and len(e.endings) == count]
+        probabilities = task.predict(model, tokenizer, [examples[i] for i in indices], config, device)
+        for i, p in zip(indices, probabilities):
+            best = int(p.argmax())
+            results[i] = {"context": examples[i].context, "choice": best, "ending": examples[i].endings[best],
+                          "probabilities": [round(float(x), 6) for x in p]}
+    return [r or {"context": None, "choice": None, "ending": None, "probabilities": None,
+                  "error": "blank line: no example"} for r in results]
+
+
 def _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device,
            int8: bool = False) -> list[dict]:
     """predict's classification branch: one result per example."""
     if "BertForSequenceClassification" not in architectures:
         raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
-                           "fine-tuned BertForSequenceClassification, BertForQuestionAnswering or "
-                           "BertForTokenClassification")
+                           "fine-tuned BertForSequenceClassification, BertForQuestionAnswering, "
+                           "BertForTokenClassification or BertForMultipleChoice")
     first = next((e for e in examples if not is_blank(e)), None)
     if first is None:  # parse_lines says so of lines; a table's rows may all be empty too
         raise BertkitError(f"{source}: no text to label; expected a text in some row")

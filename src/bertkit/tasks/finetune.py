@@ -47,9 +47,10 @@ from bertkit.checkpoint import (
     verify_checkpoint,
 )
 from bertkit.config import BertConfig, option, write_json
-from bertkit.data.batching import collate, length_grouped_batches
+from bertkit.data.batching import collate, length_grouped_batches, row_length
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
+from bertkit.tasks.choice import ChoiceTask, load_choice_task
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.squad import SquadTask, load_squad_task
@@ -70,6 +71,7 @@ logger = logging.getLogger("bertkit")
 CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
 TAGGING_TASK = "ner"
+CHOICE_TASK = "swag"
 EVAL_DATA_FILE = "eval_data.json"
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -96,13 +98,15 @@ class FinetuneConfig:
     bilstm: bool = option(False, "a randomly initialised BiLSTM between the encoder and the task head (the paper's "
                           "'+ BiLSTM' row of Table 5; saved in config.json, so evaluate and predict use it too)")
     task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, ner (tagging every word: "
-                       "named entities, chunks or parts of speech, from CoNLL files), or custom for your own files")
+                       "named entities, chunks or parts of speech, from CoNLL files), swag (multiple choice: the "
+                       "continuation of a sentence among several, from SWAG's .csv files), or custom for your own "
+                       "files")
     out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md (a new or "
                           "empty folder, or this same run's; never --model-dir or a folder inside it)")
     data_dir: str | None = option(None, "the task's data folder (GLUE: train.tsv, dev.tsv, test.tsv; MRPC may hold "
                                       "Microsoft's msr_paraphrase_*.txt; SQuAD: train-v*.json, dev-v*.json; ner: "
                                       "train.txt, dev.txt or valid.txt, test.txt, or CoNLL-2003's eng.train, "
-                                      "eng.testa, eng.testb)")
+                                      "eng.testa, eng.testb; swag: train.csv, val.csv)")
     train_file: str | None = option(None, "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl; "
                                     "ner: a word and its tag per line, the tag in the last column, a blank line "
                                     "between sentences)")
@@ -165,7 +169,8 @@ class FinetuneConfig:
 
     def __post_init__(self):
         self.task = self.task.strip()
-        if self.task.lower() in (*SQUAD_TASKS, TAGGING_TASK):  # one spelling: a run typed SQuAD1 resumes as saved
+        # one spelling, so that a run typed SQuAD1 (or NER) resumes as saved
+        if self.task.lower() in (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK):
             self.task = self.task.lower()
         if self.max_length is None:
             self.max_length = 384 if self.task in SQUAD_TASKS else 128
@@ -233,10 +238,13 @@ def check_max_length(config: FinetuneConfig, positions: int) -> None:
                            "given more positions by `bertkit extend`")
 
 
-def load_task(config: FinetuneConfig, need_train: bool = True, labels=None) -> TextTask | SquadTask | TaggingTask:
+def load_task(config: FinetuneConfig, need_train: bool = True,
+              labels=None) -> TextTask | SquadTask | TaggingTask | ChoiceTask:
     """The task's data, read as the config names it."""
     if config.task in SQUAD_TASKS:
         return load_squad_task(config, need_train)
+    if config.task == CHOICE_TASK:
+        return load_choice_task(config, need_train)
     if config.task == TAGGING_TASK:
         return load_tagging_task(config, need_train, labels)
     return load_text_task(config, need_train, labels)
@@ -521,7 +529,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)
     check_segments(model.config, rows)
-    lengths = [len(r["input_ids"]) for r in rows]
+    lengths = [row_length(r) for r in rows]
     per_step = config.grad_accum * d.world_size  # batches of --batch-size in one optimizer step
     steps = config.epochs * math.ceil(math.ceil(len(rows) / config.batch_size) / per_step)
     if config.warmup >= 1 and config.warmup >= steps:  # the lr would only rise, never decaying (pretrain's check)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bertkit.data.batching import collate, sorted_batches
+from bertkit.data.batching import collate, row_length, sorted_batches
 from bertkit.errors import BertkitError
 
 
@@ -16,7 +16,10 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def check_segments(config, rows: Sequence[dict]) -> None:
     """Refuse sentence B (segment id 1) for a model with one segment embedding, which would index past its table."""
-    if config.type_vocab_size < 2 and any(max(r["token_type_ids"], default=0) > 0 for r in rows):
+    def second_segment(types: list) -> bool:  # a multiple-choice row holds a list of segment ids per choice
+        return any(map(second_segment, types)) if types and isinstance(types[0], list) else max(types, default=0) > 0
+
+    if config.type_vocab_size < 2 and any(second_segment(r["token_type_ids"]) for r in rows):
         raise BertkitError("the model has one segment embedding (type_vocab_size 1), so it reads single texts; the "
                            "input has sentence pairs (or a question with its context), which need type_vocab_size 2")
 
@@ -42,7 +45,7 @@ def infer(
     """
     check_segments(model.config, rows)
     model.eval()
-    lengths = [len(r["input_ids"]) for r in rows]
+    lengths = [row_length(r) for r in rows]
     results: dict[str, list] = {name: [None] * len(rows) for name in outputs}
     for indices in sorted_batches(lengths, batch_size):
         batch = collate([{k: rows[i][k] for k in ("input_ids", "token_type_ids")} for i in indices], pad_id)
