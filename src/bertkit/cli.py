@@ -171,12 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune on a GLUE task, SQuAD v1.1/v2.0, tagged words (NER) or your own labelled files",
+        help="fine-tune on a GLUE task, SQuAD v1.1/v2.0, SWAG, tagged words (NER) or your own labelled files",
         description="Fine-tune a pretrained model folder: AdamW with linear warm-up and decay, length-grouped "
         "batches, the official metrics on the dev data after every epoch, and the best epoch's model kept in "
         "--out-dir in the Hugging Face layout, with finetune_config.json, metrics.json and results.md. "
         "Examples: `--task SST-2 --data-dir glue/SST-2`; `--task squad1 --train-file dev-v1.1.json "
-        "--train-articles 38`; `--task ner --data-dir conll2003` (CoNLL files: train.txt, dev.txt); `--task custom "
+        "--train-articles 38`; `--task ner --data-dir conll2003` (CoNLL files: train.txt, dev.txt); `--task swag "
+        "--data-dir swag` (train.csv, val.csv); `--task custom "
         "--train-file train.csv --eval-file dev.csv --text-a review --label stars`.",
     )
     add_dataclass_args(p, FinetuneConfig)
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict",
-        help="label texts, tag their words or answer questions with a fine-tuned model",
+        help="label texts, tag their words, answer questions or choose endings with a fine-tuned model",
         description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints one JSON line "
         "per input line, in order: the label and its probability (a score for regression); a blank line gets "
         '{"text": "", "label": null, "probability": null, "error": "blank line: no text to label"} (regression: '
@@ -206,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         'gives its row\'s "line". A question-answering model reads JSON '
         'lines {"question": ..., "context": ...} and prints the answer. A tagger (finetune --task ner) reads one '
         'text per line, splits it into words as BERT does, and prints {"text", "words", "tags", "entities"}, '
-        "each entity with its type, text and character offsets into the line. Reads standard input when INPUT "
-        "is - or left out.",
+        "each entity with its type, text and character offsets into the line. A multiple-choice model (finetune "
+        '--task swag) reads JSON lines {"context": ..., "endings": [...], "lead"?: ...} and prints the chosen '
+        "ending, its number and every ending's probability. Reads standard input when INPUT is - or left out.",
     )
     add_dataclass_args(p, PredictConfig)
     p.set_defaults(func=cmd_predict)
@@ -315,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "download",
-        help="fetch GLUE, SQuAD, tagged words or a pretraining corpus into what --data-dir, --train-file and "
+        help="fetch GLUE, SQuAD, SWAG, tagged words or a pretraining corpus into what --data-dir, --train-file and "
         "--corpus read (needs a network)",
         description="Fetch the fine-tuning data: `bertkit download squad --out data/squad` (train and dev of "
-        "SQuAD v1.1 and v2.0 from its official site) or `bertkit download glue --out data/glue [--tasks SST-2 "
+        "SQuAD v1.1 and v2.0 from its official site), `bertkit download swag --out data/swag` (SWAG's train.csv, "
+        "val.csv and test.csv from its authors' repository) or `bertkit download glue --out data/glue [--tasks SST-2 "
         "MRPC]` (from the Hugging Face Hub's nyu-mll/glue through the datasets package, written as GLUE's own "
         "task folders: SST-2/train.tsv, MNLI/dev_matched.tsv, diagnostic/diagnostic.tsv); or text to pretrain on: "
         "`bertkit download corpus --dataset wikimedia/wikipedia --dataset-config 20231101.en --out data/wiki "

@@ -347,3 +347,28 @@ def test_tagged_words_without_the_columns_named_is_one_line(tmp_path, monkeypatc
     assert "download ner needs --dataset" in capsys.readouterr().err
     assert main(["download", "glue", "--tags-field", "x", "--out", str(tmp_path / "d")]) == 2
     assert "--tags-field is for `bertkit download ner`" in capsys.readouterr().err
+
+
+def test_swag_is_fetched_from_its_authors_repository_checked_and_read_by_the_choice_reader(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from bertkit.tasks.choice import read_choices
+
+    header = ",video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label\n"
+    files = {"train.csv": header + '0,v1,3,"A man sits. He","A man sits.",He,gold,"stands, slowly.",sings.,eats.,'
+                                   "sleeps.,0\n",
+             "val.csv": header + "0,v2,4,x,x,y,gold,a,b,c,d,3\n",
+             "test.csv": "<html>moved</html>"}
+    urls = []
+
+    def urlopen(url, timeout):
+        urls.append(url)
+        return _Response(files[url.rsplit("/", 1)[1]].encode())
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    assert main(["download", "swag", "--out", str(tmp_path)]) == 2  # test.csv is a page, not SWAG's file
+    assert "test.csv: header '<html>moved</html>'; expected SWAG's CSV" in capsys.readouterr().err
+    assert urls[0] == "https://raw.githubusercontent.com/rowanz/swagaf/master/data/train.csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv", "val.csv"]  # the two good ones kept
+    (train,) = read_choices(tmp_path / "train.csv")
+    assert train.continuations()[0] == "He stands, slowly." and train.label == 0
+    assert read_choices(tmp_path / "val.csv")[0].label == 3

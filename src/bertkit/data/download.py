@@ -1,7 +1,9 @@
-"""`bertkit download`: GLUE, SQuAD and pretraining text fetched into what bertkit's readers take (needs a network).
+"""`bertkit download`: GLUE, SQuAD, SWAG, tagged words and pretraining text fetched into what bertkit's readers take
+(needs a network).
 
 SQuAD comes from its official site, the four files the paper's runs read (train and dev of v1.1 and v2.0), each
-checked to be SQuAD's JSON before it is kept. GLUE comes from the Hugging Face Hub's `nyu-mll/glue` through the
+checked to be SQuAD's JSON before it is kept; SWAG from its authors' repository (train.csv, val.csv, test.csv, its
+regular format), each checked to be SWAG's CSV. GLUE comes from the Hugging Face Hub's `nyu-mll/glue` through the
 `datasets` package (`pip install datasets`; GLUE's original zip files have moved more than once): each split is
 written as a tab-separated file in the layout GLUE's own download made (`SST-2/train.tsv`, `MNLI/dev_matched.tsv`,
 `diagnostic/diagnostic.tsv`), with the columns bertkit's GLUE reader looks for and the labels spelled as GLUE spells
@@ -42,18 +44,22 @@ logger = logging.getLogger("bertkit")
 
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/{name}"
 SQUAD_FILES = {"1.1": ("train-v1.1.json", "dev-v1.1.json"), "2.0": ("train-v2.0.json", "dev-v2.0.json")}
+# SWAG's regular files, where its authors keep them (the dataset's repository)
+SWAG_URL = "https://raw.githubusercontent.com/rowanz/swagaf/master/data/{name}"
+SWAG_FILES = ("train.csv", "val.csv", "test.csv")
 
 
 @dataclass
 class DownloadConfig:
     """`bertkit download`: the CLI's flags are these fields."""
 
-    what: Literal["glue", "squad", "ner", "corpus"] = option(
-        "", "glue (through the datasets package, from the Hugging Face Hub), squad (from its official site), ner "
+    what: Literal["glue", "squad", "swag", "ner", "corpus"] = option(
+        "", "glue (through the datasets package, from the Hugging Face Hub), squad (from its official site), swag "
+        "(from its authors' repository), ner "
         "(a Hub dataset of tagged words, through the datasets package) or corpus (the documents of a Hub dataset, "
         "through the datasets package)", positional=True)
-    out: str = option("", "the folder to write into: GLUE's task folders, SQuAD's JSON files, the CoNLL files of a "
-                      "tagging dataset, or the corpus's JSON lines files", required=True)
+    out: str = option("", "the folder to write into: GLUE's task folders, SQuAD's JSON files, SWAG's .csv files, "
+                      "the CoNLL files of a tagging dataset, or the corpus's JSON lines files", required=True)
     tasks: list[str] = option([], "glue: the tasks (none: all nine and the diagnostic set)")
     versions: list[str] = option(["1.1", "2.0"], "squad: the versions")
     dataset: str = option("", "corpus, ner: the Hub dataset (wikimedia/wikipedia, a CoNLL-2003 copy, ...), or a "
@@ -149,8 +155,27 @@ def _load_ax():
     return [TextExample(str(row["idx"]), row["premise"], row["hypothesis"], None) for row in rows]
 
 
-def _fetch(url: str, path: Path) -> None:
-    """`url` into `path`, whole or not at all, with a progress bar; a network failure names the URL."""
+def _check_squad(url: str, tmp: str) -> None:
+    try:
+        data = json.loads(Path(tmp).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BertkitError(f"{url}: not JSON ({e}); expected SQuAD's dataset file (nothing kept)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise BertkitError(f"{url}: no 'data' list; expected SQuAD's dataset file (nothing kept)")
+
+
+def _check_swag(url: str, tmp: str) -> None:
+    """SWAG's regular files: a CSV whose header names sent1, sent2 and the endings (read by choice.read_choices)."""
+    with open(tmp, encoding="utf-8", errors="replace") as f:
+        header = f.readline().strip().split(",")
+    if not {"sent1", "sent2", "ending0", "ending1"} <= set(header):
+        raise BertkitError(f"{url}: header {','.join(header)[:80]!r}; expected SWAG's CSV with sent1, sent2, "
+                           "ending0, ... (nothing kept)")
+
+
+def _fetch(url: str, path: Path, check) -> None:
+    """`url` into `path`, whole or not at all, with a progress bar; a network failure names the URL. `check(url,
+    tmp)` raises when what came is not the file expected."""
     from bertkit.checkpoint import atomic_write
 
     def write(tmp: str) -> None:
@@ -166,12 +191,7 @@ def _fetch(url: str, path: Path) -> None:
         if size is not None and received < size:
             raise BertkitError(f"{url}: cut short at {received:,} of its {size:,} bytes; expected the whole file "
                                "(nothing kept: run again)")
-        try:
-            data = json.loads(Path(tmp).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BertkitError(f"{url}: not JSON ({e}); expected SQuAD's dataset file (nothing kept)") from None
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise BertkitError(f"{url}: no 'data' list; expected SQuAD's dataset file (nothing kept)")
+        check(url, tmp)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -182,20 +202,30 @@ def _fetch(url: str, path: Path) -> None:
         raise BertkitError(f"{url}: cannot download ({e}); expected a network connection to it") from None
 
 
+def _fetch_missing(url: str, out: Path, names, check) -> list[Path]:
+    """Each of `names` not yet in `out` fetched from `url` (a format with {name}); returns the files written."""
+    written = []
+    for name in names:
+        path = out / name
+        if path.is_file():
+            logger.info("%s: there already, kept", path)
+            continue
+        _fetch(url.format(name=name), path, check)
+        written.append(path)
+    return written
+
+
+def download_swag(out: Path) -> list[Path]:
+    """SWAG's train, val and test files (its regular format, test unlabelled) into `out`."""
+    return _fetch_missing(SWAG_URL, out, SWAG_FILES, _check_swag)
+
+
 def download_squad(versions: list[str], out: Path) -> list[Path]:
     """SQuAD's train and dev files of `versions` into `out`."""
     unknown = [v for v in versions if v not in SQUAD_FILES]
     if unknown:
         raise BertkitError(f"--versions {' '.join(unknown)}: expected {' or '.join(SQUAD_FILES)}")
-    written = []
-    for name in (name for v in versions for name in SQUAD_FILES[v]):
-        path = out / name
-        if path.is_file():
-            logger.info("%s: there already, kept", path)
-            continue
-        _fetch(SQUAD_URL.format(name=name), path)
-        written.append(path)
-    return written
+    return _fetch_missing(SQUAD_URL, out, [name for v in versions for name in SQUAD_FILES[v]], _check_squad)
 
 
 _SHARD = re.compile(r"-(\d{9})-(\d{9})\.jsonl")
@@ -339,12 +369,12 @@ def download_ner(config: DownloadConfig, out: Path) -> list[Path]:
     return written
 
 
-KINDS = ("glue", "squad", "ner", "corpus")
+KINDS = ("glue", "squad", "swag", "ner", "corpus")
 
 
 def download(config: DownloadConfig) -> list[Path]:
     if config.what not in KINDS:
-        raise BertkitError(f"{config.what!r}: expected glue, squad, ner or corpus")
+        raise BertkitError(f"{config.what!r}: expected glue, squad, swag, ner or corpus")
     # a flag of another kind of download is a mix-up (`download glue --dataset x`), not something to ignore
     defaults = DownloadConfig(what=config.what)
     for f in dataclasses.fields(DownloadConfig):
@@ -363,4 +393,6 @@ def download(config: DownloadConfig) -> list[Path]:
         return download_corpus(config, out)
     if config.what == "ner":
         return download_ner(config, out)
+    if config.what == "swag":
+        return download_swag(out)
     return download_glue(config.tasks, out)
