@@ -140,7 +140,7 @@ def main() -> None:
     labels = tag_names(train)
     model, tokenizer = BertModel.from_pretrained(args.model_dir), Tokenizer.from_pretrained(args.model_dir)
     start = time.perf_counter()
-    features = {name: word_features(model, tokenizer, sentences) for name, sentences in (("train", train), ("dev", dev))}
+    features = {"train": word_features(model, tokenizer, train), "dev": word_features(model, tokenizer, dev)}
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     variants = {"embeddings": ([0], "concat"), "second-to-last hidden": ([L - 1], "concat"),
                 "last hidden": ([L], "concat"), "weighted sum last four hidden": (list(range(L - 3, L + 1)), "sum"),

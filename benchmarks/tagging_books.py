@@ -14,7 +14,8 @@ baseline) on it with `bertkit finetune`, and the same checkpoint with a plain tr
 run_ner_no_trainer.py example's: shuffled batches padded by DataCollatorForTokenClassification, each word's label
 on its first sub-token; the same optimizer, schedule, clipping, batch size, epochs, lr and seed), scored the same
 way (bertkit's conlleval scoring on the same dev words); and writes the CoNLL files, the runs' metrics and a summary
-to --out (JSON), the summary also to --summary (docs/tagging/books-names.json). Times are the training part of each epoch.
+to --out (JSON), the summary also to --summary (docs/tagging/books-names.json). Times are the training part of
+each epoch.
 """
 
 from __future__ import annotations

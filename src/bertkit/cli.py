@@ -361,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a fine-tuned model over HTTP (JSON), with dynamic batching",
         description="Serve a fine-tuned classifier, regressor, tagger or QA model: POST /predict with "
         '{"inputs": "a text"} or {"inputs": ["a text", {"text": "a", "pair": "b"}, ...]} (QA: '
-        '{"question": ..., "context": ...}; a tagger: no pairs) answers {"predictions": [...]}, as `bertkit predict` prints them; GET '
-        "/health and GET /metadata. Requests wait at most --max-wait-ms to share a forward pass of up to "
+        '{"question": ..., "context": ...}; a tagger: no pairs) answers {"predictions": [...]}, as `bertkit '
+        "predict` prints them; GET /health and GET /metadata. Requests wait at most --max-wait-ms to share a forward pass of up to "
         "--max-batch-size inputs; a full queue answers 503, oversize requests 413, malformed ones 400/422. SIGTERM "
         "or Ctrl-C finishes the requests in flight, then exits. Needs the serve extra: pip install 'bertkit[serve]' (starlette, uvicorn).",
     )

@@ -320,7 +320,8 @@ def test_tagged_words_are_written_as_conll_files_finetune_reads(tmp_path, monkey
     assert "2 file(s) written (train.txt, dev.txt)" in capsys.readouterr().out
     assert calls == [("some/conll", None, None)] and not (out / "test.txt").exists()  # the dataset has no test split
     sentences = read_conll(out / "train.txt")
-    assert [s.words for s in sentences] == [["Ada", "Lovelace", "met", "Babbage", "."], ["in", "New\u00a0York", "today"]]
+    assert [s.words for s in sentences] == [["Ada", "Lovelace", "met", "Babbage", "."],
+                                            ["in", "New\u00a0York", "today"]]
     assert [s.tags for s in sentences] == [["B-PER", "I-PER", "O", "B-PER", "O"], ["O", "B-LOC", "O"]]
     assert [(s.words, s.tags) for s in read_conll(out / "dev.txt")] == [(["London", "rains"], ["B-LOC", "O"])]
     assert main(["download", "ner", "--dataset", "some/conll", "--out", str(out)]) == 0  # kept: only test is missing

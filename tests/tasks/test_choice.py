@@ -101,7 +101,8 @@ def test_a_multiple_choice_run_learns_and_is_evaluated_and_used(swag_run):
     assert evaluate(config.out_dir) == pytest.approx(record["best"])
     results = predict(config.out_dir, [json.dumps({"context": "it is", "endings": ["a dull film", "a great film"]}),
                                        "", json.dumps({"context": "x", "endings": ["a", "b", "c"]})])
-    assert results[0]["choice"] in (0, 1) and results[0]["ending"] == ["a dull film", "a great film"][results[0]["choice"]]
+    choice = results[0]["choice"]
+    assert choice in (0, 1) and results[0]["ending"] == ["a dull film", "a great film"][choice]
     assert len(results[0]["probabilities"]) == 2 and sum(results[0]["probabilities"]) == pytest.approx(1, abs=1e-5)
     assert results[1]["choice"] is None and "error" in results[1] and len(results[2]["probabilities"]) == 3
 
