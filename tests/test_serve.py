@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from bertkit import BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertkitError
+from bertkit import (BertConfig, BertForMultipleChoice, BertForQuestionAnswering, BertForTokenClassification,
+                     BertkitError)
 from bertkit.serve import ServeConfig, create_app
 from tiny_folders import WORDS, save_tiny
 
@@ -115,6 +116,28 @@ def test_server_tags_words_as_predict_does(tmp_path):
     assert tagged.json()["predictions"] == expected
     assert expected[0]["words"] == ["the", "movie", ",", "was", "good"] and len(expected[0]["tags"]) == 5
     assert pair.status_code == 422 and '"pair"' in pair.json()["error"]
+
+
+def test_server_chooses_endings_as_predict_does(tmp_path):
+    from bertkit.tasks.evaluation import predict
+
+    folder = save_tiny(tmp_path / "choice", BertForMultipleChoice)
+    inputs = [{"context": "the movie was", "endings": ["good", "bad", "not fun"]},
+              {"context": "it", "lead": "was", "endings": ["fun", "awful"]}]
+
+    async def test(client, app):
+        chosen = await client.post("/predict", json={"inputs": inputs})
+        bad = await client.post("/predict", json={"inputs": [{"context": "a", "endings": ["only one"]}]})
+        text = await client.post("/predict", json={"inputs": "a text"})
+        return chosen, bad, text, (await client.get("/metadata")).json()
+
+    chosen, bad, text, metadata = served(folder, test)
+    assert chosen.status_code == 200 and metadata["kind"] == "multiple-choice"
+    expected = [{k: v for k, v in r.items() if k != "context"} for r in predict(folder, map(json.dumps, inputs))]
+    assert chosen.json()["predictions"] == expected and [len(r["probabilities"]) for r in expected] == [3, 2]
+    assert bad.status_code == 422 and "inputs[0].endings is an array of 1; expected an array of two or more" in \
+        bad.json()["error"]
+    assert text.status_code == 422 and "inputs is a string; expected an object" in text.json()["error"]
 
 
 def test_health_and_metadata(folders):

@@ -43,6 +43,8 @@ from bertkit.errors import BertkitError
 logger = logging.getLogger("bertkit")
 
 QA, CLASSIFIER, TAGGER = "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification"
+CHOICE = "BertForMultipleChoice"
+KINDS = {QA: "question-answering", TAGGER: "tagging", CHOICE: "multiple-choice"}  # else by its labels
 
 
 
@@ -108,13 +110,15 @@ class Predictor:
     """A fine-tuned model folder loaded once: turns request inputs into examples and runs batches of them.
 
     Classifiers take a text or {"text": ..., "pair": ...}; regressors the same; taggers a text or {"text": ...};
-    QA models take {"question": ..., "context": ...} (and an optional "id", echoed back). Results are the ones
-    `bertkit predict` prints: {"label", "probability"}, {"score"}, {"words", "tags", "entities"}, {"answer"} (v2.0:
-    with "null_odds").
+    QA models take {"question": ..., "context": ...} (and an optional "id", echoed back); multiple-choice models
+    {"context": ..., "endings": [...], "lead"?: ...}. Results are the ones `bertkit predict` prints: {"label",
+    "probability"}, {"score"}, {"words", "tags", "entities"}, {"answer"} (v2.0: with "null_odds"), {"choice",
+    "ending", "probabilities"}.
     """
 
     def __init__(self, model_dir, int8: bool = False, max_length: int | None = None, batch_size: int = 32,
                  device: str = "cpu", max_text_chars: int = 20_000):
+        from bertkit.tasks.choice import ChoiceTask
         from bertkit.tasks.classification import TextTask
         from bertkit.tasks.evaluation import _tuned_threshold
         from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
@@ -126,16 +130,16 @@ class Predictor:
         directory = model_folder(model_dir)
         model_config = BertConfig.load(directory)
         architectures = model_config.extra.get("architectures") or [CLASSIFIER]
-        if not {QA, CLASSIFIER, TAGGER} & set(architectures):
+        if not {QA, CLASSIFIER, TAGGER, CHOICE} & set(architectures):
             raise BertkitError(f"{directory}/config.json: architecture {', '.join(architectures)}; expected a "
-                               f"fine-tuned {CLASSIFIER}, {TAGGER} or {QA}")
+                               f"fine-tuned {CLASSIFIER}, {TAGGER}, {QA} or {CHOICE}")
         self.directory, self.int8, self.max_text_chars = directory, int8, max_text_chars
-        self.kind = "question-answering" if QA in architectures else "tagging" if TAGGER in architectures else (
-            "regression" if model_config.num_labels == 1 else "classification")
+        self.kind = next((kind for name, kind in KINDS.items() if name in architectures),
+                         "regression" if model_config.num_labels == 1 else "classification")
         self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
-        if self.kind == "question-answering" and not self.pairs:
-            raise BertkitError(f"{directory}/config.json: type_vocab_size 1 for question answering; expected 2 (the "
-                               "question and its context are two segments)")
+        if self.kind in ("question-answering", "multiple-choice") and not self.pairs:
+            raise BertkitError(f"{directory}/config.json: type_vocab_size 1 for {self.kind}; expected 2 (the "
+                               "question and its context, or a sentence and an ending, are two segments)")
         saved = FinetuneConfig.load(directory)
         task = saved.task if saved else ("squad1" if self.kind == "question-answering" else "")
         self.config = FinetuneConfig(
@@ -159,6 +163,8 @@ class Predictor:
             self.threshold = _tuned_threshold(directory, self.config)
         elif self.kind == "tagging":
             self.task = TaggingTask(self.labels, "")
+        elif self.kind == "multiple-choice":
+            self.task = ChoiceTask()
         else:
             self.task = TextTask("serve", self.labels, ())
         model = self.task.model_class.from_pretrained(directory).to(self.device).eval()
@@ -170,7 +176,8 @@ class Predictor:
 
     def metadata(self) -> dict:
         accepts = {"question-answering": '{"question": str, "context": str, "id"?: str}',
-                   "tagging": 'str, or {"text": str}'}.get(self.kind, 'str, or {"text": str, "pair"?: str}')
+                   "tagging": 'str, or {"text": str}',
+                   "multiple-choice": '{"context": str, "endings": [str, ...], "lead"?: str}'}.get(self.kind, 'str, or {"text": str, "pair"?: str}')
         return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels,
                 "task": self.config.task,
                 "max_length": self.config.max_length, "int8": self.int8, "device": str(self.device),
@@ -197,6 +204,8 @@ class Predictor:
             # echoed back: a JSON-escaped lone surrogate as itself could not be encoded into the response (500)
             qid = "" if qid is None else replace_lone_surrogates(str(qid))
             return SquadExample(qid, "", 0, question, context, [])
+        if self.kind == "multiple-choice":
+            return self._choice(item, where)
         if isinstance(item, str):
             return TextExample("", self._checked(item, where), None, None)
         fields = ("text",) if self.kind == "tagging" else ("text", "pair")
@@ -210,6 +219,25 @@ class Predictor:
             raise RequestError(422, f'{where} has a "pair"; expected single texts (the model has one segment '
                                     "embedding, type_vocab_size 1)")
         return TextExample("", text, pair, None)
+
+    def _choice(self, item, where: str):
+        from bertkit.tasks.choice import CHOICE_LINE, ChoiceExample
+
+        if not isinstance(item, dict):
+            raise RequestError(422, f"{where} is {_json_type(item)}; expected an object {CHOICE_LINE}")
+        _only_fields(item, ("context", "endings", "lead"), where)
+        endings = item.get("endings")
+        if not isinstance(endings, list) or len(endings) < 2:
+            raise RequestError(422, f"{where}.endings is {_json_type(endings)}"
+                                    f"{f' of {len(endings)}' if isinstance(endings, list) else ''}; expected an array "
+                                    "of two or more strings")
+        checked = []
+        for i, ending in enumerate(endings):
+            if not isinstance(ending, str):
+                raise RequestError(422, f"{where}.endings[{i}] is {_json_type(ending)}; expected a string")
+            checked.append(self._checked(ending, f"{where}.endings[{i}]"))
+        lead = self._text(item, "lead", where) if "lead" in item else ""
+        return ChoiceExample("", self._text(item, "context", where), lead, checked, None)
 
     def _text(self, item: dict, name: str, where: str) -> str:
         if name not in item:
@@ -230,6 +258,10 @@ class Predictor:
         """Results for a batch of examples (any mix of single texts and pairs), in order."""
         if self.kind == "question-answering":
             return self._answer(examples)
+        if self.kind == "multiple-choice":
+            from bertkit.tasks.choice import choose
+
+            return choose(self.model, self.tokenizer, examples, self.config, self.device)
         if self.kind == "tagging":
             from bertkit.tasks.tagging import tag_texts
 

@@ -164,6 +164,20 @@ class ChoiceTask:
         return metrics, lambda out_dir: None
 
 
+def choose(model, tokenizer, examples: Sequence[ChoiceExample | None], config, device) -> list[dict | None]:
+    """Per example, the chosen ending, its number and every ending's probability (None for None): what `bertkit
+    predict` and `bertkit serve` give for a multiple-choice model. Examples with as many endings run together."""
+    results: list[dict | None] = [None] * len(examples)
+    for count in sorted({len(e.endings) for e in examples if e is not None}):
+        indices = [i for i, e in enumerate(examples) if e is not None and len(e.endings) == count]
+        probabilities = ChoiceTask().predict(model, tokenizer, [examples[i] for i in indices], config, device)
+        for i, p in zip(indices, probabilities):
+            best = int(p.argmax())
+            results[i] = {"choice": best, "ending": examples[i].endings[best],
+                          "probabilities": [round(float(x), 6) for x in p]}
+    return results
+
+
 def load_choice_task(config, need_train: bool = True) -> ChoiceTask:
     """Read the SWAG-format files `config` names: --train-file/--eval-file, or --data-dir's (see DATA_FILES)."""
     if config.predict:

@@ -16,7 +16,7 @@ from bertkit.checkpoint import config_file, heads_of, model_folder, weights_sour
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task, read_custom
 from bertkit.errors import BertkitError
-from bertkit.tasks.choice import ChoiceTask, parse_choices
+from bertkit.tasks.choice import ChoiceTask, choose, parse_choices
 from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
                                     resolve_device)
@@ -279,18 +279,11 @@ def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, d
 def _choose(model_dir, config, tokenizer, examples: list, device, int8: bool = False) -> list[dict]:
     """predict's multiple-choice branch: per line, the chosen ending, its number and every ending's probability
     (examples with as many endings are run together); a blank line's are None."""
-    task = ChoiceTask()
-    model = _loaded(task.model_class, model_dir, device, int8)
-    results: list[dict | None] = [None] * len(examples)
-    for count in sorted({len(e.endings) for e in examples if e is not None}):
-        indices = [i for i, e in enumerate(examples) if e is not None and len(e.endings) == count]
-        probabilities = task.predict(model, tokenizer, [examples[i] for i in indices], config, device)
-        for i, p in zip(indices, probabilities):
-            best = int(p.argmax())
-            results[i] = {"context": examples[i].context, "choice": best, "ending": examples[i].endings[best],
-                          "probabilities": [round(float(x), 6) for x in p]}
-    return [r or {"context": None, "choice": None, "ending": None, "probabilities": None,
-                  "error": "blank line: no example"} for r in results]
+    model = _loaded(ChoiceTask.model_class, model_dir, device, int8)
+    results = choose(model, tokenizer, examples, config, device)
+    return [{"context": e.context} | r if r else {"context": None, "choice": None, "ending": None,
+                                                  "probabilities": None, "error": "blank line: no example"}
+            for e, r in zip(examples, results)]
 
 
 def _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device,
