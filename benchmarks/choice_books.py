@@ -7,7 +7,7 @@ next sentence and three other sentences of the same chapter (same characters, sa
 written in SWAG's regular layout (sent1 the sentence, sent2 empty, ending0-3, label). Training examples come from
 pieces 00-05 of the corpus, dev examples from piece 06 (other books). Sentences of 4 to 40 words.
 
-    python benchmarks/choice_books.py --threads 1 --train 2000 --dev 500
+    python benchmarks/choice_books.py --threads 1 --train 1000 --dev 400
 
 fine-tunes all-MiniLM-L6-v2 and the same network from random weights with `bertkit finetune --task swag`, and the
 same checkpoint with transformers' multiple-choice loop (its run_swag_no_trainer.py example's: the pairs
@@ -105,8 +105,8 @@ def run_transformers(args, model: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", "../shared/data")))
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--dev", type=int, default=500)
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--dev", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=16)
