@@ -18,17 +18,15 @@ and a summary to --out, the summary also to --summary (docs/choice/books-next-se
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
-import os
 import random
 from pathlib import Path
 
 import torch
 
 from bertkit.tasks.choice import read_choices
-from tagging_books import HERE, compare, train_transformers
+from tagging_books import HERE, arguments, compare, train_transformers
 
 
 def chapters(pieces: list[Path]) -> list[list[str]]:
@@ -103,20 +101,8 @@ def run_transformers(args, model: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", "../shared/data")))
-    parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--dev", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("runs/choice-books"))
-    parser.add_argument("--summary", type=Path, default=HERE.parent / "docs" / "choice" / "books-next-sentence.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    corpus = sorted((args.data / "corpus").glob("gutenberg-en-*.txt.gz"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, corpus = arguments(__doc__, 1000, 400, 2, 16, "runs/choice-books",
+                             HERE.parent / "docs" / "choice" / "books-next-sentence.json")
     write_swag(args.out / "train.csv", examples(corpus[:-1], args.train, seed=0))
     write_swag(args.out / "val.csv", examples(corpus[-1:], args.dev, seed=1))
     summary = {"task": "the next sentence of a book among four of its chapter", "train_examples": args.train,

@@ -19,7 +19,6 @@ import json
 import random
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 from bertkit.tasks.metrics import chunk_scores, chunks

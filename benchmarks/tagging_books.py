@@ -169,21 +169,27 @@ def compare(args, task: str, metric: str, model: Path, summary: dict, theirs, ta
     print(text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str, train: int, dev: int, epochs: int, batch_size: int, out: str, summary: Path):
+    """The command line of a books task (the defaults given), threads set; and the corpus's pieces, in order."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", "../shared/data")))
-    parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--dev", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train", type=int, default=train)
+    parser.add_argument("--dev", type=int, default=dev)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("runs/tagging-books"))
-    parser.add_argument("--summary", type=Path, default=HERE.parent / "docs" / "tagging" / "books-names.json")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--summary", type=Path, default=summary)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    corpus = sorted((args.data / "corpus").glob("gutenberg-en-*.txt.gz"))
     args.out.mkdir(parents=True, exist_ok=True)
+    return args, sorted((args.data / "corpus").glob("gutenberg-en-*.txt.gz"))
+
+
+def main() -> None:
+    args, corpus = arguments(__doc__, 4000, 1000, 3, 32, "runs/tagging-books",
+                             HERE.parent / "docs" / "tagging" / "books-names.json")
     write_conll(args.out / "train.txt", sentences(corpus[:-1], args.train, seed=0))
     write_conll(args.out / "dev.txt", sentences(corpus[-1:], args.dev, seed=1))
     summary = {"task": "NAME chunks from the capitals of books, read lower-cased", "train_sentences": args.train,

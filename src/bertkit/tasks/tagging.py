@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from bertkit.checkpoint import atomic_write_text
 from bertkit.errors import BertkitError
 from bertkit.model import BertForTokenClassification
