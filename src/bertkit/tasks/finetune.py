@@ -728,7 +728,8 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         f"weight decay {config.weight_decay:g}, max length {config.max_length}, seed {config.seed}; "
         f"{record['train_examples']:,} training {unit}"
         # a tagger's sentence over --max-length is read in windows too
-        + (f" ({record['train_rows']:,} windows)" if record["train_rows"] != record["train_examples"] else "")
+        + (f" ({record['train_rows']:,} windows)" if record.get("train_rows", record["train_examples"])
+           != record["train_examples"] else "")
         + f", {record['eval_examples']:,} scored.",
         "",
         "| epoch | train loss | " + " | ".join(columns) + " | train time | train ex/s | eval time |",
