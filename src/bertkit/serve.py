@@ -138,8 +138,9 @@ class Predictor:
                          "regression" if model_config.num_labels == 1 else "classification")
         self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
         if self.kind in ("question-answering", "multiple-choice") and not self.pairs:
-            raise BertkitError(f"{directory}/config.json: type_vocab_size 1 for {self.kind}; expected 2 (the "
-                               "question and its context, or a sentence and an ending, are two segments)")
+            what = "the question and its context" if self.kind == "question-answering" else "a sentence and an ending"
+            raise BertkitError(f"{directory}/config.json: type_vocab_size 1 for {self.kind.replace('-', ' ')}; "
+                               f"expected 2 ({what} are two segments)")
         saved = FinetuneConfig.load(directory)
         task = saved.task if saved else ("squad1" if self.kind == "question-answering" else "")
         self.config = FinetuneConfig(
