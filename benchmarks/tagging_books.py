@@ -143,7 +143,7 @@ def compare(args, task: str, metric: str, model: Path, summary: dict, theirs, ta
     """bertkit's `finetune --task TASK` from `model` and from random weights on args.out's files, then `theirs(args,
     model)` (a `train_transformers` run); the summary, scores by epoch and training time beside the time ratio,
     written to args.out/summary.json and to `target`."""
-    for name, scratch in (("all-MiniLM-L6-v2", False), ("same, random weights", True)):
+    for name, scratch in (("all-MiniLM-L6-v2", False), ("same, random weights", True))[:1 if args.no_scratch else 2]:
         config = FinetuneConfig(model_dir=str(model), from_scratch=scratch, task=task, data_dir=str(args.out),
                                 out_dir=str(args.out / ("scratch" if scratch else "pretrained")), lr=args.lr,
                                 batch_size=args.batch_size, epochs=args.epochs, threads=args.threads, seed=0,
@@ -181,6 +181,8 @@ def arguments(doc: str, train: int, dev: int, epochs: int, batch_size: int, out:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--summary", type=Path, default=summary)
+    parser.add_argument("--no-scratch", action="store_true", help="leave out the run from random weights (to time "
+                        "the two sides alone)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
