@@ -34,6 +34,7 @@ def test_swags_own_csv_is_read_with_its_unnamed_first_column(tmp_path):
     ("sent1,sent2,ending0,ending1,label\na,b,c,d,0\na,b,c,d,2\n", r"val.csv:3: label '2'; expected the number of "
                                                                   r"the right ending, 0 to 1"),
     ("sent1,ending0,ending1,label\na,c,d,0\n", r"val.csv:1: no column 'sent2'"),
+    ("sent1,sent2,ending0,ending1,label\na,b,c,d,\u00b2\n", r"val.csv:2: label '\u00b2'; expected the number"),
 ])
 def test_a_swag_file_problem_names_its_line(tmp_path, text, problem):
     path = tmp_path / "val.csv"

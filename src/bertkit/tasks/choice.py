@@ -70,7 +70,7 @@ def read_choices(path: str | Path, labelled: bool = True) -> list[ChoiceExample]
         label = None
         if labelled:
             raw = str(record["label"]).strip()
-            if not raw.isdigit() or int(raw) >= len(numbers):
+            if not raw.isdecimal() or int(raw) >= len(numbers):  # isdigit takes "²", which int() refuses
                 raise BertkitError(f"{path}:{line}: label {record['label']!r}; expected the number of the right "
                                    f"ending, 0 to {len(numbers) - 1}")
             label = int(raw)
