@@ -322,7 +322,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
     return records
 
 
-def _text(value, path: Path, line: int, column: str) -> str:
+def text_field(value, path: Path, line: int, column: str) -> str:
     """A text field as a str: JSON strings as they are, numbers written out; anything else is an error."""
     if isinstance(value, str):
         return value
@@ -370,13 +370,13 @@ def read_custom(
                 raise BertkitError(f"{where(path, line)}: column {column!r} is missing or null")
         value: int | float | None = None
         if label is not None:
-            raw = record[label] if isinstance(record[label], bool) else _text(record[label], path, line, label)
+            raw = record[label] if isinstance(record[label], bool) else text_field(record[label], path, line, label)
             raw = str(raw)
             if not raw.strip():  # else an unlabelled row would become a class of its own, named ''
                 raise BertkitError(f"{where(path, line)}: column {label!r} is empty; expected a label")
             value = _float_label(raw, path, line) if is_regression else _label_index(raw, label_list, path, line)
-        b = _text(record[text_b], path, line, text_b) if text_b is not None else None
-        examples.append(TextExample(f"{path.stem}-{line}", _text(record[text_a], path, line, text_a), b, value, line))
+        b = text_field(record[text_b], path, line, text_b) if text_b is not None else None
+        examples.append(TextExample(f"{path.stem}-{line}", text_field(record[text_a], path, line, text_a), b, value, line))
     return examples, label_list
 
 

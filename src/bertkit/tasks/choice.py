@@ -4,7 +4,7 @@ and a softmax over the continuations picks one.
 
 Files are SWAG's: a .csv (or .jsonl) with the columns `sent1` (the sentence), `sent2` (the continuation's first
 words, the same for every ending; may be empty), `ending0`, `ending1`, ... and `label` (the index of the right
-ending; absent from a test file). The continuation of ending i is `sent2 + " " + ending_i`, as transformers' SWAG
+ending, which every file read here has: SWAG's unlabelled test.csv is not scored). The continuation of ending i is `sent2 + " " + ending_i`, as transformers' SWAG
 example reads it.
 """
 
@@ -20,11 +20,12 @@ import torch
 
 from bertkit.config import parse_json
 from bertkit.data.corpus import replace_lone_surrogates
-from bertkit.data.glue import read_records
+from bertkit.data.glue import read_records, text_field
 from bertkit.errors import BertkitError
 from bertkit.model import BertForMultipleChoice
 from bertkit.tasks.classification import metric_key
 from bertkit.tasks.inference import infer
+from bertkit.tasks.tagging import data_files
 
 # --data-dir's files: SWAG's own names (its dev set is val.csv)
 DATA_FILES = {"train": ("train.csv", "train.jsonl"), "dev": ("val.csv", "dev.csv", "val.jsonl", "dev.jsonl")}
@@ -44,41 +45,32 @@ class ChoiceExample:
         return [f"{self.lead} {ending}".strip() for ending in self.endings]
 
 
-def _text(value, path, line: int, column: str) -> str:
-    if not isinstance(value, str):
-        raise BertkitError(f"{path}:{line}: column {column!r} is {value!r}; expected text")
-    return value
-
-
-def read_choices(path: str | Path, labelled: bool = True) -> list[ChoiceExample]:
+def read_choices(path: str | Path) -> list[ChoiceExample]:
     """The examples of a SWAG-format file (see the module's docstring); a missing column, an ending count that is
     not 0, 1, ... or a label that is not one of the endings is an error naming the line."""
     path = Path(path)
-    records = read_records(path, ["sent1", "sent2"] + (["label"] if labelled else []))
+    records = read_records(path, ["sent1", "sent2", "label"])
     line, first = records[0]
     numbers = sorted(int(m[1]) for name in first if (m := _ENDING.fullmatch(str(name))))
     if len(numbers) < 2 or numbers != list(range(len(numbers))):
         line = 1 if path.suffix.lower() in (".csv", ".tsv") else line  # a table's columns are its header's
         raise BertkitError(f"{path}:{line}: endings {', '.join(f'ending{n}' for n in numbers) or '(none)'}; expected "
                            "at least two columns ending0, ending1, ... numbered from 0")
-    columns = ["sent1", "sent2"] + [f"ending{n}" for n in numbers] + (["label"] if labelled else [])
+    columns = ["sent1", "sent2", *(f"ending{n}" for n in numbers), "label"]
     examples = []
     for line, record in records:
         missing = [c for c in columns if record.get(c) is None]
         if missing:
             raise BertkitError(f"{path}:{line}: column {missing[0]!r} is missing or null")
-        label = None
-        if labelled:
-            raw = str(record["label"]).strip()
-            if not raw.isdecimal() or int(raw) >= len(numbers):  # isdigit takes "²", which int() refuses
-                raise BertkitError(f"{path}:{line}: label {record['label']!r}; expected the number of the right "
-                                   f"ending, 0 to {len(numbers) - 1}")
-            label = int(raw)
+        raw = str(record["label"]).strip()
+        if not raw.isdecimal() or int(raw) >= len(numbers):  # isdigit takes "²", which int() refuses
+            raise BertkitError(f"{path}:{line}: label {record['label']!r}; expected the number of the right ending, "
+                               f"0 to {len(numbers) - 1}")
         ident = str(record.get("fold-ind") or record.get("id") or line)
-        examples.append(ChoiceExample(ident, _text(record["sent1"], path, line, "sent1"),
-                                      _text(record["sent2"], path, line, "sent2"),
-                                      [_text(record[f"ending{n}"], path, line, f"ending{n}") for n in numbers],
-                                      label, line))
+        examples.append(ChoiceExample(ident, text_field(record["sent1"], path, line, "sent1"),
+                                      text_field(record["sent2"], path, line, "sent2"),
+                                      [text_field(record[f"ending{n}"], path, line, f"ending{n}") for n in numbers],
+                                      int(raw), line))
     return examples
 
 
@@ -96,9 +88,8 @@ def parse_choices(lines, source: str = "<stdin>") -> list[ChoiceExample | None]:
             continue
         record = parse_json(line, source, f"{CHOICE_LINE} per line", number)
         endings = record.get("endings") if isinstance(record, dict) else None
-        if (not isinstance(record.get("context") if isinstance(record, dict) else None, str)
-                or not isinstance(record.get("lead", ""), str) or not isinstance(endings, list) or len(endings) < 2
-                or not all(isinstance(e, str) for e in endings)):
+        if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)
+                and isinstance(record.get("context"), str) and isinstance(record.get("lead", ""), str)):
             raise BertkitError(f"{source}:{number}: expected a JSON object {CHOICE_LINE}: a string context, two or "
                                "more string endings")
         examples.append(ChoiceExample(str(number), replace_lone_surrogates(record["context"]),
@@ -182,13 +173,8 @@ def load_choice_task(config, need_train: bool = True) -> ChoiceTask:
     """Read the SWAG-format files `config` names: --train-file/--eval-file, or --data-dir's (see DATA_FILES)."""
     if config.predict:
         raise BertkitError("--predict writes GLUE submission files; choose endings of your own with `bertkit predict`")
-    folder = Path(config.data_dir) if config.data_dir else None
-    if folder is not None and not folder.is_dir():
-        raise BertkitError(f"{folder}: no such folder; expected a folder with SWAG's train.csv and val.csv")
-    found = {split: next((folder / n for n in names if (folder / n).is_file()), None) if folder else None
-             for split, names in DATA_FILES.items()}
-    train = Path(config.train_file) if config.train_file else found["train"]
-    dev = Path(config.eval_file) if config.eval_file else found["dev"]
+    train, evals = data_files(config, DATA_FILES, "a folder with SWAG's train.csv and val.csv")
+    dev = evals.get("dev")
     if need_train and train is None:
         raise BertkitError("no training data for SWAG: expected --train-file, or --data-dir with train.csv")
     if dev is None:

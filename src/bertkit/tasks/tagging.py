@@ -256,13 +256,15 @@ def conll_text(sentences: Sequence[Sentence], predicted: Sequence[Sequence[str]]
     return "\n".join(lines) + "\n"
 
 
-def _data_files(config) -> tuple[Path | None, dict[str, Path]]:
+def data_files(config, names: dict[str, tuple[str, ...]], what: str) -> tuple[Path | None, dict[str, Path]]:
+    """A task's training file and eval files (split -> path): --train-file and --eval-file, else the first of each
+    split's `names` found in --data-dir (`what`: the folder the error expects)."""
     folder = Path(config.data_dir) if config.data_dir else None
     if folder is not None and not folder.is_dir():
-        raise BertkitError(f"{folder}: no such folder; expected a folder with CoNLL files (train.txt, dev.txt)")
+        raise BertkitError(f"{folder}: no such folder; expected {what}")
     found = {}
-    for split, names in DATA_FILES.items():
-        path = next((folder / n for n in names if folder and (folder / n).is_file()), None)
+    for split, candidates in names.items():
+        path = next((folder / n for n in candidates if folder and (folder / n).is_file()), None)
         if path is not None:
             found[split] = path
     train = Path(config.train_file) if config.train_file else found.get("train")
@@ -276,7 +278,7 @@ def load_tagging_task(config, need_train: bool = True, labels: Sequence[str] | N
     model's id2label) are the tags when nothing is trained."""
     if config.predict:
         raise BertkitError("--predict writes GLUE submission files; tag your own text with `bertkit predict`")
-    train_file, eval_files = _data_files(config)
+    train_file, eval_files = data_files(config, DATA_FILES, "a folder with CoNLL files (train.txt, dev.txt)")
     if need_train and train_file is None:
         raise BertkitError(f"no training data for the tagging task: expected --train-file, or --data-dir with "
                            f"{' or '.join(DATA_FILES['train'])}")
