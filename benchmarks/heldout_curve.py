@@ -17,6 +17,7 @@ run's checkpoint (`bertkit pretrain --model-dir RUN/checkpoints/step-N`) counts 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from run import machine  # noqa: E402
 from bertkit.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 from bertkit.errors import BertkitError  # noqa: E402
 from bertkit.train.logs import read_csv  # noqa: E402
-from bertkit.train.pretrain import CONFIG_NAME, score_held_out  # noqa: E402
+from bertkit.train.pretrain import CONFIG_NAME, PretrainConfig, phases, score_held_out  # noqa: E402
 
 SCORES = ("masked_lm_loss", "masked_lm_accuracy", "next_sentence_accuracy")
 
@@ -47,9 +48,17 @@ def read_run(run_dir: Path) -> tuple[dict, list[Path]]:
     return json.loads(config_path.read_text()), checkpoints
 
 
-def step_tokens(config: dict) -> int:
-    """Token positions one optimizer step of the run trains on."""
-    return config["batch_size"] * config["grad_accum"] * config["max_length"]
+def run_phases(config: dict) -> list:
+    """The phases of a run (its flags, then --then's), from its saved config."""
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return phases(PretrainConfig(**{k: v for k, v in config.items() if k in known}))
+
+
+def tokens_at(config: dict, step: int) -> int:
+    """Token positions the run trained on in its first `step` optimizer steps, each phase (--then) at its own batch
+    and length."""
+    return sum(max(0, min(step, p.end) - p.first_step) * p.cfg.batch_size * p.cfg.grad_accum * p.cfg.max_length
+               for p in run_phases(config))
 
 
 def prior_tokens(config: dict) -> int:
@@ -60,7 +69,7 @@ def prior_tokens(config: dict) -> int:
     if step is None or not (start.parent.parent / CONFIG_NAME).is_file():
         return 0
     earlier = json.loads((start.parent.parent / CONFIG_NAME).read_text())
-    return step * step_tokens(earlier) + prior_tokens(earlier)
+    return tokens_at(earlier, step) + prior_tokens(earlier)
 
 
 def own_curve(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -119,19 +128,21 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a pretraining run folder (pretrain_config.json, checkpoints/)")
     parser.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked for the scores")
-    parser.add_argument("--objective", default=None, help="input form to score in (default: the run's own), e.g. "
+    parser.add_argument("--objective", default=None, help="input form to score in (default: the run's own, its "
+                        "last phase's with --then), e.g. "
                         "mlm+nsp to read an MLM-only run on the pairs an MLM+NSP run is read on")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, required=True, help="JSON of the scores; the plot is written beside it")
     args = parser.parse_args()
 
     config, checkpoints = read_run(args.run_dir)
-    objective = args.objective or config["objective"]
+    own_objective = run_phases(config)[-1].cfg.objective
+    objective = args.objective or own_objective
     # a run that built its vocabulary and prepared corpus from --corpus (`bertkit pretrain` with no arguments) keeps
     # them in its folder, and its config says null
     tokenizer, data = config["tokenizer"] or args.run_dir / "tokenizer", config["data"] or args.run_dir / "data"
     # a sentence head the run never trained (an MLM-only run read on pairs) has no score worth reading
-    keep = SCORES if objective == config["objective"] else SCORES[:2]
+    keep = SCORES if objective == own_objective else SCORES[:2]
     torch.set_num_threads(args.threads)
     done = {}
     if args.out.is_file():
@@ -139,7 +150,7 @@ def main() -> None:
         if earlier.get("mask_prob") == args.mask_prob and earlier.get("objective", objective) == objective:
             done = {row["step"]: row for row in earlier["rows"]}
     own = own_curve(args.run_dir)
-    tokens_per_step, before = step_tokens(config), prior_tokens(config)
+    before = prior_tokens(config)
     rows = []
     for checkpoint in checkpoints:
         step = checkpoint_step(checkpoint)
@@ -152,11 +163,12 @@ def main() -> None:
             done[step] = {"step": step, **{k: scores[k] for k in (*keep, "unigram_baseline_accuracy",
                                                                   "examples") if k in scores}}
             print(f"step {step:,}: " + ", ".join(f"{k} {scores[k]:.4f}" for k in keep if k in scores), flush=True)
-        rows.append({**done[step], "tokens": before + step * tokens_per_step, "own": own.get(step, {})})
+        rows.append({**done[step], "tokens": before + tokens_at(config, step), "own": own.get(step, {})})
     # a run that continued a --model-dir is named by that folder (runs saved before 2026-12 recorded --model's unused
     # default there)
     names = ("out_dir", "model_dir" if config["model_dir"] else "model", "objective", "masking", "mask_prob",
              "max_length", "max_steps", "seed")
+    names += ("then",) if config.get("then") else ()
     result = {"machine": machine(), "run": {k: config[k] for k in names},
               "objective": objective, "mask_prob": args.mask_prob, "tokens_before": before, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from feature_probe import KIND_NAMES, KINDS, probe_data, probe_model  # noqa: E402
-from heldout_curve import prior_tokens, read_run, step_tokens  # noqa: E402
+from heldout_curve import prior_tokens, read_run, tokens_at  # noqa: E402
 from run import machine  # noqa: E402
 
 from bertkit.checkpoint import checkpoint_step  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"error: {args.run_dir / 'checkpoints'}: no checkpoint at step {missing}; it has "
                          f"{sorted(checkpoints)}")
-    tokens_per_step, before = step_tokens(config), prior_tokens(config)  # a continued run counts its start
+    before = prior_tokens(config)  # a continued run counts its start
     common = {"tasks": ["SST-2"], "lrs": args.lrs, "seeds": args.seeds, "jobs": args.jobs, "threads": args.threads,
               "out_dir": str(args.suite_dir)}
     train, dev = probe_data(None, args.probe_sentences)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         label = SCRATCH if scratch else step_label(step)
         tuned = fine_tuned(SuiteConfig(model_dir=str(model_dir), from_scratch=scratch, label=label, **common))
         probes = done.get(label) or probe_model(model_dir, train, dev, load_weights=not scratch)
-        rows.append({"label": label, "step": step, "tokens": None if scratch else before + step * tokens_per_step,
+        rows.append({"label": label, "step": step, "tokens": None if scratch else before + tokens_at(config, step),
                      "fine_tuned": tuned, "probes": probes})
         print(f"{label}: SST-2 {tuned['accuracy']:.1f} ± {tuned['std']:.1f} (lr {tuned['lr']}), probes "
               + ", ".join(f"{k} {probes[f'probe_{k}']:.1f}" for k in KINDS), flush=True)

@@ -63,7 +63,8 @@ def flags(cfg: PretrainConfig) -> list[str]:
         if isinstance(value, bool):
             out.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
             continue
-        out += [f"--{name.replace('_', '-')}", *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+        many = isinstance(value, (tuple, list))
+        out += [f"--{name.replace('_', '-')}", *(map(str, value) if many else [str(value)])]
     return out
 
 
@@ -1227,3 +1228,116 @@ def test_pretraining_continues_from_a_google_folder(inputs, tmp_path):
     after = BertForPreTraining.from_pretrained(checkpoint).state_dict()
     for key, value in start.state_dict().items():  # a learning rate of 1e-9: the start's weights, barely moved
         assert torch.allclose(after[key], value, atol=1e-6), key
+
+
+# --then: a second phase in the same run
+
+THEN = ["objective=mlm+nsp", "max_steps=6", "batch_size=4", "max-length=48"]
+
+
+def two_phases(inputs, run_dir, **overrides) -> PretrainConfig:
+    """MLM first for 5 steps of a 12-step schedule, then MLM+NSP for 6 at another batch and length."""
+    return small(inputs, run_dir, **{"objective": "mlm", "max_steps": 12, "stop_at": 5, "then": THEN, **overrides})
+
+
+def test_then_equals_the_readmes_two_commands_and_counts_its_steps_on(inputs, tmp_path):
+    """One command with --then ends with the very weights of the second of two runs that continued the first's
+    checkpoint with --model-dir (a fresh optimizer and warm-up, the data from its start in the new form); one
+    folder holds both phases, its steps counted on; a finished one-phase run resumed with --then goes on to the
+    same weights."""
+    one = pretrain(two_phases(inputs, tmp_path / "one", save_every=4, eval_every=4))
+    pretrain(small(inputs, tmp_path / "first", objective="mlm", max_steps=12, stop_at=5))
+    start = list_checkpoints(tmp_path / "first" / "checkpoints")[-1]
+    pretrain(small(inputs, tmp_path / "second", model_dir=str(start), objective="mlm+nsp", max_steps=6, batch_size=4,
+                   max_length=48))
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "second")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert one["step"] == 11 and "next_sentence_accuracy" in one
+    assert [c.name for c in list_checkpoints(tmp_path / "one" / "checkpoints")] == ["step-00000008", "step-00000011"]
+    train, first, second = rows(tmp_path / "one"), rows(tmp_path / "first"), rows(tmp_path / "second")
+    assert [int(r["step"]) for r in train] == list(range(1, 12))
+    same = ("loss", "lr", "masked_lm_accuracy", "next_sentence_accuracy")
+    assert [{k: r.get(k, "") for k in same} for r in train] == [{k: r.get(k, "") for k in same} for r in first + second]
+    assert float(train[5]["lr"]) > float(train[4]["lr"])  # a fresh warm-up
+    assert [int(r["step"]) for r in rows(tmp_path / "one", "eval")] == [4, 5, 8, 11]
+    assert (tmp_path / "one" / "loss_curve.png").is_file()
+    saved = json.loads((tmp_path / "one" / "pretrain_config.json").read_text())
+    assert saved["then"] == THEN and saved["objective"] == "mlm"
+    pretrain(two_phases(inputs, tmp_path / "first", resume="auto"))
+    c = final_weights(tmp_path / "first")
+    assert all(torch.equal(a[key], c[key]) for key in a)
+
+
+@pytest.mark.parametrize("crash_at", [7, 10])  # before phase 2's first checkpoint (step 8), and after it
+def test_a_run_that_crashed_in_its_second_phase_resumes_to_the_same_weights_and_logs(inputs, tmp_path, monkeypatch,
+                                                                                      crash_at):
+    from bertkit.train import pretrain as module
+
+    cfg = two_phases(inputs, tmp_path / "whole", save_every=4, eval_every=3, keep_last=0)
+    pretrain(cfg)
+    steps = iter(range(1, 100))
+    original = module.train_step
+
+    def crashing(*args, **kwargs):
+        if next(steps) == crash_at:
+            raise RuntimeError("the machine went away")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_step", crashing)
+    crashed = dataclasses.replace(cfg, out_dir=str(tmp_path / "crashed"))
+    with pytest.raises(RuntimeError, match="went away"):
+        pretrain(crashed)
+    monkeypatch.undo()
+    pretrain(dataclasses.replace(crashed, resume="auto"))
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "crashed")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / "crashed")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / "whole")]
+    assert rows(tmp_path / "crashed", "eval") == rows(tmp_path / "whole", "eval")
+
+
+def test_a_second_phase_checkpoint_is_not_resumed_as_the_first_phase(inputs, tmp_path):
+    pretrain(two_phases(inputs, tmp_path))
+    with pytest.raises(BertkitError, match=r"step-00000011: saved in phase 2 of its run; expected phase 1 at step 11"):
+        pretrain(two_phases(inputs, tmp_path, then=None, resume="auto"))
+
+
+@pytest.mark.parametrize("then, message", [
+    (["objective=mlm+nsp"], "expected max_steps=N among them"),
+    (["max_steps=2", "colour=red"], r"then='colour=red' \(expected KEY=VALUE, KEY one of max_steps, objective"),
+    (["max_steps=2", "lr=fast"], r"then='lr=fast' \(expected a number\)"),
+    (["max_steps=2.5"], "expected a whole number"),
+    (["max_steps=2", "masking=words"], "expected masking one of token, wwm, span"),
+    (["max_steps=2", "batch_size=0"], r"then=max_steps=2 batch_size=0: batch_size=0 \(expected >= 1\)"),
+    (["max_steps=2", "max_steps=3"], "max_steps is given twice"),
+    (["max_steps=2", "objective=ltr"], "then objective=ltr after objective=mlm[+]nsp"),
+])
+def test_then_settings_that_cannot_run_are_refused_before_training(then, message, capsys):
+    with pytest.raises(BertkitError, match=message):
+        PretrainConfig(then=then)
+    assert cli_main(["pretrain", "--then", *then]) == 2
+    assert "bertkit: error:" in capsys.readouterr().err
+
+
+def test_then_refuses_a_length_beyond_the_models_positions_before_the_first_phase(inputs, tmp_path, capsys):
+    args = flags(two_phases(inputs, tmp_path, then=["max_steps=2", "max_length=600"]))
+    assert cli_main(args) == 2
+    expected = "--then max_length=600; expected at most the model's max_position_embeddings (512)"
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "train.csv").exists()
+
+
+def test_heldout_curve_counts_each_phases_tokens_and_marks_the_phase_on_the_loss_curve(inputs, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from heldout_curve import tokens_at
+    from bertkit.train.logs import loss_figure
+
+    cfg = two_phases(inputs, tmp_path)
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert [tokens_at(saved, step) for step in (3, 5, 11)] == [3 * 8 * 64, 5 * 8 * 64, 5 * 8 * 64 + 6 * 4 * 48]
+    pretrain(cfg)
+    fig = loss_figure({"train": rows(tmp_path)}, ("loss", "next_sentence_accuracy"), marks={5: "phase 2"})
+    for ax in fig.axes:
+        assert [tuple(line.get_xdata()) for line in ax.get_lines()][-1] == (5, 5)
+        assert "phase 2" in [t.get_text() for t in ax.texts]

@@ -94,11 +94,12 @@ class RunLogger:
                 self._writer.add_scalar(f"{stream}/{k}", float(v), step)
             self._writer.flush()
 
-    def plot(self, name: str = "loss_curve.png", keys=("loss", "masked_lm_accuracy", "next_sentence_accuracy")) -> Path | None:
-        """One panel per metric key, train and eval streams overlaid."""
+    def plot(self, name: str = "loss_curve.png", keys=("loss", "masked_lm_accuracy", "next_sentence_accuracy"),
+             marks: dict[int, str] | None = None) -> Path | None:
+        """One panel per metric key, train and eval streams overlaid; `marks`: labelled steps (where a phase starts)."""
         if not self.enabled:
             return None
-        return plot_run(self.run_dir, self.run_dir / name, keys)
+        return plot_run(self.run_dir, self.run_dir / name, keys, marks)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None
@@ -163,11 +164,11 @@ def _write_rows(path: Path, rows: list[dict]) -> list[str]:
 BASELINES = {"masked_lm_accuracy": ("unigram_baseline_accuracy", "unigram baseline")}
 
 
-def plot_run(run_dir: Path, out: Path, keys) -> Path | None:
+def plot_run(run_dir: Path, out: Path, keys, marks: dict[int, str] | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
     files = [Path(run_dir) / f"{stream}.csv" for stream in sorted(STREAMS)]  # eval first, as ever
-    fig = loss_figure({p.stem: read_csv(p) for p in files if p.is_file()}, keys)
+    fig = loss_figure({p.stem: read_csv(p) for p in files if p.is_file()}, keys, marks)
     if fig is None:
         return None
     fig.savefig(out, dpi=110)
@@ -175,8 +176,9 @@ def plot_run(run_dir: Path, out: Path, keys) -> Path | None:
     return out
 
 
-def loss_figure(streams: dict[str, list[dict]], keys):
-    """One panel per metric key, the streams (train, eval) overlaid, and a metric's baseline where logged."""
+def loss_figure(streams: dict[str, list[dict]], keys, marks: dict[int, str] | None = None):
+    """One panel per metric key, the streams (train, eval) overlaid, a metric's baseline where logged, and a dotted
+    vertical line at each marked step, labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +202,10 @@ def loss_figure(streams: dict[str, list[dict]], keys):
         if pts:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, linestyle="--", color="gray", label=label)
+        for step, label in (marks or {}).items():
+            ax.axvline(step, linestyle=":", color="black", linewidth=1)
+            ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

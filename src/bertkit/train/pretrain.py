@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,7 @@ import torch
 from bertkit.checkpoint import (
     TRAINING_STATE_NAME,
     checkpoint_bytes,
+    checkpoint_step,
     list_checkpoints,
     load_state_dict_into,
     load_training_state,
@@ -68,6 +70,12 @@ def default_corpus() -> list[str]:
     vocabulary and preparation take seconds, so the no-argument run is a demo of a minute or two."""
     root = Path(os.environ.get("BERTKIT_DATA") or Path("..", "shared", "data"))
     return [str(root / "corpus" / "python-docs-3.11.txt")]
+
+
+# What --then may set: the data's form, the batch, the optimizer and its schedule. The model, the inputs, the run's
+# bookkeeping (logs, checkpoints, seed) are the run's throughout.
+THEN_KEYS = ("max_steps", "objective", "max_length", "masking", "mask_prob", "batch_size", "grad_accum", "lr",
+             "warmup", "schedule", "optimizer", "weight_decay")
 
 
 @dataclass
@@ -125,6 +133,14 @@ class PretrainConfig:
     stop_at: int | None = option(None, "end the run after this step, its learning-rate schedule still the one of "
                                  "--max-steps, so that `--resume auto` without it continues the same run; the first "
                                  "phase of MLM first (README, Pretraining)")
+    then: list[str] | None = option(None, "a second phase in the same run folder, after --max-steps (or --stop-at): "
+                                    "KEY=VALUE settings that replace the first phase's, max_steps=N its length "
+                                    f"(keys: {', '.join(THEN_KEYS)}). It starts from the first phase's weights with "
+                                    "a fresh optimizer, warm-up and schedule (no batch ramp), reads the data from "
+                                    "the start in its own form, and counts its steps on from the first's. MLM "
+                                    "first: --objective mlm --max-steps 6400 --stop-at 3600 --then "
+                                    "objective=mlm+nsp max_steps=2800; the paper's long inputs last: --then "
+                                    "max_length=512 max_steps=N")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)",
                                   aliases=("--clip-norm",))
     max_bad_steps: int = option(5, "a step whose loss is nan or inf is skipped (no update; counted in train.csv's "
@@ -223,8 +239,53 @@ class PretrainConfig:
             problems.append(f"batch_ramp={self.batch_ramp} with grad_accum=1 (expected --grad-accum above 1: the "
                             "ramp grows a step from 1 micro-batch to --grad-accum, from --batch-size x processes to "
                             "the global batch)")
+        if self.then is not None:
+            try:
+                second = self.second_phase()
+            except BertkitError as e:
+                problems.append(str(e).removeprefix("pretrain config: "))
+            else:
+                if OBJECTIVES[second.objective].causal != OBJECTIVES[self.objective].causal:
+                    problems.append(f"then objective={second.objective} after objective={self.objective} (expected "
+                                    "both phases left-to-right or neither: a causal model attends otherwise)")
         if problems:
             raise BertkitError("pretrain config: " + "; ".join(problems))
+
+    def second_phase(self) -> PretrainConfig | None:
+        """The settings of --then's phase: this run's, with --then's replacing them (None without --then)."""
+        if self.then is None:
+            return None
+        settings = then_settings(self.then)
+        try:
+            return dataclasses.replace(self, **settings, then=None, stop_at=None, batch_ramp=0.0)
+        except BertkitError as e:
+            raise BertkitError(f"then={' '.join(self.then)}: {str(e).removeprefix('pretrain config: ')}") from None
+
+
+def then_settings(items: list[str]) -> dict:
+    """--then's KEY=VALUE items as typed PretrainConfig fields (a key may be written with dashes)."""
+    hints = typing.get_type_hints(PretrainConfig)
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in THEN_KEYS:
+            raise BertkitError(f"then={item!r} (expected KEY=VALUE, KEY one of {', '.join(THEN_KEYS)})")
+        if key in settings:
+            raise BertkitError(f"then={item!r} (expected each key once; {key} is given twice)")
+        kind = hints[key]
+        if typing.get_origin(kind) is Literal:
+            if value not in typing.get_args(kind):
+                raise BertkitError(f"then={item!r} (expected {key} one of {', '.join(typing.get_args(kind))})")
+            settings[key] = value
+            continue
+        try:
+            settings[key] = kind(value)
+        except ValueError:
+            raise BertkitError(f"then={item!r} (expected {'a whole' if kind is int else 'a'} number)") from None
+    if "max_steps" not in settings:
+        raise BertkitError(f"then={' '.join(items)} (expected max_steps=N among them: the second phase's steps)")
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,6 +545,26 @@ class Position:
     train_seconds: float = 0.0  # loading and stepping, summed over every resume (evaluation and saving left out)
 
 
+@dataclass
+class Phase:
+    """A stretch of the run with its own settings, optimizer and schedule: the run's flags up to --max-steps (or
+    --stop-at), then --then's. Steps are counted over the whole run; a phase's optimizer counts its own."""
+
+    cfg: PretrainConfig
+    index: int
+    first_step: int  # the run's steps before this phase
+    end: int  # the run's step this phase stops after
+
+    def __str__(self) -> str:
+        return f"phase {self.index + 1}, steps {self.first_step + 1}-{self.end}"
+
+
+def phases(cfg: PretrainConfig) -> list[Phase]:
+    first = Phase(cfg, 0, 0, cfg.stop_at or cfg.max_steps)
+    second = cfg.second_phase()
+    return [first] + ([Phase(second, 1, first.end, first.end + second.max_steps)] if second else [])
+
+
 def find_resume(cfg: PretrainConfig, checkpoints: Path) -> Path | None:
     """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a run by accident.
 
@@ -655,13 +736,22 @@ def saved_config(cfg: PretrainConfig) -> dict:
 
 
 def check_model(cfg: PretrainConfig) -> None:
-    """Raise unless --model is a preset or a readable config.json: said before a vocabulary is trained (or an
-    ablation grid's corpus prepared) for a model that cannot be built."""
+    """Raise unless --model is a preset or a readable config.json, and --then's length fits its positions: said
+    before a vocabulary is trained (or an ablation grid's corpus prepared, or a first phase trained) for a model
+    that cannot be built."""
+    config = None
     if cfg.model_dir is None and cfg.model not in PRESETS:
         if not Path(cfg.model).exists():
             raise BertkitError(f"--model {cfg.model}: neither a preset nor a file; expected one of "
                                f"{', '.join(PRESETS)} or the path of a config.json")
-        BertConfig.load(cfg.model)
+        config = BertConfig.load(cfg.model)
+    second = cfg.second_phase()
+    if second is not None and second.max_length > cfg.max_length:
+        config = config or (BertConfig.from_preset(cfg.model) if cfg.model_dir is None else BertConfig.load(cfg.model))
+        if second.max_length > config.max_position_embeddings:
+            raise BertkitError(f"--then max_length={second.max_length}; expected at most the model's "
+                               f"max_position_embeddings ({config.max_position_embeddings}), or a longer model from "
+                               "`bertkit extend`")
 
 
 def _pretrain(cfg: PretrainConfig, d: Distributed) -> dict:
@@ -689,7 +779,9 @@ class Run:
     """Everything the loop needs, built by `set_up`: the model (and its DDP wrapper), optimizer, schedule,
     precision, batches, held-out loader, logger, the position reached, and how to evaluate and save."""
 
-    cfg: PretrainConfig
+    cfg: PretrainConfig  # the phase's settings
+    plan: list[Phase]
+    phase: Phase
     d: Distributed
     run_dir: Path
     resumed_from: Path | None
@@ -712,6 +804,7 @@ class Run:
     # uninterrupted run logs, not one of the steps since the checkpoint alone
     window: torch.Tensor = None  # set_up gives it
     window_seconds: float = 0.0
+    started_from: Path | None = None  # the checkpoint that ended the phase before, when this phase starts from it
 
     @property
     def checkpoints(self) -> Path:
@@ -720,7 +813,9 @@ class Run:
     def evaluate(self) -> dict:
         result = evaluate(self.model, self.held_out, self.precision, self.top_token, self.cfg.objective, self.d)
         self.log.log("eval", self.pos.step, result)
-        self.log.plot(keys=("loss", "masked_lm_accuracy", OBJECTIVES[self.cfg.objective].metric or "masked_lm_loss"))
+        sentence = [m for m in dict.fromkeys(OBJECTIVES[p.cfg.objective].metric for p in self.plan) if m]
+        self.log.plot(keys=("loss", "masked_lm_accuracy", *(sentence or ["masked_lm_loss"])),
+                      marks={p.first_step: f"phase {p.index + 1}" for p in self.plan[1:]})
         return result
 
     def save(self) -> Path:
@@ -730,6 +825,7 @@ class Run:
         payload = training_state(self.pos, self.optimizer, self.scheduler, self.precision, self.signature, self.cfg,
                                  self.d)
         payload["log_window"] = log_window(self)
+        payload["phase"] = self.phase.index
 
         def write() -> Path:
             path = save_checkpoint(self.checkpoints, self.pos.step, self.model, self.tokenizer, payload)
@@ -739,9 +835,13 @@ class Run:
         return distributed.run_on_main(write, self.d)  # a failed save (a full disk) stops every rank with its error
 
 
-def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> Run:
-    """The vocabulary and data (built when not given), the model, optimizer, schedule and precision, restored from
-    `resume_from` when given; the logs cut back to the checkpoint's step."""
+def set_up(plan: list[Phase], index: int, d: Distributed, run_dir: Path, resume_from: Path | None,
+           start: Path | None = None) -> Run:
+    """Phase `index` of the run: the vocabulary and data (built when not given), the model, optimizer, schedule and
+    precision, restored from `resume_from` (a checkpoint of this phase) when given, else fresh from the weights of
+    `start` (the checkpoint that ended the phase before) or of --model-dir; the logs cut back to the step."""
+    phase = plan[index]
+    cfg = phase.cfg
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.data.shards import PreparedCorpus
     from bertkit.tokenizer import Tokenizer
@@ -768,11 +868,15 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
         model.bert.pooler.requires_grad_(False)
         model.cls.seq_relationship.requires_grad_(False)
     state = None
-    if cfg.model_dir is not None and resume_from is None:  # the starting weights; heads it lacks are new
-        load_state_dict_into(model, read_state_dict(cfg.model_dir), source=cfg.model_dir)
-    if resume_from is not None:
-        load_state_dict_into(model, read_state_dict(resume_from), source=str(resume_from))
-        state = load_training_state(resume_from / TRAINING_STATE_NAME)
+    weights = resume_from or start or cfg.model_dir  # a --model-dir lacking a head leaves it new
+    if weights is not None:
+        load_state_dict_into(model, read_state_dict(weights), source=str(weights))
+    if resume_from or start:
+        state = load_training_state(Path(resume_from or start) / TRAINING_STATE_NAME)
+        saved_phase, want = state.get("phase", 0), index if resume_from else index - 1
+        if saved_phase != want:
+            raise BertkitError(f"{resume_from or start}: saved in phase {saved_phase + 1} of its run; expected phase "
+                               f"{want + 1} at step {state['step']}: the run's own --max-steps, --stop-at and --then")
     model.to(d.device)
     if cfg.compile:
         compile_blocks(model, cfg.compile_mode)
@@ -782,19 +886,18 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
     else:
         scheduler = warmup_linear(optimizer, warmup_steps_for(cfg.max_steps, cfg.warmup), cfg.max_steps)
     precision = resolve(cfg.precision, d.device)
-    if state is not None:
+    if resume_from is not None:
         pos = restore(state, resume_from, optimizer, scheduler, precision, signature, d)
-    else:
-        pos = Position()
+    else:  # the phase's data from its start, the run's step and training time where the phase before left them
+        pos = Position(phase.first_step, train_seconds=state.get("train_seconds", 0.0) if state else 0.0)
         torch.manual_seed(cfg.seed * 65536 + d.rank + 1)  # dropout: a stream per process
-    if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
-        write_json(run_dir / CONFIG_NAME, saved_config(cfg))
-        newer = set_aside_newer(run_dir / "checkpoints", pos.step) if resume_from is not None else []
+    if d.is_main and (resume_from or start):  # once the run is sure to go on, so a refused resume changes nothing
+        newer = set_aside_newer(run_dir / "checkpoints", pos.step)
         if newer:
             logger.warning("%s: resumed from step %d: the later checkpoints %s continue another run and were moved "
                            "aside (renamed .abandoned-...), so that --resume auto continues this one", run_dir,
                            pos.step, ", ".join(newer))
-    log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if resume_from is not None else None)
+    log = RunLogger(run_dir, enabled=d.is_main, purge_step=pos.step + 1 if pos.step else None)
     reached = log.truncate(pos.step)
     if reached is not None:
         logger.warning("%s: the logs reach step %d, past the checkpoint at step %d: the rows after it are logged "
@@ -804,30 +907,34 @@ def set_up(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
                                + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
                                + "; --resume auto continues from the last checkpoint (or starts over if none "
                                "was saved)")
-    run = Run(cfg, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer, scheduler,
-              precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
+    run = Run(cfg, plan, phase, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer,
+              scheduler, precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
               most_frequent_token(train_set), signature, log, bad_steps, pos, len(train_set),
-              torch.zeros(len(SUMS), device=d.device))
-    if state is not None:
+              torch.zeros(len(SUMS), device=d.device), started_from=start)
+    if resume_from is not None:
         restore_log_window(state, run)
     return run
 
 
 def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path | None) -> dict:
-    run = set_up(cfg, d, run_dir, resume_from)
-    if d.is_main:
-        n = run.model.num_parameters()
-        print(f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
-              f"global batch {run.batches.global_batch} ({d.world_size} process(es) x {cfg.grad_accum} x "
-              f"{cfg.batch_size})" + (f" after a ramp over {run.batches.ramp_steps} steps" if run.batches.ramp_steps
-                                      else "")
-              + f", {cfg.max_steps} steps" + (f" (stopping after step {cfg.stop_at})" if cfg.stop_at else "")
-              + f", {torch.get_num_threads()} torch thread(s); run folder {run_dir}"
-              + (f"; resuming at step {run.pos.step} from {resume_from}" if resume_from else ""))
-    try:
-        final, path, train_row = loop(run)
-    finally:
-        run.log.close()
+    plan = phases(cfg)
+    reached = checkpoint_step(resume_from) if resume_from is not None else 0
+    index = next((p.index for p in plan if reached < p.end), len(plan) - 1)
+    # a checkpoint at a phase's first step is the one that ended the phase before: this one starts from its weights
+    start = resume_from if index and reached == plan[index].first_step else None
+    run = set_up(plan, index, d, run_dir, None if start else resume_from, start)
+    if d.is_main:  # written once the run is sure to start, so a refused resume leaves the folder as it was
+        write_json(run_dir / CONFIG_NAME, saved_config(cfg))
+    while True:
+        if d.is_main:
+            print(describe(run))
+        try:
+            final, path, train_row = loop(run)
+        finally:
+            run.log.close()
+        if run.phase is plan[-1]:
+            break
+        run = set_up(plan, run.phase.index + 1, d, run_dir, None, start=path)
     if d.is_main:
         shown = {k: round(v, 4) for k, v in final.items()}
         print(f"step {run.pos.step}: held-out {shown}; model {path}; loss curve {run_dir / 'loss_curve.png'}")
@@ -835,14 +942,32 @@ def _train(cfg: PretrainConfig, d: Distributed, run_dir: Path, resume_from: Path
             "out_dir": str(run_dir), "skipped_steps": run.bad_steps.total, "train_seconds": run.pos.train_seconds}
 
 
+def describe(run: Run) -> str:
+    """What the run (or its phase) is about to do, in a line."""
+    cfg, phase = run.cfg, run.phase
+    n = run.model.num_parameters()
+    if len(run.plan) == 1:
+        steps = f", {cfg.max_steps} steps" + (f" (stopping after step {cfg.stop_at})" if cfg.stop_at else "")
+    else:
+        steps = f", {phase} of {run.plan[-1].end} ({cfg.objective}, length {cfg.max_length}, {cfg.max_steps} steps"
+        steps += (f", stopping after {cfg.stop_at}" if cfg.stop_at else "") + ")"
+    return (f"pretraining {cfg.model} ({n / 1e6:.1f}M parameters) on {run.examples_per_epoch:,} examples an epoch, "
+            f"global batch {run.batches.global_batch} ({run.d.world_size} process(es) x {cfg.grad_accum} x "
+            f"{cfg.batch_size})" + (f" after a ramp over {run.batches.ramp_steps} steps" if run.batches.ramp_steps
+                                    else "")
+            + steps + f", {torch.get_num_threads()} torch thread(s); run folder {run.run_dir}"
+            + (f"; resuming at step {run.pos.step} from {run.resumed_from}" if run.resumed_from else "")
+            + (f"; from the weights of {run.started_from}" if run.started_from else ""))
+
+
 def loop(run: Run) -> tuple[dict, Path, dict]:
-    """Train from `run.pos` to --max-steps (or --stop-at): log every --log-every steps, evaluate every --eval-every,
+    """Train from `run.pos` to the end of its phase: log every --log-every steps, evaluate every --eval-every,
     save every --save-every and at the end (or on Ctrl-C or SIGTERM). Returns the final held-out metrics, the last checkpoint
     and the last training row."""
     cfg, d, pos = run.cfg, run.d, run.pos
-    end = cfg.stop_at or cfg.max_steps
+    end = run.phase.end
     window = run.window  # and run.window_seconds: loading and stepping since the last row (evaluation, saving left out)
-    steps = run.batches(pos.epoch, pos.step, pos.example_in_epoch)
+    steps = run.batches(pos.epoch, pos.step - run.phase.first_step, pos.example_in_epoch)
     last_saved = pos.step if run.resumed_from is not None else None
     train_row: dict = {}
     task = OBJECTIVES[cfg.objective]
