@@ -779,9 +779,8 @@ class Run:
     """Everything the loop needs, built by `set_up`: the model (and its DDP wrapper), optimizer, schedule,
     precision, batches, held-out loader, logger, the position reached, and how to evaluate and save."""
 
-    cfg: PretrainConfig  # the phase's settings
     plan: list[Phase]
-    phase: Phase
+    phase: Phase  # the one under way
     d: Distributed
     run_dir: Path
     resumed_from: Path | None
@@ -805,6 +804,11 @@ class Run:
     window: torch.Tensor = None  # set_up gives it
     window_seconds: float = 0.0
     started_from: Path | None = None  # the checkpoint that ended the phase before, when this phase starts from it
+
+    @property
+    def cfg(self) -> PretrainConfig:
+        """The settings of the phase under way."""
+        return self.phase.cfg
 
     @property
     def checkpoints(self) -> Path:
@@ -840,11 +844,12 @@ def set_up(plan: list[Phase], index: int, d: Distributed, run_dir: Path, resume_
     """Phase `index` of the run: the vocabulary and data (built when not given), the model, optimizer, schedule and
     precision, restored from `resume_from` (a checkpoint of this phase) when given, else fresh from the weights of
     `start` (the checkpoint that ended the phase before) or of --model-dir; the logs cut back to the step."""
-    phase = plan[index]
-    cfg = phase.cfg
     from bertkit.data.pretraining import PretrainingDataset
     from bertkit.data.shards import PreparedCorpus
     from bertkit.tokenizer import Tokenizer
+
+    phase = plan[index]
+    cfg = phase.cfg
 
     tokenizer_dir, data_dir = distributed.run_on_main(lambda: build_inputs(cfg, run_dir, resume_from is None), d)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
@@ -907,7 +912,7 @@ def set_up(plan: list[Phase], index: int, d: Distributed, run_dir: Path, resume_
                                + (", bf16 or fp32 instead of fp16" if cfg.precision == "fp16" else "")
                                + "; --resume auto continues from the last checkpoint (or starts over if none "
                                "was saved)")
-    run = Run(cfg, plan, phase, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer,
+    run = Run(plan, phase, d, run_dir, resume_from, tokenizer, model, distributed.wrap(model, d), optimizer,
               scheduler, precision, batches, eval_loader(eval_set, cfg.batch_size, cfg.eval_batches, d),
               most_frequent_token(train_set), signature, log, bad_steps, pos, len(train_set),
               torch.zeros(len(SUMS), device=d.device), started_from=start)
