@@ -281,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, PerplexityConfig)
     p.set_defaults(func=cmd_perplexity)
 
+    from bertkit.tasks.embed import EmbedConfig
+
+    p = sub.add_parser(
+        "embed",
+        help="vectors of texts from a model's layers: sentence embeddings, or the paper's feature-based features",
+        description="Read one text per line (or text<TAB>pair) and write its vector: the mean over its tokens of "
+        "the last layer (--pool mean, sentence-transformers' reading of all-MiniLM-L6-v2; with --normalize its "
+        "embeddings), [CLS]'s (--pool cls), or a vector per token (--pool tokens, Google's extract_features.py); "
+        "from any --layers, concatenated or summed (the paper's feature-based approach, Table 7: --layers -1 -2 -3 "
+        "-4). A .npy --out holds an N x D float32 array, row i for line i; otherwise JSON lines, one per input "
+        'line: {"line", "text", "embedding"} or {"line", "text", "tokens", "vectors"}. A blank line, a line that '
+        "is not UTF-8, or a mix of single texts and pairs stops with an error naming the line (exit status 2).",
+    )
+    add_dataclass_args(p, EmbedConfig)
+    p.set_defaults(func=cmd_embed)
+
     from bertkit.data.longdoc import LongDocConfig
 
     p = sub.add_parser(
@@ -441,6 +457,15 @@ def cmd_perplexity(args) -> None:
         print(f"{name}: masked-LM loss {r['masked_lm_loss']:.4f}, perplexity {r['perplexity']:.2f}, accuracy "
               f"{100 * r['accuracy']:.2f}% over {r['masked_tokens']:,} masked tokens in {r['sequences']} sequences of "
               f"{r['tokens_per_sequence']:.0f} tokens on average")
+
+
+def cmd_embed(args) -> None:
+    from bertkit.tasks.embed import EmbedConfig, embed, json_line
+
+    config = dataclass_from_args(EmbedConfig, args)
+    records = embed(config)
+    if not config.out:
+        sys.stdout.writelines(json_line(r) for r in records)
 
 
 def cmd_longdoc(args) -> None:

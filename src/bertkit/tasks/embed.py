@@ -1,0 +1,202 @@
+"""Vectors from a model's layers (`bertkit embed`): the features of the paper's feature-based approach (section 5.3,
+Table 7; Google's extract_features.py) and sentence embeddings (the mean of the last layer, as sentence-transformers
+reads all-MiniLM-L6-v2).
+
+Any BERT folder works (pretrained, fine-tuned, converted, a Hub id): its encoder runs, its heads are not used. Each
+text (or text<TAB>pair) line gives one vector, [CLS]'s or the mean over its tokens ([CLS] and [SEP] included), or a
+vector per token; from one layer or several, concatenated or summed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bertkit.config import option
+from bertkit.errors import BertkitError
+
+logger = logging.getLogger("bertkit")
+
+
+@dataclass
+class EmbedConfig:
+    """`bertkit embed`: the command's arguments."""
+
+    model_dir: str = option("", "a model folder (pretrained, fine-tuned or converted: its encoder is used, its heads "
+                            "are not) or a Hub model id", positional=True)
+    input: str = option("-", "text or text<TAB>pair lines, UTF-8 (default: standard input)", positional=True)
+    out: str | None = option(None, "a .npy file (an N x D float32 array, row i for line i) or a .jsonl file; unset: "
+                             "JSON lines on standard output")
+    pool: Literal["mean", "cls", "tokens"] = option("mean", "a vector per line, the mean over its tokens ([CLS] and "
+                                                    "[SEP] included, as sentence-transformers) or [CLS]'s, or a vector "
+                                                    "per token (JSON lines only)")
+    layers: list[int] = option([-1], "which layers' outputs: 0 is the embeddings, 1 the first block, -1 the last "
+                               "(the paper's best features: -1 -2 -3 -4)")
+    combine: Literal["concat", "sum"] = option("concat", "several --layers: concatenated (D = layers x hidden) or "
+                                               "summed, as Table 7's rows")
+    normalize: bool = option(False, "scale each vector to length 1, so a dot product is the cosine similarity")
+    max_length: int | None = option(None, "tokens per line, [CLS] and [SEP] included (default: the model's "
+                                    "positions, 512 for BERT); longer lines are cut (a pair longest first) and "
+                                    "counted in a warning")
+    batch_size: int = option(32, "lines per forward pass")
+    threads: int | None = option(None, "CPU threads for torch (default: the cores the load average leaves idle)")
+    device: str = option("auto", "cpu, cuda, cuda:N, mps or auto")
+
+    def __post_init__(self):
+        try:
+            self.layers = [int(layer) for layer in self.layers]
+        except (TypeError, ValueError):
+            raise BertkitError(f"--layers {' '.join(map(str, self.layers))}: expected whole numbers such as -1 -2 "
+                               "-3 -4") from None
+        sizes = {"max_length": self.max_length, "batch_size": self.batch_size}
+        problems = [f"--{name.replace('_', '-')} {value} (expected a positive number)"
+                    for name, value in sizes.items() if value is not None and value < 1]
+        if not self.layers:
+            problems.append("--layers: none given (expected one or more, such as -1)")
+        if self.pool == "tokens" and self.out and Path(self.out).suffix.lower() == ".npy":
+            problems.append(f"--out {self.out} with --pool tokens (a vector per token: expected a .jsonl file)")
+        if problems:
+            raise BertkitError("embed: " + "; ".join(problems))
+
+
+def layer_indices(layers: Sequence[int], num_layers: int) -> list[int]:
+    """--layers as indices into the L + 1 outputs (embeddings first), checked against the model's L blocks."""
+    wrong = [layer for layer in layers if not -num_layers - 1 <= layer <= num_layers]
+    if wrong:
+        raise BertkitError(f"--layers {' '.join(map(str, wrong))}: the model has {num_layers} blocks; expected "
+                           f"{-num_layers - 1} to {num_layers} (0: the embeddings; -1 or {num_layers}: the last block)")
+    return [layer % (num_layers + 1) for layer in layers]
+
+
+@torch.no_grad()
+def embed_rows(model, rows: list[dict], layers: Sequence[int], pool: str = "mean", combine: str = "concat",
+               normalize: bool = False, batch_size: int = 32, pad_id: int = 0) -> list[torch.Tensor]:
+    """One float32 CPU tensor per row ({"input_ids", "token_type_ids"}, unpadded): (D,) pooled, or (T, D) for
+    pool="tokens"; `layers` index the L + 1 outputs, embeddings first. The model is a BertModel."""
+    from bertkit.data.batching import collate, sorted_batches
+    from bertkit.tasks.inference import to_device
+
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    lengths = [len(row["input_ids"]) for row in rows]
+    for indices in sorted_batches(lengths, batch_size):
+        batch = to_device(collate([rows[i] for i in indices], pad_id), device)
+        mask = batch["attention_mask"]
+        states: list[torch.Tensor] = []
+        _, layout = model.encode(batch["input_ids"], batch["token_type_ids"], mask, states=states)
+        chosen = [layout.pad(states[i]).float() for i in layers]  # (B, T, H) each, zeros at padding
+        hidden = torch.cat(chosen, -1) if combine == "concat" else torch.stack(chosen).sum(0)
+        if pool == "mean":
+            vectors = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        elif pool == "cls":
+            vectors = model.summary(hidden, mask)  # [CLS]; a left-to-right model's last token
+        else:
+            vectors = hidden
+        if normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        for j, i in enumerate(indices):
+            out[i] = vectors[j, : lengths[i]].cpu() if pool == "tokens" else vectors[j].cpu()
+    return out
+
+
+def encode_lines(tokenizer, examples, max_length: int, source: str) -> list[dict]:
+    """Token ids per example; lines longer than `max_length` are cut (longest first) and counted in a warning."""
+    texts = [e.text_a for e in examples]
+    pairs = [e.text_b for e in examples] if examples[0].text_b is not None else None
+    encoded = tokenizer.encode_batch(texts, pairs, padding=False)
+    long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+    if long:
+        cut = tokenizer.encode_batch([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                                     max_length=max_length, padding=False)
+        for key in ("input_ids", "token_type_ids"):
+            for i, ids in zip(long, cut[key]):
+                encoded[key][i] = ids
+        logger.warning("%s: %d of %d lines are longer than --max-length %d tokens and were cut to it (the first: "
+                       "line %s)", source, len(long), len(examples), max_length, examples[long[0]].line)
+    return [{"input_ids": ids, "token_type_ids": types}
+            for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+
+
+def embed(config: EmbedConfig, inputs=None) -> list[dict]:
+    """Embed every line of `inputs` (a path, a binary stream or lines; default config.input) and write them to
+    config.out (if set); returns one record per line: the line number, the text (and pair), and "embedding", or
+    "tokens" and "vectors" for pool="tokens"."""
+    from bertkit.checkpoint import model_folder
+    from bertkit.model import BertModel
+    from bertkit.tasks.classification import is_blank, parse_lines, read_input_lines
+    from bertkit.tasks.finetune import resolve_device
+    from bertkit.tasks.inference import check_tokenizer
+    from bertkit.tokenizer import Tokenizer
+    from bertkit.train.distributed import torch_threads
+
+    directory = model_folder(config.model_dir)
+    source = str(config.input) if inputs is None else "<input>"
+    if inputs is None:
+        inputs = getattr(sys.stdin, "buffer", sys.stdin) if config.input == "-" else config.input
+        source = "<stdin>" if config.input == "-" else source
+    examples = parse_lines(read_input_lines(inputs, source), source)
+    blank = [e.line for e in examples if is_blank(e)]
+    if blank:
+        raise BertkitError(f"{source}:{blank[0]}: a blank line ({len(blank)} in all); expected a text on every line "
+                           "(row i of the output is line i's vector)")
+    device = resolve_device(config.device)
+    with torch_threads(config.threads):
+        tokenizer = Tokenizer.from_pretrained(directory)
+        model = BertModel.from_pretrained(directory).to(device)
+        check_tokenizer(tokenizer, model.config, directory)
+        layers = layer_indices(config.layers, model.config.num_hidden_layers)
+        max_length = config.max_length or model.config.max_position_embeddings
+        if max_length > model.config.max_position_embeddings:
+            raise BertkitError(f"--max-length {max_length}; expected at most the model's "
+                               f"{model.config.max_position_embeddings} positions")
+        rows = encode_lines(tokenizer, examples, max_length, source)
+        vectors = embed_rows(model, rows, layers, config.pool, config.combine, config.normalize, config.batch_size,
+                             tokenizer.pad_id)
+    records, vocab = [], tokenizer.vocab()
+    for example, row, vector in zip(examples, rows, vectors):
+        record = {"line": example.line, "text": example.text_a}
+        record |= {"pair": example.text_b} if example.text_b is not None else {}
+        if config.pool == "tokens":
+            record |= {"tokens": [vocab[i] for i in row["input_ids"]], "vectors": vector}
+        else:
+            record["embedding"] = vector
+        records.append(record)
+    if config.out:
+        write(records, Path(config.out))
+    return records
+
+
+def json_line(record: dict) -> str:
+    """A record as a JSON line, its vectors' floats to 6 decimals (as extract_features.py writes them)."""
+    def rounded(v):
+        return [rounded(x) for x in v] if isinstance(v, list) else round(v, 6)
+
+    return json.dumps({k: rounded(v.tolist()) if isinstance(v, torch.Tensor) else v for k, v in record.items()},
+                      ensure_ascii=False) + "\n"
+
+
+def write(records: list[dict], out: Path) -> None:
+    """.npy: the vectors stacked, row i for line i; else JSON lines, floats to 6 decimals (as extract_features.py)."""
+    from bertkit.checkpoint import atomic_write
+
+    def npy(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a path would get ".npy" appended
+            np.save(f, torch.stack([r["embedding"] for r in records]).numpy())
+
+    def lines(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json_line(r) for r in records)
+
+    try:
+        atomic_write(out, npy if out.suffix.lower() == ".npy" else lines)
+    except OSError as e:
+        raise BertkitError(f"{out}: cannot write ({e.strerror or e}); expected a file path for --out") from None
