@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from bertkit import (BertConfig, BertForMultipleChoice, BertForQuestionAnswering, BertForTokenClassification,
                      BertkitError)
@@ -529,3 +530,41 @@ def test_a_client_may_connect_as_soon_as_the_address_is_known():
             pass
     finally:
         sock.close()
+
+
+def test_an_encoder_is_served_as_vectors_equal_to_bertkit_embed(minilm_dir):
+    """all-MiniLM-L6-v2 (a BertModel folder, no head): each input's vector, as `bertkit embed` gives it, singles and
+    pairs in one request; the metadata says what the vectors are."""
+    from bertkit.tasks.embed import EmbedConfig, embed
+
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
+
+    async def test(client, app):
+        answer = await client.post("/predict", json={"inputs": [*texts, {"text": texts[0], "pair": texts[1]}]})
+        return answer, (await client.get("/metadata")).json()
+
+    answer, metadata = served(str(minilm_dir), test, normalize=True)
+    assert answer.status_code == 200, answer.text
+    vectors = [p["embedding"] for p in answer.json()["predictions"]]
+    expected = embed(EmbedConfig(model_dir=str(minilm_dir), normalize=True), inputs=texts)
+    expected += embed(EmbedConfig(model_dir=str(minilm_dir), normalize=True), inputs=[f"{texts[0]}\t{texts[1]}"])
+    for got, want in zip(vectors, expected, strict=True):
+        assert got == pytest.approx(want["embedding"].tolist(), abs=1e-6)
+    assert metadata["kind"] == "embedding" and metadata["dimension"] == 384 and metadata["normalize"] is True
+    assert metadata["max_length"] == 512 and metadata["pool"] == "mean"
+
+
+def test_embed_serves_a_classifiers_encoder_cls_vectors(folders):
+    from bertkit import BertModel, Tokenizer
+
+    async def test(client, app):
+        return await client.post("/predict", json={"inputs": ["the movie was good", "bad"]})
+
+    answer = served(folders["classifier"], test, embed=True, pool="cls")
+    encoder, tokenizer = BertModel.from_pretrained(folders["classifier"]).eval(), Tokenizer.from_pretrained(
+        folders["classifier"])
+    for text, prediction in zip(["the movie was good", "bad"], answer.json()["predictions"], strict=True):
+        batch = tokenizer.encode_batch([text], return_tensors="pt")
+        with torch.no_grad():
+            cls = encoder(batch["input_ids"], batch["token_type_ids"]).last_hidden_state[0, 0]
+        assert prediction["embedding"] == pytest.approx(cls.tolist(), abs=1e-5)

@@ -1,4 +1,5 @@
-"""`bertkit serve`: a fine-tuned model folder behind an HTTP JSON API, with requests run in dynamic batches.
+"""`bertkit serve`: a fine-tuned model folder (or an encoder's vectors) behind an HTTP JSON API, with requests run in
+dynamic batches.
 
     POST /predict   {"inputs": ...}  ->  {"predictions": [...]}, one per input, in order
     GET  /health    status, inputs waiting, batches and inputs run so far
@@ -29,6 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -52,8 +54,8 @@ KINDS = {QA: "question-answering", TAGGER: "tagging", CHOICE: "multiple-choice"}
 class ServeConfig:
     """`bertkit serve`: the CLI's flags are these fields."""
 
-    model_dir: str = option("", "a fine-tuned model folder (or Hub model id): a classifier, a regressor or a QA "
-                            "model")
+    model_dir: str = option("", "a fine-tuned model folder (or Hub model id): a classifier, a regressor, a tagger, "
+                            "a QA or a multiple-choice model; or any encoder, for its vectors")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = option(8000, "port to listen on (0: any free port, printed at start)")
     int8: bool = option(False, "run the model in int8 (dynamic quantization of its linear layers, CPU only)")
@@ -69,6 +71,12 @@ class ServeConfig:
     device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto (int8 runs on the CPU only)")
     shutdown_timeout: float = option(30.0, "on SIGTERM or Ctrl-C, seconds to finish the requests in flight "
                                      "(those still running then are answered 503)")
+    embed: bool = option(False, "answer each input with its vector ({\"embedding\": [...]}, as `bertkit embed` "
+                         "computes it) instead of the model's head; a folder without a fine-tuned head (an encoder "
+                         "such as all-MiniLM-L6-v2, a pretraining checkpoint) is always served so")
+    pool: Literal["mean", "cls"] = option("mean", "vectors: the mean of the last layer over the input's tokens, or "
+                                          "[CLS]'s")
+    normalize: bool = option(False, "vectors: scaled to length 1, so that a dot product is the cosine similarity")
 
     def check(self) -> None:
         """Raise on values no server can use, and on a model folder that is not there, before anything is loaded."""
@@ -113,15 +121,18 @@ class Predictor:
     QA models take {"question": ..., "context": ...} (and an optional "id", echoed back); multiple-choice models
     {"context": ..., "endings": [...], "lead"?: ...}. Results are the ones `bertkit predict` prints: {"label",
     "probability"}, {"score"}, {"words", "tags", "entities"}, {"answer"} (v2.0: with "null_odds"), {"choice",
-    "ending", "probabilities"}.
+    "ending", "probabilities"}. An encoder without a fine-tuned head (or any folder, with `embed`) takes texts and
+    pairs and gives {"embedding"}, as `bertkit embed` (its last layer, `pool`ed, `normalize`d).
     """
 
     def __init__(self, model_dir, int8: bool = False, max_length: int | None = None, batch_size: int = 32,
-                 device: str = "cpu", max_text_chars: int = 20_000):
+                 device: str = "cpu", max_text_chars: int = 20_000, embed: bool = False, pool: str = "mean",
+                 normalize: bool = False):
         from bertkit.tasks.choice import ChoiceTask
         from bertkit.tasks.classification import TextTask
         from bertkit.tasks.evaluation import _tuned_threshold
         from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
+        from bertkit.model import BertModel
         from bertkit.tasks.inference import check_tokenizer
         from bertkit.tasks.squad import SquadTask
         from bertkit.tasks.tagging import TaggingTask
@@ -130,12 +141,13 @@ class Predictor:
         directory = model_folder(model_dir)
         model_config = BertConfig.load(directory)
         architectures = model_config.extra.get("architectures") or [CLASSIFIER]
-        if not {QA, CLASSIFIER, TAGGER, CHOICE} & set(architectures):
-            raise BertkitError(f"{directory}/config.json: architecture {', '.join(architectures)}; expected a "
-                               f"fine-tuned {CLASSIFIER}, {TAGGER}, {QA} or {CHOICE}")
         self.directory, self.int8, self.max_text_chars = directory, int8, max_text_chars
-        self.kind = next((kind for name, kind in KINDS.items() if name in architectures),
-                         "regression" if model_config.num_labels == 1 else "classification")
+        self.pool, self.normalize = pool, normalize
+        if embed or not {QA, CLASSIFIER, TAGGER, CHOICE} & set(architectures):  # no head to serve: its vectors
+            self.kind = "embedding"
+        else:
+            self.kind = next((kind for name, kind in KINDS.items() if name in architectures),
+                             "regression" if model_config.num_labels == 1 else "classification")
         self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
         if self.kind in ("question-answering", "multiple-choice") and not self.pairs:
             what = "the question and its context" if self.kind == "question-answering" else "a sentence and an ending"
@@ -150,6 +162,8 @@ class Predictor:
         )
         if max_length is not None:  # asked for: refused past the positions, as evaluate and predict refuse it
             check_max_length(self.config, model_config.max_position_embeddings)
+        elif self.kind == "embedding":  # an encoder's vectors read the whole text it can (as `bertkit embed`)
+            self.config.max_length = model_config.max_position_embeddings
         self.config.max_length = min(self.config.max_length, model_config.max_position_embeddings)  # a default
         if self.kind in ("classification", "tagging"):
             id2label = model_config.id2label or {i: f"LABEL_{i}" for i in range(model_config.num_labels)}
@@ -168,7 +182,8 @@ class Predictor:
             self.task = ChoiceTask()
         else:
             self.task = TextTask("serve", self.labels, ())
-        model = self.task.model_class.from_pretrained(directory).to(self.device).eval()
+        model_class = BertModel if self.kind == "embedding" else self.task.model_class
+        model = model_class.from_pretrained(directory).to(self.device).eval()
         if int8:
             from bertkit.quantize import to_int8
 
@@ -179,8 +194,9 @@ class Predictor:
         accepts = {"question-answering": '{"question": str, "context": str, "id"?: str}',
                    "tagging": 'str, or {"text": str}',
                    "multiple-choice": '{"context": str, "endings": [str, ...], "lead"?: str}'}.get(self.kind, 'str, or {"text": str, "pair"?: str}')
+        vectors = {"dimension": self.model.config.hidden_size, "pool": self.pool, "normalize": self.normalize}
         return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels,
-                "task": self.config.task,
+                **(vectors if self.kind == "embedding" else {}), "task": self.config.task,
                 "max_length": self.config.max_length, "int8": self.int8, "device": str(self.device),
                 "input": accepts}
 
@@ -275,6 +291,10 @@ class Predictor:
             if not indices:
                 continue
             group = [examples[i] for i in indices]
+            if self.kind == "embedding":
+                for i, vector in zip(indices, self._embed(group)):
+                    results[i] = {"embedding": vector.tolist()}
+                continue
             predictions, probabilities = self.task.predict(self.model, self.tokenizer, group, self.config, self.device)
             for i, p, probs in zip(indices, predictions, probabilities):
                 if self.kind == "regression":
@@ -282,6 +302,14 @@ class Predictor:
                 else:
                     results[i] = {"label": self.labels[int(p)], "probability": float(probs[int(p)])}
         return results
+
+    def _embed(self, examples: list[TextExample]) -> list[torch.Tensor]:
+        from bertkit.tasks.classification import encode
+        from bertkit.tasks.embed import embed_rows
+
+        rows = encode(examples, self.tokenizer, self.config.max_length, with_labels=False)  # cut at max_length
+        return embed_rows(self.model, rows, [-1], self.pool, normalize=self.normalize,
+                          batch_size=self.config.eval_batch_size, pad_id=self.tokenizer.pad_id)
 
     def _answer(self, examples: list[SquadExample]) -> list[dict]:
         # ids unique within the batch: requests' own ids may repeat, across requests and inside one
@@ -483,7 +511,8 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None):
     if predictor is None:
         predictor = Predictor(config.model_dir, int8=config.int8, max_length=config.max_length,
                               batch_size=config.max_batch_size, device=config.device,
-                              max_text_chars=config.max_text_chars)
+                              max_text_chars=config.max_text_chars, embed=config.embed, pool=config.pool,
+                              normalize=config.normalize)
     batcher = Batcher(predictor.run, config.max_batch_size, config.max_wait_ms / 1000, config.max_queue)
 
     async def predict(request):
