@@ -1341,3 +1341,26 @@ def test_heldout_curve_counts_each_phases_tokens_and_marks_the_phase_on_the_loss
     for ax in fig.axes:
         assert [tuple(line.get_xdata()) for line in ax.get_lines()][-1] == (5, 5)
         assert "phase 2" in [t.get_text() for t in ax.texts]
+
+
+def test_two_processes_run_both_phases_as_one_process_accumulating_two(inputs, tmp_path):
+    """Under torchrun the second phase wraps its new model (the sentence head now trained) in DDP again: the two
+    phases step as one process accumulating two micro-batches does (dropout off, as above)."""
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertConfig.from_preset("tiny", vocab_size=500, **no_dropout).save(tmp_path)
+    cfg = two_phases(inputs, tmp_path / "torchrun", model=str(tmp_path / "config.json"),
+                     then=["objective=mlm+nsp", "max_steps=4"])
+    pair = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "bertkit.cli", *flags(cfg)])
+    single = launch([sys.executable, "-c", RUN, *flags(cfg), "--out-dir", str(tmp_path / "single"), "--grad-accum", "2"])
+    finish(pair)
+    finish(single)
+    two, one = rows(tmp_path / "torchrun"), rows(tmp_path / "single")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [str(s) for s in range(1, 10)]
+    for r2, r1 in zip(two, one):
+        for key in ("loss", "masked_lm_accuracy", "next_sentence_accuracy"):
+            if r1.get(key):
+                assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-5, abs=1e-6), (r2["step"], key)
+    a, b = final_weights(tmp_path / "torchrun"), final_weights(tmp_path / "single")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
