@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ def texts(data: Path, sentences: int, paragraphs: int) -> dict[str, list[str]]:
 
 
 def bertkit_embed(model, tokenizer, items: list[str], max_length: int) -> np.ndarray:
-    rows = encode_lines(tokenizer, parse_lines(items), max_length, "<bench>")
+    rows, _ = encode_lines(tokenizer, parse_lines(items), max_length)
     vectors = embed_rows(model, rows, [-1], "mean", normalize=True, batch_size=32, pad_id=tokenizer.pad_id)
     return torch.stack(vectors).numpy()
 
@@ -59,7 +58,6 @@ def main() -> None:
     args = parser.parse_args()
     from sentence_transformers import SentenceTransformer
 
-    logging.getLogger("bertkit").setLevel(logging.ERROR)  # the paragraphs cut at --max-length, said every round
     data = Path(os.environ["BERTKIT_DATA"])
     model_dir = args.model or data / "checkpoints" / "all-MiniLM-L6-v2"
     ours, tokenizer = BertModel.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
@@ -79,7 +77,8 @@ def main() -> None:
                     started = time.perf_counter()
                     vectors[library] = run(items)
                     best[library] = min(best.get(library, float("inf")), time.perf_counter() - started)
-            tokens = sum(len(r["input_ids"]) for r in encode_lines(tokenizer, parse_lines(items), args.max_length, ""))
+            rows, _ = encode_lines(tokenizer, parse_lines(items), args.max_length)
+            tokens = sum(len(r["input_ids"]) for r in rows)
             row = {"texts": name, "count": len(items), "mean_tokens": round(tokens / len(items), 1),
                    "threads": threads, **{f"{k}_per_s": round(len(items) / v, 1) for k, v in best.items()},
                    "speedup": round(best["sentence-transformers"] / best["bertkit"], 2),

@@ -462,11 +462,13 @@ def cmd_perplexity(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from bertkit.tasks.embed import EmbedConfig, embed, json_line
+    from bertkit.tasks.embed import EmbedConfig, embed_stream, json_line, write
 
     config = dataclass_from_args(EmbedConfig, args)
-    records = embed(config)
-    if not config.out:
+    count, records = embed_stream(config)
+    if config.out:
+        write(records, Path(config.out), count)
+    else:
         sys.stdout.writelines(json_line(r) for r in records)
 
 

@@ -139,3 +139,20 @@ def test_int8_vectors_stay_close_to_float32s(minilm_dir):
     int8 = embed(EmbedConfig(model_dir=str(minilm_dir), normalize=True, device="cpu", int8=True), inputs=texts)
     cosine = [float(a["embedding"] @ b["embedding"]) for a, b in zip(fp32, int8, strict=True)]
     assert min(cosine) > 0.96 and max(cosine) < 0.99999  # close (0.969 at worst on all 872), and quantized indeed
+
+
+def test_long_inputs_are_embedded_and_written_chunk_by_chunk_as_in_one_piece(minilm_dir, tmp_path, monkeypatch):
+    """Chunks of 3 lines (4,096 in use): the .npy rows and the JSON lines are those of one chunk, in line order,
+    and a line cut in a later chunk is counted in the one warning."""
+    from bertkit.tasks import embed as module
+
+    texts = sst2_sentences(10)
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    whole = np.stack([r["embedding"].numpy() for r in embed(EmbedConfig(model_dir=str(minilm_dir)), inputs=texts)])
+    monkeypatch.setattr(module, "CHUNK", 3)
+    assert cli_main(["embed", str(minilm_dir), str(tmp_path / "in.txt"), "--out", str(tmp_path / "v.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), whole, atol=1e-6)
+    assert cli_main(["embed", str(minilm_dir), str(tmp_path / "in.txt"), "--out", str(tmp_path / "v.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in lines] == list(range(1, 11))
+    np.testing.assert_allclose(np.array([r["embedding"] for r in lines]), whole, atol=2e-6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -111,8 +111,8 @@ def embed_rows(model, rows: list[dict], layers: Sequence[int], pool: str = "mean
     return out
 
 
-def encode_lines(tokenizer, examples, max_length: int, source: str) -> list[dict]:
-    """Token ids per example; lines longer than `max_length` are cut (longest first) and counted in a warning."""
+def encode_lines(tokenizer, examples, max_length: int) -> tuple[list[dict], list[int]]:
+    """Token ids per example, and the indices of those longer than `max_length`, cut to it (a pair longest first)."""
     texts = [e.text_a for e in examples]
     pairs = [e.text_b for e in examples] if examples[0].text_b is not None else None
     encoded = tokenizer.encode_batch(texts, pairs, padding=False)
@@ -123,16 +123,21 @@ def encode_lines(tokenizer, examples, max_length: int, source: str) -> list[dict
         for key in ("input_ids", "token_type_ids"):
             for i, ids in zip(long, cut[key]):
                 encoded[key][i] = ids
-        logger.warning("%s: %d of %d lines are longer than --max-length %d tokens and were cut to it (the first: "
-                       "line %s)", source, len(long), len(examples), max_length, examples[long[0]].line)
-    return [{"input_ids": ids, "token_type_ids": types}
+    rows = [{"input_ids": ids, "token_type_ids": types}
             for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+    return rows, long
 
 
-def embed(config: EmbedConfig, inputs=None) -> list[dict]:
-    """Embed every line of `inputs` (a path, a binary stream or lines; default config.input) and write them to
-    config.out (if set); returns one record per line: the line number, the text (and pair), and "embedding", or
-    "tokens" and "vectors" for pool="tokens"."""
+# Lines tokenized and embedded at a time: their vectors are written before the next are made, so that memory does
+# not grow with the input.
+CHUNK = 4096
+
+
+def embed_stream(config: EmbedConfig, inputs=None) -> tuple[int, Iterator[dict]]:
+    """The number of lines of `inputs` (a path, a binary stream or lines; default config.input) and an iterator of
+    one record per line, in order, made chunk by chunk: the line number, the text (and pair), and "embedding", or
+    "tokens" and "vectors" for pool="tokens". The input, the model and the settings are checked before this
+    returns; lines longer than --max-length are counted in one warning at the end."""
     from bertkit.checkpoint import model_folder
     from bertkit.model import BertModel
     from bertkit.tasks.classification import is_blank, parse_lines, read_input_lines
@@ -140,6 +145,7 @@ def embed(config: EmbedConfig, inputs=None) -> list[dict]:
     from bertkit.tasks.inference import check_tokenizer
     from bertkit.tokenizer import Tokenizer
     from bertkit.train.distributed import torch_threads
+    from bertkit.train.logs import progress_bar
 
     directory = model_folder(config.model_dir)
     source = str(config.input) if inputs is None else "<input>"
@@ -165,21 +171,37 @@ def embed(config: EmbedConfig, inputs=None) -> list[dict]:
         if max_length > model.config.max_position_embeddings:
             raise BertkitError(f"--max-length {max_length}; expected at most the model's "
                                f"{model.config.max_position_embeddings} positions")
-        rows = encode_lines(tokenizer, examples, max_length, source)
-        vectors = embed_rows(model, rows, layers, config.pool, config.combine, config.normalize, config.batch_size,
-                             tokenizer.pad_id)
-    records, vocab = [], tokenizer.vocab()
-    for example, row, vector in zip(examples, rows, vectors):
-        record = {"line": example.line, "text": example.text_a}
-        record |= {"pair": example.text_b} if example.text_b is not None else {}
-        if config.pool == "tokens":
-            record |= {"tokens": [vocab[i] for i in row["input_ids"]], "vectors": vector}
-        else:
-            record["embedding"] = vector
-        records.append(record)
-    if config.out:
-        write(records, Path(config.out))
-    return records
+    vocab = tokenizer.vocab() if config.pool == "tokens" else None
+
+    def records() -> Iterator[dict]:
+        cut = []
+        bar = progress_bar(total=len(examples), desc="embed", unit="line", disable=len(examples) <= CHUNK)
+        with bar, torch_threads(config.threads):
+            for start in range(0, len(examples), CHUNK):
+                chunk = examples[start : start + CHUNK]
+                rows, long = encode_lines(tokenizer, chunk, max_length)
+                cut += [chunk[i].line for i in long]
+                vectors = embed_rows(model, rows, layers, config.pool, config.combine, config.normalize,
+                                     config.batch_size, tokenizer.pad_id)
+                for example, row, vector in zip(chunk, rows, vectors):
+                    record = {"line": example.line, "text": example.text_a}
+                    record |= {"pair": example.text_b} if example.text_b is not None else {}
+                    if vocab is not None:
+                        record |= {"tokens": [vocab[i] for i in row["input_ids"]], "vectors": vector}
+                    else:
+                        record["embedding"] = vector
+                    yield record
+                bar.update(len(chunk))
+        if cut:
+            logger.warning("%s: %d of %d lines are longer than --max-length %d tokens and were cut to it (the first: "
+                           "line %s)", source, len(cut), len(examples), max_length, cut[0])
+
+    return len(examples), records()
+
+
+def embed(config: EmbedConfig, inputs=None) -> list[dict]:
+    """`embed_stream`'s records as a list (to write them as they come, `write` the stream)."""
+    return list(embed_stream(config, inputs)[1])
 
 
 def json_line(record: dict) -> str:
@@ -191,13 +213,20 @@ def json_line(record: dict) -> str:
                       ensure_ascii=False) + "\n"
 
 
-def write(records: list[dict], out: Path) -> None:
-    """.npy: the vectors stacked, row i for line i; else JSON lines, floats to 6 decimals (as extract_features.py)."""
+def write(records: Iterable[dict], out: Path, count: int) -> None:
+    """The `count` records to `out` as they come, the file whole or not at all: .npy, the vectors as an N x D
+    float32 array, row i for line i; else JSON lines (`json_line`)."""
     from bertkit.checkpoint import atomic_write
 
     def npy(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a path would get ".npy" appended
-            np.save(f, torch.stack([r["embedding"] for r in records]).numpy())
+        array = None
+        for i, record in enumerate(records):
+            if array is None:  # the width is known from the first vector
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                  shape=(count, record["embedding"].numel()))
+            array[i] = record["embedding"].numpy()
+        array.flush()
+        del array  # the memory map closed before the file is renamed
 
     def lines(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
