@@ -5,7 +5,9 @@ tokenize, batches of similar length, the packed encoder, mean pooling, normalize
 (which also sorts by length, then pads each batch for transformers' encoder with SDPA attention). Both at batch 32,
 the same longest input, normalized vectors; model loading is left out of both. Two inputs: short sentences (SST-2
 train) and paragraphs (SQuAD v1.1 dev contexts, cut at --max-length). The rounds alternate the two libraries; each
-figure is the best round. The largest difference between the two's vectors is reported beside the speeds.
+figure is the best round. The largest difference between the two's vectors is reported beside the speeds, and what
+the vectors are worth: the Spearman correlation of the two sentences' cosine similarity with the gold score on STS-B
+dev (1,500 pairs), as sentence-transformers' own evaluation reads it, for mean and for [CLS] pooling.
 
     python benchmarks/embed_speed.py --threads 1 2 --out benchmarks/embed_speed.json
 """
@@ -43,6 +45,24 @@ def bertkit_embed(model, tokenizer, items: list[str], max_length: int) -> np.nda
     rows, _ = encode_lines(tokenizer, parse_lines(items), max_length)
     vectors = embed_rows(model, rows, [-1], "mean", normalize=True, batch_size=32, pad_id=tokenizer.pad_id)
     return torch.stack(vectors).numpy()
+
+
+def sts_spearman(data: Path, model_dir: Path) -> dict[str, float]:
+    """STS-B dev: Spearman x 100 of the cosine of each pair's vectors against the gold score, per pooling."""
+    from scipy.stats import spearmanr
+
+    from bertkit.tasks.embed import EmbedConfig, embed
+
+    rows = [line.split("\t") for line in (data / "glue" / "STS-B" / "dev.tsv").read_text(encoding="utf-8")
+            .splitlines()[1:]]
+    gold = [float(r[9]) for r in rows]
+    scores = {}
+    for pool in ("mean", "cls"):
+        config = EmbedConfig(model_dir=str(model_dir), pool=pool, normalize=True)
+        first, second = (torch.stack([r["embedding"] for r in embed(config, inputs=[row[i] for row in rows])])
+                         for i in (7, 8))
+        scores[pool] = round(100 * float(spearmanr((first * second).sum(1).numpy(), gold).statistic), 2)
+    return scores
 
 
 def main() -> None:
@@ -87,9 +107,11 @@ def main() -> None:
             print(row, flush=True)
     import sentence_transformers
 
+    sts = sts_spearman(data, model_dir)
+    print("STS-B dev Spearman of the cosine:", sts)
     result = {"machine": machine(), "sentence_transformers": sentence_transformers.__version__,
               "model": str(model_dir), "max_length": args.max_length, "batch_size": 32, "rounds": args.rounds,
-              "rows": rows}
+              "rows": rows, "stsb_dev_spearman": sts}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
