@@ -156,3 +156,17 @@ def test_long_inputs_are_embedded_and_written_chunk_by_chunk_as_in_one_piece(min
     lines = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert [r["line"] for r in lines] == list(range(1, 11))
     np.testing.assert_allclose(np.array([r["embedding"] for r in lines]), whole, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows, shown", [(4095, False), (4096, True)])
+def test_inference_shows_a_progress_bar_for_long_work_only(tmp_path, capsys, rows, shown):
+    """`infer` (predict, evaluate, scoring an epoch) draws a bar on standard error from 4,096 rows on: SQuAD's dev
+    set or a big predict file, not a served batch or a GLUE dev set."""
+    from bertkit import BertForSequenceClassification
+    from bertkit.tasks.inference import infer
+
+    model = BertForSequenceClassification.from_pretrained(save_tiny(tmp_path / "clf"))
+    logits = infer(model, [{"input_ids": [2, 40, 3], "token_type_ids": [0, 0, 0]}] * rows, 512, 0,
+                   torch.device("cpu"), ("logits",))["logits"]
+    assert logits.shape == (rows, 2)
+    assert ("inference" in capsys.readouterr().err) == shown

@@ -43,18 +43,23 @@ def infer(
     Per-token outputs, (B, T) or (B, T, C), of different batches are padded to `width` positions with the lowest
     float, the value the QA head gives padding, so they stack into one (N, width) or (N, width, C) tensor.
     """
+    from bertkit.train.logs import progress_bar
+
     check_segments(model.config, rows)
     model.eval()
     lengths = [row_length(r) for r in rows]
     results: dict[str, list] = {name: [None] * len(rows) for name in outputs}
-    for indices in sorted_batches(lengths, batch_size):
-        batch = collate([{k: rows[i][k] for k in ("input_ids", "token_type_ids")} for i in indices], pad_id)
-        out = model(**to_device(batch, device))
-        for name in outputs:
-            values = out[name].float().cpu()
-            if width is not None and values.ndim >= 2:  # (B, T) or a tagger's (B, T, labels): T padded
-                padding = (0, 0) * (values.ndim - 2) + (0, width - values.shape[1])
-                values = torch.nn.functional.pad(values, padding, value=torch.finfo(values.dtype).min)
-            for i, v in zip(indices, values):
-                results[name][i] = v
+    # a bar for long work only (SQuAD's dev set, a big predict file): not for a served batch or a GLUE dev set
+    with progress_bar(total=len(rows), desc="inference", unit="row", leave=False, disable=len(rows) < 4096) as bar:
+        for indices in sorted_batches(lengths, batch_size):
+            batch = collate([{k: rows[i][k] for k in ("input_ids", "token_type_ids")} for i in indices], pad_id)
+            out = model(**to_device(batch, device))
+            for name in outputs:
+                values = out[name].float().cpu()
+                if width is not None and values.ndim >= 2:  # (B, T) or a tagger's (B, T, labels): T padded
+                    padding = (0, 0) * (values.ndim - 2) + (0, width - values.shape[1])
+                    values = torch.nn.functional.pad(values, padding, value=torch.finfo(values.dtype).min)
+                for i, v in zip(indices, values):
+                    results[name][i] = v
+            bar.update(len(indices))
     return {name: torch.stack(values) for name, values in results.items()}
