@@ -89,16 +89,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40, help="held-out batches of 4 examples read")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/long-phase"))
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "long" / "last-phase-512.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/long/last-phase-512-lrLR.json")
     args = parser.parse_args()
     more = args.then_steps or args.steps // 10
+    out = args.out or HERE.parent / "docs" / "long" / f"last-phase-512-lr{args.lr:g}.json"
     vocab, data = inputs(args.work, args.threads)
     common = dict(model="mini", tokenizer=str(vocab), data=str(data), objective="mlm", max_steps=args.steps,
                   eval_every=400, save_every=400, keep_last=1, threads=args.threads)
     first = run(PretrainConfig(**common, out_dir=str(args.work / "len128")))
     rows = [{"name": "length 128", "steps": args.steps, "run": "len128"}]
     for name, then in (("then 512", ["max_length=512", "batch_size=8"]), ("then 128", [])):
-        folder = name.replace(" ", "-")
+        folder = f"{name.replace(' ', '-')}-lr{args.lr:g}"  # one first run, continuations at several lrs
         then = [*then, f"max_steps={more}", f"lr={args.lr}"]
         run(PretrainConfig(**common, then=then, out_dir=str(args.work / folder)), start=first)
         rows.append({"name": f"{name} ({' '.join(then)})", "steps": args.steps + more, "run": folder})
@@ -109,9 +110,9 @@ def main() -> None:
         print(row["name"], {k: round(v["masked_lm_loss"], 3) for k, v in row["scores"].items()}, flush=True)
     result = {"machine": machine(), "steps": args.steps, "then_steps": more, "then_lr": args.lr,
               "examples_read": 4 * args.batches, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table(result) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table(result) + "\n")
     print(table(result))
 
 
