@@ -7,7 +7,8 @@ the same longest input, normalized vectors; model loading is left out of both. T
 train) and paragraphs (SQuAD v1.1 dev contexts, cut at --max-length). The rounds alternate the two libraries; each
 figure is the best round. The largest difference between the two's vectors is reported beside the speeds, and what
 the vectors are worth: the Spearman correlation of the two sentences' cosine similarity with the gold score on STS-B
-dev (1,500 pairs), as sentence-transformers' own evaluation reads it, for mean and for [CLS] pooling.
+dev (1,500 pairs), as sentence-transformers' own evaluation reads it, for mean and for [CLS] pooling. bertkit's
+int8 path (`embed --int8`) runs beside them, with its vectors' mean cosine to the float32 ones.
 
     python benchmarks/embed_speed.py --threads 1 2 --out benchmarks/embed_speed.json
 """
@@ -48,7 +49,8 @@ def bertkit_embed(model, tokenizer, items: list[str], max_length: int) -> np.nda
 
 
 def sts_spearman(data: Path, model_dir: Path) -> dict[str, float]:
-    """STS-B dev: Spearman x 100 of the cosine of each pair's vectors against the gold score, per pooling."""
+    """STS-B dev: Spearman x 100 of the cosine of each pair's vectors against the gold score, per pooling (and
+    mean pooling in int8)."""
     from scipy.stats import spearmanr
 
     from bertkit.tasks.embed import EmbedConfig, embed
@@ -57,11 +59,11 @@ def sts_spearman(data: Path, model_dir: Path) -> dict[str, float]:
             .splitlines()[1:]]
     gold = [float(r[9]) for r in rows]
     scores = {}
-    for pool in ("mean", "cls"):
-        config = EmbedConfig(model_dir=str(model_dir), pool=pool, normalize=True)
+    for name, pool, int8 in (("mean", "mean", False), ("cls", "cls", False), ("mean int8", "mean", True)):
+        config = EmbedConfig(model_dir=str(model_dir), pool=pool, normalize=True, int8=int8)
         first, second = (torch.stack([r["embedding"] for r in embed(config, inputs=[row[i] for row in rows])])
                          for i in (7, 8))
-        scores[pool] = round(100 * float(spearmanr((first * second).sum(1).numpy(), gold).statistic), 2)
+        scores[name] = round(100 * float(spearmanr((first * second).sum(1).numpy(), gold).statistic), 2)
     return scores
 
 
@@ -80,12 +82,16 @@ def main() -> None:
 
     data = Path(os.environ["BERTKIT_DATA"])
     model_dir = args.model or data / "checkpoints" / "all-MiniLM-L6-v2"
+    from bertkit.quantize import to_int8
+
     ours, tokenizer = BertModel.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
+    int8 = to_int8(BertModel.from_pretrained(model_dir).eval())
     theirs = SentenceTransformer(str(model_dir), device="cpu")
     theirs.max_seq_length = args.max_length
     runs = {
         "bertkit": lambda items: bertkit_embed(ours, tokenizer, items, args.max_length),
         "sentence-transformers": lambda items: theirs.encode(items, batch_size=32, normalize_embeddings=True),
+        "bertkit int8": lambda items: bertkit_embed(int8, tokenizer, items, args.max_length),
     }
     rows = []
     for name, items in texts(data, args.sentences, args.paragraphs).items():
@@ -102,7 +108,9 @@ def main() -> None:
             row = {"texts": name, "count": len(items), "mean_tokens": round(tokens / len(items), 1),
                    "threads": threads, **{f"{k}_per_s": round(len(items) / v, 1) for k, v in best.items()},
                    "speedup": round(best["sentence-transformers"] / best["bertkit"], 2),
-                   "max_abs_diff": float(np.abs(vectors["bertkit"] - vectors["sentence-transformers"]).max())}
+                   "int8_speedup": round(best["sentence-transformers"] / best["bertkit int8"], 2),
+                   "max_abs_diff": float(np.abs(vectors["bertkit"] - vectors["sentence-transformers"]).max()),
+                   "int8_mean_cosine": round(float((vectors["bertkit int8"] * vectors["bertkit"]).sum(1).mean()), 4)}
             rows.append(row)
             print(row, flush=True)
     import sentence_transformers
