@@ -103,8 +103,8 @@ def main() -> None:
                     started = time.perf_counter()
                     vectors[library] = run(items)
                     best[library] = min(best.get(library, float("inf")), time.perf_counter() - started)
-            rows, _ = encode_lines(tokenizer, parse_lines(items), args.max_length)
-            tokens = sum(len(r["input_ids"]) for r in rows)
+            encoded, _ = encode_lines(tokenizer, parse_lines(items), args.max_length)
+            tokens = sum(len(r["input_ids"]) for r in encoded)
             row = {"texts": name, "count": len(items), "mean_tokens": round(tokens / len(items), 1),
                    "threads": threads, **{f"{k}_per_s": round(len(items) / v, 1) for k, v in best.items()},
                    "speedup": round(best["sentence-transformers"] / best["bertkit"], 2),
