@@ -128,11 +128,11 @@ class Predictor:
     def __init__(self, model_dir, int8: bool = False, max_length: int | None = None, batch_size: int = 32,
                  device: str = "cpu", max_text_chars: int = 20_000, embed: bool = False, pool: str = "mean",
                  normalize: bool = False):
+        from bertkit.model import BertModel
         from bertkit.tasks.choice import ChoiceTask
         from bertkit.tasks.classification import TextTask
         from bertkit.tasks.evaluation import _tuned_threshold
         from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
-        from bertkit.model import BertModel
         from bertkit.tasks.inference import check_tokenizer
         from bertkit.tasks.squad import SquadTask
         from bertkit.tasks.tagging import TaggingTask

@@ -113,18 +113,13 @@ def embed_rows(model, rows: list[dict], layers: Sequence[int], pool: str = "mean
 
 def encode_lines(tokenizer, examples, max_length: int) -> tuple[list[dict], list[int]]:
     """Token ids per example, and the indices of those longer than `max_length`, cut to it (a pair longest first)."""
-    texts = [e.text_a for e in examples]
-    pairs = [e.text_b for e in examples] if examples[0].text_b is not None else None
-    encoded = tokenizer.encode_batch(texts, pairs, padding=False)
-    long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+    from bertkit.tasks.classification import encode
+
+    rows = encode(examples, tokenizer, None, with_labels=False)
+    long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > max_length]
     if long:
-        cut = tokenizer.encode_batch([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
-                                     max_length=max_length, padding=False)
-        for key in ("input_ids", "token_type_ids"):
-            for i, ids in zip(long, cut[key]):
-                encoded[key][i] = ids
-    rows = [{"input_ids": ids, "token_type_ids": types}
-            for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+        for i, row in zip(long, encode([examples[i] for i in long], tokenizer, max_length, with_labels=False)):
+            rows[i] = row
     return rows, long
 
 
