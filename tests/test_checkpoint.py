@@ -43,13 +43,17 @@ def test_a_stated_dtype_is_the_one_written_and_a_new_head_replaces_stale_label_n
     assert transformers.BertModel.from_pretrained(tmp_path / "ours").dtype == torch.float32
     clf = BertForSequenceClassification.from_pretrained(tmp_path / "fp16", num_labels=3)
     assert clf.config.num_labels == 3 and clf.classifier.weight.shape == (3, 32) and clf.config.id2label is None
-    # a multi-label folder is refused as it stands, but starts a new single-label or regression task
+    # a multi-label folder loads as one, and starts a new single-label or regression task
     values = json.loads((tmp_path / "ours" / "config.json").read_text()) | {"problem_type": "multi_label_classification"}
     (tmp_path / "ours" / "config.json").write_text(json.dumps(values))
-    with pytest.raises(BertkitError, match="problem_type 'multi_label_classification' with num_labels 2"):
-        BertForSequenceClassification.from_pretrained(tmp_path / "ours")
+    assert BertForSequenceClassification.from_pretrained(tmp_path / "ours").multi_label
     for labels in ({"id2label": {0: "a", 1: "b"}}, {"num_labels": 1}):
-        assert "problem_type" not in BertForSequenceClassification.from_pretrained(tmp_path / "ours", **labels).config.extra
+        clf = BertForSequenceClassification.from_pretrained(tmp_path / "ours", **labels)
+        assert "problem_type" not in clf.config.extra and not clf.multi_label
+    # a problem_type that is not this head's is refused, naming what is
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(values | {"problem_type": "regression"}))
+    with pytest.raises(BertkitError, match="problem_type 'regression' with num_labels 2 is not supported"):
+        BertForSequenceClassification.from_pretrained(tmp_path / "ours")
 
 
 # ---- malformed model folders: one-line errors naming the file and the field, before any large allocation ----
@@ -127,8 +131,10 @@ def test_problem_type_is_taken_as_an_override_as_config_json_s_is(tmp_path):
     assert model.config.extra["problem_type"] == "regression" and model.classifier.weight.shape == (1, 32)
     model.save_pretrained(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["problem_type"] == "regression"
-    with pytest.raises(BertkitError, match=r"^problem_type 'multi_label_classification' with num_labels 3 is not"):
-        BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3, problem_type="multi_label_classification")
+    with pytest.raises(BertkitError, match=r"^problem_type 'regression' with num_labels 3 is not"):
+        BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3, problem_type="regression")
+    assert BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3,
+                                                         problem_type="multi_label_classification").multi_label
     with pytest.raises(BertkitError, match="problem_type is 'softmax'; expected one of single_label_classification"):
         BertForSequenceClassification.from_pretrained(tmp_path, problem_type="softmax")
 
@@ -145,12 +151,13 @@ def test_an_untied_decoder_of_another_vocabulary_is_blamed_on_vocab_size_not_hid
 
 @pytest.mark.parametrize("load_weights", [True, False])
 def test_a_problem_type_the_model_cannot_train_names_the_config_json(tmp_path, capsys, load_weights):
-    """The refusal of a multi-label folder named no file, unlike every other bad value of config.json."""
-    tiny_folder(tmp_path, problem_type="multi_label_classification")
-    with pytest.raises(BertkitError, match=rf"^{re.escape(str(tmp_path))}/config.json: problem_type 'multi_label_classification'"):
+    """The refusal of a problem_type the head cannot train (then multi-label) named no file, unlike every other bad
+    value of config.json."""
+    tiny_folder(tmp_path, problem_type="regression")
+    with pytest.raises(BertkitError, match=rf"^{re.escape(str(tmp_path))}/config.json: problem_type 'regression'"):
         BertForSequenceClassification.from_pretrained(tmp_path, load_weights=load_weights)
     assert main(["info", str(tmp_path)]) == 2
-    assert f"{tmp_path}/config.json: problem_type 'multi_label_classification'" in capsys.readouterr().err
+    assert f"{tmp_path}/config.json: problem_type 'regression'" in capsys.readouterr().err
 
 
 def test_bertkit_info_refuses_weights_that_disagree_with_the_config(tmp_path, capsys):

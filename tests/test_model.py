@@ -88,15 +88,16 @@ def test_regression_head_with_one_label():
     assert out.logits.shape == (3, 1) and out.loss.ndim == 0
 
 
-@pytest.mark.parametrize("problem_type, num_labels", [("multi_label_classification", 3), ("regression", 2),
-                                                       ("single_label_classification", 1)])
+@pytest.mark.parametrize("problem_type, num_labels", [("regression", 2), ("single_label_classification", 1)])
 def test_a_classifier_refuses_a_problem_type_it_would_train_or_read_otherwise(problem_type, num_labels):
-    """transformers' multi-label (sigmoid per label) and multi-output regression heads are not bertkit's softmax /
-    one-output regression: a folder that says so is refused, not served or trained with the wrong loss."""
+    """transformers' multi-output regression head is not bertkit's one-output regression, nor one softmax label a
+    classifier: a folder that says so is refused, not served or trained with the wrong loss."""
     with pytest.raises(BertkitError, match=f"problem_type '{problem_type}' with num_labels {num_labels} is not"):
         BertForSequenceClassification(tiny(num_labels=num_labels, extra={"problem_type": problem_type}))
-    for problem_type, num_labels in [("single_label_classification", 3), ("regression", 1)]:
-        BertForSequenceClassification(tiny(num_labels=num_labels, extra={"problem_type": problem_type}))
+    for problem_type, num_labels in [("single_label_classification", 3), ("regression", 1),
+                                     ("multi_label_classification", 3)]:
+        model = BertForSequenceClassification(tiny(num_labels=num_labels, extra={"problem_type": problem_type}))
+        assert model.multi_label == (problem_type == "multi_label_classification")
 
 
 def test_init_matches_the_paper():

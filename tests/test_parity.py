@@ -177,6 +177,31 @@ def test_fine_tuning_heads(source, cls_name, num_labels, tmp_path, minilm_dir):
     assert_grads_match(ours, theirs)
 
 
+@pytest.mark.parametrize("source", ["mini", "minilm"])
+def test_multi_label_head_matches_transformers(source, tmp_path, minilm_dir):
+    """problem_type multi_label_classification (`finetune --multi-label`): transformers' loss, binary cross-entropy
+    over every label, and its gradients, on the same weights."""
+    folder = minilm_dir
+    if source == "mini":
+        torch.manual_seed(0)
+        folder = tmp_path / "mini"
+        bertkit.BertModel(config_for("mini")).save_pretrained(folder)
+    torch.manual_seed(0)
+    ours = bertkit.BertForSequenceClassification.from_pretrained(folder, num_labels=5,
+                                                                 problem_type="multi_label_classification").eval()
+    theirs = hf_twin(ours, "BertForSequenceClassification", tmp_path / "twin")
+    assert theirs.config.problem_type == "multi_label_classification"
+    ids, types, mask = batch(ours.config.vocab_size)
+    labels = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 1], [0, 1, 0, 0, 0]])
+    a = ours(ids, types, mask, labels=labels)  # bertkit takes the 0/1 rows as integers, transformers as floats
+    b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels.float())
+    assert (a.logits - b.logits).abs().max() < HIDDEN_ATOL
+    assert abs(a.loss.item() - b.loss.item()) < LOSS_ATOL
+    a.loss.backward()
+    b.loss.backward()
+    assert_grads_match(ours, theirs)
+
+
 def test_qa_padding_is_masked(tmp_path):
     """With padding, span logits agree on real tokens, and the loss is transformers' with pad logits excluded."""
     torch.manual_seed(0)

@@ -97,6 +97,31 @@ def test_server_scores_regression_and_answers_questions(folders):
     assert all(r["answer"] and r["answer"] in context for r in answers)
 
 
+def test_server_gives_a_multi_label_models_labels_as_predict_does(folders, tmp_path):
+    from bertkit import BertForSequenceClassification, Tokenizer
+    from bertkit.tasks.evaluation import predict
+
+    three = save_tiny(tmp_path / "three", num_labels=3)
+    model = BertForSequenceClassification.from_pretrained(three, id2label={0: "a", 1: "b", 2: "c"},
+                                                          problem_type="multi_label_classification")
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1)  # probabilities on both sides of 0.5
+    model.save_pretrained(tmp_path / "multi", tokenizer=Tokenizer.from_pretrained(three))
+    texts = ["the movie was good", "an awful boring film", "it is not very fun", "who signed the treaty"]
+
+    async def test(client, app):
+        return await client.get("/metadata"), await client.post("/predict", json={"inputs": texts})
+
+    metadata, response = served(str(tmp_path / "multi"), test)
+    assert metadata.json()["kind"] == "multi-label" and metadata.json()["labels"] == ["a", "b", "c"]
+    got, expected = response.json()["predictions"], predict(tmp_path / "multi", texts)
+    assert [r["labels"] for r in got] == [r["labels"] for r in expected]
+    assert len({tuple(r["labels"]) for r in got}) > 1
+    for g, e in zip(got, expected):
+        assert set(g) == {"labels", "probabilities"} and list(g["probabilities"]) == ["a", "b", "c"]
+        assert max(abs(g["probabilities"][k] - e["probabilities"][k]) for k in "abc") < 1e-5
+
+
 def test_server_tags_words_as_predict_does(tmp_path):
     from bertkit.tasks.evaluation import predict
 

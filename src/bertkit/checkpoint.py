@@ -449,6 +449,8 @@ def describe_model(directory: str | Path) -> dict[str, str]:
     }
     if config.id2label:
         info["labels"] = ", ".join(config.id2label[i] for i in sorted(config.id2label))
+    if "problem_type" in config.extra:
+        info["problem type"] = str(config.extra["problem_type"])
     if (directory / "vocab.txt").exists() or (directory / "tokenizer.json").exists():
         from bertkit.tokenizer import Tokenizer
 

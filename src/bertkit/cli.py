@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="label texts, tag their words, answer questions or choose endings with a fine-tuned model",
         description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints one JSON line "
-        "per input line, in order: the label and its probability (a score for regression); a blank line gets "
+        "per input line, in order: the label and its probability (a score for regression; a multi-label model's "
+        '"labels", those at or above --label-threshold, and "probabilities", every label\'s); a blank line gets '
         '{"text": "", "label": null, "probability": null, "error": "blank line: no text to label"} (regression: '
         '"score": null). Input must be UTF-8 (a line that is not, a line of more than two tab-separated fields, '
         "or a mix of single texts and pairs stops with an error naming the line, exit status 2); control "

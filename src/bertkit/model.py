@@ -768,19 +768,23 @@ def _run_bilstm(lstm: nn.LSTM, sequence: torch.Tensor, attention_mask) -> tuple[
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
-    """A linear layer on the pooled [CLS]: softmax over num_labels classes, or regression when num_labels == 1.
-    With `config.bilstm` the layer reads the BiLSTM's summary of the sequence instead (no pooler)."""
+    """A linear layer on the pooled [CLS]: softmax over num_labels classes, regression when num_labels == 1, or, with
+    config.json's problem_type "multi_label_classification" (transformers' name), a sigmoid per label: any number
+    of them may hold (the loss is binary cross-entropy over every label, `labels` one 0/1 row per example). With
+    `config.bilstm` the layer reads the BiLSTM's summary of the sequence instead (no pooler)."""
 
     head_prefixes = ("classifier.", "bert.pooler.", "bilstm.")
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         problem = config.extra.get("problem_type")  # transformers' name; unset, it follows num_labels as here
-        if problem not in (None, "regression" if config.num_labels == 1 else "single_label_classification"):
+        single = "regression" if config.num_labels == 1 else "single_label_classification"
+        if problem not in (None, single, "multi_label_classification"):
             raise BertkitError(f"problem_type {problem!r} with num_labels {config.num_labels} is not supported; "
-                               "expected single-label classification (softmax; num_labels > 1) or regression "
-                               "(num_labels 1). To start a new task from this checkpoint, remove problem_type "
-                               "from its config.json")
+                               "expected single-label classification (softmax; num_labels > 1), regression "
+                               "(num_labels 1) or multi_label_classification. To start a new task from this "
+                               "checkpoint, remove problem_type from its config.json")
+        self.multi_label = problem == "multi_label_classification"
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=not config.bilstm)
         self.bilstm = _bilstm(config)
@@ -797,7 +801,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = None
         if labels is not None:
-            if self.num_labels == 1:
+            if self.multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            elif self.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1))
             else:
                 loss = F.cross_entropy(logits, labels.reshape(-1))

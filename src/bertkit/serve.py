@@ -130,7 +130,7 @@ class Predictor:
                  normalize: bool = False):
         from bertkit.model import BertModel
         from bertkit.tasks.choice import ChoiceTask
-        from bertkit.tasks.classification import TextTask
+        from bertkit.tasks.classification import TextTask, is_multi_label
         from bertkit.tasks.evaluation import _tuned_threshold
         from bertkit.tasks.finetune import FinetuneConfig, check_max_length, resolve_device
         from bertkit.tasks.inference import check_tokenizer
@@ -146,8 +146,9 @@ class Predictor:
         if embed or not {QA, CLASSIFIER, TAGGER, CHOICE} & set(architectures):  # no head to serve: its vectors
             self.kind = "embedding"
         else:
+            single = "regression" if model_config.num_labels == 1 else "classification"
             self.kind = next((kind for name, kind in KINDS.items() if name in architectures),
-                             "regression" if model_config.num_labels == 1 else "classification")
+                             "multi-label" if is_multi_label(model_config) else single)
         self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
         if self.kind in ("question-answering", "multiple-choice") and not self.pairs:
             what = "the question and its context" if self.kind == "question-answering" else "a sentence and an ending"
@@ -158,14 +159,15 @@ class Predictor:
         self.config = FinetuneConfig(
             task=task, model_dir=str(directory), eval_batch_size=batch_size,
             max_length=max_length or (saved.max_length if saved else None),
-            **({k: getattr(saved, k) for k in ("doc_stride", "max_query_length", "null_threshold")} if saved else {}),
+            **({k: getattr(saved, k) for k in ("doc_stride", "max_query_length", "null_threshold", "label_threshold")}
+               if saved else {}),
         )
         if max_length is not None:  # asked for: refused past the positions, as evaluate and predict refuse it
             check_max_length(self.config, model_config.max_position_embeddings)
         elif self.kind == "embedding":  # an encoder's vectors read the whole text it can (as `bertkit embed`)
             self.config.max_length = model_config.max_position_embeddings
         self.config.max_length = min(self.config.max_length, model_config.max_position_embeddings)  # a default
-        if self.kind in ("classification", "tagging"):
+        if self.kind in ("classification", "multi-label", "tagging"):
             id2label = model_config.id2label or {i: f"LABEL_{i}" for i in range(model_config.num_labels)}
             self.labels = [id2label[i] for i in sorted(id2label)]
         else:
@@ -181,7 +183,7 @@ class Predictor:
         elif self.kind == "multiple-choice":
             self.task = ChoiceTask()
         else:
-            self.task = TextTask("serve", self.labels, ())
+            self.task = TextTask("serve", self.labels, (), multi_label=self.kind == "multi-label")
         model_class = BertModel if self.kind == "embedding" else self.task.model_class
         model = model_class.from_pretrained(directory).to(self.device).eval()
         if int8:
@@ -297,10 +299,7 @@ class Predictor:
                 continue
             predictions, probabilities = self.task.predict(self.model, self.tokenizer, group, self.config, self.device)
             for i, p, probs in zip(indices, predictions, probabilities):
-                if self.kind == "regression":
-                    results[i] = {"score": float(p)}
-                else:
-                    results[i] = {"label": self.labels[int(p)], "probability": float(probs[int(p)])}
+                results[i] = self.task.result(p, probs)
         return results
 
     def _embed(self, examples: list[TextExample]) -> list[torch.Tensor]:

@@ -17,12 +17,13 @@ logger = logging.getLogger("bertkit")
 
 @dataclass
 class TextExample:
-    """One sentence or sentence pair with its label: a class index, a float (regression) or None (test)."""
+    """One sentence or sentence pair with its label: a class index, a float (regression), a tuple of class indices
+    (multi-label) or None (test)."""
 
     guid: str
     text_a: str
     text_b: str | None
-    label: int | float | None
+    label: int | float | tuple[int, ...] | None
     line: int | None = field(default=None, compare=False)  # where it is in its file, for messages about it
 
 
@@ -338,11 +339,14 @@ def read_custom(
     text_b: str | None = None,
     labels: Sequence[str] | None = None,
     is_regression: bool = False,
+    label_sep: str | None = None,
 ) -> tuple[list[TextExample], list[str]]:
     """Read a user's own .csv/.tsv/.jsonl classification or regression data; returns examples and label list.
 
     Pass the train file's label list when reading dev/test so that indices agree; without it the labels are
-    inferred (sorted) from this file. `label=None` reads unlabelled data.
+    inferred (sorted) from this file. `label=None` reads unlabelled data. With `label_sep`, multi-label data: each
+    example's label field holds any number of labels (none too), separated by it (or a JSON list in a .jsonl),
+    and its label is the tuple of their indices, sorted (`multi_label_names`).
     """
     path = Path(path)
     wanted = [c for c in (text_a, text_b, label) if c is not None]
@@ -351,8 +355,15 @@ def read_custom(
         if column not in records[0][1]:
             line, record = records[0]
             raise BertkitError(f"{where(path, line)}: no column {column!r} (found {', '.join(map(str, record))})")
+    multi_label = label is not None and label_sep is not None
+    names = {}  # multi-label: line -> its label names
     label_list: list[str] = []
-    if label is not None and not is_regression:
+    if multi_label:
+        for line, record in records:
+            if record.get(label) is not None:  # a missing one is named in the loop below
+                names[line] = multi_label_names(record[label], path, line, label, label_sep)
+        label_list = list(labels) if labels is not None else _infer_labels([n for row in names.values() for n in row])
+    elif label is not None and not is_regression:
         label_list = list(labels) if labels is not None else _infer_labels([str(r.get(label)) for _, r in records])
         fractions = [v for v in label_list if _is_fraction(v)]
         if labels is None and fractions:  # a score file read without --regression: every value became a class
@@ -368,8 +379,10 @@ def read_custom(
         for column in wanted:
             if record.get(column) is None:
                 raise BertkitError(f"{where(path, line)}: column {column!r} is missing or null")
-        value: int | float | None = None
-        if label is not None:
+        value: int | float | tuple[int, ...] | None = None
+        if multi_label:
+            value = tuple(sorted(_label_index(name, label_list, path, line) for name in names[line]))
+        elif label is not None:
             raw = record[label] if isinstance(record[label], bool) else text_field(record[label], path, line, label)
             raw = str(raw)
             if not raw.strip():  # else an unlabelled row would become a class of its own, named ''
@@ -378,6 +391,20 @@ def read_custom(
         b = text_field(record[text_b], path, line, text_b) if text_b is not None else None
         examples.append(TextExample(f"{path.stem}-{line}", text_field(record[text_a], path, line, text_a), b, value, line))
     return examples, label_list
+
+
+def multi_label_names(value, path: Path, line: int, column: str, sep: str) -> list[str]:
+    """A multi-label field's label names: a JSON list of them, or a text split at `sep` (white space around each
+    stripped; an empty field is no label)."""
+    if isinstance(value, list):
+        names = [text_field(v, path, line, column).strip() for v in value]
+    else:
+        text = value if isinstance(value, str) else text_field(value, path, line, column)
+        names = [name.strip() for name in text.split(sep)] if text.strip() else []
+    if any(not name for name in names):
+        raise BertkitError(f"{where(path, line)}: column {column!r} ({value!r}) has an empty label; expected label "
+                           f"names separated by {sep!r} (an empty field for none)")
+    return list(dict.fromkeys(names))  # a label named twice holds once
 
 
 def load_hf_glue(task: str, split: str) -> list[TextExample]:

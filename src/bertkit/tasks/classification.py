@@ -34,6 +34,7 @@ class TextTask:
     train: list[TextExample] = field(default_factory=list)
     evals: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> labelled examples
     tests: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> examples for a submission file
+    multi_label: bool = False  # any number of `labels` per example (a tuple of indices): a sigmoid each
 
     model_class = BertForSequenceClassification
 
@@ -48,38 +49,71 @@ class TextTask:
 
     def model_overrides(self) -> dict:
         # regression is one output named like transformers' default, so that its pipelines read it too
-        return {"id2label": dict(enumerate(self.labels)) if self.labels else {0: "LABEL_0"}}
+        overrides = {"id2label": dict(enumerate(self.labels)) if self.labels else {0: "LABEL_0"}}
+        return overrides | ({"problem_type": MULTI_LABEL} if self.multi_label else {})
 
     def headline(self, metrics: dict[str, float]) -> float:
         from bertkit.tasks.metrics import headline_score
 
         return headline_score({m: metrics[m] for m in self.metrics})
 
+    @property
+    def result_keys(self) -> tuple[str, ...]:
+        """The fields of one example's `result`."""
+        if self.is_regression:
+            return ("score",)
+        return ("labels", "probabilities") if self.multi_label else ("label", "probability")
+
+    def result(self, prediction, probabilities) -> dict:
+        """One example's `predict` output as `bertkit predict` and `serve` give it: the score, the label and its
+        probability, or (multi-label) the labels predicted and every label's probability."""
+        if self.is_regression:
+            return {"score": float(prediction)}
+        if self.multi_label:
+            return {"labels": [name for name, on in zip(self.labels, prediction) if on],
+                    "probabilities": {name: float(p) for name, p in zip(self.labels, probabilities)}}
+        return {"label": self.labels[int(prediction)], "probability": float(probabilities[int(prediction)])}
+
+    def gold(self, examples: Sequence[TextExample]) -> list:
+        """The examples' labels as `predict` gives its predictions: multi-label ones as 0/1 rows."""
+        return [multi_hot(e.label, len(self.labels)) if self.multi_label else e.label for e in examples]
+
     def train_rows(self, tokenizer, config) -> list[dict]:
-        return encode(self.train, tokenizer, config.max_length, with_labels=True)
+        rows = encode(self.train, tokenizer, config.max_length, with_labels=True)
+        if self.multi_label:
+            for row, label in zip(rows, self.gold(self.train)):
+                row["labels"] = label
+        return rows
 
     def predict(self, model, tokenizer, examples: Sequence[TextExample], config, device) -> np.ndarray:
-        """Class indices (or scores for regression) and, for classification, softmax probabilities (N, C)."""
+        """Class indices (or scores for regression) and, for classification, softmax probabilities (N, C);
+        multi-label: a 0/1 matrix (N, C), each label's sigmoid at or above config.label_threshold, and the
+        sigmoids."""
         rows = encode(examples, tokenizer, config.max_length, with_labels=False)
         logits = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("logits",))["logits"]
         if self.is_regression:
             return logits[:, 0].numpy(), logits[:, 0].numpy()
+        if self.multi_label:
+            probabilities = torch.sigmoid(logits).numpy()
+            return (probabilities >= config.label_threshold).astype(np.int64), probabilities
         return logits.argmax(-1).numpy(), torch.softmax(logits, -1).numpy()
 
     def evaluate(self, model, tokenizer, config, device):
         """Metrics on every eval split (extra splits prefixed with their name) and the writer of the outputs: for
-        classification, CLASSES_FILE (per class scores and the confusion matrix of the first split)."""
+        classification, CLASSES_FILE (per class scores and the confusion matrix of the first split; multi-label: per
+        label scores)."""
         from bertkit.tasks.metrics import class_report, compute_metrics  # scipy and sklearn take seconds to import
 
         metrics, report = {}, None
         for i, (split, examples) in enumerate(self.evals.items()):
             predictions, _ = self.predict(model, tokenizer, examples, config, device)
-            gold = [e.label for e in examples]
+            gold = self.gold(examples)
             scores = compute_metrics(self.metrics, predictions, gold)
             metrics.update({metric_key(i, split, m): v for m, v in scores.items()})
             if i == 0 and not self.is_regression:
                 report = class_report(self.labels, predictions, gold,
-                                      f"{self.name} per class: {split}, {len(examples):,} examples")
+                                      f"{self.name} per {'label' if self.multi_label else 'class'}: {split}, "
+                                      f"{len(examples):,} examples")
 
         def write_outputs(out_dir: Path) -> None:
             if report is not None:
@@ -98,6 +132,19 @@ class TextTask:
             ids = ids if all(i.isdigit() for i in ids) else None
             written.append(write_submission(self.name, predictions, out_dir, split, ids))
         return written
+
+
+MULTI_LABEL = "multi_label_classification"  # transformers' problem_type: what config.json says of such a head
+
+
+def is_multi_label(model_config) -> bool:
+    """Whether a model folder's config.json makes its classifier multi-label (a sigmoid per label)."""
+    return model_config.extra.get("problem_type") == MULTI_LABEL
+
+
+def multi_hot(indices: Sequence[int], size: int) -> tuple[int, ...]:
+    """A multi-label example's label indices as one 0/1 per label (a tuple: collate stacks it as one row)."""
+    return tuple(int(i in indices) for i in range(size))
 
 
 def metric_key(index: int, split: str, metric: str) -> str:
@@ -202,7 +249,8 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
         raise BertkitError("--predict writes GLUE submission files; label your own test data with `bertkit predict`")
 
     def read(path, label_list):
-        return read_custom(path, config.text_a, config.label, config.text_b, label_list, config.regression)
+        return read_custom(path, config.text_a, config.label, config.text_b, label_list, config.regression,
+                           config.label_sep if config.multi_label else None)
 
     if need_train:
         train, labels = read(config.train_file, labels)
@@ -215,9 +263,13 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
     # the best epoch is the best mean of the two, as GLUE's MRPC averages F1 and accuracy: accuracy alone would
     # prefer a model that always says the common class of an unbalanced file
     metrics = ("pearson", "spearman") if config.regression else ("accuracy", "macro_f1")
+    if config.multi_label:  # the best epoch by the mean of the three
+        metrics = ("micro_f1", "macro_f1", "subset_accuracy")
     if not config.regression and len(labels) < 2:
-        raise BertkitError(f"{config.train_file}: only one label ({', '.join(labels)}); expected at least two classes")
-    return TextTask("custom", [] if config.regression else list(labels), metrics, train, {"dev": evals})
+        raise BertkitError(f"{config.train_file}: only one label ({', '.join(labels)}); expected at least two "
+                           f"{'labels' if config.multi_label else 'classes'}")
+    return TextTask("custom", [] if config.regression else list(labels), metrics, train, {"dev": evals},
+                    multi_label=config.multi_label)
 
 
 def read_input_lines(inputs, source: str = "<stdin>") -> list[str]:

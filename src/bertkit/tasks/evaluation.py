@@ -17,7 +17,8 @@ from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task, read_custom
 from bertkit.errors import BertkitError
 from bertkit.tasks.choice import ChoiceTask, choose, parse_choices
-from bertkit.tasks.classification import TextTask, is_blank, parse_lines, read_input_lines
+from bertkit.tasks.classification import (MULTI_LABEL, TextTask, is_blank, is_multi_label, parse_lines,
+                                         read_input_lines)
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
                                     resolve_device)
 from bertkit.tasks.inference import check_tokenizer
@@ -62,6 +63,8 @@ INT8_HELP = ("run the model in int8 on the CPU: every linear layer dynamically q
 THREADS_HELP = ("CPU threads for torch (default: the cores that the last minute's load average leaves idle, 1 to 16, "
                 "so that a busy machine slows a run down instead of stalling it)")
 DEVICE_HELP = "cpu, cuda, cuda:N, mps (default: the run's, auto)"
+LABEL_THRESHOLD_HELP = ("a multi-label model: a label is predicted when its probability is at least this (default: "
+                        "the run's, 0.5)")
 
 
 @dataclass
@@ -78,6 +81,11 @@ class EvaluateConfig:
     text_b: str | None = option(None, "custom files: the column of the second text of a pair (default: the run's)")
     label: str | None = option(None, "custom files: the label column (default: the run's, else label)")
     regression: bool | None = option(None, "custom files: the label is a number to regress (default: the run's)")
+    multi_label: bool | None = option(None, "custom files: any number of labels per example, separated by "
+                                      "--label-sep (default: the run's)")
+    label_sep: str | None = option(None, "--multi-label: what separates the labels in a field (default: the run's, "
+                                   "else ,)")
+    label_threshold: float | None = option(None, LABEL_THRESHOLD_HELP)
     max_length: int | None = option(None, "tokens per example or window (default: the run's)")
     eval_batch_size: int | None = option(None, "evaluation batch size (default: the run's)")
     null_threshold: float | None = option(None, "SQuAD v2.0: answer '' when null score - best span score exceeds "
@@ -109,6 +117,7 @@ class PredictConfig:
                                 "run's)")
     max_length: int | None = option(None, "tokens per example or window (default: the run's)")
     eval_batch_size: int | None = option(None, "batch size (default: the run's)")
+    label_threshold: float | None = option(None, LABEL_THRESHOLD_HELP)
     threads: int | None = option(None, THREADS_HELP)
     device: str | None = option(None, DEVICE_HELP)
     int8: bool = option(False, INT8_HELP)
@@ -126,6 +135,7 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
         raise BertkitError(f"{model_dir}: no {CONFIG_FILE}; expected --task and the data to score on")
     if out_dir is not None:
         check_output_path(Path(out_dir), "--out", {})
+    _check_multi_label(config, model_config, model_dir)
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         data = load_task(config, need_train=False, labels=_label_names(model_config))
@@ -171,6 +181,18 @@ def _check_head(task, model_config, model_dir) -> None:
     if isinstance(task, TextTask) and model_config.num_labels != max(1, len(task.labels)):
         raise BertkitError(f"{model_dir}/config.json: {model_config.num_labels} labels; {task.name} has "
                            f"{max(1, len(task.labels))}")
+
+
+def _check_multi_label(config: FinetuneConfig, model_config: BertConfig, model_dir) -> None:
+    """Raise when a multi-label model is to be scored as single-label data or the other way round (before the data
+    is read: its label fields would be read the wrong way)."""
+    if is_multi_label(model_config) == config.multi_label:
+        return
+    if config.multi_label:
+        raise BertkitError(f"{model_dir}/config.json: no problem_type {MULTI_LABEL}; --multi-label expects a "
+                           "classifier fine-tuned with --multi-label (a sigmoid per label)")
+    raise BertkitError(f"{model_dir}/config.json: problem_type {MULTI_LABEL} (a sigmoid per label); expected "
+                       "--task custom --multi-label (and --label-sep) to score it on a file of its labels")
 
 
 def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **overrides) -> list[dict]:
@@ -302,7 +324,7 @@ def _label(model_dir, model_config, architectures, config, tokenizer, examples, 
                        "text<TAB>pair lines" if pairs else "single texts", model_dir,
                        "pairs" if trained else "single texts", "text<TAB>pair" if trained else "one text")
     labels = _label_names(model_config) if model_config.num_labels > 1 else []
-    task = TextTask("predict", labels, ())
+    task = TextTask("predict", labels, (), multi_label=is_multi_label(model_config))
     model = _loaded(task.model_class, model_dir, device, int8)
     predictions, probabilities = task.predict(model, tokenizer, [e for e in examples if not is_blank(e)], config, device)
     labelled = zip(predictions, probabilities)
@@ -310,14 +332,9 @@ def _label(model_dir, model_config, architectures, config, tokenizer, examples, 
     for example in examples:
         text = {"text": example.text_a} | ({"pair": example.text_b} if example.text_b is not None else {})
         if is_blank(example):
-            nothing = {"score": None} if task.is_regression else {"label": None, "probability": None}
-            results.append(text | nothing | {"error": "blank line: no text to label"})
+            results.append(text | dict.fromkeys(task.result_keys) | {"error": "blank line: no text to label"})
             continue
-        p, probs = next(labelled)
-        if task.is_regression:
-            results.append(text | {"score": float(p)})
-        else:
-            results.append(text | {"label": labels[int(p)], "probability": float(probs[int(p)])})
+        results.append(text | task.result(*next(labelled)))
     return results
 
 

@@ -116,6 +116,12 @@ class FinetuneConfig:
     text_b: str | None = option(None, "custom files: the column of the second text of a pair")
     label: str = option("label", "custom files: the label column")
     regression: bool = option(False, "custom files: the label is a number to regress (one output, MSE)")
+    multi_label: bool = option(False, "custom files: each example has any number of the labels (none too), named in "
+                               "its label field separated by --label-sep (a .jsonl may hold a list); a sigmoid and "
+                               "binary cross-entropy per label, transformers' multi_label_classification; scored by "
+                               "micro F1, macro F1 and subset accuracy")
+    label_sep: str = option(",", "--multi-label: what separates the labels in a label field")
+    label_threshold: float = option(0.5, "--multi-label: a label is predicted when its probability is at least this")
     train_articles: int | None = option(None, "SQuAD: split one file by article, the first N to train, the rest to "
                                         f"score (written to OUT_DIR/{EVAL_DATA_FILE}, the official scripts' dev file)")
     lr: float = option(3e-5, "peak learning rate (the paper searches 5e-5, 4e-5, 3e-5, 2e-5)")
@@ -205,6 +211,14 @@ class FinetuneConfig:
             raise BertkitError(f"--save-every is {self.save_every}; expected zero or more")
         if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other: a traceback once the data was read
             raise BertkitError(f"--seed is {self.seed}; expected a whole number from 0 to {2**32 - 1}")
+        if not 0 < self.label_threshold < 1:
+            raise BertkitError(f"--label-threshold is {self.label_threshold}; expected a probability between 0 and 1")
+        if self.multi_label and self.regression:
+            raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
+        if self.multi_label and not self.label_sep:
+            raise BertkitError("--label-sep is empty; expected what separates labels in a field, such as ,")
+        if self.multi_label and self.task.lower() not in ("", "custom"):
+            raise BertkitError(f"--multi-label with --task {self.task}; expected --task custom (your own files)")
         if self.overwrite and self.resume:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")
@@ -747,7 +761,9 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
     if record["best_epoch"] is not None:
         best = ", ".join(f"{m} {_score(m, record['best'][m])}" for m in columns)
         lines += ["", f"Best: epoch {record['best_epoch']} ({best}), kept in {config.out_dir}."]
-        if isinstance(task, TextTask) and not task.is_regression:
+        if isinstance(task, TextTask) and task.multi_label:
+            lines.append(f"Per label scores of that epoch: {CLASSES_FILE}.")
+        elif isinstance(task, TextTask) and not task.is_regression:
             lines.append(f"Per class scores and the confusion matrix of that epoch: {CLASSES_FILE}.")
         if isinstance(task, TaggingTask):
             lines.append(f"Scores per {'type' if task.scheme == 'chunks' else 'tag'} of that epoch: {TAGS_FILE}; its "

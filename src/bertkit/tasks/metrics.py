@@ -40,35 +40,72 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
+def _seen_labels(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Multi-label 0/1 matrices (N, labels): the labels in the file or predicted, those a macro average counts (as
+    sklearn's macro F1 counts the classes of single-label data)."""
+    return np.flatnonzero(y.any(0) | p.any(0))
+
+
+# Multi-label: predictions and labels are (N, labels) 0/1 matrices
+_MULTI_LABEL_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    # every (example, label) decision pooled: frequent labels weigh more
+    "micro_f1": lambda p, y: f1_score(y, p, average="micro", zero_division=0.0),
+    # each label's F1 averaged over the labels in the file or predicted
+    "macro_f1": lambda p, y: f1_score(y, p, labels=_seen_labels(p, y), average="macro", zero_division=0.0)
+    if len(_seen_labels(p, y)) else 0.0,
+    # the whole set of labels right (sklearn's accuracy of multi-label data)
+    "subset_accuracy": lambda p, y: accuracy_score(y, p),
+}
+
+
 def compute_metrics(names: Sequence[str], predictions: Sequence, labels: Sequence) -> dict[str, float]:
-    """The named metrics (accuracy, f1, mcc, macro_f1, pearson, spearman) as percentages."""
+    """The named metrics (accuracy, f1, mcc, macro_f1, pearson, spearman) as percentages; for multi-label 0/1
+    matrices (N, labels), micro_f1, macro_f1 and subset_accuracy."""
     p, y = np.asarray(predictions), np.asarray(labels)
-    if p.shape != y.shape or p.ndim != 1 or len(p) == 0:
-        raise BertkitError(f"predictions {p.shape} and labels {y.shape}: expected two equal, non-empty 1-D sequences")
-    unknown = [n for n in names if n not in _METRICS]
+    if p.shape != y.shape or p.ndim not in (1, 2) or len(p) == 0:
+        raise BertkitError(f"predictions {p.shape} and labels {y.shape}: expected two equal, non-empty 1-D sequences "
+                           "(or multi-label 0/1 matrices)")
+    known = _METRICS if p.ndim == 1 else _MULTI_LABEL_METRICS
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise BertkitError(f"unknown metric(s) {', '.join(unknown)} (expected {', '.join(_METRICS)})")
-    return {name: 100.0 * float(_METRICS[name](p, y)) for name in names}
+        raise BertkitError(f"unknown metric(s) {', '.join(unknown)} (expected {', '.join(known)})")
+    return {name: 100.0 * float(known[name](p, y)) for name in names}
 
 
 def class_report(labels: Sequence[str], predictions: Sequence[int], gold: Sequence[int], title: str,
                  max_matrix: int = 30) -> str:
     """Per class (indices into `labels`): examples, times predicted, precision, recall and F1 in percent, the macro
-    average (as `macro_f1`), and the confusion matrix (up to `max_matrix` classes), in markdown."""
+    average (as `macro_f1`), and the confusion matrix (up to `max_matrix` classes), in markdown. Multi-label 0/1
+    matrices (N, labels) get the same table per label, with the micro average and the subset accuracy instead of
+    the accuracy and the matrix."""
     p, y = np.asarray(predictions), np.asarray(gold)
+    multi_label = p.ndim == 2
     classes = range(len(labels))
     precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=classes, zero_division=0.0)
-    predicted = np.bincount(p, minlength=len(labels))
+    predicted = p.sum(0) if multi_label else np.bincount(p, minlength=len(labels))
     name = [" ".join(str(label).split()).replace("|", "\\|") or "(blank)" for label in labels]
     seen = (support > 0) | (predicted > 0)  # a class neither in the file nor predicted has no score
-    lines = [f"# {title}", "", "| class | examples | predicted | precision | recall | F1 |", "|---" * 6 + "|"]
+    what = "label" if multi_label else "class"
+    lines = [f"# {title}", "", f"| {what} | examples | predicted | precision | recall | F1 |", "|---" * 6 + "|"]
     for i in classes:
         scores = f"{100 * precision[i]:.2f} | {100 * recall[i]:.2f} | {100 * f1[i]:.2f}" if seen[i] else "- | - | -"
         lines.append(f"| {name[i]} | {support[i]} | {predicted[i]} | {scores} |")
     macro = [f"{100 * values[seen].mean():.2f}" for values in (precision, recall, f1)]
-    lines += [f"| macro average | {len(y)} | {len(p)} | " + " | ".join(macro) + " |", "",
-              f"Accuracy {100 * float(np.mean(p == y)):.2f}; the macro average is over the {int(seen.sum())} classes "
-              "in the file or predicted (its F1 is `macro_f1`).", ""]
+    if not multi_label:
+        lines += [f"| macro average | {len(y)} | {len(p)} | " + " | ".join(macro) + " |", "",
+                  f"Accuracy {100 * float(np.mean(p == y)):.2f}; the macro average is over the {int(seen.sum())} "
+                  "classes in the file or predicted (its F1 is `macro_f1`).", ""]
+    else:
+        micro = precision_recall_fscore_support(y, p, average="micro", zero_division=0.0)[:3]
+        lines += [f"| micro average | {int(y.sum())} | {int(p.sum())} | "
+                  + " | ".join(f"{100 * v:.2f}" for v in micro) + " |",
+                  f"| macro average | {int(y.sum())} | {int(p.sum())} | " + " | ".join(macro) + " |", "",
+                  f"{len(y):,} examples, {y.sum(1).mean():.2f} labels each in the file and {p.sum(1).mean():.2f} "
+                  f"predicted; subset accuracy (every label of an example right) "
+                  f"{100 * float(np.mean((p == y).all(1))):.2f}. The micro average pools every decision (its F1 is "
+                  f"`micro_f1`), the macro average is over the {int(seen.sum())} labels in the file or predicted "
+                  "(`macro_f1`).", ""]
+        return "\n".join(lines)
     if len(labels) > max_matrix:
         return "\n".join(lines + [f"(No confusion matrix: {len(labels)} classes, more than {max_matrix}.)"]) + "\n"
     matrix = confusion_matrix(y, p, labels=classes)
