@@ -170,3 +170,43 @@ def test_inference_shows_a_progress_bar_for_long_work_only(tmp_path, capsys, row
                    torch.device("cpu"), ("logits",))["logits"]
     assert logits.shape == (rows, 2)
     assert ("inference" in capsys.readouterr().err) == shown
+
+
+def test_a_file_is_read_a_chunk_at_a_time_and_a_stream_as_a_file(minilm_dir, tmp_path, monkeypatch, capsys):
+    """The input is read once to check it and count its lines, then a chunk at a time as the vectors are made (3
+    lines a chunk here): never whole. Standard input is copied to a temporary file first, the same vectors; a bad
+    line late in it is an error before anything is written."""
+    import io
+    import types
+
+    from bertkit.tasks import embed as module
+
+    texts = sst2_sentences(10)
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    monkeypatch.setattr(module, "CHUNK", 3)
+    read, seen = [], []
+    examples_of = module.input_examples
+
+    def counted(inputs, source):
+        examples = examples_of(inputs, source)
+        def again():
+            read.append(0)
+            for example in examples():
+                read[-1] += 1
+                yield example
+        return again
+
+    embed_rows = module.embed_rows
+    monkeypatch.setattr(module, "input_examples", counted)
+    monkeypatch.setattr(module, "embed_rows", lambda model, rows, *a: seen.append(read[-1]) or embed_rows(model, rows, *a))
+    assert cli_main(["embed", str(minilm_dir), str(tmp_path / "in.txt"), "--out", str(tmp_path / "file.npy")]) == 0
+    assert read == [10, 10] and seen == [3, 6, 9, 10]  # the check's pass, then each chunk read as it is embedded
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO((tmp_path / "in.txt").read_bytes())))
+    assert cli_main(["embed", str(minilm_dir), "--out", str(tmp_path / "stdin.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "stdin.npy"), np.load(tmp_path / "file.npy"))
+    bad = "\n".join(texts[:8]).encode() + b"\ncaf\xe9\n"
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(bad)))
+    capsys.readouterr()
+    assert cli_main(["embed", str(minilm_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "<stdin>:9: not UTF-8 text (byte 4 of the line); expected UTF-8" in err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,22 +280,28 @@ def read_input_lines(inputs, source: str = "<stdin>") -> list[str]:
     surrogates in str lines become U+FFFD.
     """
     if isinstance(inputs, (str, Path)):
-        source = str(inputs)
+        with open_input(inputs) as f:
+            return read_input_lines(f, str(inputs))
+    return [decode_line(number, line, source) for number, line in enumerate(inputs, start=1)]
+
+
+def open_input(path: str | Path):
+    """An input file, opened to read its bytes (an error naming it if it cannot be)."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise BertkitError(f"{path}: cannot read ({e.strerror or e}); expected a UTF-8 text file") from None
+
+
+def decode_line(number: int, line: bytes | str, source: str) -> str:
+    """Line `number` of an input as `read_input_lines` takes it."""
+    if isinstance(line, bytes):
         try:
-            with open(inputs, "rb") as f:
-                return read_input_lines(f, source)
-        except OSError as e:
-            raise BertkitError(f"{source}: cannot read ({e.strerror or e}); expected a UTF-8 text file") from None
-    lines = []
-    for number, line in enumerate(inputs, start=1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BertkitError(f"{source}:{number}: not UTF-8 text (byte {e.start + 1} of the line); "
-                                   "expected UTF-8") from None
-        lines.append(replace_lone_surrogates(line.removeprefix("\ufeff") if number == 1 else line))
-    return lines
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BertkitError(f"{source}:{number}: not UTF-8 text (byte {e.start + 1} of the line); "
+                               "expected UTF-8") from None
+    return replace_lone_surrogates(line.removeprefix("\ufeff") if number == 1 else line)
 
 
 def is_blank(example: TextExample) -> bool:
@@ -307,18 +313,30 @@ def parse_lines(lines, source: str = "<stdin>") -> list[TextExample]:
     """One example per line, `text` or `text<TAB>pair`, blank lines included (see `is_blank`): the output of
     `bertkit predict` keeps one line per input line. A line of more than two fields, a mix of single texts and
     pairs, or input without any text is an error."""
-    examples = []
-    for number, line in enumerate(lines, start=1):
-        line = line.rstrip("\r\n")
-        parts = line.split("\t") if line.strip() else [line]
-        if len(parts) > 2:
-            raise BertkitError(f"{source}:{number}: {len(parts)} tab-separated fields; expected a text or text<TAB>pair")
-        examples.append(TextExample(str(number), parts[0], parts[1] if len(parts) == 2 else None, None, number))
-    texts = [e for e in examples if not is_blank(e)]
-    if not texts:
+    parsed = (parse_line(number, line, source) for number, line in enumerate(lines, start=1))
+    return list(checked_lines(parsed, source))
+
+
+def parse_line(number: int, line: str, source: str) -> TextExample:
+    """Line `number` as `parse_lines` reads it (not yet checked against the other lines)."""
+    line = line.rstrip("\r\n")
+    parts = line.split("\t") if line.strip() else [line]
+    if len(parts) > 2:
+        raise BertkitError(f"{source}:{number}: {len(parts)} tab-separated fields; expected a text or text<TAB>pair")
+    return TextExample(str(number), parts[0], parts[1] if len(parts) == 2 else None, None, number)
+
+
+def checked_lines(examples: Iterable[TextExample], source: str) -> Iterator[TextExample]:
+    """`parse_line`'s examples as they come, stopped with an error at the first that mixes single texts and pairs,
+    or at the end when no line had a text."""
+    first = None
+    for example in examples:
+        if first is None and not is_blank(example):
+            first = example
+        elif first is not None and not is_blank(example) and (example.text_b is None) != (first.text_b is None):
+            raise BertkitError(f"{source}:{example.line}: mixes single texts and text<TAB>pair lines; expected one "
+                               f"kind throughout (line {first.line} is "
+                               f"{'a single text' if first.text_b is None else 'a pair'})")
+        yield example
+    if first is None:
         raise BertkitError(f"{source}: no text to label; expected one text (or text<TAB>pair) per line")
-    if len({e.text_b is None for e in texts}) > 1:
-        first = next(e for e in texts if (e.text_b is None) != (texts[0].text_b is None))
-        raise BertkitError(f"{source}:{first.line}: mixes single texts and text<TAB>pair lines; expected one kind "
-                           f"throughout (line {texts[0].line} is {'a single text' if texts[0].text_b is None else 'a pair'})")
-    return examples

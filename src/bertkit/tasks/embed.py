@@ -9,10 +9,14 @@ vector per token; from one layer or several, concatenated or summed.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
+import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from bertkit.config import option
+from bertkit.data.glue import TextExample
 from bertkit.errors import BertkitError
 
 logger = logging.getLogger("bertkit")
@@ -128,14 +133,55 @@ def encode_lines(tokenizer, examples, max_length: int) -> tuple[list[dict], list
 CHUNK = 4096
 
 
+def input_examples(inputs, source: str) -> Callable[[], Iterator[TextExample]]:
+    """A function giving the examples of `inputs` (a path, a binary stream, or lines) from the first line on each
+    time it is called, a line at a time: a file is read again, a binary stream copied to an unnamed temporary file
+    first; lines given in memory are kept there."""
+    from bertkit.tasks.classification import decode_line, open_input, parse_line
+
+    if isinstance(inputs, (str, Path)):
+        def lines() -> Iterator[bytes]:
+            with open_input(inputs) as f:
+                yield from f
+    elif hasattr(inputs, "read") and not isinstance(inputs, io.TextIOBase):
+        spool = tempfile.TemporaryFile()  # gone when closed, or when the records are
+        shutil.copyfileobj(inputs, spool)
+
+        def lines() -> Iterator[bytes]:
+            spool.seek(0)
+            yield from spool
+    else:
+        kept = list(inputs)
+
+        def lines() -> Iterator[bytes | str]:
+            return iter(kept)
+
+    return lambda: (parse_line(n, decode_line(n, line, source), source) for n, line in enumerate(lines(), start=1))
+
+
+def count_lines(examples: Iterable[TextExample], source: str) -> int:
+    """The number of examples, each checked (`checked_lines`); a blank line is an error naming the first."""
+    from bertkit.tasks.classification import checked_lines, is_blank
+
+    count, blank, first = 0, 0, None
+    for example in checked_lines(examples, source):
+        count += 1
+        if is_blank(example):
+            blank, first = blank + 1, first or example.line
+    if blank:
+        raise BertkitError(f"{source}:{first}: a blank line ({blank} in all); expected a text on every line (row i "
+                           "of the output is line i's vector)")
+    return count
+
+
 def embed_stream(config: EmbedConfig, inputs=None) -> tuple[int, Iterator[dict]]:
     """The number of lines of `inputs` (a path, a binary stream or lines; default config.input) and an iterator of
     one record per line, in order, made chunk by chunk: the line number, the text (and pair), and "embedding", or
-    "tokens" and "vectors" for pool="tokens". The input, the model and the settings are checked before this
-    returns; lines longer than --max-length are counted in one warning at the end."""
+    "tokens" and "vectors" for pool="tokens". The input (read once to check it, and again a chunk at a time: its
+    text is not held in memory), the model and the settings are checked before this returns; lines longer than
+    --max-length are counted in one warning at the end."""
     from bertkit.checkpoint import model_folder
     from bertkit.model import BertModel
-    from bertkit.tasks.classification import is_blank, parse_lines, read_input_lines
     from bertkit.tasks.finetune import resolve_device
     from bertkit.tasks.inference import check_tokenizer
     from bertkit.tokenizer import Tokenizer
@@ -143,15 +189,13 @@ def embed_stream(config: EmbedConfig, inputs=None) -> tuple[int, Iterator[dict]]
     from bertkit.train.logs import progress_bar
 
     directory = model_folder(config.model_dir)
-    source = str(config.input) if inputs is None else "<input>"
     if inputs is None:
         inputs = getattr(sys.stdin, "buffer", sys.stdin) if config.input == "-" else config.input
-        source = "<stdin>" if config.input == "-" else source
-    examples = parse_lines(read_input_lines(inputs, source), source)
-    blank = [e.line for e in examples if is_blank(e)]
-    if blank:
-        raise BertkitError(f"{source}:{blank[0]}: a blank line ({len(blank)} in all); expected a text on every line "
-                           "(row i of the output is line i's vector)")
+        source = "<stdin>" if config.input == "-" else str(config.input)
+    else:
+        source = str(inputs) if isinstance(inputs, (str, Path)) else "<input>"
+    examples = input_examples(inputs, source)
+    count = count_lines(examples(), source)
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         tokenizer = Tokenizer.from_pretrained(directory)
@@ -170,10 +214,10 @@ def embed_stream(config: EmbedConfig, inputs=None) -> tuple[int, Iterator[dict]]
 
     def records() -> Iterator[dict]:
         cut = []
-        bar = progress_bar(total=len(examples), desc="embed", unit="line", disable=len(examples) <= CHUNK)
+        bar = progress_bar(total=count, desc="embed", unit="line", disable=count <= CHUNK)
+        lines = itertools.islice(examples(), count)  # the lines that were checked, should the file have grown
         with bar, torch_threads(config.threads):
-            for start in range(0, len(examples), CHUNK):
-                chunk = examples[start : start + CHUNK]
+            while chunk := list(itertools.islice(lines, CHUNK)):
                 rows, long = encode_lines(tokenizer, chunk, max_length)
                 cut += [chunk[i].line for i in long]
                 vectors = embed_rows(model, rows, layers, config.pool, config.combine, config.normalize,
@@ -189,9 +233,9 @@ def embed_stream(config: EmbedConfig, inputs=None) -> tuple[int, Iterator[dict]]
                 bar.update(len(chunk))
         if cut:
             logger.warning("%s: %d of %d lines are longer than --max-length %d tokens and were cut to it (the first: "
-                           "line %s)", source, len(cut), len(examples), max_length, cut[0])
+                           "line %s)", source, len(cut), count, max_length, cut[0])
 
-    return len(examples), records()
+    return count, records()
 
 
 def embed(config: EmbedConfig, inputs=None) -> list[dict]:
