@@ -51,6 +51,7 @@ class Bench:
     kernels: dict = field(default_factory=dict)  # bertkit's Kernels choices (bertkit.model.set_kernels)
     bucket: int = 1  # pad every batch to a multiple of this many positions (shapes repeat; the padding is masked)
     cpu_bf16: bool = False  # on the CPU too, both sides under bf16 autocast (fp32 otherwise)
+    checkpointing: bool = False  # both sides with activation checkpointing (activation_checkpointing_enable)
 
     @property
     def gpu(self) -> bool:
@@ -215,11 +216,15 @@ def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
             from bertkit.model import compile_blocks, set_kernels
 
             set_kernels(ours, **bench.kernels)
+            if bench.checkpointing:
+                ours.activation_checkpointing_enable()
             if bench.compile:
                 compile_blocks(ours, bench.compile)
             models["bertkit"] = ours
         if bench.only != "bertkit":
             theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+            if bench.checkpointing:  # its older name where a transformers lacks the new one
+                getattr(theirs, "activation_checkpointing_enable", theirs.gradient_checkpointing_enable)()
             models["transformers"] = theirs.to(bench.device)
     return models
 
@@ -487,7 +492,7 @@ def peak_memory_mb(bench: Bench, case_name: str, side: str, args, case: Case) ->
            "--preset", args.preset, "--threads", str(args.threads), "--bucket", str(args.bucket),
            "--kernels", *args.kernels] + (["--compile", args.compile] if args.compile else []) + \
           (["--pretrain-batch", str(args.pretrain_batch)] if args.pretrain_batch else []) + \
-          (["--bf16"] if args.bf16 else [])
+          (["--bf16"] if args.bf16 else []) + (["--activation-checkpointing"] if args.activation_checkpointing else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -566,6 +571,8 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bucket", type=int, default=1, help="pad every batch to a multiple of this many positions")
     parser.add_argument("--bf16", action="store_true", help="on the CPU too, both sides under bf16 autocast (it pays "
                         "where the CPU computes in bf16: AMX, AVX512-BF16; on CUDA it is always on)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="both sides with activation "
+                        "checkpointing (activation_checkpointing_enable: each encoder block run again in backward)")
     parser.add_argument("--compile", nargs="?", const="dynamic", choices=list(COMPILE_MODES),
                         help="bertkit's encoder blocks through torch.compile in this mode (default dynamic; static "
                         "keeps batches padded, give it --bucket, or packed with --kernels pack_multiple=...; compiled "
@@ -596,7 +603,7 @@ def bench_from(parser: argparse.ArgumentParser, args: argparse.Namespace, device
     """The Bench that the options of `add_kernel_arguments` describe, on `device` (a usage error where that is CUDA
     and this machine has none)."""
     bench = Bench(torch.device(device), compile=args.compile, kernels=kernel_choices(parser, args.kernels),
-                  bucket=args.bucket, cpu_bf16=args.bf16, **fields)
+                  bucket=args.bucket, cpu_bf16=args.bf16, checkpointing=args.activation_checkpointing, **fields)
     if bench.gpu and not torch.cuda.is_available():
         implied = " (the default of --suite gpu*)" if args.device is None else ""
         parser.error(f"--device cuda{implied}: no CUDA device here")

@@ -16,7 +16,8 @@ from tiny_folders import left_padded
 
 
 def tiny(**kw) -> BertConfig:
-    return BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, **kw)
+    return BertConfig(**{"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "max_position_embeddings": 64, **kw})
 
 
 @pytest.mark.parametrize("preset, expected", [("base", 110e6), ("large", 335e6)])
@@ -490,3 +491,46 @@ def test_a_bilstm_takes_a_row_of_padding_alone(cls):
         batch = model(ids, attention_mask=mask)[name]
         alone = model(ids[:1])[name]
     assert torch.allclose(batch[0], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less_for_backward(padded):
+    """Each block run again in backward, with the dropout masks of its first run: the same loss and gradients (packed
+    rows too), while what autograd keeps outside the blocks is a fraction of what it keeps without."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny(num_hidden_layers=4)).train()  # dropout 0.1: the rerun must draw the same masks
+    ids = torch.randint(5, 300, (4, 40))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 25:] = mask[3, 10:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 3::7] = ids[:, 3::7]
+
+    def run(enable: bool):
+        model.activation_checkpointing_enable(enable)
+        model.zero_grad(set_to_none=True)
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1, 0])).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept)
+
+    loss, grads, kept = run(False)
+    loss_again, grads_again, kept_checkpointed = run(True)
+    assert torch.equal(loss, loss_again)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_again[name], rtol=0, atol=1e-7), name
+    assert kept_checkpointed < kept / 3
+    # in evaluation, and without gradients, nothing is run twice: the flag changes nothing
+    model.eval()
+    with torch.no_grad():
+        checkpointed = model(ids, attention_mask=mask).prediction_logits
+        model.gradient_checkpointing_disable()  # transformers' older name, kept as theirs is
+        assert not model.bert.encoder.activation_checkpointing
+        assert torch.equal(checkpointed, model(ids, attention_mask=mask).prediction_logits)

@@ -736,3 +736,28 @@ def test_the_results_table_marks_an_epoch_recorded_without_a_metric(tmp_path):
                          {"epoch": 2, "accuracy": 75.0, "macro_f1": 70.0, **timing}]}
     table = results_table(FinetuneConfig(model_dir="m", task="custom", out_dir=str(tmp_path)), task, record)
     assert "| 1 | 0.5000 | 50.00 | - |" in table and "| 2 (best) | 0.5000 | 75.00 | 70.00 |" in table
+
+
+def test_activation_checkpointing_fine_tunes_to_the_same_weights(toy_model_dir, tmp_path, monkeypatch):
+    """--activation-checkpointing reruns each block in backward with the same dropout masks: the same model."""
+    import torch.utils.checkpoint
+    from safetensors.torch import load_file
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+
+    lines = ["review,stars"] + [f"{t},{s}" for t, s in [("a good film", "good"), ("bad movie", "bad"),
+                                                        ("great fun", "good"), ("very boring", "bad")] * 8]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    weights = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"run-{checkpointing}"
+        finetune(quick(toy_model_dir, out, task="custom", train_file=str(tmp_path / "train.csv"), epochs=1,
+                       eval_file=str(tmp_path / "train.csv"), text_a="review", label="stars",
+                       activation_checkpointing=checkpointing))
+        weights.append(load_file(out / "model.safetensors"))
+        assert len(calls) == (2 * 2 if checkpointing else 0)  # 2 steps (32 rows, batch 16) x 2 blocks, in training
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert (tensor - weights[1][name]).abs().max() < 1e-6, name

@@ -1363,3 +1363,17 @@ def test_two_processes_run_both_phases_as_one_process_accumulating_two(inputs, t
                      then=["objective=mlm+nsp", "max_steps=4"])
     two_processes_and_accumulation(cfg, tmp_path)
     assert [int(r["step"]) for r in rows(tmp_path / "torchrun")] == list(range(1, 10))
+
+
+def test_activation_checkpointing_pretrains_to_the_same_weights(inputs, tmp_path, monkeypatch):
+    """--activation-checkpointing (each block run again in backward, with its dropout masks): the same run."""
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    for on in (False, True):
+        pretrain(small(inputs, tmp_path / str(on), max_steps=3, activation_checkpointing=on))
+    assert len(calls) == 3 * 2  # 3 steps x the model's 2 blocks, in training only (no evaluation runs them)
+    a, b = final_weights(tmp_path / "False"), final_weights(tmp_path / "True")
+    assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)

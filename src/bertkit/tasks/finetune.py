@@ -64,7 +64,7 @@ from bertkit.train.optim import build_optimizer, warmup_linear, warmup_steps_for
 from bertkit.train.precision import load_scaler, resolve as resolve_precision
 from bertkit.train.rundir import (RunLock, absolute_paths, check_free_space, check_not_in_use, check_output_path,
                                   entries, remove)
-from bertkit.train.step import train_step as shared_step
+from bertkit.train.step import CHECKPOINTING_HELP, train_step as shared_step
 
 logger = logging.getLogger("bertkit")
 
@@ -152,6 +152,7 @@ class FinetuneConfig:
     threads: int | None = option(None, "CPU threads for torch (default: the cores that the last minute's load "
                                  "average leaves idle, 1 to 16)")
     device: str = option("auto", "cpu, cuda, cuda:1, mps (auto: cuda when available)")
+    activation_checkpointing: bool = option(False, CHECKPOINTING_HELP)
     compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps after a first, "
                            "compiling one (tens of seconds; on CPU a C++ compiler is needed)")
     compile_mode: Literal["dynamic", "static"] = option("dynamic", "with --compile: dynamic (one graph for every "
@@ -539,6 +540,8 @@ def _finite_weights(model, what: str, hint: str) -> None:
 
 def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resume_from: Path | None,
          d: Distributed = Distributed()) -> dict:
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable()
     if config.compile:
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)

@@ -54,7 +54,7 @@ from bertkit.train.logs import RunLogger, progress_bar
 from bertkit.train.optim import build_optimizer, triangle, warmup_linear, warmup_steps_for
 from bertkit.train.precision import Precision, load_scaler, resolve
 from bertkit.train.rundir import RunLock, absolute_paths, check_free_space, check_output_path, entries, remove
-from bertkit.train.step import train_step as shared_step
+from bertkit.train.step import CHECKPOINTING_HELP, train_step as shared_step
 
 logger = logging.getLogger("bertkit")
 
@@ -166,6 +166,7 @@ class PretrainConfig:
     num_workers: int = option(0, "DataLoader worker processes per training process (0: load in the main process)")
     threads: int | None = option(None, "CPU threads for torch per process; unset: the cores the last minute's load "
                                  "average leaves idle, shared by the processes of this machine, 1 to 16")
+    activation_checkpointing: bool = option(False, CHECKPOINTING_HELP)
     compile: bool = option(False, "torch.compile the encoder blocks (dynamic shapes): faster steps once the first step "
                            "has compiled them (tens of seconds; on CPU a C++ compiler is needed)")
     compile_mode: Literal["dynamic", "static"] = option("dynamic", "with --compile: dynamic (one graph for every "
@@ -883,6 +884,8 @@ def set_up(plan: list[Phase], index: int, d: Distributed, run_dir: Path, resume_
             raise BertkitError(f"{resume_from or start}: saved in phase {saved_phase + 1} of its run; expected phase "
                                f"{want + 1} at step {state['step']}: the run's own --max-steps, --stop-at and --then")
     model.to(d.device)
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable()
     if cfg.compile:
         compile_blocks(model, cfg.compile_mode)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, betas=cfg.betas)
