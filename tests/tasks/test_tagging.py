@@ -132,6 +132,29 @@ def test_labels_sit_on_each_words_first_piece_and_long_sentences_become_windows(
     assert places == [(0, range(0, 2), [1, 3]), (0, range(2, 4), [1, 4])]
 
 
+def test_label_all_tokens_puts_each_words_tag_on_its_other_pieces_b_continued_as_i(tmp_path, toy_model_dir):
+    """--label-all-tokens: the word's other pieces carry its tag, a B- tag continued as the I- tag of its type (as
+    transformers' run_ner.py); a piece cut off by the window carries nothing."""
+    from bertkit.tasks.tagging import TaggingTask
+
+    tokenizer = Tokenizer.from_pretrained(toy_model_dir)
+    task = TaggingTask(["O", "B-PER", "I-PER", "B-MISC"], "chunks")  # no I-MISC: B-MISC stays B-MISC
+    rows, _ = encode(tokenizer, [[[10, 11], [12], [13, 14, 15]]], max_length=6, label_ids=[[1, 2, 3]],
+                     later=[0, 2, 2, 3])
+    assert [r["labels"] for r in rows] == [[-100, 1, 2, 2, -100], [-100, 3, 3, 3, -100]]
+    rows, _ = encode(tokenizer, [[[13, 14, 15]]], max_length=4, label_ids=[[1]], later=[0, 2, 2, 3])
+    assert rows[0]["labels"] == [-100, 1, 2, -100]  # the word cut to the window's 2 pieces
+    (tmp_path / "train.txt").write_text("ada B-PER\nlovelace I-PER\nwent O\nhome B-MISC\n")
+    task.train = read_conll(tmp_path / "train.txt")
+    config = FinetuneConfig(task="ner", max_length=32, label_all_tokens=True)
+    labels = task.train_rows(tokenizer, config)[0]["labels"]
+    pieces = [len(tokenizer.encode(w)["input_ids"]) - 2 for w in ("ada", "lovelace", "went", "home")]  # less [CLS], [SEP]
+    assert labels == [-100] + [1] + [2] * (pieces[0] - 1) + [2] * pieces[1] + [0] * pieces[2] + [3] * pieces[3] + [-100]
+    assert sum(n > 1 for n in pieces) >= 2  # the toy vocabulary spells these words in letters: pieces to label
+    with pytest.raises(BertkitError, match="--label-all-tokens with --task SST-2; expected --task ner"):
+        FinetuneConfig(model_dir="m", task="SST-2", label_all_tokens=True).check()
+
+
 LEXICON = {"good": "POS", "great": "POS", "fun": "POS", "best": "POS", "funny": "POS", "beautiful": "POS",
            "bad": "NEG", "worst": "NEG", "boring": "NEG", "dull": "NEG", "awful": "NEG", "mess": "NEG"}
 

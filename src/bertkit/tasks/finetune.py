@@ -122,6 +122,9 @@ class FinetuneConfig:
                                "micro F1, macro F1 and subset accuracy")
     label_sep: str = option(",", "--multi-label: what separates the labels in a label field")
     label_threshold: float = option(0.5, "--multi-label: a label is predicted when its probability is at least this")
+    label_all_tokens: bool = option(False, "ner: train on every WordPiece of a word, its tag on its first piece and "
+                                    "the others (B-X continued as I-X), as transformers' run_ner.py "
+                                    "--label_all_tokens; words are still tagged and scored by their first piece")
     train_articles: int | None = option(None, "SQuAD: split one file by article, the first N to train, the rest to "
                                         f"score (written to OUT_DIR/{EVAL_DATA_FILE}, the official scripts' dev file)")
     lr: float = option(3e-5, "peak learning rate (the paper searches 5e-5, 4e-5, 3e-5, 2e-5)")
@@ -220,6 +223,9 @@ class FinetuneConfig:
             raise BertkitError("--label-sep is empty; expected what separates labels in a field, such as ,")
         if self.multi_label and self.task.lower() not in ("", "custom"):
             raise BertkitError(f"--multi-label with --task {self.task}; expected --task custom (your own files)")
+        if self.label_all_tokens and self.task != TAGGING_TASK:
+            raise BertkitError(f"--label-all-tokens with --task {self.task or 'custom'}; expected --task "
+                               f"{TAGGING_TASK} (tags of words)")
         if self.overwrite and self.resume:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")

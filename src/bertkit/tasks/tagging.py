@@ -115,10 +115,12 @@ def windows(pieces: Sequence[Sequence[int]], room: int) -> list[range]:
 
 
 def encode(tokenizer, words: Sequence[Sequence[list[int]]], max_length: int,
-           label_ids: Sequence[Sequence[int]] | None = None) -> tuple[list[dict], list[tuple[int, range, list[int]]]]:
+           label_ids: Sequence[Sequence[int]] | None = None, later: Sequence[int] | None = None,
+           ) -> tuple[list[dict], list[tuple[int, range, list[int]]]]:
     """Rows `[CLS] pieces [SEP]` of each text's words (their WordPiece ids), a window of whole words each, with the
-    label of each word at its first piece (-100 elsewhere) when `label_ids` are given; and for each row, which text
-    and words it holds and the positions of their first pieces."""
+    label of each word at its first piece (-100 elsewhere) when `label_ids` are given, and with `later` (a label
+    index -> the label of the word's other pieces) at every piece; and for each row, which text and words it holds
+    and the positions of their first pieces."""
     room = max_length - 2
     rows, places = [], []
     for t, pieces in enumerate(words):
@@ -132,7 +134,11 @@ def encode(tokenizer, words: Sequence[Sequence[list[int]]], max_length: int,
             if label_ids is not None:
                 row["labels"] = [-100] * len(ids)
                 for w, at in zip(span, firsts):
-                    row["labels"][at] = label_ids[t][w]
+                    label = label_ids[t][w]
+                    row["labels"][at] = label
+                    if later is not None:
+                        rest = min(len(pieces[w]), room) - 1
+                        row["labels"][at + 1 : at + 1 + rest] = [later[label]] * rest
             rows.append(row)
             places.append((t, span, firsts))
     return rows, places
@@ -210,7 +216,10 @@ class TaggingTask:
     def train_rows(self, tokenizer, config) -> list[dict]:
         index = {tag: i for i, tag in enumerate(self.labels)}
         label_ids = [[index[tag] for tag in s.tags] for s in self.train]
-        return encode(tokenizer, _pieces(tokenizer, self.train), config.max_length, label_ids)[0]
+        later = None
+        if config.label_all_tokens:  # a word's other pieces continue its chunk: B-X becomes I-X (where the task has it)
+            later = [index.get(f"I-{tag[2:]}", i) if tag.startswith("B-") else i for i, tag in enumerate(self.labels)]
+        return encode(tokenizer, _pieces(tokenizer, self.train), config.max_length, label_ids, later)[0]
 
     def predict(self, model, tokenizer, sentences: Sequence[Sentence], config, device) -> list[list[str]]:
         return predict_tags(model, tokenizer, _pieces(tokenizer, sentences), self.labels, config, device)
