@@ -25,6 +25,8 @@
 #   suite    the speed suite's targets as shipped: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at
 #            384, inference at batch 32 and 1; MFU against the bf16 GEMM peak measured in the same run;
 #   pretrain the suite's pretraining cases alone, with BERT-Large phase 2;
+#   memory   activation checkpointing's price and saving on the GPU: base and Large pretraining at 512, both sides
+#            without and with it (tokens/s, peak CUDA memory);
 #   nsp      docs/findings.md's H100 NSP run again (mini on python-docs + linux-docs, 4,000 x 128, bf16, about 3
 #            minutes): its held-out curve was read with stale Q/K/V weights the first time (fixed in stop 34).
 set -u -o pipefail
@@ -50,9 +52,9 @@ mkdir -p "$RESULTS"
 LOG="$OUT/gpu_check.log"
 STAGES=${*:-tests varlen ablation}
 for stage in $STAGES; do  # a misspelt stage would run nothing and end in "done", at the cost of the lease
-    case " tests varlen ablation profile pretrain suite nsp " in
+    case " tests varlen ablation profile pretrain suite memory nsp " in
         *" $stage "*) ;;
-        *) echo "gpu_check.sh: no stage '$stage'; expected pack, or some of tests varlen ablation profile pretrain suite nsp" \
+        *) echo "gpu_check.sh: no stage '$stage'; expected pack, or some of tests varlen ablation profile pretrain suite memory nsp" \
                | tee -a "$LOG" >&2; exit 2 ;;
     esac
 done
@@ -140,6 +142,18 @@ if wants suite; then
     timeout 150 python3 benchmarks/run.py --suite gpu-targets --batches 4 --rounds 2 --warmup 1 --out "$RESULTS/suite" \
         2>&1 | quiet | tee -a "$LOG"
     check $? "suite"
+fi
+
+if wants memory; then
+    step "memory: base and Large pretraining at 512, both sides, without activation checkpointing"
+    timeout 120 python3 benchmarks/run.py --device cuda --cases pretrain-base-512 pretrain-large-512 --batches 2 \
+        --rounds 1 --warmup 1 --out "$RESULTS/memory" 2>&1 | quiet | tee -a "$LOG"
+    check $? "memory: without checkpointing"
+    step "memory: the same with activation checkpointing on both sides"
+    timeout 150 python3 benchmarks/run.py --device cuda --cases pretrain-base-512 pretrain-large-512 --batches 2 \
+        --rounds 1 --warmup 1 --activation-checkpointing --out "$RESULTS/memory-checkpointed" 2>&1 | quiet \
+        | tee -a "$LOG"
+    check $? "memory: with checkpointing"
 fi
 
 if wants nsp; then

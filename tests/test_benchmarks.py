@@ -349,7 +349,7 @@ def test_gpu_check_script_passes_only_options_its_scripts_accept(tmp_path):
     for shim in shims.iterdir():
         shim.chmod(0o755)
     script = BENCHMARKS / "gpu_check.sh"
-    stages = "tests varlen ablation profile pretrain suite".split()
+    stages = "tests varlen ablation profile pretrain suite memory".split()
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
     done = subprocess.run(["bash", str(script), *stages], env=env, capture_output=True, text=True, timeout=600)
     log = (tmp_path / "out" / "gpu_check.log").read_text()

@@ -290,6 +290,29 @@ def test_varlen_attention_trains_with_attention_dropout(tmp_path):
     assert losses[0] != losses[1]
 
 
+@pytest.mark.parametrize("kernels", [{}, {"packing": "always", "attention": "varlen"}], ids=["as-shipped", "varlen"])
+def test_activation_checkpointing_gives_the_same_gradients_on_cuda(tmp_path, kernels):
+    """Each block run again in backward on the GPU, dropout on (CUDA's RNG state kept for the rerun, FlashAttention's
+    own dropout included): the same loss and gradients as without, under bf16 autocast."""
+    from bertkit.model import set_kernels
+
+    model, _ = twins(tmp_path)
+    set_kernels(model.train(), **kernels)
+    ids, types, mask, labels, nsp = pretraining_inputs()
+    runs = []
+    for on in (False, True):
+        model.activation_checkpointing_enable(on)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=labels != -100).loss
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    for name, grad in runs[0][1].items():
+        assert torch.allclose(grad, runs[1][1][name], rtol=0, atol=1e-6), name
+
+
 def test_static_compiled_blocks_on_packed_rows_with_filler_match_eager_without_recompiling(tmp_path):
     """Packed rows rounded up to a multiple (Kernels.pack_multiple) under varlen attention keep one shape across
     batches of different real lengths: compiled once for static shapes, never recompiled, the same outputs as
