@@ -1,5 +1,6 @@
 """Fine-tuning end to end on small real slices with a tiny random model: files, best epoch, evaluate, predict."""
 
+import dataclasses
 import io
 import json
 import math
@@ -761,3 +762,23 @@ def test_activation_checkpointing_fine_tunes_to_the_same_weights(toy_model_dir, 
     assert weights[0].keys() == weights[1].keys()
     for name, tensor in weights[0].items():
         assert (tensor - weights[1][name]).abs().max() < 1e-6, name
+
+
+def test_early_stopping_ends_a_run_whose_dev_score_stops_improving(toy_model_dir, tmp_path, caplog):
+    """At lr 0 the model never changes, so no epoch beats the first: with patience 2 the run stops after epoch 3 of
+    6, keeps epoch 1's model, says why, and `--resume auto` returns it as finished instead of training on."""
+    lines = ["review,stars"] + [f"{t},{s}" for t, s in [("a good film", "good"), ("bad movie", "bad")] * 8]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    config = quick(toy_model_dir, tmp_path / "run", task="custom", train_file=str(tmp_path / "train.csv"),
+                   eval_file=str(tmp_path / "train.csv"), text_a="review", label="stars", lr=0.0, epochs=6,
+                   early_stopping_patience=2)
+    record = finetune(config)
+    assert [row["epoch"] for row in record["epochs"]] == [1, 2, 3]
+    assert record["stopped_early"] == 3 and record["best_epoch"] == 1
+    why = "no epoch beat epoch 1's dev score in the 2 epochs after it (--early-stopping-patience)"
+    assert f"stopped after epoch 3 of 6: {why}" in caplog.text
+    assert f"Stopped after epoch 3 of 6: {why}." in (tmp_path / "run" / "results.md").read_text()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert finetune(dataclasses.replace(config, resume="auto")) == record
+    with pytest.raises(BertkitError, match="--early-stopping-patience is -1; expected zero"):
+        dataclasses.replace(config, early_stopping_patience=-1).check()

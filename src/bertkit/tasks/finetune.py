@@ -130,6 +130,9 @@ class FinetuneConfig:
     lr: float = option(3e-5, "peak learning rate (the paper searches 5e-5, 4e-5, 3e-5, 2e-5)")
     batch_size: int = option(32, "training batch size")
     epochs: int = option(3, "passes over the training data")
+    early_stopping_patience: int = option(0, "stop when this many epochs in a row have not beaten the best epoch's "
+                                          "score on dev (the schedule is not shortened; the best epoch is kept as "
+                                          "always); 0: run every epoch")
     warmup: float = option(0.1, "linear warm-up: a fraction of all steps (<1) or a step count")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
@@ -211,6 +214,9 @@ class FinetuneConfig:
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise BertkitError(f"--threads is {self.threads}; expected a whole number from 1 to {MAX_THREADS} "
                                "(unset: chosen from the idle cores)")
+        if self.early_stopping_patience < 0:
+            raise BertkitError(f"--early-stopping-patience is {self.early_stopping_patience}; expected zero (off) or "
+                               "more epochs")
         if self.save_every < 0:
             raise BertkitError(f"--save-every is {self.save_every}; expected zero or more")
         if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other: a traceback once the data was read
@@ -339,9 +345,23 @@ def _finished(out: Path, config: FinetuneConfig) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(record, dict) or len(record.get("epochs") or []) != config.epochs:
+    if not isinstance(record, dict):
+        return None
+    if len(record.get("epochs") or []) != config.epochs and not record.get("stopped_early"):
         return None
     return record
+
+
+def stopped_early(config: FinetuneConfig, record: dict) -> str:
+    """Why the run stopped before its last epoch, for the log and results.md."""
+    return (f"no epoch beat epoch {record['best_epoch']}'s dev score in the "
+            f"{plural(config.early_stopping_patience, 'epoch')} after it (--early-stopping-patience)")
+
+
+def patience_spent(config: FinetuneConfig, best: BestCheckpoint, epochs_done: int) -> bool:
+    """Whether --early-stopping-patience epochs have passed since the best one (none counts from the start)."""
+    patience = config.early_stopping_patience
+    return bool(patience) and epochs_done - (best.epoch or 0) >= patience
 
 
 def check_out_dir(config: FinetuneConfig, out: Path) -> None:
@@ -635,6 +655,14 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
 
     with Interrupt() as interrupt:
         for epoch in range(pos.epoch, config.epochs + 1):
+            # rank 0's verdict, which alone scores; checked before an epoch, so that a resumed run stops here too
+            if distributed.run_on_main(lambda: patience_spent(config, best, epoch - 1), d):
+                if d.is_main:
+                    record["stopped_early"] = epoch - 1
+                    write_json(out / "metrics.json", record)
+                    logger.warning("stopped after epoch %d of %d: %s", epoch - 1, config.epochs,
+                                   stopped_early(config, record))
+                break
             batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch)
             model.train()
             with progress_bar(total=len(rows), initial=sum(len(b) for b in batches[: pos.batch]),
@@ -777,6 +805,9 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         if isinstance(task, TaggingTask):
             lines.append(f"Scores per {'type' if task.scheme == 'chunks' else 'tag'} of that epoch: {TAGS_FILE}; its "
                          f"tags, conlleval's input: {PREDICTIONS_FILE}.")
+    if record.get("stopped_early"):
+        lines.append(f"Stopped after epoch {record['stopped_early']} of {config.epochs}: "
+                     f"{stopped_early(config, record)}.")
     for path in record.get("submissions", []):
         lines.append(f"Submission file: {path}")
     return "\n".join(lines) + "\n"
