@@ -354,8 +354,11 @@ def _finished(out: Path, config: FinetuneConfig) -> dict | None:
 
 def stopped_early(config: FinetuneConfig, record: dict) -> str:
     """Why the run stopped before its last epoch, for the log and results.md."""
-    return (f"no epoch beat epoch {record['best_epoch']}'s dev score in the "
-            f"{plural(config.early_stopping_patience, 'epoch')} after it (--early-stopping-patience)")
+    epochs = plural(config.early_stopping_patience, "epoch")
+    if record["best_epoch"] is None:  # every score was nan
+        return f"no epoch had a dev score in the first {epochs} (--early-stopping-patience)"
+    return (f"no epoch beat epoch {record['best_epoch']}'s dev score in the {epochs} after it "
+            "(--early-stopping-patience)")
 
 
 def patience_spent(config: FinetuneConfig, best: BestCheckpoint, epochs_done: int) -> bool:
