@@ -70,3 +70,15 @@ def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
     assert "batch 4 x 2 processes, 2 epochs" in (tmp_path / "torchrun" / "results.md").read_text()
     assert "batch 4 x 2 accumulated, 2 epochs" in (tmp_path / "single" / "results.md").read_text()
     assert (m2["processes"], m1["processes"]) == (2, 1)
+
+
+def test_early_stopping_stops_every_process(inputs, tmp_path):
+    """Rank 0 alone scores, so it alone can tell that --early-stopping-patience is spent: the other process must stop
+    with it (else it would wait in the next epoch's all-reduce until the timeout). At lr 0 no epoch beats the first."""
+    model_dir, data = inputs
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bertkit.cli",
+         "finetune", "--model-dir", str(model_dir), "--task", "custom", "--train-file", str(data), "--eval-file",
+         str(data), "--batch-size", "4", "--epochs", "5", "--lr", "0", "--seed", "0", "--threads", "1",
+         "--early-stopping-patience", "1", "--out-dir", str(tmp_path / "run")])
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["epoch"] for row in record["epochs"]] == [1, 2] and record["stopped_early"] == 2
