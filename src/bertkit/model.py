@@ -807,6 +807,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
                                "(num_labels 1) or multi_label_classification. To start a new task from this "
                                "checkpoint, remove problem_type from its config.json")
         self.multi_label = problem == "multi_label_classification"
+        # multi-label training only: a weight on each label's positive term of the loss (`finetune --pos-weight`);
+        # not saved, since the model computes the same logits without it
+        self.pos_weight: torch.Tensor | None = None
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=not config.bilstm)
         self.bilstm = _bilstm(config)
@@ -824,7 +827,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         loss = None
         if labels is not None:
             if self.multi_label:
-                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=self.pos_weight)
             elif self.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1))
             else:

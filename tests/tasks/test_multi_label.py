@@ -139,12 +139,34 @@ def test_a_multi_label_model_is_not_scored_as_single_label_data(tagged_run, tiny
            "--multi-label" in capsys.readouterr().err
 
 
+def test_balanced_pos_weight_makes_each_labels_positives_weigh_as_its_negatives(tagged_run, tmp_path):
+    from bertkit.tasks.classification import TextTask
+    from bertkit.data.glue import TextExample
+
+    rows = [(0,), (0, 1), (), (0,)]  # label 0: 3 of 4; label 1: 1 of 4; label 2: none
+    task = TextTask("custom", ["a", "b", "c"], (), [TextExample(str(i), "x", None, r) for i, r in enumerate(rows)],
+                    multi_label=True)
+    assert task.balanced_pos_weight().tolist() == pytest.approx([1 / 3, 3.0, 1.0])
+    # a run with it trains another model from the same start (the weights are used), and saves none of them
+    config, _ = tagged_run
+    weighted = FinetuneConfig(**{**vars(config), "out_dir": str(tmp_path / "weighted"), "pos_weight": "balanced",
+                                 "epochs": 1})
+    plain = FinetuneConfig(**{**vars(config), "out_dir": str(tmp_path / "plain"), "epochs": 1})
+    finetune(weighted), finetune(plain)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("weighted", "plain"))
+    assert a.keys() == b.keys() and not torch.equal(a["classifier.weight"], b["classifier.weight"])
+    assert "pos_weight" not in json.loads((tmp_path / "weighted" / "config.json").read_text())
+
+
 @pytest.mark.parametrize("args, error", [
     (["--task", "SST-2"], "--multi-label with --task SST-2; expected --task custom"),
     (["--regression"], "--multi-label with --regression; expected one of them"),
     (["--label-threshold", "1"], "--label-threshold is 1.0; expected a probability between 0 and 1"),
     (["--label-threshold", "nan"], "--label-threshold is nan; expected a probability between 0 and 1"),
     (["--label-sep", ""], "--label-sep is empty"),
+    (["--no-multi-label", "--pos-weight", "balanced"], "--pos-weight balanced without --multi-label"),
 ])
 def test_bad_multi_label_settings_are_refused_before_anything_is_read(args, error, tmp_path, capsys):
     code = main(["finetune", "--model-dir", str(tmp_path / "none"), "--train-file", "x.csv", "--eval-file", "y.csv",

@@ -78,6 +78,15 @@ class TextTask:
         """The examples' labels as `predict` gives its predictions: multi-label ones as 0/1 rows."""
         return [multi_hot(e.label, len(self.labels)) if self.multi_label else e.label for e in examples]
 
+    def balanced_pos_weight(self) -> torch.Tensor:
+        """Multi-label: each label's negatives / positives in the training examples (1 where it has none of either),
+        the weight of its positive term in binary cross-entropy that makes both count alike."""
+        gold = torch.tensor(self.gold(self.train), dtype=torch.float32)
+        positives = gold.sum(0)
+        negatives = len(gold) - positives
+        both = (positives > 0) & (negatives > 0)
+        return torch.where(both, negatives / positives.clamp(min=1), torch.ones_like(positives))
+
     def train_rows(self, tokenizer, config) -> list[dict]:
         rows = encode(self.train, tokenizer, config.max_length, with_labels=True)
         if self.multi_label:

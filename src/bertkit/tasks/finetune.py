@@ -122,6 +122,10 @@ class FinetuneConfig:
                                "micro F1, macro F1 and subset accuracy")
     label_sep: str = option(",", "--multi-label: what separates the labels in a label field")
     label_threshold: float = option(0.5, "--multi-label: a label is predicted when its probability is at least this")
+    pos_weight: Literal["none", "balanced"] = option("none", "--multi-label: balanced weighs each label's positive "
+                                                     "examples in the loss by its negatives / positives in the "
+                                                     "training file (torch's pos_weight), so that a rare label counts "
+                                                     "as much as a common one")
     label_all_tokens: bool = option(False, "ner: train on every WordPiece of a word, its tag on its first piece and "
                                     "the others (B-X continued as I-X), as transformers' run_ner.py "
                                     "--label_all_tokens; words are still tagged and scored by their first piece")
@@ -223,6 +227,9 @@ class FinetuneConfig:
             raise BertkitError(f"--seed is {self.seed}; expected a whole number from 0 to {2**32 - 1}")
         if not 0 < self.label_threshold < 1:
             raise BertkitError(f"--label-threshold is {self.label_threshold}; expected a probability between 0 and 1")
+        if self.pos_weight != "none" and not self.multi_label:
+            raise BertkitError(f"--pos-weight {self.pos_weight} without --multi-label; expected it with --multi-label "
+                               "(a weight per label)")
         if self.multi_label and self.regression:
             raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
         if self.multi_label and not self.label_sep:
@@ -571,6 +578,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
          d: Distributed = Distributed()) -> dict:
     if config.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if config.pos_weight == "balanced":
+        model.pos_weight = task.balanced_pos_weight().to(device)
     if config.compile:
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)
