@@ -51,7 +51,7 @@ class Bench:
     kernels: dict = field(default_factory=dict)  # bertkit's Kernels choices (bertkit.model.set_kernels)
     bucket: int = 1  # pad every batch to a multiple of this many positions (shapes repeat; the padding is masked)
     cpu_bf16: bool = False  # on the CPU too, both sides under bf16 autocast (fp32 otherwise)
-    checkpointing: bool = False  # both sides with activation checkpointing (activation_checkpointing_enable)
+    activation_checkpointing: bool = False  # both sides keep only each block's input (rerun in backward)
 
     @property
     def gpu(self) -> bool:
@@ -216,14 +216,14 @@ def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
             from bertkit.model import compile_blocks, set_kernels
 
             set_kernels(ours, **bench.kernels)
-            if bench.checkpointing:
+            if bench.activation_checkpointing:
                 ours.activation_checkpointing_enable()
             if bench.compile:
                 compile_blocks(ours, bench.compile)
             models["bertkit"] = ours
         if bench.only != "bertkit":
             theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
-            if bench.checkpointing:  # its older name where a transformers lacks the new one
+            if bench.activation_checkpointing:  # its older name where a transformers lacks the new one
                 getattr(theirs, "activation_checkpointing_enable", theirs.gradient_checkpointing_enable)()
             models["transformers"] = theirs.to(bench.device)
     return models
@@ -603,7 +603,8 @@ def bench_from(parser: argparse.ArgumentParser, args: argparse.Namespace, device
     """The Bench that the options of `add_kernel_arguments` describe, on `device` (a usage error where that is CUDA
     and this machine has none)."""
     bench = Bench(torch.device(device), compile=args.compile, kernels=kernel_choices(parser, args.kernels),
-                  bucket=args.bucket, cpu_bf16=args.bf16, checkpointing=args.activation_checkpointing, **fields)
+                  bucket=args.bucket, cpu_bf16=args.bf16, activation_checkpointing=args.activation_checkpointing,
+                  **fields)
     if bench.gpu and not torch.cuda.is_available():
         implied = " (the default of --suite gpu*)" if args.device is None else ""
         parser.error(f"--device cuda{implied}: no CUDA device here")

@@ -88,8 +88,8 @@ class TextTask:
         return torch.where(both, negatives / positives.clamp(min=1), torch.ones_like(positives))
 
     def train_rows(self, tokenizer, config) -> list[dict]:
-        rows = encode(self.train, tokenizer, config.max_length, with_labels=True)
-        if self.multi_label:
+        rows = encode(self.train, tokenizer, config.max_length, with_labels=not self.multi_label)
+        if self.multi_label:  # as 0/1 rows, which collate stacks
             for row, label in zip(rows, self.gold(self.train)):
                 row["labels"] = label
         return rows

@@ -40,19 +40,18 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def _seen_labels(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Multi-label 0/1 matrices (N, labels): the labels in the file or predicted, those a macro average counts (as
-    sklearn's macro F1 counts the classes of single-label data)."""
-    return np.flatnonzero(y.any(0) | p.any(0))
+def _multi_label_macro_f1(p: np.ndarray, y: np.ndarray) -> float:
+    """Each label's F1 averaged over the labels in the file or predicted (as sklearn's macro F1 counts the classes of
+    single-label data); 0 when there are none."""
+    seen = np.flatnonzero(y.any(0) | p.any(0))
+    return f1_score(y, p, labels=seen, average="macro", zero_division=0.0) if len(seen) else 0.0
 
 
 # Multi-label: predictions and labels are (N, labels) 0/1 matrices
 _MULTI_LABEL_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     # every (example, label) decision pooled: frequent labels weigh more
     "micro_f1": lambda p, y: f1_score(y, p, average="micro", zero_division=0.0),
-    # each label's F1 averaged over the labels in the file or predicted
-    "macro_f1": lambda p, y: f1_score(y, p, labels=_seen_labels(p, y), average="macro", zero_division=0.0)
-    if len(_seen_labels(p, y)) else 0.0,
+    "macro_f1": _multi_label_macro_f1,
     # the whole set of labels right (sklearn's accuracy of multi-label data)
     "subset_accuracy": lambda p, y: accuracy_score(y, p),
 }
