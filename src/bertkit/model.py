@@ -807,9 +807,11 @@ class BertForSequenceClassification(BertPreTrainedModel):
                                "(num_labels 1) or multi_label_classification. To start a new task from this "
                                "checkpoint, remove problem_type from its config.json")
         self.multi_label = problem == "multi_label_classification"
-        # multi-label training only: a weight on each label's positive term of the loss (`finetune --pos-weight`);
-        # not saved, since the model computes the same logits without it
+        # training only, not saved (the model computes the same logits without them): a weight on each label's
+        # positive term of a multi-label loss (`finetune --pos-weight`), or on each class's examples in a single-label
+        # one (`finetune --class-weight`)
         self.pos_weight: torch.Tensor | None = None
+        self.class_weight: torch.Tensor | None = None
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=not config.bilstm)
         self.bilstm = _bilstm(config)
@@ -831,7 +833,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             elif self.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1))
             else:
-                loss = F.cross_entropy(logits, labels.reshape(-1))
+                loss = F.cross_entropy(logits, labels.reshape(-1), weight=self.class_weight)
         return ModelOutput(loss=loss, logits=logits)
 
 

@@ -87,6 +87,17 @@ class TextTask:
         both = (positives > 0) & (negatives > 0)
         return torch.where(both, negatives / positives.clamp(min=1), torch.ones_like(positives))
 
+    def balanced_class_weight(self) -> torch.Tensor:
+        """Single-label: each class's weight in cross-entropy, examples / (classes x its examples) over the training
+        examples and the classes they have (sklearn's "balanced"; 1 for a class with none), so that every class
+        weighs as much in all."""
+        if self.is_regression or self.multi_label:
+            raise BertkitError(f"{self.name} is {'regression' if self.is_regression else 'multi-label'}; class "
+                               "weights are for single-label classification (multi-label: --pos-weight)")
+        counts = torch.bincount(torch.tensor([e.label for e in self.train]), minlength=len(self.labels)).float()
+        weights = len(self.train) / (int((counts > 0).sum()) * counts.clamp(min=1))
+        return torch.where(counts > 0, weights, torch.ones_like(weights))
+
     def train_rows(self, tokenizer, config) -> list[dict]:
         rows = encode(self.train, tokenizer, config.max_length, with_labels=not self.multi_label)
         if self.multi_label:  # as 0/1 rows, which collate stacks

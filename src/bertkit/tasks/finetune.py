@@ -126,6 +126,11 @@ class FinetuneConfig:
                                                      "examples in the loss by its negatives / positives in the "
                                                      "training file (torch's pos_weight), so that a rare label counts "
                                                      "as much as a common one")
+    class_weight: Literal["none", "balanced"] = option("none", "classification (a GLUE task or custom, one label "
+                                                       "each): balanced weighs each class's examples in the loss by "
+                                                       "examples / (classes x that class's examples) in the training "
+                                                       "file (sklearn's balanced), so that a rare class counts as "
+                                                       "much as a common one")
     label_all_tokens: bool = option(False, "ner: train on every WordPiece of a word, its tag on its first piece and "
                                     "the others (B-X continued as I-X), as transformers' run_ner.py "
                                     "--label_all_tokens; words are still tagged and scored by their first piece")
@@ -230,6 +235,14 @@ class FinetuneConfig:
         if self.pos_weight != "none" and not self.multi_label:
             raise BertkitError(f"--pos-weight {self.pos_weight} without --multi-label; expected it with --multi-label "
                                "(a weight per label)")
+        if self.class_weight != "none":
+            stsb = self.task.lower().replace("-", "").replace("_", "") == "stsb"  # GLUE's regression task
+            other = ("--multi-label (its weights are --pos-weight)" if self.multi_label else
+                     "--regression" if self.regression else
+                     f"--task {self.task}" if stsb or self.task in (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK) else None)
+            if other:
+                raise BertkitError(f"--class-weight {self.class_weight} with {other}; expected a classification task "
+                                   "with one label per example (a GLUE task but STS-B, or custom files)")
         if self.multi_label and self.regression:
             raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
         if self.multi_label and not self.label_sep:
@@ -580,6 +593,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         model.activation_checkpointing_enable()
     if config.pos_weight == "balanced":
         model.pos_weight = task.balanced_pos_weight().to(device)
+    if config.class_weight == "balanced":
+        model.class_weight = task.balanced_class_weight().to(device)
     if config.compile:
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)
