@@ -87,8 +87,9 @@ def collate(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1,
         if key in SEQUENCE_KEYS or isinstance(rows[0][key], list):  # a tagger's labels: one per token, -100 ignored
             fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
             batch[key] = torch.tensor([row[key] + [fill] * (longest - len(row[key])) for row in rows])
-        else:  # one label per row: an index, a score, or a multi-label row's tuple of 0/1 per label
+        else:  # one label per row: an index, a score, a multi-label row's tuple of 0/1 per label, or a teacher's logits
             values = [row[key] for row in rows]
-            batch[key] = torch.tensor(values, dtype=torch.float if isinstance(values[0], float) else torch.long)
+            first = values[0][0] if isinstance(values[0], tuple) and values[0] else values[0]  # tuples: per label
+            batch[key] = torch.tensor(values, dtype=torch.float if isinstance(first, float) else torch.long)
     batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (longest - len(r["input_ids"])) for r in rows])
     return batch

@@ -51,7 +51,7 @@ def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneC
     return config
 
 
-def _label_names(model_config: BertConfig) -> list[str]:
+def label_names(model_config: BertConfig) -> list[str]:
     if model_config.id2label:
         return [model_config.id2label[i] for i in sorted(model_config.id2label)]
     return [f"LABEL_{i}" for i in range(model_config.num_labels)]
@@ -138,11 +138,11 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
     _check_multi_label(config, model_config, model_dir)
     device = resolve_device(config.device)
     with torch_threads(config.threads):
-        data = load_task(config, need_train=False, labels=_label_names(model_config))
-        _check_head(data, model_config, model_dir)
+        data = load_task(config, need_train=False, labels=label_names(model_config))
+        check_head(data, model_config, model_dir)
         tokenizer = Tokenizer.from_pretrained(model_dir)
         check_tokenizer(tokenizer, model_config, model_dir)
-        model = _loaded(data.model_class, model_dir, device, int8, _label_order(data, model_config, model_dir))
+        model = loaded(data.model_class, model_dir, device, int8, label_order(data, model_config, model_dir))
         metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
     if out_dir is not None:
         try:
@@ -172,7 +172,7 @@ def _architecture_source(model_dir, model_config: BertConfig) -> str:
     return f"{weights_source(directory)}: the weights of"
 
 
-def _check_head(task, model_config, model_dir) -> None:
+def check_head(task, model_config, model_dir) -> None:
     """Raise when the folder's model cannot do the task (wrong head or number of labels)."""
     architectures = _architectures(model_dir, model_config)
     if task.model_class.__name__ not in architectures:
@@ -234,12 +234,12 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
         return [{"line": e.line} | r for e, r in zip(examples, results)] if table else results
 
 
-def _label_order(task, model_config: BertConfig, model_dir) -> list[int] | None:
+def label_order(task, model_config: BertConfig, model_dir) -> list[int] | None:
     """The classifier's rows in the task's label order, when the folder names the task's labels in another order
     (a transformers MNLI model with contradiction first): scored by index, its classes would be swapped."""
     if not isinstance(task, TextTask) or not task.labels or not model_config.id2label:
         return None
-    names = [str(name).lower() for name in _label_names(model_config)]
+    names = [str(name).lower() for name in label_names(model_config)]
     labels = [label.lower() for label in task.labels]
     if names == labels or sorted(names) != sorted(labels):
         return None
@@ -248,16 +248,16 @@ def _label_order(task, model_config: BertConfig, model_dir) -> list[int] | None:
     return [names.index(label) for label in labels]
 
 
-def _loaded(model_class, model_dir, device, int8: bool, label_order: list[int] | None = None):
-    """The folder's model on `device`, its classifier's rows taken in `label_order` if given; with int8,
+def loaded(model_class, model_dir, device, int8: bool, order: list[int] | None = None):
+    """The folder's model on `device`, its classifier's rows taken in `order` (`label_order`) if given; with int8,
     dynamically quantized for the CPU."""
     import torch
 
     model = model_class.from_pretrained(model_dir).to(device)
-    if label_order is not None:
+    if order is not None:
         with torch.no_grad():
-            model.classifier.weight.copy_(model.classifier.weight[label_order])
-            model.classifier.bias.copy_(model.classifier.bias[label_order])
+            model.classifier.weight.copy_(model.classifier.weight[order])
+            model.classifier.bias.copy_(model.classifier.bias[order])
     if int8:
         from bertkit.quantize import to_int8
 
@@ -269,7 +269,7 @@ def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device
     """predict's question-answering branch: one result per line, a blank line's with answer None."""
     task = SquadTask(config.task if config.task in SQUAD_TASKS else "squad1")
     threshold = _tuned_threshold(model_dir, config)
-    model = _loaded(task.model_class, model_dir, device, int8)
+    model = loaded(task.model_class, model_dir, device, int8)
     # answered by line number: the lines' own ids may repeat (several questions on one document), or clash with
     # the number a line without one gets
     asked = [dataclasses.replace(e, id=str(i)) for i, e in enumerate(examples) if e is not None]
@@ -291,8 +291,8 @@ def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, d
     texts = [line.rstrip("\r\n") for line in lines]
     if not any(text.strip() for text in texts):
         raise BertkitError(f"{source}: no text to tag; expected a text per line")
-    labels = _label_names(model_config)
-    model = _loaded(TaggingTask.model_class, model_dir, device, int8)
+    labels = label_names(model_config)
+    model = loaded(TaggingTask.model_class, model_dir, device, int8)
     results = tag_texts(model, tokenizer, texts, labels, config, device)
     return [r if r["words"] else {k: None if k != "text" else v for k, v in r.items()}
             | {"error": "blank line: no word to tag"} for r in results]
@@ -301,7 +301,7 @@ def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, d
 def _choose(model_dir, config, tokenizer, examples: list, device, int8: bool = False) -> list[dict]:
     """predict's multiple-choice branch: per line, the chosen ending, its number and every ending's probability
     (examples with as many endings are run together); a blank line's are None."""
-    model = _loaded(ChoiceTask.model_class, model_dir, device, int8)
+    model = loaded(ChoiceTask.model_class, model_dir, device, int8)
     results = choose(model, tokenizer, examples, config, device)
     return [{"context": e.context} | r if r else {"context": None, "choice": None, "ending": None,
                                                   "probabilities": None, "error": "blank line: no example"}
@@ -323,9 +323,9 @@ def _label(model_dir, model_config, architectures, config, tokenizer, examples, 
         logger.warning("%s: %s, but %s was fine-tuned on %s; expected %s per line", source,
                        "text<TAB>pair lines" if pairs else "single texts", model_dir,
                        "pairs" if trained else "single texts", "text<TAB>pair" if trained else "one text")
-    labels = _label_names(model_config) if model_config.num_labels > 1 else []
+    labels = label_names(model_config) if model_config.num_labels > 1 else []
     task = TextTask("predict", labels, (), multi_label=is_multi_label(model_config))
-    model = _loaded(task.model_class, model_dir, device, int8)
+    model = loaded(task.model_class, model_dir, device, int8)
     predictions, probabilities = task.predict(model, tokenizer, [e for e in examples if not is_blank(e)], config, device)
     labelled = zip(predictions, probabilities)
     results = []

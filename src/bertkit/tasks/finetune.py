@@ -52,6 +52,7 @@ from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
 from bertkit.tasks.choice import ChoiceTask, load_choice_task
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
+from bertkit.tasks.distill import check_distillation, distillation_forward, distillation_rows
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.squad import SquadTask, load_squad_task
 from bertkit.tasks.tagging import PREDICTIONS_FILE, TAGS_FILE, TaggingTask, load_tagging_task
@@ -131,6 +132,16 @@ class FinetuneConfig:
                                                        "examples / (classes x that class's examples) in the training "
                                                        "file (sklearn's balanced), so that a rare class counts as "
                                                        "much as a common one")
+    teacher: str | None = option(None, "knowledge distillation: a classifier fine-tuned on the same task (its labels; "
+                                 "any size or vocabulary) whose outputs become this run's targets: its softmax "
+                                 "(multi-label: sigmoids; regression: its score) on every training row, computed "
+                                 "once before training; how Google's small BERTs are meant to be fine-tuned")
+    distill_temperature: float = option(1.0, "--teacher: both models' logits are divided by this before the "
+                                        "softmax, and the loss multiplied by its square (Hinton et al.)")
+    distill_alpha: float = option(1.0, "--teacher: its share of the loss; the rest is the usual loss on the labels")
+    transfer_file: str | None = option(None, "--teacher: unlabelled texts (.csv/.tsv/.jsonl, the --text-a and "
+                                       "--text-b columns) that the teacher labels for the student, shuffled "
+                                       "in with the training file's rows (needs --distill-alpha 1)")
     label_all_tokens: bool = option(False, "ner: train on every WordPiece of a word, its tag on its first piece and "
                                     "the others (B-X continued as I-X), as transformers' run_ner.py "
                                     "--label_all_tokens; words are still tagged and scored by their first piece")
@@ -243,6 +254,7 @@ class FinetuneConfig:
             if other:
                 raise BertkitError(f"--class-weight {self.class_weight} with {other}; expected a classification task "
                                    "with one label per example (a GLUE task but STS-B, or custom files)")
+        check_distillation(self, text_task=self.task not in (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK))
         if self.multi_label and self.regression:
             raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
         if self.multi_label and not self.label_sep:
@@ -561,7 +573,7 @@ class Position:
 
 
 def train_step(model, group: list[dict], optimizer, scheduler, precision, max_grad_norm: float, device,
-               d: Distributed = Distributed()) -> tuple[float, bool]:
+               d: Distributed = Distributed(), forward=None) -> tuple[float, bool]:
     """One optimizer step over a group of --grad-accum x processes micro-batches (the shared
     `bertkit.train.step.train_step`), this process taking every world_size-th: their loss over all processes (a
     mean over the group's rows), and whether the update was made (not when the loss or the gradients are nan or inf).
@@ -570,13 +582,13 @@ def train_step(model, group: list[dict], optimizer, scheduler, precision, max_gr
     micro-batch's loss is a mean over its rows, so it counts by its share of the group's rows (times the processes,
     as DDP then averages over them), not equally, or the epoch's short last batch would weigh as much as a full one;
     a process left without a micro-batch at an epoch's end runs the group's first with weight 0, so that every
-    process joins the all-reduce."""
+    process joins the all-reduce. `forward` as the shared step's (distillation's loss)."""
     rows = [len(batch["input_ids"]) for batch in group]
     mine = range(d.rank, len(group), d.world_size)
     weights = [rows[i] * d.world_size / sum(rows) for i in mine]
     losses = []
     _, ok = shared_step(model, [group[i] for i in mine] or group[:1], optimizer, scheduler, precision, max_grad_norm,
-                        device, d, on_output=lambda out, batch: losses.append(out.loss.detach().float()),
+                        device, d, forward, on_output=lambda out, batch: losses.append(out.loss.detach().float()),
                         weights=weights or [0.0])
     loss = sum((l * w for l, w in zip(losses, weights)), torch.zeros(1, device=device)) / d.world_size
     return distributed.all_reduce_sum(loss, d).item(), ok
@@ -598,6 +610,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     if config.compile:
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)
+    if config.teacher:
+        rows = distillation_rows(config, task, tokenizer, rows, device)
     check_segments(model.config, rows)
     lengths = [row_length(r) for r in rows]
     per_step = config.grad_accum * d.world_size  # batches of --batch-size in one optimizer step
@@ -614,6 +628,9 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
               "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32"),
               "processes": d.world_size}
+    forward = distillation_forward(task, config.distill_temperature, config.distill_alpha) if config.teacher else None
+    if config.teacher:
+        record |= {"teacher": config.teacher, "transfer_examples": len(rows) - len(task.train)}
     pos = Position()
     hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.max_grad_norm else ", --max-grad-norm 1")
     # not "--resume auto": a resumed run must have the same hyper-parameters (another --lr is refused as another
@@ -702,7 +719,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                     micro_batches = [collate([rows[j] for j in b], tokenizer.pad_id, config.pad_to_multiple_of,
                                              limit=config.max_length) for b in group]
                     loss, ok = train_step(ddp_model, micro_batches, optimizer, scheduler, precision,
-                                          config.max_grad_norm, device, d)
+                                          config.max_grad_norm, device, d, forward)
                     pos.step, pos.batch = pos.step + 1, i + len(group)
                     if ok:
                         pos.loss_sum, pos.good_steps = pos.loss_sum + loss, pos.good_steps + 1
@@ -807,8 +824,11 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         f"{record['train_examples']:,} training {unit}"
         # a tagger's sentence over --max-length is read in windows too
         + (f" ({record['train_rows']:,} windows)" if record.get("train_rows", record["train_examples"])
-           != record["train_examples"] else "")
-        + f", {record['eval_examples']:,} scored.",
+           - record.get("transfer_examples", 0) != record["train_examples"] else "")
+        + f", {record['eval_examples']:,} scored."
+        + (f" Distilled from {record['teacher']} (temperature {config.distill_temperature:g}, its share of the loss "
+           f"{config.distill_alpha:g}; {record['transfer_examples']:,} unlabelled transfer examples)."
+           if record.get("teacher") else ""),
         "",
         "| epoch | train loss | " + " | ".join(columns) + " | train time | train ex/s | eval time |",
         "|---" * (len(columns) + 5) + "|",
