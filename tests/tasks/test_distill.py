@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from bertkit.cli import main
-from bertkit.data.glue import TextExample
 from bertkit.errors import BertkitError
 from bertkit.model import ModelOutput
 from bertkit.tasks.classification import TextTask
 from bertkit.tasks.distill import TEACHER_KEY, distillation_forward, distillation_loss, distillation_rows
-from bertkit.tasks.evaluation import evaluate, predict
+from bertkit.tasks.evaluation import predict
 from bertkit.tasks.finetune import FinetuneConfig, finetune, load_task
 from bertkit.tokenizer import Tokenizer
 
