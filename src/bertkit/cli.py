@@ -425,20 +425,27 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     import json
 
-    from bertkit.tasks.evaluation import PredictConfig, predict
+    from bertkit.checkpoint import atomic_write
+    from bertkit.tasks.evaluation import PredictConfig, predict_stream
 
     options = dataclasses.asdict(dataclass_from_args(PredictConfig, args))
     source, out = options.pop("input"), options.pop("out")
     # bytes, so that a line that is not UTF-8 is named rather than failing the whole stream
     inputs = getattr(sys.stdin, "buffer", sys.stdin) if source == "-" else source
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict(inputs=inputs, **options))
-    if out:
-        try:
-            Path(out).write_text(lines, encoding="utf-8")
-        except OSError as e:
-            raise BertkitError(f"{out}: cannot write ({e.strerror or e}); expected a file path for --out") from None
-    else:
-        sys.stdout.write(lines)
+    # every line checked and the model loaded here; the results are written as they are made, chunk by chunk
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in predict_stream(inputs=inputs, **options))
+    if not out:
+        sys.stdout.writelines(lines)
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    try:
+        atomic_write(Path(out), write)  # the file whole or not at all
+    except OSError as e:
+        raise BertkitError(f"{out}: cannot write ({e.strerror or e}); expected a file path for --out") from None
 
 
 def cmd_export(args) -> None:

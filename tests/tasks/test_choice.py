@@ -8,7 +8,7 @@ import torch
 
 from bertkit.data.batching import collate, row_length
 from bertkit.errors import BertkitError
-from bertkit.tasks.choice import encode, parse_choices, read_choices
+from bertkit.tasks.choice import encode, parse_choice, read_choices
 from bertkit.tasks.evaluation import evaluate, predict
 from bertkit.tasks.finetune import FinetuneConfig, finetune
 from bertkit.tokenizer import Tokenizer
@@ -45,8 +45,9 @@ def test_a_swag_file_problem_names_its_line(tmp_path, text, problem):
 
 def test_choice_rows_are_batched_as_examples_by_choices_by_tokens(toy_model_dir):
     tokenizer = Tokenizer.from_pretrained(toy_model_dir)
-    examples = parse_choices(['{"context": "the film", "endings": ["was good", "was very very bad", "fun"]}',
-                              '{"context": "it", "lead": "was", "endings": ["good", "bad", "not fun"]}'])
+    lines = ['{"context": "the film", "endings": ["was good", "was very very bad", "fun"]}',
+             '{"context": "it", "lead": "was", "endings": ["good", "bad", "not fun"]}']
+    examples = [parse_choice(number, line, "<stdin>") for number, line in enumerate(lines, start=1)]
     rows = encode(examples, tokenizer, max_length=32, with_labels=False)
     assert [len(r["input_ids"]) for r in rows] == [3, 3] and row_length(rows[0]) == 9  # [CLS] the film [SEP] ... [SEP]
     batch = collate(rows, tokenizer.pad_id)
@@ -56,10 +57,10 @@ def test_choice_rows_are_batched_as_examples_by_choices_by_tokens(toy_model_dir)
 
 
 def test_choice_lines_that_are_not_examples_are_named():
+    assert parse_choice(1, '{"context": "a", "endings": ["b", "c"]}', "<stdin>").endings == ["b", "c"]
+    assert parse_choice(2, " ", "<stdin>") is None  # a blank line: its output line says so
     with pytest.raises(BertkitError, match=r"<stdin>:2: expected a JSON object .*two or more string endings"):
-        parse_choices(['{"context": "a", "endings": ["b", "c"]}', '{"context": "a", "endings": ["b"]}'])
-    with pytest.raises(BertkitError, match="no examples"):
-        parse_choices(["", " "])
+        parse_choice(2, '{"context": "a", "endings": ["b"]}', "<stdin>")
 
 
 GOOD = {"good", "great", "fun", "best", "funny", "beautiful", "wonderful", "delightful"}
@@ -106,6 +107,8 @@ def test_a_multiple_choice_run_learns_and_is_evaluated_and_used(swag_run):
     assert choice in (0, 1) and results[0]["ending"] == ["a dull film", "a great film"][choice]
     assert len(results[0]["probabilities"]) == 2 and sum(results[0]["probabilities"]) == pytest.approx(1, abs=1e-5)
     assert results[1]["choice"] is None and "error" in results[1] and len(results[2]["probabilities"]) == 3
+    with pytest.raises(BertkitError, match="<input>: no examples; expected one .* per line"):
+        predict(config.out_dir, ["", " "], source="<input>")
 
 
 def test_a_transformers_multiple_choice_model_chooses_the_same_in_bertkit(tmp_path, swag_run):

@@ -77,27 +77,21 @@ def read_choices(path: str | Path) -> list[ChoiceExample]:
 CHOICE_LINE = '{"context": ..., "endings": [...], "lead"?: ...}'
 
 
-def parse_choices(lines, source: str = "<stdin>") -> list[ChoiceExample | None]:
-    """Examples from JSON lines `{"context": ..., "endings": [...], "lead"?: ...}`, one per line (`lead`, the first
-    words of every ending, as SWAG's sent2); a blank line gives None, so that `predict` keeps one output line per
-    input line."""
-    examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            examples.append(None)
-            continue
-        record = parse_json(line, source, f"{CHOICE_LINE} per line", number)
-        endings = record.get("endings") if isinstance(record, dict) else None
-        if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)
-                and isinstance(record.get("context"), str) and isinstance(record.get("lead", ""), str)):
-            raise BertkitError(f"{source}:{number}: expected a JSON object {CHOICE_LINE}: a string context, two or "
-                               "more string endings")
-        examples.append(ChoiceExample(str(number), replace_lone_surrogates(record["context"]),
-                                      replace_lone_surrogates(record.get("lead", "")),
-                                      [replace_lone_surrogates(e) for e in endings], None, number))
-    if not any(examples):
-        raise BertkitError(f"{source}: no examples; expected one {CHOICE_LINE} per line")
-    return examples
+def parse_choice(number: int, line: str, source: str) -> ChoiceExample | None:
+    """Line `number` of `predict`'s input to a multiple-choice model, `{"context": ..., "endings": [...],
+    "lead"?: ...}` (`lead`, the first words of every ending, as SWAG's sent2): an example, or None for a blank line
+    (its output line says so)."""
+    if not line.strip():
+        return None
+    record = parse_json(line, source, f"{CHOICE_LINE} per line", number)
+    endings = record.get("endings") if isinstance(record, dict) else None
+    if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)
+            and isinstance(record.get("context"), str) and isinstance(record.get("lead", ""), str)):
+        raise BertkitError(f"{source}:{number}: expected a JSON object {CHOICE_LINE}: a string context, two or "
+                           "more string endings")
+    return ChoiceExample(str(number), replace_lone_surrogates(record["context"]),
+                         replace_lone_surrogates(record.get("lead", "")),
+                         [replace_lone_surrogates(e) for e in endings], None, number)
 
 
 def encode(examples: Sequence[ChoiceExample], tokenizer, max_length: int, with_labels: bool) -> list[dict]:

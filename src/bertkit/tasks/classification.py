@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,6 +306,31 @@ def read_input_lines(inputs, source: str = "<stdin>") -> list[str]:
         with open_input(inputs) as f:
             return read_input_lines(f, str(inputs))
     return [decode_line(number, line, source) for number, line in enumerate(inputs, start=1)]
+
+
+def input_lines(inputs, source: str) -> Callable[[], Iterator[tuple[int, str]]]:
+    """A function giving each line of `inputs` (a path, a binary stream, or lines) with its number, decoded as
+    `read_input_lines` decodes them, from the first line on each time it is called, a line at a time: a file is read
+    again, a binary stream copied to an unnamed temporary file first; lines given in memory are kept there. So a
+    large input is read twice (once to check it, once to use it) and never held whole."""
+    if isinstance(inputs, (str, Path)):
+        def raw() -> Iterator[bytes]:
+            with open_input(inputs) as f:
+                yield from f
+    elif hasattr(inputs, "read") and not isinstance(inputs, io.TextIOBase):
+        spool = tempfile.TemporaryFile()  # gone when closed, or when the function is
+        shutil.copyfileobj(inputs, spool)
+
+        def raw() -> Iterator[bytes]:
+            spool.seek(0)
+            yield from spool
+    else:
+        kept = list(inputs)
+
+        def raw() -> Iterator[bytes | str]:
+            return iter(kept)
+
+    return lambda: ((number, decode_line(number, line, source)) for number, line in enumerate(raw(), start=1))
 
 
 def open_input(path: str | Path):

@@ -9,13 +9,10 @@ vector per token; from one layer or several, concatenated or summed.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,29 +131,11 @@ CHUNK = 4096
 
 
 def input_examples(inputs, source: str) -> Callable[[], Iterator[TextExample]]:
-    """A function giving the examples of `inputs` (a path, a binary stream, or lines) from the first line on each
-    time it is called, a line at a time: a file is read again, a binary stream copied to an unnamed temporary file
-    first; lines given in memory are kept there."""
-    from bertkit.tasks.classification import decode_line, open_input, parse_line
+    """A function giving the examples of `inputs` (`input_lines`) from the first line on each time it is called."""
+    from bertkit.tasks.classification import input_lines, parse_line
 
-    if isinstance(inputs, (str, Path)):
-        def lines() -> Iterator[bytes]:
-            with open_input(inputs) as f:
-                yield from f
-    elif hasattr(inputs, "read") and not isinstance(inputs, io.TextIOBase):
-        spool = tempfile.TemporaryFile()  # gone when closed, or when the records are
-        shutil.copyfileobj(inputs, spool)
-
-        def lines() -> Iterator[bytes]:
-            spool.seek(0)
-            yield from spool
-    else:
-        kept = list(inputs)
-
-        def lines() -> Iterator[bytes | str]:
-            return iter(kept)
-
-    return lambda: (parse_line(n, decode_line(n, line, source), source) for n, line in enumerate(lines(), start=1))
+    lines = input_lines(inputs, source)
+    return lambda: (parse_line(number, line, source) for number, line in lines())
 
 
 def count_lines(examples: Iterable[TextExample], source: str) -> int:

@@ -7,8 +7,10 @@ PredictConfig.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +18,14 @@ from bertkit.checkpoint import config_file, heads_of, model_folder, weights_sour
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.data.glue import get_task, read_custom
 from bertkit.errors import BertkitError
-from bertkit.tasks.choice import ChoiceTask, choose, parse_choices
-from bertkit.tasks.classification import (MULTI_LABEL, TextTask, is_blank, is_multi_label, parse_lines,
-                                         read_input_lines)
+from bertkit.tasks.choice import CHOICE_LINE, ChoiceTask, choose, parse_choice
+from bertkit.tasks.classification import (MULTI_LABEL, TextTask, checked_lines, input_lines, is_blank,
+                                         is_multi_label, parse_line)
+from bertkit.tasks.embed import CHUNK
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
                                     resolve_device)
 from bertkit.tasks.inference import check_tokenizer
-from bertkit.tasks.squad import SquadTask, parse_questions
+from bertkit.tasks.squad import QUESTION_LINE, SquadTask, parse_question
 from bertkit.tasks.tagging import TaggingTask, tag_texts
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
@@ -110,7 +113,8 @@ class PredictConfig:
                         "split into words as BERT splits it; multiple choice: JSON lines with context and endings), "
                         "or a classifier's .csv or .jsonl file with named columns, as finetune's custom files "
                         "(default: standard input)", positional=True)
-    out: str | None = option(None, "write the JSON lines here instead of standard output (default: standard output)")
+    out: str | None = option(None, "write the JSON lines here instead of standard output, the file whole or not at "
+                             "all (default: standard output, a chunk of 4,096 lines at a time as they are run)")
     text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
                                 "sentence)")
     text_b: str | None = option(None, ".csv/.jsonl input: the column of the second text of a pair (default: the "
@@ -196,42 +200,98 @@ def _check_multi_label(config: FinetuneConfig, model_config: BertConfig, model_d
 
 
 def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **overrides) -> list[dict]:
-    """Label texts (`text` or `text<TAB>pair` lines) or answer questions (JSON lines with question and context).
+    """`predict_stream`'s results as a list."""
+    return list(predict_stream(model_dir, inputs, source, int8, **overrides))
 
-    `inputs` is a file path, a binary stream or an iterable of lines; what the model folder's head is decides
-    which. Either gives one result per line, in order: a blank line's has label (or score, or answer) None and an
-    "error" saying so. Labels are the names the training data had (the folder's id2label). A classifier also reads
-    a .csv or .jsonl path as a custom file (columns `text_a`, `text_b`: the run's by default): one result per row,
-    in order, with the row's line. int8: as `evaluate`'s.
+
+def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **overrides) -> Iterator[dict]:
+    """Label texts (`text` or `text<TAB>pair` lines), tag their words, answer questions (JSON lines with question
+    and context) or choose endings (JSON lines with context and endings): what the model folder's head is decides
+    which.
+
+    `inputs` is a file path, a binary stream or an iterable of lines. One result per line, in order: a blank line's
+    has label (or score, tags, answer, choice) None and an "error" saying so. Labels are the names the training
+    data had (the folder's id2label). A classifier also reads a .csv or .jsonl path as a custom file (columns
+    `text_a`, `text_b`: the run's by default): one result per row, in order, with the row's line. int8: as
+    `evaluate`'s.
+
+    The input is read once to check every line (a bad one stops it before any result is made), then again
+    `CHUNK` lines at a time as they are run, so that neither the input nor the results are held whole (a table is
+    read whole: a quoted field may span lines). The input, the settings and the model are checked, and the model
+    loaded, before this returns.
     """
     model_config = BertConfig.load(model_folder(model_dir))  # before any input is read: stdin may be a terminal
     table = isinstance(inputs, (str, Path)) and Path(inputs).suffix.lower() in (".csv", ".jsonl")
     if isinstance(inputs, (str, Path)):
         source = str(inputs)
     architectures = _architectures(model_dir, model_config)
-    is_qa = "BertForQuestionAnswering" in architectures
-    is_tagger = "BertForTokenClassification" in architectures
-    is_choice = "BertForMultipleChoice" in architectures
-    if (is_tagger or is_choice) and table:
-        raise BertkitError(f"{source}: a table; {model_dir} {'tags words' if is_tagger else 'chooses endings'}: "
-                           f"expected {'text, one per line' if is_tagger else 'JSON lines'}")
-    config = _run_config(model_dir, overrides, default_task="squad1" if is_qa else "")
-    if is_qa or not table:
-        inputs = read_input_lines(inputs, source)
+    kind = next((k for name, k in _HEADS.items() if name in architectures), "classification")
+    if kind in ("tagging", "choice") and table:
+        raise BertkitError(f"{source}: a table; {model_dir} {'tags words' if kind == 'tagging' else 'chooses endings'}"
+                           f": expected {'text, one per line' if kind == 'tagging' else 'JSON lines'}")
+    config = _run_config(model_dir, overrides, default_task="squad1" if kind == "question-answering" else "")
+    if table and kind == "classification":
+        rows = read_custom(inputs, config.text_a, None, config.text_b)[0]
+        count, first = _checked_input(iter(rows), is_blank, f"{source}: no text to label; expected a text in some row")
+        examples = lambda: iter(rows)  # noqa: E731
+    else:
+        table = False  # a QA model reads a .jsonl as its lines
+        parse, blank, empty = _LINES[kind]
+        lines = input_lines(inputs, source)
+        examples = lambda: (parse(number, line, source) for number, line in lines())  # noqa: E731
+        checked = checked_lines(examples(), source) if kind == "classification" else examples()
+        count, first = _checked_input(checked, blank, f"{source}: {empty}")
+    if kind == "classification" and "BertForSequenceClassification" not in architectures:
+        raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
+                           "fine-tuned BertForSequenceClassification, BertForQuestionAnswering, "
+                           "BertForTokenClassification or BertForMultipleChoice")
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         tokenizer = Tokenizer.from_pretrained(model_dir)
         check_tokenizer(tokenizer, model_config, model_dir)
-        if is_qa:
-            return _answer(model_dir, config, tokenizer, parse_questions(inputs, source), device, int8)
-        if is_tagger:
-            return _tag(model_dir, model_config, config, tokenizer, inputs, source, device, int8)
-        if is_choice:
-            return _choose(model_dir, config, tokenizer, parse_choices(inputs, source), device, int8)
-        # every line, so that the results stay one per input line; a table's rows, each with its line
-        examples = read_custom(inputs, config.text_a, None, config.text_b)[0] if table else parse_lines(inputs, source)
-        results = _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device, int8)
-        return [{"line": e.line} | r for e, r in zip(examples, results)] if table else results
+        if kind == "question-answering":
+            run = _answerer(model_dir, config, tokenizer, device, int8)
+        elif kind == "tagging":
+            run = _tagger(model_dir, model_config, config, tokenizer, device, int8)
+        elif kind == "choice":
+            run = _chooser(model_dir, config, tokenizer, device, int8)
+        else:
+            run = _labeller(model_dir, model_config, config, tokenizer, first, source, device, int8)
+
+    def results() -> Iterator[dict]:
+        remaining = itertools.islice(examples(), count)  # the lines that were checked, should the file have grown
+        with torch_threads(config.threads):
+            while chunk := list(itertools.islice(remaining, CHUNK)):
+                for example, result in zip(chunk, run(chunk)):
+                    yield {"line": example.line} | result if table else result
+
+    return results()
+
+
+# the architecture that decides what `predict` does; a folder with none of them is taken for a classifier
+_HEADS = {"BertForQuestionAnswering": "question-answering", "BertForTokenClassification": "tagging",
+          "BertForMultipleChoice": "choice"}
+# per kind of model: how `predict` reads an input line, whether its example is blank, what input without any says
+_LINES = {
+    "question-answering": (parse_question, lambda e: e is None, f"no questions; expected one {QUESTION_LINE} per line"),
+    "tagging": (lambda number, line, source: line.rstrip("\r\n"), lambda text: not text.strip(),
+                "no text to tag; expected a text per line"),
+    "choice": (parse_choice, lambda e: e is None, f"no examples; expected one {CHOICE_LINE} per line"),
+    "classification": (parse_line, is_blank, "no text to label; expected one text (or text<TAB>pair) per line"),
+}
+
+
+def _checked_input(examples: Iterator, blank, empty: str) -> tuple[int, object]:
+    """The number of examples and the first that is not blank: every example read (the parse checks each), and
+    `empty` raised when all are blank."""
+    count, first = 0, None
+    for example in examples:
+        count += 1
+        if first is None and not blank(example):
+            first = example
+    if first is None:
+        raise BertkitError(empty)
+    return count, first
 
 
 def label_order(task, model_config: BertConfig, model_dir) -> list[int] | None:
@@ -265,59 +325,62 @@ def loaded(model_class, model_dir, device, int8: bool, order: list[int] | None =
     return model
 
 
-def _answer(model_dir, config: FinetuneConfig, tokenizer, examples: list, device, int8: bool = False) -> list[dict]:
-    """predict's question-answering branch: one result per line, a blank line's with answer None."""
+def _answerer(model_dir, config: FinetuneConfig, tokenizer, device, int8: bool = False):
+    """predict's question-answering branch, the model loaded: a function giving one result per example of a chunk,
+    a blank line's (None) with answer None."""
     task = SquadTask(config.task if config.task in SQUAD_TASKS else "squad1")
     threshold = _tuned_threshold(model_dir, config)
     model = loaded(task.model_class, model_dir, device, int8)
-    # answered by line number: the lines' own ids may repeat (several questions on one document), or clash with
-    # the number a line without one gets
-    asked = [dataclasses.replace(e, id=str(i)) for i, e in enumerate(examples) if e is not None]
-    answers, null_odds = task.answer(model, tokenizer, asked, config, device, threshold)
-    results = []
-    for i, e in enumerate(examples):
-        if e is None:
-            results.append({"question": None, "answer": None, "error": "blank line: no question to answer"})
-        else:
-            results.append({"id": e.id, "question": e.question, "answer": answers[str(i)]}
-                           | ({"null_odds": null_odds[str(i)]} if task.version2 else {}))
-    return results
+
+    def answer(examples: list) -> list[dict]:
+        # answered by place in the chunk: the lines' own ids may repeat (several questions on one document), or
+        # clash with the number a line without one gets
+        asked = [dataclasses.replace(e, id=str(i)) for i, e in enumerate(examples) if e is not None]
+        answers, null_odds = task.answer(model, tokenizer, asked, config, device, threshold) if asked else ({}, {})
+        results = []
+        for i, e in enumerate(examples):
+            if e is None:
+                results.append({"question": None, "answer": None, "error": "blank line: no question to answer"})
+            else:
+                results.append({"id": e.id, "question": e.question, "answer": answers[str(i)]}
+                               | ({"null_odds": null_odds[str(i)]} if task.version2 else {}))
+        return results
+
+    return answer
 
 
-def _tag(model_dir, model_config, config, tokenizer, lines: list[str], source, device,
-         int8: bool = False) -> list[dict]:
-    """predict's tagging branch (`tag_texts`): one result per line, a line without a word with words, tags (and
-    entities) None and an "error" saying so."""
-    texts = [line.rstrip("\r\n") for line in lines]
-    if not any(text.strip() for text in texts):
-        raise BertkitError(f"{source}: no text to tag; expected a text per line")
+def _tagger(model_dir, model_config, config, tokenizer, device, int8: bool = False):
+    """predict's tagging branch (`tag_texts`), the model loaded: a function giving one result per text of a chunk,
+    a text without a word with words, tags (and entities) None and an "error" saying so."""
     labels = label_names(model_config)
     model = loaded(TaggingTask.model_class, model_dir, device, int8)
-    results = tag_texts(model, tokenizer, texts, labels, config, device)
-    return [r if r["words"] else {k: None if k != "text" else v for k, v in r.items()}
-            | {"error": "blank line: no word to tag"} for r in results]
+
+    def tag(texts: list[str]) -> list[dict]:
+        results = tag_texts(model, tokenizer, texts, labels, config, device)
+        return [r if r["words"] else {k: None if k != "text" else v for k, v in r.items()}
+                | {"error": "blank line: no word to tag"} for r in results]
+
+    return tag
 
 
-def _choose(model_dir, config, tokenizer, examples: list, device, int8: bool = False) -> list[dict]:
-    """predict's multiple-choice branch: per line, the chosen ending, its number and every ending's probability
-    (examples with as many endings are run together); a blank line's are None."""
+def _chooser(model_dir, config, tokenizer, device, int8: bool = False):
+    """predict's multiple-choice branch, the model loaded: a function giving per example of a chunk the chosen
+    ending, its number and every ending's probability (examples with as many endings are run together); a blank
+    line's are None."""
     model = loaded(ChoiceTask.model_class, model_dir, device, int8)
-    results = choose(model, tokenizer, examples, config, device)
-    return [{"context": e.context} | r if r else {"context": None, "choice": None, "ending": None,
-                                                  "probabilities": None, "error": "blank line: no example"}
-            for e, r in zip(examples, results)]
+
+    def choose_endings(examples: list) -> list[dict]:
+        results = choose(model, tokenizer, examples, config, device)
+        return [{"context": e.context} | r if r else {"context": None, "choice": None, "ending": None,
+                                                      "probabilities": None, "error": "blank line: no example"}
+                for e, r in zip(examples, results)]
+
+    return choose_endings
 
 
-def _label(model_dir, model_config, architectures, config, tokenizer, examples, source, device,
-           int8: bool = False) -> list[dict]:
-    """predict's classification branch: one result per example."""
-    if "BertForSequenceClassification" not in architectures:
-        raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
-                           "fine-tuned BertForSequenceClassification, BertForQuestionAnswering, "
-                           "BertForTokenClassification or BertForMultipleChoice")
-    first = next((e for e in examples if not is_blank(e)), None)
-    if first is None:  # parse_lines says so of lines; a table's rows may all be empty too
-        raise BertkitError(f"{source}: no text to label; expected a text in some row")
+def _labeller(model_dir, model_config, config, tokenizer, first, source, device, int8: bool = False):
+    """predict's classification branch, the model loaded: a function giving one result per example of a chunk;
+    `first`, the input's first example with a text, says whether it holds pairs."""
     pairs, trained = first.text_b is not None, _trained_on_pairs(config)
     if trained is not None and pairs != trained:  # a GLUE dev.tsv given whole: its label read as segment B
         logger.warning("%s: %s, but %s was fine-tuned on %s; expected %s per line", source,
@@ -326,16 +389,20 @@ def _label(model_dir, model_config, architectures, config, tokenizer, examples, 
     labels = label_names(model_config) if model_config.num_labels > 1 else []
     task = TextTask("predict", labels, (), multi_label=is_multi_label(model_config))
     model = loaded(task.model_class, model_dir, device, int8)
-    predictions, probabilities = task.predict(model, tokenizer, [e for e in examples if not is_blank(e)], config, device)
-    labelled = zip(predictions, probabilities)
-    results = []
-    for example in examples:
-        text = {"text": example.text_a} | ({"pair": example.text_b} if example.text_b is not None else {})
-        if is_blank(example):
-            results.append(text | dict.fromkeys(task.result_keys) | {"error": "blank line: no text to label"})
-            continue
-        results.append(text | task.result(*next(labelled)))
-    return results
+
+    def label(examples: list) -> list[dict]:
+        texts = [e for e in examples if not is_blank(e)]
+        labelled = zip(*task.predict(model, tokenizer, texts, config, device)) if texts else iter(())
+        results = []
+        for example in examples:
+            text = {"text": example.text_a} | ({"pair": example.text_b} if example.text_b is not None else {})
+            if is_blank(example):
+                results.append(text | dict.fromkeys(task.result_keys) | {"error": "blank line: no text to label"})
+                continue
+            results.append(text | task.result(*next(labelled)))
+        return results
+
+    return label
 
 
 def _trained_on_pairs(config: FinetuneConfig) -> bool | None:

@@ -146,22 +146,19 @@ def load_squad_task(config, need_train: bool = True) -> SquadTask:
     return task
 
 
-def parse_questions(lines, source: str = "<stdin>") -> list[SquadExample | None]:
-    """Questions from JSON lines `{"question": ..., "context": ...}` (an `id` is kept when given; else the line
-    number), one per line: a blank line gives None, so that `predict` keeps one output line per input line."""
-    examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            examples.append(None)
-            continue
-        record = parse_json(line, source, '{"question": ..., "context": ...} per line', number)
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "context")):
-            raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
-        # a JSON-escaped lone surrogate ("\ud800") becomes U+FFFD, one character for one, as the tokenizer reads it:
-        # echoed back in the question, id or answer, it could not be written as UTF-8
-        qid, question, context = (replace_lone_surrogates(str(number if record.get("id") is None else record["id"])),
-                                  replace_lone_surrogates(record["question"]), replace_lone_surrogates(record["context"]))
-        examples.append(SquadExample(qid, "", 0, question, context, []))
-    if not any(examples):
-        raise BertkitError(f'{source}: no questions; expected one {{"question": ..., "context": ...}} per line')
-    return examples
+QUESTION_LINE = '{"question": ..., "context": ...}'
+
+
+def parse_question(number: int, line: str, source: str) -> SquadExample | None:
+    """Line `number` of `predict`'s input to a QA model, `{"question": ..., "context": ...}` (an `id` is kept when
+    given; else the line number): a question, or None for a blank line (its output line says so)."""
+    if not line.strip():
+        return None
+    record = parse_json(line, source, f"{QUESTION_LINE} per line", number)
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "context")):
+        raise BertkitError(f'{source}:{number}: expected a JSON object with string "question" and "context"')
+    # a JSON-escaped lone surrogate ("\ud800") becomes U+FFFD, one character for one, as the tokenizer reads it:
+    # echoed back in the question, id or answer, it could not be written as UTF-8
+    qid, question, context = (replace_lone_surrogates(str(number if record.get("id") is None else record["id"])),
+                              replace_lone_surrogates(record["question"]), replace_lone_surrogates(record["context"]))
+    return SquadExample(qid, "", 0, question, context, [])

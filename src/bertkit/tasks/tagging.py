@@ -148,8 +148,8 @@ def predict_tags(model, tokenizer, words: Sequence[Sequence[list[int]]], labels:
                  device) -> list[list[str]]:
     """The tag of every word of every text (given as its words' WordPiece ids): the best label at its first piece."""
     rows, places = encode(tokenizer, words, config.max_length)
-    if not rows:
-        return []
+    if not rows:  # no text has a word
+        return [[] for _ in words]
     width = max(len(r["input_ids"]) for r in rows)
     logits = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("logits",), width)["logits"]
     best = logits.argmax(-1)
