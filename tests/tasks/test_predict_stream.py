@@ -98,3 +98,16 @@ def test_a_tagger_gives_a_line_for_each_text_of_a_chunk_without_words(tmp_path, 
     assert results[1]["error"] == "blank line: no word to tag" and results[2]["text"] == " "
     results = predict(tagger, ["good", "", "", " "], threads=1)  # the second chunk has no word at all
     assert len(results) == 4 and [r["tags"] is None for r in results] == [False, True, True, True]
+
+
+def test_a_long_input_has_one_bar_over_its_lines_and_none_per_chunk(classifier, tmp_path, monkeypatch, capsys):
+    from bertkit.train.logs import bars_hidden, progress_bar
+
+    with bars_hidden():
+        assert progress_bar(total=10_000).disable
+    assert not progress_bar(total=10_000, file=io.StringIO()).disable
+    monkeypatch.setattr(evaluation, "CHUNK", 2)
+    (tmp_path / "in.txt").write_text("good\nbad\nfun\n")
+    assert main(["predict", classifier, str(tmp_path / "in.txt"), "--out", str(tmp_path / "o.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "predict: 100%" in err and "3/3" in err

@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from bertkit.tasks.squad import QUESTION_LINE, SquadTask, parse_question
 from bertkit.tasks.tagging import TaggingTask, tag_texts
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
+from bertkit.train.logs import bars_hidden, progress_bar
 from bertkit.train.rundir import check_output_path
 
 logger = logging.getLogger("bertkit")
@@ -260,10 +262,13 @@ def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = Fals
 
     def results() -> Iterator[dict]:
         remaining = itertools.islice(examples(), count)  # the lines that were checked, should the file have grown
-        with torch_threads(config.threads):
+        # one bar over the lines, not one per chunk
+        bar = progress_bar(total=count, desc="predict", unit="line", disable=count <= CHUNK)
+        with bar, torch_threads(config.threads), bars_hidden() if count > CHUNK else nullcontext():
             while chunk := list(itertools.islice(remaining, CHUNK)):
                 for example, result in zip(chunk, run(chunk)):
                     yield {"line": example.line} | result if table else result
+                bar.update(len(chunk))
 
     return results()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -125,9 +127,26 @@ def _write_failed(run_dir: Path, e: OSError | WriteFailed) -> Exception:
                         "continues from the newest)")
 
 
+_hidden_bars = 0  # > 0 inside `bars_hidden`
+
+
+@contextmanager
+def bars_hidden() -> Iterator[None]:
+    """Progress bars made inside are not shown: for a loop with a bar of its own over steps that make theirs
+    (`predict`'s chunks, each run by `infer`)."""
+    global _hidden_bars
+    _hidden_bars += 1
+    try:
+        yield
+    finally:
+        _hidden_bars -= 1
+
+
 def progress_bar(**kw) -> tqdm:
     """A tqdm bar that redraws at most once a minute when it does not write to a terminal: a log file gets a
     line now and then, not a line per update."""
+    if _hidden_bars:
+        kw["disable"] = True
     file = kw.setdefault("file", sys.stderr)
     if not (hasattr(file, "isatty") and file.isatty()):
         kw["mininterval"] = max(kw.get("mininterval", 0.1), 60.0)
