@@ -11,7 +11,8 @@ finetune` run in --out, skipped when its metrics.json exists (so a stopped study
 - teacher-targets: the student on the same sentences, trained on the teacher's outputs only;
 - teacher-transfer: the same plus the next --transfer sentences, unlabelled, that the teacher labels;
 - gold-transfer: the student on the labelled and the transfer sentences with their true labels (what the teacher
-  stands in for: the labels nobody paid for).
+  stands in for: the labels nobody paid for);
+- teacher-transfer-T<t>, for each --temperatures t: teacher-transfer at that --distill-temperature.
 
 All on SST-2's dev set (872 sentences), the same lr, epochs and batch size, seeds from --seeds. The summary (dev
 accuracy of each cell's best epoch, and of its last) goes to --summary (docs/distill/sst2.json).
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[],
+                        help="teacher-transfer again at each of these temperatures (1: the cell itself)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -82,7 +85,9 @@ def main() -> None:
     student_model = first_layers(teacher_model, args.student_layers, args.out / f"student-L{args.student_layers}")
     summary = {"teacher_model": teacher_model.name, "student": f"its first {args.student_layers} layers",
                "labelled": len(labelled), "transfer": len(transfer), "dev": "SST-2 dev (872)", "lr": args.lr,
-               "epochs": args.epochs, "threads": args.threads, "torch": torch.__version__, "cells": {}}
+               "epochs": args.epochs, "torch": torch.__version__, "cells": {}}
+    if args.summary.exists():  # the cells of earlier runs of the study (other seeds, temperatures) stay
+        summary["cells"] = json.loads(args.summary.read_text())["cells"]
     for seed in args.seeds:
         teacher = str(args.out / f"teacher-s{seed}")
         cells = {"teacher": (str(teacher_model), files["labelled"], {}),
@@ -91,20 +96,25 @@ def main() -> None:
                  "teacher-transfer": (student_model, files["labelled"], {"teacher": teacher,
                                                                          "transfer_file": files["transfer"]}),
                  "gold-transfer": (student_model, files["gold"], {})}
+        cells |= {f"teacher-transfer-T{t:g}": (student_model, files["labelled"], {
+            "teacher": teacher, "transfer_file": files["transfer"], "distill_temperature": t})
+            for t in args.temperatures if t != 1}
         for name, (model, train, extra) in cells.items():
-            out = args.out / f"{name}-s{seed}"
+            out, key = args.out / f"{name}-s{seed}", f"{name}-s{seed}"
+            threads = summary["cells"].get(key, {}).get("threads", args.threads)  # of the invocation that ran it
             if not (out / "metrics.json").exists():
+                threads = args.threads
                 finetune(FinetuneConfig(model_dir=model, out_dir=str(out), task="custom", text_a="text",
                                         train_file=train, eval_file=files["dev"], lr=args.lr, epochs=args.epochs,
                                         seed=seed, threads=args.threads, resume="auto", **extra))
             record = json.loads((out / "metrics.json").read_text())
-            summary["cells"][f"{name}-s{seed}"] = {
+            summary["cells"][key] = {
                 "accuracy": record["best"]["accuracy"], "best_epoch": record["best_epoch"],
                 "last_epoch_accuracy": record["epochs"][-1]["accuracy"], "train_rows": record["train_rows"],
-                "train_seconds": round(sum(e.get("train_seconds", 0) for e in record["epochs"]), 1)}
+                "train_seconds": round(sum(e.get("train_seconds", 0) for e in record["epochs"]), 1), "threads": threads}
             args.summary.parent.mkdir(parents=True, exist_ok=True)
             args.summary.write_text(json.dumps(summary, indent=2) + "\n")
-            print(name, seed, summary["cells"][f"{name}-s{seed}"], flush=True)
+            print(name, seed, summary["cells"][key], flush=True)
 
 
 if __name__ == "__main__":
