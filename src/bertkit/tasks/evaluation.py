@@ -22,7 +22,6 @@ from bertkit.errors import BertkitError
 from bertkit.tasks.choice import CHOICE_LINE, ChoiceTask, choose, parse_choice
 from bertkit.tasks.classification import (MULTI_LABEL, TextTask, checked_lines, input_lines, is_blank,
                                          is_multi_label, parse_line)
-from bertkit.tasks.embed import CHUNK
 from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
                                     resolve_device)
 from bertkit.tasks.inference import check_tokenizer
@@ -34,6 +33,11 @@ from bertkit.train.logs import bars_hidden, progress_bar
 from bertkit.train.rundir import check_output_path
 
 logger = logging.getLogger("bertkit")
+
+# Lines `predict` runs at a time. Larger than embed's: each chunk is sorted by length anew, and batches of new token
+# counts fill oneDNN's cache of compiled kernels, so that all-MiniLM-L6-v2 on 60,000 lines peaked at 1,421 MB in
+# chunks of 4,096 against 930 MB in chunks of 32,768 (968 MB holding the whole input; benchmarks/RESULTS.md).
+CHUNK = 32_768
 
 
 def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneConfig:
@@ -116,7 +120,7 @@ class PredictConfig:
                         "or a classifier's .csv or .jsonl file with named columns, as finetune's custom files "
                         "(default: standard input)", positional=True)
     out: str | None = option(None, "write the JSON lines here instead of standard output, the file whole or not at "
-                             "all (default: standard output, a chunk of 4,096 lines at a time as they are run)")
+                             "all (default: standard output, a chunk of 32,768 lines at a time as they are run)")
     text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
                                 "sentence)")
     text_b: str | None = option(None, ".csv/.jsonl input: the column of the second text of a pair (default: the "
