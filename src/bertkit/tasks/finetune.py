@@ -48,6 +48,7 @@ from bertkit.checkpoint import (
 )
 from bertkit.config import BertConfig, option, write_json
 from bertkit.data.batching import collate, length_grouped_batches, row_length
+from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
 from bertkit.model import compile_blocks
 from bertkit.tasks.choice import ChoiceTask, load_choice_task
@@ -73,6 +74,7 @@ CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
 TAGGING_TASK = "ner"
 CHOICE_TASK = "swag"
+NON_TEXT_TASKS = (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK)  # the tasks that are not TextTask's (GLUE, custom)
 EVAL_DATA_FILE = "eval_data.json"
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -203,7 +205,7 @@ class FinetuneConfig:
     def __post_init__(self):
         self.task = self.task.strip()
         # one spelling, so that a run typed SQuAD1 (or NER) resumes as saved
-        if self.task.lower() in (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK):
+        if self.task.lower() in NON_TEXT_TASKS:
             self.task = self.task.lower()
         if self.max_length is None:
             self.max_length = 384 if self.task in SQUAD_TASKS else 128
@@ -247,14 +249,15 @@ class FinetuneConfig:
             raise BertkitError(f"--pos-weight {self.pos_weight} without --multi-label; expected it with --multi-label "
                                "(a weight per label)")
         if self.class_weight != "none":
-            stsb = self.task.lower().replace("-", "").replace("_", "") == "stsb"  # GLUE's regression task
+            glue = self.task.lower() not in ("", "custom", *NON_TEXT_TASKS)
             other = ("--multi-label (its weights are --pos-weight)" if self.multi_label else
                      "--regression" if self.regression else
-                     f"--task {self.task}" if stsb or self.task in (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK) else None)
+                     f"--task {self.task}" if self.task in NON_TEXT_TASKS or glue and not get_task(self.task).labels
+                     else None)
             if other:
                 raise BertkitError(f"--class-weight {self.class_weight} with {other}; expected a classification task "
                                    "with one label per example (a GLUE task but STS-B, or custom files)")
-        check_distillation(self, text_task=self.task not in (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK))
+        check_distillation(self, text_task=self.task not in NON_TEXT_TASKS)
         if self.multi_label and self.regression:
             raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
         if self.multi_label and not self.label_sep:
@@ -628,8 +631,9 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
               "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32"),
               "processes": d.world_size}
-    forward = distillation_forward(task, config.distill_temperature, config.distill_alpha) if config.teacher else None
+    forward = None  # the model's own loss
     if config.teacher:
+        forward = distillation_forward(task, config.distill_temperature, config.distill_alpha)
         record |= {"teacher": config.teacher, "transfer_examples": len(rows) - len(task.train)}
     pos = Position()
     hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.max_grad_norm else ", --max-grad-norm 1")
