@@ -353,6 +353,40 @@ class BertEmbeddings(nn.Module):
 # Encoder
 
 
+class LoraLinear(nn.Module):
+    """A frozen Linear plus a trained low-rank update (LoRA, Hu et al. 2021): x W^T + b + (x A^T) B^T alpha / r,
+    A (r, in) and B (out, r). B starts at zero, so the model starts as the pretrained one.
+
+    W and b keep the Linear's parameter names and A and B take peft's (`query.lora_A.weight`), so the state dict
+    is transformers' plus the adapter, and its LoRA and head weights prefixed `base_model.model.` are what peft saves
+    as an adapter (`bertkit.checkpoint.save_adapter`). `merged` folds the update into a plain Linear."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)  # torch's (and peft's) default init
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.delta(x)
+
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head self-attention through SDPA; Q, K and V computed in one fused matmul."""
 
@@ -391,6 +425,9 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
         qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
+        for i, projection in enumerate((self.query, self.key, self.value)):
+            if isinstance(projection, LoraLinear):  # the frozen weight is in the fused GEMM; its update is added here
+                qkv[..., i * projection.out_features:(i + 1) * projection.out_features] += projection.delta(x)
         dropout_p = self.dropout_p if self.training else 0.0
         if layout.offsets is not None:  # packed rows straight into varlen attention: (N, 3H) -> (N, H)
             N = qkv.shape[0]
@@ -981,6 +1018,46 @@ def set_kernels(model: nn.Module, **choices) -> nn.Module:
     for module in model.modules():
         if isinstance(module, BertModel):
             module.kernels = replace(module.kernels, **choices)
+    return model
+
+
+# The Linear layers of an encoder block, by the end of their names: what `add_lora` can adapt ("output.dense" is
+# both the attention's output projection and the feed-forward network's, as in peft's suffix matching)
+LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def add_lora(model: BertPreTrainedModel, rank: int, alpha: float, targets: tuple[str, ...]) -> list[str]:
+    """LoRA in place: each encoder-block Linear whose name ends in one of `targets` becomes a LoraLinear, and only
+    the LoRA matrices and the task head (the model's `head_prefixes`: classifier, qa_outputs, a BiLSTM, the pooler a
+    classifier reads) keep training; the embeddings, the blocks' weights and LayerNorms are frozen. Returns the
+    adapted modules' names."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise BertkitError(f"LoRA targets {', '.join(unknown)}; expected some of {', '.join(LORA_TARGETS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = []
+    for name, module in list(model.named_modules()):
+        if (isinstance(module, nn.Linear) and ".layer." in f".{name}" and ".encoder." in f".{name}"
+                and name.endswith(tuple(f".{t}" for t in targets))):
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, LoraLinear(module, rank, alpha))
+            adapted.append(name)
+    for name, p in model.named_parameters():
+        if ".lora_" in name or name.startswith(model.head_prefixes):
+            p.requires_grad_(True)
+    return adapted
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoraLinear's update into a plain Linear, in place: the model transformers (and bertkit) load,
+    with nothing trainable frozen any more."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model
 
 

@@ -852,8 +852,9 @@ LAYOUTS = ("google", "nvidia", "hf", "composer")
 class ConvertConfig:
     """`bertkit convert`: the CLI's flags are these fields."""
 
-    model_dir: str = option("", "the model folder to convert (transformers' layout, Google's or NVIDIA's), or a "
-                            "Composer checkpoint file (MosaicML's hf_bert recipe: ep1-ba1000-rank0.pt)",
+    model_dir: str = option("", "the model folder to convert (transformers' layout, Google's or NVIDIA's), a "
+                            "Composer checkpoint file (MosaicML's hf_bert recipe: ep1-ba1000-rank0.pt), or a peft "
+                            "LoRA adapter folder (adapter_config.json), written with its update merged in",
                             positional=True)
     out: str = option("", "the folder to write", required=True)
     to: Literal["google", "nvidia", "hf", "composer"] = option(
@@ -863,6 +864,8 @@ class ConvertConfig:
         "config.json, model.safetensors and the tokenizer files, which transformers reads; composer: "
         "composer_checkpoint.pt, a weights-only Composer checkpoint holding the config and tokenizer too, which "
         "MosaicML's recipes load (load_path, load_weights_only)", required=True)
+    base: str | None = option(None, "a peft adapter's base model folder or Hub id (default: its adapter_config.json's "
+                              "base_model_name_or_path)")
     overwrite: bool = option(False, "write into --out even when it holds files")
 
 
@@ -876,7 +879,7 @@ def _check_google(model_config: BertConfig, cls, source) -> None:
 
 def convert(config: ConvertConfig) -> dict:
     """Write `config.model_dir` in the other layout; returns what was written."""
-    from bertkit import composer_checkpoint
+    from bertkit import adapter, composer_checkpoint
     from bertkit.checkpoint import model_folder, save_pretrained
     from bertkit.model import MODEL_CLASSES
     from bertkit.tokenizer import Tokenizer
@@ -886,7 +889,15 @@ def convert(config: ConvertConfig) -> dict:
         raise BertkitError(f"--to is {config.to!r}; expected one of {', '.join(LAYOUTS)}")
     out = new_model_folder(config.out, config.model_dir, config.overwrite, "converted model")
     given = Path(config.model_dir)
-    if given.is_file() or (given.suffix == ".pt" and not given.exists()):  # a Composer checkpoint: config, tokenizer
+    if config.base and not adapter.is_adapter(given):
+        raise BertkitError(f"--base with {given}, which has no {adapter.ADAPTER_CONFIG}; expected --base only for a "
+                           "peft adapter folder")
+    if adapter.is_adapter(given):
+        model, tokenizer = adapter.merged(given, config.base)
+        cls = type(model)
+        if config.to in ("google", "nvidia"):
+            _check_google(model.config, cls, given)
+    elif given.is_file() or (given.suffix == ".pt" and not given.exists()):  # a Composer checkpoint: config, tokenizer
         source = given  # and weights in one file
         model, tokenizer = composer_checkpoint.load(source)
         cls = type(model)

@@ -499,6 +499,24 @@ def test_grad_accum_steps_are_exact_and_resume_mid_epoch_bitwise(toy, tmp_path, 
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
 
 
+def test_a_lora_run_resumes_mid_epoch_to_the_same_update(toy, tmp_path, monkeypatch):
+    """--lora-rank: the checkpoints hold the frozen weights and the LoRA matrices (the optimizer only the latter), and
+    a run that crashes mid-epoch resumes to the very merged model and adapter of an uninterrupted one."""
+    import bertkit.tasks.finetune as module
+
+    lora = dict(lora_rank=2, lora_targets="query,value,intermediate.dense")
+    whole = finetune(finetune_config(toy, tmp_path / "whole", **lora))
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 20)  # epoch 2, after the checkpoints of steps 12 (epoch 1's end) and 15
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut", **lora))
+    resumed = finetune(finetune_config(toy, tmp_path / "cut", resume="auto", **lora))
+    assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, "LoRA resume")
+    adapter = Path("adapter", "adapter_model.safetensors")
+    assert_same_weights(tmp_path / "whole" / adapter, tmp_path / "cut" / adapter, "LoRA resume")
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
+
+
 def test_finetuning_saved_by_two_processes_is_not_resumed_by_one(toy, tmp_path, monkeypatch):
     """A step is --grad-accum x processes batches and the schedule counts steps, so a run saved by torchrun with two
     processes is refused by one (it was accepted with a warning and trained another schedule); the checkpoint's

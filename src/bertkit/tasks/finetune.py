@@ -14,6 +14,7 @@ and writes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -50,7 +51,8 @@ from bertkit.config import BertConfig, option, write_json
 from bertkit.data.batching import collate, length_grouped_batches, row_length
 from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
-from bertkit.model import compile_blocks
+from bertkit.adapter import save_adapter
+from bertkit.model import LORA_TARGETS, add_lora, compile_blocks, merge_lora
 from bertkit.tasks.choice import ChoiceTask, load_choice_task
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
 from bertkit.tasks.distill import check_distillation, distillation_forward, distillation_rows
@@ -76,11 +78,12 @@ TAGGING_TASK = "ner"
 CHOICE_TASK = "swag"
 NON_TEXT_TASKS = (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK)  # the tasks that are not TextTask's (GLUE, custom)
 EVAL_DATA_FILE = "eval_data.json"
+ADAPTER_DIR = "adapter"  # --lora-rank: the LoRA update and the head alone, in peft's layout
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", CONFIG_FILE, "metrics.json", "results.md", "train.csv", "eval.csv",
            "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, TAGS_FILE,
-           PREDICTIONS_FILE, "checkpoints")
+           PREDICTIONS_FILE, ADAPTER_DIR, "checkpoints")
 RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
 KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
 # Fields that change how a run goes, not what it computes: a run resumed or redone may change them
@@ -147,6 +150,14 @@ class FinetuneConfig:
     label_all_tokens: bool = option(False, "ner: train on every WordPiece of a word, its tag on its first piece and "
                                     "the others (B-X continued as I-X), as transformers' run_ner.py "
                                     "--label_all_tokens; words are still tagged and scored by their first piece")
+    lora_rank: int = option(0, "LoRA (Hu et al. 2021): train a rank-R update of the --lora-targets weights of every "
+                            "encoder block and the task head, the rest frozen (0: every weight trains). The run "
+                            "folder's model has the update merged in, as any run's; adapter/ holds the update "
+                            "alone, in peft's layout (a few MB per task)")
+    lora_alpha: float = option(8.0, "--lora-rank: the update is scaled by alpha / rank (peft's lora_alpha)")
+    lora_targets: str = option("query,value", "--lora-rank: the block's Linear layers to adapt, by the end of their "
+                               f"names, comma-separated, from {', '.join(LORA_TARGETS)}; or all (the paper's "
+                               "choice, and the default, is query,value)")
     train_articles: int | None = option(None, "SQuAD: split one file by article, the first N to train, the rest to "
                                         f"score (written to OUT_DIR/{EVAL_DATA_FILE}, the official scripts' dev file)")
     lr: float = option(3e-5, "peak learning rate (the paper searches 5e-5, 4e-5, 3e-5, 2e-5)")
@@ -258,6 +269,7 @@ class FinetuneConfig:
                 raise BertkitError(f"--class-weight {self.class_weight} with {other}; expected a classification task "
                                    "with one label per example (a GLUE task but STS-B, or custom files)")
         check_distillation(self, text_task=self.task not in NON_TEXT_TASKS)
+        self.check_lora()
         if self.multi_label and self.regression:
             raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
         if self.multi_label and not self.label_sep:
@@ -270,6 +282,33 @@ class FinetuneConfig:
         if self.overwrite and self.resume:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        if self.lora_targets.strip() == "all":
+            return LORA_TARGETS
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def check_lora(self) -> None:
+        if not self.lora_rank:
+            for flag, value, default in (("--lora-alpha", self.lora_alpha, 8.0),
+                                         ("--lora-targets", self.lora_targets, "query,value")):
+                if value != default:
+                    raise BertkitError(f"{flag} {value} without --lora-rank; expected --lora-rank R (LoRA's rank) "
+                                       "to train a low-rank update")
+            return
+        if self.lora_rank < 0:
+            raise BertkitError(f"--lora-rank is {self.lora_rank}; expected a positive rank (8 in the LoRA paper), or 0 "
+                               "to train every weight")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise BertkitError(f"--lora-alpha is {self.lora_alpha}; expected a number above 0")
+        unknown = [t for t in self.lora_target_names if t not in LORA_TARGETS]
+        if unknown or not self.lora_target_names:
+            raise BertkitError(f"--lora-targets {self.lora_targets!r}: {', '.join(unknown) or 'none named'}; expected "
+                               f"some of {', '.join(LORA_TARGETS)} separated by commas, or all")
+        if self.from_scratch:
+            raise BertkitError("--lora-rank with --from-scratch; expected pretrained weights to adapt (LoRA freezes "
+                               "them: random ones would stay random)")
 
     def resolved(self) -> dict:
         """The fields, paths made absolute: `evaluate RUN` from another folder reads the run's data, not a namesake
@@ -508,6 +547,8 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     check_tokenizer(tokenizer, model_config, config.model_dir)
     model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
                                              **task.model_overrides(), **({"bilstm": True} if config.bilstm else {}))
+    if config.lora_rank:
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_target_names)
     n = model.num_parameters()
     check_free_space(out, checkpoint_bytes(n) + 4 * n, f"a checkpoint and the best model of this "
                      f"{n / 1e6:.1f}M-parameter model")
@@ -630,7 +671,8 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     record = {"task": task.name, "model_dir": str(config.model_dir), "train_examples": len(task.train),
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
               "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32"),
-              "processes": d.world_size}
+              "processes": d.world_size, "trained_parameters": sum(p.numel() for p in model.parameters()
+                                                                  if p.requires_grad)}
     forward = None  # the model's own loss
     if config.teacher:
         forward = distillation_forward(task, config.distill_temperature, config.distill_alpha)
@@ -760,7 +802,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                 record["epochs"].append(row)
                 if best.update(task.headline(metrics), epoch):
                     _finite_weights(model, f"epoch {epoch}", hint)
-                    model.save_pretrained(out, tokenizer=tokenizer)
+                    save_model(config, model, out, tokenizer)
                     write_outputs(out)
                     record["best_epoch"], record["best"] = epoch, metrics
                 logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -781,6 +823,17 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     shutil.rmtree(out / ".checkpoints-done")
     print(table)
     return record
+
+
+def save_model(config: FinetuneConfig, model, out: Path, tokenizer) -> None:
+    """The run's model into `out`; under LoRA, with the update merged into a copy (the folder every command and
+    transformers load) and the update alone in adapter/ (peft's layout)."""
+    if not config.lora_rank:
+        model.save_pretrained(out, tokenizer=tokenizer)
+        return
+    merge_lora(copy.deepcopy(model)).save_pretrained(out, tokenizer=tokenizer)
+    save_adapter(model, out / ADAPTER_DIR, config.resolved()["model_dir"], config.lora_rank, config.lora_alpha,
+                 config.lora_target_names)
 
 
 def _write_submissions(config: FinetuneConfig, task, tokenizer, out: Path, device, record: dict) -> None:
@@ -832,7 +885,10 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         + f", {record['eval_examples']:,} scored."
         + (f" Distilled from {record['teacher']} (temperature {config.distill_temperature:g}, its share of the loss "
            f"{config.distill_alpha:g}; {record['transfer_examples']:,} unlabelled transfer examples)."
-           if record.get("teacher") else ""),
+           if record.get("teacher") else "")
+        + (f" LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} on {', '.join(config.lora_target_names)}: "
+           f"{record['trained_parameters']:,} trained parameters, the update alone in {ADAPTER_DIR}/."
+           if config.lora_rank else ""),
         "",
         "| epoch | train loss | " + " | ".join(columns) + " | train time | train ex/s | eval time |",
         "|---" * (len(columns) + 5) + "|",
