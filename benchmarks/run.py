@@ -293,15 +293,29 @@ def case_pretrain(bench: Bench, preset: str, batch_size: int, n_batches: int, ma
     return case
 
 
-def case_finetune_sst2(bench: Bench, preset: str, batch_size: int, n_examples: int, like_for_like: bool = False) -> Case:
+def case_finetune_sst2(bench: Bench, preset: str, batch_size: int, n_examples: int, like_for_like: bool = False,
+                       lora: bool = False) -> Case:
     """An epoch over the same SST-2 examples: bertkit with length-grouped batches (`finetune`'s own,
     `bertkit.data.batching.length_grouped_batches`), transformers with its own dynamic padding (random batches padded
     to their longest); both compared per real token. like_for_like: transformers gets the very same grouped batches
     (as its Trainer's group_by_length would give it), so that the model's share of the ratio shows apart from the
-    batching's."""
+    batching's. lora: the same batches (like_for_like), LoRA rank 8 on query and value with the classifier and pooler
+    trained, bertkit's (`finetune --lora-rank 8`) against peft's on transformers' model."""
     tok = tokenizer()
     config = config_for(preset, num_labels=2)
     models = twin_models(bench, "BertForSequenceClassification", config)
+    like_for_like = like_for_like or lora
+    if lora:
+        from bertkit.model import add_lora
+
+        if "bertkit" in models:
+            add_lora(models["bertkit"], 8, 8.0, ("query", "value"))
+        if "transformers" in models:
+            import peft
+
+            models["transformers"] = peft.get_peft_model(models["transformers"], peft.LoraConfig(
+                task_type="SEQ_CLS", r=8, lora_alpha=8, target_modules=["query", "value"],
+                modules_to_save=["classifier", "pooler"]))
     sentences = random.Random(0).sample(sst2_sentences(), n_examples)
     encoded = [tok.encode(s, max_length=128) for s in sentences]
     labels = [i % 2 for i in range(n_examples)]
@@ -313,7 +327,7 @@ def case_finetune_sst2(bench: Bench, preset: str, batch_size: int, n_examples: i
     grouped = [[items[i] for i in batch] for batch in
                length_grouped_batches([len(e["input_ids"]) for e, _ in items], batch_size, seed=0)]
     how = ", both sides on the same length-grouped batches" if like_for_like else ""
-    case = Case(f"finetune-sst2-{preset}" + ("-grouped" if like_for_like else ""),
+    case = Case(f"finetune-sst2-{preset}" + ("-lora" if lora else "-grouped" if like_for_like else ""),
                 f"SST-2 fine-tuning epoch over {n_examples} sentences, {preset}, batch {batch_size}{how}", config,
                 attention_length(len(e["input_ids"]) for e, _ in items), True, models=models)
     from bertkit.train.optim import build_optimizer
@@ -431,14 +445,15 @@ CASES = {  # name -> (bench, args) -> Case
                                                             max_length=512),
     "finetune-sst2": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches),
     "finetune-sst2-grouped": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, like_for_like=True),
+    "finetune-sst2-lora": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, lora=True),
     "finetune-squad": lambda b, a: case_squad(b, a.preset, 32 if b.gpu else 4, a.batches),
     "inference-b32": lambda b, a: case_inference(b, a.preset, 32, a.batches),
     "inference-b1": lambda b, a: case_inference(b, a.preset, 1, 8 * a.batches),
     "prepare": lambda b, a: case_prepare(b),
 }
 SUITES = {
-    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-squad",
-            "inference-b32", "inference-b1", "prepare"],
+    "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-sst2-lora",
+            "finetune-squad", "inference-b32", "inference-b1", "prepare"],
     "gpu": [c for c in CASES if c != "prepare"],
     # issue 14's GPU targets: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at 384, inference at 1 and 32
     "gpu-targets": ["pretrain-base", "pretrain-base-512", "pretrain-large", "finetune-squad", "inference-b32",

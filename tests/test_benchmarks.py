@@ -384,3 +384,18 @@ def test_mfu_counts_attention_over_each_sequences_real_length():
     assert run.attention_length([2, 4]) == pytest.approx(20 / 6)
     batches = [{"attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}]
     assert run.real_lengths(batches) == [2, 4]
+
+
+def test_the_lora_case_trains_the_same_parameters_on_both_sides():
+    """finetune-sst2-lora: bertkit's LoRA and peft's on transformers' model adapt the same layers and train the same
+    number of parameters (rank 8 on query and value, the classifier and the pooler), on the same batches."""
+    import run
+
+    data_path("glue", "SST-2")
+    case = run.case_finetune_sst2(run.Bench(), "tiny", 8, 16, lora=True)
+    trained = {side: sum(p.numel() for p in model.parameters() if p.requires_grad) for side, model in case.models.items()}
+    H, L = case.config.hidden_size, case.config.num_hidden_layers
+    assert trained["bertkit"] == trained["transformers"] == L * 2 * 8 * (H + H) + (H * H + H) + (H * 2 + 2)
+    assert [n for _, n in case.units["bertkit"]] == [n for _, n in case.units["transformers"]]  # the same tokens
+    for side in case.units:
+        case.units[side][0][0]()  # an epoch runs
