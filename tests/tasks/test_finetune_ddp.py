@@ -46,11 +46,13 @@ def run(args: list[str]) -> str:
     return done.stdout
 
 
-def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "2", "--lora-targets", "all"]], ids=["full", "lora"])
+def test_two_processes_equal_one_process_accumulating_two(inputs, tmp_path, lora):
+    """Also under LoRA, where DDP holds frozen parameters that take no gradient."""
     model_dir, data = inputs
     flags = ["finetune", "--model-dir", str(model_dir), "--task", "custom", "--train-file", str(data),
              "--eval-file", str(data), "--batch-size", "4", "--epochs", "2", "--lr", "2e-3", "--seed", "0",
-             "--threads", "1", "--save-every", "2"]
+             "--threads", "1", "--save-every", "2", *lora]
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bertkit.cli",
          *flags, "--out-dir", str(tmp_path / "torchrun")])
     run([sys.executable, "-c", RUN, *flags, "--out-dir", str(tmp_path / "single"), "--grad-accum", "2",
