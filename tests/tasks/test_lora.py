@@ -208,3 +208,34 @@ def test_bad_lora_settings_are_refused_before_anything_is_read(args, error, tmp_
     code = main(["finetune", "--model-dir", str(tmp_path / "none"), "--train-file", "x.csv", "--eval-file", "y.csv",
                  *args])
     assert code == 2 and error in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForQuestionAnswering",
+                                  "BertForTokenClassification", "BertForMultipleChoice"])
+def test_every_heads_adapter_loads_in_peft_with_the_same_outputs(head, tmp_path):
+    import bertkit
+    from bertkit.adapter import save_adapter
+
+    torch.manual_seed(0)
+    ours = getattr(bertkit, head)(small_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ours.save_pretrained(tmp_path / "base")
+    add_lora(ours, 4, 16.0, LORA_TARGETS)
+    random_updates(ours)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.startswith(ours.head_prefixes):  # the head trained too: not the base folder's any more
+                p.add_(0.1)
+    save_adapter(ours, tmp_path / "adapter", str(tmp_path / "base"), 4, 16.0, LORA_TARGETS)
+    theirs = peft.PeftModel.from_pretrained(getattr(transformers, head).from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").eval()
+    ids, mask = batch()
+    if head == "BertForMultipleChoice":  # 2 examples of 2 choices
+        ids, mask = ids.view(2, 2, -1), mask.view(2, 2, -1)
+    ours.eval()
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask), theirs(input_ids=ids, attention_mask=mask)
+    for key in ("start_logits", "end_logits") if head == "BertForQuestionAnswering" else ("logits",):
+        x, y = getattr(a, key), getattr(b, key)
+        if head in ("BertForQuestionAnswering", "BertForTokenClassification"):  # the real tokens' (padding's differ)
+            x, y = x[mask.bool()], y[mask.bool()]
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=key)
