@@ -333,6 +333,20 @@ def test_glue_grid_picks_the_best_lr_per_task(tiny_model_dir, tmp_path):
     assert result["table"] == table
 
 
+def test_glue_runs_every_task_with_lora_when_asked(tiny_model_dir, tmp_path, capsys):
+    result = glue(GlueConfig(model_dir=str(tiny_model_dir), tasks=["RTE"], data_dir=str(data_path("glue")),
+                             out_dir=str(tmp_path), lrs=[1e-3], batch_size=16, epochs=1, limit_train_examples=16,
+                             threads=1, device="cpu", lora_rank=2, lora_targets="all"))
+    run = Path(result["tasks"]["RTE"]["run_dir"])
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((run / "finetune_config.json").read_text())["lora_targets"] == "all"
+    assert "seed 42, LoRA rank 2 alpha 8 on all;" in result["table"]
+    argv = ["glue", "--model-dir", str(tiny_model_dir), "--data-dir", str(data_path("glue")), "--out-dir",
+            str(tmp_path / "bad"), "--lora-rank", "2", "--lora-targets", "keys"]
+    assert main(argv) == 2 and "--lora-targets 'keys': keys; expected some of" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_glue_checks_every_tasks_data_before_the_first_run(tiny_model_dir, tmp_path, capsys):
     """Without --tasks, every task folder runs: the shared data's QNLI has no train.tsv, and the sweep failed on it
     only after fine-tuning CoLA, SST-2, MRPC and STS-B at every lr."""

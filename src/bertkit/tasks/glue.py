@@ -47,6 +47,11 @@ class GlueConfig:
     max_length: int = option(128, "tokens per example")
     seed: int = option(42, "seed of every run")
     limit_train_examples: int | None = option(None, "train on the first N examples of each task (for quick runs)")
+    lora_rank: int = option(0, "every run with LoRA of this rank (finetune's --lora-rank; 0: every weight trains); "
+                            "LoRA wants larger rates than full fine-tuning: give --lrs (the LoRA paper used 4e-4 to "
+                            "5e-4 for RoBERTa-base)")
+    lora_alpha: float = option(8.0, "--lora-rank: finetune's --lora-alpha")
+    lora_targets: str = option("query,value", "--lora-rank: finetune's --lora-targets")
     threads: int | None = option(None, "CPU threads for torch (default: the cores that the last minute's load average "
                                  "leaves idle, 1 to 16)")
     device: str = option("auto", "cpu, cuda, ... (auto: cuda when available)")
@@ -84,12 +89,14 @@ def glue(config: GlueConfig) -> dict:
             model_dir=config.model_dir, task=name, data_dir=str(root / name), out_dir=str(out / name / f"lr-{lr:g}"),
             lr=lr, batch_size=config.batch_size, epochs=config.epochs, max_length=config.max_length,
             seed=config.seed, limit_train_examples=config.limit_train_examples, threads=config.threads,
-            device=config.device, predict=config.predict,
+            device=config.device, predict=config.predict, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+            lora_targets=config.lora_targets,
             overwrite=config.overwrite, resume=None if config.overwrite else "auto",
         )
 
     # every task's data is read once before the first run: a task folder without train.tsv (the shared data's QNLI)
     # or a malformed row failed the sweep only when its turn came, after the tasks before it had been fine-tuned
+    run(names[0], config.lrs[0]).check_lora()  # a bad LoRA setting, before any data is read
     for name in names:
         try:
             load_task(run(name, config.lrs[0]))
@@ -149,7 +156,9 @@ def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
         f"| bertkit {model_name} | " + " | ".join(cells) + f" | {average} |",
         "",
         f"Dev-set scores of the best lr per task among {', '.join(f'{lr:g}' for lr in config.lrs)} (batch "
-        f"{config.batch_size}, {plural(config.epochs, 'epoch')}, max length {config.max_length}, seed {config.seed}; "
+        f"{config.batch_size}, {plural(config.epochs, 'epoch')}, max length {config.max_length}, seed {config.seed}"
+        + (f", LoRA rank {config.lora_rank} alpha {config.lora_alpha:g} on {config.lora_targets}" if config.lora_rank
+           else "") + "; "
         "the second row is the training examples each task was trained on); F1 for "
         "QQP and MRPC, Spearman for STS-B, Matthews correlation for CoLA, accuracy otherwise; the average leaves out "
         "WNLI, as the paper does. MRPC read from Microsoft's release is scored on msr_paraphrase_test.txt.",
