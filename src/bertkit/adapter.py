@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -72,6 +73,25 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise BertkitError(f"{directory}: no {ADAPTER_WEIGHTS}; expected peft's adapter weights beside {ADAPTER_CONFIG}")
     state = {k.removeprefix(PREFIX): v for k, v in load_file(weights).items()}
     return config, state
+
+
+def describe_adapter(directory: str | Path) -> dict[str, str]:
+    """What `bertkit info` prints about a peft LoRA adapter folder."""
+    config, state = read_adapter(directory)
+    adapted = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
+    lora = sum(v.numel() for k, v in state.items() if ".lora_" in k)
+    head = sum(v.numel() for k, v in state.items() if ".lora_" not in k)
+    ends = sorted({re.sub(r".*\.layer\.\d+\.", "", n) for n in adapted})  # each block's: attention.self.query
+    return {
+        "adapter folder": str(directory),
+        "kind": f"peft LoRA adapter ({config.get('task_type') or 'no task type'})",
+        "base model": str(config.get("base_model_name_or_path") or "(not stated)"),
+        "rank, alpha": f"{config.get('r')}, {config.get('lora_alpha')}" + (" (rsLoRA)" if config.get("use_rslora")
+                                                                          else ""),
+        "adapted": f"{len(adapted)} Linear layers ({', '.join(ends)})",
+        "parameters": f"{lora + head:,}: {lora:,} LoRA, {head:,} in the head ({', '.join(config.get('modules_to_save') or []) or 'none'})",
+        "merged by": f"bertkit convert {directory} --out DIR --to hf",
+    }
 
 
 def merged(directory: str | Path, base: str | None = None):

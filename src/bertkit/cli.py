@@ -74,9 +74,11 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
 # Subcommands
 
 def cmd_info(args) -> None:
+    from bertkit.adapter import describe_adapter, is_adapter
     from bertkit.checkpoint import describe_model
 
-    for name, value in describe_model(args.model_dir).items():
+    describe = describe_adapter if is_adapter(args.model_dir) else describe_model
+    for name, value in describe(args.model_dir).items():
         print(f"{name:<16} {value}")
 
 
@@ -119,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("info", help="describe a model folder (size, heads, tokenizer)",
-                       description="Print a model folder's configuration, parameter count, heads and tokenizer.")
-    p.add_argument("model_dir", help="a folder in the Hugging Face layout (config.json + weights) or Google's "
-                   "(bert_config.json + bert_model.ckpt)")
+                       description="Print a model folder's configuration, parameter count, heads and tokenizer; of a "
+                       "peft LoRA adapter folder, its base, rank and adapted layers.")
+    p.add_argument("model_dir", help="a folder in the Hugging Face layout (config.json + weights), Google's "
+                   "(bert_config.json + bert_model.ckpt), or a peft LoRA adapter folder (adapter_config.json)")
     p.set_defaults(func=cmd_info)
 
     vocab = sub.add_parser("vocab", help="WordPiece vocabularies", description="WordPiece vocabulary tools.")

@@ -239,3 +239,30 @@ def test_every_heads_adapter_loads_in_peft_with_the_same_outputs(head, tmp_path)
         if head in ("BertForQuestionAnswering", "BertForTokenClassification"):  # the real tokens' (padding's differ)
             x, y = x[mask.bool()], y[mask.bool()]
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_info_describes_an_adapter_folder(lora_run, capsys):
+    root, _, record = lora_run
+    assert main(["info", str(root / "run" / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "peft LoRA adapter (SEQ_CLS)" in out and f"base model       {root / 'base'}" in out
+    assert ("12 Linear layers (attention.output.dense, attention.self.key, attention.self.query, attention.self.value, "
+            "intermediate.dense, output.dense)") in out
+    assert f"{record['trained_parameters']:,}: 3,584 LoRA, 1,122 in the head (classifier, pooler)" in out
+
+
+def test_adapters_bertkit_cannot_merge_are_refused_by_name(lora_run, tmp_path, capsys):
+    import shutil
+
+    root, _, _ = lora_run
+    for change, error in (({"use_dora": True}, "use_dora True"), ({"peft_type": "IA3"}, "peft_type 'IA3'"),
+                          ({"alpha_pattern": {"query": 4}}, "alpha_pattern {'query': 4}")):
+        shutil.copytree(root / "run" / "adapter", tmp_path / "a", dirs_exist_ok=True)
+        config = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+        (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps(config | change))
+        assert main(["convert", str(tmp_path / "a"), "--out", str(tmp_path / "out"), "--to", "hf"]) == 2
+        assert f"{error}; expected a plain LoRA adapter" in capsys.readouterr().err
+    assert main(["convert", str(root / "base"), "--base", str(root / "base"), "--out", str(tmp_path / "out"),
+                 "--to", "hf"]) == 2
+    assert "has no adapter_config.json; expected --base only for a peft adapter folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
