@@ -424,10 +424,13 @@ class BertSelfAttention(nn.Module):
         return self._fused[1], self._fused[2]
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # (N, H) or (B, T, H)
-        qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv())
-        for i, projection in enumerate((self.query, self.key, self.value)):
-            if isinstance(projection, LoraLinear):  # the frozen weight is in the fused GEMM; its update is added here
-                qkv[..., i * projection.out_features:(i + 1) * projection.out_features] += projection.delta(x)
+        if self.qkv is not None:  # int8: one quantized Linear, query, key and value gone
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, *self.fused_qkv())
+            for i, projection in enumerate((self.query, self.key, self.value)):
+                if isinstance(projection, LoraLinear):  # the frozen weight is in the fused GEMM; the update added here
+                    qkv[..., i * projection.out_features:(i + 1) * projection.out_features] += projection.delta(x)
         dropout_p = self.dropout_p if self.training else 0.0
         if layout.offsets is not None:  # packed rows straight into varlen attention: (N, 3H) -> (N, H)
             N = qkv.shape[0]
