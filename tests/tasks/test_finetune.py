@@ -161,7 +161,7 @@ def test_custom_csv_dataset_with_named_labels(toy_model_dir, tmp_path):
     config = quick(toy_model_dir, tmp_path / "run", task="custom", train_file=str(tmp_path / "train.csv"),
                    eval_file=str(tmp_path / "dev.csv"), text_a="review", label="stars")
     record = finetune(config)
-    assert set(record["best"]) == {"accuracy", "macro_f1"}
+    assert set(record["best"]) == {"accuracy", "macro_f1", "ece", "nll"}
     id2label = json.loads((tmp_path / "run" / "config.json").read_text())["id2label"]
     assert id2label == {"0": "bad", "1": "good", "2": "meh"}
     # per class: the dev file's 2 / 2 / 2 rows, and a confusion matrix whose rows count them
@@ -242,7 +242,7 @@ def test_glue_submission_file_for_test_tsv(toy_model_dir, tmp_path):
     assert all(line.split("\t")[1] in ("0", "1") for line in submission[1:])
     # evaluate and predict write no leaderboard file: they neither read test.tsv (a broken one failed them) nor warn
     (data / "test.tsv").write_text("index\tsentence\n0\tnot bad\textra\n")
-    assert set(evaluate(tmp_path / "run")) == {"accuracy"}
+    assert set(evaluate(tmp_path / "run")) == {"accuracy", "ece", "nll"}
     assert predict(tmp_path / "run", ["a good movie\n"])[0]["label"] in ("0", "1")
     # a test file without GLUE's index column (a labelled one) is numbered by position
     tsv(data / "test.tsv", ("sentence", "label"), *sentences[:3])

@@ -108,12 +108,15 @@ class TextTask:
                 row["labels"] = label
         return rows
 
+    def logits(self, model, tokenizer, examples: Sequence[TextExample], config, device) -> torch.Tensor:
+        rows = encode(examples, tokenizer, config.max_length, with_labels=False)
+        return infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("logits",))["logits"]
+
     def predict(self, model, tokenizer, examples: Sequence[TextExample], config, device) -> np.ndarray:
         """Class indices (or scores for regression) and, for classification, softmax probabilities (N, C);
         multi-label: a 0/1 matrix (N, C), each label's sigmoid at or above config.label_threshold, and the
         sigmoids."""
-        rows = encode(examples, tokenizer, config.max_length, with_labels=False)
-        logits = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("logits",))["logits"]
+        logits = self.logits(model, tokenizer, examples, config, device)
         if self.is_regression:
             return logits[:, 0].numpy(), logits[:, 0].numpy()
         if self.multi_label:
@@ -125,13 +128,15 @@ class TextTask:
         """Metrics on every eval split (extra splits prefixed with their name) and the writer of the outputs: for
         classification, CLASSES_FILE (per class scores and the confusion matrix of the first split; multi-label: per
         label scores)."""
-        from bertkit.tasks.metrics import class_report, compute_metrics  # scipy and sklearn take seconds to import
+        from bertkit.tasks.metrics import calibration_scores, class_report, compute_metrics  # scipy, sklearn: seconds
 
         metrics, report = {}, None
         for i, (split, examples) in enumerate(self.evals.items()):
-            predictions, _ = self.predict(model, tokenizer, examples, config, device)
+            predictions, probabilities = self.predict(model, tokenizer, examples, config, device)
             gold = self.gold(examples)
             scores = compute_metrics(self.metrics, predictions, gold)
+            if self.labels and not self.multi_label:  # how well its probabilities are calibrated: ECE and NLL
+                scores |= calibration_scores(probabilities, gold)
             metrics.update({metric_key(i, split, m): v for m, v in scores.items()})
             if i == 0 and not self.is_regression:
                 report = class_report(self.labels, predictions, gold,

@@ -22,8 +22,9 @@ from bertkit.errors import BertkitError
 from bertkit.tasks.choice import CHOICE_LINE, ChoiceTask, choose, parse_choice
 from bertkit.tasks.classification import (MULTI_LABEL, TextTask, checked_lines, input_lines, is_blank,
                                          is_multi_label, parse_line)
-from bertkit.tasks.finetune import (CONFIG_FILE, SQUAD_TASKS, FinetuneConfig, check_max_length, load_task,
-                                    resolve_device)
+from bertkit.tasks.calibrate import calibrate_folder, check_calibratable
+from bertkit.tasks.finetune import (CONFIG_FILE, NON_TEXT_TASKS, SQUAD_TASKS, FinetuneConfig, check_max_length,
+                                    load_task, resolve_device)
 from bertkit.tasks.inference import check_tokenizer
 from bertkit.tasks.squad import QUESTION_LINE, SquadTask, parse_question
 from bertkit.tasks.tagging import TaggingTask, tag_texts
@@ -108,6 +109,11 @@ class EvaluateConfig:
     threads: int | None = option(None, THREADS_HELP)
     device: str | None = option(None, DEVICE_HELP)
     int8: bool = option(False, INT8_HELP)
+    calibrate: bool = option(False, "a classifier (one label per example): fit a temperature T to the eval data's "
+                             "logits (temperature scaling, Guo et al. 2017) and divide the folder's classifier by it, "
+                             "in place, so that its probabilities match its accuracy (the predicted classes do not "
+                             "change); calibration.json records it. Fit it on labelled data the model did not train "
+                             "on, not on the data you will report")
 
 
 @dataclass
@@ -133,16 +139,25 @@ class PredictConfig:
     int8: bool = option(False, INT8_HELP)
 
 
-def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = False, **overrides) -> dict:
-    """Re-score a fine-tuned model on its task's eval data (or the data given); returns the metrics.
+def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = False, calibrate: bool = False,
+             **overrides) -> dict:
+    """Re-score a fine-tuned model on its task's eval data (or the data given); returns the metrics (a classifier's
+    also its calibration: `ece`, `nll`).
 
     The task, data and lengths default to those of the run that made the folder (its finetune_config.json).
     int8: run the model dynamically quantized on the CPU (`bertkit.quantize.to_int8`).
+    calibrate: fit a temperature on the (first) eval split and fold it into the folder's classifier
+    (`bertkit.tasks.calibrate`); the metrics gain `temperature`, `calibrated_ece` and `calibrated_nll`.
     """
     model_config = BertConfig.load(model_folder(model_dir))
     config = _run_config(model_dir, {"task": task, **overrides})
     if not config.task and not config.eval_file:
         raise BertkitError(f"{model_dir}: no {CONFIG_FILE}; expected --task and the data to score on")
+    if calibrate:
+        check_calibratable(model_dir, int8)
+        if config.task in NON_TEXT_TASKS:
+            raise BertkitError(f"--calibrate on a {config.task} model; expected a classifier (a GLUE task or custom "
+                               "files, one label per example)")
     if out_dir is not None:
         check_output_path(Path(out_dir), "--out", {})
     _check_multi_label(config, model_config, model_dir)
@@ -154,6 +169,10 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
         check_tokenizer(tokenizer, model_config, model_dir)
         model = loaded(data.model_class, model_dir, device, int8, label_order(data, model_config, model_dir))
         metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
+        if calibrate:
+            split, examples = next(iter(data.evals.items()))
+            logits = data.logits(model, tokenizer, examples, config, device)
+            metrics |= calibrate_folder(model_dir, data, logits, data.gold(examples), split)
     if out_dir is not None:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)

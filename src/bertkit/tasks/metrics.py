@@ -71,6 +71,40 @@ def compute_metrics(names: Sequence[str], predictions: Sequence, labels: Sequenc
     return {name: 100.0 * float(known[name](p, y)) for name in names}
 
 
+CALIBRATION_BINS = 15  # Guo et al. 2017's
+
+
+def calibration_scores(probabilities: np.ndarray, gold: Sequence[int], bins: int = CALIBRATION_BINS) -> dict:
+    """How far a classifier's probabilities are from the frequencies they claim: the expected calibration error
+    (Guo et al. 2017: examples put in `bins` equal-width bins of their top class's probability, each bin's |accuracy
+    - mean confidence| weighted by its share of the examples), as a percentage, and the mean negative
+    log-likelihood of the gold classes (nats)."""
+    p, y = np.asarray(probabilities, dtype=np.float64), np.asarray(gold)
+    if p.ndim != 2 or y.shape != (len(p),) or len(p) == 0:
+        raise BertkitError(f"probabilities {p.shape} and labels {y.shape}: expected (N, classes) and (N,), N > 0")
+    confidence, correct = p.max(1), (p.argmax(1) == y).astype(np.float64)
+    # bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 (impossible above 1/classes) in bin 0
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    gap = sum(abs(correct[which == b].sum() - confidence[which == b].sum()) for b in range(bins))
+    nll = -np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None)).mean()
+    return {"ece": 100.0 * float(gap) / len(y), "nll": float(nll)}
+
+
+def fit_temperature(logits: np.ndarray, gold: Sequence[int]) -> float:
+    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) on these examples
+    (Guo et al.'s temperature scaling: one number, so the predicted classes stay the same), between 0.05 and 20."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(gold)
+
+    def nll(log_t: float) -> float:
+        return -log_softmax(z / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean()
+
+    found = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(found.x))
+
+
 def class_report(labels: Sequence[str], predictions: Sequence[int], gold: Sequence[int], title: str,
                  max_matrix: int = 30) -> str:
     """Per class (indices into `labels`): examples, times predicted, precision, recall and F1 in percent, the macro

@@ -359,8 +359,10 @@ def summarize(cells: dict, task: str) -> dict | None:
     # finished, which differs between two runs of one grid
     lr = max(sorted(by_lr, key=float), key=lambda lr: mean_headline(by_lr[lr]))
     runs = by_lr[lr]
+    # the metrics every seed has: a cell recorded before a metric existed (a classifier's ece) lacks it
+    common = [m for m in runs[0] if all(m in r for r in runs)]
     metrics = {m: (float(np.mean([r[m] for r in runs])), float(np.std([r[m] for r in runs], ddof=1)) if len(runs) > 1
-                   else 0.0) for m in runs[0]}
+                   else 0.0) for m in common}
     return {"lr": lr, "seeds": len(runs), "metrics": metrics, "seconds": seconds,
             "lrs": {k: mean_headline(v) for k, v in by_lr.items()}}
 
