@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import softmax
 
 from bertkit.config import BertConfig
 from bertkit.tasks.evaluation import label_names, label_order, loaded
@@ -28,11 +29,6 @@ from bertkit.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("CoLA", "SST-2", "MRPC", "RTE")
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def dev_logits(run: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +49,7 @@ def cross_fitted(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[float]]
     probabilities, temperatures = np.zeros_like(z), []
     for fit, score in (halves, halves[::-1]):
         t = fit_temperature(z[fit], y[fit])
-        probabilities[score] = softmax(z[score] / t)
+        probabilities[score] = softmax(z[score] / t, axis=1)
         temperatures.append(t)
     return probabilities, temperatures
 
@@ -71,7 +67,7 @@ def main() -> None:
         if not (run / "results.md").is_file():
             continue  # a cell still training (metrics.json is written after every epoch, results.md at the end)
         z, y = dev_logits(run)
-        before = calibration_scores(softmax(z), y)
+        before = calibration_scores(softmax(z, axis=1), y)
         probabilities, temperatures = cross_fitted(z, y)
         after = calibration_scores(probabilities, y)
         cells[run.name] = {"examples": len(y), "accuracy": 100 * float((z.argmax(1) == y).mean()),

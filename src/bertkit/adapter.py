@@ -41,7 +41,8 @@ def save_adapter(model, directory: str | Path, base: str, rank: int, alpha: floa
     heads = [k for k in state if k.startswith(model.head_prefixes)]
     tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" in k or k in heads}
     # peft finds modules_to_save by the end of their names: "bert.pooler." is the module "pooler"
-    modules = sorted({p.rstrip(".").rsplit(".", 1)[-1] for p in model.head_prefixes if any(k.startswith(p) for k in heads)})
+    modules = sorted({p.rstrip(".").rsplit(".", 1)[-1] for p in model.head_prefixes
+                      if any(k.startswith(p) for k in heads)})
     config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(type(model).__name__), "base_model_name_or_path": base,
               "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
               "modules_to_save": modules, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
@@ -62,8 +63,8 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (OSError, ValueError) as e:
         raise BertkitError(f"{path}: cannot read it ({e}); expected peft's adapter_config.json") from None
     refused = {"peft_type": config.get("peft_type") != "LORA", "use_dora": bool(config.get("use_dora")),
-               "alpha_pattern": bool(config.get("alpha_pattern")), "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
-               "bias": config.get("bias", "none") != "none"}
+               "alpha_pattern": bool(config.get("alpha_pattern")),
+               "fan_in_fan_out": bool(config.get("fan_in_fan_out")), "bias": config.get("bias", "none") != "none"}
     bad = [f"{k} {config.get(k)!r}" for k, no in refused.items() if no]
     if bad:
         raise BertkitError(f"{path}: {', '.join(bad)}; expected a plain LoRA adapter (peft_type LORA, no DoRA, one "
@@ -89,7 +90,8 @@ def describe_adapter(directory: str | Path) -> dict[str, str]:
         "rank, alpha": f"{config.get('r')}, {config.get('lora_alpha')}" + (" (rsLoRA)" if config.get("use_rslora")
                                                                           else ""),
         "adapted": f"{len(adapted)} Linear layers ({', '.join(ends)})",
-        "parameters": f"{lora + head:,}: {lora:,} LoRA, {head:,} in the head ({', '.join(config.get('modules_to_save') or []) or 'none'})",
+        "parameters": f"{lora + head:,}: {lora:,} LoRA, {head:,} in the head "
+                      f"({', '.join(config.get('modules_to_save') or []) or 'none'})",
         "merged by": f"bertkit convert {directory} --out DIR --to hf",
     }
 
@@ -114,7 +116,7 @@ def merged(directory: str | Path, base: str | None = None):
     task_type = config.get("task_type")
     if task_type not in classes:
         raise BertkitError(f"{directory}/{ADAPTER_CONFIG}: task_type {task_type!r}; expected one of "
-                           f"{', '.join(classes)} (a multiple-choice adapter is merged by fine-tuning's own folder)")
+                           f"{', '.join(classes)} (bertkit's multiple-choice runs hold their merged model beside adapter/)")
     cls = classes[task_type]
     overrides = {}
     if cls in (BertForSequenceClassification, BertForTokenClassification) and "classifier.weight" in state:
@@ -132,7 +134,6 @@ def merged(directory: str | Path, base: str | None = None):
             rank = a.shape[0]
             scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
             own[f"{name}.weight"].add_((b.float() @ a.float() * scale).to(own[f"{name}.weight"].dtype))
-    load_state_dict_into(model, {**{k: v for k, v in own.items() if k not in state}, **state},
-                         source=f"{directory}/{ADAPTER_WEIGHTS}")
+    load_state_dict_into(model, own | state, source=f"{directory}/{ADAPTER_WEIGHTS}")  # the head's, trained
     tokenizer_dir = directory if (Path(directory) / "vocab.txt").is_file() else base_dir
     return model, Tokenizer.from_pretrained(tokenizer_dir)

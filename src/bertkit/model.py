@@ -359,7 +359,7 @@ class LoraLinear(nn.Module):
 
     W and b keep the Linear's parameter names and A and B take peft's (`query.lora_A.weight`), so the state dict
     is transformers' plus the adapter, and its LoRA and head weights prefixed `base_model.model.` are what peft saves
-    as an adapter (`bertkit.checkpoint.save_adapter`). `merged` folds the update into a plain Linear."""
+    as an adapter (`bertkit.adapter.save_adapter`). `merged` folds the update into a plain Linear."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float):
         super().__init__()

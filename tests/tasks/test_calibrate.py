@@ -90,7 +90,8 @@ def test_calibrate_folds_the_temperature_into_the_folder(overconfident):
     assert again["ece"] == pytest.approx(first["calibrated_ece"], abs=1e-3)
     assert again["temperature"] == pytest.approx(1, abs=1e-3)
     record = json.loads((run / CALIBRATION_FILE).read_text())
-    assert len(record["fits"]) == 2 and record["temperature"] == pytest.approx(first["temperature"] * again["temperature"])
+    assert len(record["fits"]) == 2
+    assert record["temperature"] == pytest.approx(first["temperature"] * again["temperature"])
     assert record["fits"][0]["examples"] == 200
     assert record["fits"][0]["before"]["ece"] == pytest.approx(first["ece"], abs=1e-4)  # float64 here, float32 there
     # a plain folder: transformers gives the calibrated probabilities too

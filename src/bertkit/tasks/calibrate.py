@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from scipy.special import softmax
 from safetensors.torch import save_file
 
 from bertkit.checkpoint import WEIGHTS_NAME, atomic_write, atomic_write_text, weight_files
@@ -24,9 +25,9 @@ CALIBRATION_FILE = "calibration.json"
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 
 
-def check_calibratable(model_dir, int8: bool) -> Path:
-    """The folder's model.safetensors, which calibration rewrites, after refusing what cannot be calibrated in place
-    (checked before any data is read)."""
+def check_calibratable(model_dir, int8: bool) -> None:
+    """Refuse what cannot be calibrated in place: calibration rewrites the folder's one model.safetensors (checked
+    before any data is read)."""
     folder = Path(model_dir)
     if int8:
         raise BertkitError("--calibrate with --int8; expected the float model: the temperature is fitted to its "
@@ -38,7 +39,6 @@ def check_calibratable(model_dir, int8: bool) -> Path:
     if [p.name for p in files] != [WEIGHTS_NAME]:
         raise BertkitError(f"{folder}: weights in {', '.join(p.name for p in files)}; expected one {WEIGHTS_NAME} to "
                            f"rewrite (`bertkit convert {folder} --out DIR --to hf` writes one)")
-    return files[0]
 
 
 def calibrate_folder(model_dir, task, logits: torch.Tensor, gold, split: str) -> dict:
@@ -53,8 +53,8 @@ def calibrate_folder(model_dir, task, logits: torch.Tensor, gold, split: str) ->
     path = Path(model_dir) / WEIGHTS_NAME
     z = logits.double().numpy()
     temperature = fit_temperature(z, gold)
-    before = calibration_scores(_softmax(z), gold)
-    after = calibration_scores(_softmax(z / temperature), gold)
+    before = calibration_scores(softmax(z, axis=1), gold)
+    after = calibration_scores(softmax(z / temperature, axis=1), gold)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -72,8 +72,3 @@ def calibrate_folder(model_dir, task, logits: torch.Tensor, gold, split: str) ->
     atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     return {"temperature": temperature, "calibrated_ece": after["ece"], "calibrated_nll": after["nll"]}
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
