@@ -118,3 +118,12 @@ def test_what_cannot_be_calibrated_is_refused_before_anything_is_written(overcon
                                                                 "multi-label")):
         with pytest.raises(BertkitError, match=f"--calibrate on a {kind} model"):
             calibrate_folder(run, task, torch.zeros(2, 2), [0, 1], "dev")
+
+
+def test_calibrating_runs_the_model_over_the_data_once(overconfident, monkeypatch):
+    run, held = overconfident
+    calls = []
+    original = TextTask.logits
+    monkeypatch.setattr(TextTask, "logits", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    evaluate(run, eval_file=held, calibrate=True, threads=1, device="cpu")
+    assert len(calls) == 1  # the scoring pass's logits are the ones the temperature is fitted to

@@ -116,7 +116,10 @@ class TextTask:
         """Class indices (or scores for regression) and, for classification, softmax probabilities (N, C);
         multi-label: a 0/1 matrix (N, C), each label's sigmoid at or above config.label_threshold, and the
         sigmoids."""
-        logits = self.logits(model, tokenizer, examples, config, device)
+        return self.decide(self.logits(model, tokenizer, examples, config, device), config)
+
+    def decide(self, logits: torch.Tensor, config):
+        """`predict`'s answer from the model's logits."""
         if self.is_regression:
             return logits[:, 0].numpy(), logits[:, 0].numpy()
         if self.multi_label:
@@ -124,15 +127,18 @@ class TextTask:
             return (probabilities >= config.label_threshold).astype(np.int64), probabilities
         return logits.argmax(-1).numpy(), torch.softmax(logits, -1).numpy()
 
-    def evaluate(self, model, tokenizer, config, device):
+    def evaluate(self, model, tokenizer, config, device, logits_out: dict | None = None):
         """Metrics on every eval split (extra splits prefixed with their name) and the writer of the outputs: for
         classification, CLASSES_FILE (per class scores and the confusion matrix of the first split; multi-label: per
-        label scores)."""
+        label scores). `logits_out`, when given, receives each split's logits (what `evaluate --calibrate` fits)."""
         from bertkit.tasks.metrics import calibration_scores, class_report, compute_metrics  # scipy, sklearn: seconds
 
         metrics, report = {}, None
         for i, (split, examples) in enumerate(self.evals.items()):
-            predictions, probabilities = self.predict(model, tokenizer, examples, config, device)
+            logits = self.logits(model, tokenizer, examples, config, device)
+            if logits_out is not None:
+                logits_out[split] = logits
+            predictions, probabilities = self.decide(logits, config)
             gold = self.gold(examples)
             scores = compute_metrics(self.metrics, predictions, gold)
             if self.labels and not self.multi_label:  # how well its probabilities are calibrated: ECE and NLL

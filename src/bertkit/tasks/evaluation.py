@@ -168,11 +168,13 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
         tokenizer = Tokenizer.from_pretrained(model_dir)
         check_tokenizer(tokenizer, model_config, model_dir)
         model = loaded(data.model_class, model_dir, device, int8, label_order(data, model_config, model_dir))
-        metrics, write_outputs = data.evaluate(model, tokenizer, config, device)
+        # calibrating (a TextTask), the scoring pass hands back the logits: the data is run through once
+        logits: dict = {}
+        extra = {"logits_out": logits} if calibrate else {}
+        metrics, write_outputs = data.evaluate(model, tokenizer, config, device, **extra)
         if calibrate:
             split, examples = next(iter(data.evals.items()))
-            logits = data.logits(model, tokenizer, examples, config, device)
-            metrics |= calibrate_folder(model_dir, data, logits, data.gold(examples), split)
+            metrics |= calibrate_folder(model_dir, data, logits[split], data.gold(examples), split)
     if out_dir is not None:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
