@@ -7,7 +7,8 @@ from bertkit.errors import BertkitError
 if TYPE_CHECKING:  # what editors and type checkers see; at run time each loads when first used (below)
     from bertkit.config import BertConfig
     from bertkit.model import (BertForMaskedLM, BertForMultipleChoice, BertForPreTraining, BertForQuestionAnswering,
-                               BertForSequenceClassification, BertForTokenClassification, BertModel, ModelOutput)
+                               BertForSentenceEmbedding, BertForSequenceClassification, BertForTokenClassification,
+                               BertModel, ModelOutput)
     from bertkit.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 # started showed a traceback from inside torch's import; a Python user who needs neither does not wait for them.
 _LAZY = {"BertConfig": "bertkit.config", "Tokenizer": "bertkit.tokenizer",
          **dict.fromkeys(["BertForMaskedLM", "BertForMultipleChoice", "BertForPreTraining", "BertForQuestionAnswering",
-                          "BertForSequenceClassification", "BertForTokenClassification", "BertModel", "ModelOutput"],
+                          "BertForSentenceEmbedding", "BertForSequenceClassification", "BertForTokenClassification",
+                          "BertModel", "ModelOutput"],
                          "bertkit.model")}
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "BertForQuestionAnswering",
     "BertForTokenClassification",
     "BertForMultipleChoice",
+    "BertForSentenceEmbedding",
     "ModelOutput",
     "Tokenizer",
 ]

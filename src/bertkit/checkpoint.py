@@ -625,7 +625,7 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     check_not_int8(model)
     directory = save_folder(directory)
     config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
+    config["architectures"] = [getattr(model, "saved_architecture", type(model).__name__)]
     if isinstance(model, BertForQuestionAnswering):
         # transformers sizes qa_outputs by num_labels: a start and an end logit, whatever the labels of the folder the
         # model was started from (a 3-label MNLI classifier, a regression) said
@@ -643,6 +643,28 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory, model_max_length=model.config.max_position_embeddings)
+
+
+# sentence-transformers' files for a folder whose model it reads as mean-pooled vectors (`BertForSentenceEmbedding`),
+# in the layout every version of it reads (all-MiniLM-L6-v2's on the Hub)
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling")
+
+
+def save_sentence_transformers_files(directory, hidden_size: int, max_length: int) -> None:
+    """modules.json (the encoder, then mean pooling), sentence_bert_config.json (texts cut at `max_length` tokens)
+    and 1_Pooling/config.json, so that `SentenceTransformer(directory)` gives the vectors bertkit gives."""
+    directory = Path(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False}
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    for path, value in ((directory / "modules.json", modules),
+                        (directory / "sentence_bert_config.json", {"max_seq_length": max_length,
+                                                                   "do_lower_case": False}),
+                        (directory / "1_Pooling" / "config.json", pooling)):
+        atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class ModelOutput:
     start_logits: torch.Tensor | None = None  # (B, T)
     end_logits: torch.Tensor | None = None  # (B, T)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # (B, T, H) of the embeddings and of each block's output
+    embeddings: torch.Tensor | None = None  # a sentence-embedding model's vectors: (B, H), or (B, K, H) unit ones
 
     def __getitem__(self, name: str):
         return getattr(self, name)
@@ -973,6 +974,80 @@ class BertForMultipleChoice(BertPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits)
 
 
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H), (B, T) -> (B, H): the mean over each row's real tokens, [CLS] and [SEP] included (sentence-
+    transformers' mean pooling)."""
+    mask = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def in_batch_negatives_loss(queries: torch.Tensor, candidates: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, D) queries, (B, K, D) candidates, unit vectors, each query's own positive first: cross-entropy over
+    `scale` x the cosine of each query with every candidate of the batch (the other queries' positives and every
+    hard negative are its negatives): SimCSE's loss, and sentence-transformers' MultipleNegativesRankingLoss."""
+    scores = scale * queries @ candidates.transpose(0, 1).reshape(-1, queries.shape[-1]).T  # positives first
+    return F.cross_entropy(scores, torch.arange(len(queries), device=queries.device))
+
+
+def cosent_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """CoSENT (Su 2022; sentence-transformers' CoSENTLoss) on (B, D) unit vectors and (B,) gold similarities: for
+    every two pairs where i's gold score is below j's, the loss wants i's cosine below j's:
+    log(1 + sum over such i, j of exp(scale (cos_i - cos_j)))."""
+    cosine = scale * (a * b).sum(-1)
+    below = labels[:, None] < labels[None, :]  # i's gold below j's
+    differences = (cosine[:, None] - cosine[None, :])[below]
+    return torch.logsumexp(torch.cat([differences.new_zeros(1), differences]), 0)
+
+
+class BertForSentenceEmbedding(BertModel):
+    """sentence-transformers' bi-encoder: a text's vector is the mean of the encoder's last layer over its tokens,
+    two texts are as similar as the cosine of their vectors. No head: the folder it saves is a plain encoder
+    (architectures BertModel, as all-MiniLM-L6-v2's), with sentence-transformers' module files beside it. The pooler
+    is carried along frozen and unused, so that the folder holds every weight transformers' BertModel reads.
+
+    Trained on (B, K, T) inputs, K texts per example, each encoded alone: with `labels` (a gold similarity per
+    pair, K = 2) by CoSENT; without, by in-batch negatives: text 0 is the query, text 1 its positive, any further
+    texts hard negatives (the same text twice is SimCSE: two dropout masks are the two views). (B, T) inputs give
+    the vectors, `embeddings`."""
+
+    trained_prefixes = ()  # under LoRA, no head trains: the pooler stays frozen
+    saved_architecture = "BertModel"
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.pooler.requires_grad_(False)
+        self.scale = 20.0  # the cosines' multiplier in the losses (SimCSE's temperature 0.05)
+
+    def embed(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden, layout = self.encode(input_ids, token_type_ids, attention_mask, position_ids)
+        return mean_pool(layout.pad(hidden), attention_mask)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None, labels=None):
+        if input_ids.ndim == 2:
+            return ModelOutput(embeddings=self.embed(input_ids, token_type_ids, attention_mask, position_ids))
+        B, K, T = input_ids.shape
+
+        def flat(x):  # (B, K, T) -> (B * K, T), as multiple choice's
+            return None if x is None else x.reshape(-1, T)
+
+        vectors = self.embed(flat(input_ids), flat(token_type_ids), flat(attention_mask), flat(position_ids))
+        vectors = F.normalize(vectors.float(), dim=-1).view(B, K, -1)
+        if labels is not None:
+            loss = cosent_loss(vectors[:, 0], vectors[:, 1], labels.float(), self.scale)
+        else:
+            loss = in_batch_negatives_loss(vectors[:, 0], vectors[:, 1:], self.scale)
+        return ModelOutput(loss=loss, embeddings=vectors)
+
+    def save_pretrained(self, directory, tokenizer=None) -> None:
+        """The encoder's folder, and sentence-transformers' files that read it as this model does."""
+        from bertkit.checkpoint import save_sentence_transformers_files
+
+        super().save_pretrained(directory, tokenizer)
+        save_sentence_transformers_files(directory, self.config.hidden_size, self.config.max_position_embeddings)
+
 MODEL_CLASSES = {
     cls.__name__: cls
     for cls in (
@@ -983,6 +1058,7 @@ MODEL_CLASSES = {
         BertForQuestionAnswering,
         BertForTokenClassification,
         BertForMultipleChoice,
+        BertForSentenceEmbedding,
     )
 }
 
@@ -1047,7 +1123,7 @@ def add_lora(model: BertPreTrainedModel, rank: int, alpha: float, targets: tuple
             setattr(model.get_submodule(parent), child, LoraLinear(module, rank, alpha))
             adapted.append(name)
     for name, p in model.named_parameters():
-        if ".lora_" in name or name.startswith(model.head_prefixes):
+        if ".lora_" in name or name.startswith(getattr(model, "trained_prefixes", model.head_prefixes)):
             p.requires_grad_(True)
     return adapted
 
@@ -1092,6 +1168,7 @@ __all__ = [
     "BertForQuestionAnswering",
     "BertForTokenClassification",
     "BertForMultipleChoice",
+    "BertForSentenceEmbedding",
     "MODEL_CLASSES",
     "compile_blocks",
     "set_dropout",

@@ -87,6 +87,7 @@ def embed_rows(model, rows: list[dict], layers: Sequence[int], pool: str = "mean
     """One float32 CPU tensor per row ({"input_ids", "token_type_ids"}, unpadded): (D,) pooled, or (T, D) for
     pool="tokens"; `layers` index the L + 1 outputs, embeddings first. The model is a BertModel."""
     from bertkit.data.batching import collate, sorted_batches
+    from bertkit.model import mean_pool
     from bertkit.tasks.inference import to_device
 
     model.eval()
@@ -101,7 +102,7 @@ def embed_rows(model, rows: list[dict], layers: Sequence[int], pool: str = "mean
         chosen = [layout.pad(states[i]).float() for i in layers]  # (B, T, H) each, zeros at padding
         hidden = torch.cat(chosen, -1) if combine == "concat" else torch.stack(chosen).sum(0)
         if pool == "mean":
-            vectors = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            vectors = mean_pool(hidden, mask)
         elif pool == "cls":
             vectors = model.summary(hidden, mask)  # [CLS]; a left-to-right model's last token
         else:

@@ -26,6 +26,7 @@ from bertkit.tasks.calibrate import calibrate_folder, check_calibratable
 from bertkit.tasks.finetune import (CONFIG_FILE, NON_TEXT_TASKS, SQUAD_TASKS, FinetuneConfig, check_max_length,
                                     load_task, resolve_device)
 from bertkit.tasks.inference import check_tokenizer
+from bertkit.tasks.similarity import SimilarityTask
 from bertkit.tasks.squad import QUESTION_LINE, SquadTask, parse_question
 from bertkit.tasks.tagging import TaggingTask, tag_texts
 from bertkit.tokenizer import Tokenizer
@@ -205,6 +206,8 @@ def _architecture_source(model_dir, model_config: BertConfig) -> str:
 
 def check_head(task, model_config, model_dir) -> None:
     """Raise when the folder's model cannot do the task (wrong head or number of labels)."""
+    if isinstance(task, SimilarityTask):  # any encoder gives vectors to score (as `bertkit embed` reads any folder)
+        return
     architectures = _architectures(model_dir, model_config)
     if task.model_class.__name__ not in architectures:
         raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected "
@@ -271,7 +274,8 @@ def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = Fals
     if kind == "classification" and "BertForSequenceClassification" not in architectures:
         raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
                            "fine-tuned BertForSequenceClassification, BertForQuestionAnswering, "
-                           "BertForTokenClassification or BertForMultipleChoice")
+                           "BertForTokenClassification or BertForMultipleChoice (an encoder's vectors: `bertkit "
+                           "embed`)")
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         tokenizer = Tokenizer.from_pretrained(model_dir)

@@ -42,6 +42,7 @@ from bertkit.checkpoint import (
     prune_checkpoints,
     read_state_dict,
     rng_state,
+    SENTENCE_TRANSFORMERS_FILES,
     save_checkpoint,
     set_rng_state,
     usable_checkpoint,
@@ -57,6 +58,7 @@ from bertkit.tasks.choice import ChoiceTask, load_choice_task
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
 from bertkit.tasks.distill import check_distillation, distillation_forward, distillation_rows
 from bertkit.tasks.inference import check_segments, check_tokenizer
+from bertkit.tasks.similarity import EMBEDDING_TASK, SimilarityTask, load_similarity_task
 from bertkit.tasks.squad import SquadTask, load_squad_task
 from bertkit.tasks.tagging import PREDICTIONS_FILE, TAGS_FILE, TaggingTask, load_tagging_task
 from bertkit.tokenizer import Tokenizer
@@ -76,14 +78,14 @@ CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
 TAGGING_TASK = "ner"
 CHOICE_TASK = "swag"
-NON_TEXT_TASKS = (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK)  # the tasks that are not TextTask's (GLUE, custom)
+NON_TEXT_TASKS = (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK, EMBEDDING_TASK)  # the tasks that are not TextTask's (GLUE, custom)
 EVAL_DATA_FILE = "eval_data.json"
 ADAPTER_DIR = "adapter"  # --lora-rank: the LoRA update and the head alone, in peft's layout
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
 WRITTEN = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", CONFIG_FILE, "metrics.json", "results.md", "train.csv", "eval.csv",
            "predictions.json", "predictions_spans.json", "null_odds.json", EVAL_DATA_FILE, CLASSES_FILE, TAGS_FILE,
-           PREDICTIONS_FILE, ADAPTER_DIR, "checkpoints")
+           PREDICTIONS_FILE, ADAPTER_DIR, *SENTENCE_TRANSFORMERS_FILES, "checkpoints")
 RECORDS = ("metrics.json", "results.md", "train.csv", "eval.csv", "checkpoints")
 KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest is found damaged
 # Fields that change how a run goes, not what it computes: a run resumed or redone may change them
@@ -105,8 +107,9 @@ class FinetuneConfig:
                           "'+ BiLSTM' row of Table 5; saved in config.json, so evaluate and predict use it too)")
     task: str = option("", "a GLUE task (SST-2, MRPC, STS-B, MNLI, ...), squad1, squad2, ner (tagging every word: "
                        "named entities, chunks or parts of speech, from CoNLL files), swag (multiple choice: the "
-                       "continuation of a sentence among several, from SWAG's .csv files), or custom for your own "
-                       "files")
+                       "continuation of a sentence among several, from SWAG's .csv files), embedding (sentence "
+                       "vectors, sentence-transformers' bi-encoder, trained on pairs: scored pairs by CoSENT, pairs by "
+                       "in-batch negatives, single texts by SimCSE), or custom for your own files")
     out_dir: str = option("runs/finetune", "run folder: the best checkpoint, metrics.json, results.md (a new or "
                           "empty folder, or this same run's; never --model-dir or a folder inside it)")
     data_dir: str | None = option(None, "the task's data folder (GLUE: train.tsv, dev.tsv, test.tsv; MRPC may hold "
@@ -120,7 +123,10 @@ class FinetuneConfig:
     test_file: str | None = option(None, "GLUE test file for --predict, instead of the one in --data-dir")
     text_a: str = option("sentence", "custom files: the column of the (first) text")
     text_b: str | None = option(None, "custom files: the column of the second text of a pair")
-    label: str = option("label", "custom files: the label column")
+    text_neg: str | None = option(None, "embedding: the column of a hard negative for each pair (a text less like "
+                                  "--text-a's than --text-b's is)")
+    label: str = option("label", "custom files: the label column (embedding: a pair's gold similarity, where the "
+                        "file has the column)")
     regression: bool = option(False, "custom files: the label is a number to regress (one output, MSE)")
     multi_label: bool = option(False, "custom files: each example has any number of the labels (none too), named in "
                                "its label field separated by --label-sep (a .jsonl may hold a list); a sigmoid and "
@@ -185,6 +191,8 @@ class FinetuneConfig:
                                    "evaluate-v2.0.py, whose --na-prob-thresh is exp(this); run it on the run folder "
                                    f"as: evaluate-v2.0.py DEV predictions_spans.json --na-prob-file null_odds.json "
                                    f"(DEV: {EVAL_DATA_FILE} under --train-articles)")
+    embedding_scale: float = option(20.0, "embedding: the cosines are multiplied by this in the loss (SimCSE's "
+                                    "temperature 0.05 is 20)")
     seed: int = option(42, "seed for the head's initialisation, dropout and the batch order")
     eval_batch_size: int = option(128, "evaluation batch size")
     limit_train_examples: int | None = option(None, "train on the first N examples only (for quick runs)")
@@ -279,9 +287,29 @@ class FinetuneConfig:
         if self.label_all_tokens and self.task != TAGGING_TASK:
             raise BertkitError(f"--label-all-tokens with --task {self.task or 'custom'}; expected --task "
                                f"{TAGGING_TASK} (tags of words)")
+        self.check_embedding()
         if self.overwrite and self.resume:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")
+
+    def check_embedding(self) -> None:
+        if self.task != EMBEDDING_TASK:
+            for flag, value, default in (("--text-neg", self.text_neg, None),
+                                         ("--embedding-scale", self.embedding_scale, 20.0)):
+                if value != default:
+                    raise BertkitError(f"{flag} {value} with --task {self.task or 'custom'}; expected --task "
+                                       f"{EMBEDDING_TASK} (sentence vectors trained on pairs)")
+            return
+        if not (math.isfinite(self.embedding_scale) and self.embedding_scale > 0):
+            raise BertkitError(f"--embedding-scale is {self.embedding_scale}; expected a number above 0 (20 in "
+                               "SimCSE and sentence-transformers)")
+        if self.text_neg and not self.text_b:
+            raise BertkitError(f"--text-neg {self.text_neg} without --text-b; expected the column of each text's "
+                               "positive (--text-b) beside its hard negative")
+        for flag, on in (("--bilstm", self.bilstm), ("--regression", self.regression)):
+            if on:
+                raise BertkitError(f"{flag} with --task {EMBEDDING_TASK}; expected it without (the vectors are the "
+                                   "encoder's, trained by the pairs' cosines; gold similarities come from --label)")
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
@@ -340,7 +368,7 @@ def check_max_length(config: FinetuneConfig, positions: int) -> None:
 
 
 def load_task(config: FinetuneConfig, need_train: bool = True,
-              labels=None) -> TextTask | SquadTask | TaggingTask | ChoiceTask:
+              labels=None) -> TextTask | SquadTask | TaggingTask | ChoiceTask | SimilarityTask:
     """The task's data, read as the config names it."""
     if config.task in SQUAD_TASKS:
         return load_squad_task(config, need_train)
@@ -348,6 +376,8 @@ def load_task(config: FinetuneConfig, need_train: bool = True,
         return load_choice_task(config, need_train)
     if config.task == TAGGING_TASK:
         return load_tagging_task(config, need_train, labels)
+    if config.task == EMBEDDING_TASK:
+        return load_similarity_task(config, need_train)
     return load_text_task(config, need_train, labels)
 
 
@@ -651,6 +681,10 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
         model.pos_weight = task.balanced_pos_weight().to(device)
     if config.class_weight == "balanced":
         model.class_weight = task.balanced_class_weight().to(device)
+    if isinstance(task, SimilarityTask):  # what trains it depends on the data: said before it starts
+        model.scale = config.embedding_scale
+        if d.is_main:
+            print(task.describe())
     if config.compile:
         compile_blocks(model, config.compile_mode)
     rows = task.train_rows(tokenizer, config)
