@@ -195,9 +195,10 @@ def pad_batch(encoded: list[dict], tok) -> dict:
 # Models: the same weights on both sides
 
 
-def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
+def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig, peer=None):
     """Both sides on the same weights; in a memory probe (bench.only set) just the probed side, so that its process holds
-    one model and its peak memory is its own."""
+    one model and its peak memory is its own. peer: how the other side loads bertkit's saved folder (default:
+    transformers' class of the same name, its SDPA attention)."""
     import gc
 
     import transformers
@@ -207,7 +208,7 @@ def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
     models = {}
     with tempfile.TemporaryDirectory() as d:
         if bench.only != "bertkit":
-            ours.save_pretrained(d)
+            ours.save_pretrained(d, tokenizer=tokenizer() if peer else None)
         if bench.only == "transformers":
             del ours
             gc.collect()
@@ -221,7 +222,9 @@ def twin_models(bench: Bench, cls_name: str, config: bertkit.BertConfig):
             if bench.compile:
                 compile_blocks(ours, bench.compile)
             models["bertkit"] = ours
-        if bench.only != "bertkit":
+        if bench.only != "bertkit" and peer is not None:
+            models["transformers"] = peer(d).to(bench.device)
+        elif bench.only != "bertkit":
             theirs = getattr(transformers, cls_name).from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
             if bench.activation_checkpointing:  # its older name where a transformers lacks the new one
                 getattr(theirs, "activation_checkpointing_enable", theirs.gradient_checkpointing_enable)()
@@ -347,6 +350,55 @@ def case_finetune_sst2(bench: Bench, preset: str, batch_size: int, n_examples: i
     return case
 
 
+def case_finetune_embedding(bench: Bench, preset: str, batch_size: int, n_pairs: int) -> Case:
+    """An epoch of CoSENT over STS-B training pairs (`finetune --task embedding`): bertkit's BertForSentenceEmbedding
+    against sentence-transformers' model (loaded from bertkit's folder: the same weights) and its CoSENTLoss, on the
+    same length-grouped batches of pairs, each side padding its own way; per real token of both texts."""
+    from bertkit.data.batching import collate, length_grouped_batches
+    from bertkit.data.glue import read_glue
+
+    def sentence_transformer(folder):
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(folder, device="cpu")
+
+    tok = tokenizer()
+    config = config_for(preset)
+    models = twin_models(bench, "BertForSentenceEmbedding", config, peer=sentence_transformer)
+    pairs = read_glue("STS-B", data_dir() / "glue" / "STS-B", "train")[:n_pairs]
+    ids = [[tok.encode(text, max_length=128)["input_ids"] for text in (e.text_a, e.text_b)] for e in pairs]
+    order = length_grouped_batches([max(map(len, row)) for row in ids], batch_size, seed=0)
+    case = Case(f"finetune-embedding-{preset}", f"STS-B CoSENT epoch over {n_pairs} pairs, {preset}, batch "
+                f"{batch_size} pairs, both sides on the same length-grouped batches", config,
+                attention_length(len(t) for row in ids for t in row), True, models=models)
+    from bertkit.train.optim import build_optimizer
+
+    for side, model in models.items():
+        model.train()
+        opt = build_optimizer(model, "adamw", 2e-5, 0.01)
+        units = []
+        for batch in order:
+            labels = torch.tensor([pairs[i].label for i in batch])
+            if side == "bertkit":
+                b = collate([{"input_ids": ids[i], "token_type_ids": [[0] * len(t) for t in ids[i]]} for i in batch],
+                            tok.pad_id)
+                b = bench.on_device(b | {"labels": labels})
+                call = lambda m, b: m(**b).loss  # noqa: E731
+            else:
+                from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+                loss = CoSENTLoss(model)
+                b = [bench.on_device(pad_batch([{"input_ids": ids[i][k], "token_type_ids": [0] * len(ids[i][k]),
+                                                 "attention_mask": [1] * len(ids[i][k])} for i in batch], tok))
+                     for k in (0, 1)]
+                b = {"features": b, "labels": labels.to(bench.device)}
+                call = lambda m, b, loss=loss: loss(b["features"], b["labels"])  # noqa: E731
+            tokens = sum(len(ids[i][k]) for i in batch for k in (0, 1))
+            units.append((lambda b=b, m=model, o=opt, c=call: _train_step(bench, m, o, b, c), tokens))
+        case.units[side] = units
+    return case
+
+
 def case_squad(bench: Bench, preset: str, batch_size: int, n_batches: int) -> Case:
     """SQuAD windows of up to 384 tokens (doc stride 128); both sides padded to the longest window in the batch."""
     from bertkit.data.squad import featurize, read_squad
@@ -446,6 +498,7 @@ CASES = {  # name -> (bench, args) -> Case
     "finetune-sst2": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches),
     "finetune-sst2-grouped": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, like_for_like=True),
     "finetune-sst2-lora": lambda b, a: case_finetune_sst2(b, a.preset, 32, 32 * a.batches, lora=True),
+    "finetune-embedding": lambda b, a: case_finetune_embedding(b, a.preset, 16, 16 * a.batches),
     "finetune-squad": lambda b, a: case_squad(b, a.preset, 32 if b.gpu else 4, a.batches),
     "inference-b32": lambda b, a: case_inference(b, a.preset, 32, a.batches),
     "inference-b1": lambda b, a: case_inference(b, a.preset, 1, 8 * a.batches),
@@ -453,7 +506,7 @@ CASES = {  # name -> (bench, args) -> Case
 }
 SUITES = {
     "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-sst2-lora",
-            "finetune-squad", "inference-b32", "inference-b1", "prepare"],
+            "finetune-embedding", "finetune-squad", "inference-b32", "inference-b1", "prepare"],
     "gpu": [c for c in CASES if c != "prepare"],
     # issue 14's GPU targets: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at 384, inference at 1 and 32
     "gpu-targets": ["pretrain-base", "pretrain-base-512", "pretrain-large", "finetune-squad", "inference-b32",

@@ -399,3 +399,25 @@ def test_the_lora_case_trains_the_same_parameters_on_both_sides():
     assert [n for _, n in case.units["bertkit"]] == [n for _, n in case.units["transformers"]]  # the same tokens
     for side in case.units:
         case.units[side][0][0]()  # an epoch runs
+
+
+def test_the_embedding_case_gives_both_sides_the_same_loss_on_the_same_pairs():
+    """finetune-embedding: sentence-transformers loads bertkit's folder (the same weights) and its CoSENTLoss on the
+    first batch equals bertkit's; both sides count the same tokens, and a step runs on each."""
+    pytest.importorskip("sentence_transformers")
+    import run
+
+    data_path("glue", "STS-B")
+    case = run.case_finetune_embedding(run.Bench(), "tiny", 8, 16)
+    assert [n for _, n in case.units["bertkit"]] == [n for _, n in case.units["transformers"]]
+    losses = {}
+    for side, model in case.models.items():
+        model.eval()  # no dropout: the same function
+        step = case.units[side][0][0]
+        batch = step.__defaults__[0]  # the unit's batch, bound in its lambda
+        call = step.__defaults__[3]
+        with torch.no_grad():
+            losses[side] = call(model, batch).item()
+    assert losses["bertkit"] == pytest.approx(losses["transformers"], rel=1e-5)
+    for side in case.units:
+        case.units[side][0][0]()

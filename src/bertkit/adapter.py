@@ -38,12 +38,12 @@ def save_adapter(model, directory: str | Path, base: str, rank: int, alpha: floa
     """The LoRA matrices and the trained head of `model` (after `bertkit.model.add_lora`) as a peft adapter of
     `base` (the model folder or Hub id it was started from)."""
     state = model.state_dict()
-    heads = [k for k in state if k.startswith(model.head_prefixes)]
+    heads = [k for k in state if k.startswith(model.trained_prefixes)]
     tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" in k or k in heads}
     # peft finds modules_to_save by the end of their names: "bert.pooler." is the module "pooler"
-    modules = sorted({p.rstrip(".").rsplit(".", 1)[-1] for p in model.head_prefixes
+    modules = sorted({p.rstrip(".").rsplit(".", 1)[-1] for p in model.trained_prefixes
                       if any(k.startswith(p) for k in heads)})
-    config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(type(model).__name__), "base_model_name_or_path": base,
+    config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(model.saved_architecture), "base_model_name_or_path": base,
               "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
               "modules_to_save": modules, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
               "use_rslora": False, "use_dora": False, "inference_mode": True}

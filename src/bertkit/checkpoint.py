@@ -625,7 +625,7 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     check_not_int8(model)
     directory = save_folder(directory)
     config = model.config.to_dict()
-    config["architectures"] = [getattr(model, "saved_architecture", type(model).__name__)]
+    config["architectures"] = [model.saved_architecture]
     if isinstance(model, BertForQuestionAnswering):
         # transformers sizes qa_outputs by num_labels: a start and an end logit, whatever the labels of the folder the
         # model was started from (a 3-label MNLI classifier, a regression) said

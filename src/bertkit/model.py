@@ -536,6 +536,16 @@ class BertPreTrainedModel(nn.Module):
     # heads a fine-tuning model adds on top of a pretrained encoder: reported as newly initialised, not an error
     head_prefixes: tuple[str, ...] = ()
 
+    @property
+    def trained_prefixes(self) -> tuple[str, ...]:
+        """The heads that train beside the LoRA matrices (`add_lora`): all of them, where a model has heads."""
+        return self.head_prefixes
+
+    @property
+    def saved_architecture(self) -> str:
+        """The class config.json's `architectures` names: the one transformers builds for this model."""
+        return type(self).__name__
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
@@ -1107,7 +1117,7 @@ LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate
 
 def add_lora(model: BertPreTrainedModel, rank: int, alpha: float, targets: tuple[str, ...]) -> list[str]:
     """LoRA in place: each encoder-block Linear whose name ends in one of `targets` becomes a LoraLinear, and only
-    the LoRA matrices and the task head (the model's `head_prefixes`: classifier, qa_outputs, a BiLSTM, the pooler a
+    the LoRA matrices and the task head (the model's `trained_prefixes`: classifier, qa_outputs, a BiLSTM, the pooler a
     classifier reads) keep training; the embeddings, the blocks' weights and LayerNorms are frozen. Returns the
     adapted modules' names."""
     unknown = [t for t in targets if t not in LORA_TARGETS]
@@ -1123,7 +1133,7 @@ def add_lora(model: BertPreTrainedModel, rank: int, alpha: float, targets: tuple
             setattr(model.get_submodule(parent), child, LoraLinear(module, rank, alpha))
             adapted.append(name)
     for name, p in model.named_parameters():
-        if ".lora_" in name or name.startswith(getattr(model, "trained_prefixes", model.head_prefixes)):
+        if ".lora_" in name or name.startswith(model.trained_prefixes):
             p.requires_grad_(True)
     return adapted
 

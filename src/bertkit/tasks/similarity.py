@@ -53,15 +53,17 @@ def objective(examples: list[PairExample]) -> str:
     return "pairs" + (" with hard negatives" if examples[0].negative is not None else "") + ": in-batch negatives"
 
 
-def read_pairs(path: str | Path, config) -> list[PairExample]:
+def read_pairs(path: str | Path, config, training: bool = True) -> list[PairExample]:
     """A training or eval file: .txt lines (text, or text<TAB>pair), or a .csv/.tsv/.jsonl file whose --text-a
-    column (and --text-b, --text-neg, when named) holds the texts and whose --label column, where the file has one,
-    the gold similarity."""
+    column (and --text-b, --text-neg, when named: an eval file's negatives where it has them) holds the texts and
+    whose --label column, where the file has one, the gold similarity."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         return _read_lines(path)
-    columns = [c for c in (config.text_a, config.text_b, config.text_neg) if c]
-    records = read_records(path, columns)
+    records = read_records(path, [c for c in (config.text_a, config.text_b, config.text_neg if training else None)
+                                  if c])
+    negative = config.text_neg if training or any(config.text_neg in record for _, record in records) else None
+    columns = [c for c in (config.text_a, config.text_b, negative) if c]
     scored = any(config.label in record for _, record in records)
     if scored and not config.text_b:
         raise BertkitError(f"{path}: a {config.label!r} column without --text-b; expected the column of the second "
@@ -76,7 +78,7 @@ def read_pairs(path: str | Path, config) -> list[PairExample]:
             return text_field(record[column], path, line, column) if column else None
 
         score = _float_label(str(record[config.label]), path, line) if scored else None
-        examples.append(PairExample(text(config.text_a), text(config.text_b), text(config.text_neg), score, line))
+        examples.append(PairExample(text(config.text_a), text(config.text_b), text(negative), score, line))
     return _with_text(examples, path)
 
 
@@ -215,7 +217,7 @@ def load_similarity_task(config, need_train: bool = True) -> SimilarityTask:
 
     def split(given: str | None, name: str) -> list[PairExample] | None:
         if given:
-            return read_pairs(given, config)
+            return read_pairs(given, config, training=name == "train")
         if folder is not None and (folder / files[name]).is_file():
             return _stsb(folder / files[name])
         return None
