@@ -12,7 +12,12 @@ Arms (each a cell of --summary, skipped when recorded: a stopped study resumes c
 - books-zero, books-simcse, books-cosent, books-simcse-cosent: bertkit's own `mini` pretrained on the books corpus by
   masked LM alone (benchmarks/long_phase.py's length-128 checkpoint, --books-model): as it is; after unsupervised
   SimCSE on --simcse-sentences sentences of a held-out books shard (1 epoch, batch 64); after CoSENT on STS-B train;
-  after SimCSE then CoSENT. lr 1e-4 for both (fixed beforehand, not searched).
+  after SimCSE then CoSENT. lr 1e-4 for both (fixed beforehand, not searched);
+- minilm-mrpc-zero, books-mrpc-zero, books-mrpc, books-simcse-mrpc: the pairs path (in-batch negatives, no
+  scores) on real paraphrases: Microsoft's MRPC, its 2,753 training pairs marked paraphrases, scored by retrieval of
+  each of the 1,147 test paraphrase pairs' second sentence among all of them (MRR@10); books-mrpc trains the books
+  model on them (4 epochs, batch 32, lr 1e-4), books-simcse-mrpc the books-simcse model. Their cells go to
+  --summary's sibling mrpc.json.
 
     python benchmarks/embedding_sts.py --threads 1 --arms minilm-zero minilm-cosent books-zero books-simcse \
         books-cosent books-simcse-cosent --seeds 0 1
@@ -35,7 +40,7 @@ from bertkit.tasks.finetune import FinetuneConfig, finetune
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("minilm-zero", "minilm-cosent", "minilm-cosent-st", "books-zero", "books-simcse", "books-cosent",
-        "books-simcse-cosent")
+        "books-simcse-cosent", "minilm-mrpc-zero", "books-mrpc-zero", "books-mrpc", "books-simcse-mrpc")
 MINILM = {"epochs": 4, "batch_size": 16, "lr": 2e-5, "warmup": 0.1, "weight_decay": 0.01}
 BOOKS_LR = 1e-4
 
@@ -61,14 +66,29 @@ def sentences(path: Path, count: int, out: Path) -> Path:
     return out
 
 
-def bertkit_run(model: str, out: Path, threads: int, seed: int, **values) -> dict:
+def mrpc_paraphrases(data: Path, out: Path) -> dict[str, str]:
+    """Microsoft's MRPC train and test pairs marked paraphrases, as a, b .tsv files in `out` (split -> path)."""
+    from bertkit.data.glue import read_glue_file
+
+    files = {}
+    for split, name in (("train", "msr_paraphrase_train.txt"), ("test", "msr_paraphrase_test.txt")):
+        path = out / f"mrpc-paraphrases-{split}.tsv"
+        if not path.exists():
+            pairs = [e for e in read_glue_file("MRPC", data / "glue" / "MRPC" / name) if e.label == 1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("a\tb\n" + "".join(f"{e.text_a}\t{e.text_b}\n" for e in pairs), encoding="utf-8")
+        files[split] = str(path)
+    return files
+
+
+def bertkit_run(model: str, out: Path, threads: int, seed: int, metric: str = "spearman", **values) -> dict:
     start = time.perf_counter()
     record = finetune(FinetuneConfig(model_dir=model, task="embedding", out_dir=str(out), threads=threads,
                                      seed=seed, **values))
-    epochs = [{k: row[k] for k in ("epoch", "train_loss", "spearman", "pearson", "train_seconds")}
+    epochs = [{k: row[k] for k in ("epoch", "train_loss", "train_seconds", *record["best"])}
               for row in record["epochs"]]
-    return {"best_epoch": record["best_epoch"], "best": record["best"]["spearman"],
-            "last": epochs[-1]["spearman"], "epochs": epochs, "seconds": time.perf_counter() - start}
+    return {"best_epoch": record["best_epoch"], "best": record["best"][metric],
+            "last": epochs[-1][metric], "epochs": epochs, "seconds": time.perf_counter() - start}
 
 
 def sentence_transformers_run(model: str, out: Path, data: Path, threads: int, seed: int) -> dict:
@@ -134,21 +154,37 @@ def main() -> None:
     sts = args.data / "glue" / "STS-B"
     minilm = str(args.data / "checkpoints" / "all-MiniLM-L6-v2")
     books = str(args.books_model)
-    summary_path = args.summary.with_name(args.summary.stem + "-st.json") if args.arms == ["minilm-cosent-st"] \
-        else args.summary  # the peer's stream writes its own file, so two streams never write one
+    mrpc_arms = [arm for arm in args.arms if "mrpc" in arm]
+    if mrpc_arms and len(mrpc_arms) < len(args.arms):
+        parser.error("the mrpc arms run on their own (their cells go to mrpc.json)")
+    summary_path = (args.summary.with_name(args.summary.stem + "-st.json") if args.arms == ["minilm-cosent-st"]
+                    else args.summary.with_name("mrpc.json") if mrpc_arms
+                    else args.summary)  # each stream writes its own file, so two streams never write one
     summary = {"minilm": MINILM, "books_lr": BOOKS_LR, "simcse_sentences": args.simcse_sentences,
                "torch": torch.__version__, "cells": {}}
     if summary_path.exists():
         summary["cells"] = json.loads(summary_path.read_text())["cells"]
     simcse_file = sentences(args.data / "corpus" / args.books_shard, args.simcse_sentences,
                             args.out / "simcse-sentences.txt")
+    mrpc = mrpc_paraphrases(args.data, args.out)
+    pairs = {"train_file": mrpc["train"], "eval_file": mrpc["test"], "text_a": "a", "text_b": "b"}
     for seed in args.seeds:
         for arm in args.arms:
             name = arm if arm.endswith("zero") else f"{arm}-s{seed}"
             if name in summary["cells"]:
                 continue
             print(f"== {name}", flush=True)
-            if arm == "minilm-zero":
+            if arm.endswith("mrpc-zero"):
+                cell = evaluate(minilm if arm.startswith("minilm") else books, task="embedding",
+                                eval_file=mrpc["test"], text_a="a", text_b="b", threads=args.threads)
+            elif arm.endswith("mrpc"):
+                start = books if arm == "books-mrpc" else str(args.out / f"books-simcse-s{seed}")
+                if not (Path(start) / "config.json").exists():
+                    print(f"skipped {name}: books-simcse-s{seed} first")
+                    continue
+                cell = bertkit_run(start, args.out / name, args.threads, seed, metric="mrr@10", epochs=4,
+                                   batch_size=32, lr=BOOKS_LR, **pairs)
+            elif arm == "minilm-zero":
                 cell = zero_shot(minilm, sts, args.threads, with_st=True)
             elif arm == "books-zero":
                 cell = zero_shot(books, sts, args.threads, with_st=False)

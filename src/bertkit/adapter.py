@@ -43,10 +43,10 @@ def save_adapter(model, directory: str | Path, base: str, rank: int, alpha: floa
     # peft finds modules_to_save by the end of their names: "bert.pooler." is the module "pooler"
     modules = sorted({p.rstrip(".").rsplit(".", 1)[-1] for p in model.trained_prefixes
                       if any(k.startswith(p) for k in heads)})
-    config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(model.saved_architecture), "base_model_name_or_path": base,
-              "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
-              "modules_to_save": modules, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-              "use_rslora": False, "use_dora": False, "inference_mode": True}
+    config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(model.saved_architecture),
+              "base_model_name_or_path": base, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "target_modules": list(targets), "modules_to_save": modules, "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "use_rslora": False, "use_dora": False, "inference_mode": True}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))

@@ -84,7 +84,9 @@ class EvaluateConfig:
 
     model_dir: str = option("", "a fine-tuned model folder (what `bertkit finetune` wrote), or a Hub model id "
                             "(with --task and its data)", positional=True)
-    task: str | None = option(None, "GLUE task, squad1, squad2, ner, swag or custom (default: the run's)")
+    task: str | None = option(None, "GLUE task, squad1, squad2, ner, swag, embedding (any encoder's mean-pooled "
+                              "vectors, scored on pairs: an STS-B folder, or --eval-file) or custom (default: the "
+                              "run's)")
     data_dir: str | None = option(None, "the task's data folder (default: the run's)")
     eval_file: str | None = option(None, "a labelled file to score on instead (default: the run's)")
     text_a: str | None = option(None, "custom files: the column of the (first) text (default: the run's, else "

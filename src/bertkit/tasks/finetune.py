@@ -32,6 +32,7 @@ import torch
 
 from bertkit import hub
 from bertkit.checkpoint import (
+    SENTENCE_TRANSFORMERS_FILES,
     TRAINING_STATE_NAME,
     atomic_write_text,
     checkpoint_bytes,
@@ -42,7 +43,6 @@ from bertkit.checkpoint import (
     prune_checkpoints,
     read_state_dict,
     rng_state,
-    SENTENCE_TRANSFORMERS_FILES,
     save_checkpoint,
     set_rng_state,
     usable_checkpoint,
@@ -78,7 +78,8 @@ CONFIG_FILE = "finetune_config.json"
 SQUAD_TASKS = ("squad1", "squad2")
 TAGGING_TASK = "ner"
 CHOICE_TASK = "swag"
-NON_TEXT_TASKS = (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK, EMBEDDING_TASK)  # the tasks that are not TextTask's (GLUE, custom)
+# the tasks that are not TextTask's (GLUE, custom)
+NON_TEXT_TASKS = (*SQUAD_TASKS, TAGGING_TASK, CHOICE_TASK, EMBEDDING_TASK)
 EVAL_DATA_FILE = "eval_data.json"
 ADAPTER_DIR = "adapter"  # --lora-rank: the LoRA update and the head alone, in peft's layout
 # What a run writes into --out-dir: a folder holding any of these without finetune_config.json is someone else's
