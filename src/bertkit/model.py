@@ -984,7 +984,6 @@ class BertForMultipleChoice(BertPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits)
 
 
-
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H), (B, T) -> (B, H): the mean over each row's real tokens, [CLS] and [SEP] included (sentence-
     transformers' mean pooling)."""
@@ -1058,6 +1057,7 @@ class BertForSentenceEmbedding(BertModel):
         super().save_pretrained(directory, tokenizer)
         save_sentence_transformers_files(directory, self.config.hidden_size, self.config.max_position_embeddings)
 
+
 MODEL_CLASSES = {
     cls.__name__: cls
     for cls in (
@@ -1117,9 +1117,9 @@ LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate
 
 def add_lora(model: BertPreTrainedModel, rank: int, alpha: float, targets: tuple[str, ...]) -> list[str]:
     """LoRA in place: each encoder-block Linear whose name ends in one of `targets` becomes a LoraLinear, and only
-    the LoRA matrices and the task head (the model's `trained_prefixes`: classifier, qa_outputs, a BiLSTM, the pooler a
-    classifier reads) keep training; the embeddings, the blocks' weights and LayerNorms are frozen. Returns the
-    adapted modules' names."""
+    the LoRA matrices and the task head (the model's `trained_prefixes`: classifier, qa_outputs, a BiLSTM, the
+    pooler a classifier reads; none for sentence embeddings) keep training; the embeddings, the blocks' weights and
+    LayerNorms are frozen. Returns the adapted modules' names."""
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown:
         raise BertkitError(f"LoRA targets {', '.join(unknown)}; expected some of {', '.join(LORA_TARGETS)}")
