@@ -216,10 +216,6 @@ def test_files_refused_with_their_line(toy_model_dir, tmp_path):
     single.write_text("a\nthe movie\n")
     with pytest.raises(BertkitError, match="single texts; expected pairs to score"):
         finetune(FinetuneConfig(train_file=str(single), eval_file=str(single), **values))
-    scored = tmp_path / "scored.csv"
-    scored.write_text("a,label\nthe movie,3\n")
-    with pytest.raises(BertkitError, match="without --text-b"):
-        finetune(FinetuneConfig(train_file=str(scored), eval_file=str(scored), **values))
     empty = tmp_path / "empty.csv"
     empty.write_text("a,b,label\nthe movie,a film,3\n ,a film,2\n")
     with pytest.raises(BertkitError, match=r"empty.csv:3: an empty text"):

@@ -517,6 +517,27 @@ def test_a_lora_run_resumes_mid_epoch_to_the_same_update(toy, tmp_path, monkeypa
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
 
 
+def test_a_simcse_run_resumes_mid_epoch_to_the_same_weights(toy, tmp_path, monkeypatch):
+    """--task embedding on single texts (SimCSE: its positives are a second dropout mask, so the restored RNG states
+    decide them): a run that crashes mid-epoch resumes to the very weights and epoch losses of an uninterrupted
+    one, and writes sentence-transformers' files as a whole run does."""
+    import bertkit.tasks.finetune as module
+
+    texts, pairs = tmp_path / "texts.txt", tmp_path / "pairs.txt"
+    texts.write_text("".join(f"{line.split(chr(9))[0]}\n" for line in (toy / "train.tsv").read_text().splitlines()[1:]))
+    pairs.write_text("a good movie\tgreat fun\na bad film\tvery boring\nnot bad\tgood\n")
+    embedding = dict(task="embedding", train_file=str(texts), eval_file=str(pairs))
+    whole = finetune(finetune_config(toy, tmp_path / "whole", **embedding))
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 20)  # epoch 2, after the checkpoints of steps 12 (epoch 1's end) and 15
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut", **embedding))
+    resumed = finetune(finetune_config(toy, tmp_path / "cut", resume="auto", **embedding))
+    assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, "SimCSE resume")
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
+    assert (tmp_path / "cut" / "modules.json").is_file()
+
+
 def test_finetuning_saved_by_two_processes_is_not_resumed_by_one(toy, tmp_path, monkeypatch):
     """A step is --grad-accum x processes batches and the schedule counts steps, so a run saved by torchrun with two
     processes is refused by one (it was accepted with a warning and trained another schedule); the checkpoint's

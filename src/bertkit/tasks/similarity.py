@@ -56,7 +56,7 @@ def objective(examples: list[PairExample]) -> str:
 def read_pairs(path: str | Path, config, training: bool = True) -> list[PairExample]:
     """A training or eval file: .txt lines (text, or text<TAB>pair), or a .csv/.tsv/.jsonl file whose --text-a
     column (and --text-b, --text-neg, when named: an eval file's negatives where it has them) holds the texts and
-    whose --label column, where the file has one, the gold similarity."""
+    whose --label column, where the file has one and the texts are pairs, the gold similarity."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         return _read_lines(path)
@@ -64,10 +64,7 @@ def read_pairs(path: str | Path, config, training: bool = True) -> list[PairExam
                                   if c])
     negative = config.text_neg if training or any(config.text_neg in record for _, record in records) else None
     columns = [c for c in (config.text_a, config.text_b, negative) if c]
-    scored = any(config.label in record for _, record in records)
-    if scored and not config.text_b:
-        raise BertkitError(f"{path}: a {config.label!r} column without --text-b; expected the column of the second "
-                           "text of each scored pair (--text-b)")
+    scored = bool(config.text_b) and any(config.label in record for _, record in records)  # single texts: no score
     examples = []
     for line, record in records:
         for column in columns + [config.label] * scored:
