@@ -499,18 +499,24 @@ def test_grad_accum_steps_are_exact_and_resume_mid_epoch_bitwise(toy, tmp_path, 
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
 
 
+def crashed_and_resumed(toy, tmp_path, monkeypatch, **overrides) -> tuple[dict, dict]:
+    """The records of a whole run in tmp_path/whole and of one crashed at step 20 (epoch 2, after the checkpoints of
+    steps 12, epoch 1's end, and 15) and resumed with --resume auto in tmp_path/cut."""
+    import bertkit.tasks.finetune as module
+
+    whole = finetune(finetune_config(toy, tmp_path / "whole", **overrides))
+    with monkeypatch.context() as patch:
+        _crash_at(patch, module, 20)
+        with pytest.raises(RuntimeError, match="crash"):
+            finetune(finetune_config(toy, tmp_path / "cut", **overrides))
+    return whole, finetune(finetune_config(toy, tmp_path / "cut", resume="auto", **overrides))
+
+
 def test_a_lora_run_resumes_mid_epoch_to_the_same_update(toy, tmp_path, monkeypatch):
     """--lora-rank: the checkpoints hold the frozen weights and the LoRA matrices (the optimizer only the latter), and
     a run that crashes mid-epoch resumes to the very merged model and adapter of an uninterrupted one."""
-    import bertkit.tasks.finetune as module
-
-    lora = dict(lora_rank=2, lora_targets="query,value,intermediate.dense")
-    whole = finetune(finetune_config(toy, tmp_path / "whole", **lora))
-    with monkeypatch.context() as patch:
-        _crash_at(patch, module, 20)  # epoch 2, after the checkpoints of steps 12 (epoch 1's end) and 15
-        with pytest.raises(RuntimeError, match="crash"):
-            finetune(finetune_config(toy, tmp_path / "cut", **lora))
-    resumed = finetune(finetune_config(toy, tmp_path / "cut", resume="auto", **lora))
+    whole, resumed = crashed_and_resumed(toy, tmp_path, monkeypatch, lora_rank=2,
+                                         lora_targets="query,value,intermediate.dense")
     assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, "LoRA resume")
     adapter = Path("adapter", "adapter_model.safetensors")
     assert_same_weights(tmp_path / "whole" / adapter, tmp_path / "cut" / adapter, "LoRA resume")
@@ -521,18 +527,11 @@ def test_a_simcse_run_resumes_mid_epoch_to_the_same_weights(toy, tmp_path, monke
     """--task embedding on single texts (SimCSE: its positives are a second dropout mask, so the restored RNG states
     decide them): a run that crashes mid-epoch resumes to the very weights and epoch losses of an uninterrupted
     one, and writes sentence-transformers' files as a whole run does."""
-    import bertkit.tasks.finetune as module
-
     texts, pairs = tmp_path / "texts.txt", tmp_path / "pairs.txt"
     texts.write_text("".join(f"{line.split(chr(9))[0]}\n" for line in (toy / "train.tsv").read_text().splitlines()[1:]))
     pairs.write_text("a good movie\tgreat fun\na bad film\tvery boring\nnot bad\tgood\n")
-    embedding = dict(task="embedding", train_file=str(texts), eval_file=str(pairs))
-    whole = finetune(finetune_config(toy, tmp_path / "whole", **embedding))
-    with monkeypatch.context() as patch:
-        _crash_at(patch, module, 20)  # epoch 2, after the checkpoints of steps 12 (epoch 1's end) and 15
-        with pytest.raises(RuntimeError, match="crash"):
-            finetune(finetune_config(toy, tmp_path / "cut", **embedding))
-    resumed = finetune(finetune_config(toy, tmp_path / "cut", resume="auto", **embedding))
+    whole, resumed = crashed_and_resumed(toy, tmp_path, monkeypatch, task="embedding", train_file=str(texts),
+                                         eval_file=str(pairs))
     assert_same_weights(tmp_path / "whole" / WEIGHTS_NAME, tmp_path / "cut" / WEIGHTS_NAME, "SimCSE resume")
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
     assert (tmp_path / "cut" / "modules.json").is_file()
