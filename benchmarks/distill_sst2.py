@@ -22,18 +22,16 @@ accuracy of each cell's best epoch, and of its last) goes to --summary (docs/dis
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from bertkit import BertModel, Tokenizer
 from bertkit.tasks.finetune import FinetuneConfig, finetune
+from run import study_parser
 
-HERE = Path(__file__).resolve().parent
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]], labelled: bool = True) -> str:
@@ -56,11 +54,7 @@ def first_layers(model_dir: Path, layers: int, out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", HERE.parent.parent / "shared"
-                                                                           / "data")))
-    parser.add_argument("--out", type=Path, default=Path("runs/distill"))
-    parser.add_argument("--summary", type=Path, default=HERE.parent / "docs" / "distill" / "sst2.json")
+    parser = study_parser(__doc__, "distill", "distill/sst2.json")
     parser.add_argument("--labelled", type=int, default=3000)
     parser.add_argument("--transfer", type=int, default=20000)
     parser.add_argument("--student-layers", type=int, default=2)

@@ -26,10 +26,8 @@ Arms (each a cell of --summary, skipped when recorded: a stopped study resumes c
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,8 +35,8 @@ import torch
 
 from bertkit.tasks.evaluation import evaluate
 from bertkit.tasks.finetune import FinetuneConfig, finetune
+from run import study_parser
 
-HERE = Path(__file__).resolve().parent
 ARMS = ("minilm-zero", "minilm-cosent", "minilm-cosent-st", "books-zero", "books-simcse", "books-cosent",
         "books-simcse-cosent", "minilm-mrpc-zero", "books-mrpc-zero", "books-mrpc", "books-simcse-mrpc")
 MINILM = {"epochs": 4, "batch_size": 16, "lr": 2e-5, "warmup": 0.1, "weight_decay": 0.01}
@@ -137,15 +135,11 @@ def zero_shot(model: str, data: Path, threads: int, with_st: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", HERE.parent.parent / "shared"
-                                                                           / "data")))
+    parser = study_parser(__doc__, "embedding", "embedding/sts.json")
     parser.add_argument("--books-model", type=Path,
                         default=Path("runs/long-phase/len128/checkpoints/step-00002800"))
     parser.add_argument("--books-shard", default="gutenberg-en-06.txt.gz")
     parser.add_argument("--simcse-sentences", type=int, default=30000)
-    parser.add_argument("--out", type=Path, default=Path("runs/embedding"))
-    parser.add_argument("--summary", type=Path, default=HERE.parent / "docs" / "embedding" / "sts.json")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)

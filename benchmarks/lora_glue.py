@@ -20,16 +20,13 @@ training time and trained parameters) goes to --summary (docs/lora/glue.json).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from bertkit.tasks.finetune import FinetuneConfig, finetune
+from run import study_parser
 
-HERE = Path(__file__).resolve().parent
 TASKS = {"CoLA": "mcc", "SST-2": "accuracy", "MRPC": "f1", "STS-B": "spearman", "RTE": "accuracy"}
 ARMS = {"full": {"lr": 1e-4},
         "lora-qv": {"lr": 5e-4, "lora_rank": 8, "lora_alpha": 8.0, "lora_targets": "query,value"},
@@ -38,11 +35,7 @@ ARMS = {"full": {"lr": 1e-4},
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", HERE.parent.parent / "shared"
-                                                                           / "data")))
-    parser.add_argument("--out", type=Path, default=Path("runs/lora"))
-    parser.add_argument("--summary", type=Path, default=HERE.parent / "docs" / "lora" / "glue.json")
+    parser = study_parser(__doc__, "lora", "lora/glue.json")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--sst2-examples", type=int, default=3000)

@@ -96,6 +96,17 @@ def data_dir() -> Path:
     return Path(root)
 
 
+def study_parser(doc: str, out: str, summary: str) -> argparse.ArgumentParser:
+    """The parser a study script starts from: --data (the shared data, default $BERTKIT_DATA), --out (its run
+    folders, default runs/OUT) and --summary (its committed JSON, default docs/SUMMARY)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BERTKIT_DATA", HERE.parent.parent / "shared"
+                                                                           / "data")))
+    parser.add_argument("--out", type=Path, default=Path("runs") / out)
+    parser.add_argument("--summary", type=Path, default=HERE.parent / "docs" / summary)
+    return parser
+
+
 def machine(bench: Bench | None = None) -> dict:
     if bench is not None and bench.gpu:
         import transformers
