@@ -151,11 +151,10 @@ class SimilarityTask:
 
     def vectors(self, model, tokenizer, texts: list[str], config, device) -> dict[str, torch.Tensor]:
         """Each distinct text's unit vector."""
-        distinct = list(dict.fromkeys(texts))
-        ids = _token_ids(tokenizer, distinct, config.max_length)
-        rows = [{"input_ids": ids[t], "token_type_ids": [0] * len(ids[t])} for t in distinct]
+        ids = _token_ids(tokenizer, texts, config.max_length)  # distinct texts, in order
+        rows = [{"input_ids": tokens, "token_type_ids": [0] * len(tokens)} for tokens in ids.values()]
         out = infer(model, rows, config.eval_batch_size, tokenizer.pad_id, device, ("embeddings",))["embeddings"]
-        return dict(zip(distinct, torch.nn.functional.normalize(out, dim=-1)))
+        return dict(zip(ids, torch.nn.functional.normalize(out, dim=-1)))
 
     def evaluate(self, model, tokenizer, config, device):
         """Every eval split's correlations (or retrieval scores), extra splits prefixed with their name; nothing
