@@ -219,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
+        "explain",
+        help="which words a classifier's prediction rests on: each word's share of it (integrated gradients), as "
+        "JSON lines and an HTML page",
+        description="Read inputs as `bertkit predict` reads a classifier's (text or text<TAB>pair lines, or a .csv or "
+        ".jsonl file by columns) and print one JSON line per input: the prediction, the label explained (--label, "
+        "else the predicted one), its probability at the input (output) and at the baseline (baseline_output), and "
+        'the share of it of every word ("words": word, segment, start, end, attribution; character offsets into '
+        'the text or, segment 1, the pair) and token ("tokens"). By integrated gradients the shares add up to '
+        "output - baseline_output, up to the quadrature's error (delta). --html draws the results on one page, "
+        "each word shaded by its share. A regressor's score is explained the same way.",
+    )
+    from bertkit.tasks.explain import ExplainConfig
+
+    add_dataclass_args(p, ExplainConfig)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
         "glue",
         help="fine-tune one model on several GLUE tasks with the paper's lr grid and print its GLUE table",
         description="For each task, fine-tune with every --lrs value, keep the lr that scores best on dev, and "
@@ -426,17 +443,41 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    import json
-
-    from bertkit.checkpoint import atomic_write
     from bertkit.tasks.evaluation import PredictConfig, predict_stream
 
     options = dataclasses.asdict(dataclass_from_args(PredictConfig, args))
     source, out = options.pop("input"), options.pop("out")
-    # bytes, so that a line that is not UTF-8 is named rather than failing the whole stream
-    inputs = getattr(sys.stdin, "buffer", sys.stdin) if source == "-" else source
     # every line checked and the model loaded here; the results are written as they are made, chunk by chunk
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in predict_stream(inputs=inputs, **options))
+    write_json_lines(predict_stream(inputs=input_stream(source), **options), out)
+
+
+def cmd_explain(args) -> None:
+    from bertkit.tasks.explain import ExplainConfig, explain_stream, write_html
+
+    options = dataclasses.asdict(dataclass_from_args(ExplainConfig, args))
+    source, out, page = options.pop("input"), options.pop("out"), options.pop("html")
+    results = explain_stream(inputs=input_stream(source), **options)
+    if page:  # the page needs every result: they are kept as they are written
+        kept: list[dict] = []
+        results = (kept.append(r) or r for r in results)
+    write_json_lines(results, out)
+    if page:
+        write_html(kept, page, options["model_dir"], options["method"])
+
+
+def input_stream(source: str):
+    """A command's INPUT: the path, or standard input's bytes for "-", so that a line that is not UTF-8 is named
+    rather than failing the whole stream."""
+    return getattr(sys.stdin, "buffer", sys.stdin) if source == "-" else source
+
+
+def write_json_lines(results, out: str | None) -> None:
+    """One JSON line per result, to standard output as they come, or to the file `out`, whole or not at all."""
+    import json
+
+    from bertkit.checkpoint import atomic_write
+
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if not out:
         sys.stdout.writelines(lines)
         return

@@ -354,6 +354,19 @@ class Tokenizer:
             "attention_mask": encoding.attention_mask,
         }
 
+    def encode_words(self, text: str, pair: str | None = None, max_length: int | None = None) -> dict[str, list]:
+        """`encode`'s ids with, for each token, its text (`tokens`), the index of its word in its own text
+        (`word_ids`: None for [CLS] and [SEP]; a pair's words count from 0 again) and its character span in that
+        text (`offsets`; which text is the token's segment id): what puts a token's share of a result back on the
+        words of the input."""
+        with self._truncation(max_length, pair is not None):
+            try:
+                encoding = self.backend.encode(text, pair)
+            except TypeError:  # as in `encode`
+                encoding = self.backend.encode(_as_text(text, "text"), None if pair is None else _as_text(pair, "pair"))
+        return {"input_ids": encoding.ids, "token_type_ids": encoding.type_ids, "tokens": encoding.tokens,
+                "word_ids": encoding.word_ids, "offsets": encoding.offsets}
+
     def encode_batch(
         self,
         texts: Sequence[str],

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ logger = logging.getLogger("bertkit")
 CHUNK = 32_768
 
 
-def _run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneConfig:
+def run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneConfig:
     """The config of the run that made the folder, with the given overrides."""
     saved = FinetuneConfig.load(model_dir)
     values = dataclasses.asdict(saved) if saved else {"task": default_task}
@@ -153,7 +153,7 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
     (`bertkit.tasks.calibrate`); the metrics gain `temperature`, `calibrated_ece` and `calibrated_nll`.
     """
     model_config = BertConfig.load(model_folder(model_dir))
-    config = _run_config(model_dir, {"task": task, **overrides})
+    config = run_config(model_dir, {"task": task, **overrides})
     if not config.task and not config.eval_file:
         raise BertkitError(f"{model_dir}: no {CONFIG_FILE}; expected --task and the data to score on")
     if calibrate:
@@ -189,7 +189,7 @@ def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = Fals
     return metrics
 
 
-def _architectures(model_dir, model_config: BertConfig) -> list[str]:
+def architectures_of(model_dir, model_config: BertConfig) -> list[str]:
     """config.json's architectures or, where it names none (NVIDIA's bert_config.json), the one the weights' heads
     make: taken for a classifier, a pretraining or QA folder was scored with a newly initialised, random head."""
     stated = model_config.extra.get("architectures")
@@ -198,7 +198,7 @@ def _architectures(model_dir, model_config: BertConfig) -> list[str]:
     return heads_of(model_folder(model_dir)).get("architectures", [])
 
 
-def _architecture_source(model_dir, model_config: BertConfig) -> str:
+def architecture_source(model_dir, model_config: BertConfig) -> str:
     """What an error about the architecture names: the config that states it, or the weights it was read from."""
     directory = model_folder(model_dir)
     if model_config.extra.get("architectures"):
@@ -210,9 +210,9 @@ def check_head(task, model_config, model_dir) -> None:
     """Raise when the folder's model cannot do the task (wrong head or number of labels)."""
     if isinstance(task, SimilarityTask):  # any encoder gives vectors to score (as `bertkit embed` reads any folder)
         return
-    architectures = _architectures(model_dir, model_config)
+    architectures = architectures_of(model_dir, model_config)
     if task.model_class.__name__ not in architectures:
-        raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected "
+        raise BertkitError(f"{architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected "
                            f"{task.model_class.__name__} for {task.name} (fine-tune it first)")
     if isinstance(task, TextTask) and model_config.num_labels != max(1, len(task.labels)):
         raise BertkitError(f"{model_dir}/config.json: {model_config.num_labels} labels; {task.name} has "
@@ -253,28 +253,18 @@ def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = Fals
     loaded, before this returns.
     """
     model_config = BertConfig.load(model_folder(model_dir))  # before any input is read: stdin may be a terminal
-    table = isinstance(inputs, (str, Path)) and Path(inputs).suffix.lower() in (".csv", ".jsonl")
+    table = is_table(inputs)
     if isinstance(inputs, (str, Path)):
         source = str(inputs)
-    architectures = _architectures(model_dir, model_config)
+    architectures = architectures_of(model_dir, model_config)
     kind = next((k for name, k in _HEADS.items() if name in architectures), "classification")
     if kind in ("tagging", "choice") and table:
         raise BertkitError(f"{source}: a table; {model_dir} {'tags words' if kind == 'tagging' else 'chooses endings'}"
                            f": expected {'text, one per line' if kind == 'tagging' else 'JSON lines'}")
-    config = _run_config(model_dir, overrides, default_task="squad1" if kind == "question-answering" else "")
-    if table and kind == "classification":
-        rows = read_custom(inputs, config.text_a, None, config.text_b)[0]
-        count, first = _checked_input(iter(rows), is_blank, f"{source}: no text to label; expected a text in some row")
-        examples = lambda: iter(rows)  # noqa: E731
-    else:
-        table = False  # a QA model reads a .jsonl as its lines
-        parse, blank, empty = _LINES[kind]
-        lines = input_lines(inputs, source)
-        examples = lambda: (parse(number, line, source) for number, line in lines())  # noqa: E731
-        checked = checked_lines(examples(), source) if kind == "classification" else examples()
-        count, first = _checked_input(checked, blank, f"{source}: {empty}")
+    config = run_config(model_dir, overrides, default_task="squad1" if kind == "question-answering" else "")
+    examples, count, first, table = read_examples(inputs, source, kind, config)
     if kind == "classification" and "BertForSequenceClassification" not in architectures:
-        raise BertkitError(f"{_architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
+        raise BertkitError(f"{architecture_source(model_dir, model_config)} {', '.join(architectures)}; expected a "
                            "fine-tuned BertForSequenceClassification, BertForQuestionAnswering, "
                            "BertForTokenClassification or BertForMultipleChoice (an encoder's vectors: `bertkit "
                            "embed`)")
@@ -315,6 +305,30 @@ _LINES = {
     "choice": (parse_choice, lambda e: e is None, f"no examples; expected one {CHOICE_LINE} per line"),
     "classification": (parse_line, is_blank, "no text to label; expected one text (or text<TAB>pair) per line"),
 }
+
+
+def is_table(inputs) -> bool:
+    """Whether the input is a .csv or .jsonl file, which a classifier reads by column names."""
+    return isinstance(inputs, (str, Path)) and Path(inputs).suffix.lower() in (".csv", ".jsonl")
+
+
+def read_examples(inputs, source: str, kind: str, config: FinetuneConfig) -> tuple[Callable[[], Iterator], int, object,
+                                                                                  bool]:
+    """The examples of a `kind` of model's input (a function that reads them anew from the start), their number,
+    the first that is not blank, and whether the input was read as a table (a classifier's .csv or .jsonl, columns
+    `config.text_a` and `text_b`, whose results give each row's line). Every example is read once here, so that a
+    bad line stops the command before anything is run."""
+    table = is_table(inputs) and kind == "classification"
+    if table:
+        rows = read_custom(inputs, config.text_a, None, config.text_b)[0]
+        count, first = _checked_input(iter(rows), is_blank, f"{source}: no text to label; expected a text in some row")
+        return lambda: iter(rows), count, first, table
+    parse, blank, empty = _LINES[kind]  # a QA model reads a .jsonl as its lines
+    lines = input_lines(inputs, source)
+    examples = lambda: (parse(number, line, source) for number, line in lines())  # noqa: E731
+    checked = checked_lines(examples(), source) if kind == "classification" else examples()
+    count, first = _checked_input(checked, blank, f"{source}: {empty}")
+    return examples, count, first, table
 
 
 def _checked_input(examples: Iterator, blank, empty: str) -> tuple[int, object]:
