@@ -460,6 +460,47 @@ def case_inference(bench: Bench, preset: str, batch_size: int, n_batches: int) -
     return case
 
 
+def case_explain(bench: Bench, preset: str, n_sentences: int, steps: int = 50, batch_size: int = 25) -> Case:
+    """Integrated gradients (`bertkit explain`) of SST-2 dev sentences, one sentence per unit: bertkit's `attribute`
+    against Captum's LayerIntegratedGradients on transformers' model with the same weights, both on the word
+    embeddings' output with the [PAD] baseline, the probability of one class, `steps` Gauss-Legendre points run
+    `batch_size` at a time, and the output at both ends of the path (Captum's convergence delta); per real token of
+    every point. Its MFU counts the forward passes only (the backward pass reaches the inputs, not the weights)."""
+    from captum.attr import LayerIntegratedGradients
+
+    from bertkit.tasks.explain import attribute
+
+    tok = tokenizer()
+    config = config_for(preset, num_labels=2)
+    models = twin_models(bench, "BertForSequenceClassification", config)
+    sentences = random.Random(2).sample(sst2_sentences("dev"), n_sentences)
+    encoded = [tok.encode(s, max_length=128) for s in sentences]
+    case = Case(f"explain-ig-{preset}", f"integrated gradients of SST-2 dev sentences, {preset}, {steps} points in "
+                f"batches of {batch_size}, against Captum on transformers", config,
+                attention_length(len(e["input_ids"]) for e in encoded), False, models=models)
+    for side, model in models.items():
+        model.eval().requires_grad_(False)
+        units = []
+        for e in encoded:
+            ids, types = e["input_ids"], e["token_type_ids"]
+            base = [i if i in (tok.cls_id, tok.sep_id) else tok.pad_id for i in ids]
+            if side == "bertkit":
+                run = lambda m=model, i=ids, t=types, b=base: attribute(m, i, t, 1, "integrated-gradients",  # noqa: E731
+                                                                       steps, b, batch_size)
+            else:
+                def probability(input_ids, token_type_ids, m=model):
+                    return torch.softmax(m(input_ids=input_ids, token_type_ids=token_type_ids).logits, -1)
+
+                method = LayerIntegratedGradients(probability, model.bert.embeddings.word_embeddings)
+                i, t, b = (torch.tensor([row], device=bench.device) for row in (ids, types, base))
+                run = lambda m=method, i=i, t=t, b=b: m.attribute(  # noqa: E731
+                    i, b, target=1, additional_forward_args=(t,), n_steps=steps, internal_batch_size=batch_size,
+                    return_convergence_delta=True)
+            units.append((run, len(ids) * steps))
+        case.units[side] = units
+    return case
+
+
 def case_prepare(bench: Bench) -> Case:
     """Data preparation, tokens/s: bertkit's `prepare` (read, split documents and sentences, tokenize in batches of
     1,000, write memory-mapped shards and the manifest) against the step a transformers user runs before pretraining:
@@ -513,11 +554,12 @@ CASES = {  # name -> (bench, args) -> Case
     "finetune-squad": lambda b, a: case_squad(b, a.preset, 32 if b.gpu else 4, a.batches),
     "inference-b32": lambda b, a: case_inference(b, a.preset, 32, a.batches),
     "inference-b1": lambda b, a: case_inference(b, a.preset, 1, 8 * a.batches),
+    "explain-ig": lambda b, a: case_explain(b, a.preset, 2 * a.batches),
     "prepare": lambda b, a: case_prepare(b),
 }
 SUITES = {
     "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-sst2-lora",
-            "finetune-embedding", "finetune-squad", "inference-b32", "inference-b1", "prepare"],
+            "finetune-embedding", "finetune-squad", "inference-b32", "inference-b1", "explain-ig", "prepare"],
     "gpu": [c for c in CASES if c != "prepare"],
     # issue 14's GPU targets: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at 384, inference at 1 and 32
     "gpu-targets": ["pretrain-base", "pretrain-base-512", "pretrain-large", "finetune-squad", "inference-b32",

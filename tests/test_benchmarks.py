@@ -421,3 +421,18 @@ def test_the_embedding_case_gives_both_sides_the_same_loss_on_the_same_pairs():
     assert losses["bertkit"] == pytest.approx(losses["transformers"], rel=1e-5)
     for side in case.units:
         case.units[side][0][0]()
+
+
+def test_the_explain_case_gives_both_sides_the_same_attributions():
+    """explain-ig: bertkit's integrated gradients and Captum's on transformers' twin agree on every sentence's
+    tokens, and both sides count the same tokens."""
+    pytest.importorskip("captum")
+    import run
+
+    data_path("glue", "SST-2")
+    case = run.case_explain(run.Bench(), "tiny", 3, steps=8, batch_size=3)
+    assert [n for _, n in case.units["bertkit"]] == [n for _, n in case.units["transformers"]]
+    for ours, theirs in zip(case.units["bertkit"], case.units["transformers"]):
+        mine = ours[0]().tokens
+        shares, _ = theirs[0]()
+        torch.testing.assert_close(mine, shares.sum(-1)[0].double(), atol=1e-5 * mine.abs().max().item(), rtol=0)
