@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict",
-        help="label texts, tag their words, answer questions or choose endings with a fine-tuned model",
+        help="label texts, tag their words, answer questions or choose endings with a fine-tuned model; fill in "
+        "[MASK] with a pretrained one",
         description="A classifier reads one text per line, or a pair as text<TAB>pair, and prints one JSON line "
         "per input line, in order: the label and its probability (a score for regression; a multi-label model's "
         '"labels", those at or above --label-threshold, and "probabilities", every label\'s); a blank line gets '
@@ -213,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         'text per line, splits it into words as BERT does, and prints {"text", "words", "tags", "entities"}, '
         "each entity with its type, text and character offsets into the line. A multiple-choice model (finetune "
         '--task swag) reads JSON lines {"context": ..., "endings": [...], "lead"?: ...} and prints the chosen '
-        "ending, its number and every ending's probability. Reads standard input when INPUT is - or left out.",
+        "ending, its number and every ending's probability. A pretraining (or masked-LM) folder fills in [MASK]: "
+        'each line a text (or pair) with [MASK] where a token is to be predicted, each result its "masks" (per mask, '
+        'the --top-k tokens with their probabilities) and the text "filled" with the first of each, as transformers\' '
+        "fill-mask pipeline predicts them. Reads standard input when INPUT is - or left out.",
     )
     add_dataclass_args(p, PredictConfig)
     p.set_defaults(func=cmd_predict)

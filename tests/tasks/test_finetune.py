@@ -709,7 +709,8 @@ def test_csv_files_of_the_user_in_the_run_folder_are_left_as_they_are(toy_model_
 
 def test_evaluate_and_predict_read_the_head_of_a_folder_that_names_no_architecture(tmp_path, capsys):
     """NVIDIA's bert_config.json names no architecture: evaluate and predict took a pretraining or QA folder for a
-    classifier and scored a newly initialised, random head (a warning, then labels, exit status 0)."""
+    classifier and scored a newly initialised, random head (a warning, then labels, exit status 0). They read the
+    head from the weights: a QA folder answers, a pretraining folder fills in [MASK]."""
     from bertkit import Tokenizer
     from bertkit.model import BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification
     from bertkit.tf_checkpoint import save_nvidia
@@ -726,8 +727,10 @@ def test_evaluate_and_predict_read_the_head_of_a_folder_that_names_no_architectu
     assert main(["evaluate", str(pretraining), "--task", "SST-2", "--data-dir", str(tmp_path / "glue")]) == 2
     assert "bert_config.json: architecture BertForPreTraining; expected BertForSequenceClassification for SST-2" in \
         capsys.readouterr().err
-    assert main(["predict", str(pretraining), str(tmp_path / "in.txt")]) == 2
-    assert "architecture BertForPreTraining; expected a fine-tuned" in capsys.readouterr().err
+    # predict reads the weights' heads: a pretraining folder fills in [MASK] as bertkit's own folder does
+    masked = "a good [MASK]"
+    assert predict(pretraining, [masked])[0]["masks"] == \
+        predict(tmp_path / "BertForPreTraining", [masked])[0]["masks"]
     assert main(["evaluate", str(qa), "--task", "SST-2", "--data-dir", str(tmp_path / "glue")]) == 2
     assert "architecture BertForQuestionAnswering" in capsys.readouterr().err
     question = {"question": "who signed", "context": "the company signed the treaty"}

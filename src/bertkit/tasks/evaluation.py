@@ -123,7 +123,8 @@ class EvaluateConfig:
 class PredictConfig:
     """`bertkit predict`: the command's arguments; all but input and out are `predict`'s keywords."""
 
-    model_dir: str = option("", "a fine-tuned model folder, or a Hub model id", positional=True)
+    model_dir: str = option("", "a fine-tuned model folder (or a pretraining one, to fill in [MASK]), or a Hub model "
+                            "id", positional=True)
     input: str = option("-", "input file: text or text<TAB>pair lines (QA: JSON lines; a tagger: a text per line, "
                         "split into words as BERT splits it; multiple choice: JSON lines with context and endings), "
                         "or a classifier's .csv or .jsonl file with named columns, as finetune's custom files "
@@ -140,6 +141,7 @@ class PredictConfig:
     threads: int | None = option(None, THREADS_HELP)
     device: str | None = option(None, DEVICE_HELP)
     int8: bool = option(False, INT8_HELP)
+    top_k: int = option(5, "a pretraining or masked-LM folder ([MASK] in the text): the tokens given for each mask")
 
 
 def evaluate(model_dir, task: str | None = None, out_dir=None, int8: bool = False, calibrate: bool = False,
@@ -236,10 +238,12 @@ def predict(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **ov
     return list(predict_stream(model_dir, inputs, source, int8, **overrides))
 
 
-def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = False, **overrides) -> Iterator[dict]:
+def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = False, top_k: int = 5,
+                   **overrides) -> Iterator[dict]:
     """Label texts (`text` or `text<TAB>pair` lines), tag their words, answer questions (JSON lines with question
-    and context) or choose endings (JSON lines with context and endings): what the model folder's head is decides
-    which.
+    and context), choose endings (JSON lines with context and endings) or fill in a text's [MASK]s (a pretraining
+    or masked-LM folder: each mask's `top_k` tokens, `bertkit.tasks.fill_mask`): what the model folder's head is
+    decides which.
 
     `inputs` is a file path, a binary stream or an iterable of lines. One result per line, in order: a blank line's
     has label (or score, tags, answer, choice) None and an "error" saying so. Labels are the names the training
@@ -258,9 +262,14 @@ def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = Fals
         source = str(inputs)
     architectures = architectures_of(model_dir, model_config)
     kind = next((k for name, k in _HEADS.items() if name in architectures), "classification")
-    if kind in ("tagging", "choice") and table:
-        raise BertkitError(f"{source}: a table; {model_dir} {'tags words' if kind == 'tagging' else 'chooses endings'}"
-                           f": expected {'text, one per line' if kind == 'tagging' else 'JSON lines'}")
+    if kind in ("tagging", "choice", "fill-mask") and table:
+        does, expected = {"tagging": ("tags words", "text, one per line"), "choice": ("chooses endings", "JSON lines"),
+                          "fill-mask": ("fills in [MASK]", "text (or text<TAB>pair) lines")}[kind]
+        raise BertkitError(f"{source}: a table; {model_dir} {does}: expected {expected}")
+    if kind == "fill-mask":
+        from bertkit.tasks.fill_mask import check_fill_mask
+
+        check_fill_mask(model_config, model_dir, top_k, model_config.vocab_size)
     config = run_config(model_dir, overrides, default_task="squad1" if kind == "question-answering" else "")
     examples, count, first, table = read_examples(inputs, source, kind, config)
     if kind == "classification" and "BertForSequenceClassification" not in architectures:
@@ -278,6 +287,8 @@ def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = Fals
             run = _tagger(model_dir, model_config, config, tokenizer, device, int8)
         elif kind == "choice":
             run = _chooser(model_dir, config, tokenizer, device, int8)
+        elif kind == "fill-mask":
+            run = _filler(model_dir, config, tokenizer, device, int8, top_k)
         else:
             run = _labeller(model_dir, model_config, config, tokenizer, first, source, device, int8)
 
@@ -296,7 +307,7 @@ def predict_stream(model_dir, inputs, source: str = "<stdin>", int8: bool = Fals
 
 # the architecture that decides what `predict` does; a folder with none of them is taken for a classifier
 _HEADS = {"BertForQuestionAnswering": "question-answering", "BertForTokenClassification": "tagging",
-          "BertForMultipleChoice": "choice"}
+          "BertForMultipleChoice": "choice", "BertForMaskedLM": "fill-mask", "BertForPreTraining": "fill-mask"}
 # per kind of model: how `predict` reads an input line, whether its example is blank, what input without any says
 _LINES = {
     "question-answering": (parse_question, lambda e: e is None, f"no questions; expected one {QUESTION_LINE} per line"),
@@ -304,6 +315,7 @@ _LINES = {
                 "no text to tag; expected a text per line"),
     "choice": (parse_choice, lambda e: e is None, f"no examples; expected one {CHOICE_LINE} per line"),
     "classification": (parse_line, is_blank, "no text to label; expected one text (or text<TAB>pair) per line"),
+    "fill-mask": (parse_line, is_blank, "no text to fill; expected one text with [MASK] (or text<TAB>pair) per line"),
 }
 
 
@@ -326,7 +338,7 @@ def read_examples(inputs, source: str, kind: str, config: FinetuneConfig) -> tup
     parse, blank, empty = _LINES[kind]  # a QA model reads a .jsonl as its lines
     lines = input_lines(inputs, source)
     examples = lambda: (parse(number, line, source) for number, line in lines())  # noqa: E731
-    checked = checked_lines(examples(), source) if kind == "classification" else examples()
+    checked = checked_lines(examples(), source) if kind in ("classification", "fill-mask") else examples()
     count, first = _checked_input(checked, blank, f"{source}: {empty}")
     return examples, count, first, table
 
@@ -426,6 +438,17 @@ def _chooser(model_dir, config, tokenizer, device, int8: bool = False):
                 for e, r in zip(examples, results)]
 
     return choose_endings
+
+
+def _filler(model_dir, config, tokenizer, device, int8: bool = False, top_k: int = 5):
+    """predict's masked-LM branch (`fill_masks`), the model loaded: a function giving per example of a chunk each
+    [MASK]'s first `top_k` tokens and the text filled in (a pretraining folder's NSP head is not read)."""
+    from bertkit.model import BertForMaskedLM
+    from bertkit.tasks.fill_mask import fill_masks
+
+    model = loaded(BertForMaskedLM, model_dir, device, int8)
+    return lambda examples: fill_masks(model, tokenizer, examples, config.max_length, config.eval_batch_size, device,
+                                       top_k)
 
 
 def _labeller(model_dir, model_config, config, tokenizer, first, source, device, int8: bool = False):
