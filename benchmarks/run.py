@@ -460,6 +460,42 @@ def case_inference(bench: Bench, preset: str, batch_size: int, n_batches: int) -
     return case
 
 
+def case_fill_mask(bench: Bench, preset: str, batch_size: int, n_batches: int) -> Case:
+    """Filling in [MASK] (`bertkit predict` on a pretraining folder): SST-2 dev sentences with one word in five
+    masked, bertkit's `fill_masks` against transformers' fill-mask pipeline (its batch_size) on the twin masked-LM
+    model, the five first tokens of each mask; per real token."""
+    import transformers
+
+    from bertkit.tasks.classification import TextExample
+    from bertkit.tasks.fill_mask import fill_masks
+
+    tok = tokenizer()
+    config = config_for(preset)
+    models = twin_models(bench, "BertForMaskedLM", config)
+    rng = random.Random(3)
+    texts = []
+    for sentence in rng.sample(sst2_sentences("dev"), batch_size * n_batches):
+        words = sentence.split()
+        texts.append(" ".join("[MASK]" if rng.random() < 0.2 or k == len(words) // 2 else w
+                              for k, w in enumerate(words)))
+    case = Case(f"fill-mask-{preset}", f"[MASK] filled in SST-2 dev sentences, {preset}, batch {batch_size}, "
+                "against transformers' fill-mask pipeline", config,
+                attention_length(len(tok.encode(t)["input_ids"]) for t in texts), False, models=models)
+    chunks = [texts[k:k + batch_size] for k in range(0, len(texts), batch_size)]
+    for side, model in models.items():
+        model.eval()
+        if side == "bertkit":
+            run = lambda chunk, m=model: fill_masks(m, tok, [TextExample("", t, None, None) for t in chunk], 128,  # noqa: E731
+                                                    batch_size, bench.device, 5)
+        else:
+            theirs = transformers.AutoTokenizer.from_pretrained(data_dir() / "checkpoints" / "all-MiniLM-L6-v2")
+            pipe = transformers.pipeline("fill-mask", model=model, tokenizer=theirs, device=bench.device, top_k=5)
+            run = lambda chunk, p=pipe: p(chunk, batch_size=batch_size)  # noqa: E731
+        case.units[side] = [(lambda c=c, r=run: r(c), sum(len(tok.encode(t)["input_ids"]) for t in c))
+                            for c in chunks]
+    return case
+
+
 def case_explain(bench: Bench, preset: str, n_sentences: int, steps: int = 50, batch_size: int = 25) -> Case:
     """Integrated gradients (`bertkit explain`) of SST-2 dev sentences, one sentence per unit: bertkit's `attribute`
     against Captum's LayerIntegratedGradients on transformers' model with the same weights, both on the word
@@ -555,11 +591,12 @@ CASES = {  # name -> (bench, args) -> Case
     "inference-b32": lambda b, a: case_inference(b, a.preset, 32, a.batches),
     "inference-b1": lambda b, a: case_inference(b, a.preset, 1, 8 * a.batches),
     "explain-ig": lambda b, a: case_explain(b, a.preset, 2 * a.batches),
+    "fill-mask": lambda b, a: case_fill_mask(b, a.preset, 32, a.batches),
     "prepare": lambda b, a: case_prepare(b),
 }
 SUITES = {
     "cpu": ["pretrain-mini", "pretrain-base", "finetune-sst2", "finetune-sst2-grouped", "finetune-sst2-lora",
-            "finetune-embedding", "finetune-squad", "inference-b32", "inference-b1", "explain-ig", "prepare"],
+            "finetune-embedding", "finetune-squad", "inference-b32", "inference-b1", "explain-ig", "fill-mask", "prepare"],
     "gpu": [c for c in CASES if c != "prepare"],
     # issue 14's GPU targets: base pretraining at 128 and 512, BERT-Large phase 1, SQuAD at 384, inference at 1 and 32
     "gpu-targets": ["pretrain-base", "pretrain-base-512", "pretrain-large", "finetune-squad", "inference-b32",

@@ -436,3 +436,21 @@ def test_the_explain_case_gives_both_sides_the_same_attributions():
         mine = ours[0]().tokens
         shares, _ = theirs[0]()
         torch.testing.assert_close(mine, shares.sum(-1)[0].double(), atol=1e-5 * mine.abs().max().item(), rtol=0)
+
+
+def test_the_fill_mask_case_gives_both_sides_the_same_tokens():
+    """fill-mask: bertkit's fill_masks and transformers' pipeline on the twin model name the same first tokens with
+    the same probabilities for every mask of a batch, and count the same tokens."""
+    import run
+
+    data_path("glue", "SST-2")
+    case = run.case_fill_mask(run.Bench(), "tiny", 4, 1)
+    assert [n for _, n in case.units["bertkit"]] == [n for _, n in case.units["transformers"]]
+    ours, theirs = case.units["bertkit"][0][0](), case.units["transformers"][0][0]()
+    assert len(ours) == len(theirs) == 4
+    vocab = run.tokenizer().vocab()
+    for mine, their in zip(ours, theirs):
+        their = their if isinstance(their[0], list) else [their]
+        assert [c["token"] for m in mine["masks"] for c in m] == [vocab[t["token"]] for m in their for t in m]
+        assert [c["probability"] for m in mine["masks"] for c in m] == pytest.approx(
+            [t["score"] for m in their for t in m], rel=1e-4)
