@@ -266,13 +266,12 @@ def explain_stream(model_dir, inputs, source: str = "<stdin>", method: str = "in
         baseline_ids = [i if i in specials else stand_in for i in encoded["input_ids"]]
         result = attribute(model, encoded["input_ids"], encoded["token_type_ids"], target, method, steps, baseline_ids,
                            config.eval_batch_size, word_positions(encoded), quantity)
-        texts = (example.text_a, example.text_b or "")
-        return text | prediction | {
-            "explained": names[target] if names else "score", "quantity": quantity if names else "score",
-            "method": method, "output": result.output,
-            "baseline_output": result.baseline_output} | ({"delta": result.delta} if result.delta is not None else {}) | {
-            "words": word_shares(encoded, result.tokens, texts),
-            "tokens": [{"token": t, "attribution": a} for t, a in zip(encoded["tokens"], result.tokens.tolist())]}
+        what = {"explained": names[target] if names else "score", "quantity": quantity if names else "score",
+                "method": method, "output": result.output, "baseline_output": result.baseline_output}
+        error = {"delta": result.delta} if result.delta is not None else {}
+        shares = {"words": word_shares(encoded, result.tokens, (example.text_a, example.text_b or "")),
+                  "tokens": [{"token": t, "attribution": a} for t, a in zip(encoded["tokens"], result.tokens.tolist())]}
+        return text | prediction | what | error | shares
 
     def results() -> Iterator[dict]:
         with progress_bar(total=count, desc="explain", unit="line", disable=count < 16) as bar, \
