@@ -593,3 +593,34 @@ def test_embed_serves_a_classifiers_encoder_cls_vectors(folders):
         with torch.no_grad():
             cls = encoder(batch["input_ids"], batch["token_type_ids"]).last_hidden_state[0, 0]
         assert prediction["embedding"] == pytest.approx(cls.tolist(), abs=1e-5)
+
+
+def test_a_pretraining_folder_fills_in_mask_as_predict_does(tmp_path):
+    """A pretraining checkpoint is served filling in [MASK] (its vectors with --embed); an input without a mask is
+    refused with 422 naming it."""
+    from bertkit import BertForPreTraining
+    from bertkit.tasks.evaluation import predict
+
+    folder = save_tiny(tmp_path / "pretraining", BertForPreTraining)
+    texts = ["the movie was [MASK]", "the [MASK] signed the [MASK] ."]
+
+    async def test(client, app):
+        answer = await client.post("/predict", json={"inputs": [texts[0], {"text": texts[1], "pair": "it [MASK]"}]})
+        refused = await client.post("/predict", json={"inputs": ["good", "no mask here"]})
+        return answer, refused, (await client.get("/metadata")).json()
+
+    answer, refused, metadata = served(folder, test, top_k=3)
+    assert answer.status_code == 200, answer.text
+    expected = [predict(folder, [line], top_k=3, threads=1)[0] for line in (texts[0], f"{texts[1]}\tit [MASK]")]
+    for got, want in zip(answer.json()["predictions"], expected, strict=True):
+        assert got["filled"] == want["filled"] and len(got["masks"]) == len(want["masks"])
+        for mine, theirs in zip(got["masks"], want["masks"]):
+            assert [c["token"] for c in mine] == [c["token"] for c in theirs] and len(mine) == 3
+            assert [c["probability"] for c in mine] == pytest.approx([c["probability"] for c in theirs], abs=1e-6)
+    assert refused.status_code == 422 and "inputs[0] has no [MASK]" in refused.json()["error"]
+    assert metadata["kind"] == "fill-mask" and "[MASK]" in metadata["input"]
+
+    async def vectors(client, app):
+        return (await client.post("/predict", json={"inputs": ["the movie was good"]})).json()
+
+    assert "embedding" in served(folder, vectors, embed=True)["predictions"][0]

@@ -399,18 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="serve a fine-tuned model (or an encoder's vectors) over HTTP (JSON), with dynamic batching",
+        help="serve a fine-tuned model (a pretrained one's [MASK] filling, an encoder's vectors) over HTTP (JSON), "
+        "with dynamic batching",
         description="Serve a fine-tuned classifier, regressor, tagger, QA or multiple-choice model: POST /predict "
         'with {"inputs": "a text"} or {"inputs": ["a text", {"text": "a", "pair": "b"}, ...]} (QA: '
         '{"question": ..., "context": ...}; a tagger: no pairs; multiple choice: {"context": ..., "endings": '
         '[...]}) answers {"predictions": [...]}, as `bertkit predict` prints them; GET /health and GET /metadata. '
-        'An encoder without a fine-tuned head (all-MiniLM-L6-v2, a pretraining checkpoint), or any model with '
-        '--embed, answers {"embedding": [...]} per input, as `bertkit embed` computes it. '
+        "A pretraining (or masked-LM) checkpoint fills in [MASK] in texts that have one, as `bertkit predict` does. "
+        'An encoder without a head (all-MiniLM-L6-v2), or any model with --embed, answers {"embedding": [...]} per '
+        "input, as `bertkit embed` computes it. "
         "Requests wait at most --max-wait-ms to share a forward pass of up to --max-batch-size inputs; a full "
         "queue answers 503, oversize requests 413, malformed ones 400/422. SIGTERM or Ctrl-C finishes the requests "
         "in flight, then exits. Needs the serve extra: pip install 'bertkit[serve]' (starlette, uvicorn).",
     )
-    p.add_argument("model_dir", help="a fine-tuned model folder, or an encoder's for its vectors")
+    p.add_argument("model_dir", help="a fine-tuned model folder, a pretraining one (to fill in [MASK]), or an "
+                   "encoder's for its vectors")
     add_dataclass_args(p, ServeConfig, skip=("model_dir",))
     p.set_defaults(func=cmd_serve)
 

@@ -45,8 +45,9 @@ from bertkit.errors import BertkitError
 logger = logging.getLogger("bertkit")
 
 QA, CLASSIFIER, TAGGER = "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification"
-CHOICE = "BertForMultipleChoice"
-KINDS = {QA: "question-answering", TAGGER: "tagging", CHOICE: "multiple-choice"}  # else by its labels
+CHOICE, PRETRAINING, MASKED_LM = "BertForMultipleChoice", "BertForPreTraining", "BertForMaskedLM"
+KINDS = {QA: "question-answering", TAGGER: "tagging", CHOICE: "multiple-choice", PRETRAINING: "fill-mask",
+         MASKED_LM: "fill-mask"}  # else by its labels
 
 
 
@@ -55,7 +56,8 @@ class ServeConfig:
     """`bertkit serve`: the CLI's flags are these fields."""
 
     model_dir: str = option("", "a fine-tuned model folder (or Hub model id): a classifier, a regressor, a tagger, "
-                            "a QA or a multiple-choice model; or any encoder, for its vectors")
+                            "a QA or a multiple-choice model; a pretraining one, to fill in [MASK]; or any encoder, "
+                            "for its vectors")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = option(8000, "port to listen on (0: any free port, printed at start)")
     int8: bool = option(False, "run the model in int8 (dynamic quantization of its linear layers, CPU only)")
@@ -72,11 +74,12 @@ class ServeConfig:
     shutdown_timeout: float = option(30.0, "on SIGTERM or Ctrl-C, seconds to finish the requests in flight "
                                      "(those still running then are answered 503)")
     embed: bool = option(False, "answer each input with its vector ({\"embedding\": [...]}, as `bertkit embed` "
-                         "computes it) instead of the model's head; a folder without a fine-tuned head (an encoder "
-                         "such as all-MiniLM-L6-v2, a pretraining checkpoint) is always served so")
+                         "computes it) instead of the model's head (a pretraining folder's: filling in [MASK]); a "
+                         "folder without a head (an encoder such as all-MiniLM-L6-v2) is always served so")
     pool: Literal["mean", "cls"] = option("mean", "vectors: the mean of the last layer over the input's tokens, or "
                                           "[CLS]'s")
     normalize: bool = option(False, "vectors: scaled to length 1, so that a dot product is the cosine similarity")
+    top_k: int = option(5, "a pretraining or masked-LM folder: the tokens given for each [MASK]")
 
     def check(self) -> None:
         """Raise on values no server can use, and on a model folder that is not there, before anything is loaded."""
@@ -100,6 +103,8 @@ class ServeConfig:
             raise BertkitError(f"--max-length is {self.max_length}; expected at least 8 tokens")
         if self.threads is not None and not 1 <= self.threads <= 256:
             raise BertkitError(f"--threads is {self.threads}; expected 1 to 256")
+        if self.top_k < 1:
+            raise BertkitError(f"--top-k is {self.top_k}; expected a positive number of tokens")
 
 
 class RequestError(Exception):
@@ -127,8 +132,8 @@ class Predictor:
 
     def __init__(self, model_dir, int8: bool = False, max_length: int | None = None, batch_size: int = 32,
                  device: str = "cpu", max_text_chars: int = 20_000, embed: bool = False, pool: str = "mean",
-                 normalize: bool = False):
-        from bertkit.model import BertModel
+                 normalize: bool = False, top_k: int = 5):
+        from bertkit.model import BertForMaskedLM, BertModel
         from bertkit.tasks.choice import ChoiceTask
         from bertkit.tasks.classification import TextTask, is_multi_label
         from bertkit.tasks.evaluation import _tuned_threshold
@@ -142,14 +147,18 @@ class Predictor:
         model_config = BertConfig.load(directory)
         architectures = model_config.extra.get("architectures") or [CLASSIFIER]
         self.directory, self.int8, self.max_text_chars = directory, int8, max_text_chars
-        self.pool, self.normalize = pool, normalize
-        if embed or not {QA, CLASSIFIER, TAGGER, CHOICE} & set(architectures):  # no head to serve: its vectors
+        self.pool, self.normalize, self.top_k = pool, normalize, top_k
+        if embed or not {QA, CLASSIFIER, TAGGER, CHOICE, *KINDS} & set(architectures):  # no head to serve: vectors
             self.kind = "embedding"
         else:
             single = "regression" if model_config.num_labels == 1 else "classification"
             self.kind = next((kind for name, kind in KINDS.items() if name in architectures),
                              "multi-label" if is_multi_label(model_config) else single)
         self.pairs = model_config.type_vocab_size > 1  # one segment embedding: no sentence B
+        if self.kind == "fill-mask":
+            from bertkit.tasks.fill_mask import check_fill_mask
+
+            check_fill_mask(model_config, directory, top_k, model_config.vocab_size)
         if self.kind in ("question-answering", "multiple-choice") and not self.pairs:
             what = "the question and its context" if self.kind == "question-answering" else "a sentence and an ending"
             raise BertkitError(f"{directory}/config.json: type_vocab_size 1 for {self.kind.replace('-', ' ')}; "
@@ -182,9 +191,11 @@ class Predictor:
             self.task = TaggingTask(self.labels, "")
         elif self.kind == "multiple-choice":
             self.task = ChoiceTask()
+        elif self.kind in ("embedding", "fill-mask"):
+            self.task = None  # run by embed_rows and fill_masks
         else:
             self.task = TextTask("serve", self.labels, (), multi_label=self.kind == "multi-label")
-        model_class = BertModel if self.kind == "embedding" else self.task.model_class
+        model_class = {"embedding": BertModel, "fill-mask": BertForMaskedLM}.get(self.kind) or self.task.model_class
         model = model_class.from_pretrained(directory).to(self.device).eval()
         if int8:
             from bertkit.quantize import to_int8
@@ -195,7 +206,9 @@ class Predictor:
     def metadata(self) -> dict:
         accepts = {"question-answering": '{"question": str, "context": str, "id"?: str}',
                    "tagging": 'str, or {"text": str}',
-                   "multiple-choice": '{"context": str, "endings": [str, ...], "lead"?: str}'}.get(self.kind, 'str, or {"text": str, "pair"?: str}')
+                   "multiple-choice": '{"context": str, "endings": [str, ...], "lead"?: str}',
+                   "fill-mask": 'str with [MASK], or {"text": str, "pair"?: str}'}.get(
+                       self.kind, 'str, or {"text": str, "pair"?: str}')
         vectors = {"dimension": self.model.config.hidden_size, "pool": self.pool, "normalize": self.normalize}
         return {"model": hub.model_name(self.directory), "kind": self.kind, "labels": self.labels,
                 **(vectors if self.kind == "embedding" else {}), "task": self.config.task,
@@ -226,18 +239,27 @@ class Predictor:
         if self.kind == "multiple-choice":
             return self._choice(item, where)
         if isinstance(item, str):
-            return TextExample("", self._checked(item, where), None, None)
-        fields = ("text",) if self.kind == "tagging" else ("text", "pair")
-        if not isinstance(item, dict):
-            raise RequestError(422, f"{where} is {_json_type(item)}; expected a string or an object "
-                                    + ('{"text": ...}' if self.kind == "tagging" else '{"text": ..., "pair": ...}'))
-        _only_fields(item, fields, where)
-        text = self._text(item, "text", where)
-        pair = self._text(item, "pair", where) if "pair" in item else None
-        if pair is not None and not self.pairs:
-            raise RequestError(422, f'{where} has a "pair"; expected single texts (the model has one segment '
-                                    "embedding, type_vocab_size 1)")
-        return TextExample("", text, pair, None)
+            example = TextExample("", self._checked(item, where), None, None)
+        else:
+            fields = ("text",) if self.kind == "tagging" else ("text", "pair")
+            if not isinstance(item, dict):
+                raise RequestError(422, f"{where} is {_json_type(item)}; expected a string or an object "
+                                        + ('{"text": ...}' if self.kind == "tagging" else '{"text": ..., "pair": ...}'))
+            _only_fields(item, fields, where)
+            text = self._text(item, "text", where)
+            pair = self._text(item, "pair", where) if "pair" in item else None
+            if pair is not None and not self.pairs:
+                raise RequestError(422, f'{where} has a "pair"; expected single texts (the model has one segment '
+                                        "embedding, type_vocab_size 1)")
+            example = TextExample("", text, pair, None)
+        return self._masked(example, where) if self.kind == "fill-mask" else example
+
+    def _masked(self, example: TextExample, where: str) -> TextExample:
+        """A fill-mask input, refused here when it has no [MASK] (one past --max-length gets an error result)."""
+        if self.tokenizer.mask_id not in self.tokenizer.encode(example.text_a, example.text_b)["input_ids"]:
+            raise RequestError(422, f"{where} has no [MASK]; expected a text with [MASK] where a token is to be "
+                                    "predicted")
+        return example
 
     def _choice(self, item, where: str):
         from bertkit.tasks.choice import CHOICE_LINE, ChoiceExample
@@ -281,6 +303,12 @@ class Predictor:
             from bertkit.tasks.choice import choose
 
             return choose(self.model, self.tokenizer, examples, self.config, self.device)
+        if self.kind == "fill-mask":
+            from bertkit.tasks.fill_mask import fill_masks
+
+            results = fill_masks(self.model, self.tokenizer, examples, self.config.max_length,
+                                 self.config.eval_batch_size, self.device, self.top_k)
+            return [{k: v for k, v in r.items() if k not in ("text", "pair")} for r in results]
         if self.kind == "tagging":
             from bertkit.tasks.tagging import tag_texts
 
@@ -511,7 +539,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None):
         predictor = Predictor(config.model_dir, int8=config.int8, max_length=config.max_length,
                               batch_size=config.max_batch_size, device=config.device,
                               max_text_chars=config.max_text_chars, embed=config.embed, pool=config.pool,
-                              normalize=config.normalize)
+                              normalize=config.normalize, top_k=config.top_k)
     batcher = Batcher(predictor.run, config.max_batch_size, config.max_wait_ms / 1000, config.max_queue)
 
     async def predict(request):

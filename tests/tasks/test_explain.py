@@ -79,7 +79,8 @@ def test_integrated_gradients_equal_captums_on_transformers_model(minilm_classif
     torch.testing.assert_close(mine, theirs, atol=2e-4 * theirs.abs().max().item(), rtol=0)
     assert result["delta"] == pytest.approx(their_delta, abs=2e-4 * theirs.abs().max().item())
     # completeness: the shares add up to the output's change from the baseline, to the quadrature's error
-    assert mine.sum().item() - (result["output"] - result["baseline_output"]) == pytest.approx(result["delta"], abs=1e-6)
+    change = result["output"] - result["baseline_output"]
+    assert mine.sum().item() - change == pytest.approx(result["delta"], abs=1e-6)
     assert mine[0] == 0 and mine[-1] == 0  # [CLS] and the last [SEP] are the baseline's own: no share
 
 

@@ -65,8 +65,8 @@ class ExplainConfig:
 )
     steps: int = option(50, "integrated-gradients: points of the Gauss-Legendre quadrature along the path (more: a "
                         "smaller delta, slower)")
-    baseline: Baseline = option("pad", "what stands in for the words: the input's tokens but [CLS] and [SEP] replaced by "
-                           "[PAD] or by [MASK]")
+    baseline: Baseline = option("pad", "what stands in for the words: the input's tokens but [CLS] and [SEP] "
+                                "replaced by [PAD] or by [MASK]")
     quantity: Quantity = option("probability", "what is explained: the label's probability, or its log-odds, "
                                 "log(p / (1 - p)), which does not saturate near 0 and 1 (a regressor: its score "
                                 "either way)")
@@ -137,8 +137,8 @@ def word_embeddings_replaced(model, holder: list):
 def attribute(model, input_ids: Sequence[int], token_type_ids: Sequence[int], target: int, method: str, steps: int,
               baseline_ids: Sequence[int], batch_size: int, words: Sequence[Sequence[int]] = (),
               quantity: str = "probability") -> Attribution:
-    """One encoded input's token shares of the target's `quantity` (`scorer`) by `method`. `baseline_ids` are the ids that stand
-    for the input (same length, [CLS] and [SEP] kept); `words`, the token positions of each word, which occlusion
+    """One encoded input's token shares of the target's `quantity` (`scorer`) by `method`. `baseline_ids` are the
+    ids that stand for the input (same length, [CLS] and [SEP] kept); `words`, the token positions of each word, which occlusion
     replaces together (a word's share is then split evenly over its tokens)."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
@@ -261,8 +261,9 @@ def explain_stream(model_dir, inputs, source: str = "<stdin>", method: str = "in
             probabilities = torch.sigmoid(logits) if model.multi_label else torch.softmax(logits, -1)
             best = int(probabilities.argmax())
             target = names.index(label) if label is not None else best
-            prediction = ({"labels": [n for n, p in zip(names, probabilities) if p >= config.label_threshold]}
-                          if model.multi_label else {"label": names[best]}) | {"probability": probabilities[best].item()}
+            chosen = ({"labels": [n for n, p in zip(names, probabilities) if p >= config.label_threshold]}
+                      if model.multi_label else {"label": names[best]})
+            prediction = chosen | {"probability": probabilities[best].item()}
         baseline_ids = [i if i in specials else stand_in for i in encoded["input_ids"]]
         result = attribute(model, encoded["input_ids"], encoded["token_type_ids"], target, method, steps, baseline_ids,
                            config.eval_batch_size, word_positions(encoded), quantity)
@@ -322,15 +323,16 @@ def write_html(results: Sequence[dict], path, model_dir, method: str) -> None:
         rows.append(f"<tr><td>{number}</td><td>{predicted}</td><td>{html.escape(r['explained'])} {r['quantity']}: "
                     f"{r['baseline_output']:.3f} &rarr; {r['output']:.3f} ({change:+.3f})</td><td>{body}</td></tr>")
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>bertkit explain: "
-            f"{html.escape(str(model_dir))}</title>\n<style>body {{ font: 15px/1.8 system-ui, sans-serif; margin: 2em; }}"
+            f"{html.escape(str(model_dir))}</title>\n<style>body {{ font: 15px/1.8 system-ui, sans-serif; "
+            "margin: 2em; }"
             " table { border-collapse: collapse; } td { border-top: 1px solid #ddd; padding: 4px 10px; "
             "vertical-align: top; } span { padding: 1px 2px; border-radius: 3px; }</style></head><body>\n"
             f"<h2>{html.escape(str(model_dir))}: {html.escape(method)}</h2>\n<p>Each word is shaded by its share of "
             "the explained output: <span style=\"background: rgba(22, 140, 60, 0.6)\">toward</span> the label, "
             "<span style=\"background: rgba(200, 40, 40, 0.6)\">against</span> it, the strongest in each input "
             "darkest; hover a word for its share. The output column gives what is explained (a label's probability or "
-            "log-odds, a regressor's score) at the baseline and at the input.</p>\n<table><tr><th>#</th><th>prediction</th>"
-            "<th>output</th><th>words</th></tr>\n" + "\n".join(rows) + "\n</table></body></html>\n")
+            "log-odds, a regressor's score) at the baseline and at the input.</p>\n<table><tr><th>#</th>"
+            "<th>prediction</th><th>output</th><th>words</th></tr>\n" + "\n".join(rows) + "\n</table></body></html>\n")
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(page, encoding="utf-8")
