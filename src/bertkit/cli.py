@@ -94,6 +94,15 @@ def cmd_vocab_train(args) -> None:
           f"{'cased' if config.cased else 'uncased'}")
 
 
+def cmd_vocab_extend(args) -> None:
+    from bertkit.extend import VocabExtendConfig, vocab_extend
+
+    done = vocab_extend(dataclass_from_args(VocabExtendConfig, args))
+    shown = ", ".join(f"{token} ({count:,})" for token, count in done["tokens"][:12])
+    print(f"wrote {done['out']} ({done['architecture']}): {done['added']:,} tokens added to the {done['from']:,}, "
+          f"the most used first: {shown}{', ...' if done['added'] > 12 else ''}")
+
+
 def cmd_prepare(args) -> None:
     from bertkit.data.prepare import PrepareConfig, prepare_corpus
 
@@ -141,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataclass_args(p, VocabConfig)
     p.set_defaults(func=cmd_vocab_train)
+
+    p = vocab_sub.add_parser(
+        "extend",
+        help="add a domain's words to a model's vocabulary, their embeddings from the pieces they were",
+        description="Train a WordPiece vocabulary on the domain's text (FILES, read as `prepare` reads them), take "
+        "the --add tokens it uses most that the model's vocabulary lacks, append them (the old tokens keep their "
+        "ids) and write the model to --out with an embedding row for each: the mean of the rows of the pieces the "
+        "old tokenizer split it into (the masked-LM output bias likewise). Text the new tokens do not match is "
+        "encoded and run exactly as before; continue pretraining on the domain (`bertkit pretrain --model-dir "
+        "OUT`) for the model to learn them. transformers loads the folder as any BERT.",
+    )
+    from bertkit.extend import VocabExtendConfig
+
+    add_dataclass_args(p, VocabExtendConfig)
+    p.set_defaults(func=cmd_vocab_extend)
 
     p = sub.add_parser(
         "prepare",

@@ -1,5 +1,9 @@
-"""Inputs longer than a checkpoint was trained on: `bertkit extend` gives an existing BERT folder (any head, bertkit's
-or transformers') more learned positions and, optionally, windowed attention, and writes a new model folder.
+"""An existing BERT folder (any head, bertkit's or transformers') made bigger, written as a new model folder: more
+learned positions for inputs longer than it was trained on (`bertkit extend`), or more tokens for a domain's words
+(`bertkit vocab extend`, at the end of this module).
+
+Inputs longer than a checkpoint was trained on: `bertkit extend` gives the folder more learned positions and,
+optionally, windowed attention.
 
 Two ways to fill the new position embeddings from the P trained ones:
 - copy: position p takes trained position p mod P (Longformer's initialisation). The first P positions are the
@@ -134,3 +138,100 @@ def _model_for(config: BertConfig, source: Path):
         raise BertkitError(f"architecture {', '.join(names)}; expected one of {', '.join(MODEL_CLASSES)}")
     return cls(config)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# More tokens: a domain's words
+
+
+@dataclass
+class VocabExtendConfig:
+    """`bertkit vocab extend`: the CLI's flags are these fields."""
+
+    model_dir: str = option("", "the model folder (or Hub model id) whose vocabulary to extend", positional=True)
+    files: list[str] = option([], "the domain's text: files, folders or globs, read as `prepare` reads them",
+                              positional=True)
+    out: str = option("", "the new model folder", required=True)
+    add: int = option(2000, "tokens to add: the most frequent, in the domain's text, of those a WordPiece "
+                      "vocabulary trained on it has and the model's lacks")
+    domain_vocab_size: int = option(30522, "size of the WordPiece vocabulary trained on the domain's text, where the "
+                                    "new tokens come from")
+    min_frequency: int = option(2, "minimum count of a merged piece in that training")
+    overwrite: bool = option(False, "write into --out even when it holds files")
+
+
+def domain_tokens(tokenizer, files: list[Path], count: int, domain_vocab_size: int = 30522,
+                  min_frequency: int = 2) -> list[tuple[str, int]]:
+    """The `count` tokens the tokenizer's vocabulary lacks that a WordPiece vocabulary trained on the files uses
+    most, as (token, times used in the files); ties by token."""
+    import tempfile
+    from collections import Counter
+
+    from bertkit.data.corpus import FileReader
+    from bertkit.tokenizer import SPECIAL_TOKENS, read_sentences, train_vocab
+
+    with tempfile.TemporaryDirectory() as folder:
+        domain = train_vocab(files, folder, vocab_size=domain_vocab_size, lowercase=tokenizer.lowercase,
+                             min_frequency=min_frequency, show_progress=False)
+    used: Counter = Counter()
+    for batch in read_sentences([FileReader(path) for path in files]):
+        used.update(token for e in domain.backend.encode_batch(batch, add_special_tokens=False) for token in e.tokens)
+    known = set(tokenizer.vocab()) | set(SPECIAL_TOKENS)
+    return sorted(((t, n) for t, n in used.items() if t not in known), key=lambda tn: (-tn[1], tn[0]))[:count]
+
+
+def new_rows(table: torch.Tensor, tokenizer, tokens: list[str]) -> torch.Tensor:
+    """A row per new token: the mean of the rows of the pieces the old tokenizer splits it into (a "##" piece's
+    characters split as a word; characters it does not know are [UNK], whose row is what the model saw for them)."""
+    rows = []
+    for token in tokens:
+        ids = tokenizer.backend.encode(token.removeprefix("##"), add_special_tokens=False).ids or [tokenizer.unk_id]
+        rows.append(table[ids].float().mean(0))
+    return torch.stack(rows).to(table.dtype)
+
+
+def vocab_extend(config: VocabExtendConfig) -> dict:
+    """Write the model folder with the domain's tokens appended to its vocabulary (the old tokens keep their ids,
+    so text that none of the new tokens matches is encoded and run exactly as before); returns what was done."""
+    from bertkit.checkpoint import load_state_dict_into
+    from bertkit.data.corpus import expand_inputs
+    from bertkit.tokenizer import Tokenizer, write_vocab
+
+    source = model_folder(config.model_dir)
+    out = new_model_folder(config.out, config.model_dir, config.overwrite, "extended model")
+    if isinstance(config.add, bool) or not isinstance(config.add, int) or not 1 <= config.add <= 1_000_000:
+        raise BertkitError(f"--add {config.add!r}; expected a whole number of tokens from 1 to 1,000,000")
+    files = expand_inputs(config.files)
+    model_config = BertConfig.load(source)
+    tokenizer = Tokenizer.from_pretrained(source)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise BertkitError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens, more than config.json's "
+                           f"vocab_size {model_config.vocab_size:,}; expected the model's own tokenizer files")
+    found = domain_tokens(tokenizer, files, config.add, config.domain_vocab_size, config.min_frequency)
+    if not found:
+        raise BertkitError(f"{', '.join(map(str, files))}: no token that the model's vocabulary lacks; expected a "
+                           "domain's text whose words it splits")
+    tokens = [t for t, _ in found]
+    first = tokenizer.vocab_size  # a table padded past the tokenizer (NVIDIA's 30,528 rows) has its spare rows reused
+    size = max(model_config.vocab_size, first + len(tokens))
+    state = read_state_dict(source)
+    for key in [k for k in state if k.endswith(("word_embeddings.weight", "predictions.decoder.weight",
+                                                 "predictions.bias", "predictions.decoder.bias"))]:
+        old = state[key]
+        if old.shape[0] != model_config.vocab_size:
+            raise BertkitError(f"{source}: {key} has {old.shape[0]:,} rows; expected config.json's vocab_size "
+                               f"{model_config.vocab_size:,}")
+        grown = torch.cat([old, old.new_zeros(size - old.shape[0], *old.shape[1:])])
+        grown[first:first + len(tokens)] = new_rows(old[:first], tokenizer, tokens)
+        state[key] = grown
+    record = {"added": len(tokens), "from": tokenizer.vocab_size, "to": first + len(tokens),
+              "corpus": [str(f) for f in files]}
+    model_config.vocab_size = size
+    model_config.extra["vocab_extension"] = record
+    model = _model_for(model_config, source)
+    load_state_dict_into(model, state, source=str(source))
+    make_dir(out, "--out")
+    write_vocab(out / "vocab.txt", tokenizer.vocab() + tokens)
+    extended = Tokenizer.from_vocab(out / "vocab.txt", lowercase=tokenizer.lowercase)
+    save_pretrained(model, out, tokenizer=extended)
+    return record | {"out": str(out), "architecture": type(model).__name__, "tokens": found}

@@ -284,7 +284,7 @@ class Tokenizer:
         directory = save_folder(directory)
         # each file whole or not at all (a full disk was a traceback and left a cut one, a cut vocab.txt read after as
         # a smaller vocabulary), as write_json writes the other two
-        _write_vocab(directory / "vocab.txt", self.vocab())
+        write_vocab(directory / "vocab.txt", self.vocab())
         atomic_write(directory / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         special_tokens = {
             "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"
@@ -476,7 +476,7 @@ class Tokenizer:
         return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
 
 
-def _read_sentences(readers: list[FileReader]) -> Iterator[list[str]]:
+def read_sentences(readers: list[FileReader]) -> Iterator[list[str]]:
     """The sentences of the readers' documents in batches (the trainer is fed from Python)."""
     batch = []
     for reader in readers:
@@ -537,7 +537,7 @@ def vocab_train(config: VocabConfig, show_progress: bool = True) -> Tokenizer:
                        show_progress=show_progress)
 
 
-def _write_vocab(path: Path, tokens: list[str]) -> None:
+def write_vocab(path: Path, tokens: list[str]) -> None:
     """vocab.txt, a token a line, replaced whole: a full disk is a BertkitError naming it, not a cut file."""
     from bertkit.checkpoint import atomic_write_text
 
@@ -589,7 +589,7 @@ def train_vocab(
                                    show_progress=show_progress)
         # in the formats the first pass found; the lines skipped were counted and reported by it
         again = [FileReader(reader.path, reader.fmt, text_field) for reader in readers]
-        backend.train_from_iterator(_read_sentences(again), trainer=trainer)
+        backend.train_from_iterator(read_sentences(again), trainer=trainer)
         return backend
 
     # The trainer breaks ties in hash-map order, which changes from run to run (tokenizers issue #1794): between
@@ -602,7 +602,7 @@ def train_vocab(
     skips = Skips()
     readers = [FileReader(path, fmt, text_field, skips) for path in paths]  # a binary file is refused before reading
     sentences, raw = 0, Counter()
-    for batch in _read_sentences(readers):
+    for batch in read_sentences(readers):
         sentences += len(batch)
         raw.update("".join(batch))
     if skips.total:
@@ -639,7 +639,7 @@ def train_vocab(
     except OSError as e:
         raise BertkitError(f"{where(out_dir)}: cannot create the folder ({e.strerror or e})") from None
     vocab_file = out_dir / "vocab.txt"
-    _write_vocab(vocab_file, tokens)
+    write_vocab(vocab_file, tokens)
     tokenizer = Tokenizer.from_vocab(vocab_file, lowercase)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
