@@ -148,7 +148,7 @@ class Predictor:
         architectures = model_config.extra.get("architectures") or [CLASSIFIER]
         self.directory, self.int8, self.max_text_chars = directory, int8, max_text_chars
         self.pool, self.normalize, self.top_k = pool, normalize, top_k
-        if embed or not {QA, CLASSIFIER, TAGGER, CHOICE, *KINDS} & set(architectures):  # no head to serve: vectors
+        if embed or not {CLASSIFIER, *KINDS} & set(architectures):  # no head to serve: its vectors
             self.kind = "embedding"
         else:
             single = "regression" if model_config.num_labels == 1 else "classification"
