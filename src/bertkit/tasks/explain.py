@@ -60,9 +60,9 @@ class ExplainConfig:
     html: str | None = option(None, "also draw the results on one HTML page, each word shaded by its share: green "
                               "toward the explained label, red against it")
     method: Method = option("integrated-gradients", "integrated-gradients (the shares add up to the output's change "
-                         "from the baseline), gradient-x-input (one backward pass, fastest) or occlusion (the fall "
-                         "of the output when a word is replaced by the baseline token; a forward pass per word)",
-)
+                            "from the baseline), gradient-x-input (one backward pass, fastest, but on SST-2 it ranked "
+                            "words barely better than random order: docs/findings.md) or occlusion (the fall of the "
+                            "output when a word is replaced by the baseline token; a forward pass per word)")
     steps: int = option(50, "integrated-gradients: points of the Gauss-Legendre quadrature along the path (more: a "
                         "smaller delta, slower)")
     baseline: Baseline = option("pad", "what stands in for the words: the input's tokens but [CLS] and [SEP] "
