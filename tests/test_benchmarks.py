@@ -438,10 +438,14 @@ def test_the_explain_case_gives_both_sides_the_same_attributions():
         torch.testing.assert_close(mine, shares.sum(-1)[0].double(), atol=1e-5 * mine.abs().max().item(), rtol=0)
 
 
-def test_the_fill_mask_case_gives_both_sides_the_same_tokens():
+def test_the_fill_mask_case_gives_both_sides_the_same_tokens(monkeypatch):
     """fill-mask: bertkit's fill_masks and transformers' pipeline on the twin model name the same first tokens with
     the same probabilities for every mask of a batch, and count the same tokens."""
     import run
+
+    # a pipeline given a list sets TOKENIZERS_PARALLELISM=false in the environment when it is unset, for every later
+    # test and the processes they start (a tokenizer's thread pool then had one thread): set here, and taken back
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
 
     data_path("glue", "SST-2")
     case = run.case_fill_mask(run.Bench(), "tiny", 4, 1)

@@ -693,7 +693,8 @@ def test_threads_bounds_the_tokenizers_thread_pool(tmp_path):
              "tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()\n"
              "tok.encode_batch(['a a a'] * 5000)\n"
              "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('Threads')))")
-    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    # nor TOKENIZERS_PARALLELISM: "false" (which transformers' pipelines set in their process) runs no pool at all
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
 
     def threads(n, **extra):
         done = subprocess.run([sys.executable, "-c", probe, str(n)], env=env | extra, capture_output=True, text=True,
