@@ -139,7 +139,6 @@ def _model_for(config: BertConfig, source: Path):
     return cls(config)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # More tokens: a domain's words
 

@@ -138,8 +138,10 @@ def attribute(model, input_ids: Sequence[int], token_type_ids: Sequence[int], ta
               baseline_ids: Sequence[int], batch_size: int, words: Sequence[Sequence[int]] = (),
               quantity: str = "probability") -> Attribution:
     """One encoded input's token shares of the target's `quantity` (`scorer`) by `method`. `baseline_ids` are the
-    ids that stand for the input (same length, [CLS] and [SEP] kept); `words`, the token positions of each word, which occlusion
-    replaces together (a word's share is then split evenly over its tokens)."""
+    ids that stand for the input (same length, [CLS] and [SEP] kept); `words`, the token positions of each word,
+    which occlusion replaces together (a word's share is then split evenly over its tokens)."""
+    if method not in METHODS:
+        raise BertkitError(f"method {method!r}; expected one of {', '.join(METHODS)}")
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
     types = torch.tensor([token_type_ids], device=device)
@@ -173,7 +175,7 @@ def attribute(model, input_ids: Sequence[int], token_type_ids: Sequence[int], ta
         delta = shares.sum().item() - (output - baseline_output)
     elif method == "gradient-x-input":
         shares = (run(x[None], grad=True)[1][0].double() * x.double()).sum(-1)
-    elif method == "occlusion":
+    else:  # occlusion
         shares = torch.zeros(len(input_ids), dtype=torch.float64, device=device)
         for start in range(0, len(words), batch_size):
             chunk = words[start:start + batch_size]
@@ -183,8 +185,6 @@ def attribute(model, input_ids: Sequence[int], token_type_ids: Sequence[int], ta
             fall = output - run(points, grad=False)[0].double()
             for positions, value in zip(chunk, fall):
                 shares[list(positions)] = value / len(positions)
-    else:
-        raise BertkitError(f"method {method!r}; expected one of {', '.join(METHODS)}")
     return Attribution(shares.cpu(), output, baseline_output, delta)
 
 

@@ -49,7 +49,7 @@ def fill_masks(model, tokenizer, examples: Sequence[TextExample], max_length: in
         counts = masked.sum(1).tolist()
         for i, p, t in zip(indices, probabilities.cpu().split(counts), ids.cpu().split(counts)):
             found[i] = (p, t)
-    vocab = tokenizer.vocab()
+    token = tokenizer.backend.id_to_token
     results = []
     for i, example in enumerate(examples):
         text = {"text": example.text_a} | ({"pair": example.text_b} if example.text_b is not None else {})
@@ -63,7 +63,7 @@ def fill_masks(model, tokenizer, examples: Sequence[TextExample], max_length: in
         filled = list(rows[i]["input_ids"])
         for position, first in zip([k for k, t in enumerate(filled) if t == mask], ids[:, 0].tolist()):
             filled[position] = first
-        masks = [[{"token": vocab[t], "probability": p} for t, p in zip(row_ids.tolist(), row_p.tolist())]
+        masks = [[{"token": token(t), "probability": p} for t, p in zip(row_ids.tolist(), row_p.tolist())]
                  for row_ids, row_p in zip(ids, probabilities)]
         results.append(text | {"masks": masks, "filled": tokenizer.decode(filled)})
     return results
