@@ -74,6 +74,8 @@ INT8_HELP = ("run the model in int8 on the CPU: every linear layer dynamically q
 THREADS_HELP = ("CPU threads for torch (default: the cores that the last minute's load average leaves idle, 1 to 16, "
                 "so that a busy machine slows a run down instead of stalling it)")
 DEVICE_HELP = "cpu, cuda, cuda:N, mps (default: the run's, auto)"
+TEXT_A_HELP = ".csv/.jsonl input: the column of the (first) text (default: the run's, else sentence)"
+TEXT_B_HELP = ".csv/.jsonl input: the column of the second text of a pair (default: the run's)"
 LABEL_THRESHOLD_HELP = ("a multi-label model: a label is predicted when its probability is at least this (default: "
                         "the run's, 0.5)")
 
@@ -131,10 +133,8 @@ class PredictConfig:
                         "(default: standard input)", positional=True)
     out: str | None = option(None, "write the JSON lines here instead of standard output, the file whole or not at "
                              "all (default: standard output, a chunk of 32,768 lines at a time as they are run)")
-    text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
-                                "sentence)")
-    text_b: str | None = option(None, ".csv/.jsonl input: the column of the second text of a pair (default: the "
-                                "run's)")
+    text_a: str | None = option(None, TEXT_A_HELP)
+    text_b: str | None = option(None, TEXT_B_HELP)
     max_length: int | None = option(None, "tokens per example or window (default: the run's)")
     eval_batch_size: int | None = option(None, "batch size (default: the run's)")
     label_threshold: float | None = option(None, LABEL_THRESHOLD_HELP)

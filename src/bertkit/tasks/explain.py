@@ -33,8 +33,8 @@ from bertkit.config import BertConfig, option
 from bertkit.errors import BertkitError
 from bertkit.model import BertForSequenceClassification
 from bertkit.tasks.classification import is_blank
-from bertkit.tasks.evaluation import (DEVICE_HELP, THREADS_HELP, architecture_source, architectures_of, label_names,
-                                      loaded, read_examples, run_config)
+from bertkit.tasks.evaluation import (DEVICE_HELP, TEXT_A_HELP, TEXT_B_HELP, THREADS_HELP, architecture_source,
+                                      architectures_of, label_names, loaded, read_examples, run_config)
 from bertkit.tasks.finetune import resolve_device
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tokenizer import Tokenizer
@@ -72,10 +72,8 @@ class ExplainConfig:
                                 "either way)")
     label: str | None = option(None, "the label explained (default: each input's predicted "
                                "label; a multi-label model's most probable; a regressor explains its score)")
-    text_a: str | None = option(None, ".csv/.jsonl input: the column of the (first) text (default: the run's, else "
-                                "sentence)")
-    text_b: str | None = option(None, ".csv/.jsonl input: the column of the second text of a pair (default: the "
-                                "run's)")
+    text_a: str | None = option(None, TEXT_A_HELP)
+    text_b: str | None = option(None, TEXT_B_HELP)
     max_length: int | None = option(None, "tokens per input; longer ones are cut (default: the run's)")
     eval_batch_size: int | None = option(None, "rows run at a time: points of the path, or occluded words "
                                          "(default: the run's)")
