@@ -64,9 +64,8 @@ def sentences(path: Path, count: int) -> list[str]:
 
 def fertility(tokenizer: Tokenizer, texts: list[str]) -> float:
     """Word pieces per word."""
-    words = sum(len(w) for w in tokenizer.word_pieces(texts))
-    pieces = sum(len(ids) for w in tokenizer.word_pieces(texts) for ids, _ in w)
-    return pieces / words
+    split = tokenizer.word_pieces(texts)
+    return sum(len(ids) for words in split for ids, _ in words) / sum(map(len, split))
 
 
 @torch.no_grad()

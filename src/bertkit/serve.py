@@ -256,7 +256,8 @@ class Predictor:
 
     def _masked(self, example: TextExample, where: str) -> TextExample:
         """A fill-mask input, refused here when it has no [MASK] (one past --max-length gets an error result)."""
-        if self.tokenizer.mask_id not in self.tokenizer.encode(example.text_a, example.text_b)["input_ids"]:
+        mask = self.tokenizer.backend.id_to_token(self.tokenizer.mask_id)  # matched as written, as special tokens are
+        if mask not in example.text_a and mask not in (example.text_b or ""):
             raise RequestError(422, f"{where} has no [MASK]; expected a text with [MASK] where a token is to be "
                                     "predicted")
         return example

@@ -335,6 +335,14 @@ class Tokenizer:
         finally:
             self.backend.no_truncation()
 
+    def _encoding(self, text: str, pair: str | None, max_length: int | None) -> tokenizers.Encoding:
+        """The backend's encoding of one text (or pair), truncated longest-first to max_length."""
+        with self._truncation(max_length, pair is not None):
+            try:
+                return self.backend.encode(text, pair)
+            except TypeError:  # the backend's answer to a non-str and to a str it cannot pass to Rust
+                return self.backend.encode(_as_text(text, "text"), None if pair is None else _as_text(pair, "pair"))
+
     def encode(self, text: str, pair: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
         """Encode `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]` with segment ids 0/1.
 
@@ -343,11 +351,7 @@ class Tokenizer:
         escapes) are replaced by U+FFFD, which the normalizer drops too. A text that is not a str is a
         BertkitError.
         """
-        with self._truncation(max_length, pair is not None):
-            try:
-                encoding = self.backend.encode(text, pair)
-            except TypeError:  # the backend's answer to a non-str and to a str it cannot pass to Rust
-                encoding = self.backend.encode(_as_text(text, "text"), None if pair is None else _as_text(pair, "pair"))
+        encoding = self._encoding(text, pair, max_length)
         return {
             "input_ids": encoding.ids,
             "token_type_ids": encoding.type_ids,
@@ -359,11 +363,7 @@ class Tokenizer:
         (`word_ids`: None for [CLS] and [SEP]; a pair's words count from 0 again) and its character span in that
         text (`offsets`; which text is the token's segment id): what puts a token's share of a result back on the
         words of the input."""
-        with self._truncation(max_length, pair is not None):
-            try:
-                encoding = self.backend.encode(text, pair)
-            except TypeError:  # as in `encode`
-                encoding = self.backend.encode(_as_text(text, "text"), None if pair is None else _as_text(pair, "pair"))
+        encoding = self._encoding(text, pair, max_length)
         return {"input_ids": encoding.ids, "token_type_ids": encoding.type_ids, "tokens": encoding.tokens,
                 "word_ids": encoding.word_ids, "offsets": encoding.offsets}
 

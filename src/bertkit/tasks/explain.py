@@ -189,18 +189,13 @@ def attribute(model, input_ids: Sequence[int], token_type_ids: Sequence[int], ta
 def word_shares(encoded: dict, shares: torch.Tensor, texts: Sequence[str]) -> list[dict]:
     """The shares of a word's tokens summed into the word's: each word of each text (a pair's second: segment 1)
     with its characters, its span in its text and its share, in order."""
-    words: dict[tuple[int, int], dict] = {}
-    for segment, word, (start, end), share in zip(encoded["token_type_ids"], encoded["word_ids"], encoded["offsets"],
-                                                  shares.tolist()):
-        if word is None:
-            continue
-        entry = words.setdefault((segment, word), {"word": None, "segment": segment, "start": start, "end": end,
-                                                   "attribution": 0.0})
-        entry["end"] = end
-        entry["attribution"] += share
-    for entry in words.values():
-        entry["word"] = texts[entry["segment"]][entry["start"]:entry["end"]]
-    return list(words.values())
+    values, words = shares.tolist(), []
+    for positions in word_positions(encoded):
+        segment = encoded["token_type_ids"][positions[0]]
+        start, end = encoded["offsets"][positions[0]][0], encoded["offsets"][positions[-1]][1]
+        words.append({"word": texts[segment][start:end], "segment": segment, "start": start, "end": end,
+                      "attribution": sum(values[p] for p in positions)})
+    return words
 
 
 def word_positions(encoded: dict) -> list[list[int]]:
