@@ -1115,6 +1115,27 @@ def set_kernels(model: nn.Module, **choices) -> nn.Module:
 LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
+def reinit_top_layers(model: BertPreTrainedModel, layers: int) -> list[str]:
+    """Draw the top `layers` encoder blocks afresh, as a new model's (and the pooler where the model has one that
+    trains, which pretraining fitted to next-sentence prediction): Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning",
+    whose top blocks carry pretraining-specific features that fine-tuning on a small set then has to unlearn.
+    Returns the re-drawn modules' names."""
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, BertEncoder)]
+    if len(blocks) != 1:
+        raise BertkitError(f"re-initialising top layers: expected one encoder in the model, found {len(blocks)}")
+    prefix, encoder = blocks[0]
+    if not 0 <= layers <= len(encoder.layer):
+        raise BertkitError(f"re-initialising the top {layers} layers of a {len(encoder.layer)}-layer model; expected "
+                           f"0 to {len(encoder.layer)}")
+    drawn = [f"{prefix}.layer.{i}" for i in range(len(encoder.layer) - layers, len(encoder.layer))]
+    if layers:  # not a pooler that is carried along frozen and unused (sentence embeddings)
+        drawn += [name for name, m in model.named_modules()
+                  if isinstance(m, BertPooler) and m.dense.weight.requires_grad]
+    for name in drawn:
+        model.get_submodule(name).apply(model._init_module)
+    return drawn
+
+
 def add_lora(model: BertPreTrainedModel, rank: int, alpha: float, targets: tuple[str, ...]) -> list[str]:
     """LoRA in place: each encoder-block Linear whose name ends in one of `targets` becomes a LoraLinear, and only
     the LoRA matrices and the task head (the model's `trained_prefixes`: classifier, qa_outputs, a BiLSTM, the

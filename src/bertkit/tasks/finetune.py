@@ -53,7 +53,7 @@ from bertkit.data.batching import collate, length_grouped_batches, row_length
 from bertkit.data.glue import get_task
 from bertkit.errors import BertkitError
 from bertkit.adapter import save_adapter
-from bertkit.model import LORA_TARGETS, add_lora, compile_blocks, merge_lora
+from bertkit.model import LORA_TARGETS, add_lora, compile_blocks, merge_lora, reinit_top_layers
 from bertkit.tasks.choice import ChoiceTask, load_choice_task
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
 from bertkit.tasks.distill import check_distillation, distillation_forward, distillation_rows
@@ -176,6 +176,13 @@ class FinetuneConfig:
     warmup: float = option(0.1, "linear warm-up: a fraction of all steps (<1) or a step count")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    layer_lr_decay: float = option(1.0, "layer-wise learning-rate decay (ELECTRA's fine-tuning recipe): the task head "
+                                   "and pooler train at --lr, the top encoder block at --lr x this, each block below "
+                                   "at this times the lr of the one above it, the embeddings last (1: every layer at "
+                                   "--lr; ELECTRA uses 0.8)")
+    reinit_layers: int = option(0, "re-initialise the top N encoder blocks (and the pooler) before fine-tuning, as "
+                                "Zhang et al. 2021 do for small training sets: the top blocks' pretraining-specific "
+                                "weights are drawn afresh instead of unlearned")
     grad_accum: int = option(1, "micro-batches of --batch-size whose gradients are summed into one optimizer step: "
                              "an effective batch of batch-size x grad-accum in the memory of one micro-batch")
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision of training; bf16 and fp16 only "
@@ -279,6 +286,16 @@ class FinetuneConfig:
                                    "with one label per example (a GLUE task but STS-B, or custom files)")
         check_distillation(self, text_task=self.task not in NON_TEXT_TASKS)
         self.check_lora()
+        if not (math.isfinite(self.layer_lr_decay) and 0 < self.layer_lr_decay <= 1):
+            raise BertkitError(f"--layer-lr-decay is {self.layer_lr_decay}; expected a factor above 0 and at most 1 "
+                               "(1: the same lr in every layer)")
+        if self.reinit_layers < 0:
+            raise BertkitError(f"--reinit-layers is {self.reinit_layers}; expected zero (none) or more blocks")
+        if self.reinit_layers and (self.from_scratch or self.lora_rank):
+            raise BertkitError(f"--reinit-layers {self.reinit_layers} with "
+                               f"{'--from-scratch' if self.from_scratch else '--lora-rank'}; expected pretrained "
+                               "weights that train (from scratch every layer is new; LoRA would freeze the "
+                               "re-drawn blocks)")
         if self.multi_label and self.regression:
             raise BertkitError("--multi-label with --regression; expected one of them (labels, or a score)")
         if self.multi_label and not self.label_sep:
@@ -366,6 +383,12 @@ def check_max_length(config: FinetuneConfig, positions: int) -> None:
         raise BertkitError(f"--max-length {config.max_length} is more than the {positions} positions of "
                            f"{config.model_dir} (max_position_embeddings); expected at most {positions}, or a model "
                            "given more positions by `bertkit extend`")
+
+
+def check_reinit_layers(config: FinetuneConfig, model_config: BertConfig) -> None:
+    if config.reinit_layers > model_config.num_hidden_layers:
+        raise BertkitError(f"--reinit-layers {config.reinit_layers}: {config.model_dir} has "
+                           f"{model_config.num_hidden_layers} encoder blocks; expected at most that many")
 
 
 def load_task(config: FinetuneConfig, need_train: bool = True,
@@ -578,6 +601,9 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     check_tokenizer(tokenizer, model_config, config.model_dir)
     model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
                                              **task.model_overrides(), **({"bilstm": True} if config.bilstm else {}))
+    if config.reinit_layers:
+        check_reinit_layers(config, model_config)
+        reinit_top_layers(model, config.reinit_layers)
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha, config.lora_target_names)
     n = model.num_parameters()
@@ -700,7 +726,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
                            f"({len(rows)} training rows, {plural(config.epochs, 'epoch')}); expected fewer warm-up "
                            "steps, or a fraction of the run below 1")
     precision = resolve_precision(config.precision, device)
-    optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay)
+    optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay, layer_lr_decay=config.layer_lr_decay)
     scheduler = warmup_linear(optimizer, warmup_steps_for(steps, config.warmup), steps)
     best = BestCheckpoint()
     record = {"task": task.name, "model_dir": str(config.model_dir), "train_examples": len(task.train),
@@ -923,7 +949,9 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
            if record.get("teacher") else "")
         + (f" LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} on {', '.join(config.lora_target_names)}: "
            f"{record['trained_parameters']:,} trained parameters, the update alone in {ADAPTER_DIR}/."
-           if config.lora_rank else ""),
+           if config.lora_rank else "")
+        + (f" Top {plural(config.reinit_layers, 'block')} re-initialised." if config.reinit_layers else "")
+        + (f" Layer-wise lr decay {config.layer_lr_decay:g}." if config.layer_lr_decay != 1 else ""),
         "",
         "| epoch | train loss | " + " | ".join(columns) + " | train time | train ex/s | eval time |",
         "|---" * (len(columns) + 5) + "|",
