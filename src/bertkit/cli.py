@@ -273,6 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, GlueConfig)
     p.set_defaults(func=cmd_glue)
 
+    p = sub.add_parser(
+        "crossval",
+        help="k-fold cross-validation of fine-tuning on a labelled file: the score's mean and spread, every row's "
+        "out-of-fold prediction, the labels to check first",
+        description="Cut the training file (a GLUE task's or --task custom's --train-file) into --folds folds "
+        "stratified by label; fine-tune once per fold (OUT_DIR/fold-K, the finetune options below) on the other "
+        "folds and score it on that one, keeping the last epoch (--keep last: no choice made on the fold it is "
+        "scored on). Prints and writes OUT_DIR/crossval.md: each fold's scores, their mean ± std and the scores of "
+        "the out-of-fold predictions pooled over the whole file, then the rows whose gold label the model that did "
+        "not train on them finds least likely (where label errors are to be looked for); out_of_fold.jsonl has "
+        "every row's prediction and loss, crossval.json the numbers. Interrupted, the same command again resumes: "
+        "finished folds are kept, an interrupted one continues.",
+    )
+    add_dataclass_args(p, FinetuneConfig, skip=("fold", "eval_split", "predict", "resume"),
+                       help_texts={"folds": "folds to cut the training file into (default: 5)",
+                                   "out_dir": "folder of the fold runs and the results (default: runs/crossval)",
+                                   "keep": "each fold's kept epoch: last (default; its score an honest estimate) "
+                                           "or best (chosen on the fold it is scored on: optimistic)",
+                                   "overwrite": "run every fold again (without it, a rerun keeps finished folds "
+                                                "and continues an interrupted one)"})
+    p.set_defaults(func=cmd_crossval, folds=5, keep="last", out_dir="runs/crossval")
+
     from bertkit.tasks.suite import SuiteConfig
 
     p = sub.add_parser(
@@ -612,6 +634,13 @@ def cmd_serve(args) -> None:
         run(app, sock, config)
     finally:
         sock.close()
+
+
+def cmd_crossval(args) -> None:
+    from bertkit.tasks.crossval import crossval
+    from bertkit.tasks.finetune import FinetuneConfig
+
+    print(crossval(dataclass_from_args(FinetuneConfig, args))["table"], end="")
 
 
 def cmd_glue(args) -> None:

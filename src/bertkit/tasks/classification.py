@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,7 @@ class TextTask:
     evals: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> labelled examples
     tests: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> examples for a submission file
     multi_label: bool = False  # any number of `labels` per example (a tuple of indices): a sigmoid each
+    held_out: list[int] = field(default_factory=list)  # where the HELD_OUT rows were in the training file
 
     model_class = BertForSequenceClassification
 
@@ -253,19 +255,21 @@ def load_text_task(config, need_train: bool = True, labels: Sequence[str] | None
         return _load_custom(config, need_train, labels)
     spec = get_task(config.task)
     train_file, eval_files, test_files = _glue_files(spec, config)
-    if need_train and train_file is None:
+    if (need_train or splits(config)) and train_file is None:
         raise BertkitError(
             f"no training data for {spec.name}: expected --data-dir with {spec.files['train']} or --train-file"
         )
-    if not eval_files:
+    if not eval_files and not splits(config):
         dev = next(s for s in spec.files if s.startswith("dev"))
         raise BertkitError(
             f"no evaluation data for {spec.name}: expected --data-dir with {spec.files[dev]} or --eval-file"
         )
     task = TextTask(spec.name, list(spec.labels), spec.metrics)
-    if need_train:
+    if need_train or splits(config):  # the held-out rows come from the training file: evaluate reads it too
         task.train = _with_text(_checked(read_glue_file(spec.name, train_file), train_file, "training"), train_file)
     task.evals = {s: _checked(read_glue_file(spec.name, p), p, "evaluation") for s, p in eval_files.items()}
+    if splits(config):
+        hold_out(task, config)
     if config.predict:
         task.tests = {s: read_glue_file(spec.name, p) for s, p in test_files.items()}
         if not test_files:
@@ -275,10 +279,11 @@ def load_text_task(config, need_train: bool = True, labels: Sequence[str] | None
 
 
 def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> TextTask:
-    if need_train and not config.train_file:
+    if (need_train or splits(config)) and not config.train_file:
         raise BertkitError("a custom task needs --train-file (a .csv, .tsv or .jsonl with named columns), or --task")
-    if not config.eval_file:
-        raise BertkitError("a custom task needs --eval-file (labelled, same columns as the training file)")
+    if not config.eval_file and not splits(config):
+        raise BertkitError("a custom task needs --eval-file (labelled, same columns as the training file), or "
+                           "--eval-split 0.1 to score on a tenth of the training file held out")
     if config.predict:
         raise BertkitError("--predict writes GLUE submission files; label your own test data with `bertkit predict`")
 
@@ -286,14 +291,14 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
         return read_custom(path, config.text_a, config.label, config.text_b, label_list, config.regression,
                            config.label_sep if config.multi_label else None)
 
-    if need_train:
+    if need_train or splits(config):
         train, labels = read(config.train_file, labels)
         train = _with_text(train, Path(config.train_file))
     else:
         train = []
     if labels is None and not config.regression:
         raise BertkitError("the label order of a custom task comes from its training file or the model's id2label")
-    evals, _ = read(config.eval_file, None if config.regression else labels)
+    evals = {"dev": read(config.eval_file, None if config.regression else labels)[0]} if config.eval_file else {}
     # the best epoch is the best mean of the two, as GLUE's MRPC averages F1 and accuracy: accuracy alone would
     # prefer a model that always says the common class of an unbalanced file
     metrics = ("pearson", "spearman") if config.regression else ("accuracy", "macro_f1")
@@ -302,8 +307,82 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
     if not config.regression and len(labels) < 2:
         raise BertkitError(f"{config.train_file}: only one label ({', '.join(labels)}); expected at least two "
                            f"{'labels' if config.multi_label else 'classes'}")
-    return TextTask("custom", [] if config.regression else list(labels), metrics, train, {"dev": evals},
+    task = TextTask("custom", [] if config.regression else list(labels), metrics, train, evals,
                     multi_label=config.multi_label)
+    if splits(config):
+        hold_out(task, config)
+    return task
+
+
+def splits(config) -> bool:
+    """Whether the run scores on rows held out of its training file (--eval-split, --folds)."""
+    return bool(getattr(config, "folds", 0) or getattr(config, "eval_split", 0))
+
+
+HELD_OUT = "held-out"  # the eval split cut from the training file (--eval-split, --folds): scored first
+
+
+def strata(labels: Sequence, seed: int, regression: bool = False) -> list[list[int]]:
+    """The examples' indices grouped by label (a regressor's: by tenth of the scores' ranks; a multi-label example's:
+    by its set of labels), each group shuffled; the same labels and seed give the same groups."""
+    if regression:
+        keys: list = [0] * len(labels)
+        for rank, i in enumerate(sorted(range(len(labels)), key=lambda i: labels[i])):
+            keys[i] = rank * 10 // len(labels)
+    else:
+        keys = list(labels)
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    rng = random.Random(seed)
+    ordered = [groups[key] for key in sorted(groups, key=repr)]
+    for group in ordered:
+        rng.shuffle(group)
+    return ordered
+
+
+def stratified_order(labels: Sequence, seed: int, regression: bool = False) -> list[int]:
+    """The examples' indices in a random order whose every first stretch is a stratified sample: each group of
+    `strata` spread evenly over the order at a random offset, so that the first tenth holds each label's tenth
+    (within one example)."""
+    rng = random.Random(seed + 1)
+    keyed = []
+    for group in strata(labels, seed, regression):
+        offset = rng.random()
+        keyed += [((j + offset) / len(group), rng.random(), i) for j, i in enumerate(group)]
+    return [i for *_, i in sorted(keyed)]
+
+
+def stratified_folds(labels: Sequence, folds: int, seed: int, regression: bool = False) -> list[int]:
+    """Each example's fold, 1 to `folds`: every group of `strata` dealt round the folds in turn, the deal going on
+    from group to group, so that each fold holds each label's share within one example and the folds' sizes differ
+    by one at most."""
+    fold = [0] * len(labels)
+    dealt = 0
+    for group in strata(labels, seed, regression):
+        for i in group:
+            fold[i] = dealt % folds + 1
+            dealt += 1
+    return fold
+
+
+def hold_out(task: TextTask, config) -> None:
+    """Move the rows --eval-split or --folds/--fold names out of the training examples into an eval split of their
+    own, `HELD_OUT`, scored first (it picks the best epoch); the task's other eval data, if any, is scored after it."""
+    labels, n = [e.label for e in task.train], len(task.train)
+    if config.folds:
+        folds = stratified_folds(labels, config.folds, config.split_seed, task.is_regression)
+        held = {i for i, fold in enumerate(folds) if fold == config.fold}
+        what = f"fold {config.fold} of {config.folds}"
+    else:
+        held = set(stratified_order(labels, config.split_seed, task.is_regression)[:round(config.eval_split * n)])
+        what = f"--eval-split {config.eval_split:g}"
+    if not held or len(held) == n:
+        raise BertkitError(f"{what} of {n} training examples leaves {n - len(held)} to train on and {len(held)} to "
+                           "score; expected some of each (a larger training file, or another split)")
+    task.held_out = sorted(held)
+    task.evals = {HELD_OUT: [task.train[i] for i in task.held_out], **task.evals}
+    task.train = [e for i, e in enumerate(task.train) if i not in held]
 
 
 def read_input_lines(inputs, source: str = "<stdin>") -> list[str]:

@@ -55,7 +55,7 @@ from bertkit.errors import BertkitError
 from bertkit.adapter import save_adapter
 from bertkit.model import LORA_TARGETS, add_lora, compile_blocks, merge_lora, reinit_top_layers
 from bertkit.tasks.choice import ChoiceTask, load_choice_task
-from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task
+from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task, splits
 from bertkit.tasks.distill import check_distillation, distillation_forward, distillation_rows
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.similarity import EMBEDDING_TASK, SimilarityTask, load_similarity_task
@@ -173,6 +173,18 @@ class FinetuneConfig:
     early_stopping_patience: int = option(0, "stop when this many epochs in a row have not beaten the best epoch's "
                                           "score on dev (the schedule is not shortened; the best epoch is kept as "
                                           "always); 0: run every epoch")
+    keep: Literal["best", "last"] = option("best", "the epoch whose model the run folder keeps: the best on the "
+                                           "(first) eval data, or the last (no choice made on the eval data, whose "
+                                           "score then stays an estimate for unseen data; what `crossval` reports)")
+    eval_split: float = option(0.0, "score on this fraction of the training file, held out of training (stratified "
+                               "by label, drawn by --split-seed): for a GLUE task or custom files without dev data; "
+                               "the held-out rows are the first eval split, any dev file is scored after them")
+    folds: int = option(0, "k-fold cross-validation: cut the training file into this many folds, stratified by "
+                        "label (drawn by --split-seed), and hold out fold --fold as --eval-split holds out its rows "
+                        "(`bertkit crossval` runs every fold)")
+    fold: int = option(1, "--folds: the fold held out, 1 to --folds")
+    split_seed: int = option(0, "--eval-split, --folds: the seed of the split (not --seed's: runs over several "
+                             "seeds hold out the same rows)")
     warmup: float = option(0.1, "linear warm-up: a fraction of all steps (<1) or a step count")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
@@ -286,6 +298,10 @@ class FinetuneConfig:
                                    "with one label per example (a GLUE task but STS-B, or custom files)")
         check_distillation(self, text_task=self.task not in NON_TEXT_TASKS)
         self.check_lora()
+        self.check_split()
+        if self.keep == "last" and self.early_stopping_patience:
+            raise BertkitError(f"--keep last with --early-stopping-patience {self.early_stopping_patience}; expected "
+                               "one of them (early stopping keeps the best epoch)")
         if not (math.isfinite(self.layer_lr_decay) and 0 < self.layer_lr_decay <= 1):
             raise BertkitError(f"--layer-lr-decay is {self.layer_lr_decay}; expected a factor above 0 and at most 1 "
                                "(1: the same lr in every layer)")
@@ -309,6 +325,24 @@ class FinetuneConfig:
         if self.overwrite and self.resume:
             raise BertkitError(f"--overwrite with --resume {self.resume}; expected one of them (--overwrite starts "
                                "over, --resume continues)")
+
+    def check_split(self) -> None:
+        if not (math.isfinite(self.eval_split) and 0 <= self.eval_split < 1):
+            raise BertkitError(f"--eval-split is {self.eval_split}; expected a fraction of the training file from 0 "
+                               "(none held out) to below 1, such as 0.1")
+        if self.folds < 0 or self.folds == 1:
+            raise BertkitError(f"--folds is {self.folds}; expected 2 or more folds (or 0: no cross-validation)")
+        if self.folds and not 1 <= self.fold <= self.folds:
+            raise BertkitError(f"--fold is {self.fold}; expected a fold from 1 to --folds {self.folds}")
+        if not self.folds and self.fold != 1:
+            raise BertkitError(f"--fold {self.fold} without --folds; expected --folds K (the number of folds)")
+        if self.folds and self.eval_split:
+            raise BertkitError(f"--eval-split {self.eval_split:g} with --folds {self.folds}; expected one of them")
+        if (self.folds or self.eval_split) and self.task in NON_TEXT_TASKS:
+            raise BertkitError(f"--{'folds' if self.folds else 'eval-split'} with --task {self.task}; expected a GLUE "
+                               "task or custom files (texts with labels to stratify by)")
+        if not 0 <= self.split_seed < 2**32:
+            raise BertkitError(f"--split-seed is {self.split_seed}; expected a whole number from 0 to {2**32 - 1}")
 
     def check_embedding(self) -> None:
         if self.task != EMBEDDING_TASK:
@@ -436,15 +470,17 @@ def seed_everything(seed: int) -> None:
 
 
 class BestCheckpoint:
-    """The best headline score so far; a later epoch replaces the kept checkpoint only by beating it."""
+    """The best headline score so far; a later epoch replaces the kept checkpoint only by beating it (with `last`,
+    every epoch replaces it: --keep last)."""
 
-    def __init__(self):
+    def __init__(self, last: bool = False):
         self.score = -math.inf
         self.epoch: int | None = None
+        self.last = last
 
     def update(self, score: float, epoch: int) -> bool:
         """True when this epoch is the new best (so its model should be saved)."""
-        if math.isnan(score) or score <= self.score:
+        if not self.last and (math.isnan(score) or score <= self.score):
             return False
         self.score, self.epoch = score, epoch
         return True
@@ -728,7 +764,7 @@ def _fit(config: FinetuneConfig, task, tokenizer, model, out: Path, device, resu
     precision = resolve_precision(config.precision, device)
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay, layer_lr_decay=config.layer_lr_decay)
     scheduler = warmup_linear(optimizer, warmup_steps_for(steps, config.warmup), steps)
-    best = BestCheckpoint()
+    best = BestCheckpoint(last=config.keep == "last")
     record = {"task": task.name, "model_dir": str(config.model_dir), "train_examples": len(task.train),
               "train_rows": len(rows), "eval_examples": _eval_size(task), "best_epoch": None, "best": {},
               "epochs": [], "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.dtype, "fp32"),
@@ -913,6 +949,11 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def held_out_what(config: FinetuneConfig) -> str:
+    """`fold 2 of 5` or `a tenth`: which rows of the training file a run scores on."""
+    return f"fold {config.fold} of {config.folds}" if config.folds else f"{config.eval_split:g}"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
@@ -951,13 +992,15 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
            f"{record['trained_parameters']:,} trained parameters, the update alone in {ADAPTER_DIR}/."
            if config.lora_rank else "")
         + (f" Top {plural(config.reinit_layers, 'block')} re-initialised." if config.reinit_layers else "")
-        + (f" Layer-wise lr decay {config.layer_lr_decay:g}." if config.layer_lr_decay != 1 else ""),
+        + (f" Layer-wise lr decay {config.layer_lr_decay:g}." if config.layer_lr_decay != 1 else "")
+        + (f" Scored on {held_out_what(config)} of the training file, held out (split seed {config.split_seed})"
+           + (", then on the dev data." if len(task.evals) > 1 else ".") if splits(config) else ""),
         "",
         "| epoch | train loss | " + " | ".join(columns) + " | train time | train ex/s | eval time |",
         "|---" * (len(columns) + 5) + "|",
     ]
     for row in record["epochs"]:
-        mark = " (best)" if row["epoch"] == record["best_epoch"] else ""
+        mark = f" ({'kept' if config.keep == 'last' else 'best'})" if row["epoch"] == record["best_epoch"] else ""
         lines.append(
             f"| {row['epoch']}{mark} | {row['train_loss']:.4f} | "
             # "-": an epoch recorded before its task had the metric (a custom run resumed across macro_f1's arrival)
@@ -967,7 +1010,8 @@ def results_table(config: FinetuneConfig, task, record: dict) -> str:
         )
     if record["best_epoch"] is not None:
         best = ", ".join(f"{m} {_score(m, record['best'][m])}" for m in columns)
-        lines += ["", f"Best: epoch {record['best_epoch']} ({best}), kept in {config.out_dir}."]
+        lines += ["", f"{'Last' if config.keep == 'last' else 'Best'}: epoch {record['best_epoch']} ({best}), kept in "
+                  f"{config.out_dir}."]
         if isinstance(task, TextTask) and task.multi_label:
             lines.append(f"Per label scores of that epoch: {CLASSES_FILE}.")
         elif isinstance(task, TextTask) and not task.is_regression:

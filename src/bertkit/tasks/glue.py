@@ -52,6 +52,8 @@ class GlueConfig:
                             "5e-4 for RoBERTa-base)")
     lora_alpha: float = option(8.0, "--lora-rank: finetune's --lora-alpha")
     lora_targets: str = option("query,value", "--lora-rank: finetune's --lora-targets")
+    layer_lr_decay: float = option(1.0, "every run with this layer-wise lr decay (finetune's --layer-lr-decay)")
+    reinit_layers: int = option(0, "every run with its top N blocks re-initialised (finetune's --reinit-layers)")
     threads: int | None = option(None, "CPU threads for torch (default: the cores that the last minute's load average "
                                  "leaves idle, 1 to 16)")
     device: str = option("auto", "cpu, cuda, ... (auto: cuda when available)")
@@ -90,13 +92,13 @@ def glue(config: GlueConfig) -> dict:
             lr=lr, batch_size=config.batch_size, epochs=config.epochs, max_length=config.max_length,
             seed=config.seed, limit_train_examples=config.limit_train_examples, threads=config.threads,
             device=config.device, predict=config.predict, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-            lora_targets=config.lora_targets,
-            overwrite=config.overwrite, resume=None if config.overwrite else "auto",
+            lora_targets=config.lora_targets, layer_lr_decay=config.layer_lr_decay,
+            reinit_layers=config.reinit_layers, overwrite=config.overwrite, resume=None if config.overwrite else "auto",
         )
 
     # every task's data is read once before the first run: a task folder without train.tsv (the shared data's QNLI)
     # or a malformed row failed the sweep only when its turn came, after the tasks before it had been fine-tuned
-    run(names[0], config.lrs[0]).check_lora()  # a bad LoRA setting, before any data is read
+    run(names[0], config.lrs[0]).check()  # a bad LoRA or other finetune setting, before any data is read
     for name in names:
         try:
             load_task(run(name, config.lrs[0]))
@@ -158,7 +160,9 @@ def glue_table(result: dict, model_name: str, config: GlueConfig) -> str:
         f"Dev-set scores of the best lr per task among {', '.join(f'{lr:g}' for lr in config.lrs)} (batch "
         f"{config.batch_size}, {plural(config.epochs, 'epoch')}, max length {config.max_length}, seed {config.seed}"
         + (f", LoRA rank {config.lora_rank} alpha {config.lora_alpha:g} on {config.lora_targets}" if config.lora_rank
-           else "") + "; "
+           else "")
+        + (f", top {config.reinit_layers} re-initialised" if config.reinit_layers else "")
+        + (f", layer-wise lr decay {config.layer_lr_decay:g}" if config.layer_lr_decay != 1 else "") + "; "
         "the second row is the training examples each task was trained on); F1 for "
         "QQP and MRPC, Spearman for STS-B, Matthews correlation for CoLA, accuracy otherwise; the average leaves out "
         "WNLI, as the paper does. MRPC read from Microsoft's release is scored on msr_paraphrase_test.txt.",
