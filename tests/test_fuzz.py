@@ -526,6 +526,7 @@ def test_cli_on_generated_argv_exits_0_or_2_or_through_argparse(workdir, cli_tem
     monkeypatch.setattr("bertkit.train.pretrain.pretrain", lambda config: None)
     monkeypatch.setattr("bertkit.tasks.finetune.finetune", lambda config: config.check())
     monkeypatch.setattr("bertkit.tasks.glue.glue", lambda config: {"table": ""})
+    monkeypatch.setattr("bertkit.tasks.crossval.crossval", lambda config: config.check() or {"table": ""})
     monkeypatch.setattr("bertkit.tasks.suite.suite", lambda config: {"table": ""})
     monkeypatch.setattr("bertkit.tasks.ablate.ablate", lambda config: {"table": ""})
     monkeypatch.setattr("bertkit.serve.run", lambda app, sock, config: None)  # set up, then return: never serve
