@@ -13,7 +13,7 @@ from bertkit.cli import main
 from bertkit.tasks.classification import HELD_OUT, stratified_folds, stratified_order
 from bertkit.tasks.crossval import crossval
 from bertkit.tasks.evaluation import evaluate, predict
-from bertkit.tasks.finetune import FinetuneConfig, finetune, load_task
+from bertkit.tasks.finetune import finetune, load_task
 from bertkit.tasks.metrics import compute_metrics
 from conftest import data_path
 from tasks.test_finetune import quick, tsv
