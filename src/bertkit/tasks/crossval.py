@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bertkit import hub
+from bertkit.checkpoint import atomic_write_text
 from bertkit.config import write_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import HELD_OUT, TextTask
@@ -50,10 +51,10 @@ def crossval(config: FinetuneConfig) -> dict:
         rows = [row for run in runs for row in out_of_fold(run)]
     rows.sort(key=lambda r: r["index"])
     summary = summarise(config, task, records, rows)
-    (root / "out_of_fold.jsonl").write_text("".join(_json_line(r) for r in rows), encoding="utf-8")
+    atomic_write_text(root / "out_of_fold.jsonl", "".join(_json_line(r) for r in rows))
     write_json(root / "crossval.json", summary)
     table = crossval_table(config, summary, rows)
-    (root / "crossval.md").write_text(table, encoding="utf-8")
+    atomic_write_text(root / "crossval.md", table)
     return summary | {"table": table}
 
 
