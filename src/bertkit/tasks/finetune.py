@@ -622,6 +622,7 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     model_folder(config.model_dir)  # a mistyped --model-dir says so, before any data is read
     model_config = BertConfig.load(config.model_dir)
     check_max_length(config, model_config.max_position_embeddings)
+    check_reinit_layers(config, model_config)
     out = Path(config.out_dir)
 
     def check_out() -> None:
@@ -638,7 +639,6 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
     model = task.model_class.from_pretrained(config.model_dir, load_weights=not config.from_scratch,
                                              **task.model_overrides(), **({"bilstm": True} if config.bilstm else {}))
     if config.reinit_layers:
-        check_reinit_layers(config, model_config)
         reinit_top_layers(model, config.reinit_layers)
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha, config.lora_target_names)
