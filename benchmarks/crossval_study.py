@@ -69,7 +69,7 @@ def auroc(scores: list[float], positive: list[bool]) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def plot(rows: list[dict], flipped: set[int], path) -> None:
+def plot(task: str, rows: list[dict], flipped: set[int], path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +84,8 @@ def plot(rows: list[dict], flipped: set[int], path) -> None:
     ax.axvline(len(flipped), color="black", lw=0.6)
     ax.set_xlabel("rows checked (most suspect first)")
     ax.set_ylabel("share of the flipped labels found")
-    ax.set_title(f"SST-2, {len(ranked):,} sentences, {len(flipped)} labels flipped", fontsize=9)
+    ax.set_title(f"{task}: {len(ranked):,} training rows, {len(flipped)} labels flipped; ranked by out-of-fold loss",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,7 +138,7 @@ def main() -> None:
                      "found_in_top_2n": sum(r["index"] in bad for r in ranked[:2 * len(bad)]),
                      "auroc": auroc([r["loss"] for r in rows], [r["index"] in bad for r in rows]),
                      "chance_precision": 100 * len(bad) / len(rows)}
-            plot(rows, bad, args.summary.with_name(f"{name}-ranking.png"))
+            plot(task, rows, bad, args.summary.with_name(f"{name}-ranking.png"))
         summary["cells"][name] = cell
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n")
