@@ -1117,8 +1117,9 @@ LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate
 
 def reinit_top_layers(model: BertPreTrainedModel, layers: int) -> list[str]:
     """Draw the top `layers` encoder blocks afresh, as a new model's (and the pooler where the model has one that
-    trains, which pretraining fitted to next-sentence prediction): Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning",
-    whose top blocks carry pretraining-specific features that fine-tuning on a small set then has to unlearn.
+    trains, which pretraining fitted to next-sentence prediction): Zhang et al. 2021, "Revisiting Few-sample BERT
+    Fine-tuning", whose top blocks carry pretraining-specific features that fine-tuning on a small set then has to
+    unlearn.
     Returns the re-drawn modules' names."""
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, BertEncoder)]
     if len(blocks) != 1:

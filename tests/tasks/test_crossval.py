@@ -77,7 +77,8 @@ def test_eval_split_holds_out_a_stratified_share_that_evaluate_finds_again(toy_m
     assert [rows[i][0] for i in task.held_out] == [e.text_a for e in held]  # the rows' places in the file
     record = finetune(config)
     assert record["train_examples"] == 36 and record["eval_examples"] == 12
-    assert "Scored on 0.25 of the training file, held out (split seed 0)." in (tmp_path / "run" / "results.md").read_text()
+    results = (tmp_path / "run" / "results.md").read_text()
+    assert "Scored on 0.25 of the training file, held out (split seed 0)." in results
     again = evaluate(tmp_path / "run")  # from the run's config: the same rows held out of the same file
     assert again["accuracy"] == pytest.approx(record["best"]["accuracy"])
     other = tsv(tmp_path / "other.tsv", ("sentence", "label"), ("a good movie", "good"), ("awful", "bad"))

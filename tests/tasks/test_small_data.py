@@ -51,7 +51,8 @@ def test_layer_lr_decay_gives_each_parameter_its_layers_rate(tmp_path):
           if any(p is q for q in g["params"])}
     assert len(lr) == len(list(model.parameters()))  # every parameter in exactly one group
     expected = {"classifier.weight": 1e-3, "bert.pooler.dense.bias": 1e-3,
-                "bert.encoder.layer.2.output.dense.weight": 5e-4, "bert.encoder.layer.1.attention.self.key.bias": 2.5e-4,
+                "bert.encoder.layer.2.output.dense.weight": 5e-4,
+                "bert.encoder.layer.1.attention.self.key.bias": 2.5e-4,
                 "bert.encoder.layer.0.intermediate.dense.weight": 1.25e-4,
                 "bert.embeddings.word_embeddings.weight": 6.25e-5, "bert.embeddings.LayerNorm.weight": 6.25e-5}
     assert {name: lr[name] for name in expected} == pytest.approx(expected)

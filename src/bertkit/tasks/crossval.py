@@ -114,8 +114,8 @@ def crossval_table(config: FinetuneConfig, summary: dict, rows: list[dict]) -> s
     which = "its last epoch" if config.keep == "last" else "its best epoch on the fold it is scored on (optimistic)"
     lines = [f"# {config.folds}-fold cross-validation: {summary['task']}, {hub.model_name(config.model_dir)}", "",
              f"{summary['examples']:,} labelled examples in {config.folds} folds stratified by label (split seed "
-             f"{config.split_seed}); each fold scored by a model trained on the others ({plural(config.epochs, 'epoch')}"
-             f", lr {config.lr:g}, seed {config.seed}), keeping {which}.", "",
+             f"{config.split_seed}); each fold scored by a model trained on the others "
+             f"({plural(config.epochs, 'epoch')}, lr {config.lr:g}, seed {config.seed}), keeping {which}.", "",
              "| fold | trained on | scored | epoch | " + " | ".join(metrics) + " |",
              "|---" * (len(metrics) + 4) + "|"]
     for f in summary["per_fold"]:
