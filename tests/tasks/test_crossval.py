@@ -56,6 +56,19 @@ def test_multi_label_rows_are_stratified_by_their_set_of_labels():
                                                                                           (1,): 5}
 
 
+def test_a_groups_rows_share_a_fold_and_the_folds_stay_stratified():
+    rng = np.random.default_rng(0)
+    labels = [int(x) for x in rng.random(600) < 0.3]
+    groups = [f"doc-{int(g)}" for g in rng.integers(0, 150, 600)]  # about four rows a document
+    folds = stratified_folds(labels, 5, 1, groups=groups)
+    assert all(len({f for f, g in zip(folds, groups) if g == doc}) == 1 for doc in set(groups))
+    sizes = collections.Counter(folds)
+    assert max(sizes.values()) - min(sizes.values()) <= 10, sizes  # within a couple of documents
+    share = [statistics.mean(label for label, f in zip(labels, folds) if f == k) for k in range(1, 6)]
+    assert max(share) - min(share) < 0.05, share
+    assert folds == stratified_folds(labels, 5, 1, groups=groups) != stratified_folds(labels, 5, 2, groups=groups)
+
+
 def reviews(tmp_path, flipped: int | None = None):
     """48 rows, a sentiment word decides the label; `flipped`: that row's label is wrong."""
     rows = [(text, "good") for text in GOOD] * 4 + [(text, "bad") for text in BAD] * 4
@@ -83,6 +96,23 @@ def test_eval_split_holds_out_a_stratified_share_that_evaluate_finds_again(toy_m
     assert again["accuracy"] == pytest.approx(record["best"]["accuracy"])
     other = tsv(tmp_path / "other.tsv", ("sentence", "label"), ("a good movie", "good"), ("awful", "bad"))
     assert evaluate(tmp_path / "run", eval_file=str(other))["accuracy"] in (0.0, 50.0, 100.0)  # that file alone
+
+
+def test_group_holds_out_whole_documents(toy_model_dir, tmp_path):
+    rows = [(text, label, f"review-{i % 7}") for i, (text, label) in enumerate(reviews(tmp_path)[1])]
+    path = tsv(tmp_path / "grouped.tsv", ("sentence", "label", "doc"), *rows)
+    other = tsv(tmp_path / "dev.tsv", ("sentence", "label"), ("a good movie", "good"), ("awful", "bad"))  # no doc
+    for split in ({"folds": 3, "fold": 2}, {"eval_split": 0.25}):
+        config = quick(toy_model_dir, tmp_path / "run", task="custom", train_file=str(path), eval_file=str(other),
+                       group="doc", **split)
+        task = load_task(config)
+        held = {e.group for e in task.evals[HELD_OUT]}
+        assert held and held.isdisjoint(e.group for e in task.train)  # no document on both sides
+        assert list(task.evals) == [HELD_OUT, "dev"]
+    assert len(task.evals[HELD_OUT]) in range(6, 19)  # --eval-split 0.25: one of four folds of whole documents
+    finetune(config)
+    assert evaluate(tmp_path / "run")["accuracy"] == json.loads((tmp_path / "run" / "metrics.json").read_text())[
+        "best"]["accuracy"]
 
 
 def test_a_glue_task_scores_its_held_out_fold_first_then_dev(tiny_model_dir, tmp_path):
@@ -159,6 +189,9 @@ def test_crossval_predicts_every_row_once_by_the_model_that_did_not_see_it(toy_m
     (["--eval-split", "0.01"], "--eval-split 0.01 of 48 training examples leaves 48 to train on and 0 to score"),
     (["--eval-file", ""], "a custom task needs --eval-file (labelled, same columns as the training file), or "
                           "--eval-split 0.1"),
+    (["--group", "doc"], "--group doc without --eval-split or --folds; expected one of them"),
+    (["--group", "doc", "--folds", "3", "--task", "SST-2"], "--group with --task SST-2; expected --task custom"),
+    (["--group", "doc", "--folds", "3"], "reviews.tsv:1: no column 'doc' (found sentence, label)"),
 ])
 def test_splits_no_run_can_use_are_refused_before_the_folder_is_made(toy_model_dir, tmp_path, capsys, argv,
                                                                      expected):

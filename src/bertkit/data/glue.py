@@ -25,6 +25,7 @@ class TextExample:
     text_b: str | None
     label: int | float | tuple[int, ...] | None
     line: int | None = field(default=None, compare=False)  # where it is in its file, for messages about it
+    group: str | None = field(default=None, compare=False)  # custom files' --group column: rows held out together
 
 
 @dataclass(frozen=True)
@@ -340,16 +341,18 @@ def read_custom(
     labels: Sequence[str] | None = None,
     is_regression: bool = False,
     label_sep: str | None = None,
+    group: str | None = None,
 ) -> tuple[list[TextExample], list[str]]:
     """Read a user's own .csv/.tsv/.jsonl classification or regression data; returns examples and label list.
 
     Pass the train file's label list when reading dev/test so that indices agree; without it the labels are
     inferred (sorted) from this file. `label=None` reads unlabelled data. With `label_sep`, multi-label data: each
     example's label field holds any number of labels (none too), separated by it (or a JSON list in a .jsonl),
-    and its label is the tuple of their indices, sorted (`multi_label_names`).
+    and its label is the tuple of their indices, sorted (`multi_label_names`). `group` names a column read as each
+    example's group (a document, a speaker: rows that --eval-split and --folds keep together).
     """
     path = Path(path)
-    wanted = [c for c in (text_a, text_b, label) if c is not None]
+    wanted = [c for c in (text_a, text_b, label, group) if c is not None]
     records = read_records(path, wanted)
     for column in wanted:
         if column not in records[0][1]:
@@ -389,7 +392,8 @@ def read_custom(
                 raise BertkitError(f"{where(path, line)}: column {label!r} is empty; expected a label")
             value = _float_label(raw, path, line) if is_regression else _label_index(raw, label_list, path, line)
         b = text_field(record[text_b], path, line, text_b) if text_b is not None else None
-        examples.append(TextExample(f"{path.stem}-{line}", text_field(record[text_a], path, line, text_a), b, value, line))
+        examples.append(TextExample(f"{path.stem}-{line}", text_field(record[text_a], path, line, text_a), b, value, line,
+                                    text_field(record[group], path, line, group) if group is not None else None))
     return examples, label_list
 
 

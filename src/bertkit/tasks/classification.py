@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import random
@@ -39,7 +40,7 @@ class TextTask:
     evals: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> labelled examples
     tests: dict[str, list[TextExample]] = field(default_factory=dict)  # split -> examples for a submission file
     multi_label: bool = False  # any number of `labels` per example (a tuple of indices): a sigmoid each
-    held_out: list[int] = field(default_factory=list)  # where the HELD_OUT rows were in the training file
+    held_out: list[int] = field(default_factory=list)  # where the HELD_OUT rows were in the training examples
 
     model_class = BertForSequenceClassification
 
@@ -287,12 +288,12 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
     if config.predict:
         raise BertkitError("--predict writes GLUE submission files; label your own test data with `bertkit predict`")
 
-    def read(path, label_list):
+    def read(path, label_list, group=None):
         return read_custom(path, config.text_a, config.label, config.text_b, label_list, config.regression,
-                           config.label_sep if config.multi_label else None)
+                           config.label_sep if config.multi_label else None, group)
 
     if need_train or splits(config):
-        train, labels = read(config.train_file, labels)
+        train, labels = read(config.train_file, labels, getattr(config, "group", None))
         train = _with_text(train, Path(config.train_file))
     else:
         train = []
@@ -322,17 +323,22 @@ def splits(config) -> bool:
 HELD_OUT = "held-out"  # the eval split cut from the training file (--eval-split, --folds): scored first
 
 
+def stratum_keys(labels: Sequence, regression: bool = False) -> list:
+    """What a split is stratified by, per example: its label (a regressor's: the tenth of the scores' ranks it falls
+    in; a multi-label example's: its set of labels)."""
+    if not regression:
+        return list(labels)
+    keys: list = [0] * len(labels)
+    for rank, i in enumerate(sorted(range(len(labels)), key=lambda i: labels[i])):
+        keys[i] = rank * 10 // len(labels)
+    return keys
+
+
 def strata(labels: Sequence, seed: int, regression: bool = False) -> list[list[int]]:
-    """The examples' indices grouped by label (a regressor's: by tenth of the scores' ranks; a multi-label example's:
-    by its set of labels), each group shuffled; the same labels and seed give the same groups."""
-    if regression:
-        keys: list = [0] * len(labels)
-        for rank, i in enumerate(sorted(range(len(labels)), key=lambda i: labels[i])):
-            keys[i] = rank * 10 // len(labels)
-    else:
-        keys = list(labels)
+    """The examples' indices grouped by `stratum_keys`, each group shuffled; the same labels and seed give the same
+    groups."""
     groups: dict = {}
-    for i, key in enumerate(keys):
+    for i, key in enumerate(stratum_keys(labels, regression)):
         groups.setdefault(key, []).append(i)
     rng = random.Random(seed)
     ordered = [groups[key] for key in sorted(groups, key=repr)]
@@ -353,16 +359,37 @@ def stratified_order(labels: Sequence, seed: int, regression: bool = False) -> l
     return [i for *_, i in sorted(keyed)]
 
 
-def stratified_folds(labels: Sequence, folds: int, seed: int, regression: bool = False) -> list[int]:
+def stratified_folds(labels: Sequence, folds: int, seed: int, regression: bool = False,
+                     groups: Sequence | None = None) -> list[int]:
     """Each example's fold, 1 to `folds`: every group of `strata` dealt round the folds in turn, the deal going on
     from group to group, so that each fold holds each label's share within one example and the folds' sizes differ
-    by one at most."""
+    by one at most. With `groups` (a value per example), the examples of one group share a fold: the groups, largest
+    first (ties in random order), each go to the fold whose labels it fills least past their share."""
     fold = [0] * len(labels)
-    dealt = 0
-    for group in strata(labels, seed, regression):
-        for i in group:
-            fold[i] = dealt % folds + 1
-            dealt += 1
+    if groups is None:
+        dealt = 0
+        for stratum in strata(labels, seed, regression):
+            for i in stratum:
+                fold[i] = dealt % folds + 1
+                dealt += 1
+        return fold
+    keys = stratum_keys(labels, regression)
+    totals = collections.Counter(keys)
+    members: dict = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    units = [members[g] for g in sorted(members, key=repr)]
+    random.Random(seed).shuffle(units)
+    units.sort(key=len, reverse=True)
+    counts = [collections.Counter() for _ in range(folds)]
+    sizes = [0] * folds
+    for unit in units:
+        mine = collections.Counter(keys[i] for i in unit)
+        k = min(range(folds), key=lambda k: (max((counts[k][s] + n) / totals[s] for s, n in mine.items()), sizes[k], k))
+        counts[k].update(mine)
+        sizes[k] += len(unit)
+        for i in unit:
+            fold[i] = k + 1
     return fold
 
 
@@ -370,10 +397,16 @@ def hold_out(task: TextTask, config) -> None:
     """Move the rows --eval-split or --folds/--fold names out of the training examples into an eval split of their
     own, `HELD_OUT`, scored first (it picks the best epoch); the task's other eval data, if any, is scored after it."""
     labels, n = [e.label for e in task.train], len(task.train)
+    groups = [e.group for e in task.train] if getattr(config, "group", None) else None
     if config.folds:
-        folds = stratified_folds(labels, config.folds, config.split_seed, task.is_regression)
+        folds = stratified_folds(labels, config.folds, config.split_seed, task.is_regression, groups)
         held = {i for i, fold in enumerate(folds) if fold == config.fold}
         what = f"fold {config.fold} of {config.folds}"
+    elif groups is not None:  # whole groups: one fold of as many as make the fraction
+        folds = stratified_folds(labels, max(2, round(1 / config.eval_split)), config.split_seed,
+                                 task.is_regression, groups)
+        held = {i for i, fold in enumerate(folds) if fold == 1}
+        what = f"--eval-split {config.eval_split:g} by --group"
     else:
         held = set(stratified_order(labels, config.split_seed, task.is_regression)[:round(config.eval_split * n)])
         what = f"--eval-split {config.eval_split:g}"

@@ -185,6 +185,10 @@ class FinetuneConfig:
     fold: int = option(1, "--folds: the fold held out, 1 to --folds")
     split_seed: int = option(0, "--eval-split, --folds: the seed of the split (not --seed's: runs over several "
                              "seeds hold out the same rows)")
+    group: str | None = option(None, "--eval-split, --folds on custom files: a column naming each row's group (its "
+                               "document, speaker, patient): whole groups are held out, so that no group is both "
+                               "trained on and scored, as related rows would make the score optimistic (with "
+                               "--eval-split F: 1 / round(1 / F) of the rows)")
     warmup: float = option(0.1, "linear warm-up: a fraction of all steps (<1) or a step count")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
@@ -341,6 +345,11 @@ class FinetuneConfig:
         if (self.folds or self.eval_split) and self.task in NON_TEXT_TASKS:
             raise BertkitError(f"--{'folds' if self.folds else 'eval-split'} with --task {self.task}; expected a GLUE "
                                "task or custom files (texts with labels to stratify by)")
+        if self.group is not None and not (self.folds or self.eval_split):
+            raise BertkitError(f"--group {self.group} without --eval-split or --folds; expected one of them (the "
+                               "group column decides which rows are held out together)")
+        if self.group is not None and self.task.lower() not in ("", "custom"):
+            raise BertkitError(f"--group with --task {self.task}; expected --task custom (a file with a group column)")
         if not 0 <= self.split_seed < 2**32:
             raise BertkitError(f"--split-seed is {self.split_seed}; expected a whole number from 0 to {2**32 - 1}")
 
