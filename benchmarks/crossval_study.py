@@ -11,13 +11,15 @@ epoch kept), each fold's model also scored on the task's real dev data in the sa
 - SST-2 noisy: the same rows with --noise of their labels flipped (seeded): of the rows ranked by out-of-fold loss,
   how many of the first N (N = the number flipped) are flipped ones (precision = recall at N; chance: the noise
   rate), the area under the ROC curve of the loss as a detector, and the dev accuracy the noise costs;
+- SST-2 grouped: the clean rows with a phrase and any row it is inside (as whole words) in one group, held out
+  together (`--group`): the estimate without a phrase's longer phrase on the training side;
 - MRPC clean: Microsoft's training file, whose test file (the dev data here, 1,725 pairs) was drawn from the same
   pairs: the estimate where the file and the unseen data are alike (F1 and accuracy).
 
 The cells are `crossval` / `finetune` runs in --out (resumed or kept when done); the summary goes to --summary
 (docs/crossval/glue.json, a cell per --cells entry, other cells kept), the ranking plot beside it (NAME-ranking.png).
 
-    python benchmarks/crossval_study.py --threads 1 --cells SST-2-clean SST-2-noisy MRPC-clean
+    python benchmarks/crossval_study.py --threads 1 --cells SST-2-clean SST-2-noisy SST-2-grouped MRPC-clean
 """
 
 from __future__ import annotations
@@ -92,7 +94,32 @@ def plot(task: str, rows: list[dict], flipped: set[int], path) -> None:
     fig.savefig(path, dpi=110)
 
 
-CELLS = {"SST-2-clean": ("SST-2", 0.0), "SST-2-noisy": ("SST-2", None), "MRPC-clean": ("MRPC", 0.0)}
+CELLS = {"SST-2-clean": ("SST-2", 0.0), "SST-2-noisy": ("SST-2", None), "MRPC-clean": ("MRPC", 0.0),
+         "SST-2-grouped": ("SST-2", 0.0)}
+
+
+def write_grouped(subset, path) -> int:
+    """SST-2's rows as a custom file with a `doc` column: rows one of which is inside the other (as whole words),
+    and so on through their chains, share a doc, so that a phrase and the longer phrase it was cut from are never on
+    both sides of a split; the number of docs."""
+    with open(subset, encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    texts = [f" {r[0].strip()} " for r in rows]
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, t in enumerate(texts):
+        for j, u in enumerate(texts):
+            if len(t) < len(u) and t in u:
+                parent[root(i)] = root(j)
+    path.write_text("sentence\tlabel\tdoc\n" + "".join(f"{r[0]}\t{r[1]}\tdoc-{root(i)}\n" for i, r in enumerate(rows)),
+                    encoding="utf-8")
+    return len({root(i) for i in range(len(rows))})
 
 
 def main() -> None:
@@ -117,18 +144,26 @@ def main() -> None:
         flipped = write_subset(task, data / TRAIN_FILE[task], train, args.examples, noise)
         common = dict(model_dir=str(model), task=task, train_file=str(train), data_dir=str(data),
                       threads=args.threads, **SETTINGS)
+        cell = {"task": task, "noise": noise}
+        if name.endswith("-grouped"):  # the same rows as a custom file with a doc column, dev.tsv scored after
+            grouped = args.out / f"{name}-docs.tsv"
+            cell["docs"] = write_grouped(train, grouped)
+            common |= {"task": "custom", "train_file": str(grouped), "data_dir": None,
+                       "eval_file": str(data / "dev.tsv"), "group": "doc"}
         result = crossval(FinetuneConfig(out_dir=str(args.out / name), folds=args.folds, **common))
         metric = "f1" if task == "MRPC" else "accuracy"
         folds = [json.loads((args.out / name / f"fold-{k}" / "metrics.json").read_text())
                  for k in range(1, args.folds + 1)]
-        whole = finetune(FinetuneConfig(out_dir=str(args.out / f"{name}-whole"), resume="auto", **common))
-        cell = {"task": task, "noise": noise, "metric": metric, "examples": result["examples"]}
+        # one model on every row, scored on dev: not for the grouped rows, which are the clean cell's
+        whole = None if "group" in common else finetune(FinetuneConfig(out_dir=str(args.out / f"{name}-whole"),
+                                                                       resume="auto", **common))
+        cell |= {"metric": metric, "examples": result["examples"]}
         for m in result["mean"]:
             dev_scores = [f["epochs"][-1][f"dev_{m}"] for f in folds]
             cell[m] = {"cv_mean": result["mean"][m], "cv_std": result["std"][m], "cv_pooled": result["pooled"][m],
                        "per_fold_cv": [f[m] for f in result["per_fold"]], "per_fold_dev": dev_scores,
                        "fold_dev_mean": float(np.mean(dev_scores)), "fold_dev_std": float(np.std(dev_scores, ddof=1)),
-                       "whole_dev": whole["epochs"][-1][m]}  # no split there: its first eval data is dev
+                       "whole_dev": whole["epochs"][-1][m] if whole else None}  # no split there: dev first
         if flipped:
             rows = [json.loads(line) for line in (args.out / name / "out_of_fold.jsonl").read_text().splitlines()]
             bad = set(flipped)
