@@ -286,11 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every row's prediction and loss, crossval.json the numbers. Interrupted, the same command again resumes: "
         "finished folds are kept, an interrupted one continues.",
     )
-    add_dataclass_args(p, FinetuneConfig, skip=("fold", "eval_split", "predict", "resume"),
+    # not the fold's own options, nor those of tasks without labels to stratify by (SQuAD, tagging, embeddings)
+    not_here = ("fold", "eval_split", "predict", "resume", "test_file", "train_articles", "doc_stride",
+                "max_query_length", "whole_articles", "null_threshold", "text_neg", "embedding_scale",
+                "label_all_tokens")
+    add_dataclass_args(p, FinetuneConfig, skip=not_here,
                        help_texts={"folds": "folds to cut the training file into (default: 5)",
                                    "out_dir": "folder of the fold runs and the results (default: runs/crossval)",
-                                   "keep": "each fold's kept epoch: last (default; its score an honest estimate) "
-                                           "or best (chosen on the fold it is scored on: optimistic)",
+                                   "keep": "each fold's kept epoch: last (its score an honest estimate) or best "
+                                           "(chosen on the fold it is scored on: optimistic)",
                                    "overwrite": "run every fold again (without it, a rerun keeps finished folds "
                                                 "and continues an interrupted one)"})
     p.set_defaults(func=cmd_crossval, folds=5, keep="last", out_dir="runs/crossval")
