@@ -16,7 +16,8 @@ docs/findings.md), --seeds. Arms, fixed beforehand and not searched on dev:
 
 A cell is one `bertkit finetune` run in --out, resumed or skipped when done (a stopped study goes on cell by cell);
 --workers runs take one thread each. The summary (each cell's last and best epoch's score, its time) goes to
---summary (docs/few-sample/glue-1k.json); --plot draws each arm's scores per task (docs/few-sample/glue-1k.png).
+--summary (docs/few-sample/glue-1k.json); --plot draws each arm's scores per task (docs/few-sample/glue-1k.png), and
+the table of means, spreads and worst seeds is printed.
 
     python benchmarks/few_sample.py --seeds 0 1 2 3 4 --workers 2
 """
@@ -54,6 +55,17 @@ def summarise(cells: dict) -> dict:
         table.setdefault(cell["task"], {}).setdefault(cell["arm"], []).append(cell["last"])
     return {task: {arm: {"seeds": len(v), "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                          "min": min(v), "max": max(v)} for arm, v in arms.items()} for task, arms in table.items()}
+
+
+def markdown(summary: dict) -> str:
+    """The table docs/findings.md shows: per task and arm, the last epoch's mean ± std over seeds [worst seed]."""
+    tasks = [t for t in TASKS if t in summary["summary"]]
+    lines = ["| arm | " + " | ".join(f"{t}-1k ({TASKS[t]})" for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for arm in ARMS:
+        cells = [summary["summary"][t].get(arm) for t in tasks]
+        lines.append(f"| {arm} | " + " | ".join(f"{c['mean']:.1f} ± {c['std']:.1f} [{c['min']:.1f}]" if c else "-"
+                                               for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -110,7 +122,9 @@ def main() -> None:
             args.summary.parent.mkdir(parents=True, exist_ok=True)
             args.summary.write_text(json.dumps(summary, indent=2) + "\n")
             print(task, arm, seed, summary["cells"][f"{task}-{arm}-s{seed}"], flush=True)
-    plot(summary, args.plot or args.summary.with_suffix(".png"))
+    if summary["cells"]:
+        plot(summary, args.plot or args.summary.with_suffix(".png"))
+        print(markdown(summary))
 
 
 if __name__ == "__main__":
