@@ -123,6 +123,7 @@ def main() -> None:
             args.summary.write_text(json.dumps(summary, indent=2) + "\n")
             print(task, arm, seed, summary["cells"][f"{task}-{arm}-s{seed}"], flush=True)
     if summary["cells"]:
+        summary["summary"] = summarise(summary["cells"])
         plot(summary, args.plot or args.summary.with_suffix(".png"))
         print(markdown(summary))
 
