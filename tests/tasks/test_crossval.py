@@ -113,6 +113,7 @@ def test_group_holds_out_whole_documents(toy_model_dir, tmp_path):
     finetune(config)
     assert evaluate(tmp_path / "run")["accuracy"] == json.loads((tmp_path / "run" / "metrics.json").read_text())[
         "best"]["accuracy"]
+    assert evaluate(tmp_path / "run", eval_file=str(other))["accuracy"] in (0.0, 50.0, 100.0)  # no split, no group
 
 
 def test_a_glue_task_scores_its_held_out_fold_first_then_dev(tiny_model_dir, tmp_path):

@@ -293,7 +293,7 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
                            config.label_sep if config.multi_label else None, group)
 
     if need_train or splits(config):
-        train, labels = read(config.train_file, labels, getattr(config, "group", None))
+        train, labels = read(config.train_file, labels, config.group)
         train = _with_text(train, Path(config.train_file))
     else:
         train = []
@@ -317,7 +317,7 @@ def _load_custom(config, need_train: bool, labels: Sequence[str] | None) -> Text
 
 def splits(config) -> bool:
     """Whether the run scores on rows held out of its training file (--eval-split, --folds)."""
-    return bool(getattr(config, "folds", 0) or getattr(config, "eval_split", 0))
+    return bool(config.folds or config.eval_split)
 
 
 HELD_OUT = "held-out"  # the eval split cut from the training file (--eval-split, --folds): scored first
@@ -397,16 +397,13 @@ def hold_out(task: TextTask, config) -> None:
     """Move the rows --eval-split or --folds/--fold names out of the training examples into an eval split of their
     own, `HELD_OUT`, scored first (it picks the best epoch); the task's other eval data, if any, is scored after it."""
     labels, n = [e.label for e in task.train], len(task.train)
-    groups = [e.group for e in task.train] if getattr(config, "group", None) else None
-    if config.folds:
-        folds = stratified_folds(labels, config.folds, config.split_seed, task.is_regression, groups)
-        held = {i for i, fold in enumerate(folds) if fold == config.fold}
-        what = f"fold {config.fold} of {config.folds}"
-    elif groups is not None:  # whole groups: one fold of as many as make the fraction
-        folds = stratified_folds(labels, max(2, round(1 / config.eval_split)), config.split_seed,
-                                 task.is_regression, groups)
-        held = {i for i, fold in enumerate(folds) if fold == 1}
-        what = f"--eval-split {config.eval_split:g} by --group"
+    groups = [e.group for e in task.train] if config.group else None
+    if config.folds or groups is not None:  # with --group, --eval-split F is one fold of round(1 / F) folds
+        k, fold = (config.folds, config.fold) if config.folds else (max(2, round(1 / config.eval_split)), 1)
+        folds = stratified_folds(labels, k, config.split_seed, task.is_regression, groups)
+        held = {i for i, f in enumerate(folds) if f == fold}
+        what = (f"fold {config.fold} of {config.folds}" if config.folds
+                else f"--eval-split {config.eval_split:g} by --group")
     else:
         held = set(stratified_order(labels, config.split_seed, task.is_regression)[:round(config.eval_split * n)])
         what = f"--eval-split {config.eval_split:g}"

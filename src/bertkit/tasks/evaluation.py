@@ -48,7 +48,8 @@ def run_config(model_dir, overrides: dict, default_task: str = "") -> FinetuneCo
     values = dataclasses.asdict(saved) if saved else {"task": default_task}
     if overrides.get("eval_file") or overrides.get("data_dir"):
         values["train_articles"] = None  # new eval data replaces the run's by-article split
-        values |= {"eval_split": 0.0, "folds": 0, "fold": 1}  # and the rows it held out of its training file
+        # and the rows it held out of its training file
+        values |= {"eval_split": 0.0, "folds": 0, "fold": 1, "group": None}
     if overrides.get("data_dir"):
         values["eval_file"] = None  # and the run's --eval-file, which would be read instead of the folder's dev file
     values.update({k: v for k, v in overrides.items() if v is not None})
