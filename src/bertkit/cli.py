@@ -299,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "and continues an interrupted one)"})
     p.set_defaults(func=cmd_crossval, folds=5, keep="last", out_dir="runs/crossval")
 
+    from bertkit.tasks.soup import SoupConfig
+
+    p = sub.add_parser(
+        "soup",
+        help="average the weights of runs fine-tuned from one model on one task (a model soup): one model that "
+        "scores like the best run or better",
+        description="Average RUNS, fine-tuned from the same pretrained model on the same task and data (an lr or "
+        "seed search), into one model folder at --out (Wortsman et al. 2022's model soups). The greedy soup (the "
+        "default) adds the runs best first by their score on the runs' (first) eval data, keeping each that does "
+        "not lower it; the uniform soup averages every run. Every run, both soups and the runs' ensemble (their "
+        "logits averaged) are scored on every eval split: printed and written to OUT/soup.md, the numbers to "
+        "soup.json. Choose on rows held out of the training file (finetune --eval-split, the same for every run) "
+        "and the dev data reports the soup without the choice seeing it.",
+    )
+    add_dataclass_args(p, SoupConfig)
+    p.set_defaults(func=cmd_soup)
+
     from bertkit.tasks.suite import SuiteConfig
 
     p = sub.add_parser(
@@ -645,6 +662,12 @@ def cmd_crossval(args) -> None:
     from bertkit.tasks.finetune import FinetuneConfig
 
     print(crossval(dataclass_from_args(FinetuneConfig, args))["table"], end="")
+
+
+def cmd_soup(args) -> None:
+    from bertkit.tasks.soup import SoupConfig, soup
+
+    print(soup(dataclass_from_args(SoupConfig, args))["table"], end="")
 
 
 def cmd_glue(args) -> None:

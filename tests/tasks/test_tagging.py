@@ -227,6 +227,21 @@ def test_evaluate_and_predict_use_a_tagging_run(ner_run, tmp_path):
     assert blank["tags"] is None and "error" in blank
 
 
+def test_two_tagging_runs_make_a_soup_that_evaluate_scores_alike(ner_run, tmp_path):
+    import dataclasses
+
+    from bertkit.tasks.soup import SoupConfig, soup
+
+    config, record = ner_run
+    other = dataclasses.replace(config, out_dir=str(tmp_path / "seed-1"), seed=1, lr=2e-3)
+    finetune(other)
+    summary = soup(SoupConfig(runs=[config.out_dir, other.out_dir], out=str(tmp_path / "soup"), threads=1))
+    assert summary["runs"][0]["metrics"] == pytest.approx(record["best"])
+    assert "ensemble" not in summary and summary["selected_on"] == "dev"  # no logits to average for a tagger
+    assert evaluate(tmp_path / "soup") == pytest.approx(summary["greedy"]["metrics"])
+    assert summary["uniform"]["metrics"]["f1"] > 60  # two taggers from one start average into a tagger
+
+
 def test_a_sentence_longer_than_max_length_is_tagged_whole(ner_run):
     config, _ = ner_run
     text = " ".join(["a good film"] * 40)  # 120 words: four windows at max_length 32

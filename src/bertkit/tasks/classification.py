@@ -134,14 +134,26 @@ class TextTask:
         """Metrics on every eval split (extra splits prefixed with their name) and the writer of the outputs: for
         classification, CLASSES_FILE (per class scores and the confusion matrix of the first split; multi-label: per
         label scores). `logits_out`, when given, receives each split's logits (what `evaluate --calibrate` fits)."""
+        logits = {split: self.logits(model, tokenizer, examples, config, device)
+                  for split, examples in self.evals.items()}
+        if logits_out is not None:
+            logits_out.update(logits)
+        metrics, report = self.scores(logits, config)
+
+        def write_outputs(out_dir: Path) -> None:
+            if report is not None:
+                atomic_write_text(Path(out_dir) / CLASSES_FILE, report)
+
+        return metrics, write_outputs
+
+    def scores(self, logits: dict[str, torch.Tensor], config) -> tuple[dict, str | None]:
+        """The metrics of every eval split from its logits (any model's: an ensemble's averaged ones too), and the
+        per class (label) report of the first split (None for regression)."""
         from bertkit.tasks.metrics import calibration_scores, class_report, compute_metrics  # scipy, sklearn: seconds
 
         metrics, report = {}, None
         for i, (split, examples) in enumerate(self.evals.items()):
-            logits = self.logits(model, tokenizer, examples, config, device)
-            if logits_out is not None:
-                logits_out[split] = logits
-            predictions, probabilities = self.decide(logits, config)
+            predictions, probabilities = self.decide(logits[split], config)
             gold = self.gold(examples)
             scores = compute_metrics(self.metrics, predictions, gold)
             if self.labels and not self.multi_label:  # how well its probabilities are calibrated: ECE and NLL
@@ -151,12 +163,7 @@ class TextTask:
                 report = class_report(self.labels, predictions, gold,
                                       f"{self.name} per {'label' if self.multi_label else 'class'}: {split}, "
                                       f"{len(examples):,} examples")
-
-        def write_outputs(out_dir: Path) -> None:
-            if report is not None:
-                atomic_write_text(Path(out_dir) / CLASSES_FILE, report)
-
-        return metrics, write_outputs
+        return metrics, report
 
     def write_test_predictions(self, model, tokenizer, config, device, out_dir: Path) -> list[Path]:
         """GLUE's leaderboard files for the test splits that were found."""
