@@ -303,15 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "soup",
-        help="average the weights of runs fine-tuned from one model on one task (a model soup): one model that "
-        "scores like the best run or better",
+        help="average the weights of runs fine-tuned from one model on one task (a model soup), or of a "
+        "pretraining run's last checkpoints, into one model",
         description="Average RUNS, fine-tuned from the same pretrained model on the same task and data (an lr or "
         "seed search), into one model folder at --out (Wortsman et al. 2022's model soups). The greedy soup (the "
         "default) adds the runs best first by their score on the runs' (first) eval data, keeping each that does "
         "not lower it; the uniform soup averages every run. Every run, both soups and the runs' ensemble (their "
         "logits averaged) are scored on every eval split: printed and written to OUT/soup.md, the numbers to "
         "soup.json. Choose on rows held out of the training file (finetune --eval-split, the same for every run) "
-        "and the dev data reports the soup without the choice seeing it.",
+        "and the dev data reports the soup without the choice seeing it. With --data, RUNS are checkpoints of one "
+        "pretraining run (RUN/checkpoints/step-N), averaged and scored by held-out masked-LM loss on a prepared "
+        "corpus (latest weight averaging: the last few checkpoints, --recipe uniform).",
     )
     add_dataclass_args(p, SoupConfig)
     p.set_defaults(func=cmd_soup)

@@ -102,7 +102,7 @@ def test_the_greedy_soup_leaves_out_the_run_that_lowers_the_held_out_score(runs,
     for name, value in weights.items():
         torch.testing.assert_close(value, (first[name] + second[name]) / 2, rtol=0, atol=1e-6)
     table = (tmp_path / "soup" / "soup.md").read_text()
-    assert "| 3 | run 1 |" in table and "left out |" in table and "keeping each that does not lower it: run 2; run 3" \
+    assert "| 3 | run 1 |" in table and "left out |" in table and "keeping each that does not make it worse: run 2; run 3" \
         in table
     assert "optimistic" not in table  # chosen on held-out rows, reported on dev
 

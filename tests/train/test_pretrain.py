@@ -894,6 +894,39 @@ def test_perplexity_whole_and_in_pieces(short_run, inputs, tmp_path, capsys):
         perplexity(PerplexityConfig(**{**vars(config), "max_length": 1000}))
 
 
+def test_a_checkpoint_soup_averages_a_runs_last_checkpoints_scored_as_perplexity_scores_them(short_run, inputs,
+                                                                                               tmp_path):
+    """`bertkit soup --data`: checkpoints of one run averaged (latest weight averaging), each and the soups scored
+    by held-out masked-LM loss on the same examples and masks as `bertkit perplexity`."""
+    from bertkit.tasks.perplexity import PerplexityConfig, perplexity
+    from bertkit.tasks.soup import SoupConfig, soup
+
+    run_dir, _ = short_run
+    checkpoints = [str(c) for c in list_checkpoints(run_dir / "checkpoints")]  # steps 70 and 80 (keep_last 2)
+    config = SoupConfig(runs=checkpoints, out=str(tmp_path / "soup"), data=str(inputs / "data"), max_length=64,
+                        batches=3, eval_batch_size=8, recipe="uniform", threads=1)
+    summary = soup(config)
+    assert [r["step"] for r in summary["runs"]] == [70, 80] and "ensemble" not in summary
+    for run, scored in zip(checkpoints, summary["runs"]):
+        alone = perplexity(PerplexityConfig(model_dir=run, data=str(inputs / "data"), max_length=64, batches=3,
+                                            batch_size=8, threads=1))["whole"]
+        assert scored["metrics"]["masked_lm_loss"] == pytest.approx(alone["masked_lm_loss"], rel=1e-6)
+    again = perplexity(PerplexityConfig(model_dir=str(tmp_path / "soup"), data=str(inputs / "data"), max_length=64,
+                                        batches=3, batch_size=8, threads=1))["whole"]
+    assert again["masked_lm_loss"] == pytest.approx(summary["uniform"]["metrics"]["masked_lm_loss"], rel=1e-6)
+    weights = load_file(str(tmp_path / "soup" / "model.safetensors"))
+    first, second = (load_file(f"{c}/model.safetensors") for c in checkpoints)
+    for key in ("bert.encoder.layer.0.attention.self.query.weight", "cls.seq_relationship.weight"):
+        torch.testing.assert_close(weights[key], (first[key] + second[key]) / 2, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "soup" / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+    table = (tmp_path / "soup" / "soup.md").read_text()
+    assert table.startswith("# Checkpoint soup: 2 checkpoints of ") and "masked_lm_loss" in table
+    with pytest.raises(BertkitError, match="--data with --task; expected one"):
+        soup(SoupConfig(**{**vars(config), "task": "SST-2", "overwrite": True}))
+    with pytest.raises(BertkitError, match="no finetune_config.json; expected --task .*--data, a prepared corpus"):
+        soup(SoupConfig(**{**vars(config), "data": "", "overwrite": True}))
+
+
 def test_perplexity_help_promises_the_same_tokens_only_at_one_length_and_seed(inputs):
     """The help said models and lengths (and, for --batches, seeds) were scored on the same tokens; another length or
     seed cuts and orders the held-out split into other examples, which only --pieces compares on the same tokens."""

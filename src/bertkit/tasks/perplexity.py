@@ -69,20 +69,57 @@ def cut_into_pieces(batch: dict[str, torch.Tensor], size: int, cls_id: int, sep_
 
 @torch.no_grad()
 def _score(model, batch: dict, batch_size: int) -> tuple[float, int, int]:
-    """Summed loss, correct predictions and count over the masked positions, batch_size rows at a time."""
+    """Summed loss, correct predictions and count over the masked positions, batch_size rows at a time (on the
+    model's device)."""
+    device = next(model.parameters()).device
     loss, correct, count = 0.0, 0, 0
     for start in range(0, len(batch["input_ids"]), batch_size):
-        rows = {k: v[start:start + batch_size] for k, v in batch.items()}
+        rows = {k: v[start:start + batch_size].to(device) for k, v in batch.items()}
         masked = rows["labels"] != IGNORE
         if not bool(masked.any()):
             continue
-        logits = model(rows["input_ids"], rows["token_type_ids"], rows["attention_mask"],
-                       masked_positions=masked).logits  # (M, V)
+        with torch.no_grad():
+            logits = model(rows["input_ids"], rows["token_type_ids"], rows["attention_mask"],
+                           masked_positions=masked).prediction_logits  # (M, V)
         targets = rows["labels"][masked]
         loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
         correct += int((logits.argmax(-1) == targets).sum())
         count += int(targets.numel())
     return loss, correct, count
+
+
+def masked_lm_scores(model, batch: dict, batch_size: int) -> dict:
+    """masked_lm_loss, perplexity, accuracy and the number of masked tokens of `model` (a masked-LM or pretraining
+    model) on the batch (`held_out_examples`)."""
+    loss, correct, n = _score(model, batch, batch_size)
+    if n == 0:
+        raise BertkitError("no masked tokens in the held-out examples; expected more of them (--batches)")
+    return {"masked_lm_loss": loss / n, "perplexity": math.exp(loss / n), "accuracy": correct / n, "masked_tokens": n}
+
+
+def check_masked_lm(directory, model_config: BertConfig) -> None:
+    """Refuse a folder without a masked-LM head, or a left-to-right one."""
+    # the names as the model loads them (NVIDIA's call the head's dense layer `dense_act`), a pytorch_model.bin's
+    # too, so that its missing head is refused, not initialised
+    names = set(normalize_keys(weight_shapes(directory), model_config))
+    if not any(k.endswith("cls.predictions.transform.dense.weight") for k in names):
+        raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
+                           "a model saved with its MLM head")
+    if model_config.is_decoder:  # its causal mask hides the right context a masked token is predicted from
+        raise BertkitError(f"{directory}: a left-to-right model (is_decoder); a masked-LM score needs a bidirectional "
+                           "one (its own next-token evaluation is in its run's eval.csv)")
+
+
+def held_out_examples(data, tokenizer, max_length: int, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The first `count` examples of a prepared corpus's held-out split at `max_length`, masked as the paper masks
+    (15%, 80/10/10, drawn from `seed`), as one collated batch."""
+    from bertkit.data.pretraining import PretrainingDataset
+    from bertkit.data.shards import PreparedCorpus
+
+    dataset = PretrainingDataset(PreparedCorpus(data, "heldout"), tokenizer, max_length=max_length, objective="mlm",
+                                 masking="token", mask_prob=0.15, seed=seed)
+    dataset.set_epoch(0)
+    return dataset.collate([dataset[i] for i in range(min(count, len(dataset)))])
 
 
 def perplexity(config: PerplexityConfig) -> dict:
@@ -95,47 +132,36 @@ def perplexity(config: PerplexityConfig) -> dict:
 
 
 def _perplexity(config: PerplexityConfig) -> dict:
-    from bertkit.data.pretraining import PretrainingDataset
-    from bertkit.data.shards import PreparedCorpus
     from bertkit.model import BertForMaskedLM
     from bertkit.tasks.inference import check_tokenizer
     from bertkit.tokenizer import Tokenizer
 
     directory = model_folder(config.model_dir)
-    # the names as the model loads them (NVIDIA's call the head's dense layer `dense_act`), a pytorch_model.bin's
-    # too, so that its missing head is refused, not initialised
     model_config = BertConfig.load(directory)
-    names = set(normalize_keys(weight_shapes(directory), model_config))
-    if not any(k.endswith("cls.predictions.transform.dense.weight") for k in names):
-        raise BertkitError(f"{directory}: no masked-LM head (cls.predictions); expected a pretraining checkpoint or "
-                           "a model saved with its MLM head")
+    check_masked_lm(directory, model_config)
     for name in ("max_length", "batch_size", "batches"):
         if getattr(config, name) < 1:
             raise BertkitError(f"--{name.replace('_', '-')} {getattr(config, name)}; expected a positive number")
     tokenizer = Tokenizer.from_pretrained(directory)
     check_tokenizer(tokenizer, model_config, directory)  # its extra ids would index past the embeddings
     model = BertForMaskedLM.from_pretrained(directory).eval()
-    if model.config.is_decoder:  # its causal mask hides the right context a masked token is predicted from
-        raise BertkitError(f"{directory}: a left-to-right model (is_decoder); a masked-LM score needs a bidirectional "
-                           "one (its own next-token evaluation is in its run's eval.csv)")
     if config.max_length > model.config.max_position_embeddings:
         raise BertkitError(f"--max-length {config.max_length}; expected at most the model's "
                            f"{model.config.max_position_embeddings} positions (`bertkit extend` gives it more)")
-    dataset = PretrainingDataset(PreparedCorpus(config.data, "heldout"), tokenizer, max_length=config.max_length,
-                                 objective="mlm", masking="token", mask_prob=0.15, seed=config.seed)
-    dataset.set_epoch(0)
-    count = min(config.batches * config.batch_size, len(dataset))
-    examples = dataset.collate([dataset[i] for i in range(count)])
+    examples = held_out_examples(config.data, tokenizer, config.max_length, config.batches * config.batch_size,
+                                 config.seed)
+    count = len(examples["input_ids"])
     results = {}
     ways = [("whole", examples)]
     if config.pieces is not None:  # --pieces 0 is refused by cut_into_pieces, not taken for "not given"
         ways.append(("pieces", cut_into_pieces(examples, config.pieces, tokenizer.cls_id, tokenizer.sep_id,
                                                tokenizer.pad_id)))
     for name, batch in ways:
-        loss, correct, n = _score(model, batch, config.batch_size)
-        if n == 0:
-            raise BertkitError(f"{config.data}: no masked tokens in {count} held-out examples; expected more --batches")
-        results[name] = {"masked_lm_loss": loss / n, "perplexity": math.exp(loss / n), "accuracy": correct / n,
-                         "masked_tokens": n, "sequences": len(batch["input_ids"]),
+        try:
+            scores = masked_lm_scores(model, batch, config.batch_size)
+        except BertkitError:
+            raise BertkitError(f"{config.data}: no masked tokens in {count} held-out examples; expected more "
+                               "--batches") from None
+        results[name] = {**scores, "sequences": len(batch["input_ids"]),
                          "tokens_per_sequence": float(batch["attention_mask"].sum(1).float().mean())}
     return results

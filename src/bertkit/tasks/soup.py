@@ -1,5 +1,6 @@
 """Model soups (`bertkit soup`): one model whose weights are the average of several fine-tuned from the same
-pretrained model on the same task (Wortsman et al. 2022), at the cost of one model at inference.
+pretrained model on the same task (Wortsman et al. 2022), at the cost of one model at inference; or of several
+checkpoints along one pretraining run (Kaddour 2022's latest weight averaging), scored by held-out masked-LM loss.
 
 The runs of an lr or seed search all start from the same weights and usually end in one basin, where their average
 scores like the best of them or better. Two recipes: the uniform soup averages every run; the greedy soup (the
@@ -9,13 +10,15 @@ averaged: as many models at inference as runs) are scored on every eval split, a
 
 The greedy soup is chosen on the (first) eval split: on rows held out of the training file (`finetune
 --eval-split`), the dev data scored after them reports it without the choice seeing it; chosen on dev and reported
-on dev, its score is optimistic, as the best lr's is.
+on dev, its score is optimistic, as the best lr's is. Checkpoints are chosen and scored on the same held-out
+examples of a prepared corpus, with the same masks for every one (`bertkit perplexity`'s).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +26,8 @@ from typing import Literal
 import torch
 
 from bertkit import hub
-from bertkit.checkpoint import atomic_write_text, load_state_dict_into, model_folder, read_state_dict
+from bertkit.checkpoint import (atomic_write_text, checkpoint_step, load_state_dict_into, model_folder, normalize_keys,
+                                read_state_dict, weight_shapes)
 from bertkit.config import BertConfig, option, write_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import HELD_OUT, TextTask
@@ -49,11 +53,12 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 class SoupConfig:
     """`bertkit soup`: the command's arguments."""
 
-    runs: list[str] = option([], "the fine-tuned run folders to average (what `bertkit finetune` wrote): two or "
-                             "more, fine-tuned from the same pretrained model on the same task and data",
-                             positional=True)
-    out: str = option("", "folder for the soup: a model folder as a run's (`evaluate`, `predict`, `serve` and "
-                      "transformers load it), with soup.md and soup.json", required=True)
+    runs: list[str] = option([], "the run folders to average (what `bertkit finetune` wrote), two or more, "
+                             "fine-tuned from the same pretrained model on the same task and data; or, with --data, "
+                             "checkpoints of one pretraining run (RUN/checkpoints/step-N)", positional=True)
+    out: str = option("", "folder for the soup: a model folder as a run's or a checkpoint's (`evaluate`, `predict`, "
+                      "`serve`, `finetune --model-dir` and transformers load it), with soup.md and soup.json",
+                      required=True)
     recipe: Literal["greedy", "uniform"] = option("greedy", "the soup written to --out: greedy (runs added best "
                                                   "first, each kept only if the eval score does not drop) or "
                                                   "uniform (every run averaged); both are scored")
@@ -62,7 +67,12 @@ class SoupConfig:
     task: str | None = option(None, "the task, for run folders without a finetune_config.json (default: the runs')")
     data_dir: str | None = option(None, "the task's data folder to choose and score on (default: the runs')")
     eval_file: str | None = option(None, "a labelled file to choose and score on instead (default: the runs')")
-    eval_batch_size: int | None = option(None, "evaluation batch size (default: the runs')")
+    data: str = option("", "pretraining checkpoints: a prepared corpus (`bertkit prepare`, their vocabulary) whose "
+                       "held-out split scores them by masked-LM loss, as `bertkit perplexity` does: the same "
+                       "examples and masks (15%%, seed 0) for every checkpoint and soup")
+    max_length: int | None = option(None, "tokens per example (default: the runs'; --data: 128)")
+    batches: int = option(20, "--data: held-out batches of --eval-batch-size scored")
+    eval_batch_size: int | None = option(None, "evaluation batch size (default: the runs'; --data: 32)")
     threads: int | None = option(None, THREADS_HELP)
     device: str | None = option(None, DEVICE_HELP)
     overwrite: bool = option(False, "replace what --out holds")
@@ -82,38 +92,24 @@ def soup(config: SoupConfig) -> dict:
     check_output_path(out, "--out", {f"run {i + 1}": r for i, r in enumerate(runs)})
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
         raise BertkitError(f"--out {out} holds files; expected an empty or new folder (or --overwrite)")
-    overrides = {"task": config.task, "data_dir": config.data_dir, "eval_file": config.eval_file,
-                 "eval_batch_size": config.eval_batch_size, "threads": config.threads, "device": config.device}
-    run_configs = [run_config(r, overrides) for r in runs]
-    for r, c in zip(runs, run_configs):
-        if not c.task and not c.eval_file:
-            raise BertkitError(f"{r}: no {CONFIG_FILE}; expected --task and the data to score on")
     model_configs = [BertConfig.load(r) for r in runs]
-    check_compatible(runs, run_configs, model_configs)
-    scoring = run_configs[0]  # every run is scored with the first's settings (lengths, batch size)
-    device = resolve_device(scoring.device)
-    with torch_threads(scoring.threads):
-        data = load_task(scoring, need_train=False, labels=label_names(model_configs[0]))
-        for r, m in zip(runs, model_configs):
-            check_head(data, m, r)
-        tokenizer = Tokenizer.from_pretrained(runs[0])
-        check_tokenizer(tokenizer, model_configs[0], runs[0])
-        model = data.model_class.from_pretrained(runs[0]).to(device).eval()
-        result = _cook(config, runs, data, model, tokenizer, scoring, device)
-        _load(model, result.pop("_weights")[config.recipe])  # the soup asked for, written as a run folder
+    check_same_shape(runs, model_configs)
+    tokenizer = Tokenizer.from_pretrained(runs[0])
+    check_tokenizer(tokenizer, model_configs[0], runs[0])
+    scorer = (CheckpointScorer(config, runs, model_configs, tokenizer) if config.data
+              else TaskScorer(config, runs, model_configs, tokenizer))
+    with torch_threads(scorer.threads):
+        model = scorer.model_class.from_pretrained(runs[0]).to(scorer.device).eval()
+        result = _cook(config, runs, scorer, model)
+        _load(model, result.pop("_weights")[config.recipe])  # the soup asked for, written as a model folder
     make_dir(out, "--out")
     model.save_pretrained(out, tokenizer=tokenizer)
-    # the best run's config with the data the soup was chosen on, so that `evaluate OUT` scores it there again
-    saved = FinetuneConfig.load(runs[result["ranking"][0]]) or scoring
-    saved = dataclasses.replace(saved, out_dir=str(out), **{f: getattr(scoring, f) for f in DATA_FIELDS})
-    saved.save(out)
-    summary = {"recipe": config.recipe, "task": data.name, "model_dir": saved.model_dir, **result}
-    summary["runs"] = [{"run": r, "lr": c.lr, "seed": c.seed, "metrics": m}
-                       for r, c, m in zip(runs, run_configs, summary.pop("run_metrics"))]
+    summary = {"recipe": config.recipe, **scorer.describe(), **result}
+    summary["runs"] = [{"run": r, **scorer.describe_run(i), "metrics": m}
+                       for i, (r, m) in enumerate(zip(runs, summary.pop("run_metrics")))]
+    scorer.write_run_files(out, summary)
     write_json(out / "soup.json", summary)
-    # metrics.json, as a run's: a SQuAD v2.0 soup's null threshold tuned on its eval data, as `predict` reads it
-    write_json(out / "metrics.json", {"task": data.name, "best": summary[config.recipe]["metrics"], "soup": True})
-    table = soup_table(summary, runs, data)
+    table = soup_table(summary, runs, scorer)
     atomic_write_text(out / "soup.md", table)
     return summary | {"table": table}
 
@@ -122,18 +118,9 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def check_compatible(runs: list[str], run_configs: list[FinetuneConfig], model_configs: list[BertConfig]) -> None:
-    """Refuse runs whose weights do not average into one model: another architecture, label set or vocabulary,
-    another pretrained start, or other data (another task, or other rows held out of the training file)."""
+def check_same_shape(runs: list[str], model_configs: list[BertConfig]) -> None:
+    """Refuse runs whose weights do not average into one model: another architecture, label set or vocabulary."""
     first = runs[0]
-    scored_on = [_scored_on(c) for c in run_configs]
-    for r, fields in zip(runs[1:], scored_on[1:]):
-        for name, value in fields.items():
-            if value != scored_on[0].get(name):
-                raise BertkitError(
-                    f"{r}: {name} {value!r}, {first}: {scored_on[0].get(name)!r}; expected runs "
-                    "on the same task and data, holding out the same rows (or --data-dir / --eval-file: data to "
-                    "score every run on)")
     for r, m in zip(runs[1:], model_configs[1:]):
         for name in SHAPE_FIELDS:
             if getattr(m, name) != getattr(model_configs[0], name):
@@ -145,6 +132,85 @@ def check_compatible(runs: list[str], run_configs: list[FinetuneConfig], model_c
         if _vocab(r) != vocab:
             raise BertkitError(f"{r}: another vocabulary than {first}'s; expected runs fine-tuned from one "
                                "pretrained model")
+
+
+def _vocab(run: str) -> tuple[dict, bool]:
+    tokenizer = Tokenizer.from_pretrained(run)
+    return tokenizer.backend.get_vocab(with_added_tokens=True), tokenizer.lowercase
+
+
+class TaskScorer:
+    """Fine-tuned runs, scored on every eval split of their task's data as `bertkit evaluate` scores them."""
+
+    def __init__(self, config: SoupConfig, runs: list[str], model_configs: list[BertConfig], tokenizer):
+        if config.max_length is not None and config.max_length < 1:
+            raise BertkitError(f"--max-length {config.max_length}; expected a positive number")
+        overrides = {"task": config.task, "data_dir": config.data_dir, "eval_file": config.eval_file,
+                     "max_length": config.max_length, "eval_batch_size": config.eval_batch_size,
+                     "threads": config.threads, "device": config.device}
+        self.run_configs = [run_config(r, overrides) for r in runs]
+        for r, c in zip(runs, self.run_configs):
+            if not c.task and not c.eval_file:
+                raise BertkitError(f"{r}: no {CONFIG_FILE}; expected --task and the data to score on (pretraining "
+                                   "checkpoints: --data, a prepared corpus)")
+        self.runs = runs
+        check_same_data(runs, self.run_configs)
+        self.config = self.run_configs[0]  # every run is scored with the first's settings (lengths, batch size)
+        self.threads, self.device = self.config.threads, resolve_device(self.config.device)
+        self.data = load_task(self.config, need_train=False, labels=label_names(model_configs[0]))
+        for r, m in zip(runs, model_configs):
+            check_head(self.data, m, r)
+        self.model_class, self.tokenizer = self.data.model_class, tokenizer
+        self.split = next(iter(self.data.evals)) if isinstance(self.data.evals, dict) else "dev"
+        self.columns = self.data.table_metrics
+        self.ensembles = config.ensemble and isinstance(self.data, TextTask)
+
+    def score(self, model, logits: dict | None = None) -> dict:
+        """The model's metrics on every eval split; each split's logits into `logits`, when given."""
+        model.eval()
+        extra = {"logits_out": logits} if logits is not None else {}
+        return self.data.evaluate(model, self.tokenizer, self.config, self.device, **extra)[0]
+
+    def headline(self, metrics: dict) -> float:
+        """What the greedy soup and the ranking go by: what `finetune` keeps its best epoch by (a task's metrics
+        averaged) on the first split."""
+        return self.data.headline(metrics)
+
+    def ensemble(self, logits: list[dict]) -> dict:
+        averaged = {s: torch.stack([run_logits[s] for run_logits in logits]).mean(0) for s in self.data.evals}
+        return self.data.scores(averaged, self.config)[0]
+
+    def describe(self) -> dict:
+        saved = FinetuneConfig.load(self.runs[0])
+        return {"task": self.data.name, "model_dir": saved.model_dir if saved else self.runs[0], "selected_on": self.split}
+
+    def describe_run(self, i: int) -> dict:
+        return {"lr": self.run_configs[i].lr, "seed": self.run_configs[i].seed}
+
+    def write_run_files(self, out: Path, summary: dict) -> None:
+        """The best run's finetune_config.json with the data the soup was chosen on (`evaluate OUT` scores it there
+        again) and a metrics.json as a run's (a SQuAD v2.0 soup's null threshold, tuned on its eval data, is read
+        from it)."""
+        best = self.runs[summary["ranking"][0]]
+        saved = FinetuneConfig.load(best) or self.config
+        saved = dataclasses.replace(saved, out_dir=str(out), **{f: getattr(self.config, f) for f in DATA_FIELDS})
+        saved.save(out)
+        write_json(out / "metrics.json", {"task": self.data.name, "best": summary[summary["recipe"]]["metrics"],
+                                          "soup": True})
+
+
+def check_same_data(runs: list[str], run_configs: list[FinetuneConfig]) -> None:
+    """Refuse runs on other data (another task, other rows held out of the training file) or from another
+    pretrained start."""
+    first = runs[0]
+    scored_on = [_scored_on(c) for c in run_configs]
+    for r, fields in zip(runs[1:], scored_on[1:]):
+        for name, value in fields.items():
+            if value != scored_on[0].get(name):
+                raise BertkitError(
+                    f"{r}: {name} {value!r}, {first}: {scored_on[0].get(name)!r}; expected runs "
+                    "on the same task and data, holding out the same rows (or --data-dir / --eval-file: data to "
+                    "score every run on)")
     known = [(r, _start(saved)) for r in runs if (saved := FinetuneConfig.load(r)) is not None]
     starts = {s for _, s in known}
     if len(starts) > 1:
@@ -168,24 +234,73 @@ def _start(config: FinetuneConfig) -> str:
     return str(path.resolve()) if path.exists() else config.model_dir
 
 
-def _vocab(run: str) -> tuple[dict, bool]:
-    tokenizer = Tokenizer.from_pretrained(run)
-    return tokenizer.backend.get_vocab(with_added_tokens=True), tokenizer.lowercase
+class CheckpointScorer:
+    """Pretraining checkpoints, scored by masked-LM loss on the held-out split of a prepared corpus."""
+
+    columns = ("masked_lm_loss", "perplexity", "accuracy")
+    split = HELD_OUT
+    ensembles = False
+
+    def __init__(self, config: SoupConfig, runs: list[str], model_configs: list[BertConfig], tokenizer):
+        from bertkit.model import BertForMaskedLM, BertForPreTraining
+        from bertkit.tasks.perplexity import check_masked_lm, held_out_examples
+
+        given = [f"--{name.replace('_', '-')}" for name in ("task", "data_dir", "eval_file") if getattr(config, name)]
+        if given:
+            raise BertkitError(f"--data with {', '.join(given)}; expected one: --data scores pretraining checkpoints "
+                               "on a prepared corpus, the others fine-tuned runs on a task's data")
+        for r, m in zip(runs, model_configs):
+            check_masked_lm(r, m)
+        self.runs, self.corpus = runs, config.data
+        names = set(normalize_keys(weight_shapes(runs[0]), model_configs[0]))
+        self.model_class = BertForPreTraining if "cls.seq_relationship.weight" in names else BertForMaskedLM
+        self.max_length = config.max_length or 128
+        self.batch_size = config.eval_batch_size or 32
+        for name, value in (("max_length", self.max_length), ("batches", config.batches),
+                            ("eval_batch_size", self.batch_size)):
+            if value < 1:
+                raise BertkitError(f"--{name.replace('_', '-')} {value}; expected a positive number")
+        if self.max_length > model_configs[0].max_position_embeddings:
+            raise BertkitError(f"--max-length {self.max_length}; expected at most the checkpoints' "
+                               f"{model_configs[0].max_position_embeddings} positions")
+        self.threads, self.device = config.threads, resolve_device(config.device or "auto")
+        self.examples = held_out_examples(config.data, tokenizer, self.max_length, config.batches * self.batch_size)
+        parents = {Path(r).resolve().parent for r in runs}
+        if len(parents) > 1:
+            logger.warning("checkpoints of %d run folders: weights average into a working model along one run, not "
+                           "across runs from different initial weights", len(parents))
+
+    def score(self, model, logits: dict | None = None) -> dict:
+        from bertkit.tasks.perplexity import masked_lm_scores
+
+        model.eval()
+        return masked_lm_scores(model, self.examples, self.batch_size)
+
+    def headline(self, metrics: dict) -> float:
+        return -metrics["masked_lm_loss"]
+
+    def describe(self) -> dict:
+        return {"task": "masked LM", "model_dir": str(Path(self.runs[0]).resolve().parent.parent),
+                "selected_on": self.split, "data": self.corpus, "max_length": self.max_length,
+                "sequences": len(self.examples["input_ids"])}
+
+    def describe_run(self, i: int) -> dict:
+        return {"step": checkpoint_step(Path(self.runs[i]))}
+
+    def write_run_files(self, out: Path, summary: dict) -> None:
+        pass  # a pretraining checkpoint's folder holds the model and its tokenizer alone
 
 
-def _cook(config: SoupConfig, runs: list[str], data, model, tokenizer, run: FinetuneConfig, device) -> dict:
+def _cook(config: SoupConfig, runs: list[str], scorer, model) -> dict:
     """Score every run, the uniform and greedy soups and the ensemble; the soups' weights under "_weights"."""
-    ensemble = config.ensemble and isinstance(data, TextTask)
+    ensemble = config.ensemble and scorer.ensembles
     run_metrics, logits, total = [], [], None
     for i, r in enumerate(runs):
         print(f"scoring run {i + 1}/{len(runs)}: {r}", flush=True)
-        weights = _weights(model, r)
-        total = _add(total, weights, r)
-        metrics, split_logits = _score(model, data, tokenizer, run, device, ensemble)
-        run_metrics.append(metrics)
-        logits.append(split_logits)
-    split = _first_split(data)
-    headline = [_headline(data, m) for m in run_metrics]
+        total = _add(total, _weights(model, r), r)
+        logits.append({} if ensemble else None)
+        run_metrics.append(scorer.score(model, logits[-1]))
+    headline = [_headline(scorer, m) for m in run_metrics]
     ranking = sorted(range(len(runs)), key=lambda i: -headline[i])  # ties keep the order given
     # greedy: the best run, then each next best that does not lower the score of the average on the first split
     best = ranking[0]
@@ -194,12 +309,12 @@ def _cook(config: SoupConfig, runs: list[str], data, model, tokenizer, run: Fine
     for i in ranking[1:]:
         weights = _weights(model, runs[i])
         _load(model, _mean(_add(greedy_total, weights, runs[i]), len(chosen) + 1))
-        metrics, _ = _score(model, data, tokenizer, run, device, False)
-        kept = _headline(data, metrics) >= _headline(data, greedy_metrics)
-        steps.append({"run": i, "score": _headline(data, metrics), "kept": kept, "metrics": metrics})
-        print(f"greedy soup + {runs[i]}: {split} {_headline(data, metrics):.2f} "
-              f"{'>=' if kept else '<'} {_headline(data, greedy_metrics):.2f}, {'kept' if kept else 'left out'}",
-              flush=True)
+        metrics = scorer.score(model)
+        score, before = _headline(scorer, metrics), _headline(scorer, greedy_metrics)
+        kept = score >= before
+        steps.append({"run": i, "score": score, "kept": kept, "metrics": metrics})
+        print(f"greedy soup + {runs[i]}: {scorer.split} {abs(score):.4g} against {abs(before):.4g}, "
+              f"{'kept' if kept else 'left out'}", flush=True)
         if kept:
             greedy_total, greedy_metrics = _add(greedy_total, weights, runs[i]), metrics
             chosen.append(i)
@@ -208,14 +323,13 @@ def _cook(config: SoupConfig, runs: list[str], data, model, tokenizer, run: Fine
         uniform_metrics = greedy_metrics
     else:
         _load(model, uniform)
-        uniform_metrics, _ = _score(model, data, tokenizer, run, device, False)
-    result = {"selected_on": split, "ranking": ranking, "run_metrics": run_metrics,
+        uniform_metrics = scorer.score(model)
+    result = {"ranking": ranking, "run_metrics": run_metrics,
               "greedy": {"runs": sorted(chosen), "metrics": greedy_metrics, "steps": steps},
               "uniform": {"runs": list(range(len(runs))), "metrics": uniform_metrics},
               "_weights": {"greedy": _mean(greedy_total, len(chosen)), "uniform": uniform}}
     if ensemble:
-        averaged = {s: torch.stack([split_logits[s] for split_logits in logits]).mean(0) for s in data.evals}
-        result["ensemble"] = {"runs": list(range(len(runs))), "metrics": data.scores(averaged, run)[0]}
+        result["ensemble"] = {"runs": list(range(len(runs))), "metrics": scorer.ensemble(logits)}
     return result
 
 
@@ -252,56 +366,55 @@ def _load(model, weights: dict[str, torch.Tensor]) -> None:
             v.copy_(weights[k])
 
 
-def _score(model, data, tokenizer, run: FinetuneConfig, device, want_logits: bool) -> tuple[dict, dict]:
-    """The model's metrics on every eval split and, when wanted, each split's logits."""
-    model.eval()
-    logits: dict = {}
-    metrics, _ = data.evaluate(model, tokenizer, run, device, **({"logits_out": logits} if want_logits else {}))
-    return metrics, logits
+def _headline(scorer, metrics: dict) -> float:
+    """The scorer's headline, nan as the least."""
+    value = scorer.headline(metrics)
+    return value if not math.isnan(value) else float("-inf")
 
 
-def _headline(data, metrics: dict) -> float:
-    """The number the greedy soup and the ranking go by: the task's headline on the first split, nan as the least."""
-    value = data.headline(metrics)
-    return value if value == value else float("-inf")
-
-
-def _first_split(data) -> str:
-    return next(iter(data.evals)) if isinstance(data.evals, dict) else "dev"
-
-
-def soup_table(summary: dict, runs: list[str], data) -> str:
+def soup_table(summary: dict, runs: list[str], scorer) -> str:
     """soup.md: every run, both soups and the ensemble on every eval split, then the greedy soup's steps."""
-    columns = [m for m in data.table_metrics if m in summary["uniform"]["metrics"]]
-    greedy, n = summary["greedy"], len(runs)
+    columns = [m for m in scorer.columns if m in summary["uniform"]["metrics"]]
+    greedy, n, split = summary["greedy"], len(runs), summary["selected_on"]
+    checkpoints = isinstance(scorer, CheckpointScorer)
     rows = [(f"run {i + 1}: {runs[i]}", 1, summary["runs"][i]["metrics"]) for i in summary["ranking"]]
     rows += [("**uniform soup**", n, summary["uniform"]["metrics"]),
              ("**greedy soup**", len(greedy["runs"]), greedy["metrics"])]
     if "ensemble" in summary:
         rows.append(("ensemble (logits averaged)", n, summary["ensemble"]["metrics"]))
     kept = "; ".join(f"run {i + 1}" for i in greedy["runs"])
-    lines = [f"# Model soup: {summary['task']}, {plural(n, 'run')} fine-tuned from "
-             f"{hub.model_name(summary['model_dir'])}", "",
+    if checkpoints:
+        title = f"# Checkpoint soup: {plural(n, 'checkpoint')} of {summary['model_dir']}"
+        scored = (f"Scored by masked-LM loss on {summary['sequences']:,} held-out sequences of {summary['data']} "
+                  f"({summary['max_length']} tokens, 15% masked with seed 0: the same masks for every model), lower "
+                  "is better; the greedy soup is chosen on them too.")
+        by = "lowest held-out masked-LM loss"
+    else:
+        title = (f"# Model soup: {summary['task']}, {plural(n, 'run')} fine-tuned from "
+                 f"{hub.model_name(summary['model_dir'])}")
+        several = isinstance(scorer.data.evals, dict) and len(scorer.data.evals) > 1
+        scored = f"Columns without a split's name: the {split} rows." if several else ""
+        by = f"{split} score (what `finetune` keeps its best epoch by: a task's metrics averaged)"
+    lines = [title, "",
              f"Weights averaged (Wortsman et al. 2022). The uniform soup averages every run; the greedy soup adds the "
-             f"runs best first by their {summary['selected_on']} score, keeping each that does not lower it: "
-             f"{kept}. Written to this folder: the {summary['recipe']} soup. Runs best first; a soup is one model "
-             f"at inference, the ensemble {n}."
-             + (f" Columns without a split's name: the {summary['selected_on']} rows."
-                if isinstance(data.evals, dict) and len(data.evals) > 1 else ""), "",
+             f"runs best first by their {split} score, keeping each that does not make it worse: {kept}. Written to "
+             f"this folder: the {summary['recipe']} soup. Runs best first; a soup is one model at inference"
+             + (f", the ensemble {n}. " if "ensemble" in summary else ". ") + scored, "",
              "| model | models averaged | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for name, count, metrics in rows:
         lines.append(f"| {name} | {count} | " + " | ".join(_cell(metrics.get(m)) for m in columns) + " |")
-    lines += ["", f"Greedy soup, step by step: the {summary['selected_on']} score of the average with the run (the "
-              "score `finetune` picks its best epoch by: a task's metrics averaged).", "",
+    lines += ["", f"Greedy soup, step by step: the average with the run, by its {by}.", "",
               "| step | run | score | |", "|---|---|---|---|"]
     for k, step in enumerate(greedy["steps"], start=1):
-        lines.append(f"| {k} | run {step['run'] + 1} | {_cell(step['score'])} | "
+        lines.append(f"| {k} | run {step['run'] + 1} | {_cell(abs(step['score']) if checkpoints else step['score'])} | "
                      f"{'kept' if step['kept'] else 'left out'} |")
-    if summary["selected_on"] != HELD_OUT:
-        lines += ["", f"The greedy soup was chosen on {summary['selected_on']}, the data it is scored on: its score "
+    if split != HELD_OUT:
+        lines += ["", f"The greedy soup was chosen on {split}, the data it is scored on: its score "
                   "there is optimistic. `finetune --eval-split` holds rows out of the training file to choose on."]
     return "\n".join(lines) + "\n"
 
 
 def _cell(value) -> str:
-    return "-" if value is None else f"{value:.4g}" if abs(value) < 1e-2 and value else f"{value:.2f}"
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4g}"
