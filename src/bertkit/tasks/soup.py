@@ -383,12 +383,14 @@ def soup_table(summary: dict, runs: list[str], scorer) -> str:
     if "ensemble" in summary:
         rows.append(("ensemble (logits averaged)", n, summary["ensemble"]["metrics"]))
     kept = "; ".join(f"run {i + 1}" for i in greedy["runs"])
+    noun, source = ("checkpoint", "latest weight averaging, Kaddour 2022") if checkpoints else (
+        "run", "Wortsman et al. 2022")
     if checkpoints:
         title = f"# Checkpoint soup: {plural(n, 'checkpoint')} of {summary['model_dir']}"
         scored = (f"Scored by masked-LM loss on {summary['sequences']:,} held-out sequences of {summary['data']} "
                   f"({summary['max_length']} tokens, 15% masked with seed 0: the same masks for every model), lower "
                   "is better; the greedy soup is chosen on them too.")
-        by = "lowest held-out masked-LM loss"
+        by = "held-out masked-LM loss (lower is better)"
     else:
         title = (f"# Model soup: {summary['task']}, {plural(n, 'run')} fine-tuned from "
                  f"{hub.model_name(summary['model_dir'])}")
@@ -396,9 +398,9 @@ def soup_table(summary: dict, runs: list[str], scorer) -> str:
         scored = f"Columns without a split's name: the {split} rows." if several else ""
         by = f"{split} score (what `finetune` keeps its best epoch by: a task's metrics averaged)"
     lines = [title, "",
-             f"Weights averaged (Wortsman et al. 2022). The uniform soup averages every run; the greedy soup adds the "
-             f"runs best first by their {split} score, keeping each that does not make it worse: {kept}. Written to "
-             f"this folder: the {summary['recipe']} soup. Runs best first; a soup is one model at inference"
+             f"Weights averaged ({source}). The uniform soup averages every {noun}; the greedy soup adds the "
+             f"{noun}s best first by their {split} score, keeping each that does not make it worse: {kept}. Written "
+             f"to this folder: the {summary['recipe']} soup. Best first; a soup is one model at inference"
              + (f", the ensemble {n}. " if "ensemble" in summary else ". ") + scored, "",
              "| model | models averaged | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for name, count, metrics in rows:
