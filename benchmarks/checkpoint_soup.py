@@ -6,14 +6,15 @@ averaged the last k checkpoints of BERT pretraining and reached a given held-out
 shrinking as the learning rate decays. This asks it at CPU scale: `tiny` (L2 H128) pretrained on the books corpus
 with the budget recipe's settings (MLM + NSP, 30% masking, dropout 0, peak lr 1e-3, 10% warm-up then linear decay
 to 0, batch 32 x 128 tokens) for --steps steps, a checkpoint every --every steps, at --seeds seeds (one thread each,
-side by side). At every checkpoint from the --window-th on, `bertkit soup` averages the last --window checkpoints
-(uniform: latest weight averaging; greedy beside it) and scores each checkpoint and both soups by masked-LM loss on
-the same 640 held-out sequences with the same masks (15%, seed 0: `bertkit perplexity`'s reading).
+side by side). At every checkpoint from the k-th on, `bertkit soup` averages the last k checkpoints for each k of
+--windows (uniform: latest weight averaging; greedy beside it) and scores each checkpoint and both soups by masked-LM
+loss on the same 640 held-out sequences with the same masks (15%, seed 0: `bertkit perplexity`'s reading).
 
 --vocab and --corpus are a books vocabulary and a corpus prepared with it (`bertkit vocab train --vocab-size 16000`,
 `bertkit prepare`, as the README's pretraining section builds them). The runs are in --out/seed-N (resumed, or kept
-when done), the soups in --out/seed-N/soup-STEP (kept when done). The summary goes to --summary
-(docs/checkpoint-soup/tiny.json, a cell per seed and step), its plot beside it (tiny.png); the table is printed.
+when done), the soups in --out/seed-N/soup-wK-STEP (kept when done). The summary goes to --summary
+(docs/checkpoint-soup/tiny.json, a cell per window, seed and step), its plot beside it (tiny.png); the tables are
+printed.
 
     python benchmarks/checkpoint_soup.py --vocab runs/vocab-16k --corpus runs/corpus-16k --seeds 0 1
 """
@@ -46,7 +47,7 @@ def soups(run: Path, corpus: Path, steps: int, every: int, window: int) -> dict:
     """For every checkpoint from the window-th on: it alone, and the last `window` checkpoints averaged."""
     cells = {}
     for step in range(window * every, steps + 1, every):
-        out = run / f"soup-{step}"
+        out = run / f"soup-w{window}-{step}"
         if not (out / "soup.json").is_file():
             runs = [str(run / "checkpoints" / f"step-{s:08d}") for s in range(step - (window - 1) * every, step + 1,
                                                                                 every)]
@@ -60,14 +61,14 @@ def soups(run: Path, corpus: Path, steps: int, every: int, window: int) -> dict:
     return cells
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, window: str) -> str:
     """Per step: the newest checkpoint's held-out MLM loss and the uniform average's, mean over seeds."""
-    seeds = list(summary["seeds"])
-    steps = sorted({int(s) for cells in summary["seeds"].values() for s in cells}, key=int)
-    lines = ["| step | newest checkpoint | last " + f"{summary['window']} averaged | difference | greedy soup |",
+    by_seed = summary["windows"][window]
+    steps = sorted({int(s) for cells in by_seed.values() for s in cells})
+    lines = [f"| step | newest checkpoint | last {window} averaged | difference | greedy soup |",
              "|---|---|---|---|---|"]
     for step in steps:
-        cells = [summary["seeds"][s][str(step)] for s in seeds if str(step) in summary["seeds"][s]]
+        cells = [by_seed[s][str(step)] for s in by_seed if str(step) in by_seed[s]]
         newest = statistics.mean(c["newest"] for c in cells)
         uniform = statistics.mean(c["uniform"] for c in cells)
         greedy = statistics.mean(c["greedy"] for c in cells)
@@ -82,14 +83,16 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, (seed, cells) in enumerate(summary["seeds"].items()):
-        steps = sorted(cells, key=int)
-        ax.plot([int(s) for s in steps], [cells[s]["newest"] for s in steps], color=f"C{i}", alpha=0.6,
-                label=f"seed {seed}: newest checkpoint")
-        ax.plot([int(s) for s in steps], [cells[s]["uniform"] for s in steps], color=f"C{i}", linestyle="--",
-                label=f"seed {seed}: last {summary['window']} averaged")
+    for i, (window, by_seed) in enumerate(summary["windows"].items()):
+        for j, seed in enumerate(sorted(by_seed, key=int)):
+            cells = by_seed[seed]
+            steps = sorted(cells, key=int)
+            ax.plot([int(s) for s in steps], [cells[s]["uniform"] - cells[s]["newest"] for s in steps],
+                    color=f"C{i}", linestyle="-" if j == 0 else "--",
+                    label=f"last {window} averaged ({summary['every'] * (int(window) - 1)} steps), seed {seed}")
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out masked-LM loss")
+    ax.set_ylabel("held-out MLM loss: average - newest")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"tiny on the books corpus, lr {summary['lr']:g} decayed linearly to 0 at step {summary['steps']}",
@@ -105,7 +108,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--windows", type=int, nargs="+", default=[2, 3, 5])
     parser.add_argument("--pretrain-only", action="store_true")
     args = parser.parse_args()
 
@@ -116,17 +119,19 @@ def main() -> None:
             print("pretrained", jobs[job], job.result(), flush=True)
     if args.pretrain_only:
         return
-    summary = {"model": "tiny", "steps": args.steps, "every": args.every, "window": args.window,
-               "lr": PretrainConfig().lr, "torch": torch.__version__, "seeds": {}}
+    summary = {"model": "tiny", "steps": args.steps, "every": args.every, "lr": PretrainConfig().lr,
+               "torch": torch.__version__, "windows": {str(w): {} for w in args.windows}}
     with ProcessPoolExecutor(len(args.seeds)) as pool:
-        jobs = {pool.submit(soups, args.out / f"seed-{s}", args.corpus, args.steps, args.every, args.window): s
-                for s in args.seeds}
+        jobs = {pool.submit(soups, args.out / f"seed-{s}", args.corpus, args.steps, args.every, w): (w, s)
+                for w in args.windows for s in args.seeds}
         for job in as_completed(jobs):
-            summary["seeds"][str(jobs[job])] = {str(k): v for k, v in job.result().items()}
+            window, seed = jobs[job]
+            summary["windows"][str(window)][str(seed)] = {str(k): v for k, v in job.result().items()}
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, args.summary.with_suffix(".png"))
-    print(markdown(summary))
+    for window in summary["windows"]:
+        print(f"\nlast {window}:\n" + markdown(summary, window))
 
 
 if __name__ == "__main__":
