@@ -189,5 +189,6 @@ def test_a_folder_without_a_run_config_is_scored_on_the_data_given(runs, reviews
     summary = soup(SoupConfig(runs=[a, str(bare)], out=str(tmp_path / "soup"), task="custom",
                               eval_file=str(reviews[1]), threads=1))
     assert "1 of the 2 runs have no finetune_config.json" in caplog.text
+    assert "lr" in summary["runs"][0] and "lr" not in summary["runs"][1]  # not the config's default
     assert summary["selected_on"] == "dev" and summary["runs"][1]["metrics"]["accuracy"] == pytest.approx(
         evaluate(bare, task="custom", eval_file=str(reviews[1]))["accuracy"])

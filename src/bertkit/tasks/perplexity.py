@@ -78,9 +78,8 @@ def _score(model, batch: dict, batch_size: int) -> tuple[float, int, int]:
         masked = rows["labels"] != IGNORE
         if not bool(masked.any()):
             continue
-        with torch.no_grad():
-            logits = model(rows["input_ids"], rows["token_type_ids"], rows["attention_mask"],
-                           masked_positions=masked).prediction_logits  # (M, V)
+        logits = model(rows["input_ids"], rows["token_type_ids"], rows["attention_mask"],
+                       masked_positions=masked).prediction_logits  # (M, V)
         targets = rows["labels"][masked]
         loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
         correct += int((logits.argmax(-1) == targets).sum())
@@ -88,12 +87,13 @@ def _score(model, batch: dict, batch_size: int) -> tuple[float, int, int]:
     return loss, correct, count
 
 
-def masked_lm_scores(model, batch: dict, batch_size: int) -> dict:
+def masked_lm_scores(model, batch: dict, batch_size: int, data: str = "the corpus") -> dict:
     """masked_lm_loss, perplexity, accuracy and the number of masked tokens of `model` (a masked-LM or pretraining
-    model) on the batch (`held_out_examples`)."""
+    model) on the batch (`held_out_examples` of `data`)."""
     loss, correct, n = _score(model, batch, batch_size)
     if n == 0:
-        raise BertkitError("no masked tokens in the held-out examples; expected more of them (--batches)")
+        raise BertkitError(f"{data}: no masked tokens in {len(batch['input_ids'])} held-out examples; expected more "
+                           "--batches")
     return {"masked_lm_loss": loss / n, "perplexity": math.exp(loss / n), "accuracy": correct / n, "masked_tokens": n}
 
 
@@ -150,18 +150,13 @@ def _perplexity(config: PerplexityConfig) -> dict:
                            f"{model.config.max_position_embeddings} positions (`bertkit extend` gives it more)")
     examples = held_out_examples(config.data, tokenizer, config.max_length, config.batches * config.batch_size,
                                  config.seed)
-    count = len(examples["input_ids"])
     results = {}
     ways = [("whole", examples)]
     if config.pieces is not None:  # --pieces 0 is refused by cut_into_pieces, not taken for "not given"
         ways.append(("pieces", cut_into_pieces(examples, config.pieces, tokenizer.cls_id, tokenizer.sep_id,
                                                tokenizer.pad_id)))
     for name, batch in ways:
-        try:
-            scores = masked_lm_scores(model, batch, config.batch_size)
-        except BertkitError:
-            raise BertkitError(f"{config.data}: no masked tokens in {count} held-out examples; expected more "
-                               "--batches") from None
+        scores = masked_lm_scores(model, batch, config.batch_size, config.data)
         results[name] = {**scores, "sequences": len(batch["input_ids"]),
                          "tokens_per_sequence": float(batch["attention_mask"].sum(1).float().mean())}
     return results

@@ -185,7 +185,8 @@ class TaskScorer:
         return {"task": self.data.name, "model_dir": saved.model_dir if saved else self.runs[0], "selected_on": self.split}
 
     def describe_run(self, i: int) -> dict:
-        return {"lr": self.run_configs[i].lr, "seed": self.run_configs[i].seed}
+        saved = FinetuneConfig.load(self.runs[i])  # a folder without one: its lr and seed are not known
+        return {"lr": saved.lr, "seed": saved.seed} if saved else {}
 
     def write_run_files(self, out: Path, summary: dict) -> None:
         """The best run's finetune_config.json with the data the soup was chosen on (`evaluate OUT` scores it there
@@ -274,7 +275,7 @@ class CheckpointScorer:
         from bertkit.tasks.perplexity import masked_lm_scores
 
         model.eval()
-        return masked_lm_scores(model, self.examples, self.batch_size)
+        return masked_lm_scores(model, self.examples, self.batch_size, self.corpus)
 
     def headline(self, metrics: dict) -> float:
         return -metrics["masked_lm_loss"]
