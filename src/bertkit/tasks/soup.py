@@ -63,7 +63,7 @@ class SoupConfig:
                                                   "first, each kept only if the eval score does not drop) or "
                                                   "uniform (every run averaged); both are scored")
     ensemble: bool = option(True, "also score the runs' ensemble (their logits averaged) for comparison: "
-                            "classifiers and regressors")
+                            "classifiers and regressors (default: on)")
     task: str | None = option(None, "the task, for run folders without a finetune_config.json (default: the runs')")
     data_dir: str | None = option(None, "the task's data folder to choose and score on (default: the runs')")
     eval_file: str | None = option(None, "a labelled file to choose and score on instead (default: the runs')")
