@@ -36,7 +36,7 @@ from bertkit.tasks.finetune import CONFIG_FILE, FinetuneConfig, load_task, plura
 from bertkit.tasks.inference import check_tokenizer
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
-from bertkit.train.rundir import check_output_path, make_dir
+from bertkit.train.rundir import make_dir, new_model_folder
 
 logger = logging.getLogger("bertkit")
 
@@ -86,12 +86,7 @@ def soup(config: SoupConfig) -> dict:
         raise BertkitError(f"{plural(len(runs), 'run folder')}; expected two or more to average")
     if len(set(map(_resolved, runs))) < len(runs):
         raise BertkitError("a run folder given twice; expected each run once (a soup's runs weigh alike)")
-    if not config.out:
-        raise BertkitError("no output folder; expected --out DIR for the soup")
-    out = Path(config.out)
-    check_output_path(out, "--out", {f"run {i + 1}": r for i, r in enumerate(runs)})
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise BertkitError(f"--out {out} holds files; expected an empty or new folder (or --overwrite)")
+    out = new_model_folder(config.out, {f"run {i + 1}": r for i, r in enumerate(runs)}, config.overwrite, "soup")
     model_configs = [BertConfig.load(r) for r in runs]
     check_same_shape(runs, model_configs)
     tokenizer = Tokenizer.from_pretrained(runs[0])
@@ -143,18 +138,17 @@ class TaskScorer:
     """Fine-tuned runs, scored on every eval split of their task's data as `bertkit evaluate` scores them."""
 
     def __init__(self, config: SoupConfig, runs: list[str], model_configs: list[BertConfig], tokenizer):
-        if config.max_length is not None and config.max_length < 1:
-            raise BertkitError(f"--max-length {config.max_length}; expected a positive number")
         overrides = {"task": config.task, "data_dir": config.data_dir, "eval_file": config.eval_file,
                      "max_length": config.max_length, "eval_batch_size": config.eval_batch_size,
                      "threads": config.threads, "device": config.device}
         self.run_configs = [run_config(r, overrides) for r in runs]
+        self.saved = [FinetuneConfig.load(r) for r in runs]  # as trained (None: a folder bertkit did not fine-tune)
         for r, c in zip(runs, self.run_configs):
             if not c.task and not c.eval_file:
                 raise BertkitError(f"{r}: no {CONFIG_FILE}; expected --task and the data to score on (pretraining "
                                    "checkpoints: --data, a prepared corpus)")
         self.runs = runs
-        check_same_data(runs, self.run_configs)
+        check_same_data(runs, self.run_configs, self.saved)
         self.config = self.run_configs[0]  # every run is scored with the first's settings (lengths, batch size)
         self.threads, self.device = self.config.threads, resolve_device(self.config.device)
         self.data = load_task(self.config, need_train=False, labels=label_names(model_configs[0]))
@@ -181,26 +175,26 @@ class TaskScorer:
         return self.data.scores(averaged, self.config)[0]
 
     def describe(self) -> dict:
-        saved = FinetuneConfig.load(self.runs[0])
-        return {"task": self.data.name, "model_dir": saved.model_dir if saved else self.runs[0], "selected_on": self.split}
+        saved = self.saved[0]
+        return {"task": self.data.name, "model_dir": saved.model_dir if saved else self.runs[0],
+                "selected_on": self.split}
 
     def describe_run(self, i: int) -> dict:
-        saved = FinetuneConfig.load(self.runs[i])  # a folder without one: its lr and seed are not known
+        saved = self.saved[i]  # a folder without a run config: its lr and seed are not known
         return {"lr": saved.lr, "seed": saved.seed} if saved else {}
 
     def write_run_files(self, out: Path, summary: dict) -> None:
         """The best run's finetune_config.json with the data the soup was chosen on (`evaluate OUT` scores it there
         again) and a metrics.json as a run's (a SQuAD v2.0 soup's null threshold, tuned on its eval data, is read
         from it)."""
-        best = self.runs[summary["ranking"][0]]
-        saved = FinetuneConfig.load(best) or self.config
+        saved = self.saved[summary["ranking"][0]] or self.config
         saved = dataclasses.replace(saved, out_dir=str(out), **{f: getattr(self.config, f) for f in DATA_FIELDS})
         saved.save(out)
         write_json(out / "metrics.json", {"task": self.data.name, "best": summary[summary["recipe"]]["metrics"],
                                           "soup": True})
 
 
-def check_same_data(runs: list[str], run_configs: list[FinetuneConfig]) -> None:
+def check_same_data(runs: list[str], run_configs: list[FinetuneConfig], saved: list[FinetuneConfig | None]) -> None:
     """Refuse runs on other data (another task, other rows held out of the training file) or from another
     pretrained start."""
     first = runs[0]
@@ -212,7 +206,7 @@ def check_same_data(runs: list[str], run_configs: list[FinetuneConfig]) -> None:
                     f"{r}: {name} {value!r}, {first}: {scored_on[0].get(name)!r}; expected runs "
                     "on the same task and data, holding out the same rows (or --data-dir / --eval-file: data to "
                     "score every run on)")
-    known = [(r, _start(saved)) for r in runs if (saved := FinetuneConfig.load(r)) is not None]
+    known = [(r, _start(c)) for r, c in zip(runs, saved) if c is not None]
     starts = {s for _, s in known}
     if len(starts) > 1:
         listed = "; ".join(f"{r} from {s}" for r, s in known)
@@ -305,7 +299,9 @@ def _cook(config: SoupConfig, runs: list[str], scorer, model) -> dict:
     ranking = sorted(range(len(runs)), key=lambda i: -headline[i])  # ties keep the order given
     # greedy: the best run, then each next best that does not lower the score of the average on the first split
     best = ranking[0]
-    chosen, greedy_total, greedy_metrics = [best], _add(None, _weights(model, runs[best]), runs[best]), run_metrics[best]
+    # its weights read again: holding every run's until the ranking is known would take a model's memory per run
+    chosen, greedy_metrics = [best], run_metrics[best]
+    greedy_total = _add(None, _weights(model, runs[best]), runs[best])
     steps = [{"run": best, "score": headline[best], "kept": True}]
     for i in ranking[1:]:
         weights = _weights(model, runs[i])

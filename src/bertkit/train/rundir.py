@@ -52,13 +52,14 @@ def absolute_paths(values: dict, names) -> dict:
     return out
 
 
-def new_model_folder(out: str, model_dir: str, overwrite: bool, what: str) -> Path:
-    """The --out of a command that writes a model folder from `model_dir` (the `what`): given, not a file nor
-    inside the model folder, and new or empty unless --overwrite."""
+def new_model_folder(out: str, model_dir: str | dict[str, str], overwrite: bool, what: str) -> Path:
+    """The --out of a command that writes a model folder from `model_dir` (the `what`; several inputs: a mapping of
+    their names to their folders): given, not a file nor inside an input folder, and new or empty unless
+    --overwrite."""
     if not out:
         raise BertkitError(f"no output folder; expected --out DIR for the {what}")
     path = Path(out)
-    check_output_path(path, "--out", {"model": model_dir})
+    check_output_path(path, "--out", model_dir if isinstance(model_dir, dict) else {"model": model_dir})
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise BertkitError(f"--out {path} holds files; expected an empty or new folder (or --overwrite)")
     return path
