@@ -318,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, SoupConfig)
     p.set_defaults(func=cmd_soup)
 
+    from bertkit.tasks.probe import DATA_HELP, DATA_OPTIONS, ProbeConfig
+
+    p = sub.add_parser(
+        "probe",
+        help="what each layer of a model holds about a task: a linear probe per layer on the frozen encoder, "
+        "against a random-weights control",
+        description="Run every training and eval example of a task (a GLUE task's or --task custom's files, the "
+        "data options of `finetune`) through each of MODELS, frozen, and pool every layer's output (0: the "
+        "embeddings); a linear probe per layer (logistic regression, ridge for scores; standardized features, the "
+        "L2 strength chosen by the loss on a tenth of the training rows) learns the labels from those vectors alone and is "
+        "scored on the eval data with the task's metrics. The first model's architecture with random weights is "
+        "probed too (--control) and the majority class scored: what a layer holds beyond them is what "
+        "pretraining put there. Prints and writes OUT/probe.md (a column per model, a row per layer), probe.json "
+        "and probe.png; a rerun with the same settings keeps the models already probed and adds new ones.",
+    )
+    add_dataclass_args(p, ProbeConfig)
+    add_dataclass_args(p, FinetuneConfig, skip=tuple(f.name for f in dataclasses.fields(FinetuneConfig)
+                                                     if f.name not in DATA_OPTIONS), help_texts=DATA_HELP)
+    p.set_defaults(func=cmd_probe)
+
     from bertkit.tasks.suite import SuiteConfig
 
     p = sub.add_parser(
@@ -670,6 +690,13 @@ def cmd_soup(args) -> None:
     from bertkit.tasks.soup import SoupConfig, soup
 
     print(soup(dataclass_from_args(SoupConfig, args))["table"], end="")
+
+
+def cmd_probe(args) -> None:
+    from bertkit.tasks.finetune import FinetuneConfig
+    from bertkit.tasks.probe import ProbeConfig, probe
+
+    print(probe(dataclass_from_args(ProbeConfig, args), dataclass_from_args(FinetuneConfig, args))["table"], end="")
 
 
 def cmd_glue(args) -> None:

@@ -1,0 +1,358 @@
+"""Linear probes (`bertkit probe`): what each layer of a model holds about a task, read without fine-tuning it.
+
+The encoder is frozen. Every training and eval example is run through it once and pooled at every layer's output (0
+the embeddings, then each block: `embed_rows`); one linear model per layer learns the task's labels from those
+vectors alone, as in Tenney et al. 2019 and Liu et al. 2019: logistic regression for classes (a sigmoid per label for
+multi-label files), ridge regression for scores. The features are standardized with the training rows' mean and
+spread, and the L2 strength is chosen per layer by the loss on a tenth of the training rows held out (stratified, --split-seed),
+then the probe is fit again on all of them and scored on the task's eval data with its official metrics.
+
+A probe's score alone says little: a random encoder's features already carry word identity, and a linear model reads
+a lot from them (Zhang & Bowman 2018; Hewitt & Liang 2019). So the first model's architecture with random weights is
+probed too (--control), and the table shows it beside the majority class. Several models (pretraining checkpoints,
+a model before and after fine-tuning, two vocabularies) are probed on the same data and compared in one table and
+one plot; each is recorded in probe.json as it finishes, and a rerun with the same settings keeps those.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bertkit.checkpoint import atomic_write_text, model_folder
+from bertkit.config import BertConfig, option, read_json, write_json
+from bertkit.errors import BertkitError
+from bertkit.tasks.classification import TextTask, encode, stratified_order
+from bertkit.tasks.evaluation import DEVICE_HELP, THREADS_HELP
+from bertkit.tasks.finetune import NON_TEXT_TASKS, FinetuneConfig, load_task, resolve_device
+from bertkit.tasks.inference import check_tokenizer
+from bertkit.tokenizer import Tokenizer
+from bertkit.train.distributed import torch_threads
+from bertkit.train.logs import progress_bar
+from bertkit.train.rundir import check_output_path, make_dir
+
+logger = logging.getLogger("bertkit")
+
+# The options of `finetune` that say which data a probe reads; the rest of FinetuneConfig is about training.
+DATA_OPTIONS = ("task", "data_dir", "train_file", "eval_file", "text_a", "text_b", "label", "regression", "multi_label",
+                "label_sep", "label_threshold", "group", "eval_split", "split_seed", "max_length",
+                "limit_train_examples")
+CONTROL = "random control"  # the column of the first model's architecture with random weights
+CONTROL_SEED = 0
+SELECT_SHARE = 0.1  # of the training rows, held out to choose the L2 strength on
+CHUNK = 2048  # examples run through the encoder at a time (their features are kept, the activations are not)
+# `finetune`'s help for these names tasks and files a probe does not read
+DATA_HELP = {"task": "a GLUE task (CoLA, SST-2, MRPC, STS-B, QNLI, RTE, ...), or custom for your own files",
+             "data_dir": "the task's data folder (GLUE: train.tsv and dev.tsv; MRPC may hold Microsoft's "
+                         "msr_paraphrase_*.txt)",
+             "train_file": "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl)",
+             "limit_train_examples": "train the probes on the first N training examples only"}
+
+
+@dataclass
+class ProbeConfig:
+    """`bertkit probe`: the command's own arguments (the data's are `finetune`'s, in a FinetuneConfig)."""
+
+    models: list[str] = option([], "model folders or Hub ids to probe (pretrained, fine-tuned, checkpoints of a "
+                               "pretraining run: their encoders, frozen), each at every layer", positional=True)
+    out: str = option("runs/probe", "folder for probe.md, probe.json and probe.png; a rerun with the same settings "
+                      "keeps the models already probed there")
+    pool: Literal["mean", "cls"] = option("mean", "an example's vector at a layer: the mean over its tokens ([CLS] "
+                                          "and [SEP] included) or [CLS]'s")
+    control: bool = option(True, "also probe the first model's architecture with random weights (seed 0): the "
+                           "score a layer reaches without pretraining (default: on)")
+    l2: list[float] = option([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], "L2 strengths tried per layer (on the mean loss over "
+                             "standardized features); the one of least loss on a tenth of the training rows is refit on all")
+    batch_size: int = option(32, "examples per forward pass")
+    threads: int | None = option(None, THREADS_HELP)
+    device: str = option("auto", DEVICE_HELP)
+    overwrite: bool = option(False, "probe every model again, and replace a probe.json of other settings")
+
+    def __post_init__(self):
+        try:
+            l2 = [float(v) for v in self.l2]
+        except (TypeError, ValueError):
+            l2 = []
+        if not l2 or not all(math.isfinite(v) and v > 0 for v in l2):
+            raise BertkitError(f"--l2 {' '.join(map(str, self.l2))}; expected one or more positive numbers, such as "
+                               "1e-3 1e-2 1e-1")
+        self.l2 = l2
+
+    def check(self) -> None:
+        if not self.models:
+            raise BertkitError("no model; expected one or more model folders (or Hub ids) to probe")
+        if len({str(m) for m in self.models}) < len(self.models):
+            raise BertkitError("a model given twice; expected each model once")
+        if self.batch_size < 1:
+            raise BertkitError(f"--batch-size is {self.batch_size}; expected a positive number")
+
+
+def probe(config: ProbeConfig, data: FinetuneConfig) -> dict:
+    """Probe every layer of each of `config.models` on the task `data` names; writes probe.json, probe.md and
+    probe.png into `config.out` and returns the summary with probe.md's text under "table"."""
+    config.check()
+    data.check(training=False)
+    out = Path(config.out)
+    models = [str(model_folder(m)) for m in config.models]
+    check_output_path(out, "--out", {f"model {i + 1}": m for i, m in enumerate(models)})
+    if data.task in NON_TEXT_TASKS:
+        raise BertkitError(f"--task {data.task}: probes are for a GLUE task or custom files (a label or score per "
+                           "text or pair)")
+    task = load_task(data)
+    if data.limit_train_examples:
+        task.train = task.train[: data.limit_train_examples]
+    settings = _settings(config, data, task)
+    summary = _previous(out / "probe.json", settings, config.overwrite)
+    make_dir(out, "--out")
+    device = resolve_device(config.device)
+    columns = [*[(m, m) for m in models], *([(CONTROL, models[0])] if config.control else [])]
+    with torch_threads(config.threads):
+        for name, folder in columns:
+            if name in summary["models"]:
+                logger.info("%s: probed before with these settings, kept", name)
+                continue
+            model, tokenizer = _encoder(folder, control=name == CONTROL, device=device)
+            layers = probe_layers(model, tokenizer, task, data, config, column_name(name))
+            summary["models"][name] = {"folder": folder, "layers": layers,
+                                       "num_hidden_layers": model.config.num_hidden_layers}
+            write_json(out / "probe.json", summary)  # each model kept as it finishes
+    summary["models"] = {name: summary["models"][name] for name, _ in columns}
+    summary["majority"] = majority_scores(task, data)
+    write_json(out / "probe.json", summary)
+    table = probe_table(summary)
+    atomic_write_text(out / "probe.md", table)
+    plot(summary, out / "probe.png")
+    return summary | {"table": table}
+
+
+def _settings(config: ProbeConfig, data: FinetuneConfig, task: TextTask) -> dict:
+    """What a probe.json's results depend on: the data, the pooling, the L2 grid (the models are its rows)."""
+    return {"data": {name: getattr(data, name) for name in DATA_OPTIONS}, "pool": config.pool,
+            "l2": [float(v) for v in config.l2], "task": task.name, "metrics": list(task.metrics),
+            "probe": "ridge regression" if task.is_regression else "logistic regression",
+            "train_examples": len(task.train), "eval_examples": {s: len(e) for s, e in task.evals.items()}}
+
+
+def _previous(path: Path, settings: dict, overwrite: bool) -> dict:
+    """The summary to extend: probe.json's models when it was written with these settings, else a new one."""
+    if path.is_file() and not overwrite:
+        saved = read_json(path, "the probes of an earlier `bertkit probe`")
+        if saved.get("settings") == settings:
+            return saved
+        changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+        raise BertkitError(f"{path}: probes of other settings ({', '.join(changed) or 'unreadable'}); expected the "
+                           "same data and options to extend it, another --out, or --overwrite to replace it")
+    return {"settings": settings, "models": {}}
+
+
+def _encoder(folder: str, control: bool, device: torch.device):
+    """A model folder's encoder (BertModel: a fine-tuned or pretraining model's heads are left out) and tokenizer;
+    `control`: its architecture with random weights drawn from CONTROL_SEED."""
+    from bertkit.model import BertModel
+
+    tokenizer = Tokenizer.from_pretrained(folder)
+    if control:
+        torch.manual_seed(CONTROL_SEED)
+        model = BertModel(BertConfig.load(folder))
+    else:
+        model = BertModel.from_pretrained(folder)
+    check_tokenizer(tokenizer, model.config, folder)
+    return model.to(device).eval(), tokenizer
+
+
+def layer_features(model, rows: list[dict], pool: str, batch_size: int, pad_id: int, desc: str) -> np.ndarray:
+    """(L + 1, N, H) float32: every example's pooled vector at every layer's output, the embeddings first."""
+    from bertkit.tasks.embed import embed_rows
+
+    num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    features = np.empty((num_layers + 1, len(rows), hidden), dtype=np.float32)
+    with progress_bar(total=len(rows), desc=desc, unit="ex", disable=len(rows) <= CHUNK) as bar:
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start:start + CHUNK]
+            vectors = embed_rows(model, chunk, range(num_layers + 1), pool, "concat", batch_size=batch_size,
+                                 pad_id=pad_id)
+            features[:, start:start + len(chunk)] = torch.stack(vectors).view(len(chunk), num_layers + 1,
+                                                                              hidden).transpose(0, 1).numpy()
+            bar.update(len(chunk))
+    return features
+
+
+def probe_layers(model, tokenizer, task: TextTask, data: FinetuneConfig, config: ProbeConfig,
+                 name: str = "model") -> list[dict]:
+    """Per layer: the L2 strength chosen, the held-out loss of each, and the metrics on every eval split (`name`
+    labels the progress bars)."""
+
+    def features(examples, what):
+        rows = encode(examples, tokenizer, data.max_length, with_labels=False)
+        return layer_features(model, rows, config.pool, config.batch_size, tokenizer.pad_id, f"{name}: {what}")
+
+    train = features(task.train, "train")
+    evals = {split: features(examples, split) for split, examples in task.evals.items()}
+    kind = "regression" if task.is_regression else "multi_label" if task.multi_label else "classes"
+    gold = task.gold(task.train)
+    y = torch.tensor(gold, dtype=torch.float64 if kind != "classes" else torch.long)
+    select = set(stratified_order([e.label for e in task.train], data.split_seed, task.is_regression)
+                 [:max(1, round(SELECT_SHARE * len(gold)))])
+    fit_rows = torch.tensor([i not in select for i in range(len(gold))])
+    results = []
+    for layer in progress_bar(iterable=range(len(train)), desc=f"{name}: probes", unit="layer", disable=len(train) < 4):
+        x = torch.from_numpy(train[layer]).double()
+        chosen, fits, start = {}, {}, None
+        for l2 in sorted(config.l2, reverse=True):  # each fit starts from the last, less penalized one's optimum
+            start = fits[l2] = LinearProbe.fit(x[fit_rows], y[fit_rows], kind, l2, len(task.labels), start)
+            chosen[l2] = float(probe_loss(start.logits(x[~fit_rows]), y[~fit_rows], kind))
+        best = min(config.l2, key=lambda v: (chosen[v], -v))  # a tie: the stronger penalty
+        probe_ = LinearProbe.fit(x, y, kind, best, len(task.labels), fits[best])
+        logits = {split: probe_.logits(torch.from_numpy(f[layer]).double()).float() for split, f in evals.items()}
+        metrics, _ = task.scores(logits, data)
+        results.append({"layer": layer, "l2": best, "selection_loss": {str(k): v for k, v in chosen.items()},
+                        "metrics": metrics})
+    return results
+
+
+def probe_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The mean loss a probe minimizes (before its penalty): cross-entropy, binary cross-entropy summed over labels,
+    or squared error."""
+    if kind == "classes":
+        return torch.nn.functional.cross_entropy(logits, y)
+    if kind == "multi_label":
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(y)
+    return (logits[:, 0] - y).pow(2).mean()
+
+
+@dataclass
+class LinearProbe:
+    """A linear model on standardized features: logits = ((x - mean) / std) @ weight.T + bias."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor  # (outputs, H)
+    bias: torch.Tensor  # (outputs,)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, kind: str, l2: float, classes: int,
+            start: LinearProbe | None = None) -> LinearProbe:
+        """Minimize the mean loss + l2 / 2 x |weight|^2 (the bias free): softmax cross-entropy over `classes`
+        ("classes", y class indices), binary cross-entropy per label ("multi_label", y 0/1 rows), or squared error
+        ("regression", y scores; ridge in closed form, the penalty then l2 x |weight|^2 as scikit-learn's Ridge
+        with alpha = l2 x N). Logistic probes by L-BFGS, as scikit-learn's LogisticRegression with C = 1 / (l2 x N),
+        from `start`'s weights (another fit's on these features: the same optimum, sooner) or zeros."""
+        mean = x.mean(0)
+        std = x.std(0, correction=0).clamp(min=1e-6)  # a constant feature (a padding dimension) stays 0
+        z = (x - mean) / std
+        if kind == "regression":
+            centered = y - y.mean()
+            gram = z.T @ z / len(z) + l2 * torch.eye(z.shape[1], dtype=z.dtype)
+            weight = torch.linalg.solve(gram, z.T @ centered / len(z))
+            return cls(mean, std, weight[None], y.mean()[None])
+        outputs = classes if kind == "classes" else y.shape[1]
+        if start is None:
+            weight, bias = torch.zeros(outputs, z.shape[1], dtype=z.dtype), torch.zeros(outputs, dtype=z.dtype)
+        else:  # its weights on these standardized features: the same function of x
+            weight = start.weight * (std / start.std)
+            bias = start.bias + ((mean - start.mean) / start.std) @ start.weight.T
+        weight, bias = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=1000, tolerance_grad=1e-9,
+                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = probe_loss(z @ weight.T + bias, y, kind) + l2 / 2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return cls(mean, std, weight.detach(), bias.detach())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std) @ self.weight.T + self.bias
+
+
+def majority_scores(task: TextTask, data: FinetuneConfig) -> dict | None:
+    """The metrics of always answering the training rows' most common class (multi-label: each label's most common
+    value); None for regression, where a constant has no correlation."""
+    if task.is_regression:
+        return None
+    if task.multi_label:
+        share = torch.tensor(task.gold(task.train), dtype=torch.float64).mean(0)
+        constant = torch.where(share >= 0.5, 1.0, -1.0)
+    else:
+        common = Counter(e.label for e in task.train).most_common(1)[0][0]
+        constant = torch.nn.functional.one_hot(torch.tensor(common), len(task.labels)).double()
+    logits = {split: constant.float().expand(len(examples), -1) for split, examples in task.evals.items()}
+    return task.scores(logits, data)[0]
+
+
+def headline(summary: dict, metrics: dict) -> float:
+    """The first eval split's score (the mean of the task's metrics, as `finetune` keeps its best epoch by)."""
+    return sum(metrics[m] for m in summary["settings"]["metrics"]) / len(summary["settings"]["metrics"])
+
+
+def column_name(model: str) -> str:
+    return model if model == CONTROL else Path(model).name
+
+
+def column_names(summary: dict) -> dict[str, str]:
+    """A short name per model: its folder's name, with the folder above it where two would read alike."""
+    names = {m: column_name(m) for m in summary["models"]}
+    seen = Counter(names.values())
+    return {m: (f"{Path(m).parent.name}/{n}" if seen[n] > 1 else n) for m, n in names.items()}
+
+
+def probe_table(summary: dict) -> str:
+    settings = summary["settings"]
+    split, size = next(iter(settings["eval_examples"].items()))
+    metric = " and ".join(settings["metrics"])
+    names = column_names(summary)
+    depth = max(len(m["layers"]) for m in summary["models"].values())
+    lines = [f"# Linear probes: {settings['task']}, {split} ({size:,} examples)", "",
+             f"A {settings['probe']} probe per layer on the {settings['pool']}-pooled output, trained on "
+             f"{settings['train_examples']:,} examples; {metric} on {split}.", "",
+             "| layer | " + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names)]
+    for layer in range(depth):
+        cells = []
+        for model in summary["models"].values():
+            cell = model["layers"][layer] if layer < len(model["layers"]) else None
+            cells.append(f"{headline(summary, cell['metrics']):.2f}" if cell else "")
+        lines.append(f"| {layer}{' (embeddings)' if layer == 0 else ''} | " + " | ".join(cells) + " |")
+    best = []
+    for model in summary["models"].values():
+        scores = [headline(summary, cell["metrics"]) for cell in model["layers"]]
+        best.append(f"layer {int(np.argmax(scores))}: {max(scores):.2f}")
+    lines.append("| best | " + " | ".join(best) + " |")
+    if summary.get("majority"):
+        lines += ["", f"The majority class scores {headline(summary, summary['majority']):.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Each model's score by layer, the random control dashed, the majority class dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = summary["settings"]
+    names = column_names(summary)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for model, record in summary["models"].items():
+        scores = [headline(summary, cell["metrics"]) for cell in record["layers"]]
+        style = {"linestyle": "--", "color": "gray"} if model == CONTROL else {}
+        ax.plot(range(len(scores)), scores, marker="o", markersize=3, label=names[model], **style)
+    if summary.get("majority"):
+        ax.axhline(headline(summary, summary["majority"]), linestyle=":", color="black", label="majority class")
+    ax.set_xlabel("layer (0: embeddings)")
+    ax.set_ylabel(" / ".join(settings["metrics"]))
+    ax.set_title(f"Linear probes by layer: {settings['task']}, {next(iter(settings['eval_examples']))}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
