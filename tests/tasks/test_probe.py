@@ -2,6 +2,7 @@
 features (logistic regression, binary and multinomial; ridge), the features transformers' hidden states pooled, and
 a real pretrained encoder's probes beat its random-weights control on SST-2; reruns keep what was probed."""
 
+import gzip
 import json
 
 import numpy as np
@@ -158,3 +159,65 @@ def test_probe_refuses_what_it_cannot_do(minilm_dir, tmp_path):
     for config, data, message in cases:
         with pytest.raises(BertkitError, match=message):
             probe(config, data)
+
+
+def test_word_probes_read_each_word_at_its_first_piece(minilm_dir, tmp_path):
+    """A tagging task (names in books, the silver task of benchmarks/tagging_books.py: 200 training sentences from
+    one book, 100 dev sentences from another): every word's feature is transformers' hidden state at its first piece, in order; the pretrained encoder's
+    best layer finds names far better than its random twin; the probe's scores are `evaluate`'s for the tags it
+    predicts, the majority tag's entity F1 is 0."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    from bertkit.tasks.probe import WordUnits
+    from bertkit.tasks.tagging import encode as encode_words, sentence_pieces
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from tagging_books import WORD, write_conll
+
+    def first_sentences(piece: str, count: int) -> list[list[str]]:  # of 5 to 40 words, as tagging_books.py's
+        rows = []
+        with gzip.open(data_path("corpus", f"gutenberg-en-{piece}.txt.gz"), "rt", encoding="utf-8") as f:
+            while len(rows) < count:
+                if 5 <= len(words := WORD.findall(next(f))) <= 40:
+                    rows.append(words)
+        return rows
+
+    write_conll(tmp_path / "train.txt", first_sentences("05", 200))  # other books than dev's: other names
+    write_conll(tmp_path / "dev.txt", first_sentences("06", 100))
+    data = FinetuneConfig(task="ner", data_dir=str(tmp_path))
+    summary = probe(ProbeConfig(models=[str(minilm_dir)], out=str(tmp_path / "probe"), l2=[0.01, 1], threads=2), data)
+    best = {name: max(cell["metrics"]["f1"] for cell in record["layers"])
+            for name, record in summary["models"].items()}
+    assert best[str(minilm_dir)] > 40 and best[str(minilm_dir)] > best[CONTROL] + 15, best
+    assert summary["majority"]["f1"] == 0 and summary["settings"]["unit"] == "word"
+    assert "each word's vector" in summary["table"] and "(100 sentences)" in summary["table"]
+
+    from bertkit.tasks.finetune import load_task
+
+    task = load_task(data)
+    units = WordUnits(task, data)
+    tokenizer = Tokenizer.from_pretrained(minilm_dir)
+    model = BertModel.from_pretrained(minilm_dir).eval()
+    config = ProbeConfig(models=[str(minilm_dir)], batch_size=7)
+    ours = units.features(model, tokenizer, task.evals["dev"][:20], config, "test")
+    encoded, places = encode_words(tokenizer, sentence_pieces(tokenizer, task.evals["dev"][:20]), 128)
+    reference = AutoModel.from_pretrained(minilm_dir).eval()
+    theirs = []
+    with torch.no_grad():
+        for row, (_, _, firsts) in zip(encoded, places):
+            states = reference(torch.tensor([row["input_ids"]]), output_hidden_states=True).hidden_states
+            theirs.append(torch.stack([s[0, firsts] for s in states]))
+    assert ours.shape == (7, sum(len(s.words) for s in task.evals["dev"][:20]), 384)
+    np.testing.assert_allclose(ours, torch.cat(theirs, 1).numpy(), atol=2e-5)
+    # a probe's tags scored as a tagger's: the same metrics from the same predicted tags
+    logits = torch.randn(ours.shape[1], len(task.labels), generator=torch.Generator().manual_seed(0))
+    task.evals = {"dev": task.evals["dev"][:20]}
+    tags = [task.labels[i] for i in logits.argmax(-1).tolist()]
+    at, predicted = 0, []
+    for s in task.evals["dev"]:
+        predicted.append(tags[at:at + len(s.words)])
+        at += len(s.words)
+    assert units.scores({"dev": logits}) == task.scores({"dev": predicted})[0]

@@ -1,9 +1,9 @@
 """Linear probes (`bertkit probe`): what each layer of a model holds about a task, read without fine-tuning it.
 
 The encoder is frozen. Every training and eval example is run through it once and pooled at every layer's output (0
-the embeddings, then each block: `embed_rows`); one linear model per layer learns the task's labels from those
-vectors alone, as in Tenney et al. 2019 and Liu et al. 2019: logistic regression for classes (a sigmoid per label for
-multi-label files), ridge regression for scores. The features are standardized with the training rows' mean and
+the embeddings, then each block: `embed_rows`), or, for a tagging task, each word read at its first piece; one linear
+model per layer learns the task's labels from those vectors alone, as in Tenney et al. 2019 and Liu et al. 2019:
+logistic regression for classes and tags (a sigmoid per label for multi-label files), ridge regression for scores. The features are standardized with the training rows' mean and
 spread, and the L2 strength is chosen per layer by the loss on a tenth of the training rows held out (stratified, --split-seed),
 then the probe is fit again on all of them and scored on the task's eval data with its official metrics.
 
@@ -31,8 +31,9 @@ from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, encode, stratified_order
 from bertkit.tasks.evaluation import DEVICE_HELP, THREADS_HELP
-from bertkit.tasks.finetune import NON_TEXT_TASKS, FinetuneConfig, load_task, resolve_device
+from bertkit.tasks.finetune import NON_TEXT_TASKS, TAGGING_TASK, FinetuneConfig, load_task, resolve_device
 from bertkit.tasks.inference import check_tokenizer
+from bertkit.tasks.tagging import TaggingTask
 from bertkit.tokenizer import Tokenizer
 from bertkit.train.distributed import torch_threads
 from bertkit.train.logs import progress_bar
@@ -49,10 +50,13 @@ CONTROL_SEED = 0
 SELECT_SHARE = 0.1  # of the training rows, held out to choose the L2 strength on
 CHUNK = 2048  # examples run through the encoder at a time (their features are kept, the activations are not)
 # `finetune`'s help for these names tasks and files a probe does not read
-DATA_HELP = {"task": "a GLUE task (CoLA, SST-2, MRPC, STS-B, QNLI, RTE, ...), or custom for your own files",
+DATA_HELP = {"task": "a GLUE task (CoLA, SST-2, MRPC, STS-B, QNLI, RTE, ...), ner (a tag per word, from CoNLL "
+                     "files: named entities, chunks, parts of speech), or custom for your own files",
              "data_dir": "the task's data folder (GLUE: train.tsv and dev.tsv; MRPC may hold Microsoft's "
-                         "msr_paraphrase_*.txt)",
-             "train_file": "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl)",
+                         "msr_paraphrase_*.txt; ner: train.txt and dev.txt or valid.txt, or CoNLL-2003's eng.train "
+                         "and eng.testa)",
+             "train_file": "training file, instead of the one in --data-dir (custom: .csv/.tsv/.jsonl; ner: a word "
+                           "and its tag per line, the tag in the last column, a blank line between sentences)",
              "limit_train_examples": "train the probes on the first N training examples only"}
 
 
@@ -65,7 +69,8 @@ class ProbeConfig:
     out: str = option("runs/probe", "folder for probe.md, probe.json and probe.png; a rerun with the same settings "
                       "keeps the models already probed there")
     pool: Literal["mean", "cls"] = option("mean", "an example's vector at a layer: the mean over its tokens ([CLS] "
-                                          "and [SEP] included) or [CLS]'s")
+                                          "and [SEP] included) or [CLS]'s (a tagging task reads each word at its "
+                                          "first piece)")
     control: bool = option(True, "also probe the first model's architecture with random weights (seed 0): the "
                            "score a layer reaches without pretraining (default: on)")
     l2: list[float] = option([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], "L2 strengths tried per layer (on the mean loss over "
@@ -102,13 +107,14 @@ def probe(config: ProbeConfig, data: FinetuneConfig) -> dict:
     out = Path(config.out)
     models = [str(model_folder(m)) for m in config.models]
     check_output_path(out, "--out", {f"model {i + 1}": m for i, m in enumerate(models)})
-    if data.task in NON_TEXT_TASKS:
-        raise BertkitError(f"--task {data.task}: probes are for a GLUE task or custom files (a label or score per "
-                           "text or pair)")
+    if data.task in NON_TEXT_TASKS and data.task != TAGGING_TASK:
+        raise BertkitError(f"--task {data.task}: probes are for a GLUE task, custom files (a label or score per text "
+                           f"or pair) or {TAGGING_TASK} (a tag per word)")
     task = load_task(data)
     if data.limit_train_examples:
         task.train = task.train[: data.limit_train_examples]
-    settings = _settings(config, data, task)
+    units = (WordUnits if isinstance(task, TaggingTask) else TextUnits)(task, data)
+    settings = _settings(config, data, units)
     summary = _previous(out / "probe.json", settings, config.overwrite)
     make_dir(out, "--out")
     device = resolve_device(config.device)
@@ -119,12 +125,12 @@ def probe(config: ProbeConfig, data: FinetuneConfig) -> dict:
                 logger.info("%s: probed before with these settings, kept", name)
                 continue
             model, tokenizer = _encoder(folder, control=name == CONTROL, device=device)
-            layers = probe_layers(model, tokenizer, task, data, config, column_name(name))
+            layers = probe_layers(model, tokenizer, units, config, column_name(name))
             summary["models"][name] = {"folder": folder, "layers": layers,
                                        "num_hidden_layers": model.config.num_hidden_layers}
             write_json(out / "probe.json", summary)  # each model kept as it finishes
     summary["models"] = {name: summary["models"][name] for name, _ in columns}
-    summary["majority"] = majority_scores(task, data)
+    summary["majority"] = units.majority()
     write_json(out / "probe.json", summary)
     table = probe_table(summary)
     atomic_write_text(out / "probe.md", table)
@@ -132,12 +138,14 @@ def probe(config: ProbeConfig, data: FinetuneConfig) -> dict:
     return summary | {"table": table}
 
 
-def _settings(config: ProbeConfig, data: FinetuneConfig, task: TextTask) -> dict:
+def _settings(config: ProbeConfig, data: FinetuneConfig, units: TextUnits | WordUnits) -> dict:
     """What a probe.json's results depend on: the data, the pooling, the L2 grid (the models are its rows)."""
+    task = units.task
     return {"data": {name: getattr(data, name) for name in DATA_OPTIONS}, "pool": config.pool,
-            "l2": [float(v) for v in config.l2], "task": task.name, "metrics": list(task.metrics),
-            "probe": "ridge regression" if task.is_regression else "logistic regression",
-            "train_examples": len(task.train), "eval_examples": {s: len(e) for s, e in task.evals.items()}}
+            "l2": [float(v) for v in config.l2], "task": task.name, "metrics": list(units.headline_metrics),
+            "probe": "ridge regression" if units.kind == "regression" else "logistic regression",
+            "unit": units.unit, "train_examples": len(task.train),
+            "eval_examples": {s: len(e) for s, e in task.evals.items()}}
 
 
 def _previous(path: Path, settings: dict, overwrite: bool) -> dict:
@@ -184,34 +192,142 @@ def layer_features(model, rows: list[dict], pool: str, batch_size: int, pad_id: 
     return features
 
 
-def probe_layers(model, tokenizer, task: TextTask, data: FinetuneConfig, config: ProbeConfig,
+def word_features(model, rows: list[dict], firsts: list[list[int]], batch_size: int, pad_id: int,
+                  desc: str) -> np.ndarray:
+    """(L + 1, W, H) float32: the vector of every word at every layer's output, its first piece's, the words in the
+    order of `rows` and of each row's `firsts` (its words' first positions)."""
+    from bertkit.tasks.embed import embed_rows
+
+    num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    features = np.empty((num_layers + 1, sum(map(len, firsts)), hidden), dtype=np.float32)
+    step, at = CHUNK // 4, 0  # a vector per token of a chunk's rows at once: a quarter as many rows
+    with progress_bar(total=len(rows), desc=desc, unit="ex", disable=len(rows) <= step) as bar:
+        for start in range(0, len(rows), step):
+            states = embed_rows(model, rows[start:start + step], range(num_layers + 1), "tokens", "concat",
+                                batch_size=batch_size, pad_id=pad_id)
+            for tokens, positions in zip(states, firsts[start:start + step]):
+                chosen = tokens[positions].view(len(positions), num_layers + 1, hidden).transpose(0, 1)
+                features[:, at:at + len(positions)] = chosen.numpy()
+                at += len(positions)
+            bar.update(len(states))
+    return features
+
+
+class TextUnits:
+    """A probe's view of a text task: a vector per text (or pair), pooled; its label, score or labels."""
+
+    unit = "example"
+
+    def __init__(self, task: TextTask, data: FinetuneConfig):
+        self.task, self.data = task, data
+        self.kind = "regression" if task.is_regression else "multi_label" if task.multi_label else "classes"
+        self.headline_metrics = task.metrics
+
+    def features(self, model, tokenizer, examples, config: ProbeConfig, desc: str) -> np.ndarray:
+        rows = encode(examples, tokenizer, self.data.max_length, with_labels=False)
+        return layer_features(model, rows, config.pool, config.batch_size, tokenizer.pad_id, desc)
+
+    def targets(self) -> torch.Tensor:
+        gold = self.task.gold(self.task.train)
+        return torch.tensor(gold, dtype=torch.long if self.kind == "classes" else torch.float64)
+
+    def selection(self) -> torch.Tensor:
+        """Which training units choose the L2 strength: a tenth of the examples, stratified by label."""
+        order = stratified_order([e.label for e in self.task.train], self.data.split_seed, self.task.is_regression)
+        chosen = torch.zeros(len(order), dtype=torch.bool)
+        chosen[order[:max(1, round(SELECT_SHARE * len(order)))]] = True
+        return chosen
+
+    @property
+    def outputs(self) -> int:
+        return len(self.task.labels)
+
+    def scores(self, logits: dict[str, torch.Tensor]) -> dict:
+        return self.task.scores({split: v.float() for split, v in logits.items()}, self.data)[0]
+
+    def majority(self) -> dict | None:
+        """The metrics of always answering the training rows' most common class (multi-label: each label's most
+        common value); None for regression, where a constant has no correlation."""
+        task = self.task
+        if task.is_regression:
+            return None
+        if task.multi_label:
+            share = torch.tensor(task.gold(task.train), dtype=torch.float64).mean(0)
+            constant = torch.where(share >= 0.5, 1.0, -1.0)
+        else:
+            common = Counter(e.label for e in task.train).most_common(1)[0][0]
+            constant = torch.nn.functional.one_hot(torch.tensor(common), len(task.labels)).double()
+        return self.scores({split: constant.expand(len(examples), -1) for split, examples in task.evals.items()})
+
+
+class WordUnits:
+    """A probe's view of a tagging task: a vector per word (its first piece's, as a token classifier reads it) and
+    its tag; scored as `evaluate` scores a tagger (entity F1 for chunk tags, else word accuracy)."""
+
+    unit = "word"
+    kind = "classes"
+
+    def __init__(self, task: TaggingTask, data: FinetuneConfig):
+        self.task, self.data = task, data
+        self.headline_metrics = task.metrics[:1]
+        self.index = {tag: i for i, tag in enumerate(task.labels)}
+
+    def features(self, model, tokenizer, sentences, config: ProbeConfig, desc: str) -> np.ndarray:
+        from bertkit.tasks.tagging import encode as encode_words, sentence_pieces
+
+        rows, places = encode_words(tokenizer, sentence_pieces(tokenizer, sentences), self.data.max_length)
+        return word_features(model, rows, [firsts for _, _, firsts in places], config.batch_size, tokenizer.pad_id,
+                             desc)
+
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([self.index[tag] for s in self.task.train for tag in s.tags])
+
+    def selection(self) -> torch.Tensor:
+        """Which training units choose the L2 strength: the words of a tenth of the sentences, drawn by
+        --split-seed."""
+        sentences = self.task.train
+        order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(self.data.split_seed))
+        held = set(order[:max(1, round(SELECT_SHARE * len(sentences)))].tolist())
+        return torch.tensor([i in held for i, s in enumerate(sentences) for _ in s.tags])
+
+    @property
+    def outputs(self) -> int:
+        return len(self.task.labels)
+
+    def scores(self, logits: dict[str, torch.Tensor]) -> dict:
+        predicted = {}
+        for split, sentences in self.task.evals.items():
+            best = iter(logits[split].argmax(-1).tolist())
+            predicted[split] = [[self.task.labels[next(best)] for _ in s.words] for s in sentences]
+        return self.task.scores(predicted)[0]
+
+    def majority(self) -> dict:
+        """The metrics of tagging every word with the training words' most common tag."""
+        common = self.index[Counter(tag for s in self.task.train for tag in s.tags).most_common(1)[0][0]]
+        constant = torch.nn.functional.one_hot(torch.tensor(common), len(self.task.labels)).double()
+        return self.scores({split: constant.expand(sum(len(s.words) for s in sentences), -1)
+                            for split, sentences in self.task.evals.items()})
+
+
+def probe_layers(model, tokenizer, units: TextUnits | WordUnits, config: ProbeConfig,
                  name: str = "model") -> list[dict]:
     """Per layer: the L2 strength chosen, the held-out loss of each, and the metrics on every eval split (`name`
     labels the progress bars)."""
-
-    def features(examples, what):
-        rows = encode(examples, tokenizer, data.max_length, with_labels=False)
-        return layer_features(model, rows, config.pool, config.batch_size, tokenizer.pad_id, f"{name}: {what}")
-
-    train = features(task.train, "train")
-    evals = {split: features(examples, split) for split, examples in task.evals.items()}
-    kind = "regression" if task.is_regression else "multi_label" if task.multi_label else "classes"
-    gold = task.gold(task.train)
-    y = torch.tensor(gold, dtype=torch.float64 if kind != "classes" else torch.long)
-    select = set(stratified_order([e.label for e in task.train], data.split_seed, task.is_regression)
-                 [:max(1, round(SELECT_SHARE * len(gold)))])
-    fit_rows = torch.tensor([i not in select for i in range(len(gold))])
+    train = units.features(model, tokenizer, units.task.train, config, f"{name}: train")
+    evals = {split: units.features(model, tokenizer, examples, config, f"{name}: {split}")
+             for split, examples in units.task.evals.items()}
+    y, held, kind = units.targets(), units.selection(), units.kind
     results = []
     for layer in progress_bar(iterable=range(len(train)), desc=f"{name}: probes", unit="layer", disable=len(train) < 4):
         x = torch.from_numpy(train[layer]).double()
         chosen, fits, start = {}, {}, None
         for l2 in sorted(config.l2, reverse=True):  # each fit starts from the last, less penalized one's optimum
-            start = fits[l2] = LinearProbe.fit(x[fit_rows], y[fit_rows], kind, l2, len(task.labels), start)
-            chosen[l2] = float(probe_loss(start.logits(x[~fit_rows]), y[~fit_rows], kind))
+            start = fits[l2] = LinearProbe.fit(x[~held], y[~held], kind, l2, units.outputs, start)
+            chosen[l2] = float(probe_loss(start.logits(x[held]), y[held], kind))
         best = min(config.l2, key=lambda v: (chosen[v], -v))  # a tie: the stronger penalty
-        probe_ = LinearProbe.fit(x, y, kind, best, len(task.labels), fits[best])
-        logits = {split: probe_.logits(torch.from_numpy(f[layer]).double()).float() for split, f in evals.items()}
-        metrics, _ = task.scores(logits, data)
+        probe_ = LinearProbe.fit(x, y, kind, best, units.outputs, fits[best])
+        metrics = units.scores({split: probe_.logits(torch.from_numpy(f[layer]).double())
+                                for split, f in evals.items()})
         results.append({"layer": layer, "l2": best, "selection_loss": {str(k): v for k, v in chosen.items()},
                         "metrics": metrics})
     return results
@@ -275,21 +391,6 @@ class LinearProbe:
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
 
-def majority_scores(task: TextTask, data: FinetuneConfig) -> dict | None:
-    """The metrics of always answering the training rows' most common class (multi-label: each label's most common
-    value); None for regression, where a constant has no correlation."""
-    if task.is_regression:
-        return None
-    if task.multi_label:
-        share = torch.tensor(task.gold(task.train), dtype=torch.float64).mean(0)
-        constant = torch.where(share >= 0.5, 1.0, -1.0)
-    else:
-        common = Counter(e.label for e in task.train).most_common(1)[0][0]
-        constant = torch.nn.functional.one_hot(torch.tensor(common), len(task.labels)).double()
-    logits = {split: constant.float().expand(len(examples), -1) for split, examples in task.evals.items()}
-    return task.scores(logits, data)[0]
-
-
 def headline(summary: dict, metrics: dict) -> float:
     """The first eval split's score (the mean of the task's metrics, as `finetune` keeps its best epoch by)."""
     return sum(metrics[m] for m in summary["settings"]["metrics"]) / len(summary["settings"]["metrics"])
@@ -312,9 +413,12 @@ def probe_table(summary: dict) -> str:
     metric = " and ".join(settings["metrics"])
     names = column_names(summary)
     depth = max(len(m["layers"]) for m in summary["models"].values())
-    lines = [f"# Linear probes: {settings['task']}, {split} ({size:,} examples)", "",
-             f"A {settings['probe']} probe per layer on the {settings['pool']}-pooled output, trained on "
-             f"{settings['train_examples']:,} examples; {metric} on {split}.", "",
+    words = settings["unit"] == "word"
+    what = "each word's vector (its first piece's)" if words else f"the {settings['pool']}-pooled output"
+    unit = "sentences" if words else "examples"
+    lines = [f"# Linear probes: {settings['task']}, {split} ({size:,} {unit})", "",
+             f"A {settings['probe']} probe per layer on {what}, trained on {settings['train_examples']:,} {unit}; "
+             f"{metric} on {split}.", "",
              "| layer | " + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names)]
     for layer in range(depth):
         cells = []
@@ -328,7 +432,8 @@ def probe_table(summary: dict) -> str:
         best.append(f"layer {int(np.argmax(scores))}: {max(scores):.2f}")
     lines.append("| best | " + " | ".join(best) + " |")
     if summary.get("majority"):
-        lines += ["", f"The majority class scores {headline(summary, summary['majority']):.2f}."]
+        lines += ["", f"The majority {'tag' if words else 'class'} scores "
+                      f"{headline(summary, summary['majority']):.2f}."]
     return "\n".join(lines) + "\n"
 
 

@@ -180,7 +180,8 @@ def tag_texts(model, tokenizer, texts: Sequence[str], labels: Sequence[str], con
     return results
 
 
-def _pieces(tokenizer, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
+def sentence_pieces(tokenizer, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
+    """Each sentence's words as their WordPiece ids."""
     return [[ids for ids, _ in words] for words in tokenizer.word_pieces([s.words for s in sentences])]
 
 
@@ -219,42 +220,49 @@ class TaggingTask:
         later = None
         if config.label_all_tokens:  # a word's other pieces continue its chunk: B-X becomes I-X (where the task has it)
             later = [index.get(f"I-{tag[2:]}", i) if tag.startswith("B-") else i for i, tag in enumerate(self.labels)]
-        return encode(tokenizer, _pieces(tokenizer, self.train), config.max_length, label_ids, later)[0]
+        return encode(tokenizer, sentence_pieces(tokenizer, self.train), config.max_length, label_ids, later)[0]
 
     def predict(self, model, tokenizer, sentences: Sequence[Sentence], config, device) -> list[list[str]]:
-        return predict_tags(model, tokenizer, _pieces(tokenizer, sentences), self.labels, config, device)
+        return predict_tags(model, tokenizer, sentence_pieces(tokenizer, sentences), self.labels, config, device)
 
     def evaluate(self, model, tokenizer, config, device):
         """Metrics on every eval split (extra splits prefixed with their name) and the writer of the outputs for
         the first split: TAGS_FILE (scores per type, or per tag) and PREDICTIONS_FILE (word, gold tag, predicted
         tag per line: the input of conlleval)."""
-        from bertkit.tasks.metrics import chunk_report, chunk_scores, class_report, compute_metrics
-
-        metrics, outputs = {}, {}
-        for i, (split, sentences) in enumerate(self.evals.items()):
-            predicted = self.predict(model, tokenizer, sentences, config, device)
-            gold = [s.tags for s in sentences]
-            per = "type" if self.scheme == "chunks" else "tag"
-            title = f"{self.name} per {per}: {split}, {len(sentences):,} sentences"
-            if self.scheme == "chunks":
-                scores, per_type = chunk_scores(gold, predicted)
-                report = chunk_report(scores, per_type, title)
-            else:
-                names = sorted({t for tags in gold + predicted for t in tags})
-                index = {t: k for k, t in enumerate(names)}
-                flat_p = [index[t] for tags in predicted for t in tags]
-                flat_g = [index[t] for tags in gold for t in tags]
-                scores = compute_metrics(("accuracy",), flat_p, flat_g)
-                report = class_report(names, flat_p, flat_g, title)
-            metrics.update({metric_key(i, split, m): scores[m] for m in self.metrics})
-            if i == 0:
-                outputs = {TAGS_FILE: report, PREDICTIONS_FILE: conll_text(sentences, predicted)}
+        predicted = {split: self.predict(model, tokenizer, sentences, config, device)
+                     for split, sentences in self.evals.items()}
+        metrics, outputs = self.scores(predicted)
 
         def write_outputs(out_dir: Path) -> None:
             for name, text in outputs.items():
                 atomic_write_text(Path(out_dir) / name, text)
 
         return metrics, write_outputs
+
+    def scores(self, predicted: dict[str, list[list[str]]]) -> tuple[dict, dict[str, str]]:
+        """The metrics of every eval split from its predicted tags (any model's, a probe's too), and the first
+        split's outputs (file name -> text)."""
+        from bertkit.tasks.metrics import chunk_report, chunk_scores, class_report, compute_metrics
+
+        metrics, outputs = {}, {}
+        for i, (split, sentences) in enumerate(self.evals.items()):
+            gold = [s.tags for s in sentences]
+            per = "type" if self.scheme == "chunks" else "tag"
+            title = f"{self.name} per {per}: {split}, {len(sentences):,} sentences"
+            if self.scheme == "chunks":
+                scores, per_type = chunk_scores(gold, predicted[split])
+                report = chunk_report(scores, per_type, title)
+            else:
+                names = sorted({t for tags in gold + predicted[split] for t in tags})
+                index = {t: k for k, t in enumerate(names)}
+                flat_p = [index[t] for tags in predicted[split] for t in tags]
+                flat_g = [index[t] for tags in gold for t in tags]
+                scores = compute_metrics(("accuracy",), flat_p, flat_g)
+                report = class_report(names, flat_p, flat_g, title)
+            metrics.update({metric_key(i, split, m): scores[m] for m in self.metrics})
+            if i == 0:
+                outputs = {TAGS_FILE: report, PREDICTIONS_FILE: conll_text(sentences, predicted[split])}
+        return metrics, outputs
 
 
 def conll_text(sentences: Sequence[Sentence], predicted: Sequence[Sequence[str]]) -> str:
