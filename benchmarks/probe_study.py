@@ -5,12 +5,14 @@ Two parts, each a `bertkit probe` per task (--out/PART/TASK, kept when done: a r
 
 - `pretrained`: all-MiniLM-L6-v2 (L6 H384, the shared real checkpoint) and its architecture with random weights
   (the control), on SST-2, CoLA, STS-B, MRPC (Microsoft's train file; the test file is the dev data) and RTE, each
-  on its first --limit training rows (all of the smaller files), scored on dev. A score above the control's is what
+  on its first --limit training rows (all of the smaller files), scored on dev; and on `names`, a tag per word:
+  benchmarks/tagging_books.py's silver task (capitalised words inside a sentence, read lower-cased: 4,000 training
+  sentences, 1,000 dev sentences from other books), scored by entity F1. A score above the control's is what
   the pretrained weights add to what a random encoder's features already give a linear model.
 - `trajectory`: the checkpoints of one pretraining run (--run, RUN/checkpoints/step-N; the README's `mini` on the
   books corpus), every one probed on --tasks, to see at which step, and in which layer, a task's signal appears.
 
-Each probe: mean pooling, logistic (ridge for STS-B) regression per layer on standardized features, L2 chosen from
+Each probe: mean pooling (a word: its first piece), logistic (ridge for STS-B) regression per layer on standardized features, L2 chosen from
 1e-4 ... 10 by the loss on a tenth of the training rows. The summary (a task per entry: each model's score per
 layer, the majority class) goes to --summary (docs/probe/PART.json), the plot beside it (PART.png); the tables are
 printed.
@@ -29,12 +31,27 @@ from bertkit.tasks.finetune import FinetuneConfig
 from bertkit.tasks.probe import CONTROL, ProbeConfig, column_names, headline, probe
 from run import study_parser
 
-TASKS = ("SST-2", "CoLA", "STS-B", "MRPC", "RTE")
+TASKS = ("SST-2", "CoLA", "STS-B", "MRPC", "RTE", "names")
+
+
+def names_task(data: Path, out: Path) -> Path:
+    """benchmarks/tagging_books.py's silver task, names in books: 4,000 training sentences from pieces 00-05 of the
+    corpus, 1,000 dev sentences from piece 06 (other books), written once as CoNLL files."""
+    from tagging_books import sentences, write_conll
+
+    if not (out / "dev.txt").is_file():
+        corpus = sorted((data / "corpus").glob("gutenberg-en-*.txt.gz"))
+        out.mkdir(parents=True, exist_ok=True)
+        write_conll(out / "train.txt", sentences(corpus[:-1], 4000, seed=0))
+        write_conll(out / "dev.txt", sentences(corpus[-1:], 1000, seed=1))
+    return out
 
 
 def probe_task(task: str, models: list[str], data: Path, out: Path, limit: int, threads: int) -> dict:
     """One `bertkit probe` of `models` on `task`'s first `limit` training rows (kept when done)."""
     config = ProbeConfig(models=models, out=str(out / task), threads=threads)
+    if task == "names":
+        return probe(config, FinetuneConfig(task="ner", data_dir=str(names_task(data, out.parent / "names-data"))))
     return probe(config, FinetuneConfig(task=task, data_dir=str(data / "glue" / task), limit_train_examples=limit))
 
 
