@@ -12,10 +12,10 @@ Two parts, each a `bertkit probe` per task (--out/PART/TASK, kept when done: a r
 - `trajectory`: the checkpoints of one pretraining run (--run, RUN/checkpoints/step-N; the README's `mini` on the
   books corpus), every one probed on --tasks, to see at which step, and in which layer, a task's signal appears.
 
-Each probe: mean pooling (a word: its first piece), logistic (ridge for STS-B) regression per layer on standardized features, L2 chosen from
-1e-4 ... 10 by the loss on a tenth of the training rows. The summary (a task per entry: each model's score per
-layer, the majority class) goes to --summary (docs/probe/PART.json), the plot beside it (PART.png); the tables are
-printed.
+Each probe: mean pooling (a word: its first piece), logistic (ridge for STS-B) regression per layer on standardized
+features, L2 chosen from 1e-4 ... 10 by the loss on a tenth of the training rows. The summary (a task per entry:
+each model's score per layer, the majority class) goes to --summary (docs/probe/PART.json), the plot beside it
+(PART.png); the tables are printed.
 
     python benchmarks/probe_study.py pretrained
     python benchmarks/probe_study.py trajectory --run runs/mini --tasks SST-2 CoLA

@@ -324,14 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
         "probe",
         help="what each layer of a model holds about a task: a linear probe per layer on the frozen encoder, "
         "against a random-weights control",
-        description="Run every training and eval example of a task (a GLUE task's or --task custom's files, the "
-        "data options of `finetune`) through each of MODELS, frozen, and pool every layer's output (0: the "
-        "embeddings); a linear probe per layer (logistic regression, ridge for scores; standardized features, the "
-        "L2 strength chosen by the loss on a tenth of the training rows) learns the labels from those vectors alone and is "
-        "scored on the eval data with the task's metrics. The first model's architecture with random weights is "
-        "probed too (--control) and the majority class scored: what a layer holds beyond them is what "
-        "pretraining put there. Prints and writes OUT/probe.md (a column per model, a row per layer), probe.json "
-        "and probe.png; a rerun with the same settings keeps the models already probed and adds new ones.",
+        description="Run every training and eval example of a task (a GLUE task's, --task custom's or --task "
+        "ner's files, the data options of `finetune`) through each of MODELS, frozen, and pool every layer's output "
+        "(0: the embeddings; a tagging task's words: each at its first piece); a linear probe per layer (logistic "
+        "regression, ridge for scores; standardized features, the L2 strength chosen by the loss on a tenth of the "
+        "training rows) learns the labels from those vectors alone and is scored on the eval data with the task's "
+        "metrics. The first model's architecture with random weights is probed too (--control) and the majority "
+        "class scored: what a layer holds beyond them is what pretraining put there. Prints and writes OUT/probe.md "
+        "(a column per model, a row per layer), probe.json and probe.png; a rerun with the same settings keeps the "
+        "models already probed and adds new ones.",
     )
     add_dataclass_args(p, ProbeConfig)
     add_dataclass_args(p, FinetuneConfig, skip=tuple(f.name for f in dataclasses.fields(FinetuneConfig)

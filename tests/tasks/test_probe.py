@@ -163,9 +163,9 @@ def test_probe_refuses_what_it_cannot_do(minilm_dir, tmp_path):
 
 def test_word_probes_read_each_word_at_its_first_piece(minilm_dir, tmp_path):
     """A tagging task (names in books, the silver task of benchmarks/tagging_books.py: 200 training sentences from
-    one book, 100 dev sentences from another): every word's feature is transformers' hidden state at its first piece, in order; the pretrained encoder's
-    best layer finds names far better than its random twin; the probe's scores are `evaluate`'s for the tags it
-    predicts, the majority tag's entity F1 is 0."""
+    one book, 100 dev sentences from another): every word's feature is transformers' hidden state at its first piece,
+    in order; the pretrained encoder's best layer finds names far better than its random twin; the probe's scores
+    are `evaluate`'s for the tags it predicts, the majority tag's entity F1 is 0."""
     import sys
     from pathlib import Path
 

@@ -3,8 +3,9 @@
 The encoder is frozen. Every training and eval example is run through it once and pooled at every layer's output (0
 the embeddings, then each block: `embed_rows`), or, for a tagging task, each word read at its first piece; one linear
 model per layer learns the task's labels from those vectors alone, as in Tenney et al. 2019 and Liu et al. 2019:
-logistic regression for classes and tags (a sigmoid per label for multi-label files), ridge regression for scores. The features are standardized with the training rows' mean and
-spread, and the L2 strength is chosen per layer by the loss on a tenth of the training rows held out (stratified, --split-seed),
+logistic regression for classes and tags (a sigmoid per label for multi-label files), ridge regression for scores.
+The features are standardized with the training rows' mean and spread, and the L2 strength is chosen per layer by
+the loss on a tenth of the training rows held out (stratified by label, or a tenth of the sentences; --split-seed),
 then the probe is fit again on all of them and scored on the task's eval data with its official metrics.
 
 A probe's score alone says little: a random encoder's features already carry word identity, and a linear model reads
@@ -30,7 +31,7 @@ from bertkit.checkpoint import atomic_write_text, model_folder
 from bertkit.config import BertConfig, option, read_json, write_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import TextTask, encode, stratified_order
-from bertkit.tasks.evaluation import DEVICE_HELP, THREADS_HELP
+from bertkit.tasks.evaluation import THREADS_HELP
 from bertkit.tasks.finetune import NON_TEXT_TASKS, TAGGING_TASK, FinetuneConfig, load_task, resolve_device
 from bertkit.tasks.inference import check_tokenizer
 from bertkit.tasks.tagging import TaggingTask
@@ -73,11 +74,12 @@ class ProbeConfig:
                                           "first piece)")
     control: bool = option(True, "also probe the first model's architecture with random weights (seed 0): the "
                            "score a layer reaches without pretraining (default: on)")
-    l2: list[float] = option([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], "L2 strengths tried per layer (on the mean loss over "
-                             "standardized features); the one of least loss on a tenth of the training rows is refit on all")
+    l2: list[float] = option([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], "L2 strengths tried per layer (on the mean loss "
+                             "over standardized features); the one of least loss on a tenth of the training rows is "
+                             "refit on all")
     batch_size: int = option(32, "examples per forward pass")
     threads: int | None = option(None, THREADS_HELP)
-    device: str = option("auto", DEVICE_HELP)
+    device: str = option("auto", "cpu, cuda, cuda:N, mps or auto (the encoder's; the probes fit on the CPU)")
     overwrite: bool = option(False, "probe every model again, and replace a probe.json of other settings")
 
     def __post_init__(self):
