@@ -51,7 +51,8 @@ def probe_task(task: str, models: list[str], data: Path, out: Path, limit: int, 
     """One `bertkit probe` of `models` on `task`'s first `limit` training rows (kept when done)."""
     config = ProbeConfig(models=models, out=str(out / task), threads=threads)
     if task == "names":
-        return probe(config, FinetuneConfig(task="ner", data_dir=str(names_task(data, out.parent / "names-data"))))
+        return probe(config, FinetuneConfig(task="ner", data_dir=str(names_task(data, out.parent / "names-data")),
+                                            limit_train_examples=limit))
     return probe(config, FinetuneConfig(task=task, data_dir=str(data / "glue" / task), limit_train_examples=limit))
 
 
@@ -112,7 +113,8 @@ def main() -> None:
     parser = study_parser(__doc__, "probe", "probe")
     parser.add_argument("part", choices=("pretrained", "trajectory"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--limit", type=int, default=10_000, help="training rows per task (the first N)")
+    parser.add_argument("--limit", type=int, default=10_000, help="training rows (names: sentences) per task, the "
+                        "first N")
     parser.add_argument("--run", type=Path, help="trajectory: a pretraining run folder")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
