@@ -83,8 +83,12 @@ def plot(summary: dict, path: Path, trajectory: bool) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(summary["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         cell = summary["tasks"][task]
         if trajectory:
             models = cell["models"]
@@ -103,8 +107,9 @@ def plot(summary: dict, path: Path, trajectory: bool) -> None:
             ax.axhline(cell["majority"], linestyle=":", color="black", label="majority class")
         ax.set_title(f"{task} ({' / '.join(cell['metrics'])})", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev score of a linear probe")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("dev score of a linear probe")
+    axes.flat[len(tasks) - 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

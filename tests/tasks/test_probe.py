@@ -64,9 +64,8 @@ def standardized(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("layer", [0, 6])
 def test_logistic_probe_is_scikit_learns(minilm_features, layer):
     """Three classes (STS-B's scores cut at 2 and 4: real features, real labels): the multinomial fit equals
-    LogisticRegression's with C = 1 / (l2 x N). Two classes: softmax over two outputs with the penalty on both equals
-    scikit-learn's single logistic output with half the penalty (C = 2 / (l2 x N)), the logit difference its
-    decision function. A fit started from another's weights reaches the same optimum."""
+    LogisticRegression's with C = 1 / (l2 x N). Two classes: one logistic output (class 0's logit 0), scikit-learn's
+    binary model, its decision function the logit; multi-label, that binary model per label. A fit started from another's weights reaches the same optimum."""
     from sklearn.linear_model import LogisticRegression
 
     features, scores, _ = minilm_features
@@ -85,9 +84,17 @@ def test_logistic_probe_is_scikit_learns(minilm_features, layer):
 
     two = (scores >= 2.5).astype(np.int64)
     ours = LinearProbe.fit(x, torch.from_numpy(two), "classes", l2, 2)
-    theirs = LogisticRegression(C=2 / (l2 * n), tol=1e-10, max_iter=20000).fit(z, two)
+    theirs = LogisticRegression(C=1 / (l2 * n), tol=1e-10, max_iter=20000).fit(z, two)
     logits = ours.logits(x).numpy()
     np.testing.assert_allclose(logits[:, 1] - logits[:, 0], theirs.decision_function(z), atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(torch.softmax(ours.logits(x), -1).numpy(), theirs.predict_proba(z), atol=1e-4)
+    assert not ours.weight[0].any() and ours.bias[0] == 0
+
+    both = np.stack([scores >= 2.0, scores >= 4.0], 1).astype(np.float64)  # multi-label: a binary model per label
+    ours = torch.sigmoid(LinearProbe.fit(x, torch.from_numpy(both), "multi_label", l2, 2).logits(x)).numpy()
+    for label in range(2):
+        theirs = LogisticRegression(C=1 / (l2 * n), tol=1e-10, max_iter=20000).fit(z, both[:, label])
+        np.testing.assert_allclose(ours[:, label], theirs.predict_proba(z)[:, 1], atol=1e-4)
 
 
 def test_ridge_probe_is_scikit_learns(minilm_features):

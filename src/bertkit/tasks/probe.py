@@ -325,7 +325,7 @@ def probe_layers(model, tokenizer, units: TextUnits | WordUnits, config: ProbeCo
         chosen, fits, start = {}, {}, None
         for l2 in sorted(config.l2, reverse=True):  # each fit starts from the last, less penalized one's optimum
             start = fits[l2] = LinearProbe.fit(x[~held], y[~held], kind, l2, units.outputs, start)
-            chosen[l2] = float(probe_loss(start.logits(x[held]), y[held], kind))
+            chosen[l2] = probe_loss(start.logits(x[held]), y[held], kind)
         best = min(config.l2, key=lambda v: (chosen[v], -v))  # a tie: the stronger penalty
         probe_ = LinearProbe.fit(x, y, kind, best, units.outputs, fits[best])
         metrics = units.scores({split: probe_.logits(torch.from_numpy(f[layer]).double())
@@ -335,14 +335,25 @@ def probe_layers(model, tokenizer, units: TextUnits | WordUnits, config: ProbeCo
     return results
 
 
-def probe_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+def probe_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> float:
     """The mean loss a probe minimizes (before its penalty): cross-entropy, binary cross-entropy summed over labels,
     or squared error."""
-    if kind == "classes":
-        return torch.nn.functional.cross_entropy(logits, y)
-    if kind == "multi_label":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(y)
-    return (logits[:, 0] - y).pow(2).mean()
+    if kind == "regression":
+        return float((logits[:, 0] - y).pow(2).mean())
+    target = torch.nn.functional.one_hot(y, logits.shape[1]) if kind == "classes" else y
+    return _loss_and_residual(logits.double().numpy(), target.double().numpy(), kind == "classes")[0]
+
+
+def _loss_and_residual(logits: np.ndarray, target: np.ndarray, softmax: bool) -> tuple[float, np.ndarray]:
+    """Softmax cross-entropy (`target` one-hot) or binary cross-entropy per output, summed over outputs and averaged
+    over rows, and its gradient with respect to the logits."""
+    from scipy.special import expit, log_softmax
+
+    if softmax:
+        log_p = log_softmax(logits, axis=1)
+        return float(-(target * log_p).sum() / len(logits)), (np.exp(log_p) - target) / len(logits)
+    loss = (np.logaddexp(0, logits) - target * logits).sum() / len(logits)
+    return float(loss), (expit(logits) - target) / len(logits)
 
 
 @dataclass
@@ -358,10 +369,14 @@ class LinearProbe:
     def fit(cls, x: torch.Tensor, y: torch.Tensor, kind: str, l2: float, classes: int,
             start: LinearProbe | None = None) -> LinearProbe:
         """Minimize the mean loss + l2 / 2 x |weight|^2 (the bias free): softmax cross-entropy over `classes`
-        ("classes", y class indices), binary cross-entropy per label ("multi_label", y 0/1 rows), or squared error
-        ("regression", y scores; ridge in closed form, the penalty then l2 x |weight|^2 as scikit-learn's Ridge
-        with alpha = l2 x N). Logistic probes by L-BFGS, as scikit-learn's LogisticRegression with C = 1 / (l2 x N),
-        from `start`'s weights (another fit's on these features: the same optimum, sooner) or zeros."""
+        ("classes", y class indices; two classes: one logistic output, class 0's logit held at 0), binary
+        cross-entropy per label ("multi_label", y 0/1 rows), or squared error ("regression", y scores; ridge in closed
+        form, the penalty then l2 x |weight|^2 as scikit-learn's Ridge with alpha = l2 x N). Logistic probes by
+        L-BFGS (SciPy's, on the loss's own gradient in float64), as scikit-learn's LogisticRegression with C = 1 /
+        (l2 x N) and tol 1e-6, from `start`'s weights (another fit's on these features: the same optimum, sooner) or
+        zeros."""
+        from scipy.optimize import minimize
+
         mean = x.mean(0)
         std = x.std(0, correction=0).clamp(min=1e-6)  # a constant feature (a padding dimension) stays 0
         z = (x - mean) / std
@@ -370,24 +385,31 @@ class LinearProbe:
             gram = z.T @ z / len(z) + l2 * torch.eye(z.shape[1], dtype=z.dtype)
             weight = torch.linalg.solve(gram, z.T @ centered / len(z))
             return cls(mean, std, weight[None], y.mean()[None])
-        outputs = classes if kind == "classes" else y.shape[1]
+        binary = kind == "classes" and classes == 2
+        softmax = kind == "classes" and not binary
+        target = (torch.nn.functional.one_hot(y, classes) if softmax else y[:, None] if binary else y).double().numpy()
+        outputs, size = target.shape[1], z.shape[1]
         if start is None:
-            weight, bias = torch.zeros(outputs, z.shape[1], dtype=z.dtype), torch.zeros(outputs, dtype=z.dtype)
+            weight, bias = torch.zeros(outputs, size, dtype=z.dtype), torch.zeros(outputs, dtype=z.dtype)
         else:  # its weights on these standardized features: the same function of x
-            weight = start.weight * (std / start.std)
-            bias = start.bias + ((mean - start.mean) / start.std) @ start.weight.T
-        weight, bias = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=1000, tolerance_grad=1e-9,
-                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+            weight = start.weight[-outputs:] * (std / start.std)
+            bias = start.bias[-outputs:] + ((mean - start.mean) / start.std) @ start.weight[-outputs:].T
+        features = z.double().numpy()
 
-        def closure():
-            optimizer.zero_grad()
-            loss = probe_loss(z @ weight.T + bias, y, kind) + l2 / 2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
+        def loss_and_gradient(flat: np.ndarray) -> tuple[float, np.ndarray]:
+            w, b = flat[:-outputs].reshape(outputs, size), flat[-outputs:]
+            loss, residual = _loss_and_residual(features @ w.T + b, target, softmax)
+            return loss + l2 / 2 * (w * w).sum(), np.concatenate([(residual.T @ features + l2 * w).ravel(),
+                                                                   residual.sum(0)])
 
-        optimizer.step(closure)
-        return cls(mean, std, weight.detach(), bias.detach())
+        options = {"maxiter": 1000, "gtol": 1e-6, "ftol": 64 * np.finfo(float).eps, "maxcor": 20}  # ftol: sklearn's
+        flat = minimize(loss_and_gradient, torch.cat([weight.flatten(), bias]).double().numpy(), jac=True,
+                        method="L-BFGS-B", options=options).x
+        weight = torch.from_numpy(flat[:-outputs].reshape(outputs, size)).to(z.dtype)
+        bias = torch.from_numpy(flat[-outputs:]).to(z.dtype)
+        if binary:  # as two classes' logits: 0 and the output's
+            weight, bias = torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros_like(bias), bias])
+        return cls(mean, std, weight, bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
