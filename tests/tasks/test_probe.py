@@ -65,7 +65,8 @@ def standardized(x: np.ndarray) -> np.ndarray:
 def test_logistic_probe_is_scikit_learns(minilm_features, layer):
     """Three classes (STS-B's scores cut at 2 and 4: real features, real labels): the multinomial fit equals
     LogisticRegression's with C = 1 / (l2 x N). Two classes: one logistic output (class 0's logit 0), scikit-learn's
-    binary model, its decision function the logit; multi-label, that binary model per label. A fit started from another's weights reaches the same optimum."""
+    binary model, its decision function the logit; multi-label, that binary model per label. A fit started from
+    another's weights reaches the same optimum."""
     from sklearn.linear_model import LogisticRegression
 
     features, scores, _ = minilm_features
