@@ -140,7 +140,7 @@ def probe(config: ProbeConfig, data: FinetuneConfig) -> dict:
     return summary | {"table": table}
 
 
-def _settings(config: ProbeConfig, data: FinetuneConfig, units: TextUnits | WordUnits) -> dict:
+def _settings(config: ProbeConfig, data: FinetuneConfig, units: Units) -> dict:
     """What a probe.json's results depend on: the data, the pooling, the L2 grid (the models are its rows)."""
     task = units.task
     return {"data": {name: getattr(data, name) for name in DATA_OPTIONS}, "pool": config.pool,
@@ -215,13 +215,26 @@ def word_features(model, rows: list[dict], firsts: list[list[int]], batch_size: 
     return features
 
 
-class TextUnits:
-    """A probe's view of a text task: a vector per text (or pair), pooled; its label, score or labels."""
+class Units:
+    """What a probe reads and predicts of a task's examples: a vector per unit at every layer (`features`), the
+    training units' targets, which of them choose the L2 strength, and the task's metrics from a probe's logits."""
+
+    def __init__(self, task, data: FinetuneConfig):
+        self.task, self.data = task, data
+
+    @property
+    def outputs(self) -> int:
+        """Classes, tags or labels (0 for regression: one score)."""
+        return len(self.task.labels)
+
+
+class TextUnits(Units):
+    """A text task: a vector per text (or pair), pooled; its label, score or labels."""
 
     unit = "example"
 
     def __init__(self, task: TextTask, data: FinetuneConfig):
-        self.task, self.data = task, data
+        super().__init__(task, data)
         self.kind = "regression" if task.is_regression else "multi_label" if task.multi_label else "classes"
         self.headline_metrics = task.metrics
 
@@ -239,10 +252,6 @@ class TextUnits:
         chosen = torch.zeros(len(order), dtype=torch.bool)
         chosen[order[:max(1, round(SELECT_SHARE * len(order)))]] = True
         return chosen
-
-    @property
-    def outputs(self) -> int:
-        return len(self.task.labels)
 
     def scores(self, logits: dict[str, torch.Tensor]) -> dict:
         return self.task.scores({split: v.float() for split, v in logits.items()}, self.data)[0]
@@ -262,15 +271,15 @@ class TextUnits:
         return self.scores({split: constant.expand(len(examples), -1) for split, examples in task.evals.items()})
 
 
-class WordUnits:
-    """A probe's view of a tagging task: a vector per word (its first piece's, as a token classifier reads it) and
-    its tag; scored as `evaluate` scores a tagger (entity F1 for chunk tags, else word accuracy)."""
+class WordUnits(Units):
+    """A tagging task: a vector per word (its first piece's, as a token classifier reads it) and its tag; scored as
+    `evaluate` scores a tagger (entity F1 for chunk tags, else word accuracy)."""
 
     unit = "word"
     kind = "classes"
 
     def __init__(self, task: TaggingTask, data: FinetuneConfig):
-        self.task, self.data = task, data
+        super().__init__(task, data)
         self.headline_metrics = task.metrics[:1]
         self.index = {tag: i for i, tag in enumerate(task.labels)}
 
@@ -292,10 +301,6 @@ class WordUnits:
         held = set(order[:max(1, round(SELECT_SHARE * len(sentences)))].tolist())
         return torch.tensor([i in held for i, s in enumerate(sentences) for _ in s.tags])
 
-    @property
-    def outputs(self) -> int:
-        return len(self.task.labels)
-
     def scores(self, logits: dict[str, torch.Tensor]) -> dict:
         predicted = {}
         for split, sentences in self.task.evals.items():
@@ -311,7 +316,7 @@ class WordUnits:
                             for split, sentences in self.task.evals.items()})
 
 
-def probe_layers(model, tokenizer, units: TextUnits | WordUnits, config: ProbeConfig,
+def probe_layers(model, tokenizer, units: Units, config: ProbeConfig,
                  name: str = "model") -> list[dict]:
     """Per layer: the L2 strength chosen, the held-out loss of each, and the metrics on every eval split (`name`
     labels the progress bars)."""
@@ -327,8 +332,8 @@ def probe_layers(model, tokenizer, units: TextUnits | WordUnits, config: ProbeCo
             start = fits[l2] = LinearProbe.fit(x[~held], y[~held], kind, l2, units.outputs, start)
             chosen[l2] = probe_loss(start.logits(x[held]), y[held], kind)
         best = min(config.l2, key=lambda v: (chosen[v], -v))  # a tie: the stronger penalty
-        probe_ = LinearProbe.fit(x, y, kind, best, units.outputs, fits[best])
-        metrics = units.scores({split: probe_.logits(torch.from_numpy(f[layer]).double())
+        fitted = LinearProbe.fit(x, y, kind, best, units.outputs, fits[best])
+        metrics = units.scores({split: fitted.logits(torch.from_numpy(f[layer]).double())
                                 for split, f in evals.items()})
         results.append({"layer": layer, "l2": best, "selection_loss": {str(k): v for k, v in chosen.items()},
                         "metrics": metrics})
