@@ -59,6 +59,7 @@ def test_int8_engine_follows_the_cpu_and_both_engines_compute_the_same_sums(monk
     give the same outputs, whichever engine is global when they run."""
     import bertkit.quantize as Q
 
+    reduce_range = not Q.has_vnni()  # this CPU's: 8-bit inputs saturate the AVX2 kernels' 16-bit sums
     monkeypatch.setattr(Q, "cpu_flags", lambda: "flags : fpu avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n")
     assert Q.int8_engine() == "onednn" and Q.has_vnni()
     monkeypatch.setattr(Q, "cpu_flags", lambda: "flags : fpu avx2\n")
@@ -66,7 +67,7 @@ def test_int8_engine_follows_the_cpu_and_both_engines_compute_the_same_sums(monk
     torch.manual_seed(0)
     linear, x = nn.Linear(64, 96), torch.randn(40, 64)
     with torch.no_grad():
-        onednn, x86 = (Int8Linear(linear, reduce_range=False, engine=e)(x) for e in ("onednn", "x86"))
+        onednn, x86 = (Int8Linear(linear, reduce_range=reduce_range, engine=e)(x) for e in ("onednn", "x86"))
         torch.testing.assert_close(onednn, x86, atol=1e-4, rtol=1e-4)
         assert (onednn - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
 
@@ -106,7 +107,8 @@ def test_int8_keeps_an_untied_decoder_in_float32_and_an_int8_model_is_not_saved(
         got = quantized(**batch).logits
     assert type(quantized.cls.predictions.decoder) is nn.Linear
     real = batch["attention_mask"].bool()
-    assert (got[real] - want[real]).abs().max() <= 0.05 * (1 + want[real].abs().max())
+    step = 0.05 if has_vnni() else 0.1  # inputs in 7 bits without VNNI: twice the quantization step
+    assert (got[real] - want[real]).abs().max() <= step * (1 + want[real].abs().max())
     with pytest.raises(BertkitError, match="an int8 model cannot be saved"):
         quantized.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())

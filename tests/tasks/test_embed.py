@@ -10,6 +10,7 @@ import torch
 
 from bertkit.cli import main as cli_main
 from bertkit.errors import BertkitError
+from bertkit.quantize import has_vnni
 from bertkit.tasks.embed import EmbedConfig, embed
 from conftest import data_path
 from tiny_folders import save_tiny
@@ -138,7 +139,9 @@ def test_int8_vectors_stay_close_to_float32s(minilm_dir):
     fp32 = embed(EmbedConfig(model_dir=str(minilm_dir), normalize=True, device="cpu"), inputs=texts)
     int8 = embed(EmbedConfig(model_dir=str(minilm_dir), normalize=True, device="cpu", int8=True), inputs=texts)
     cosine = [float(a["embedding"] @ b["embedding"]) for a, b in zip(fp32, int8, strict=True)]
-    assert min(cosine) > 0.96 and max(cosine) < 0.99999  # close (0.969 at worst on all 872), and quantized indeed
+    # close (with VNNI, 8-bit inputs: 0.969 at worst on all 872; AVX2 alone, 7-bit inputs: 0.932 on these 64), and
+    # quantized indeed
+    assert min(cosine) > (0.96 if has_vnni() else 0.92) and max(cosine) < 0.99999
 
 
 def test_long_inputs_are_embedded_and_written_chunk_by_chunk_as_in_one_piece(minilm_dir, tmp_path, monkeypatch):
