@@ -636,8 +636,9 @@ def train_vocab(
     # Rebuilt from the written vocab.txt, so a trained tokenizer is the same object a later from_pretrained loads.
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BertkitError(f"{where(out_dir)}: cannot create the folder ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        reason = getattr(e, "strerror", None) or e
+        raise BertkitError(f"{where(out_dir)}: cannot create the folder ({reason})") from None
     vocab_file = out_dir / "vocab.txt"
     write_vocab(vocab_file, tokens)
     tokenizer = Tokenizer.from_vocab(vocab_file, lowercase)
