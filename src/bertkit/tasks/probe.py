@@ -327,10 +327,11 @@ def probe_layers(model, tokenizer, units: Units, config: ProbeConfig,
     results = []
     for layer in progress_bar(iterable=range(len(train)), desc=f"{name}: probes", unit="layer", disable=len(train) < 4):
         x = torch.from_numpy(train[layer]).double()
+        x_fit, y_fit, x_held, y_held = x[~held], y[~held], x[held], y[held]  # copies: made once for the whole grid
         chosen, fits, start = {}, {}, None
         for l2 in sorted(config.l2, reverse=True):  # each fit starts from the last, less penalized one's optimum
-            start = fits[l2] = LinearProbe.fit(x[~held], y[~held], kind, l2, units.outputs, start)
-            chosen[l2] = probe_loss(start.logits(x[held]), y[held], kind)
+            start = fits[l2] = LinearProbe.fit(x_fit, y_fit, kind, l2, units.outputs, start)
+            chosen[l2] = probe_loss(start.logits(x_held), y_held, kind)
         best = min(config.l2, key=lambda v: (chosen[v], -v))  # a tie: the stronger penalty
         fitted = LinearProbe.fit(x, y, kind, best, units.outputs, fits[best])
         metrics = units.scores({split: fitted.logits(torch.from_numpy(f[layer]).double())
@@ -422,7 +423,9 @@ class LinearProbe:
 
 def headline(summary: dict, metrics: dict) -> float:
     """The first eval split's score (the mean of the task's metrics, as `finetune` keeps its best epoch by)."""
-    return sum(metrics[m] for m in summary["settings"]["metrics"]) / len(summary["settings"]["metrics"])
+    from bertkit.tasks.metrics import headline_score
+
+    return headline_score({m: metrics[m] for m in summary["settings"]["metrics"]})
 
 
 def column_name(model: str) -> str:
