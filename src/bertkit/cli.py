@@ -318,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, SoupConfig)
     p.set_defaults(func=cmd_soup)
 
+    from bertkit.tasks.prune import PruneConfig
+
+    p = sub.add_parser(
+        "prune",
+        help="make a fine-tuned classifier smaller and faster: remove its least important encoder blocks and "
+        "feed-forward units",
+        description="Measure how much each encoder block and each feed-forward unit of RUN (a classifier or "
+        "regressor `bertkit finetune` wrote) matters to its loss on --batches batches of its training rows (the "
+        "first-order change of the loss with the unit gated off), keep the --layers most important blocks (or the "
+        "bottom ones: --drop-layers top) and the --intermediate-size most important units of each, and write the "
+        "smaller model to --out: a run folder of the standard shape that evaluate, predict, serve and transformers "
+        "load. Its eval scores and the time of an eval pass, before and after, are printed and written to "
+        "OUT/prune.md (prune.json). Fine-tune the pruned folder again (`finetune --model-dir OUT`, optionally "
+        "`--teacher RUN`) to recover what it lost.",
+    )
+    add_dataclass_args(p, PruneConfig)
+    p.set_defaults(func=cmd_prune)
+
     from bertkit.tasks.probe import DATA_HELP, DATA_OPTIONS, ProbeConfig
 
     p = sub.add_parser(
@@ -691,6 +709,12 @@ def cmd_soup(args) -> None:
     from bertkit.tasks.soup import SoupConfig, soup
 
     print(soup(dataclass_from_args(SoupConfig, args))["table"], end="")
+
+
+def cmd_prune(args) -> None:
+    from bertkit.tasks.prune import PruneConfig, prune
+
+    print(prune(dataclass_from_args(PruneConfig, args))["table"], end="")
 
 
 def cmd_probe(args) -> None:
