@@ -156,6 +156,7 @@ def test_runs_that_do_not_average_are_refused(runs, toy_model_dir, reviews, tmp_
     refused([a], "1 run folder; expected two or more")
     refused([a, a], "given twice")
     refused([a, b], "inside the run 1 folder", out=f"{a}/soup")
+    refused([a, b], "--batches 5 without --data", batches=5)  # it only counts for checkpoints: not ignored
     other_split = run(toy_model_dir, tmp_path / "other-split", reviews, epochs=1, split_seed=3)
     refused([a, other_split], "split_seed 3.*holding out the same rows")
     start = tmp_path / "start"  # the same pretrained weights, another folder: not known to be the same start

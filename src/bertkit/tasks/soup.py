@@ -71,7 +71,7 @@ class SoupConfig:
                        "held-out split scores them by masked-LM loss, as `bertkit perplexity` does: the same "
                        "examples and masks (15%%, seed 0) for every checkpoint and soup")
     max_length: int | None = option(None, "tokens per example (default: the runs'; --data: 128)")
-    batches: int = option(20, "--data: held-out batches of --eval-batch-size scored")
+    batches: int | None = option(None, "--data: held-out batches of --eval-batch-size scored (default: 20)")
     eval_batch_size: int | None = option(None, "evaluation batch size (default: the runs'; --data: 32)")
     threads: int | None = option(None, THREADS_HELP)
     device: str | None = option(None, DEVICE_HELP)
@@ -143,6 +143,10 @@ class TaskScorer:
                      "threads": config.threads, "device": config.device}
         self.run_configs = [run_config(r, overrides) for r in runs]
         self.saved = [FinetuneConfig.load(r) for r in runs]  # as trained (None: a folder bertkit did not fine-tune)
+        if config.batches is not None:
+            raise BertkitError(f"--batches {config.batches} without --data; expected --data (a prepared corpus whose "
+                               "held-out batches score pretraining checkpoints): fine-tuned runs are scored on all "
+                               "of their task's eval data")
         for r, c in zip(runs, self.run_configs):
             if not c.task and not c.eval_file:
                 raise BertkitError(f"{r}: no {CONFIG_FILE}; expected --task and the data to score on (pretraining "
@@ -251,7 +255,8 @@ class CheckpointScorer:
         self.model_class = BertForPreTraining if "cls.seq_relationship.weight" in names else BertForMaskedLM
         self.max_length = config.max_length or 128
         self.batch_size = config.eval_batch_size or 32
-        for name, value in (("max_length", self.max_length), ("batches", config.batches),
+        self.batches = 20 if config.batches is None else config.batches
+        for name, value in (("max_length", self.max_length), ("batches", self.batches),
                             ("eval_batch_size", self.batch_size)):
             if value < 1:
                 raise BertkitError(f"--{name.replace('_', '-')} {value}; expected a positive number")
@@ -259,7 +264,7 @@ class CheckpointScorer:
             raise BertkitError(f"--max-length {self.max_length}; expected at most the checkpoints' "
                                f"{model_configs[0].max_position_embeddings} positions")
         self.threads, self.device = config.threads, resolve_device(config.device or "auto")
-        self.examples = held_out_examples(config.data, tokenizer, self.max_length, config.batches * self.batch_size)
+        self.examples = held_out_examples(config.data, tokenizer, self.max_length, self.batches * self.batch_size)
         parents = {Path(r).resolve().parent for r in runs}
         if len(parents) > 1:
             logger.warning("checkpoints of %d run folders: weights average into a working model along one run, not "
