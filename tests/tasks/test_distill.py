@@ -3,7 +3,10 @@ teacher's logits in the rows (with its own vocabulary), a run whose student foll
 labels, and the settings refused."""
 
 import csv
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ from bertkit.cli import main
 from bertkit.errors import BertkitError
 from bertkit.model import ModelOutput
 from bertkit.tasks.classification import TextTask
-from bertkit.tasks.distill import TEACHER_KEY, distillation_forward, distillation_loss, distillation_rows
+from bertkit.tasks.distill import (TEACHER_KEY, check_teacher_data, distillation_forward, distillation_loss,
+                                  distillation_rows)
 from bertkit.tasks.evaluation import predict
 from bertkit.tasks.finetune import FinetuneConfig, finetune, load_task
 from bertkit.tokenizer import Tokenizer
@@ -154,3 +158,25 @@ def test_a_teacher_for_other_labels_is_refused(flipped_teacher, tiny_model_dir, 
                             device="cpu")
     with pytest.raises(BertkitError, match="labels negative, positive; expected the task's, no, yes"):
         finetune(config)
+
+
+def test_a_teacher_that_saw_the_rows_held_out_is_refused(flipped_teacher, tmp_path):
+    """The teacher trained on the whole file; a run (or crossval) holding rows of that file out must not learn their
+    labels from it. A teacher holding out the same rows passes the check."""
+    root, teacher_config, _ = flipped_teacher
+    held_out = dataclasses.replace(teacher_config, out_dir=str(tmp_path / "run"), teacher=teacher_config.out_dir,
+                                   eval_split=0.25)
+    with pytest.raises(BertkitError, match=r"fine-tuned on .*flipped.csv, the rows this run holds out \(--eval-split "
+                                           r"0.25\) included"):
+        finetune(held_out)
+    assert not (tmp_path / "run").exists()
+    assert main(["crossval", "--model-dir", teacher_config.model_dir, "--task", "custom", "--text-a", "text",
+                 "--train-file", teacher_config.train_file, "--teacher", teacher_config.out_dir, "--folds", "3",
+                 "--out-dir", str(tmp_path / "cv"), "--threads", "1"]) == 2
+    assert not (tmp_path / "cv").exists()
+    # the same rows held out by the teacher: allowed (checked alone, nothing trained)
+    same = dataclasses.replace(held_out, teacher=str(tmp_path / "teacher-held-out"))
+    shutil.copytree(teacher_config.out_dir, same.teacher)
+    dataclasses.replace(teacher_config, out_dir=same.teacher, eval_split=0.25).save(Path(same.teacher))
+    check_teacher_data(same)
+    check_teacher_data(dataclasses.replace(held_out, eval_split=0.0))  # nothing held out

@@ -25,6 +25,7 @@ from bertkit.checkpoint import atomic_write_text
 from bertkit.config import write_json
 from bertkit.errors import BertkitError
 from bertkit.tasks.classification import HELD_OUT, TextTask
+from bertkit.tasks.distill import check_teacher_data
 from bertkit.tasks.finetune import FinetuneConfig, finetune, load_task, plural, resolve_device
 from bertkit.train import distributed
 from bertkit.train.rundir import check_output_path, make_dir
@@ -43,6 +44,9 @@ def crossval(config: FinetuneConfig) -> dict:
     runs = [dataclasses.replace(config, fold=k, out_dir=str(root / f"fold-{k}"),
                                 resume=None if config.overwrite else "auto") for k in range(1, config.folds + 1)]
     task = load_task(runs[0])  # the data and the split, checked before the first fold trains
+    if config.teacher:  # a teacher fine-tuned on the whole file has seen every fold's held-out rows
+        for run in runs:
+            check_teacher_data(run)
     if not isinstance(task, TextTask):
         raise BertkitError(f"--task {config.task}: cross-validation is for a GLUE task or custom files")
     make_dir(root, "--out-dir")

@@ -50,6 +50,35 @@ def load_teacher(teacher_dir: str, task: TextTask, device: torch.device):
     return model, tokenizer
 
 
+SPLIT_FIELDS = ("eval_split", "folds", "fold", "split_seed", "group")  # which rows a run holds out of its file
+
+
+def check_teacher_data(config) -> None:
+    """Refuse a teacher fine-tuned on the rows this run holds out of its training file (--eval-split, --folds): its
+    outputs carry those rows' labels into the student, and their score would be optimistic. A teacher that held out
+    the same rows, trained on other data, or not fine-tuned by bertkit (nothing to tell) passes."""
+    from bertkit.tasks.finetune import FinetuneConfig  # finetune imports this module
+
+    if not (config.eval_split or config.folds):
+        return
+    saved = FinetuneConfig.load(model_folder(config.teacher))
+    if saved is None or _training_data(saved) != _training_data(config):
+        return
+    if all(getattr(saved, name) == getattr(config, name) for name in SPLIT_FIELDS):
+        return
+    held = f"fold {config.fold} of {config.folds}" if config.folds else f"--eval-split {config.eval_split:g}"
+    raise BertkitError(f"--teacher {config.teacher} was fine-tuned on {_training_data(config)[1]}, the rows this run "
+                       f"holds out ({held}) included: the student would learn their labels from it and their score "
+                       "would be optimistic; expected a teacher that held out the same rows (the same --eval-split or "
+                       "--folds and --fold, --split-seed, --group) or one trained on other data")
+
+
+def _training_data(config) -> tuple[str, str]:
+    """The task and the file (or a GLUE task's data folder) a run trains on, resolved."""
+    source = config.train_file or config.data_dir or ""
+    return (config.task or "").lower(), str(Path(source).resolve()) if source else ""
+
+
 def read_transfer(config) -> list:
     """--transfer-file's texts (its --text-a and --text-b columns; labels, if any, are not read)."""
     examples, _ = read_custom(config.transfer_file, config.text_a, None, config.text_b)

@@ -56,7 +56,7 @@ from bertkit.adapter import save_adapter
 from bertkit.model import LORA_TARGETS, add_lora, compile_blocks, merge_lora, reinit_top_layers
 from bertkit.tasks.choice import ChoiceTask, load_choice_task
 from bertkit.tasks.classification import CLASSES_FILE, TextTask, load_text_task, splits
-from bertkit.tasks.distill import check_distillation, distillation_forward, distillation_rows
+from bertkit.tasks.distill import check_distillation, check_teacher_data, distillation_forward, distillation_rows
 from bertkit.tasks.inference import check_segments, check_tokenizer
 from bertkit.tasks.similarity import EMBEDDING_TASK, SimilarityTask, load_similarity_task
 from bertkit.tasks.squad import SquadTask, load_squad_task
@@ -640,6 +640,8 @@ def _finetune(config: FinetuneConfig, d: Distributed) -> dict:
 
     distributed.run_on_main(check_out, d)  # rank 0's verdict for every rank, before rank 0 may lock the folder
     task = load_task(config)  # bad data fails before the model is loaded
+    if config.teacher:
+        check_teacher_data(config)
     if config.limit_train_examples:
         task.train = task.train[: config.limit_train_examples]
     seed_everything(config.seed)
