@@ -24,7 +24,6 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
