@@ -14,7 +14,9 @@ The setting of distill_sst2.py: all-MiniLM-L6-v2 fine-tuned on the first --label
 
 Dev: SST-2's 872 sentences. Each cell's accuracy is its last epoch's (and the best epoch's beside it: chosen on dev).
 The speed of each pruned model is prune's own measurement (seconds per batch of 128 dev sentences, the full model
-timed in turn with it, --threads). The summary goes to --summary (docs/prune/sst2.json), the plot beside it.
+timed in turn with it, --threads). The summary goes to --summary (docs/prune/sst2.json), the plot (.png) and the
+table (.md) beside it. --seeds runs the fine-tuned cells at more seeds (named -s<seed>); a second process with
+--reverse takes them last to first, each skipping a cell the other is running, and a last invocation collects all.
 
     python benchmarks/prune_study.py --threads 1
 """
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from bertkit.errors import BertkitError
 from bertkit.tasks.finetune import FinetuneConfig, finetune
 from bertkit.tasks.prune import PruneConfig, prune
+from bertkit.train.rundir import check_not_in_use
 from distill_sst2 import first_layers, write_csv
 from run import study_parser
 
@@ -58,6 +62,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--recover-epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the runs fine-tuned again")
+    parser.add_argument("--reverse", action="store_true", help="the fine-tuned cells last to first (a second "
+                        "process of the study beside the first; cells one is running the other skips)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -80,15 +87,21 @@ def main() -> None:
         args.summary.write_text(json.dumps(summary, indent=2) + "\n")
         print(name, record, flush=True)
 
-    def tuned(model: str, out: Path, epochs: int, **extra) -> dict:
+    def tuned(name: str, model: str, epochs: int, seed: int = 0, **extra) -> None:
+        out = args.out / name
         if not (out / "metrics.json").exists():
+            try:
+                check_not_in_use(out)
+            except BertkitError:  # another process of the study runs it: collected by a later invocation
+                print(name, "skipped: in use", flush=True)
+                return
             finetune(FinetuneConfig(model_dir=model, out_dir=str(out), task="custom", text_a="text", train_file=train,
-                                    eval_file=dev, lr=args.lr, epochs=epochs, seed=0, threads=args.threads,
+                                    eval_file=dev, lr=args.lr, epochs=epochs, seed=seed, threads=args.threads,
                                     resume="auto", **extra))
-        return run_record(out)
+        save(name, run_record(out))
 
     teacher = args.out / "run"
-    save("run", tuned(str(minilm), teacher, args.epochs))
+    tuned("run", str(minilm), args.epochs)
     for layers, width, drop in GRID:
         name = cell_name(layers, width, drop)
         out = args.out / name
@@ -103,14 +116,52 @@ def main() -> None:
                     "encoder_parameters": pruned["encoder_parameters"]["after"],
                     "speedup": round(pruned["seconds_per_batch"]["before"] / pruned["seconds_per_batch"]["after"], 3),
                     "seconds_per_batch": pruned["seconds_per_batch"]})
-    for name in RECOVERED:
-        save(f"{name}+labels", tuned(str(args.out / name), args.out / f"{name}+labels", args.recover_epochs))
-        save(f"{name}+teacher", tuned(str(args.out / name), args.out / f"{name}+teacher", args.recover_epochs,
-                                      teacher=str(teacher)))
-    for n in FIRST_LAYERS:
-        model = first_layers(minilm, n, args.out / f"minilm-L{n}")
-        save(f"first-L{n}", tuned(model, args.out / f"first-L{n}", args.epochs))
+    cells = [(f"{name}+{how}", str(args.out / name), args.recover_epochs,
+              {"teacher": str(teacher)} if how == "teacher" else {}) for name in RECOVERED for how in ("labels", "teacher")]
+    cells += [(f"first-L{n}", first_layers(minilm, n, args.out / f"minilm-L{n}"), args.epochs, {}) for n in FIRST_LAYERS]
+    for name, model, epochs, extra in cells[::-1] if args.reverse else cells:
+        for seed in args.seeds:
+            tuned(name + (f"-s{seed}" if seed else ""), model, epochs, seed, **extra)
     plot(summary, args.summary.with_suffix(".png"))
+    args.summary.with_suffix(".md").write_text(table(summary))
+    print(table(summary))
+
+
+def seeds_of(cells: dict, name: str) -> list[float]:
+    """The accuracies of a fine-tuned cell at every seed run (seed 0 unsuffixed, the others -s<seed>)."""
+    return [c["accuracy"] for n, c in cells.items() if n == name or n.startswith(name + "-s")]
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def table(summary: dict) -> str:
+    """docs/prune/sst2.md: a row per pruned cell: what was kept, its size and speed-up, its accuracy as pruned and
+    fine-tuned again (mean over the seeds run, each seed in brackets)."""
+    cells = summary["cells"]
+
+    def shown(name: str) -> str:
+        values = seeds_of(cells, name)
+        if not values:
+            return ""
+        each = f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
+        return f"{mean(values):.1f}{each}"
+
+    lines = [f"Unpruned run: {cells['run']['best_epoch_accuracy']:.2f} (the kept epoch, chosen on dev; last epoch "
+             f"{cells['run']['accuracy']:.2f}).", "",
+             "| cell | blocks kept | units | parameters | speed-up | pruned | + labels | + teacher |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in cells.items():
+        if name.startswith("prune-") and "+" not in name:
+            lines.append(f"| {name.removeprefix('prune-')} | {', '.join(map(str, c['kept_layers']))} | "
+                         f"{c['intermediate_size']:,} | {c['parameters'] / 1e6:.1f}M | {c['speedup']:.2f}x | "
+                         f"{c['accuracy']:.1f} | {shown(name + '+labels')} | {shown(name + '+teacher')} |")
+    for n in FIRST_LAYERS:
+        if seeds_of(cells, f"first-L{n}"):
+            lines.append(f"| MiniLM's first {n} blocks, fine-tuned | {', '.join(map(str, range(n)))} | 1,536 | | | | "
+                         f"{shown(f'first-L{n}')} | |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -120,22 +171,26 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = summary["cells"]
-    full = cells["run"]["accuracy"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     pruned = {n: c for n, c in cells.items() if n.startswith("prune-") and "+" not in n}
     for label, suffix, marker in (("pruned", "", "o"), ("pruned, fine-tuned again", "+labels", "s"),
                                   ("pruned, distilled from the run", "+teacher", "^")):
-        points = [(c["speedup"], cells[n + suffix]["accuracy"]) for n, c in pruned.items() if n + suffix in cells]
+        points = [(c["speedup"], mean(seeds_of(cells, n + suffix)) if suffix else c["accuracy"])
+                  for n, c in pruned.items() if not suffix or seeds_of(cells, n + suffix)]
         ax.scatter(*zip(*points), marker=marker, label=label)
-        for n, c in pruned.items():
-            if n + suffix in cells and suffix == "":
-                ax.annotate(n.removeprefix("prune-"), (c["speedup"], c["accuracy"]), fontsize=7,
-                            xytext=(3, -9), textcoords="offset points")
+    for n, c in pruned.items():
+        ax.annotate(n.removeprefix("prune-"), (c["speedup"], c["accuracy"]), fontsize=6, xytext=(3, -8),
+                    textcoords="offset points")
+    first = [(pruned[f"prune-L{n}-W1536"]["speedup"], mean(seeds_of(cells, f"first-L{n}"))) for n in FIRST_LAYERS
+             if seeds_of(cells, f"first-L{n}") and f"prune-L{n}-W1536" in pruned]
+    if first:
+        ax.scatter(*zip(*first), marker="x", color="black", label="MiniLM's first blocks, fine-tuned")
+    full = cells["run"]["best_epoch_accuracy"]
     ax.axhline(full, color="grey", linestyle="--", label=f"the run (6 blocks, 1,536 units): {full:.1f}")
-    ax.set_xlabel("speed-up over the run (dev batches of 128, CPU)")
-    ax.set_ylabel("SST-2 dev accuracy (last epoch)")
+    ax.set_xlabel("speed-up over the run (dev batches of 128, CPU, one thread)")
+    ax.set_ylabel("SST-2 dev accuracy")
     ax.set_title(f"Pruning MiniLM fine-tuned on {summary['labelled']:,} SST-2 sentences")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
