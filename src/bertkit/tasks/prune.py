@@ -7,9 +7,10 @@ criterion; Michel et al. 2019 scored attention heads the same way): on --batches
 a gate g multiplying a unit's output is 1 and dL/dg is the sum over tokens of the output times the loss's gradient
 there; the absolute value of each batch's sum, summed over batches, is the unit's importance. A block's gate scales
 what it adds to its input (its output minus its input), a feed-forward unit's its GELU activation. Every kept block
-keeps its --intermediate-size most important units (one width for all blocks: config.json holds one), and
---drop-layers top removes the top blocks instead of the least important ones (Sajjad et al. 2023 found the top
-blocks the ones to drop before fine-tuning).
+keeps its --intermediate-size most important units (one width for all blocks: config.json holds one). Blocks go
+all at once by the full model's importances, or with --iterative one at a time, the importances measured again on
+what is left after each (a block is no small perturbation, and what the others do changes without it); --drop-layers
+top removes the top blocks instead (Sajjad et al. 2023 found the top blocks the ones to drop before fine-tuning).
 
 Pruning removes what the model had learnt to use; fine-tuning the pruned folder again (`bertkit finetune
 --model-dir OUT`, its classifier kept), or distilling it from the run (`--teacher RUN`), recovers most of it
