@@ -4,9 +4,8 @@ pruned model again (on the labels, or from the unpruned run as a teacher) gets b
 The setting of distill_sst2.py: all-MiniLM-L6-v2 fine-tuned on the first --labelled SST-2 training sentences
 (lr 1e-4, 3 epochs) is the run pruned. Cells, each skipped when its output exists (a stopped study resumes):
 
-- prune-L<layers>-W<width>[-top|-iter]: `bertkit prune` of the run to <layers> blocks (the least important removed
-  at once, the top ones, or the least important one at a time: --iterative) of <width> feed-forward units (MiniLM has
-  6 of 1,536), scored on dev without training again;
+- prune-L<layers>-W<width>[-top]: `bertkit prune` of the run to <layers> blocks (the least important removed, or the
+  top ones) of <width> feed-forward units (MiniLM has 6 of 1,536), scored on dev without training again;
 - <cell>+labels: the pruned folder fine-tuned again on the same sentences (--recover-epochs, the same lr);
 - <cell>+teacher: the same, distilled from the unpruned run (`--teacher`);
 - first-L<n>: MiniLM's first n pretrained blocks fine-tuned on the sentences as the run was: a model of the pruned
@@ -17,6 +16,8 @@ The speed of each pruned model is prune's own measurement (seconds per batch of 
 timed in turn with it, --threads). The summary goes to --summary (docs/prune/sst2.json), the plot (.png) and the
 table (.md) beside it. --seeds runs the fine-tuned cells at more seeds (named -s<seed>); a second process with
 --reverse takes them last to first, each skipping a cell the other is running, and a last invocation collects all.
+The summary's -iter cells were pruned by `bertkit prune --iterative` (blocks removed one at a time, the importances
+measured again after each; commit d7c4ec2), an option removed since: it did not pay once fine-tuned again.
 
     python benchmarks/prune_study.py --threads 1
 """
@@ -37,16 +38,14 @@ from run import study_parser
 
 GRID = [(6, 768, "importance"), (6, 384, "importance"), (6, 192, "importance"), (4, 1536, "importance"),
         (4, 1536, "top"), (3, 1536, "importance"), (3, 1536, "top"), (4, 768, "importance"), (3, 384, "importance"),
-        (2, 768, "importance"), (4, 1536, "iterative"), (3, 1536, "iterative"), (3, 384, "iterative"),
-        (2, 1536, "importance"), (2, 1536, "iterative")]
+        (2, 768, "importance"), (2, 1536, "importance")]
 RECOVERED = ["prune-L6-W384", "prune-L6-W192", "prune-L4-W1536", "prune-L4-W1536-top", "prune-L3-W1536",
-             "prune-L3-W1536-top", "prune-L3-W384", "prune-L4-W1536-iter", "prune-L3-W1536-iter",
-             "prune-L3-W384-iter", "prune-L2-W1536", "prune-L2-W1536-iter"]
+             "prune-L3-W1536-top", "prune-L3-W384", "prune-L2-W1536"]
 FIRST_LAYERS = (4, 3)
 
 
 def cell_name(layers: int, width: int, drop: str) -> str:
-    return f"prune-L{layers}-W{width}" + {"top": "-top", "iterative": "-iter"}.get(drop, "")
+    return f"prune-L{layers}-W{width}" + ("-top" if drop == "top" else "")
 
 
 def run_record(out: Path) -> dict:
@@ -107,8 +106,7 @@ def main() -> None:
         out = args.out / name
         if not (out / "prune.json").exists():
             prune(PruneConfig(run=str(teacher), out=str(out), layers=layers, intermediate_size=width,
-                              drop_layers="top" if drop == "top" else "importance", iterative=drop == "iterative",
-                              threads=args.threads, overwrite=True))
+                              drop_layers=drop, threads=args.threads, overwrite=True))
         pruned = json.loads((out / "prune.json").read_text())
         save(name, {"layers": layers, "intermediate_size": width, "drop_layers": drop,
                     "kept_layers": pruned["kept_layers"], "accuracy": pruned["after"]["accuracy"],

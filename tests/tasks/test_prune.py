@@ -15,7 +15,7 @@ from bertkit.errors import BertkitError
 from bertkit.model import BertForSequenceClassification
 from bertkit.tasks.evaluation import evaluate, run_config
 from bertkit.tasks.finetune import finetune, load_task
-from bertkit.tasks.prune import PruneConfig, chosen, importance, prune, pruned
+from bertkit.tasks.prune import PruneConfig, importance, prune, pruned
 from bertkit.tokenizer import Tokenizer
 from conftest import data_path
 from tasks.test_finetune import quick
@@ -80,21 +80,6 @@ def test_the_pruned_model_is_the_full_one_without_the_removed_units(toy_run):
     with torch.no_grad():
         torch.testing.assert_close(small(**batch)["logits"], reference(**batch)["logits"], rtol=0, atol=1e-5)
         assert not torch.allclose(small(**batch)["logits"], model(**batch)["logits"], atol=1e-3)
-
-
-def test_iterative_pruning_measures_again_on_the_blocks_left(toy_run):
-    batches = batches_of(toy_run)
-    model = BertForSequenceClassification.from_pretrained(toy_run).eval()
-    cpu = torch.device("cpu")
-    blocks, units = importance(model, batches, cpu)
-    kept, kept_units, scores = chosen(model, batches, cpu, 1, 16, "importance", iterative=True)
-    assert kept == [int(torch.argmax(blocks))] and torch.equal(scores, blocks)
-    # the units of the block left: ranked on the one-block model, not on the full one
-    _, again = importance(pruned(model, kept, [list(range(64))]), batches, cpu)
-    assert kept_units == [sorted(torch.topk(again[0], 16).indices.tolist())]
-    assert kept_units != [sorted(torch.topk(units[kept[0]], 16).indices.tolist())]  # the two rankings differ here
-    once, once_units, _ = chosen(model, batches, cpu, 1, 16, "importance", iterative=False)
-    assert once == kept and once_units == [sorted(torch.topk(units[kept[0]], 16).indices.tolist())]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +158,6 @@ def test_what_cannot_be_pruned_is_refused(toy_run, toy_model_dir, tmp_path):
     refused("nothing to prune", layers=2, intermediate_size=64)
     refused("expected at most", layers=3)
     refused("expected at most", intermediate_size=65)
-    refused("--iterative with --drop-layers top", layers=1, iterative=True, drop_layers="top")
     refused("expected a positive number", layers=0)
     refused("expected a positive number", batches=0)
     refused("no finetune_config.json", run=toy_model_dir, layers=1)

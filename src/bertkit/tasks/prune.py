@@ -7,10 +7,10 @@ criterion; Michel et al. 2019 scored attention heads the same way): on --batches
 a gate g multiplying a unit's output is 1 and dL/dg is the sum over tokens of the output times the loss's gradient
 there; the absolute value of each batch's sum, summed over batches, is the unit's importance. A block's gate scales
 what it adds to its input (its output minus its input), a feed-forward unit's its GELU activation. Every kept block
-keeps its --intermediate-size most important units (one width for all blocks: config.json holds one). Blocks go
-all at once by the full model's importances, or with --iterative one at a time, the importances measured again on
-what is left after each (a block is no small perturbation, and what the others do changes without it); --drop-layers
-top removes the top blocks instead (Sajjad et al. 2023 found the top blocks the ones to drop before fine-tuning).
+keeps its --intermediate-size most important units (one width for all blocks: config.json holds one), and
+--drop-layers top removes the top blocks instead of the least important ones (Sajjad et al. 2023 found the top
+blocks the ones to drop before fine-tuning). All is measured once, on the full model: removing the blocks one at a
+time, measuring again after each, scored better before fine-tuning again and worse after it (docs/findings.md).
 
 Pruning removes what the model had learnt to use; fine-tuning the pruned folder again (`bertkit finetune
 --model-dir OUT`, its classifier kept), or distilling it from the run (`--teacher RUN`), recovers most of it
@@ -60,8 +60,6 @@ class PruneConfig:
                                            "(default: all; BERT-Base has 3,072)")
     drop_layers: Literal["importance", "top"] = option("importance", "which blocks go: the least important by the "
                                                        "loss's gradient, or the top ones")
-    iterative: bool = option(False, "remove the blocks one at a time, measuring the importance again after each "
-                             "(the units' on the blocks kept), instead of all at once from the full model")
     batches: int = option(32, "training batches of --batch-size the importance is measured on (the run's training "
                           "rows, shuffled with seed 0)")
     batch_size: int | None = option(None, "rows per batch (default: the run's)")
@@ -85,8 +83,6 @@ def prune(config: PruneConfig) -> dict:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise BertkitError(f"--{name.replace('_', '-')} {value}; expected a positive number")
-    if config.iterative and config.drop_layers == "top":
-        raise BertkitError("--iterative with --drop-layers top; expected one: the top blocks go without measuring")
     model_config = BertConfig.load(run)
     layers = config.layers or model_config.num_hidden_layers
     width = config.intermediate_size or model_config.intermediate_size
@@ -121,8 +117,10 @@ def prune(config: PruneConfig) -> dict:
         order = np.random.default_rng(0).permutation(len(rows))[: config.batches * run_cfg.batch_size]
         batches = [collate([rows[i] for i in order[s: s + run_cfg.batch_size]], tokenizer.pad_id)
                    for s in range(0, len(order), run_cfg.batch_size)]
-        kept, units, block_scores = chosen(model, batches, device, layers, width, config.drop_layers,
-                                           config.iterative)
+        block_scores, unit_scores = importance(model, batches, device)
+        kept = (list(range(layers)) if config.drop_layers == "top"
+                else sorted(torch.topk(block_scores, layers).indices.tolist()))
+        units = [sorted(torch.topk(unit_scores[b], width).indices.tolist()) for b in kept]
         small = pruned(model, kept, units)
         after = _scored(task, small, tokenizer, run_cfg, device)
         examples = next(iter(task.evals.values()))[: SPEED_BATCHES * run_cfg.eval_batch_size]
@@ -136,7 +134,7 @@ def prune(config: PruneConfig) -> dict:
     saved.save(out)
     write_json(out / "metrics.json", {"task": task.name, "best": after, "pruned_from": run})
     summary = {"run": run, "task": task.name, "layers": layers, "intermediate_size": width,
-               "drop_layers": config.drop_layers, "iterative": config.iterative, "batches": len(batches),
+               "drop_layers": config.drop_layers, "batches": len(batches),
                "rows": int(len(order)), "kept_layers": kept,
                "block_importance": [round(float(s), 6) for s in block_scores],
                "parameters": {"before": model.num_parameters(), "after": small.num_parameters()},
@@ -149,27 +147,6 @@ def prune(config: PruneConfig) -> dict:
     table = prune_table(summary, task)
     atomic_write_text(out / "prune.md", table)
     return summary | {"table": table}
-
-
-def chosen(model, batches: list[dict], device, layers: int, width: int, drop_layers: str,
-           iterative: bool) -> tuple[list[int], list[list[int]], torch.Tensor]:
-    """The blocks kept (their indices in `model`, in order), each one's `width` most important units, and the full
-    model's block importances. Iterative: the least important block removed one at a time, the importances measured
-    again on what is left after each, and the units' on the final blocks; else all from the full model."""
-    block_scores, unit_scores = importance(model, batches, device)
-    everything = list(range(model.config.intermediate_size))
-    if drop_layers == "top":
-        kept = list(range(layers))
-    elif not iterative:
-        kept = sorted(torch.topk(block_scores, layers).indices.tolist())
-    else:
-        kept, scores = list(range(len(block_scores))), block_scores
-        while len(kept) > layers:
-            del kept[int(torch.argmin(scores))]
-            scores, unit_scores = importance(pruned(model, kept, [everything] * len(kept)), batches, device)
-        unit_scores = dict(zip(kept, unit_scores))
-    units = [sorted(torch.topk(unit_scores[b], width).indices.tolist()) for b in kept]
-    return kept, units, block_scores
 
 
 def importance(model, batches: list[dict], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -275,8 +252,7 @@ def prune_table(summary: dict, task: TextTask) -> str:
                   summary["timed"])
     lines = [f"# Pruned: {summary['run']} ({summary['task']})", "",
              f"{plural(summary['layers'], 'block')} of {len(summary['block_importance'])} kept "
-             f"({'the bottom ones' if summary['drop_layers'] == 'top' else 'by importance'}"
-             f"{', one block at a time' if summary['iterative'] else ''}: "
+             f"({'the bottom ones' if summary['drop_layers'] == 'top' else 'by importance'}: "
              f"{', '.join(str(b) for b in summary['kept_layers'])}), {summary['intermediate_size']:,} feed-forward "
              f"units each; importance measured on {summary['rows']:,} training rows ({summary['batches']} batches).",
              "", "| | before | after | ratio |", "|---|---:|---:|---:|",
