@@ -115,8 +115,10 @@ def main() -> None:
                     "speedup": round(pruned["seconds_per_batch"]["before"] / pruned["seconds_per_batch"]["after"], 3),
                     "seconds_per_batch": pruned["seconds_per_batch"]})
     cells = [(f"{name}+{how}", str(args.out / name), args.recover_epochs,
-              {"teacher": str(teacher)} if how == "teacher" else {}) for name in RECOVERED for how in ("labels", "teacher")]
-    cells += [(f"first-L{n}", first_layers(minilm, n, args.out / f"minilm-L{n}"), args.epochs, {}) for n in FIRST_LAYERS]
+              {"teacher": str(teacher)} if how == "teacher" else {})
+             for name in RECOVERED for how in ("labels", "teacher")]
+    cells += [(f"first-L{n}", first_layers(minilm, n, args.out / f"minilm-L{n}"), args.epochs, {})
+              for n in FIRST_LAYERS]
     for name, model, epochs, extra in cells[::-1] if args.reverse else cells:
         for seed in args.seeds:
             tuned(name + (f"-s{seed}" if seed else ""), model, epochs, seed, **extra)

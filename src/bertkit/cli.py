@@ -322,15 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "prune",
-        help="make a fine-tuned classifier smaller and faster: remove its least important encoder blocks and "
+        help="make a fine-tuned model smaller and faster: remove its least important encoder blocks and "
         "feed-forward units",
-        description="Measure how much each encoder block and each feed-forward unit of RUN (a classifier or "
-        "regressor `bertkit finetune` wrote) matters to its loss on --batches batches of its training rows (the "
-        "first-order change of the loss with the unit gated off), keep the --layers most important blocks (or the "
-        "bottom ones: --drop-layers top) and the --intermediate-size most important units of each, and write the "
-        "smaller model to --out: a run folder of the standard shape that evaluate, predict, serve and transformers "
-        "load. Its eval scores and the time of an eval pass, before and after, are printed and written to "
-        "OUT/prune.md (prune.json). Fine-tune the pruned folder again (`finetune --model-dir OUT`, optionally "
+        description="Measure how much each encoder block and each feed-forward unit of RUN (a run `bertkit "
+        "finetune` wrote: a classifier or regressor, a tagger, a SQuAD or SWAG model) matters to its loss on "
+        "--batches batches of its training rows (the first-order change of the loss with the unit gated off), keep "
+        "the --layers most important blocks (or the bottom ones: --drop-layers top) and the --intermediate-size "
+        "most important units of each, and write the smaller model to --out: a run folder of the standard shape "
+        "that evaluate, predict, serve and transformers load. Its eval scores and the seconds per batch, before "
+        "and after, are printed and written to OUT/prune.md (prune.json). Fine-tune the pruned folder again (`finetune --model-dir OUT`, optionally "
         "`--teacher RUN`) to recover what it lost.",
     )
     add_dataclass_args(p, PruneConfig)

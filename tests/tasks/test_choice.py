@@ -133,3 +133,9 @@ def test_a_transformers_multiple_choice_model_chooses_the_same_in_bertkit(tmp_pa
         with torch.no_grad():
             p = torch.softmax(theirs(**{k: v[None] for k, v in enc.items()}).logits[0], -1)
         assert result["probabilities"] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_a_pruned_run_is_scored_and_loaded_as_the_run(swag_run, tmp_path):
+    from tasks.test_prune import check_pruned_run
+
+    check_pruned_run(swag_run[0].out_dir, tmp_path)

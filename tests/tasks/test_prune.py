@@ -116,8 +116,8 @@ def test_on_sst2_the_most_important_units_keep_the_accuracy_random_and_least_imp
     assert full - accuracy["most"] < 5, (full, accuracy)
 
 
-def test_prune_writes_a_run_folder_that_evaluate_finetune_and_transformers_read(toy_run, reviews, tmp_path,  # noqa: F811
-                                                                                capsys, caplog):
+def test_prune_writes_a_run_folder_that_evaluate_finetune_and_transformers_read(
+        toy_run, reviews, tmp_path, capsys, caplog):  # noqa: F811
     out = tmp_path / "pruned"
     assert main(["prune", toy_run, "--out", str(out), "--layers", "1", "--intermediate-size", "16",
                  "--batches", "2", "--threads", "1"]) == 0
@@ -170,3 +170,31 @@ def _filled(path):
     path.mkdir()
     (path / "file").write_text("x")
     return path
+
+
+def check_pruned_run(run_dir, tmp_path) -> dict:
+    """Prune a tagging, SQuAD or SWAG run to one block of 32 units; the folder is scored by `evaluate` as prune
+    scored it, and transformers loads it to the same outputs (its class for the head from config.json)."""
+    out = tmp_path / "pruned"
+    summary = prune(PruneConfig(run=str(run_dir), out=str(out), layers=1, intermediate_size=32, batches=2,
+                                threads=1))
+    assert summary["parameters"]["after"] < summary["parameters"]["before"]
+    again = evaluate(out, threads=1)
+    for name, value in summary["after"].items():
+        assert again[name] == pytest.approx(value), name
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (1, 32)
+    from bertkit import model as bertkit_model
+
+    name = config["architectures"][0]
+    ours = getattr(bertkit_model, name).from_pretrained(out).eval()
+    theirs = getattr(transformers, name).from_pretrained(out).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    if name == "BertForMultipleChoice":
+        ids = ids[None].expand(1, 2, 5)
+    with torch.no_grad():
+        a, b = ours(input_ids=ids), theirs(input_ids=ids)
+    first = "start_logits" if name == "BertForQuestionAnswering" else "logits"
+    torch.testing.assert_close(a[first], getattr(b, first), rtol=0, atol=1e-5)
+    return summary

@@ -339,3 +339,9 @@ def test_best_epoch_is_chosen_on_the_dev_tuned_scores_for_v2():
     v2 = SquadTask("squad2")
     assert v2.headline(tuned) == pytest.approx(56.5) and v2.headline(tuned) > v2.headline(all_null)
     assert SquadTask("squad1").headline({"exact": 40.0, "f1": 50.0}) == pytest.approx(45.0)
+
+
+def test_a_pruned_run_is_scored_and_loaded_as_the_run(squad2_run, tmp_path):
+    from tasks.test_prune import check_pruned_run
+
+    check_pruned_run(squad2_run[0].out_dir, tmp_path)

@@ -328,3 +328,9 @@ def test_conll2003s_own_file_names_and_its_test_set_scored_beside_dev(tiny_model
                                    "test_recall", "test_accuracy"}
     assert record["eval_examples"] == 50 and "| test_f1 |" in (tmp_path / "run" / "results.md").read_text()
     assert "NER per type: dev, 50 sentences" in (tmp_path / "run" / TAGS_FILE).read_text()
+
+
+def test_a_pruned_run_is_scored_and_loaded_as_the_run(ner_run, tmp_path):
+    from tasks.test_prune import check_pruned_run
+
+    check_pruned_run(ner_run[0].out_dir, tmp_path)

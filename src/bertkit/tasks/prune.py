@@ -1,6 +1,6 @@
-"""Structured pruning (`bertkit prune`): a fine-tuned classifier or regressor made smaller and faster by removing
-whole encoder blocks and feed-forward units, into a model folder of the standard shape (fewer layers, a narrower
-intermediate_size) that transformers loads as it loads any BERT.
+"""Structured pruning (`bertkit prune`): a fine-tuned model (a classifier or regressor, a tagger, a SQuAD or
+multiple-choice model) made smaller and faster by removing whole encoder blocks and feed-forward units, into a model
+folder of the standard shape (fewer layers, a narrower intermediate_size) that transformers loads as any BERT.
 
 What goes is chosen by the loss's first-order estimate of what removing it costs (Molchanov et al. 2017's Taylor
 criterion; Michel et al. 2019 scored attention heads the same way): on --batches batches of the run's training rows,
@@ -34,7 +34,7 @@ from bertkit.checkpoint import atomic_write_text, model_folder
 from bertkit.config import BertConfig, option, write_json
 from bertkit.data.batching import collate
 from bertkit.errors import BertkitError
-from bertkit.tasks.classification import TextTask, encode
+from bertkit.tasks.similarity import SimilarityTask
 from bertkit.tasks.evaluation import DEVICE_HELP, THREADS_HELP, check_head, label_names, run_config
 from bertkit.tasks.finetune import CONFIG_FILE, load_task, plural, resolve_device
 from bertkit.tasks.inference import check_tokenizer
@@ -44,15 +44,16 @@ from bertkit.train.logs import progress_bar
 from bertkit.train.rundir import make_dir, new_model_folder
 
 BLOCK_KEY = re.compile(r"^(.*\bencoder\.layer\.)(\d+)\.(.*)$")
-SPEED_BATCHES = 4  # eval batches timed on each model, before and after
+SPEED_BATCHES = 4  # batches of --eval-batch-size training rows timed on each model, before and after
 
 
 @dataclass
 class PruneConfig:
     """`bertkit prune`: the command's arguments."""
 
-    run: str = option("", "a run folder `bertkit finetune` wrote: a classifier or regressor on a GLUE task or your "
-                      "files (its finetune_config.json names the data)", positional=True)
+    run: str = option("", "a run folder `bertkit finetune` wrote: a classifier or regressor (a GLUE task or your "
+                      "files), a tagger, a SQuAD or SWAG model (its finetune_config.json names the data)",
+                      positional=True)
     out: str = option("", "folder for the pruned model: a run folder as the input's (`evaluate`, `predict`, `serve`, "
                       "`finetune --model-dir` and transformers load it), with prune.md and prune.json", required=True)
     layers: int | None = option(None, "encoder blocks to keep (default: all)")
@@ -103,9 +104,9 @@ def prune(config: PruneConfig) -> dict:
         raise BertkitError(f"{run}: no {CONFIG_FILE}; expected a run folder `bertkit finetune` wrote (its training "
                            "rows measure the importance)")
     task = load_task(run_cfg, labels=label_names(model_config))
-    if not isinstance(task, TextTask):
-        raise BertkitError(f"{run}: a {run_cfg.task} run; pruning is for classifiers and regressors (a GLUE task or "
-                           "custom files)")
+    if isinstance(task, SimilarityTask):
+        raise BertkitError(f"{run}: a sentence-embedding run; expected a model with a task head (a classifier, "
+                           "regressor, tagger, SQuAD or SWAG model): an embedding model's loss is not one row's")
     check_head(task, model_config, run)
     tokenizer = Tokenizer.from_pretrained(run)
     check_tokenizer(tokenizer, model_config, run)
@@ -123,9 +124,9 @@ def prune(config: PruneConfig) -> dict:
         units = [sorted(torch.topk(unit_scores[b], width).indices.tolist()) for b in kept]
         small = pruned(model, kept, units)
         after = _scored(task, small, tokenizer, run_cfg, device)
-        examples = next(iter(task.evals.values()))[: SPEED_BATCHES * run_cfg.eval_batch_size]
-        timed = [collate(b, tokenizer.pad_id) for b in _chunks(encode(examples, tokenizer, run_cfg.max_length, False),
-                                                                run_cfg.eval_batch_size)]
+        inputs = [{k: row[k] for k in ("input_ids", "token_type_ids")} for row in rows]  # labels left out
+        timed = [collate(inputs[s: s + run_cfg.eval_batch_size], tokenizer.pad_id)
+                 for s in range(0, min(len(inputs), SPEED_BATCHES * run_cfg.eval_batch_size), run_cfg.eval_batch_size)]
         seconds = batch_seconds([model, small], timed, device)
         threads = torch.get_num_threads()
     make_dir(out, "--out")
@@ -210,13 +211,9 @@ def pruned(model, kept: list[int], units: list[list[int]]):
     return small.eval()
 
 
-def _scored(task: TextTask, model, tokenizer, config, device) -> dict:
+def _scored(task, model, tokenizer, config, device) -> dict:
     with torch.no_grad():
         return task.evaluate(model, tokenizer, config, device)[0]
-
-
-def _chunks(rows: list, size: int) -> list[list]:
-    return [rows[s: s + size] for s in range(0, len(rows), size)]
 
 
 def batch_seconds(models: list, batches: list[dict], device, rounds: int = 3) -> list[float]:
@@ -246,7 +243,7 @@ def _encoder_parameters(model) -> int:
     return sum(p.numel() for p in model.bert.encoder.parameters())
 
 
-def prune_table(summary: dict, task: TextTask) -> str:
+def prune_table(summary: dict, task) -> str:
     """prune.md: what was kept, the parameters, and the eval scores and time before and after."""
     p, e, s, t = (summary["parameters"], summary["encoder_parameters"], summary["seconds_per_batch"],
                   summary["timed"])
@@ -259,7 +256,8 @@ def prune_table(summary: dict, task: TextTask) -> str:
              f"| parameters | {p['before'] / 1e6:.2f}M | {p['after'] / 1e6:.2f}M | {p['after'] / p['before']:.3f} |",
              f"| encoder parameters | {e['before'] / 1e6:.2f}M | {e['after'] / 1e6:.2f}M | "
              f"{e['after'] / e['before']:.3f} |",
-             f"| seconds per batch of {t['batch_size']} eval rows ({plural(t['threads'], 'thread')}, {t['device']}) | "
+             f"| seconds per batch of {t['batch_size']} training rows ({plural(t['threads'], 'thread')}, "
+             f"{t['device']}) | "
              f"{s['before']:.3g} | {s['after']:.3g} | {s['before'] / s['after']:.2f}x faster |"]
     for metric in task.table_metrics:
         before, after = summary["before"][metric], summary["after"][metric]
