@@ -923,8 +923,10 @@ def test_a_checkpoint_soup_averages_a_runs_last_checkpoints_scored_as_perplexity
     assert table.startswith("# Checkpoint soup: 2 checkpoints of ") and "masked_lm_loss" in table
     with pytest.raises(BertkitError, match="--data with --task; expected one"):
         soup(SoupConfig(**{**vars(config), "task": "SST-2", "overwrite": True}))
-    with pytest.raises(BertkitError, match="no finetune_config.json; expected --task .*--data, a prepared corpus"):
+    with pytest.raises(BertkitError, match="--batches 3 without --data; expected --data"):
         soup(SoupConfig(**{**vars(config), "data": "", "overwrite": True}))
+    with pytest.raises(BertkitError, match="no finetune_config.json; expected --task .*--data, a prepared corpus"):
+        soup(SoupConfig(**{**vars(config), "data": "", "batches": None, "overwrite": True}))
 
 
 def test_perplexity_help_promises_the_same_tokens_only_at_one_length_and_seed(inputs):
