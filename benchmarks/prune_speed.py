@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from bertkit.data.batching import collate
 from bertkit.data.glue import read_glue_file
 from bertkit.model import BertForSequenceClassification
 from bertkit.tasks.classification import encode
+from bertkit.tasks.prune import batch_seconds
 from bertkit.tokenizer import Tokenizer
 from run import data_dir, machine
 
@@ -53,20 +53,17 @@ def main() -> None:
         ours = BertForSequenceClassification.from_pretrained(folder).eval()
         theirs = transformers.BertForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa").eval()
         models[name] = {"bertkit": ours, "transformers": theirs}
-    best = {name: {side: float("inf") for side in sides} for name, sides in models.items()}
     difference = {}
     with torch.no_grad():
         for name, sides in models.items():
             a, b = (torch.cat([m(**batch)["logits"] for batch in batches]) for m in sides.values())
             difference[name] = float((a - b).abs().max())
-        for attempt in range(args.rounds + 1):
-            for name, sides in models.items():
-                for side, model in sides.items():
-                    start = time.perf_counter()
-                    for batch in batches:
-                        model(**batch)
-                    if attempt:  # the first pass warms up
-                        best[name][side] = min(best[name][side], (time.perf_counter() - start) / len(batches))
+    # every folder in both libraries, taking turns: a warm-up pass, then the fastest of --rounds
+    order = [(name, side) for name, sides in models.items() for side in sides]
+    seconds = batch_seconds([models[name][side] for name, side in order], batches, torch.device("cpu"), args.rounds)
+    best = {name: {} for name in models}
+    for (name, side), s in zip(order, seconds):
+        best[name][side] = s
     results = {}
     for name in models:
         ours, theirs = best[name]["bertkit"], best[name]["transformers"]

@@ -124,9 +124,10 @@ def prune(config: PruneConfig) -> dict:
         units = [sorted(torch.topk(unit_scores[b], width).indices.tolist()) for b in kept]
         small = pruned(model, kept, units)
         after = _scored(task, small, tokenizer, run_cfg, device)
-        inputs = [{k: row[k] for k in ("input_ids", "token_type_ids")} for row in rows]  # labels left out
+        inputs = [{k: row[k] for k in ("input_ids", "token_type_ids")}  # labels left out
+                  for row in rows[: SPEED_BATCHES * run_cfg.eval_batch_size]]
         timed = [collate(inputs[s: s + run_cfg.eval_batch_size], tokenizer.pad_id)
-                 for s in range(0, min(len(inputs), SPEED_BATCHES * run_cfg.eval_batch_size), run_cfg.eval_batch_size)]
+                 for s in range(0, len(inputs), run_cfg.eval_batch_size)]
         seconds = batch_seconds([model, small], timed, device)
         threads = torch.get_num_threads()
     make_dir(out, "--out")
